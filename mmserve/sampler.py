@@ -1,0 +1,232 @@
+"""Batched token sampling on device, in one jitted program.
+
+Order of operations, as in vLLM v1:
+1. logprobs: log_softmax of the raw model logits, before penalties and temperature (vLLM's default,
+   `logprobs_mode="raw_logprobs"`), so they describe the model, not the request's settings;
+2. penalties: repetition over prompt and output tokens, presence and frequency over output tokens;
+3. greedy rows: the argmax of the penalized logits;
+4. other rows: temperature, min-p, top-k, top-p, then one Gumbel-max draw.
+
+Randomness: a row with a seed draws with `fold_in(PRNGKey(seed), step)` (threefry), where `step`
+is the number of tokens its request has generated so far. Its draw depends on nothing else in the
+batch, so it survives reordering, preemption with recompute, and the prefill -> decode hand-off.
+Rows without a seed draw with `fold_in(rng_key, row)`, from the key the engine passes per call.
+
+Penalty state: the prompt's token set and the counts of output tokens live on device as
+[num_slots, vocab] arrays, indexed by a slot a request keeps for its lifetime (the batch may be
+reordered between steps). `sample` adds the tokens it draws to the counts in place (the state is
+donated), so the decode loop sends nothing back to the device; only the outputs leave it.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmserve.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
+
+# A host-side batch holds numpy arrays; inside `sample` they are jax arrays.
+Array = jax.Array | np.ndarray
+
+_PRNG_IMPL = "threefry2x32"
+
+
+class SamplingBatch(NamedTuple):
+    """Per-row sampling settings, each an array of the batch bucket's length B."""
+
+    temperature: Array  # f32; 0 on greedy rows
+    top_k: Array  # i32; 0 = off
+    top_p: Array  # f32; 1 = off
+    min_p: Array  # f32; 0 = off
+    repetition_penalty: Array  # f32; 1 = off
+    presence_penalty: Array  # f32; 0 = off
+    frequency_penalty: Array  # f32; 0 = off
+    seed: Array  # u32[B, 2]: the threefry key data of PRNGKey(seed)
+    seeded: Array  # bool; False draws from the engine's key
+    step: Array  # i32; tokens the row's request has generated so far
+    slot: Array  # i32; the request's row in PenaltyState
+    valid: Array  # bool; False on padding rows, whose draws are not counted
+
+
+class PenaltyState(NamedTuple):
+    """What penalties need to know of each slot's request."""
+
+    output_counts: jax.Array  # i32[num_slots, vocab]: occurrences of each token in the output
+    prompt_mask: jax.Array  # bool[num_slots, vocab]: token appears in the prompt
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: jax.Array  # i32[B]
+    logprobs: jax.Array  # f32[B]: raw logprob of the chosen token
+    top_token_ids: jax.Array  # i32[B, K], K = min(MAX_LOGPROBS, vocab), most likely first
+    top_logprobs: jax.Array  # f32[B, K]
+
+
+def pack_sampling_batch(params: Sequence[SamplingParams], steps: Sequence[int],
+                        slots: Sequence[int], batch_size: int) -> SamplingBatch:
+    """Lays out the requests of one batch as numpy arrays padded to `batch_size` rows.
+
+    steps[i] is the number of tokens request i has generated so far, slots[i] its PenaltyState row.
+    Padding rows are greedy, with no penalties, and are not counted.
+    """
+    count = len(params)
+    if not len(steps) == len(slots) == count:
+        raise ValueError(f"got {count} params, {len(steps)} steps and {len(slots)} slots")
+    if count > batch_size:
+        raise ValueError(f"{count} requests do not fit a batch of {batch_size}")
+    padding = batch_size - count
+
+    def column(values, dtype, pad):
+        return np.array(list(values) + [pad] * padding, dtype=dtype)
+
+    seeds = [0 if p.seed is None else p.seed % 2**64 for p in params]
+    int32_max = np.iinfo(np.int32).max
+    return SamplingBatch(
+        temperature=column((0.0 if p.is_greedy else p.temperature for p in params), np.float32, 0.0),
+        top_k=column((min(max(p.top_k, 0), int32_max) for p in params), np.int32, 0),
+        top_p=column((p.top_p for p in params), np.float32, 1.0),
+        min_p=column((p.min_p for p in params), np.float32, 0.0),
+        repetition_penalty=column((p.repetition_penalty for p in params), np.float32, 1.0),
+        presence_penalty=column((p.presence_penalty for p in params), np.float32, 0.0),
+        frequency_penalty=column((p.frequency_penalty for p in params), np.float32, 0.0),
+        seed=column(([s >> 32, s & 0xFFFFFFFF] for s in seeds), np.uint32, [0, 0]).reshape(-1, 2),
+        seeded=column((p.seed is not None for p in params), np.bool_, False),
+        step=column(steps, np.int32, 0),
+        slot=column(slots, np.int32, 0),
+        valid=column([True] * count, np.bool_, False),
+    )
+
+
+def init_penalty_state(num_slots: int, vocab_size: int) -> PenaltyState:
+    return PenaltyState(
+        output_counts=jnp.zeros((num_slots, vocab_size), jnp.int32),
+        prompt_mask=jnp.zeros((num_slots, vocab_size), jnp.bool_),
+    )
+
+
+def padded_token_ids(token_ids: Sequence[int]) -> np.ndarray:
+    """Pads ids with -1 to the next power of two (at least 16), so `load_slot` compiles per bucket."""
+    size = max(16, 1 << max(len(token_ids) - 1, 0).bit_length())
+    padded = np.full(size, -1, np.int32)
+    padded[:len(token_ids)] = token_ids
+    return padded
+
+
+@functools.partial(jax.jit, donate_argnames=("penalties",))
+def load_slot(penalties: PenaltyState, slot: jax.Array, prompt_token_ids: jax.Array,
+              output_token_ids: jax.Array) -> PenaltyState:
+    """Points `slot` at a request: its prompt and the tokens it has generated so far.
+
+    Called on admission, and again when a request resumes after preemption or arrives from prefill.
+    Id arrays are padded with -1 (see `padded_token_ids`).
+    """
+    vocab = penalties.output_counts.shape[1]
+
+    def dropping_padding(ids):
+        return jnp.where(ids < 0, vocab, ids)
+
+    prompt_row = jnp.zeros(vocab, jnp.bool_).at[dropping_padding(prompt_token_ids)].set(True, mode="drop")
+    counts_row = jnp.zeros(vocab, jnp.int32).at[dropping_padding(output_token_ids)].add(1, mode="drop")
+    return PenaltyState(
+        output_counts=penalties.output_counts.at[slot].set(counts_row),
+        prompt_mask=penalties.prompt_mask.at[slot].set(prompt_row),
+    )
+
+
+def apply_penalties(logits: jax.Array, output_counts: jax.Array, prompt_mask: jax.Array,
+                    repetition_penalty: jax.Array, presence_penalty: jax.Array,
+                    frequency_penalty: jax.Array) -> jax.Array:
+    """vLLM's penalties. Neutral values (1, 0, 0) leave a row's logits bit-identical."""
+    in_output = output_counts > 0
+    repetition = jnp.where(prompt_mask | in_output, repetition_penalty[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    logits = logits - frequency_penalty[:, None] * output_counts
+    return logits - presence_penalty[:, None] * in_output
+
+
+@functools.partial(jax.jit, donate_argnames=("penalties",))
+def sample(logits: jax.Array, batch: SamplingBatch, penalties: PenaltyState,
+           rng_key: jax.Array) -> tuple[SamplerOutput, PenaltyState]:
+    """Draws one token per row of `logits` [B, vocab] and counts it in the row's penalty slot.
+
+    rng_key: a threefry key (jax.random.PRNGKey or jax.random.key), fresh for every call; only
+    rows without a seed use it.
+    """
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    penalized = apply_penalties(
+        logits, penalties.output_counts[batch.slot], penalties.prompt_mask[batch.slot],
+        batch.repetition_penalty, batch.presence_penalty, batch.frequency_penalty)
+
+    greedy = batch.temperature < GREEDY_TEMPERATURE
+    greedy_ids = jnp.argmax(penalized, axis=-1)
+    drawn_ids = jax.lax.cond(
+        jnp.all(greedy),
+        lambda: greedy_ids,
+        lambda: _draw(penalized, batch, greedy, _row_keys(batch, rng_key)))
+    token_ids = jnp.where(greedy, greedy_ids, drawn_ids).astype(jnp.int32)
+
+    top_logprobs, top_token_ids = jax.lax.top_k(raw_logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
+    output = SamplerOutput(
+        token_ids=token_ids,
+        logprobs=jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0],
+        top_token_ids=top_token_ids.astype(jnp.int32),
+        top_logprobs=top_logprobs,
+    )
+    counted = penalties.output_counts.at[batch.slot, token_ids].add(batch.valid.astype(jnp.int32))
+    return output, penalties._replace(output_counts=counted)
+
+
+def _row_keys(batch: SamplingBatch, rng_key: jax.Array) -> jax.Array:
+    def fold(key_data, data):
+        key = jax.random.wrap_key_data(key_data, impl=_PRNG_IMPL)
+        return jax.random.key_data(jax.random.fold_in(key, data))
+
+    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        rng_key = jax.random.key_data(rng_key)
+    rows = jnp.arange(batch.seed.shape[0])
+    seeded = jax.vmap(fold)(batch.seed, batch.step)
+    unseeded = jax.vmap(fold, in_axes=(None, 0))(rng_key, rows)
+    return jax.random.wrap_key_data(jnp.where(batch.seeded[:, None], seeded, unseeded), impl=_PRNG_IMPL)
+
+
+def _draw(logits: jax.Array, batch: SamplingBatch, greedy: jax.Array, keys: jax.Array) -> jax.Array:
+    temperature = jnp.where(greedy, 1.0, batch.temperature)
+    logits = logits / temperature[:, None]
+    logits = _apply_min_p(logits, batch.min_p)
+    truncating = ~greedy & ((batch.top_k > 0) | (batch.top_p < 1.0))
+    logits = jax.lax.cond(jnp.any(truncating),
+                          lambda x: _apply_top_k_top_p(x, batch.top_k, batch.top_p),
+                          lambda x: x, logits)
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
+    return jnp.argmax(logits + gumbel, axis=-1)
+
+
+def _apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drops tokens with p < min_p * p_max, compared in log space; min_p = 0 drops nothing."""
+    floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+    return jnp.where(logits < floor, -jnp.inf, logits)
+
+
+def _apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keeps the top k tokens, then the smallest prefix of them whose probability reaches top_p.
+
+    Both keep a prefix of the sorted row, so one threshold logit per row applies them; tokens tied
+    with the threshold are kept, as in vLLM. A row with both off is returned untouched.
+    """
+    vocab = logits.shape[-1]
+    rank = jnp.arange(vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    in_top_k = rank[None, :] < k[:, None]
+    descending = jnp.where(in_top_k, jnp.flip(jnp.sort(logits, axis=-1), axis=-1), -jnp.inf)
+    probs = jax.nn.softmax(descending, axis=-1)
+    # The mass strictly before each rank, built from one cumsum so that it never decreases.
+    mass_before = jnp.concatenate([jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, axis=-1)[:, :-1]],
+                                  axis=-1)
+    in_top_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    kept = jnp.sum(in_top_k & in_top_p, axis=-1)
+    threshold = jnp.take_along_axis(descending, kept[:, None] - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)

@@ -1,0 +1,139 @@
+"""How one request wants its tokens chosen, in vLLM's shape.
+
+`SamplingParams(...)` validates its values and raises `ValueError` on a bad one (an unknown keyword
+is Python's own `TypeError`). Input from outside the process (HTTP bodies, CLI flags) goes through
+`SamplingParams.from_dict`, which turns every mistake, unknown keys and wrong types included, into a
+`ValueError` that names the field.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Top-k logprobs are computed for a static count on device; a request may ask for at most this many.
+MAX_LOGPROBS = 20
+
+# Temperatures below this are treated as greedy, as vLLM does: dividing by them only amplifies noise.
+GREEDY_TEMPERATURE = 1e-5
+
+# Seeds are reduced to 64 bits (two's complement), the width of a threefry key.
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request.
+
+    temperature: 0 (below `GREEDY_TEMPERATURE`) means greedy: the argmax of the penalized logits.
+    top_k: keep the k most likely tokens; -1 or 0 turns it off.
+    top_p: keep the smallest set of tokens whose probability reaches top_p; 1 turns it off.
+    min_p: drop tokens less likely than min_p times the most likely one; 0 turns it off.
+    seed: makes the request's samples reproducible, whatever else is in the batch.
+    repetition_penalty: >1 discourages tokens already in the prompt or the output (vLLM's formula).
+    presence_penalty, frequency_penalty: in [-2, 2]; subtracted once per token present in the
+        output, and once per occurrence in the output.
+    stop_token_ids, stop: the request finishes on one of these tokens or strings; a stop string
+        is cut from the output text.
+    max_tokens: the most tokens to generate.
+    logprobs: None for no logprobs; k returns the chosen token's logprob and the top k.
+    ignore_eos: keep generating past the end-of-sequence token.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    max_tokens: int = 16
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("top_k", "max_tokens"):
+            _require_int(name, getattr(self, name))
+        if self.seed is not None:
+            _require_int("seed", self.seed)
+        if self.logprobs is not None:
+            _require_int("logprobs", self.logprobs)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "SamplingParams":
+        """Builds params from untrusted input; every problem is a ValueError naming the field."""
+        if not isinstance(fields, Mapping):
+            raise ValueError(f"sampling params must be a mapping, got {type(fields).__name__}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(str(key) for key in fields if key not in known)
+        if unknown:
+            raise ValueError(f"unknown sampling field(s): {', '.join(unknown)}")
+        return cls(**fields)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _require_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+
+
+def _token_ids(values: Any) -> tuple[int, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"stop_token_ids must be a list of ints, got {values!r}")
+    for value in values:
+        _require_int("stop_token_ids", value)
+        if value < 0:
+            raise ValueError(f"stop_token_ids must be >= 0, got {value}")
+    return tuple(values)
+
+
+def _stop_strings(values: Any) -> tuple[str, ...]:
+    """Accepts None, one string or a list of them, as the OpenAI API does."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = (values,)
+    if not isinstance(values, Sequence) or not all(isinstance(value, str) for value in values):
+        raise ValueError(f"stop must be a string or a list of strings, got {values!r}")
+    if any(value == "" for value in values):
+        raise ValueError("stop strings must not be empty")
+    return tuple(values)
