@@ -12,7 +12,7 @@ sequence.
 import collections
 from collections.abc import Hashable
 
-import numpy as np
+import jax.numpy as jnp
 
 SCRATCH_PAGE = 0
 
@@ -38,9 +38,10 @@ class KVCacheManager:
                              page_size: int, dtype) -> int:
         """How many pages (scratch page included) a cache of `budget_bytes` holds.
 
-        A page stores keys and values of `page_size` tokens in every layer.
+        A page stores keys and values of `page_size` tokens in every layer. `dtype` may be any name
+        or type jax knows ("bfloat16", jnp.float32).
         """
-        page_bytes = 2 * num_layers * num_kv_heads * head_dim * page_size * np.dtype(dtype).itemsize
+        page_bytes = 2 * num_layers * num_kv_heads * head_dim * page_size * jnp.dtype(dtype).itemsize
         return budget_bytes // page_bytes
 
     @property

@@ -1,0 +1,223 @@
+"""The on-device sampler: greedy, truncation, seeds, penalties and logprobs.
+
+Every call uses one batch bucket and vocabulary, so `sample` compiles once for the module.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmserve.sampler import (apply_penalties, init_penalty_state, load_slot, pack_sampling_batch,
+                             padded_token_ids, sample)
+from mmserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+BATCH = 64
+VOCAB = 32
+
+# A distribution with clear gaps, so truncation thresholds are far from float rounding.
+PROBS = np.array([0.5, 0.3, 0.1, 0.04] + [0.06 / (VOCAB - 4)] * (VOCAB - 4))
+LOGITS = np.log(PROBS).astype(np.float32)
+
+
+def run(logits, params, steps=None, slots=None, penalties=None, rng_seed=0):
+    """Samples one step for `params` (rows beyond them are padding); returns numpy outputs."""
+    steps = [0] * len(params) if steps is None else steps
+    slots = list(range(len(params))) if slots is None else slots
+    penalties = init_penalty_state(BATCH, VOCAB) if penalties is None else penalties
+    logits = np.broadcast_to(np.asarray(logits, np.float32), (BATCH, VOCAB))
+    batch = pack_sampling_batch(params, steps, slots, BATCH)
+    output, penalties = sample(jnp.asarray(logits), batch, penalties, jax.random.PRNGKey(rng_seed))
+    return jax.tree.map(np.asarray, output), penalties
+
+
+def tokens_over_steps(logits, params, num_steps, rng_seed=0):
+    """[num_steps, len(params)] tokens, each step drawn with the request's step number."""
+    return np.stack([run(logits, params, steps=[step] * len(params), rng_seed=rng_seed)[0].token_ids
+                     [:len(params)] for step in range(num_steps)])
+
+
+@pytest.fixture(scope="module")
+def random_logits():
+    return np.asarray(jax.random.normal(jax.random.PRNGKey(7), (BATCH, VOCAB)) * 3)
+
+
+def test_greedy_rows_are_exact_argmax(random_logits):
+    params = [SamplingParams(temperature=0.0)] * BATCH
+    output, _ = run(random_logits, params)
+    np.testing.assert_array_equal(output.token_ids, np.argmax(random_logits, axis=-1))
+
+
+def test_greedy_rows_stay_argmax_beside_sampled_rows(random_logits):
+    params = [SamplingParams(temperature=0.0) if row % 2 else SamplingParams(temperature=2.0, top_k=5)
+              for row in range(BATCH)]
+    output, _ = run(random_logits, params)
+    np.testing.assert_array_equal(output.token_ids[1::2], np.argmax(random_logits, axis=-1)[1::2])
+
+
+@pytest.mark.parametrize("params, allowed", [
+    (dict(top_k=3), {0, 1, 2}),
+    (dict(top_p=0.75), {0, 1}),
+    (dict(min_p=0.15), {0, 1, 2}),
+    (dict(top_k=3, top_p=0.95), {0, 1, 2}),  # 0.95 of the top three's renormalized mass
+    (dict(top_k=2, min_p=0.5), {0, 1}),
+])
+def test_truncation_never_emits_a_masked_token(params, allowed):
+    requests = [SamplingParams(seed=seed, **params) for seed in range(BATCH)]
+    drawn = tokens_over_steps(LOGITS, requests, num_steps=8)
+    assert set(drawn.ravel()) == allowed
+
+
+def test_untruncated_sampling_reaches_the_tail():
+    requests = [SamplingParams(seed=seed, temperature=3.0) for seed in range(BATCH)]
+    drawn = tokens_over_steps(LOGITS, requests, num_steps=4)
+    assert len(set(drawn.ravel())) > 10
+
+
+def test_same_seed_same_tokens_different_seeds_differ():
+    uniform = np.zeros(VOCAB, np.float32)
+    requests = [SamplingParams(seed=seed) for seed in (11, 11, 12, 2**40 + 11)]
+    drawn = tokens_over_steps(uniform, requests, num_steps=12)
+    np.testing.assert_array_equal(drawn[:, 0], drawn[:, 1])
+    assert not np.array_equal(drawn[:, 0], drawn[:, 2])
+    assert not np.array_equal(drawn[:, 0], drawn[:, 3])
+
+
+@pytest.mark.parametrize("seeded", [
+    SamplingParams(seed=1234, temperature=1.5, top_p=0.9),
+    SamplingParams(seed=1234, temperature=1.5),  # untruncated, beside truncated neighbours
+])
+def test_seeded_row_ignores_its_position_and_neighbours(random_logits, seeded):
+    row_logits = random_logits[0]
+    for step in range(6):
+        alone, _ = run(row_logits, [seeded], steps=[step])
+        batch_logits = random_logits.copy()
+        batch_logits[37] = row_logits
+        neighbours = [SamplingParams(temperature=0.7, top_k=4, seed=row) for row in range(BATCH)]
+        neighbours[37] = seeded
+        steps = [step + row for row in range(BATCH)]
+        steps[37] = step
+        crowded, _ = run(batch_logits, neighbours, steps=steps, rng_seed=99)
+        assert alone.token_ids[0] == crowded.token_ids[37]
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**31 + 5])
+def test_seeded_draw_uses_fold_in_of_prng_key_and_step(random_logits, seed):
+    temperature, step = 0.8, 3
+    output, _ = run(random_logits[2], [SamplingParams(seed=seed, temperature=temperature)], steps=[step])
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    expected = np.argmax(random_logits[2] / temperature + np.asarray(jax.random.gumbel(key, (VOCAB,))))
+    assert output.token_ids[0] == expected
+
+
+def test_unseeded_rows_follow_the_engine_key():
+    uniform = np.zeros(VOCAB, np.float32)
+    requests = [SamplingParams()] * BATCH
+    first = run(uniform, requests, rng_seed=1)[0].token_ids
+    again = run(uniform, requests, rng_seed=1)[0].token_ids
+    other = run(uniform, requests, rng_seed=2)[0].token_ids
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def penalties_reference(logits, counts, prompt_mask, repetition, presence, frequency):
+    """vLLM's formulas, written out per element."""
+    result = logits.copy()
+    for row, col in np.ndindex(logits.shape):
+        value = result[row, col]
+        if prompt_mask[row, col] or counts[row, col] > 0:
+            value = value / repetition[row] if value > 0 else value * repetition[row]
+        value -= frequency[row] * np.float32(counts[row, col])
+        value -= presence[row] * np.float32(counts[row, col] > 0)
+        result[row, col] = value
+    return result
+
+
+def test_penalties_match_vllm_formulas(random_logits):
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 3, (BATCH, VOCAB)) * (rng.random((BATCH, VOCAB)) < 0.3)
+    prompt_mask = rng.random((BATCH, VOCAB)) < 0.3
+    repetition = rng.uniform(0.5, 2.0, BATCH).astype(np.float32)
+    presence = rng.uniform(-2, 2, BATCH).astype(np.float32)
+    frequency = rng.uniform(-2, 2, BATCH).astype(np.float32)
+    penalized = apply_penalties(jnp.asarray(random_logits), jnp.asarray(counts, jnp.int32),
+                                jnp.asarray(prompt_mask), jnp.asarray(repetition),
+                                jnp.asarray(presence), jnp.asarray(frequency))
+    expected = penalties_reference(random_logits, counts, prompt_mask, repetition, presence, frequency)
+    np.testing.assert_allclose(np.asarray(penalized), expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(expected, random_logits)
+
+
+def test_neutral_penalties_leave_logits_bit_identical(random_logits):
+    counts = jnp.ones((BATCH, VOCAB), jnp.int32)
+    penalized = apply_penalties(jnp.asarray(random_logits), counts, jnp.ones((BATCH, VOCAB), bool),
+                                jnp.ones(BATCH), jnp.zeros(BATCH), jnp.zeros(BATCH))
+    np.testing.assert_array_equal(np.asarray(penalized), random_logits)
+
+
+def test_repetition_penalty_reaches_greedy_through_the_prompt_slot():
+    logits = np.zeros(VOCAB, np.float32)
+    logits[[3, 5]] = [2.0, 1.5]
+    penalties = load_slot(init_penalty_state(BATCH, VOCAB), 9, padded_token_ids([3, 4]),
+                          padded_token_ids([]))
+    params = [SamplingParams(temperature=0.0, repetition_penalty=2.0)]
+    output, _ = run(logits, params, slots=[9], penalties=penalties)
+    assert output.token_ids[0] == 5
+
+
+def test_frequency_penalty_grows_with_each_sampled_token():
+    logits = np.zeros(VOCAB, np.float32)
+    logits[[3, 5]] = [2.0, 1.0]
+    params = [SamplingParams(temperature=0.0, frequency_penalty=0.6)]
+    penalties = init_penalty_state(BATCH, VOCAB)
+    drawn = []
+    for step in range(3):
+        output, penalties = run(logits, params, steps=[step], slots=[4], penalties=penalties)
+        drawn.append(int(output.token_ids[0]))
+    # 3 scores 2.0, then 1.4 (still ahead of 1.0), then 0.8: token 5 takes over.
+    assert drawn == [3, 3, 5]
+
+
+def test_sampled_tokens_are_counted_in_their_slots_and_padding_is_not():
+    logits = np.zeros(VOCAB, np.float32)
+    logits[7] = 5.0
+    output, penalties = run(logits, [SamplingParams(temperature=0.0)] * 2, slots=[10, 20])
+    counts = np.asarray(penalties.output_counts)
+    assert counts[10, 7] == counts[20, 7] == 1
+    assert counts.sum() == 2
+
+
+def test_load_slot_sets_prompt_tokens_and_output_counts():
+    penalties = init_penalty_state(BATCH, VOCAB)
+    penalties = load_slot(penalties, 3, padded_token_ids([1, 2, 2]), padded_token_ids([5, 5, 6]))
+    assert set(np.flatnonzero(np.asarray(penalties.prompt_mask[3]))) == {1, 2}
+    counts = np.asarray(penalties.output_counts)
+    assert counts[3, 5] == 2 and counts[3, 6] == 1 and counts.sum() == 3
+    penalties = load_slot(penalties, 3, padded_token_ids([0]), padded_token_ids([]))
+    assert np.asarray(penalties.output_counts).sum() == 0
+    assert set(np.flatnonzero(np.asarray(penalties.prompt_mask))) == {3 * VOCAB}
+
+
+def test_logprobs_are_log_softmax_of_the_raw_logits(random_logits):
+    params = [SamplingParams(seed=row, temperature=0.5, top_k=4, repetition_penalty=1.3)
+              for row in range(BATCH)]
+    penalties = load_slot(init_penalty_state(BATCH, VOCAB), 0, padded_token_ids([0, 1, 2]),
+                          padded_token_ids([3]))
+    output, _ = run(random_logits, params, penalties=penalties)
+    expected = np.asarray(jax.nn.log_softmax(jnp.asarray(random_logits), axis=-1))
+    rows = np.arange(BATCH)
+    np.testing.assert_allclose(output.logprobs, expected[rows, output.token_ids], rtol=1e-6)
+    assert output.top_token_ids.shape == (BATCH, MAX_LOGPROBS)
+    np.testing.assert_array_equal(output.top_token_ids, np.argsort(-expected, axis=-1)[:, :MAX_LOGPROBS])
+    np.testing.assert_allclose(output.top_logprobs, -np.sort(-expected, axis=-1)[:, :MAX_LOGPROBS],
+                               rtol=1e-6)
+
+
+def test_pack_pads_rows_as_greedy_uncounted_padding():
+    batch = pack_sampling_batch([SamplingParams(seed=-1, top_k=-1)], [4], [2], batch_size=4)
+    assert batch.valid.tolist() == [True, False, False, False]
+    assert batch.temperature.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert batch.top_k.tolist() == [0] * 4
+    assert batch.seed[0].tolist() == [0xFFFFFFFF, 0xFFFFFFFF]
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_sampling_batch([SamplingParams()] * 5, [0] * 5, list(range(5)), batch_size=4)

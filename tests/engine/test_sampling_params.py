@@ -1,0 +1,79 @@
+"""SamplingParams validates itself; from_dict turns every mistake into a ValueError."""
+
+import pytest
+
+from mmserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+def test_defaults_are_vllms():
+    params = SamplingParams()
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (1.0, 0, 1.0, 0.0)
+    assert (params.max_tokens, params.logprobs, params.seed, params.ignore_eos) == (16, None, None, False)
+    assert not params.is_greedy
+
+
+def test_zero_temperature_is_greedy():
+    assert SamplingParams(temperature=0).is_greedy
+
+
+def test_stop_lists_become_tuples_and_a_single_stop_string_is_accepted():
+    params = SamplingParams(stop="###", stop_token_ids=[7, 8])
+    assert params.stop == ("###",)
+    assert params.stop_token_ids == (7, 8)
+    assert hash(params) == hash(SamplingParams(stop=["###"], stop_token_ids=(7, 8)))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature="hot"), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(min_p=float("nan")), "min_p"),
+    (dict(seed=2**64), "seed"),
+    (dict(seed="1"), "seed"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-5), "max_tokens"),
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=MAX_LOGPROBS + 1), "logprobs"),
+    (dict(stop_token_ids=[1, -1]), "stop_token_ids"),
+    (dict(stop_token_ids="12"), "stop_token_ids"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop=[1]), "stop"),
+    (dict(ignore_eos="yes"), "ignore_eos"),
+])
+def test_bad_values_raise_value_error_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_dict(fields)
+
+
+def test_from_dict_rejects_unknown_fields_by_name():
+    with pytest.raises(ValueError, match="unknown sampling field.*best_of.*top_q"):
+        SamplingParams.from_dict({"temperature": 0.5, "top_q": 0.9, "best_of": 2})
+
+
+def test_constructor_rejects_unknown_fields_with_type_error():
+    with pytest.raises(TypeError):
+        SamplingParams(top_q=0.9)
+
+
+def test_from_dict_accepts_json_shapes():
+    params = SamplingParams.from_dict(
+        {"temperature": 0, "max_tokens": 8, "stop": None, "stop_token_ids": [2], "logprobs": 5,
+         "seed": -3})
+    assert params.is_greedy and params.max_tokens == 8 and params.stop == ()
+    assert params.stop_token_ids == (2,) and params.logprobs == 5 and params.seed == -3
+
+
+def test_from_dict_rejects_a_non_mapping():
+    with pytest.raises(ValueError, match="mapping"):
+        SamplingParams.from_dict([("temperature", 1.0)])
