@@ -1,0 +1,144 @@
+"""``load_model``: a ready model (config, params, tokenizer, processor) from ``tiny``, a Hugging
+Face directory or an orbax directory written by :meth:`Model.save_orbax`.
+
+``Model.forward`` is the reference path: the whole prompt at once, every position's logits, no
+cache kept. It runs the same decoder as the serving stages, over a throwaway paged cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.qwen3_vl_moe import stages
+from models.qwen3_vl_moe.config import ModelConfig
+from models.qwen3_vl_moe.kv_cache import KVCache
+from models.qwen3_vl_moe.modeling import Qwen3VLMoe
+from models.qwen3_vl_moe.multimodal import place_visual
+from models.qwen3_vl_moe.processor import Processor
+from models.qwen3_vl_moe.rope_index import get_rope_index
+from models.qwen3_vl_moe.tiny import TINY_SEED, tiny_config, tiny_processor
+from models.qwen3_vl_moe.tokenizer import Tokenizer, build_tiny_tokenizer
+from models.qwen3_vl_moe.vision_inputs import vision_inputs
+from models.qwen3_vl_moe.weights import load_safetensors, restore_orbax, save_orbax
+
+ORBAX_PARAMS = "orbax_params"
+REFERENCE_PAGE_SIZE = 16
+
+
+@dataclasses.dataclass
+class Model:
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    processor: Processor
+    dtype: jnp.dtype
+
+    @functools.cached_property
+    def module(self) -> Qwen3VLMoe:
+        return Qwen3VLMoe(self.config, self.dtype)
+
+    def encode(self, pixel_values, grid_thw):
+        """Pixel patches of images or videos -> (embeddings [n, H], deepstack [levels, n, H])."""
+        tables = vision_inputs(np.asarray(grid_thw), self.config.vision)
+        patches = jnp.asarray(pixel_values, dtype=self.dtype)
+        if patches.shape != (tables.num_patches, self.config.vision.patch_dim):
+            raise ValueError(
+                f"pixel values of shape {tuple(patches.shape)} do not match grids {np.asarray(grid_thw).tolist()}"
+            )
+        return _jit_encode(self.module, self.params, patches, *dataclasses.astuple(tables))
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """input_ids [S] with placeholders expanded -> logits [S, vocab] (float32)."""
+        ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("empty input_ids")
+        image = self.encode(pixel_values, image_grid_thw) if pixel_values is not None else None
+        video = self.encode(pixel_values_videos, video_grid_thw) if pixel_values_videos is not None else None
+        placed = place_visual(ids, self.config, image, video)
+        positions, _ = get_rope_index(ids, self.config, image_grid_thw, video_grid_thw)
+        num_pages = -(-ids.size // REFERENCE_PAGE_SIZE)
+        cache = KVCache.create(self.config.text, num_pages, REFERENCE_PAGE_SIZE, self.dtype)
+        return _jit_forward(
+            self.module,
+            self.params,
+            jnp.asarray(ids)[None],
+            jnp.asarray(positions)[None],
+            cache,
+            None if placed is None else placed.embeds[None],
+            None if placed is None else jnp.asarray(placed.mask)[None],
+            None if placed is None else placed.deepstack[:, None],
+        )[0]
+
+    def save_orbax(self, path: str | Path) -> None:
+        """A directory ``load_model`` restores: orbax params plus config, tokenizer and processor."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_orbax(path / ORBAX_PARAMS, self.params)
+        (path / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
+        self.tokenizer.save(path)
+        self.processor.save(path)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids):
+    return stages.encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(module, params, input_ids, positions, cache, mm_embeds, mm_mask, deepstack):
+    s = input_ids.shape[1]
+    page_tables = jnp.arange(cache.num_pages, dtype=jnp.int32)[None]
+    starts, lengths = jnp.zeros((1,), jnp.int32), jnp.full((1,), s, jnp.int32)
+    embeds = stages.input_embeddings(module, params, input_ids, mm_embeds, mm_mask)
+    hidden, _ = stages.run_decoder(module, params, embeds, positions, cache, page_tables, starts, lengths, deepstack)
+    return stages.logits(module, params, hidden)
+
+
+def init_params(config: ModelConfig, dtype=jnp.float32, seed: int = TINY_SEED) -> dict:
+    """Random parameters from a fixed seed (the tiny preset and tests)."""
+    module = Qwen3VLMoe(config, dtype)
+    return _abstract_or_init(module, jax.random.PRNGKey(seed))
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32):
+    """Shapes and dtypes of the parameter tree, without allocating it."""
+    module = Qwen3VLMoe(config, dtype)
+    return jax.eval_shape(lambda key: _abstract_or_init(module, key), jax.random.PRNGKey(0))
+
+
+def _abstract_or_init(module: Qwen3VLMoe, key) -> dict:
+    c = module.config
+    merge = c.vision.merge_unit
+    cache = KVCache.create(c.text, 1, 4, module.dtype)
+    one = jnp.ones((1,), jnp.int32)
+    tables = (jnp.zeros((merge, 4), jnp.int32), jnp.zeros((merge, 4)), jnp.zeros((merge, 2), jnp.int32),
+              jnp.zeros((merge,), jnp.int32))
+    variables = module.init(
+        key, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 3, 1), jnp.int32), cache, jnp.zeros((1, 1), jnp.int32),
+        0 * one, one, jnp.zeros((merge, c.vision.patch_dim)), tables,
+    )
+    return variables["params"]
+
+
+def load_model(path: str | Path = "tiny", dtype: str | jnp.dtype = "float32") -> Model:
+    dtype = jnp.dtype(dtype)
+    if str(path) == "tiny":
+        config = tiny_config()
+        return Model(config, init_params(config, dtype), build_tiny_tokenizer(), tiny_processor(), dtype)
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected 'tiny', a Hugging Face or an orbax directory)")
+    config = ModelConfig.from_file(path / "config.json")
+    abstract = abstract_params(config, dtype)
+    if (path / ORBAX_PARAMS).exists():
+        params = restore_orbax(path / ORBAX_PARAMS, abstract)
+    else:
+        params = load_safetensors(path, config, abstract, dtype)
+    return Model(config, params, Tokenizer.from_dir(path), Processor.from_dir(path), dtype)
