@@ -1,0 +1,153 @@
+"""Device-resident pools of blocks, one per field, written and read by jitted programs.
+
+Each field's pool is token-major, ``[num_blocks * block_size, *shape]``, so an allocation's
+tokens are one contiguous run of rows. Writes scatter into the pool with the pool donated (it
+is never copied whole); reads gather into fresh arrays. Both take the run's start and length
+as traced scalars and pad the row count to a bucket, so positions never recompile and lengths
+compile once per bucket. Padding rows are dropped on write and zero-filled on read.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import msgspec
+import numpy as np
+
+from transfer.allocator import Allocation, blocks_for
+from transfer.fields import Field, check_fields
+
+Arrays = dict[str, jax.Array]
+
+
+def bucket_tokens(num_tokens: int, block_size: int) -> int:
+    """Rows a run of ``num_tokens`` is padded to: whole blocks, four buckets per octave.
+
+    That bounds padding to 25% of the payload (plus under one block) while keeping the
+    number of compiled shapes logarithmic in the pool size.
+    """
+    blocks = blocks_for(num_tokens, block_size)
+    if blocks > 4:
+        step = 1 << (blocks.bit_length() - 3)
+        blocks = -(-blocks // step) * step
+    return blocks * block_size
+
+
+class Chunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one transfer carries: tokens ``[offset, offset + num_tokens)`` of a room, padded."""
+
+    offset: int
+    num_tokens: int
+    padded_tokens: int
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter(pools: Arrays, rows: Arrays, start: jax.Array, count: jax.Array) -> Arrays:
+    out = {}
+    for name, pool in pools.items():
+        n = rows[name].shape[0]
+        position = jnp.arange(n, dtype=jnp.int32)
+        index = jnp.where(position < count, start + position, pool.shape[0])
+        out[name] = pool.at[index].set(rows[name], mode="drop")
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _gather(pools: Arrays, starts: jax.Array, counts: jax.Array, num_rows: int) -> Arrays:
+    """Rows of several runs laid end to end; rows past the runs' total are zero."""
+    ends = jnp.cumsum(counts)
+    position = jnp.arange(num_rows, dtype=jnp.int32)
+    segment = jnp.minimum(jnp.searchsorted(ends, position, side="right"), counts.shape[0] - 1)
+    index = starts[segment] + position - (ends[segment] - counts[segment])
+    size = next(iter(pools.values())).shape[0]
+    index = jnp.where(position < ends[-1], index, size)
+    return {name: pool.at[index].get(mode="fill", fill_value=0) for name, pool in pools.items()}
+
+
+class BlockBuffers:
+    """The pools of one side of a transfer, addressed by the allocator's allocations."""
+
+    def __init__(self, fields: Sequence[Field], num_blocks: int, block_size: int,
+                 device: jax.Device | None = None) -> None:
+        self.fields = tuple(fields)
+        check_fields(self.fields)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = device or jax.devices()[0]
+        rows = num_blocks * block_size
+        self._pools: Arrays = {
+            f.name: jax.device_put(jnp.zeros((rows, *f.shape), f.np_dtype), self.device)
+            for f in self.fields
+        }
+
+    @property
+    def sharding(self) -> jax.sharding.Sharding:
+        return jax.sharding.SingleDeviceSharding(self.device)
+
+    @property
+    def pools(self) -> Mapping[str, jax.Array]:
+        """The current pool arrays; a later write donates them, so do not hold on to them."""
+        return dict(self._pools)
+
+    def bucket(self, num_tokens: int) -> int:
+        return bucket_tokens(num_tokens, self.block_size)
+
+    def write(self, allocation: Allocation, offset: int, arrays: Mapping[str, jax.Array],
+              num_tokens: int | None = None) -> None:
+        """Stores the first ``num_tokens`` rows of every field at ``offset`` within the allocation.
+
+        Arrays may carry extra padding rows (pass ``num_tokens``); all fields are required and
+        must share a row count, and that row count picks the compiled program.
+        """
+        if set(arrays) != set(self._pools):
+            raise ValueError(f"write needs exactly the fields {sorted(self._pools)}, got {sorted(arrays)}")
+        num_rows = {int(a.shape[0]) for a in arrays.values()}
+        if len(num_rows) != 1:
+            raise ValueError(f"all fields must have the same number of rows, got {num_rows}")
+        rows = num_rows.pop()
+        count = rows if num_tokens is None else num_tokens
+        if not 0 <= count <= rows:
+            raise ValueError(f"num_tokens {count} outside 0..{rows}")
+        self._check_run(allocation, offset, count)
+        for f in self.fields:
+            array = arrays[f.name]
+            if tuple(array.shape[1:]) != f.shape or array.dtype != f.np_dtype:
+                raise ValueError(f"field {f.name!r}: rows of {f.shape} {f.dtype} expected, "
+                                 f"got {tuple(array.shape[1:])} {array.dtype}")
+        self._pools = _scatter(self._pools, dict(arrays), jnp.int32(allocation.start_token + offset),
+                               jnp.int32(count))
+
+    def read(self, allocation: Allocation, offset: int, num_tokens: int) -> Arrays:
+        """Rows ``[offset, offset + num_tokens)`` of the allocation, padded to ``bucket(num_tokens)``."""
+        self._check_run(allocation, offset, num_tokens)
+        return self.read_runs([(allocation.start_token + offset, num_tokens)])
+
+    def read_runs(self, runs: Sequence[tuple[int, int]]) -> Arrays:
+        """Several (start_token, num_tokens) runs concatenated, padded to the bucket of their total."""
+        starts = np.array([s for s, _ in runs], np.int32)
+        counts = np.array([n for _, n in runs], np.int32)
+        return _gather(self._pools, starts, counts, self.bucket(int(counts.sum())))
+
+    def chunk(self, allocation: Allocation, offset_tokens: int, max_tokens: int) -> Chunk:
+        """The next transfer of an allocation: from ``offset_tokens``, at most ``max_tokens``."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if not 0 <= offset_tokens < allocation.num_tokens:
+            raise ValueError(f"offset {offset_tokens} outside the {allocation.num_tokens} tokens held")
+        count = min(allocation.num_tokens - offset_tokens, max_tokens)
+        return Chunk(offset_tokens, count, self.bucket(count))
+
+    def specs(self, num_rows: int) -> list[jax.ShapeDtypeStruct]:
+        """Shapes of one padded chunk, in field order, as a puller must declare them."""
+        return [jax.ShapeDtypeStruct((num_rows, *f.shape), f.np_dtype, sharding=self.sharding)
+                for f in self.fields]
+
+    def _check_run(self, allocation: Allocation, offset: int, count: int) -> None:
+        if allocation.block_size != self.block_size or allocation.start_block + allocation.num_blocks > self.num_blocks:
+            raise ValueError(f"{allocation} does not belong to a pool of {self.num_blocks} blocks")
+        if offset < 0 or count < 0 or offset + count > allocation.capacity_tokens:
+            raise ValueError(f"run [{offset}, {offset + count}) outside the allocation's "
+                             f"{allocation.capacity_tokens} tokens")

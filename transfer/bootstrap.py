@@ -1,0 +1,129 @@
+"""The bootstrap registry: senders publish where they listen, receivers look senders up by name.
+
+Entries are leases: a sender re-publishes every heartbeat interval and an entry not renewed
+within the heartbeat timeout disappears, so a dead sender is not handed out for long. With a
+secret configured, every request must carry it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+
+import zmq
+
+from transfer.channel import Channel, bind_random_port, make_socket
+from transfer.config import TransferConfig
+from transfer.messages import (Codec, ErrorCode, Found, Lookup, NotFound, ProtocolError, Publish, Published,
+                               RegistryReply, RegistryRequest, SenderEndpoint, Withdraw)
+
+log = logging.getLogger(__name__)
+
+
+def secret_ok(given: str, expected: str) -> bool:
+    return not expected or hmac.compare_digest(given.encode(), expected.encode())
+
+
+class BootstrapServer:
+    """The registry. Drive it with ``progress`` from a loop, or let ``start`` run it on a thread."""
+
+    def __init__(self, config: TransferConfig, port: int = 0) -> None:
+        self.config = config
+        socket = make_socket(zmq.ROUTER, config.max_message_bytes)
+        if port:
+            socket.bind(f"tcp://{config.bind_host}:{port}")
+            self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self.address = bind_random_port(socket, config.bind_host)
+        self._channel: Channel[RegistryRequest] = Channel(socket, Codec(RegistryRequest, config.max_message_bytes))
+        self._entries: dict[str, tuple[SenderEndpoint, float]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def endpoints(self) -> dict[str, SenderEndpoint]:
+        now = time.monotonic()
+        return {name: endpoint for name, (endpoint, expiry) in self._entries.items() if expiry > now}
+
+    def progress(self, timeout_s: float = 0.0) -> None:
+        if not self._channel.socket.poll(int(timeout_s * 1000)):
+            return
+        for identity, message in self._channel.receive():
+            try:
+                reply = self._handle(message)
+            except ProtocolError as error:
+                reply = error.reply()
+            self._channel.send(reply, identity)
+
+    def _handle(self, message: RegistryRequest | ProtocolError) -> RegistryReply:
+        if isinstance(message, ProtocolError):
+            raise message
+        if not secret_ok(message.secret, self.config.secret):
+            raise ProtocolError(ErrorCode.UNAUTHENTICATED, "bad secret")
+        if isinstance(message, Publish):
+            expiry = time.monotonic() + self.config.heartbeat_timeout_s
+            self._entries[message.endpoint.name] = (message.endpoint, expiry)
+            return Published(message.endpoint.name)
+        if isinstance(message, Withdraw):
+            self._entries.pop(message.name, None)
+            return Published(message.name)
+        endpoint = self.endpoints().get(message.name)
+        return NotFound(message.name) if endpoint is None else Found(endpoint)
+
+    def start(self) -> BootstrapServer:
+        """Serves on a daemon thread (the socket is used by that thread only from now on)."""
+        self._thread = threading.Thread(target=self._serve, name="bootstrap", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self.progress(0.05)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self._channel.close()
+
+
+class RegistryClient:
+    """One side's conversation with a registry: publishes (senders) or looks up (receivers)."""
+
+    def __init__(self, address: str, config: TransferConfig) -> None:
+        self.address = address
+        self.config = config
+        socket = make_socket(zmq.DEALER, config.max_message_bytes)
+        socket.connect(address)
+        self.channel: Channel[RegistryReply] = Channel(socket, Codec(RegistryReply, config.max_message_bytes))
+        self.error: str | None = None
+        self._next_publish = 0.0
+
+    def publish(self, endpoint: SenderEndpoint, now: float) -> None:
+        """Renews the lease once per heartbeat interval; call it every loop iteration."""
+        if now >= self._next_publish:
+            self.channel.send(Publish(self.config.secret, endpoint))
+            self._next_publish = now + self.config.heartbeat_interval_s
+
+    def withdraw(self, name: str) -> None:
+        self.channel.send(Withdraw(self.config.secret, name))
+
+    def lookup(self, name: str) -> None:
+        self.channel.send(Lookup(self.config.secret, name))
+
+    def replies(self) -> list[Found | NotFound]:
+        """Answers that arrived; a registry error (bad secret, ...) is kept in ``error``."""
+        answers = []
+        for _, reply in self.channel.receive():
+            if isinstance(reply, ProtocolError):
+                self.error = f"registry sent an unreadable reply: {reply}"
+            elif isinstance(reply, (Found, NotFound)):
+                answers.append(reply)
+            elif not isinstance(reply, Published):
+                self.error = f"registry refused: {reply.code.value}: {reply.detail}"
+                log.error("registry %s: %s", self.address, self.error)
+        return answers
+
+    def close(self) -> None:
+        self.channel.close()

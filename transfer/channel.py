@@ -1,0 +1,66 @@
+"""A ZMQ socket that speaks typed messages: size-capped, validated, never blocking.
+
+ROUTER sockets (sender control, registry) see ``[identity, payload]``; DEALER sockets
+(receivers, registry clients) see ``[payload]``. Anything else, or a payload that fails the
+codec, comes out of ``receive`` as a ``ProtocolError`` for the owner to answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Generic
+
+import msgspec
+import zmq
+
+from transfer.messages import M, Codec, ErrorCode, ProtocolError
+
+HARD_LIMIT_FACTOR = 16
+"""ZMQ drops a peer that sends a frame over this many times the cap, so nothing unbounded is buffered."""
+
+
+def make_socket(kind: int, max_bytes: int) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_bytes * HARD_LIMIT_FACTOR)
+    return socket
+
+
+def bind_random_port(socket: zmq.Socket, host: str) -> str:
+    socket.bind(f"tcp://{host}:*")
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Channel(Generic[M]):
+    def __init__(self, socket: zmq.Socket, codec: Codec[M]) -> None:
+        self.socket = socket
+        self.codec = codec
+        self._routed = socket.socket_type == zmq.ROUTER
+
+    def send(self, message: msgspec.Struct, identity: bytes | None = None) -> None:
+        payload = self.codec.encode(message)
+        frames = [identity, payload] if self._routed else [payload]
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the peer's queue is full: it is not reading, and liveness will fail it
+
+    def receive(self) -> Iterator[tuple[bytes | None, M | ProtocolError]]:
+        """Every message waiting now, decoded or as the error to answer it with."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0] if self._routed else None
+            payload = frames[1:] if self._routed else frames
+            if len(payload) != 1:
+                yield identity, ProtocolError(ErrorCode.MALFORMED, f"expected 1 payload frame, got {len(payload)}")
+                continue
+            try:
+                yield identity, self.codec.decode(payload[0])
+            except ProtocolError as error:
+                yield identity, error
+
+    def close(self) -> None:
+        self.socket.close(linger=0)

@@ -1,0 +1,124 @@
+"""Knobs of the transfer package, with MMSERVE_* environment fallbacks and argparse flags.
+
+One frozen dataclass is passed down to every piece (allocator, buffers, sender, receiver,
+bootstrap registry) so a role is configured in one place and nothing reads globals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+DATA_PLANES = ("auto", "jax", "zmq")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """How big the block pools are, how long each phase may take, and who may talk to us.
+
+    Every field has an environment variable (see ``ENV``); ``from_env`` reads them and
+    ``add_arguments``/``from_args`` turn them into CLI flags whose defaults come from the
+    environment, so ``--block-size`` beats ``MMSERVE_BLOCK_SIZE`` beats the default here.
+    """
+
+    block_size: int = 64
+    """Tokens per block: the unit of allocation and of padding on the wire."""
+    default_blocks: int = 16
+    """Blocks a receiver preallocates per room before it knows the real length."""
+    buffer_blocks: int = 2048
+    """Blocks in each side's device pool."""
+    bind_host: str = "127.0.0.1"
+    """Interface every listener (control, registry, data plane) binds to."""
+    secret: str = ""
+    """Shared secret required in the handshake and by the registry; empty disables the check."""
+    max_message_bytes: int = 1 << 20
+    """Largest control message accepted; bigger ones get an OVERSIZED error."""
+    bootstrap_timeout_s: float = 30.0
+    """A room must be registered (receiver looked up the sender and shook hands) within this."""
+    waiting_timeout_s: float = 300.0
+    """A registered room may wait this long for the sender's input (its compute queue)."""
+    transfer_timeout_s: float = 60.0
+    """Each step of an active transfer (a chunk pulled, a resume requested) must finish within this."""
+    heartbeat_interval_s: float = 1.0
+    """How often a receiver pings each sender it has live rooms with, and a sender re-publishes."""
+    heartbeat_timeout_s: float = 10.0
+    """A peer silent for this long is dead: its rooms fail and their blocks are freed."""
+    data_plane: str = "auto"
+    """Which data plane moves the arrays: "jax" (transfer server), "zmq" (raw frames) or "auto"."""
+
+    def __post_init__(self) -> None:
+        positive = ("block_size", "default_blocks", "buffer_blocks", "max_message_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("bootstrap_timeout_s", "waiting_timeout_s", "transfer_timeout_s",
+                     "heartbeat_interval_s", "heartbeat_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.default_blocks > self.buffer_blocks:
+            raise ValueError("default_blocks cannot exceed buffer_blocks")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
+        if self.data_plane not in DATA_PLANES:
+            raise ValueError(f"data_plane must be one of {DATA_PLANES}, got {self.data_plane!r}")
+
+    @property
+    def default_tokens(self) -> int:
+        return self.default_blocks * self.block_size
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> TransferConfig:
+        """Defaults, replaced by MMSERVE_* variables that are set, replaced by ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV[field.name])
+            if raw is not None and raw != "":
+                values[field.name] = _parse(field.type, raw, ENV[field.name])
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Adds one ``--flag`` per field; unset flags fall back to the environment, then defaults."""
+        group = parser.add_argument_group("transfer")
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.removesuffix("_s").replace("_", "-")
+            group.add_argument(flag, dest=f"transfer_{field.name}", default=None,
+                               type=_TYPES[field.type], help=f"env {ENV[field.name]}, "
+                               f"default {field.default!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> TransferConfig:
+        overrides = {field.name: getattr(args, f"transfer_{field.name}")
+                     for field in dataclasses.fields(cls)
+                     if getattr(args, f"transfer_{field.name}", None) is not None}
+        return cls.from_env(env, **overrides)
+
+
+ENV = {
+    "block_size": "MMSERVE_BLOCK_SIZE",
+    "default_blocks": "MMSERVE_DEFAULT_BLOCKS",
+    "buffer_blocks": "MMSERVE_BUFFER_BLOCKS",
+    "bind_host": "MMSERVE_TRANSFER_HOST",
+    "secret": "MMSERVE_TRANSFER_SECRET",
+    "max_message_bytes": "MMSERVE_MAX_MESSAGE_BYTES",
+    "bootstrap_timeout_s": "MMSERVE_BOOTSTRAP_TIMEOUT",
+    "waiting_timeout_s": "MMSERVE_WAITING_TIMEOUT",
+    "transfer_timeout_s": "MMSERVE_TRANSFER_TIMEOUT",
+    "heartbeat_interval_s": "MMSERVE_HEARTBEAT_INTERVAL",
+    "heartbeat_timeout_s": "MMSERVE_HEARTBEAT_TIMEOUT",
+    "data_plane": "MMSERVE_DATA_PLANE",
+}
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _parse(type_name: str, raw: str, variable: str) -> Any:
+    try:
+        return _TYPES[type_name](raw)
+    except ValueError as error:
+        raise ValueError(f"{variable}={raw!r} is not a valid {type_name}") from error

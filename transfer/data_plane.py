@@ -1,0 +1,77 @@
+"""The data plane interface: a sender offers a chunk's arrays, a receiver pulls them.
+
+Pull-based, as in DESIGN.md: the sender never connects to the receiver; it offers arrays
+under a uuid and the receiver, told the uuid and shapes on the control plane, pulls them
+straight into its own device memory. Two implementations sit behind this interface:
+
+- ``JaxTransferPlane`` ("jax"): ``jax.experimental.transfer``, device to device.
+- ``ZmqDataPlane`` ("zmq"): raw buffer bytes as zero-copy ZMQ frames, for backends whose
+  transfer server cannot start.
+
+``open_data_plane`` picks one: "auto" tries the transfer server on the local backend and
+falls back to ZMQ only if it fails to start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import jax
+import zmq
+
+from transfer.config import TransferConfig
+
+log = logging.getLogger(__name__)
+
+
+class DataPlaneError(RuntimeError):
+    """A pull failed: the peer died, dropped the offer, or sent something other than declared."""
+
+
+class PendingPull(Protocol):
+    def done(self) -> bool:
+        """True once the arrays arrived or the pull failed; never blocks."""
+
+    def result(self) -> list[jax.Array]:
+        """The pulled arrays, ready on device; raises DataPlaneError if the pull failed."""
+
+
+class DataPlane(Protocol):
+    kind: str
+    address: str
+
+    def offer(self, uuid: int, arrays: Sequence[jax.Array], timeout_s: float) -> None:
+        """Holds ``arrays`` for one pull under ``uuid``; dropped after ``timeout_s`` if never pulled."""
+
+    def pull(self, address: str, uuid: int, specs: Sequence[jax.ShapeDtypeStruct]) -> PendingPull:
+        """Starts pulling the arrays a peer offered under ``uuid``, shaped and placed as ``specs``."""
+
+    def forget_peer(self, address: str) -> None:
+        """Drops what is cached for a peer that died, so a new peer at that address starts fresh."""
+
+    def sockets(self) -> list[zmq.Socket]:
+        """Sockets whose readiness means ``progress`` has work, for the owner's poller."""
+
+    def progress(self) -> None:
+        """Serves offers and completes pulls without blocking."""
+
+    def close(self) -> None: ...
+
+
+def open_data_plane(config: TransferConfig, device: jax.Device | None = None) -> DataPlane:
+    from transfer.jax_plane import JaxTransferPlane
+    from transfer.zmq_plane import ZmqDataPlane
+
+    device = device or jax.devices()[0]
+    if config.data_plane == "zmq":
+        return ZmqDataPlane(config.bind_host)
+    try:
+        return JaxTransferPlane(config.bind_host, device)
+    except Exception as error:
+        if config.data_plane == "jax":
+            raise
+        log.warning("jax transfer server unavailable on %s (%s); using the zmq data plane",
+                    device.platform, error)
+        return ZmqDataPlane(config.bind_host)

@@ -1,0 +1,201 @@
+"""Typed control messages and the codec that validates them on receipt.
+
+Everything on a control socket is one msgpack-encoded, tagged msgspec Struct: no pickle, no
+dicts with string keys. Decoding checks the size cap first, then types and bounds (msgspec
+``Meta``), then each Struct's own invariants, so a handler only ever sees well-formed messages
+and anything else becomes a ``ProtocolError`` that the handler turns into an ``Error`` reply.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Generic, TypeVar, Union
+
+import msgspec
+
+from transfer.block_buffers import Chunk
+from transfer.fields import Field, MAX_FIELDS
+
+Id = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Text = Annotated[str, msgspec.Meta(max_length=512)]
+Secret = Annotated[str, msgspec.Meta(max_length=512)]
+AuxKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+AuxValue = Union[int, float, Text, Annotated[list[Union[int, float]], msgspec.Meta(max_length=1024)]]
+
+
+class ErrorCode(enum.Enum):
+    MALFORMED = "malformed"
+    OVERSIZED = "oversized"
+    UNAUTHENTICATED = "unauthenticated"
+    UNKNOWN_ROOM = "unknown_room"
+    OUT_OF_ORDER = "out_of_order"
+    MISMATCH = "mismatch"
+    NOT_FOUND = "not_found"
+
+
+class TransferMode(enum.Enum):
+    """EMBEDDING: encode -> prefill (embeddings, deepstack, ...). KV: prefill -> decode (pages + first token)."""
+
+    EMBEDDING = "embedding"
+    KV = "kv"
+
+
+class TransferInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a room carries besides its arrays: the real length and the small per-request record.
+
+    ``aux`` holds model-side values the transfer does not interpret (rope delta, grid sizes).
+    In KV mode ``first_token`` is the token prefill sampled; embedding mode has none.
+    """
+
+    mode: TransferMode
+    total_tokens: Count
+    aux: Annotated[dict[AuxKey, AuxValue], msgspec.Meta(max_length=64)] = {}
+    first_token: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mode is TransferMode.KV) != (self.first_token is not None):
+            raise ValueError("KV mode needs first_token and embedding mode must not have one")
+
+
+class SenderEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a sender listens: its control socket and the data plane its arrays are pulled from."""
+
+    name: Name
+    control: Text
+    data_plane: Name
+    data_address: Text
+
+
+class Publish(msgspec.Struct, frozen=True, tag="publish", forbid_unknown_fields=True):
+    secret: Secret
+    endpoint: SenderEndpoint
+
+
+class Withdraw(msgspec.Struct, frozen=True, tag="withdraw", forbid_unknown_fields=True):
+    secret: Secret
+    name: Name
+
+
+class Lookup(msgspec.Struct, frozen=True, tag="lookup", forbid_unknown_fields=True):
+    secret: Secret
+    name: Name
+
+
+class Published(msgspec.Struct, frozen=True, tag="published", forbid_unknown_fields=True):
+    """Acknowledges a Publish or a Withdraw."""
+
+    name: Name
+
+
+class Found(msgspec.Struct, frozen=True, tag="found", forbid_unknown_fields=True):
+    endpoint: SenderEndpoint
+
+
+class NotFound(msgspec.Struct, frozen=True, tag="not_found", forbid_unknown_fields=True):
+    name: Name
+
+
+class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_fields=True):
+    """The receiver's half of the handshake: who it is, what it expects, how much room it holds."""
+
+    room: Id
+    secret: Secret
+    mode: TransferMode
+    block_size: Count
+    fields: Annotated[tuple[Field, ...], msgspec.Meta(min_length=1, max_length=MAX_FIELDS)]
+    capacity_tokens: Count
+
+
+class Registered(msgspec.Struct, frozen=True, tag="registered", forbid_unknown_fields=True):
+    room: Id
+
+
+class Ready(msgspec.Struct, frozen=True, tag="ready", forbid_unknown_fields=True):
+    """A chunk is offered on the data plane under ``uuid``; pull it, then answer ``Pulled``."""
+
+    room: Id
+    uuid: Id
+    chunk: Chunk
+    info: TransferInfo
+
+    def __post_init__(self) -> None:
+        c = self.chunk
+        if c.offset < 0 or c.num_tokens < 1 or c.padded_tokens < c.num_tokens:
+            raise ValueError(f"bad chunk {c}")
+        if c.offset + c.num_tokens > self.info.total_tokens:
+            raise ValueError(f"chunk {c} runs past the {self.info.total_tokens} tokens of the room")
+
+
+class Pulled(msgspec.Struct, frozen=True, tag="pulled", forbid_unknown_fields=True):
+    room: Id
+    uuid: Id
+
+
+class Resume(msgspec.Struct, frozen=True, tag="resume", forbid_unknown_fields=True):
+    """The receiver holds ``from_token`` tokens and has allocated ``capacity_tokens`` more."""
+
+    room: Id
+    from_token: Count
+    capacity_tokens: Count
+
+
+class Abort(msgspec.Struct, frozen=True, tag="abort", forbid_unknown_fields=True):
+    room: Id
+    reason: Text = ""
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", forbid_unknown_fields=True):
+    seq: Id
+
+
+class HeartbeatAck(msgspec.Struct, frozen=True, tag="heartbeat_ack", forbid_unknown_fields=True):
+    seq: Id
+
+
+class Error(msgspec.Struct, frozen=True, tag="error", forbid_unknown_fields=True):
+    code: ErrorCode
+    detail: Text
+    room: Id | None = None
+
+
+RegistryRequest = Union[Publish, Withdraw, Lookup]
+RegistryReply = Union[Published, Found, NotFound, Error]
+ToSender = Union[Register, Pulled, Resume, Abort, Heartbeat, Error]
+ToReceiver = Union[Registered, Ready, Abort, HeartbeatAck, Error]
+
+M = TypeVar("M")
+
+
+class ProtocolError(Exception):
+    """A control message that must be answered with an ``Error`` and otherwise ignored."""
+
+    def __init__(self, code: ErrorCode, detail: str, room: int | None = None) -> None:
+        super().__init__(f"{code.value}: {detail}")
+        self.code = code
+        self.detail = detail[:500]
+        self.room = room
+
+    def reply(self) -> Error:
+        return Error(self.code, self.detail, self.room)
+
+
+class Codec(Generic[M]):
+    """Encodes any message; decodes only the union one endpoint accepts, within the size cap."""
+
+    def __init__(self, accepts: object, max_bytes: int) -> None:
+        self._decoder = msgspec.msgpack.Decoder(accepts)
+        self._encoder = msgspec.msgpack.Encoder()
+        self.max_bytes = max_bytes
+
+    def encode(self, message: msgspec.Struct) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, data: bytes) -> M:
+        if len(data) > self.max_bytes:
+            raise ProtocolError(ErrorCode.OVERSIZED, f"{len(data)} bytes > cap {self.max_bytes}")
+        try:
+            return self._decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise ProtocolError(ErrorCode.MALFORMED, str(error)) from None

@@ -1,0 +1,318 @@
+"""The receiving side of a transfer (prefill for embeddings, decode for KV), driven by its role's loop.
+
+It does not know how long a room is: it preallocates a default, looks the sender up in the
+registry and registers that capacity. Each offered chunk is pulled and scattered into the
+current allocation. If the total is larger, it keeps what it has, allocates the remainder
+(waiting while the pool is full) and resumes from the tokens it holds, so nothing is sent
+twice. ``take`` gathers the segments into one padded array per field and frees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import zmq
+
+from transfer.allocator import Allocation, BlockAllocator
+from transfer.block_buffers import BlockBuffers
+from transfer.bootstrap import RegistryClient
+from transfer.channel import Channel, make_socket
+from transfer.config import TransferConfig
+from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
+from transfer.fields import Field
+from transfer.liveness import Liveness
+from transfer.messages import (Abort, Codec, Error, ErrorCode, Found, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
+                               Ready, Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo,
+                               TransferMode)
+from transfer.poll import PollState, Room
+
+LOOKUP_RETRY_S = 0.05
+
+
+@dataclasses.dataclass
+class Segment:
+    allocation: Allocation
+    filled: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.allocation.capacity_tokens - self.filled
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """A finished room: ``arrays[name]`` has ``bucket(total)`` rows, rows past the total are zero."""
+
+    info: TransferInfo
+    arrays: dict[str, jax.Array]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.info.total_tokens
+
+
+@dataclasses.dataclass
+class ReceiverRoom(Room):
+    sender: tuple[str, str] = ("", "")
+    """(registry address, sender name)."""
+    mode: TransferMode = TransferMode.EMBEDDING
+    endpoint: SenderEndpoint | None = None
+    """Set once Register is sent."""
+    segments: list[Segment] = dataclasses.field(default_factory=list)
+    info: TransferInfo | None = None
+    received: int = 0
+    pull: tuple[PendingPull, Ready] | None = None
+    needs_room: bool = False
+    """A chunk arrived, the total is not reached and the last segment is full: allocate, then resume."""
+
+
+class Receiver:
+    def __init__(self, config: TransferConfig, fields: Sequence[Field], data_plane: DataPlane | None = None,
+                 device: jax.Device | None = None) -> None:
+        self.config = config
+        self.allocator = BlockAllocator(config.buffer_blocks, config.block_size)
+        self.buffers = BlockBuffers(fields, config.buffer_blocks, config.block_size, device)
+        self._owns_plane = data_plane is None
+        self.data_plane = data_plane or open_data_plane(config, self.buffers.device)
+        self._rooms: dict[int, ReceiverRoom] = {}
+        self._registries: dict[str, RegistryClient] = {}
+        self._endpoints: dict[tuple[str, str], SenderEndpoint] = {}
+        self._next_lookup: dict[tuple[str, str], float] = {}
+        self._controls: dict[str, Channel[ToReceiver]] = {}
+        self._liveness = Liveness(config.heartbeat_timeout_s)
+        self._next_heartbeat = 0.0
+        self._orphans: list[PendingPull] = []
+        self._poller = zmq.Poller()
+        for socket in self.data_plane.sockets():
+            self._poller.register(socket, zmq.POLLIN)
+
+    def add(self, room: int, bootstrap_address: str, sender: str,
+            mode: TransferMode = TransferMode.EMBEDDING) -> None:
+        """Starts receiving ``room`` from the sender published as ``sender`` in that registry."""
+        if room in self._rooms:
+            raise ValueError(f"room {room} already added")
+        if bootstrap_address not in self._registries:
+            client = self._registries[bootstrap_address] = RegistryClient(bootstrap_address, self.config)
+            self._poller.register(client.channel.socket, zmq.POLLIN)
+        self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender), mode=mode)
+        self._advance(self._rooms[room], time.monotonic())
+
+    def poll(self, room: int) -> PollState:
+        return self._rooms[room].state
+
+    def failure(self, room: int) -> str:
+        return self._rooms[room].reason
+
+    def take(self, room: int) -> Received:
+        """The data of a successful room; frees its blocks and forgets it."""
+        state = self._rooms[room]
+        if state.state is not PollState.SUCCESS:
+            raise ValueError(f"room {room} is {state.state.value}, not success")
+        arrays = self.buffers.read_runs([(s.allocation.start_token, s.filled) for s in state.segments])
+        self.forget(room)
+        return Received(state.info, arrays)
+
+    def abort(self, room: int, reason: str = "aborted by receiver") -> None:
+        self._fail(self._rooms[room], reason)
+
+    def forget(self, room: int) -> None:
+        """Drops a finished room, freeing blocks a successful room still holds; abort a live room first."""
+        state = self._rooms[room]
+        if not state.state.terminal:
+            raise ValueError(f"room {room} is still {state.state.value}")
+        self._release(state)
+        del self._rooms[room]
+
+    def progress(self, timeout_s: float = 0.0) -> None:
+        """Reads every socket, completes pulls, allocates for resumes and enforces every deadline."""
+        if any(r.pull is not None for r in self._rooms.values()):
+            timeout_s = min(timeout_s, 0.001)
+        self._poller.poll(int(timeout_s * 1000))
+        now = time.monotonic()
+        for address, registry in self._registries.items():
+            for answer in registry.replies():
+                key = (address, answer.name if not isinstance(answer, Found) else answer.endpoint.name)
+                if isinstance(answer, Found):
+                    self._endpoints[key] = answer.endpoint
+        for address, channel in list(self._controls.items()):
+            for _, message in channel.receive():
+                self._liveness.heard(address, now)
+                try:
+                    self._handle(address, message)
+                except ProtocolError as error:
+                    channel.send(error.reply())
+        self.data_plane.progress()
+        self._orphans = [p for p in self._orphans if not p.done()]
+        for room in [r for r in self._rooms.values() if not r.state.terminal]:
+            self._advance(room, now)
+        self._heartbeat(now)
+        for room in [r for r in self._rooms.values() if r.expired(now)]:
+            self._fail(room, f"timed out while {room.state.value}")
+
+    def close(self) -> None:
+        for room in list(self._rooms.values()):
+            self._fail(room, "receiver closed")
+            self._release(room)
+        for channel in [*self._controls.values(), *(r.channel for r in self._registries.values())]:
+            channel.close()
+        if self._owns_plane:
+            self.data_plane.close()
+
+    def _handle(self, address: str, message: ToReceiver | ProtocolError) -> None:
+        if isinstance(message, ProtocolError):
+            raise message
+        if isinstance(message, HeartbeatAck):
+            return
+        room = self._rooms.get(message.room) if message.room is not None else None
+        mine = room is not None and room.endpoint is not None and room.endpoint.control == address
+        if isinstance(message, Error):
+            if mine:
+                self._fail(room, f"sender rejected {message.code.value}: {message.detail}", notify=False)
+            return
+        if not mine:
+            raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"room {message.room} is not registered with you", message.room)
+        if isinstance(message, Abort):
+            if room.state.terminal:
+                raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room already {room.state.value}", room.room)
+            self._fail(room, f"sender aborted: {message.reason}", notify=False)
+        elif isinstance(message, Registered):
+            if room.state is not PollState.BOOTSTRAPPING:
+                raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room is {room.state.value}", room.room)
+            room.move(PollState.WAITING_FOR_INPUT)
+        else:
+            self._on_ready(room, message)
+
+    def _on_ready(self, room: ReceiverRoom, ready: Ready) -> None:
+        expecting = room.state is PollState.WAITING_FOR_INPUT or (
+            room.state is PollState.TRANSFERRING and room.pull is None and not room.needs_room)
+        if not expecting or ready.chunk.offset != room.received:
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"no chunk at {ready.chunk.offset} expected: "
+                                f"{room.state.value}, {room.received} received", room.room)
+        if ready.info.mode is not room.mode or (room.info is not None and ready.info != room.info):
+            raise ProtocolError(ErrorCode.MISMATCH, "chunk describes another transfer", room.room)
+        chunk = ready.chunk
+        if chunk.num_tokens > room.segments[-1].free or chunk.padded_tokens != self.buffers.bucket(chunk.num_tokens):
+            raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} does not fit {room.segments[-1].free} free tokens "
+                                f"in buckets of block size {self.config.block_size}", room.room)
+        if not self.allocator.can_ever_hold(ready.info.total_tokens):
+            self._fail(room, f"{ready.info.total_tokens} tokens exceed the whole pool")
+            return
+        try:
+            pending = self.data_plane.pull(room.endpoint.data_address, ready.uuid,
+                                           self.buffers.specs(chunk.padded_tokens))
+        except DataPlaneError as error:
+            self._fail(room, str(error))
+            return
+        room.info, room.pull = ready.info, (pending, ready)
+        if room.state is PollState.WAITING_FOR_INPUT:
+            room.move(PollState.TRANSFERRING)
+        else:
+            room.touch()
+
+    def _advance(self, room: ReceiverRoom, now: float) -> None:
+        if room.state is PollState.BOOTSTRAPPING and room.endpoint is None:
+            self._bootstrap(room, now)
+        elif room.pull is not None and room.pull[0].done():
+            self._land(room)
+        if room.needs_room:
+            self._make_room(room)
+
+    def _bootstrap(self, room: ReceiverRoom, now: float) -> None:
+        if not room.segments:
+            allocation = self.allocator.alloc(self.config.default_tokens)
+            if allocation is None:
+                return
+            room.segments.append(Segment(allocation))
+        registry = self._registries[room.sender[0]]
+        if registry.error is not None:
+            self._fail(room, registry.error)
+            return
+        endpoint = self._endpoints.get(room.sender)
+        if endpoint is None:
+            if now >= self._next_lookup.get(room.sender, 0.0):
+                registry.lookup(room.sender[1])
+                self._next_lookup[room.sender] = now + LOOKUP_RETRY_S
+            return
+        if endpoint.data_plane != self.data_plane.kind:
+            self._fail(room, f"sender uses the {endpoint.data_plane} data plane, we use {self.data_plane.kind}")
+            return
+        room.endpoint = endpoint
+        self._control(endpoint.control).send(Register(
+            room.room, self.config.secret, room.mode, self.config.block_size, self.buffers.fields,
+            room.segments[0].allocation.capacity_tokens))
+
+    def _land(self, room: ReceiverRoom) -> None:
+        """Scatters a completed pull into the last segment and acknowledges it."""
+        pending, ready = room.pull
+        room.pull = None
+        try:
+            arrays = pending.result()
+        except DataPlaneError as error:
+            self._fail(room, str(error))
+            return
+        segment, count = room.segments[-1], ready.chunk.num_tokens
+        names = [f.name for f in self.buffers.fields]
+        self.buffers.write(segment.allocation, segment.filled, dict(zip(names, arrays)), num_tokens=count)
+        segment.filled += count
+        room.received += count
+        self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
+        if room.received == room.info.total_tokens:
+            room.move(PollState.SUCCESS)
+        else:
+            room.needs_room = True
+            room.touch()
+
+    def _make_room(self, room: ReceiverRoom) -> None:
+        """Finds space for the rest (the last segment's tail, else a new allocation) and resumes."""
+        if room.segments[-1].free == 0:
+            allocation = self.allocator.alloc(room.info.total_tokens - room.received)
+            if allocation is None:
+                return
+            room.segments.append(Segment(allocation))
+        room.needs_room = False
+        room.touch()
+        self._control(room.endpoint.control).send(Resume(room.room, room.received, room.segments[-1].free))
+
+    def _heartbeat(self, now: float) -> None:
+        needed = {r.endpoint.control for r in self._rooms.values() if r.endpoint is not None and not r.state.terminal}
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            for address in needed:
+                self._control(address).send(Heartbeat(int(now * 1000)))
+        for address in self._liveness.dead(needed, now):
+            for room in [r for r in self._rooms.values() if r.endpoint is not None
+                         and r.endpoint.control == address and not r.state.terminal]:
+                self._endpoints.pop(room.sender, None)
+                self.data_plane.forget_peer(room.endpoint.data_address)
+                self._fail(room, "sender stopped answering heartbeats", notify=False)
+
+    def _control(self, address: str) -> Channel[ToReceiver]:
+        channel = self._controls.get(address)
+        if channel is None:
+            socket = make_socket(zmq.DEALER, self.config.max_message_bytes)
+            socket.connect(address)
+            channel = self._controls[address] = Channel(socket, Codec(ToReceiver, self.config.max_message_bytes))
+            self._poller.register(socket, zmq.POLLIN)
+        return channel
+
+    def _release(self, room: ReceiverRoom) -> None:
+        for segment in room.segments:
+            self.allocator.free(segment.allocation)
+        room.segments.clear()
+
+    def _fail(self, room: ReceiverRoom, reason: str, notify: bool = True) -> None:
+        """Ends a live room: frees its blocks, tells the sender (unless it told us), records why."""
+        if room.state.terminal:
+            return
+        if room.pull is not None:
+            self._orphans.append(room.pull[0])
+            room.pull = None
+        room.needs_room = False
+        self._release(room)
+        room.move(PollState.FAILED)
+        room.reason = reason
+        if notify and room.endpoint is not None:
+            self._control(room.endpoint.control).send(Abort(room.room, reason[:500]))

@@ -1,0 +1,239 @@
+"""The sending side of a transfer (encode for embeddings, prefill for KV), driven by its role's loop.
+
+The role allocates by the real length, writes its BlockBuffers and calls ``send``; from then
+on the sender owns the allocation and frees it when the room ends, whichever way it ends.
+Chunks go out as the receiver's capacity allows: the first fits its default allocation, and
+each later one answers a ``Resume``. Receivers register rooms (possibly before the role has
+added them), pull each offered chunk and acknowledge it; rooms whose receiver goes silent,
+aborts or times out fail and free their blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+
+import jax
+import zmq
+
+from transfer.allocator import Allocation, BlockAllocator
+from transfer.block_buffers import BlockBuffers, Chunk
+from transfer.bootstrap import RegistryClient, secret_ok
+from transfer.channel import Channel, bind_random_port, make_socket
+from transfer.config import TransferConfig
+from transfer.data_plane import DataPlane, open_data_plane
+from transfer.fields import Field
+from transfer.liveness import Liveness
+from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
+                               Ready, Register, Registered, Resume, SenderEndpoint, ToSender, TransferInfo,
+                               TransferMode)
+from transfer.poll import PollState, Room
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SenderRoom(Room):
+    claimed: bool = False
+    """Added by the role; an unclaimed room exists only because a receiver registered early."""
+    peer: bytes | None = None
+    mode: TransferMode | None = None
+    capacity: int = 0
+    """Tokens the receiver can take in the next chunk."""
+    allocation: Allocation | None = None
+    info: TransferInfo | None = None
+    sent_tokens: int = 0
+    outstanding: tuple[int, Chunk] | None = None
+    """The offered chunk (uuid, chunk) the receiver has not acknowledged yet."""
+
+
+class Sender:
+    def __init__(self, config: TransferConfig, fields: Sequence[Field], name: str, bootstrap_address: str,
+                 data_plane: DataPlane | None = None, device: jax.Device | None = None) -> None:
+        self.config = config
+        self.allocator = BlockAllocator(config.buffer_blocks, config.block_size)
+        self.buffers = BlockBuffers(fields, config.buffer_blocks, config.block_size, device)
+        self._owns_plane = data_plane is None
+        self.data_plane = data_plane or open_data_plane(config, self.buffers.device)
+        socket = make_socket(zmq.ROUTER, config.max_message_bytes)
+        control = bind_random_port(socket, config.bind_host)
+        self._channel: Channel[ToSender] = Channel(socket, Codec(ToSender, config.max_message_bytes))
+        self.endpoint = SenderEndpoint(name, control, self.data_plane.kind, self.data_plane.address)
+        self._registry = RegistryClient(bootstrap_address, config)
+        self._registry.publish(self.endpoint, time.monotonic())
+        self._rooms: dict[int, SenderRoom] = {}
+        self._liveness = Liveness(config.heartbeat_timeout_s)
+        self._poller = zmq.Poller()
+        for s in (socket, self._registry.channel.socket, *self.data_plane.sockets()):
+            self._poller.register(s, zmq.POLLIN)
+
+    def add(self, room: int) -> None:
+        """Announces a room the role will send; it bootstraps until its receiver registers."""
+        self._rooms.setdefault(room, SenderRoom(room, self.config)).claimed = True
+
+    def poll(self, room: int) -> PollState:
+        return self._rooms[room].state
+
+    def failure(self, room: int) -> str:
+        return self._rooms[room].reason
+
+    def send(self, room: int, allocation: Allocation, info: TransferInfo) -> PollState:
+        """Hands the room's data (written in ``buffers`` at ``allocation``) to the transfer.
+
+        The allocation belongs to the sender from here on, even if the room already failed.
+        """
+        if info.total_tokens != allocation.num_tokens:
+            raise ValueError(f"info says {info.total_tokens} tokens, allocation holds {allocation.num_tokens}")
+        self.add(room)
+        state = self._rooms[room]
+        if state.info is not None:
+            raise ValueError(f"room {room} already has its data")
+        if state.state.terminal:
+            self.allocator.free(allocation)
+            return state.state
+        state.allocation, state.info = allocation, info
+        if state.peer is not None:
+            self._start(state)
+        return state.state
+
+    def abort(self, room: int, reason: str = "aborted by sender") -> None:
+        self._fail(self._rooms[room], reason)
+
+    def forget(self, room: int) -> None:
+        """Drops a finished room's record; abort a live room first."""
+        if not self._rooms[room].state.terminal:
+            raise ValueError(f"room {room} is still {self._rooms[room].state.name}")
+        del self._rooms[room]
+
+    def progress(self, timeout_s: float = 0.0) -> None:
+        """Answers the control socket, serves the data plane and enforces every deadline."""
+        if self._poller.poll(int(timeout_s * 1000)):
+            for identity, message in self._channel.receive():
+                try:
+                    reply = self._handle(identity, message)
+                except ProtocolError as error:
+                    reply = error.reply()
+                if reply is not None:
+                    self._channel.send(reply, identity)
+            self._registry.replies()
+        self.data_plane.progress()
+        now = time.monotonic()
+        self._registry.publish(self.endpoint, now)
+        for room in [r for r in self._rooms.values() if r.expired(now)]:
+            self._fail(room, f"timed out while {room.state.value}")
+        live_peers = {r.peer for r in self._rooms.values() if r.peer is not None and not r.state.terminal}
+        for peer in self._liveness.dead(live_peers, now):
+            for room in [r for r in self._rooms.values() if r.peer == peer and not r.state.terminal]:
+                self._fail(room, "receiver stopped answering heartbeats")
+
+    def close(self) -> None:
+        for room in list(self._rooms.values()):
+            self._fail(room, "sender closed")
+        self._registry.withdraw(self.endpoint.name)
+        self._registry.close()
+        self._channel.close()
+        if self._owns_plane:
+            self.data_plane.close()
+
+    def _handle(self, identity: bytes, message: ToSender | ProtocolError) -> object:
+        if isinstance(message, ProtocolError):
+            raise message
+        self._liveness.heard(identity, time.monotonic())
+        if isinstance(message, Register):
+            return self._on_register(identity, message)
+        if isinstance(message, Heartbeat):
+            if not any(r.peer == identity for r in self._rooms.values()):
+                raise ProtocolError(ErrorCode.UNAUTHENTICATED, "heartbeat before any registration")
+            return HeartbeatAck(message.seq)
+        room = self._rooms.get(message.room) if message.room is not None else None
+        if isinstance(message, Error):
+            if room is not None and room.peer == identity:
+                self._fail(room, f"receiver rejected {message.code.value}: {message.detail}", notify=False)
+            return None
+        if room is None or room.peer != identity:
+            raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"room {message.room} is not registered by you", message.room)
+        if isinstance(message, Abort):
+            if room.state.terminal:
+                raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room already {room.state.value}", room.room)
+            self._fail(room, f"receiver aborted: {message.reason}", notify=False)
+        elif isinstance(message, Pulled):
+            self._on_pulled(room, message)
+        else:
+            self._on_resume(room, message)
+        return None
+
+    def _on_register(self, identity: bytes, message: Register) -> None:
+        if not secret_ok(message.secret, self.config.secret):
+            raise ProtocolError(ErrorCode.UNAUTHENTICATED, "bad secret", message.room)
+        if message.block_size != self.config.block_size or tuple(message.fields) != self.buffers.fields:
+            raise ProtocolError(ErrorCode.MISMATCH, f"sender has block_size {self.config.block_size} and "
+                                f"fields {self.buffers.fields}", message.room)
+        room = self._rooms.get(message.room)
+        if room is not None and (room.peer is not None or room.state.terminal):
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} already registered", message.room)
+        if room is not None and room.info is not None and room.info.mode is not message.mode:
+            raise ProtocolError(ErrorCode.MISMATCH, f"room carries {room.info.mode.value}", message.room)
+        room = self._rooms.setdefault(message.room, SenderRoom(message.room, self.config))
+        room.peer, room.mode, room.capacity = identity, message.mode, message.capacity_tokens
+        self._channel.send(Registered(message.room), identity)
+        if room.allocation is not None:
+            self._start(room)
+        else:
+            room.move(PollState.WAITING_FOR_INPUT)
+
+    def _on_pulled(self, room: SenderRoom, message: Pulled) -> None:
+        if room.state is not PollState.TRANSFERRING or room.outstanding is None or room.outstanding[0] != message.uuid:
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"no chunk {message.uuid} outstanding", room.room)
+        room.sent_tokens += room.outstanding[1].num_tokens
+        room.outstanding = None
+        if room.sent_tokens == room.info.total_tokens:
+            self._release(room)
+            room.move(PollState.SUCCESS)
+        else:
+            room.touch()
+
+    def _on_resume(self, room: SenderRoom, message: Resume) -> None:
+        if (room.state is not PollState.TRANSFERRING or room.outstanding is not None
+                or message.from_token != room.sent_tokens):
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"cannot resume from {message.from_token}: "
+                                f"{room.state.value}, {room.sent_tokens} sent", room.room)
+        room.capacity = message.capacity_tokens
+        self._offer_next_chunk(room)
+
+    def _start(self, room: SenderRoom) -> None:
+        if room.mode is not room.info.mode:
+            self._fail(room, f"receiver expects {room.mode.value}, sender has {room.info.mode.value}")
+            return
+        room.move(PollState.TRANSFERRING)
+        self._offer_next_chunk(room)
+
+    def _offer_next_chunk(self, room: SenderRoom) -> None:
+        chunk = self.buffers.chunk(room.allocation, room.sent_tokens, room.capacity)
+        rows = self.buffers.read(room.allocation, chunk.offset, chunk.num_tokens)
+        uuid = secrets.randbits(63)
+        timeout = self.config.transfer_timeout_s + self.config.heartbeat_timeout_s
+        self.data_plane.offer(uuid, [rows[f.name] for f in self.buffers.fields], timeout)
+        room.outstanding = (uuid, chunk)
+        room.touch()
+        self._channel.send(Ready(room.room, uuid, chunk, room.info), room.peer)
+
+    def _release(self, room: SenderRoom) -> None:
+        if room.allocation is not None:
+            self.allocator.free(room.allocation)
+            room.allocation = None
+
+    def _fail(self, room: SenderRoom, reason: str, notify: bool = True) -> None:
+        """Ends a live room: frees its blocks, tells the receiver (unless it told us), records why."""
+        if room.state.terminal:
+            return
+        self._release(room)
+        room.move(PollState.FAILED)
+        room.reason = reason
+        log.info("room %d failed: %s", room.room, reason)
+        if notify and room.peer is not None:
+            self._channel.send(Abort(room.room, reason[:500]), room.peer)
+        if not room.claimed:
+            del self._rooms[room.room]
