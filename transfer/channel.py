@@ -35,7 +35,7 @@ class Channel(Generic[M]):
     def __init__(self, socket: zmq.Socket, codec: Codec[M]) -> None:
         self.socket = socket
         self.codec = codec
-        self._routed = socket.socket_type == zmq.ROUTER
+        self._routed = socket.type == zmq.ROUTER
 
     def send(self, message: msgspec.Struct, identity: bytes | None = None) -> None:
         payload = self.codec.encode(message)

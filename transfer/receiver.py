@@ -48,6 +48,8 @@ class Received:
 
     info: TransferInfo
     arrays: dict[str, jax.Array]
+    chunks: int
+    """How many chunks it arrived in: 1, or more when the receiver had to resume."""
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +66,7 @@ class ReceiverRoom(Room):
     segments: list[Segment] = dataclasses.field(default_factory=list)
     info: TransferInfo | None = None
     received: int = 0
+    chunks: int = 0
     pull: tuple[PendingPull, Ready] | None = None
     needs_room: bool = False
     """A chunk arrived, the total is not reached and the last segment is full: allocate, then resume."""
@@ -113,7 +116,7 @@ class Receiver:
             raise ValueError(f"room {room} is {state.state.value}, not success")
         arrays = self.buffers.read_runs([(s.allocation.start_token, s.filled) for s in state.segments])
         self.forget(room)
-        return Received(state.info, arrays)
+        return Received(state.info, arrays, state.chunks)
 
     def abort(self, room: int, reason: str = "aborted by receiver") -> None:
         self._fail(self._rooms[room], reason)
@@ -258,6 +261,7 @@ class Receiver:
         self.buffers.write(segment.allocation, segment.filled, dict(zip(names, arrays)), num_tokens=count)
         segment.filled += count
         room.received += count
+        room.chunks += 1
         self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
         if room.received == room.info.total_tokens:
             room.move(PollState.SUCCESS)

@@ -1,0 +1,114 @@
+"""Rooms between real processes on loopback: every field arrives bit-exact, in both modes.
+
+The in-process side is a real Sender or Receiver driven by ``drive``; the other side is a
+transfer_peer.py process. Nothing is mocked: ZMQ control, the registry and the data plane
+are the real ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import drive, run_for
+from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode
+from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, digests, payload
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def assert_bit_exact(received, fields, room: int) -> None:
+    n = received.num_tokens
+    expected = payload(fields, room, n)
+    for f in fields:
+        got = np.asarray(received.arrays[f.name])
+        assert got.dtype == f.np_dtype
+        np.testing.assert_array_equal(got[:n], expected[f.name], err_msg=f.name)
+        assert not got[n:].any(), f"{f.name}: padding rows must be zero"
+
+
+def receive(receiver: Receiver, sender, room: int, timeout: float = 30.0):
+    sender.state(room, "success", timeout=timeout, parties=[receiver])
+    drive([receiver], lambda: receiver.poll(room) is PollState.SUCCESS)
+    return receiver.take(room)
+
+
+@pytest.mark.parametrize("plane", ["jax", "zmq"])
+def test_embedding_that_fits_and_one_that_resumes_arrive_bit_exact(plane, config, bootstrap, spawn):
+    config = dataclasses.replace(config, data_plane=plane)
+    sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    assert receiver.data_plane.kind == plane
+    fits, resumes = 1, 2
+    assert 9 <= config.default_tokens < 50
+    for room, tokens in ((fits, 9), (resumes, 50)):
+        receiver.add(room, bootstrap.address, "encode-0")
+        sender.command(op="send", room=room, tokens=tokens)
+    for room, tokens, chunks in ((fits, 9, 1), (resumes, 50, 2)):
+        received = receive(receiver, sender, room)
+        assert received.num_tokens == tokens and received.chunks == chunks
+        assert received.info.aux == {"rope_delta": -room}
+        assert_bit_exact(received, EMBEDDING_FIELDS, room)
+    assert receiver.allocator.available_blocks() == config.buffer_blocks
+    status = sender.status()
+    assert status["available"] == status["total"]
+    receiver.close()
+
+
+def test_many_rooms_from_one_sender_reach_two_receivers(config, bootstrap, spawn):
+    config = dataclasses.replace(config, buffer_blocks=256)
+    receivers = [spawn("receiver", config), spawn("receiver", config)]
+    sender = Sender(config, EMBEDDING_FIELDS, "encode-0", bootstrap.address)
+    lengths = {10 + i: n for i, n in enumerate((3, 16, 17, 40, 64, 5, 33, 100))}
+    for room, tokens in lengths.items():
+        receivers[room % 2].command(op="add", room=room, bootstrap=bootstrap.address, sender="encode-0")
+        allocation = sender.allocator.alloc(tokens)
+        sender.buffers.write(allocation, 0, payload(EMBEDDING_FIELDS, room, tokens))
+        sender.send(room, allocation, TransferInfo(TransferMode.EMBEDDING, tokens))
+    for room, tokens in lengths.items():
+        report = receivers[room % 2].wait_for(lambda e: e["event"] == "received" and e["room"] == room,
+                                              parties=[sender])
+        assert report["info"]["total_tokens"] == tokens
+        assert report["digests"] == report["expected"] == digests(payload(EMBEDDING_FIELDS, room, tokens), tokens)
+        assert report["padding_zero"]
+    drive([sender], lambda: all(sender.poll(room) is PollState.SUCCESS for room in lengths))
+    assert sender.allocator.available_blocks() == config.buffer_blocks
+    for peer in receivers:
+        status = peer.status(parties=[sender])
+        assert status["available"] == status["total"]
+    sender.close()
+
+
+def test_kv_pages_and_first_token_travel_the_same_path(config, bootstrap, spawn):
+    sender = spawn("sender", config, fields="kv", name="prefill-0", bootstrap=bootstrap.address)
+    receiver = Receiver(config, KV_FIELDS)
+    receiver.add(7, bootstrap.address, "prefill-0", mode=TransferMode.KV)
+    sender.command(op="send", room=7, tokens=23, mode="kv", first_token=151643)
+    received = receive(receiver, sender, 7)
+    assert received.info.mode is TransferMode.KV and received.info.first_token == 151643
+    assert received.chunks == 2
+    assert_bit_exact(received, KV_FIELDS, 7)
+    assert receiver.allocator.available_blocks() == config.buffer_blocks
+    receiver.close()
+
+
+def test_resume_waits_while_the_receiver_pool_is_full_then_completes(config, bootstrap, spawn):
+    sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    receiver.add(3, bootstrap.address, "encode-0")
+    hog = receiver.allocator.alloc(receiver.allocator.available_blocks() * config.block_size)
+    sender.command(op="send", room=3, tokens=40)
+    sender.state(3, "transferring", parties=[receiver])
+    drive([receiver], lambda: receiver.poll(3) is PollState.TRANSFERRING)
+    run_for([receiver], 1.0)
+    assert receiver.poll(3) is PollState.TRANSFERRING
+    assert sender.status(parties=[receiver])["rooms"]["3"] == "transferring"
+    receiver.allocator.free(hog)
+    received = receive(receiver, sender, 3)
+    assert received.chunks == 2
+    assert_bit_exact(received, EMBEDDING_FIELDS, 3)
+    assert receiver.allocator.available_blocks() == config.buffer_blocks
+    receiver.close()
+

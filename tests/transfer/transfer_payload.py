@@ -1,0 +1,48 @@
+"""Field sets and deterministic payloads shared by the tests and their helper processes.
+
+Both sides of a transfer derive a room's data from its room id, so a receiver in another
+process can check every row bit-exactly without the data crossing any channel but ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from transfer import field
+
+HIDDEN = 16
+LEVELS = 3
+
+EMBEDDING_FIELDS = (
+    field("embeddings", (HIDDEN,), "float32"),
+    field("deepstack", (LEVELS * HIDDEN,), "bfloat16"),
+    field("fill_ids", (), "int32"),
+    field("mrope_positions", (3,), "int32"),
+)
+
+KV_FIELDS = (
+    field("k", (2, 2, 8), "bfloat16"),
+    field("v", (2, 2, 8), "bfloat16"),
+)
+
+FIELD_SETS = {"embedding": EMBEDDING_FIELDS, "kv": KV_FIELDS}
+
+
+def payload(fields, room: int, num_tokens: int) -> dict[str, np.ndarray]:
+    """Distinct values in every row of every field, so a dropped or shifted row shows."""
+    rng = np.random.default_rng(room)
+    out = {}
+    for f in fields:
+        shape = (num_tokens, *f.shape)
+        if np.issubdtype(f.np_dtype, np.integer):
+            out[f.name] = rng.integers(0, 1 << 30, shape).astype(f.np_dtype)
+        else:
+            out[f.name] = rng.standard_normal(shape).astype(f.np_dtype)
+    return out
+
+
+def digests(arrays: dict[str, np.ndarray], num_tokens: int) -> dict[str, str]:
+    return {name: hashlib.sha256(np.ascontiguousarray(np.asarray(a)[:num_tokens]).tobytes()).hexdigest()
+            for name, a in sorted(arrays.items())}
