@@ -1,0 +1,193 @@
+"""The tokenizer: the tiny one's fixed ids and lossless round trip, its chat template, and agreement
+with transformers on a tokenizer directory either side wrote."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
+
+from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, Tokenizer, build_tiny_tokenizer
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+IMAGE_QUESTION = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello there"}],
+    [SYSTEM, IMAGE_QUESTION],
+    [
+        SYSTEM,
+        {"role": "user", "content": [
+            {"type": "text", "text": "Compare "},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            {"type": "text", "text": " with "},
+            {"type": "video"},
+        ]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The first is a cat."}]},
+        {"role": "user", "content": "And the second?"},
+    ],
+    [IMAGE_QUESTION, {"role": "assistant", "content": "A cat."}, {"role": "tool", "content": "42"},
+     {"role": "tool", "content": "43"}],
+]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Ünïcödé, 日本語のテキスト, emoji 👩‍👩‍👧 and\ttabs\r\nnewlines  double  spaces",
+    "<|im_start|>user\nhi<|im_end|>\n<|vision_start|><|image_pad|><|vision_end|>",
+    "numbers 3.14159 and $1,000,000 (approx.)",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_tokenizer()
+
+
+def test_tiny_has_1000_ordinary_tokens_then_fixed_special_ids(tiny):
+    assert tiny.backend.get_vocab_size(with_added_tokens=False) == 1000
+    assert tiny.backend.get_vocab_size() == 1007
+    for token, token_id in TINY_SPECIAL_IDS.items():
+        assert tiny.token_to_id(token) == token_id
+        assert tiny.encode(token) == [token_id]
+    assert list(TINY_SPECIAL_IDS.values()) == list(range(1000, 1007))
+    assert tiny.eos_token_ids == (TINY_SPECIAL_IDS["<|im_end|>"],)
+    assert tiny.pad_token_id == TINY_SPECIAL_IDS["<|endoftext|>"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    TEXTS[:2] + [
+        "e\u0301 versus \u00e9",  # decomposed and composed: no NFC normaliser may merge them
+        "\x00\x01\x7f control \u200b zero-width \ufeff bom",
+        "".join(chr(c) for c in range(0x20, 0x2000, 7)),
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \U0010fffd",
+        "",
+    ],
+)
+def test_tiny_round_trips_any_utf8(tiny, text):
+    ids = tiny.encode(text)
+    assert all(0 <= i < 1000 for i in ids)
+    assert tiny.decode(ids) == text
+
+
+def test_tiny_special_tokens_are_kept_or_skipped_on_decode(tiny):
+    ids = tiny.encode(TEXTS[2])
+    assert tiny.decode(ids, skip_special_tokens=False) == TEXTS[2]
+    assert tiny.decode(ids) == "user\nhi\n"
+
+
+def test_tiny_is_the_same_in_another_process(tiny):
+    """Training must not depend on hash seeds or thread counts: the tiny model's ids rest on it."""
+    script = (
+        "from models.qwen3_vl_moe.tokenizer import build_tiny_tokenizer; print(build_tiny_tokenizer().backend.to_str())"
+    )
+    env = os.environ | {"PYTHONHASHSEED": "12345", "RAYON_NUM_THREADS": "1"}
+    other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == tiny.backend.to_str()
+
+
+def test_image_message_renders_as_qwen3_vl_does(tiny):
+    assert tiny.apply_chat_template([SYSTEM, IMAGE_QUESTION]) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_chat_template_labels_media_and_folds_tool_results(tiny):
+    prompt = tiny.apply_chat_template(CONVERSATIONS[2], add_generation_prompt=False, add_vision_id=True)
+    assert "Compare Picture 1: <|vision_start|><|image_pad|><|vision_end|> with Video 1: " in prompt
+    assert prompt.endswith("<|im_start|>user\nAnd the second?<|im_end|>\n")
+    tools = tiny.apply_chat_template(CONVERSATIONS[3])
+    assert (
+        "<|im_start|>user\n<tool_response>\n42\n</tool_response>\n<tool_response>\n43\n</tool_response><|im_end|>\n"
+    ) in tools
+
+
+def test_media_objects_never_reach_the_template(tiny):
+    """Only whether a part is an image matters; the PIL object itself stays out of the sandbox."""
+    message = {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (4, 4))},
+                                           {"type": "text", "text": "What is this?"}], "name": None}
+    assert tiny.apply_chat_template([SYSTEM, message]) == tiny.apply_chat_template([SYSTEM, IMAGE_QUESTION])
+
+
+def test_unknown_role_is_an_error(tiny):
+    with pytest.raises(Exception, match="unknown role: narrator"):
+        tiny.apply_chat_template([{"role": "narrator", "content": "Once upon a time"}])
+
+
+def test_save_then_from_dir_round_trips(tiny, tmp_path):
+    tiny.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.backend.to_str() == tiny.backend.to_str()
+    assert loaded.chat_template == tiny.chat_template
+    assert (loaded.config, loaded.eos_token_ids) == (tiny.config, tiny.eos_token_ids)
+    for text in TEXTS:
+        assert loaded.encode(text) == tiny.encode(text)
+
+
+def hf_tokenizer(tiny) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tiny.backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=tiny.chat_template,
+    )
+
+
+def assert_agrees_with_transformers(ours: Tokenizer, hf) -> None:
+    for text in TEXTS:
+        assert ours.encode(text) == hf.encode(text)
+        ids = hf.encode(text)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids)
+    for messages in CONVERSATIONS:
+        for add_generation_prompt in (True, False):
+            assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == (
+                hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            )
+    assert ours.eos_token_ids == (hf.eos_token_id,)
+
+
+def test_reads_a_tokenizer_saved_by_transformers(tiny, tmp_path):
+    hf = hf_tokenizer(tiny)
+    hf.save_pretrained(tmp_path)
+    assert_agrees_with_transformers(Tokenizer.from_dir(tmp_path), hf)
+
+
+def test_transformers_reads_what_we_save(tiny, tmp_path):
+    tiny.save(tmp_path)
+    assert_agrees_with_transformers(tiny, PreTrainedTokenizerFast.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "chat_template_json"])
+def test_older_chat_template_locations(tiny, tmp_path, where):
+    tiny.backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"eos_token": {"content": "<|im_end|>", "special": True}}
+    if where == "tokenizer_config":
+        config["chat_template"] = tiny.chat_template
+    else:
+        (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": tiny.chat_template}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.chat_template == tiny.chat_template
+    assert loaded.eos_token_ids == (TINY_SPECIAL_IDS["<|im_end|>"],)
+
+
+def test_jinja_file_wins_over_tokenizer_config(tiny, tmp_path):
+    tiny.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": "stale"}))
+    assert Tokenizer.from_dir(tmp_path).chat_template == tiny.chat_template
+
+
+def test_generation_config_adds_stop_ids(tiny, tmp_path):
+    tiny.save(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1002, 1000]}))
+    assert Tokenizer.from_dir(tmp_path).eos_token_ids == (1002, 1000)
+
+
+def test_missing_chat_template_is_a_clear_error(tiny, tmp_path):
+    tiny.backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer.from_dir(tmp_path)
