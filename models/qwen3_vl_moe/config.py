@@ -191,7 +191,7 @@ class ModelConfig:
             vision_start_token_id=d.get("vision_start_token_id", 151652),
             vision_end_token_id=d.get("vision_end_token_id", 151653),
             tie_word_embeddings=bool(tie),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
         )
 
     @classmethod

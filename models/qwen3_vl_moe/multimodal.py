@@ -1,10 +1,13 @@
-"""Placing visual embeddings and deepstack rows at the placeholder tokens of a prompt."""
+"""Placing visual embeddings and deepstack rows at the placeholder tokens of a prompt.
+
+This runs on the host in NumPy: prompt lengths vary, and device ops over varying shapes would
+compile once per length.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 from models.qwen3_vl_moe.config import ModelConfig
@@ -14,9 +17,9 @@ from models.qwen3_vl_moe.config import ModelConfig
 class VisualPlacement:
     """Dense per-token visual inputs of one prompt: zero rows at text tokens."""
 
-    embeds: jnp.ndarray  # [S, H]
+    embeds: np.ndarray  # [S, H]
     mask: np.ndarray  # [S] bool
-    deepstack: jnp.ndarray  # [levels, S, H]
+    deepstack: np.ndarray  # [levels, S, H]
 
 
 def place_visual(
@@ -26,13 +29,13 @@ def place_visual(
     video=None,
 ) -> VisualPlacement | None:
     """image/video: (embeds [n, H], deepstack [levels, n, H]) for all images/videos of the prompt,
-    in prompt order. Returns None for a text-only prompt."""
+    in prompt order (host or device arrays). Returns None for a text-only prompt."""
     ids = np.asarray(input_ids).reshape(-1)
     parts = [(config.image_token_id, image, "image"), (config.video_token_id, video, "video")]
     hidden = config.text.hidden_size
     levels = len(config.vision.deepstack_visual_indexes)
-    embeds = jnp.zeros((ids.shape[0], hidden), jnp.float32)
-    deepstack = jnp.zeros((levels, ids.shape[0], hidden), jnp.float32)
+    embeds = np.zeros((ids.shape[0], hidden), np.float32)
+    deepstack = np.zeros((levels, ids.shape[0], hidden), np.float32)
     mask = np.zeros(ids.shape, bool)
     for token, features, name in parts:
         where = np.flatnonzero(ids == token)
@@ -40,8 +43,8 @@ def place_visual(
         if where.size != count:
             raise ValueError(f"prompt has {where.size} {name} placeholder tokens but {count} {name} embeddings")
         if count:
-            embeds = embeds.at[where].set(features[0].astype(jnp.float32))
-            deepstack = deepstack.at[:, where].set(features[1].astype(jnp.float32))
+            embeds[where] = np.asarray(features[0], np.float32)
+            deepstack[:, where] = np.asarray(features[1], np.float32)
             mask[where] = True
     if not mask.any():
         return None

@@ -1,0 +1,1 @@
+"""The colocated engine: one process runs encode, prefill and decode with continuous batching."""

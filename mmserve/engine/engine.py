@@ -1,0 +1,165 @@
+"""The engine loop: admit requests, run scheduled steps, sample, detokenize, finish.
+
+``add_request`` validates everything before anything is allocated, so a bad request raises a
+``ValueError`` and leaves the engine exactly as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from mmserve.engine.compile_stats import compile_count
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.embedding_cache import EmbeddingCache, pixel_key
+from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
+from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.request import Request, TokenLogprobs
+from mmserve.engine.runner import ModelRunner
+from mmserve.engine.scheduler import Scheduler, Step
+from mmserve.kv_cache_manager import KVCacheManager
+from mmserve.sampling_params import SamplingParams
+from mmserve.stop import Finish, FinishReason, check_stop
+from models.qwen3_vl_moe import Model
+from models.qwen3_vl_moe.multimodal import place_visual
+from models.qwen3_vl_moe.rope_index import get_rope_index
+
+
+class LLMEngine:
+    def __init__(self, model: Model, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(model, self.config)
+        self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
+        self.scheduler = Scheduler(self.config, self.kv)
+        self.embedding_cache = EmbeddingCache(self.config.embedding_cache_size)
+        self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    def prepare(self, prompt) -> PreparedPrompt:
+        return prepare_prompt(prompt, self.model)
+
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        prepared = prompt if isinstance(prompt, PreparedPrompt) else self.prepare(prompt)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_fits(len(prepared.token_ids), params)
+        ids = prepared.token_ids
+        image = self._encode_all(prepared.images)
+        video = self._encode_all(prepared.videos)
+        positions, delta = get_rope_index(
+            ids, self.model.config, _grids(prepared.images), _grids(prepared.videos))
+        request = Request(request_id, list(ids), params, positions, delta, place_visual(ids, self.model.config,
+                                                                                        image, video))
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns the requests that produced a token in it."""
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        sampled = self._run(step)
+        outputs = []
+        for request, row in sampled:
+            self._append(request, row)
+            outputs.append(RequestOutput.of(request))
+            if request.finish is not None:
+                self.scheduler.finish(request)
+                del self._requests[request.request_id]
+        return outputs
+
+    def stats(self) -> dict:
+        return {
+            "compiles": compile_count(),
+            "free_pages": self.kv.num_free_pages,
+            "total_pages": self.runner.num_pages - 1,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "embedding_cache_hits": self.embedding_cache.hits,
+            "embedding_cache_misses": self.embedding_cache.misses,
+        }
+
+    def _run(self, step: Step) -> list[tuple[Request, tuple]]:
+        """Runs the model over the step and samples; returns (request, sampled row) pairs."""
+        if step.prefill:
+            for chunk in step.prefill:
+                if chunk.start == 0:
+                    self.runner.load_slot(chunk.request)
+            tables = [self.kv.page_table(ch.request.request_id) for ch in step.prefill]
+            logits = self.runner.prefill(step.prefill, tables)
+            for chunk in step.prefill:
+                chunk.request.num_computed += chunk.length
+            samplers = [ch.request if ch.completes else None for ch in step.prefill]
+        else:
+            tables = [self.kv.page_table(r.request_id) for r in step.decode]
+            logits = self.runner.decode(step.decode, tables)
+            for request in step.decode:
+                request.num_computed += 1
+            samplers = list(step.decode)
+        if not any(samplers):
+            return []
+        out = self.runner.sample(logits, samplers)
+        return [(r, _row(out, i)) for i, r in enumerate(samplers) if r is not None]
+
+    def _append(self, request: Request, row: tuple) -> None:
+        token, logprob, top_ids, top_logprobs = row
+        request.output_ids.append(int(token))
+        k = request.params.logprobs
+        if k is not None:
+            top = {int(t): float(lp) for t, lp in zip(top_ids[:k], top_logprobs[:k])}
+            request.logprobs.append(TokenLogprobs(int(token), float(logprob), top))
+        text = self.model.tokenizer.decode(request.output_ids)
+        new_chars = len(text) - len(request.text)
+        request.text = text
+        request.finish = check_stop(request.params, self.eos_token_ids, request.output_ids, text, new_chars)
+        if request.finish is None and request.num_tokens >= self.config.max_model_len:
+            request.finish = Finish(FinishReason.LENGTH, text, None)
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        if prompt_len >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {prompt_len} tokens; the context holds {self.config.max_model_len} "
+                "(prompt plus at least one generated token)")
+        pages = -(-(prompt_len + 1) // self.config.page_size)
+        if pages > self.runner.num_pages - 1:
+            raise ValueError(f"the prompt needs {pages} KV pages; the cache has {self.runner.num_pages - 1}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+
+    def _encode_all(self, visuals: list[Visual]):
+        if not visuals:
+            return None
+        features = []
+        for visual in visuals:
+            key = pixel_key(visual.pixel_values, visual.grid_thw)
+            cached = self.embedding_cache.get(key)
+            if cached is None:
+                cached = self.runner.encode(visual)
+                self.embedding_cache.put(key, cached)
+            features.append(cached)
+        return np.concatenate([f[0] for f in features]), np.concatenate([f[1] for f in features], axis=1)
+
+
+def _grids(visuals: list[Visual]):
+    return np.concatenate([v.grid_thw for v in visuals]) if visuals else None
+
+
+def _row(out, i: int) -> tuple:
+    if out.logprobs is None:
+        return out.token_ids[i], None, None, None
+    return out.token_ids[i], out.logprobs[i], out.top_ids[i], out.top_logprobs[i]
+

@@ -1,0 +1,122 @@
+"""Turning a user's prompt into token ids with expanded placeholders and pixel patches.
+
+Prompts come in vLLM's forms: a string, ``{"prompt": str, "multi_modal_data": {...}}`` or
+``{"prompt_token_ids": [...], "multi_modal_data": {...}}``. As the Hugging Face processor does,
+each single ``<|image_pad|>`` becomes as many image tokens as its image has, and each
+``<|video_pad|>`` becomes, per temporal patch, ``<t seconds><|vision_start|>`` + tokens +
+``<|vision_end|>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from models.qwen3_vl_moe import Model
+
+PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data"}
+MODALITIES = {"image", "video"}
+DEFAULT_VIDEO_FPS = 24.0  # what transformers assumes for pre-sampled frames without metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class Visual:
+    """One image or one video: its patches and grid, ready for the vision tower."""
+
+    pixel_values: np.ndarray  # [patches, C*T*P*P]
+    grid_thw: np.ndarray  # [1, 3]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    images: list[Visual]
+    videos: list[Visual]
+
+
+def prepare_prompt(prompt: Any, model: Model) -> PreparedPrompt:
+    """Validates and expands one prompt; raises ValueError with the reason when it is malformed."""
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
+    if not isinstance(prompt, Mapping):
+        raise ValueError(f"a prompt is a str or a dict, got {type(prompt).__name__}")
+    unknown = set(prompt) - PROMPT_KEYS
+    if unknown:
+        raise ValueError(f"unknown prompt field(s): {sorted(unknown)}")
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError("a prompt needs exactly one of 'prompt' and 'prompt_token_ids'")
+    if "prompt" in prompt:
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError("'prompt' must be a string")
+        ids = model.tokenizer.encode(prompt["prompt"])
+    else:
+        ids = _token_ids(prompt["prompt_token_ids"], model.config.text.vocab_size)
+    data = prompt.get("multi_modal_data") or {}
+    if not isinstance(data, Mapping) or set(data) - MODALITIES:
+        raise ValueError(f"multi_modal_data takes the keys {sorted(MODALITIES)}")
+    images = [_image(model, x) for x in _as_list(data.get("image"))]
+    videos = [_video(model, x) for x in _as_list(data.get("video"))]
+    ids = _expand(ids, model.config.image_token_id, images, lambda v: _image_tokens(model, v), "image")
+    ids = _expand(ids, model.config.video_token_id, videos, lambda v: _video_tokens(model, v), "video")
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return PreparedPrompt(ids, images, videos)
+
+
+def _token_ids(ids: Any, vocab_size: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, (int, np.integer)) for i in ids):
+        raise ValueError("'prompt_token_ids' must be a list of ints")
+    bad = [int(i) for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    return [int(i) for i in ids]
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _image(model: Model, image) -> Visual:
+    out = model.processor(images=[image])
+    return Visual(out["pixel_values"], out["image_grid_thw"])
+
+
+def _video(model: Model, video) -> Visual:
+    out = model.processor(videos=[video])
+    return Visual(out["pixel_values_videos"], out["video_grid_thw"])
+
+
+def _image_tokens(model: Model, image: Visual) -> list[int]:
+    return [model.config.image_token_id] * model.processor.num_image_tokens(image.grid_thw[0])
+
+
+def _video_tokens(model: Model, video: Visual) -> list[int]:
+    t, h, w = (int(x) for x in video.grid_thw[0])
+    per_frame = h * w // model.processor.merge_size**2
+    step = model.processor.temporal_patch_size
+    out: list[int] = []
+    for frame in range(t):
+        # Frames are taken as given (indices 0..n-1); each temporal patch is stamped with the mean
+        # time of its frames, as transformers' Qwen3-VL processor does.
+        seconds = (frame * step + (step - 1) / 2) / DEFAULT_VIDEO_FPS
+        out += model.tokenizer.encode(f"<{seconds:.1f} seconds>")
+        out += [model.config.vision_start_token_id] + [model.config.video_token_id] * per_frame
+        out += [model.config.vision_end_token_id]
+    return out
+
+
+def _expand(ids: list[int], placeholder: int, items: list[Visual], tokens_of, name: str) -> list[int]:
+    """Replaces the i-th single placeholder with the tokens of item i."""
+    count = ids.count(placeholder)
+    if count != len(items):
+        raise ValueError(f"the prompt has {count} {name} placeholder(s) but {len(items)} {name}(s) were given")
+    out: list[int] = []
+    it = iter(items)
+    for token in ids:
+        out += tokens_of(next(it)) if token == placeholder else [token]
+    return out

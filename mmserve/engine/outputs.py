@@ -1,0 +1,38 @@
+"""What a finished (or streaming) request returns, in vLLM's shape."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmserve.engine.request import Request, TokenLogprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+    @classmethod
+    def of(cls, request: Request) -> RequestOutput:
+        finish = request.finish
+        completion = CompletionOutput(
+            index=0,
+            text=finish.text if finish else request.text,
+            token_ids=list(request.output_ids),
+            logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+            finish_reason=str(finish.reason) if finish else None,
+            stop_reason=finish.stop_reason if finish else None,
+        )
+        return cls(request.request_id, list(request.prompt_ids), [completion], finish is not None)

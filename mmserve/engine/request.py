@@ -1,0 +1,72 @@
+"""A request as the engine tracks it, from admission to finish.
+
+Invariant while decoding: every token but the newest has its KV in the cache
+(``num_computed == num_tokens - 1``); the newest is the next decode input. A preempted request
+loses its cache (``num_computed = 0``) and is prefilled again over prompt and output, which
+reproduces the same next token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+
+from mmserve.sampling_params import SamplingParams
+from mmserve.stop import Finish
+from models.qwen3_vl_moe.multimodal import VisualPlacement
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's logprob and, when asked, the top-k alternatives (id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt_positions: np.ndarray  # [3, P] MRoPE positions of the prompt
+    rope_delta: int
+    visual: VisualPlacement | None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    slot: int | None = None
+    text: str = ""
+    finish: Finish | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """More than one token lacks its KV: a fresh or preempted request. With one left, a decode
+        step (a one-token prefill) finishes it."""
+        return self.num_computed < self.num_tokens - 1
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt = len(self.prompt_ids)
+        return (self.prompt_ids[start:end] if end <= prompt
+                else self.prompt_ids[start:] + self.output_ids[max(start - prompt, 0):end - prompt])
+
+    def positions(self, start: int, end: int) -> np.ndarray:
+        """MRoPE positions [3, end - start]: the prompt's, then ``index + rope_delta`` on every axis."""
+        prompt = len(self.prompt_ids)
+        head = self.prompt_positions[:, start:min(end, prompt)]
+        tail = np.arange(max(start, prompt), end) + self.rope_delta
+        return np.concatenate([head, np.broadcast_to(tail, (3, tail.size))], axis=1).astype(np.int32)

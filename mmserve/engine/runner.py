@@ -1,0 +1,154 @@
+"""The model runner: owns the device state (params, KV cache, penalty state) and the jitted programs.
+
+Every call pads its batch to a bucket (powers of two), so each program compiles once per bucket.
+The KV cache and the penalty state are donated to the programs that update them. After a step
+only the sampled ids come back to the host (plus logprobs when a request asked for them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmserve.engine.buckets import bucket
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.inputs import Visual
+from mmserve.engine.request import Request
+from mmserve.engine.scheduler import PrefillChunk
+from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
+from mmserve.sampling_params import SamplingParams
+from mmserve.sampler import init_penalty_state, load_slot, pack_sampling_batch, padded_token_ids, sample
+from models.qwen3_vl_moe import Model, stages
+from models.qwen3_vl_moe.kv_cache import KVCache
+from models.qwen3_vl_moe.vision_inputs import vision_inputs
+
+MIN_PATCH_BUCKET = 64
+MIN_TOKEN_BUCKET = 16
+_PADDING_PARAMS = SamplingParams(temperature=0.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids):
+    return stages.encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _prefill(module, params, ids, positions, cache, page_tables, starts, lengths, mm_embeds, mm_mask, deepstack):
+    return stages.prefill(module, params, ids, positions, cache, page_tables, starts, lengths,
+                          mm_embeds, mm_mask, deepstack)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _decode(module, params, tokens, positions, cache, page_tables, context_lens):
+    return stages.decode(module, params, tokens, positions, cache, page_tables, context_lens)
+
+
+class SampledTokens:
+    """Host copies of one step's samples, row i for the i-th request of the step."""
+
+    def __init__(self, token_ids, logprobs=None, top_ids=None, top_logprobs=None):
+        self.token_ids, self.logprobs, self.top_ids, self.top_logprobs = token_ids, logprobs, top_ids, top_logprobs
+
+
+class ModelRunner:
+    def __init__(self, model: Model, config: EngineConfig):
+        self.model = model
+        self.config = config
+        text = model.config.text
+        self.num_pages = config.num_pages or KVCacheManager.num_pages_for_budget(
+            config.kv_cache_bytes, text.num_hidden_layers, text.num_key_value_heads, text.head_dim,
+            config.page_size, model.dtype)
+        self.cache = KVCache.create(text, self.num_pages, config.page_size, model.dtype)
+        self.penalties = init_penalty_state(config.max_num_seqs, text.vocab_size)
+        self._key = jax.random.PRNGKey(config.seed)
+        self._steps = 0
+
+    def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
+        """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
+        placement of them is host work (see models.qwen3_vl_moe.multimodal)."""
+        tables = vision_inputs(visual.grid_thw, self.model.config.vision)
+        n = tables.num_patches
+        size = bucket(n, MIN_PATCH_BUCKET)
+        patches = np.zeros((size, visual.pixel_values.shape[1]), np.float32)
+        patches[:n] = visual.pixel_values
+        padded = tables.padded(size)
+        embeds, deepstack = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype),
+                                    padded.interp_idx, padded.interp_weight, padded.rope_pos, padded.segment_ids)
+        merged = n // self.model.config.vision.merge_unit
+        return np.asarray(embeds)[:merged], np.asarray(deepstack)[:, :merged]
+
+    def load_slot(self, request: Request) -> None:
+        """Points the request's penalty slot at its prompt and output so far."""
+        self.penalties = load_slot(self.penalties, request.slot, padded_token_ids(request.prompt_ids),
+                                   padded_token_ids(request.output_ids))
+
+    def prefill(self, chunks: list[PrefillChunk], page_tables: list[list[int]]) -> jax.Array:
+        """Runs prompt chunks; returns the logits [bucket, V] at each row's last chunk token."""
+        c, cfg = self.model.config, self.config
+        rows = bucket(len(chunks), 1, cfg.max_prefill_seqs)
+        t = bucket(max(ch.length for ch in chunks), MIN_TOKEN_BUCKET, cfg.max_prefill_tokens)
+        ids = np.zeros((rows, t), np.int32)
+        positions = np.zeros((rows, 3, t), np.int32)
+        starts = np.zeros(rows, np.int32)
+        lengths = np.zeros(rows, np.int32)
+        hidden, levels = c.text.hidden_size, len(c.vision.deepstack_visual_indexes)
+        visual = any(ch.request.visual is not None for ch in chunks)
+        mask = np.zeros((rows, t), bool) if visual else None
+        embeds = np.zeros((rows, t, hidden), np.float32) if visual else None
+        deepstack = np.zeros((levels, rows, t, hidden), np.float32) if visual else None
+        for i, ch in enumerate(chunks):
+            r, end = ch.request, ch.start + ch.length
+            ids[i, : ch.length] = r.token_ids(ch.start, end)
+            positions[i, :, : ch.length] = r.positions(ch.start, end)
+            starts[i], lengths[i] = ch.start, ch.length
+            if r.visual is not None:
+                span = max(min(end, len(r.prompt_ids)) - ch.start, 0)
+                mask[i, :span] = r.visual.mask[ch.start:ch.start + span]
+                embeds[i, :span] = r.visual.embeds[ch.start:ch.start + span]
+                deepstack[:, i, :span] = r.visual.deepstack[:, ch.start:ch.start + span]
+        logits, self.cache = _prefill(
+            self.model.module, self.model.params, ids, positions, self.cache, self._page_tables(page_tables, rows),
+            starts, lengths, embeds, mask, deepstack)
+        return logits
+
+    def decode(self, requests: list[Request], page_tables: list[list[int]]) -> jax.Array:
+        """One token for each request (its newest); returns logits [bucket, V]."""
+        rows = bucket(len(requests), 1, self.config.max_num_seqs)
+        tokens = np.zeros(rows, np.int32)
+        positions = np.zeros((rows, 3), np.int32)
+        context = np.full(rows, -1, np.int32)
+        for i, r in enumerate(requests):
+            tokens[i] = r.token_ids(r.num_computed, r.num_computed + 1)[0]
+            positions[i] = r.positions(r.num_computed, r.num_computed + 1)[:, 0]
+            context[i] = r.num_computed
+        logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
+                                     self._page_tables(page_tables, rows), context)
+        return logits
+
+    def sample(self, logits: jax.Array, requests: list[Request | None]) -> SampledTokens:
+        """Samples row i for requests[i]; None rows (and padding) are neither sampled nor counted."""
+        rows = logits.shape[0]
+        padded = requests + [None] * (rows - len(requests))
+        batch = pack_sampling_batch(
+            [r.params if r else _PADDING_PARAMS for r in padded],
+            [len(r.output_ids) if r else 0 for r in padded],
+            [r.slot if r else 0 for r in padded],
+            rows)
+        batch = batch._replace(valid=np.array([r is not None for r in padded]))
+        key = jax.random.fold_in(self._key, self._steps)
+        self._steps += 1
+        out, self.penalties = sample(logits, batch, self.penalties, key)
+        ids = np.asarray(out.token_ids)
+        if all(r is None or r.params.logprobs is None for r in requests):
+            return SampledTokens(ids)
+        return SampledTokens(ids, np.asarray(out.logprobs), np.asarray(out.top_token_ids),
+                             np.asarray(out.top_logprobs))
+
+    def _page_tables(self, tables: list[list[int]], rows: int) -> np.ndarray:
+        out = np.full((rows, self.config.max_pages_per_seq), SCRATCH_PAGE, np.int32)
+        for i, table in enumerate(tables):
+            out[i, : len(table)] = table
+        return out

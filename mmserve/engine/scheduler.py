@@ -1,0 +1,135 @@
+"""Continuous batching: which requests run in the next step, and with which KV pages.
+
+A step is either a prefill step (chunks of prompts, within a token budget) or a decode step (one
+token for every running request that has finished its prompt). Prefill and decode steps alternate
+while both have work, so new prompts are admitted between decode steps and the running batch keeps
+decoding. A request that does not fit waits; when decode runs out of pages the newest running
+request is preempted: its pages are freed and it is prefilled again later (recompute), which gives
+the same output.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.request import Request, Status
+from mmserve.kv_cache_manager import KVCacheManager
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillChunk:
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the request's last token, so a token is sampled after it."""
+        return self.start + self.length == self.request.num_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    prefill: list[PrefillChunk] = dataclasses.field(default_factory=list)
+    decode: list[Request] = dataclasses.field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self._last_was_prefill = False
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Step | None:
+        decodable = [r for r in self.running if not r.prefilling]
+        if not (self._last_was_prefill and decodable):
+            chunks = self._schedule_prefill()
+            if chunks:
+                self._last_was_prefill = True
+                return Step(prefill=chunks)
+        self._last_was_prefill = False
+        batch = self._schedule_decode(decodable)
+        if batch:
+            return Step(decode=batch)
+        chunks = self._schedule_prefill()
+        return Step(prefill=chunks) if chunks else None
+
+    def finish(self, request: Request) -> None:
+        """Frees what a finished or aborted request holds, wherever it is."""
+        if request in self.running:
+            self._release(request)
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = Status.FINISHED
+
+    def _schedule_prefill(self) -> list[PrefillChunk]:
+        budget = self.config.max_prefill_tokens
+        chunks: list[PrefillChunk] = []
+        candidates = [r for r in self.running if r.prefilling] + list(self.waiting)
+        for request in candidates:
+            if len(chunks) == self.config.max_prefill_seqs or budget == 0:
+                break
+            length = min(request.num_tokens - request.num_computed, budget)
+            if request.status is Status.WAITING:
+                if not self._free_slots or not self.kv.can_allocate(length):
+                    break
+                self._admit(request, length)
+            elif not self._grow(request, request.num_computed + length):
+                break
+            chunks.append(PrefillChunk(request, request.num_computed, length))
+            budget -= length
+        return chunks
+
+    def _schedule_decode(self, decodable: list[Request]) -> list[Request]:
+        batch = []
+        for request in decodable[: self.config.max_num_seqs]:
+            if request.status is Status.RUNNING and self._grow(request, request.num_computed + 1):
+                batch.append(request)
+        return [r for r in batch if r.status is Status.RUNNING]
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Makes room for ``num_tokens`` tokens of ``request``, preempting newer requests if needed.
+        False if the request itself had to be preempted."""
+        need = num_tokens - self.kv.num_tokens(request.request_id)
+        if need <= 0:
+            return True
+        while not self.kv.can_append(request.request_id, need):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        self.kv.append(request.request_id, need)
+        return True
+
+    def _admit(self, request: Request, num_tokens: int) -> None:
+        self.waiting.remove(request)
+        self.kv.allocate(request.request_id, num_tokens)
+        request.slot = self._free_slots.pop()
+        request.status = Status.RUNNING
+        self.running.append(request)
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        self.running.remove(request)
+        request.num_computed = 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        self._free_slots.append(request.slot)
+        request.slot = None

@@ -1,0 +1,87 @@
+"""The offline API, in vLLM's shape: ``LLM(model=...)``, ``generate`` and ``chat``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.outputs import RequestOutput
+from mmserve.sampling_params import SamplingParams
+from models.qwen3_vl_moe import load_model
+
+ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+class LLM:
+    """model: ``"tiny"``, a Hugging Face checkpoint directory or an orbax directory.
+    Engine settings (``page_size``, ``max_model_len``, ``num_pages``, ...) are keyword arguments."""
+
+    def __init__(self, model: str = "tiny", dtype: str = "float32", **engine_args):
+        unknown = set(engine_args) - ENGINE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {sorted(unknown)}")
+        self.model = load_model(model, dtype=dtype)
+        self.engine = LLMEngine(self.model, EngineConfig(**engine_args))
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generates for one prompt or a list; every prompt is validated before any is run."""
+        prompts = prompts if isinstance(prompts, list) else [prompts]
+        params = _per_prompt(sampling_params, len(prompts))
+        prepared = [self.engine.prepare(p) for p in prompts]
+        ids = []
+        try:
+            for prompt, p in zip(prepared, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of them. Image and video parts carry the
+        media itself: ``{"type": "image", "image": PIL.Image}``, ``{"type": "video", "video": frames}``."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self._chat_prompt(conversation) for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _chat_prompt(self, conversation: list[dict[str, Any]]) -> dict[str, Any]:
+        media: dict[str, list] = {"image": [], "video": []}
+        for message in conversation:
+            content = message.get("content")
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type")
+                if kind in media:
+                    if kind not in part:
+                        raise ValueError(f"a {kind} part must carry the {kind} under the key {kind!r}")
+                    media[kind].append(part[kind])
+        text = self.model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        return {"prompt": text, "multi_modal_data": {k: v for k, v in media.items() if v}}
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), disable=not use_tqdm, desc="generating") as bar:
+            while len(finished) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update()
+        return [finished[i] for i in request_ids]
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"{len(params)} sampling params for {count} prompts")
+    return params
