@@ -173,7 +173,8 @@ class Sender:
                                 f"fields {self.buffers.fields}", message.room)
         room = self._rooms.get(message.room)
         if room is not None and (room.peer is not None or room.state.terminal):
-            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} already registered", message.room)
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} is already "
+                                f"{'registered' if room.peer is not None else room.state.value}", message.room)
         if room is not None and room.info is not None and room.info.mode is not message.mode:
             raise ProtocolError(ErrorCode.MISMATCH, f"room carries {room.info.mode.value}", message.room)
         room = self._rooms.setdefault(message.room, SenderRoom(message.room, self.config))

@@ -24,9 +24,10 @@ from transfer.config import ENV  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).with_name("transfer_peer.py")
 
-QUICK = TransferConfig(block_size=4, default_blocks=4, buffer_blocks=64, bootstrap_timeout_s=10.0,
-                       waiting_timeout_s=10.0, transfer_timeout_s=10.0, heartbeat_interval_s=0.2,
-                       heartbeat_timeout_s=2.0)
+# Heartbeat timeout leaves room for a jit compile stalling a loop on a busy machine.
+QUICK = TransferConfig(block_size=4, default_blocks=4, buffer_blocks=64, bootstrap_timeout_s=20.0,
+                       waiting_timeout_s=20.0, transfer_timeout_s=20.0, heartbeat_interval_s=0.2,
+                       heartbeat_timeout_s=5.0)
 
 
 def drive(parties: Iterable, until: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -82,7 +83,7 @@ class PeerProcess:
         try:
             drive(parties, seen, timeout)
         except TimeoutError:
-            raise TimeoutError(f"no matching event; events {self.events[-5:]}\n{''.join(self.stderr)}") from None
+            raise TimeoutError(f"no matching event; events {[(e.get('room'), e.get('event'), e.get('state'), e.get('reason')) for e in self.events]}\n{''.join(self.stderr)}") from None
         return found[0]
 
     def state(self, room: int, state: str, timeout: float = 30.0, parties: Iterable = ()) -> dict:

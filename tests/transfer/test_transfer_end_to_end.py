@@ -63,10 +63,11 @@ def test_many_rooms_from_one_sender_reach_two_receivers(config, bootstrap, spawn
     sender = Sender(config, EMBEDDING_FIELDS, "encode-0", bootstrap.address)
     lengths = {10 + i: n for i, n in enumerate((3, 16, 17, 40, 64, 5, 33, 100))}
     for room, tokens in lengths.items():
-        receivers[room % 2].command(op="add", room=room, bootstrap=bootstrap.address, sender="encode-0")
         allocation = sender.allocator.alloc(tokens)
         sender.buffers.write(allocation, 0, payload(EMBEDDING_FIELDS, room, tokens))
         sender.send(room, allocation, TransferInfo(TransferMode.EMBEDDING, tokens))
+    for room in lengths:
+        receivers[room % 2].command(op="add", room=room, bootstrap=bootstrap.address, sender="encode-0")
     for room, tokens in lengths.items():
         report = receivers[room % 2].wait_for(lambda e: e["event"] == "received" and e["room"] == room,
                                               parties=[sender])

@@ -13,6 +13,7 @@ import queue
 import sys
 import threading
 
+import jax
 import msgspec
 import numpy as np
 
@@ -41,6 +42,15 @@ class Peer:
             self.party = Receiver(config, self.fields)
         self.states: dict[int, PollState] = {}
         self.held = []
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Takes the process's first XLA compile before "ready", as a serving role does at start-up,
+        so it does not stall the loop past a peer's heartbeat timeout mid-test."""
+        buffers, allocation = self.party.buffers, self.party.allocator.alloc(1)
+        buffers.write(allocation, 0, payload(self.fields, 0, 1))
+        jax.block_until_ready(buffers.read(allocation, 0, 1))
+        self.party.allocator.free(allocation)
 
     def run(self, cmd: dict) -> None:
         op, room = cmd["op"], cmd.get("room")
