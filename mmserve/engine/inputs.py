@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from models.qwen3_vl_moe import Model
 
@@ -58,7 +59,7 @@ def prepare_prompt(prompt: Any, model: Model) -> PreparedPrompt:
     if not isinstance(data, Mapping) or set(data) - MODALITIES:
         raise ValueError(f"multi_modal_data takes the keys {sorted(MODALITIES)}")
     images = [_image(model, x) for x in _as_list(data.get("image"))]
-    videos = [_video(model, x) for x in _as_list(data.get("video"))]
+    videos = [_video(model, x) for x in _videos(data.get("video"))]
     ids = _expand(ids, model.config.image_token_id, images, lambda v: _image_tokens(model, v), "image")
     ids = _expand(ids, model.config.video_token_id, videos, lambda v: _video_tokens(model, v), "video")
     if not ids:
@@ -78,6 +79,15 @@ def _token_ids(ids: Any, vocab_size: int) -> list[int]:
 def _as_list(value) -> list:
     if value is None:
         return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _videos(value) -> list:
+    """One video is a [T, H, W, 3] array or a list of PIL frames; anything else is a list of videos."""
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray) or (isinstance(value, list) and value and isinstance(value[0], Image.Image)):
+        return [value]
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 

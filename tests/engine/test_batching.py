@@ -1,0 +1,74 @@
+"""Continuous batching gives every request the output it gets alone; seeds; preemption; compiles."""
+
+import numpy as np
+import pytest
+
+from conftest import random_image
+from hf_reference import IMAGE_ID, VISION_END, VISION_START
+from mmserve import LLM, SamplingParams
+
+IMAGE = [VISION_START, IMAGE_ID, VISION_END]
+
+
+def mixed_prompts(count: int, seed: int):
+    """Text-only, one-image and two-image prompts of varied lengths; images repeat sizes."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(count):
+        text = [int(t) for t in rng.integers(0, 800, int(rng.integers(3, 40)))]
+        kind = i % 3
+        if kind == 0:
+            prompts.append({"prompt_token_ids": text})
+        elif kind == 1:
+            prompts.append({"prompt_token_ids": text + IMAGE, "multi_modal_data": {"image": random_image(seed * 100 + i)}})
+        else:
+            prompts.append({"prompt_token_ids": IMAGE + text + IMAGE, "multi_modal_data": {
+                "image": [random_image(seed * 100 + i), random_image(seed * 100 + i + 1, (40, 90))]}})
+    return prompts
+
+
+def greedy(max_tokens):
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def test_batch_of_twelve_equals_one_at_a_time(llm):
+    prompts = mixed_prompts(12, seed=1)
+    params = [greedy(4 + i % 5) for i in range(12)]
+    batched = llm.generate(prompts, params)
+    alone = [llm.generate(p, sp)[0] for p, sp in zip(prompts, params)]
+    for b, a in zip(batched, alone):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+    assert [len(b.outputs[0].token_ids) for b in batched] == [4 + i % 5 for i in range(12)]
+    assert llm.engine.kv.num_free_pages == llm.engine.runner.num_pages - 1
+
+
+def test_same_seed_same_output_whatever_the_batch(llm):
+    prompt = {"prompt_token_ids": [5, 6, 7, 8, 9]}
+    params = SamplingParams(temperature=1.0, seed=42, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(prompt, params)[0].outputs[0].token_ids
+    crowd = mixed_prompts(5, seed=2)
+    together = llm.generate(crowd + [prompt], [greedy(6)] * 5 + [params])[-1].outputs[0].token_ids
+    other_seed = llm.generate(prompt, SamplingParams(temperature=1.0, seed=43, max_tokens=12,
+                                                     ignore_eos=True))[0].outputs[0].token_ids
+    assert alone == together
+    assert alone != other_seed
+
+
+def test_preemption_under_a_tiny_page_budget_keeps_outputs(llm, reference):
+    prompts = mixed_prompts(6, seed=3)
+    params = greedy(24)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    small = LLM(reference[1], num_pages=40, page_size=8, max_model_len=256, max_prefill_tokens=64)
+    got = small.generate(prompts, params)
+    assert small.engine.stats()["preemptions"] > 0
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert small.engine.kv.num_free_pages == small.engine.runner.num_pages - 1
+
+
+@pytest.mark.slow
+def test_no_compilation_after_warm_up(llm):
+    params = [greedy(3 + i % 7) for i in range(50)]
+    llm.generate(mixed_prompts(50, seed=4), params)
+    before = llm.engine.stats()["compiles"]
+    llm.generate(mixed_prompts(50, seed=5), params)
+    assert llm.engine.stats()["compiles"] == before
