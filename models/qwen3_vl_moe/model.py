@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -127,18 +128,36 @@ def _abstract_or_init(module: Qwen3VLMoe, key) -> dict:
     return variables["params"]
 
 
-def load_model(path: str | Path = "tiny", dtype: str | jnp.dtype = "float32") -> Model:
+ParamShardings = Callable[[ModelConfig, dict], dict]
+"""(config, abstract params) -> a matching tree of ``jax.sharding.Sharding``; the model does not
+know meshes, so the caller says where each parameter goes (``mmserve.distributed.MeshLayout.params``)."""
+
+
+def _into_shards(value, sharding) -> jax.Array:
+    """A small host-made array laid out over ``sharding`` (also across processes)."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def load_model(
+    path: str | Path = "tiny", dtype: str | jnp.dtype = "float32", shardings: ParamShardings | None = None
+) -> Model:
+    """With ``shardings`` a checkpoint's parameters are read straight into their shards."""
     dtype = jnp.dtype(dtype)
     if str(path) == "tiny":
         config = tiny_config()
-        return Model(config, init_params(config, dtype), build_tiny_tokenizer(), tiny_processor(), dtype)
+        params = init_params(config, dtype)
+        if shardings is not None:
+            params = jax.tree.map(_into_shards, params, shardings(config, params))
+        return Model(config, params, build_tiny_tokenizer(), tiny_processor(), dtype)
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected 'tiny', a Hugging Face or an orbax directory)")
     config = ModelConfig.from_file(path / "config.json")
     abstract = abstract_params(config, dtype)
+    placement = None if shardings is None else shardings(config, abstract)
     if (path / ORBAX_PARAMS).exists():
-        params = restore_orbax(path / ORBAX_PARAMS, abstract)
+        params = restore_orbax(path / ORBAX_PARAMS, abstract, placement)
     else:
-        params = load_safetensors(path, config, abstract, dtype)
+        params = load_safetensors(path, config, abstract, dtype, placement)
     return Model(config, params, Tokenizer.from_dir(path), Processor.from_dir(path), dtype)

@@ -11,14 +11,13 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors import safe_open
 from tqdm import tqdm
 
 from models.qwen3_vl_moe.config import ModelConfig
 from models.qwen3_vl_moe.hf_keys import checkpoint_targets
+from models.qwen3_vl_moe.safetensors_mmap import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,8 +37,7 @@ def safetensors_files(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
     key_file = {}
     for file in files:
-        with safe_open(file, framework="flax") as f:
-            key_file |= {k: file.name for k in f.keys()}
+        key_file |= {k: file.name for k in SafetensorsFile(file).keys()}
     return key_file
 
 
@@ -55,8 +53,13 @@ def _get(tree, path: tuple[str, ...]):
     return tree
 
 
-def load_safetensors(path: str | Path, config: ModelConfig, abstract_params, dtype) -> dict:
-    """Reads every tensor the config needs, reshapes it to its Flax form and checks its shape."""
+def load_safetensors(path: str | Path, config: ModelConfig, abstract_params, dtype, shardings=None) -> dict:
+    """Reads every tensor the config needs, reshapes it to its Flax form and checks its shape.
+
+    Each array is assembled from per-device slices read straight from the mapped files, so with
+    ``shardings`` (a tree of ``jax.sharding.Sharding`` matching the params) no device, and no
+    process, ever holds more than its own shards. Without it every array lands on the first device.
+    """
     path = Path(path)
     key_file = safetensors_files(path)
     targets = checkpoint_targets(config)
@@ -70,19 +73,29 @@ def load_safetensors(path: str | Path, config: ModelConfig, abstract_params, dty
     params: dict = {}
     with tqdm(total=len(targets), desc="loading weights", unit="tensor", leave=False) as bar:
         for file, keys in sorted(by_file.items()):
-            with safe_open(path / file, framework="flax") as f:
-                for key in keys:
-                    target = targets[key]
-                    value = target.transform(np.asarray(f.get_tensor(key)))
-                    expected = _get(abstract_params, target.path).shape
-                    if tuple(value.shape) != tuple(expected):
-                        raise CheckpointError(
-                            f"{path / file}: tensor {key!r} has shape {tuple(value.shape)}, "
-                            f"expected {tuple(expected)} (after conversion) for this config"
-                        )
-                    _set(params, target.path, jnp.asarray(value, dtype=dtype))
-                    bar.update()
+            tensors = SafetensorsFile(path / file)
+            for key in keys:
+                target = targets[key]
+                view = target.transform(tensors.view(key))
+                expected = _get(abstract_params, target.path).shape
+                if tuple(view.shape) != tuple(expected):
+                    raise CheckpointError(
+                        f"{path / file}: tensor {key!r} has shape {tuple(view.shape)}, "
+                        f"expected {tuple(expected)} (after conversion) for this config"
+                    )
+                sharding = _default_sharding() if shardings is None else _get(shardings, target.path)
+                _set(params, target.path, _from_slices(view, sharding, dtype))
+                bar.update()
     return params
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _from_slices(view: np.ndarray, sharding: jax.sharding.Sharding, dtype) -> jax.Array:
+    """A global array whose local shards are read from ``view`` one slice at a time."""
+    return jax.make_array_from_callback(view.shape, sharding, lambda index: np.asarray(view[index], dtype=dtype))
 
 
 def save_orbax(path: str | Path, params) -> None:
@@ -90,8 +103,28 @@ def save_orbax(path: str | Path, params) -> None:
         ckpt.save(Path(path).absolute(), params, force=True)
 
 
-def restore_orbax(path: str | Path, abstract_params) -> dict:
-    """Restores into the shapes, dtypes and shardings of ``abstract_params``."""
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(Path(path).absolute(), abstract_params)
+def restore_orbax(path: str | Path, abstract_params, shardings=None) -> dict:
+    """Restores into the shapes and dtypes of ``abstract_params``, each array straight into its
+    shards (``shardings``, as for :func:`load_safetensors`).
 
+    The tree is restored one block (a vision block, a decoder layer, ...) at a time, which is what
+    the progress bar counts.
+    """
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: _default_sharding(), abstract_params)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
+    )
+    blocks = [(top, name) for top, sub in target.items() for name in sub]
+    params: dict = {}
+    with ocp.PyTreeCheckpointer() as ckpt, tqdm(blocks, desc="restoring weights", unit="block", leave=False) as bar:
+        for top, name in bar:
+            item = {top: {name: target[top][name]}}
+            restored = ckpt.restore(
+                Path(path).absolute(),
+                args=ocp.args.PyTreeRestore(
+                    item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+                ),
+            )
+            params.setdefault(top, {})[name] = restored[top][name]
+    return params

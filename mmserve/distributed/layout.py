@@ -1,0 +1,59 @@
+"""Where the model's arrays live on a mesh: NamedShardings for params, KV cache and activations.
+
+``MeshLayout`` joins the model's logical axes (:mod:`models.qwen3_vl_moe.partitioning`) with the
+rules table; it works the same over a real ``Mesh`` and over an ``AbstractMesh`` (no devices),
+which is how a memory plan for a pod is computed on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from models.qwen3_vl_moe import partitioning
+from models.qwen3_vl_moe.config import ModelConfig
+from models.qwen3_vl_moe.kv_cache import KVCache
+from mmserve.distributed.rules import LOGICAL_AXIS_RULES, partition_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+    mesh: Mesh | AbstractMesh
+    rules: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(LOGICAL_AXIS_RULES))
+
+    def sharding(self, logical_axes, shape, granules=None) -> NamedSharding:
+        spec = partition_spec(logical_axes, shape, self.mesh.shape, granules, self.rules)
+        return NamedSharding(self.mesh, spec)
+
+    def params(self, config: ModelConfig, params):
+        """The parameter tree (real or abstract) -> a matching tree of NamedShardings.
+
+        Its signature is the ``shardings`` argument of ``load_model``.
+        """
+        granules = partitioning.granules(config)
+        return jax.tree.map(
+            lambda leaf, axes: self.sharding(axes, leaf.shape, granules),
+            params,
+            partitioning.param_axes(params),
+        )
+
+    def kv_cache(self, cache: KVCache) -> KVCache:
+        """A KVCache (real or abstract) -> a KVCache of NamedShardings."""
+        return jax.tree.map(lambda a: self.sharding(partitioning.KV_CACHE_AXES, a.shape), cache)
+
+    def create_kv_cache(self, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
+        """A zeroed cache allocated shard by shard, never whole on one device."""
+        create = functools.partial(KVCache.create, config.text, num_pages, page_size, dtype)
+        shardings = self.kv_cache(jax.eval_shape(create))
+        return jax.jit(create, out_shardings=shardings)()
+
+    def activation(self, logical_axes, shape) -> NamedSharding:
+        """Sharding of an input or output, e.g. ``("batch", None)`` for token ids [B, T]."""
+        return self.sharding(logical_axes, shape)
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())

@@ -1,0 +1,88 @@
+"""Joining the processes of one role, on one or several hosts, into one JAX runtime.
+
+JAX's multi-controller runtime is the distributed engine: every process runs the same program on
+its own devices and ``jax.distributed`` makes them one set of global devices, so a mesh (and the
+model sharded over it) spans hosts. Only process 0 talks to the router; the others follow.
+
+Where the cluster comes from, first match wins:
+
+1. flags ``--coordinator-address HOST:PORT --num-processes N --process-id I``;
+2. the same in the environment (``MMSERVE_COORDINATOR_ADDRESS``, ``MMSERVE_NUM_PROCESSES``,
+   ``MMSERVE_PROCESS_ID``), which is how the Kubernetes manifests pass a LeaderWorkerSet's
+   leader address, group size and worker index;
+3. a multi-host TPU slice (``TPU_WORKER_HOSTNAMES`` names more than one host): JAX detects the
+   coordinator and ranks itself;
+4. otherwise one process, and nothing to initialise.
+
+On CPU the cross-process collectives go over gloo (``jax_cpu_collectives_implementation``, the
+default in jax 0.10), which is what the two-process test on loopback uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import jax
+
+ENV_COORDINATOR = "MMSERVE_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "MMSERVE_NUM_PROCESSES"
+ENV_PROCESS_ID = "MMSERVE_PROCESS_ID"
+DEFAULT_COORDINATOR_PORT = 8476
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self):
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process id {self.process_id} out of range for {self.num_processes} processes")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ValueError(f"{self.num_processes} processes need a coordinator address (HOST:PORT)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Cluster:
+        return cls(
+            coordinator_address=env.get(ENV_COORDINATOR) or None,
+            num_processes=int(env.get(ENV_NUM_PROCESSES, 1)),
+            process_id=int(env.get(ENV_PROCESS_ID, 0)),
+        )
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-host (defaults from MMSERVE_* environment variables)")
+    group.add_argument("--coordinator-address", help=f"HOST:PORT of process 0's coordinator (${ENV_COORDINATOR})")
+    group.add_argument("--num-processes", type=int, help=f"processes in this role (${ENV_NUM_PROCESSES})")
+    group.add_argument("--process-id", type=int, help=f"this process's rank, 0 = leader (${ENV_PROCESS_ID})")
+
+
+def cluster_from_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Cluster:
+    """Flags override the environment, one field at a time."""
+    base = Cluster.from_env(env)
+    return Cluster(
+        coordinator_address=args.coordinator_address or base.coordinator_address,
+        num_processes=base.num_processes if args.num_processes is None else args.num_processes,
+        process_id=base.process_id if args.process_id is None else args.process_id,
+    )
+
+
+def on_multi_host_tpu(env: Mapping[str, str] = os.environ) -> bool:
+    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def initialize(cluster: Cluster, env: Mapping[str, str] = os.environ) -> None:
+    """Starts the multi-controller runtime if this role spans processes; call before any JAX use."""
+    if cluster.num_processes > 1:
+        jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)
+    elif on_multi_host_tpu(env):
+        jax.distributed.initialize()
+
+
+def is_leader() -> bool:
+    """The one process of a role that serves the router and the transfer control plane."""
+    return jax.process_index() == 0
