@@ -109,6 +109,9 @@ class Receiver:
     def failure(self, room: int) -> str:
         return self._rooms[room].reason
 
+    def received_tokens(self, room: int) -> int:
+        return self._rooms[room].received
+
     def take(self, room: int) -> Received:
         """The data of a successful room; frees its blocks and forgets it."""
         state = self._rooms[room]

@@ -80,6 +80,10 @@ class Sender:
     def failure(self, room: int) -> str:
         return self._rooms[room].reason
 
+    def sent_tokens(self, room: int) -> int:
+        """Tokens the receiver has acknowledged."""
+        return self._rooms[room].sent_tokens
+
     def send(self, room: int, allocation: Allocation, info: TransferInfo) -> PollState:
         """Hands the room's data (written in ``buffers`` at ``allocation``) to the transfer.
 
