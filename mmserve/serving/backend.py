@@ -1,0 +1,59 @@
+"""What the HTTP router asks of whatever generates: one colocated engine or a disaggregated triple.
+
+The router prepares each request itself (chat template, tokenizer, image decoding and the
+processor, placeholder expansion), so a backend receives token ids and pixel patches, never raw
+HTTP input, and every validation error has already become a 400.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from mmserve.engine.inputs import PreparedPrompt
+from mmserve.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt: PreparedPrompt
+    params: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of one request. The last event has ``finish_reason`` set (or ``error``)."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    """The output text so far that is safe to show (a possible stop string held back); on the last
+    event the final text, stop strings cut. A streaming client gets the new suffix each time."""
+    error: str | None = None
+    """Why the request failed (a lost peer, a timeout, an abort); the stream ends with it."""
+
+
+class Backend(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Streams the request's tokens; ends after the event with finish_reason or error."""
+
+    async def abort(self, request_id: str) -> None:
+        """Stops a request (a client that went away); frees everything it holds."""
+
+    async def health(self) -> dict:
+        """{"healthy": bool, ...details such as which roles are up}."""
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges to export: queue depths, free blocks/pages, ..."""
