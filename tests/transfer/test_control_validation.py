@@ -1,0 +1,205 @@
+"""Malformed, oversized, unauthenticated and out-of-order control messages get an Error reply
+and change no state, on both ends. The other end here is a raw ZMQ socket playing a peer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+import pytest
+import zmq
+
+from conftest import drive
+from transfer import BootstrapServer, PollState, Receiver, Sender, TransferInfo, TransferMode, field
+from transfer.block_buffers import Chunk
+from transfer.bootstrap import RegistryClient
+from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, Pulled, Ready, Register, Registered,
+                               Resume, SenderEndpoint, ToReceiver, ToSender)
+from transfer_payload import EMBEDDING_FIELDS, payload
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "s3cret"
+
+
+@pytest.fixture
+def secured(config):
+    return dataclasses.replace(config, secret=SECRET, max_message_bytes=4096)
+
+
+@pytest.fixture
+def registry(secured):
+    server = BootstrapServer(secured).start()
+    yield server
+    server.close()
+
+
+def raw(kind: int) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    return socket
+
+
+def register(room: int, secret: str = SECRET, fields=EMBEDDING_FIELDS, block_size: int = 4) -> Register:
+    return Register(room, secret, TransferMode.EMBEDDING, block_size, tuple(fields), 16)
+
+
+class SenderUnderTest:
+    """A real Sender with room 5 added (bootstrapping) and room 6 mid-transfer to ``peer``."""
+
+    def __init__(self, config, registry) -> None:
+        self.sender = Sender(config, EMBEDDING_FIELDS, "encode-0", registry.address)
+        self.codec = Codec(ToReceiver, 1 << 20)
+        self.peer = self.connect()
+        self.sender.add(5)
+        allocation = self.sender.allocator.alloc(9)
+        self.sender.buffers.write(allocation, 0, payload(EMBEDDING_FIELDS, 6, 9))
+        self.sender.send(6, allocation, TransferInfo(TransferMode.EMBEDDING, 9))
+        assert isinstance(self.ask(self.peer, self.codec.encode(register(6))), Registered)
+        self.ready = self.receive(self.peer)
+        assert isinstance(self.ready, Ready) and self.ready.chunk.num_tokens == 9
+
+    def connect(self) -> zmq.Socket:
+        socket = raw(zmq.DEALER)
+        socket.connect(self.sender.endpoint.control)
+        return socket
+
+    def ask(self, socket: zmq.Socket, *frames: bytes):
+        socket.send_multipart(list(frames))
+        return self.receive(socket)
+
+    def receive(self, socket: zmq.Socket):
+        drive([self.sender], lambda: socket.poll(0), timeout=10)
+        return self.codec.decode(socket.recv())
+
+    def snapshot(self) -> tuple:
+        return (self.sender.poll(5), self.sender.poll(6), self.sender.sent_tokens(6),
+                self.sender.allocator.available_blocks())
+
+
+@pytest.fixture
+def target(secured, registry):
+    under_test = SenderUnderTest(secured, registry)
+    yield under_test
+    under_test.sender.close()
+
+
+def encode(message) -> bytes:
+    return msgspec.msgpack.encode(message)
+
+
+SENDER_CASES = {
+    "garbage": (lambda t: [b"\xc1\x00garbage"], ErrorCode.MALFORMED),
+    "unknown type": (lambda t: [encode({"type": "gimme", "room": 6})], ErrorCode.MALFORMED),
+    "negative room": (lambda t: [encode({**msgspec.to_builtins(register(6)), "room": -1})], ErrorCode.MALFORMED),
+    "wrong direction": (lambda t: [encode(t.ready)], ErrorCode.MALFORMED),
+    "two frames": (lambda t: [encode(Heartbeat(1)), encode(Heartbeat(2))], ErrorCode.MALFORMED),
+    "oversized": (lambda t: [encode(Abort(6, "x" * 300)) + b"\x00" * 5000], ErrorCode.OVERSIZED),
+    "bad secret": (lambda t: [encode(register(5, secret="guess"))], ErrorCode.UNAUTHENTICATED),
+    "wrong fields": (lambda t: [encode(register(5, fields=(field("x", (3,), "float32"),)))], ErrorCode.MISMATCH),
+    "wrong block size": (lambda t: [encode(register(5, block_size=8))], ErrorCode.MISMATCH),
+    "register twice": (lambda t: [encode(register(6))], ErrorCode.OUT_OF_ORDER),
+    "wrong uuid": (lambda t: [encode(Pulled(6, t.ready.uuid ^ 1))], ErrorCode.OUT_OF_ORDER),
+    "resume before ack": (lambda t: [encode(Resume(6, 9, 16))], ErrorCode.OUT_OF_ORDER),
+    "unregistered room": (lambda t: [encode(Pulled(5, 1))], ErrorCode.UNKNOWN_ROOM),
+}
+
+STRANGER_CASES = {
+    "heartbeat": (lambda t: encode(Heartbeat(1)), ErrorCode.UNAUTHENTICATED),
+    "ack of another's chunk": (lambda t: encode(Pulled(6, t.ready.uuid)), ErrorCode.UNKNOWN_ROOM),
+    "abort of another's room": (lambda t: encode(Abort(6, "mine now")), ErrorCode.UNKNOWN_ROOM),
+}
+
+
+def assert_rejected_without_change(target: SenderUnderTest, socket: zmq.Socket, frames: list[bytes],
+                                   code: ErrorCode) -> None:
+    before = target.snapshot()
+    reply = target.ask(socket, *frames)
+    assert isinstance(reply, Error) and reply.code is code, reply
+    assert target.snapshot() == before
+    target.peer.send(encode(Pulled(6, target.ready.uuid)))
+    drive([target.sender], lambda: target.sender.poll(6) is PollState.SUCCESS, timeout=10)
+    assert target.sender.allocator.available_blocks() == target.sender.config.buffer_blocks
+
+
+@pytest.mark.parametrize("case", sorted(SENDER_CASES))
+def test_sender_rejects_bad_message_from_its_peer_and_keeps_state(target, case):
+    frames, code = SENDER_CASES[case]
+    assert_rejected_without_change(target, target.peer, frames(target), code)
+
+
+@pytest.mark.parametrize("case", sorted(STRANGER_CASES))
+def test_sender_rejects_a_stranger_and_keeps_state(target, case):
+    frame, code = STRANGER_CASES[case]
+    assert_rejected_without_change(target, target.connect(), [frame(target)], code)
+
+
+class ReceiverUnderTest:
+    """A real Receiver whose room 1 is registered with a raw ROUTER posing as its sender."""
+
+    def __init__(self, config, registry) -> None:
+        self.receiver = Receiver(config, EMBEDDING_FIELDS)
+        self.router = raw(zmq.ROUTER)
+        self.router.bind("tcp://127.0.0.1:*")
+        endpoint = SenderEndpoint("fake", self.router.getsockopt_string(zmq.LAST_ENDPOINT),
+                                  self.receiver.data_plane.kind, self.receiver.data_plane.address)
+        self.publisher = RegistryClient(registry.address, config)
+        self.publisher.publish(endpoint, 0.0)
+        self.codec = Codec(ToSender, 1 << 20)
+        self.receiver.add(1, registry.address, "fake")
+        self.identity, message = self.receive()
+        assert isinstance(message, Register) and message.capacity_tokens == config.default_tokens
+        self.router.send_multipart([self.identity, encode(Registered(1))])
+        drive([self.receiver], lambda: self.receiver.poll(1) is PollState.WAITING_FOR_INPUT)
+
+    def receive(self):
+        """The next message that is not a heartbeat."""
+        while True:
+            drive([self.receiver], lambda: self.router.poll(0), timeout=10)
+            identity, frame = self.router.recv_multipart()
+            message = self.codec.decode(frame)
+            if not isinstance(message, Heartbeat):
+                return identity, message
+
+    def snapshot(self) -> tuple:
+        return self.receiver.poll(1), self.receiver.received_tokens(1), self.receiver.allocator.available_blocks()
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.publisher.close()
+        self.router.close(linger=0)
+
+
+def ready(room: int = 1, offset: int = 0, count: int = 9, padded: int = 12, mode=TransferMode.EMBEDDING) -> bytes:
+    info = TransferInfo(mode, 40, first_token=1 if mode is TransferMode.KV else None)
+    return encode(Ready(room, 77, Chunk(offset, count, padded), info))
+
+
+RECEIVER_CASES = {
+    "garbage": (b"\x92\x01", ErrorCode.MALFORMED),
+    "wrong direction": (encode(register(1)), ErrorCode.MALFORMED),
+    "oversized": (encode(Abort(1)) + b"\x00" * 5000, ErrorCode.OVERSIZED),
+    "registered twice": (encode(Registered(1)), ErrorCode.OUT_OF_ORDER),
+    "chunk out of order": (ready(offset=8, count=4, padded=4), ErrorCode.OUT_OF_ORDER),
+    "unknown room": (ready(room=99), ErrorCode.UNKNOWN_ROOM),
+    "wrong mode": (ready(mode=TransferMode.KV), ErrorCode.MISMATCH),
+    "chunk over capacity": (ready(count=20, padded=20), ErrorCode.MISMATCH),
+    "padding not a bucket": (ready(padded=9), ErrorCode.MISMATCH),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECEIVER_CASES))
+def test_receiver_rejects_bad_message_and_keeps_state(secured, registry, case):
+    target = ReceiverUnderTest(secured, registry)
+    try:
+        frame, code = RECEIVER_CASES[case]
+        before = target.snapshot()
+        target.router.send_multipart([target.identity, frame])
+        _, reply = target.receive()
+        assert isinstance(reply, Error) and reply.code is code, reply
+        assert target.snapshot() == before
+        target.router.send_multipart([target.identity, encode(Abort(1, "done"))])
+        drive([target.receiver], lambda: target.receiver.poll(1) is PollState.FAILED)
+        assert target.receiver.allocator.available_blocks() == secured.buffer_blocks
+    finally:
+        target.close()
