@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 
 from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.embedding_cache import EmbeddingCache, pixel_key
+from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request, TokenLogprobs
@@ -27,29 +28,37 @@ from models.qwen3_vl_moe.rope_index import get_rope_index
 
 
 class LLMEngine:
-    def __init__(self, model: Model, config: EngineConfig | None = None):
+    def __init__(self, model: Model, config: EngineConfig | None = None,
+                 on_finish: Callable[[Request, list[int]], None] | None = None):
+        """on_finish(request, page_table) runs when a request finishes, before its pages are freed
+        (prefill uses it to ship the request's KV to decode)."""
         self.model = model
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         self.scheduler = Scheduler(self.config, self.kv)
-        self.embedding_cache = EmbeddingCache(self.config.embedding_cache_size)
+        self.encoder = Encoder(model, self.config.embedding_cache_size)
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self._on_finish = on_finish
 
     def prepare(self, prompt) -> PreparedPrompt:
         return prepare_prompt(prompt, self.model)
 
-    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None,
+                    features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> str:
+        """features: {"image"|"video": (embeddings, deepstack)} already encoded elsewhere (the
+        encode role); without them the prompt's pixels are encoded here."""
         prepared = prompt if isinstance(prompt, PreparedPrompt) else self.prepare(prompt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_fits(len(prepared.token_ids), params)
         ids = prepared.token_ids
-        image = self._encode_all(prepared.images)
-        video = self._encode_all(prepared.videos)
+        features = features if features is not None else {
+            "image": self.encoder.encode_all(prepared.images), "video": self.encoder.encode_all(prepared.videos)}
+        image, video = features.get("image"), features.get("video")
         positions, delta = get_rope_index(
             ids, self.model.config, _grids(prepared.images), _grids(prepared.videos))
         request = Request(request_id, list(ids), params, positions, delta, place_visual(ids, self.model.config,
@@ -77,9 +86,32 @@ class LLMEngine:
             self._append(request, row)
             outputs.append(RequestOutput.of(request))
             if request.finish is not None:
+                if self._on_finish is not None:
+                    self._on_finish(request, self.kv.page_table(request.request_id))
                 self.scheduler.finish(request)
                 del self._requests[request.request_id]
         return outputs
+
+    def can_reserve(self, num_tokens: int) -> bool:
+        return self.scheduler.can_reserve(num_tokens)
+
+    def admit_prefilled(self, request: Request, reserved_tokens: int, k_rows, v_rows) -> RequestOutput | None:
+        """Takes a request prefilled elsewhere: its KV rows go into pages reserved for
+        ``reserved_tokens`` (prompt plus every token it may generate, so it is never preempted:
+        decode could not recompute it), and its first token is checked like any other."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        first = request.output_ids.pop()
+        self.scheduler.add_running(request, reserved_tokens)
+        self._requests[request.request_id] = request
+        self.runner.write_kv(self.kv.page_table(request.request_id), k_rows, v_rows, request.num_computed)
+        self.runner.load_slot(request)
+        self._append(request, (first, None, None, None))
+        output = RequestOutput.of(request)
+        if request.finish is not None:
+            self.scheduler.finish(request)
+            del self._requests[request.request_id]
+        return output
 
     def stats(self) -> dict:
         return {
@@ -89,8 +121,8 @@ class LLMEngine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
-            "embedding_cache_hits": self.embedding_cache.hits,
-            "embedding_cache_misses": self.embedding_cache.misses,
+            "embedding_cache_hits": self.encoder.cache.hits,
+            "embedding_cache_misses": self.encoder.cache.misses,
         }
 
     def _run(self, step: Step) -> list[tuple[Request, tuple]]:
@@ -139,19 +171,6 @@ class LLMEngine:
             raise ValueError(f"the prompt needs {pages} KV pages; the cache has {self.runner.num_pages - 1}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-
-    def _encode_all(self, visuals: list[Visual]):
-        if not visuals:
-            return None
-        features = []
-        for visual in visuals:
-            key = pixel_key(visual.pixel_values, visual.grid_thw)
-            cached = self.embedding_cache.get(key)
-            if cached is None:
-                cached = self.runner.encode(visual)
-                self.embedding_cache.put(key, cached)
-            features.append(cached)
-        return np.concatenate([f[0] for f in features]), np.concatenate([f[1] for f in features], axis=1)
 
 
 def _grids(visuals: list[Visual]):

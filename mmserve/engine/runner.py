@@ -15,7 +15,7 @@ import numpy as np
 
 from mmserve.engine.buckets import bucket
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.inputs import Visual
+from mmserve.engine.kv_rows import gather_rows, scatter_rows
 from mmserve.engine.request import Request
 from mmserve.engine.scheduler import PrefillChunk
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
@@ -23,16 +23,9 @@ from mmserve.sampling_params import SamplingParams
 from mmserve.sampler import init_penalty_state, load_slot, pack_sampling_batch, padded_token_ids, sample
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.kv_cache import KVCache
-from models.qwen3_vl_moe.vision_inputs import vision_inputs
 
-MIN_PATCH_BUCKET = 64
 MIN_TOKEN_BUCKET = 16
 _PADDING_PARAMS = SamplingParams(temperature=0.0)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids):
-    return stages.encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
@@ -66,19 +59,14 @@ class ModelRunner:
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
 
-    def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
-        """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
-        placement of them is host work (see models.qwen3_vl_moe.multimodal)."""
-        tables = vision_inputs(visual.grid_thw, self.model.config.vision)
-        n = tables.num_patches
-        size = bucket(n, MIN_PATCH_BUCKET)
-        patches = np.zeros((size, visual.pixel_values.shape[1]), np.float32)
-        patches[:n] = visual.pixel_values
-        padded = tables.padded(size)
-        embeds, deepstack = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype),
-                                    padded.interp_idx, padded.interp_weight, padded.rope_pos, padded.segment_ids)
-        merged = n // self.model.config.vision.merge_unit
-        return np.asarray(embeds)[:merged], np.asarray(deepstack)[:, :merged]
+    def read_kv(self, page_table: list[int], num_tokens: int):
+        """(k, v) rows [bucket(num_tokens), layers, kv, d] of a sequence, on device."""
+        rows = bucket(num_tokens, MIN_TOKEN_BUCKET)
+        return gather_rows(self.cache, self._page_tables([page_table], 1)[0], rows)
+
+    def write_kv(self, page_table: list[int], k_rows, v_rows, num_tokens: int) -> None:
+        self.cache = scatter_rows(self.cache, self._page_tables([page_table], 1)[0], k_rows, v_rows,
+                                  np.int32(num_tokens))
 
     def load_slot(self, request: Request) -> None:
         """Points the request's penalty slot at its prompt and output so far."""

@@ -66,6 +66,16 @@ class Scheduler:
         chunks = self._schedule_prefill()
         return Step(prefill=chunks) if chunks else None
 
+    def can_reserve(self, num_tokens: int) -> bool:
+        return bool(self._free_slots) and self.kv.can_allocate(num_tokens)
+
+    def add_running(self, request: Request, reserved_tokens: int) -> None:
+        """Admits a request whose prompt KV was computed elsewhere, with all its pages up front."""
+        self.kv.allocate(request.request_id, reserved_tokens)
+        request.slot = self._free_slots.pop()
+        request.status = Status.RUNNING
+        self.running.append(request)
+
     def finish(self, request: Request) -> None:
         """Frees what a finished or aborted request holds, wherever it is."""
         if request in self.running:

@@ -1,0 +1,58 @@
+"""The vision stage: images and videos to embeddings and deepstack rows, jitted per patch bucket,
+with the embedding cache in front so that the same pixels are encoded once."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmserve.engine.buckets import bucket
+from mmserve.engine.embedding_cache import EmbeddingCache, pixel_key
+from mmserve.engine.inputs import Visual
+from models.qwen3_vl_moe import Model, stages
+from models.qwen3_vl_moe.vision_inputs import vision_inputs
+
+MIN_PATCH_BUCKET = 64
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids):
+    return stages.encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids)
+
+
+class Encoder:
+    def __init__(self, model: Model, cache_size: int):
+        self.model = model
+        self.cache = EmbeddingCache(cache_size)
+
+    def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
+        """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
+        placement of them is host work (see models.qwen3_vl_moe.multimodal)."""
+        key = pixel_key(visual.pixel_values, visual.grid_thw)
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = self._run(visual)
+            self.cache.put(key, cached)
+        return cached
+
+    def encode_all(self, visuals: list[Visual]) -> tuple[np.ndarray, np.ndarray] | None:
+        """All images (or all videos) of a prompt, concatenated in prompt order."""
+        if not visuals:
+            return None
+        features = [self.encode(v) for v in visuals]
+        return np.concatenate([f[0] for f in features]), np.concatenate([f[1] for f in features], axis=1)
+
+    def _run(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
+        tables = vision_inputs(visual.grid_thw, self.model.config.vision)
+        n = tables.num_patches
+        size = bucket(n, MIN_PATCH_BUCKET)
+        patches = np.zeros((size, visual.pixel_values.shape[1]), np.float32)
+        patches[:n] = visual.pixel_values
+        padded = tables.padded(size)
+        embeds, deepstack = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype),
+                                    padded.interp_idx, padded.interp_weight, padded.rope_pos, padded.segment_ids)
+        merged = n // self.model.config.vision.merge_unit
+        return np.asarray(embeds)[:merged], np.asarray(deepstack)[:, :merged]
