@@ -1,0 +1,132 @@
+"""The Kubernetes manifests agree with each other, with serve.py's flags and with the slices they ask for."""
+
+import math
+import re
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from mmserve.distributed import MeshShape
+from mmserve.distributed.multihost import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
+K8S = ROOT / "deploy" / "k8s"
+ROLES = ("encode", "prefill", "decode")
+WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+
+
+def _documents(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _by_kind(path):
+    return {d["kind"]: d for d in _documents(path)}
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), args
+    return dict(zip(args[::2], args[1::2]))
+
+
+def _ports(container) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def _documented_flags() -> set[str]:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    table = text.split("## The flags the manifests use")[1].split("\n\n")[2]
+    return set(re.findall(r"^\| `(--[a-z-]+)`", table, re.M))
+
+
+@pytest.fixture(scope="module")
+def router():
+    docs = _by_kind(K8S / "router.yaml")
+    return docs["Deployment"], docs["Service"]
+
+
+def _role(role):
+    docs = _by_kind(K8S / f"{role}.yaml")
+    lws, service = docs["LeaderWorkerSet"], docs["Service"]
+    pod = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]
+    return lws, service, pod, pod["spec"]["containers"][0]
+
+
+def test_kustomization_lists_every_manifest():
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_router_service_selects_router_pods(router):
+    deployment, service = router
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    flags = _flags(container["args"])
+    assert flags["--role"] == "router"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["port"] == _ports(container)["http"] == int(flags["--port"])
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_flags_ports_and_router_url_agree(role, router):
+    lws, service, pod, container = _role(role)
+    flags = _flags(container["args"])
+    assert set(flags) <= _documented_flags()
+    assert lws["metadata"]["name"] == service["metadata"]["name"] == f"mmserve-{role}"
+    assert flags["--role"] == role
+    ports = _ports(container)
+    assert ports["http"] == int(flags["--port"])
+    assert ports["bootstrap"] == int(flags["--bootstrap-port"])
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": ports["http"], "bootstrap": ports["bootstrap"]}
+    router_service = router[1]
+    assert flags["--router-url"] == f"http://{router_service['metadata']['name']}:{router_service['spec']['ports'][0]['port']}"
+    assert flags["--model"] == _flags(router[0]["spec"]["template"]["spec"]["containers"][0]["args"])["--model"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_service_selects_only_the_leader(role):
+    _, service, pod, _ = _role(role)
+    selector = dict(service["spec"]["selector"])
+    assert selector.pop(WORKER_INDEX) == "0"
+    assert selector.items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_mesh_hosts_and_chips_match_the_slice(role):
+    lws, _, pod, container = _role(role)
+    hosts = lws["spec"]["leaderWorkerTemplate"]["size"]
+    chips = int(container["resources"]["limits"]["google.com/tpu"])
+    assert container["resources"]["requests"]["google.com/tpu"] == container["resources"]["limits"]["google.com/tpu"]
+    topology = pod["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
+    assert math.prod(int(n) for n in topology.split("x")) == hosts * chips
+    assert MeshShape.parse(_flags(container["args"])["--mesh"]).num_devices == hosts * chips
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_cluster_env_points_at_the_group_leader(role):
+    lws, _, _, container = _role(role)
+    env = {e["name"]: e for e in container["env"]}
+    assert set(env) == {ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID}
+    assert env[ENV_COORDINATOR]["value"] == f"$(LWS_LEADER_ADDRESS):{_ports(container)['coordinator']}"
+    assert env[ENV_NUM_PROCESSES]["value"] == str(lws["spec"]["leaderWorkerTemplate"]["size"])
+    assert env[ENV_PROCESS_ID]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.labels['{WORKER_INDEX}']"
+
+
+def test_v6e_overlay_replaces_the_accelerator_of_every_role():
+    overlay = yaml.safe_load((K8S / "v6e" / "kustomization.yaml").read_text())
+    (patch,) = overlay["patches"]
+    assert patch["target"]["kind"] == "LeaderWorkerSet"
+    (op,) = yaml.safe_load(patch["patch"])
+    key = op["path"].rsplit("/", 1)[1].replace("~1", "/")
+    assert op["value"] == "tpu-v6e-slice"
+    for role in ROLES:
+        assert key in _role(role)[2]["spec"]["nodeSelector"]
+
+
+def test_dockerfile_exposes_every_container_port(router):
+    exposed = {int(p) for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+               if line.startswith("EXPOSE") for p in line.split()[1:]}
+    ports = set(_ports(router[0]["spec"]["template"]["spec"]["containers"][0]).values())
+    for role in ROLES:
+        ports |= set(_ports(_role(role)[3]).values())
+    assert ports <= exposed
