@@ -15,8 +15,8 @@ import numpy as np
 
 import jax.numpy as jnp
 
-DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-          "float16", "bfloat16", "float32", "float64")
+DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "float16", "bfloat16", "float32")
+"""32 bits at most: jax silently narrows 64-bit arrays unless x64 is enabled."""
 MAX_FIELDS = 32
 MAX_RANK = 6
 

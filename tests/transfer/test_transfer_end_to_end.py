@@ -14,7 +14,7 @@ import pytest
 
 from conftest import drive, run_for
 from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode
-from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, digests, payload
+from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, digests, padded_payload, payload
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -61,10 +61,11 @@ def test_many_rooms_from_one_sender_reach_two_receivers(config, bootstrap, spawn
     config = dataclasses.replace(config, buffer_blocks=256)
     receivers = [spawn("receiver", config), spawn("receiver", config)]
     sender = Sender(config, EMBEDDING_FIELDS, "encode-0", bootstrap.address)
-    lengths = {10 + i: n for i, n in enumerate((3, 16, 17, 40, 64, 5, 33, 100))}
+    lengths = {10 + i: n for i, n in enumerate((3, 4, 16, 13, 40, 37, 64, 61))}
     for room, tokens in lengths.items():
         allocation = sender.allocator.alloc(tokens)
-        sender.buffers.write(allocation, 0, payload(EMBEDDING_FIELDS, room, tokens))
+        sender.buffers.write(allocation, 0, padded_payload(EMBEDDING_FIELDS, room, tokens, config.block_size),
+                             num_tokens=tokens)
         sender.send(room, allocation, TransferInfo(TransferMode.EMBEDDING, tokens))
     for room in lengths:
         receivers[room % 2].command(op="add", room=room, bootstrap=bootstrap.address, sender="encode-0")

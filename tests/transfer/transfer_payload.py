@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-from transfer import field
+from transfer import bucket_tokens, field
 
 HIDDEN = 16
 LEVELS = 3
@@ -41,6 +41,14 @@ def payload(fields, room: int, num_tokens: int) -> dict[str, np.ndarray]:
         else:
             out[f.name] = rng.standard_normal(shape).astype(f.np_dtype)
     return out
+
+
+def padded_payload(fields, room: int, num_tokens: int, block_size: int) -> dict[str, np.ndarray]:
+    """The payload with zero rows up to its bucket, as an engine hands over bucketed outputs:
+    writes then compile once per bucket instead of once per length."""
+    rows = bucket_tokens(num_tokens, block_size)
+    return {name: np.concatenate([a, np.zeros((rows - num_tokens, *a.shape[1:]), a.dtype)])
+            for name, a in payload(fields, room, num_tokens).items()}
 
 
 def digests(arrays: dict[str, np.ndarray], num_tokens: int) -> dict[str, str]:

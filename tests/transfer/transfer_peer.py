@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 
 from transfer import PollState, Receiver, Sender, TransferConfig, TransferInfo, TransferMode
-from transfer_payload import FIELD_SETS, digests, payload
+from transfer_payload import FIELD_SETS, digests, padded_payload, payload
 
 
 def emit(**event) -> None:
@@ -81,7 +81,8 @@ class Peer:
 
     def send(self, room: int, tokens: int, mode: TransferMode, first_token: int | None) -> None:
         allocation = self.party.allocator.alloc(tokens)
-        self.party.buffers.write(allocation, 0, payload(self.fields, room, tokens))
+        self.party.buffers.write(allocation, 0, padded_payload(self.fields, room, tokens, allocation.block_size),
+                                 num_tokens=tokens)
         info = TransferInfo(mode, tokens, {"rope_delta": -room}, first_token)
         self.party.send(room, allocation, info)
 

@@ -1,0 +1,71 @@
+"""The bootstrap registry: publish, look up, leases expire, the secret is enforced."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from conftest import drive
+from transfer import BootstrapServer
+from transfer.bootstrap import RegistryClient
+from transfer.messages import Found, NotFound, SenderEndpoint
+
+pytestmark = pytest.mark.timeout(30)
+
+ENDPOINT = SenderEndpoint("encode-0", "tcp://127.0.0.1:5000", "jax", "127.0.0.1:5001")
+
+
+@pytest.fixture
+def registry_config(config):
+    return dataclasses.replace(config, secret="s3cret", heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5)
+
+
+@pytest.fixture
+def server(registry_config):
+    server = BootstrapServer(registry_config).start()
+    yield server
+    server.close()
+
+
+def answer(client: RegistryClient, name: str):
+    client.lookup(name)
+    answers = []
+    drive([], lambda: answers.extend(client.replies()) or bool(answers) or client.error is not None)
+    return answers[0] if answers else None
+
+
+def test_published_sender_is_found_and_unknown_names_are_not(server, registry_config):
+    publisher, looker = RegistryClient(server.address, registry_config), RegistryClient(server.address, registry_config)
+    publisher.publish(ENDPOINT, time.monotonic())
+    drive([], lambda: "encode-0" in server.endpoints())
+    assert answer(looker, "encode-0") == Found(ENDPOINT)
+    assert answer(looker, "decode-9") == NotFound("decode-9")
+    publisher.withdraw("encode-0")
+    drive([], lambda: "encode-0" not in server.endpoints())
+    publisher.close()
+    looker.close()
+
+
+def test_lease_expires_unless_renewed(server, registry_config):
+    publisher = RegistryClient(server.address, registry_config)
+    publisher.publish(ENDPOINT, time.monotonic())
+    drive([], lambda: "encode-0" in server.endpoints())
+    renew_until = time.monotonic() + 1.0
+    while time.monotonic() < renew_until:
+        publisher.publish(ENDPOINT, time.monotonic())
+        publisher.replies()
+        time.sleep(0.02)
+    assert "encode-0" in server.endpoints(), "renewed lease outlives the heartbeat timeout"
+    drive([], lambda: "encode-0" not in server.endpoints(), timeout=5)
+    publisher.close()
+
+
+def test_wrong_secret_is_refused_and_registers_nothing(server, registry_config):
+    intruder = RegistryClient(server.address, dataclasses.replace(registry_config, secret="guess"))
+    intruder.publish(ENDPOINT, time.monotonic())
+    drive([], lambda: bool(intruder.replies()) or intruder.error is not None)
+    assert "unauthenticated" in intruder.error
+    assert server.endpoints() == {}
+    intruder.close()
