@@ -54,7 +54,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_fits(len(prepared.token_ids), params)
+        self.check_fits(len(prepared.token_ids), params)
         ids = prepared.token_ids
         features = features if features is not None else {
             "image": self.encoder.encode_all(prepared.images), "video": self.encoder.encode_all(prepared.videos)}
@@ -92,21 +92,25 @@ class LLMEngine:
                 del self._requests[request.request_id]
         return outputs
 
-    def can_reserve(self, num_tokens: int) -> bool:
-        return self.scheduler.can_reserve(num_tokens)
+    def reserve(self, request_id: str, num_tokens: int) -> int | None:
+        """Reserves pages (and a sampling slot) for a request that another process will prefill:
+        all it may ever need, so it is never preempted (decode could not recompute it)."""
+        return self.scheduler.reserve(request_id, num_tokens)
 
-    def admit_prefilled(self, request: Request, reserved_tokens: int, k_rows, v_rows) -> RequestOutput | None:
-        """Takes a request prefilled elsewhere: its KV rows go into pages reserved for
-        ``reserved_tokens`` (prompt plus every token it may generate, so it is never preempted:
-        decode could not recompute it), and its first token is checked like any other."""
+    def cancel_reservation(self, request_id: str, slot: int) -> None:
+        self.scheduler.cancel_reservation(request_id, slot)
+
+    def admit_prefilled(self, request: Request, slot: int, k_rows, v_rows, first: tuple) -> RequestOutput:
+        """Takes a request prefilled elsewhere (``num_computed`` = its prompt, no output yet) into
+        its reservation: its KV rows go into its pages, and the first token prefill sampled,
+        ``first`` = (token, logprob, top ids, top logprobs), is appended and checked like any other."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        first = request.output_ids.pop()
-        self.scheduler.add_running(request, reserved_tokens)
+        self.scheduler.add_reserved(request, slot)
         self._requests[request.request_id] = request
         self.runner.write_kv(self.kv.page_table(request.request_id), k_rows, v_rows, request.num_computed)
+        self._append(request, first)
         self.runner.load_slot(request)
-        self._append(request, (first, None, None, None))
         output = RequestOutput.of(request)
         if request.finish is not None:
             self.scheduler.finish(request)
@@ -161,7 +165,7 @@ class LLMEngine:
         if request.finish is None and request.num_tokens >= self.config.max_model_len:
             request.finish = Finish(FinishReason.LENGTH, text, None)
 
-    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         if prompt_len >= self.config.max_model_len:
             raise ValueError(
                 f"the prompt has {prompt_len} tokens; the context holds {self.config.max_model_len} "

@@ -66,13 +66,21 @@ class Scheduler:
         chunks = self._schedule_prefill()
         return Step(prefill=chunks) if chunks else None
 
-    def can_reserve(self, num_tokens: int) -> bool:
-        return bool(self._free_slots) and self.kv.can_allocate(num_tokens)
+    def reserve(self, request_id: str, num_tokens: int) -> int | None:
+        """Pages for ``num_tokens`` and a slot for a request whose prompt is prefilled elsewhere;
+        returns the slot, or None (nothing taken) when either is short."""
+        if not self._free_slots or not self.kv.can_allocate(num_tokens):
+            return None
+        self.kv.allocate(request_id, num_tokens)
+        return self._free_slots.pop()
 
-    def add_running(self, request: Request, reserved_tokens: int) -> None:
-        """Admits a request whose prompt KV was computed elsewhere, with all its pages up front."""
-        self.kv.allocate(request.request_id, reserved_tokens)
-        request.slot = self._free_slots.pop()
+    def cancel_reservation(self, request_id: str, slot: int) -> None:
+        self.kv.free(request_id)
+        self._free_slots.append(slot)
+
+    def add_reserved(self, request: Request, slot: int) -> None:
+        """Admits a request into the pages and slot reserved for it."""
+        request.slot = slot
         request.status = Status.RUNNING
         self.running.append(request)
 

@@ -73,7 +73,7 @@ class Model:
             jnp.asarray(positions)[None],
             cache,
             None if placed is None else placed.embeds[None],
-            None if placed is None else jnp.asarray(placed.mask)[None],
+            None if placed is None else placed.mask[None],
             None if placed is None else placed.deepstack[:, None],
         )[0]
 
@@ -103,9 +103,19 @@ def _jit_forward(module, params, input_ids, positions, cache, mm_embeds, mm_mask
 
 
 def init_params(config: ModelConfig, dtype=jnp.float32, seed: int = TINY_SEED) -> dict:
-    """Random parameters from a fixed seed (the tiny preset and tests)."""
-    module = Qwen3VLMoe(config, dtype)
-    return _abstract_or_init(module, jax.random.PRNGKey(seed))
+    """Random parameters from a fixed seed (the tiny preset and tests): N(0, 0.02) weights, unit
+    norms, zero biases. Drawn with NumPy from the abstract tree, so nothing is traced or compiled."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "weight"):
+            return jnp.ones(leaf.shape, dtype)
+        if name == "bias":
+            return jnp.zeros(leaf.shape, dtype)
+        return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * 0.02, dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(config, dtype))
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32):
@@ -140,12 +150,17 @@ def _into_shards(value, sharding) -> jax.Array:
 
 
 def load_model(
-    path: str | Path = "tiny", dtype: str | jnp.dtype = "float32", shardings: ParamShardings | None = None
+    path: str | Path = "tiny", dtype: str | jnp.dtype = "float32", shardings: ParamShardings | None = None,
+    weights: bool = True,
 ) -> Model:
-    """With ``shardings`` a checkpoint's parameters are read straight into their shards."""
+    """With ``shardings`` a checkpoint's parameters are read straight into their shards. Without
+    ``weights`` only config, tokenizer and processor are read (``params`` is None): what a router
+    needs to prepare requests."""
     dtype = jnp.dtype(dtype)
     if str(path) == "tiny":
         config = tiny_config()
+        if not weights:
+            return Model(config, None, build_tiny_tokenizer(), tiny_processor(), dtype)
         params = init_params(config, dtype)
         if shardings is not None:
             params = jax.tree.map(_into_shards, params, shardings(config, params))
@@ -154,6 +169,8 @@ def load_model(
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected 'tiny', a Hugging Face or an orbax directory)")
     config = ModelConfig.from_file(path / "config.json")
+    if not weights:
+        return Model(config, None, Tokenizer.from_dir(path), Processor.from_dir(path), dtype)
     abstract = abstract_params(config, dtype)
     placement = None if shardings is None else shardings(config, abstract)
     if (path / ORBAX_PARAMS).exists():
