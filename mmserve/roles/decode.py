@@ -1,0 +1,169 @@
+"""The decode role: reserves KV pages for a request, registers them with the prefill the router
+named, receives KV + first token, and decodes it in the continuous batch, streaming tokens back.
+
+Pages are reserved for the prompt and every token the request may generate, so a request here is
+never preempted: decode has no prompt embeddings to recompute it from.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+
+import numpy as np
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.request import Request
+from mmserve.roles.fields import kv_fields
+from mmserve.roles.wire import event_from_output, sampling_from_pb
+from mmserve.roles.worker import RoleLoop, WorkerService
+from mmserve.rpc import worker_pb2 as pb
+from mmserve.sampling_params import SamplingParams
+from mmserve.stop import streamable_text
+from models.qwen3_vl_moe import Model
+from transfer.config import TransferConfig
+from transfer.messages import TransferMode
+from transfer.poll import PollState
+from transfer.receiver import Receiver
+
+PROGRESS_S = 0.002
+NO_EMBEDDINGS = np.zeros((3, 0), np.int32)
+
+
+@dataclasses.dataclass
+class Incoming:
+    request_id: str
+    room: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefill_name: str
+    stream: queue.Queue
+    slot: int | None = None
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+class DecodeRole:
+    role = "decode"
+
+    def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str):
+        self.name = name
+        self.bootstrap = bootstrap
+        self.engine = LLMEngine(model, engine)
+        self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
+        self._prealloc: collections.deque[Incoming] = collections.deque()
+        self._transfers: dict[int, Incoming] = {}
+        self._streams: dict[str, tuple[queue.Queue, SamplingParams, int]] = {}
+
+    def decode(self, request: pb.DecodeRequest, stream: queue.Queue) -> None:
+        params = sampling_from_pb(request.sampling)
+        max_len = self.engine.config.max_model_len
+        if len(request.token_ids) >= max_len:
+            raise ValueError(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
+        params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
+        self._prealloc.append(Incoming(request.request_id, request.room, list(request.token_ids), params,
+                                       request.prefill_name, stream))
+
+    def step(self) -> None:
+        while self._prealloc:
+            incoming = self._prealloc[0]
+            incoming.slot = self.engine.reserve(incoming.request_id, incoming.reserved_tokens)
+            if incoming.slot is None:
+                break
+            self._prealloc.popleft()
+            self.receiver.add(incoming.room, self.bootstrap, incoming.prefill_name, TransferMode.KV)
+            self._transfers[incoming.room] = incoming
+        self.receiver.progress(PROGRESS_S if not self.engine.has_unfinished() else 0)
+        for room, incoming in list(self._transfers.items()):
+            state = self.receiver.poll(room)
+            if state is PollState.SUCCESS:
+                del self._transfers[room]
+                self._admit(incoming, self.receiver.take(room))
+            elif state is PollState.FAILED:
+                del self._transfers[room]
+                self.engine.cancel_reservation(incoming.request_id, incoming.slot)
+                incoming.stream.put(pb.TokenEvent(request_id=incoming.request_id,
+                                                  error=f"KV transfer failed: {self.receiver.failure(room)}"))
+                self.receiver.forget(room)
+        if self.engine.has_unfinished():
+            for output in self.engine.step():
+                self._emit(output)
+
+    def abort(self, request_id: str) -> None:
+        for incoming in list(self._prealloc):
+            if incoming.request_id == request_id:
+                self._prealloc.remove(incoming)
+                incoming.stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
+        for room, incoming in list(self._transfers.items()):
+            if incoming.request_id == request_id:
+                del self._transfers[room]
+                self.receiver.abort(room, "aborted by the router")
+                self.receiver.forget(room)
+                self.engine.cancel_reservation(request_id, incoming.slot)
+                incoming.stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
+        if request_id in self._streams:
+            stream = self._streams.pop(request_id)[0]
+            self.engine.abort(request_id)
+            stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
+
+    def in_flight(self) -> int:
+        return len(self._prealloc) + len(self._transfers) + len(self._streams)
+
+    def health(self) -> dict:
+        return self.engine.stats() | {"free_kv_blocks": self.receiver.allocator.available_blocks(),
+                                      "prealloc_queue": len(self._prealloc), "transfers": len(self._transfers)}
+
+    def close(self) -> None:
+        self.receiver.close()
+
+    def _admit(self, incoming: Incoming, received) -> None:
+        info = received.info
+        aux = info.aux
+        request = Request(incoming.request_id, incoming.prompt_ids, incoming.params, NO_EMBEDDINGS,
+                          int(aux["rope_delta"]), None, num_computed=len(incoming.prompt_ids))
+        first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
+        self._streams[incoming.request_id] = (incoming.stream, incoming.params, 0)
+        self._emit(self.engine.admit_prefilled(request, incoming.slot, received.arrays["k"], received.arrays["v"],
+                                               first))
+
+    def _emit(self, output: RequestOutput) -> None:
+        stream, params, sent = self._streams[output.request_id]
+        event = event_from_output(output, sent)
+        if not output.finished:
+            event.text = streamable_text(params, event.text)
+            self._streams[output.request_id] = (stream, params, len(output.outputs[0].token_ids))
+        else:
+            del self._streams[output.request_id]
+        stream.put(event)
+
+
+class DecodeService(WorkerService):
+    def Decode(self, request, context):
+        stream: queue.Queue = queue.Queue()
+        try:
+            self.loop.call(self.loop.role.decode, request, stream)
+        except ValueError as error:
+            yield pb.TokenEvent(request_id=request.request_id, error=str(error))
+            return
+        context.add_callback(lambda: self._client_gone(request.request_id, stream))
+        while True:
+            event = stream.get()
+            if event is None:
+                return
+            yield event
+            if event.finish_reason or event.error:
+                return
+
+    def _client_gone(self, request_id: str, stream: queue.Queue) -> None:
+        """The router hung up (or the call ended): free whatever the request still holds."""
+        self.loop.call(self.loop.role.abort, request_id)
+        stream.put(None)
+
+
+def decode_service(role: DecodeRole) -> DecodeService:
+    return DecodeService(RoleLoop(role).start())

@@ -1,0 +1,149 @@
+"""Starting the disaggregated roles from ``serve.py``'s arguments.
+
+The router hosts two small registries besides the HTTP API: the transfer bootstrap registry (ZMQ,
+``--bootstrap-port``) where senders publish their endpoints, and the worker registry (gRPC,
+``--registry-port``) where workers announce themselves. A worker is pointed at both with
+``--router-url HOST:REGISTRY_PORT`` and ``--bootstrap tcp://HOST:BOOTSTRAP_PORT``. ``all`` starts
+the router and one worker of each role as child processes on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from mmserve.engine.config import EngineConfig
+from transfer.config import TransferConfig
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("disaggregation")
+    group.add_argument("--router-url", default=None,
+                       help="a worker registers at the router's worker registry, HOST:PORT (its --registry-port)")
+    group.add_argument("--bootstrap", default=None,
+                       help="a worker's transfer bootstrap registry, tcp://HOST:PORT (the router's --bootstrap-port)")
+    group.add_argument("--registry-port", type=int, default=50051,
+                       help="router: gRPC port where workers register")
+    group.add_argument("--bootstrap-port", type=int, default=5557,
+                       help="router: ZMQ port of the transfer bootstrap registry")
+    group.add_argument("--worker-port", type=int, default=0,
+                       help="worker: gRPC port of its Worker service (0 picks a free one)")
+    group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-PID)")
+    TransferConfig.add_arguments(parser)
+
+
+def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
+    from mmserve.roles.worker import serve_worker
+    from models.qwen3_vl_moe import load_model
+
+    if not args.bootstrap or not args.router_url:
+        print("serve.py: a worker needs --bootstrap and --router-url", file=sys.stderr)
+        return 2
+    transfer = TransferConfig.from_args(args)
+    name = args.name or f"{args.role}-{os.getpid()}"
+    model = load_model(args.model, dtype=args.dtype)
+    if args.role == "encode":
+        from mmserve.roles.encode import EncodeRole, encode_service
+
+        service = encode_service(EncodeRole(model, transfer, name, args.bootstrap, engine.embedding_cache_size))
+    elif args.role == "prefill":
+        from mmserve.roles.prefill import PrefillRole, prefill_service
+
+        service = prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap))
+    else:
+        from mmserve.roles.decode import DecodeRole, decode_service
+
+        service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap))
+    serve_worker(service, args.host, args.worker_port, _strip_scheme(args.router_url))
+    return 0
+
+
+def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
+    import uvicorn
+
+    from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool, serve_registry
+    from mmserve.serving.router import build_app
+    from models.qwen3_vl_moe import load_model
+    from transfer.bootstrap import BootstrapServer
+
+    transfer = TransferConfig.from_args(args)
+    bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
+    frontend = load_model(args.model, dtype=args.dtype, weights=False)
+    pool = WorkerPool()
+    app = build_app(DisaggregatedBackend(pool), frontend, settings)
+
+    async def main() -> None:
+        registry = await serve_registry(pool, args.host, args.registry_port)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=5))
+        try:
+            await server.serve()
+        finally:
+            await registry.stop(grace=1)
+
+    try:
+        asyncio.run(main())
+    finally:
+        bootstrap.close()
+    return 0
+
+
+def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
+    """The router and one worker per role, as child processes on loopback; stops them all on exit."""
+    registry_port, bootstrap_port = _free_port(), _free_port()
+    base = [sys.executable, os.path.abspath(sys.argv[0]), *_without_role(argv)]
+    router = base + ["--role", "router", "--registry-port", str(registry_port), "--bootstrap-port",
+                     str(bootstrap_port)]
+    worker = base + ["--router-url", f"127.0.0.1:{registry_port}", "--bootstrap",
+                     f"tcp://127.0.0.1:{bootstrap_port}"]
+    children = [subprocess.Popen(router)]
+    children += [subprocess.Popen(worker + ["--role", role, "--name", role]) for role in ("encode", "prefill", "decode")]
+
+    def stop(*_):
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        return next(child.returncode for child in children if child.poll() is not None) or 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without_role(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--role":
+            skip = True
+        elif not arg.startswith("--role="):
+            out.append(arg)
+    return out
+
+
+def _strip_scheme(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")

@@ -1,0 +1,187 @@
+"""The prefill role: receives a prompt's visual embeddings from encode (text-only prompts need
+none), prefills it, samples the first token, and sends KV + first token to the decode the router
+named. One loop drives both directions: the embedding receiver and the KV sender."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.inputs import PreparedPrompt
+from mmserve.engine.request import Request
+from mmserve.roles.fields import embedding_fields, kv_fields
+from mmserve.roles.wire import sampling_from_pb, visual_from_pb
+from mmserve.roles.worker import RoleLoop, WorkerService
+from mmserve.rpc import worker_pb2 as pb
+from mmserve.sampling_params import SamplingParams
+from models.qwen3_vl_moe import Model
+from transfer.config import TransferConfig
+from transfer.messages import TransferInfo, TransferMode
+from transfer.poll import PollState
+from transfer.receiver import Receiver
+from transfer.sender import Sender
+
+PROGRESS_S = 0.002
+
+
+@dataclasses.dataclass
+class Pending:
+    """A prompt waiting for its embeddings."""
+
+    request_id: str
+    prompt: PreparedPrompt
+    params: SamplingParams
+
+
+@dataclasses.dataclass
+class Outgoing:
+    """A prefilled prompt's KV rows waiting for sender blocks."""
+
+    room: int
+    k: object
+    v: object
+    num_tokens: int
+    first_token: int
+    aux: dict
+
+
+class PrefillRole:
+    role = "prefill"
+
+    def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str):
+        self.name = name
+        self.model = model
+        self.bootstrap = bootstrap
+        self.engine = LLMEngine(model, engine, on_finish=self._ship)
+        self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype))
+        self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap)
+        self._pending: dict[int, Pending] = {}
+        self._room_of: dict[str, int] = {}
+        self._outgoing: collections.deque[Outgoing] = collections.deque()
+
+    def prefill(self, request: pb.PrefillRequest) -> None:
+        params = sampling_from_pb(request.sampling)
+        prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v) for v in request.images],
+                                [visual_from_pb(v) for v in request.videos])
+        if bool(request.encode_name) != bool(prompt.images or prompt.videos):
+            raise ValueError("a prompt with images or videos needs an encode worker, and only such a prompt")
+        self.engine.check_fits(len(prompt.token_ids), params)
+        self.sender.add(request.room)
+        self._room_of[request.request_id] = request.room
+        pending = Pending(request.request_id, prompt, params)
+        if request.encode_name:
+            self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING)
+            self._pending[request.room] = pending
+        else:
+            self._start(pending, {})
+
+    def step(self) -> None:
+        self.receiver.progress(PROGRESS_S)
+        for room, pending in list(self._pending.items()):
+            state = self.receiver.poll(room)
+            if state is PollState.SUCCESS:
+                del self._pending[room]
+                self._start(pending, self._features(pending, self.receiver.take(room)))
+            elif state is PollState.FAILED:
+                del self._pending[room]
+                self._fail(room, f"embeddings did not arrive: {self.receiver.failure(room)}")
+                self.receiver.forget(room)
+        if self.engine.has_unfinished():
+            self.engine.step()
+        self._ship_outgoing()
+        self.sender.progress(PROGRESS_S)
+        for request_id, room in list(self._room_of.items()):
+            if room not in self._pending and self.sender.poll(room).terminal:
+                self.sender.forget(room)
+                del self._room_of[request_id]
+
+    def abort(self, request_id: str) -> None:
+        room = self._room_of.get(request_id)
+        if room is None:
+            return
+        if room in self._pending:
+            del self._pending[room]
+            self.receiver.abort(room, "aborted by the router")
+            self.receiver.forget(room)
+        self.engine.abort(request_id)
+        self._outgoing = collections.deque(o for o in self._outgoing if o.room != room)
+        self._fail(room, "aborted by the router")
+
+    def in_flight(self) -> int:
+        return len(self._room_of)
+
+    def health(self) -> dict:
+        return self.engine.stats() | {
+            "free_embedding_blocks": self.receiver.allocator.available_blocks(),
+            "free_kv_blocks": self.sender.allocator.available_blocks(),
+            "waiting_for_embeddings": len(self._pending), "in_flight": len(self._room_of)}
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.sender.close()
+
+    def _start(self, pending: Pending, features: dict) -> None:
+        """Prefill samples exactly the first token; decode continues from it."""
+        first_only = dataclasses.replace(pending.params, max_tokens=1)
+        try:
+            self.engine.add_request(pending.prompt, first_only, pending.request_id, features=features)
+        except ValueError as error:
+            self._fail(self._room_of[pending.request_id], str(error))
+
+    def _features(self, pending: Pending, received) -> dict:
+        """Splits the received visual rows back into image and video (embeddings, deepstack)."""
+        n = received.num_tokens
+        embeds = np.asarray(received.arrays["embeddings"])[:n]
+        levels = len(self.model.config.vision.deepstack_visual_indexes)
+        deepstack = np.swapaxes(np.asarray(received.arrays["deepstack"])[:n].reshape(n, levels, -1), 0, 1)
+        split = int(received.info.aux["image_tokens"])
+        out = {}
+        if pending.prompt.images:
+            out["image"] = (embeds[:split], deepstack[:, :split])
+        if pending.prompt.videos:
+            out["video"] = (embeds[split:], deepstack[:, split:])
+        return out
+
+    def _ship(self, request: Request, page_table: list[int]) -> None:
+        """Called as the request finishes, before its pages are freed: copy its KV out."""
+        room = self._room_of[request.request_id]
+        n = request.num_computed
+        k, v = self.engine.runner.read_kv(page_table, n)
+        aux = {"rope_delta": request.rope_delta}
+        if request.logprobs:
+            first = request.logprobs[0]
+            aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
+        self._outgoing.append(Outgoing(room, k, v, n, request.output_ids[0], aux))
+
+    def _ship_outgoing(self) -> None:
+        while self._outgoing:
+            out = self._outgoing[0]
+            allocation = self.sender.allocator.alloc(out.num_tokens)
+            if allocation is None:
+                break
+            self._outgoing.popleft()
+            self.sender.buffers.write(allocation, 0, {"k": out.k, "v": out.v}, num_tokens=out.num_tokens)
+            self.sender.send(out.room, allocation,
+                             TransferInfo(TransferMode.KV, out.num_tokens, aux=out.aux, first_token=out.first_token))
+
+    def _fail(self, room: int, reason: str) -> None:
+        """Tells decode (through the KV room) that this request will not come."""
+        if not self.sender.poll(room).terminal:
+            self.sender.abort(room, reason[:500])
+
+
+class PrefillService(WorkerService):
+    def Prefill(self, request, context):
+        try:
+            self.loop.call(self.loop.role.prefill, request)
+        except ValueError as error:
+            return pb.Ack(ok=False, error=str(error))
+        return pb.Ack(ok=True)
+
+
+def prefill_service(role: PrefillRole) -> PrefillService:
+    return PrefillService(RoleLoop(role).start())

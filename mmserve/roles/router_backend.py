@@ -1,0 +1,170 @@
+"""The router's backend over disaggregated workers: picks an encode/prefill/decode triple per
+request (least loaded), gives all three one room id, and relays decode's token stream.
+
+Workers register through the Registry service and repeat it as a heartbeat; a worker not heard
+from for ``WORKER_TIMEOUT_S`` is dropped from the pool until it registers again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from mmserve.roles.wire import sampling_to_pb, visual_to_pb
+from mmserve.roles.worker import MAX_MESSAGE_BYTES
+from mmserve.rpc import worker_pb2 as pb
+from mmserve.rpc import worker_pb2_grpc as pb_grpc
+from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+
+log = logging.getLogger(__name__)
+WORKER_TIMEOUT_S = 5.0
+ROLES = ("encode", "prefill", "decode")
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    role: str
+    name: str
+    address: str
+    stub: pb_grpc.WorkerStub
+    channel: grpc.aio.Channel
+    last_seen: float
+    in_flight: int = 0
+
+
+class WorkerPool(pb_grpc.RegistryServicer):
+    def __init__(self):
+        self.workers: dict[str, WorkerHandle] = {}
+
+    async def Register(self, request, context):
+        if request.role not in ROLES:
+            return pb.Ack(ok=False, error=f"unknown role {request.role!r}")
+        current = self.workers.get(request.name)
+        if current is None or current.address != request.grpc_address:
+            if current is not None:
+                await current.channel.close()
+            channel = grpc.aio.insecure_channel(request.grpc_address, options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            current = WorkerHandle(request.role, request.name, request.grpc_address, pb_grpc.WorkerStub(channel),
+                                   channel, time.monotonic())
+            self.workers[request.name] = current
+            log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
+        current.last_seen = time.monotonic()
+        return pb.Ack(ok=True)
+
+    def live(self, role: str) -> list[WorkerHandle]:
+        now = time.monotonic()
+        return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
+
+    def pick(self, role: str) -> WorkerHandle:
+        candidates = self.live(role)
+        if not candidates:
+            raise LookupError(f"no {role} worker is up")
+        return min(candidates, key=lambda w: w.in_flight)
+
+
+class DisaggregatedBackend:
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self._rooms = itertools.count(1)
+        self._active: dict[str, list[WorkerHandle]] = {}
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        visual = bool(request.prompt.images or request.prompt.videos)
+        try:
+            decode, prefill = self.pool.pick("decode"), self.pool.pick("prefill")
+            encode = self.pool.pick("encode") if visual else None
+        except LookupError as error:
+            yield TokenEvent(request.request_id, [], error=str(error))
+            return
+        room = next(self._rooms)
+        workers = [w for w in (encode, prefill, decode) if w is not None]
+        self._active[request.request_id] = workers
+        for w in workers:
+            w.in_flight += 1
+        try:
+            async for event in self._run(request, room, encode, prefill, decode):
+                yield event
+        finally:
+            for w in workers:
+                w.in_flight -= 1
+            del self._active[request.request_id]
+
+    async def _run(self, request, room, encode, prefill, decode) -> AsyncIterator[TokenEvent]:
+        p, rid = request.prompt, request.request_id
+        stream = decode.stub.Decode(pb.DecodeRequest(
+            request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
+            prefill_name=prefill.name))
+        try:
+            ack = await prefill.stub.Prefill(pb.PrefillRequest(
+                request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
+                images=[visual_to_pb(v, with_pixels=False) for v in p.images],
+                videos=[visual_to_pb(v, with_pixels=False) for v in p.videos],
+                encode_name=encode.name if encode else ""))
+            if ack.ok and encode is not None:
+                ack = await encode.stub.Encode(pb.EncodeRequest(
+                    request_id=rid, room=room, images=[visual_to_pb(v, with_pixels=True) for v in p.images],
+                    videos=[visual_to_pb(v, with_pixels=True) for v in p.videos]))
+            if not ack.ok:
+                await self.abort(rid)
+                yield TokenEvent(rid, [], error=ack.error)
+                return
+            async for event in stream:
+                yield _event(event)
+                if event.finish_reason or event.error:
+                    return
+        except grpc.RpcError as error:
+            await self.abort(rid)
+            yield TokenEvent(rid, [], error=f"a worker failed: {error.code().name}: {error.details()}")
+        finally:
+            stream.cancel()
+
+    async def abort(self, request_id: str) -> None:
+        for worker in self._active.get(request_id, []):
+            try:
+                await worker.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=2)
+            except grpc.RpcError:
+                log.warning("could not abort %s on %s", request_id, worker.name)
+
+    async def health(self) -> dict:
+        roles = {}
+        for role in ROLES:
+            details = []
+            for worker in self.pool.live(role):
+                try:
+                    reply = await worker.stub.Check(pb.HealthRequest(), timeout=2)
+                    details.append({"name": worker.name, **json.loads(reply.details_json)})
+                except grpc.RpcError as error:
+                    details.append({"name": worker.name, "error": error.code().name})
+            roles[role] = details
+        healthy = all(any("error" not in d for d in roles[r]) for r in ROLES)
+        return {"healthy": healthy, "roles": roles}
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"workers_{role}": float(len(self.pool.live(role))) for role in ROLES}
+        out["in_flight"] = float(len(self._active))
+        return out
+
+
+def _event(message: pb.TokenEvent) -> TokenEvent:
+    logprobs = [TokenLogprob(lp.token_id, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs)))
+                for lp in message.logprobs] or None
+    return TokenEvent(message.request_id, list(message.token_ids), logprobs=logprobs,
+                      finish_reason=message.finish_reason or None, stop_reason=message.stop_reason or None,
+                      text=message.text, error=message.error or None)
+
+
+async def serve_registry(pool: WorkerPool, host: str, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    pb_grpc.add_RegistryServicer_to_server(pool, server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server
+

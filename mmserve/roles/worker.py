@@ -1,0 +1,131 @@
+"""Running a role as a worker process: one loop thread owns the role, a gRPC server feeds it.
+
+The role (engine, transfer sender/receiver) is not thread-safe, so every gRPC call becomes a
+command executed on the loop thread between steps. The worker announces itself to the router's
+registry and repeats it as a heartbeat, so a restarted worker is picked up again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+
+from mmserve.rpc import worker_pb2 as pb
+from mmserve.rpc import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+REGISTER_INTERVAL_S = 1.0
+MAX_MESSAGE_BYTES = 256 * 2**20
+
+
+class Role(Protocol):
+    role: str
+    name: str
+
+    def step(self) -> None:
+        """One round of work: transfers, engine step; returns quickly when idle."""
+
+    def health(self) -> dict[str, Any]: ...
+
+    def in_flight(self) -> int: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RoleLoop:
+    def __init__(self, role: Role):
+        self.role = role
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{role.role}-loop", daemon=True)
+
+    def start(self) -> RoleLoop:
+        self._thread.start()
+        return self
+
+    def call(self, fn: Callable, *args) -> Any:
+        """Runs ``fn(*args)`` on the loop thread and returns its result (or raises its error)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, args, future))
+        return future.result()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            while True:
+                try:
+                    fn, args, future = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    future.set_result(fn(*args))
+                except Exception as error:  # handed to the caller's thread, which reports it
+                    future.set_exception(error)
+            try:
+                self.role.step()
+            except Exception:
+                log.exception("%s step failed", self.role.role)
+        self.role.close()
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    """The gRPC face of a role; request-specific calls are provided by the role's own servicer."""
+
+    def __init__(self, loop: RoleLoop):
+        self.loop = loop
+
+    def Abort(self, request, context):
+        self.loop.call(self.loop.role.abort, request.request_id)
+        return pb.Ack(ok=True)
+
+    def Check(self, request, context):
+        role = self.loop.role
+        details = self.loop.call(role.health)
+        return pb.Health(healthy=True, role=role.role, name=role.name, details_json=json.dumps(details))
+
+    def Load(self, request, context):
+        return pb.LoadReply(in_flight=self.loop.call(self.loop.role.in_flight))
+
+
+def serve_worker(service: WorkerService, host: str, port: int, router: str | None) -> None:
+    """Serves until interrupted, registering with the router's registry at ``router``."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=32), options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    role = service.loop.role
+    address = f"{host}:{bound}"
+    log.info("%s worker %s serving on %s", role.role, role.name, address)
+    stop = threading.Event()
+    if router:
+        threading.Thread(target=_register_forever, args=(router, role, address, stop), daemon=True).start()
+    try:
+        server.wait_for_termination()
+    finally:
+        stop.set()
+        service.loop.stop()
+
+
+def _register_forever(router: str, role: Role, address: str, stop: threading.Event) -> None:
+    with grpc.insecure_channel(router) as channel:
+        registry = pb_grpc.RegistryStub(channel)
+        while not stop.is_set():
+            try:
+                registry.Register(pb.Registration(role=role.role, name=role.name, grpc_address=address), timeout=2)
+            except grpc.RpcError as error:
+                log.debug("router %s not reachable: %s", router, error.code())
+            stop.wait(REGISTER_INTERVAL_S)
