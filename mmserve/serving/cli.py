@@ -1,0 +1,140 @@
+"""``scripts/serve.py``'s command line: one parser for every role, one launcher per role.
+
+``colocated`` serves the OpenAI-compatible router over one in-process engine. The disaggregated
+roles (encode, prefill, decode, router, all) are launched by their own package once it exists;
+until then their launchers say so and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mmserve.engine.config import EngineConfig
+
+ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
+API_KEY_ENV = "MMSERVE_API_KEY"
+USAGE_EXIT = 2  # argparse's status for a command line it refuses
+ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve.py", description="Serve Qwen3-VL-MoE: one role of the "
+                                "disaggregated pipeline, or the whole of it behind an OpenAI-compatible API.")
+    p.add_argument("--role", choices=ROLES, default="all",
+                   help="what this process runs: encode (vision tower), prefill, decode, router (the HTTP "
+                        "front), colocated (all three stages in this process, no transfer, with the HTTP "
+                        "API), or all (one process of each role on loopback plus the router)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="tiny",
+                       help="'tiny' (built-in random weights, offline), a Hugging Face checkpoint directory "
+                            "or an orbax directory written by Model.save_orbax")
+    model.add_argument("--dtype", default="float32", help="parameter and compute dtype: float32 or bfloat16")
+    model.add_argument("--served-model-name", default=None,
+                       help="the name clients pass as 'model' and /v1/models lists (default: --model)")
+
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    http.add_argument("--port", type=int, default=8000, help="TCP port of the HTTP API")
+    http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                      help=f"require 'Authorization: Bearer <key>' on /v1/* and /generate (default: ${API_KEY_ENV}; "
+                           "unset means no key)")
+    http.add_argument("--allowed-local-media-path", type=Path, default=None,
+                      help="let requests name images by local path or file:// URL inside this directory "
+                           "(default: local files are refused)")
+    http.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                      help="server log verbosity")
+
+    engine = p.add_argument_group("engine (KV cache and batching)")
+    engine.add_argument("--page-size", type=int, default=ENGINE_DEFAULTS["page_size"], help="tokens per KV page")
+    engine.add_argument("--num-pages", type=int, default=ENGINE_DEFAULTS["num_pages"],
+                        help="KV pages in the cache, page 0 being scratch (default: as many as --kv-cache-bytes holds)")
+    engine.add_argument("--kv-cache-bytes", type=int, default=ENGINE_DEFAULTS["kv_cache_bytes"],
+                        help="memory for the KV cache when --num-pages is not given")
+    engine.add_argument("--max-model-len", type=int, default=ENGINE_DEFAULTS["max_model_len"],
+                        help="longest sequence, prompt plus output; longer requests get a 400")
+    engine.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS["max_num_seqs"],
+                        help="most sequences decoding at once")
+    engine.add_argument("--max-prefill-tokens", type=int, default=ENGINE_DEFAULTS["max_prefill_tokens"],
+                        help="token budget of one prefill step; longer prompts are prefilled in chunks")
+    engine.add_argument("--max-prefill-seqs", type=int, default=ENGINE_DEFAULTS["max_prefill_seqs"],
+                        help="most prompts in one prefill step")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return LAUNCHERS[args.role](args)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, kv_cache_bytes=args.kv_cache_bytes,
+                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_prefill_tokens=args.max_prefill_tokens, max_prefill_seqs=args.max_prefill_seqs)
+
+
+def router_settings(args: argparse.Namespace, max_model_len: int):
+    from mmserve.serving.router import RouterSettings
+
+    return RouterSettings(model_name=args.served_model_name or args.model, max_model_len=max_model_len,
+                          api_key=args.api_key or None, allowed_local_media_path=args.allowed_local_media_path)
+
+
+def serve_colocated(args: argparse.Namespace) -> int:
+    """The HTTP API over one engine in this process: the reference the disaggregated roles must equal."""
+    import uvicorn
+
+    from mmserve.serving.colocated import ColocatedBackend
+    from mmserve.serving.router import build_app
+    from models.qwen3_vl_moe import load_model
+
+    try:
+        config = engine_config(args)
+    except ValueError as error:
+        print(f"serve.py: error: {error}", file=sys.stderr)
+        return USAGE_EXIT
+    model = load_model(args.model, dtype=args.dtype)
+    backend = ColocatedBackend(model, config)
+    app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def serve_encode(args: argparse.Namespace) -> int:
+    return _not_available("encode")
+
+
+def serve_prefill(args: argparse.Namespace) -> int:
+    return _not_available("prefill")
+
+
+def serve_decode(args: argparse.Namespace) -> int:
+    return _not_available("decode")
+
+
+def serve_router(args: argparse.Namespace) -> int:
+    return _not_available("router")
+
+
+def serve_all(args: argparse.Namespace) -> int:
+    return _not_available("all")
+
+
+def _not_available(role: str) -> int:
+    print(f"serve.py: role {role} is not available yet; use --role colocated", file=sys.stderr)
+    return USAGE_EXIT
+
+
+LAUNCHERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "encode": serve_encode,
+    "prefill": serve_prefill,
+    "decode": serve_decode,
+    "router": serve_router,
+    "colocated": serve_colocated,
+    "all": serve_all,
+}

@@ -1,0 +1,192 @@
+"""The colocated backend: one LLMEngine, owned by one background thread, behind the Backend protocol.
+
+The engine is not thread-safe, so only its thread touches it. The event loop talks to that thread
+through a thread-safe inbox (add, abort); the thread answers each request through the request's own
+asyncio queue, scheduled onto the request's loop with ``call_soon_threadsafe``. Whatever happens
+(a bad request, a crashed step, shutdown), every open stream receives a last event, so no caller
+waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.outputs import RequestOutput
+from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.stop import streamable_text
+from models.qwen3_vl_moe import Model
+
+IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its inbox before looking again
+REPLACEMENT_CHAR = "\ufffd"  # what the tokenizer shows for bytes of a character not yet complete
+
+
+@dataclasses.dataclass(frozen=True)
+class _Add:
+    request: GenerateRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+
+
+@dataclasses.dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclasses.dataclass
+class _Stream:
+    """The engine thread's view of one request's client: where to send and what was sent."""
+
+    add: _Add
+    tokens_sent: int = 0
+
+    def send(self, event: TokenEvent) -> None:
+        try:
+            self.add.loop.call_soon_threadsafe(self.add.events.put_nowait, event)
+        except RuntimeError:  # the client's loop has closed: nobody is listening any more
+            pass
+
+
+class ColocatedBackend:
+    """Serves the Backend protocol from one in-process engine (no transfer)."""
+
+    def __init__(self, model: Model, engine_config: EngineConfig):
+        self._engine = LLMEngine(model, engine_config)
+        self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._stats = self._engine.stats()
+        self._last_turn = time.monotonic()
+        self._failure: str | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="colocated-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if not self._alive:
+            yield TokenEvent(request.request_id, [], error=self._down_reason)
+            return
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._inbox.put(_Add(request, asyncio.get_running_loop(), events))
+        done = False
+        try:
+            while not done:
+                event = await self._next(events, request.request_id)
+                done = event.finish_reason is not None or event.error is not None
+                yield event
+        finally:
+            if not done:  # the caller stopped listening: free what the request holds
+                self._inbox.put(_Abort(request.request_id))
+
+    async def _next(self, events: asyncio.Queue[TokenEvent], request_id: str) -> TokenEvent:
+        """The request's next event; an error if the engine thread ended without answering it."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=2 * IDLE_WAIT_S)
+            except TimeoutError:
+                if not self._thread.is_alive() and events.empty():
+                    return TokenEvent(request_id, [], error=self._down_reason)
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    async def health(self) -> dict:
+        return {
+            "healthy": self._alive,
+            "engine": "running" if self._alive else self._down_reason,
+            "seconds_since_engine_turn": round(time.monotonic() - self._last_turn, 3),
+            **self._stats,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        return {**self._stats, "engine_alive": float(self._alive)}
+
+    def close(self) -> None:
+        """Stops the engine thread; requests still open end with an error."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join()
+
+    @property
+    def _alive(self) -> bool:
+        return self._thread.is_alive() and self._failure is None and not self._stopping
+
+    @property
+    def _down_reason(self) -> str:
+        return self._failure or ("the server is shutting down" if self._stopping else "the engine thread has stopped")
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._take_commands(block=not self._engine.has_unfinished())
+                outputs = self._engine.step() if self._engine.has_unfinished() else []
+                # Published before the events, so a client that has its last token sees the pages freed.
+                self._stats = self._engine.stats()
+                self._last_turn = time.monotonic()
+                self._deliver(outputs)
+        except Exception as error:  # a step that raised leaves the engine in an unknown state
+            self._failure = f"the engine failed: {type(error).__name__}: {error}"
+        finally:
+            self._fail_all(self._down_reason)
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            command = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            while True:
+                self._apply(command)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _apply(self, command: _Add | _Abort | None) -> None:
+        if isinstance(command, _Add):
+            request = command.request
+            stream = _Stream(command)
+            try:
+                self._engine.add_request(request.prompt, request.params, request.request_id)
+            except Exception as error:  # add_request changes nothing until it succeeds
+                reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+                stream.send(TokenEvent(request.request_id, [], error=reason))
+                return
+            self._streams[request.request_id] = stream
+        elif isinstance(command, _Abort):
+            self._engine.abort(command.request_id)
+            self._streams.pop(command.request_id, None)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream.send(self._event(output, stream))
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _event(self, output: RequestOutput, stream: _Stream) -> TokenEvent:
+        completion = output.outputs[0]
+        new = slice(stream.tokens_sent, len(completion.token_ids))
+        stream.tokens_sent = len(completion.token_ids)
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = [TokenLogprob(lp.token_id, lp.logprob, lp.top) for lp in completion.logprobs[new]]
+        params = stream.add.request.params
+        text = completion.text if output.finished else streamable_text(params, completion.text.rstrip(REPLACEMENT_CHAR))
+        return TokenEvent(output.request_id, completion.token_ids[new], logprobs, completion.finish_reason,
+                          completion.stop_reason, text)
+
+    def _fail_all(self, reason: str) -> None:
+        for request_id, stream in self._streams.items():
+            stream.send(TokenEvent(request_id, [], error=reason))
+        self._streams.clear()
+        while True:  # requests that arrived but were never added
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                _Stream(command).send(TokenEvent(command.request.request_id, [], error=reason))

@@ -1,0 +1,81 @@
+"""The router's ASGI app: OpenAI-compatible endpoints, ``/generate``, ``/health`` and ``/metrics``
+in front of any ``Backend`` (the colocated engine or a disaggregated triple)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mmserve.serving.backend import Backend
+from mmserve.serving.router.auth import ApiKeyGuard
+from mmserve.serving.router.chat import chat_completions
+from mmserve.serving.router.completions import completions
+from mmserve.serving.router.context import RouterContext
+from mmserve.serving.router.errors import InvalidRequest, invalid_request_response, server_error_response
+from mmserve.serving.router.metrics import RouterMetrics
+from mmserve.serving.router.native import generate
+from mmserve.serving.router.settings import RouterSettings
+from models.qwen3_vl_moe import Model
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/generate": "generate"}
+
+
+def build_app(backend: Backend, model: Model, settings: RouterSettings,
+              on_shutdown: Callable[[], None] | None = None) -> Starlette:
+    """``model`` supplies the tokenizer, processor and config that prepare requests; ``on_shutdown``
+    runs when the server stops (the colocated backend stops its engine thread there)."""
+    router = RouterContext(backend, model, settings, RouterMetrics(backend.metrics))
+    started = int(time.time())
+
+    async def models(request: Request) -> Response:
+        card = {"id": settings.model_name, "object": "model", "created": started, "owned_by": "mmserve",
+                "max_model_len": settings.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        try:
+            details = await backend.health()
+        except Exception as error:
+            details = {"healthy": False, "error": f"{type(error).__name__}: {error}"}
+        return JSONResponse(details, 200 if details.get("healthy") else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(router.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    async def rejected(request: Request, error: InvalidRequest) -> Response:
+        router.metrics.requests.labels(ENDPOINTS.get(request.url.path, request.url.path), "rejected").inc()
+        return invalid_request_response(error)
+
+    async def failed(request: Request, error: Exception) -> Response:
+        # Starlette re-raises after this answer, so the server's log shows the traceback.
+        return server_error_response(f"internal error: {type(error).__name__}: {error}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/generate", generate, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        middleware=[Middleware(ApiKeyGuard, api_key=settings.api_key)],
+        exception_handlers={InvalidRequest: rejected, Exception: failed},
+        lifespan=lifespan,
+    )
+    app.state.router = router
+    return app

@@ -1,0 +1,31 @@
+"""The optional API key: ``Authorization: Bearer <key>`` on the generating endpoints.
+
+``/health`` and ``/metrics`` stay open for probes and scrapers; they reveal no prompts or outputs.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mmserve.serving.router.errors import error_body
+
+GUARDED_PREFIXES = ("/v1/", "/generate")
+
+
+class ApiKeyGuard:
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = error_body("Incorrect or missing API key (send Authorization: Bearer <key>)",
+                                  "invalid_request_error", None, "invalid_api_key")
+                await JSONResponse(body, 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,71 @@
+"""OpenAI chat messages -> the prompt text (the model's chat template) and its images, in order.
+
+The rendered conversation is exactly what the offline ``LLM.chat`` renders for the same messages
+with the images given as ``{"type": "image", "image": PIL.Image}`` parts, so a served greedy answer
+equals the offline one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.media import image_from_url
+from models.qwen3_vl_moe.tokenizer import Tokenizer
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MESSAGE_KEYS = {"role", "content", "name", "tool_call_id"}
+
+
+def chat_prompt(messages: Any, tokenizer: Tokenizer, allowed_dir: Path | None) -> dict[str, Any]:
+    """A prompt for ``prepare_prompt``: ``{"prompt": text, "multi_modal_data": {"image": [...]}}``."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list", "messages")
+    images = []
+    conversation = [_message(m, f"messages[{i}]", images, allowed_dir) for i, m in enumerate(messages)]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    except jinja2.TemplateError as error:
+        raise InvalidRequest(f"the chat template rejected the messages: {error}", "messages") from None
+    return {"prompt": text, "multi_modal_data": {"image": images} if images else {}}
+
+
+def _message(message: Any, param: str, images: list, allowed_dir: Path | None) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise InvalidRequest("a message must be an object", param)
+    unknown = set(message) - MESSAGE_KEYS
+    if unknown:
+        raise InvalidRequest(f"unsupported message field(s): {sorted(unknown)}", param)
+    role = message.get("role")
+    if role not in ROLES:
+        raise InvalidRequest(f"role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
+    content = message.get("content")
+    if content is None and role != "assistant":
+        raise InvalidRequest("content is required", f"{param}.content")
+    out = {key: value for key, value in message.items() if key != "content"}
+    out["role"] = "system" if role == "developer" else role  # OpenAI's newer name for system
+    if isinstance(content, list):
+        out["content"] = [_part(p, f"{param}.content[{j}]", images, allowed_dir) for j, p in enumerate(content)]
+    elif isinstance(content, str) or content is None:
+        out["content"] = content or ""
+    else:
+        raise InvalidRequest("content must be a string or a list of parts", f"{param}.content")
+    return out
+
+
+def _part(part: Any, param: str, images: list, allowed_dir: Path | None) -> dict[str, Any]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest("a text part needs a string 'text'", param)
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        image = image_from_url(url, f"{param}.image_url", allowed_dir)
+        images.append(image)
+        return {"type": "image", "image": image}
+    raise InvalidRequest(f"unsupported content part type {kind!r} (this server takes 'text' and 'image_url')", param)

@@ -1,0 +1,74 @@
+"""``POST /v1/completions``: OpenAI's legacy text completion over a string or token-id prompt."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.serving.router.context import RouterContext, json_body, new_request_id
+from mmserve.serving.router.errors import InvalidRequest, server_error_response
+from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fields, json_object, requested_int,
+                                           sampling_params)
+from mmserve.serving.router.logprobs import completion_logprobs
+from mmserve.serving.router.openai_response import OpenAIResponse
+from mmserve.serving.router.prompts import max_tokens_in_context, prepare
+from mmserve.serving.router.relay import collect, relay, unless_disconnected
+
+ENDPOINT = "completions"
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "max_tokens", "logprobs"}
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
+
+
+async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    router = RouterContext.of(request)
+    body = json_object(await json_body(request))
+    check_known(body, COMPLETION_FIELDS)
+    common = common_fields(body, router.settings)
+    prompt = await prepare(lambda: _prompt(body.get("prompt")), router.model, "prompt")
+    max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(body, "max_tokens"), DEFAULT_MAX_TOKENS,
+                                       router.settings.max_model_len, "prompt", "max_tokens")
+    params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs")})
+    completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common)
+    events = relay(router.backend, completion.request, router.metrics, ENDPOINT, arrival)
+    if common.stream:
+        return StreamingResponse(completion.stream(events), media_type="text/event-stream")
+    answer = await unless_disconnected(request, lambda: collect(events))
+    if answer is None:
+        return Response(status_code=499)  # nobody is listening; the request was aborted
+    if answer.error is not None:
+        return server_error_response(answer.error)
+    choice = completion.choice(answer.text, answer.logprobs, 0, answer.finish_reason, answer.stop_reason)
+    return JSONResponse(completion.envelope("text_completion", [choice])
+                        | {"usage": completion.usage(len(answer.token_ids))})
+
+
+def _prompt(prompt: Any) -> dict[str, Any]:
+    """One prompt: a string or a list of token ids (a batch of exactly one of either is accepted)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and not any(isinstance(p, (str, list)) for p in prompt):
+        return {"prompt_token_ids": prompt}
+    raise InvalidRequest("prompt must be a string or a non-empty list of token ids (batches are not supported)",
+                         "prompt")
+
+
+class CompletionResponse(OpenAIResponse):
+    chunk_kind = "text_completion"
+
+    def choice(self, text: str, entries: list[TokenLogprob], text_offset: int, finish_reason: str | None,
+               stop_reason: int | str | None) -> dict:
+        logprobs = None
+        if self.request.params.logprobs is not None:
+            logprobs = completion_logprobs(entries, self.token_text, text_offset)
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                "stop_reason": stop_reason}
+
+    def delta_choice(self, event: TokenEvent, delta: str, text_offset: int) -> dict:
+        return self.choice(delta, event.logprobs or [], text_offset, event.finish_reason, event.stop_reason)

@@ -1,0 +1,45 @@
+"""What every handler needs, kept on the app: the backend, the model's front end, settings, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+
+from mmserve.serving.backend import Backend
+from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.metrics import RouterMetrics
+from mmserve.serving.router.settings import RouterSettings
+from models.qwen3_vl_moe import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterContext:
+    """model: only its config, tokenizer and processor are used; the router never runs it."""
+
+    backend: Backend
+    model: Model
+    settings: RouterSettings
+    metrics: RouterMetrics
+
+    @staticmethod
+    def of(request: Request) -> RouterContext:
+        return request.app.state.router
+
+    def token_text(self, token_id: int, as_id: bool) -> str:
+        """How a token is named in logprobs; ``token_id:N`` (vLLM's form) when the client asks for ids."""
+        return f"token_id:{token_id}" if as_id else self.model.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

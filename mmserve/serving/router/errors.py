@@ -1,0 +1,32 @@
+"""Errors as the OpenAI API shapes them: ``{"error": {"message", "type", "param", "code"}}``.
+
+Anything wrong with what the client sent raises ``InvalidRequest`` before the backend sees the
+request, so a rejected request changes nothing on the server.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+
+class InvalidRequest(Exception):
+    """The client's mistake: answered 400 with the reason (or another 4xx ``status``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def invalid_request_response(error: InvalidRequest) -> JSONResponse:
+    return JSONResponse(error_body(error.message, "invalid_request_error", error.param, error.code), error.status)
+
+
+def server_error_response(message: str, status: int = 500) -> JSONResponse:
+    return JSONResponse(error_body(message, "server_error", None, status), status)

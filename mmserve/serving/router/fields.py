@@ -1,0 +1,86 @@
+"""The request fields the OpenAI endpoints share: model, n, stream, max_tokens and sampling.
+
+OpenAI rejects an argument it does not know; so does this router, listing per endpoint what it
+accepts. Besides OpenAI's sampling fields it takes vLLM's extensions (top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, return_tokens_as_token_ids), which the ``openai``
+client sends through ``extra_body``. A null value means the field is absent, as OpenAI treats it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from mmserve.sampling_params import SamplingParams
+from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.settings import RouterSettings
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids")
+COMMON_FIELDS = {"model", "n", "stream", "stream_options", "user", "return_tokens_as_token_ids", *SAMPLING_FIELDS}
+PARAMS_FIELDS = {field.name for field in dataclasses.fields(SamplingParams)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonFields:
+    """What every OpenAI endpoint reads the same way; ``sampling`` still lacks max_tokens and logprobs."""
+
+    stream: bool
+    include_usage: bool
+    tokens_as_ids: bool
+    sampling: dict[str, Any]
+
+
+def json_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def check_known(body: Mapping[str, Any], allowed: set[str]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+
+
+def common_fields(body: Mapping[str, Any], settings: RouterSettings) -> CommonFields:
+    model = body.get("model", settings.model_name)
+    if model != settings.model_name:
+        raise InvalidRequest(f"The model {model!r} does not exist; this server serves {settings.model_name!r}",
+                             "model", "model_not_found")
+    if body.get("n", 1) != 1:
+        raise InvalidRequest("only n=1 is supported", "n")
+    stream = _bool(body, "stream")
+    options = body.get("stream_options", {})
+    if "stream_options" in body and not stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise InvalidRequest("stream_options takes only include_usage", "stream_options")
+    return CommonFields(stream, _bool(options, "include_usage"), _bool(body, "return_tokens_as_token_ids"),
+                        {name: body[name] for name in SAMPLING_FIELDS if name in body})
+
+
+def requested_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidRequest(f"{name} must be an integer, got {value!r}", name)
+    return value
+
+
+def sampling_params(fields: Mapping[str, Any], param_names: Mapping[str, str] | None = None) -> SamplingParams:
+    """``SamplingParams.from_dict`` with its ValueError as a 400; its messages start with the field
+    name, which ``param_names`` maps back to the request's own name when they differ."""
+    try:
+        return SamplingParams.from_dict(fields)
+    except ValueError as error:
+        first = str(error).split(" ", 1)[0]
+        param = first if first in PARAMS_FIELDS else None
+        raise InvalidRequest(str(error), (param_names or {}).get(param, param)) from None
+
+
+def _bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be a boolean, got {value!r}", name)
+    return value

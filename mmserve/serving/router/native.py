@@ -1,0 +1,67 @@
+"""``POST /generate``: the native endpoint, token ids in or out, no chat template applied.
+
+In: ``prompt`` (raw text, image placeholders written by the client) or ``prompt_token_ids``,
+``images`` (base64 strings or data URLs, one per placeholder, in order) and ``sampling_params``
+(``SamplingParams`` fields). Out: ``token_ids``, ``text``, ``finish_reason`` and ``meta``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from mmserve.sampling_params import SamplingParams
+from mmserve.serving.backend import GenerateRequest
+from mmserve.serving.router.context import RouterContext, json_body, new_request_id
+from mmserve.serving.router.errors import InvalidRequest, server_error_response
+from mmserve.serving.router.fields import PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params
+from mmserve.serving.router.media import image_from_base64, image_from_url
+from mmserve.serving.router.prompts import max_tokens_in_context, prepare
+from mmserve.serving.router.relay import collect, relay, unless_disconnected
+
+ENDPOINT = "generate"
+NATIVE_FIELDS = {"prompt", "prompt_token_ids", "images", "sampling_params"}
+DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+
+
+async def generate(request: Request) -> Response:
+    arrival = time.monotonic()
+    router = RouterContext.of(request)
+    body = json_object(await json_body(request))
+    check_known(body, NATIVE_FIELDS)
+    sampling = body.get("sampling_params", {})
+    if not isinstance(sampling, dict):
+        raise InvalidRequest("sampling_params must be an object", "sampling_params")
+    prompt = await prepare(lambda: _prompt(body), router.model, "prompt")
+    max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
+                                       DEFAULT_MAX_TOKENS, router.settings.max_model_len,
+                                       "prompt", "sampling_params.max_tokens")
+    params = sampling_params(sampling | {"max_tokens": max_tokens},
+                             {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
+    generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
+    events = relay(router.backend, generate_request, router.metrics, ENDPOINT, arrival)
+    answer = await unless_disconnected(request, lambda: collect(events))
+    if answer is None:
+        return Response(status_code=499)  # nobody is listening; the request was aborted
+    if answer.error is not None:
+        return server_error_response(answer.error)
+    meta = {"request_id": generate_request.request_id, "prompt_tokens": len(prompt.token_ids),
+            "completion_tokens": len(answer.token_ids), "stop_reason": answer.stop_reason}
+    if params.logprobs is not None:
+        meta["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob,
+                             "top": {str(t): lp for t, lp in e.top.items()}} for e in answer.logprobs]
+    return JSONResponse({"token_ids": answer.token_ids, "text": answer.text, "finish_reason": answer.finish_reason,
+                         "meta": meta})
+
+
+def _prompt(body: dict[str, Any]) -> dict[str, Any]:
+    images = body.get("images", [])
+    if not isinstance(images, list):
+        raise InvalidRequest("images must be a list of base64 strings", "images")
+    decoded = [image_from_url(data, f"images[{i}]", None) if isinstance(data, str) and data.startswith("data:")
+               else image_from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
+    prompt = {key: body[key] for key in ("prompt", "prompt_token_ids") if key in body}
+    return prompt | ({"multi_modal_data": {"image": decoded}} if decoded else {})

@@ -1,0 +1,13 @@
+"""Serve Qwen3-VL-MoE over HTTP (OpenAI-compatible) or run one role of the disaggregated pipeline.
+
+    python scripts/serve.py --role colocated --model tiny --port 8000
+
+See ``python scripts/serve.py --help`` and docs/serving.md.
+"""
+
+import sys
+
+from mmserve.serving.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
