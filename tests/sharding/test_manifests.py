@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from conftest import ROOT
+from multidevice import ROOT
 from mmserve.distributed import MeshShape
 from mmserve.distributed.multihost import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 

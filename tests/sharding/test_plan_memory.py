@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from multidevice import ROOT
 from mmserve.distributed.memory_plan import plan_memory
 from mmserve.distributed.mesh import MeshShape
 from models.qwen3_vl_moe.config import ModelConfig

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_worker
+from multidevice import run_worker
 
 MESHES = ["data=1,model=8,expert=1", "data=1,model=4,expert=2", "data=2,model=2,expert=2"]
 TOL = 1e-5

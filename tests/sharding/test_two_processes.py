@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import HERE, ROOT, device_env
+from multidevice import HERE, ROOT, device_env
 from models.qwen3_vl_moe import load_model
 from two_process_worker import PROMPT
 
