@@ -1,0 +1,34 @@
+"""What the serving tests serve: a real Hugging Face checkpoint written by ``hf_reference``, whose
+image and vision-marker ids are the tiny tokenizer's, so the chat template's ``<|image_pad|>`` is
+the model's image token and chats with images run end to end; and the engine settings."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hf_reference import hf_config, hf_model, write_checkpoint
+from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS
+
+API_KEY = "sk-serving-tests"
+MODEL_NAME = "qwen3-vl-test"
+ENGINE_ARGS = {"page_size": 16, "num_pages": 256, "max_model_len": 512, "max_num_seqs": 16,
+               "max_prefill_tokens": 256}
+
+
+def write_served_checkpoint(path: Path) -> Path:
+    config = hf_config(text={"vocab_size": max(TINY_SPECIAL_IDS.values()) + 1})
+    config.image_token_id = TINY_SPECIAL_IDS["<|image_pad|>"]
+    config.video_token_id = TINY_SPECIAL_IDS["<|video_pad|>"]
+    config.vision_start_token_id = TINY_SPECIAL_IDS["<|vision_start|>"]
+    config.vision_end_token_id = TINY_SPECIAL_IDS["<|vision_end|>"]
+    return write_checkpoint(hf_model(config, seed=5), path)
+
+
+def engine_flags() -> list[str]:
+    return [item for key, value in ENGINE_ARGS.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def random_image(seed: int, size=(48, 64)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
