@@ -43,7 +43,9 @@ class DataPlane(Protocol):
     address: str
 
     def offer(self, uuid: int, arrays: Sequence[jax.Array], timeout_s: float) -> None:
-        """Holds ``arrays`` for one pull under ``uuid``; dropped after ``timeout_s`` if never pulled."""
+        """Holds ``arrays`` for one pull under ``uuid``; dropped after ``timeout_s`` if never pulled.
+
+        Raises DataPlaneError if the plane cannot take the offer."""
 
     def pull(self, address: str, uuid: int, specs: Sequence[jax.ShapeDtypeStruct]) -> PendingPull:
         """Starts pulling the arrays a peer offered under ``uuid``, shaped and placed as ``specs``."""

@@ -45,7 +45,10 @@ class JaxTransferPlane:
         """The server holds the arrays until pulled; the timeout releases a never-pulled offer,
         which is the only way to withdraw one (the transfer server has no cancel)."""
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
-        self._server.await_pull(uuid, list(arrays), timeout=deadline)
+        try:
+            self._server.await_pull(uuid, list(arrays), timeout=deadline)
+        except jax.errors.JaxRuntimeError as error:
+            raise DataPlaneError(f"offer {uuid} refused: {error}") from None
 
     def pull(self, address: str, uuid: int, specs: Sequence[jax.ShapeDtypeStruct]) -> JaxPull:
         connection = self._connections.get(address)

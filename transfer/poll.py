@@ -13,6 +13,9 @@ import time
 
 from transfer.config import TransferConfig
 
+SWEEP_INTERVAL_S = 0.01
+"""Deadlines and heartbeats are checked at most this often, not on every loop iteration."""
+
 
 class PollState(enum.Enum):
     BOOTSTRAPPING = "bootstrapping"

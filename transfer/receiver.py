@@ -18,18 +18,15 @@ import zmq
 
 from transfer.allocator import Allocation, BlockAllocator
 from transfer.block_buffers import BlockBuffers
-from transfer.bootstrap import RegistryClient
 from transfer.channel import Channel, make_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
+from transfer.directory import SenderDirectory, SenderKey
 from transfer.fields import Field
 from transfer.liveness import Liveness
-from transfer.messages import (Abort, Codec, Error, ErrorCode, Found, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
-                               Ready, Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo,
-                               TransferMode)
-from transfer.poll import PollState, Room
-
-LOOKUP_RETRY_S = 0.05
+from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled, Ready,
+                               Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo, TransferMode)
+from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
 
 @dataclasses.dataclass
@@ -58,18 +55,20 @@ class Received:
 
 @dataclasses.dataclass
 class ReceiverRoom(Room):
-    sender: tuple[str, str] = ("", "")
-    """(registry address, sender name)."""
+    sender: SenderKey = ("", "")
     mode: TransferMode = TransferMode.EMBEDDING
     endpoint: SenderEndpoint | None = None
     """Set once Register is sent."""
     segments: list[Segment] = dataclasses.field(default_factory=list)
     info: TransferInfo | None = None
-    received: int = 0
     chunks: int = 0
     pull: tuple[PendingPull, Ready] | None = None
     needs_room: bool = False
-    """A chunk arrived, the total is not reached and the last segment is full: allocate, then resume."""
+    """A chunk arrived and the total is not reached: find space for the rest, then resume."""
+
+    @property
+    def received(self) -> int:
+        return sum(segment.filled for segment in self.segments)
 
 
 class Receiver:
@@ -81,25 +80,22 @@ class Receiver:
         self._owns_plane = data_plane is None
         self.data_plane = data_plane or open_data_plane(config, self.buffers.device)
         self._rooms: dict[int, ReceiverRoom] = {}
-        self._registries: dict[str, RegistryClient] = {}
-        self._endpoints: dict[tuple[str, str], SenderEndpoint] = {}
-        self._next_lookup: dict[tuple[str, str], float] = {}
-        self._controls: dict[str, Channel[ToReceiver]] = {}
-        self._liveness = Liveness(config.heartbeat_timeout_s)
-        self._next_heartbeat = 0.0
-        self._orphans: list[PendingPull] = []
         self._poller = zmq.Poller()
         for socket in self.data_plane.sockets():
             self._poller.register(socket, zmq.POLLIN)
+        self._directory = SenderDirectory(config, self._poller)
+        self._controls: dict[str, Channel[ToReceiver]] = {}
+        self._liveness = Liveness(config.heartbeat_timeout_s)
+        self._next_heartbeat = 0.0
+        self._next_sweep = 0.0
+        self._orphans: list[PendingPull] = []
 
     def add(self, room: int, bootstrap_address: str, sender: str,
             mode: TransferMode = TransferMode.EMBEDDING) -> None:
         """Starts receiving ``room`` from the sender published as ``sender`` in that registry."""
         if room in self._rooms:
             raise ValueError(f"room {room} already added")
-        if bootstrap_address not in self._registries:
-            client = self._registries[bootstrap_address] = RegistryClient(bootstrap_address, self.config)
-            self._poller.register(client.channel.socket, zmq.POLLIN)
+        self._directory.watch(bootstrap_address)
         self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender), mode=mode)
         self._advance(self._rooms[room], time.monotonic())
 
@@ -138,11 +134,7 @@ class Receiver:
             timeout_s = min(timeout_s, 0.001)
         self._poller.poll(int(timeout_s * 1000))
         now = time.monotonic()
-        for address, registry in self._registries.items():
-            for answer in registry.replies():
-                key = (address, answer.name if not isinstance(answer, Found) else answer.endpoint.name)
-                if isinstance(answer, Found):
-                    self._endpoints[key] = answer.endpoint
+        self._directory.collect()
         for address, channel in list(self._controls.items()):
             for _, message in channel.receive():
                 self._liveness.heard(address, now)
@@ -154,16 +146,19 @@ class Receiver:
         self._orphans = [p for p in self._orphans if not p.done()]
         for room in [r for r in self._rooms.values() if not r.state.terminal]:
             self._advance(room, now)
-        self._heartbeat(now)
-        for room in [r for r in self._rooms.values() if r.expired(now)]:
-            self._fail(room, f"timed out while {room.state.value}")
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL_S
+            self._heartbeat(now)
+            for room in [r for r in self._rooms.values() if r.expired(now)]:
+                self._fail(room, f"timed out while {room.state.value}")
 
     def close(self) -> None:
         for room in list(self._rooms.values()):
             self._fail(room, "receiver closed")
             self._release(room)
-        for channel in [*self._controls.values(), *(r.channel for r in self._registries.values())]:
+        for channel in self._controls.values():
             channel.close()
+        self._directory.close()
         if self._owns_plane:
             self.data_plane.close()
 
@@ -232,15 +227,12 @@ class Receiver:
             if allocation is None:
                 return
             room.segments.append(Segment(allocation))
-        registry = self._registries[room.sender[0]]
-        if registry.error is not None:
-            self._fail(room, registry.error)
+        error = self._directory.error(room.sender)
+        if error is not None:
+            self._fail(room, error)
             return
-        endpoint = self._endpoints.get(room.sender)
+        endpoint = self._directory.find(room.sender, now)
         if endpoint is None:
-            if now >= self._next_lookup.get(room.sender, 0.0):
-                registry.lookup(room.sender[1])
-                self._next_lookup[room.sender] = now + LOOKUP_RETRY_S
             return
         if endpoint.data_plane != self.data_plane.kind:
             self._fail(room, f"sender uses the {endpoint.data_plane} data plane, we use {self.data_plane.kind}")
@@ -263,7 +255,6 @@ class Receiver:
         names = [f.name for f in self.buffers.fields]
         self.buffers.write(segment.allocation, segment.filled, dict(zip(names, arrays)), num_tokens=count)
         segment.filled += count
-        room.received += count
         room.chunks += 1
         self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
         if room.received == room.info.total_tokens:
@@ -292,7 +283,7 @@ class Receiver:
         for address in self._liveness.dead(needed, now):
             for room in [r for r in self._rooms.values() if r.endpoint is not None
                          and r.endpoint.control == address and not r.state.terminal]:
-                self._endpoints.pop(room.sender, None)
+                self._directory.forget(room.sender)
                 self.data_plane.forget_peer(room.endpoint.data_address)
                 self._fail(room, "sender stopped answering heartbeats", notify=False)
 

@@ -24,13 +24,13 @@ from transfer.block_buffers import BlockBuffers, Chunk
 from transfer.bootstrap import RegistryClient, secret_ok
 from transfer.channel import Channel, bind_random_port, make_socket
 from transfer.config import TransferConfig
-from transfer.data_plane import DataPlane, open_data_plane
+from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
 from transfer.fields import Field
 from transfer.liveness import Liveness
 from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
                                Ready, Register, Registered, Resume, SenderEndpoint, ToSender, TransferInfo,
                                TransferMode)
-from transfer.poll import PollState, Room
+from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Sender:
         self._registry.publish(self.endpoint, time.monotonic())
         self._rooms: dict[int, SenderRoom] = {}
         self._liveness = Liveness(config.heartbeat_timeout_s)
+        self._next_sweep = 0.0
         self._poller = zmq.Poller()
         for s in (socket, self._registry.channel.socket, *self.data_plane.sockets()):
             self._poller.register(s, zmq.POLLIN)
@@ -125,6 +126,9 @@ class Sender:
             self._registry.replies()
         self.data_plane.progress()
         now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL_S
         self._registry.publish(self.endpoint, now)
         for room in [r for r in self._rooms.values() if r.expired(now)]:
             self._fail(room, f"timed out while {room.state.value}")
@@ -220,7 +224,11 @@ class Sender:
         rows = self.buffers.read(room.allocation, chunk.offset, chunk.num_tokens)
         uuid = secrets.randbits(63)
         timeout = self.config.transfer_timeout_s + self.config.heartbeat_timeout_s
-        self.data_plane.offer(uuid, [rows[f.name] for f in self.buffers.fields], timeout)
+        try:
+            self.data_plane.offer(uuid, [rows[f.name] for f in self.buffers.fields], timeout)
+        except DataPlaneError as error:
+            self._fail(room, str(error))
+            return
         room.outstanding = (uuid, chunk)
         room.touch()
         self._channel.send(Ready(room.room, uuid, chunk, room.info), room.peer)

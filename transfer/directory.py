@@ -1,0 +1,61 @@
+"""A receiver's view of the registries: which sender name listens where, looked up on demand.
+
+Lookups are asynchronous (one DEALER per registry) and retried while the sender has not
+published yet, so a receiver can be told about a room before its sender is up. Answers are
+cached until a sender is found dead, so a busy receiver asks once per sender, not per room.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from transfer.bootstrap import RegistryClient
+from transfer.config import TransferConfig
+from transfer.messages import Found, SenderEndpoint
+
+LOOKUP_RETRY_S = 0.05
+
+SenderKey = tuple[str, str]
+"""(registry address, sender name)."""
+
+
+class SenderDirectory:
+    def __init__(self, config: TransferConfig, poller: zmq.Poller) -> None:
+        self.config = config
+        self._poller = poller
+        self._registries: dict[str, RegistryClient] = {}
+        self._endpoints: dict[SenderKey, SenderEndpoint] = {}
+        self._next_lookup: dict[SenderKey, float] = {}
+
+    def watch(self, registry: str) -> None:
+        if registry not in self._registries:
+            client = self._registries[registry] = RegistryClient(registry, self.config)
+            self._poller.register(client.channel.socket, zmq.POLLIN)
+
+    def error(self, key: SenderKey) -> str | None:
+        """Why the registry refused us (a wrong secret), if it did."""
+        return self._registries[key[0]].error
+
+    def find(self, key: SenderKey, now: float) -> SenderEndpoint | None:
+        """The sender's endpoint if known; otherwise asks (at most every LOOKUP_RETRY_S) and returns None."""
+        endpoint = self._endpoints.get(key)
+        if endpoint is None and now >= self._next_lookup.get(key, 0.0):
+            self._registries[key[0]].lookup(key[1])
+            self._next_lookup[key] = now + LOOKUP_RETRY_S
+        return endpoint
+
+    def collect(self) -> None:
+        """Reads the registries' answers into the cache."""
+        for address, registry in self._registries.items():
+            for answer in registry.replies():
+                if isinstance(answer, Found):
+                    self._endpoints[(address, answer.endpoint.name)] = answer.endpoint
+
+    def forget(self, key: SenderKey) -> None:
+        """Drops a sender found dead, so the next room looks it up again."""
+        self._endpoints.pop(key, None)
+        self._next_lookup.pop(key, None)
+
+    def close(self) -> None:
+        for registry in self._registries.values():
+            registry.close()
