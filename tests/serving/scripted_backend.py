@@ -1,0 +1,61 @@
+"""A Backend that plays a script of events, for testing the router's failure paths in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import uvicorn
+
+from mmserve.serving.backend import GenerateRequest, TokenEvent
+from server_process import free_port
+
+HANG = "hang"  # a script step that waits until the request is cancelled
+
+
+class ScriptedBackend:
+    def __init__(self):
+        self.script: list[TokenEvent | str] = []
+        self.health_answer: dict | Exception = {"healthy": True}
+        self.requests: list[GenerateRequest] = []
+        self.aborted: list[str] = []
+
+    async def generate(self, request: GenerateRequest):
+        self.requests.append(request)
+        for step in self.script:
+            if step == HANG:
+                await asyncio.Event().wait()
+            yield dataclasses.replace(step, request_id=request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def health(self) -> dict:
+        if isinstance(self.health_answer, Exception):
+            raise self.health_answer
+        return self.health_answer
+
+    def metrics(self) -> dict[str, float]:
+        return {"free_pages": 7.0, "waiting": 2.0}
+
+
+class ThreadedServer:
+    """uvicorn serving ``app`` from a background thread of the test process."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -1,0 +1,84 @@
+"""Malformed requests get a 400 with an OpenAI error body naming the reason, change nothing on the
+server (no pages taken, nothing running), and the server serves the next request as before."""
+
+import base64
+
+import pytest
+
+from served_model import MODEL_NAME, random_image
+from server_process import png_base64, png_data_url, request
+
+pytestmark = pytest.mark.slow
+CHAT = "/v1/chat/completions"
+
+
+def chat(content="hi", **fields):
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 2} | fields
+
+
+def with_image(url):
+    return chat([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}])
+
+
+BAD = {
+    "bad_json": (CHAT, b'{"model": "x", "messages": [', "not valid JSON"),
+    "not_an_object": (CHAT, [1, 2], "JSON object"),
+    "bad_base64": (CHAT, with_image("data:image/png;base64,@@not*base64@@"), "not valid base64"),
+    "not_an_image": (CHAT, with_image("data:image/png;base64," + base64.b64encode(b"plain text").decode()),
+                     "not an image"),
+    "truncated_image": (CHAT, with_image("data:image/png;base64," + png_base64(random_image(4))[:200]),
+                        "cannot be decoded"),
+    "not_an_image_type": (CHAT, with_image("data:text/plain;base64,aGk="), "not an image type"),
+    "remote_url": (CHAT, with_image("https://example.com/cat.png"), "does not fetch"),
+    "file_outside_allowed_dir": (CHAT, with_image("/etc/hostname"), "outside the allowed directory"),
+    "unknown_model": (CHAT, chat(model="gpt-4o"), "does not exist"),
+    "oversize_prompt": (CHAT, chat("word " * 600), "maximum context length"),
+    "oversize_max_tokens": (CHAT, chat(max_tokens=10_000), "maximum context length"),
+    "negative_max_tokens": (CHAT, chat(max_tokens=-1), "max_tokens must be >= 1"),
+    "non_int_max_tokens": (CHAT, chat(max_completion_tokens="many"), "max_completion_tokens must be an integer"),
+    "unknown_field": (CHAT, chat(frobnicate=True), "Unrecognized request argument supplied: frobnicate"),
+    "tools": (CHAT, chat(tools=[{"type": "function"}]), "Unrecognized request argument supplied: tools"),
+    "n_above_one": (CHAT, chat(n=2), "only n=1"),
+    "bad_temperature": (CHAT, chat(temperature="hot"), "temperature must be a number"),
+    "top_logprobs_without_logprobs": (CHAT, chat(top_logprobs=3), "needs logprobs"),
+    "stream_options_without_stream": (CHAT, chat(stream_options={"include_usage": True}), "only allowed when stream"),
+    "no_messages": (CHAT, chat() | {"messages": []}, "non-empty list"),
+    "bad_role": (CHAT, chat() | {"messages": [{"role": "wizard", "content": "hi"}]}, "role must be one of"),
+    "audio_part": (CHAT, chat([{"type": "input_audio", "input_audio": {}}]), "unsupported content part type"),
+    "completion_batch": ("/v1/completions", {"model": MODEL_NAME, "prompt": ["a", "b"]}, "batches"),
+    "completion_token_outside_vocab": ("/v1/completions", {"model": MODEL_NAME, "prompt": [1, 99999]},
+                                       "outside the vocabulary"),
+    "generate_missing_image": ("/generate", {"prompt": "<|vision_start|><|image_pad|><|vision_end|> what?"},
+                               "placeholder"),
+    "generate_bad_image": ("/generate", {"prompt": "<|vision_start|><|image_pad|><|vision_end|>",
+                                         "images": ["%%%"]}, "not valid base64"),
+    "generate_unknown_sampling_field": ("/generate", {"prompt": "hi", "sampling_params": {"temprature": 0}},
+                                        "unknown sampling field"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_malformed_request_is_a_400_that_changes_nothing(server, auth, name):
+    path, body, reason = BAD[name]
+    before = request("GET", f"{server.url}/health")[1]
+    raw = body if isinstance(body, bytes) else None
+    status, answer = request("POST", f"{server.url}{path}", None if raw else body, auth, raw=raw)
+    assert status == 400, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert reason in error["message"]
+    after = request("GET", f"{server.url}/health")[1]
+    assert (after["free_pages"], after["running"], after["waiting"]) == (before["free_pages"], 0, 0)
+
+
+def test_server_serves_after_malformed_requests(client, server, auth):
+    for path, body, _ in BAD.values():
+        request("POST", f"{server.url}{path}", None if isinstance(body, bytes) else body, auth,
+                raw=body if isinstance(body, bytes) else None)
+    image = {"type": "image_url", "image_url": {"url": png_data_url(random_image(1))}}
+    got = client.chat.completions.create(model=MODEL_NAME, max_tokens=3, temperature=0,
+                                         messages=[{"role": "user", "content": [image, {"type": "text", "text": "?"}]}])
+    assert got.choices[0].finish_reason in ("length", "stop")
+    metrics = request("GET", f"{server.url}/metrics")[1]
+    assert 'mmserve_requests_total{endpoint="chat",outcome="rejected"}' in metrics

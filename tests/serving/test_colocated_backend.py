@@ -1,0 +1,78 @@
+"""ColocatedBackend's promises without a compile: every stream ends with an event, whatever the
+engine does (raise in a step, refuse a request, stop)."""
+
+import asyncio
+
+import pytest
+
+from mmserve import SamplingParams
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.inputs import prepare_prompt
+from mmserve.serving.backend import GenerateRequest
+from mmserve.serving.colocated import ColocatedBackend
+from models.qwen3_vl_moe import load_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny")
+
+
+def _request(model, request_id: str) -> GenerateRequest:
+    return GenerateRequest(request_id, prepare_prompt("Hello there", model), SamplingParams(max_tokens=4))
+
+
+async def _events(backend, request):
+    return [event async for event in backend.generate(request)]
+
+
+def test_a_step_that_raises_ends_every_stream_with_an_error(model, monkeypatch):
+    def broken_step(self):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(LLMEngine, "step", broken_step)
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+
+    async def run():
+        return await asyncio.gather(*(_events(backend, _request(model, f"r{i}")) for i in range(3)))
+
+    for events in asyncio.run(asyncio.wait_for(run(), 30)):
+        assert len(events) == 1 and "device lost" in events[0].error
+    health = asyncio.run(backend.health())
+    assert health["healthy"] is False and "device lost" in health["engine"]
+    late = asyncio.run(asyncio.wait_for(_events(backend, _request(model, "late")), 30))
+    assert "device lost" in late[0].error
+    assert backend.metrics()["engine_alive"] == 0
+
+
+def test_a_refused_request_gets_the_reason_and_the_engine_goes_on(model, monkeypatch):
+    monkeypatch.setattr(LLMEngine, "step", lambda self: [])  # requests stay queued: nothing finishes
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+
+    async def run():
+        first = asyncio.ensure_future(_events(backend, _request(model, "same")))
+        await asyncio.sleep(0.5)
+        duplicate = await _events(backend, _request(model, "same"))
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        return duplicate
+
+    duplicate = asyncio.run(asyncio.wait_for(run(), 30))
+    assert "already in use" in duplicate[0].error
+    assert asyncio.run(backend.health())["healthy"] is True
+    backend.close()
+
+
+def test_close_ends_open_streams(model, monkeypatch):
+    monkeypatch.setattr(LLMEngine, "step", lambda self: [])
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+
+    async def run():
+        stream = asyncio.ensure_future(_events(backend, _request(model, "open")))
+        await asyncio.sleep(0.5)
+        await asyncio.get_running_loop().run_in_executor(None, backend.close)
+        return await stream
+
+    events = asyncio.run(asyncio.wait_for(run(), 30))
+    assert events[-1].error == "the server is shutting down"
