@@ -39,10 +39,6 @@ class Field(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def np_dtype(self) -> np.dtype:
         return jnp.dtype(self.dtype)
 
-    @property
-    def token_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
-
 
 def field(name: str, shape: tuple[int, ...] | list[int], dtype: str | np.dtype) -> Field:
     """Builds a Field from any dtype spelling (``jnp.float32``, ``"float32"``, ``np.int32``)."""

@@ -9,7 +9,7 @@ and anything else becomes a ``ProtocolError`` that the handler turns into an ``E
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Generic, TypeVar, Union
+from typing import Annotated, Generic, TypeVar
 
 import msgspec
 
@@ -22,7 +22,7 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Text = Annotated[str, msgspec.Meta(max_length=512)]
 Secret = Annotated[str, msgspec.Meta(max_length=512)]
 AuxKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-AuxValue = Union[int, float, Text, Annotated[list[Union[int, float]], msgspec.Meta(max_length=1024)]]
+AuxValue = int | float | Text | Annotated[list[int | float], msgspec.Meta(max_length=1024)]
 
 
 class ErrorCode(enum.Enum):
@@ -32,7 +32,6 @@ class ErrorCode(enum.Enum):
     UNKNOWN_ROOM = "unknown_room"
     OUT_OF_ORDER = "out_of_order"
     MISMATCH = "mismatch"
-    NOT_FOUND = "not_found"
 
 
 class TransferMode(enum.Enum):
@@ -160,10 +159,10 @@ class Error(msgspec.Struct, frozen=True, tag="error", forbid_unknown_fields=True
     room: Id | None = None
 
 
-RegistryRequest = Union[Publish, Withdraw, Lookup]
-RegistryReply = Union[Published, Found, NotFound, Error]
-ToSender = Union[Register, Pulled, Resume, Abort, Heartbeat, Error]
-ToReceiver = Union[Registered, Ready, Abort, HeartbeatAck, Error]
+RegistryRequest = Publish | Withdraw | Lookup
+RegistryReply = Published | Found | NotFound | Error
+ToSender = Register | Pulled | Resume | Abort | Heartbeat | Error
+ToReceiver = Registered | Ready | Abort | HeartbeatAck | Error
 
 M = TypeVar("M")
 

@@ -253,7 +253,7 @@ class Receiver:
             return
         segment, count = room.segments[-1], ready.chunk.num_tokens
         names = [f.name for f in self.buffers.fields]
-        self.buffers.write(segment.allocation, segment.filled, dict(zip(names, arrays)), num_tokens=count)
+        self.buffers.write(segment.allocation, segment.filled, dict(zip(names, arrays, strict=True)), num_tokens=count)
         segment.filled += count
         room.chunks += 1
         self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))

@@ -61,7 +61,7 @@ class ZmqPull:
             self.error = f"{len(frames)} buffers for {len(self.specs)} declared arrays"
             return
         arrays = []
-        for frame, spec in zip(frames, self.specs):
+        for frame, spec in zip(frames, self.specs, strict=True):
             dtype = np.dtype(spec.dtype)
             expected = int(np.prod(spec.shape, dtype=np.int64)) * dtype.itemsize
             if len(frame.buffer) != expected:

@@ -83,7 +83,8 @@ class PeerProcess:
         try:
             drive(parties, seen, timeout)
         except TimeoutError:
-            raise TimeoutError(f"no matching event; events {[(e.get('room'), e.get('event'), e.get('state'), e.get('reason')) for e in self.events]}\n{''.join(self.stderr)}") from None
+            seen_events = [(e["event"], e.get("room"), e.get("state"), e.get("reason")) for e in self.events]
+            raise TimeoutError(f"no matching event in {seen_events}\n{''.join(self.stderr)}") from None
         return found[0]
 
     def state(self, room: int, state: str, timeout: float = 30.0, parties: Iterable = ()) -> dict:

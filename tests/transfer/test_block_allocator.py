@@ -84,7 +84,7 @@ def test_random_churn_keeps_accounting_exact():
         elif allocation is not None:
             live.append(allocation)
         spans = sorted((a.start_block, a.start_block + a.num_blocks) for a in live)
-        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), "allocations overlap"
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)), "allocations overlap"
         assert allocator.available_blocks() == 500 - sum(a.num_blocks for a in live)
     for a in live:
         allocator.free(a)

@@ -70,7 +70,7 @@ def test_many_rooms_from_one_sender_reach_two_receivers(config, bootstrap, spawn
     for room in lengths:
         receivers[room % 2].command(op="add", room=room, bootstrap=bootstrap.address, sender="encode-0")
     for room, tokens in lengths.items():
-        report = receivers[room % 2].wait_for(lambda e: e["event"] == "received" and e["room"] == room,
+        report = receivers[room % 2].wait_for(lambda e, room=room: e["event"] == "received" and e["room"] == room,
                                               parties=[sender])
         assert report["info"]["total_tokens"] == tokens
         assert report["digests"] == report["expected"] == digests(payload(EMBEDDING_FIELDS, room, tokens), tokens)
