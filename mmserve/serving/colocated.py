@@ -59,6 +59,10 @@ class ColocatedBackend:
     def __init__(self, model: Model, engine_config: EngineConfig):
         self._engine = LLMEngine(model, engine_config)
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        # Guards ``_accepting`` together with the inbox: once the thread stops accepting and drains
+        # the inbox, no request can slip in behind the drain and wait forever.
+        self._lock = threading.Lock()
+        self._accepting = True
         self._streams: dict[str, _Stream] = {}
         self._stats = self._engine.stats()
         self._last_turn = time.monotonic()
@@ -68,43 +72,38 @@ class ColocatedBackend:
         self._thread.start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        if not self._alive:
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        with self._lock:
+            accepted = self._accepting and not self._stopping
+            if accepted:
+                self._inbox.put(_Add(request, asyncio.get_running_loop(), events))
+        if not accepted:
             yield TokenEvent(request.request_id, [], error=self._down_reason)
             return
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._inbox.put(_Add(request, asyncio.get_running_loop(), events))
         done = False
         try:
             while not done:
-                event = await self._next(events, request.request_id)
+                event = await events.get()
                 done = event.finish_reason is not None or event.error is not None
                 yield event
         finally:
             if not done:  # the caller stopped listening: free what the request holds
                 self._inbox.put(_Abort(request.request_id))
 
-    async def _next(self, events: asyncio.Queue[TokenEvent], request_id: str) -> TokenEvent:
-        """The request's next event; an error if the engine thread ended without answering it."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), timeout=2 * IDLE_WAIT_S)
-            except TimeoutError:
-                if not self._thread.is_alive() and events.empty():
-                    return TokenEvent(request_id, [], error=self._down_reason)
-
     async def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
     async def health(self) -> dict:
+        healthy = self._healthy
         return {
-            "healthy": self._alive,
-            "engine": "running" if self._alive else self._down_reason,
+            "healthy": healthy,
+            "engine": "running" if healthy else self._down_reason,
             "seconds_since_engine_turn": round(time.monotonic() - self._last_turn, 3),
             **self._stats,
         }
 
     def metrics(self) -> dict[str, float]:
-        return {**self._stats, "engine_alive": float(self._alive)}
+        return {**self._stats, "engine_alive": float(self._healthy)}
 
     def close(self) -> None:
         """Stops the engine thread; requests still open end with an error."""
@@ -113,8 +112,8 @@ class ColocatedBackend:
         self._thread.join()
 
     @property
-    def _alive(self) -> bool:
-        return self._thread.is_alive() and self._failure is None and not self._stopping
+    def _healthy(self) -> bool:
+        return self._accepting and self._failure is None and not self._stopping
 
     @property
     def _down_reason(self) -> str:
@@ -132,6 +131,8 @@ class ColocatedBackend:
         except Exception as error:  # a step that raised leaves the engine in an unknown state
             self._failure = f"the engine failed: {type(error).__name__}: {error}"
         finally:
+            with self._lock:
+                self._accepting = False
             self._fail_all(self._down_reason)
 
     def _take_commands(self, block: bool) -> None:
