@@ -15,6 +15,7 @@ import zmq
 
 from transfer.messages import M, Codec, ErrorCode, ProtocolError
 
+CLOSE_LINGER_MS = 100
 HARD_LIMIT_FACTOR = 16
 """ZMQ drops a peer that sends a frame over this many times the cap, so nothing unbounded is buffered."""
 
@@ -63,4 +64,5 @@ class Channel(Generic[M]):
                 yield identity, error
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        """Closes after at most CLOSE_LINGER_MS, so a last Abort or Withdraw still leaves."""
+        self.socket.close(linger=CLOSE_LINGER_MS)
