@@ -2,7 +2,8 @@
 
 The router hosts two small registries besides the HTTP API: the transfer bootstrap registry (ZMQ,
 ``--bootstrap-port``) where senders publish their endpoints, and the worker registry (gRPC,
-``--registry-port``) where workers announce themselves. A worker is pointed at both with
+``--registry-port``) where workers announce themselves. A worker serves its gRPC Worker service
+on ``--port`` and is pointed at both registries with
 ``--router-url HOST:REGISTRY_PORT`` and ``--bootstrap tcp://HOST:BOOTSTRAP_PORT``. ``all`` starts
 the router and one worker of each role as child processes on loopback.
 """
@@ -33,8 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="router: gRPC port where workers register")
     group.add_argument("--bootstrap-port", type=int, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
-    group.add_argument("--worker-port", type=int, default=0,
-                       help="worker: gRPC port of its Worker service (0 picks a free one)")
     group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-PID)")
     TransferConfig.add_arguments(parser)
 
@@ -61,7 +60,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         from mmserve.roles.decode import DecodeRole, decode_service
 
         service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap))
-    serve_worker(service, args.host, args.worker_port, _strip_scheme(args.router_url))
+    serve_worker(service, args.host, args.port, _strip_scheme(args.router_url))
     return 0
 
 
@@ -102,7 +101,7 @@ def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
     router = base + ["--role", "router", "--registry-port", str(registry_port), "--bootstrap-port",
                      str(bootstrap_port)]
     worker = base + ["--router-url", f"127.0.0.1:{registry_port}", "--bootstrap",
-                     f"tcp://127.0.0.1:{bootstrap_port}"]
+                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0"]
     children = [subprocess.Popen(router)]
     children += [subprocess.Popen(worker + ["--role", role, "--name", role]) for role in ("encode", "prefill", "decode")]
 

@@ -62,6 +62,7 @@ class PrefillRole:
         self._pending: dict[int, Pending] = {}
         self._room_of: dict[str, int] = {}
         self._outgoing: collections.deque[Outgoing] = collections.deque()
+        self.embedding_resumes = 0
 
     def prefill(self, request: pb.PrefillRequest) -> None:
         params = sampling_from_pb(request.sampling)
@@ -85,7 +86,9 @@ class PrefillRole:
             state = self.receiver.poll(room)
             if state is PollState.SUCCESS:
                 del self._pending[room]
-                self._start(pending, self._features(pending, self.receiver.take(room)))
+                received = self.receiver.take(room)
+                self.embedding_resumes += received.chunks > 1
+                self._start(pending, self._features(pending, received))
             elif state is PollState.FAILED:
                 del self._pending[room]
                 self._fail(room, f"embeddings did not arrive: {self.receiver.failure(room)}")
@@ -118,7 +121,8 @@ class PrefillRole:
         return self.engine.stats() | {
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
             "free_kv_blocks": self.sender.allocator.available_blocks(),
-            "waiting_for_embeddings": len(self._pending), "in_flight": len(self._room_of)}
+            "waiting_for_embeddings": len(self._pending), "in_flight": len(self._room_of),
+            "embedding_resumes": self.embedding_resumes}
 
     def close(self) -> None:
         self.receiver.close()

@@ -1,8 +1,7 @@
 """``scripts/serve.py``'s command line: one parser for every role, one launcher per role.
 
-``colocated`` serves the OpenAI-compatible router over one in-process engine. The disaggregated
-roles (encode, prefill, decode, router, all) are launched by their own package once it exists;
-until then their launchers say so and exit with status 2.
+``colocated`` serves the OpenAI-compatible router over one in-process engine; the disaggregated
+roles (encode, prefill, decode, router, all) are launched by ``mmserve.roles.launch``.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mmserve.engine.config import EngineConfig
+from mmserve.roles.launch import add_arguments as add_role_arguments
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token budget of one prefill step; longer prompts are prefilled in chunks")
     engine.add_argument("--max-prefill-seqs", type=int, default=ENGINE_DEFAULTS["max_prefill_seqs"],
                         help="most prompts in one prefill step")
+    add_role_arguments(p)
     return p
 
 
@@ -105,35 +106,32 @@ def serve_colocated(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_encode(args: argparse.Namespace) -> int:
-    return _not_available("encode")
+def serve_worker(args: argparse.Namespace) -> int:
+    """encode, prefill or decode: a worker that registers with the router (mmserve.roles)."""
+    from mmserve.roles.launch import serve_worker_role
 
-
-def serve_prefill(args: argparse.Namespace) -> int:
-    return _not_available("prefill")
-
-
-def serve_decode(args: argparse.Namespace) -> int:
-    return _not_available("decode")
+    return serve_worker_role(args, engine_config(args))
 
 
 def serve_router(args: argparse.Namespace) -> int:
-    return _not_available("router")
+    """The HTTP API over the registered encode/prefill/decode workers."""
+    from mmserve.roles.launch import serve_router as launch_router
+
+    config = engine_config(args)
+    return launch_router(args, config, router_settings(args, config.max_model_len))
 
 
 def serve_all(args: argparse.Namespace) -> int:
-    return _not_available("all")
+    """One process of each role on loopback plus the router: the whole pipeline on one machine."""
+    from mmserve.roles.launch import serve_all as launch_all
 
-
-def _not_available(role: str) -> int:
-    print(f"serve.py: role {role} is not available yet; use --role colocated", file=sys.stderr)
-    return USAGE_EXIT
+    return launch_all(args, sys.argv[1:])
 
 
 LAUNCHERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "encode": serve_encode,
-    "prefill": serve_prefill,
-    "decode": serve_decode,
+    "encode": serve_worker,
+    "prefill": serve_worker,
+    "decode": serve_worker,
     "router": serve_router,
     "colocated": serve_colocated,
     "all": serve_all,

@@ -1,0 +1,102 @@
+"""Real serve.py processes on loopback: a router and one worker per role, each its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+SERVE = str(Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
+ENGINE_FLAGS = ["--num-pages", "256", "--page-size", "8", "--max-model-len", "512", "--max-prefill-tokens", "128"]
+TRANSFER_ENV = {
+    "JAX_PLATFORMS": "cpu",
+    "MMSERVE_BLOCK_SIZE": "16",
+    "MMSERVE_DEFAULT_BLOCKS": "2",  # 32 tokens: an image of more visual tokens needs a resume
+    "MMSERVE_BUFFER_BLOCKS": "256",
+    "MMSERVE_HEARTBEAT_INTERVAL": "0.5",
+    "MMSERVE_HEARTBEAT_TIMEOUT": "20",  # above the longest first-use compile of a busy 2-core machine
+    "MMSERVE_BOOTSTRAP_TIMEOUT": "30",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 10) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+class Cluster:
+    def __init__(self, model: str, log_dir: Path):
+        self.model = model
+        self.log_dir = log_dir
+        self.port, self.registry_port, self.bootstrap_port = free_port(), free_port(), free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = os.environ | TRANSFER_ENV
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Cluster:
+        self.start_role("router", ["--port", str(self.port), "--registry-port", str(self.registry_port),
+                                   "--bootstrap-port", str(self.bootstrap_port)])
+        for role in ("encode", "prefill", "decode"):
+            self.start_worker(role)
+        self.wait_healthy()
+        return self
+
+    def start_worker(self, role: str, name: str | None = None) -> None:
+        self.start_role(role, ["--name", name or role, "--port", "0", "--router-url", f"127.0.0.1:{self.registry_port}",
+                               "--bootstrap", f"tcp://127.0.0.1:{self.bootstrap_port}"])
+
+    def start_role(self, role: str, flags: list[str]) -> None:
+        log = open(self.log_dir / f"{role}.log", "ab")
+        self.processes[role] = subprocess.Popen(
+            [sys.executable, SERVE, "--role", role, "--model", self.model, *ENGINE_FLAGS, *flags],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self, role: str) -> None:
+        self.processes[role].send_signal(signal.SIGKILL)
+        self.processes[role].wait()
+
+    def health(self) -> tuple[int, dict]:
+        return get_json(f"{self.url}/health")
+
+    def wait_healthy(self, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for role, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{role} exited with {process.returncode}; see {self.log_dir / role}.log")
+            try:
+                status, body = self.health()
+                if status == 200:
+                    return body
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"cluster not healthy after {timeout}s; logs in {self.log_dir}")
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -1,0 +1,162 @@
+"""serve.py's roles as real processes: outputs equal the colocated engine's, resume, concurrency,
+a killed encode worker, and malformed requests."""
+
+import base64
+import concurrent.futures
+import io
+import time
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from cluster import Cluster, get_json
+from mmserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 6
+
+
+def image(seed: int, size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def data_url(picture: Image.Image) -> str:
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def conversation(text: str, images: list[Image.Image], as_url: bool) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(im)}} if as_url else {"type": "image", "image": im}
+             for im in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster("tiny", tmp_path_factory.mktemp("cluster_logs")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128)
+
+
+def expected(llm, text, images) -> str:
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    return llm.chat(conversation(text, images, as_url=False), params)[0].outputs[0].text
+
+
+def ask(client, text, images, stream=False) -> str:
+    reply = client.chat.completions.create(model="tiny", messages=conversation(text, images, as_url=True),
+                                           max_tokens=MAX_TOKENS, temperature=0, stream=stream)
+    if stream:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
+    return reply.choices[0].message.content
+
+
+CASES = {
+    "text_only": ("Say something.", []),
+    "one_image": ("What is this?", [image(1, (64, 64))]),
+    "two_images": ("Compare them.", [image(2, (64, 96)), image(3, (96, 64))]),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_chat_equals_colocated(cluster, client, llm, case, stream):
+    text, images = CASES[case]
+    assert ask(client, text, images, stream) == expected(llm, text, images)
+
+
+def test_embedding_longer_than_default_allocation_resumes(cluster, client, llm):
+    big = [image(4, (256, 256))]  # 64 visual tokens against a default allocation of 32
+    before = _prefill(cluster)["embedding_resumes"]
+    assert ask(client, "Describe.", big) == expected(llm, "Describe.", big)
+    assert _prefill(cluster)["embedding_resumes"] == before + 1
+
+
+def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, llm):
+    cases = [(f"Question {i}.", [image(10 + i, (64, 64 + 32 * (i % 3)))] * (i % 3 != 0)) for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda c: ask(client, *c, stream=bool(len(c[0]) % 2)), cases))
+    assert answers == [expected(llm, *c) for c in cases]
+    _assert_all_free(cluster)
+
+
+def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, client, llm):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # 96 patches: a bucket no test used before, so encode is busy compiling it when it dies.
+        doomed = [pool.submit(ask, client, "Look.", [image(30 + i, (128, 192))]) for i in range(2)]
+        text = pool.submit(ask, client, "Just text.", [])
+        time.sleep(0.5)
+        cluster.kill("encode")
+        started = time.monotonic()
+        doomed.append(pool.submit(ask, client, "Look again.", [image(40, (64, 64))]))
+        for future in doomed:
+            with pytest.raises(openai.APIStatusError):
+                future.result(timeout=60)
+        assert time.monotonic() - started < 45
+        assert text.result(timeout=60) == expected(llm, "Just text.", [])
+    _assert_all_free(cluster, roles=("prefill", "decode"))
+
+    cluster.start_worker("encode", name="encode-restarted")
+    deadline = time.monotonic() + 180
+    while not any(w["name"] == "encode-restarted" and "error" not in w for w in _roles(cluster)["encode"]):
+        assert time.monotonic() < deadline, "the restarted encode worker did not register"
+        time.sleep(1)
+    assert ask(client, "Again.", [image(5, (64, 64))]) == expected(llm, "Again.", [image(5, (64, 64))])
+
+
+@pytest.mark.parametrize("content, reason", [
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], "base64"),
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"text").decode()}}],
+     "image"),
+])
+def test_malformed_image_gets_400_and_changes_nothing(cluster, client, content, reason):
+    with pytest.raises(openai.BadRequestError, match=reason):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2)
+    _assert_all_free(cluster)
+
+
+def _roles(cluster) -> dict:
+    status, body = cluster.health()
+    return body["roles"]
+
+
+def _prefill(cluster) -> dict:
+    return _roles(cluster)["prefill"][0]
+
+
+def _assert_all_free(cluster, roles=("encode", "prefill", "decode")) -> None:
+    """Every block and page back in its pool (transfers settle within a moment of the replies)."""
+    deadline = time.monotonic() + 10
+    while True:
+        health = _roles(cluster)
+        busy = {role: w for role in roles for w in health[role] if _busy(w)}
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"still held: {busy}"
+        time.sleep(0.5)
+
+
+def _busy(worker: dict) -> bool:
+    full = {"free_blocks": 256, "free_embedding_blocks": 256, "free_kv_blocks": 256}
+    if any(worker.get(k, v) != v for k, v in full.items()):
+        return True
+    return worker.get("free_pages") != worker.get("total_pages") or worker.get("in_flight", 0) > 0
+
+
+def test_health_names_every_role(cluster):
+    status, body = get_json(f"{cluster.url}/health")
+    assert status == 200 and body["healthy"]
+    assert all(body["roles"][r] for r in ("encode", "prefill", "decode"))
