@@ -90,7 +90,12 @@ class Peer:
         allocator = self.party.allocator
         emit(event="status", available=allocator.available_blocks(), total=allocator.num_blocks,
              held=sum(a.num_blocks for a in self.held),
-             rooms={str(r): s.value if s else None for r, s in self.states.items()})
+             rooms={str(r): self.live_state(r) for r in self.states})
+
+    def live_state(self, room: int) -> str:
+        """The room's state now (not as of the last watch); a taken room stays a success."""
+        before = self.states[room]
+        return before.value if before is not None and before.terminal else self.party.poll(room).value
 
     def watch(self) -> None:
         for room, before in list(self.states.items()):
