@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mmserve.distributed.layout import MeshLayout
 from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
@@ -29,12 +30,12 @@ from models.qwen3_vl_moe.rope_index import get_rope_index
 
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
-                 on_finish: Callable[[Request, list[int]], None] | None = None):
+                 on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None):
         """on_finish(request, page_table) runs when a request finishes, before its pages are freed
         (prefill uses it to ship the request's KV to decode)."""
         self.model = model
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(model, self.config)
+        self.runner = ModelRunner(model, self.config, layout)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         self.scheduler = Scheduler(self.config, self.kv)
         self.encoder = Encoder(model, self.config.embedding_cache_size)

@@ -16,6 +16,7 @@ from mmserve.engine.buckets import bucket
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.kv_rows import gather_rows, scatter_rows
 from mmserve.engine.request import Request
+from mmserve.distributed.layout import MeshLayout
 from mmserve.engine.scheduler import PrefillChunk
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
 from mmserve.sampling_params import SamplingParams
@@ -46,14 +47,18 @@ class SampledTokens:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, config: EngineConfig):
+    def __init__(self, model: Model, config: EngineConfig, layout: MeshLayout | None = None):
+        """With a ``layout`` the KV cache is created sharded over its mesh (params come sharded
+        from ``load_model``); XLA partitions the programs from those shardings."""
         self.model = model
         self.config = config
+        self.layout = layout
         text = model.config.text
         self.num_pages = config.num_pages or KVCacheManager.num_pages_for_budget(
             config.kv_cache_bytes, text.num_hidden_layers, text.num_key_value_heads, text.head_dim,
             config.page_size, model.dtype)
-        self.cache = KVCache.create(text, self.num_pages, config.page_size, model.dtype)
+        self.cache = (KVCache.create(text, self.num_pages, config.page_size, model.dtype) if layout is None else
+                      layout.create_kv_cache(model.config, self.num_pages, config.page_size, model.dtype))
         self.penalties = init_penalty_state(config.max_num_seqs, text.vocab_size)
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
@@ -64,6 +69,8 @@ class ModelRunner:
         return gather_rows(self.cache, self._page_tables([page_table], 1)[0], rows)
 
     def write_kv(self, page_table: list[int], k_rows, v_rows, num_tokens: int) -> None:
+        if self.layout is not None:
+            k_rows, v_rows = jax.device_put((k_rows, v_rows), self.layout.replicated())
         self.cache = scatter_rows(self.cache, self._page_tables([page_table], 1)[0], k_rows, v_rows,
                                   np.int32(num_tokens))
 

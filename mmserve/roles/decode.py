@@ -13,6 +13,7 @@ import queue
 
 import numpy as np
 
+from mmserve.distributed.layout import MeshLayout
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.outputs import RequestOutput
@@ -51,10 +52,11 @@ class Incoming:
 class DecodeRole:
     role = "decode"
 
-    def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str):
+    def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
+                 layout: MeshLayout | None = None):
         self.name = name
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine)
+        self.engine = LLMEngine(model, engine, layout=layout)
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
         self._prealloc: collections.deque[Incoming] = collections.deque()
         self._transfers: dict[int, Incoming] = {}

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bootstrap-port", type=int, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
     group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-PID)")
+    group.add_argument("--mesh", default=None,
+                       help="this role's device mesh, e.g. data=1,model=4,expert=2 (product = device count); "
+                            "default: one device")
     TransferConfig.add_arguments(parser)
 
 
@@ -47,7 +50,8 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         return 2
     transfer = TransferConfig.from_args(args)
     name = args.name or f"{args.role}-{os.getpid()}"
-    model = load_model(args.model, dtype=args.dtype)
+    layout = mesh_layout(args)
+    model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
     if args.role == "encode":
         from mmserve.roles.encode import EncodeRole, encode_service
 
@@ -55,13 +59,23 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     elif args.role == "prefill":
         from mmserve.roles.prefill import PrefillRole, prefill_service
 
-        service = prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap))
+        service = prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout))
     else:
         from mmserve.roles.decode import DecodeRole, decode_service
 
-        service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap))
+        service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout))
     serve_worker(service, args.host, args.port, _strip_scheme(args.router_url))
     return 0
+
+
+def mesh_layout(args: argparse.Namespace):
+    """The role's device mesh from ``--mesh`` (None: one device, nothing sharded)."""
+    if not args.mesh:
+        return None
+    from mmserve.distributed.layout import MeshLayout
+    from mmserve.distributed.mesh import make_mesh
+
+    return MeshLayout(make_mesh(args.mesh))
 
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import jax
 import numpy as np
 
+from mmserve.distributed.layout import MeshLayout
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.inputs import PreparedPrompt
@@ -52,11 +54,12 @@ class Outgoing:
 class PrefillRole:
     role = "prefill"
 
-    def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str):
+    def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
+                 layout: MeshLayout | None = None):
         self.name = name
         self.model = model
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, on_finish=self._ship)
+        self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout)
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype))
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap)
         self._pending: dict[int, Pending] = {}
@@ -154,7 +157,7 @@ class PrefillRole:
         """Called as the request finishes, before its pages are freed: copy its KV out."""
         room = self._room_of[request.request_id]
         n = request.num_computed
-        k, v = self.engine.runner.read_kv(page_table, n)
+        k, v = jax.device_put(self.engine.runner.read_kv(page_table, n), self.sender.buffers.sharding)
         aux = {"rope_delta": request.rope_delta}
         if request.logprobs:
             first = request.logprobs[0]
@@ -168,7 +171,12 @@ class PrefillRole:
             if allocation is None:
                 break
             self._outgoing.popleft()
-            self.sender.buffers.write(allocation, 0, {"k": out.k, "v": out.v}, num_tokens=out.num_tokens)
+            try:
+                self.sender.buffers.write(allocation, 0, {"k": out.k, "v": out.v}, num_tokens=out.num_tokens)
+            except Exception as error:  # the request fails; the worker and its other requests go on
+                self.sender.allocator.free(allocation)
+                self._fail(out.room, f"could not stage KV: {error}")
+                continue
             self.sender.send(out.room, allocation,
                              TransferInfo(TransferMode.KV, out.num_tokens, aux=out.aux, first_token=out.first_token))
 

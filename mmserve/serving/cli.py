@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.launch import add_arguments as add_role_arguments
+from mmserve.roles.launch import mesh_layout
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
@@ -99,8 +100,9 @@ def serve_colocated(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return USAGE_EXIT
-    model = load_model(args.model, dtype=args.dtype)
-    backend = ColocatedBackend(model, config)
+    layout = mesh_layout(args)
+    model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
+    backend = ColocatedBackend(model, config, layout)
     app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

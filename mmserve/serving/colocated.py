@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from mmserve.distributed.layout import MeshLayout
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.outputs import RequestOutput
@@ -56,8 +57,8 @@ class _Stream:
 class ColocatedBackend:
     """Serves the Backend protocol from one in-process engine (no transfer)."""
 
-    def __init__(self, model: Model, engine_config: EngineConfig):
-        self._engine = LLMEngine(model, engine_config)
+    def __init__(self, model: Model, engine_config: EngineConfig, layout: MeshLayout | None = None):
+        self._engine = LLMEngine(model, engine_config, layout=layout)
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
         # Guards ``_accepting`` together with the inbox: once the thread stops accepting and drains
         # the inbox, no request can slip in behind the drain and wait forever.

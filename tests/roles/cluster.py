@@ -40,8 +40,12 @@ def get_json(url: str, timeout: float = 10) -> tuple[int, dict]:
 
 
 class Cluster:
-    def __init__(self, model: str, log_dir: Path):
+    def __init__(self, model: str, log_dir: Path, role_flags: dict[str, list[str]] | None = None,
+                 role_env: dict[str, dict[str, str]] | None = None):
+        """role_flags/role_env: extra command-line flags and environment per role."""
         self.model = model
+        self.role_flags = role_flags or {}
+        self.role_env = role_env or {}
         self.log_dir = log_dir
         self.port, self.registry_port, self.bootstrap_port = free_port(), free_port(), free_port()
         self.processes: dict[str, subprocess.Popen] = {}
@@ -66,8 +70,9 @@ class Cluster:
     def start_role(self, role: str, flags: list[str]) -> None:
         log = open(self.log_dir / f"{role}.log", "ab")
         self.processes[role] = subprocess.Popen(
-            [sys.executable, SERVE, "--role", role, "--model", self.model, *ENGINE_FLAGS, *flags],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            [sys.executable, SERVE, "--role", role, "--model", self.model, *ENGINE_FLAGS, *flags,
+             *self.role_flags.get(role, [])],
+            env=self.env | self.role_env.get(role, {}), stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self, role: str) -> None:
         self.processes[role].send_signal(signal.SIGKILL)

@@ -76,10 +76,15 @@ def test_role_flags_ports_and_router_url_agree(role, router):
     assert flags["--role"] == role
     ports = _ports(container)
     assert ports["http"] == int(flags["--port"])
-    assert ports["bootstrap"] == int(flags["--bootstrap-port"])
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": ports["http"], "bootstrap": ports["bootstrap"]}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": ports["http"]}
+    router_flags = _flags(router[0]["spec"]["template"]["spec"]["containers"][0]["args"])
     router_service = router[1]
-    assert flags["--router-url"] == f"http://{router_service['metadata']['name']}:{router_service['spec']['ports'][0]['port']}"
+    router_ports = {p["name"]: p["port"] for p in router_service["spec"]["ports"]}
+    name = router_service["metadata"]["name"]
+    assert router_ports["registry"] == int(router_flags["--registry-port"])
+    assert router_ports["bootstrap"] == int(router_flags["--bootstrap-port"])
+    assert flags["--router-url"] == f"{name}:{router_ports['registry']}"
+    assert flags["--bootstrap"] == f"tcp://{name}:{router_ports['bootstrap']}"
     assert flags["--model"] == _flags(router[0]["spec"]["template"]["spec"]["containers"][0]["args"])["--model"]
 
 

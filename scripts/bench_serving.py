@@ -1,0 +1,79 @@
+"""Serving latency and throughput against a running server: TTFT, ITL and output tokens/s at a
+given concurrency, every request a streamed chat with an image.
+
+    python scripts/serve.py --role all --model tiny --port 8000 &
+    python scripts/bench_serving.py --url http://127.0.0.1:8000 --requests 32 --concurrency 8
+
+Run it once against ``--role all`` and once against ``--role colocated`` to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import statistics
+import time
+
+import numpy as np
+import openai
+from PIL import Image
+
+
+def image_url(seed: int, size: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def one_request(client: openai.OpenAI, model: str, seed: int, size: int, max_tokens: int) -> tuple[float, list[float], int]:
+    """(TTFT, inter-token gaps, output tokens) of one streamed request."""
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed, size)}},
+                                             {"type": "text", "text": f"Describe picture {seed}."}]}]
+    start = time.perf_counter()
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    arrivals, tokens = [], 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return arrivals[0] - start, gaps, tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=128, help="side of the square test picture, pixels")
+    p.add_argument("--warmup", type=int, default=4, help="requests sent first and not measured (compiles)")
+    args = p.parse_args()
+    client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    run = lambda seed: one_request(client, args.model, seed, args.image_size, args.max_tokens)
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(run, range(10_000, 10_000 + args.warmup)))
+        start = time.perf_counter()
+        results = list(pool.map(run, range(args.requests)))
+        elapsed = time.perf_counter() - start
+    ttft = [r[0] * 1000 for r in results]
+    itl = [g * 1000 for r in results for g in r[1]]
+    tokens = sum(r[2] for r in results)
+    print(f"url {args.url}  requests {args.requests}  concurrency {args.concurrency}  max_tokens {args.max_tokens}")
+    print(f"TTFT ms   mean {statistics.mean(ttft):8.1f}  p50 {statistics.median(ttft):8.1f}  "
+          f"p90 {np.percentile(ttft, 90):8.1f}")
+    if itl:
+        print(f"ITL ms    mean {statistics.mean(itl):8.1f}  p50 {statistics.median(itl):8.1f}  "
+              f"p90 {np.percentile(itl, 90):8.1f}")
+    print(f"throughput {tokens / elapsed:8.1f} output tokens/s  ({tokens} tokens in {elapsed:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
