@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -48,6 +49,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     if not args.bootstrap or not args.router_url:
         print("serve.py: a worker needs --bootstrap and --router-url", file=sys.stderr)
         return 2
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {args.role} %(levelname)s %(message)s")
     transfer = TransferConfig.from_args(args)
     name = args.name or f"{args.role}-{os.getpid()}"
     layout = mesh_layout(args)

@@ -59,6 +59,13 @@ class WorkerPool(pb_grpc.RegistryServicer):
         current.last_seen = time.monotonic()
         return pb.Ack(ok=True)
 
+    async def forget(self, worker: WorkerHandle) -> None:
+        """Drops a worker that cannot be reached; it is back as soon as it registers again."""
+        if self.workers.get(worker.name) is worker:
+            del self.workers[worker.name]
+            await worker.channel.close()
+            log.warning("%s worker %s at %s is unreachable: dropped", worker.role, worker.name, worker.address)
+
     def live(self, role: str) -> list[WorkerHandle]:
         now = time.monotonic()
         return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
@@ -67,7 +74,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
         candidates = self.live(role)
         if not candidates:
             raise LookupError(f"no {role} worker is up")
-        return min(candidates, key=lambda w: w.in_flight)
+        return min(candidates, key=lambda w: (w.in_flight, -w.last_seen))
 
 
 class DisaggregatedBackend:
@@ -102,6 +109,7 @@ class DisaggregatedBackend:
         stream = decode.stub.Decode(pb.DecodeRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
             prefill_name=prefill.name))
+        current = prefill
         try:
             ack = await prefill.stub.Prefill(pb.PrefillRequest(
                 request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
@@ -109,6 +117,7 @@ class DisaggregatedBackend:
                 videos=[visual_to_pb(v, with_pixels=False) for v in p.videos],
                 encode_name=encode.name if encode else ""))
             if ack.ok and encode is not None:
+                current = encode
                 ack = await encode.stub.Encode(pb.EncodeRequest(
                     request_id=rid, room=room, images=[visual_to_pb(v, with_pixels=True) for v in p.images],
                     videos=[visual_to_pb(v, with_pixels=True) for v in p.videos]))
@@ -116,13 +125,17 @@ class DisaggregatedBackend:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error)
                 return
+            current = decode
             async for event in stream:
                 yield _event(event)
                 if event.finish_reason or event.error:
                     return
         except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.UNAVAILABLE:
+                await self.pool.forget(current)
             await self.abort(rid)
-            yield TokenEvent(rid, [], error=f"a worker failed: {error.code().name}: {error.details()}")
+            yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} failed: {error.code().name}: "
+                                            f"{error.details()}")
         finally:
             stream.cancel()
 
