@@ -142,7 +142,7 @@ class DisaggregatedBackend:
     async def abort(self, request_id: str) -> None:
         for worker in self._active.get(request_id, []):
             try:
-                await worker.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=2)
+                await worker.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=10)
             except grpc.RpcError:
                 log.warning("could not abort %s on %s", request_id, worker.name)
 
