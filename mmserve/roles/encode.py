@@ -96,11 +96,7 @@ class EncodeRole:
 
 class EncodeService(WorkerService):
     def Encode(self, request, context):
-        try:
-            self.loop.call(self.loop.role.encode, request)
-        except ValueError as error:
-            return pb.Ack(ok=False, error=str(error))
-        return pb.Ack(ok=True)
+        return self.acknowledge(self.loop.role.encode, request)
 
 
 def encode_service(role: EncodeRole) -> EncodeService:

@@ -188,11 +188,7 @@ class PrefillRole:
 
 class PrefillService(WorkerService):
     def Prefill(self, request, context):
-        try:
-            self.loop.call(self.loop.role.prefill, request)
-        except ValueError as error:
-            return pb.Ack(ok=False, error=str(error))
-        return pb.Ack(ok=True)
+        return self.acknowledge(self.loop.role.prefill, request)
 
 
 def prefill_service(role: PrefillRole) -> PrefillService:

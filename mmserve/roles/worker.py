@@ -86,6 +86,14 @@ class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, loop: RoleLoop):
         self.loop = loop
 
+    def acknowledge(self, fn: Callable, request) -> pb.Ack:
+        """Runs ``fn(request)`` on the loop; a request the role refuses is answered with its reason."""
+        try:
+            self.loop.call(fn, request)
+        except ValueError as error:
+            return pb.Ack(ok=False, error=str(error))
+        return pb.Ack(ok=True)
+
     def Abort(self, request, context):
         self.loop.call(self.loop.role.abort, request.request_id)
         return pb.Ack(ok=True)

@@ -1,5 +1,6 @@
-"""serve.py's roles as real processes: outputs equal the colocated engine's, resume, concurrency,
-a killed encode worker, and malformed requests."""
+"""serve.py's roles, each its own process (as --role all starts them, but with their pids at hand):
+resume, concurrency, a killed encode worker, malformed requests. The plain chat cases against
+--role all are in test_serve_all.py."""
 
 import base64
 import concurrent.futures
@@ -69,13 +70,6 @@ CASES = {
     "one_image": ("What is this?", [image(1, (64, 64))]),
     "two_images": ("Compare them.", [image(2, (64, 96)), image(3, (96, 64))]),
 }
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_chat_equals_colocated(cluster, client, llm, case, stream):
-    text, images = CASES[case]
-    assert ask(client, text, images, stream) == expected(llm, text, images)
 
 
 def test_embedding_longer_than_default_allocation_resumes(cluster, client, llm):

@@ -1,4 +1,5 @@
-"""The README's main command: ``serve.py --role all`` answers the OpenAI client as colocated does."""
+"""The README's main command: ``serve.py --role all`` answers the unmodified openai client exactly
+as the colocated engine does, streaming or not, and stops every process it started."""
 
 import os
 import signal
@@ -10,38 +11,56 @@ import openai
 import pytest
 
 from cluster import SERVE, free_port, get_json
-from mmserve import LLM, SamplingParams
-from test_disaggregated import conversation, image
+from test_disaggregated import CASES, ask, expected
 
 pytestmark = pytest.mark.slow
 
 
-def test_role_all_serves_a_chat_with_an_image_and_stops_cleanly(tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("all_logs")
     port = free_port()
-    log = open(tmp_path / "all.log", "wb")
     process = subprocess.Popen([sys.executable, SERVE, "--role", "all", "--model", "tiny", "--port", str(port),
-                                "--num-pages", "128"], env=os.environ | {"JAX_PLATFORMS": "cpu"},
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, (tmp_path / "all.log").read_text()[-3000:]
-            try:
-                if get_json(f"http://127.0.0.1:{port}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "serve.py --role all did not become healthy"
-            time.sleep(1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
-        picture = [image(7, (64, 64))]
-        reply = client.chat.completions.create(model="tiny", messages=conversation("Describe.", picture, True),
-                                               max_tokens=8, temperature=0)
-        want = LLM("tiny", num_pages=128).chat(conversation("Describe.", picture, False),
-                                              SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
-        assert reply.choices[0].message.content == want
-    finally:
+                                "--num-pages", "256", "--page-size", "8", "--max-model-len", "512",
+                                "--max-prefill-tokens", "128"],
+                               env=os.environ | {"JAX_PLATFORMS": "cpu", "MMSERVE_HEARTBEAT_TIMEOUT": "20"},
+                               stdout=open(logs / "all.log", "wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 240
+    while True:
+        assert process.poll() is None, (logs / "all.log").read_text()[-3000:]
+        try:
+            if get_json(f"http://127.0.0.1:{port}/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "serve.py --role all did not become healthy"
+        time.sleep(1)
+    yield process, port
+    if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
-    children = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
-    assert children == [], "serve.py --role all left processes behind"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from mmserve import LLM
+
+    return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_role_all_equals_colocated(server, llm, case, stream):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key="unused", timeout=120,
+                           max_retries=0)
+    text, images = CASES[case]
+    assert ask(client, text, images, stream) == expected(llm, text, images)
+
+
+def test_role_all_stops_every_process_it_started(server):
+    process, _ = server
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    left = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert left == [], "serve.py --role all left processes behind"
