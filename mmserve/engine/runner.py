@@ -8,6 +8,7 @@ only the sampled ids come back to the host (plus logprobs when a request asked f
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -39,11 +40,14 @@ def _decode(module, params, tokens, positions, cache, page_tables, context_lens)
     return stages.decode(module, params, tokens, positions, cache, page_tables, context_lens)
 
 
-class SampledTokens:
-    """Host copies of one step's samples, row i for the i-th request of the step."""
+class SampledTokens(NamedTuple):
+    """Host copies of one step's samples, row i for the i-th request of the step; the logprob
+    arrays only when some request asked for them."""
 
-    def __init__(self, token_ids, logprobs=None, top_ids=None, top_logprobs=None):
-        self.token_ids, self.logprobs, self.top_ids, self.top_logprobs = token_ids, logprobs, top_ids, top_logprobs
+    token_ids: np.ndarray
+    logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -57,9 +61,13 @@ class ModelRunner:
         self.num_pages = config.num_pages or KVCacheManager.num_pages_for_budget(
             config.kv_cache_bytes, text.num_hidden_layers, text.num_key_value_heads, text.head_dim,
             config.page_size, model.dtype)
-        self.cache = (KVCache.create(text, self.num_pages, config.page_size, model.dtype) if layout is None else
+        # Committed to their device from the start: the programs' outputs are, and a first call on
+        # uncommitted inputs would compile a second variant of every program.
+        device = jax.devices()[0]
+        self.cache = (jax.device_put(KVCache.create(text, self.num_pages, config.page_size, model.dtype), device)
+                      if layout is None else
                       layout.create_kv_cache(model.config, self.num_pages, config.page_size, model.dtype))
-        self.penalties = init_penalty_state(config.max_num_seqs, text.vocab_size)
+        self.penalties = jax.device_put(init_penalty_state(config.max_num_seqs, text.vocab_size), device)
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
 
