@@ -28,6 +28,14 @@ from models.qwen3_vl_moe.multimodal import place_visual
 from models.qwen3_vl_moe.rope_index import get_rope_index
 
 
+class StepFailed(RuntimeError):
+    """A step raised; the requests it ran were aborted (their state was mid-update)."""
+
+    def __init__(self, request_ids: list[str], cause: Exception):
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None):
@@ -81,7 +89,13 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        sampled = self._run(step)
+        try:
+            sampled = self._run(step)
+        except Exception as error:
+            ids = [ch.request.request_id for ch in step.prefill] + [r.request_id for r in step.decode]
+            for request_id in ids:
+                self.abort(request_id)
+            raise StepFailed(ids, error) from error
         outputs = []
         for request, row in sampled:
             self._append(request, row)

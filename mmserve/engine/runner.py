@@ -63,11 +63,11 @@ class ModelRunner:
             config.page_size, model.dtype)
         # Committed to their device from the start: the programs' outputs are, and a first call on
         # uncommitted inputs would compile a second variant of every program.
-        device = jax.devices()[0]
-        self.cache = (jax.device_put(KVCache.create(text, self.num_pages, config.page_size, model.dtype), device)
+        home = jax.devices()[0] if layout is None else layout.replicated()
+        self.cache = (jax.device_put(KVCache.create(text, self.num_pages, config.page_size, model.dtype), home)
                       if layout is None else
                       layout.create_kv_cache(model.config, self.num_pages, config.page_size, model.dtype))
-        self.penalties = jax.device_put(init_penalty_state(config.max_num_seqs, text.vocab_size), device)
+        self.penalties = jax.device_put(init_penalty_state(config.max_num_seqs, text.vocab_size), home)
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
 

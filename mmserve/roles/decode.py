@@ -15,7 +15,7 @@ import numpy as np
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.engine import LLMEngine
+from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request
 from mmserve.roles.fields import kv_fields
@@ -93,7 +93,13 @@ class DecodeRole:
                                                   error=f"KV transfer failed: {self.receiver.failure(room)}"))
                 self.receiver.forget(room)
         if self.engine.has_unfinished():
-            for output in self.engine.step():
+            try:
+                outputs = self.engine.step()
+            except StepFailed as failure:
+                for request_id in failure.request_ids:
+                    self._streams.pop(request_id)[0].put(pb.TokenEvent(request_id=request_id, error=str(failure)))
+                return
+            for output in outputs:
                 self._emit(output)
 
     def abort(self, request_id: str) -> None:

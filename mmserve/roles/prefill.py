@@ -12,7 +12,7 @@ import numpy as np
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.engine import LLMEngine
+from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.request import Request
 from mmserve.roles.fields import embedding_fields, kv_fields
@@ -97,7 +97,11 @@ class PrefillRole:
                 self._fail(room, f"embeddings did not arrive: {self.receiver.failure(room)}")
                 self.receiver.forget(room)
         if self.engine.has_unfinished():
-            self.engine.step()
+            try:
+                self.engine.step()
+            except StepFailed as failure:
+                for request_id in failure.request_ids:
+                    self._fail(self._room_of[request_id], str(failure))
         self._ship_outgoing()
         self.sender.progress(PROGRESS_S)
         for request_id, room in list(self._room_of.items()):
