@@ -4,13 +4,11 @@ receiver's default allocation is too small)."""
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-
 import numpy as np
 
 from mmserve.engine.encoder import Encoder
 from mmserve.roles.fields import embedding_fields
+from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.wire import visual_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
@@ -22,15 +20,6 @@ from transfer.sender import Sender
 PROGRESS_S = 0.005
 
 
-@dataclasses.dataclass
-class Outgoing:
-    room: int
-    request_id: str
-    rows: dict[str, np.ndarray]
-    num_tokens: int
-    image_tokens: int
-
-
 class EncodeRole:
     role = "encode"
 
@@ -38,7 +27,7 @@ class EncodeRole:
         self.name = name
         self.encoder = Encoder(model, cache_size)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
-        self._outgoing: collections.deque[Outgoing] = collections.deque()
+        self._outbox = Outbox(self.sender, self._fail)
         self._rooms: dict[int, str] = {}
 
     def encode(self, request: pb.EncodeRequest) -> None:
@@ -53,24 +42,16 @@ class EncodeRole:
         n = embeds.shape[0]
         if not self.sender.allocator.can_ever_hold(n):
             raise ValueError(f"{n} visual tokens exceed the whole encode buffer pool")
-        rows = {"embeddings": embeds, "deepstack": np.swapaxes(deepstack, 0, 1).reshape(n, -1)}
+        pad = ((0, self.sender.buffers.bucket(n) - n), (0, 0))  # one write program per bucket
+        rows = {"embeddings": np.pad(embeds, pad),
+                "deepstack": np.pad(np.swapaxes(deepstack, 0, 1).reshape(n, -1), pad)}
+        info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0])})
         self.sender.add(request.room)
         self._rooms[request.room] = request.request_id
-        self._outgoing.append(Outgoing(request.room, request.request_id, rows, n,
-                                       0 if images is None else images[0].shape[0]))
+        self._outbox.put(Parcel(request.room, rows, info))
 
     def step(self) -> None:
-        while self._outgoing:
-            out = self._outgoing[0]
-            allocation = self.sender.allocator.alloc(out.num_tokens)
-            if allocation is None:
-                break
-            self._outgoing.popleft()
-            bucket = self.sender.buffers.bucket(out.num_tokens)
-            padded = {k: np.pad(v, ((0, bucket - v.shape[0]), (0, 0))) for k, v in out.rows.items()}
-            self.sender.buffers.write(allocation, 0, padded, num_tokens=out.num_tokens)
-            info = TransferInfo(TransferMode.EMBEDDING, out.num_tokens, aux={"image_tokens": out.image_tokens})
-            self.sender.send(out.room, allocation, info)
+        self._outbox.flush()
         self.sender.progress(PROGRESS_S)
         for room in [r for r in self._rooms if self.sender.poll(r).terminal]:
             self.sender.forget(room)
@@ -79,19 +60,22 @@ class EncodeRole:
     def abort(self, request_id: str) -> None:
         for room, rid in list(self._rooms.items()):
             if rid == request_id:
-                self._outgoing = collections.deque(o for o in self._outgoing if o.room != room)
-                if not self.sender.poll(room).terminal:
-                    self.sender.abort(room, "aborted by the router")
+                self._outbox.drop(room)
+                self._fail(room, "aborted by the router")
 
     def in_flight(self) -> int:
         return len(self._rooms)
 
     def health(self) -> dict:
         return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._rooms),
-                "queued": len(self._outgoing)}
+                "queued": len(self._outbox)}
 
     def close(self) -> None:
         self.sender.close()
+
+    def _fail(self, room: int, reason: str) -> None:
+        if not self.sender.poll(room).terminal:
+            self.sender.abort(room, reason[:500])
 
 
 class EncodeService(WorkerService):

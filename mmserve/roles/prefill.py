@@ -4,7 +4,6 @@ named. One loop drives both directions: the embedding receiver and the KV sender
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import jax
@@ -16,12 +15,14 @@ from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.request import Request
 from mmserve.roles.fields import embedding_fields, kv_fields
+from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.wire import sampling_from_pb, visual_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
+from transfer.data_plane import open_data_plane
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
 from transfer.receiver import Receiver
@@ -39,18 +40,6 @@ class Pending:
     params: SamplingParams
 
 
-@dataclasses.dataclass
-class Outgoing:
-    """A prefilled prompt's KV rows waiting for sender blocks."""
-
-    room: int
-    k: object
-    v: object
-    num_tokens: int
-    first_token: int
-    aux: dict
-
-
 class PrefillRole:
     role = "prefill"
 
@@ -60,11 +49,13 @@ class PrefillRole:
         self.model = model
         self.bootstrap = bootstrap
         self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout)
-        self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype))
-        self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap)
+        # One data plane serves both directions: embeddings in, KV out.
+        self._plane = open_data_plane(transfer)
+        self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)
+        self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
         self._pending: dict[int, Pending] = {}
         self._room_of: dict[str, int] = {}
-        self._outgoing: collections.deque[Outgoing] = collections.deque()
+        self._outbox = Outbox(self.sender, self._fail)
         self.embedding_resumes = 0
 
     def prefill(self, request: pb.PrefillRequest) -> None:
@@ -102,7 +93,7 @@ class PrefillRole:
             except StepFailed as failure:
                 for request_id in failure.request_ids:
                     self._fail(self._room_of[request_id], str(failure))
-        self._ship_outgoing()
+        self._outbox.flush()
         self.sender.progress(PROGRESS_S)
         for request_id, room in list(self._room_of.items()):
             if room not in self._pending and self.sender.poll(room).terminal:
@@ -118,7 +109,7 @@ class PrefillRole:
             self.receiver.abort(room, "aborted by the router")
             self.receiver.forget(room)
         self.engine.abort(request_id)
-        self._outgoing = collections.deque(o for o in self._outgoing if o.room != room)
+        self._outbox.drop(room)
         self._fail(room, "aborted by the router")
 
     def in_flight(self) -> int:
@@ -134,6 +125,7 @@ class PrefillRole:
     def close(self) -> None:
         self.receiver.close()
         self.sender.close()
+        self._plane.close()
 
     def _start(self, pending: Pending, features: dict) -> None:
         """Prefill samples exactly the first token; decode continues from it."""
@@ -166,23 +158,8 @@ class PrefillRole:
         if request.logprobs:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
-        self._outgoing.append(Outgoing(room, k, v, n, request.output_ids[0], aux))
-
-    def _ship_outgoing(self) -> None:
-        while self._outgoing:
-            out = self._outgoing[0]
-            allocation = self.sender.allocator.alloc(out.num_tokens)
-            if allocation is None:
-                break
-            self._outgoing.popleft()
-            try:
-                self.sender.buffers.write(allocation, 0, {"k": out.k, "v": out.v}, num_tokens=out.num_tokens)
-            except Exception as error:  # the request fails; the worker and its other requests go on
-                self.sender.allocator.free(allocation)
-                self._fail(out.room, f"could not stage KV: {error}")
-                continue
-            self.sender.send(out.room, allocation,
-                             TransferInfo(TransferMode.KV, out.num_tokens, aux=out.aux, first_token=out.first_token))
+        info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
+        self._outbox.put(Parcel(room, {"k": k, "v": v}, info))
 
     def _fail(self, room: int, reason: str) -> None:
         """Tells decode (through the KV room) that this request will not come."""
