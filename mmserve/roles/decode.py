@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import queue
+import threading
 
 import numpy as np
 
@@ -61,6 +62,8 @@ class DecodeRole:
         self._prealloc: collections.deque[Incoming] = collections.deque()
         self._transfers: dict[int, Incoming] = {}
         self._streams: dict[str, tuple[queue.Queue, SamplingParams, int]] = {}
+        self.lock = threading.RLock()
+        """Held by whoever touches the receiver: the loop thread or the transfer pump."""
 
     def decode(self, request: pb.DecodeRequest, stream: queue.Queue) -> None:
         params = sampling_from_pb(request.sampling)
@@ -72,26 +75,10 @@ class DecodeRole:
                                        request.prefill_name, stream))
 
     def step(self) -> None:
-        while self._prealloc:
-            incoming = self._prealloc[0]
-            incoming.slot = self.engine.reserve(incoming.request_id, incoming.reserved_tokens)
-            if incoming.slot is None:
-                break
-            self._prealloc.popleft()
-            self.receiver.add(incoming.room, self.bootstrap, incoming.prefill_name, TransferMode.KV)
-            self._transfers[incoming.room] = incoming
-        self.receiver.progress(PROGRESS_S if not self.engine.has_unfinished() else 0)
-        for room, incoming in list(self._transfers.items()):
-            state = self.receiver.poll(room)
-            if state is PollState.SUCCESS:
-                del self._transfers[room]
-                self._admit(incoming, self.receiver.take(room))
-            elif state is PollState.FAILED:
-                del self._transfers[room]
-                self.engine.cancel_reservation(incoming.request_id, incoming.slot)
-                incoming.stream.put(pb.TokenEvent(request_id=incoming.request_id,
-                                                  error=f"KV transfer failed: {self.receiver.failure(room)}"))
-                self.receiver.forget(room)
+        with self.lock:
+            arrived = self._receive()
+        for incoming, received in arrived:
+            self._admit(incoming, received)
         if self.engine.has_unfinished():
             try:
                 outputs = self.engine.step()
@@ -102,7 +89,40 @@ class DecodeRole:
             for output in outputs:
                 self._emit(output)
 
+    def pump(self) -> None:
+        with self.lock:
+            self.receiver.progress(0)
+
+    def _receive(self) -> list[tuple[Incoming, object]]:
+        """Registers reserved requests with their prefill; returns the ones whose KV arrived."""
+        while self._prealloc:
+            incoming = self._prealloc[0]
+            incoming.slot = self.engine.reserve(incoming.request_id, incoming.reserved_tokens)
+            if incoming.slot is None:
+                break
+            self._prealloc.popleft()
+            self.receiver.add(incoming.room, self.bootstrap, incoming.prefill_name, TransferMode.KV)
+            self._transfers[incoming.room] = incoming
+        self.receiver.progress(PROGRESS_S if not self.engine.has_unfinished() else 0)
+        arrived = []
+        for room, incoming in list(self._transfers.items()):
+            state = self.receiver.poll(room)
+            if state is PollState.SUCCESS:
+                del self._transfers[room]
+                arrived.append((incoming, self.receiver.take(room)))
+            elif state is PollState.FAILED:
+                del self._transfers[room]
+                self.engine.cancel_reservation(incoming.request_id, incoming.slot)
+                incoming.stream.put(pb.TokenEvent(request_id=incoming.request_id,
+                                                  error=f"KV transfer failed: {self.receiver.failure(room)}"))
+                self.receiver.forget(room)
+        return arrived
+
     def abort(self, request_id: str) -> None:
+        with self.lock:
+            self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         for incoming in list(self._prealloc):
             if incoming.request_id == request_id:
                 self._prealloc.remove(incoming)
@@ -123,11 +143,16 @@ class DecodeRole:
         return len(self._prealloc) + len(self._transfers) + len(self._streams)
 
     def health(self) -> dict:
+        with self.lock:
+            return self._health()
+
+    def _health(self) -> dict:
         return self.engine.stats() | {"free_kv_blocks": self.receiver.allocator.available_blocks(),
                                       "prealloc_queue": len(self._prealloc), "transfers": len(self._transfers)}
 
     def close(self) -> None:
-        self.receiver.close()
+        with self.lock:
+            self.receiver.close()
 
     def _admit(self, incoming: Incoming, received) -> None:
         info = received.info

@@ -4,6 +4,8 @@ receiver's default allocation is too small)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from mmserve.engine.encoder import Encoder
@@ -29,6 +31,8 @@ class EncodeRole:
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
         self._outbox = Outbox(self.sender, self._fail)
         self._rooms: dict[int, str] = {}
+        self.lock = threading.RLock()
+        """Held by whoever touches the sender: the loop thread or the transfer pump."""
 
     def encode(self, request: pb.EncodeRequest) -> None:
         """Encodes now; the rows wait for sender blocks if the pool is full."""
@@ -46,18 +50,28 @@ class EncodeRole:
         rows = {"embeddings": np.pad(embeds, pad),
                 "deepstack": np.pad(np.swapaxes(deepstack, 0, 1).reshape(n, -1), pad)}
         info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0])})
-        self.sender.add(request.room)
-        self._rooms[request.room] = request.request_id
-        self._outbox.put(Parcel(request.room, rows, info))
+        with self.lock:
+            self.sender.add(request.room)
+            self._rooms[request.room] = request.request_id
+            self._outbox.put(Parcel(request.room, rows, info))
 
     def step(self) -> None:
-        self._outbox.flush()
-        self.sender.progress(PROGRESS_S)
-        for room in [r for r in self._rooms if self.sender.poll(r).terminal]:
-            self.sender.forget(room)
-            del self._rooms[room]
+        with self.lock:
+            self._outbox.flush()
+            self.sender.progress(PROGRESS_S)
+            for room in [r for r in self._rooms if self.sender.poll(r).terminal]:
+                self.sender.forget(room)
+                del self._rooms[room]
+
+    def pump(self) -> None:
+        with self.lock:
+            self.sender.progress(0)
 
     def abort(self, request_id: str) -> None:
+        with self.lock:
+            self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         for room, rid in list(self._rooms.items()):
             if rid == request_id:
                 self._outbox.drop(room)
@@ -67,15 +81,18 @@ class EncodeRole:
         return len(self._rooms)
 
     def health(self) -> dict:
-        return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._rooms),
-                "queued": len(self._outbox)}
+        with self.lock:
+            return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._rooms),
+                    "queued": len(self._outbox)}
 
     def close(self) -> None:
-        self.sender.close()
+        with self.lock:
+            self.sender.close()
 
     def _fail(self, room: int, reason: str) -> None:
-        if not self.sender.poll(room).terminal:
-            self.sender.abort(room, reason[:500])
+        with self.lock:
+            if not self.sender.poll(room).terminal:
+                self.sender.abort(room, reason[:500])
 
 
 class EncodeService(WorkerService):

@@ -5,6 +5,7 @@ named. One loop drives both directions: the embedding receiver and the KV sender
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import numpy as np
@@ -57,8 +58,14 @@ class PrefillRole:
         self._room_of: dict[str, int] = {}
         self._outbox = Outbox(self.sender, self._fail)
         self.embedding_resumes = 0
+        self.lock = threading.RLock()
+        """Held by whoever touches the receiver or the sender: the loop thread or the transfer pump."""
 
     def prefill(self, request: pb.PrefillRequest) -> None:
+        with self.lock:
+            self._prefill(request)
+
+    def _prefill(self, request: pb.PrefillRequest) -> None:
         params = sampling_from_pb(request.sampling)
         prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v) for v in request.images],
                                 [visual_from_pb(v) for v in request.videos])
@@ -75,6 +82,23 @@ class PrefillRole:
             self._start(pending, {})
 
     def step(self) -> None:
+        with self.lock:
+            self._receive()
+        if self.engine.has_unfinished():
+            try:
+                self.engine.step()
+            except StepFailed as failure:
+                for request_id in failure.request_ids:
+                    self._fail(self._room_of[request_id], str(failure))
+        with self.lock:
+            self._send()
+
+    def pump(self) -> None:
+        with self.lock:
+            self.receiver.progress(0)
+            self.sender.progress(0)
+
+    def _receive(self) -> None:
         self.receiver.progress(PROGRESS_S)
         for room, pending in list(self._pending.items()):
             state = self.receiver.poll(room)
@@ -87,12 +111,8 @@ class PrefillRole:
                 del self._pending[room]
                 self._fail(room, f"embeddings did not arrive: {self.receiver.failure(room)}")
                 self.receiver.forget(room)
-        if self.engine.has_unfinished():
-            try:
-                self.engine.step()
-            except StepFailed as failure:
-                for request_id in failure.request_ids:
-                    self._fail(self._room_of[request_id], str(failure))
+
+    def _send(self) -> None:
         self._outbox.flush()
         self.sender.progress(PROGRESS_S)
         for request_id, room in list(self._room_of.items()):
@@ -101,6 +121,10 @@ class PrefillRole:
                 del self._room_of[request_id]
 
     def abort(self, request_id: str) -> None:
+        with self.lock:
+            self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         room = self._room_of.get(request_id)
         if room is None:
             return
@@ -116,6 +140,10 @@ class PrefillRole:
         return len(self._room_of)
 
     def health(self) -> dict:
+        with self.lock:
+            return self._health()
+
+    def _health(self) -> dict:
         return self.engine.stats() | {
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
             "free_kv_blocks": self.sender.allocator.available_blocks(),
@@ -123,9 +151,10 @@ class PrefillRole:
             "embedding_resumes": self.embedding_resumes}
 
     def close(self) -> None:
-        self.receiver.close()
-        self.sender.close()
-        self._plane.close()
+        with self.lock:
+            self.receiver.close()
+            self.sender.close()
+            self._plane.close()
 
     def _start(self, pending: Pending, features: dict) -> None:
         """Prefill samples exactly the first token; decode continues from it."""
@@ -163,8 +192,9 @@ class PrefillRole:
 
     def _fail(self, room: int, reason: str) -> None:
         """Tells decode (through the KV room) that this request will not come."""
-        if not self.sender.poll(room).terminal:
-            self.sender.abort(room, reason[:500])
+        with self.lock:
+            if not self.sender.poll(room).terminal:
+                self.sender.abort(room, reason[:500])
 
 
 class PrefillService(WorkerService):

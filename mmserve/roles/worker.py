@@ -1,7 +1,8 @@
 """Running a role as a worker process: one loop thread owns the role, a gRPC server feeds it.
 
 The role (engine, transfer sender/receiver) is not thread-safe, so every gRPC call becomes a
-command executed on the loop thread between steps. The worker announces itself to the router's
+command executed on the loop thread between steps. A second thread pumps the transfer layer under
+the role's transfer lock, so heartbeats and pulls go on while the loop compiles or steps. The worker announces itself to the router's
 registry and repeats it as a heartbeat, so a restarted worker is picked up again.
 """
 
@@ -22,6 +23,7 @@ from mmserve.rpc import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 REGISTER_INTERVAL_S = 1.0
+PUMP_INTERVAL_S = 0.002
 MAX_MESSAGE_BYTES = 256 * 2**20
 
 
@@ -31,6 +33,10 @@ class Role(Protocol):
 
     def step(self) -> None:
         """One round of work: transfers, engine step; returns quickly when idle."""
+
+    def pump(self) -> None:
+        """Transfer progress only (heartbeats, pulls), safe to call from another thread while
+        ``step`` runs a long engine step or a compile."""
 
     def health(self) -> dict[str, Any]: ...
 
@@ -47,9 +53,11 @@ class RoleLoop:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{role.role}-loop", daemon=True)
+        self._pump = threading.Thread(target=self._pump_forever, name=f"{role.role}-transfer", daemon=True)
 
     def start(self) -> RoleLoop:
         self._thread.start()
+        self._pump.start()
         return self
 
     def call(self, fn: Callable, *args) -> Any:
@@ -61,6 +69,16 @@ class RoleLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._pump.join(timeout=10)
+
+    def _pump_forever(self) -> None:
+        """Keeps the transfer layer answering (heartbeats, pulls) while the loop thread is busy."""
+        while not self._stop.is_set():
+            try:
+                self.role.pump()
+            except Exception:
+                log.exception("%s transfer pump failed", self.role.role)
+            self._stop.wait(PUMP_INTERVAL_S)
 
     def _run(self) -> None:
         while not self._stop.is_set():

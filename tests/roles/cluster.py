@@ -20,7 +20,7 @@ TRANSFER_ENV = {
     "MMSERVE_DEFAULT_BLOCKS": "2",  # 32 tokens: an image of more visual tokens needs a resume
     "MMSERVE_BUFFER_BLOCKS": "256",
     "MMSERVE_HEARTBEAT_INTERVAL": "0.5",
-    "MMSERVE_HEARTBEAT_TIMEOUT": "20",  # above the longest first-use compile of a busy 2-core machine
+    "MMSERVE_HEARTBEAT_TIMEOUT": "5",  # a compiling worker still answers: its transfer pump runs apart
     "MMSERVE_BOOTSTRAP_TIMEOUT": "30",
 }
 

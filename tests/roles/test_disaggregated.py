@@ -133,7 +133,7 @@ def _prefill(cluster) -> dict:
 
 def _assert_all_free(cluster, roles=("encode", "prefill", "decode")) -> None:
     """Every block and page back in its pool: at once when aborts get through, at the latest when
-    the transfer layer's heartbeat timeout (20 s here) fails what a dead peer left behind."""
+    the transfer layer's heartbeat timeout (5 s here) fails what a dead peer left behind."""
     deadline = time.monotonic() + 45
     while True:
         health = _roles(cluster)

@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     process = subprocess.Popen([sys.executable, SERVE, "--role", "all", "--model", "tiny", "--port", str(port),
                                 "--num-pages", "256", "--page-size", "8", "--max-model-len", "512",
                                 "--max-prefill-tokens", "128"],
-                               env=os.environ | {"JAX_PLATFORMS": "cpu", "MMSERVE_HEARTBEAT_TIMEOUT": "20"},
+                               env=os.environ | {"JAX_PLATFORMS": "cpu"},
                                stdout=open(logs / "all.log", "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.monotonic() + 240
