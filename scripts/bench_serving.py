@@ -54,7 +54,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--image-size", type=int, default=128, help="side of the square test picture, pixels")
-    p.add_argument("--warmup", type=int, default=4, help="requests sent first and not measured (compiles)")
+    p.add_argument("--warmup", type=int, default=24,
+                   help="requests sent first and not measured: they compile the batch buckets in use")
     args = p.parse_args()
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=600, max_retries=0)
     run = lambda seed: one_request(client, args.model, seed, args.image_size, args.max_tokens)
