@@ -5,19 +5,19 @@ from __future__ import annotations
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from mmserve.sampling_params import MAX_LOGPROBS
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.serving.router.chat_messages import chat_prompt
 from mmserve.serving.router.context import RouterContext, json_body, new_request_id
-from mmserve.serving.router.errors import InvalidRequest, server_error_response
+from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fields, json_object, requested_int,
                                            sampling_params)
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
-from mmserve.serving.router.relay import collect, relay, unless_disconnected
+from mmserve.serving.router.relay import relay
 
 ENDPOINT = "chat"
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -40,17 +40,14 @@ async def chat_completions(request: Request) -> Response:
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common)
     events = relay(router.backend, chat.request, router.metrics, ENDPOINT, arrival)
-    if common.stream:
-        return StreamingResponse(chat.stream(events), media_type="text/event-stream")
-    answer = await unless_disconnected(request, lambda: collect(events))
-    if answer is None:
-        return Response(status_code=499)  # nobody is listening; the request was aborted
-    if answer.error is not None:
-        return server_error_response(answer.error)
-    choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-              "logprobs": chat.logprobs(answer.logprobs), "finish_reason": answer.finish_reason,
-              "stop_reason": answer.stop_reason}
-    return JSONResponse(chat.envelope("chat.completion", [choice]) | {"usage": chat.usage(len(answer.token_ids))})
+
+    def whole(answer: TokenEvent) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
+                  "logprobs": chat.logprobs(answer.logprobs), "finish_reason": answer.finish_reason,
+                  "stop_reason": answer.stop_reason}
+        return chat.envelope("chat.completion", [choice]) | {"usage": chat.usage(len(answer.token_ids))}
+
+    return await chat.respond(request, events, whole)
 
 
 def _logprobs(body: dict) -> int | None:

@@ -6,17 +6,17 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.serving.router.context import RouterContext, json_body, new_request_id
-from mmserve.serving.router.errors import InvalidRequest, server_error_response
+from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fields, json_object, requested_int,
                                            sampling_params)
 from mmserve.serving.router.logprobs import completion_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
-from mmserve.serving.router.relay import collect, relay, unless_disconnected
+from mmserve.serving.router.relay import relay
 
 ENDPOINT = "completions"
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "max_tokens", "logprobs"}
@@ -35,16 +35,12 @@ async def completions(request: Request) -> Response:
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs")})
     completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common)
     events = relay(router.backend, completion.request, router.metrics, ENDPOINT, arrival)
-    if common.stream:
-        return StreamingResponse(completion.stream(events), media_type="text/event-stream")
-    answer = await unless_disconnected(request, lambda: collect(events))
-    if answer is None:
-        return Response(status_code=499)  # nobody is listening; the request was aborted
-    if answer.error is not None:
-        return server_error_response(answer.error)
-    choice = completion.choice(answer.text, answer.logprobs, 0, answer.finish_reason, answer.stop_reason)
-    return JSONResponse(completion.envelope("text_completion", [choice])
-                        | {"usage": completion.usage(len(answer.token_ids))})
+
+    def whole(answer: TokenEvent) -> dict:
+        choice = completion.choice(answer.text, answer.logprobs, 0, answer.finish_reason, answer.stop_reason)
+        return completion.envelope("text_completion", [choice]) | {"usage": completion.usage(len(answer.token_ids))}
+
+    return await completion.respond(request, events, whole)
 
 
 def _prompt(prompt: Any) -> dict[str, Any]:

@@ -7,19 +7,23 @@ which the ``openai`` client raises as an APIError, and the stream ends.
 
 from __future__ import annotations
 
+import abc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent
 from mmserve.serving.router.context import RouterContext
-from mmserve.serving.router.errors import error_body
+from mmserve.serving.router.errors import error_body, server_error_response
 from mmserve.serving.router.fields import CommonFields
-from mmserve.serving.router.relay import sse
+from mmserve.serving.router.relay import collect, sse, unless_disconnected
 
 
-class OpenAIResponse:
-    """One response's identity and its stream; subclasses shape the choices."""
+class OpenAIResponse(abc.ABC):
+    """One response's identity, its stream or its whole answer; subclasses shape the choices."""
 
     chunk_kind = ""
 
@@ -45,8 +49,22 @@ class OpenAIResponse:
         """A choice to send before any token (chat announces the assistant role), or None."""
         return None
 
+    @abc.abstractmethod
     def delta_choice(self, event: TokenEvent, delta: str, text_offset: int) -> dict:
-        raise NotImplementedError
+        """The choice of one stream chunk carrying ``delta``, the new text of ``event``."""
+
+    async def respond(self, http: Request, events: AsyncIterator[TokenEvent],
+                      whole: Callable[[TokenEvent], dict]) -> Response:
+        """The stream when asked for; otherwise ``whole(answer)`` once the request finished, 499
+        when the client left (the request was aborted), or the backend's error."""
+        if self.common.stream:
+            return StreamingResponse(self.stream(events), media_type="text/event-stream")
+        answer = await unless_disconnected(http, lambda: collect(events))
+        if answer is None:
+            return Response(status_code=499)
+        if answer.error is not None:
+            return server_error_response(answer.error)
+        return JSONResponse(whole(answer))
 
     async def stream(self, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
         sent, completion_tokens = "", 0
