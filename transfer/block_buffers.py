@@ -76,7 +76,7 @@ class BlockBuffers:
         check_fields(self.fields)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.device = device or jax.devices()[0]
+        self.device = device or jax.local_devices()[0]
         rows = num_blocks * block_size
         self._pools: Arrays = {
             f.name: jax.device_put(jnp.zeros((rows, *f.shape), f.np_dtype), self.device)

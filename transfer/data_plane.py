@@ -66,7 +66,7 @@ def open_data_plane(config: TransferConfig, device: jax.Device | None = None) ->
     from transfer.jax_plane import JaxTransferPlane
     from transfer.zmq_plane import ZmqDataPlane
 
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     if config.data_plane == "zmq":
         return ZmqDataPlane(config.bind_host)
     try:

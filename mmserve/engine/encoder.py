@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.buckets import bucket
 from mmserve.engine.embedding_cache import EmbeddingCache, pixel_key
 from mmserve.engine.inputs import Visual
@@ -24,9 +26,15 @@ def _encode(module, params, patches, interp_idx, interp_weight, rope_pos, segmen
 
 
 class Encoder:
-    def __init__(self, model: Model, cache_size: int):
+    def __init__(self, model: Model, cache_size: int, layout: MeshLayout | None = None,
+                 lockstep: Lockstep | None = None):
+        """The vision program runs through ``lockstep`` (every process of a multi-host role runs
+        it); its outputs are replicated over ``layout``'s mesh there, so the leader can read them."""
         self.model = model
         self.cache = EmbeddingCache(cache_size)
+        self.layout = layout
+        self.lockstep = lockstep or Lockstep()
+        self.lockstep.bind("encoder", self)
 
     def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
         """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
@@ -52,7 +60,15 @@ class Encoder:
         patches = np.zeros((size, visual.pixel_values.shape[1]), np.float32)
         patches[:n] = visual.pixel_values
         padded = tables.padded(size)
-        embeds, deepstack = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype),
-                                    padded.interp_idx, padded.interp_weight, padded.rope_pos, padded.segment_ids)
+        embeds, deepstack = self.lockstep.call(
+            "encoder", "run_encode", patches=patches, interp_idx=padded.interp_idx,
+            interp_weight=padded.interp_weight, rope_pos=padded.rope_pos, segment_ids=padded.segment_ids)
         merged = n // self.model.config.vision.merge_unit
         return np.asarray(embeds)[:merged], np.asarray(deepstack)[:, :merged]
+
+    def run_encode(self, patches, interp_idx, interp_weight, rope_pos, segment_ids):
+        out = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype), interp_idx,
+                      interp_weight, rope_pos, segment_ids)
+        if not self.lockstep.spans_processes:
+            return out
+        return jax.jit(lambda t: t, out_shardings=self.layout.replicated())(out)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
@@ -38,15 +39,18 @@ class StepFailed(RuntimeError):
 
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
-                 on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None):
+                 on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None,
+                 lockstep: Lockstep | None = None):
         """on_finish(request, page_table) runs when a request finishes, before its pages are freed
-        (prefill uses it to ship the request's KV to decode)."""
+        (prefill uses it to ship the request's KV to decode). On a role spanning several processes
+        the ``lockstep`` carries the leader's device calls to the others (see
+        :mod:`mmserve.distributed.lockstep`)."""
         self.model = model
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(model, self.config, layout)
+        self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         self.scheduler = Scheduler(self.config, self.kv)
-        self.encoder = Encoder(model, self.config.embedding_cache_size)
+        self.encoder = Encoder(model, self.config.embedding_cache_size, layout, self.runner.lockstep)
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -151,19 +155,19 @@ class LLMEngine:
                 if chunk.start == 0:
                     self.runner.load_slot(chunk.request)
             tables = [self.kv.page_table(ch.request.request_id) for ch in step.prefill]
-            logits = self.runner.prefill(step.prefill, tables)
+            self.runner.prefill(step.prefill, tables)
             for chunk in step.prefill:
                 chunk.request.num_computed += chunk.length
             samplers = [ch.request if ch.completes else None for ch in step.prefill]
         else:
             tables = [self.kv.page_table(r.request_id) for r in step.decode]
-            logits = self.runner.decode(step.decode, tables)
+            self.runner.decode(step.decode, tables)
             for request in step.decode:
                 request.num_computed += 1
             samplers = list(step.decode)
         if not any(samplers):
             return []
-        out = self.runner.sample(logits, samplers)
+        out = self.runner.sample(samplers)
         return [(r, _row(out, i)) for i, r in enumerate(samplers) if r is not None]
 
     def _append(self, request: Request, row: tuple) -> None:

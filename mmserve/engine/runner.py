@@ -3,6 +3,11 @@
 Every call pads its batch to a bucket (powers of two), so each program compiles once per bucket.
 The KV cache and the penalty state are donated to the programs that update them. After a step
 only the sampled ids come back to the host (plus logprobs when a request asked for them).
+
+Each public method lays out its host inputs and runs its device program through the
+``Lockstep`` (``run_*`` methods), so on a role spanning several processes every process runs the
+same programs in the leader's order; the step's logits stay on device between ``run_prefill`` /
+``run_decode`` and ``run_sample``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.kv_rows import gather_rows, scatter_rows
 from mmserve.engine.request import Request
 from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.scheduler import PrefillChunk
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
 from mmserve.sampling_params import SamplingParams
-from mmserve.sampler import init_penalty_state, load_slot, pack_sampling_batch, padded_token_ids, sample
+from mmserve.sampler import (SamplingBatch, init_penalty_state, load_slot, pack_sampling_batch, padded_token_ids,
+                             sample)
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.kv_cache import KVCache
 
@@ -51,7 +58,8 @@ class SampledTokens(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: Model, config: EngineConfig, layout: MeshLayout | None = None):
+    def __init__(self, model: Model, config: EngineConfig, layout: MeshLayout | None = None,
+                 lockstep: Lockstep | None = None):
         """With a ``layout`` the KV cache is created sharded over its mesh (params come sharded
         from ``load_model``); XLA partitions the programs from those shardings."""
         self.model = model
@@ -70,25 +78,39 @@ class ModelRunner:
         self.penalties = jax.device_put(init_penalty_state(config.max_num_seqs, text.vocab_size), home)
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
+        self._logits = None
+        self.lockstep = lockstep or Lockstep()
+        self.lockstep.bind("runner", self)
 
     def read_kv(self, page_table: list[int], num_tokens: int):
-        """(k, v) rows [bucket(num_tokens), layers, kv, d] of a sequence, on device."""
-        rows = bucket(num_tokens, MIN_TOKEN_BUCKET)
-        return gather_rows(self.cache, self._page_tables([page_table], 1)[0], rows)
+        """(k, v) rows [bucket(num_tokens), layers, kv, d] of a sequence, on this process's devices."""
+        k, v = self.lockstep.call("runner", "run_read_kv", page_table=self._page_tables([page_table], 1)[0],
+                                  rows=bucket(num_tokens, MIN_TOKEN_BUCKET))
+        return _local(k), _local(v)
+
+    def run_read_kv(self, page_table, rows):
+        return self._gathered(gather_rows(self.cache, page_table, int(rows)))
 
     def write_kv(self, page_table: list[int], k_rows, v_rows, num_tokens: int) -> None:
+        self.lockstep.call("runner", "run_write_kv", page_table=self._page_tables([page_table], 1)[0],
+                           k_rows=k_rows, v_rows=v_rows, num_tokens=np.int32(num_tokens))
+
+    def run_write_kv(self, page_table, k_rows, v_rows, num_tokens):
         if self.layout is not None:
             k_rows, v_rows = jax.device_put((k_rows, v_rows), self.layout.replicated())
-        self.cache = scatter_rows(self.cache, self._page_tables([page_table], 1)[0], k_rows, v_rows,
-                                  np.int32(num_tokens))
+        self.cache = scatter_rows(self.cache, page_table, k_rows, v_rows, num_tokens)
 
     def load_slot(self, request: Request) -> None:
         """Points the request's penalty slot at its prompt and output so far."""
-        self.penalties = load_slot(self.penalties, request.slot, padded_token_ids(request.prompt_ids),
-                                   padded_token_ids(request.output_ids))
+        self.lockstep.call("runner", "run_load_slot", slot=request.slot,
+                           prompt_ids=padded_token_ids(request.prompt_ids),
+                           output_ids=padded_token_ids(request.output_ids))
 
-    def prefill(self, chunks: list[PrefillChunk], page_tables: list[list[int]]) -> jax.Array:
-        """Runs prompt chunks; returns the logits [bucket, V] at each row's last chunk token."""
+    def run_load_slot(self, slot, prompt_ids, output_ids):
+        self.penalties = load_slot(self.penalties, slot, prompt_ids, output_ids)
+
+    def prefill(self, chunks: list[PrefillChunk], page_tables: list[list[int]]) -> None:
+        """Runs prompt chunks; the logits at each row's last chunk token wait for ``sample``."""
         c, cfg = self.model.config, self.config
         rows = bucket(len(chunks), 1, cfg.max_prefill_seqs)
         t = bucket(max(ch.length for ch in chunks), MIN_TOKEN_BUCKET, cfg.max_prefill_tokens)
@@ -111,13 +133,16 @@ class ModelRunner:
                 mask[i, :span] = r.visual.mask[ch.start:ch.start + span]
                 embeds[i, :span] = r.visual.embeds[ch.start:ch.start + span]
                 deepstack[:, i, :span] = r.visual.deepstack[:, ch.start:ch.start + span]
-        logits, self.cache = _prefill(
-            self.model.module, self.model.params, ids, positions, self.cache, self._page_tables(page_tables, rows),
-            starts, lengths, embeds, mask, deepstack)
-        return logits
+        self.lockstep.call("runner", "run_prefill", ids=ids, positions=positions,
+                           page_tables=self._page_tables(page_tables, rows), starts=starts, lengths=lengths,
+                           embeds=embeds, mask=mask, deepstack=deepstack)
 
-    def decode(self, requests: list[Request], page_tables: list[list[int]]) -> jax.Array:
-        """One token for each request (its newest); returns logits [bucket, V]."""
+    def run_prefill(self, ids, positions, page_tables, starts, lengths, embeds, mask, deepstack):
+        self._logits, self.cache = _prefill(self.model.module, self.model.params, ids, positions, self.cache,
+                                            page_tables, starts, lengths, embeds, mask, deepstack)
+
+    def decode(self, requests: list[Request], page_tables: list[list[int]]) -> None:
+        """One token for each request (its newest); the logits wait for ``sample``."""
         rows = bucket(len(requests), 1, self.config.max_num_seqs)
         tokens = np.zeros(rows, np.int32)
         positions = np.zeros((rows, 3), np.int32)
@@ -126,13 +151,17 @@ class ModelRunner:
             tokens[i] = r.token_ids(r.num_computed, r.num_computed + 1)[0]
             positions[i] = r.positions(r.num_computed, r.num_computed + 1)[:, 0]
             context[i] = r.num_computed
-        logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
-                                     self._page_tables(page_tables, rows), context)
-        return logits
+        self.lockstep.call("runner", "run_decode", tokens=tokens, positions=positions,
+                           page_tables=self._page_tables(page_tables, rows), context=context)
 
-    def sample(self, logits: jax.Array, requests: list[Request | None]) -> SampledTokens:
-        """Samples row i for requests[i]; None rows (and padding) are neither sampled nor counted."""
-        rows = logits.shape[0]
+    def run_decode(self, tokens, positions, page_tables, context):
+        self._logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
+                                           page_tables, context)
+
+    def sample(self, requests: list[Request | None]) -> SampledTokens:
+        """Samples row i of the last step's logits for requests[i]; None rows (and padding) are
+        neither sampled nor counted."""
+        rows = self._logits.shape[0]
         padded = requests + [None] * (rows - len(requests))
         batch = pack_sampling_batch(
             [r.params if r else _PADDING_PARAMS for r in padded],
@@ -140,17 +169,34 @@ class ModelRunner:
             [r.slot if r else 0 for r in padded],
             rows)
         batch = batch._replace(valid=np.array([r is not None for r in padded]))
-        key = jax.random.fold_in(self._key, self._steps)
-        self._steps += 1
-        out, self.penalties = sample(logits, batch, self.penalties, key)
+        out = self.lockstep.call("runner", "run_sample", **batch._asdict())
         ids = np.asarray(out.token_ids)
         if all(r is None or r.params.logprobs is None for r in requests):
             return SampledTokens(ids)
         return SampledTokens(ids, np.asarray(out.logprobs), np.asarray(out.top_token_ids),
                              np.asarray(out.top_logprobs))
 
+    def run_sample(self, **batch):
+        key = jax.random.fold_in(self._key, self._steps)
+        self._steps += 1
+        out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, key)
+        self._logits = None
+        return self._gathered(out)
+
+    def _gathered(self, tree):
+        """Arrays the leader reads: replicated over the mesh when it spans processes (every process
+        runs this, so the collective is joined)."""
+        if not self.lockstep.spans_processes:
+            return tree
+        return jax.jit(lambda t: t, out_shardings=self.layout.replicated())(tree)
+
     def _page_tables(self, tables: list[list[int]], rows: int) -> np.ndarray:
         out = np.full((rows, self.config.max_pages_per_seq), SCRATCH_PAGE, np.int32)
         for i, table in enumerate(tables):
             out[i, : len(table)] = table
         return out
+
+
+def _local(x):
+    """This process's copy of a replicated array (the whole array when it is all local)."""
+    return x if x.is_fully_addressable else x.addressable_data(0)

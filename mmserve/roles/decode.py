@@ -15,6 +15,7 @@ import threading
 import numpy as np
 
 from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.outputs import RequestOutput
@@ -54,10 +55,10 @@ class DecodeRole:
     role = "decode"
 
     def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
-                 layout: MeshLayout | None = None):
+                 layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
         self.name = name
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, layout=layout)
+        self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep)
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
         self._prealloc: collections.deque[Incoming] = collections.deque()
         self._transfers: dict[int, Incoming] = {}

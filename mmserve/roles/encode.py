@@ -8,6 +8,8 @@ import threading
 
 import numpy as np
 
+from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.encoder import Encoder
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
@@ -25,9 +27,10 @@ PROGRESS_S = 0.005
 class EncodeRole:
     role = "encode"
 
-    def __init__(self, model: Model, transfer: TransferConfig, name: str, bootstrap: str, cache_size: int = 64):
+    def __init__(self, model: Model, transfer: TransferConfig, name: str, bootstrap: str, cache_size: int = 64,
+                 layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
         self.name = name
-        self.encoder = Encoder(model, cache_size)
+        self.encoder = Encoder(model, cache_size, layout, lockstep)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
         self._outbox = Outbox(self.sender, self._fail)
         self._rooms: dict[int, str] = {}

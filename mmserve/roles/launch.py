@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
 from transfer.config import TransferConfig
 
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mesh", default=None,
                        help="this role's device mesh, e.g. data=1,model=4,expert=2 (product = device count); "
                             "default: one device")
+    add_cluster_flags(parser)
     TransferConfig.add_arguments(parser)
 
 
@@ -52,21 +54,63 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {args.role} %(levelname)s %(message)s")
     transfer = TransferConfig.from_args(args)
     name = args.name or f"{args.role}-{os.getpid()}"
-    layout = mesh_layout(args)
+    lockstep, layout = join_role(args)
     model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
+    if not lockstep.is_leader:
+        return follow_leader(args.role, model, engine, layout, lockstep)
     if args.role == "encode":
         from mmserve.roles.encode import EncodeRole, encode_service
 
-        service = encode_service(EncodeRole(model, transfer, name, args.bootstrap, engine.embedding_cache_size))
+        service = encode_service(EncodeRole(model, transfer, name, args.bootstrap, engine.embedding_cache_size,
+                                            layout, lockstep))
     elif args.role == "prefill":
         from mmserve.roles.prefill import PrefillRole, prefill_service
 
-        service = prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout))
+        service = prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
     else:
         from mmserve.roles.decode import DecodeRole, decode_service
 
-        service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout))
-    serve_worker(service, args.host, args.port, _strip_scheme(args.router_url))
+        service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
+    try:
+        serve_worker(service, args.host, args.port, _strip_scheme(args.router_url))
+    finally:
+        lockstep.close()
+    return 0
+
+
+def join_role(args: argparse.Namespace):
+    """(Lockstep, MeshLayout or None) of this process's role: joins the role's other processes
+    (``--coordinator-address``/``--num-processes``/``--process-id`` or the environment) into one
+    JAX runtime and opens the leader's channel to them. Call before anything else uses JAX."""
+    from mmserve.distributed.lockstep import Lockstep
+    from mmserve.distributed.lockstep_channel import open_channel
+    from mmserve.distributed.multihost import cluster_from_args, initialize
+
+    cluster = cluster_from_args(args)
+    initialize(cluster)
+    host = cluster.coordinator_address.rsplit(":", 1)[0] if cluster.coordinator_address else None
+    lockstep = Lockstep(open_channel(host))
+    layout = mesh_layout(args)
+    if lockstep.spans_processes:
+        if layout is None:
+            raise SystemExit("serve.py: a role spanning several processes needs --mesh over all their devices")
+        # SIGTERM ends the leader through its finally blocks, which tell the followers to stop.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    return lockstep, layout
+
+
+def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep) -> int:
+    """A non-leader process of a multi-host role: it builds the device state the leader builds (in
+    the same order) and runs the programs the leader publishes until the leader stops."""
+    if role == "encode":
+        from mmserve.engine.encoder import Encoder
+
+        Encoder(model, engine.embedding_cache_size, layout, lockstep)
+    else:
+        from mmserve.engine.engine import LLMEngine
+
+        LLMEngine(model, engine, layout=layout, lockstep=lockstep)
+    lockstep.follow()
     return 0
 
 

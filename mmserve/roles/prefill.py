@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
@@ -45,11 +46,11 @@ class PrefillRole:
     role = "prefill"
 
     def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
-                 layout: MeshLayout | None = None):
+                 layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
         self.name = name
         self.model = model
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout)
+        self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep)
         # One data plane serves both directions: embeddings in, KV out.
         self._plane = open_data_plane(transfer)
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.launch import add_arguments as add_role_arguments
-from mmserve.roles.launch import mesh_layout
+from mmserve.roles.launch import follow_leader, join_role
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
@@ -100,11 +100,16 @@ def serve_colocated(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return USAGE_EXIT
-    layout = mesh_layout(args)
+    lockstep, layout = join_role(args)
     model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
-    backend = ColocatedBackend(model, config, layout)
+    if not lockstep.is_leader:
+        return follow_leader("colocated", model, config, layout, lockstep)
+    backend = ColocatedBackend(model, config, layout, lockstep)
     app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        lockstep.close()
     return 0
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.outputs import RequestOutput
@@ -57,8 +58,9 @@ class _Stream:
 class ColocatedBackend:
     """Serves the Backend protocol from one in-process engine (no transfer)."""
 
-    def __init__(self, model: Model, engine_config: EngineConfig, layout: MeshLayout | None = None):
-        self._engine = LLMEngine(model, engine_config, layout=layout)
+    def __init__(self, model: Model, engine_config: EngineConfig, layout: MeshLayout | None = None,
+                 lockstep: Lockstep | None = None):
+        self._engine = LLMEngine(model, engine_config, layout=layout, lockstep=lockstep)
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
         # Guards ``_accepting`` together with the inbox: once the thread stops accepting and drains
         # the inbox, no request can slip in behind the drain and wait forever.

@@ -1,0 +1,78 @@
+"""Lockstep: every process of a multi-host role runs the same device programs in the same order.
+
+In JAX's multi-controller runtime each process launches each program over the global mesh itself,
+with the same shapes and the same host inputs; XLA's collectives then join them. Only the leader
+(process 0) schedules, so each call into a device program goes through ``Lockstep.call``: the
+leader publishes it (target, method and its host inputs) to the followers over a
+``LeaderChannel`` and then runs it; a follower's ``follow`` runs what it receives, in order, on its
+own copy of the same targets (the runner and the encoder, built the same way), until the leader
+closes. With one process there is no channel and ``call`` is a plain method call: nothing is
+copied to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel, decode_call, encode_call
+
+log = logging.getLogger(__name__)
+
+
+class Lockstep:
+    def __init__(self, channel: LeaderChannel | FollowerChannel | None = None):
+        self._channel = channel
+        self._targets: dict[str, object] = {}
+        # One call at a time, published in the order it runs, whichever thread makes it.
+        self._lock = threading.Lock()
+
+    @property
+    def is_leader(self) -> bool:
+        return not isinstance(self._channel, FollowerChannel)
+
+    @property
+    def spans_processes(self) -> bool:
+        return self._channel is not None
+
+    def bind(self, name: str, target: object) -> None:
+        """Names a target whose methods the leader calls through ``call``."""
+        self._targets[name] = target
+
+    def call(self, target: str, method: str, **inputs):
+        """Runs ``target.method(**inputs)`` here and, first, on every follower.
+
+        Inputs are host values or arrays the leader can read (NumPy, ints, None, its own device
+        arrays); followers get NumPy copies.
+        """
+        if not self.is_leader:
+            raise RuntimeError("a follower runs only what the leader publishes")
+        with self._lock:
+            if self._channel is not None:
+                self._channel.publish(encode_call(target, method, {k: _host(v) for k, v in inputs.items()}))
+            return getattr(self._targets[target], method)(**inputs)
+
+    def follow(self) -> None:
+        """A follower's whole life: run each published call until the leader closes."""
+        if self.is_leader:
+            raise RuntimeError("the leader does not follow")
+        while (payload := self._channel.receive()) is not None:
+            target, method, inputs = decode_call(payload)
+            try:
+                getattr(self._targets[target], method)(**inputs)
+            except Exception:
+                # The leader ran the same program on the same inputs and met the same error; it
+                # decides what happens to the requests, and its next call is what matters here.
+                log.exception("lockstep call %s.%s failed", target, method)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+
+def _host(value):
+    if value is None or isinstance(value, (int, float, bool, np.ndarray)):
+        return value
+    return np.asarray(value)

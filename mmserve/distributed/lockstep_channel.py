@@ -1,0 +1,137 @@
+"""The leader-to-followers channel of a multi-host role: ZMQ ROUTER on the leader, DEALER on each
+follower, calls encoded with msgspec (arrays as dtype, shape and raw bytes).
+
+The followers learn the leader's endpoint from JAX itself (``broadcast_one_to_all`` at start-up),
+and the leader waits until every follower has said hello, so no call is published into the void.
+ROUTER_MANDATORY makes a vanished follower an error on the leader instead of a silent drop.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import msgspec
+import numpy as np
+import zmq
+
+HELLO = b"hello"
+STOP = b"stop"
+ENDPOINT_BYTES = 256
+HELLO_TIMEOUT_S = 120.0
+POLL_MS = 1000
+
+
+class WireArray(msgspec.Struct, array_like=True):
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+class WireCall(msgspec.Struct, array_like=True):
+    target: str
+    method: str
+    inputs: dict[str, WireArray | int | float | bool | None]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(WireCall)
+
+
+def encode_call(target: str, method: str, inputs: dict) -> bytes:
+    return _encoder.encode(WireCall(target, method, {k: _to_wire(v) for k, v in inputs.items()}))
+
+
+def decode_call(payload: bytes) -> tuple[str, str, dict]:
+    call = _decoder.decode(payload)
+    return call.target, call.method, {k: _from_wire(v) for k, v in call.inputs.items()}
+
+
+def _to_wire(value):
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value)
+        return WireArray(value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
+def _from_wire(value):
+    if isinstance(value, WireArray):
+        return np.frombuffer(value.data, np.dtype(value.dtype)).reshape(value.shape)
+    return value
+
+
+class LeaderChannel:
+    def __init__(self, advertise_host: str, num_followers: int, context: zmq.Context | None = None):
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._socket.setsockopt(zmq.LINGER, 5000)
+        port = self._socket.bind_to_random_port("tcp://*")
+        self.endpoint = f"tcp://{advertise_host}:{port}"
+        self._num_followers = num_followers
+        self._followers: list[bytes] = []
+
+    def wait_for_followers(self, timeout_s: float = HELLO_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self._followers) < self._num_followers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._followers)} of {self._num_followers} followers said hello "
+                                   f"to {self.endpoint} within {timeout_s:.0f} s")
+            if self._socket.poll(POLL_MS):
+                identity, message = self._socket.recv_multipart()
+                if message == HELLO and identity not in self._followers:
+                    self._followers.append(identity)
+
+    def publish(self, payload: bytes) -> None:
+        for identity in self._followers:
+            self._socket.send_multipart([identity, payload], copy=False)
+
+    def close(self) -> None:
+        if self._socket.closed:
+            return
+        for identity in self._followers:
+            try:
+                self._socket.send_multipart([identity, STOP])
+            except zmq.ZMQError:
+                pass
+        self._socket.close()
+
+
+class FollowerChannel:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+        self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+        self._socket.send(HELLO)
+
+    def receive(self) -> bytes | None:
+        """The next call, or None once the leader has stopped."""
+        payload = self._socket.recv()
+        return None if payload == STOP else payload
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def open_channel(advertise_host: str | None = None) -> LeaderChannel | FollowerChannel | None:
+    """Collective over all processes of the role (call it at the same point on each): the leader
+    binds, every process learns its endpoint, followers connect. None with one process."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return None
+    leader = None
+    endpoint = np.zeros(ENDPOINT_BYTES, np.uint8)
+    if jax.process_index() == 0:
+        leader = LeaderChannel(advertise_host or socket.gethostbyname(socket.gethostname()),
+                               jax.process_count() - 1)
+        raw = leader.endpoint.encode()
+        endpoint[:len(raw)] = np.frombuffer(raw, np.uint8)
+    endpoint = bytes(multihost_utils.broadcast_one_to_all(endpoint)).rstrip(b"\0").decode()
+    if leader is not None:
+        leader.wait_for_followers()
+        return leader
+    return FollowerChannel(endpoint)
