@@ -45,13 +45,16 @@ class Lockstep:
         """Runs ``target.method(**inputs)`` here and, first, on every follower.
 
         Inputs are host values or arrays the leader can read (NumPy, ints, None, its own device
-        arrays); followers get NumPy copies.
+        arrays); across processes every process, the leader too, runs on their NumPy copies.
         """
         if not self.is_leader:
             raise RuntimeError("a follower runs only what the leader publishes")
         with self._lock:
             if self._channel is not None:
-                self._channel.publish(encode_call(target, method, {k: _host(v) for k, v in inputs.items()}))
+                # The leader runs on the very values it sent: its own device arrays could not be
+                # placed on the other processes' devices.
+                inputs = {k: _host(v) for k, v in inputs.items()}
+                self._channel.publish(encode_call(target, method, inputs))
             return getattr(self._targets[target], method)(**inputs)
 
     def follow(self) -> None:

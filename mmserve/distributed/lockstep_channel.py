@@ -49,7 +49,7 @@ def decode_call(payload: bytes) -> tuple[str, str, dict]:
 
 def _to_wire(value):
     if isinstance(value, np.ndarray):
-        value = np.ascontiguousarray(value)
+        value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
         return WireArray(value.dtype.str, value.shape, value.tobytes())
     return value
 

@@ -41,11 +41,14 @@ def get_json(url: str, timeout: float = 10) -> tuple[int, dict]:
 
 class Cluster:
     def __init__(self, model: str, log_dir: Path, role_flags: dict[str, list[str]] | None = None,
-                 role_env: dict[str, dict[str, str]] | None = None):
-        """role_flags/role_env: extra command-line flags and environment per role."""
+                 role_env: dict[str, dict[str, str]] | None = None, role_processes: dict[str, int] | None = None):
+        """role_flags/role_env: extra command-line flags and environment per role; role_processes:
+        roles that span several processes joined by jax.distributed (``ROLE`` is the leader,
+        ``ROLE.1``... its followers)."""
         self.model = model
         self.role_flags = role_flags or {}
         self.role_env = role_env or {}
+        self.role_processes = role_processes or {}
         self.log_dir = log_dir
         self.port, self.registry_port, self.bootstrap_port = free_port(), free_port(), free_port()
         self.processes: dict[str, subprocess.Popen] = {}
@@ -68,11 +71,16 @@ class Cluster:
                                "--bootstrap", f"tcp://127.0.0.1:{self.bootstrap_port}"])
 
     def start_role(self, role: str, flags: list[str]) -> None:
-        log = open(self.log_dir / f"{role}.log", "ab")
-        self.processes[role] = subprocess.Popen(
-            [sys.executable, SERVE, "--role", role, "--model", self.model, *ENGINE_FLAGS, *flags,
-             *self.role_flags.get(role, [])],
-            env=self.env | self.role_env.get(role, {}), stdout=log, stderr=subprocess.STDOUT)
+        count = self.role_processes.get(role, 1)
+        cluster = {"MMSERVE_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "MMSERVE_NUM_PROCESSES": str(count)}
+        for rank in range(count):
+            key = role if rank == 0 else f"{role}.{rank}"
+            env = self.env | self.role_env.get(role, {}) | (cluster | {"MMSERVE_PROCESS_ID": str(rank)} if count > 1 else {})
+            log = open(self.log_dir / f"{key}.log", "ab")
+            self.processes[key] = subprocess.Popen(
+                [sys.executable, SERVE, "--role", role, "--model", self.model, *ENGINE_FLAGS, *flags,
+                 *self.role_flags.get(role, [])],
+                env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self, role: str) -> None:
         self.processes[role].send_signal(signal.SIGKILL)

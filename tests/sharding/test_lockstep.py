@@ -1,0 +1,96 @@
+"""The lockstep channel on loopback: a leader and a follower in one process, real ZMQ sockets.
+
+The processes-spanning roles that use it are in tests/roles/test_multihost.py.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+from mmserve.distributed.lockstep import Lockstep
+from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel, decode_call, encode_call
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def add(self, a, b, scale):
+        self.calls.append(("add", a, b, scale))
+        return a + (0 if b is None else b) * scale
+
+    def fail(self):
+        self.calls.append(("fail",))
+        raise ValueError("same error on every process")
+
+
+def test_calls_round_trip_every_dtype_shape_and_none():
+    inputs = {"f": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.array(7, np.int32),
+              "b": np.array([True, False]), "u": np.arange(4, dtype=np.uint32).reshape(2, 2)[:, ::-1],
+              "none": None, "n": 5}
+    target, method, out = decode_call(encode_call("runner", "run_x", inputs))
+    assert (target, method) == ("runner", "run_x")
+    assert out["none"] is None and out["n"] == 5
+    for name in ("f", "i", "b", "u"):
+        assert out[name].dtype == inputs[name].dtype and out[name].shape == inputs[name].shape
+        np.testing.assert_array_equal(out[name], inputs[name])
+
+
+@pytest.fixture
+def pair():
+    leader_channel = LeaderChannel("127.0.0.1", 1)
+    follower = Lockstep(FollowerChannel(leader_channel.endpoint))
+    leader_channel.wait_for_followers(timeout_s=10)
+    leader = Lockstep(leader_channel)
+    mine, theirs = Recorder(), Recorder()
+    leader.bind("r", mine)
+    follower.bind("r", theirs)
+    thread = threading.Thread(target=follower.follow)
+    thread.start()
+    yield leader, mine, theirs, thread
+    leader.close()
+    thread.join(timeout=10)
+    follower.close()
+
+
+def test_follower_runs_the_leaders_calls_in_order_on_the_same_values(pair):
+    leader, mine, theirs, thread = pair
+    results = [leader.call("r", "add", a=np.full(3, i, np.float32), b=None if i % 2 else np.ones(3, np.float32),
+                           scale=i) for i in range(5)]
+    np.testing.assert_array_equal(results[2], [4, 4, 4])
+    leader.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the follower did not stop when the leader closed"
+    assert len(theirs.calls) == len(mine.calls) == 5
+    for (_, a1, b1, s1), (_, a2, b2, s2) in zip(mine.calls, theirs.calls):
+        np.testing.assert_array_equal(a1, a2)
+        assert (b1 is None) == (b2 is None) and s1 == s2
+
+
+def test_a_call_that_fails_everywhere_raises_on_the_leader_and_the_follower_goes_on(pair):
+    leader, mine, theirs, thread = pair
+    with pytest.raises(ValueError, match="same error"):
+        leader.call("r", "fail")
+    assert leader.call("r", "add", a=np.ones(1), b=None, scale=1)[0] == 1
+    leader.close()
+    thread.join(timeout=10)
+    assert [c[0] for c in theirs.calls] == ["fail", "add"]
+
+
+def test_leader_gives_up_on_followers_that_never_come():
+    channel = LeaderChannel("127.0.0.1", 1)
+    with pytest.raises(TimeoutError, match="0 of 1 followers"):
+        channel.wait_for_followers(timeout_s=1)
+    channel.close()
+
+
+def test_a_follower_cannot_call_and_a_leader_cannot_follow():
+    channel = LeaderChannel("127.0.0.1", 0)
+    follower = Lockstep(FollowerChannel(channel.endpoint))
+    with pytest.raises(RuntimeError):
+        follower.call("r", "add")
+    with pytest.raises(RuntimeError):
+        Lockstep().follow()
+    follower.close()
+    channel.close()
