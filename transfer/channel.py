@@ -27,9 +27,13 @@ def make_socket(kind: int, max_bytes: int) -> zmq.Socket:
     return socket
 
 
-def bind_random_port(socket: zmq.Socket, host: str) -> str:
+def bind_random_port(socket: zmq.Socket, host: str, advertise_host: str = "") -> str:
+    """Binds ``host`` on a free port; returns the endpoint peers dial (``advertise_host`` when given)."""
     socket.bind(f"tcp://{host}:*")
-    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    if not advertise_host:
+        return endpoint
+    return f"tcp://{advertise_host}:{endpoint.rsplit(':', 1)[1]}"
 
 
 class Channel(Generic[M]):

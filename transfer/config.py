@@ -32,6 +32,9 @@ class TransferConfig:
     """Blocks in each side's device pool."""
     bind_host: str = "127.0.0.1"
     """Interface every listener (control, registry, data plane) binds to."""
+    advertise_host: str = ""
+    """The address peers dial to reach this process's listeners (a pod IP, a host name), published
+    in the registry; empty: ``bind_host``. Needed when binding 0.0.0.0 across hosts or pods."""
     secret: str = ""
     """Shared secret required in the handshake and by the registry; empty disables the check."""
     max_message_bytes: int = 1 << 20
@@ -64,6 +67,10 @@ class TransferConfig:
             raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
         if self.data_plane not in DATA_PLANES:
             raise ValueError(f"data_plane must be one of {DATA_PLANES}, got {self.data_plane!r}")
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.bind_host
 
     @property
     def default_tokens(self) -> int:
@@ -104,6 +111,7 @@ ENV = {
     "default_blocks": "MMSERVE_DEFAULT_BLOCKS",
     "buffer_blocks": "MMSERVE_BUFFER_BLOCKS",
     "bind_host": "MMSERVE_TRANSFER_HOST",
+    "advertise_host": "MMSERVE_TRANSFER_ADVERTISE_HOST",
     "secret": "MMSERVE_TRANSFER_SECRET",
     "max_message_bytes": "MMSERVE_MAX_MESSAGE_BYTES",
     "bootstrap_timeout_s": "MMSERVE_BOOTSTRAP_TIMEOUT",

@@ -68,12 +68,12 @@ def open_data_plane(config: TransferConfig, device: jax.Device | None = None) ->
 
     device = device or jax.local_devices()[0]
     if config.data_plane == "zmq":
-        return ZmqDataPlane(config.bind_host)
+        return ZmqDataPlane(config.bind_host, config.advertise_host)
     try:
-        return JaxTransferPlane(config.bind_host, device)
+        return JaxTransferPlane(config.public_host, device)
     except Exception as error:
         if config.data_plane == "jax":
             raise
         log.warning("jax transfer server unavailable on %s (%s); using the zmq data plane",
                     device.platform, error)
-        return ZmqDataPlane(config.bind_host)
+        return ZmqDataPlane(config.bind_host, config.advertise_host)

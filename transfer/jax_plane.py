@@ -1,6 +1,7 @@
 """Data plane on ``jax.experimental.transfer``: device memory to device memory, pull-based.
 
-One transfer server per process, bound (address and transport) to the configured host, and
+One transfer server per process, bound (address and transport) to the host peers dial
+(``TransferConfig.public_host``: the JAX server publishes the address it binds), and
 one long-lived connection per peer, since connection setup is where the first pull's time
 goes. A pull returns arrays at once and fills them asynchronously; ``done`` polls their
 readiness so the role's event loop never blocks on the network.

@@ -59,7 +59,7 @@ class Sender:
         self._owns_plane = data_plane is None
         self.data_plane = data_plane or open_data_plane(config, self.buffers.device)
         socket = make_socket(zmq.ROUTER, config.max_message_bytes)
-        control = bind_random_port(socket, config.bind_host)
+        control = bind_random_port(socket, config.bind_host, config.advertise_host)
         self._channel: Channel[ToSender] = Channel(socket, Codec(ToSender, config.max_message_bytes))
         self.endpoint = SenderEndpoint(name, control, self.data_plane.kind, self.data_plane.address)
         self._registry = RegistryClient(bootstrap_address, config)

@@ -75,12 +75,12 @@ class ZmqPull:
 class ZmqDataPlane:
     kind = "zmq"
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, advertise_host: str = "") -> None:
         context = zmq.Context.instance()
         self._server = context.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
         self._server.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES)
-        self.address = bind_random_port(self._server, host)
+        self.address = bind_random_port(self._server, host, advertise_host)
         self._offers: dict[int, tuple[list[jax.Array], float]] = {}
         self._clients: dict[str, zmq.Socket] = {}
         self._pulls: dict[tuple[str, int], ZmqPull] = {}

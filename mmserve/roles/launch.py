@@ -72,7 +72,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
 
         service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
     try:
-        serve_worker(service, args.host, args.port, _strip_scheme(args.router_url))
+        serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), transfer.advertise_host)
     finally:
         lockstep.close()
     return 0

@@ -125,8 +125,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.LoadReply(in_flight=self.loop.call(self.loop.role.in_flight))
 
 
-def serve_worker(service: WorkerService, host: str, port: int, router: str | None) -> None:
-    """Serves until interrupted, registering with the router's registry at ``router``."""
+def serve_worker(service: WorkerService, host: str, port: int, router: str | None, advertise_host: str = "") -> None:
+    """Serves until interrupted, registering with the router's registry at ``router`` under the
+    address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``."""
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=32), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -134,7 +135,7 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
     role = service.loop.role
-    address = f"{host}:{bound}"
+    address = f"{advertise_host or host}:{bound}"
     log.info("%s worker %s serving on %s", role.role, role.name, address)
     stop = threading.Event()
     if router:

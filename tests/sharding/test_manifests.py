@@ -9,6 +9,7 @@ import yaml
 from multidevice import ROOT
 from mmserve.distributed import MeshShape
 from mmserve.distributed.multihost import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from transfer.config import ENV as TRANSFER_ENV
 
 K8S = ROOT / "deploy" / "k8s"
 ROLES = ("encode", "prefill", "decode")
@@ -62,6 +63,8 @@ def test_router_service_selects_router_pods(router):
     container = pod["spec"]["containers"][0]
     flags = _flags(container["args"])
     assert flags["--role"] == "router"
+    assert flags["--host"] == "0.0.0.0", "the Service reaches the pod on its IP, not on loopback"
+    assert {"name": TRANSFER_ENV["bind_host"], "value": "0.0.0.0"} in container["env"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["port"] == _ports(container)["http"] == int(flags["--port"])
@@ -111,7 +114,7 @@ def test_mesh_hosts_and_chips_match_the_slice(role):
 def test_cluster_env_points_at_the_group_leader(role):
     lws, _, _, container = _role(role)
     env = {e["name"]: e for e in container["env"]}
-    assert set(env) == {ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID}
+    assert {ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID} <= set(env)
     assert env[ENV_COORDINATOR]["value"] == f"$(LWS_LEADER_ADDRESS):{_ports(container)['coordinator']}"
     assert env[ENV_NUM_PROCESSES]["value"] == str(lws["spec"]["leaderWorkerTemplate"]["size"])
     assert env[ENV_PROCESS_ID]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.labels['{WORKER_INDEX}']"
@@ -135,3 +138,14 @@ def test_dockerfile_exposes_every_container_port(router):
     for role in ROLES:
         ports |= set(_ports(_role(role)[3]).values())
     assert ports <= exposed
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_listens_everywhere_and_advertises_its_pod_ip(role):
+    """The router dials the registered gRPC address and peers dial the published transfer
+    endpoints: both must be the pod's IP, while the sockets bind every interface."""
+    _, _, _, container = _role(role)
+    env = {e["name"]: e for e in container["env"]}
+    assert _flags(container["args"])["--host"] == "0.0.0.0"
+    assert env[TRANSFER_ENV["bind_host"]]["value"] == "0.0.0.0"
+    assert env[TRANSFER_ENV["advertise_host"]]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"

@@ -114,3 +114,18 @@ def test_resume_waits_while_the_receiver_pool_is_full_then_completes(config, boo
     assert receiver.allocator.available_blocks() == config.buffer_blocks
     receiver.close()
 
+
+
+@pytest.mark.parametrize("plane", ["jax", "zmq"])
+def test_listeners_on_every_interface_publish_the_advertised_host(plane, config, bootstrap, spawn):
+    """Across hosts a sender binds 0.0.0.0 and publishes an address its peers can dial."""
+    config = dataclasses.replace(config, data_plane=plane, bind_host="0.0.0.0", advertise_host="127.0.0.1")
+    sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    receiver.add(1, bootstrap.address, "encode-0")
+    sender.command(op="send", room=1, tokens=9)
+    assert_bit_exact(receive(receiver, sender, 1), EMBEDDING_FIELDS, 1)
+    published = bootstrap.endpoints()["encode-0"]
+    assert published.control.startswith("tcp://127.0.0.1:")
+    assert "127.0.0.1:" in published.data_address and "0.0.0.0" not in published.data_address
+    receiver.close()
