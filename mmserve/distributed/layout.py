@@ -51,6 +51,10 @@ class MeshLayout:
         shardings = self.kv_cache(jax.eval_shape(create))
         return jax.jit(create, out_shardings=shardings)()
 
+    def kv_rows(self, shape) -> NamedSharding:
+        """Where arriving KV rows land: their heads on the devices that hold those heads' pages."""
+        return self.sharding(partitioning.KV_ROW_AXES, shape)
+
     def activation(self, logical_axes, shape) -> NamedSharding:
         """Sharding of an input or output, e.g. ``("batch", None)`` for token ids [B, T]."""
         return self.sharding(logical_axes, shape)

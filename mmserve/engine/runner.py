@@ -97,7 +97,7 @@ class ModelRunner:
 
     def run_write_kv(self, page_table, k_rows, v_rows, num_tokens):
         if self.layout is not None:
-            k_rows, v_rows = jax.device_put((k_rows, v_rows), self.layout.replicated())
+            k_rows, v_rows = jax.device_put((k_rows, v_rows), self.layout.kv_rows(k_rows.shape))
         self.cache = scatter_rows(self.cache, page_table, k_rows, v_rows, num_tokens)
 
     def load_slot(self, request: Request) -> None:

@@ -23,6 +23,8 @@ Axes = tuple[str | None, ...]
 
 KV_CACHE_AXES: Axes = ("layers", "pages", None, "kv_heads", None)
 """[layers, pages, page_size, kv_heads, head_dim]: see :class:`KVCache`."""
+KV_ROW_AXES: Axes = (None, "layers", "kv_heads", None)
+"""[tokens, layers, kv_heads, head_dim]: one sequence's KV as token rows, split like the cache."""
 
 _BY_MODULE_AND_NAME: dict[tuple[str, str], Axes] = {
     ("embed_tokens", "embedding"): ("vocab", "embed"),

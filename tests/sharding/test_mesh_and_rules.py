@@ -6,7 +6,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mmserve.distributed import MeshShape, make_mesh, partition_spec
+from mmserve.distributed import MeshLayout, MeshShape, make_mesh, partition_spec
+from models.qwen3_vl_moe.partitioning import KV_CACHE_AXES
 from mmserve.distributed.multihost import Cluster, add_cluster_flags, cluster_from_args
 
 
@@ -33,6 +34,17 @@ def test_split_only_when_even_and_whole_units():
     assert partition_spec(("embed", "kv_heads"), (64, 32), sizes, {"kv_heads": 16}) == P(None, None)
     assert partition_spec(("experts", "embed", "expert_mlp"), (8, 64, 48), sizes) == P("expert", None, "model")
     assert partition_spec(("batch", None), (1, 7), {"data": 2}) == P(None, None)
+
+
+@pytest.mark.parametrize("model_ways, spec", [(4, P(None, None, "model", None)), (8, P(None, None, None, None))])
+def test_arriving_kv_rows_split_their_heads_like_the_cache(model_ways, spec):
+    """4 KV heads (the real config) split 4 ways and are replicated 8 ways, rows and pages alike."""
+    mesh = jax.sharding.AbstractMesh((1, model_ways, 1), ("data", "model", "expert"))
+    layout = MeshLayout(mesh)
+    rows = layout.kv_rows((64, 48, 4, 128))
+    pages = layout.sharding(KV_CACHE_AXES, (48, 100, 16, 4, 128))
+    assert rows.spec == spec
+    assert rows.spec[2] == pages.spec[3]
 
 
 def test_unknown_logical_axis_is_an_error():
