@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import time
 
+import jax.numpy as jnp
 import msgspec
 import numpy as np
 import zmq
@@ -23,7 +24,7 @@ POLL_MS = 1000
 
 
 class WireArray(msgspec.Struct, array_like=True):
-    dtype: str
+    dtype: str  # the name, e.g. "bfloat16": NumPy's dtype.str of ml_dtypes types is an opaque "<V2"
     shape: tuple[int, ...]
     data: bytes
 
@@ -50,13 +51,13 @@ def decode_call(payload: bytes) -> tuple[str, str, dict]:
 def _to_wire(value):
     if isinstance(value, np.ndarray):
         value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
-        return WireArray(value.dtype.str, value.shape, value.tobytes())
+        return WireArray(value.dtype.name, value.shape, value.tobytes())
     return value
 
 
 def _from_wire(value):
     if isinstance(value, WireArray):
-        return np.frombuffer(value.data, np.dtype(value.dtype)).reshape(value.shape)
+        return np.frombuffer(value.data, jnp.dtype(value.dtype)).reshape(value.shape)
     return value
 
 

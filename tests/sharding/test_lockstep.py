@@ -5,6 +5,7 @@ The processes-spanning roles that use it are in tests/roles/test_multihost.py.
 
 import threading
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,11 +29,11 @@ class Recorder:
 def test_calls_round_trip_every_dtype_shape_and_none():
     inputs = {"f": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.array(7, np.int32),
               "b": np.array([True, False]), "u": np.arange(4, dtype=np.uint32).reshape(2, 2)[:, ::-1],
-              "none": None, "n": 5}
+              "bf16": np.asarray(jnp.linspace(-2, 2, 6, dtype=jnp.bfloat16)).reshape(2, 3), "none": None, "n": 5}
     target, method, out = decode_call(encode_call("runner", "run_x", inputs))
     assert (target, method) == ("runner", "run_x")
     assert out["none"] is None and out["n"] == 5
-    for name in ("f", "i", "b", "u"):
+    for name in ("f", "i", "b", "u", "bf16"):
         assert out[name].dtype == inputs[name].dtype and out[name].shape == inputs[name].shape
         np.testing.assert_array_equal(out[name], inputs[name])
 
