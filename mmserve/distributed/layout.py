@@ -61,3 +61,14 @@ class MeshLayout:
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
+
+    def replicate(self, tree):
+        """The arrays copied whole onto every device of the mesh: a collective when the mesh spans
+        processes (every process must run it), after which each can read its local copy."""
+        return _replicator(self.replicated())(tree)
+
+
+@functools.lru_cache
+def _replicator(sharding: NamedSharding):
+    """One jitted identity per target sharding, so it compiles once per shape, not per call."""
+    return jax.jit(lambda tree: tree, out_shardings=sharding)

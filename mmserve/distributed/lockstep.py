@@ -26,8 +26,10 @@ class Lockstep:
     def __init__(self, channel: LeaderChannel | FollowerChannel | None = None):
         self._channel = channel
         self._targets: dict[str, object] = {}
-        # One call at a time, published in the order it runs, whichever thread makes it.
+        # One call at a time, published in the order it runs, whichever thread makes it; close
+        # takes it too, so a stop never lands between the sends of one call.
         self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def is_leader(self) -> bool:
@@ -50,6 +52,8 @@ class Lockstep:
         if not self.is_leader:
             raise RuntimeError("a follower runs only what the leader publishes")
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the lockstep is closed: the followers have been told to stop")
             if self._channel is not None:
                 # The leader runs on the very values it sent: its own device arrays could not be
                 # placed on the other processes' devices.
@@ -71,11 +75,15 @@ class Lockstep:
                 log.exception("lockstep call %s.%s failed", target, method)
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        with self._lock:
+            self._closed = True
+            if self._channel is not None:
+                self._channel.close()
 
 
 def _host(value):
-    if value is None or isinstance(value, (int, float, bool, np.ndarray)):
+    """What the wire carries: None, Python scalars, or NumPy arrays (NumPy scalars such as
+    float64, a float subclass, become 0-d arrays)."""
+    if value is None or type(value) in (int, float, bool) or isinstance(value, np.ndarray):
         return value
     return np.asarray(value)

@@ -3,12 +3,14 @@ follower, calls encoded with msgspec (arrays as dtype, shape and raw bytes).
 
 The followers learn the leader's endpoint from JAX itself (``broadcast_one_to_all`` at start-up),
 and the leader waits until every follower has said hello, so no call is published into the void.
-ROUTER_MANDATORY makes a vanished follower an error on the leader instead of a silent drop.
+Each follower's routing id is its process index: the leader takes hellos from those ids only, and
+a follower that reconnects keeps its id. ROUTER_MANDATORY makes a vanished follower an error on
+the leader instead of a silent drop. Like jax.distributed's own coordinator, the channel trusts
+the network between a role's hosts (a pod group's network).
 """
 
 from __future__ import annotations
 
-import socket
 import time
 
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ import zmq
 
 HELLO = b"hello"
 STOP = b"stop"
-ENDPOINT_BYTES = 256
+ENDPOINT_BYTES = 512
 HELLO_TIMEOUT_S = 120.0
 POLL_MS = 1000
 
@@ -70,18 +72,18 @@ class LeaderChannel:
         self._socket.setsockopt(zmq.LINGER, 5000)
         port = self._socket.bind_to_random_port("tcp://*")
         self.endpoint = f"tcp://{advertise_host}:{port}"
-        self._num_followers = num_followers
+        self._expected = {routing_id(i) for i in range(1, num_followers + 1)}
         self._followers: list[bytes] = []
 
     def wait_for_followers(self, timeout_s: float = HELLO_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
-        while len(self._followers) < self._num_followers:
+        while len(self._followers) < len(self._expected):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self._followers)} of {self._num_followers} followers said hello "
+                raise TimeoutError(f"{len(self._followers)} of {len(self._expected)} followers said hello "
                                    f"to {self.endpoint} within {timeout_s:.0f} s")
             if self._socket.poll(POLL_MS):
                 identity, message = self._socket.recv_multipart()
-                if message == HELLO and identity not in self._followers:
+                if message == HELLO and identity in self._expected and identity not in self._followers:
                     self._followers.append(identity)
 
     def publish(self, payload: bytes) -> None:
@@ -100,8 +102,9 @@ class LeaderChannel:
 
 
 class FollowerChannel:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, process_index: int, context: zmq.Context | None = None):
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.ROUTING_ID, routing_id(process_index))
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(endpoint)
@@ -116,9 +119,14 @@ class FollowerChannel:
         self._socket.close()
 
 
-def open_channel(advertise_host: str | None = None) -> LeaderChannel | FollowerChannel | None:
+def routing_id(process_index: int) -> bytes:
+    return f"follower-{process_index}".encode()
+
+
+def open_channel(advertise_host: str) -> LeaderChannel | FollowerChannel | None:
     """Collective over all processes of the role (call it at the same point on each): the leader
-    binds, every process learns its endpoint, followers connect. None with one process."""
+    binds, every process learns its endpoint (``advertise_host``: how the others reach process 0),
+    followers connect. None with one process."""
     import jax
     from jax.experimental import multihost_utils
 
@@ -127,12 +135,15 @@ def open_channel(advertise_host: str | None = None) -> LeaderChannel | FollowerC
     leader = None
     endpoint = np.zeros(ENDPOINT_BYTES, np.uint8)
     if jax.process_index() == 0:
-        leader = LeaderChannel(advertise_host or socket.gethostbyname(socket.gethostname()),
-                               jax.process_count() - 1)
+        leader = LeaderChannel(advertise_host, jax.process_count() - 1)
         raw = leader.endpoint.encode()
         endpoint[:len(raw)] = np.frombuffer(raw, np.uint8)
     endpoint = bytes(multihost_utils.broadcast_one_to_all(endpoint)).rstrip(b"\0").decode()
     if leader is not None:
-        leader.wait_for_followers()
+        try:
+            leader.wait_for_followers()
+        except BaseException:
+            leader.close()
+            raise
         return leader
-    return FollowerChannel(endpoint)
+    return FollowerChannel(endpoint, jax.process_index())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping
 
 import jax
@@ -81,6 +82,15 @@ def initialize(cluster: Cluster, env: Mapping[str, str] = os.environ) -> None:
         jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)
     elif on_multi_host_tpu(env):
         jax.distributed.initialize()
+
+
+def leader_host(cluster: Cluster, env: Mapping[str, str] = os.environ) -> str:
+    """How the other processes of the role reach process 0: the coordinator's host, else the first
+    TPU worker of the slice (worker 0 leads), else this host's address (only process 0 uses it)."""
+    if cluster.coordinator_address:
+        return cluster.coordinator_address.rsplit(":", 1)[0]
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return hosts[0] if hosts else socket.gethostbyname(socket.gethostname())
 
 
 def is_leader() -> bool:

@@ -186,9 +186,7 @@ class ModelRunner:
     def _gathered(self, tree):
         """Arrays the leader reads: replicated over the mesh when it spans processes (every process
         runs this, so the collective is joined)."""
-        if not self.lockstep.spans_processes:
-            return tree
-        return jax.jit(lambda t: t, out_shardings=self.layout.replicated())(tree)
+        return self.layout.replicate(tree) if self.lockstep.spans_processes else tree
 
     def _page_tables(self, tables: list[list[int]], rows: int) -> np.ndarray:
         out = np.full((rows, self.config.max_pages_per_seq), SCRATCH_PAGE, np.int32)

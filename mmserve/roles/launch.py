@@ -55,27 +55,30 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     transfer = TransferConfig.from_args(args)
     name = args.name or f"{args.role}-{os.getpid()}"
     lockstep, layout = join_role(args)
-    model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
-    if not lockstep.is_leader:
-        return follow_leader(args.role, model, engine, layout, lockstep)
-    if args.role == "encode":
-        from mmserve.roles.encode import EncodeRole, encode_service
-
-        service = encode_service(EncodeRole(model, transfer, name, args.bootstrap, engine.embedding_cache_size,
-                                            layout, lockstep))
-    elif args.role == "prefill":
-        from mmserve.roles.prefill import PrefillRole, prefill_service
-
-        service = prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
-    else:
-        from mmserve.roles.decode import DecodeRole, decode_service
-
-        service = decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
-    try:
+    try:  # whatever ends the leader, its followers are told to stop
+        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
+        if not lockstep.is_leader:
+            return follow_leader(args.role, model, engine, layout, lockstep)
+        service = _role_service(args, model, engine, transfer, name, layout, lockstep)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), transfer.advertise_host)
     finally:
         lockstep.close()
     return 0
+
+
+def _role_service(args, model, engine: EngineConfig, transfer: TransferConfig, name: str, layout, lockstep):
+    if args.role == "encode":
+        from mmserve.roles.encode import EncodeRole, encode_service
+
+        return encode_service(EncodeRole(model, transfer, name, args.bootstrap, engine.embedding_cache_size,
+                                         layout, lockstep))
+    if args.role == "prefill":
+        from mmserve.roles.prefill import PrefillRole, prefill_service
+
+        return prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
+    from mmserve.roles.decode import DecodeRole, decode_service
+
+    return decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
 
 
 def join_role(args: argparse.Namespace):
@@ -84,12 +87,11 @@ def join_role(args: argparse.Namespace):
     JAX runtime and opens the leader's channel to them. Call before anything else uses JAX."""
     from mmserve.distributed.lockstep import Lockstep
     from mmserve.distributed.lockstep_channel import open_channel
-    from mmserve.distributed.multihost import cluster_from_args, initialize
+    from mmserve.distributed.multihost import cluster_from_args, initialize, leader_host
 
     cluster = cluster_from_args(args)
     initialize(cluster)
-    host = cluster.coordinator_address.rsplit(":", 1)[0] if cluster.coordinator_address else None
-    lockstep = Lockstep(open_channel(host))
+    lockstep = Lockstep(open_channel(leader_host(cluster)))
     layout = mesh_layout(args)
     if lockstep.spans_processes:
         if layout is None:

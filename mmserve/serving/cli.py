@@ -101,12 +101,12 @@ def serve_colocated(args: argparse.Namespace) -> int:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return USAGE_EXIT
     lockstep, layout = join_role(args)
-    model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
-    if not lockstep.is_leader:
-        return follow_leader("colocated", model, config, layout, lockstep)
-    backend = ColocatedBackend(model, config, layout, lockstep)
-    app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
-    try:
+    try:  # whatever ends the leader, its followers are told to stop
+        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
+        if not lockstep.is_leader:
+            return follow_leader("colocated", model, config, layout, lockstep)
+        backend = ColocatedBackend(model, config, layout, lockstep)
+        app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
         lockstep.close()

@@ -41,7 +41,7 @@ def test_calls_round_trip_every_dtype_shape_and_none():
 @pytest.fixture
 def pair():
     leader_channel = LeaderChannel("127.0.0.1", 1)
-    follower = Lockstep(FollowerChannel(leader_channel.endpoint))
+    follower = Lockstep(FollowerChannel(leader_channel.endpoint, 1))
     leader_channel.wait_for_followers(timeout_s=10)
     leader = Lockstep(leader_channel)
     mine, theirs = Recorder(), Recorder()
@@ -88,7 +88,7 @@ def test_leader_gives_up_on_followers_that_never_come():
 
 def test_a_follower_cannot_call_and_a_leader_cannot_follow():
     channel = LeaderChannel("127.0.0.1", 0)
-    follower = Lockstep(FollowerChannel(channel.endpoint))
+    follower = Lockstep(FollowerChannel(channel.endpoint, 1))
     with pytest.raises(RuntimeError):
         follower.call("r", "add")
     with pytest.raises(RuntimeError):

@@ -78,8 +78,8 @@ def test_role_flags_ports_and_router_url_agree(role, router):
     assert lws["metadata"]["name"] == service["metadata"]["name"] == f"mmserve-{role}"
     assert flags["--role"] == role
     ports = _ports(container)
-    assert ports["http"] == int(flags["--port"])
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": ports["http"]}
+    assert ports["grpc"] == int(flags["--port"])
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": ports["grpc"]}
     router_flags = _flags(router[0]["spec"]["template"]["spec"]["containers"][0]["args"])
     router_service = router[1]
     router_ports = {p["name"]: p["port"] for p in router_service["spec"]["ports"]}

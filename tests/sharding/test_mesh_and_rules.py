@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmserve.distributed import MeshLayout, MeshShape, make_mesh, partition_spec
 from models.qwen3_vl_moe.partitioning import KV_CACHE_AXES
-from mmserve.distributed.multihost import Cluster, add_cluster_flags, cluster_from_args
+from mmserve.distributed.multihost import Cluster, add_cluster_flags, cluster_from_args, leader_host
 
 
 def test_mesh_flag_parses_any_order_and_defaults_missing_axes_to_one():
@@ -60,3 +60,9 @@ def test_cluster_flags_override_environment():
     assert cluster_from_args(parser.parse_args(["--process-id", "3"]), env).process_id == 3
     with pytest.raises(ValueError, match="coordinator"):
         Cluster(None, 2, 0)
+
+
+def test_followers_reach_the_leader_at_the_coordinator_or_the_first_tpu_worker():
+    assert leader_host(Cluster("10.0.0.5:8476", 2, 1), {}) == "10.0.0.5"
+    assert leader_host(Cluster(), {"TPU_WORKER_HOSTNAMES": "t1v-w-0,t1v-w-1"}) == "t1v-w-0"
+    assert leader_host(Cluster(), {})  # this host's own address, which only a leader publishes
