@@ -143,7 +143,7 @@ class DisaggregatedBackend:
         for worker in self._active.get(request_id, []):
             try:
                 await worker.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=10)
-            except grpc.RpcError:
+            except (grpc.RpcError, grpc.aio.UsageError):  # UsageError: the pool closed a dead worker's channel
                 log.warning("could not abort %s on %s", request_id, worker.name)
 
     async def health(self) -> dict:
@@ -156,6 +156,8 @@ class DisaggregatedBackend:
                     details.append({"name": worker.name, **json.loads(reply.details_json)})
                 except grpc.RpcError as error:
                     details.append({"name": worker.name, "error": error.code().name})
+                except grpc.aio.UsageError:  # dropped as unreachable while we asked
+                    details.append({"name": worker.name, "error": "UNAVAILABLE"})
             roles[role] = details
         healthy = all(any("error" not in d for d in roles[r]) for r in ROLES)
         return {"healthy": healthy, "roles": roles}
