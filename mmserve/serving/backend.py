@@ -43,6 +43,9 @@ class TokenEvent:
     event the final text, stop strings cut. A streaming client gets the new suffix each time."""
     error: str | None = None
     """Why the request failed (a lost peer, a timeout, an abort); the stream ends with it."""
+    invalid: bool = False
+    """With ``error``: the backend refused the request as given (e.g. a prompt its KV cache cannot
+    hold), the client's fault and a 400, not a failure of the server."""
 
 
 class Backend(Protocol):

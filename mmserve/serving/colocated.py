@@ -153,9 +153,11 @@ class ColocatedBackend:
             stream = _Stream(command)
             try:
                 self._engine.add_request(request.prompt, request.params, request.request_id)
-            except Exception as error:  # add_request changes nothing until it succeeds
-                reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-                stream.send(TokenEvent(request.request_id, [], error=reason))
+            except ValueError as error:  # add_request changes nothing until it succeeds
+                stream.send(TokenEvent(request.request_id, [], error=str(error), invalid=True))
+                return
+            except Exception as error:
+                stream.send(TokenEvent(request.request_id, [], error=f"{type(error).__name__}: {error}"))
                 return
             self._streams[request.request_id] = stream
         elif isinstance(command, _Abort):

@@ -59,7 +59,7 @@ def test_a_refused_request_gets_the_reason_and_the_engine_goes_on(model, monkeyp
         return duplicate
 
     duplicate = asyncio.run(asyncio.wait_for(run(), 30))
-    assert "already in use" in duplicate[0].error
+    assert "already in use" in duplicate[0].error and duplicate[0].invalid
     assert asyncio.run(backend.health())["healthy"] is True
     backend.close()
 
@@ -76,3 +76,15 @@ def test_close_ends_open_streams(model, monkeypatch):
 
     events = asyncio.run(asyncio.wait_for(run(), 30))
     assert events[-1].error == "the server is shutting down"
+
+
+def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_refused_as_invalid(model):
+    """The router answers such a refusal with a 400 (the client's fault), not a 500."""
+    config = EngineConfig(num_pages=4, page_size=16, max_model_len=512)
+    backend = ColocatedBackend(model, config)
+    prompt = prepare_prompt("word " * 100, model)
+    assert 3 * 16 < len(prompt.token_ids) < config.max_model_len
+    events = asyncio.run(asyncio.wait_for(_events(backend, GenerateRequest("long", prompt, SamplingParams())), 30))
+    assert len(events) == 1 and events[0].invalid and "KV pages" in events[0].error
+    assert asyncio.run(backend.health())["free_pages"] == 3
+    backend.close()

@@ -17,6 +17,7 @@ from server_process import prometheus_value, request
 
 TOKEN = TokenEvent("", [11], text="ab")
 LOST = TokenEvent("", [], error="decode worker lost")
+REFUSED = TokenEvent("", [], error="the prompt needs 9 KV pages; the cache has 4", invalid=True)
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
@@ -65,6 +66,27 @@ def test_error_without_streaming_is_a_500_with_the_reason(url, backend, path, bo
     assert status == 500
     assert answer["error"]["message"] == "decode worker lost"
     assert answer["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT),
+                                        ("/v1/completions", {"model": "tiny", "prompt": "hi"}),
+                                        ("/generate", {"prompt": "hi"})])
+def test_a_request_the_backend_refuses_is_a_400_with_the_reason(url, backend, path, body):
+    backend.script = [REFUSED]
+    status, answer = request("POST", f"{url}{path}", body, timeout=30)
+    assert status == 400
+    assert answer["error"]["message"] == REFUSED.error
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_a_refused_stream_ends_with_an_invalid_request_error(url, backend):
+    backend.script = [REFUSED]
+    connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+    connection.request("POST", "/v1/chat/completions", json.dumps(CHAT | {"stream": True}),
+                       {"Content-Type": "application/json"})
+    events = [line[len("data: "):] for line in connection.getresponse().read().decode().splitlines() if line]
+    error = json.loads(events[-2])["error"]
+    assert (error["type"], error["code"], error["message"]) == ("invalid_request_error", 400, REFUSED.error)
 
 
 def test_a_stream_that_ends_unfinished_is_an_error(client, backend):

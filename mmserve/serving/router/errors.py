@@ -30,3 +30,8 @@ def invalid_request_response(error: InvalidRequest) -> JSONResponse:
 
 def server_error_response(message: str, status: int = 500) -> JSONResponse:
     return JSONResponse(error_body(message, "server_error", None, status), status)
+
+
+def backend_error_response(message: str, invalid: bool) -> JSONResponse:
+    """A request the backend failed: 400 when it refused the request as given, else 500."""
+    return invalid_request_response(InvalidRequest(message)) if invalid else server_error_response(message)

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from mmserve.sampling_params import SamplingParams
 from mmserve.serving.backend import GenerateRequest
 from mmserve.serving.router.context import RouterContext, json_body, new_request_id
-from mmserve.serving.router.errors import InvalidRequest, server_error_response
+from mmserve.serving.router.errors import InvalidRequest, backend_error_response
 from mmserve.serving.router.fields import PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params
 from mmserve.serving.router.media import image_from_base64, image_from_url
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
@@ -47,7 +47,7 @@ async def generate(request: Request) -> Response:
     if answer is None:
         return Response(status_code=499)  # nobody is listening; the request was aborted
     if answer.error is not None:
-        return server_error_response(answer.error)
+        return backend_error_response(answer.error, answer.invalid)
     meta = {"request_id": generate_request.request_id, "prompt_tokens": len(prompt.token_ids),
             "completion_tokens": len(answer.token_ids), "stop_reason": answer.stop_reason}
     if params.logprobs is not None:

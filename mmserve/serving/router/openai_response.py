@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent
 from mmserve.serving.router.context import RouterContext
-from mmserve.serving.router.errors import error_body, server_error_response
+from mmserve.serving.router.errors import backend_error_response, error_body
 from mmserve.serving.router.fields import CommonFields
 from mmserve.serving.router.relay import collect, sse, unless_disconnected
 
@@ -63,7 +63,7 @@ class OpenAIResponse(abc.ABC):
         if answer is None:
             return Response(status_code=499)
         if answer.error is not None:
-            return server_error_response(answer.error)
+            return backend_error_response(answer.error, answer.invalid)
         return JSONResponse(whole(answer))
 
     async def stream(self, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
@@ -73,7 +73,8 @@ class OpenAIResponse(abc.ABC):
                 yield self._chunk(opening)
             async for event in events:
                 if event.error is not None:
-                    yield sse(error_body(event.error, "server_error", None, 500))
+                    kind, code = ("invalid_request_error", 400) if event.invalid else ("server_error", 500)
+                    yield sse(error_body(event.error, kind, None, code))
                     break
                 completion_tokens += len(event.token_ids)
                 delta = event.text[len(sent):]

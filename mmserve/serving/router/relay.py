@@ -33,6 +33,7 @@ class Answer:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
+    invalid: bool = False
 
 
 async def relay(backend: Backend, request: GenerateRequest, metrics: RouterMetrics, endpoint: str,
@@ -83,6 +84,7 @@ async def collect(events: AsyncIterator[TokenEvent]) -> Answer:
             answer.text = event.text
             answer.finish_reason, answer.stop_reason, answer.error = (event.finish_reason, event.stop_reason,
                                                                       event.error)
+            answer.invalid = event.invalid
     return answer
 
 
