@@ -1,17 +1,21 @@
 """A receiver's view of the registries: which sender name listens where, looked up on demand.
 
 Lookups are asynchronous (one DEALER per registry) and retried while the sender has not
-published yet, so a receiver can be told about a room before its sender is up. Answers are
-cached until a sender is found dead, so a busy receiver asks once per sender, not per room.
+published yet, so a receiver can be told about a room before its sender is up. An answer is
+trusted for one heartbeat interval (senders re-publish at that pace), so a busy receiver asks
+about once per interval per sender, not per room, and a sender restarted under the same name (a
+pod keeps its name) is found at its new address by the next room, not after a failed one.
 """
 
 from __future__ import annotations
+
+import time
 
 import zmq
 
 from transfer.bootstrap import RegistryClient
 from transfer.config import TransferConfig
-from transfer.messages import Found, SenderEndpoint
+from transfer.messages import Found, NotFound, SenderEndpoint
 
 LOOKUP_RETRY_S = 0.05
 
@@ -24,7 +28,8 @@ class SenderDirectory:
         self.config = config
         self._poller = poller
         self._registries: dict[str, RegistryClient] = {}
-        self._endpoints: dict[SenderKey, SenderEndpoint] = {}
+        self._endpoints: dict[SenderKey, tuple[SenderEndpoint, float]] = {}
+        """Each answer with the time until which it is trusted."""
         self._next_lookup: dict[SenderKey, float] = {}
 
     def watch(self, registry: str) -> None:
@@ -37,19 +42,25 @@ class SenderDirectory:
         return self._registries[key[0]].error
 
     def find(self, key: SenderKey, now: float) -> SenderEndpoint | None:
-        """The sender's endpoint if known; otherwise asks (at most every LOOKUP_RETRY_S) and returns None."""
-        endpoint = self._endpoints.get(key)
-        if endpoint is None and now >= self._next_lookup.get(key, 0.0):
+        """The sender's endpoint if a recent answer gave it; otherwise asks (at most every
+        LOOKUP_RETRY_S) and returns None."""
+        endpoint, fresh_until = self._endpoints.get(key, (None, 0.0))
+        if now < fresh_until:
+            return endpoint
+        if now >= self._next_lookup.get(key, 0.0):
             self._registries[key[0]].lookup(key[1])
             self._next_lookup[key] = now + LOOKUP_RETRY_S
-        return endpoint
+        return None
 
     def collect(self) -> None:
-        """Reads the registries' answers into the cache."""
+        """Reads the registries' answers into the cache; a sender no longer registered is dropped."""
+        fresh_until = time.monotonic() + self.config.heartbeat_interval_s
         for address, registry in self._registries.items():
             for answer in registry.replies():
                 if isinstance(answer, Found):
-                    self._endpoints[(address, answer.endpoint.name)] = answer.endpoint
+                    self._endpoints[(address, answer.endpoint.name)] = answer.endpoint, fresh_until
+                elif isinstance(answer, NotFound):
+                    self._endpoints.pop((address, answer.name), None)
 
     def forget(self, key: SenderKey) -> None:
         """Drops a sender found dead, so the next room looks it up again."""

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="router: gRPC port where workers register")
     group.add_argument("--bootstrap-port", type=int, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
-    group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-PID)")
+    group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-HOSTNAME-PID: in a pod the hostname is the pod's "
+                            "name, and PIDs repeat across containers)")
     group.add_argument("--mesh", default=None,
                        help="this role's device mesh, e.g. data=1,model=4,expert=2 (product = device count); "
                             "default: one device")
@@ -53,7 +54,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {args.role} %(levelname)s %(message)s")
     transfer = TransferConfig.from_args(args)
-    name = args.name or f"{args.role}-{os.getpid()}"
+    name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
         model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from conftest import drive
@@ -89,3 +90,24 @@ def test_killed_receiver_fails_the_sender_room_within_heartbeat_timeout(config, 
     assert "heartbeat" in sender.failure(ROOM)
     assert sender.allocator.available_blocks() == config.buffer_blocks
     sender.close()
+
+
+def test_a_sender_restarted_under_the_same_name_serves_the_next_room(config, bootstrap, spawn):
+    """A pod restarts with its name and a new address: the next room finds the new one."""
+    first = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    receiver.add(1, bootstrap.address, "encode-0")
+    first.command(op="send", room=1, tokens=9)
+    first.state(1, "success", parties=[receiver])
+    drive([receiver], lambda: receiver.poll(1) is PollState.SUCCESS)
+    receiver.take(1)
+    first.kill()
+    second = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
+    receiver.add(2, bootstrap.address, "encode-0")
+    second.command(op="send", room=2, tokens=9)
+    second.state(2, "success", timeout=config.heartbeat_timeout_s, parties=[receiver])
+    drive([receiver], lambda: receiver.poll(2) is PollState.SUCCESS)
+    np.testing.assert_array_equal(np.asarray(receiver.take(2).arrays["embeddings"])[:9],
+                                  payload(EMBEDDING_FIELDS, 2, 9)["embeddings"])
+    assert receiver.allocator.available_blocks() == config.buffer_blocks
+    receiver.close()
