@@ -6,7 +6,7 @@ The output must equal transformers' so that the vision tower sees the same numbe
   float64 then cast to float32, normalise in float32;
 - videos follow `Qwen3VLVideoProcessor`, whose resize is torchvision's. On CPU that is torch's
   antialiased bicubic on uint8 with int16 fixed-point weights, which differs from PIL's (22-bit
-  weights) by one level on up to ~1% of pixels, so it is reimplemented here (`resize_bicubic_uint8`)
+  weights) by one level on up to ~1% of pixels, so it is reimplemented (`resize.resize_bicubic_uint8`)
   rather than borrowed from PIL. Its rescale and normalise are fused: (x - 255 mean) / (255 std).
 
 Patches come out in merge-block order, rows (t, h / m, w / m, m, m) and contents (C, T, P, P), which is
@@ -20,234 +20,18 @@ passes the source frame rate (`video_fps`); then frames are sampled as transform
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from models.qwen3_vl_moe.processor_config import ImageConfig, VideoConfig
+from models.qwen3_vl_moe.resize import resize_bicubic_uint8, smart_resize, smart_resize_video
+
 IMAGE_CONFIG_FILE = "preprocessor_config.json"
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
 NESTED_CONFIG_FILE = "processor_config.json"  # transformers 5 may nest both configs here
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageConfig:
-    """The keys of a `preprocessor_config.json` that change the pixels; defaults are Qwen3-VL's hub values."""
-
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    min_pixels: int = 65536  # size["shortest_edge"]: a bound on h * w, not an edge
-    max_pixels: int = 16777216  # size["longest_edge"]
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255
-    resample: int = Image.Resampling.BICUBIC.value
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-
-    def __post_init__(self):
-        if min(self.patch_size, self.temporal_patch_size, self.merge_size) < 1:
-            raise ValueError(f"patch sizes must be positive: {self}")
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
-            raise ValueError(f"need 3 image_mean and 3 non-zero image_std values: {self.image_mean}, {self.image_std}")
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    @classmethod
-    def from_hf(cls, config: dict) -> "ImageConfig":
-        """Reads HF keys; like `Qwen2VLImageProcessor`, top-level min_pixels / max_pixels override `size`."""
-        fields = _pixel_fields(cls, config)
-        for key in ("min_pixels", "max_pixels"):
-            if config.get(key) is not None:
-                fields[key] = config[key]
-        return cls(**fields)
-
-    def to_hf(self) -> dict:
-        return {
-            **_hf_pixel_keys(self),
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "do_convert_rgb": True,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoConfig(ImageConfig):
-    """The keys of a `video_preprocessor_config.json`; defaults are Qwen3-VL's hub values."""
-
-    min_pixels: int = 4096  # bounds on t * h * w over the sampled frames
-    max_pixels: int = 25165824
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 768
-    cap_pixels_per_frame: bool = False
-    max_video_tokens: int = 768
-
-    @classmethod
-    def from_hf(cls, config: dict) -> "VideoConfig":
-        fields = _pixel_fields(cls, config)
-        for key, kind in (("fps", float), ("min_frames", int), ("max_frames", int), ("max_video_tokens", int)):
-            if config.get(key) is not None:
-                fields[key] = kind(config[key])
-        fields["cap_pixels_per_frame"] = bool(config.get("cap_pixels_per_frame"))
-        return cls(**fields)
-
-    def to_hf(self) -> dict:
-        return {
-            **_hf_pixel_keys(self),
-            "video_processor_type": "Qwen3VLVideoProcessor",
-            "do_convert_rgb": True,
-            "do_sample_frames": True,
-            "fps": self.fps,
-            "min_frames": self.min_frames,
-            "max_frames": self.max_frames,
-            "cap_pixels_per_frame": self.cap_pixels_per_frame,
-            "max_video_tokens": self.max_video_tokens,
-        }
-
-
-def _pixel_fields(cls, config: dict) -> dict:
-    """The fields images and videos share, from HF keys; absent keys keep `cls`'s defaults."""
-    defaults = cls()
-    size = config.get("size") or {}
-    fields = {
-        "min_pixels": size.get("shortest_edge", defaults.min_pixels),
-        "max_pixels": size.get("longest_edge", defaults.max_pixels),
-    }
-    for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample",
-                "do_resize", "do_rescale", "do_normalize"):
-        if config.get(key) is not None:
-            fields[key] = config[key]
-    for key in ("image_mean", "image_std"):
-        value = config.get(key)
-        if value is not None:
-            fields[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
-    return fields
-
-
-def _hf_pixel_keys(config: ImageConfig) -> dict:
-    return {
-        "do_resize": config.do_resize,
-        "do_rescale": config.do_rescale,
-        "do_normalize": config.do_normalize,
-        "size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
-        "patch_size": config.patch_size,
-        "temporal_patch_size": config.temporal_patch_size,
-        "merge_size": config.merge_size,
-        "image_mean": list(config.image_mean),
-        "image_std": list(config.image_std),
-        "rescale_factor": config.rescale_factor,
-        "resample": config.resample,
-        "processor_class": "Qwen3VLProcessor",
-    }
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The image size transformers resizes to: multiples of `factor`, area within bounds, aspect kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def smart_resize_video(
-    num_frames: int, height: int, width: int, factor: int, temporal_factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """The frame size transformers' Qwen3-VL video processor resizes to: the bounds count every frame."""
-    if num_frames < temporal_factor:
-        raise ValueError(f"a video needs at least {temporal_factor} frames, got {num_frames}")
-    if height < factor or width < factor:
-        scale = max(factor / height, factor / width)
-        height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    t_bar = round(num_frames / temporal_factor) * temporal_factor
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt(num_frames * height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def _bicubic_int16_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """torch's antialiased bicubic (a = -0.5) taps for one axis: first input index, int16 weights, precision.
-
-    Computed in float64 in the same order as ATen's `_compute_index_ranges_int16_weights`, then
-    quantised with the largest precision that keeps every weight within int16.
-    """
-    scale = in_size / out_size
-    support = 2.0 * max(scale, 1.0)
-    invscale = 1.0 / max(scale, 1.0)
-    ksize = math.ceil(support) * 2 + 1
-    center = scale * (np.arange(out_size) + 0.5)
-    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
-    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
-    xsize = np.clip(xmax - xmin, 0, ksize)
-    taps = np.arange(ksize)
-    x = np.abs(((xmin[:, None] + taps).astype(np.float64) - center[:, None] + 0.5) * invscale)
-    w = np.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0, np.where(x < 2.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, 0.0))
-    w = np.where(taps < xsize[:, None], w, 0.0)
-    total = np.zeros(out_size)
-    for k in range(ksize):  # sequential sum, as in ATen, so the float64 weights agree to the last bit
-        total += w[:, k]
-    w = w / total[:, None]
-    precision = 0
-    while precision < 22 and int(0.5 + w.max() * (1 << (precision + 1))) < (1 << 15):
-        precision += 1
-    scaled = w * (1 << precision)
-    weights = np.trunc(np.where(scaled < 0, scaled - 0.5, scaled + 0.5)).astype(np.int32)
-    return xmin, weights, precision
-
-
-def _resample_axis(frame: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-    in_size = frame.shape[axis]
-    xmin, weights, precision = _bicubic_int16_weights(in_size, out_size)
-    index = np.minimum(xmin[:, None] + np.arange(weights.shape[1]), in_size - 1)  # taps past the edge weigh 0
-    shape = [1] * frame.ndim
-    shape[axis] = out_size
-    acc = np.full(
-        [out_size if a == axis else n for a, n in enumerate(frame.shape)], 1 << (precision - 1), dtype=np.int32
-    )
-    for k in range(weights.shape[1]):
-        acc += np.take(frame, index[:, k], axis=axis).astype(np.int32) * weights[:, k].reshape(shape)
-    return np.clip(acc >> precision, 0, 255).astype(np.uint8)
-
-
-def resize_bicubic_uint8(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize uint8 frames [T, H, W, C] exactly as torch's CPU uint8 bicubic with antialias does.
-
-    Horizontal pass first, rounded to uint8, then vertical, as ATen (and Pillow) order them.
-    """
-    out = []
-    for frame in frames:
-        if frame.shape[1] != width:
-            frame = _resample_axis(frame, 1, width)
-        if frame.shape[0] != height:
-            frame = _resample_axis(frame, 0, height)
-        out.append(frame)
-    return np.stack(out)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -23,7 +23,9 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-from models.qwen3_vl_moe.processor import ImageConfig, Processor, VideoConfig, resize_bicubic_uint8
+from models.qwen3_vl_moe.processor import Processor
+from models.qwen3_vl_moe.processor_config import ImageConfig, VideoConfig
+from models.qwen3_vl_moe.resize import resize_bicubic_uint8
 
 
 class _InterpolationMode(enum.Enum):
