@@ -1,20 +1,25 @@
 """Worker: the model of one checkpoint, unsharded and sharded over several meshes of 8 CPU devices.
 
 Usage: sharded_forward_worker.py CHECKPOINT MESH [MESH ...]. Prints one JSON line: per mesh, the
-max logit difference to the unsharded model (safetensors and orbax loads), and the partition
-specs and per-device shard shapes of a few parameters and of a KV cache.
+max logit difference to the unsharded model (safetensors and orbax loads), the partition specs
+and per-device shard shapes of a few parameters and of a KV cache, and what XLA compiled the
+sharded MoE block into (its collectives, the largest array an all-gather builds, any loops).
 """
 
 import json
+import math
+import re
 import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hf_reference import image_prompt, random_patches
 from mmserve.distributed import MeshLayout, make_mesh
 from models.qwen3_vl_moe import load_model
+from models.qwen3_vl_moe.moe import SparseMoeBlock
 
 PROBES = {
     "q_proj": ("language_model", "layers_0", "self_attn", "q_proj", "kernel"),
@@ -41,6 +46,18 @@ def probe(params, path):
     return params
 
 
+def moe_program(model, layout: MeshLayout) -> dict:
+    """Collectives of the compiled MoE block (layer 1) for 16 tokens, from the optimized HLO."""
+    block = SparseMoeBlock(model.config.text, jnp.float32)
+    params = probe(model.params, ("language_model", "layers_1", "mlp"))
+    x = jax.device_put(jnp.ones((1, 16, model.config.text.hidden_size)), layout.replicated())
+    hlo = jax.jit(lambda p, x: block.apply({"params": p}, x)).lower(params, x).compile().as_text()
+    gathered = [math.prod(int(n) for n in dims.split(",") if n)
+                for dims in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)]
+    return {op: len(re.findall(rf" {op}\(", hlo)) for op in ("all-gather", "all-to-all", "all-reduce", "while")} | {
+        "largest_all_gather": max(gathered, default=0)}
+
+
 def main(checkpoint: str, meshes: list[str]) -> dict:
     rng = np.random.default_rng(0)
     grids = np.array([[1, 4, 6]])
@@ -62,6 +79,7 @@ def main(checkpoint: str, meshes: list[str]) -> dict:
             "params": {name: describe(probe(model.params, path)) for name, path in PROBES.items()},
             "orbax_params": {name: describe(probe(restored.params, path)) for name, path in PROBES.items()},
             "kv_cache": describe(cache.k),
+            "moe_program": moe_program(model, layout),
         }
     return report
 
