@@ -79,11 +79,13 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, help="a Hugging Face checkpoint dir (default: a generated one)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=512,
+                   help="the engine's context; without page-table width buckets attention reads all of it")
     args = p.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or write_checkpoint(Path(tmp))
-        llm = LLM(ckpt, max_model_len=512, max_num_seqs=32, num_pages=4096, page_size=16)
+        llm = LLM(ckpt, max_model_len=args.max_model_len, max_num_seqs=32, num_pages=4096, page_size=16)
         hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
         print(f"{'batch':>5} {'mmserve tok/s':>14} {'hf tok/s':>10} {'ratio':>6} "
               f"{'mmserve s':>10} {'hf s':>8}")

@@ -48,6 +48,8 @@ class LLMEngine:
         self.model = model
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config, layout, lockstep)
+        if self.config.precompile_decode and self.runner.lockstep.is_leader:  # followers get its calls
+            self.runner.precompile_decode()
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         self.scheduler = Scheduler(self.config, self.kv)
         self.encoder = Encoder(model, self.config.embedding_cache_size, layout, self.runner.lockstep)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from mmserve.engine.buckets import bucket
+from mmserve.engine.buckets import all_buckets, bucket
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.kv_rows import gather_rows, scatter_rows
 from mmserve.engine.request import Request
@@ -33,6 +33,10 @@ from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.kv_cache import KVCache
 
 MIN_TOKEN_BUCKET = 16
+MIN_PAGE_BUCKET = 4
+"""Page-table width of the narrowest prefill/decode program. Attention reads every page a row's
+table lists, so a step's width follows the batch's longest sequence (power-of-two buckets), not
+``max_model_len``: short contexts do not pay for the longest one."""
 _PADDING_PARAMS = SamplingParams(temperature=0.0)
 
 
@@ -134,7 +138,8 @@ class ModelRunner:
                 embeds[i, :span] = r.visual.embeds[ch.start:ch.start + span]
                 deepstack[:, i, :span] = r.visual.deepstack[:, ch.start:ch.start + span]
         self.lockstep.call("runner", "run_prefill", ids=ids, positions=positions,
-                           page_tables=self._page_tables(page_tables, rows), starts=starts, lengths=lengths,
+                           page_tables=self._page_tables(page_tables, rows, self._width(max(starts + lengths))),
+                           starts=starts, lengths=lengths,
                            embeds=embeds, mask=mask, deepstack=deepstack)
 
     def run_prefill(self, ids, positions, page_tables, starts, lengths, embeds, mask, deepstack):
@@ -152,7 +157,17 @@ class ModelRunner:
             positions[i] = r.positions(r.num_computed, r.num_computed + 1)[:, 0]
             context[i] = r.num_computed
         self.lockstep.call("runner", "run_decode", tokens=tokens, positions=positions,
-                           page_tables=self._page_tables(page_tables, rows), context=context)
+                           page_tables=self._page_tables(page_tables, rows, self._width(max(context) + 1)),
+                           context=context)
+
+    def precompile_decode(self) -> None:
+        """Runs every decode program once on padding rows (their writes land in the scratch page)."""
+        for rows in all_buckets(1, self.config.max_num_seqs):
+            for width in all_buckets(MIN_PAGE_BUCKET, self.config.max_pages_per_seq):
+                self.lockstep.call("runner", "run_decode", tokens=np.zeros(rows, np.int32),
+                                   positions=np.zeros((rows, 3), np.int32),
+                                   page_tables=self._page_tables([], rows, width),
+                                   context=np.full(rows, -1, np.int32))
 
     def run_decode(self, tokens, positions, page_tables, context):
         self._logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
@@ -188,10 +203,19 @@ class ModelRunner:
         runs this, so the collective is joined)."""
         return self.layout.replicate(tree) if self.lockstep.spans_processes else tree
 
-    def _page_tables(self, tables: list[list[int]], rows: int) -> np.ndarray:
-        out = np.full((rows, self.config.max_pages_per_seq), SCRATCH_PAGE, np.int32)
+    def _width(self, tokens: int) -> int:
+        """Pages a program must see for sequences of up to ``tokens`` tokens, bucketed. Taken from
+        tokens rather than from the tables (which may hold pages reserved ahead), an unchunked
+        prefill's width follows from its token bucket, so it adds no program variants."""
+        return bucket(-(-int(tokens) // self.config.page_size), MIN_PAGE_BUCKET, self.config.max_pages_per_seq)
+
+    def _page_tables(self, tables: list[list[int]], rows: int, width: int | None = None) -> np.ndarray:
+        """[rows, width] page ids, SCRATCH_PAGE past each table (width None: max_pages_per_seq);
+        pages past the width (reserved ahead) are left out."""
+        width = width or self.config.max_pages_per_seq
+        out = np.full((rows, width), SCRATCH_PAGE, np.int32)
         for i, table in enumerate(tables):
-            out[i, : len(table)] = table
+            out[i, : min(len(table), width)] = table[:width]
         return out
 
 

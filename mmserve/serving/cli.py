@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token budget of one prefill step; longer prompts are prefilled in chunks")
     engine.add_argument("--max-prefill-seqs", type=int, default=ENGINE_DEFAULTS["max_prefill_seqs"],
                         help="most prompts in one prefill step")
+    engine.add_argument("--precompile-decode", action="store_true",
+                        help="compile every decode program (batch x page-table width bucket) at start-up, "
+                             "so no decode step waits for a compile while serving")
     add_role_arguments(p)
     return p
 
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, kv_cache_bytes=args.kv_cache_bytes,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                        max_prefill_tokens=args.max_prefill_tokens, max_prefill_seqs=args.max_prefill_seqs)
+                        max_prefill_tokens=args.max_prefill_tokens, max_prefill_seqs=args.max_prefill_seqs,
+                        precompile_decode=args.precompile_decode)
 
 
 def router_settings(args: argparse.Namespace, max_model_len: int):

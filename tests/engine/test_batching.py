@@ -10,20 +10,23 @@ from mmserve import LLM, SamplingParams
 IMAGE = [VISION_START, IMAGE_ID, VISION_END]
 
 
-def mixed_prompts(count: int, seed: int):
-    """Text-only, one-image and two-image prompts of varied lengths; images repeat sizes."""
-    rng = np.random.default_rng(seed)
+def mixed_prompts(count: int, seed: int, content_seed: int | None = None):
+    """Text-only, one-image and two-image prompts of varied lengths; images repeat sizes. The
+    lengths come from ``seed``, the token ids and pixels from ``content_seed`` (default ``seed``)."""
+    lengths = np.random.default_rng(seed).integers(3, 40, count)
+    content = seed if content_seed is None else content_seed
+    rng = np.random.default_rng(content)
     prompts = []
     for i in range(count):
-        text = [int(t) for t in rng.integers(0, 800, int(rng.integers(3, 40)))]
+        text = [int(t) for t in rng.integers(0, 800, int(lengths[i]))]
         kind = i % 3
         if kind == 0:
             prompts.append({"prompt_token_ids": text})
         elif kind == 1:
-            prompts.append({"prompt_token_ids": text + IMAGE, "multi_modal_data": {"image": random_image(seed * 100 + i)}})
+            prompts.append({"prompt_token_ids": text + IMAGE, "multi_modal_data": {"image": random_image(content * 100 + i)}})
         else:
             prompts.append({"prompt_token_ids": IMAGE + text + IMAGE, "multi_modal_data": {
-                "image": [random_image(seed * 100 + i), random_image(seed * 100 + i + 1, (40, 90))]}})
+                "image": [random_image(content * 100 + i), random_image(content * 100 + i + 1, (40, 90))]}})
     return prompts
 
 
@@ -67,8 +70,37 @@ def test_preemption_under_a_tiny_page_budget_keeps_outputs(llm, reference):
 
 @pytest.mark.slow
 def test_no_compilation_after_warm_up(llm):
+    """Traffic of the shapes already served (new tokens and pixels, same lengths and image sizes)
+    compiles nothing: every program is bucketed."""
     params = [greedy(3 + i % 7) for i in range(50)]
     llm.generate(mixed_prompts(50, seed=4), params)
     before = llm.engine.stats()["compiles"]
-    llm.generate(mixed_prompts(50, seed=5), params)
+    llm.generate(mixed_prompts(50, seed=4, content_seed=5), params)
     assert llm.engine.stats()["compiles"] == before
+
+
+def test_precompiled_decode_covers_every_batch_and_page_width(reference):
+    """With precompile_decode no decode step compiles, however long its sequences grow."""
+    from mmserve.engine import runner
+    from mmserve.engine.buckets import all_buckets
+
+    llm = LLM(reference[1], num_pages=64, page_size=8, max_model_len=128, max_num_seqs=4, precompile_decode=True)
+    programs = runner._decode._cache_size()
+    widths = all_buckets(runner.MIN_PAGE_BUCKET, 16)
+    assert widths == [4, 8, 16]
+    llm.generate([{"prompt_token_ids": list(range(3, 13))}] * 3, greedy(100))  # 2 pages -> 14: every width
+    assert runner._decode._cache_size() == programs
+
+
+def test_decode_reads_only_the_pages_its_longest_sequence_needs(llm):
+    """A short batch's decode program is narrower than max_model_len's page table."""
+    from mmserve.engine.runner import MIN_PAGE_BUCKET
+
+    seen = []
+    run_decode = llm.engine.runner.run_decode
+    llm.engine.runner.run_decode = lambda **kw: (seen.append(kw["page_tables"].shape[1]), run_decode(**kw))[1]
+    try:
+        llm.generate([{"prompt_token_ids": list(range(3, 13))}], greedy(4))
+    finally:
+        del llm.engine.runner.run_decode
+    assert set(seen) == {MIN_PAGE_BUCKET} and MIN_PAGE_BUCKET < llm.engine.config.max_pages_per_seq
