@@ -7,6 +7,7 @@ from for ``WORKER_TIMEOUT_S`` is dropped from the pool until it registers again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import json
@@ -24,6 +25,7 @@ from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 WORKER_TIMEOUT_S = 5.0
+CLOSE_GRACE_S = 30.0  # longer than any call's own timeout here (abort 10 s, health 2 s)
 ROLES = ("encode", "prefill", "decode")
 
 
@@ -41,6 +43,15 @@ class WorkerHandle:
 class WorkerPool(pb_grpc.RegistryServicer):
     def __init__(self):
         self.workers: dict[str, WorkerHandle] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    def _retire(self, worker: WorkerHandle) -> None:
+        """Closes a dropped or replaced worker's channel after a grace period, in the background:
+        closing at once would cancel the calls still in flight on it (an abort, a health check,
+        a decode stream), and they end by themselves against a dead peer."""
+        task = asyncio.get_running_loop().create_task(worker.channel.close(grace=CLOSE_GRACE_S))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def Register(self, request, context):
         if request.role not in ROLES:
@@ -48,7 +59,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
         current = self.workers.get(request.name)
         if current is None or current.address != request.grpc_address:
             if current is not None:
-                await current.channel.close()
+                self._retire(current)
             channel = grpc.aio.insecure_channel(request.grpc_address, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -63,7 +74,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
         """Drops a worker that cannot be reached; it is back as soon as it registers again."""
         if self.workers.get(worker.name) is worker:
             del self.workers[worker.name]
-            await worker.channel.close()
+            self._retire(worker)
             log.warning("%s worker %s at %s is unreachable: dropped", worker.role, worker.name, worker.address)
 
     def live(self, role: str) -> list[WorkerHandle]:
@@ -136,6 +147,15 @@ class DisaggregatedBackend:
             await self.abort(rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} failed: {error.code().name}: "
                                             f"{error.details()}")
+        except grpc.aio.UsageError:  # dropped as unreachable (its channel closing) while we used it
+            await self.abort(rid)
+            yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped as unreachable")
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # the client left; the relay aborts the request
+            # grpc cancelled the call itself: the worker's channel was closed after its grace period
+            await self.abort(rid)
+            yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
         finally:
             stream.cancel()
 
