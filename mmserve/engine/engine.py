@@ -18,6 +18,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.request import Request, TokenLogprobs
 from mmserve.engine.runner import ModelRunner
 from mmserve.engine.scheduler import Scheduler, Step
@@ -188,12 +189,12 @@ class LLMEngine:
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         if prompt_len >= self.config.max_model_len:
-            raise ValueError(
+            raise RequestRejected(
                 f"the prompt has {prompt_len} tokens; the context holds {self.config.max_model_len} "
                 "(prompt plus at least one generated token)")
         pages = -(-(prompt_len + 1) // self.config.page_size)
         if pages > self.runner.num_pages - 1:
-            raise ValueError(f"the prompt needs {pages} KV pages; the cache has {self.runner.num_pages - 1}")
+            raise RequestRejected(f"the prompt needs {pages} KV pages; the cache has {self.runner.num_pages - 1}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
 

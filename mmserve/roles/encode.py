@@ -11,6 +11,7 @@ import numpy as np
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.encoder import Encoder
+from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.wire import visual_from_pb
@@ -48,7 +49,7 @@ class EncodeRole:
         deepstack = np.concatenate([p[1] for p in parts], axis=1)  # [levels, n, H]
         n = embeds.shape[0]
         if not self.sender.allocator.can_ever_hold(n):
-            raise ValueError(f"{n} visual tokens exceed the whole encode buffer pool")
+            raise RequestRejected(f"{n} visual tokens exceed the whole encode buffer pool")
         pad = ((0, self.sender.buffers.bucket(n) - n), (0, 0))  # one write program per bucket
         rows = {"embeddings": np.pad(embeds, pad),
                 "deepstack": np.pad(np.swapaxes(deepstack, 0, 1).reshape(n, -1), pad)}

@@ -132,9 +132,9 @@ class DisaggregatedBackend:
                 ack = await encode.stub.Encode(pb.EncodeRequest(
                     request_id=rid, room=room, images=[visual_to_pb(v, with_pixels=True) for v in p.images],
                     videos=[visual_to_pb(v, with_pixels=True) for v in p.videos]))
-            if not ack.ok:  # a role refuses only what it cannot take as given (its ValueError)
+            if not ack.ok:
                 await self.abort(rid)
-                yield TokenEvent(rid, [], error=ack.error, invalid=True)
+                yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
                 return
             current = decode
             async for event in stream:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from mmserve.engine.rejected import RequestRejected
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 
@@ -95,6 +96,7 @@ class RoleLoop:
                 self.role.step()
             except Exception:
                 log.exception("%s step failed", self.role.role)
+        self._pump.join()  # the pump works the role's sockets: it stops before they close
         self.role.close()
 
 
@@ -105,11 +107,12 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.loop = loop
 
     def acknowledge(self, fn: Callable, request) -> pb.Ack:
-        """Runs ``fn(request)`` on the loop; a request the role refuses is answered with its reason."""
+        """Runs ``fn(request)`` on the loop; a request the role refuses is answered with its reason,
+        ``rejected`` when the refusal is the client's to fix."""
         try:
             self.loop.call(fn, request)
         except ValueError as error:
-            return pb.Ack(ok=False, error=str(error))
+            return pb.Ack(ok=False, error=str(error), rejected=isinstance(error, RequestRejected))
         return pb.Ack(ok=True)
 
     def Abort(self, request, context):

@@ -21,6 +21,7 @@ from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.rejected import RequestRejected
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.stop import streamable_text
 from models.qwen3_vl_moe import Model
@@ -153,11 +154,12 @@ class ColocatedBackend:
             stream = _Stream(command)
             try:
                 self._engine.add_request(request.prompt, request.params, request.request_id)
-            except ValueError as error:  # add_request changes nothing until it succeeds
+            except RequestRejected as error:  # add_request changes nothing until it succeeds
                 stream.send(TokenEvent(request.request_id, [], error=str(error), invalid=True))
                 return
             except Exception as error:
-                stream.send(TokenEvent(request.request_id, [], error=f"{type(error).__name__}: {error}"))
+                reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+                stream.send(TokenEvent(request.request_id, [], error=reason))
                 return
             self._streams[request.request_id] = stream
         elif isinstance(command, _Abort):
