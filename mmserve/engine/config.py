@@ -13,8 +13,9 @@ class EngineConfig:
     step (longer prompts are prefilled in chunks). max_prefill_seqs: most prompts in one prefill step.
     embedding_cache_size: encoded images kept, keyed by a hash of their pixels. seed: the engine's
     key for requests that give no seed of their own. precompile_decode: compile every decode
-    program (batch bucket x page-table width bucket) when the engine starts, so that no decode
-    step waits for a compile while serving."""
+    forward program (batch bucket x page-table width bucket) when the engine starts, so that no
+    decode step waits for a forward compile while serving (the small sampler program still
+    compiles on first use of a batch bucket)."""
 
     page_size: int = 16
     num_pages: int | None = None

@@ -161,7 +161,8 @@ class ModelRunner:
                            context=context)
 
     def precompile_decode(self) -> None:
-        """Runs every decode program once on padding rows (their writes land in the scratch page)."""
+        """Runs every decode program once, on padding rows (which write nothing). The sampler still
+        compiles on first use per batch bucket; it is far smaller than a forward."""
         for rows in all_buckets(1, self.config.max_num_seqs):
             for width in all_buckets(MIN_PAGE_BUCKET, self.config.max_pages_per_seq):
                 self.lockstep.call("runner", "run_decode", tokens=np.zeros(rows, np.int32),

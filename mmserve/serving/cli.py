@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-prefill-seqs", type=int, default=ENGINE_DEFAULTS["max_prefill_seqs"],
                         help="most prompts in one prefill step")
     engine.add_argument("--precompile-decode", action="store_true",
-                        help="compile every decode program (batch x page-table width bucket) at start-up, "
-                             "so no decode step waits for a compile while serving")
+                        help="compile every decode forward program (batch x page-table width bucket) at "
+                             "start-up, so no decode step waits for one while serving")
     add_role_arguments(p)
     return p
 
