@@ -74,6 +74,12 @@ class Lockstep:
                 # decides what happens to the requests, and its next call is what matters here.
                 log.exception("lockstep call %s.%s failed", target, method)
 
+    def readable(self, tree, layout):
+        """Outputs the leader will read, from inside a call: replicated over ``layout``'s mesh when
+        the role spans processes (every process runs the call, so the collective is joined); as
+        they are otherwise."""
+        return layout.replicate(tree) if self.spans_processes else tree
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

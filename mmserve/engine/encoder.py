@@ -69,4 +69,4 @@ class Encoder:
     def run_encode(self, patches, interp_idx, interp_weight, rope_pos, segment_ids):
         out = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype), interp_idx,
                       interp_weight, rope_pos, segment_ids)
-        return self.layout.replicate(out) if self.lockstep.spans_processes else out
+        return self.lockstep.readable(out, self.layout)

@@ -93,7 +93,7 @@ class ModelRunner:
         return _local(k), _local(v)
 
     def run_read_kv(self, page_table, rows):
-        return self._gathered(gather_rows(self.cache, page_table, int(rows)))
+        return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows)), self.layout)
 
     def write_kv(self, page_table: list[int], k_rows, v_rows, num_tokens: int) -> None:
         self.lockstep.call("runner", "run_write_kv", page_table=self._page_tables([page_table], 1)[0],
@@ -197,12 +197,7 @@ class ModelRunner:
         self._steps += 1
         out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, key)
         self._logits = None
-        return self._gathered(out)
-
-    def _gathered(self, tree):
-        """Arrays the leader reads: replicated over the mesh when it spans processes (every process
-        runs this, so the collective is joined)."""
-        return self.layout.replicate(tree) if self.lockstep.spans_processes else tree
+        return self.lockstep.readable(out, self.layout)
 
     def _width(self, tokens: int) -> int:
         """Pages a program must see for sequences of up to ``tokens`` tokens, bucketed. Taken from
