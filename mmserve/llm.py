@@ -18,14 +18,15 @@ ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 class LLM:
-    """model: ``"tiny"``, a Hugging Face checkpoint directory or an orbax directory.
+    """model: ``"tiny"``, a Hugging Face checkpoint directory or an orbax directory. moe_dispatch:
+    how MoE layers reach their experts (``auto``: the fast strategy for this backend).
     Engine settings (``page_size``, ``max_model_len``, ``num_pages``, ...) are keyword arguments."""
 
-    def __init__(self, model: str = "tiny", dtype: str = "float32", **engine_args):
+    def __init__(self, model: str = "tiny", dtype: str = "float32", moe_dispatch: str = "auto", **engine_args):
         unknown = set(engine_args) - ENGINE_FIELDS
         if unknown:
             raise ValueError(f"unknown engine argument(s): {sorted(unknown)}")
-        self.model = load_model(model, dtype=dtype)
+        self.model = load_model(model, dtype=dtype, moe_dispatch=moe_dispatch)
         self.engine = LLMEngine(self.model, EngineConfig(**engine_args))
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -57,7 +57,8 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
-        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
+        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
+                           moe_dispatch=args.moe_dispatch)
         if not lockstep.is_leader:
             return follow_leader(args.role, model, engine, layout, lockstep)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep)

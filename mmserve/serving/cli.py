@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mmserve.engine.config import EngineConfig
+from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import follow_leader, join_role
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'tiny' (built-in random weights, offline), a Hugging Face checkpoint directory "
                             "or an orbax directory written by Model.save_orbax")
     model.add_argument("--dtype", default="float32", help="parameter and compute dtype: float32 or bfloat16")
+    model.add_argument("--moe-dispatch", default="auto", choices=("auto", *MOE_STRATEGIES),
+                       help="how MoE layers send tokens to their experts: auto picks grouped on an unsharded "
+                            "CPU model and ragged_dot elsewhere (default: auto)")
     model.add_argument("--served-model-name", default=None,
                        help="the name clients pass as 'model' and /v1/models lists (default: --model)")
 
@@ -106,7 +110,8 @@ def serve_colocated(args: argparse.Namespace) -> int:
         return USAGE_EXIT
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
-        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None)
+        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
+                           moe_dispatch=args.moe_dispatch)
         if not lockstep.is_leader:
             return follow_leader("colocated", model, config, layout, lockstep)
         backend = ColocatedBackend(model, config, layout, lockstep)

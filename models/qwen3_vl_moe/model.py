@@ -21,6 +21,7 @@ from models.qwen3_vl_moe import stages
 from models.qwen3_vl_moe.config import ModelConfig
 from models.qwen3_vl_moe.kv_cache import KVCache
 from models.qwen3_vl_moe.modeling import Qwen3VLMoe
+from models.qwen3_vl_moe.moe_dispatch import choose as choose_moe_dispatch
 from models.qwen3_vl_moe.multimodal import place_visual
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.rope_index import get_rope_index
@@ -40,10 +41,12 @@ class Model:
     tokenizer: Tokenizer
     processor: Processor
     dtype: jnp.dtype
+    moe_dispatch: str = "ragged_dot"
+    """The MoE strategy the programs use (:func:`moe_dispatch.choose` picked it at load time)."""
 
     @functools.cached_property
     def module(self) -> Qwen3VLMoe:
-        return Qwen3VLMoe(self.config, self.dtype)
+        return Qwen3VLMoe(self.config, self.dtype, self.moe_dispatch)
 
     def encode(self, pixel_values, grid_thw):
         """Pixel patches of images or videos -> (embeddings [n, H], deepstack [levels, n, H])."""
@@ -151,12 +154,19 @@ def _into_shards(value, sharding) -> jax.Array:
 
 def load_model(
     path: str | Path = "tiny", dtype: str | jnp.dtype = "float32", shardings: ParamShardings | None = None,
-    weights: bool = True,
+    weights: bool = True, moe_dispatch: str = "auto",
 ) -> Model:
     """With ``shardings`` a checkpoint's parameters are read straight into their shards. Without
     ``weights`` only config, tokenizer and processor are read (``params`` is None): what a router
-    needs to prepare requests."""
-    dtype = jnp.dtype(dtype)
+    needs to prepare requests. ``moe_dispatch``: a strategy of :mod:`models.qwen3_vl_moe.moe_dispatch`,
+    or ``auto`` for the fast one on this backend and placement."""
+    model = _load(path, jnp.dtype(dtype), shardings, weights)
+    split = model.params is not None and any(
+        not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(model.params))
+    return dataclasses.replace(model, moe_dispatch=choose_moe_dispatch(moe_dispatch, jax.default_backend(), split))
+
+
+def _load(path, dtype, shardings, weights) -> Model:
     if str(path) == "tiny":
         config = tiny_config()
         if not weights:

@@ -17,10 +17,11 @@ from models.qwen3_vl_moe.vision import VisionTower
 class Qwen3VLMoe(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    moe_dispatch: str = "ragged_dot"
 
     def setup(self):
         self.visual = VisionTower(self.config.vision, self.dtype)
-        self.language_model = TextModel(self.config.text, self.dtype)
+        self.language_model = TextModel(self.config.text, self.dtype, self.moe_dispatch)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 self.config.text.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype

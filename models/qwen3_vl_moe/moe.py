@@ -1,9 +1,9 @@
 """The sparse MoE block (softmax router, renormalised top-k, SiLU experts) and the dense MLP.
 
 Experts are stored in the published checkpoint layout: ``gate_up_proj`` [E, H, 2I] applied as
-``x @ W[e]`` and ``down_proj`` [E, I, H]. Tokens are dispatched by sorting their (token, choice)
-pairs by expert and running two grouped matmuls (``jax.lax.ragged_dot``), so the work is the
-routed work, not E dense passes.
+``x @ W[e]`` and ``down_proj`` [E, I, H]. How tokens reach their experts is the block's
+``dispatch`` strategy (:mod:`models.qwen3_vl_moe.moe_dispatch`); every strategy computes the same
+function, so the choice is a matter of speed on the backend at hand.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.qwen3_vl_moe import moe_dispatch
 from models.qwen3_vl_moe.config import TextConfig
 
 
 class SparseMoeBlock(nn.Module):
     config: TextConfig
     dtype: jnp.dtype
+    dispatch: str = "ragged_dot"
 
     @nn.compact
     def __call__(self, x):
@@ -34,16 +36,7 @@ class SparseMoeBlock(nn.Module):
         top_w, top_e = jax.lax.top_k(probs, k)
         top_w = (top_w / jnp.sum(top_w, axis=-1, keepdims=True)).astype(x.dtype)
 
-        flat_e = top_e.reshape(-1)
-        order = jnp.argsort(flat_e, stable=True)
-        token_of = order // k
-        group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
-        h = jax.lax.ragged_dot(x[token_of], gate_up, group_sizes)
-        h = jax.nn.silu(h[:, :inter]) * h[:, inter:]
-        out = jax.lax.ragged_dot(h, down, group_sizes)
-        out = out * top_w.reshape(-1)[order][:, None]
-        combined = jnp.zeros_like(x).at[token_of].add(out)
-        return combined.reshape(shape)
+        return moe_dispatch.dispatch(self.dispatch, x, top_e, top_w, gate_up, down).reshape(shape)
 
 
 class DenseMLP(nn.Module):

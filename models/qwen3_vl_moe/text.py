@@ -57,6 +57,7 @@ class DecoderLayer(nn.Module):
     config: TextConfig
     dtype: jnp.dtype
     layer: int
+    moe_dispatch: str = "ragged_dot"
 
     @nn.compact
     def __call__(self, x, cos, sin, cache, slots):
@@ -65,19 +66,22 @@ class DecoderLayer(nn.Module):
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, cache, slots
         )
         x = x + h
-        mlp = SparseMoeBlock if c.is_moe_layer(self.layer) else DenseMLP
-        h = mlp(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+        mlp = (SparseMoeBlock(c, self.dtype, self.moe_dispatch, name="mlp") if c.is_moe_layer(self.layer)
+               else DenseMLP(c, self.dtype, name="mlp"))
+        h = mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
         return x + h, cache
 
 
 class TextModel(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
+    moe_dispatch: str = "ragged_dot"
+    """How MoE layers send tokens to experts: a strategy of :mod:`models.qwen3_vl_moe.moe_dispatch`."""
 
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = [DecoderLayer(c, self.dtype, i) for i in range(c.num_hidden_layers)]
+        self.layers = [DecoderLayer(c, self.dtype, i, self.moe_dispatch) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
     def embed(self, input_ids):

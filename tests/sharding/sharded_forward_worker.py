@@ -48,7 +48,7 @@ def probe(params, path):
 
 def moe_program(model, layout: MeshLayout) -> dict:
     """Collectives of the compiled MoE block (layer 1) for 16 tokens, from the optimized HLO."""
-    block = SparseMoeBlock(model.config.text, jnp.float32)
+    block = SparseMoeBlock(model.config.text, jnp.float32, model.moe_dispatch)
     params = probe(model.params, ("language_model", "layers_1", "mlp"))
     x = jax.device_put(jnp.ones((1, 16, model.config.text.hidden_size)), layout.replicated())
     hlo = jax.jit(lambda p, x: block.apply({"params": p}, x)).lower(params, x).compile().as_text()
