@@ -22,7 +22,9 @@ class SparseMoeBlock(nn.Module):
     dispatch: str = "ragged_dot"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
+        """x [..., H]; valid (x's leading shape, bool): False marks padding tokens, which reach no
+        expert (their output is zero), so a padded batch does no routed work for its padding."""
         c = self.config
         shape = x.shape
         x = x.reshape(-1, c.hidden_size)
@@ -35,6 +37,9 @@ class SparseMoeBlock(nn.Module):
         probs = jax.nn.softmax((x @ router).astype(jnp.float32), axis=-1)
         top_w, top_e = jax.lax.top_k(probs, k)
         top_w = (top_w / jnp.sum(top_w, axis=-1, keepdims=True)).astype(x.dtype)
+        if valid is not None:
+            valid = valid.reshape(-1, 1)
+            top_e, top_w = jnp.where(valid, top_e, e), jnp.where(valid, top_w, 0)
 
         return moe_dispatch.dispatch(self.dispatch, x, top_e, top_w, gate_up, down).reshape(shape)
 

@@ -3,6 +3,7 @@
 Each takes the tokens ``x`` [T, H], their routing (``top_e`` [T, k] expert ids, ``top_w`` [T, k]
 renormalised weights) and the expert weights in checkpoint layout (``gate_up`` [E, H, 2I],
 ``down`` [E, I, H]), and returns sum_j top_w[t, j] * expert_{top_e[t, j]}(x[t]) for every token.
+An expert id of E (one past the last) means "no expert": padding tokens carry it and get zeros.
 
 Which one is fast depends on the backend (measured by ``scripts/bench_moe.py``, figures in
 docs/status.md):
@@ -53,17 +54,18 @@ def _swiglu(h):
 def ragged(x, top_e, top_w, gate_up, down):
     k = top_e.shape[1]
     flat_e = top_e.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)
+    order = jnp.argsort(flat_e, stable=True)  # rows of expert E (none) sort last, past every group
     token_of = order // k
     group_sizes = jnp.bincount(flat_e, length=gate_up.shape[0]).astype(jnp.int32)
     h = _swiglu(jax.lax.ragged_dot(x[token_of], gate_up, group_sizes))
     out = jax.lax.ragged_dot(h, down, group_sizes) * top_w.reshape(-1)[order][:, None]
-    return jnp.zeros_like(x).at[token_of].add(out)
+    real = (flat_e[order] < gate_up.shape[0])[:, None]  # rows past the groups are not defined to be zero
+    return jnp.zeros_like(x).at[token_of].add(jnp.where(real, out, 0))
 
 
 def dense(x, top_e, top_w, gate_up, down):
     t, e = x.shape[0], gate_up.shape[0]
-    combine = jnp.zeros((t, e), x.dtype).at[jnp.arange(t)[:, None], top_e].add(top_w)
+    combine = jnp.zeros((t, e), x.dtype).at[jnp.arange(t)[:, None], top_e].add(top_w, mode="drop")
     h = _swiglu(jnp.einsum("th,ehi->eti", x, gate_up))
     return jnp.einsum("eti,eih,te->th", h, down, combine)
 
@@ -82,15 +84,16 @@ def grouped(x, top_e, top_w, gate_up, down):
     flat_e = top_e.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)
     sorted_e = flat_e[order]
-    sizes = jnp.bincount(flat_e, length=e)
-    rank = jnp.arange(a) - (jnp.cumsum(sizes) - sizes)[sorted_e]  # row's place in its expert's group
+    sizes = jnp.bincount(flat_e, length=e)  # rows of expert e (none) are left out
+    real = sorted_e < e
+    rank = jnp.arange(a) - (jnp.cumsum(sizes) - sizes)[jnp.minimum(sorted_e, e - 1)]  # place in its group
     token = order // k
     weight = top_w.reshape(-1)[order]
     padded = jnp.concatenate([x, jnp.zeros((1, h_dim), x.dtype)])  # row t: the zero row padding reads
     out = jnp.zeros((t + 1, h_dim), x.dtype)
 
     if cap > 0:
-        slot = jnp.where(rank < cap, sorted_e * cap + rank, e * cap)  # e * cap: where overflow rows land
+        slot = jnp.where(real & (rank < cap), sorted_e * cap + rank, e * cap)  # e * cap: the rest land here
         rows = jnp.full((e * cap + 1,), t, jnp.int32).at[slot].set(token)[:-1]
         gates = jnp.zeros((e * cap + 1,), x.dtype).at[slot].set(weight)[:-1]
         h = _swiglu(jnp.einsum("ech,ehi->eci", padded[rows].reshape(e, cap, h_dim), gate_up))
@@ -104,7 +107,8 @@ def grouped(x, top_e, top_w, gate_up, down):
     tiles = -(-over // TILE)
     tile_end = jnp.cumsum(tiles)
     spill = rank - cap
-    dest = jnp.where(spill >= 0, ((tile_end - tiles)[sorted_e] + spill // TILE) * TILE + spill % TILE,
+    dest = jnp.where(real & (spill >= 0),
+                     ((tile_end - tiles)[jnp.minimum(sorted_e, e - 1)] + spill // TILE) * TILE + spill % TILE,
                      max_tiles * TILE)
     rows = jnp.full((max_tiles * TILE + 1,), t, jnp.int32).at[dest].set(token)
     gates = jnp.zeros((max_tiles * TILE + 1,), x.dtype).at[dest].set(weight)

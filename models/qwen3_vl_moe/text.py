@@ -60,15 +60,17 @@ class DecoderLayer(nn.Module):
     moe_dispatch: str = "ragged_dot"
 
     @nn.compact
-    def __call__(self, x, cos, sin, cache, slots):
+    def __call__(self, x, cos, sin, cache, slots, valid):
         c = self.config
         h, cache = Attention(c, self.dtype, self.layer, name="self_attn")(
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, cache, slots
         )
         x = x + h
-        mlp = (SparseMoeBlock(c, self.dtype, self.moe_dispatch, name="mlp") if c.is_moe_layer(self.layer)
-               else DenseMLP(c, self.dtype, name="mlp"))
-        h = mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+        normed = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        if c.is_moe_layer(self.layer):
+            h = SparseMoeBlock(c, self.dtype, self.moe_dispatch, name="mlp")(normed, valid)
+        else:
+            h = DenseMLP(c, self.dtype, name="mlp")(normed)
         return x + h, cache
 
 
@@ -102,10 +104,11 @@ class TextModel(nn.Module):
         b, t, _ = embeds.shape
         slots = token_slots(page_tables, starts, lengths, t, cache.page_size, cache.num_pages)
         slots = (*slots, page_tables)
+        valid = jnp.arange(t)[None, :] < lengths[:, None]  # [B, T]: padding rows and tokens are False
         cos, sin = mrope_cos_sin(positions, self.config)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, cache, slots)
+            x, cache = layer(x, cos, sin, cache, slots, valid)
             if deepstack is not None and i < deepstack.shape[0]:
                 x = x + deepstack[i].astype(x.dtype)
         return self.norm(x), cache

@@ -39,7 +39,7 @@ def hf_block(routing: str, seed: int = 0) -> Qwen3VLMoeTextSparseMoeBlock:
     return block
 
 
-def ours(block: Qwen3VLMoeTextSparseMoeBlock, strategy: str):
+def ours(block: Qwen3VLMoeTextSparseMoeBlock, strategy: str, valid=None):
     experts = block.experts
     params = {"gate": block.gate.weight.detach().numpy().T,
               "gate_up_proj": experts.gate_up_proj.detach().numpy().transpose(0, 2, 1),
@@ -47,7 +47,7 @@ def ours(block: Qwen3VLMoeTextSparseMoeBlock, strategy: str):
     config = TextConfig(hidden_size=HIDDEN, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                         moe_intermediate_size=INTER)
     module = SparseMoeBlock(config, jnp.float32, strategy)
-    run = jax.jit(lambda p, x: module.apply({"params": p}, x))
+    run = jax.jit(lambda p, x: module.apply({"params": p}, x, valid))
     return lambda x: run(params, x)
 
 
@@ -68,6 +68,21 @@ def test_strategy_equals_transformers(strategy, routing, tokens):
         want = block(torch.from_numpy(x)).numpy()
     got = np.asarray(ours(block, strategy)(x))
     assert np.abs(got - want).max() < TOL
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("tokens", [5, 96])
+def test_padding_tokens_reach_no_expert(strategy, tokens):
+    """Tokens marked invalid (a padded batch's padding) come out zero; the others are unchanged."""
+    block = hf_block("all_on_two")
+    x = inputs(tokens, "all_on_two")
+    valid = np.random.default_rng(tokens).random((1, tokens)) < 0.6
+    with torch.no_grad():
+        want = block(torch.from_numpy(x)).numpy()
+    got = np.asarray(ours(block, strategy, valid)(x))
+    assert np.abs(got[valid] - want[valid]).max() < TOL
+    assert not got[~valid].any()
+    assert not np.asarray(ours(block, strategy, np.zeros((1, tokens), bool))(x)).any()
 
 
 def test_grouped_covers_both_of_its_paths():
