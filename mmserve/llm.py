@@ -11,6 +11,7 @@ from tqdm import tqdm
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.warmup import default_cache_dir, use_compilation_cache
 from mmserve.sampling_params import SamplingParams
 from models.qwen3_vl_moe import load_model
 
@@ -20,12 +21,17 @@ ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 class LLM:
     """model: ``"tiny"``, a Hugging Face checkpoint directory or an orbax directory. moe_dispatch:
     how MoE layers reach their experts (``auto``: the fast strategy for this backend).
-    Engine settings (``page_size``, ``max_model_len``, ``num_pages``, ...) are keyword arguments."""
+    compilation_cache: directory of jax's persistent cache of compiled programs (None: the default,
+    ``$MMSERVE_COMPILATION_CACHE`` or ``~/.cache/mmserve/jax``; '': off).
+    Engine settings (``page_size``, ``max_model_len``, ``num_pages``, ``precompile``, ...) are keyword
+    arguments."""
 
-    def __init__(self, model: str = "tiny", dtype: str = "float32", moe_dispatch: str = "auto", **engine_args):
+    def __init__(self, model: str = "tiny", dtype: str = "float32", moe_dispatch: str = "auto",
+                 compilation_cache: str | None = None, **engine_args):
         unknown = set(engine_args) - ENGINE_FIELDS
         if unknown:
             raise ValueError(f"unknown engine argument(s): {sorted(unknown)}")
+        use_compilation_cache(default_cache_dir() if compilation_cache is None else compilation_cache)
         self.model = load_model(model, dtype=dtype, moe_dispatch=moe_dispatch)
         self.engine = LLMEngine(self.model, EngineConfig(**engine_args))
 

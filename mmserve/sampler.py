@@ -107,9 +107,12 @@ def init_penalty_state(num_slots: int, vocab_size: int) -> PenaltyState:
     )
 
 
-def padded_token_ids(token_ids: Sequence[int]) -> np.ndarray:
-    """Pads ids with -1 to the next power of two (at least 16), so `load_slot` compiles per bucket."""
-    size = max(16, 1 << max(len(token_ids) - 1, 0).bit_length())
+def padded_token_ids(token_ids: Sequence[int], size: int | None = None) -> np.ndarray:
+    """Pads ids with -1 to ``size`` (default: the next power of two, at least 16), so that
+    `load_slot` compiles once per size; the engine passes one fixed size."""
+    size = size or max(16, 1 << max(len(token_ids) - 1, 0).bit_length())
+    if len(token_ids) > size:
+        raise ValueError(f"{len(token_ids)} ids do not fit {size}")
     padded = np.full(size, -1, np.int32)
     padded[:len(token_ids)] = token_ids
     return padded

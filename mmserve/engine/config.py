@@ -12,10 +12,10 @@ class EngineConfig:
     max_num_seqs: most sequences decoding at once. max_prefill_tokens: token budget of one prefill
     step (longer prompts are prefilled in chunks). max_prefill_seqs: most prompts in one prefill step.
     embedding_cache_size: encoded images kept, keyed by a hash of their pixels. seed: the engine's
-    key for requests that give no seed of their own. precompile_decode: compile every decode
-    forward program (batch bucket x page-table width bucket) when the engine starts, so that no
-    decode step waits for a forward compile while serving (the small sampler program still
-    compiles on first use of a batch bucket)."""
+    key for requests that give no seed of their own. precompile: compile every program of the
+    engine's shape grid (:mod:`mmserve.engine.program_grid`) when the engine starts, so that no
+    step waits for a compile while serving; the grid grows with max_num_seqs, max_prefill_seqs,
+    max_prefill_tokens and max_model_len / page_size."""
 
     page_size: int = 16
     num_pages: int | None = None
@@ -26,7 +26,7 @@ class EngineConfig:
     max_prefill_seqs: int = 8
     embedding_cache_size: int = 64
     seed: int = 0
-    precompile_decode: bool = False
+    precompile: bool = True
 
     def __post_init__(self):
         for name in ("page_size", "kv_cache_bytes", "max_model_len", "max_num_seqs", "max_prefill_tokens",

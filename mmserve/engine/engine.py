@@ -22,6 +22,7 @@ from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.request import Request, TokenLogprobs
 from mmserve.engine.runner import ModelRunner
 from mmserve.engine.scheduler import Scheduler, Step
+from mmserve.engine.warmup import compile_programs
 from mmserve.kv_cache_manager import KVCacheManager
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
@@ -38,22 +39,28 @@ class StepFailed(RuntimeError):
         self.request_ids = request_ids
 
 
+ALL_PROGRAMS = frozenset({"vision", "prefill", "decode"})
+
+
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None,
-                 lockstep: Lockstep | None = None):
+                 lockstep: Lockstep | None = None, programs: frozenset[str] = ALL_PROGRAMS):
         """on_finish(request, page_table) runs when a request finishes, before its pages are freed
         (prefill uses it to ship the request's KV to decode). On a role spanning several processes
         the ``lockstep`` carries the leader's device calls to the others (see
-        :mod:`mmserve.distributed.lockstep`)."""
+        :mod:`mmserve.distributed.lockstep`). ``programs``: what this engine runs, and so compiles
+        at start with ``config.precompile``: "vision", "prefill", "decode", "kv_read" (a prefill
+        worker's reads of finished prompts' KV)."""
         self.model = model
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config, layout, lockstep)
-        if self.config.precompile_decode and self.runner.lockstep.is_leader:  # followers get its calls
-            self.runner.precompile_decode()
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
-        self.scheduler = Scheduler(self.config, self.kv)
-        self.encoder = Encoder(model, self.config.embedding_cache_size, layout, self.runner.lockstep)
+        self.scheduler = Scheduler(self.config, self.kv, self.runner.grid)
+        self.encoder = Encoder(model, self.config, layout, self.runner.lockstep)
+        if self.config.precompile:
+            compile_programs(self.runner.programs(programs) + (self.encoder.programs() if "vision" in programs else []),
+                             "engine")
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -1,8 +1,9 @@
 """The model runner: owns the device state (params, KV cache, penalty state) and the jitted programs.
 
-Every call pads its batch to a bucket (powers of two), so each program compiles once per bucket.
-The KV cache and the penalty state are donated to the programs that update them. After a step
-only the sampled ids come back to the host (plus logprobs when a request asked for them).
+Every call pads its batch to a shape of the :class:`ProgramGrid`, so each program compiles once
+per shape, and :meth:`ModelRunner.compile` compiles the whole grid before the engine serves. The
+KV cache and the penalty state are donated to the programs that update them. After a step only
+the sampled ids come back to the host (plus logprobs when a request asked for them).
 
 Each public method lays out its host inputs and runs its device program through the
 ``Lockstep`` (``run_*`` methods), so on a role spanning several processes every process runs the
@@ -13,17 +14,19 @@ same programs in the leader's order; the step's logits stay on device between ``
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mmserve.engine.buckets import all_buckets, bucket
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.kv_rows import gather_rows, scatter_rows
 from mmserve.engine.request import Request
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
+from mmserve.engine.program_grid import ProgramGrid
 from mmserve.engine.scheduler import PrefillChunk
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
 from mmserve.sampling_params import SamplingParams
@@ -32,18 +35,19 @@ from mmserve.sampler import (SamplingBatch, init_penalty_state, load_slot, pack_
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.kv_cache import KVCache
 
-MIN_TOKEN_BUCKET = 16
-MIN_PAGE_BUCKET = 4
-"""Page-table width of the narrowest prefill/decode program. Attention reads every page a row's
-table lists, so a step's width follows the batch's longest sequence (power-of-two buckets), not
-``max_model_len``: short contexts do not pay for the longest one."""
 _PADDING_PARAMS = SamplingParams(temperature=0.0)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _prefill(module, params, ids, positions, cache, page_tables, starts, lengths, mm_embeds, mm_mask, deepstack):
+def _prefill(module, params, ids, positions, cache, page_tables, starts, lengths, visual_rows, visual_deepstack,
+             visual_index):
+    """visual_rows [V, H] and visual_deepstack [levels, V, H]: the step's visual tokens, in a block
+    of fixed size; visual_index [B, T]: each token's row in it, -1 at text tokens."""
+    visual = visual_index >= 0
+    index = jnp.maximum(visual_index, 0)
+    deepstack = jnp.where(visual[None, ..., None], visual_deepstack[:, index], 0)
     return stages.prefill(module, params, ids, positions, cache, page_tables, starts, lengths,
-                          mm_embeds, mm_mask, deepstack)
+                          visual_rows[index], visual, deepstack)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
@@ -70,16 +74,22 @@ class ModelRunner:
         self.config = config
         self.layout = layout
         text = model.config.text
+        self.grid = ProgramGrid.for_model(config, model.config)
         self.num_pages = config.num_pages or KVCacheManager.num_pages_for_budget(
             config.kv_cache_bytes, text.num_hidden_layers, text.num_key_value_heads, text.head_dim,
             config.page_size, model.dtype)
         # Committed to their device from the start: the programs' outputs are, and a first call on
         # uncommitted inputs would compile a second variant of every program.
-        home = jax.devices()[0] if layout is None else layout.replicated()
+        self._home = home = jax.devices()[0] if layout is None else layout.replicated()
         self.cache = (jax.device_put(KVCache.create(text, self.num_pages, config.page_size, model.dtype), home)
                       if layout is None else
                       layout.create_kv_cache(model.config, self.num_pages, config.page_size, model.dtype))
         self.penalties = jax.device_put(init_penalty_state(config.max_num_seqs, text.vocab_size), home)
+        levels, rows = len(model.config.vision.deepstack_visual_indexes), self.grid.visual_rows
+        # What a text-only prefill step passes as its visual block: made once, on device, so that
+        # text steps move no zeros and share the program of image steps.
+        self._no_visual = jax.device_put((np.zeros((rows, text.hidden_size), model.dtype),
+                                          np.zeros((levels, rows, text.hidden_size), model.dtype)), home)
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
         self._logits = None
@@ -89,7 +99,7 @@ class ModelRunner:
     def read_kv(self, page_table: list[int], num_tokens: int):
         """(k, v) rows [bucket(num_tokens), layers, kv, d] of a sequence, on this process's devices."""
         k, v = self.lockstep.call("runner", "run_read_kv", page_table=self._page_tables([page_table], 1)[0],
-                                  rows=bucket(num_tokens, MIN_TOKEN_BUCKET))
+                                  rows=self.grid.kv_rows(num_tokens))
         return _local(k), _local(v)
 
     def run_read_kv(self, page_table, rows):
@@ -106,49 +116,60 @@ class ModelRunner:
 
     def load_slot(self, request: Request) -> None:
         """Points the request's penalty slot at its prompt and output so far."""
-        self.lockstep.call("runner", "run_load_slot", slot=request.slot,
-                           prompt_ids=padded_token_ids(request.prompt_ids),
-                           output_ids=padded_token_ids(request.output_ids))
+        size = self.grid.slot_ids
+        self.lockstep.call("runner", "run_load_slot", slot=np.int32(request.slot),
+                           prompt_ids=padded_token_ids(request.prompt_ids, size),
+                           output_ids=padded_token_ids(request.output_ids, size))
 
     def run_load_slot(self, slot, prompt_ids, output_ids):
         self.penalties = load_slot(self.penalties, slot, prompt_ids, output_ids)
 
     def prefill(self, chunks: list[PrefillChunk], page_tables: list[list[int]]) -> None:
         """Runs prompt chunks; the logits at each row's last chunk token wait for ``sample``."""
-        c, cfg = self.model.config, self.config
-        rows = bucket(len(chunks), 1, cfg.max_prefill_seqs)
-        t = bucket(max(ch.length for ch in chunks), MIN_TOKEN_BUCKET, cfg.max_prefill_tokens)
+        grid, c = self.grid, self.model.config
+        rows = grid.prefill_rows(len(chunks))
+        t = grid.prefill_tokens(max(ch.length for ch in chunks))
         ids = np.zeros((rows, t), np.int32)
         positions = np.zeros((rows, 3, t), np.int32)
         starts = np.zeros(rows, np.int32)
         lengths = np.zeros(rows, np.int32)
-        hidden, levels = c.text.hidden_size, len(c.vision.deepstack_visual_indexes)
-        visual = any(ch.request.visual is not None for ch in chunks)
-        mask = np.zeros((rows, t), bool) if visual else None
-        embeds = np.zeros((rows, t, hidden), np.float32) if visual else None
-        deepstack = np.zeros((levels, rows, t, hidden), np.float32) if visual else None
+        visual_index = np.full((rows, t), -1, np.int32)
+        visual_rows = visual_deepstack = None  # a text-only step: the program reads the zero block
+        if any(ch.request.visual is not None for ch in chunks):
+            visual_rows = np.zeros(self._no_visual[0].shape, np.float32)
+            visual_deepstack = np.zeros(self._no_visual[1].shape, np.float32)
+        used = 0
         for i, ch in enumerate(chunks):
             r, end = ch.request, ch.start + ch.length
             ids[i, : ch.length] = r.token_ids(ch.start, end)
             positions[i, :, : ch.length] = r.positions(ch.start, end)
             starts[i], lengths[i] = ch.start, ch.length
             if r.visual is not None:
-                span = max(min(end, len(r.prompt_ids)) - ch.start, 0)
-                mask[i, :span] = r.visual.mask[ch.start:ch.start + span]
-                embeds[i, :span] = r.visual.embeds[ch.start:ch.start + span]
-                deepstack[:, i, :span] = r.visual.deepstack[:, ch.start:ch.start + span]
+                at = np.flatnonzero(r.visual.mask[ch.start:end])  # visual tokens of the chunk
+                visual_index[i, at] = used + np.arange(at.size)
+                visual_rows[used:used + at.size] = r.visual.embeds[ch.start + at]
+                visual_deepstack[:, used:used + at.size] = r.visual.deepstack[:, ch.start + at]
+                used += at.size
+        if visual_rows is not None:
+            visual_rows = visual_rows.astype(self.model.dtype)
+            visual_deepstack = visual_deepstack.astype(self.model.dtype)
+        width = grid.prefill_width(t, continues=any(ch.start > 0 for ch in chunks))
         self.lockstep.call("runner", "run_prefill", ids=ids, positions=positions,
-                           page_tables=self._page_tables(page_tables, rows, self._width(max(starts + lengths))),
-                           starts=starts, lengths=lengths,
-                           embeds=embeds, mask=mask, deepstack=deepstack)
+                           page_tables=self._page_tables(page_tables, rows, width),
+                           starts=starts, lengths=lengths, visual_rows=visual_rows,
+                           visual_deepstack=visual_deepstack, visual_index=visual_index)
 
-    def run_prefill(self, ids, positions, page_tables, starts, lengths, embeds, mask, deepstack):
+    def run_prefill(self, ids, positions, page_tables, starts, lengths, visual_rows, visual_deepstack, visual_index):
+        if visual_rows is None:
+            visual_rows, visual_deepstack = self._no_visual
+        else:  # placed as the zero block is, so both kinds of step run one program
+            visual_rows, visual_deepstack = jax.device_put((visual_rows, visual_deepstack), self._home)
         self._logits, self.cache = _prefill(self.model.module, self.model.params, ids, positions, self.cache,
-                                            page_tables, starts, lengths, embeds, mask, deepstack)
+                                            page_tables, starts, lengths, visual_rows, visual_deepstack, visual_index)
 
     def decode(self, requests: list[Request], page_tables: list[list[int]]) -> None:
         """One token for each request (its newest); the logits wait for ``sample``."""
-        rows = bucket(len(requests), 1, self.config.max_num_seqs)
+        rows = self.grid.decode_rows(len(requests))
         tokens = np.zeros(rows, np.int32)
         positions = np.zeros((rows, 3), np.int32)
         context = np.full(rows, -1, np.int32)
@@ -157,18 +178,8 @@ class ModelRunner:
             positions[i] = r.positions(r.num_computed, r.num_computed + 1)[:, 0]
             context[i] = r.num_computed
         self.lockstep.call("runner", "run_decode", tokens=tokens, positions=positions,
-                           page_tables=self._page_tables(page_tables, rows, self._width(max(context) + 1)),
+                           page_tables=self._page_tables(page_tables, rows, self.grid.page_width(max(context) + 1)),
                            context=context)
-
-    def precompile_decode(self) -> None:
-        """Runs every decode program once, on padding rows (which write nothing). The sampler still
-        compiles on first use per batch bucket; it is far smaller than a forward."""
-        for rows in all_buckets(1, self.config.max_num_seqs):
-            for width in all_buckets(MIN_PAGE_BUCKET, self.config.max_pages_per_seq):
-                self.lockstep.call("runner", "run_decode", tokens=np.zeros(rows, np.int32),
-                                   positions=np.zeros((rows, 3), np.int32),
-                                   page_tables=self._page_tables([], rows, width),
-                                   context=np.full(rows, -1, np.int32))
 
     def run_decode(self, tokens, positions, page_tables, context):
         self._logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
@@ -199,11 +210,46 @@ class ModelRunner:
         self._logits = None
         return self.lockstep.readable(out, self.layout)
 
-    def _width(self, tokens: int) -> int:
-        """Pages a program must see for sequences of up to ``tokens`` tokens, bucketed. Taken from
-        tokens rather than from the tables (which may hold pages reserved ahead), an unchunked
-        prefill's width follows from its token bucket, so it adds no program variants."""
-        return bucket(-(-int(tokens) // self.config.page_size), MIN_PAGE_BUCKET, self.config.max_pages_per_seq)
+    def programs(self, kinds: frozenset[str]) -> list[Callable[[], None]]:
+        """Callables that compile the grid's programs of ``kinds`` ("prefill", "decode", "kv_read":
+        the KV reads a prefill worker ships to decode) with the very arguments (shapes, dtypes,
+        placements) a step passes, so that no step compiles afterwards; with them the sampler for
+        every row bucket and logits placement they produce, and the penalty slot."""
+        m, grid = self.model, self.grid
+        logits_placements: set = set()
+
+        def compiled(lowered):
+            program = lowered.compile()
+            logits = program.output_shardings[0]
+            logits_placements.add((program.out_info[0].shape, logits))
+
+        def prefill(rows, t, width):
+            z = lambda *shape: np.zeros(shape, np.int32)
+            compiled(_prefill.lower(m.module, m.params, z(rows, t), z(rows, 3, t), self.cache, z(rows, width),
+                                    z(rows), z(rows), *self._no_visual, z(rows, t)))
+
+        def decode(rows, width):
+            z = lambda *shape: np.zeros(shape, np.int32)
+            compiled(_decode.lower(m.module, m.params, z(rows), z(rows, 3), self.cache, z(rows, width), z(rows)))
+
+        def samplers():
+            key = jax.random.fold_in(self._key, 0)
+            for shape, placement in sorted(logits_placements, key=lambda p: p[0]):
+                logits = jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=placement)
+                batch = pack_sampling_batch([_PADDING_PARAMS] * shape[0], [0] * shape[0], [0] * shape[0], shape[0])
+                sample.lower(logits, batch, self.penalties, key).compile()
+
+        def slot():
+            ids = padded_token_ids([], grid.slot_ids)
+            load_slot.lower(self.penalties, np.int32(0), ids, ids).compile()
+
+        def kv_read(rows):
+            gather_rows.lower(self.cache, np.zeros(grid.max_pages, np.int32), rows).compile()
+
+        return ([functools.partial(prefill, *shape) for shape in grid.prefill_shapes() if "prefill" in kinds]
+                + [functools.partial(decode, *shape) for shape in grid.decode_shapes() if "decode" in kinds]
+                + [samplers, slot]
+                + [functools.partial(kv_read, rows) for rows in grid.kv_row_buckets() if "kv_read" in kinds])
 
     def _page_tables(self, tables: list[list[int]], rows: int, width: int | None = None) -> np.ndarray:
         """[rows, width] page ids, SCRATCH_PAGE past each table (width None: max_pages_per_seq);

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 
 from mmserve.engine.config import EngineConfig
+from mmserve.engine.program_grid import ProgramGrid
 from mmserve.engine.request import Request, Status
 from mmserve.kv_cache_manager import KVCacheManager
 
@@ -37,9 +38,10 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager):
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, grid: ProgramGrid):
         self.config = config
         self.kv = kv
+        self.grid = grid
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -101,6 +103,8 @@ class Scheduler:
             if len(chunks) == self.config.max_prefill_seqs or budget == 0:
                 break
             length = min(request.num_tokens - request.num_computed, budget)
+            if chunks and not self._joins(chunks, request, length):
+                break
             if request.status is Status.WAITING:
                 if not self._free_slots or not self.kv.can_allocate(length):
                     break
@@ -110,6 +114,13 @@ class Scheduler:
             chunks.append(PrefillChunk(request, request.num_computed, length))
             budget -= length
         return chunks
+
+    def _joins(self, chunks: list[PrefillChunk], request: Request, length: int) -> bool:
+        """Whether a chunk of ``length`` tokens of ``request`` may join the step: its padded size
+        stays in the program grid, and a chunk that continues a prompt (its later pages count, so
+        it needs the widest program) runs alone."""
+        continues = request.num_computed > 0 or any(ch.start > 0 for ch in chunks)
+        return not continues and self.grid.prefill_fits(len(chunks) + 1, max(length, *(ch.length for ch in chunks)))
 
     def _schedule_decode(self, decodable: list[Request]) -> list[Request]:
         batch = []

@@ -51,6 +51,10 @@ class Incoming:
         return len(self.prompt_ids) + self.params.max_tokens
 
 
+DECODE_PROGRAMS = frozenset({"decode"})
+"""Decode only continues requests prefilled elsewhere."""
+
+
 class DecodeRole:
     role = "decode"
 
@@ -58,7 +62,7 @@ class DecodeRole:
                  layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
         self.name = name
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep)
+        self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS)
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
         self._prealloc: collections.deque[Incoming] = collections.deque()
         self._transfers: dict[int, Incoming] = {}

@@ -10,7 +10,9 @@ import numpy as np
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
+from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
+from mmserve.engine.warmup import compile_programs
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
@@ -25,13 +27,22 @@ from transfer.sender import Sender
 PROGRESS_S = 0.005
 
 
+def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None,
+                   lockstep: Lockstep | None) -> Encoder:
+    """The encode role's encoder, its programs compiled when ``engine.precompile`` asks."""
+    encoder = Encoder(model, engine, layout, lockstep)
+    if engine.precompile:
+        compile_programs(encoder.programs(), "encoder")
+    return encoder
+
+
 class EncodeRole:
     role = "encode"
 
-    def __init__(self, model: Model, transfer: TransferConfig, name: str, bootstrap: str, cache_size: int = 64,
+    def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
                  layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
         self.name = name
-        self.encoder = Encoder(model, cache_size, layout, lockstep)
+        self.encoder = vision_encoder(model, engine, layout, lockstep)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
         self._outbox = Outbox(self.sender, self._fail)
         self._rooms: dict[int, str] = {}

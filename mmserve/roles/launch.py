@@ -72,8 +72,7 @@ def _role_service(args, model, engine: EngineConfig, transfer: TransferConfig, n
     if args.role == "encode":
         from mmserve.roles.encode import EncodeRole, encode_service
 
-        return encode_service(EncodeRole(model, transfer, name, args.bootstrap, engine.embedding_cache_size,
-                                         layout, lockstep))
+        return encode_service(EncodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
     if args.role == "prefill":
         from mmserve.roles.prefill import PrefillRole, prefill_service
 
@@ -107,13 +106,16 @@ def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep) -> i
     """A non-leader process of a multi-host role: it builds the device state the leader builds (in
     the same order) and runs the programs the leader publishes until the leader stops."""
     if role == "encode":
-        from mmserve.engine.encoder import Encoder
+        from mmserve.roles.encode import vision_encoder
 
-        Encoder(model, engine.embedding_cache_size, layout, lockstep)
+        vision_encoder(model, engine, layout, lockstep)
     else:
-        from mmserve.engine.engine import LLMEngine
+        from mmserve.engine.engine import ALL_PROGRAMS, LLMEngine
+        from mmserve.roles.decode import DECODE_PROGRAMS
+        from mmserve.roles.prefill import PREFILL_PROGRAMS
 
-        LLMEngine(model, engine, layout=layout, lockstep=lockstep)
+        programs = {"prefill": PREFILL_PROGRAMS, "decode": DECODE_PROGRAMS}.get(role, ALL_PROGRAMS)
+        LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs)
     lockstep.follow()
     return 0
 

@@ -42,6 +42,10 @@ class Pending:
     params: SamplingParams
 
 
+PREFILL_PROGRAMS = frozenset({"prefill", "kv_read"})
+"""Prefill runs prompts (embeddings arrive from encode) and reads their KV for decode."""
+
+
 class PrefillRole:
     role = "prefill"
 
@@ -50,7 +54,8 @@ class PrefillRole:
         self.name = name
         self.model = model
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep)
+        self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep,
+                                programs=PREFILL_PROGRAMS)
         # One data plane serves both directions: embeddings in, KV out.
         self._plane = open_data_plane(transfer)
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mmserve.engine.config import EngineConfig
+from mmserve.engine.warmup import CACHE_ENV, default_cache_dir, use_compilation_cache
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import follow_leader, join_role
@@ -69,15 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token budget of one prefill step; longer prompts are prefilled in chunks")
     engine.add_argument("--max-prefill-seqs", type=int, default=ENGINE_DEFAULTS["max_prefill_seqs"],
                         help="most prompts in one prefill step")
-    engine.add_argument("--precompile-decode", action="store_true",
-                        help="compile every decode forward program (batch x page-table width bucket) at "
-                             "start-up, so no decode step waits for one while serving")
+    engine.add_argument("--no-precompile", dest="precompile", action="store_false",
+                        help="compile programs on first use instead of compiling every shape bucket before "
+                             "serving (faster start, multi-second stalls on the first requests of each shape)")
+    engine.add_argument("--compilation-cache", default=default_cache_dir(),
+                        help=f"directory of jax's persistent compilation cache, so a restart loads compiled "
+                             f"programs instead of compiling them; '' turns it off (default: ${CACHE_ENV} or "
+                             f"%(default)s)")
     add_role_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_compilation_cache(args.compilation_cache)
     return LAUNCHERS[args.role](args)
 
 
@@ -85,7 +91,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, kv_cache_bytes=args.kv_cache_bytes,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_prefill_tokens=args.max_prefill_tokens, max_prefill_seqs=args.max_prefill_seqs,
-                        precompile_decode=args.precompile_decode)
+                        precompile=args.precompile)
 
 
 def router_settings(args: argparse.Namespace, max_model_len: int):

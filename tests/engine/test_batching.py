@@ -1,4 +1,4 @@
-"""Continuous batching gives every request the output it gets alone; seeds; preemption; compiles."""
+"""Continuous batching gives every request the output it gets alone; seeds; preemption; page widths."""
 
 import numpy as np
 import pytest
@@ -68,33 +68,9 @@ def test_preemption_under_a_tiny_page_budget_keeps_outputs(llm, reference):
     assert small.engine.kv.num_free_pages == small.engine.runner.num_pages - 1
 
 
-@pytest.mark.slow
-def test_no_compilation_after_warm_up(llm):
-    """Traffic of the shapes already served (new tokens and pixels, same lengths and image sizes)
-    compiles nothing: every program is bucketed."""
-    params = [greedy(3 + i % 7) for i in range(50)]
-    llm.generate(mixed_prompts(50, seed=4), params)
-    before = llm.engine.stats()["compiles"]
-    llm.generate(mixed_prompts(50, seed=4, content_seed=5), params)
-    assert llm.engine.stats()["compiles"] == before
-
-
-def test_precompiled_decode_covers_every_batch_and_page_width(reference):
-    """With precompile_decode no decode step compiles, however long its sequences grow."""
-    from mmserve.engine import runner
-    from mmserve.engine.buckets import all_buckets
-
-    llm = LLM(reference[1], num_pages=64, page_size=8, max_model_len=128, max_num_seqs=4, precompile_decode=True)
-    programs = runner._decode._cache_size()
-    widths = all_buckets(runner.MIN_PAGE_BUCKET, 16)
-    assert widths == [4, 8, 16]
-    llm.generate([{"prompt_token_ids": list(range(3, 13))}] * 3, greedy(100))  # 2 pages -> 14: every width
-    assert runner._decode._cache_size() == programs
-
-
 def test_decode_reads_only_the_pages_its_longest_sequence_needs(llm):
     """A short batch's decode program is narrower than max_model_len's page table."""
-    from mmserve.engine.runner import MIN_PAGE_BUCKET
+    from mmserve.engine.program_grid import MIN_PAGE_BUCKET
 
     seen = []
     run_decode = llm.engine.runner.run_decode

@@ -1,0 +1,123 @@
+"""The shapes every device program is compiled for: one bounded grid, used both to pad each step
+and to compile everything before the engine serves.
+
+Every dynamic size is padded to a power-of-two bucket (:mod:`mmserve.engine.buckets`). What keeps
+the grid small:
+
+- a prefill step's padded size (row bucket x token bucket) is at most ``2 * max_prefill_tokens``
+  (the scheduler stops adding prompts to a step that would exceed it);
+- a prefill step whose chunks all start at token 0 attends over the pages its token bucket spans;
+  a step that continues a chunked prompt runs that chunk alone and attends over
+  ``max_pages_per_seq``. So prefill has one width per (rows, tokens), plus one per token bucket
+  for continuations, not one per page bucket;
+- visual inputs reach the prefill program as a fixed-size block of rows plus an index per token,
+  so text and image steps share one program;
+- the penalty slot is loaded from one fixed-size id array.
+
+Decode keeps one program per (rows, page-width) bucket: its width follows the batch's longest
+sequence, so short contexts do not pay for ``max_model_len``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmserve.engine.buckets import all_buckets, bucket
+from mmserve.engine.config import EngineConfig
+from models.qwen3_vl_moe.config import ModelConfig
+
+MIN_TOKEN_BUCKET = 16
+MIN_PAGE_BUCKET = 4
+"""Page-table width of the narrowest prefill/decode program."""
+MIN_PATCH_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramGrid:
+    config: EngineConfig
+    max_patches: int
+    """Most vision patches one image or video can have."""
+
+    @classmethod
+    def for_model(cls, config: EngineConfig, model: ModelConfig) -> ProgramGrid:
+        """An image or video whose tokens fit the context: at most merge_unit patches per token."""
+        return cls(config, max_patches=model.vision.merge_unit * config.max_model_len)
+
+    @property
+    def max_pages(self) -> int:
+        return self.config.max_pages_per_seq
+
+    @property
+    def padded_prefill_budget(self) -> int:
+        return 2 * self.config.max_prefill_tokens
+
+    @property
+    def visual_rows(self) -> int:
+        """Rows of the visual block a prefill step carries: a step holds at most this many tokens."""
+        return self.config.max_prefill_tokens
+
+    def prefill_rows(self, num_chunks: int) -> int:
+        return bucket(num_chunks, 1, self.config.max_prefill_seqs)
+
+    def prefill_tokens(self, longest_chunk: int) -> int:
+        return bucket(longest_chunk, MIN_TOKEN_BUCKET, self.config.max_prefill_tokens)
+
+    def prefill_fits(self, num_chunks: int, longest_chunk: int) -> bool:
+        """Whether a step of these chunks stays inside the padded budget (and so inside the grid)."""
+        return self.prefill_rows(num_chunks) * self.prefill_tokens(longest_chunk) <= self.padded_prefill_budget
+
+    def prefill_width(self, tokens: int, continues: bool) -> int:
+        """Pages a prefill program of ``tokens`` (a bucket) attends over; ``continues``: some chunk
+        starts past token 0, so its earlier pages count too."""
+        if continues:
+            return self.max_pages
+        return self.page_width(tokens)
+
+    def page_width(self, tokens: int) -> int:
+        """Page-table width for sequences of up to ``tokens`` tokens."""
+        return bucket(-(-int(tokens) // self.config.page_size), MIN_PAGE_BUCKET, self.max_pages)
+
+    def prefill_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens, width) a prefill step can take."""
+        shapes = []
+        for rows in all_buckets(1, self.config.max_prefill_seqs):
+            for tokens in all_buckets(MIN_TOKEN_BUCKET, self.config.max_prefill_tokens):
+                if rows * tokens <= self.padded_prefill_budget:
+                    shapes.append((rows, tokens, self.prefill_width(tokens, continues=False)))
+                if rows == 1 and self.prefill_width(tokens, continues=True) != shapes[-1][2]:
+                    shapes.append((rows, tokens, self.prefill_width(tokens, continues=True)))
+        return shapes
+
+    def decode_rows(self, num_requests: int) -> int:
+        return bucket(num_requests, 1, self.config.max_num_seqs)
+
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, width) a decode step can take."""
+        return [(rows, width) for rows in all_buckets(1, self.config.max_num_seqs)
+                for width in all_buckets(MIN_PAGE_BUCKET, self.max_pages)]
+
+    def kv_rows(self, num_tokens: int) -> int:
+        """Rows one sequence's KV is read or written in (prefill -> decode hand-off)."""
+        return bucket(num_tokens, MIN_TOKEN_BUCKET, self.kv_rows_max)
+
+    @property
+    def kv_rows_max(self) -> int:
+        return bucket(self.config.max_model_len, MIN_TOKEN_BUCKET)
+
+    def kv_row_buckets(self) -> list[int]:
+        return all_buckets(MIN_TOKEN_BUCKET, self.kv_rows_max)
+
+    @property
+    def slot_ids(self) -> int:
+        """Length of the id array a penalty slot is loaded from (prompt and output together)."""
+        return self.kv_rows_max
+
+    def patches(self, num_patches: int) -> int:
+        return bucket(num_patches, MIN_PATCH_BUCKET, self.patch_max)
+
+    @property
+    def patch_max(self) -> int:
+        return bucket(self.max_patches, MIN_PATCH_BUCKET)
+
+    def patch_buckets(self) -> list[int]:
+        return all_buckets(MIN_PATCH_BUCKET, self.patch_max)
