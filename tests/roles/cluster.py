@@ -82,6 +82,10 @@ class Cluster:
                  *self.role_flags.get(role, [])],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
+    def freeze(self, role: str) -> None:
+        """Stops the role's process without ending it (SIGSTOP): what it was sent stays in flight."""
+        self.processes[role].send_signal(signal.SIGSTOP)
+
     def kill(self, role: str) -> None:
         self.processes[role].send_signal(signal.SIGKILL)
         self.processes[role].wait()

@@ -93,10 +93,10 @@ def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, ll
 
 def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, client, llm):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        # 96 patches: a bucket no test used before, so encode is busy compiling it when it dies.
+        cluster.freeze("encode")  # the two requests reach it and stay in flight there until it dies
         doomed = [pool.submit(ask, client, "Look.", [image(30 + i, (128, 192))]) for i in range(2)]
         text = pool.submit(ask, client, "Just text.", [])
-        time.sleep(0.5)
+        time.sleep(1)
         cluster.kill("encode")
         started = time.monotonic()
         doomed.append(pool.submit(ask, client, "Look again.", [image(40, (64, 64))]))
