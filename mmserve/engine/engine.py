@@ -187,10 +187,12 @@ class LLMEngine:
         if k is not None:
             top = {int(t): float(lp) for t, lp in zip(top_ids[:k], top_logprobs[:k])}
             request.logprobs.append(TokenLogprobs(int(token), float(logprob), top))
-        text = self.model.tokenizer.decode(request.output_ids)
-        new_chars = len(text) - len(request.text)
-        request.text = text
-        request.finish = check_stop(request.params, self.eos_token_ids, request.output_ids, text, new_chars)
+        if request.text_stream is None:
+            request.text_stream = self.model.tokenizer.text_stream()
+        new_text = request.text_stream.step(token)
+        request.text += new_text
+        request.finish = check_stop(request.params, self.eos_token_ids, request.output_ids, request.text,
+                                    len(new_text))
         if request.finish is None and request.num_tokens >= self.config.max_model_len:
             request.finish = Finish(FinishReason.LENGTH, text, None)
 

@@ -16,6 +16,7 @@ import numpy as np
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish
 from models.qwen3_vl_moe.multimodal import VisualPlacement
+from models.qwen3_vl_moe.tokenizer import TextStream
 
 
 class Status(enum.Enum):
@@ -47,6 +48,7 @@ class Request:
     status: Status = Status.WAITING
     slot: int | None = None
     text: str = ""
+    text_stream: TextStream | None = None  # the engine's incremental decoder of output_ids into text
     finish: Finish | None = None
 
     @property

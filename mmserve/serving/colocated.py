@@ -27,7 +27,6 @@ from mmserve.stop import streamable_text
 from models.qwen3_vl_moe import Model
 
 IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its inbox before looking again
-REPLACEMENT_CHAR = "\ufffd"  # what the tokenizer shows for bytes of a character not yet complete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +182,7 @@ class ColocatedBackend:
         if completion.logprobs is not None:
             logprobs = [TokenLogprob(lp.token_id, lp.logprob, lp.top) for lp in completion.logprobs[new]]
         params = stream.add.request.params
-        text = completion.text if output.finished else streamable_text(params, completion.text.rstrip(REPLACEMENT_CHAR))
+        text = completion.text if output.finished else streamable_text(params, completion.text)
         return TokenEvent(output.request_id, completion.token_ids[new], logprobs, completion.finish_reason,
                           completion.stop_reason, text)
 

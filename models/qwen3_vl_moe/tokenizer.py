@@ -22,6 +22,7 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.decoders import DecodeStream
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -246,6 +247,9 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def text_stream(self) -> "TextStream":
+        return TextStream(self.backend)
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, **kwargs) -> str:
         """Renders OpenAI-style messages (content a string or a list of text/image/video parts).
 
@@ -260,6 +264,20 @@ class Tokenizer:
             **self.special_tokens,
             **_plain(kwargs),
         )
+
+
+class TextStream:
+    """One output's text, decoded token by token (the `tokenizers` DecodeStream): each step costs
+    the new token, not the whole output, and a character whose bytes span several tokens appears
+    only once its last byte has arrived (never as U+FFFD). Special tokens add no text."""
+
+    def __init__(self, backend: BackendTokenizer):
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        """The text ``token_id`` completes ('' while a character is still incomplete)."""
+        return self._stream.step(self._backend, int(token_id)) or ""
 
 
 def build_tiny_tokenizer() -> Tokenizer:

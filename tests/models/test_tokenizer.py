@@ -191,3 +191,17 @@ def test_missing_chat_template_is_a_clear_error(tiny, tmp_path):
     tiny.backend.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_text_stream_releases_a_split_character_only_when_complete(tiny):
+    """Byte-level tokens split multi-byte characters; the stream never shows half of one, and its
+    pieces add up to the whole decode (special tokens add nothing)."""
+    text = "naïve 🤖 façade — 東京 done"
+    ids = tiny.encode(text) + [TINY_SPECIAL_IDS["<|im_end|>"]]
+    pieces_of = [tiny.decode([i]) for i in ids]
+    assert any("\ufffd" in piece for piece in pieces_of), "the text should split some character across tokens"
+    stream = tiny.text_stream()
+    pieces = [stream.step(i) for i in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == tiny.decode(ids) == text
+    assert "" in pieces  # a token that only began a character
