@@ -20,6 +20,7 @@ import numpy as np
 from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel, decode_call, encode_call
 
 log = logging.getLogger(__name__)
+WAIT_TIMEOUT_S = 3600.0
 
 
 class Lockstep:
@@ -49,6 +50,9 @@ class Lockstep:
         Inputs are host values or arrays the leader can read (NumPy, ints, None, its own device
         arrays); across processes every process, the leader too, runs on their NumPy copies.
         """
+        return self._call(target, method, inputs, answer=False)
+
+    def _call(self, target: str, method: str, inputs: dict, answer: bool):
         if not self.is_leader:
             raise RuntimeError("a follower runs only what the leader publishes")
         with self._lock:
@@ -58,21 +62,31 @@ class Lockstep:
                 # The leader runs on the very values it sent: its own device arrays could not be
                 # placed on the other processes' devices.
                 inputs = {k: _host(v) for k, v in inputs.items()}
-                self._channel.publish(encode_call(target, method, inputs))
+                self._channel.publish(encode_call(target, method, inputs, answer))
             return getattr(self._targets[target], method)(**inputs)
+
+    def call_and_wait(self, target: str, method: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+        """Runs ``target.method()`` on every process and returns once all of them have finished it:
+        for work whose length differs between processes (compiling, where one may find its
+        programs in the cache and another not), which the next collective must not wait on."""
+        self._call(target, method, {}, answer=True)
+        if self._channel is not None:
+            self._channel.wait_for_done(timeout_s)
 
     def follow(self) -> None:
         """A follower's whole life: run each published call until the leader closes."""
         if self.is_leader:
             raise RuntimeError("the leader does not follow")
         while (payload := self._channel.receive()) is not None:
-            target, method, inputs = decode_call(payload)
+            target, method, inputs, answer = decode_call(payload)
             try:
                 getattr(self._targets[target], method)(**inputs)
             except Exception:
                 # The leader ran the same program on the same inputs and met the same error; it
                 # decides what happens to the requests, and its next call is what matters here.
                 log.exception("lockstep call %s.%s failed", target, method)
+            if answer:
+                self._channel.done()
 
     def readable(self, tree, layout):
         """Outputs the leader will read, from inside a call: replicated over ``layout``'s mesh when

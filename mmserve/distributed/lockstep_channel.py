@@ -20,6 +20,7 @@ import zmq
 
 HELLO = b"hello"
 STOP = b"stop"
+DONE = b"done"
 ENDPOINT_BYTES = 512
 HELLO_TIMEOUT_S = 120.0
 POLL_MS = 1000
@@ -35,19 +36,20 @@ class WireCall(msgspec.Struct, array_like=True):
     target: str
     method: str
     inputs: dict[str, WireArray | int | float | bool | None]
+    answer: bool = False  # the follower says DONE once it has run the call
 
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(WireCall)
 
 
-def encode_call(target: str, method: str, inputs: dict) -> bytes:
-    return _encoder.encode(WireCall(target, method, {k: _to_wire(v) for k, v in inputs.items()}))
+def encode_call(target: str, method: str, inputs: dict, answer: bool = False) -> bytes:
+    return _encoder.encode(WireCall(target, method, {k: _to_wire(v) for k, v in inputs.items()}, answer))
 
 
-def decode_call(payload: bytes) -> tuple[str, str, dict]:
+def decode_call(payload: bytes) -> tuple[str, str, dict, bool]:
     call = _decoder.decode(payload)
-    return call.target, call.method, {k: _from_wire(v) for k, v in call.inputs.items()}
+    return call.target, call.method, {k: _from_wire(v) for k, v in call.inputs.items()}, call.answer
 
 
 def _to_wire(value):
@@ -90,6 +92,18 @@ class LeaderChannel:
         for identity in self._followers:
             self._socket.send_multipart([identity, payload], copy=False)
 
+    def wait_for_done(self, timeout_s: float) -> None:
+        """Until every follower has said DONE (to a call published with ``answer``)."""
+        deadline = time.monotonic() + timeout_s
+        done: set[bytes] = set()
+        while len(done) < len(self._followers):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(done)} of {len(self._followers)} followers finished within {timeout_s:.0f} s")
+            if self._socket.poll(POLL_MS):
+                identity, message = self._socket.recv_multipart()
+                if message == DONE and identity in self._followers:
+                    done.add(identity)
+
     def close(self) -> None:
         if self._socket.closed:
             return
@@ -114,6 +128,9 @@ class FollowerChannel:
         """The next call, or None once the leader has stopped."""
         payload = self._socket.recv()
         return None if payload == STOP else payload
+
+    def done(self) -> None:
+        self._socket.send(DONE)
 
     def close(self) -> None:
         self._socket.close()

@@ -16,6 +16,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.embedding_cache import EmbeddingCache, pixel_key
 from mmserve.engine.inputs import Visual
 from mmserve.engine.program_grid import ProgramGrid
+from mmserve.engine.warmup import compile_programs
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.vision_inputs import vision_inputs
 
@@ -80,6 +81,9 @@ class Encoder:
                           padded.rope_pos, padded.segment_ids).compile()
 
         return [functools.partial(compile_for, size) for size in self.grid.patch_buckets()]
+
+    def run_compile(self) -> None:
+        compile_programs(self.programs(), "encoder")
 
     def run_encode(self, patches, interp_idx, interp_weight, rope_pos, segment_ids):
         out = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype), interp_idx,

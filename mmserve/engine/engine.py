@@ -58,13 +58,20 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         self.scheduler = Scheduler(self.config, self.kv, self.runner.grid)
         self.encoder = Encoder(model, self.config, layout, self.runner.lockstep)
-        if self.config.precompile:
-            compile_programs(self.runner.programs(programs) + (self.encoder.programs() if "vision" in programs else []),
-                             "engine")
+        self._programs = programs
+        self.runner.lockstep.bind("engine", self)
+        if self.config.precompile and self.runner.lockstep.is_leader:  # followers compile when this call reaches them
+            self.runner.lockstep.call_and_wait("engine", "run_compile")
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._on_finish = on_finish
+
+    def run_compile(self) -> None:
+        """Compiles every program this engine runs; through the lockstep every process of a
+        multi-host role compiles at the same time, so none waits in a collective for another."""
+        vision = self.encoder.programs() if "vision" in self._programs else []
+        compile_programs(self.runner.programs(self._programs) + vision, "engine")
 
     def prepare(self, prompt) -> PreparedPrompt:
         return prepare_prompt(prompt, self.model)

@@ -12,7 +12,6 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
-from mmserve.engine.warmup import compile_programs
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
@@ -29,10 +28,11 @@ PROGRESS_S = 0.005
 
 def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None,
                    lockstep: Lockstep | None) -> Encoder:
-    """The encode role's encoder, its programs compiled when ``engine.precompile`` asks."""
+    """The encode role's encoder, its programs compiled (on every process of the role, through the
+    lockstep) when ``engine.precompile`` asks."""
     encoder = Encoder(model, engine, layout, lockstep)
-    if engine.precompile:
-        compile_programs(encoder.programs(), "encoder")
+    if engine.precompile and encoder.lockstep.is_leader:
+        encoder.lockstep.call_and_wait("encoder", "run_compile")
     return encoder
 
 

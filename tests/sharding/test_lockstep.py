@@ -4,6 +4,7 @@ The processes-spanning roles that use it are in tests/roles/test_multihost.py.
 """
 
 import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +15,17 @@ from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel,
 
 
 class Recorder:
-    def __init__(self):
+    def __init__(self, delay: float = 0.0):
         self.calls = []
+        self.delay = delay
 
     def add(self, a, b, scale):
         self.calls.append(("add", a, b, scale))
         return a + (0 if b is None else b) * scale
+
+    def slow(self):
+        time.sleep(self.delay)
+        self.calls.append(("slow",))
 
     def fail(self):
         self.calls.append(("fail",))
@@ -30,7 +36,7 @@ def test_calls_round_trip_every_dtype_shape_and_none():
     inputs = {"f": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.array(7, np.int32),
               "b": np.array([True, False]), "u": np.arange(4, dtype=np.uint32).reshape(2, 2)[:, ::-1],
               "bf16": np.asarray(jnp.linspace(-2, 2, 6, dtype=jnp.bfloat16)).reshape(2, 3), "none": None, "n": 5}
-    target, method, out = decode_call(encode_call("runner", "run_x", inputs))
+    target, method, out, answer = decode_call(encode_call("runner", "run_x", inputs))
     assert (target, method) == ("runner", "run_x")
     assert out["none"] is None and out["n"] == 5
     for name in ("f", "i", "b", "u", "bf16"):
@@ -44,7 +50,7 @@ def pair():
     follower = Lockstep(FollowerChannel(leader_channel.endpoint, 1))
     leader_channel.wait_for_followers(timeout_s=10)
     leader = Lockstep(leader_channel)
-    mine, theirs = Recorder(), Recorder()
+    mine, theirs = Recorder(), Recorder(delay=0.5)
     leader.bind("r", mine)
     follower.bind("r", theirs)
     thread = threading.Thread(target=follower.follow)
@@ -77,6 +83,14 @@ def test_a_call_that_fails_everywhere_raises_on_the_leader_and_the_follower_goes
     leader.close()
     thread.join(timeout=10)
     assert [c[0] for c in theirs.calls] == ["fail", "add"]
+
+
+def test_call_and_wait_returns_once_the_slower_follower_has_finished(pair):
+    """What keeps a leader that found its programs in the cache from entering a collective while a
+    follower still compiles."""
+    leader, mine, theirs, thread = pair
+    leader.call_and_wait("r", "slow")
+    assert mine.calls == theirs.calls == [("slow",)]
 
 
 def test_leader_gives_up_on_followers_that_never_come():
