@@ -42,9 +42,12 @@ class LLM:
         params = _per_prompt(sampling_params, len(prompts))
         prepared = [self.engine.prepare(p) for p in prompts]
         ids = []
+        for prompt, p in zip(prepared, params):
+            self.engine.check_fits(len(prompt.token_ids), p)
         try:
-            for prompt, p in zip(prepared, params):
-                ids.append(self.engine.add_request(prompt, p))
+            features = self.engine.encode_prompts(prepared)
+            for prompt, p, f in zip(prepared, params, features):
+                ids.append(self.engine.add_request(prompt, p, features=f))
         except ValueError:
             for request_id in ids:
                 self.engine.abort(request_id)

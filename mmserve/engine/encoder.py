@@ -42,32 +42,48 @@ class Encoder:
     def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
         """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
         placement of them is host work (see models.qwen3_vl_moe.multimodal)."""
-        key = pixel_key(visual.pixel_values, visual.grid_thw)
-        cached = self.cache.get(key)
-        if cached is None:
-            cached = self._run(visual)
-            self.cache.put(key, cached)
-        return cached
+        return self.encode_many([visual])[0]
 
     def encode_all(self, visuals: list[Visual]) -> tuple[np.ndarray, np.ndarray] | None:
         """All images (or all videos) of a prompt, concatenated in prompt order."""
-        if not visuals:
-            return None
-        features = [self.encode(v) for v in visuals]
-        return np.concatenate([f[0] for f in features]), np.concatenate([f[1] for f in features], axis=1)
+        return joined(self.encode_many(visuals))
 
-    def _run(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
-        tables = vision_inputs(visual.grid_thw, self.model.config.vision)
+    def encode_many(self, visuals: list[Visual]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Features of each visual, in order. Those not cached run packed together, as few vision
+        calls as the largest patch bucket allows (each keeps its own attention segments)."""
+        keys = [pixel_key(v.pixel_values, v.grid_thw) for v in visuals]
+        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        missing = {key: visual for key, visual in zip(keys, visuals) if found[key] is None}
+        batch: list[tuple[str, Visual]] = []
+        for key, visual in missing.items():
+            if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > self.grid.patch_max:
+                found.update(self._run(batch))
+                batch = []
+            batch.append((key, visual))
+        if batch:
+            found.update(self._run(batch))
+        for key in missing:
+            self.cache.put(key, found[key])
+        return [found[key] for key in keys]
+
+    def _run(self, batch: list[tuple[str, Visual]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        grids = np.concatenate([v.grid_thw for _, v in batch])
+        tables = vision_inputs(grids, self.model.config.vision)
         n = tables.num_patches
         size = self.grid.patches(n)
-        patches = np.zeros((size, visual.pixel_values.shape[1]), np.float32)
-        patches[:n] = visual.pixel_values
+        patches = np.zeros((size, batch[0][1].pixel_values.shape[1]), np.float32)
+        patches[:n] = np.concatenate([v.pixel_values for _, v in batch])
         padded = tables.padded(size)
         embeds, deepstack = self.lockstep.call(
             "encoder", "run_encode", patches=patches, interp_idx=padded.interp_idx,
             interp_weight=padded.interp_weight, rope_pos=padded.rope_pos, segment_ids=padded.segment_ids)
-        merged = n // self.model.config.vision.merge_unit
-        return np.asarray(embeds)[:merged], np.asarray(deepstack)[:, :merged]
+        embeds, deepstack = np.asarray(embeds), np.asarray(deepstack)
+        merge, out, start = self.model.config.vision.merge_unit, {}, 0
+        for key, visual in batch:
+            end = start + len(visual.pixel_values) // merge
+            out[key] = embeds[start:end], deepstack[:, start:end]
+            start = end
+        return out
 
     def programs(self) -> list[Callable[[], None]]:
         """One callable per patch bucket, compiling the vision tower with a step's arguments."""
@@ -89,3 +105,10 @@ class Encoder:
         out = _encode(self.model.module, self.model.params, jnp.asarray(patches, self.model.dtype), interp_idx,
                       interp_weight, rope_pos, segment_ids)
         return self.lockstep.readable(out, self.layout)
+
+
+def joined(features: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Several visuals' (embeddings, deepstack) as one, in order; None for none."""
+    if not features:
+        return None
+    return np.concatenate([f[0] for f in features]), np.concatenate([f[1] for f in features], axis=1)

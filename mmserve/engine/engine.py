@@ -15,7 +15,7 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.encoder import Encoder
+from mmserve.engine.encoder import Encoder, joined
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.rejected import RequestRejected
@@ -75,6 +75,17 @@ class LLMEngine:
 
     def prepare(self, prompt) -> PreparedPrompt:
         return prepare_prompt(prompt, self.model)
+
+    def encode_prompts(self, prompts: list[PreparedPrompt]) -> list[dict[str, tuple[np.ndarray, np.ndarray] | None]]:
+        """The visual features of several prompts, their images and videos encoded together (as
+        few vision calls as the patch buckets allow): ``features`` for :meth:`add_request`."""
+        visuals = [v for p in prompts for v in p.images + p.videos]
+        encoded = iter(self.encoder.encode_many(visuals))
+        features = []
+        for p in prompts:
+            images, videos = [next(encoded) for _ in p.images], [next(encoded) for _ in p.videos]
+            features.append({"image": joined(images), "video": joined(videos)})
+        return features
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None,
                     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> str:
