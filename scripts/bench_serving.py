@@ -1,10 +1,13 @@
 """Serving latency and throughput against a running server: TTFT, ITL and output tokens/s at a
-given concurrency, every request a streamed chat with an image.
+given concurrency, every request a streamed chat with an image, and the compilations the server
+made while serving (from ``mmserve_backend_compiles`` on /metrics; 0 once it compiles its whole
+program grid before it is ready).
 
-    python scripts/serve.py --role all --model tiny --port 8000 &
-    python scripts/bench_serving.py --url http://127.0.0.1:8000 --requests 32 --concurrency 8
+    python scripts/serve.py --role colocated --model tiny --port 8000 &
+    python scripts/bench_serving.py --url http://127.0.0.1:8000 --requests 64 --concurrency 8
 
-Run it once against ``--role all`` and once against ``--role colocated`` to compare.
+No warm-up by default: the first request should be as fast as the hundredth. Run it once against
+``--role all`` and once against ``--role colocated`` to compare.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import concurrent.futures
 import io
 import statistics
 import time
+
+import urllib.request
 
 import numpy as np
 import openai
@@ -54,11 +59,16 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--image-size", type=int, default=128, help="side of the square test picture, pixels")
-    p.add_argument("--warmup", type=int, default=24,
-                   help="requests sent first and not measured: they compile the batch buckets in use")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="requests sent first and not measured (a server started with --no-precompile "
+                        "compiles on them)")
+    p.add_argument("--image-sizes", type=int, nargs="+", default=None,
+                   help="cycle the picture's side through these sizes (default: --image-size only)")
     args = p.parse_args()
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=600, max_retries=0)
-    run = lambda seed: one_request(client, args.model, seed, args.image_size, args.max_tokens)
+    sizes = args.image_sizes or [args.image_size]
+    run = lambda seed: one_request(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens)
+    compiles_before = server_compiles(args.url)
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
         list(pool.map(run, range(10_000, 10_000 + args.warmup)))
         start = time.perf_counter()
@@ -69,11 +79,24 @@ def main() -> None:
     tokens = sum(r[2] for r in results)
     print(f"url {args.url}  requests {args.requests}  concurrency {args.concurrency}  max_tokens {args.max_tokens}")
     print(f"TTFT ms   mean {statistics.mean(ttft):8.1f}  p50 {statistics.median(ttft):8.1f}  "
-          f"p90 {np.percentile(ttft, 90):8.1f}")
+          f"p90 {np.percentile(ttft, 90):8.1f}  p99 {np.percentile(ttft, 99):8.1f}  "
+          f"p99/p50 {np.percentile(ttft, 99) / statistics.median(ttft):5.2f}")
     if itl:
         print(f"ITL ms    mean {statistics.mean(itl):8.1f}  p50 {statistics.median(itl):8.1f}  "
               f"p90 {np.percentile(itl, 90):8.1f}")
     print(f"throughput {tokens / elapsed:8.1f} output tokens/s  ({tokens} tokens in {elapsed:.1f} s)")
+    compiles_after = server_compiles(args.url)
+    if compiles_before is not None and compiles_after is not None:
+        print(f"compilations while serving: {compiles_after - compiles_before:.0f}")
+
+
+def server_compiles(url: str) -> float | None:
+    """The server's mmserve_backend_compiles gauge (XLA compilations so far), None if absent."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("mmserve_backend_compiles "):
+                return float(line.split()[1])
+    return None
 
 
 if __name__ == "__main__":
