@@ -21,6 +21,12 @@ from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.vision_inputs import vision_inputs
 
 
+PACKED_PATCHES = 512
+"""Patches of small images packed into one vision call. Packing saves a call per image, but the
+tower attends over the whole packed sequence (masked to each image), so its attention grows with
+the square of the pack: 512 patches (eight 128x128 images) keeps that below the per-call cost."""
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids):
     return stages.encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids)
@@ -49,14 +55,14 @@ class Encoder:
         return joined(self.encode_many(visuals))
 
     def encode_many(self, visuals: list[Visual]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Features of each visual, in order. Those not cached run packed together, as few vision
-        calls as the largest patch bucket allows (each keeps its own attention segments)."""
+        """Features of each visual, in order. Those not cached run packed together, up to
+        ``PACKED_PATCHES`` patches a call (each keeps its own attention segments)."""
         keys = [pixel_key(v.pixel_values, v.grid_thw) for v in visuals]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         missing = {key: visual for key, visual in zip(keys, visuals) if found[key] is None}
         batch: list[tuple[str, Visual]] = []
         for key, visual in missing.items():
-            if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > self.grid.patch_max:
+            if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > PACKED_PATCHES:
                 found.update(self._run(batch))
                 batch = []
             batch.append((key, visual))
