@@ -92,17 +92,18 @@ class Encoder:
         return out
 
     def programs(self) -> list[Callable[[], None]]:
-        """One callable per patch bucket, compiling the vision tower with a step's arguments."""
+        """One callable per patch bucket, running the vision tower once on it (compiled, and past
+        its slow first execution, before any request)."""
         merge = self.model.config.vision.spatial_merge_size
         tables = vision_inputs(np.array([[1, merge, merge]]), self.model.config.vision)
 
-        def compile_for(size):
+        def run(size):
             padded = tables.padded(size)
-            patches = jnp.zeros((size, self.model.config.vision.patch_dim), self.model.dtype)
-            _encode.lower(self.model.module, self.model.params, patches, padded.interp_idx, padded.interp_weight,
-                          padded.rope_pos, padded.segment_ids).compile()
+            patches = np.zeros((size, self.model.config.vision.patch_dim), np.float32)
+            jax.block_until_ready(self.run_encode(patches, padded.interp_idx, padded.interp_weight, padded.rope_pos,
+                                                  padded.segment_ids))
 
-        return [functools.partial(compile_for, size) for size in self.grid.patch_buckets()]
+        return [functools.partial(run, size) for size in self.grid.patch_buckets()]
 
     def run_compile(self) -> None:
         compile_programs(self.programs(), "encoder")

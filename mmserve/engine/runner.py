@@ -211,45 +211,46 @@ class ModelRunner:
         return self.lockstep.readable(out, self.layout)
 
     def programs(self, kinds: frozenset[str]) -> list[Callable[[], None]]:
-        """Callables that compile the grid's programs of ``kinds`` ("prefill", "decode", "kv_read":
-        the KV reads a prefill worker ships to decode) with the very arguments (shapes, dtypes,
-        placements) a step passes, so that no step compiles afterwards; with them the sampler for
-        every row bucket and logits placement they produce, and the penalty slot."""
-        m, grid = self.model, self.grid
-        logits_placements: set = set()
+        """Callables that each run one program of the grid once, on padding (it writes nothing to
+        the cache and counts no token), so that it is compiled and has run before any request:
+        the grid's programs of ``kinds`` ("prefill", "decode", "kv_read": the KV reads a prefill
+        worker ships to decode), each followed by the sampler on its logits, and the penalty slot.
+        The first run matters too: a program's first execution is several times slower."""
+        grid = self.grid
 
-        def compiled(lowered):
-            program = lowered.compile()
-            logits = program.output_shardings[0]
-            logits_placements.add((program.out_info[0].shape, logits))
+        def filled(*shape, value=0):
+            return np.full(shape, value, np.int32)
 
         def prefill(rows, t, width):
-            z = lambda *shape: np.zeros(shape, np.int32)
-            compiled(_prefill.lower(m.module, m.params, z(rows, t), z(rows, 3, t), self.cache, z(rows, width),
-                                    z(rows), z(rows), *self._no_visual, z(rows, t)))
+            self.run_prefill(filled(rows, t), filled(rows, 3, t), filled(rows, width, value=SCRATCH_PAGE),
+                             filled(rows), filled(rows), None, None, filled(rows, t, value=-1))
+            self._sample_padding(rows)
 
         def decode(rows, width):
-            z = lambda *shape: np.zeros(shape, np.int32)
-            compiled(_decode.lower(m.module, m.params, z(rows), z(rows, 3), self.cache, z(rows, width), z(rows)))
-
-        def samplers():
-            key = jax.random.fold_in(self._key, 0)
-            for shape, placement in sorted(logits_placements, key=lambda p: p[0]):
-                logits = jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=placement)
-                batch = pack_sampling_batch([_PADDING_PARAMS] * shape[0], [0] * shape[0], [0] * shape[0], shape[0])
-                sample.lower(logits, batch, self.penalties, key).compile()
+            self.run_decode(filled(rows), filled(rows, 3), filled(rows, width, value=SCRATCH_PAGE),
+                            filled(rows, value=-1))
+            self._sample_padding(rows)
 
         def slot():
             ids = padded_token_ids([], grid.slot_ids)
-            load_slot.lower(self.penalties, np.int32(0), ids, ids).compile()
+            self.run_load_slot(np.int32(0), ids, ids)
 
         def kv_read(rows):
-            gather_rows.lower(self.cache, np.zeros(grid.max_pages, np.int32), rows).compile()
+            jax.block_until_ready(self.run_read_kv(filled(grid.max_pages, value=SCRATCH_PAGE), rows))
 
         return ([functools.partial(prefill, *shape) for shape in grid.prefill_shapes() if "prefill" in kinds]
                 + [functools.partial(decode, *shape) for shape in grid.decode_shapes() if "decode" in kinds]
-                + [samplers, slot]
+                + [slot]
                 + [functools.partial(kv_read, rows) for rows in grid.kv_row_buckets() if "kv_read" in kinds])
+
+    def _sample_padding(self, rows: int) -> None:
+        """The sampler on the last step's logits, every row padding: nothing counted, and the
+        engine's random stream (``_steps``) left where it was."""
+        batch = pack_sampling_batch([_PADDING_PARAMS] * rows, [0] * rows, [0] * rows, rows)
+        batch = batch._replace(valid=np.zeros(rows, bool))
+        out, self.penalties = sample(self._logits, batch, self.penalties, jax.random.fold_in(self._key, 0))
+        self._logits = None
+        jax.block_until_ready(self.lockstep.readable(out, self.layout))
 
     def _page_tables(self, tables: list[list[int]], rows: int, width: int | None = None) -> np.ndarray:
         """[rows, width] page ids, SCRATCH_PAGE past each table (width None: max_pages_per_seq);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -114,6 +115,7 @@ def serve_colocated(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return USAGE_EXIT
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s colocated %(levelname)s %(message)s")
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
         model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
