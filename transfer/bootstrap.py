@@ -2,12 +2,12 @@
 
 Entries are leases: a sender re-publishes every heartbeat interval and an entry not renewed
 within the heartbeat timeout disappears, so a dead sender is not handed out for long. With a
-secret configured, every request must carry it.
+key configured (``TransferConfig.secret``), every request must be signed with it (see
+:mod:`transfer.channel`): nobody else can publish, withdraw or look up.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -22,10 +22,6 @@ from transfer.messages import (Codec, ErrorCode, Found, Lookup, NotFound, Protoc
 log = logging.getLogger(__name__)
 
 
-def secret_ok(given: str, expected: str) -> bool:
-    return not expected or hmac.compare_digest(given.encode(), expected.encode())
-
-
 class BootstrapServer:
     """The registry. Drive it with ``progress`` from a loop, or let ``start`` run it on a thread."""
 
@@ -37,7 +33,8 @@ class BootstrapServer:
             self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self.address = bind_random_port(socket, config.bind_host)
-        self._channel: Channel[RegistryRequest] = Channel(socket, Codec(RegistryRequest, config.max_message_bytes))
+        self._channel: Channel[RegistryRequest] = Channel(socket, Codec(RegistryRequest, config.max_message_bytes),
+                                                          config.key)
         self._entries: dict[str, tuple[SenderEndpoint, float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -59,8 +56,6 @@ class BootstrapServer:
     def _handle(self, message: RegistryRequest | ProtocolError) -> RegistryReply:
         if isinstance(message, ProtocolError):
             raise message
-        if not secret_ok(message.secret, self.config.secret):
-            raise ProtocolError(ErrorCode.UNAUTHENTICATED, "bad secret")
         if isinstance(message, Publish):
             expiry = time.monotonic() + self.config.heartbeat_timeout_s
             self._entries[message.endpoint.name] = (message.endpoint, expiry)
@@ -96,21 +91,22 @@ class RegistryClient:
         self.config = config
         socket = make_socket(zmq.DEALER, config.max_message_bytes)
         socket.connect(address)
-        self.channel: Channel[RegistryReply] = Channel(socket, Codec(RegistryReply, config.max_message_bytes))
+        self.channel: Channel[RegistryReply] = Channel(socket, Codec(RegistryReply, config.max_message_bytes),
+                                                       config.key)
         self.error: str | None = None
         self._next_publish = 0.0
 
     def publish(self, endpoint: SenderEndpoint, now: float) -> None:
         """Renews the lease once per heartbeat interval; call it every loop iteration."""
         if now >= self._next_publish:
-            self.channel.send(Publish(self.config.secret, endpoint))
+            self.channel.send(Publish(endpoint))
             self._next_publish = now + self.config.heartbeat_interval_s
 
     def withdraw(self, name: str) -> None:
-        self.channel.send(Withdraw(self.config.secret, name))
+        self.channel.send(Withdraw(name))
 
     def lookup(self, name: str) -> None:
-        self.channel.send(Lookup(self.config.secret, name))
+        self.channel.send(Lookup(name))
 
     def replies(self) -> list[Found | NotFound]:
         """Answers that arrived; a registry error (bad secret, ...) is kept in ``error``."""

@@ -1,12 +1,17 @@
-"""A ZMQ socket that speaks typed messages: size-capped, validated, never blocking.
+"""A ZMQ socket that speaks typed messages: size-capped, authenticated, validated, never blocking.
 
-ROUTER sockets (sender control, registry) see ``[identity, payload]``; DEALER sockets
-(receivers, registry clients) see ``[payload]``. Anything else, or a payload that fails the
-codec, comes out of ``receive`` as a ``ProtocolError`` for the owner to answer.
+ROUTER sockets (sender control, registry) see ``[identity, payload, mac]``; DEALER sockets
+(receivers, registry clients) see ``[payload, mac]``, where ``mac`` is the HMAC-SHA256 of the
+payload under the channel's key: a peer that does not hold the key can neither speak (its
+messages are refused before they are decoded) nor forge another's. With no key (a library user
+who wants none) the mac frame is absent. Anything else, or a payload that fails the codec, comes
+out of ``receive`` as a ``ProtocolError`` for the owner to answer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterator
 from typing import Generic
 
@@ -37,14 +42,20 @@ def bind_random_port(socket: zmq.Socket, host: str, advertise_host: str = "") ->
 
 
 class Channel(Generic[M]):
-    def __init__(self, socket: zmq.Socket, codec: Codec[M]) -> None:
+    def __init__(self, socket: zmq.Socket, codec: Codec[M], key: bytes = b"") -> None:
         self.socket = socket
         self.codec = codec
+        self._key = key
         self._routed = socket.type == zmq.ROUTER
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()
 
     def send(self, message: msgspec.Struct, identity: bytes | None = None) -> None:
         payload = self.codec.encode(message)
-        frames = [identity, payload] if self._routed else [payload]
+        frames = [payload, self._mac(payload)] if self._key else [payload]
+        if self._routed:
+            frames.insert(0, identity)
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -59,7 +70,10 @@ class Channel(Generic[M]):
                 return
             identity = frames[0] if self._routed else None
             payload = frames[1:] if self._routed else frames
-            if len(payload) != 1:
+            if self._key and (len(payload) != 2 or not hmac.compare_digest(payload[1], self._mac(payload[0]))):
+                yield identity, ProtocolError(ErrorCode.UNAUTHENTICATED, "message not signed with the cluster key")
+                continue
+            if len(payload) != (2 if self._key else 1):
                 yield identity, ProtocolError(ErrorCode.MALFORMED, f"expected 1 payload frame, got {len(payload)}")
                 continue
             try:

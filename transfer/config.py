@@ -36,7 +36,10 @@ class TransferConfig:
     """The address peers dial to reach this process's listeners (a pod IP, a host name), published
     in the registry; empty: ``bind_host``. Needed when binding 0.0.0.0 across hosts or pods."""
     secret: str = ""
-    """Shared secret required in the handshake and by the registry; empty disables the check."""
+    """The key every control message and registry request is signed with (HMAC-SHA256, see
+    :mod:`transfer.channel`); peers without it are refused. Empty: unsigned (a library user's
+    choice; mmserve's roles always set it from the cluster credential). Never a flag: argv is
+    readable by every local user."""
     max_message_bytes: int = 1 << 20
     """Largest control message accepted; bigger ones get an OVERSIZED error."""
     bootstrap_timeout_s: float = 30.0
@@ -69,6 +72,10 @@ class TransferConfig:
             raise ValueError(f"data_plane must be one of {DATA_PLANES}, got {self.data_plane!r}")
 
     @property
+    def key(self) -> bytes:
+        return self.secret.encode()
+
+    @property
     def public_host(self) -> str:
         return self.advertise_host or self.bind_host
 
@@ -82,6 +89,8 @@ class TransferConfig:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
+            if field.name in SECRET_FIELDS:
+                continue
             raw = env.get(ENV[field.name])
             if raw is not None and raw != "":
                 values[field.name] = _parse(field.type, raw, ENV[field.name])
@@ -93,18 +102,27 @@ class TransferConfig:
         """Adds one ``--flag`` per field; unset flags fall back to the environment, then defaults."""
         group = parser.add_argument_group("transfer")
         for field in dataclasses.fields(cls):
+            if field.name in SECRET_FIELDS:
+                continue
             flag = "--" + field.name.removesuffix("_s").replace("_", "-")
             group.add_argument(flag, dest=f"transfer_{field.name}", default=None,
                                type=_TYPES[field.type], help=f"env {ENV[field.name]}, "
                                f"default {field.default!r}")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> TransferConfig:
-        overrides = {field.name: getattr(args, f"transfer_{field.name}")
-                     for field in dataclasses.fields(cls)
-                     if getattr(args, f"transfer_{field.name}", None) is not None}
-        return cls.from_env(env, **overrides)
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None, **overrides: Any
+                  ) -> TransferConfig:
+        """Flags that are set, over the environment, over the defaults; ``overrides`` (the key)
+        over everything."""
+        flags = {field.name: getattr(args, f"transfer_{field.name}")
+                 for field in dataclasses.fields(cls)
+                 if getattr(args, f"transfer_{field.name}", None) is not None}
+        return cls.from_env(env, **(flags | overrides))
 
+
+SECRET_FIELDS = ("secret",)
+"""Fields only the caller sets (mmserve derives the key from its cluster credential): never a
+command-line flag, nor a variable of their own."""
 
 ENV = {
     "block_size": "MMSERVE_BLOCK_SIZE",
@@ -112,7 +130,6 @@ ENV = {
     "buffer_blocks": "MMSERVE_BUFFER_BLOCKS",
     "bind_host": "MMSERVE_TRANSFER_HOST",
     "advertise_host": "MMSERVE_TRANSFER_ADVERTISE_HOST",
-    "secret": "MMSERVE_TRANSFER_SECRET",
     "max_message_bytes": "MMSERVE_MAX_MESSAGE_BYTES",
     "bootstrap_timeout_s": "MMSERVE_BOOTSTRAP_TIMEOUT",
     "waiting_timeout_s": "MMSERVE_WAITING_TIMEOUT",

@@ -20,7 +20,6 @@ Id = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Text = Annotated[str, msgspec.Meta(max_length=512)]
-Secret = Annotated[str, msgspec.Meta(max_length=512)]
 AuxKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 AuxValue = int | float | Text | Annotated[list[int | float], msgspec.Meta(max_length=1024)]
 
@@ -68,17 +67,14 @@ class SenderEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Publish(msgspec.Struct, frozen=True, tag="publish", forbid_unknown_fields=True):
-    secret: Secret
     endpoint: SenderEndpoint
 
 
 class Withdraw(msgspec.Struct, frozen=True, tag="withdraw", forbid_unknown_fields=True):
-    secret: Secret
     name: Name
 
 
 class Lookup(msgspec.Struct, frozen=True, tag="lookup", forbid_unknown_fields=True):
-    secret: Secret
     name: Name
 
 
@@ -100,7 +96,6 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
     """The receiver's half of the handshake: who it is, what it expects, how much room it holds."""
 
     room: Id
-    secret: Secret
     mode: TransferMode
     block_size: Count
     fields: Annotated[tuple[Field, ...], msgspec.Meta(min_length=1, max_length=MAX_FIELDS)]

@@ -239,7 +239,7 @@ class Receiver:
             return
         room.endpoint = endpoint
         self._control(endpoint.control).send(Register(
-            room.room, self.config.secret, room.mode, self.config.block_size, self.buffers.fields,
+            room.room, room.mode, self.config.block_size, self.buffers.fields,
             room.segments[0].allocation.capacity_tokens))
 
     def _land(self, room: ReceiverRoom) -> None:
@@ -292,7 +292,8 @@ class Receiver:
         if channel is None:
             socket = make_socket(zmq.DEALER, self.config.max_message_bytes)
             socket.connect(address)
-            channel = self._controls[address] = Channel(socket, Codec(ToReceiver, self.config.max_message_bytes))
+            channel = self._controls[address] = Channel(socket, Codec(ToReceiver, self.config.max_message_bytes),
+                                                        self.config.key)
             self._poller.register(socket, zmq.POLLIN)
         return channel
 

@@ -21,7 +21,7 @@ import zmq
 
 from transfer.allocator import Allocation, BlockAllocator
 from transfer.block_buffers import BlockBuffers, Chunk
-from transfer.bootstrap import RegistryClient, secret_ok
+from transfer.bootstrap import RegistryClient
 from transfer.channel import Channel, bind_random_port, make_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
@@ -60,7 +60,7 @@ class Sender:
         self.data_plane = data_plane or open_data_plane(config, self.buffers.device)
         socket = make_socket(zmq.ROUTER, config.max_message_bytes)
         control = bind_random_port(socket, config.bind_host, config.advertise_host)
-        self._channel: Channel[ToSender] = Channel(socket, Codec(ToSender, config.max_message_bytes))
+        self._channel: Channel[ToSender] = Channel(socket, Codec(ToSender, config.max_message_bytes), config.key)
         self.endpoint = SenderEndpoint(name, control, self.data_plane.kind, self.data_plane.address)
         self._registry = RegistryClient(bootstrap_address, config)
         self._registry.publish(self.endpoint, time.monotonic())
@@ -174,8 +174,6 @@ class Sender:
         return None
 
     def _on_register(self, identity: bytes, message: Register) -> None:
-        if not secret_ok(message.secret, self.config.secret):
-            raise ProtocolError(ErrorCode.UNAUTHENTICATED, "bad secret", message.room)
         if message.block_size != self.config.block_size or tuple(message.fields) != self.buffers.fields:
             raise ProtocolError(ErrorCode.MISMATCH, f"sender has block_size {self.config.block_size} and "
                                 f"fields {self.buffers.fields}", message.room)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, MissingCredential
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
 from transfer.config import TransferConfig
@@ -41,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mesh", default=None,
                        help="this role's device mesh, e.g. data=1,model=4,expert=2 (product = device count); "
                             "default: one device")
+    group.add_argument("--cluster-secret-file", default=None,
+                       help="router and workers: a file holding the deployment's shared secret (a mounted Kubernetes "
+                            "Secret); default $MMSERVE_CLUSTER_SECRET_FILE, else the secret itself in "
+                            "$MMSERVE_CLUSTER_SECRET. Required: calls between the processes are authenticated with "
+                            "it. --role all makes its own")
     add_cluster_flags(parser)
     TransferConfig.add_arguments(parser)
 
@@ -52,8 +58,13 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     if not args.bootstrap or not args.router_url:
         print("serve.py: a worker needs --bootstrap and --router-url", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {args.role} %(levelname)s %(message)s")
-    transfer = TransferConfig.from_args(args)
+    # force: importing orbax (through absl) has already configured the root logger at WARNING
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {args.role} %(levelname)s %(message)s",
+                        force=True)
+    credential = cluster_credential(args)
+    if credential is None:
+        return 2
+    transfer = TransferConfig.from_args(args, secret=credential.transfer_key)
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
@@ -62,7 +73,8 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         if not lockstep.is_leader:
             return follow_leader(args.role, model, engine, layout, lockstep)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep)
-        serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), transfer.advertise_host)
+        serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
+                     transfer.advertise_host)
     finally:
         lockstep.close()
     return 0
@@ -138,10 +150,13 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     from models.qwen3_vl_moe import load_model
     from transfer.bootstrap import BootstrapServer
 
-    transfer = TransferConfig.from_args(args)
+    credential = cluster_credential(args)
+    if credential is None:
+        return 2
+    transfer = TransferConfig.from_args(args, secret=credential.transfer_key)
     bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
     frontend = load_model(args.model, dtype=args.dtype, weights=False)
-    pool = WorkerPool()
+    pool = WorkerPool(credential.grpc_token)
     app = build_app(DisaggregatedBackend(pool), frontend, settings)
 
     async def main() -> None:
@@ -163,13 +178,17 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
 def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
     """The router and one worker per role, as child processes on loopback; stops them all on exit."""
     registry_port, bootstrap_port = _free_port(), _free_port()
-    base = [sys.executable, os.path.abspath(sys.argv[0]), *_without_role(argv)]
+    # --role all makes one secret for this run (a file given to it is not passed down) and hands
+    # it to the children in their environment, never their argv.
+    base = [sys.executable, os.path.abspath(sys.argv[0]), *_without(_without(argv, "--role"), "--cluster-secret-file")]
     router = base + ["--role", "router", "--registry-port", str(registry_port), "--bootstrap-port",
                      str(bootstrap_port)]
     worker = base + ["--router-url", f"127.0.0.1:{registry_port}", "--bootstrap",
                      f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0"]
-    children = [subprocess.Popen(router)]
-    children += [subprocess.Popen(worker + ["--role", role, "--name", role]) for role in ("encode", "prefill", "decode")]
+    env = os.environ | ClusterCredential.generate().environment()
+    env.pop(SECRET_FILE_ENV, None)
+    children = [subprocess.Popen(router, env=env)]
+    children += [subprocess.Popen(worker + ["--role", role, "--name", role], env=env) for role in ("encode", "prefill", "decode")]
 
     def stop(*_):
         for child in children:
@@ -192,20 +211,31 @@ def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
         stop()
 
 
+def cluster_credential(args: argparse.Namespace) -> ClusterCredential | None:
+    """The deployment's credential (``--cluster-secret-file`` or the environment); None, after
+    saying why on stderr, when there is none."""
+    try:
+        return ClusterCredential.load(args.cluster_secret_file)
+    except (MissingCredential, OSError, ValueError) as error:
+        print(f"serve.py: {error}", file=sys.stderr)
+        return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _without_role(argv: list[str]) -> list[str]:
+def _without(argv: list[str], flag: str) -> list[str]:
+    """argv less ``flag`` and its value (either form: ``--flag value`` or ``--flag=value``)."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--role":
+        elif arg == flag:
             skip = True
-        elif not arg.startswith("--role="):
+        elif not arg.startswith(flag + "="):
             out.append(arg)
     return out
 

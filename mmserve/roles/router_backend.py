@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -19,6 +19,7 @@ import grpc
 
 from mmserve.roles.wire import sampling_to_pb, visual_to_pb
 from mmserve.roles.worker import MAX_MESSAGE_BYTES
+from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
@@ -41,7 +42,10 @@ class WorkerHandle:
 
 
 class WorkerPool(pb_grpc.RegistryServicer):
-    def __init__(self):
+    def __init__(self, token: str):
+        """token: the cluster's gRPC token, checked on registration (``serve_registry``) and sent
+        on every call to a worker."""
+        self.token = token
         self.workers: dict[str, WorkerHandle] = {}
         self._closing: set[asyncio.Task] = set()
 
@@ -60,7 +64,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
         if current is None or current.address != request.grpc_address:
             if current is not None:
                 self._retire(current)
-            channel = grpc.aio.insecure_channel(request.grpc_address, options=[
+            channel = auth.async_channel(request.grpc_address, self.token, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
             current = WorkerHandle(request.role, request.name, request.grpc_address, pb_grpc.WorkerStub(channel),
@@ -91,7 +95,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
 class DisaggregatedBackend:
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-        self._rooms = itertools.count(1)
+
         self._active: dict[str, list[WorkerHandle]] = {}
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -102,7 +106,7 @@ class DisaggregatedBackend:
         except LookupError as error:
             yield TokenEvent(request.request_id, [], error=str(error))
             return
-        room = next(self._rooms)
+        room = secrets.randbits(63)  # unguessable: a room id is all a transfer's peers share
         workers = [w for w in (encode, prefill, decode) if w is not None]
         self._active[request.request_id] = workers
         for w in workers:
@@ -197,7 +201,8 @@ def _event(message: pb.TokenEvent) -> TokenEvent:
 
 
 async def serve_registry(pool: WorkerPool, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server()
+    """The worker registry; only callers holding the pool's cluster token may register."""
+    server = grpc.aio.server(interceptors=[auth.AsyncTokenCheck(pool.token)])
     pb_grpc.add_RegistryServicer_to_server(pool, server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()

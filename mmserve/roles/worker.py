@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import grpc
 
 from mmserve.engine.rejected import RequestRejected
+from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 
@@ -128,12 +129,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.LoadReply(in_flight=self.loop.call(self.loop.role.in_flight))
 
 
-def serve_worker(service: WorkerService, host: str, port: int, router: str | None, advertise_host: str = "") -> None:
+def serve_worker(service: WorkerService, host: str, port: int, router: str | None, token: str,
+                 advertise_host: str = "") -> None:
     """Serves until interrupted, registering with the router's registry at ``router`` under the
-    address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``."""
+    address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``. Calls in
+    either direction carry the cluster ``token``; calls without it are refused."""
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=32), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)], interceptors=[auth.TokenCheck(token)])
     pb_grpc.add_WorkerServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
@@ -142,7 +145,7 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     log.info("%s worker %s serving on %s", role.role, role.name, address)
     stop = threading.Event()
     if router:
-        threading.Thread(target=_register_forever, args=(router, role, address, stop), daemon=True).start()
+        threading.Thread(target=_register_forever, args=(router, token, role, address, stop), daemon=True).start()
     try:
         server.wait_for_termination()
     finally:
@@ -150,12 +153,15 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         service.loop.stop()
 
 
-def _register_forever(router: str, role: Role, address: str, stop: threading.Event) -> None:
-    with grpc.insecure_channel(router) as channel:
+def _register_forever(router: str, token: str, role: Role, address: str, stop: threading.Event) -> None:
+    with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
             try:
                 registry.Register(pb.Registration(role=role.role, name=role.name, grpc_address=address), timeout=2)
             except grpc.RpcError as error:
-                log.debug("router %s not reachable: %s", router, error.code())
+                if error.code() is grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("router %s refused the registration: not the cluster's secret", router)
+                else:
+                    log.debug("router %s not reachable: %s", router, error.code())
             stop.wait(REGISTER_INTERVAL_S)

@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     http.add_argument("--port", type=int, default=8000, help="TCP port of the HTTP API")
-    http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                      help=f"require 'Authorization: Bearer <key>' on /v1/* and /generate (default: ${API_KEY_ENV}; "
-                           "unset means no key)")
+    http.add_argument("--api-key-file", type=Path, default=None,
+                      help=f"require 'Authorization: Bearer <key>' on /v1/* and /generate, the key read from this file "
+                           f"(default: the key in ${API_KEY_ENV}; neither: no key). Never the key itself on the "
+                           f"command line, which every local user can read")
     http.add_argument("--allowed-local-media-path", type=Path, default=None,
                       help="let requests name images by local path or file:// URL inside this directory "
                            "(default: local files are refused)")
@@ -99,7 +100,14 @@ def router_settings(args: argparse.Namespace, max_model_len: int):
     from mmserve.serving.router import RouterSettings
 
     return RouterSettings(model_name=args.served_model_name or args.model, max_model_len=max_model_len,
-                          api_key=args.api_key or None, allowed_local_media_path=args.allowed_local_media_path)
+                          api_key=api_key(args), allowed_local_media_path=args.allowed_local_media_path)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The HTTP API key: ``--api-key-file``'s content, else $MMSERVE_API_KEY, else none."""
+    if args.api_key_file is not None:
+        return args.api_key_file.read_text().strip() or None
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def serve_colocated(args: argparse.Namespace) -> int:
@@ -115,7 +123,9 @@ def serve_colocated(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return USAGE_EXIT
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s colocated %(levelname)s %(message)s")
+    # force: importing orbax (through absl) has already configured the root logger at WARNING
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s colocated %(levelname)s %(message)s",
+                        force=True)
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
         model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,

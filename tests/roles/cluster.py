@@ -12,10 +12,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mmserve.cluster_credential import SECRET_ENV
+
 SERVE = str(Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
 ENGINE_FLAGS = ["--num-pages", "256", "--page-size", "8", "--max-model-len", "512", "--max-prefill-tokens", "128"]
 TRANSFER_ENV = {
     "JAX_PLATFORMS": "cpu",
+    SECRET_ENV: "the-roles-tests-share-this-cluster-secret",
     "MMSERVE_BLOCK_SIZE": "16",
     "MMSERVE_DEFAULT_BLOCKS": "2",  # 32 tokens: an image of more visual tokens needs a resume
     "MMSERVE_BUFFER_BLOCKS": "256",

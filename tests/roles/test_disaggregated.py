@@ -1,19 +1,28 @@
 """serve.py's roles, each its own process (as --role all starts them, but with their pids at hand):
-resume, concurrency, a killed encode worker, malformed requests. The plain chat cases against
---role all are in test_serve_all.py."""
+resume, concurrency, a killed encode worker, malformed requests, and a process without the
+cluster secret refused on every surface. The plain chat cases against --role all are in
+test_serve_all.py."""
 
 import base64
 import concurrent.futures
 import io
+import re
 import time
 
+import grpc
 import numpy as np
 import openai
 import pytest
 from PIL import Image
 
-from cluster import Cluster, get_json
+from cluster import TRANSFER_ENV, Cluster, get_json
 from mmserve import LLM, SamplingParams
+from mmserve.cluster_credential import SECRET_ENV, ClusterCredential
+from mmserve.rpc import auth
+from mmserve.rpc import worker_pb2 as pb
+from mmserve.rpc import worker_pb2_grpc as pb_grpc
+from transfer import TransferConfig
+from transfer.bootstrap import RegistryClient
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 6
@@ -159,3 +168,43 @@ def test_health_names_every_role(cluster):
     status, body = get_json(f"{cluster.url}/health")
     assert status == 200 and body["healthy"]
     assert all(body["roles"][r] for r in ("encode", "prefill", "decode"))
+
+
+def _worker_address(cluster, role: str) -> str:
+    return re.findall(rf"{role} worker \S+ serving on (\S+)", (cluster.log_dir / f"{role}.log").read_text())[-1]
+
+
+def _refused(call) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_process_without_the_cluster_secret_is_refused_everywhere_and_changes_nothing(cluster, client, llm):
+    """No token, or one derived from another secret: the worker registry, every worker RPC and
+    the transfer bootstrap registry refuse it, register nothing and tell it nothing."""
+    other = ClusterCredential(b"not-the-cluster-secret-at-all-0123456789")
+    assert other.secret.decode() != TRANSFER_ENV[SECRET_ENV]
+    impostor = pb.Registration(role="decode", name="impostor", grpc_address="127.0.0.1:9")
+    for channel in (grpc.insecure_channel(f"127.0.0.1:{cluster.registry_port}"),
+                    auth.channel(f"127.0.0.1:{cluster.registry_port}", other.grpc_token)):
+        with channel:
+            _refused(lambda: pb_grpc.RegistryStub(channel).Register(impostor, timeout=10))
+    for role in ("encode", "prefill", "decode"):
+        with grpc.insecure_channel(_worker_address(cluster, role)) as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            _refused(lambda: stub.Check(pb.HealthRequest(), timeout=10))
+            _refused(lambda: stub.Abort(pb.AbortRequest(request_id="someone-else"), timeout=10))
+    with grpc.insecure_channel(_worker_address(cluster, "decode")) as channel:
+        _refused(lambda: list(pb_grpc.WorkerStub(channel).Decode(pb.DecodeRequest(request_id="x", room=1), timeout=10)))
+    for key in ("", other.transfer_key):
+        intruder = RegistryClient(f"tcp://127.0.0.1:{cluster.bootstrap_port}", TransferConfig(secret=key))
+        intruder.lookup("prefill")
+        answers, deadline = [], time.monotonic() + 10
+        while intruder.error is None and not answers and time.monotonic() < deadline:
+            answers.extend(intruder.replies())
+            time.sleep(0.01)
+        assert answers == [] and intruder.error is not None
+        intruder.close()
+    assert "impostor" not in {w["name"] for workers in _roles(cluster).values() for w in workers}
+    assert ask(client, "Still mine.", []) == expected(llm, "Still mine.", [])

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from cluster import SERVE, free_port, get_json
+from mmserve.cluster_credential import SECRET_ENV
 from test_disaggregated import CASES, ask, expected
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def server(tmp_path_factory):
     process = subprocess.Popen([sys.executable, SERVE, "--role", "all", "--model", "tiny", "--port", str(port),
                                 "--num-pages", "256", "--page-size", "8", "--max-model-len", "512",
                                 "--max-prefill-tokens", "128"],
-                               env=os.environ | {"JAX_PLATFORMS": "cpu"},
+                               env={k: v for k, v in os.environ.items() if k != SECRET_ENV} | {"JAX_PLATFORMS": "cpu"},
                                stdout=open(logs / "all.log", "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.monotonic() + 240
@@ -56,6 +57,21 @@ def test_role_all_equals_colocated(server, llm, case, stream):
                            max_retries=0)
     text, images = CASES[case]
     assert ask(client, text, images, stream) == expected(llm, text, images)
+
+
+def test_role_all_hands_its_secret_down_in_the_environment_not_argv(server):
+    """Every child holds the same generated secret, and no command line shows it."""
+    process, _ = server
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 4
+    secrets_seen = set()
+    for pid in children:
+        environ = dict(item.split("=", 1) for item in
+                       open(f"/proc/{pid}/environ", "rb").read().decode().split("\0") if "=" in item)
+        secret = environ[SECRET_ENV]
+        secrets_seen.add(secret)
+        assert secret not in open(f"/proc/{pid}/cmdline", "rb").read().decode()
+    assert len(secrets_seen) == 1 and len(secrets_seen.pop()) >= 32
 
 
 def test_role_all_stops_every_process_it_started(server):

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from multidevice import ROOT
+from mmserve.cluster_credential import SECRET_ENV
 from mmserve.distributed import MeshShape
 from mmserve.distributed.multihost import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from transfer.config import ENV as TRANSFER_ENV
@@ -149,3 +150,12 @@ def test_role_listens_everywhere_and_advertises_its_pod_ip(role):
     assert _flags(container["args"])["--host"] == "0.0.0.0"
     assert env[TRANSFER_ENV["bind_host"]]["value"] == "0.0.0.0"
     assert env[TRANSFER_ENV["advertise_host"]]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+@pytest.mark.parametrize("role", ["router", "encode", "prefill", "decode"])
+def test_every_process_gets_the_cluster_secret_from_the_same_kubernetes_secret(role, router):
+    """Not from its arguments: argv is readable by every user of the node."""
+    container = router[0]["spec"]["template"]["spec"]["containers"][0] if role == "router" else _role(role)[3]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[SECRET_ENV]["valueFrom"] == {"secretKeyRef": {"name": "mmserve-cluster", "key": "secret"}}
+    assert not any("secret" in arg for arg in container["args"])

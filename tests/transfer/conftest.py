@@ -55,7 +55,7 @@ class PeerProcess:
     def __init__(self, role: str, config: TransferConfig, fields: str = "embedding", name: str = "",
                  bootstrap: str = "") -> None:
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-               **{ENV[f.name]: str(getattr(config, f.name)) for f in dataclasses.fields(config)}}
+               **{ENV[f.name]: str(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name in ENV}}
         self.proc = subprocess.Popen(
             [sys.executable, str(PEER), "--role", role, "--fields", fields, "--name", name, "--bootstrap", bootstrap],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)

@@ -1,10 +1,11 @@
-"""The bootstrap registry: publish, look up, leases expire, the secret is enforced."""
+"""The bootstrap registry: publish, look up, leases expire, only holders of the key are heard."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 
+import msgspec
 import pytest
 
 from conftest import drive
@@ -62,10 +63,18 @@ def test_lease_expires_unless_renewed(server, registry_config):
     publisher.close()
 
 
-def test_wrong_secret_is_refused_and_registers_nothing(server, registry_config):
-    intruder = RegistryClient(server.address, dataclasses.replace(registry_config, secret="guess"))
-    intruder.publish(ENDPOINT, time.monotonic())
-    drive([], lambda: bool(intruder.replies()) or intruder.error is not None)
-    assert "unauthenticated" in intruder.error
-    assert server.endpoints() == {}
+@pytest.mark.parametrize("key", ["guess", ""])
+def test_a_client_without_the_key_can_neither_publish_nor_look_up(server, registry_config, key):
+    """Signed with another key, or not at all: refused, nothing registered, nothing learnt."""
+    publisher = RegistryClient(server.address, registry_config)
+    publisher.publish(ENDPOINT, time.monotonic())
+    drive([], lambda: "encode-0" in server.endpoints())
+    intruder = RegistryClient(server.address, dataclasses.replace(registry_config, secret=key))
+    intruder.publish(msgspec.structs.replace(ENDPOINT, name="evil"), time.monotonic())
+    intruder.lookup("encode-0")
+    answers = []
+    drive([], lambda: bool(answers.extend(intruder.replies())) or intruder.error is not None)
+    assert answers == [] and intruder.error is not None
+    assert set(server.endpoints()) == {"encode-0"}
     intruder.close()
+    publisher.close()

@@ -17,13 +17,13 @@ EMBEDDING = TransferInfo(TransferMode.EMBEDDING, 300, {"rope_delta": -7, "grid_t
 KV = TransferInfo(TransferMode.KV, 300, first_token=151643)
 
 ROUND_TRIPS = [
-    (ToSender, Register(1, "s", TransferMode.KV, 16, EMBEDDING_FIELDS, 1024)),
+    (ToSender, Register(1, TransferMode.KV, 16, EMBEDDING_FIELDS, 1024)),
     (ToSender, Pulled(1, 99)), (ToSender, Resume(1, 256, 64)), (ToSender, Abort(1, "why")),
     (ToSender, Heartbeat(3)), (ToSender, Error(ErrorCode.MISMATCH, "no", 1)),
     (ToReceiver, Registered(1)), (ToReceiver, Ready(1, 99, Chunk(0, 256, 256), EMBEDDING)),
     (ToReceiver, Ready(2, 98, Chunk(256, 44, 48), KV)), (ToReceiver, HeartbeatAck(3)),
-    (RegistryRequest, Publish("s", ENDPOINT)), (RegistryRequest, Lookup("s", "encode-0")),
-    (RegistryRequest, Withdraw("s", "encode-0")), (RegistryReply, Found(ENDPOINT)),
+    (RegistryRequest, Publish(ENDPOINT)), (RegistryRequest, Lookup("encode-0")),
+    (RegistryRequest, Withdraw("encode-0")), (RegistryReply, Found(ENDPOINT)),
     (RegistryReply, NotFound("x")), (RegistryReply, Published("x")),
 ]
 
@@ -63,7 +63,7 @@ def test_decode_rejects_with_the_code_to_answer(raw, code):
 
 
 def test_field_declarations_are_validated_on_the_wire():
-    good = msgspec.to_builtins(Register(1, "", TransferMode.KV, 4, (field("k", (2, 8), "bfloat16"),), 4))
+    good = msgspec.to_builtins(Register(1, TransferMode.KV, 4, (field("k", (2, 8), "bfloat16"),), 4))
     codec = Codec(ToSender, 1 << 16)
     assert codec.decode(msgspec.msgpack.encode(good)).fields[0].shape == (2, 8)
     for bad in ({"name": "k", "shape": [2, 8], "dtype": "object"}, {"name": "k", "shape": [0], "dtype": "int8"},

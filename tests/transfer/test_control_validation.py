@@ -4,6 +4,8 @@ and change no state, on both ends. The other end here is a raw ZMQ socket playin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 
 import msgspec
 import pytest
@@ -40,8 +42,13 @@ def raw(kind: int) -> zmq.Socket:
     return socket
 
 
-def register(room: int, secret: str = SECRET, fields=EMBEDDING_FIELDS, block_size: int = 4) -> Register:
-    return Register(room, secret, TransferMode.EMBEDDING, block_size, tuple(fields), 16)
+def register(room: int, fields=EMBEDDING_FIELDS, block_size: int = 4) -> Register:
+    return Register(room, TransferMode.EMBEDDING, block_size, tuple(fields), 16)
+
+
+def signed(payload: bytes, key: str = SECRET) -> list[bytes]:
+    """The frames of a message as a holder of ``key`` sends it: payload, then its HMAC."""
+    return [payload, hmac.new(key.encode(), payload, hashlib.sha256).digest()]
 
 
 class SenderUnderTest:
@@ -55,7 +62,7 @@ class SenderUnderTest:
         allocation = self.sender.allocator.alloc(9)
         self.sender.buffers.write(allocation, 0, payload(EMBEDDING_FIELDS, 6, 9))
         self.sender.send(6, allocation, TransferInfo(TransferMode.EMBEDDING, 9))
-        assert isinstance(self.ask(self.peer, self.codec.encode(register(6))), Registered)
+        assert isinstance(self.ask(self.peer, *signed(self.codec.encode(register(6)))), Registered)
         self.ready = self.receive(self.peer)
         assert isinstance(self.ready, Ready) and self.ready.chunk.num_tokens == 9
 
@@ -70,7 +77,7 @@ class SenderUnderTest:
 
     def receive(self, socket: zmq.Socket):
         drive([self.sender], lambda: socket.poll(0), timeout=10)
-        return self.codec.decode(socket.recv())
+        return self.codec.decode(socket.recv_multipart()[0])
 
     def snapshot(self) -> tuple:
         return (self.sender.poll(5), self.sender.poll(6), self.sender.sent_tokens(6),
@@ -89,25 +96,27 @@ def encode(message) -> bytes:
 
 
 SENDER_CASES = {
-    "garbage": (lambda t: [b"\xc1\x00garbage"], ErrorCode.MALFORMED),
-    "unknown type": (lambda t: [encode({"type": "gimme", "room": 6})], ErrorCode.MALFORMED),
-    "negative room": (lambda t: [encode({**msgspec.to_builtins(register(6)), "room": -1})], ErrorCode.MALFORMED),
-    "wrong direction": (lambda t: [encode(t.ready)], ErrorCode.MALFORMED),
-    "two frames": (lambda t: [encode(Heartbeat(1)), encode(Heartbeat(2))], ErrorCode.MALFORMED),
-    "oversized": (lambda t: [encode(Abort(6, "x" * 300)) + b"\x00" * 5000], ErrorCode.OVERSIZED),
-    "bad secret": (lambda t: [encode(register(5, secret="guess"))], ErrorCode.UNAUTHENTICATED),
-    "wrong fields": (lambda t: [encode(register(5, fields=(field("x", (3,), "float32"),)))], ErrorCode.MISMATCH),
-    "wrong block size": (lambda t: [encode(register(5, block_size=8))], ErrorCode.MISMATCH),
-    "register twice": (lambda t: [encode(register(6))], ErrorCode.OUT_OF_ORDER),
-    "wrong uuid": (lambda t: [encode(Pulled(6, t.ready.uuid ^ 1))], ErrorCode.OUT_OF_ORDER),
-    "resume before ack": (lambda t: [encode(Resume(6, 9, 16))], ErrorCode.OUT_OF_ORDER),
-    "unregistered room": (lambda t: [encode(Pulled(5, 1))], ErrorCode.UNKNOWN_ROOM),
+    "garbage": (lambda t: signed(b"\xc1\x00garbage"), ErrorCode.MALFORMED),
+    "unknown type": (lambda t: signed(encode({"type": "gimme", "room": 6})), ErrorCode.MALFORMED),
+    "negative room": (lambda t: signed(encode({**msgspec.to_builtins(register(6)), "room": -1})), ErrorCode.MALFORMED),
+    "wrong direction": (lambda t: signed(encode(t.ready)), ErrorCode.MALFORMED),
+    "two payload frames": (lambda t: [encode(Heartbeat(1)), *signed(encode(Heartbeat(2)))], ErrorCode.UNAUTHENTICATED),
+    "oversized": (lambda t: signed(encode(Abort(6, "x" * 300)) + b"\x00" * 5000), ErrorCode.OVERSIZED),
+    "unsigned": (lambda t: [encode(register(5))], ErrorCode.UNAUTHENTICATED),
+    "signed with another key": (lambda t: signed(encode(register(5)), key="guess"), ErrorCode.UNAUTHENTICATED),
+    "wrong fields": (lambda t: signed(encode(register(5, fields=(field("x", (3,), "float32"),)))), ErrorCode.MISMATCH),
+    "wrong block size": (lambda t: signed(encode(register(5, block_size=8))), ErrorCode.MISMATCH),
+    "register twice": (lambda t: signed(encode(register(6))), ErrorCode.OUT_OF_ORDER),
+    "wrong uuid": (lambda t: signed(encode(Pulled(6, t.ready.uuid ^ 1))), ErrorCode.OUT_OF_ORDER),
+    "resume before ack": (lambda t: signed(encode(Resume(6, 9, 16))), ErrorCode.OUT_OF_ORDER),
+    "unregistered room": (lambda t: signed(encode(Pulled(5, 1))), ErrorCode.UNKNOWN_ROOM),
 }
 
 STRANGER_CASES = {
-    "heartbeat": (lambda t: encode(Heartbeat(1)), ErrorCode.UNAUTHENTICATED),
-    "ack of another's chunk": (lambda t: encode(Pulled(6, t.ready.uuid)), ErrorCode.UNKNOWN_ROOM),
-    "abort of another's room": (lambda t: encode(Abort(6, "mine now")), ErrorCode.UNKNOWN_ROOM),
+    "heartbeat": (lambda t: signed(encode(Heartbeat(1))), ErrorCode.UNAUTHENTICATED),
+    "ack of another's chunk": (lambda t: signed(encode(Pulled(6, t.ready.uuid))), ErrorCode.UNKNOWN_ROOM),
+    "abort of another's room": (lambda t: signed(encode(Abort(6, "mine now"))), ErrorCode.UNKNOWN_ROOM),
+    "abort, unsigned": (lambda t: [encode(Abort(6, "mine now"))], ErrorCode.UNAUTHENTICATED),
 }
 
 
@@ -117,7 +126,7 @@ def assert_rejected_without_change(target: SenderUnderTest, socket: zmq.Socket, 
     reply = target.ask(socket, *frames)
     assert isinstance(reply, Error) and reply.code is code, reply
     assert target.snapshot() == before
-    target.peer.send(encode(Pulled(6, target.ready.uuid)))
+    target.peer.send_multipart(signed(encode(Pulled(6, target.ready.uuid))))
     drive([target.sender], lambda: target.sender.poll(6) is PollState.SUCCESS, timeout=10)
     assert target.sender.allocator.available_blocks() == target.sender.config.buffer_blocks
 
@@ -131,7 +140,7 @@ def test_sender_rejects_bad_message_from_its_peer_and_keeps_state(target, case):
 @pytest.mark.parametrize("case", sorted(STRANGER_CASES))
 def test_sender_rejects_a_stranger_and_keeps_state(target, case):
     frame, code = STRANGER_CASES[case]
-    assert_rejected_without_change(target, target.connect(), [frame(target)], code)
+    assert_rejected_without_change(target, target.connect(), frame(target), code)
 
 
 class ReceiverUnderTest:
@@ -149,14 +158,14 @@ class ReceiverUnderTest:
         self.receiver.add(1, registry.address, "fake")
         self.identity, message = self.receive()
         assert isinstance(message, Register) and message.capacity_tokens == config.default_tokens
-        self.router.send_multipart([self.identity, encode(Registered(1))])
+        self.router.send_multipart([self.identity, *signed(encode(Registered(1)))])
         drive([self.receiver], lambda: self.receiver.poll(1) is PollState.WAITING_FOR_INPUT)
 
     def receive(self):
         """The next message that is not a heartbeat."""
         while True:
             drive([self.receiver], lambda: self.router.poll(0), timeout=10)
-            identity, frame = self.router.recv_multipart()
+            identity, frame, _ = self.router.recv_multipart()
             message = self.codec.decode(frame)
             if not isinstance(message, Heartbeat):
                 return identity, message
@@ -176,15 +185,17 @@ def ready(room: int = 1, offset: int = 0, count: int = 9, padded: int = 12, mode
 
 
 RECEIVER_CASES = {
-    "garbage": (b"\x92\x01", ErrorCode.MALFORMED),
-    "wrong direction": (encode(register(1)), ErrorCode.MALFORMED),
-    "oversized": (encode(Abort(1)) + b"\x00" * 5000, ErrorCode.OVERSIZED),
-    "registered twice": (encode(Registered(1)), ErrorCode.OUT_OF_ORDER),
-    "chunk out of order": (ready(offset=8, count=4, padded=4), ErrorCode.OUT_OF_ORDER),
-    "unknown room": (ready(room=99), ErrorCode.UNKNOWN_ROOM),
-    "wrong mode": (ready(mode=TransferMode.KV), ErrorCode.MISMATCH),
-    "chunk over capacity": (ready(count=20, padded=20), ErrorCode.MISMATCH),
-    "padding not a bucket": (ready(padded=9), ErrorCode.MISMATCH),
+    "garbage": (signed(b"\x92\x01"), ErrorCode.MALFORMED),
+    "wrong direction": (signed(encode(register(1))), ErrorCode.MALFORMED),
+    "oversized": (signed(encode(Abort(1)) + b"\x00" * 5000), ErrorCode.OVERSIZED),
+    "registered twice": (signed(encode(Registered(1))), ErrorCode.OUT_OF_ORDER),
+    "chunk out of order": (signed(ready(offset=8, count=4, padded=4)), ErrorCode.OUT_OF_ORDER),
+    "unknown room": (signed(ready(room=99)), ErrorCode.UNKNOWN_ROOM),
+    "wrong mode": (signed(ready(mode=TransferMode.KV)), ErrorCode.MISMATCH),
+    "chunk over capacity": (signed(ready(count=20, padded=20)), ErrorCode.MISMATCH),
+    "padding not a bucket": (signed(ready(padded=9)), ErrorCode.MISMATCH),
+    "ready, unsigned": ([ready()], ErrorCode.UNAUTHENTICATED),
+    "ready, signed with another key": (signed(ready(), key="guess"), ErrorCode.UNAUTHENTICATED),
 }
 
 
@@ -192,13 +203,13 @@ RECEIVER_CASES = {
 def test_receiver_rejects_bad_message_and_keeps_state(secured, registry, case):
     target = ReceiverUnderTest(secured, registry)
     try:
-        frame, code = RECEIVER_CASES[case]
+        frames, code = RECEIVER_CASES[case]
         before = target.snapshot()
-        target.router.send_multipart([target.identity, frame])
+        target.router.send_multipart([target.identity, *frames])
         _, reply = target.receive()
         assert isinstance(reply, Error) and reply.code is code, reply
         assert target.snapshot() == before
-        target.router.send_multipart([target.identity, encode(Abort(1, "done"))])
+        target.router.send_multipart([target.identity, *signed(encode(Abort(1, "done")))])
         drive([target.receiver], lambda: target.receiver.poll(1) is PollState.FAILED)
         assert target.receiver.allocator.available_blocks() == secured.buffer_blocks
     finally:

@@ -12,12 +12,21 @@ from transfer import TransferConfig
 def test_environment_fills_what_is_not_given():
     config = TransferConfig.from_env({"MMSERVE_BLOCK_SIZE": "32", "MMSERVE_DEFAULT_BLOCKS": "8",
                                       "MMSERVE_BUFFER_BLOCKS": "512", "MMSERVE_TRANSFER_TIMEOUT": "2.5",
-                                      "MMSERVE_TRANSFER_SECRET": "s", "MMSERVE_DATA_PLANE": "zmq"})
+                                      "MMSERVE_DATA_PLANE": "zmq"})
     assert (config.block_size, config.default_blocks, config.buffer_blocks) == (32, 8, 512)
-    assert (config.transfer_timeout_s, config.secret, config.data_plane) == (2.5, "s", "zmq")
+    assert (config.transfer_timeout_s, config.data_plane) == (2.5, "zmq")
     assert config.default_tokens == 256
     assert TransferConfig.from_env({}) == TransferConfig()
     assert TransferConfig().bind_host == "127.0.0.1", "listeners stay on loopback unless configured"
+
+
+def test_the_key_is_never_a_flag_or_a_variable_of_its_own():
+    """argv is readable by every local user; the key comes from the caller (mmserve derives it
+    from the cluster credential)."""
+    parser = argparse.ArgumentParser()
+    TransferConfig.add_arguments(parser)
+    assert not any("secret" in action.dest for action in parser._actions)
+    assert TransferConfig.from_env({"MMSERVE_TRANSFER_SECRET": "s"}).secret == ""
 
 
 def test_cli_flags_beat_environment_beat_defaults():
