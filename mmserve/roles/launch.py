@@ -16,9 +16,7 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 
 from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, MissingCredential
 from mmserve.distributed.multihost import add_cluster_flags
@@ -176,39 +174,31 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
 
 
 def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
-    """The router and one worker per role, as child processes on loopback; stops them all on exit."""
+    """The router and one worker per role, as child processes on loopback, each started again if it
+    dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C stops them all."""
+    from mmserve.roles.supervisor import Supervisor
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s all %(levelname)s %(message)s", force=True)
     registry_port, bootstrap_port = _free_port(), _free_port()
     # --role all makes one secret for this run (a file given to it is not passed down) and hands
     # it to the children in their environment, never their argv.
     base = [sys.executable, os.path.abspath(sys.argv[0]), *_without(_without(argv, "--role"), "--cluster-secret-file")]
-    router = base + ["--role", "router", "--registry-port", str(registry_port), "--bootstrap-port",
-                     str(bootstrap_port)]
     worker = base + ["--router-url", f"127.0.0.1:{registry_port}", "--bootstrap",
                      f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0"]
+    commands = {"router": base + ["--role", "router", "--registry-port", str(registry_port),
+                                  "--bootstrap-port", str(bootstrap_port)]}
+    commands |= {role: worker + ["--role", role, "--name", role] for role in ("encode", "prefill", "decode")}
     env = os.environ | ClusterCredential.generate().environment()
     env.pop(SECRET_FILE_ENV, None)
-    children = [subprocess.Popen(router, env=env)]
-    children += [subprocess.Popen(worker + ["--role", role, "--name", role], env=env) for role in ("encode", "prefill", "decode")]
-
-    def stop(*_):
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-
-    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
+    supervisor = Supervisor(commands, env).start()
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        return next(child.returncode for child in children if child.poll() is not None) or 1
+        supervisor.run()
     except KeyboardInterrupt:
-        return 0
+        pass
     finally:
-        stop()
+        supervisor.stop()
+    return 0
 
 
 def cluster_credential(args: argparse.Namespace) -> ClusterCredential | None:

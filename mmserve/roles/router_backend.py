@@ -47,6 +47,10 @@ class WorkerPool(pb_grpc.RegistryServicer):
         on every call to a worker."""
         self.token = token
         self.workers: dict[str, WorkerHandle] = {}
+        self.restarts = 0
+        """Workers that registered again under their name at a new address: restarted (by
+        ``--role all``, Kubernetes or a person) after they died."""
+        self._addresses: dict[str, str] = {}  # every name's last address, dropped workers too
         self._closing: set[asyncio.Task] = set()
 
     def _retire(self, worker: WorkerHandle) -> None:
@@ -64,6 +68,9 @@ class WorkerPool(pb_grpc.RegistryServicer):
         if current is None or current.address != request.grpc_address:
             if current is not None:
                 self._retire(current)
+            if self._addresses.get(request.name, request.grpc_address) != request.grpc_address:
+                self.restarts += 1
+            self._addresses[request.name] = request.grpc_address
             channel = auth.async_channel(request.grpc_address, self.token, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -189,6 +196,7 @@ class DisaggregatedBackend:
     def metrics(self) -> dict[str, float]:
         out = {f"workers_{role}": float(len(self.pool.live(role))) for role in ROLES}
         out["in_flight"] = float(len(self._active))
+        out["worker_restarts"] = float(self.pool.restarts)
         return out
 
 

@@ -1,18 +1,21 @@
 """The README's main command: ``serve.py --role all`` answers the unmodified openai client exactly
-as the colocated engine does, streaming or not, and stops every process it started."""
+as the colocated engine does, streaming or not, survives any of its processes dying, and stops
+every process it started."""
 
+import concurrent.futures
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import openai
 import pytest
 
 from cluster import SERVE, free_port, get_json
 from mmserve.cluster_credential import SECRET_ENV
-from test_disaggregated import CASES, ask, expected
+from test_disaggregated import CASES, ask, expected, image
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +60,63 @@ def test_role_all_equals_colocated(server, llm, case, stream):
                            max_retries=0)
     text, images = CASES[case]
     assert ask(client, text, images, stream) == expected(llm, text, images)
+
+
+def _children(process) -> dict[str, int]:
+    """pid of each role ``--role all`` runs now."""
+    out = {}
+    for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split():
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+        out[argv[argv.index("--role") + 1]] = int(pid)
+    return out
+
+
+def _free_counts(port: int) -> dict:
+    """Every worker's free blocks, pages and in-flight count, by role and name."""
+    status, body = get_json(f"http://127.0.0.1:{port}/health")
+    assert status == 200, body
+    keep = ("free_blocks", "free_embedding_blocks", "free_kv_blocks", "free_pages", "in_flight")
+    return {(role, w["name"]): {k: w[k] for k in keep if k in w} for role, ws in body["roles"].items() for w in ws}
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill", "encode", "router"])
+def test_role_all_heals_after_any_process_is_killed(server, llm, role):
+    """kill -9 with requests in flight: each ends (answered or refused) promptly, the dead process
+    is started again, the deployment answers again without a person, and nothing stays held."""
+    process, port = server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=90, max_retries=0)
+    before = _free_counts(port)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        asked = [pool.submit(ask, client, f"Question {i}.", [image(60 + i, (64, 64))] if i % 2 else [])
+                 for i in range(8)]
+        time.sleep(0.3)
+        victim = _children(process)[role]
+        os.kill(victim, signal.SIGKILL)
+        started = time.monotonic()
+        for future in asked:
+            try:
+                future.result(timeout=90)
+            except openai.APIError:
+                pass
+        assert time.monotonic() - started < 60
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            if ask(client, "Back again?", []) == expected(llm, "Back again?", []):
+                break
+        except openai.APIError:
+            pass
+        assert time.monotonic() < deadline, f"--role all did not heal after its {role} was killed"
+        time.sleep(1)
+    assert process.poll() is None and _children(process)[role] != victim
+    deadline = time.monotonic() + 60
+    while _free_counts(port) != before:
+        assert time.monotonic() < deadline, f"still held: {_free_counts(port)} vs {before}"
+        time.sleep(0.5)
+    if role != "router":  # a new router starts its counters from zero
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
+        assert "mmserve_backend_worker_restarts " in metrics and "mmserve_backend_worker_restarts 0.0" not in metrics
 
 
 def test_role_all_hands_its_secret_down_in_the_environment_not_argv(server):

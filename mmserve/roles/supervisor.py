@@ -1,0 +1,85 @@
+"""Keeping ``serve.py --role all``'s processes alive: one that exits is started again after a
+backoff, while the others go on serving.
+
+A restarted worker registers with the router under its old name (the router drops the dead
+address for the new one) and a restarted router is found again by the live workers, which
+re-register every second; the transfer layer fails the rooms a dead peer held at its heartbeat
+timeout. So the deployment heals without a person, whichever process died.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import time
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0
+"""A process that ran this long before it died counts as healthy again: its next restart waits
+only FIRST_BACKOFF_S. One that keeps dying sooner waits twice as long each time, up to MAX_BACKOFF_S."""
+STOP_GRACE_S = 10.0
+POLL_S = 0.5
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_deaths: int = 0  # deaths in a row, each before STABLE_S
+    restart_at: float | None = None
+
+
+class Supervisor:
+    def __init__(self, commands: Mapping[str, list[str]], env: Mapping[str, str]):
+        self.children = {name: Child(name, argv) for name, argv in commands.items()}
+        self._env = dict(env)
+        self._stopping = False
+
+    def start(self) -> Supervisor:
+        for child in self.children.values():
+            self._spawn(child, time.monotonic())
+        return self
+
+    def check(self, now: float) -> None:
+        """Notices children that exited and starts those whose backoff has passed."""
+        for child in self.children.values():
+            if child.restart_at is None and child.process is not None and child.process.poll() is not None:
+                quick = now - child.started_at < STABLE_S
+                child.quick_deaths = child.quick_deaths + 1 if quick else 1
+                backoff = min(FIRST_BACKOFF_S * 2 ** (child.quick_deaths - 1), MAX_BACKOFF_S)
+                child.restart_at = now + backoff
+                log.warning("%s exited with status %s; starting it again in %.0f s", child.name,
+                            child.process.returncode, backoff)
+            if child.restart_at is not None and now >= child.restart_at and not self._stopping:
+                child.restarts += 1
+                self._spawn(child, now)
+
+    def run(self) -> None:
+        """Supervises until ``stop`` (from a signal handler)."""
+        while not self._stopping:
+            self.check(time.monotonic())
+            time.sleep(POLL_S)
+
+    def stop(self) -> None:
+        self._stopping = True
+        running = [c.process for c in self.children.values() if c.process is not None and c.process.poll() is None]
+        for process in running:
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def _spawn(self, child: Child, now: float) -> None:
+        child.process = subprocess.Popen(child.argv, env=self._env)
+        child.started_at, child.restart_at = now, None
+        log.info("%s started (pid %d)", child.name, child.process.pid)
