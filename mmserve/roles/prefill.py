@@ -95,7 +95,8 @@ class PrefillRole:
                 self.engine.step()
             except StepFailed as failure:
                 for request_id in failure.request_ids:
-                    self._fail(self._room_of[request_id], str(failure))
+                    if request_id in self._room_of:
+                        self._fail(self._room_of[request_id], str(failure))
         with self.lock:
             self._send()
 
@@ -123,6 +124,10 @@ class PrefillRole:
         self.sender.progress(PROGRESS_S)
         for request_id, room in list(self._room_of.items()):
             if room not in self._pending and self.sender.poll(room).terminal:
+                # A room that failed (decode never came, aborted, died) while its prompt is still
+                # in the engine: nobody will take that KV, so the prompt stops here too. (After a
+                # successful send the request has already left the engine: a no-op.)
+                self.engine.abort(request_id)
                 self.sender.forget(room)
                 del self._room_of[request_id]
 
