@@ -46,3 +46,24 @@ def compile_programs(programs: Sequence[Callable[[], None]], what: str) -> None:
     loaded = cache_hit_count() - loaded
     log.info("%s: %d programs compiled, %d loaded from the compilation cache, in %.1f s", what,
              compile_count() - compiled - loaded, loaded, time.monotonic() - start)
+    warn_if_near_map_limit()
+
+
+MAP_LIMIT = Path("/proc/sys/vm/max_map_count")
+
+
+def warn_if_near_map_limit() -> None:
+    """XLA:CPU maps each compiled program's code in ~170 memory regions; a process past the
+    kernel's ``vm.max_map_count`` crashes in its next compile or allocation. Warns at half of it
+    (Linux only), so a big bucket grid is a log line and not a crash later."""
+    try:
+        limit = int(MAP_LIMIT.read_text())
+        with open("/proc/self/maps", "rb") as maps:
+            used = sum(1 for _ in maps)
+    except (OSError, ValueError):
+        return
+    if used > limit // 2:
+        log.warning("this process has %d memory mappings of the kernel's limit of %d (vm.max_map_count); "
+                    "compiled programs take ~170 each: raise the limit (sysctl -w vm.max_map_count=262144) "
+                    "or shrink the bucket grid (--max-num-seqs, --max-prefill-tokens, --max-prefill-seqs)",
+                    used, limit)
