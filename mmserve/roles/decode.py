@@ -147,6 +147,9 @@ class DecodeRole:
     def in_flight(self) -> int:
         return len(self._prealloc) + len(self._transfers) + len(self._streams)
 
+    def capacity(self) -> int:
+        return self.engine.config.max_num_seqs
+
     def health(self) -> dict:
         with self.lock:
             return self._health()

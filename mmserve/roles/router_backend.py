@@ -1,8 +1,10 @@
 """The router's backend over disaggregated workers: picks an encode/prefill/decode triple per
 request (least loaded), gives all three one room id, and relays decode's token stream.
 
-Workers register through the Registry service and repeat it as a heartbeat; a worker not heard
-from for ``WORKER_TIMEOUT_S`` is dropped from the pool until it registers again.
+Workers register through the Registry service and repeat it as a heartbeat carrying their
+capacity and load; a worker not heard from for ``WORKER_TIMEOUT_S`` is dropped from the pool until
+it registers again. The backend's capacity (what the router's admission lets in at once) is what
+the live prefill and decode workers can hold together.
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ class WorkerHandle:
     stub: pb_grpc.WorkerStub
     channel: grpc.aio.Channel
     last_seen: float
+    capacity: int = 1
+    """Requests it holds at once, as it reports in each heartbeat."""
+    reported_in_flight: int = 0
+    """Requests it held at its last heartbeat (this router's and any other's)."""
     in_flight: int = 0
+    """Requests this router has sent it that have not ended."""
+
+    @property
+    def load(self) -> float:
+        return max(self.in_flight, self.reported_in_flight) / self.capacity
 
 
 class WorkerPool(pb_grpc.RegistryServicer):
@@ -79,6 +90,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
             self.workers[request.name] = current
             log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
         current.last_seen = time.monotonic()
+        current.capacity, current.reported_in_flight = max(request.capacity, 1), request.in_flight
         return pb.Ack(ok=True)
 
     async def forget(self, worker: WorkerHandle) -> None:
@@ -93,10 +105,14 @@ class WorkerPool(pb_grpc.RegistryServicer):
         return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
 
     def pick(self, role: str) -> WorkerHandle:
+        """The live worker of ``role`` with the lowest load (requests held over capacity)."""
         candidates = self.live(role)
         if not candidates:
             raise LookupError(f"no {role} worker is up")
-        return min(candidates, key=lambda w: (w.in_flight, -w.last_seen))
+        return min(candidates, key=lambda w: (w.load, -w.last_seen))
+
+    def capacity(self, role: str) -> int:
+        return sum(w.capacity for w in self.live(role))
 
 
 class DisaggregatedBackend:
@@ -104,6 +120,10 @@ class DisaggregatedBackend:
         self.pool = pool
 
         self._active: dict[str, list[WorkerHandle]] = {}
+
+    def capacity(self) -> int:
+        """Requests the live prefill and decode workers hold together (encode queues its images)."""
+        return min(self.pool.capacity("prefill"), self.pool.capacity("decode"))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         visual = bool(request.prompt.images or request.prompt.videos)
