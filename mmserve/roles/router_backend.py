@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mmserve.roles.wire import sampling_to_pb, visual_to_pb
+from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
 from mmserve.roles.worker import MAX_MESSAGE_BYTES
 from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
@@ -224,7 +224,7 @@ def _event(message: pb.TokenEvent) -> TokenEvent:
     logprobs = [TokenLogprob(lp.token_id, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs)))
                 for lp in message.logprobs] or None
     return TokenEvent(message.request_id, list(message.token_ids), logprobs=logprobs,
-                      finish_reason=message.finish_reason or None, stop_reason=message.stop_reason or None,
+                      finish_reason=message.finish_reason or None, stop_reason=stop_reason_from_pb(message),
                       text=message.text, error=message.error or None)
 
 

@@ -40,9 +40,18 @@ def event_from_output(output: RequestOutput, sent_tokens: int) -> pb.TokenEvent:
     """The tokens of ``output`` past the first ``sent_tokens``, as one stream event."""
     completion = output.outputs[0]
     event = pb.TokenEvent(request_id=output.request_id, token_ids=completion.token_ids[sent_tokens:],
-                          text=completion.text, finish_reason=completion.finish_reason or "",
-                          stop_reason="" if completion.stop_reason is None else str(completion.stop_reason))
+                          text=completion.text, finish_reason=completion.finish_reason or "")
+    if isinstance(completion.stop_reason, str):
+        event.stop_string = completion.stop_reason
+    elif completion.stop_reason is not None:
+        event.stop_token_id = completion.stop_reason
     for lp in (completion.logprobs or [])[sent_tokens:]:
         event.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                               top_ids=list(lp.top), top_logprobs=list(lp.top.values())))
     return event
+
+
+def stop_reason_from_pb(event: pb.TokenEvent) -> int | str | None:
+    """The stop token's id (an int) or the stop string, as the engine gave it; None otherwise."""
+    which = event.WhichOneof("stop_reason")
+    return None if which is None else getattr(event, which)
