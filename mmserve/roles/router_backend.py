@@ -167,9 +167,10 @@ class DisaggregatedBackend:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
                 return
-            current = decode
+            current, text = decode, ""
             async for event in stream:
-                yield _event(event)
+                text += event.text_delta
+                yield _event(event, text)
                 if event.finish_reason or event.error:
                     return
         except grpc.RpcError as error:
@@ -220,12 +221,13 @@ class DisaggregatedBackend:
         return out
 
 
-def _event(message: pb.TokenEvent) -> TokenEvent:
+def _event(message: pb.TokenEvent, text: str) -> TokenEvent:
+    """The router's event from decode's: ``text`` is the stream's text so far, deltas joined."""
     logprobs = [TokenLogprob(lp.token_id, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs)))
                 for lp in message.logprobs] or None
     return TokenEvent(message.request_id, list(message.token_ids), logprobs=logprobs,
                       finish_reason=message.finish_reason or None, stop_reason=stop_reason_from_pb(message),
-                      text=message.text, error=message.error or None)
+                      text=text, error=message.error or None)
 
 
 async def serve_registry(pool: WorkerPool, host: str, port: int) -> grpc.aio.Server:

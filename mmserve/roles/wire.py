@@ -36,11 +36,13 @@ def sampling_from_pb(message: pb.Sampling) -> SamplingParams:
     return SamplingParams.from_dict(json.loads(message.json))
 
 
-def event_from_output(output: RequestOutput, sent_tokens: int) -> pb.TokenEvent:
-    """The tokens of ``output`` past the first ``sent_tokens``, as one stream event."""
+def event_from_output(output: RequestOutput, sent_tokens: int, text: str, sent_chars: int) -> pb.TokenEvent:
+    """The tokens of ``output`` past the first ``sent_tokens``, and ``text`` (the output text that is
+    safe to show now) past its first ``sent_chars`` characters, as one stream event: each event
+    carries only what is new, so a stream costs O(its length) on the wire."""
     completion = output.outputs[0]
     event = pb.TokenEvent(request_id=output.request_id, token_ids=completion.token_ids[sent_tokens:],
-                          text=completion.text, finish_reason=completion.finish_reason or "")
+                          text_delta=text[sent_chars:], finish_reason=completion.finish_reason or "")
     if isinstance(completion.stop_reason, str):
         event.stop_string = completion.stop_reason
     elif completion.stop_reason is not None:
