@@ -51,6 +51,16 @@ class Incoming:
         return len(self.prompt_ids) + self.params.max_tokens
 
 
+@dataclasses.dataclass
+class Outgoing:
+    """A decoding request's stream back to the router, and how much of its output was sent."""
+
+    queue: queue.Queue
+    params: SamplingParams
+    tokens_sent: int = 0
+    chars_sent: int = 0
+
+
 DECODE_PROGRAMS = frozenset({"decode"})
 """Decode only continues requests prefilled elsewhere."""
 
@@ -66,7 +76,7 @@ class DecodeRole:
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
         self._prealloc: collections.deque[Incoming] = collections.deque()
         self._transfers: dict[int, Incoming] = {}
-        self._streams: dict[str, tuple[queue.Queue, SamplingParams, int]] = {}
+        self._streams: dict[str, Outgoing] = {}
         self.lock = threading.RLock()
         """Held by whoever touches the receiver: the loop thread or the transfer pump."""
 
@@ -89,7 +99,7 @@ class DecodeRole:
                 outputs = self.engine.step()
             except StepFailed as failure:
                 for request_id in failure.request_ids:
-                    self._streams.pop(request_id)[0].put(pb.TokenEvent(request_id=request_id, error=str(failure)))
+                    self._streams.pop(request_id).queue.put(pb.TokenEvent(request_id=request_id, error=str(failure)))
                 return
             for output in outputs:
                 self._emit(output)
@@ -140,12 +150,15 @@ class DecodeRole:
                 self.engine.cancel_reservation(request_id, incoming.slot)
                 incoming.stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
         if request_id in self._streams:
-            stream = self._streams.pop(request_id)[0]
+            stream = self._streams.pop(request_id).queue
             self.engine.abort(request_id)
             stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
 
     def in_flight(self) -> int:
         return len(self._prealloc) + len(self._transfers) + len(self._streams)
+
+    def capacity(self) -> int:
+        return self.engine.config.max_num_seqs
 
     def health(self) -> dict:
         with self.lock:
@@ -165,19 +178,20 @@ class DecodeRole:
         request = Request(incoming.request_id, incoming.prompt_ids, incoming.params, NO_EMBEDDINGS,
                           int(aux["rope_delta"]), None, num_computed=len(incoming.prompt_ids))
         first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
-        self._streams[incoming.request_id] = (incoming.stream, incoming.params, 0)
+        self._streams[incoming.request_id] = Outgoing(incoming.stream, incoming.params)
         self._emit(self.engine.admit_prefilled(request, incoming.slot, received.arrays["k"], received.arrays["v"],
                                                first))
 
     def _emit(self, output: RequestOutput) -> None:
-        stream, params, sent = self._streams[output.request_id]
-        event = event_from_output(output, sent)
-        if not output.finished:
-            event.text = streamable_text(params, event.text)
-            self._streams[output.request_id] = (stream, params, len(output.outputs[0].token_ids))
-        else:
+        out = self._streams[output.request_id]
+        completion = output.outputs[0]
+        text = completion.text if output.finished else streamable_text(out.params, completion.text)
+        event = event_from_output(output, out.tokens_sent, text, out.chars_sent)
+        if output.finished:
             del self._streams[output.request_id]
-        stream.put(event)
+        else:
+            out.tokens_sent, out.chars_sent = len(completion.token_ids), len(text)
+        out.queue.put(event)
 
 
 class DecodeService(WorkerService):

@@ -42,6 +42,7 @@ class EncodeRole:
     def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
                  layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
         self.name = name
+        self._capacity = engine.max_num_seqs
         self.encoder = vision_encoder(model, engine, layout, lockstep)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
         self._outbox = Outbox(self.sender, self._fail)
@@ -94,6 +95,9 @@ class EncodeRole:
 
     def in_flight(self) -> int:
         return len(self._rooms)
+
+    def capacity(self) -> int:
+        return self._capacity
 
     def health(self) -> dict:
         with self.lock:

@@ -150,6 +150,9 @@ class PrefillRole:
     def in_flight(self) -> int:
         return len(self._room_of)
 
+    def capacity(self) -> int:
+        return self.engine.config.max_num_seqs
+
     def health(self) -> dict:
         with self.lock:
             return self._health()

@@ -1,8 +1,10 @@
 """The router's backend over disaggregated workers: picks an encode/prefill/decode triple per
 request (least loaded), gives all three one room id, and relays decode's token stream.
 
-Workers register through the Registry service and repeat it as a heartbeat; a worker not heard
-from for ``WORKER_TIMEOUT_S`` is dropped from the pool until it registers again.
+Workers register through the Registry service and repeat it as a heartbeat carrying their
+capacity and load; a worker not heard from for ``WORKER_TIMEOUT_S`` is dropped from the pool until
+it registers again. The backend's capacity (what the router's admission lets in at once) is what
+the live prefill and decode workers can hold together.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mmserve.roles.wire import sampling_to_pb, visual_to_pb
+from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
 from mmserve.roles.worker import MAX_MESSAGE_BYTES
 from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
@@ -38,7 +40,16 @@ class WorkerHandle:
     stub: pb_grpc.WorkerStub
     channel: grpc.aio.Channel
     last_seen: float
+    capacity: int = 1
+    """Requests it holds at once, as it reports in each heartbeat."""
+    reported_in_flight: int = 0
+    """Requests it held at its last heartbeat (this router's and any other's)."""
     in_flight: int = 0
+    """Requests this router has sent it that have not ended."""
+
+    @property
+    def load(self) -> float:
+        return max(self.in_flight, self.reported_in_flight) / self.capacity
 
 
 class WorkerPool(pb_grpc.RegistryServicer):
@@ -79,6 +90,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
             self.workers[request.name] = current
             log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
         current.last_seen = time.monotonic()
+        current.capacity, current.reported_in_flight = max(request.capacity, 1), request.in_flight
         return pb.Ack(ok=True)
 
     async def forget(self, worker: WorkerHandle) -> None:
@@ -93,10 +105,14 @@ class WorkerPool(pb_grpc.RegistryServicer):
         return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
 
     def pick(self, role: str) -> WorkerHandle:
+        """The live worker of ``role`` with the lowest load (requests held over capacity)."""
         candidates = self.live(role)
         if not candidates:
             raise LookupError(f"no {role} worker is up")
-        return min(candidates, key=lambda w: (w.in_flight, -w.last_seen))
+        return min(candidates, key=lambda w: (w.load, -w.last_seen))
+
+    def capacity(self, role: str) -> int:
+        return sum(w.capacity for w in self.live(role))
 
 
 class DisaggregatedBackend:
@@ -104,6 +120,10 @@ class DisaggregatedBackend:
         self.pool = pool
 
         self._active: dict[str, list[WorkerHandle]] = {}
+
+    def capacity(self) -> int:
+        """Requests the live prefill and decode workers hold together (encode queues its images)."""
+        return min(self.pool.capacity("prefill"), self.pool.capacity("decode"))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         visual = bool(request.prompt.images or request.prompt.videos)
@@ -147,9 +167,10 @@ class DisaggregatedBackend:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
                 return
-            current = decode
+            current, text = decode, ""
             async for event in stream:
-                yield _event(event)
+                text += event.text_delta
+                yield _event(event, text)
                 if event.finish_reason or event.error:
                     return
         except grpc.RpcError as error:
@@ -200,12 +221,13 @@ class DisaggregatedBackend:
         return out
 
 
-def _event(message: pb.TokenEvent) -> TokenEvent:
+def _event(message: pb.TokenEvent, text: str) -> TokenEvent:
+    """The router's event from decode's: ``text`` is the stream's text so far, deltas joined."""
     logprobs = [TokenLogprob(lp.token_id, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs)))
                 for lp in message.logprobs] or None
     return TokenEvent(message.request_id, list(message.token_ids), logprobs=logprobs,
-                      finish_reason=message.finish_reason or None, stop_reason=message.stop_reason or None,
-                      text=message.text, error=message.error or None)
+                      finish_reason=message.finish_reason or None, stop_reason=stop_reason_from_pb(message),
+                      text=text, error=message.error or None)
 
 
 async def serve_registry(pool: WorkerPool, host: str, port: int) -> grpc.aio.Server:

@@ -36,13 +36,24 @@ def sampling_from_pb(message: pb.Sampling) -> SamplingParams:
     return SamplingParams.from_dict(json.loads(message.json))
 
 
-def event_from_output(output: RequestOutput, sent_tokens: int) -> pb.TokenEvent:
-    """The tokens of ``output`` past the first ``sent_tokens``, as one stream event."""
+def event_from_output(output: RequestOutput, sent_tokens: int, text: str, sent_chars: int) -> pb.TokenEvent:
+    """The tokens of ``output`` past the first ``sent_tokens``, and ``text`` (the output text that is
+    safe to show now) past its first ``sent_chars`` characters, as one stream event: each event
+    carries only what is new, so a stream costs O(its length) on the wire."""
     completion = output.outputs[0]
     event = pb.TokenEvent(request_id=output.request_id, token_ids=completion.token_ids[sent_tokens:],
-                          text=completion.text, finish_reason=completion.finish_reason or "",
-                          stop_reason="" if completion.stop_reason is None else str(completion.stop_reason))
+                          text_delta=text[sent_chars:], finish_reason=completion.finish_reason or "")
+    if isinstance(completion.stop_reason, str):
+        event.stop_string = completion.stop_reason
+    elif completion.stop_reason is not None:
+        event.stop_token_id = completion.stop_reason
     for lp in (completion.logprobs or [])[sent_tokens:]:
         event.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                               top_ids=list(lp.top), top_logprobs=list(lp.top.values())))
     return event
+
+
+def stop_reason_from_pb(event: pb.TokenEvent) -> int | str | None:
+    """The stop token's id (an int) or the stop string, as the engine gave it; None otherwise."""
+    which = event.WhichOneof("stop_reason")
+    return None if which is None else getattr(event, which)

@@ -3,7 +3,8 @@
 The role (engine, transfer sender/receiver) is not thread-safe, so every gRPC call becomes a
 command executed on the loop thread between steps. A second thread pumps the transfer layer under
 the role's transfer lock, so heartbeats and pulls go on while the loop compiles or steps. The worker announces itself to the router's
-registry and repeats it as a heartbeat, so a restarted worker is picked up again.
+registry and repeats it as a heartbeat carrying its load (capacity and requests held), so a
+restarted worker is picked up again and the router admits what its workers can hold.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 REGISTER_INTERVAL_S = 1.0
 PUMP_INTERVAL_S = 0.002
 MAX_MESSAGE_BYTES = 256 * 2**20
+CONTROL_THREADS = 16
 
 
 class Role(Protocol):
@@ -42,7 +44,11 @@ class Role(Protocol):
 
     def health(self) -> dict[str, Any]: ...
 
-    def in_flight(self) -> int: ...
+    def in_flight(self) -> int:
+        """Requests held now; read from the heartbeat thread (a length, safe without the loop)."""
+
+    def capacity(self) -> int:
+        """Requests it can hold at once; the router admits no more than its workers' capacity."""
 
     def abort(self, request_id: str) -> None: ...
 
@@ -125,8 +131,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         details = self.loop.call(role.health)
         return pb.Health(healthy=True, role=role.role, name=role.name, details_json=json.dumps(details))
 
-    def Load(self, request, context):
-        return pb.LoadReply(in_flight=self.loop.call(self.loop.role.in_flight))
 
 
 def serve_worker(service: WorkerService, host: str, port: int, router: str | None, token: str,
@@ -134,13 +138,15 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     """Serves until interrupted, registering with the router's registry at ``router`` under the
     address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``. Calls in
     either direction carry the cluster ``token``; calls without it are refused."""
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=32), options=[
+    role = service.loop.role
+    # a thread per request the role holds (a Decode stream keeps its thread) and some for control calls
+    threads = concurrent.futures.ThreadPoolExecutor(max_workers=role.capacity() + CONTROL_THREADS)
+    server = grpc.server(threads, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)], interceptors=[auth.TokenCheck(token)])
     pb_grpc.add_WorkerServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
-    role = service.loop.role
     address = f"{advertise_host or host}:{bound}"
     log.info("%s worker %s serving on %s", role.role, role.name, address)
     stop = threading.Event()
@@ -158,7 +164,8 @@ def _register_forever(router: str, token: str, role: Role, address: str, stop: t
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
             try:
-                registry.Register(pb.Registration(role=role.role, name=role.name, grpc_address=address), timeout=2)
+                registry.Register(pb.Registration(role=role.role, name=role.name, grpc_address=address,
+                                                  capacity=role.capacity(), in_flight=role.in_flight()), timeout=2)
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     log.error("router %s refused the registration: not the cluster's secret", router)

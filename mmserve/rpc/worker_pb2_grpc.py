@@ -59,11 +59,6 @@ class WorkerStub:
                 request_serializer=mmserve_dot_rpc_dot_worker__pb2.HealthRequest.SerializeToString,
                 response_deserializer=mmserve_dot_rpc_dot_worker__pb2.Health.FromString,
                 _registered_method=True)
-        self.Load = channel.unary_unary(
-                '/mmserve.rpc.Worker/Load',
-                request_serializer=mmserve_dot_rpc_dot_worker__pb2.HealthRequest.SerializeToString,
-                response_deserializer=mmserve_dot_rpc_dot_worker__pb2.LoadReply.FromString,
-                _registered_method=True)
 
 
 class WorkerServicer:
@@ -99,12 +94,6 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Load(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,11 +121,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=mmserve_dot_rpc_dot_worker__pb2.HealthRequest.FromString,
                     response_serializer=mmserve_dot_rpc_dot_worker__pb2.Health.SerializeToString,
-            ),
-            'Load': grpc.unary_unary_rpc_method_handler(
-                    servicer.Load,
-                    request_deserializer=mmserve_dot_rpc_dot_worker__pb2.HealthRequest.FromString,
-                    response_serializer=mmserve_dot_rpc_dot_worker__pb2.LoadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,33 +258,6 @@ class Worker:
             '/mmserve.rpc.Worker/Check',
             mmserve_dot_rpc_dot_worker__pb2.HealthRequest.SerializeToString,
             mmserve_dot_rpc_dot_worker__pb2.Health.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Load(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/mmserve.rpc.Worker/Load',
-            mmserve_dot_rpc_dot_worker__pb2.HealthRequest.SerializeToString,
-            mmserve_dot_rpc_dot_worker__pb2.LoadReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,9 @@ class Backend(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """Streams the request's tokens; ends after the event with finish_reason or error."""
 
+    def capacity(self) -> int:
+        """Requests it can hold at once now; the router admits no more (0: none can be taken)."""
+
     async def abort(self, request_id: str) -> None:
         """Stops a request (a client that went away); frees everything it holds."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.warmup import CACHE_ENV, default_cache_dir, use_compilation_cache
+from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import follow_leader, join_role
@@ -24,6 +25,7 @@ ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
 USAGE_EXIT = 2  # argparse's status for a command line it refuses
 ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterSettings)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: local files are refused)")
     http.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                       help="server log verbosity")
+
+    admission = p.add_argument_group("admission (how much the router lets in, and for how long)")
+    admission.add_argument("--max-queued-requests", type=int, default=ROUTER_DEFAULTS["max_queued_requests"],
+                           help="requests that may wait for capacity once the workers hold all they can; beyond "
+                                "them a request gets 429 with Retry-After (default: %(default)s)")
+    admission.add_argument("--queue-timeout", type=float, default=ROUTER_DEFAULTS["queue_timeout_s"],
+                           help="seconds a request may wait for capacity before it gets 503 with Retry-After "
+                                "(default: %(default)s)")
+    admission.add_argument("--request-timeout", type=float, default=ROUTER_DEFAULTS["request_timeout_s"],
+                           help="seconds a request may take from admission to its last token; then it is aborted "
+                                "in every role and answered with an error; 0: no limit (default: %(default)s)")
+    admission.add_argument("--stream-stall-timeout", type=float, default=ROUTER_DEFAULTS["stream_stall_timeout_s"],
+                           help="seconds a streaming client may leave its full buffer unread before its request is "
+                                "cut and its slot freed (default: %(default)s)")
 
     engine = p.add_argument_group("engine (KV cache and batching)")
     engine.add_argument("--page-size", type=int, default=ENGINE_DEFAULTS["page_size"], help="tokens per KV page")
@@ -96,11 +112,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         precompile=args.precompile)
 
 
-def router_settings(args: argparse.Namespace, max_model_len: int):
-    from mmserve.serving.router import RouterSettings
-
+def router_settings(args: argparse.Namespace, max_model_len: int) -> RouterSettings:
     return RouterSettings(model_name=args.served_model_name or args.model, max_model_len=max_model_len,
-                          api_key=api_key(args), allowed_local_media_path=args.allowed_local_media_path)
+                          api_key=api_key(args), allowed_local_media_path=args.allowed_local_media_path,
+                          max_queued_requests=args.max_queued_requests, queue_timeout_s=args.queue_timeout,
+                          request_timeout_s=args.request_timeout or None,
+                          stream_stall_timeout_s=args.stream_stall_timeout)
 
 
 def api_key(args: argparse.Namespace) -> str | None:

@@ -96,6 +96,9 @@ class ColocatedBackend:
     async def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def capacity(self) -> int:
+        return self._engine.config.max_num_seqs
+
     async def health(self) -> dict:
         healthy = self._healthy
         return {

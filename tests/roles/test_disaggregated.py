@@ -6,8 +6,11 @@ test_serve_all.py."""
 import base64
 import concurrent.futures
 import io
+import json
 import re
+import socket
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -46,7 +49,8 @@ def conversation(text: str, images: list[Image.Image], as_url: bool) -> list[dic
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster("tiny", tmp_path_factory.mktemp("cluster_logs")).start()
+    # requests beyond the workers' capacity wait at most 3 s for it (test_stalled_readers_...)
+    c = Cluster("tiny", tmp_path_factory.mktemp("cluster_logs"), role_flags={"router": ["--queue-timeout", "3"]}).start()
     yield c
     c.stop()
 
@@ -98,6 +102,46 @@ def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, ll
         answers = list(pool.map(lambda c: ask(client, *c, stream=bool(len(c[0]) % 2)), cases))
     assert answers == [expected(llm, *c) for c in cases]
     _assert_all_free(cluster)
+
+
+def test_stalled_readers_holding_every_slot_do_not_hang_a_normal_request(cluster, client):
+    """32 streams (decode's max_num_seqs), each more than its socket buffers hold (20 logprobs a
+    token), whose clients never read: the next request is answered, or refused within the queue
+    timeout, never left hanging (the router reads decode's streams into bounded buffers, so no
+    worker thread waits on a stalled client); once the stalled clients leave, everything is free."""
+    host, port = cluster.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 40,
+                       "logprobs": True, "top_logprobs": 20, "ignore_eos": True, "stream": True}).encode()
+    finished = 'mmserve_requests_total{endpoint="chat",outcome="finished"}'
+    before = _metric(cluster, finished)
+    stalled = []
+    for _ in range(32):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        stalled.append(sock)
+    deadline = time.monotonic() + 60
+    while _metric(cluster, finished) < before + 32:  # decoded to the end, though nobody reads
+        assert time.monotonic() < deadline, "the stalled requests did not all finish"
+        time.sleep(0.2)
+    started = time.monotonic()
+    try:
+        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi."}],
+                                                max_tokens=MAX_TOKENS)
+        assert answer.choices[0].message.content is not None
+    except openai.APIStatusError as refused:
+        assert refused.status_code in (429, 503), refused
+    assert time.monotonic() - started < 15
+    for sock in stalled:
+        sock.close()
+    _assert_all_free(cluster)
+
+
+def _metric(cluster, name: str) -> float:
+    text = urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10).read().decode()
+    return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, client, llm):

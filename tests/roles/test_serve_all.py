@@ -15,7 +15,7 @@ import pytest
 
 from cluster import SERVE, free_port, get_json
 from mmserve.cluster_credential import SECRET_ENV
-from test_disaggregated import CASES, ask, expected, image
+from test_disaggregated import CASES, ask, conversation, expected, image
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,61 @@ def test_role_all_equals_colocated(server, llm, case, stream):
                            max_retries=0)
     text, images = CASES[case]
     assert ask(client, text, images, stream) == expected(llm, text, images)
+
+
+SAMPLING = {
+    "seeded": {"temperature": 0.9, "top_p": 0.9, "seed": 1234},
+    "penalties": {"temperature": 0.7, "seed": 7, "presence_penalty": 1.0, "frequency_penalty": 0.5,
+                  "repetition_penalty": 1.3},
+    "logprobs": {"temperature": 0, "logprobs": 3},
+    "stop_string": {"temperature": 0, "stop": "STOP"},  # STOP: replaced by a piece of the free output
+    "stop_token": {"temperature": 0, "stop_token_ids": "STOP"},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("name", sorted(SAMPLING))
+def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream):
+    """Seeds, penalties, logprobs, stop strings and stop tokens give, through encode -> prefill ->
+    decode, what the colocated engine gives: text, finish and stop reason (a token's id stays an
+    int), logprobs; streamed text (the tiny model's random tokens are often partial UTF-8) is the
+    whole text, with no replacement characters the whole text lacks."""
+    from mmserve import SamplingParams
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key="unused", timeout=120,
+                           max_retries=0)
+    images = [image(9, (64, 64))]
+    fields = dict(SAMPLING[name], max_tokens=12)
+    if "STOP" in fields.values():  # stop where the unconstrained greedy output has a piece / a token
+        free = llm.chat(conversation("Tell me.", images, as_url=False), SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+        fields["stop"] = [free.text[len(free.text) // 2:][:2]] if name == "stop_string" else None
+        fields["stop_token_ids"] = [free.token_ids[5]] if name == "stop_token" else None
+        fields = {k: v for k, v in fields.items() if v is not None}
+    reference = llm.chat(conversation("Tell me.", images, as_url=False), SamplingParams(**fields))[0].outputs[0]
+    api = {k: v for k, v in fields.items() if k not in ("logprobs", "top_k", "repetition_penalty", "stop_token_ids")}
+    extra = {k: fields[k] for k in ("repetition_penalty", "stop_token_ids") if k in fields}
+    if "logprobs" in fields:
+        api |= {"logprobs": True, "top_logprobs": fields["logprobs"]}
+    reply = client.chat.completions.create(model="tiny", messages=conversation("Tell me.", images, as_url=True),
+                                           stream=stream, extra_body=extra, **api)
+    if stream:
+        chunks = [c for c in reply if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        last = chunks[-1].choices[0]
+        token_logprobs = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    else:
+        last = reply.choices[0]
+        text = last.message.content
+        token_logprobs = last.logprobs.content if last.logprobs else []
+    assert text == reference.text
+    assert "\ufffd" not in text or "\ufffd" in reference.text
+    assert (last.finish_reason, last.model_extra.get("stop_reason")) == (reference.finish_reason,
+                                                                         reference.stop_reason)
+    if "logprobs" in fields:
+        assert [lp.logprob for lp in token_logprobs] == pytest.approx([lp.logprob for lp in reference.logprobs],
+                                                                      abs=1e-4)
+        assert [sorted(t.logprob for t in lp.top_logprobs) for lp in token_logprobs] == pytest.approx(
+            [sorted(lp.top.values()) for lp in reference.logprobs], abs=1e-4)
 
 
 def _children(process) -> dict[str, int]:

@@ -21,6 +21,7 @@ class ScriptedBackend:
         self.health_answer: dict | Exception = {"healthy": True}
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
+        self.slots = 64
 
     async def generate(self, request: GenerateRequest):
         self.requests.append(request)
@@ -28,6 +29,9 @@ class ScriptedBackend:
             if step == HANG:
                 await asyncio.Event().wait()
             yield dataclasses.replace(step, request_id=request.request_id)
+
+    def capacity(self) -> int:
+        return self.slots
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mmserve.serving.backend import Backend
+from mmserve.serving.router.admission import Admission, Overloaded
 from mmserve.serving.router.auth import ApiKeyGuard
 from mmserve.serving.router.chat import chat_completions
 from mmserve.serving.router.completions import completions
@@ -32,7 +33,10 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
               on_shutdown: Callable[[], None] | None = None) -> Starlette:
     """``model`` supplies the tokenizer, processor and config that prepare requests; ``on_shutdown``
     runs when the server stops (the colocated backend stops its engine thread there)."""
-    router = RouterContext(backend, model, settings, RouterMetrics(backend.metrics))
+    metrics = RouterMetrics(backend.metrics)
+    admission = Admission(backend.capacity, settings.max_queued_requests, settings.queue_timeout_s)
+    metrics.watch_admission(admission)
+    router = RouterContext(backend, model, settings, metrics, admission)
     started = int(time.time())
 
     async def models(request: Request) -> Response:
@@ -51,8 +55,12 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
         return Response(router.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def rejected(request: Request, error: InvalidRequest) -> Response:
-        router.metrics.requests.labels(ENDPOINTS.get(request.url.path, request.url.path), "rejected").inc()
-        return invalid_request_response(error)
+        outcome = "overloaded" if isinstance(error, Overloaded) else "rejected"
+        router.metrics.requests.labels(ENDPOINTS.get(request.url.path, request.url.path), outcome).inc()
+        response = invalid_request_response(error)
+        if isinstance(error, Overloaded):
+            response.headers["Retry-After"] = str(error.retry_after_s)
+        return response
 
     async def failed(request: Request, error: Exception) -> Response:
         # Starlette re-raises after this answer, so the server's log shows the traceback.

@@ -17,7 +17,6 @@ from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fi
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
-from mmserve.serving.router.relay import relay
 
 ENDPOINT = "chat"
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -39,7 +38,7 @@ async def chat_completions(request: Request) -> Response:
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common)
-    events = relay(router.backend, chat.request, router.metrics, ENDPOINT, arrival)
+    events = await router.relay(chat.request, ENDPOINT, arrival)
 
     def whole(answer: TokenEvent) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},

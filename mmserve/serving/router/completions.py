@@ -16,7 +16,6 @@ from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fi
 from mmserve.serving.router.logprobs import completion_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
-from mmserve.serving.router.relay import relay
 
 ENDPOINT = "completions"
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "max_tokens", "logprobs"}
@@ -34,7 +33,7 @@ async def completions(request: Request) -> Response:
                                        router.settings.max_model_len, "prompt", "max_tokens")
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs")})
     completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common)
-    events = relay(router.backend, completion.request, router.metrics, ENDPOINT, arrival)
+    events = await router.relay(completion.request, ENDPOINT, arrival)
 
     def whole(answer: TokenEvent) -> dict:
         choice = completion.choice(answer.text, answer.logprobs, 0, answer.finish_reason, answer.stop_reason)

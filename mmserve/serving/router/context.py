@@ -9,9 +9,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from mmserve.serving.backend import Backend
+from mmserve.serving.backend import Backend, GenerateRequest
+from mmserve.serving.router.admission import Admission
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.metrics import RouterMetrics
+from mmserve.serving.router.relay import Relay, RelayLimits
 from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe import Model
 
@@ -24,10 +26,17 @@ class RouterContext:
     model: Model
     settings: RouterSettings
     metrics: RouterMetrics
+    admission: Admission
 
     @staticmethod
     def of(request: Request) -> RouterContext:
         return request.app.state.router
+
+    async def relay(self, request: GenerateRequest, endpoint: str, arrival: float) -> Relay:
+        """Admits the request (or raises ``Overloaded``, a 429/503) and starts it in the backend."""
+        ticket = await self.admission.admit()
+        limits = RelayLimits(self.settings.request_timeout_s, self.settings.stream_stall_timeout_s)
+        return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
 
     def token_text(self, token_id: int, as_id: bool) -> str:
         """How a token is named in logprobs; ``token_id:N`` (vLLM's form) when the client asks for ids."""

@@ -34,7 +34,7 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "requests by endpoint and outcome "
-                                "(finished, rejected, error, aborted)", ["endpoint", "outcome"], registry=r)
+                                "(finished, rejected, overloaded, error, aborted, cut, timeout)", ["endpoint", "outcome"], registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first token",
@@ -45,6 +45,13 @@ class RouterMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "requests the backend is working on", registry=r)
         r.register(BackendGauges(backend_metrics))
+
+    def watch_admission(self, admission) -> None:
+        """Queue depth and capacity of the router's admission, read at scrape time."""
+        Gauge(f"{PREFIX}_requests_queued", "requests waiting for capacity",
+              registry=self.registry).set_function(lambda: admission.queued)
+        Gauge(f"{PREFIX}_requests_capacity", "requests the backend can hold at once",
+              registry=self.registry).set_function(admission.capacity)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

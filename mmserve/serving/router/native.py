@@ -20,7 +20,7 @@ from mmserve.serving.router.errors import InvalidRequest, backend_error_response
 from mmserve.serving.router.fields import PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params
 from mmserve.serving.router.media import image_from_base64, image_from_url
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
-from mmserve.serving.router.relay import collect, relay, unless_disconnected
+from mmserve.serving.router.relay import collect, unless_disconnected
 
 ENDPOINT = "generate"
 NATIVE_FIELDS = {"prompt", "prompt_token_ids", "images", "sampling_params"}
@@ -42,7 +42,7 @@ async def generate(request: Request) -> Response:
     params = sampling_params(sampling | {"max_tokens": max_tokens},
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
-    events = relay(router.backend, generate_request, router.metrics, ENDPOINT, arrival)
+    events = await router.relay(generate_request, ENDPOINT, arrival)
     answer = await unless_disconnected(request, lambda: collect(events))
     if answer is None:
         return Response(status_code=499)  # nobody is listening; the request was aborted

@@ -1,13 +1,20 @@
 """One request's trip through the backend, as every endpoint makes it.
 
-``relay`` times the stream (TTFT, ITL), counts it, guarantees that it ends with a finishing or an
-error event, and aborts the request in the backend whenever the client stops listening first.
+``Relay`` runs the backend's stream in a task of its own and hands the events on through a bounded
+buffer. It times the stream (TTFT, ITL), counts it, guarantees that it ends with a finishing or an
+error event, releases the request's admission slot, and aborts the request in the backend
+whenever it ends early: the client stopped listening, the request passed its deadline, or the
+client stopped reading and the buffer stayed full for ``stall_timeout_s`` (so a slow or stalled
+reader never holds a slot, pages or memory for longer than that).
 ``collect`` gathers a whole answer for the non-streaming endpoints, and ``unless_disconnected``
 cancels that wait when the client hangs up, which a non-streaming handler would not notice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import dataclasses
 import json
 import time
@@ -19,10 +26,24 @@ import anyio
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.serving.router.admission import Ticket
 from mmserve.serving.router.metrics import RouterMetrics
 
 T = TypeVar("T")
 UNFINISHED_STREAM = "the backend ended the stream without finishing the request"
+BUFFER_EVENTS = 64
+"""Events held for a client that does not read (after the socket's own buffers are full)."""
+_RUNNING: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayLimits:
+    """deadline_s: the longest a request may take from admission to its last token (None: no
+    limit). stall_timeout_s: how long a full buffer may wait for the client before the request
+    is cut."""
+
+    deadline_s: float | None = None
+    stall_timeout_s: float = 30.0
 
 
 @dataclasses.dataclass
@@ -36,30 +57,90 @@ class Answer:
     invalid: bool = False
 
 
-async def relay(backend: Backend, request: GenerateRequest, metrics: RouterMetrics, endpoint: str,
-                arrival: float) -> AsyncIterator[TokenEvent]:
-    metrics.in_flight.inc()
-    metrics.prompt_tokens.inc(len(request.prompt.token_ids))
-    outcome, last_token_at = "aborted", None
-    try:
-        async with aclosing(backend.generate(request)) as events:
-            async for event in events:
-                last_token_at = _time_tokens(metrics, event, arrival, last_token_at)
-                if event.error is not None or event.finish_reason is not None:
-                    outcome = "error" if event.error is not None else "finished"
-                    if outcome == "finished":
-                        metrics.e2e.observe(time.monotonic() - arrival)
-                    yield event
-                    return
-                yield event
-        outcome = "error"
-        yield TokenEvent(request.request_id, [], error=UNFINISHED_STREAM)
-    finally:
-        metrics.in_flight.dec()
-        metrics.requests.labels(endpoint, outcome).inc()
-        if outcome == "aborted":
-            with anyio.CancelScope(shield=True):  # the client is gone, but its pages must be freed
-                await backend.abort(request.request_id)
+class Relay:
+    """An async iterator over one request's events; ``aclose`` (the client left) aborts it."""
+
+    def __init__(self, backend: Backend, request: GenerateRequest, metrics: RouterMetrics, endpoint: str,
+                 arrival: float, ticket: Ticket, limits: RelayLimits):
+        self._backend, self._request, self._metrics = backend, request, metrics
+        self._endpoint, self._arrival, self._ticket, self._limits = endpoint, arrival, ticket, limits
+        self._buffer: collections.deque[TokenEvent] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._taken = asyncio.Event()
+        self._ended = False
+        metrics.in_flight.inc()
+        metrics.prompt_tokens.inc(len(request.prompt.token_ids))
+        self._task = asyncio.get_running_loop().create_task(self._pump(), name=f"relay {request.request_id}")
+        _RUNNING.add(self._task)
+        self._task.add_done_callback(_RUNNING.discard)
+
+    def __aiter__(self) -> Relay:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        while not self._buffer:
+            self._arrived.clear()
+            await self._arrived.wait()
+        event = self._buffer.popleft()
+        self._taken.set()
+        self._ended = event.error is not None or event.finish_reason is not None
+        return event
+
+    async def aclose(self) -> None:
+        self._ended = True
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _pump(self) -> None:
+        rid, outcome, last_token_at = self._request.request_id, "aborted", None
+        try:
+            async with asyncio.timeout(self._limits.deadline_s):
+                async with aclosing(self._backend.generate(self._request)) as events:
+                    async for event in events:
+                        last_token_at = _time_tokens(self._metrics, event, self._arrival, last_token_at)
+                        if event.error is not None or event.finish_reason is not None:
+                            outcome = "error" if event.error is not None else "finished"
+                            if outcome == "finished":
+                                self._metrics.e2e.observe(time.monotonic() - self._arrival)
+                            self._put(event)
+                            return
+                        if not await self._room():
+                            outcome = "cut"
+                            self._put(TokenEvent(rid, [], error=f"the client did not read its stream for "
+                                                                f"{self._limits.stall_timeout_s:g} s: cut"))
+                            return
+                        self._put(event)
+            outcome = "error"
+            self._put(TokenEvent(rid, [], error=UNFINISHED_STREAM))
+        except TimeoutError:
+            outcome = "timeout"
+            self._put(TokenEvent(rid, [], error=f"the request passed its deadline of {self._limits.deadline_s:g} s"))
+        finally:
+            self._ticket.release()
+            self._metrics.in_flight.dec()
+            self._metrics.requests.labels(self._endpoint, outcome).inc()
+            if outcome in ("aborted", "cut", "timeout"):
+                with anyio.CancelScope(shield=True):  # the client is gone, but its pages must be freed
+                    await self._backend.abort(rid)
+
+    def _put(self, event: TokenEvent) -> None:
+        self._buffer.append(event)
+        self._arrived.set()
+
+    async def _room(self) -> bool:
+        """False when the buffer stayed full for the stall timeout: the client is not reading."""
+        deadline = time.monotonic() + self._limits.stall_timeout_s
+        while len(self._buffer) >= BUFFER_EVENTS:
+            self._taken.clear()
+            try:
+                await asyncio.wait_for(self._taken.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                return False
+        return True
 
 
 def _time_tokens(metrics: RouterMetrics, event: TokenEvent, arrival: float, last: float | None) -> float | None:

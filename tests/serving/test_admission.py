@@ -1,0 +1,157 @@
+"""The router admits no more requests than its backend can hold: the rest wait in a bounded queue
+for a bounded time and are then refused (429 when the queue is full, 503 when the wait ran out,
+both with Retry-After); a request past its deadline, or whose client stopped reading its stream,
+is aborted in the backend and gives its slot back. Over a real uvicorn server in this process, in
+front of a scripted backend (the roles' own behaviour is tested end to end elsewhere)."""
+
+import itertools
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from mmserve.serving.backend import TokenEvent, TokenLogprob
+from mmserve.serving.router import RouterSettings, build_app
+from models.qwen3_vl_moe import load_model
+from scripted_backend import HANG, ScriptedBackend, ThreadedServer
+from server_process import request
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+TOKEN = TokenEvent("", [11], text="ab")
+DONE = TokenEvent("", [12], text="abc", finish_reason="stop")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny", weights=False)
+
+
+@pytest.fixture
+def served(model):
+    """A router over a backend with 2 slots, a queue of 2 that waits at most 1 s, requests that
+    may last 3 s, and streams cut after a client leaves a full buffer unread for 1 s."""
+    backend = ScriptedBackend()
+    backend.slots = 2
+    settings = RouterSettings("tiny", 256, max_queued_requests=2, queue_timeout_s=1.0, request_timeout_s=3.0,
+                              stream_stall_timeout_s=1.0)
+    server = ThreadedServer(build_app(backend, model, settings))
+    yield server, backend
+    server.stop()
+
+
+def _hold(url: str, body: dict) -> socket.socket:
+    """Sends a streaming request and never reads the answer (a small receive buffer, so the
+    server's side fills sooner)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    payload = json.dumps(body | {"stream": True}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    return sock
+
+
+def _wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _metric(url: str, sample: str) -> float:
+    """The value of ``sample`` (a name, with its labels if any) on the router's /metrics."""
+    for line in request("GET", f"{url}/metrics")[1].splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _running(url: str) -> float:
+    return _metric(url, "mmserve_requests_in_flight")
+
+
+def test_beyond_capacity_requests_queue_then_get_503_and_beyond_the_queue_429(served):
+    server, backend = served
+    backend.script = [TOKEN, HANG]
+    held = [_hold(server.url, CHAT) for _ in range(2)]
+    _wait_for(lambda: len(backend.requests) == 2)
+    answers = []
+    queued = [threading.Thread(target=lambda: answers.append(request("POST", f"{server.url}/v1/chat/completions",
+                                                                       CHAT, timeout=30)))
+              for _ in range(2)]
+    for thread in queued:
+        thread.start()
+    _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 2)
+    start = time.monotonic()
+    status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)
+    assert status == 429 and time.monotonic() - start < 1
+    assert "at capacity" in body["error"]["message"] and body["error"]["code"] == "overloaded"
+    for thread in queued:
+        thread.join()
+    assert [a[0] for a in answers] == [503, 503]
+    assert all("no capacity freed" in a[1]["error"]["message"] for a in answers)
+    assert len(backend.requests) == 2  # the refused never reached the backend
+    for sock in held:
+        sock.close()
+    _wait_for(lambda: _running(server.url) == 0)
+    backend.script = [TOKEN, DONE]
+    assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
+
+
+def test_refusals_carry_retry_after(served):
+    server, backend = served
+    backend.slots = 0  # no worker up
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(f"{server.url}/v1/chat/completions", json.dumps(CHAT).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+    assert backend.requests == []
+
+
+def test_a_queued_request_runs_when_a_slot_frees(served):
+    server, backend = served
+    backend.script = [TOKEN, HANG]
+    held = [_hold(server.url, CHAT) for _ in range(2)]
+    _wait_for(lambda: len(backend.requests) == 2)
+    answer = []
+    waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{server.url}/v1/chat/completions",
+                                                                      CHAT, timeout=30)))
+    waiting.start()
+    _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+    backend.script = [TOKEN, DONE]
+    held[0].close()  # its client leaves: aborted, the slot goes to the queued request
+    waiting.join()
+    assert answer[0][0] == 200 and answer[0][1]["choices"][0]["message"]["content"] == "abc"
+    held[1].close()
+    _wait_for(lambda: _running(server.url) == 0)
+
+
+def test_a_request_past_its_deadline_is_aborted_and_frees_its_slot(served):
+    server, backend = served
+    backend.script = [TOKEN, HANG]
+    start = time.monotonic()
+    status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)
+    assert status == 500 and "deadline of 3 s" in body["error"]["message"]
+    assert 3 <= time.monotonic() - start < 6
+    _wait_for(lambda: backend.aborted == [backend.requests[0].request_id])
+    assert _running(server.url) == 0
+    assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="timeout"}') == 1
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(served):
+    server, backend = served
+    # a chunk per event, endlessly: more than the server's socket buffers (at most 4 MiB) hold
+    backend.script = itertools.repeat(TokenEvent("", [11], [TokenLogprob(11, -0.5, {})], text="ab"))
+    stalled = _hold(server.url, CHAT)
+    _wait_for(lambda: backend.aborted and backend.aborted == [r.request_id for r in backend.requests], timeout=15)
+    assert _running(server.url) == 0
+    assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="cut"}') == 1
+    stalled.close()
+    backend.script = [TOKEN, DONE]
+    assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
