@@ -40,7 +40,7 @@ def _message(message: Any, param: str, images: list, allowed_dir: Path | None) -
     if unknown:
         raise InvalidRequest(f"unsupported message field(s): {sorted(unknown)}", param)
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise InvalidRequest(f"role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
     content = message.get("content")
     if content is None and role != "assistant":
