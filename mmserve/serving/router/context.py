@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import uuid
-from typing import Any
 
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend
-from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe import Model
@@ -32,13 +29,6 @@ class RouterContext:
     def token_text(self, token_id: int, as_id: bool) -> str:
         """How a token is named in logprobs; ``token_id:N`` (vLLM's form) when the client asks for ids."""
         return f"token_id:{token_id}" if as_id else self.model.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-async def json_body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
 
 
 def new_request_id(prefix: str) -> str:

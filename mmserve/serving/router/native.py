@@ -15,9 +15,10 @@ from starlette.responses import JSONResponse, Response
 
 from mmserve.sampling_params import SamplingParams
 from mmserve.serving.backend import GenerateRequest
-from mmserve.serving.router.context import RouterContext, json_body, new_request_id
+from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest, backend_error_response
 from mmserve.serving.router.fields import PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params
+from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.media import image_from_base64, image_from_url
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import collect, relay, unless_disconnected

@@ -1,9 +1,12 @@
-"""What the router must know besides its backend: the served name, the context length, access."""
+"""What the router must know besides its backend: the served name, the context length, access, and
+the limits on what a request may make it read or decode."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+
+MIB = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,9 +16,21 @@ class RouterSettings:
     here, before any backend work. api_key: when set, ``/v1/*`` and ``/generate`` need
     ``Authorization: Bearer <api_key>``. allowed_local_media_path: images may be named by local path
     or ``file://`` URL only inside this directory; None refuses local files, since a client must not
-    make the server open arbitrary paths."""
+    make the server open arbitrary paths.
+
+    The door's limits, each refused with a 4xx before the router holds more than it allows:
+    max_body_bytes: the largest request body (413). request_read_timeout: seconds a client has to
+    send its whole body once its headers are in (408)."""
 
     model_name: str
     max_model_len: int
     api_key: str | None = None
     allowed_local_media_path: Path | None = None
+    max_body_bytes: int = 32 * MIB
+    request_read_timeout: float = 30.0
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if not self.request_read_timeout > 0:
+            raise ValueError(f"request_read_timeout must be > 0, got {self.request_read_timeout}")
