@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--request-read-timeout", type=positive(float), default=ROUTER_DEFAULTS["request_read_timeout"],
                       help="seconds a client has to send its whole body once its headers are in; then a 408 and "
                            "the connection is closed (default: %(default)s)")
+    http.add_argument("--max-image-pixels", type=positive(int), default=ROUTER_DEFAULTS["max_image_pixels"],
+                      help="most pixels (width x height) an image may have, read from its header before it is "
+                           "decoded; more is a 400 (default: %(default)s, twice the Qwen3-VL processor's bound)")
+    http.add_argument("--max-images-per-request", type=positive(int),
+                      default=ROUTER_DEFAULTS["max_images_per_request"],
+                      help="most images one request may carry; more is a 400 (default: %(default)s)")
     http.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                       help="server log verbosity")
 
@@ -121,7 +127,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def router_settings(args: argparse.Namespace, max_model_len: int) -> RouterSettings:
     return RouterSettings(model_name=args.served_model_name or args.model, max_model_len=max_model_len,
                           api_key=api_key(args), allowed_local_media_path=args.allowed_local_media_path,
-                          max_body_bytes=args.max_body_bytes, request_read_timeout=args.request_read_timeout)
+                          max_body_bytes=args.max_body_bytes, request_read_timeout=args.request_read_timeout,
+                          max_image_pixels=args.max_image_pixels, max_images_per_request=args.max_images_per_request)
 
 
 def api_key(args: argparse.Namespace) -> str | None:

@@ -10,7 +10,7 @@ from server_process import REPO, SERVE
 
 FLAGS = ("--role", "--model", "--dtype", "--host", "--port", "--api-key-file", "--page-size", "--num-pages",
          "--kv-cache-bytes", "--max-model-len", "--max-num-seqs", "--max-prefill-tokens", "--max-body-bytes",
-         "--request-read-timeout")
+         "--request-read-timeout", "--max-image-pixels", "--max-images-per-request")
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:

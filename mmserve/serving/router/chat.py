@@ -33,8 +33,8 @@ async def chat_completions(request: Request) -> Response:
     logprobs = _logprobs(body)
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     requested = requested_int(body, limit_name)
-    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer,
-                                               router.settings.allowed_local_media_path), router.model, "messages")
+    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.image_reader()),
+                           router.model, "messages")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs},

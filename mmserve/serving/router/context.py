@@ -8,6 +8,7 @@ import uuid
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend
+from mmserve.serving.router.media import ImageReader
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe import Model
@@ -25,6 +26,10 @@ class RouterContext:
     @staticmethod
     def of(request: Request) -> RouterContext:
         return request.app.state.router
+
+    def image_reader(self) -> ImageReader:
+        """A fresh reader for one request's images, charged against that request's limits."""
+        return ImageReader(self.settings, self.model.processor)
 
     def token_text(self, token_id: int, as_id: bool) -> str:
         """How a token is named in logprobs; ``token_id:N`` (vLLM's form) when the client asks for ids."""

@@ -20,7 +20,9 @@ class RouterSettings:
 
     The door's limits, each refused with a 4xx before the router holds more than it allows:
     max_body_bytes: the largest request body (413). request_read_timeout: seconds a client has to
-    send its whole body once its headers are in (408)."""
+    send its whole body once its headers are in (408). max_image_pixels: the most pixels one image
+    may have, read from its header before it is decoded (400); twice the Qwen3-VL processor's own
+    bound, so a 24 MP photo passes and is resized down. max_images_per_request: 400 beyond it."""
 
     model_name: str
     max_model_len: int
@@ -28,9 +30,12 @@ class RouterSettings:
     allowed_local_media_path: Path | None = None
     max_body_bytes: int = 32 * MIB
     request_read_timeout: float = 30.0
+    max_image_pixels: int = 2 * 4096 * 4096
+    max_images_per_request: int = 16
 
     def __post_init__(self):
-        if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.request_read_timeout > 0:
             raise ValueError(f"request_read_timeout must be > 0, got {self.request_read_timeout}")
