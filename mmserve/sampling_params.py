@@ -59,9 +59,9 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(_as_float(value)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, _as_float(value))
         for name in ("top_k", "max_tokens"):
             _require_int(name, getattr(self, name))
         if self.seed is not None:
@@ -107,6 +107,14 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def _as_float(value: int | float) -> float:
+    """An int too large for a float is infinite, which the range checks then refuse by name."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _require_int(name: str, value: Any) -> None:

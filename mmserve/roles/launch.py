@@ -141,9 +141,8 @@ def mesh_layout(args: argparse.Namespace):
 
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
-    import uvicorn
-
     from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool, serve_registry
+    from mmserve.serving.http_server import http_server
     from mmserve.serving.router import build_app
     from models.qwen3_vl_moe import load_model
     from transfer.bootstrap import BootstrapServer
@@ -159,8 +158,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
 
     async def main() -> None:
         registry = await serve_registry(pool, args.host, args.registry_port)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                               timeout_graceful_shutdown=5))
+        server = http_server(app, args.host, args.port, args.log_level)
         try:
             await server.serve()
         finally:

@@ -24,6 +24,7 @@ from mmserve.roles.launch import follow_leader, join_role
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
 USAGE_EXIT = 2  # argparse's status for a command line it refuses
+STARTUP_FAILURE = 3  # uvicorn's status when the server did not start
 ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterSettings)}
 
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--allowed-local-media-path", type=Path, default=None,
                       help="let requests name images by local path or file:// URL inside this directory "
                            "(default: local files are refused)")
+    http.add_argument("--max-body-bytes", type=positive(int), default=ROUTER_DEFAULTS["max_body_bytes"],
+                      help="largest request body; a larger one gets a 413, a chunked one as soon as it passes "
+                           "the limit (default: %(default)s, 32 MiB)")
+    http.add_argument("--request-read-timeout", type=positive(float), default=ROUTER_DEFAULTS["request_read_timeout"],
+                      help="seconds a client has to send its whole body once its headers are in; then a 408 and "
+                           "the connection is closed (default: %(default)s)")
+    http.add_argument("--max-image-pixels", type=positive(int), default=ROUTER_DEFAULTS["max_image_pixels"],
+                      help="most pixels (width x height) an image may have, read from its header before it is "
+                           "decoded; more is a 400 (default: %(default)s, twice the Qwen3-VL processor's bound)")
+    http.add_argument("--max-images-per-request", type=positive(int),
+                      default=ROUTER_DEFAULTS["max_images_per_request"],
+                      help="most images one request may carry; more is a 400 (default: %(default)s)")
     http.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                       help="server log verbosity")
 
@@ -99,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` above zero."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n int' if kind is int else ' number'}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     use_compilation_cache(args.compilation_cache)
@@ -117,7 +143,9 @@ def router_settings(args: argparse.Namespace, max_model_len: int) -> RouterSetti
                           api_key=api_key(args), allowed_local_media_path=args.allowed_local_media_path,
                           max_queued_requests=args.max_queued_requests, queue_timeout_s=args.queue_timeout,
                           request_timeout_s=args.request_timeout or None,
-                          stream_stall_timeout_s=args.stream_stall_timeout)
+                          stream_stall_timeout_s=args.stream_stall_timeout,
+                          max_body_bytes=args.max_body_bytes, request_read_timeout=args.request_read_timeout,
+                          max_image_pixels=args.max_image_pixels, max_images_per_request=args.max_images_per_request)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -129,9 +157,8 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def serve_colocated(args: argparse.Namespace) -> int:
     """The HTTP API over one engine in this process: the reference the disaggregated roles must equal."""
-    import uvicorn
-
     from mmserve.serving.colocated import ColocatedBackend
+    from mmserve.serving.http_server import http_server
     from mmserve.serving.router import build_app
     from models.qwen3_vl_moe import load_model
 
@@ -151,10 +178,11 @@ def serve_colocated(args: argparse.Namespace) -> int:
             return follow_leader("colocated", model, config, layout, lockstep)
         backend = ColocatedBackend(model, config, layout, lockstep)
         app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        server = http_server(app, args.host, args.port, args.log_level)
+        server.run()
     finally:
         lockstep.close()
-    return 0
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def serve_worker(args: argparse.Namespace) -> int:

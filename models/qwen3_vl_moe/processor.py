@@ -134,6 +134,19 @@ class Processor:
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w // self.merge_size**2
 
+    def image_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of ``height`` x ``width`` is processed at; ValueError when it cannot be."""
+        config = self.image
+        if not config.do_resize:
+            _check_divisible(height, width, config)
+            return height, width
+        return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
+
+    def num_tokens_of_image(self, height: int, width: int) -> int:
+        """Tokens an image of this size becomes, known from its size alone (before decoding it)."""
+        height, width = self.image_size(height, width)
+        return self.num_image_tokens((1, height // self.patch_size, width // self.patch_size))
+
     def __call__(self, images=None, videos=None, video_fps=None) -> dict[str, np.ndarray]:
         """images: a PIL image or a list of them. videos: a list of videos, each a list of PIL frames
         or a uint8 array [T, H, W, 3]. video_fps: the videos' source frame rate (one number, or one
@@ -169,12 +182,9 @@ class Processor:
 
     def _image(self, image: Image.Image) -> tuple[np.ndarray, list[int]]:
         config = self.image
-        if config.do_resize:
-            height, width = smart_resize(image.height, image.width, config.factor, config.min_pixels,
-                                         config.max_pixels)
+        height, width = self.image_size(image.height, image.width)
+        if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=Image.Resampling(config.resample))
-        else:
-            _check_divisible(image.height, image.width, config)
         pixels = np.asarray(image)
         if config.do_rescale:
             pixels = pixels.astype(np.float64) * config.rescale_factor

@@ -27,6 +27,8 @@ def test_stop_lists_become_tuples_and_a_single_stop_string_is_accepted():
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("inf")), "temperature"),
     (dict(temperature="hot"), "temperature"),
+    (dict(temperature=10**400), "temperature"),
+    (dict(presence_penalty=-10**400), "presence_penalty"),
     (dict(top_k=-2), "top_k"),
     (dict(top_k=2.5), "top_k"),
     (dict(top_p=0.0), "top_p"),

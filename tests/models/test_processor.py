@@ -161,6 +161,13 @@ def test_num_image_tokens_for_640x480():
     assert processor.num_image_tokens(grid) == 300
 
 
+@pytest.mark.parametrize("size", [(640, 480), (33, 1000), (5000, 4000)])
+def test_tokens_of_an_image_are_known_from_its_size_alone(size):
+    processor = Processor.default()
+    grid = processor(images=Image.new("RGB", size))["image_grid_thw"][0]
+    assert processor.num_tokens_of_image(size[1], size[0]) == processor.num_image_tokens(grid)
+
+
 @pytest.mark.parametrize("bad", ["photo.png", np.zeros((8, 8, 3), np.uint8), [Image.new("RGB", (8, 8)), None], []])
 def test_non_image_input_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="image"):

@@ -9,7 +9,8 @@ from mmserve.cluster_credential import SECRET_ENV, SECRET_FILE_ENV
 from server_process import REPO, SERVE
 
 FLAGS = ("--role", "--model", "--dtype", "--host", "--port", "--api-key-file", "--page-size", "--num-pages",
-         "--kv-cache-bytes", "--max-model-len", "--max-num-seqs", "--max-prefill-tokens")
+         "--kv-cache-bytes", "--max-model-len", "--max-num-seqs", "--max-prefill-tokens", "--max-body-bytes",
+         "--request-read-timeout", "--max-image-pixels", "--max-images-per-request")
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
@@ -29,6 +30,12 @@ def test_bad_engine_setting_is_refused_with_the_reason():
     result = _serve("--role", "colocated", "--page-size", "0")
     assert result.returncode == 2
     assert "page_size must be >= 1" in result.stderr
+
+
+def test_bad_door_limit_is_refused_with_the_reason():
+    result = _serve("--role", "colocated", "--max-body-bytes", "0")
+    assert result.returncode == 2
+    assert "--max-body-bytes: must be > 0" in result.stderr
 
 
 def test_a_worker_without_the_cluster_secret_refuses_to_start():

@@ -28,8 +28,8 @@ class Overloaded(InvalidRequest):
     """No room now: 429 (the queue is full) or 503 (waited too long, or no worker is up)."""
 
     def __init__(self, message: str, status: int, retry_after_s: int = RETRY_AFTER_S):
-        super().__init__(message, None, "overloaded" if status == 429 else "unavailable", status)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, None, "overloaded" if status == 429 else "unavailable", status,
+                         {"Retry-After": str(retry_after_s)})
 
 
 class Ticket:

@@ -4,19 +4,22 @@ in front of any ``Backend`` (the colocated engine or a disaggregated triple)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mmserve.serving.backend import Backend
 from mmserve.serving.router.admission import Admission, Overloaded
 from mmserve.serving.router.auth import ApiKeyGuard
+from mmserve.serving.router.body_guard import BodyGuard
 from mmserve.serving.router.chat import chat_completions
 from mmserve.serving.router.completions import completions
 from mmserve.serving.router.context import RouterContext
@@ -27,6 +30,7 @@ from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe import Model
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/generate": "generate"}
+log = logging.getLogger(__name__)
 
 
 def build_app(backend: Backend, model: Model, settings: RouterSettings,
@@ -56,11 +60,19 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
 
     async def rejected(request: Request, error: InvalidRequest) -> Response:
         outcome = "overloaded" if isinstance(error, Overloaded) else "rejected"
-        router.metrics.requests.labels(ENDPOINTS.get(request.url.path, request.url.path), outcome).inc()
-        response = invalid_request_response(error)
-        if isinstance(error, Overloaded):
-            response.headers["Retry-After"] = str(error.retry_after_s)
-        return response
+        router.metrics.requests.labels(_endpoint(request), outcome).inc()
+        return invalid_request_response(error)
+
+    async def not_routed(request: Request, error: HTTPException) -> Response:
+        """No such path (404) or a method the path does not take (405), in OpenAI's shape; not
+        counted, since a label per unknown path would grow without bound."""
+        return invalid_request_response(InvalidRequest(f"{error.detail}: {request.method} {request.url.path}",
+                                                       status=error.status_code, headers=error.headers))
+
+    async def client_left(request: Request, error: ClientDisconnect) -> Response:
+        log.info("%s %s: the client left before sending its whole body", request.method, request.url.path)
+        router.metrics.requests.labels(_endpoint(request), "aborted").inc()
+        return Response(status_code=499)  # nobody reads it
 
     async def failed(request: Request, error: Exception) -> Response:
         # Starlette re-raises after this answer, so the server's log shows the traceback.
@@ -81,9 +93,15 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
-        middleware=[Middleware(ApiKeyGuard, api_key=settings.api_key)],
-        exception_handlers={InvalidRequest: rejected, Exception: failed},
+        middleware=[Middleware(ApiKeyGuard, api_key=settings.api_key),
+                    Middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.request_read_timeout)],
+        exception_handlers={InvalidRequest: rejected, HTTPException: not_routed, ClientDisconnect: client_left,
+                            Exception: failed},
         lifespan=lifespan,
     )
     app.state.router = router
     return app
+
+
+def _endpoint(request: Request) -> str:
+    return ENDPOINTS.get(request.url.path, "other")

@@ -10,10 +10,11 @@ from starlette.responses import Response
 from mmserve.sampling_params import MAX_LOGPROBS
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.serving.router.chat_messages import chat_prompt
-from mmserve.serving.router.context import RouterContext, json_body, new_request_id
+from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fields, json_object, requested_int,
                                            sampling_params)
+from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
@@ -31,8 +32,8 @@ async def chat_completions(request: Request) -> Response:
     logprobs = _logprobs(body)
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     requested = requested_int(body, limit_name)
-    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer,
-                                               router.settings.allowed_local_media_path), router.model, "messages")
+    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.image_reader()),
+                           router.model, "messages")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs},

@@ -7,25 +7,24 @@ equals the offline one.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from mmserve.serving.router.errors import InvalidRequest
-from mmserve.serving.router.media import image_from_url
+from mmserve.serving.router.media import ImageReader
 from models.qwen3_vl_moe.tokenizer import Tokenizer
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_call_id"}
 
 
-def chat_prompt(messages: Any, tokenizer: Tokenizer, allowed_dir: Path | None) -> dict[str, Any]:
+def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: ImageReader) -> dict[str, Any]:
     """A prompt for ``prepare_prompt``: ``{"prompt": text, "multi_modal_data": {"image": [...]}}``."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", "messages")
     images = []
-    conversation = [_message(m, f"messages[{i}]", images, allowed_dir) for i, m in enumerate(messages)]
+    conversation = [_message(m, f"messages[{i}]", images, reader) for i, m in enumerate(messages)]
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
     except jinja2.TemplateError as error:
@@ -33,14 +32,14 @@ def chat_prompt(messages: Any, tokenizer: Tokenizer, allowed_dir: Path | None) -
     return {"prompt": text, "multi_modal_data": {"image": images} if images else {}}
 
 
-def _message(message: Any, param: str, images: list, allowed_dir: Path | None) -> dict[str, Any]:
+def _message(message: Any, param: str, images: list, reader: ImageReader) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise InvalidRequest("a message must be an object", param)
     unknown = set(message) - MESSAGE_KEYS
     if unknown:
         raise InvalidRequest(f"unsupported message field(s): {sorted(unknown)}", param)
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise InvalidRequest(f"role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
     content = message.get("content")
     if content is None and role != "assistant":
@@ -48,7 +47,7 @@ def _message(message: Any, param: str, images: list, allowed_dir: Path | None) -
     out = {key: value for key, value in message.items() if key != "content"}
     out["role"] = "system" if role == "developer" else role  # OpenAI's newer name for system
     if isinstance(content, list):
-        out["content"] = [_part(p, f"{param}.content[{j}]", images, allowed_dir) for j, p in enumerate(content)]
+        out["content"] = [_part(p, f"{param}.content[{j}]", images, reader) for j, p in enumerate(content)]
     elif isinstance(content, str) or content is None:
         out["content"] = content or ""
     else:
@@ -56,7 +55,7 @@ def _message(message: Any, param: str, images: list, allowed_dir: Path | None) -
     return out
 
 
-def _part(part: Any, param: str, images: list, allowed_dir: Path | None) -> dict[str, Any]:
+def _part(part: Any, param: str, images: list, reader: ImageReader) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         if not isinstance(part.get("text"), str):
@@ -65,7 +64,7 @@ def _part(part: Any, param: str, images: list, allowed_dir: Path | None) -> dict
     if kind == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
-        image = image_from_url(url, f"{param}.image_url", allowed_dir)
+        image = reader.from_url(url, f"{param}.image_url")
         images.append(image)
         return {"type": "image", "image": image}
     raise InvalidRequest(f"unsupported content part type {kind!r} (this server takes 'text' and 'image_url')", param)

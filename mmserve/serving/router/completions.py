@@ -9,10 +9,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
-from mmserve.serving.router.context import RouterContext, json_body, new_request_id
+from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fields, json_object, requested_int,
                                            sampling_params)
+from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import completion_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import uuid
-from typing import Any
 
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest
 from mmserve.serving.router.admission import Admission
-from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.media import ImageReader
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.serving.router.relay import Relay, RelayLimits
 from mmserve.serving.router.settings import RouterSettings
@@ -38,16 +36,13 @@ class RouterContext:
         limits = RelayLimits(self.settings.request_timeout_s, self.settings.stream_stall_timeout_s)
         return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
 
+    def image_reader(self) -> ImageReader:
+        """A fresh reader for one request's images, charged against that request's limits."""
+        return ImageReader(self.settings, self.model.processor)
+
     def token_text(self, token_id: int, as_id: bool) -> str:
         """How a token is named in logprobs; ``token_id:N`` (vLLM's form) when the client asks for ids."""
         return f"token_id:{token_id}" if as_id else self.model.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-async def json_body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
 
 
 def new_request_id(prefix: str) -> str:

@@ -6,18 +6,23 @@ request, so a rejected request changes nothing on the server.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.responses import JSONResponse
 
 
 class InvalidRequest(Exception):
-    """The client's mistake: answered 400 with the reason (or another 4xx ``status``)."""
+    """The client's mistake: answered 400 with the reason (or another 4xx ``status``, with ``headers``
+    such as ``Allow`` or ``Connection: close``)."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
         self.status = status
+        self.headers = headers
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
@@ -25,7 +30,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
 
 
 def invalid_request_response(error: InvalidRequest) -> JSONResponse:
-    return JSONResponse(error_body(error.message, "invalid_request_error", error.param, error.code), error.status)
+    return JSONResponse(error_body(error.message, "invalid_request_error", error.param, error.code), error.status,
+                        error.headers)
 
 
 def server_error_response(message: str, status: int = 500) -> JSONResponse:

@@ -15,10 +15,11 @@ from starlette.responses import JSONResponse, Response
 
 from mmserve.sampling_params import SamplingParams
 from mmserve.serving.backend import GenerateRequest
-from mmserve.serving.router.context import RouterContext, json_body, new_request_id
+from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest, backend_error_response
 from mmserve.serving.router.fields import PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params
-from mmserve.serving.router.media import image_from_base64, image_from_url
+from mmserve.serving.router.json_body import json_body
+from mmserve.serving.router.media import ImageReader
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import collect, unless_disconnected
 
@@ -35,7 +36,7 @@ async def generate(request: Request) -> Response:
     sampling = body.get("sampling_params", {})
     if not isinstance(sampling, dict):
         raise InvalidRequest("sampling_params must be an object", "sampling_params")
-    prompt = await prepare(lambda: _prompt(body), router.model, "prompt")
+    prompt = await prepare(lambda: _prompt(body, router.image_reader()), router.model, "prompt")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
                                        DEFAULT_MAX_TOKENS, router.settings.max_model_len,
                                        "prompt", "sampling_params.max_tokens")
@@ -57,11 +58,11 @@ async def generate(request: Request) -> Response:
                          "meta": meta})
 
 
-def _prompt(body: dict[str, Any]) -> dict[str, Any]:
+def _prompt(body: dict[str, Any], reader: ImageReader) -> dict[str, Any]:
     images = body.get("images", [])
     if not isinstance(images, list):
         raise InvalidRequest("images must be a list of base64 strings", "images")
-    decoded = [image_from_url(data, f"images[{i}]", None) if isinstance(data, str) and data.startswith("data:")
-               else image_from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
+    decoded = [reader.from_url(data, f"images[{i}]") if isinstance(data, str) and data.startswith("data:")
+               else reader.from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
     prompt = {key: body[key] for key in ("prompt", "prompt_token_ids") if key in body}
     return prompt | ({"multi_modal_data": {"image": decoded}} if decoded else {})
