@@ -2,9 +2,10 @@
 
 In JAX's multi-controller runtime each process launches each program over the global mesh itself,
 with the same shapes and the same host inputs; XLA's collectives then join them. Only the leader
-(process 0) schedules, so each call into a device program goes through ``Lockstep.call``: the
-leader publishes it (target, method and its host inputs) to the followers over a
-``LeaderChannel`` and then runs it; a follower's ``follow`` runs what it receives, in order, on its
+(process 0) schedules, so each call into a device program goes through ``Lockstep.call``, given
+the bound method itself (``lockstep.call(self.run_prefill, ids=...)``, so a reader follows a call
+by its name): the leader publishes it (its target's bound name, the method's name and its host
+inputs) to the followers over a ``LeaderChannel`` and then runs it; a follower's ``follow`` runs what it receives, in order, on its
 own copy of the same targets (the runner and the encoder, built the same way), until the leader
 closes. With one process there is no channel and ``call`` is a plain method call: nothing is
 copied to the host.
@@ -16,6 +17,8 @@ import logging
 import threading
 
 import numpy as np
+
+from collections.abc import Callable
 
 from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel, decode_call, encode_call
 
@@ -41,18 +44,29 @@ class Lockstep:
         return self._channel is not None
 
     def bind(self, name: str, target: object) -> None:
-        """Names a target whose methods the leader calls through ``call``."""
+        """Names a target whose methods the leader calls through ``call``; each process binds its
+        own copy under the same name."""
         self._targets[name] = target
 
-    def call(self, target: str, method: str, **inputs):
-        """Runs ``target.method(**inputs)`` here and, first, on every follower.
+    def call(self, program: Callable, **inputs):
+        """Runs ``program(**inputs)`` (a method of a bound target) here and, first, on every
+        follower, on its own copy of the target.
 
         Inputs are host values or arrays the leader can read (NumPy, ints, None, its own device
         arrays); across processes every process, the leader too, runs on their NumPy copies.
         """
-        return self._call(target, method, inputs, answer=False)
+        return self._call(program, inputs, answer=False)
 
-    def _call(self, target: str, method: str, inputs: dict, answer: bool):
+    def _address(self, program: Callable) -> tuple[str, str]:
+        """(the bound name of the program's target, the method's name): what a follower looks up."""
+        owner = getattr(program, "__self__", None)
+        for name, target in self._targets.items():
+            if target is owner:
+                return name, program.__name__
+        raise ValueError(f"{program!r} is not a method of a target bound to this lockstep")
+
+    def _call(self, program: Callable, inputs: dict, answer: bool):
+        target, method = self._address(program)
         if not self.is_leader:
             raise RuntimeError("a follower runs only what the leader publishes")
         with self._lock:
@@ -63,13 +77,13 @@ class Lockstep:
                 # placed on the other processes' devices.
                 inputs = {k: _host(v) for k, v in inputs.items()}
                 self._channel.publish(encode_call(target, method, inputs, answer))
-            return getattr(self._targets[target], method)(**inputs)
+            return program(**inputs)
 
-    def call_and_wait(self, target: str, method: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
-        """Runs ``target.method()`` on every process and returns once all of them have finished it:
-        for work whose length differs between processes (compiling, where one may find its
-        programs in the cache and another not), which the next collective must not wait on."""
-        self._call(target, method, {}, answer=True)
+    def call_and_wait(self, program: Callable, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+        """Runs ``program()`` on every process and returns once all of them have finished it: for
+        work whose length differs between processes (compiling, where one may find its programs
+        in the cache and another not), which the next collective must not wait on."""
+        self._call(program, {}, answer=True)
         if self._channel is not None:
             self._channel.wait_for_done(timeout_s)
 

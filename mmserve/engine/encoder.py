@@ -81,7 +81,7 @@ class Encoder:
         patches[:n] = np.concatenate([v.pixel_values for _, v in batch])
         padded = tables.padded(size)
         embeds, deepstack = self.lockstep.call(
-            "encoder", "run_encode", patches=patches, interp_idx=padded.interp_idx,
+            self.run_encode, patches=patches, interp_idx=padded.interp_idx,
             interp_weight=padded.interp_weight, rope_pos=padded.rope_pos, segment_ids=padded.segment_ids)
         embeds, deepstack = np.asarray(embeds), np.asarray(deepstack)
         merge, out, start = self.model.config.vision.merge_unit, {}, 0

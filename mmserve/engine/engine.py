@@ -61,7 +61,7 @@ class LLMEngine:
         self._programs = programs
         self.runner.lockstep.bind("engine", self)
         if self.config.precompile and self.runner.lockstep.is_leader:  # followers compile when this call reaches them
-            self.runner.lockstep.call_and_wait("engine", "run_compile")
+            self.runner.lockstep.call_and_wait(self.run_compile)
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()

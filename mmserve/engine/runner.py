@@ -98,7 +98,7 @@ class ModelRunner:
 
     def read_kv(self, page_table: list[int], num_tokens: int):
         """(k, v) rows [bucket(num_tokens), layers, kv, d] of a sequence, on this process's devices."""
-        k, v = self.lockstep.call("runner", "run_read_kv", page_table=self._page_tables([page_table], 1)[0],
+        k, v = self.lockstep.call(self.run_read_kv, page_table=self._page_tables([page_table], 1)[0],
                                   rows=self.grid.kv_rows(num_tokens))
         return _local(k), _local(v)
 
@@ -106,7 +106,7 @@ class ModelRunner:
         return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows)), self.layout)
 
     def write_kv(self, page_table: list[int], k_rows, v_rows, num_tokens: int) -> None:
-        self.lockstep.call("runner", "run_write_kv", page_table=self._page_tables([page_table], 1)[0],
+        self.lockstep.call(self.run_write_kv, page_table=self._page_tables([page_table], 1)[0],
                            k_rows=k_rows, v_rows=v_rows, num_tokens=np.int32(num_tokens))
 
     def run_write_kv(self, page_table, k_rows, v_rows, num_tokens):
@@ -117,7 +117,7 @@ class ModelRunner:
     def load_slot(self, request: Request) -> None:
         """Points the request's penalty slot at its prompt and output so far."""
         size = self.grid.slot_ids
-        self.lockstep.call("runner", "run_load_slot", slot=np.int32(request.slot),
+        self.lockstep.call(self.run_load_slot, slot=np.int32(request.slot),
                            prompt_ids=padded_token_ids(request.prompt_ids, size),
                            output_ids=padded_token_ids(request.output_ids, size))
 
@@ -154,7 +154,7 @@ class ModelRunner:
             visual_rows = visual_rows.astype(self.model.dtype)
             visual_deepstack = visual_deepstack.astype(self.model.dtype)
         width = grid.prefill_width(t, continues=any(ch.start > 0 for ch in chunks))
-        self.lockstep.call("runner", "run_prefill", ids=ids, positions=positions,
+        self.lockstep.call(self.run_prefill, ids=ids, positions=positions,
                            page_tables=self._page_tables(page_tables, rows, width),
                            starts=starts, lengths=lengths, visual_rows=visual_rows,
                            visual_deepstack=visual_deepstack, visual_index=visual_index)
@@ -177,7 +177,7 @@ class ModelRunner:
             tokens[i] = r.token_ids(r.num_computed, r.num_computed + 1)[0]
             positions[i] = r.positions(r.num_computed, r.num_computed + 1)[:, 0]
             context[i] = r.num_computed
-        self.lockstep.call("runner", "run_decode", tokens=tokens, positions=positions,
+        self.lockstep.call(self.run_decode, tokens=tokens, positions=positions,
                            page_tables=self._page_tables(page_tables, rows, self.grid.page_width(max(context) + 1)),
                            context=context)
 
@@ -196,7 +196,7 @@ class ModelRunner:
             [r.slot if r else 0 for r in padded],
             rows)
         batch = batch._replace(valid=np.array([r is not None for r in padded]))
-        out = self.lockstep.call("runner", "run_sample", **batch._asdict())
+        out = self.lockstep.call(self.run_sample, **batch._asdict())
         ids = np.asarray(out.token_ids)
         if all(r is None or r.params.logprobs is None for r in requests):
             return SampledTokens(ids)

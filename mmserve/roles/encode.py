@@ -32,7 +32,7 @@ def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None
     lockstep) when ``engine.precompile`` asks."""
     encoder = Encoder(model, engine, layout, lockstep)
     if engine.precompile and encoder.lockstep.is_leader:
-        encoder.lockstep.call_and_wait("encoder", "run_compile")
+        encoder.lockstep.call_and_wait(encoder.run_compile)
     return encoder
 
 

@@ -63,7 +63,7 @@ def pair():
 
 def test_follower_runs_the_leaders_calls_in_order_on_the_same_values(pair):
     leader, mine, theirs, thread = pair
-    results = [leader.call("r", "add", a=np.full(3, i, np.float32), b=None if i % 2 else np.ones(3, np.float32),
+    results = [leader.call(mine.add, a=np.full(3, i, np.float32), b=None if i % 2 else np.ones(3, np.float32),
                            scale=i) for i in range(5)]
     np.testing.assert_array_equal(results[2], [4, 4, 4])
     leader.close()
@@ -78,8 +78,8 @@ def test_follower_runs_the_leaders_calls_in_order_on_the_same_values(pair):
 def test_a_call_that_fails_everywhere_raises_on_the_leader_and_the_follower_goes_on(pair):
     leader, mine, theirs, thread = pair
     with pytest.raises(ValueError, match="same error"):
-        leader.call("r", "fail")
-    assert leader.call("r", "add", a=np.ones(1), b=None, scale=1)[0] == 1
+        leader.call(mine.fail)
+    assert leader.call(mine.add, a=np.ones(1), b=None, scale=1)[0] == 1
     leader.close()
     thread.join(timeout=10)
     assert [c[0] for c in theirs.calls] == ["fail", "add"]
@@ -89,7 +89,7 @@ def test_call_and_wait_returns_once_the_slower_follower_has_finished(pair):
     """What keeps a leader that found its programs in the cache from entering a collective while a
     follower still compiles."""
     leader, mine, theirs, thread = pair
-    leader.call_and_wait("r", "slow")
+    leader.call_and_wait(mine.slow)
     assert mine.calls == theirs.calls == [("slow",)]
 
 
@@ -103,9 +103,19 @@ def test_leader_gives_up_on_followers_that_never_come():
 def test_a_follower_cannot_call_and_a_leader_cannot_follow():
     channel = LeaderChannel("127.0.0.1", 0)
     follower = Lockstep(FollowerChannel(channel.endpoint, 1))
+    theirs = Recorder()
+    follower.bind("r", theirs)
     with pytest.raises(RuntimeError):
-        follower.call("r", "add")
+        follower.call(theirs.add)
     with pytest.raises(RuntimeError):
         Lockstep().follow()
     follower.close()
     channel.close()
+
+
+def test_only_methods_of_bound_targets_can_be_called():
+    lockstep, bound, stranger = Lockstep(), Recorder(), Recorder()
+    lockstep.bind("r", bound)
+    assert lockstep.call(bound.add, a=np.ones(2), b=np.ones(2), scale=2)[0] == 3
+    with pytest.raises(ValueError, match="not a method of a target bound"):
+        lockstep.call(stranger.add, a=np.ones(2), b=None, scale=2)
