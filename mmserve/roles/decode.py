@@ -18,14 +18,14 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
+from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request
 from mmserve.roles.fields import kv_fields
-from mmserve.roles.wire import event_from_output, sampling_from_pb
+from mmserve.roles.wire import event_to_pb, sampling_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
-from mmserve.stop import streamable_text
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferMode
@@ -53,12 +53,10 @@ class Incoming:
 
 @dataclasses.dataclass
 class Outgoing:
-    """A decoding request's stream back to the router, and how much of its output was sent."""
+    """A decoding request's stream back to the router, and what of its output was sent."""
 
     queue: queue.Queue
-    params: SamplingParams
-    tokens_sent: int = 0
-    chars_sent: int = 0
+    output: OutputStream
 
 
 DECODE_PROGRAMS = frozenset({"decode"})
@@ -178,20 +176,15 @@ class DecodeRole:
         request = Request(incoming.request_id, incoming.prompt_ids, incoming.params, NO_EMBEDDINGS,
                           int(aux["rope_delta"]), None, num_computed=len(incoming.prompt_ids))
         first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
-        self._streams[incoming.request_id] = Outgoing(incoming.stream, incoming.params)
+        self._streams[incoming.request_id] = Outgoing(incoming.stream, OutputStream(incoming.params))
         self._emit(self.engine.admit_prefilled(request, incoming.slot, received.arrays["k"], received.arrays["v"],
                                                first))
 
     def _emit(self, output: RequestOutput) -> None:
         out = self._streams[output.request_id]
-        completion = output.outputs[0]
-        text = completion.text if output.finished else streamable_text(out.params, completion.text)
-        event = event_from_output(output, out.tokens_sent, text, out.chars_sent)
         if output.finished:
             del self._streams[output.request_id]
-        else:
-            out.tokens_sent, out.chars_sent = len(completion.token_ids), len(text)
-        out.queue.put(event)
+        out.queue.put(event_to_pb(output.request_id, out.output.delta(output)))
 
 
 class DecodeService(WorkerService):

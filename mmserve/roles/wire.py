@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from mmserve.engine.inputs import Visual
-from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.output_stream import OutputDelta
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
 
@@ -36,18 +36,16 @@ def sampling_from_pb(message: pb.Sampling) -> SamplingParams:
     return SamplingParams.from_dict(json.loads(message.json))
 
 
-def event_from_output(output: RequestOutput, sent_tokens: int, text: str, sent_chars: int) -> pb.TokenEvent:
-    """The tokens of ``output`` past the first ``sent_tokens``, and ``text`` (the output text that is
-    safe to show now) past its first ``sent_chars`` characters, as one stream event: each event
-    carries only what is new, so a stream costs O(its length) on the wire."""
-    completion = output.outputs[0]
-    event = pb.TokenEvent(request_id=output.request_id, token_ids=completion.token_ids[sent_tokens:],
-                          text_delta=text[sent_chars:], finish_reason=completion.finish_reason or "")
-    if isinstance(completion.stop_reason, str):
-        event.stop_string = completion.stop_reason
-    elif completion.stop_reason is not None:
-        event.stop_token_id = completion.stop_reason
-    for lp in (completion.logprobs or [])[sent_tokens:]:
+def event_to_pb(request_id: str, delta: OutputDelta) -> pb.TokenEvent:
+    """One stream event: only what is new (tokens, logprobs, text), so a stream costs O(its length)
+    on the wire."""
+    event = pb.TokenEvent(request_id=request_id, token_ids=delta.token_ids, text_delta=delta.text_delta,
+                          finish_reason=delta.finish_reason or "")
+    if isinstance(delta.stop_reason, str):
+        event.stop_string = delta.stop_reason
+    elif delta.stop_reason is not None:
+        event.stop_token_id = delta.stop_reason
+    for lp in delta.logprobs or []:
         event.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                               top_ids=list(lp.top), top_logprobs=list(lp.top.values())))
     return event

@@ -20,10 +20,10 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
+from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.rejected import RequestRejected
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
-from mmserve.stop import streamable_text
 from models.qwen3_vl_moe import Model
 
 IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its inbox before looking again
@@ -46,7 +46,7 @@ class _Stream:
     """The engine thread's view of one request's client: where to send and what was sent."""
 
     add: _Add
-    tokens_sent: int = 0
+    output: OutputStream
 
     def send(self, event: TokenEvent) -> None:
         try:
@@ -153,7 +153,7 @@ class ColocatedBackend:
     def _apply(self, command: _Add | _Abort | None) -> None:
         if isinstance(command, _Add):
             request = command.request
-            stream = _Stream(command)
+            stream = _Stream(command, OutputStream(request.params))
             try:
                 self._engine.add_request(request.prompt, request.params, request.request_id)
             except RequestRejected as error:  # add_request changes nothing until it succeeds
@@ -177,17 +177,13 @@ class ColocatedBackend:
             if output.finished:
                 del self._streams[output.request_id]
 
-    def _event(self, output: RequestOutput, stream: _Stream) -> TokenEvent:
-        completion = output.outputs[0]
-        new = slice(stream.tokens_sent, len(completion.token_ids))
-        stream.tokens_sent = len(completion.token_ids)
-        logprobs = None
-        if completion.logprobs is not None:
-            logprobs = [TokenLogprob(lp.token_id, lp.logprob, lp.top) for lp in completion.logprobs[new]]
-        params = stream.add.request.params
-        text = completion.text if output.finished else streamable_text(params, completion.text)
-        return TokenEvent(output.request_id, completion.token_ids[new], logprobs, completion.finish_reason,
-                          completion.stop_reason, text)
+    @staticmethod
+    def _event(output: RequestOutput, stream: _Stream) -> TokenEvent:
+        delta = stream.output.delta(output)
+        logprobs = None if delta.logprobs is None else [TokenLogprob(lp.token_id, lp.logprob, lp.top)
+                                                         for lp in delta.logprobs]
+        return TokenEvent(output.request_id, delta.token_ids, logprobs, delta.finish_reason, delta.stop_reason,
+                          delta.text)
 
     def _fail_all(self, reason: str) -> None:
         for request_id, stream in self._streams.items():
@@ -199,4 +195,4 @@ class ColocatedBackend:
             except queue.Empty:
                 return
             if isinstance(command, _Add):
-                _Stream(command).send(TokenEvent(command.request.request_id, [], error=reason))
+                _Stream(command, OutputStream(command.request.params)).send(TokenEvent(command.request.request_id, [], error=reason))

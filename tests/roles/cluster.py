@@ -96,7 +96,7 @@ class Cluster:
     def health(self) -> tuple[int, dict]:
         return get_json(f"{self.url}/health")
 
-    def wait_healthy(self, timeout: float = 240) -> dict:
+    def wait_healthy(self, timeout: float = 480) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for role, process in self.processes.items():

@@ -30,7 +30,7 @@ def server(tmp_path_factory):
                                env={k: v for k, v in os.environ.items() if k != SECRET_ENV} | {"JAX_PLATFORMS": "cpu"},
                                stdout=open(logs / "all.log", "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480
     while True:
         assert process.poll() is None, (logs / "all.log").read_text()[-3000:]
         try:

@@ -18,7 +18,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = REPO / "scripts" / "serve.py"
-READY_TIMEOUT_S = 240  # loading and the first health answer on a busy 2-core machine
+READY_TIMEOUT_S = 480  # loading and compiling every program on a busy 2-core machine
 
 
 def free_port() -> int:
