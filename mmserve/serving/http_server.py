@@ -1,0 +1,58 @@
+"""Running the HTTP API under uvicorn, for the colocated server and the router alike: health polls
+stay out of the access log, and one line says where the API is ready once ``/health`` would
+answer 200 (the router's only when a worker of every role has registered)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+from starlette.applications import Starlette
+
+from mmserve.serving.backend import Backend
+
+log = logging.getLogger("mmserve")
+
+HEALTH_PATH = "/health"
+READY_POLL_S = 0.5
+GRACEFUL_SHUTDOWN_S = 5
+
+
+class HealthPollFilter(logging.Filter):
+    """Drops uvicorn's access lines for ``/health``: load balancers, supervisors and the demo poll
+    it every second, and its 503s while the roles start are expected, not errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's access record: (client, method, path?query, http version, status)
+        return not (isinstance(args, tuple) and len(args) == 5 and str(args[2]).split("?")[0] == HEALTH_PATH)
+
+
+async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log_level: str) -> None:
+    """Serves ``app`` until a signal stops it, logging ``ready on http://host:port`` once."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    access = logging.getLogger("uvicorn.access")  # after Config, which configures uvicorn's loggers
+    if not any(isinstance(f, HealthPollFilter) for f in access.filters):
+        access.addFilter(HealthPollFilter())
+    announcer = asyncio.create_task(_announce_ready(server, backend, f"http://{host}:{port}"))
+    try:
+        await server.serve()
+    finally:
+        announcer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await announcer
+
+
+async def _announce_ready(server: uvicorn.Server, backend: Backend, url: str) -> None:
+    while not (server.started and await _healthy(backend)):
+        await asyncio.sleep(READY_POLL_S)
+    log.info("ready on %s", url)
+
+
+async def _healthy(backend: Backend) -> bool:
+    try:
+        return bool((await backend.health()).get("healthy"))
+    except Exception:  # /health answers 503 for the same reason: not ready yet
+        return False
