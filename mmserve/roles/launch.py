@@ -112,9 +112,13 @@ def load_role_model(args: argparse.Namespace, layout):
     parameters = sum(leaf.size for leaf in jax.tree.leaves(model.params))
     devices = layout.mesh.devices.size if layout else 1
     what = "tiny (random weights: it answers gibberish)" if args.model == "tiny" else args.model
-    log.info("weights loaded: %s, %.1f M parameters in %s on %d %s device(s), in %.1f s", what, parameters / 1e6,
+    log.info("weights loaded: %s, %s parameters in %s on %d %s device(s), in %.1f s", what, _amount(parameters),
              args.dtype, devices, jax.default_backend(), time.monotonic() - start)
     return model
+
+
+def _amount(n: int) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
 def join_role(args: argparse.Namespace):

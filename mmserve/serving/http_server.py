@@ -46,8 +46,12 @@ async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log
 
 
 async def _announce_ready(server: uvicorn.Server, backend: Backend, url: str) -> None:
-    while not (server.started and await _healthy(backend)):
+    while not server.started:
         await asyncio.sleep(READY_POLL_S)
+    if not await _healthy(backend):
+        log.info("listening on %s, not ready: /health answers 503 until every stage is up", url)
+        while not await _healthy(backend):
+            await asyncio.sleep(READY_POLL_S)
     log.info("ready on %s", url)
 
 
