@@ -36,20 +36,26 @@ def server(all_log):
                                env={k: v for k, v in os.environ.items() if k != SECRET_ENV} | {"JAX_PLATFORMS": "cpu"},
                                stdout=open(all_log, "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
+    try:  # a start that fails or times out stops what it started too
+        _wait_healthy(process, port, all_log)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def _wait_healthy(process, port: int, all_log) -> None:
     deadline = time.monotonic() + 240
     while True:
         assert process.poll() is None, all_log.read_text()[-3000:]
         try:
             if get_json(f"http://127.0.0.1:{port}/health")[0] == 200:
-                break
+                return
         except OSError:
             pass
         assert time.monotonic() < deadline, "serve.py --role all did not become healthy"
         time.sleep(1)
-    yield process, port
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def test_role_all_start_up_says_what_each_process_did(server, all_log):
