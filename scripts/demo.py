@@ -1,7 +1,15 @@
-"""The README's main job: start ``serve.py --role all`` on the tiny model, ask it one chat question
-about a generated picture over the OpenAI chat API, print the answer, stop the server.
+"""The README's main job: start ``serve.py --role all`` (router, encode, prefill and decode on
+loopback), ask it one chat question about a generated picture with the openai client, print the
+answer, stop the server.
 
+    pip install -e ".[client]"
     python scripts/demo.py [--model tiny] [--port 8000]
+
+``tiny`` is a built-in model with random weights: the pipeline, the transfers and the API are
+real, its words are not (the answer is gibberish, often with U+FFFD characters where random tokens
+split a character). For a real answer, point it at a Hugging Face checkpoint directory:
+
+    python scripts/demo.py --model /path/to/Qwen3-VL-30B-A3B-Instruct
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from pathlib import Path
 from generate import generated_image
 
 SERVE = Path(__file__).with_name("serve.py")
+TINY_NOTE = """\
+note: 'tiny' has random weights, so the answer above is gibberish: it shows the request crossed
+encode -> prefill -> decode and came back, not what the model would say. For a real answer:
+    python scripts/demo.py --model /path/to/Qwen3-VL-30B-A3B-Instruct    # a Hugging Face checkpoint directory"""
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> dict:
@@ -36,31 +48,43 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> dict:
     raise SystemExit(f"the server did not become healthy within {timeout:.0f}s")
 
 
+def picture_url() -> str:
+    buf = io.BytesIO()
+    generated_image().save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server to come up")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (random weights) or a Hugging Face / orbax checkpoint directory (default: tiny)")
+    p.add_argument("--port", type=int, default=8000, help="the server's HTTP port (default: 8000)")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds to wait for the server to come up (default: 600)")
     args = p.parse_args()
+    try:
+        import openai
+    except ImportError:
+        raise SystemExit('the demo talks to the server with the openai client: pip install -e ".[client]"')
     url = f"http://127.0.0.1:{args.port}"
+    if args.model == "tiny":
+        print("demo: 'tiny' has random weights: expect gibberish; the pipeline and the API are what is shown")
+    print(f"demo: starting serve.py --role all --model {args.model} on {url} (a few minutes on a small CPU host)")
     server = subprocess.Popen([sys.executable, str(SERVE), "--role", "all", "--model", args.model,
                                "--port", str(args.port)], start_new_session=True)
     try:
         health = wait_healthy(url, server, args.timeout)
         print("roles up:", {role: [w["name"] for w in workers] for role, workers in health["roles"].items()})
-        buf = io.BytesIO()
-        generated_image().save(buf, format="PNG")
-        picture = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        body = {"model": args.model, "max_tokens": 24, "temperature": 0, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture}},
-                                         {"type": "text", "text": "Describe this image."}]}]}
-        request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"content-type": "application/json",
-                                                  "authorization": f"Bearer {os.environ.get('MMSERVE_API_KEY', '')}"})
-        with urllib.request.urlopen(request, timeout=args.timeout) as reply:
-            answer = json.loads(reply.read())
-        print("answer:", repr(answer["choices"][0]["message"]["content"]))
-        print("usage:", answer["usage"])
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("MMSERVE_API_KEY") or "unused",
+                               timeout=args.timeout, max_retries=0)
+        start = time.monotonic()
+        answer = client.chat.completions.create(model=args.model, max_tokens=24, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture_url()}},
+                                         {"type": "text", "text": "Describe this image."}]}])
+        print(f"answer ({time.monotonic() - start:.1f} s):", repr(answer.choices[0].message.content))
+        print("usage:", answer.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}))
+        if args.model == "tiny":
+            print(TINY_NOTE)
         return 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)

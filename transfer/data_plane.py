@@ -1,6 +1,6 @@
 """The data plane interface: a sender offers a chunk's arrays, a receiver pulls them.
 
-Pull-based, as in DESIGN.md: the sender never connects to the receiver; it offers arrays
+Pull-based (docs/transfer.md): the sender never connects to the receiver; it offers arrays
 under a uuid and the receiver, told the uuid and shapes on the control plane, pulls them
 straight into its own device memory. Two implementations sit behind this interface:
 

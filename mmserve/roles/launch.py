@@ -17,12 +17,14 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, MissingCredential
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
 from transfer.config import TransferConfig
 
+log = logging.getLogger("mmserve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,14 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     from mmserve.roles.worker import serve_worker
-    from models.qwen3_vl_moe import load_model
 
     if not args.bootstrap or not args.router_url:
         print("serve.py: a worker needs --bootstrap and --router-url", file=sys.stderr)
         return 2
-    # force: importing orbax (through absl) has already configured the root logger at WARNING
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {args.role} %(levelname)s %(message)s",
-                        force=True)
+    configure_logging(args.role, args.log_level)
     credential = cluster_credential(args)
     if credential is None:
         return 2
@@ -66,8 +65,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
-        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
-                           moe_dispatch=args.moe_dispatch)
+        model = load_role_model(args, layout)
         if not lockstep.is_leader:
             return follow_leader(args.role, model, engine, layout, lockstep)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep)
@@ -90,6 +88,37 @@ def _role_service(args, model, engine: EngineConfig, transfer: TransferConfig, n
     from mmserve.roles.decode import DecodeRole, decode_service
 
     return decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
+
+
+def configure_logging(process: str, level: str) -> None:
+    """This process's lines at ``level``, each naming the process (``--role all`` interleaves four)."""
+    # force: importing orbax (through absl) has already configured the root logger at WARNING
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {process} %(levelname)s %(message)s", force=True)
+    # jax logs every platform it probed and lacks ("Unable to initialize backend 'tpu'") at INFO;
+    # the weights line names the devices this process does use.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def load_role_model(args: argparse.Namespace, layout):
+    """The role's model (its parameters in their shards under ``layout``), and one line saying
+    what was loaded, onto which devices, in how long."""
+    import jax
+
+    from models.qwen3_vl_moe import load_model
+
+    start = time.monotonic()
+    model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
+                       moe_dispatch=args.moe_dispatch)
+    parameters = sum(leaf.size for leaf in jax.tree.leaves(model.params))
+    devices = layout.mesh.devices.size if layout else 1
+    what = "tiny (random weights: it answers gibberish)" if args.model == "tiny" else args.model
+    log.info("weights loaded: %s, %s parameters in %s on %d %s device(s), in %.1f s", what, _amount(parameters),
+             args.dtype, devices, jax.default_backend(), time.monotonic() - start)
+    return model
+
+
+def _amount(n: int) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
 def join_role(args: argparse.Namespace):
@@ -142,11 +171,12 @@ def mesh_layout(args: argparse.Namespace):
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
     from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool, serve_registry
-    from mmserve.serving.http_server import http_server
+    from mmserve.serving.http_server import serve_http
     from mmserve.serving.router import build_app
     from models.qwen3_vl_moe import load_model
     from transfer.bootstrap import BootstrapServer
 
+    configure_logging("router", args.log_level)
     credential = cluster_credential(args)
     if credential is None:
         return 2
@@ -154,13 +184,13 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
     frontend = load_model(args.model, dtype=args.dtype, weights=False)
     pool = WorkerPool(credential.grpc_token)
-    app = build_app(DisaggregatedBackend(pool), frontend, settings)
+    backend = DisaggregatedBackend(pool)
+    app = build_app(backend, frontend, settings)
 
     async def main() -> None:
         registry = await serve_registry(pool, args.host, args.registry_port)
-        server = http_server(app, args.host, args.port, args.log_level)
         try:
-            await server.serve()
+            await serve_http(app, backend, args.host, args.port, args.log_level)
         finally:
             await registry.stop(grace=1)
 
@@ -176,7 +206,7 @@ def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
     dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C stops them all."""
     from mmserve.roles.supervisor import Supervisor
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s all %(levelname)s %(message)s", force=True)
+    configure_logging("all", args.log_level)
     registry_port, bootstrap_port = _free_port(), _free_port()
     # --role all makes one secret for this run (a file given to it is not passed down) and hands
     # it to the children in their environment, never their argv.

@@ -7,8 +7,8 @@ roles (encode, prefill, decode, router, all) are launched by ``mmserve.roles.lau
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -19,7 +19,7 @@ from mmserve.engine.warmup import CACHE_ENV, default_cache_dir, use_compilation_
 from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
-from mmserve.roles.launch import follow_leader, join_role
+from mmserve.roles.launch import configure_logging, follow_leader, join_role, load_role_model
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
@@ -158,31 +158,26 @@ def api_key(args: argparse.Namespace) -> str | None:
 def serve_colocated(args: argparse.Namespace) -> int:
     """The HTTP API over one engine in this process: the reference the disaggregated roles must equal."""
     from mmserve.serving.colocated import ColocatedBackend
-    from mmserve.serving.http_server import http_server
+    from mmserve.serving.http_server import serve_http
     from mmserve.serving.router import build_app
-    from models.qwen3_vl_moe import load_model
 
     try:
         config = engine_config(args)
     except ValueError as error:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return USAGE_EXIT
-    # force: importing orbax (through absl) has already configured the root logger at WARNING
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s colocated %(levelname)s %(message)s",
-                        force=True)
+    configure_logging("colocated", args.log_level)
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
-        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
-                           moe_dispatch=args.moe_dispatch)
+        model = load_role_model(args, layout)
         if not lockstep.is_leader:
             return follow_leader("colocated", model, config, layout, lockstep)
         backend = ColocatedBackend(model, config, layout, lockstep)
         app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
-        server = http_server(app, args.host, args.port, args.log_level)
-        server.run()
+        started = asyncio.run(serve_http(app, backend, args.host, args.port, args.log_level))
     finally:
         lockstep.close()
-    return 0 if server.started else STARTUP_FAILURE
+    return 0 if started else STARTUP_FAILURE
 
 
 def serve_worker(args: argparse.Namespace) -> int:

@@ -1,25 +1,75 @@
-"""The HTTP server the router runs in, the same for ``--role colocated`` and ``--role router``.
+"""Running the HTTP API under uvicorn, for the colocated server and the router alike: health polls
+stay out of the access log, and one line says where the API is ready once ``/health`` would
+answer 200 (the router's only when a worker of every role has registered).
 
 uvicorn's connection-level limits, stated here rather than left to its defaults: h11 (pinned, so
 that installing httptools does not silently swap in a parser without a header cap) refuses a
 request line plus headers larger than ``MAX_HEADER_BYTES`` with a 400 and closes the connection,
 and a connection idle for ``KEEP_ALIVE_S`` after a response is closed. What uvicorn does not bound
 (the time to send the headers, the number of open connections) is in docs/security.md; the body's
-size and arrival time are the router's (``router.body_guard``).
-"""
+size and arrival time are the router's (``router.body_guard``)."""
 
 from __future__ import annotations
 
-import uvicorn
-from starlette.types import ASGIApp
+import asyncio
+import contextlib
+import logging
 
+import uvicorn
+from starlette.applications import Starlette
+
+from mmserve.serving.backend import Backend
+
+log = logging.getLogger("mmserve")
+
+HEALTH_PATH = "/health"
+READY_POLL_S = 0.5
 MAX_HEADER_BYTES = 16 * 1024  # h11's default, as nginx's large_client_header_buffers allows per line
 KEEP_ALIVE_S = 5
 GRACEFUL_SHUTDOWN_S = 5
 
 
-def http_server(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http="h11",
-                                         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                                         timeout_keep_alive=KEEP_ALIVE_S,
-                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+class HealthPollFilter(logging.Filter):
+    """Drops uvicorn's access lines for ``/health``: load balancers, supervisors and the demo poll
+    it every second, and its 503s while the roles start are expected, not errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's access record: (client, method, path?query, http version, status)
+        return not (isinstance(args, tuple) and len(args) == 5 and str(args[2]).split("?")[0] == HEALTH_PATH)
+
+
+async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log_level: str) -> bool:
+    """Serves ``app`` until a signal stops it, logging ``ready on http://host:port`` once; False
+    when the server never started (its port taken, say)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http="h11",
+                                           h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                                           timeout_keep_alive=KEEP_ALIVE_S,
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    access = logging.getLogger("uvicorn.access")  # after Config, which configures uvicorn's loggers
+    if not any(isinstance(f, HealthPollFilter) for f in access.filters):
+        access.addFilter(HealthPollFilter())
+    announcer = asyncio.create_task(_announce_ready(server, backend, f"http://{host}:{port}"))
+    try:
+        await server.serve()
+    finally:
+        announcer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await announcer
+    return server.started
+
+
+async def _announce_ready(server: uvicorn.Server, backend: Backend, url: str) -> None:
+    while not server.started:
+        await asyncio.sleep(READY_POLL_S)
+    if not await _healthy(backend):
+        log.info("listening on %s, not ready: /health answers 503 until every stage is up", url)
+        while not await _healthy(backend):
+            await asyncio.sleep(READY_POLL_S)
+    log.info("ready on %s", url)
+
+
+async def _healthy(backend: Backend) -> bool:
+    try:
+        return bool((await backend.health()).get("healthy"))
+    except Exception:  # /health answers 503 for the same reason: not ready yet
+        return False

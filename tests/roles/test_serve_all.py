@@ -4,6 +4,7 @@ every process it started."""
 
 import concurrent.futures
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,29 +22,54 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("all_logs")
+def all_log(tmp_path_factory):
+    """What ``--role all`` and its processes print, at the default log level."""
+    return tmp_path_factory.mktemp("all_logs") / "all.log"
+
+
+@pytest.fixture(scope="module")
+def server(all_log):
     port = free_port()
     process = subprocess.Popen([sys.executable, SERVE, "--role", "all", "--model", "tiny", "--port", str(port),
                                 "--num-pages", "256", "--page-size", "8", "--max-model-len", "512",
                                 "--max-prefill-tokens", "128"],
                                env={k: v for k, v in os.environ.items() if k != SECRET_ENV} | {"JAX_PLATFORMS": "cpu"},
-                               stdout=open(logs / "all.log", "wb"), stderr=subprocess.STDOUT,
+                               stdout=open(all_log, "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
+    try:  # a start that fails or times out stops what it started too
+        _wait_healthy(process, port, all_log)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def _wait_healthy(process, port: int, all_log) -> None:
     deadline = time.monotonic() + 480
     while True:
-        assert process.poll() is None, (logs / "all.log").read_text()[-3000:]
+        assert process.poll() is None, all_log.read_text()[-3000:]
         try:
             if get_json(f"http://127.0.0.1:{port}/health")[0] == 200:
-                break
+                return
         except OSError:
             pass
         assert time.monotonic() < deadline, "serve.py --role all did not become healthy"
         time.sleep(1)
-    yield process, port
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+
+
+def test_role_all_start_up_says_what_each_process_did(server, all_log):
+    """Weights loaded and programs compiled, a line each per process; the URL once every role is
+    ready; none of the health polls (503 until then) in the access log."""
+    ready = f"router INFO ready on http://127.0.0.1:{server[1]}"
+    deadline = time.monotonic() + 10  # the router notices readiness on its own next poll
+    while ready not in (log := all_log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready in log, log[-3000:]
+    for role in ("encode", "prefill", "decode"):
+        assert re.search(rf"{role} INFO weights loaded: tiny \(random weights", log), role
+        assert re.search(rf"{role} INFO \w+: \d+ programs compiled, \d+ loaded from the compilation cache", log), role
+    assert "GET /health" not in log
 
 
 @pytest.fixture(scope="module")

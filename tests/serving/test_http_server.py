@@ -1,0 +1,26 @@
+"""The HTTP server's log: health polls (every second while the roles start, 503 until they are
+ready) are not access lines; every other request is."""
+
+import logging
+
+from mmserve.serving.http_server import HealthPollFilter
+
+ACCESS_FORMAT = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access record
+
+
+def _access_record(path: str, status: int) -> logging.LogRecord:
+    return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 0, ACCESS_FORMAT,
+                             ("127.0.0.1:5000", "GET", path, "1.1", status), None)
+
+
+def test_health_polls_stay_out_of_the_access_log():
+    keep = HealthPollFilter().filter
+    assert not keep(_access_record("/health", 503))
+    assert not keep(_access_record("/health?probe=1", 200))
+
+
+def test_other_requests_stay_in_the_access_log():
+    keep = HealthPollFilter().filter
+    assert keep(_access_record("/v1/chat/completions", 503))
+    assert keep(_access_record("/healthz", 404))
+    assert keep(logging.LogRecord("uvicorn.access", logging.INFO, __file__, 0, "no arguments", None, None))
