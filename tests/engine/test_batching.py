@@ -1,5 +1,7 @@
 """Continuous batching gives every request the output it gets alone; seeds; preemption; page widths."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -73,8 +75,14 @@ def test_decode_reads_only_the_pages_its_longest_sequence_needs(llm):
     from mmserve.engine.program_grid import MIN_PAGE_BUCKET
 
     seen = []
-    run_decode = llm.engine.runner.run_decode
-    llm.engine.runner.run_decode = lambda **kw: (seen.append(kw["page_tables"].shape[1]), run_decode(**kw))[1]
+    runner = llm.engine.runner
+    original = runner.run_decode
+
+    def run_decode(self, **inputs):  # a method of the runner, as the lockstep calls only those
+        seen.append(inputs["page_tables"].shape[1])
+        return original(**inputs)
+
+    runner.run_decode = types.MethodType(run_decode, runner)
     try:
         llm.generate([{"prompt_token_ids": list(range(3, 13))}], greedy(4))
     finally:
