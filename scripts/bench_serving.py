@@ -3,6 +3,7 @@ given concurrency, every request a streamed chat with an image, and the compilat
 made while serving (from ``mmserve_backend_compiles`` on /metrics; 0 once it compiles its whole
 program grid before it is ready).
 
+    pip install -e ".[client]"     # the openai client it asks with
     python scripts/serve.py --role colocated --model tiny --port 8000 &
     python scripts/bench_serving.py --url http://127.0.0.1:8000 --requests 64 --concurrency 8
 
