@@ -92,18 +92,15 @@ SAMPLING = {
     "seeded": {"temperature": 0.9, "top_p": 0.9, "seed": 1234},
     "penalties": {"temperature": 0.7, "seed": 7, "presence_penalty": 1.0, "frequency_penalty": 0.5,
                   "repetition_penalty": 1.3},
-    "logprobs": pytest.param({"temperature": 0, "logprobs": 3}, marks=pytest.mark.xfail(
-        reason="found by this test, not yet explained: logprobs through the roles differ from colocated "
-               "(docs/status.md)", strict=False)),
+    "logprobs": {"temperature": 0, "logprobs": 3},
     "stop_string": {"temperature": 0, "stop": "STOP"},  # STOP: replaced by a piece of the free output
     "stop_token": {"temperature": 0, "stop_token_ids": "STOP"},
 }
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=v.marks) if hasattr(v, "marks") else n
-                                  for n, v in sorted(SAMPLING.items())])
-def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream):
+@pytest.mark.parametrize("name", sorted(SAMPLING))
+def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream, request):
     """Seeds, penalties, logprobs, stop strings and stop tokens give, through encode -> prefill ->
     decode, what the colocated engine gives: text, finish and stop reason (a token's id stays an
     int), logprobs; streamed text (the tiny model's random tokens are often partial UTF-8) is the
@@ -113,8 +110,10 @@ def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key="unused", timeout=120,
                            max_retries=0)
     images = [image(9, (64, 64))]
-    sampling = SAMPLING[name]
-    fields = dict(sampling.values[0] if hasattr(sampling, "values") else sampling, max_tokens=12)
+    if name == "logprobs":
+        request.applymarker(pytest.mark.xfail(reason="found by this test, not yet explained: logprobs through "
+                                                     "the roles differ from colocated (docs/status.md)"))
+    fields = dict(SAMPLING[name], max_tokens=12)
     if "STOP" in fields.values():  # stop where the unconstrained greedy output has a piece / a token
         free = llm.chat(conversation("Tell me.", images, as_url=False), SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
         fields["stop"] = [free.text[len(free.text) // 2:][:2]] if name == "stop_string" else None
