@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 
@@ -100,7 +101,7 @@ SAMPLING = {
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("name", sorted(SAMPLING))
-def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream, request):
+def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream):
     """Seeds, penalties, logprobs, stop strings and stop tokens give, through encode -> prefill ->
     decode, what the colocated engine gives: text, finish and stop reason (a token's id stays an
     int), logprobs; streamed text (the tiny model's random tokens are often partial UTF-8) is the
@@ -110,9 +111,6 @@ def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream, 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key="unused", timeout=120,
                            max_retries=0)
     images = [image(9, (64, 64))]
-    if name == "logprobs":
-        request.applymarker(pytest.mark.xfail(reason="found by this test, not yet explained: logprobs through "
-                                                     "the roles differ from colocated (docs/status.md)"))
     fields = dict(SAMPLING[name], max_tokens=12)
     if "STOP" in fields.values():  # stop where the unconstrained greedy output has a piece / a token
         free = llm.chat(conversation("Tell me.", images, as_url=False), SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
@@ -142,8 +140,8 @@ def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream, 
     if "logprobs" in fields:
         assert [lp.logprob for lp in token_logprobs] == pytest.approx([lp.logprob for lp in reference.logprobs],
                                                                       abs=1e-4)
-        assert [sorted(t.logprob for t in lp.top_logprobs) for lp in token_logprobs] == pytest.approx(
-            [sorted(lp.top.values()) for lp in reference.logprobs], abs=1e-4)
+        np.testing.assert_allclose([sorted(t.logprob for t in lp.top_logprobs) for lp in token_logprobs],
+                                   [sorted(lp.top.values()) for lp in reference.logprobs], atol=1e-4)
 
 
 def _children(process) -> dict[str, int]:
