@@ -7,26 +7,32 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """page_size: tokens per KV page. num_pages: pages in the cache (page 0 is scratch); when None,
-    as many as ``kv_cache_bytes`` holds. max_model_len: longest sequence (prompt + output).
-    max_num_seqs: most sequences decoding at once. max_prefill_tokens: token budget of one prefill
-    step (longer prompts are prefilled in chunks). max_prefill_seqs: most prompts in one prefill step.
-    embedding_cache_size: encoded images kept, keyed by a hash of their pixels. seed: the engine's
-    key for requests that give no seed of their own. precompile: compile every program of the
-    engine's shape grid (:mod:`mmserve.engine.program_grid`) when the engine starts, so that no
-    step waits for a compile while serving; the grid grows with max_num_seqs, max_prefill_seqs,
-    max_prefill_tokens and max_model_len / page_size."""
+    """What an engine may hold and do per step. Each field is a ``serve.py`` flag (its docstring is the
+    flag's help, :mod:`mmserve.config_flags`)."""
 
     page_size: int = 16
+    """tokens per KV page"""
     num_pages: int | None = None
+    """KV pages in the cache, page 0 being scratch (default: as many as --kv-cache-bytes holds)"""
     kv_cache_bytes: int = 256 * 2**20
+    """memory for the KV cache when --num-pages is not given"""
     max_model_len: int = 2048
+    """longest sequence, prompt plus output; longer requests are refused (a 400 over HTTP)"""
     max_num_seqs: int = 32
+    """most sequences decoding at once"""
     max_prefill_tokens: int = 512
+    """token budget of one prefill step; longer prompts are prefilled in chunks (at least 16)"""
     max_prefill_seqs: int = 8
+    """most prompts in one prefill step"""
     embedding_cache_size: int = 64
+    """encoded images kept, keyed by a hash of their pixels, so a repeated image skips the vision tower"""
     seed: int = 0
+    """the engine's random key for requests that give no seed of their own"""
     precompile: bool = True
+    """compile every program of the engine's shape grid (mmserve.engine.program_grid) before serving, so
+    that no step waits for a compile; --no-precompile starts faster and stalls on the first requests of
+    each shape. The grid grows with max_num_seqs, max_prefill_seqs, max_prefill_tokens and
+    max_model_len / page_size"""
 
     def __post_init__(self):
         for name in ("page_size", "kv_cache_bytes", "max_model_len", "max_num_seqs", "max_prefill_tokens",
