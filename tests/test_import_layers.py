@@ -12,7 +12,7 @@ MAY_IMPORT = {
     "transfer": set(),
     "mmserve.rpc": set(),
     "mmserve.core": set(),
-    "mmserve.distributed": {"models"},
+    "mmserve.distributed": {"models", "mmserve.core"},
     "mmserve.engine": {"models", "mmserve.core", "mmserve.distributed"},
     "mmserve.llm": {"models", "mmserve.core", "mmserve.engine"},
     "mmserve.serving": {"models", "mmserve.core", "mmserve.distributed", "mmserve.engine"},

@@ -1,4 +1,4 @@
-"""Knobs of the transfer package, with MMSERVE_* environment fallbacks and argparse flags.
+"""Knobs of the transfer package, with MMSERVE_* environment fallbacks.
 
 One frozen dataclass is passed down to every piece (allocator, buffers, sender, receiver,
 bootstrap registry) so a role is configured in one place and nothing reads globals.
@@ -6,7 +6,6 @@ bootstrap registry) so a role is configured in one place and nothing reads globa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -19,9 +18,9 @@ DATA_PLANES = ("auto", "jax", "zmq")
 class TransferConfig:
     """How big the block pools are, how long each phase may take, and who may talk to us.
 
-    Every field has an environment variable (see ``ENV``); ``from_env`` reads them and
-    ``add_arguments``/``from_args`` turn them into CLI flags whose defaults come from the
-    environment, so ``--block-size`` beats ``MMSERVE_BLOCK_SIZE`` beats the default here.
+    Every field has an environment variable (see ``ENV``); ``from_env`` reads them. A program's
+    flags go over that (mmserve's are generated from these fields and their docstrings), so
+    ``--block-size`` beats ``MMSERVE_BLOCK_SIZE`` beats the default here.
     """
 
     block_size: int = 64
@@ -34,7 +33,7 @@ class TransferConfig:
     """Interface every listener (control, registry, data plane) binds to."""
     advertise_host: str = ""
     """The address peers dial to reach this process's listeners (a pod IP, a host name), published
-    in the registry; empty: ``bind_host``. Needed when binding 0.0.0.0 across hosts or pods."""
+    in the registry; empty: the bind host. Needed when binding 0.0.0.0 across hosts or pods."""
     secret: str = ""
     """The key every control message and registry request is signed with (HMAC-SHA256, see
     :mod:`transfer.channel`); peers without it are refused. Empty: unsigned (a library user's
@@ -43,15 +42,18 @@ class TransferConfig:
     max_message_bytes: int = 1 << 20
     """Largest control message accepted; bigger ones get an OVERSIZED error."""
     bootstrap_timeout_s: float = 30.0
-    """A room must be registered (receiver looked up the sender and shook hands) within this."""
+    """Seconds within which a room must be registered (the receiver looked up the sender and shook
+    hands)."""
     waiting_timeout_s: float = 300.0
-    """A registered room may wait this long for the sender's input (its compute queue)."""
+    """Seconds a registered room may wait for the sender's input (its compute queue)."""
     transfer_timeout_s: float = 60.0
-    """Each step of an active transfer (a chunk pulled, a resume requested) must finish within this."""
+    """Seconds within which each step of an active transfer (a chunk pulled, a resume requested) must
+    finish."""
     heartbeat_interval_s: float = 1.0
-    """How often a receiver pings each sender it has live rooms with, and a sender re-publishes."""
+    """Seconds between a receiver's pings of each sender it has live rooms with, and between a
+    sender's re-publications."""
     heartbeat_timeout_s: float = 10.0
-    """A peer silent for this long is dead: its rooms fail and their blocks are freed."""
+    """Seconds after which a silent peer is dead: its rooms fail and their blocks are freed."""
     data_plane: str = "auto"
     """Which data plane moves the arrays: "jax" (transfer server), "zmq" (raw frames) or "auto"."""
 
@@ -96,28 +98,6 @@ class TransferConfig:
                 values[field.name] = _parse(field.type, raw, ENV[field.name])
         values.update(overrides)
         return cls(**values)
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Adds one ``--flag`` per field; unset flags fall back to the environment, then defaults."""
-        group = parser.add_argument_group("transfer")
-        for field in dataclasses.fields(cls):
-            if field.name in SECRET_FIELDS:
-                continue
-            flag = "--" + field.name.removesuffix("_s").replace("_", "-")
-            group.add_argument(flag, dest=f"transfer_{field.name}", default=None,
-                               type=_TYPES[field.type], help=f"env {ENV[field.name]}, "
-                               f"default {field.default!r}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None, **overrides: Any
-                  ) -> TransferConfig:
-        """Flags that are set, over the environment, over the defaults; ``overrides`` (the key)
-        over everything."""
-        flags = {field.name: getattr(args, f"transfer_{field.name}")
-                 for field in dataclasses.fields(cls)
-                 if getattr(args, f"transfer_{field.name}", None) is not None}
-        return cls.from_env(env, **(flags | overrides))
 
 
 SECRET_FIELDS = ("secret",)

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 
 import jax
 
+from mmserve.config_flags import add_config_flags, config_from_args
+
 ENV_COORDINATOR = "MMSERVE_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MMSERVE_NUM_PROCESSES"
 ENV_PROCESS_ID = "MMSERVE_PROCESS_ID"
@@ -36,9 +38,14 @@ DEFAULT_COORDINATOR_PORT = 8476
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
+    """The processes one role runs as; each field is a ``serve.py`` flag over an MMSERVE_* variable."""
+
     coordinator_address: str | None = None
+    """HOST:PORT of process 0's coordinator (jax.distributed); needed with more than one process"""
     num_processes: int = 1
+    """processes in this role, on one host or several"""
     process_id: int = 0
+    """this process's rank; 0 is the leader, which serves the router and the transfer control plane"""
 
     def __post_init__(self):
         if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
@@ -55,21 +62,16 @@ class Cluster:
         )
 
 
+ENV = {"coordinator_address": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESSES, "process_id": ENV_PROCESS_ID}
+
+
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("multi-host (defaults from MMSERVE_* environment variables)")
-    group.add_argument("--coordinator-address", help=f"HOST:PORT of process 0's coordinator (${ENV_COORDINATOR})")
-    group.add_argument("--num-processes", type=int, help=f"processes in this role (${ENV_NUM_PROCESSES})")
-    group.add_argument("--process-id", type=int, help=f"this process's rank, 0 = leader (${ENV_PROCESS_ID})")
+    add_config_flags(parser, Cluster, "multi-host", prefix="cluster_", env=ENV)
 
 
 def cluster_from_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Cluster:
     """Flags override the environment, one field at a time."""
-    base = Cluster.from_env(env)
-    return Cluster(
-        coordinator_address=args.coordinator_address or base.coordinator_address,
-        num_processes=base.num_processes if args.num_processes is None else args.num_processes,
-        process_id=base.process_id if args.process_id is None else args.process_id,
-    )
+    return config_from_args(Cluster, args, prefix="cluster_", base=Cluster.from_env(env))
 
 
 def on_multi_host_tpu(env: Mapping[str, str] = os.environ) -> bool:

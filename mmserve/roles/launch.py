@@ -20,9 +20,11 @@ import sys
 import time
 
 from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, MissingCredential
+from mmserve.config_flags import add_config_flags, config_from_args
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
-from transfer.config import TransferConfig
+from transfer.config import ENV as TRANSFER_ENV
+from transfer.config import SECRET_FIELDS, TransferConfig
 
 log = logging.getLogger("mmserve")
 
@@ -48,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "$MMSERVE_CLUSTER_SECRET. Required: calls between the processes are authenticated with "
                             "it. --role all makes its own")
     add_cluster_flags(parser)
-    TransferConfig.add_arguments(parser)
+    add_config_flags(parser, TransferConfig, "transfer (moving embeddings and KV between roles)", prefix="transfer_",
+                     skip=SECRET_FIELDS, env=TRANSFER_ENV)
+
+
+def transfer_config(args: argparse.Namespace, key: str) -> TransferConfig:
+    """The flags that were given, over the MMSERVE_* environment, over the defaults; the key from
+    the cluster credential."""
+    return config_from_args(TransferConfig, args, prefix="transfer_", base=TransferConfig.from_env(), secret=key)
 
 
 def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
@@ -61,7 +70,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     credential = cluster_credential(args)
     if credential is None:
         return 2
-    transfer = TransferConfig.from_args(args, secret=credential.transfer_key)
+    transfer = transfer_config(args, credential.transfer_key)
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
@@ -180,7 +189,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     credential = cluster_credential(args)
     if credential is None:
         return 2
-    transfer = TransferConfig.from_args(args, secret=credential.transfer_key)
+    transfer = transfer_config(args, credential.transfer_key)
     bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
     frontend = load_model(args.model, dtype=args.dtype, weights=False)
     pool = WorkerPool(credential.grpc_token)

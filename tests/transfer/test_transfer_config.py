@@ -6,7 +6,16 @@ import argparse
 
 import pytest
 
+from mmserve.config_flags import add_config_flags, config_from_args
 from transfer import TransferConfig
+from transfer.config import ENV, SECRET_FIELDS
+
+
+def transfer_parser() -> argparse.ArgumentParser:
+    """The flags as serve.py adds them."""
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, TransferConfig, "transfer", prefix="transfer_", skip=SECRET_FIELDS, env=ENV)
+    return parser
 
 
 def test_environment_fills_what_is_not_given():
@@ -23,17 +32,15 @@ def test_environment_fills_what_is_not_given():
 def test_the_key_is_never_a_flag_or_a_variable_of_its_own():
     """argv is readable by every local user; the key comes from the caller (mmserve derives it
     from the cluster credential)."""
-    parser = argparse.ArgumentParser()
-    TransferConfig.add_arguments(parser)
+    parser = transfer_parser()
     assert not any("secret" in action.dest for action in parser._actions)
     assert TransferConfig.from_env({"MMSERVE_TRANSFER_SECRET": "s"}).secret == ""
 
 
 def test_cli_flags_beat_environment_beat_defaults():
-    parser = argparse.ArgumentParser()
-    TransferConfig.add_arguments(parser)
-    args = parser.parse_args(["--block-size", "8", "--heartbeat-timeout", "30"])
-    config = TransferConfig.from_args(args, env={"MMSERVE_BLOCK_SIZE": "32", "MMSERVE_BUFFER_BLOCKS": "100"})
+    args = transfer_parser().parse_args(["--block-size", "8", "--heartbeat-timeout", "30"])
+    base = TransferConfig.from_env({"MMSERVE_BLOCK_SIZE": "32", "MMSERVE_BUFFER_BLOCKS": "100"})
+    config = config_from_args(TransferConfig, args, prefix="transfer_", base=base)
     assert (config.block_size, config.buffer_blocks, config.heartbeat_timeout_s) == (8, 100, 30.0)
     assert config.default_blocks == TransferConfig().default_blocks
 

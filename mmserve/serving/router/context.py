@@ -33,7 +33,7 @@ class RouterContext:
     async def relay(self, request: GenerateRequest, endpoint: str, arrival: float) -> Relay:
         """Admits the request (or raises ``Overloaded``, a 429/503) and starts it in the backend."""
         ticket = await self.admission.admit()
-        limits = RelayLimits(self.settings.request_timeout_s, self.settings.stream_stall_timeout_s)
+        limits = RelayLimits(self.settings.request_timeout_s or None, self.settings.stream_stall_timeout_s)
         return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
 
     def image_reader(self) -> ImageReader:
