@@ -211,21 +211,32 @@ class Processor:
             grids.append(grid)
         return np.concatenate(patches), np.array(grids, dtype=np.int64)
 
+    def video_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        """The size each of ``num_frames`` frames of ``height`` x ``width`` is processed at."""
+        config = self.video
+        if not config.do_resize:
+            _check_divisible(height, width, config)
+            return height, width
+        max_pixels = config.max_pixels
+        if config.cap_pixels_per_frame:
+            per_frame = max(min(config.max_video_tokens * config.factor**2, max_pixels // num_frames),
+                            int(config.min_pixels * 1.05))
+            max_pixels = per_frame * num_frames
+        return smart_resize_video(num_frames, height, width, config.factor, config.temporal_patch_size,
+                                  config.min_pixels, max_pixels)
+
+    def num_tokens_of_video(self, num_frames: int, height: int, width: int) -> int:
+        """Tokens ``num_frames`` (already sampled) frames of this size become, known before decoding."""
+        height, width = self.video_size(num_frames, height, width)
+        temporal = -(-num_frames // self.temporal_patch_size)
+        return self.num_image_tokens((temporal, height // self.patch_size, width // self.patch_size))
+
     def _video(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
         config = self.video
-        num_frames, height, width = frames.shape[:3]
-        if config.do_resize:
-            max_pixels = config.max_pixels
-            if config.cap_pixels_per_frame:
-                per_frame = max(min(config.max_video_tokens * config.factor**2, max_pixels // num_frames),
-                                int(config.min_pixels * 1.05))
-                max_pixels = per_frame * num_frames
-            height, width = smart_resize_video(num_frames, height, width, config.factor,
-                                               config.temporal_patch_size, config.min_pixels, max_pixels)
-            if frames.shape[1:3] != (height, width):
-                frames = resize_bicubic_uint8(frames, height, width)
-        else:
-            _check_divisible(height, width, config)
+        num_frames = frames.shape[0]
+        height, width = self.video_size(*frames.shape[:3])
+        if frames.shape[1:3] != (height, width):
+            frames = resize_bicubic_uint8(frames, height, width)
         pixels = _fused_rescale_normalize(frames, config)
         if pad := -num_frames % config.temporal_patch_size:
             pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])

@@ -17,7 +17,7 @@ import pytest
 
 from cluster import SERVE, free_port, get_json
 from mmserve.cluster_credential import SECRET_ENV
-from test_disaggregated import CASES, ask, conversation, expected, image
+from test_disaggregated import CASES, MAX_TOKENS, ask, conversation, expected, image
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +87,30 @@ def test_role_all_equals_colocated(server, llm, case, stream):
                            max_retries=0)
     text, images = CASES[case]
     assert ask(client, text, images, stream) == expected(llm, text, images)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_video_chat_through_the_roles_equals_colocated(server, llm, stream):
+    """A ``video_url`` part: decoded and sampled by the router, encoded by encode (deepstack per
+    token), prefilled and decoded: the offline engine's answer on the same sampled frames."""
+    from mmserve import SamplingParams
+    from videos import lossless_video, random_frames, video_data_url
+
+    frames = random_frames(5, 12, 64, 64)
+    sampled = frames[llm.model.processor.sample_frame_indices(12, 4.0)]
+    want = llm.chat([{"role": "user", "content": [{"type": "video", "video": sampled},
+                                                   {"type": "text", "text": "What happens?"}]}],
+                    SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0].text
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key="unused", timeout=120,
+                           max_retries=0)
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video_data_url(lossless_video(frames, fps=4))}},
+        {"type": "text", "text": "What happens?"}]}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=MAX_TOKENS,
+                                           stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream \
+        else reply.choices[0].message.content
+    assert text == want
 
 
 SAMPLING = {

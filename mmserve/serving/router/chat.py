@@ -32,7 +32,7 @@ async def chat_completions(request: Request) -> Response:
     logprobs = _logprobs(body)
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     requested = requested_int(body, limit_name)
-    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.image_reader()),
+    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.media_reader()),
                            router.model, "messages")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)

@@ -1,8 +1,11 @@
-"""OpenAI chat messages -> the prompt text (the model's chat template) and its images, in order.
+"""OpenAI chat messages -> the prompt text (the model's chat template) and its images and videos, in
+order.
 
 The rendered conversation is exactly what the offline ``LLM.chat`` renders for the same messages
-with the images given as ``{"type": "image", "image": PIL.Image}`` parts, so a served greedy answer
-equals the offline one.
+with the images given as ``{"type": "image", "image": PIL.Image}`` parts and the videos as
+``{"type": "video", "video": frames}`` (the sampled frames), so a served greedy answer equals the
+offline one. Video parts are ``video_url`` (vLLM's and SGLang's name), data URLs or allowed local
+files.
 """
 
 from __future__ import annotations
@@ -12,27 +15,27 @@ from typing import Any
 import jinja2
 
 from mmserve.serving.router.errors import InvalidRequest
-from mmserve.serving.router.media import ImageReader
+from mmserve.serving.router.media import MediaReader
 from models.qwen3_vl_moe.tokenizer import Tokenizer
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_call_id"}
 
 
-def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: ImageReader) -> dict[str, Any]:
+def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader) -> dict[str, Any]:
     """A prompt for ``prepare_prompt``: ``{"prompt": text, "multi_modal_data": {"image": [...]}}``."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", "messages")
-    images = []
-    conversation = [_message(m, f"messages[{i}]", images, reader) for i, m in enumerate(messages)]
+    media: dict[str, list] = {"image": [], "video": []}
+    conversation = [_message(m, f"messages[{i}]", media, reader) for i, m in enumerate(messages)]
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
     except jinja2.TemplateError as error:
         raise InvalidRequest(f"the chat template rejected the messages: {error}", "messages") from None
-    return {"prompt": text, "multi_modal_data": {"image": images} if images else {}}
+    return {"prompt": text, "multi_modal_data": {kind: items for kind, items in media.items() if items}}
 
 
-def _message(message: Any, param: str, images: list, reader: ImageReader) -> dict[str, Any]:
+def _message(message: Any, param: str, media: dict[str, list], reader: MediaReader) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise InvalidRequest("a message must be an object", param)
     unknown = set(message) - MESSAGE_KEYS
@@ -47,7 +50,7 @@ def _message(message: Any, param: str, images: list, reader: ImageReader) -> dic
     out = {key: value for key, value in message.items() if key != "content"}
     out["role"] = "system" if role == "developer" else role  # OpenAI's newer name for system
     if isinstance(content, list):
-        out["content"] = [_part(p, f"{param}.content[{j}]", images, reader) for j, p in enumerate(content)]
+        out["content"] = [_part(p, f"{param}.content[{j}]", media, reader) for j, p in enumerate(content)]
     elif isinstance(content, str) or content is None:
         out["content"] = content or ""
     else:
@@ -55,7 +58,7 @@ def _message(message: Any, param: str, images: list, reader: ImageReader) -> dic
     return out
 
 
-def _part(part: Any, param: str, images: list, reader: ImageReader) -> dict[str, Any]:
+def _part(part: Any, param: str, media: dict[str, list], reader: MediaReader) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         if not isinstance(part.get("text"), str):
@@ -65,6 +68,13 @@ def _part(part: Any, param: str, images: list, reader: ImageReader) -> dict[str,
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
         image = reader.from_url(url, f"{param}.image_url")
-        images.append(image)
+        media["image"].append(image)
         return {"type": "image", "image": image}
-    raise InvalidRequest(f"unsupported content part type {kind!r} (this server takes 'text' and 'image_url')", param)
+    if kind == "video_url":
+        url = part.get("video_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        frames = reader.video_from_url(url, f"{param}.video_url")
+        media["video"].append(frames)
+        return {"type": "video", "video": frames}
+    raise InvalidRequest(f"unsupported content part type {kind!r} (this server takes 'text', 'image_url' and "
+                         "'video_url')", param)

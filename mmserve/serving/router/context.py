@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest
 from mmserve.serving.router.admission import Admission
-from mmserve.serving.router.media import ImageReader
+from mmserve.serving.router.media import MediaReader
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.serving.router.relay import Relay, RelayLimits
 from mmserve.serving.router.settings import RouterSettings
@@ -36,9 +36,9 @@ class RouterContext:
         limits = RelayLimits(self.settings.request_timeout_s or None, self.settings.stream_stall_timeout_s)
         return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
 
-    def image_reader(self) -> ImageReader:
-        """A fresh reader for one request's images, charged against that request's limits."""
-        return ImageReader(self.settings, self.model.processor)
+    def media_reader(self) -> MediaReader:
+        """A fresh reader for one request's images and videos, charged against that request's limits."""
+        return MediaReader(self.settings, self.model.processor)
 
     def token_text(self, token_id: int, as_id: bool) -> str:
         """How a token is named in logprobs; ``token_id:N`` (vLLM's form) when the client asks for ids."""

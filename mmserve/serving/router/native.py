@@ -1,7 +1,8 @@
 """``POST /generate``: the native endpoint, token ids in or out, no chat template applied.
 
 In: ``prompt`` (raw text, image placeholders written by the client) or ``prompt_token_ids``,
-``images`` (base64 strings or data URLs, one per placeholder, in order) and ``sampling_params``
+``images`` (base64 strings or data URLs, one per placeholder, in order), ``videos`` (data URLs, one
+per video placeholder, in order; frames sampled as the chat endpoint samples them) and ``sampling_params``
 (``SamplingParams`` fields). Out: ``token_ids``, ``text``, ``finish_reason`` and ``meta``.
 """
 
@@ -19,12 +20,12 @@ from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest, backend_error_response
 from mmserve.serving.router.fields import PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params
 from mmserve.serving.router.json_body import json_body
-from mmserve.serving.router.media import ImageReader
+from mmserve.serving.router.media import MediaReader
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import collect, unless_disconnected
 
 ENDPOINT = "generate"
-NATIVE_FIELDS = {"prompt", "prompt_token_ids", "images", "sampling_params"}
+NATIVE_FIELDS = {"prompt", "prompt_token_ids", "images", "videos", "sampling_params"}
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
 
@@ -36,7 +37,7 @@ async def generate(request: Request) -> Response:
     sampling = body.get("sampling_params", {})
     if not isinstance(sampling, dict):
         raise InvalidRequest("sampling_params must be an object", "sampling_params")
-    prompt = await prepare(lambda: _prompt(body, router.image_reader()), router.model, "prompt")
+    prompt = await prepare(lambda: _prompt(body, router.media_reader()), router.model, "prompt")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
                                        DEFAULT_MAX_TOKENS, router.settings.max_model_len,
                                        "prompt", "sampling_params.max_tokens")
@@ -58,11 +59,16 @@ async def generate(request: Request) -> Response:
                          "meta": meta})
 
 
-def _prompt(body: dict[str, Any], reader: ImageReader) -> dict[str, Any]:
+def _prompt(body: dict[str, Any], reader: MediaReader) -> dict[str, Any]:
     images = body.get("images", [])
     if not isinstance(images, list):
         raise InvalidRequest("images must be a list of base64 strings", "images")
     decoded = [reader.from_url(data, f"images[{i}]") if isinstance(data, str) and data.startswith("data:")
                else reader.from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
+    videos = body.get("videos", [])
+    if not isinstance(videos, list):
+        raise InvalidRequest("videos must be a list of data URLs", "videos")
+    media = {"image": decoded, "video": [reader.video_from_url(url, f"videos[{i}]") for i, url in enumerate(videos)]}
     prompt = {key: body[key] for key in ("prompt", "prompt_token_ids") if key in body}
-    return prompt | ({"multi_modal_data": {"image": decoded}} if decoded else {})
+    media = {kind: items for kind, items in media.items() if items}
+    return prompt | ({"multi_modal_data": media} if media else {})

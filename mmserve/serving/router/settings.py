@@ -36,6 +36,11 @@ class RouterSettings:
     is a 400. Twice the Qwen3-VL processor's own bound, so a 24 MP photo passes and is resized down"""
     max_images_per_request: int = 16
     """most images one request may carry; more is a 400"""
+    max_videos_per_request: int = 2
+    """most videos one request may carry; more is a 400"""
+    max_video_seconds: float = 600.0
+    """longest video a request may carry, in seconds (its frames counted before any is decoded); longer
+    is a 400. Each video frame is also held to --max-image-pixels"""
     max_queued_requests: int = 256
     """requests that may wait for capacity once the workers hold all they can; beyond them a request
     gets 429 with Retry-After"""
@@ -49,10 +54,10 @@ class RouterSettings:
     slot freed"""
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request"):
+        for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request", "max_videos_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_read_timeout", "queue_timeout_s", "stream_stall_timeout_s"):
+        for name in ("request_read_timeout", "queue_timeout_s", "stream_stall_timeout_s", "max_video_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_queued_requests < 0 or self.request_timeout_s < 0:

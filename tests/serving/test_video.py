@@ -1,0 +1,89 @@
+"""Videos from requests: decoded with PyAV, sampled as Qwen3-VL's processor samples them, charged
+against the request's limits before a frame is decoded; a served video chat equals the offline
+``LLM`` given the same frames."""
+
+import numpy as np
+import openai
+import pytest
+
+from mmserve import SamplingParams
+from mmserve.engine.inputs import prepare_prompt
+from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.media import MediaReader
+from mmserve.serving.router.settings import RouterSettings
+from models.qwen3_vl_moe.tiny import tiny_processor
+from served_model import API_KEY, MODEL_NAME
+from videos import lossless_video, random_frames, video_data_url
+
+
+def reader(**limits) -> MediaReader:
+    return MediaReader(RouterSettings(MODEL_NAME, 4096, **limits), tiny_processor())
+
+
+def test_the_sampled_frames_are_decoded_exactly():
+    frames = random_frames(0, 12, 64, 96)  # 3 s at 4 fps: the processor keeps 6 (2 fps)
+    got = reader().video_from_url(video_data_url(lossless_video(frames, fps=4)), "v")
+    assert np.array_equal(got, frames[tiny_processor().sample_frame_indices(12, 4.0)])
+    assert len(got) == 6
+
+
+@pytest.mark.parametrize("frames, size", [(4, (64, 64)), (9, (64, 128)), (30, (96, 160))])
+def test_tokens_are_known_before_decoding(frames, size):
+    processor = tiny_processor()
+    video = random_frames(1, frames, *size)
+    from models.qwen3_vl_moe import load_model
+
+    model = load_model("tiny")
+    prepared = prepare_prompt({"prompt": "<|vision_start|><|video_pad|><|vision_end|>",
+                               "multi_modal_data": {"video": [video]}}, model)
+    placeholders = prepared.token_ids.count(model.config.video_token_id)
+    assert processor.num_tokens_of_video(frames, *size) == placeholders
+
+
+def test_a_video_longer_than_allowed_is_refused_before_decoding():
+    raw = lossless_video(random_frames(2, 20, 64, 64), fps=4)  # 5 s
+    with pytest.raises(InvalidRequest, match="lasts 5.0 s"):
+        reader(max_video_seconds=4).video_from_url(video_data_url(raw), "v")
+
+
+def test_too_many_videos_and_too_many_tokens_are_refused():
+    url = video_data_url(lossless_video(random_frames(3, 8, 64, 64), fps=4))
+    limited = reader(max_videos_per_request=1)
+    limited.video_from_url(url, "a")
+    with pytest.raises(InvalidRequest, match="at most 1 videos"):
+        limited.video_from_url(url, "b")
+    small = MediaReader(RouterSettings(MODEL_NAME, 6), tiny_processor())  # the video takes 8
+    with pytest.raises(InvalidRequest) as refused:
+        small.video_from_url(url, "c")
+    assert refused.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("data:video/mp4;base64,AAAAAAAA", "not a video"),
+    ("data:image/png;base64,AAAA", "not an video type"),
+    ("data:video/mp4;base64,@@@", "not valid base64"),
+    ("https://example.com/v.mp4", "does not fetch videos"),
+    ("/etc/passwd", "local video files are disabled"),
+])
+def test_bad_videos_are_a_clear_400(url, message):
+    with pytest.raises(InvalidRequest, match=message):
+        reader().video_from_url(url, "v")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_served_video_chat_equals_offline(server, offline, stream):
+    frames = random_frames(4, 10, 64, 96)
+    sampled = frames[offline.model.processor.sample_frame_indices(10, 5.0)]
+    want = offline.chat([{"role": "user", "content": [{"type": "video", "video": sampled},
+                                                       {"type": "text", "text": "What happens?"}]}],
+                        SamplingParams(temperature=0, max_tokens=10))[0]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=180)
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video_data_url(lossless_video(frames, fps=5))}},
+        {"type": "text", "text": "What happens?"}]}]
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=10,
+                                           stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream \
+        else reply.choices[0].message.content
+    assert text == want.outputs[0].text
