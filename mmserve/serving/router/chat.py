@@ -18,6 +18,7 @@ from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
+from mmserve.serving.router.relay import Answer
 
 ENDPOINT = "chat"
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -39,15 +40,7 @@ async def chat_completions(request: Request) -> Response:
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common)
-    events = await router.relay(chat.request, ENDPOINT, arrival)
-
-    def whole(answer: TokenEvent) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                  "logprobs": chat.logprobs(answer.logprobs), "finish_reason": answer.finish_reason,
-                  "stop_reason": answer.stop_reason}
-        return chat.envelope("chat.completion", [choice]) | {"usage": chat.usage(len(answer.token_ids))}
-
-    return await chat.respond(request, events, whole)
+    return await chat.respond(request, await chat.start(ENDPOINT, arrival), "chat.completion")
 
 
 def _logprobs(body: dict) -> int | None:
@@ -69,14 +62,19 @@ class ChatResponse(OpenAIResponse):
     def logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         return None if self.request.params.logprobs is None else chat_logprobs(entries, self.token_text)
 
-    def opening_delta(self) -> dict:
-        return self._choice({"role": "assistant", "content": ""}, None, None)
+    def whole_choice(self, index: int, answer: Answer) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": answer.text},
+                "logprobs": self.logprobs(answer.logprobs), "finish_reason": answer.finish_reason,
+                "stop_reason": answer.stop_reason}
 
-    def delta_choice(self, event: TokenEvent, delta: str, text_offset: int) -> dict:
-        return self._choice({"content": delta} if delta else {}, self.logprobs(event.logprobs or []), event)
+    def opening_delta(self, index: int) -> dict:
+        return self._choice(index, {"role": "assistant", "content": ""}, None, None)
+
+    def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict:
+        return self._choice(index, {"content": delta} if delta else {}, self.logprobs(event.logprobs or []), event)
 
     @staticmethod
-    def _choice(delta: dict, logprobs: dict | None, event: TokenEvent | None) -> dict:
-        return {"index": 0, "delta": delta, "logprobs": logprobs,
+    def _choice(index: int, delta: dict, logprobs: dict | None, event: TokenEvent | None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": logprobs,
                 "finish_reason": event.finish_reason if event else None,
                 "stop_reason": event.stop_reason if event else None}

@@ -17,6 +17,7 @@ from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import completion_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
+from mmserve.serving.router.relay import Answer
 
 ENDPOINT = "completions"
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "max_tokens", "logprobs"}
@@ -34,13 +35,7 @@ async def completions(request: Request) -> Response:
                                        router.settings.max_model_len, "prompt", "max_tokens")
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs")})
     completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common)
-    events = await router.relay(completion.request, ENDPOINT, arrival)
-
-    def whole(answer: TokenEvent) -> dict:
-        choice = completion.choice(answer.text, answer.logprobs, 0, answer.finish_reason, answer.stop_reason)
-        return completion.envelope("text_completion", [choice]) | {"usage": completion.usage(len(answer.token_ids))}
-
-    return await completion.respond(request, events, whole)
+    return await completion.respond(request, await completion.start(ENDPOINT, arrival), "text_completion")
 
 
 def _prompt(prompt: Any) -> dict[str, Any]:
@@ -58,13 +53,16 @@ def _prompt(prompt: Any) -> dict[str, Any]:
 class CompletionResponse(OpenAIResponse):
     chunk_kind = "text_completion"
 
-    def choice(self, text: str, entries: list[TokenLogprob], text_offset: int, finish_reason: str | None,
-               stop_reason: int | str | None) -> dict:
+    def choice(self, index: int, text: str, entries: list[TokenLogprob], text_offset: int,
+               finish_reason: str | None, stop_reason: int | str | None) -> dict:
         logprobs = None
         if self.request.params.logprobs is not None:
             logprobs = completion_logprobs(entries, self.token_text, text_offset)
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": stop_reason}
 
-    def delta_choice(self, event: TokenEvent, delta: str, text_offset: int) -> dict:
-        return self.choice(delta, event.logprobs or [], text_offset, event.finish_reason, event.stop_reason)
+    def whole_choice(self, index: int, answer: Answer) -> dict:
+        return self.choice(index, answer.text, answer.logprobs, 0, answer.finish_reason, answer.stop_reason)
+
+    def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict:
+        return self.choice(index, delta, event.logprobs or [], text_offset, event.finish_reason, event.stop_reason)

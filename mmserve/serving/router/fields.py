@@ -15,6 +15,7 @@ from typing import Any
 from mmserve.sampling_params import SamplingParams
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.settings import RouterSettings
+from mmserve.serving.router.siblings import MAX_N
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids")
@@ -30,6 +31,7 @@ class CommonFields:
     include_usage: bool
     tokens_as_ids: bool
     sampling: dict[str, Any]
+    n: int = 1
 
 
 def json_object(body: Any) -> dict[str, Any]:
@@ -49,8 +51,9 @@ def common_fields(body: Mapping[str, Any], settings: RouterSettings) -> CommonFi
     if model != settings.model_name:
         raise InvalidRequest(f"The model {model!r} does not exist; this server serves {settings.model_name!r}",
                              "model", "model_not_found")
-    if body.get("n", 1) != 1:
-        raise InvalidRequest("only n=1 is supported", "n")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
     stream = _bool(body, "stream")
     options = body.get("stream_options", {})
     if "stream_options" in body and not stream:
@@ -58,7 +61,7 @@ def common_fields(body: Mapping[str, Any], settings: RouterSettings) -> CommonFi
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise InvalidRequest("stream_options takes only include_usage", "stream_options")
     return CommonFields(stream, _bool(options, "include_usage"), _bool(body, "return_tokens_as_token_ids"),
-                        {name: body[name] for name in SAMPLING_FIELDS if name in body})
+                        {name: body[name] for name in SAMPLING_FIELDS if name in body}, n)
 
 
 def requested_int(body: Mapping[str, Any], name: str) -> int | None:

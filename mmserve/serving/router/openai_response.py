@@ -1,16 +1,19 @@
 """What chat and text completions share in their responses: ids, usage and the SSE stream.
 
-A stream sends each event's new text (``event.text`` minus what was sent), then, when asked, a
-usage chunk, then ``data: [DONE]``. A backend error becomes an OpenAI error object in the stream,
-which the ``openai`` client raises as an APIError, and the stream ends.
+A response has one choice per sibling request (``n``, ``siblings.py``). A stream sends each event's
+new text (``event.text`` minus what that choice was sent) as a chunk tagged with the choice's
+index, then, when asked, a usage chunk, then ``data: [DONE]``. A backend error becomes an OpenAI
+error object in the stream, which the ``openai`` client raises as an APIError, and the stream (all
+its choices) ends.
 """
 
 from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, aclosing
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -19,7 +22,8 @@ from mmserve.serving.backend import GenerateRequest, TokenEvent
 from mmserve.serving.router.context import RouterContext
 from mmserve.serving.router.errors import backend_error_response, error_body
 from mmserve.serving.router.fields import CommonFields
-from mmserve.serving.router.relay import collect, sse, unless_disconnected
+from mmserve.serving.router.relay import Answer, collect, sse, unless_disconnected
+from mmserve.serving.router.siblings import merged, sibling_requests
 
 
 class OpenAIResponse(abc.ABC):
@@ -28,10 +32,24 @@ class OpenAIResponse(abc.ABC):
     chunk_kind = ""
 
     def __init__(self, router: RouterContext, request: GenerateRequest, common: CommonFields):
+        """``request`` as the client asked it; ``requests`` its siblings, one per choice."""
         self.router = router
         self.request = request
+        self.requests = sibling_requests(request, common.n)
         self.common = common
         self.created = int(time.time())
+
+    async def start(self, endpoint: str, arrival: float) -> list[AsyncIterator[TokenEvent]]:
+        """Admits and starts every sibling; if one is refused (``Overloaded``), those started stop."""
+        started: list[AsyncIterator[TokenEvent]] = []
+        try:
+            for request in self.requests:
+                started.append(await self.router.relay(request, endpoint, arrival))
+        except BaseException:
+            for events in started:
+                await events.aclose()
+            raise
+        return started
 
     def envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.request.request_id, "object": kind, "created": self.created,
@@ -45,45 +63,56 @@ class OpenAIResponse(abc.ABC):
     def token_text(self, token_id: int) -> str:
         return self.router.token_text(token_id, self.common.tokens_as_ids)
 
-    def opening_delta(self) -> dict | None:
+    def opening_delta(self, index: int) -> dict | None:
         """A choice to send before any token (chat announces the assistant role), or None."""
         return None
 
     @abc.abstractmethod
-    def delta_choice(self, event: TokenEvent, delta: str, text_offset: int) -> dict:
-        """The choice of one stream chunk carrying ``delta``, the new text of ``event``."""
+    def whole_choice(self, index: int, answer: Answer) -> dict:
+        """The choice ``index`` of a whole answer."""
 
-    async def respond(self, http: Request, events: AsyncIterator[TokenEvent],
-                      whole: Callable[[TokenEvent], dict]) -> Response:
-        """The stream when asked for; otherwise ``whole(answer)`` once the request finished, 499
-        when the client left (the request was aborted), or the backend's error."""
+    @abc.abstractmethod
+    def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict:
+        """The choice ``index`` of one stream chunk carrying ``delta``, the new text of ``event``."""
+
+    async def respond(self, http: Request, streams: list[AsyncIterator[TokenEvent]], kind: str) -> Response:
+        """The stream when asked for; otherwise the whole answer (an object of ``kind``) once every
+        choice finished, 499 when the client left (every choice was aborted), or the first
+        backend error."""
         if self.common.stream:
-            return StreamingResponse(self.stream(events), media_type="text/event-stream")
-        answer = await unless_disconnected(http, lambda: collect(events))
-        if answer is None:
+            return StreamingResponse(self.stream(streams), media_type="text/event-stream")
+        answers = await unless_disconnected(http, lambda: asyncio.gather(*(collect(s) for s in streams)))
+        if answers is None:
             return Response(status_code=499)
-        if answer.error is not None:
-            return backend_error_response(answer.error, answer.invalid)
-        return JSONResponse(whole(answer))
+        for answer in answers:
+            if answer.error is not None:
+                return backend_error_response(answer.error, answer.invalid)
+        choices = [self.whole_choice(i, answer) for i, answer in enumerate(answers)]
+        usage = self.usage(sum(len(answer.token_ids) for answer in answers))
+        return JSONResponse(self.envelope(kind, choices) | {"usage": usage})
 
-    async def stream(self, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
-        sent, completion_tokens = "", 0
-        async with aclosing(events):
-            if (opening := self.opening_delta()) is not None:
-                yield self._chunk(opening)
-            async for event in events:
-                if event.error is not None:
-                    kind, code = ("invalid_request_error", 400) if event.invalid else ("server_error", 500)
-                    yield sse(error_body(event.error, kind, None, code))
-                    break
-                completion_tokens += len(event.token_ids)
-                delta = event.text[len(sent):]
-                if delta or event.logprobs or event.finish_reason is not None:
-                    yield self._chunk(self.delta_choice(event, delta, len(sent)))
-                sent = event.text
-            else:
-                if self.common.include_usage:
-                    yield sse(self.envelope(self.chunk_kind, []) | {"usage": self.usage(completion_tokens)})
+    async def stream(self, streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[str]:
+        sent, completion_tokens = [""] * len(streams), 0
+        async with AsyncExitStack() as closing:
+            for events in streams:
+                await closing.enter_async_context(aclosing(events))
+            for index in range(len(streams)):
+                if (opening := self.opening_delta(index)) is not None:
+                    yield self._chunk(opening)
+            async with aclosing(merged(streams)) as events:
+                async for index, event in events:
+                    if event.error is not None:
+                        kind, code = ("invalid_request_error", 400) if event.invalid else ("server_error", 500)
+                        yield sse(error_body(event.error, kind, None, code))
+                        break
+                    completion_tokens += len(event.token_ids)
+                    delta = event.text[len(sent[index]):]
+                    if delta or event.logprobs or event.finish_reason is not None:
+                        yield self._chunk(self.delta_choice(index, event, delta, len(sent[index])))
+                    sent[index] = event.text
+                else:
+                    if self.common.include_usage:
+                        yield sse(self.envelope(self.chunk_kind, []) | {"usage": self.usage(completion_tokens)})
         yield sse("[DONE]")
 
     def _chunk(self, choice: dict) -> str:
