@@ -17,6 +17,7 @@ from mmserve.config_flags import DefaultsHelpFormatter, add_config_flags, config
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.warmup import CACHE_ENV, default_cache_dir, use_compilation_cache
 from mmserve.serving.router.settings import RouterSettings
+from mmserve.tracing import TracingConfig, configure_tracing
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import configure_logging, follow_leader, join_role, load_role_model
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"directory of jax's persistent compilation cache, so a restart loads compiled "
                         f"programs instead of compiling them; '' turns it off (default: ${CACHE_ENV} or "
                         f"%(default)s)")
+    add_config_flags(p, TracingConfig, "tracing (OpenTelemetry: one trace per request across the roles)",
+                     prefix="tracing_")
     add_role_arguments(p)
     return p
 
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     use_compilation_cache(args.compilation_cache)
+    if args.role != "all":  # --role all's processes each trace themselves, with these same flags
+        configure_tracing(config_from_args(TracingConfig, args, prefix="tracing_"), f"mmserve-{args.role}")
     return LAUNCHERS[args.role](args)
 
 

@@ -23,11 +23,13 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 import anyio
+from opentelemetry import trace
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.serving.router.admission import Ticket
 from mmserve.serving.router.metrics import RouterMetrics
+from mmserve.tracing import tracer
 
 T = TypeVar("T")
 UNFINISHED_STREAM = "the backend ended the stream without finishing the request"
@@ -70,6 +72,10 @@ class Relay:
         self._ended = False
         metrics.in_flight.inc()
         metrics.prompt_tokens.inc(len(request.prompt.token_ids))
+        # the request's trace: its context rides on the pump task into the backend's calls
+        self._span = tracer.start_span(f"router {endpoint}", kind=trace.SpanKind.SERVER, attributes={
+            "mmserve.request_id": request.request_id, "mmserve.prompt_tokens": len(request.prompt.token_ids),
+            "mmserve.max_tokens": request.params.max_tokens})
         self._task = asyncio.get_running_loop().create_task(self._pump(), name=f"relay {request.request_id}")
         _RUNNING.add(self._task)
         self._task.add_done_callback(_RUNNING.discard)
@@ -96,11 +102,17 @@ class Relay:
                 await self._task
 
     async def _pump(self) -> None:
+        with trace.use_span(self._span, end_on_exit=True):
+            await self._run()
+
+    async def _run(self) -> None:
         rid, outcome, last_token_at = self._request.request_id, "aborted", None
         try:
             async with asyncio.timeout(self._limits.deadline_s):
                 async with aclosing(self._backend.generate(self._request)) as events:
                     async for event in events:
+                        if last_token_at is None and event.token_ids:
+                            self._span.add_event("first token")
                         last_token_at = _time_tokens(self._metrics, event, self._arrival, last_token_at)
                         if event.error is not None or event.finish_reason is not None:
                             outcome = "error" if event.error is not None else "finished"
@@ -120,6 +132,7 @@ class Relay:
             outcome = "timeout"
             self._put(TokenEvent(rid, [], error=f"the request passed its deadline of {self._limits.deadline_s:g} s"))
         finally:
+            self._span.set_attribute("mmserve.outcome", outcome)
             self._ticket.release()
             self._metrics.in_flight.dec()
             self._metrics.requests.labels(self._endpoint, outcome).inc()

@@ -1,0 +1,103 @@
+"""One trace per request across the processes of a deployment, with OpenTelemetry.
+
+Off unless asked for: with no exporter configured, OpenTelemetry's API hands out non-recording
+spans and nothing is collected or sent (the cost is a few attribute lookups per span). A process
+exports its spans over OTLP/gRPC (``--otlp-traces-endpoint``, vLLM's flag, or the standard
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) and/or appends them as JSON lines to a file
+(``--trace-file``, for local use: ``scripts/trace_timeline.py`` draws one request's timeline from
+it).
+
+The router starts each request's trace; its context crosses to the workers in the gRPC metadata
+(W3C ``traceparent``), so each role's spans (encode, prefill, the KV transfer, decode) are children
+of the router's span for that request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import IO
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+tracer = trace.get_tracer("mmserve")
+
+
+@dataclasses.dataclass(frozen=True)
+class TracingConfig:
+    """Where a process's spans go; neither set: nowhere, at no cost."""
+
+    otlp_traces_endpoint: str | None = None
+    """an OTLP/gRPC collector (host:port or URL) every span is exported to (default:
+    $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else none)"""
+    trace_file: Path | None = None
+    """append every span to this file as one JSON object per line, for local use; the processes of
+    --role all share it"""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_traces_endpoint or os.environ.get(ENDPOINT_ENV) or self.trace_file)
+
+
+def configure_tracing(config: TracingConfig, service: str) -> bool:
+    """Installs this process's exporters, named ``service`` (``mmserve-prefill``, ...); False when
+    tracing is off."""
+    if not config.enabled:
+        return False
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    endpoint = config.otlp_traces_endpoint or os.environ.get(ENDPOINT_ENV)
+    if endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    if config.trace_file is not None:
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(config.trace_file)))
+    trace.set_tracer_provider(provider)
+    return True
+
+
+def shutdown_tracing() -> None:
+    """Flushes what is buffered (the batch processors export every few seconds)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+
+
+def inject() -> list[tuple[str, str]]:
+    """The current trace context as gRPC metadata (empty when nothing is being traced)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+def extract(metadata: Iterable[tuple[str, str | bytes]]) -> context.Context:
+    """The trace context a peer sent in its gRPC metadata."""
+    carrier: Mapping[str, str] = {key: value for key, value in metadata if isinstance(value, str)}
+    return propagate.extract(carrier)
+
+
+class JsonLinesExporter(SpanExporter):
+    """Each span as one JSON line (OpenTelemetry's own span JSON, compacted), appended to a file."""
+
+    def __init__(self, path: Path):
+        self._file: IO[str] = open(path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def export(self, spans: "Iterable[ReadableSpan]") -> SpanExportResult:
+        lines = "".join(json.dumps(json.loads(span.to_json())) + "\n" for span in spans)
+        with self._lock:
+            self._file.write(lines)
+            self._file.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._file.close()
