@@ -29,6 +29,9 @@ class PrefixCache:
     def is_cached(self, page: int) -> bool:
         return page in self._key_of
 
+    def key_of(self, page: int) -> bytes | None:
+        return self._key_of.get(page)
+
     def is_idle(self, page: int) -> bool:
         return page in self._idle
 
