@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--no-precompile", dest="precompile", action="store_false",
                         help="compile programs on first use instead of compiling every shape bucket before "
                              "serving (faster start, multi-second stalls on the first requests of each shape)")
+    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help="recompute every prompt instead of reusing the KV pages of a prefix (a system "
+                             "prompt, an earlier turn about the same image) that an earlier request computed")
     engine.add_argument("--compilation-cache", default=default_cache_dir(),
                         help=f"directory of jax's persistent compilation cache, so a restart loads compiled "
                              f"programs instead of compiling them; '' turns it off (default: ${CACHE_ENV} or "
@@ -135,7 +138,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(page_size=args.page_size, num_pages=args.num_pages, kv_cache_bytes=args.kv_cache_bytes,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_prefill_tokens=args.max_prefill_tokens, max_prefill_seqs=args.max_prefill_seqs,
-                        precompile=args.precompile)
+                        precompile=args.precompile, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def router_settings(args: argparse.Namespace, max_model_len: int) -> RouterSettings:
