@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_image
-from hf_reference import IMAGE_ID, VISION_END, VISION_START
+from hf_reference import IMAGE_ID, VIDEO_ID, VISION_END, VISION_START
 from mmserve import LLM, SamplingParams
 from mmserve.engine.page_hash import PageKeys
 
@@ -137,6 +137,23 @@ def test_same_text_with_different_images_shares_only_the_pages_before_the_image(
     assert got_b == want_b
     again_a, hits = hits_of(on, a, params)
     assert again_a == want_a and hits > 4 * PAGE  # the same picture does hit past the image
+
+
+def test_same_text_with_different_videos_shares_only_the_pages_before_the_video(on, off):
+    before = text(13, 3 * PAGE + 5)
+    ids = before + [VISION_START, VIDEO_ID, VISION_END] + text(14, 12)
+    a, b = ({"prompt_token_ids": ids, "multi_modal_data": {"video": [random_image(80 + 4 * v + i, (64, 64))
+                                                                       for i in range(4)]}} for v in range(2))
+    params = PARAMS["greedy"]
+    want_a, want_b = tokens(off, a, params)[0], tokens(off, b, params)[0]
+    assert want_a != want_b
+    assert hits_of(on, a, params)[0] == want_a
+    got_b, hits = hits_of(on, b, params)
+    first_frame = on.engine.prepare(a).token_ids.index(VIDEO_ID)  # after its timestamp's text tokens
+    assert first_frame > len(before) + 2 and hits == first_frame // PAGE * PAGE
+    assert got_b == want_b
+    again_a, hits = hits_of(on, a, params)
+    assert again_a == want_a and hits > first_frame + PAGE
 
 
 def test_preempting_a_request_whose_pages_are_shared(reference):
