@@ -5,14 +5,21 @@ its pages in token order; token i of the sequence lives in slot i % page_size of
 table[i // page_size].
 
 Page 0 is never handed out: it is the scratch page that padded batch rows and the padding of page
-tables point at, so their writes land somewhere harmless and every real page stays private to its
-sequence.
+tables point at, so their writes land somewhere harmless.
+
+Pages are reference-counted. A full page may be named by a key (:meth:`cache_pages`) and then
+shared: a new sequence may start with the cached pages of its prefix (:meth:`cached_prefix`,
+``allocate(..., cached=...)``). A sequence only ever writes past its cached pages, so a shared
+page is never written. A cached page that nobody holds stays in the :class:`PrefixCache`, counted
+as free, until a fresh page is needed and it is evicted (least recently released first).
 """
 
 import collections
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 import jax.numpy as jnp
+
+from mmserve.prefix_cache import PrefixCache
 
 SCRATCH_PAGE = 0
 
@@ -29,9 +36,11 @@ class KVCacheManager:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self._free_pages = collections.deque(range(SCRATCH_PAGE + 1, num_pages))
+        self._free_pages = collections.deque(range(SCRATCH_PAGE + 1, num_pages))  # blank: no key
         self._page_tables: dict[Hashable, list[int]] = {}
         self._num_tokens: dict[Hashable, int] = {}
+        self._refs = [0] * num_pages
+        self.prefix_cache = PrefixCache()
 
     @staticmethod
     def num_pages_for_budget(budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -46,7 +55,18 @@ class KVCacheManager:
 
     @property
     def num_free_pages(self) -> int:
-        return len(self._free_pages)
+        """Pages a sequence may take: blank ones and cached ones that nobody holds (evictable)."""
+        return len(self._free_pages) + self.prefix_cache.num_idle
+
+    @property
+    def num_evictable_pages(self) -> int:
+        """Cached pages that nobody holds (counted in ``num_free_pages``)."""
+        return self.prefix_cache.num_idle
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages with a key, held or not."""
+        return len(self.prefix_cache)
 
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._page_tables
@@ -59,17 +79,43 @@ class KVCacheManager:
         self._require(seq_id)
         return list(self._page_tables[seq_id])
 
-    def can_allocate(self, n_tokens: int) -> bool:
-        return self._pages_for(n_tokens) <= self.num_free_pages
+    def cached_prefix(self, keys: Sequence[bytes]) -> list[int]:
+        """The cached pages of the longest prefix of a sequence whose full pages have ``keys``."""
+        return self.prefix_cache.longest_prefix(keys)
 
-    def allocate(self, seq_id: Hashable, n_tokens: int) -> None:
-        """Gives a new sequence pages for its first `n_tokens` tokens."""
+    def can_allocate(self, n_tokens: int, cached: Sequence[int] = ()) -> bool:
+        idle_taken = sum(self.prefix_cache.is_idle(page) for page in cached)
+        return self._pages_for(n_tokens) - len(cached) <= self.num_free_pages - idle_taken
+
+    def allocate(self, seq_id: Hashable, n_tokens: int, cached: Sequence[int] = ()) -> None:
+        """Gives a new sequence pages for its first `n_tokens` tokens: the ``cached`` pages of its
+        prefix (from :meth:`cached_prefix`), then fresh ones."""
         if seq_id in self._page_tables:
             raise ValueError(f"sequence {seq_id!r} already has pages")
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-        self._page_tables[seq_id] = self._take(self._pages_for(n_tokens))
+        if len(cached) * self.page_size > n_tokens:
+            raise ValueError(f"{len(cached)} cached pages hold more than the {n_tokens} tokens asked for")
+        if not self.can_allocate(n_tokens, cached):
+            raise OutOfPagesError(f"need {self._pages_for(n_tokens) - len(cached)} pages, {self.num_free_pages} free")
+        for page in cached:
+            if not self.prefix_cache.is_cached(page):
+                raise ValueError(f"page {page} is not cached")
+            self._hold(page)
+        self._page_tables[seq_id] = list(cached) + self._take(self._pages_for(n_tokens) - len(cached))
         self._num_tokens[seq_id] = n_tokens
+
+    def cache_pages(self, seq_id: Hashable, keys: Sequence[bytes]) -> None:
+        """Names the sequence's first ``len(keys)`` pages (full, their KV written) by ``keys``, so
+        that other sequences may find them. A page whose key another page already has stays
+        private."""
+        self._require(seq_id)
+        table = self._page_tables[seq_id]
+        if len(keys) * self.page_size > self._num_tokens[seq_id]:
+            raise ValueError(f"only full pages are cached: {len(keys)} keys for {self._num_tokens[seq_id]} tokens")
+        for page, key in zip(table, keys):
+            if not self.prefix_cache.is_cached(page):
+                self.prefix_cache.add(page, key)
 
     def can_append(self, seq_id: Hashable, n_tokens: int = 1) -> bool:
         return self._new_pages_for_append(seq_id, n_tokens) <= self.num_free_pages
@@ -82,7 +128,15 @@ class KVCacheManager:
     def free(self, seq_id: Hashable) -> None:
         """Returns a sequence's pages (on finish, abort or preemption)."""
         self._require(seq_id)
-        self._free_pages.extend(self._page_tables.pop(seq_id))
+        # The last page first: a prefix's tail is the least likely part to be shared, so it is
+        # the first evicted.
+        for page in reversed(self._page_tables.pop(seq_id)):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if self.prefix_cache.is_cached(page):
+                    self.prefix_cache.idle(page)
+                else:
+                    self._free_pages.append(page)
         del self._num_tokens[seq_id]
 
     def _pages_for(self, n_tokens: int) -> int:
@@ -97,7 +151,15 @@ class KVCacheManager:
     def _take(self, count: int) -> list[int]:
         if count > self.num_free_pages:
             raise OutOfPagesError(f"need {count} pages, {self.num_free_pages} free")
-        return [self._free_pages.popleft() for _ in range(count)]
+        pages = [self._free_pages.popleft() if self._free_pages else self.prefix_cache.evict() for _ in range(count)]
+        for page in pages:
+            self._refs[page] = 1
+        return pages
+
+    def _hold(self, page: int) -> None:
+        if self._refs[page] == 0:
+            self.prefix_cache.hold(page)
+        self._refs[page] += 1
 
     def _require(self, seq_id: Hashable) -> None:
         if seq_id not in self._page_tables:

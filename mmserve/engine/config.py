@@ -33,6 +33,11 @@ class EngineConfig:
     that no step waits for a compile; --no-precompile starts faster and stalls on the first requests of
     each shape. The grid grows with max_num_seqs, max_prefill_seqs, max_prefill_tokens and
     max_model_len / page_size"""
+    enable_prefix_caching: bool = True
+    """keep the KV pages of finished prompts, keyed by their tokens and images, so that a prompt sharing
+    a prefix with an earlier one (a system prompt, a second turn about the same image) computes only the
+    rest; cached pages nobody uses are evicted, least recently used first, when pages run short.
+    --no-enable-prefix-caching recomputes every prompt"""
 
     def __post_init__(self):
         for name in ("page_size", "kv_cache_bytes", "max_model_len", "max_num_seqs", "max_prefill_tokens",

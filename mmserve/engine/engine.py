@@ -18,6 +18,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder, joined
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.page_hash import PageKeys, visual_spans
 from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.request import Request, TokenLogprobs
 from mmserve.engine.runner import ModelRunner
@@ -104,9 +105,18 @@ class LLMEngine:
             ids, self.model.config, _grids(prepared.images), _grids(prepared.videos))
         request = Request(request_id, list(ids), params, positions, delta, place_visual(ids, self.model.config,
                                                                                         image, video))
+        if self.config.enable_prefix_caching:
+            request.page_keys = self._page_keys(request, prepared)
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
+
+    def _page_keys(self, request: Request, prepared: PreparedPrompt) -> PageKeys:
+        config, count = self.model.config, self.model.processor.num_image_tokens
+        spans = [] if request.visual is None else visual_spans(request.prompt_ids, request.visual.embeds, [
+            (config.image_token_id, [count(v.grid_thw[0]) for v in prepared.images]),
+            (config.video_token_id, [count(v.grid_thw[0]) for v in prepared.videos])])
+        return PageKeys(self.config.page_size, spans)
 
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -174,24 +184,29 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "embedding_cache_hits": self.encoder.cache.hits,
             "embedding_cache_misses": self.encoder.cache.misses,
+            "prefix_cache_queries": self.scheduler.prefix_cache_queries,
+            "prefix_cache_hits": self.scheduler.prefix_cache_hits,
+            "cached_pages": self.kv.num_cached_pages,
         }
 
     def _run(self, step: Step) -> list[tuple[Request, tuple]]:
         """Runs the model over the step and samples; returns (request, sampled row) pairs."""
         if step.prefill:
             for chunk in step.prefill:
-                if chunk.start == 0:
+                if chunk.first:
                     self.runner.load_slot(chunk.request)
             tables = [self.kv.page_table(ch.request.request_id) for ch in step.prefill]
             self.runner.prefill(step.prefill, tables)
             for chunk in step.prefill:
                 chunk.request.num_computed += chunk.length
+                self.scheduler.cache_computed(chunk.request)
             samplers = [ch.request if ch.completes else None for ch in step.prefill]
         else:
             tables = [self.kv.page_table(r.request_id) for r in step.decode]
             self.runner.decode(step.decode, tables)
             for request in step.decode:
                 request.num_computed += 1
+                self.scheduler.cache_computed(request)
             samplers = list(step.decode)
         if not any(samplers):
             return []

@@ -3,7 +3,8 @@
 Invariant while decoding: every token but the newest has its KV in the cache
 (``num_computed == num_tokens - 1``); the newest is the next decode input. A preempted request
 loses its cache (``num_computed = 0``) and is prefilled again over prompt and output, which
-reproduces the same next token.
+reproduces the same next token. With prefix caching a request (fresh or preempted) starts with
+``num_computed`` at the end of its cached prefix, as if those chunks had been prefilled.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import enum
 
 import numpy as np
 
+from mmserve.engine.page_hash import PageKeys
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish
 from models.qwen3_vl_moe.multimodal import VisualPlacement
@@ -50,6 +52,7 @@ class Request:
     text: str = ""
     text_stream: TextStream | None = None  # the engine's incremental decoder of output_ids into text
     finish: Finish | None = None
+    page_keys: PageKeys | None = None  # None: its pages are never cached (nor looked up)
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +63,12 @@ class Request:
         """More than one token lacks its KV: a fresh or preempted request. With one left, a decode
         step (a one-token prefill) finishes it."""
         return self.num_computed < self.num_tokens - 1
+
+    def full_page_keys(self) -> list[bytes]:
+        """The keys of the pages whose KV is computed and full (none without ``page_keys``)."""
+        if self.page_keys is None:
+            return []
+        return self.page_keys.first(self.num_computed // self.page_keys.page_size, self.token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         prompt = len(self.prompt_ids)

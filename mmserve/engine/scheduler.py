@@ -6,6 +6,11 @@ while both have work, so new prompts are admitted between decode steps and the r
 decoding. A request that does not fit waits; when decode runs out of pages the newest running
 request is preempted: its pages are freed and it is prefilled again later (recompute), which gives
 the same output.
+
+With prefix caching, a request admitted (fresh, or again after preemption) takes the cached pages
+of the longest prefix of its tokens and is prefilled from there, like a prompt whose first chunks
+are done; its last token is always computed, so that there are logits to sample. Its pages join the
+cache as they fill (:meth:`Scheduler.cache_computed`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class PrefillChunk:
     request: Request
     start: int
     length: int
+    first: bool = False
+    """The request's first chunk since admission (its sampling slot is loaded before it runs)."""
 
     @property
     def completes(self) -> bool:
@@ -47,6 +54,10 @@ class Scheduler:
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._last_was_prefill = False
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        """Tokens of admitted requests looked up in the prefix cache."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens found (their KV not computed again)."""
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -95,6 +106,11 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = Status.FINISHED
 
+    def cache_computed(self, request: Request) -> None:
+        """Offers the request's full, computed pages to the prefix cache (after a step wrote them)."""
+        if self.config.enable_prefix_caching and request.request_id in self.kv:
+            self.kv.cache_pages(request.request_id, request.full_page_keys())
+
     def _schedule_prefill(self) -> list[PrefillChunk]:
         budget = self.config.max_prefill_tokens
         chunks: list[PrefillChunk] = []
@@ -102,24 +118,35 @@ class Scheduler:
         for request in candidates:
             if len(chunks) == self.config.max_prefill_seqs or budget == 0:
                 break
-            length = min(request.num_tokens - request.num_computed, budget)
-            if chunks and not self._joins(chunks, request, length):
+            admits = request.status is Status.WAITING
+            cached = self._cached_prefix(request) if admits else []
+            start = len(cached) * self.kv.page_size if admits else request.num_computed
+            length = min(request.num_tokens - start, budget)
+            if chunks and not self._joins(chunks, start, length):
                 break
-            if request.status is Status.WAITING:
-                if not self._free_slots or not self.kv.can_allocate(length):
+            if admits:
+                if not self._free_slots or not self.kv.can_allocate(start + length, cached):
                     break
-                self._admit(request, length)
-            elif not self._grow(request, request.num_computed + length):
+                self._admit(request, start + length, cached)
+            elif not self._grow(request, start + length):
                 break
-            chunks.append(PrefillChunk(request, request.num_computed, length))
+            chunks.append(PrefillChunk(request, start, length, first=admits))
             budget -= length
         return chunks
 
-    def _joins(self, chunks: list[PrefillChunk], request: Request, length: int) -> bool:
-        """Whether a chunk of ``length`` tokens of ``request`` may join the step: its padded size
-        stays in the program grid, and a chunk that continues a prompt (its later pages count, so
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """Cached pages of the request's longest cached prefix, leaving at least its last token to
+        compute."""
+        if not self.config.enable_prefix_caching or request.page_keys is None:
+            return []
+        keys = request.page_keys.first((request.num_tokens - 1) // self.kv.page_size, request.token_ids)
+        return self.kv.cached_prefix(keys)
+
+    def _joins(self, chunks: list[PrefillChunk], start: int, length: int) -> bool:
+        """Whether a chunk [start, start + length) of a prompt may join the step: its padded size
+        stays in the program grid, and a chunk that continues a prompt (its earlier pages count, so
         it needs the widest program) runs alone."""
-        continues = request.num_computed > 0 or any(ch.start > 0 for ch in chunks)
+        continues = start > 0 or any(ch.start > 0 for ch in chunks)
         return not continues and self.grid.prefill_fits(len(chunks) + 1, max(length, *(ch.length for ch in chunks)))
 
     def _schedule_decode(self, decodable: list[Request]) -> list[Request]:
@@ -143,9 +170,13 @@ class Scheduler:
         self.kv.append(request.request_id, need)
         return True
 
-    def _admit(self, request: Request, num_tokens: int) -> None:
+    def _admit(self, request: Request, num_tokens: int, cached: list[int]) -> None:
         self.waiting.remove(request)
-        self.kv.allocate(request.request_id, num_tokens)
+        self.kv.allocate(request.request_id, num_tokens, cached)
+        request.num_computed = len(cached) * self.kv.page_size
+        if request.page_keys is not None and self.config.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += request.num_computed
         request.slot = self._free_slots.pop()
         request.status = Status.RUNNING
         self.running.append(request)

@@ -101,6 +101,7 @@ def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, ll
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda c: ask(client, *c, stream=bool(len(c[0]) % 2)), cases))
     assert answers == [expected(llm, *c) for c in cases]
+    assert _prefill(cluster)["prefix_cache_hits"] > 0  # the chat template's head: decode got the whole KV anyway
     _assert_all_free(cluster)
 
 

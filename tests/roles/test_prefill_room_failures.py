@@ -31,8 +31,9 @@ def role():
     bootstrap.close()
 
 
-def prefill(role, request_id: str, room: int, length: int) -> None:
-    role.prefill(pb.PrefillRequest(request_id=request_id, room=room, token_ids=list(range(3, 3 + length)),
+def prefill(role, request_id: str, room: int, length: int, first_token: int = 3) -> None:
+    role.prefill(pb.PrefillRequest(request_id=request_id, room=room,
+                                   token_ids=list(range(first_token, first_token + length)),
                                    sampling=sampling_to_pb(SamplingParams(max_tokens=4))))
 
 
@@ -51,6 +52,6 @@ def test_a_room_that_fails_mid_prompt_frees_the_request_and_the_role_goes_on(rol
     assert stats["running"] == stats["waiting"] == stats["in_flight"] == 0
     assert stats["free_pages"] == total
     role.abort("long")  # nothing left to abort: harmless
-    prefill(role, "next", room=12, length=20)
+    prefill(role, "next", room=12, length=20, first_token=900)  # not a prefix of "long": two chunks to run
     role.step()
     assert role.health()["in_flight"] == 1

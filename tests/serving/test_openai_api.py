@@ -198,7 +198,8 @@ def test_client_disconnect_aborts_and_frees_pages(server, auth):
 
 
 def test_metrics_expose_requests_latencies_and_pages(server, client):
-    client.chat.completions.create(model=MODEL_NAME, messages=CHATS["text"], temperature=0, max_tokens=3)
+    for _ in range(2):  # the second finds the first's prompt pages in the prefix cache
+        client.chat.completions.create(model=MODEL_NAME, messages=CHATS["text"], temperature=0, max_tokens=3)
     text = request("GET", f"{server.url}/metrics")[1]
     assert 'mmserve_requests_total{endpoint="chat",outcome="finished"}' in text
     for name in ("mmserve_time_to_first_token_seconds_count", "mmserve_inter_token_latency_seconds_count",
@@ -207,3 +208,8 @@ def test_metrics_expose_requests_latencies_and_pages(server, client):
     for name in ("mmserve_backend_free_pages", "mmserve_backend_total_pages", "mmserve_backend_running",
                  "mmserve_backend_waiting", "mmserve_requests_in_flight"):
         prometheus_value(text, name)
+    for name in ("mmserve_backend_prefix_cache_queries", "mmserve_backend_prefix_cache_hits",
+                 "mmserve_backend_cached_pages"):
+        assert prometheus_value(text, name) > 0, name
+    health = request("GET", f"{server.url}/health")[1]
+    assert {"prefix_cache_queries", "prefix_cache_hits", "cached_pages"} <= set(health)
