@@ -165,8 +165,7 @@ class PrefillRole:
         return self.engine.stats() | {
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
             "free_kv_blocks": self.sender.allocator.available_blocks(),
-            "waiting_for_embeddings": len(self._requests.in_state(PrefillState.WAITING_FOR_EMBEDDINGS)),
-            "in_flight": len(self._requests),
+            "in_flight": len(self._requests), "requests": self._requests.counts(),
             "embedding_resumes": self.embedding_resumes}
 
     def close(self) -> None:

@@ -153,6 +153,13 @@ class RequestTable(Generic[Record]):
     def in_state(self, *states: enum.Enum) -> list[Record]:
         return [r for r in self._records.values() if r.state in states]
 
+    def counts(self) -> dict[str, int]:
+        """Requests held in each state, for health reports."""
+        counts: dict[str, int] = {}
+        for record in self._records.values():
+            counts[record.state.value] = counts.get(record.state.value, 0) + 1
+        return counts
+
     def check_new(self, request_id: str, room: int) -> None:
         """Refuses a request id or room this role already holds (before anything is taken for it)."""
         if request_id in self._records:
