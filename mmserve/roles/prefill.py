@@ -5,6 +5,7 @@ named. One loop drives both directions: the embedding receiver and the KV sender
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ from transfer.poll import PollState
 from transfer.receiver import Receiver
 from transfer.sender import Sender
 
+log = logging.getLogger(__name__)
 PROGRESS_S = 0.002
 
 
@@ -199,11 +201,17 @@ class PrefillRole:
 
     def _ship(self, request: Request, page_table: list[int]) -> None:
         """Called as the request finishes, before its pages are freed: copy its KV out. Only a
-        PREFILLING record has a request in the engine (leaving that state aborts it there)."""
+        PREFILLING record has a request in the engine (leaving that state aborts it there). A copy
+        that fails fails the KV room (and so the request) and lets the engine free it."""
         record = self._requests[request.request_id]
         record.move(PrefillState.SENDING_KV)
         n = request.num_computed
-        k, v = jax.device_put(self.engine.runner.read_kv(page_table, n), self.sender.buffers.sharding)
+        try:
+            k, v = jax.device_put(self.engine.runner.read_kv(page_table, n), self.sender.buffers.sharding)
+        except Exception as error:
+            log.exception("reading the KV of %s failed", request.request_id)
+            self._fail_room(record.room, f"could not read its KV: {error}")
+            return
         aux = {"rope_delta": request.rope_delta}
         if request.logprobs:
             first = request.logprobs[0]
@@ -212,7 +220,7 @@ class PrefillRole:
         self._outbox.put(Parcel(record.room, {"k": k, "v": v}, info))
 
     def _fail_room(self, room: int, reason: str) -> None:
-        """The outbox could not stage a room's rows: the room fails, and its request with it."""
+        """The room fails, and its request with it (at the next poll of the sender's rooms)."""
         with self.lock:
             if not self.sender.poll(room).terminal:
                 self.sender.abort(room, reason[:500])

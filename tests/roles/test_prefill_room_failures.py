@@ -111,6 +111,22 @@ def test_a_failed_step_fails_its_requests_and_frees_their_rooms(patient_role, mo
         role.sender.poll(31)
 
 
+def test_a_failed_kv_read_fails_the_room_and_the_engine_still_frees_the_prompt(patient_role, monkeypatch):
+    role = patient_role
+    total = role.engine.stats()["free_pages"]
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(role.engine.runner, "read_kv", broken)
+    prefill(role, "unread", room=35, length=20)
+    run_until(role, lambda: not role.health()["in_flight"])
+    stats = role.health()
+    assert stats["running"] == stats["waiting"] == 0 and stats["free_pages"] == total
+    with pytest.raises(KeyError):
+        role.sender.poll(35)
+
+
 def test_kv_waiting_for_sender_blocks_is_dropped_when_its_room_fails(patient_role):
     """Its rows must not be sent later into a room nobody tracks (the old code re-opened the
     forgotten room on send, holding blocks until another timeout and never forgetting it)."""
