@@ -178,11 +178,10 @@ class RequestTable(Generic[Record]):
         record = self._records.get(request_id)
         if record is None:
             return False
+        if record.TRANSITIONS[state]:
+            raise IllegalTransition(f"request {request_id}: {state.name} is not an end")
         was = record.state
         record.move(state)
-        if not record.finished:
-            record.state = was
-            raise IllegalTransition(f"request {request_id}: {state.name} is not an end")
         record.reason = reason
         del self._records[request_id]
         self._release(record, was)
