@@ -7,7 +7,6 @@ never preempted: decode has no prompt embeddings to recompute it from.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import queue
 import threading
@@ -22,6 +21,7 @@ from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request
 from mmserve.roles.fields import kv_fields
+from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import event_to_pb, sampling_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
@@ -36,27 +36,24 @@ PROGRESS_S = 0.002
 NO_EMBEDDINGS = np.zeros((3, 0), np.int32)
 
 
-@dataclasses.dataclass
-class Incoming:
-    request_id: str
-    room: int
+@dataclasses.dataclass(eq=False, kw_only=True)
+class DecodeRecord(RoleRequest[DecodeState]):
+    """A request in decode, from its page reservation to its last token."""
+
+    TRANSITIONS = DECODE_TRANSITIONS
+    INITIAL = frozenset({DecodeState.RESERVING})
+
     prompt_ids: list[int]
     params: SamplingParams
     prefill_name: str
     stream: queue.Queue
+    """Events for the router's Decode call: every token, then the end or the error."""
     slot: int | None = None
+    output: OutputStream | None = None
 
     @property
     def reserved_tokens(self) -> int:
         return len(self.prompt_ids) + self.params.max_tokens
-
-
-@dataclasses.dataclass
-class Outgoing:
-    """A decoding request's stream back to the router, and what of its output was sent."""
-
-    queue: queue.Queue
-    output: OutputStream
 
 
 DECODE_PROGRAMS = frozenset({"decode"})
@@ -72,9 +69,7 @@ class DecodeRole:
         self.bootstrap = bootstrap
         self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS)
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
-        self._prealloc: collections.deque[Incoming] = collections.deque()
-        self._transfers: dict[int, Incoming] = {}
-        self._streams: dict[str, Outgoing] = {}
+        self._requests: RequestTable[DecodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
         """Held by whoever touches the receiver: the loop thread or the transfer pump."""
 
@@ -84,20 +79,21 @@ class DecodeRole:
         if len(request.token_ids) >= max_len:
             raise ValueError(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
-        self._prealloc.append(Incoming(request.request_id, request.room, list(request.token_ids), params,
-                                       request.prefill_name, stream))
+        self._requests.add(DecodeRecord(request_id=request.request_id, room=request.room,
+                                        state=DecodeState.RESERVING, prompt_ids=list(request.token_ids),
+                                        params=params, prefill_name=request.prefill_name, stream=stream))
 
     def step(self) -> None:
         with self.lock:
             arrived = self._receive()
-        for incoming, received in arrived:
-            self._admit(incoming, received)
+        for record, received in arrived:
+            self._admit(record, received)
         if self.engine.has_unfinished():
             try:
                 outputs = self.engine.step()
             except StepFailed as failure:
                 for request_id in failure.request_ids:
-                    self._streams.pop(request_id).queue.put(pb.TokenEvent(request_id=request_id, error=str(failure)))
+                    self._requests.finish(request_id, DecodeState.FAILED, str(failure))
                 return
             for output in outputs:
                 self._emit(output)
@@ -106,54 +102,46 @@ class DecodeRole:
         with self.lock:
             self.receiver.progress(0)
 
-    def _receive(self) -> list[tuple[Incoming, object]]:
+    def _receive(self) -> list[tuple[DecodeRecord, object]]:
         """Registers reserved requests with their prefill; returns the ones whose KV arrived."""
-        while self._prealloc:
-            incoming = self._prealloc[0]
-            incoming.slot = self.engine.reserve(incoming.request_id, incoming.reserved_tokens)
-            if incoming.slot is None:
+        for record in self._requests.in_state(DecodeState.RESERVING):  # in arrival order
+            slot = self.engine.reserve(record.request_id, record.reserved_tokens)
+            if slot is None:
                 break
-            self._prealloc.popleft()
-            self.receiver.add(incoming.room, self.bootstrap, incoming.prefill_name, TransferMode.KV)
-            self._transfers[incoming.room] = incoming
+            record.slot = slot
+            record.move(DecodeState.RECEIVING_KV)
+            try:
+                self.receiver.add(record.room, self.bootstrap, record.prefill_name, TransferMode.KV)
+            except Exception as error:
+                self._requests.finish(record.request_id, DecodeState.FAILED, f"could not open its KV room: {error}")
         self.receiver.progress(PROGRESS_S if not self.engine.has_unfinished() else 0)
         arrived = []
-        for room, incoming in list(self._transfers.items()):
-            state = self.receiver.poll(room)
+        for record in self._requests.in_state(DecodeState.RECEIVING_KV):
+            state = self.receiver.poll(record.room)
             if state is PollState.SUCCESS:
-                del self._transfers[room]
-                arrived.append((incoming, self.receiver.take(room)))
+                arrived.append((record, self.receiver.take(record.room)))  # the KV room is gone
             elif state is PollState.FAILED:
-                del self._transfers[room]
-                self.engine.cancel_reservation(incoming.request_id, incoming.slot)
-                incoming.stream.put(pb.TokenEvent(request_id=incoming.request_id,
-                                                  error=f"KV transfer failed: {self.receiver.failure(room)}"))
-                self.receiver.forget(room)
+                self._requests.finish(record.request_id, DecodeState.FAILED,
+                                      f"KV transfer failed: {self.receiver.failure(record.room)}")
         return arrived
 
     def abort(self, request_id: str) -> None:
         with self.lock:
-            self._abort(request_id)
+            self._requests.finish(request_id, DecodeState.FAILED, "aborted")
 
-    def _abort(self, request_id: str) -> None:
-        for incoming in list(self._prealloc):
-            if incoming.request_id == request_id:
-                self._prealloc.remove(incoming)
-                incoming.stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
-        for room, incoming in list(self._transfers.items()):
-            if incoming.request_id == request_id:
-                del self._transfers[room]
-                self.receiver.abort(room, "aborted by the router")
-                self.receiver.forget(room)
-                self.engine.cancel_reservation(request_id, incoming.slot)
-                incoming.stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
-        if request_id in self._streams:
-            stream = self._streams.pop(request_id).queue
-            self.engine.abort(request_id)
-            stream.put(pb.TokenEvent(request_id=request_id, error="aborted"))
+    def _release(self, record: DecodeRecord, was: DecodeState) -> None:
+        """Frees what a request held in state ``was``; a failed request's stream gets the reason."""
+        with self.lock:
+            if was is DecodeState.RECEIVING_KV:
+                close_room(self.receiver, record.room, record.reason)
+                self.engine.cancel_reservation(record.request_id, record.slot)
+            elif was is DecodeState.DECODING:
+                self.engine.abort(record.request_id)  # frees its reservation; a no-op once it finished there
+        if record.state is DecodeState.FAILED:
+            record.stream.put(pb.TokenEvent(request_id=record.request_id, error=record.reason))
 
     def in_flight(self) -> int:
-        return len(self._prealloc) + len(self._transfers) + len(self._streams)
+        return len(self._requests)
 
     def capacity(self) -> int:
         return self.engine.config.max_num_seqs
@@ -164,27 +152,35 @@ class DecodeRole:
 
     def _health(self) -> dict:
         return self.engine.stats() | {"free_kv_blocks": self.receiver.allocator.available_blocks(),
-                                      "prealloc_queue": len(self._prealloc), "transfers": len(self._transfers)}
+                                      "in_flight": len(self._requests), "requests": self._requests.counts()}
 
     def close(self) -> None:
         with self.lock:
             self.receiver.close()
 
-    def _admit(self, incoming: Incoming, received) -> None:
-        info = received.info
-        aux = info.aux
-        request = Request(incoming.request_id, incoming.prompt_ids, incoming.params, NO_EMBEDDINGS,
-                          int(aux["rope_delta"]), None, num_computed=len(incoming.prompt_ids))
-        first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
-        self._streams[incoming.request_id] = Outgoing(incoming.stream, OutputStream(incoming.params))
-        self._emit(self.engine.admit_prefilled(request, incoming.slot, received.arrays["k"], received.arrays["v"],
-                                               first))
+    def _admit(self, record: DecodeRecord, received) -> None:
+        """Takes a request whose KV arrived into the batch; one whose KV or first token cannot
+        be used fails alone."""
+        try:
+            info = received.info
+            aux = info.aux
+            request = Request(record.request_id, record.prompt_ids, record.params, NO_EMBEDDINGS,
+                              int(aux["rope_delta"]), None, num_computed=len(record.prompt_ids))
+            first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
+            record.output = OutputStream(record.params)
+            record.move(DecodeState.DECODING)
+            output = self.engine.admit_prefilled(request, record.slot, received.arrays["k"], received.arrays["v"],
+                                                 first)
+        except Exception as error:
+            self._requests.finish(record.request_id, DecodeState.FAILED, f"could not admit its KV: {error}")
+            return
+        self._emit(output)
 
     def _emit(self, output: RequestOutput) -> None:
-        out = self._streams[output.request_id]
+        record = self._requests[output.request_id]
+        record.stream.put(event_to_pb(output.request_id, record.output.delta(output)))
         if output.finished:
-            del self._streams[output.request_id]
-        out.queue.put(event_to_pb(output.request_id, out.output.delta(output)))
+            self._requests.finish(output.request_id, DecodeState.DONE)
 
 
 class DecodeService(WorkerService):

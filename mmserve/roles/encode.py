@@ -4,6 +4,7 @@ receiver's default allocation is too small)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -15,12 +16,14 @@ from mmserve.engine.encoder import Encoder
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
+from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import visual_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferInfo, TransferMode
+from transfer.poll import PollState
 from transfer.sender import Sender
 
 PROGRESS_S = 0.005
@@ -36,6 +39,14 @@ def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None
     return encoder
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
+class EncodeRecord(RoleRequest[EncodeState]):
+    """A request's visual rows on their way to prefill."""
+
+    TRANSITIONS = ENCODE_TRANSITIONS
+    INITIAL = frozenset({EncodeState.SENDING})
+
+
 class EncodeRole:
     role = "encode"
 
@@ -45,13 +56,14 @@ class EncodeRole:
         self._capacity = engine.max_num_seqs
         self.encoder = vision_encoder(model, engine, layout, lockstep)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
-        self._outbox = Outbox(self.sender, self._fail)
-        self._rooms: dict[int, str] = {}
+        self._outbox = Outbox(self.sender, self._fail_room)
+        self._requests: RequestTable[EncodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
         """Held by whoever touches the sender: the loop thread or the transfer pump."""
 
     def encode(self, request: pb.EncodeRequest) -> None:
         """Encodes now; the rows wait for sender blocks if the pool is full."""
+        self._requests.check_new(request.request_id, request.room)
         images = self.encoder.encode_all([visual_from_pb(v) for v in request.images])
         videos = self.encoder.encode_all([visual_from_pb(v) for v in request.videos])
         parts = [f for f in (images, videos) if f is not None]
@@ -67,17 +79,21 @@ class EncodeRole:
                 "deepstack": np.pad(np.swapaxes(deepstack, 0, 1).reshape(n, -1), pad)}
         info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0])})
         with self.lock:
+            self._requests.add(EncodeRecord(request_id=request.request_id, room=request.room,
+                                            state=EncodeState.SENDING))
             self.sender.add(request.room)
-            self._rooms[request.room] = request.request_id
             self._outbox.put(Parcel(request.room, rows, info))
 
     def step(self) -> None:
         with self.lock:
             self._outbox.flush()
             self.sender.progress(PROGRESS_S)
-            for room in [r for r in self._rooms if self.sender.poll(r).terminal]:
-                self.sender.forget(room)
-                del self._rooms[room]
+            for record in self._requests:
+                state = self.sender.poll(record.room)
+                if state is PollState.SUCCESS:
+                    self._requests.finish(record.request_id, EncodeState.DONE)
+                elif state is PollState.FAILED:
+                    self._requests.finish(record.request_id, EncodeState.FAILED, self.sender.failure(record.room))
 
     def pump(self) -> None:
         with self.lock:
@@ -85,30 +101,31 @@ class EncodeRole:
 
     def abort(self, request_id: str) -> None:
         with self.lock:
-            self._abort(request_id)
+            self._requests.finish(request_id, EncodeState.FAILED, "aborted by the router")
 
-    def _abort(self, request_id: str) -> None:
-        for room, rid in list(self._rooms.items()):
-            if rid == request_id:
-                self._outbox.drop(room)
-                self._fail(room, "aborted by the router")
+    def _release(self, record: EncodeRecord, was: EncodeState) -> None:
+        """Drops the rows if they still wait for blocks and ends the room (an abort tells prefill why)."""
+        with self.lock:
+            self._outbox.drop(record.room)
+            close_room(self.sender, record.room, record.reason)
 
     def in_flight(self) -> int:
-        return len(self._rooms)
+        return len(self._requests)
 
     def capacity(self) -> int:
         return self._capacity
 
     def health(self) -> dict:
         with self.lock:
-            return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._rooms),
-                    "queued": len(self._outbox)}
+            return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._requests),
+                    "requests": self._requests.counts(), "queued": len(self._outbox)}
 
     def close(self) -> None:
         with self.lock:
             self.sender.close()
 
-    def _fail(self, room: int, reason: str) -> None:
+    def _fail_room(self, room: int, reason: str) -> None:
+        """The outbox could not stage a room's rows: the room fails, and its request with it."""
         with self.lock:
             if not self.sender.poll(room).terminal:
                 self.sender.abort(room, reason[:500])

@@ -5,7 +5,9 @@ named. One loop drives both directions: the embedding receiver and the KV sender
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -18,6 +20,7 @@ from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.request import Request
 from mmserve.roles.fields import embedding_fields, kv_fields
 from mmserve.roles.outbox import Outbox, Parcel
+from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import sampling_from_pb, visual_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
@@ -30,14 +33,17 @@ from transfer.poll import PollState
 from transfer.receiver import Receiver
 from transfer.sender import Sender
 
+log = logging.getLogger(__name__)
 PROGRESS_S = 0.002
 
 
-@dataclasses.dataclass
-class Pending:
-    """A prompt waiting for its embeddings."""
+@dataclasses.dataclass(eq=False, kw_only=True)
+class PrefillRecord(RoleRequest[PrefillState]):
+    """A prompt in prefill, from its embeddings' arrival to its KV's departure."""
 
-    request_id: str
+    TRANSITIONS = PREFILL_TRANSITIONS
+    INITIAL = frozenset({PrefillState.WAITING_FOR_EMBEDDINGS, PrefillState.PREFILLING})
+
     prompt: PreparedPrompt
     params: SamplingParams
 
@@ -60,9 +66,8 @@ class PrefillRole:
         self._plane = open_data_plane(transfer)
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
-        self._pending: dict[int, Pending] = {}
-        self._room_of: dict[str, int] = {}
-        self._outbox = Outbox(self.sender, self._fail)
+        self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
+        self._outbox = Outbox(self.sender, self._fail_room)
         self.embedding_resumes = 0
         self.lock = threading.RLock()
         """Held by whoever touches the receiver or the sender: the loop thread or the transfer pump."""
@@ -78,14 +83,19 @@ class PrefillRole:
         if bool(request.encode_name) != bool(prompt.images or prompt.videos):
             raise ValueError("a prompt with images or videos needs an encode worker, and only such a prompt")
         self.engine.check_fits(len(prompt.token_ids), params)
-        self.sender.add(request.room)
-        self._room_of[request.request_id] = request.room
-        pending = Pending(request.request_id, prompt, params)
-        if request.encode_name:
-            self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING)
-            self._pending[request.room] = pending
-        else:
-            self._start(pending, {})
+        self._requests.check_new(request.request_id, request.room)
+        state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name else PrefillState.PREFILLING
+        record = self._requests.add(PrefillRecord(request_id=request.request_id, room=request.room, state=state,
+                                                  prompt=prompt, params=params))
+        try:
+            self.sender.add(request.room)
+            if request.encode_name:
+                self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING)
+        except Exception as error:
+            self._requests.finish(record.request_id, PrefillState.FAILED, f"could not open its rooms: {error}")
+            raise
+        if not request.encode_name:
+            self._start(record, lambda: {})
 
     def step(self) -> None:
         with self.lock:
@@ -95,8 +105,7 @@ class PrefillRole:
                 self.engine.step()
             except StepFailed as failure:
                 for request_id in failure.request_ids:
-                    if request_id in self._room_of:
-                        self._fail(self._room_of[request_id], str(failure))
+                    self._requests.finish(request_id, PrefillState.FAILED, str(failure))
         with self.lock:
             self._send()
 
@@ -107,48 +116,45 @@ class PrefillRole:
 
     def _receive(self) -> None:
         self.receiver.progress(PROGRESS_S)
-        for room, pending in list(self._pending.items()):
-            state = self.receiver.poll(room)
+        for record in self._requests.in_state(PrefillState.WAITING_FOR_EMBEDDINGS):
+            state = self.receiver.poll(record.room)
             if state is PollState.SUCCESS:
-                del self._pending[room]
-                received = self.receiver.take(room)
+                received = self.receiver.take(record.room)  # the embedding room is gone
+                record.move(PrefillState.PREFILLING)
                 self.embedding_resumes += received.chunks > 1
-                self._start(pending, self._features(pending, received))
+                self._start(record, lambda: self._features(record, received))
             elif state is PollState.FAILED:
-                del self._pending[room]
-                self._fail(room, f"embeddings did not arrive: {self.receiver.failure(room)}")
-                self.receiver.forget(room)
+                self._requests.finish(record.request_id, PrefillState.FAILED,
+                                      f"embeddings did not arrive: {self.receiver.failure(record.room)}")
 
     def _send(self) -> None:
         self._outbox.flush()
         self.sender.progress(PROGRESS_S)
-        for request_id, room in list(self._room_of.items()):
-            if room not in self._pending and self.sender.poll(room).terminal:
-                # A room that failed (decode never came, aborted, died) while its prompt is still
-                # in the engine: nobody will take that KV, so the prompt stops here too. (After a
-                # successful send the request has already left the engine: a no-op.)
-                self.engine.abort(request_id)
-                self.sender.forget(room)
-                del self._room_of[request_id]
+        for record in self._requests:
+            state = self.sender.poll(record.room)
+            if state is PollState.SUCCESS:
+                self._requests.finish(record.request_id, PrefillState.DONE)
+            elif state is PollState.FAILED:
+                # Decode never came, aborted or died, whatever this request is doing now: nobody
+                # will take its KV, so it ends here and frees what it holds (the engine's pages too).
+                self._requests.finish(record.request_id, PrefillState.FAILED, self.sender.failure(record.room))
 
     def abort(self, request_id: str) -> None:
         with self.lock:
-            self._abort(request_id)
+            self._requests.finish(request_id, PrefillState.FAILED, "aborted by the router")
 
-    def _abort(self, request_id: str) -> None:
-        room = self._room_of.get(request_id)
-        if room is None:
-            return
-        if room in self._pending:
-            del self._pending[room]
-            self.receiver.abort(room, "aborted by the router")
-            self.receiver.forget(room)
-        self.engine.abort(request_id)
-        self._outbox.drop(room)
-        self._fail(room, "aborted by the router")
+    def _release(self, record: PrefillRecord, was: PrefillState) -> None:
+        """Frees what a request held in state ``was``; the KV room's abort tells decode why."""
+        with self.lock:
+            if was is PrefillState.WAITING_FOR_EMBEDDINGS:
+                close_room(self.receiver, record.room, record.reason)
+            elif was is PrefillState.PREFILLING:
+                self.engine.abort(record.request_id)
+            self._outbox.drop(record.room)
+            close_room(self.sender, record.room, record.reason)
 
     def in_flight(self) -> int:
-        return len(self._room_of)
+        return len(self._requests)
 
     def capacity(self) -> int:
         return self.engine.config.max_num_seqs
@@ -161,7 +167,7 @@ class PrefillRole:
         return self.engine.stats() | {
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
             "free_kv_blocks": self.sender.allocator.available_blocks(),
-            "waiting_for_embeddings": len(self._pending), "in_flight": len(self._room_of),
+            "in_flight": len(self._requests), "requests": self._requests.counts(),
             "embedding_resumes": self.embedding_resumes}
 
     def close(self) -> None:
@@ -170,15 +176,16 @@ class PrefillRole:
             self.sender.close()
             self._plane.close()
 
-    def _start(self, pending: Pending, features: dict) -> None:
-        """Prefill samples exactly the first token; decode continues from it."""
-        first_only = dataclasses.replace(pending.params, max_tokens=1)
+    def _start(self, record: PrefillRecord, features: Callable[[], dict]) -> None:
+        """Prefill samples exactly the first token; decode continues from it. A prompt the engine
+        refuses, or whose embeddings do not fit it, fails alone."""
+        first_only = dataclasses.replace(record.params, max_tokens=1)
         try:
-            self.engine.add_request(pending.prompt, first_only, pending.request_id, features=features)
-        except ValueError as error:
-            self._fail(self._room_of[pending.request_id], str(error))
+            self.engine.add_request(record.prompt, first_only, record.request_id, features=features())
+        except Exception as error:
+            self._requests.finish(record.request_id, PrefillState.FAILED, f"prefill refused it: {error}")
 
-    def _features(self, pending: Pending, received) -> dict:
+    def _features(self, record: PrefillRecord, received) -> dict:
         """Splits the received visual rows back into image and video (embeddings, deepstack)."""
         n = received.num_tokens
         embeds = np.asarray(received.arrays["embeddings"])[:n]
@@ -186,26 +193,34 @@ class PrefillRole:
         deepstack = np.swapaxes(np.asarray(received.arrays["deepstack"])[:n].reshape(n, levels, -1), 0, 1)
         split = int(received.info.aux["image_tokens"])
         out = {}
-        if pending.prompt.images:
+        if record.prompt.images:
             out["image"] = (embeds[:split], deepstack[:, :split])
-        if pending.prompt.videos:
+        if record.prompt.videos:
             out["video"] = (embeds[split:], deepstack[:, split:])
         return out
 
     def _ship(self, request: Request, page_table: list[int]) -> None:
-        """Called as the request finishes, before its pages are freed: copy its KV out."""
-        room = self._room_of[request.request_id]
+        """Called as the request finishes, before its pages are freed: copy its KV out. Only a
+        PREFILLING record has a request in the engine (leaving that state aborts it there). A copy
+        that fails fails the KV room (and so the request) and lets the engine free it."""
+        record = self._requests[request.request_id]
+        record.move(PrefillState.SENDING_KV)
         n = request.num_computed
-        k, v = jax.device_put(self.engine.runner.read_kv(page_table, n), self.sender.buffers.sharding)
+        try:
+            k, v = jax.device_put(self.engine.runner.read_kv(page_table, n), self.sender.buffers.sharding)
+        except Exception as error:
+            log.exception("reading the KV of %s failed", request.request_id)
+            self._fail_room(record.room, f"could not read its KV: {error}")
+            return
         aux = {"rope_delta": request.rope_delta}
         if request.logprobs:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
         info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
-        self._outbox.put(Parcel(room, {"k": k, "v": v}, info))
+        self._outbox.put(Parcel(record.room, {"k": k, "v": v}, info))
 
-    def _fail(self, room: int, reason: str) -> None:
-        """Tells decode (through the KV room) that this request will not come."""
+    def _fail_room(self, room: int, reason: str) -> None:
+        """The room fails, and its request with it (at the next poll of the sender's rooms)."""
         with self.lock:
             if not self.sender.poll(room).terminal:
                 self.sender.abort(room, reason[:500])

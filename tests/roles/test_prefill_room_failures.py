@@ -1,6 +1,8 @@
 """A KV room that fails while its prompt is still inside prefill's engine (decode never
 registered, or too late) takes the request out of the engine: its pages and slot come back,
-nothing raises on later steps, an abort of it is harmless, and the next prompt runs.
+nothing raises on later steps, an abort of it is harmless, and the next prompt runs. So does
+every other way out (an abort mid-prompt, a failed step, a room failing while its KV waits for
+sender blocks): each frees everything the request held, once.
 A real prefill role over a real bootstrap registry, its loop driven by hand."""
 
 import time
@@ -18,10 +20,8 @@ from transfer import BootstrapServer, TransferConfig
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def role():
-    transfer = TransferConfig(data_plane="zmq", bootstrap_timeout_s=0.5, heartbeat_interval_s=0.1,
-                              heartbeat_timeout_s=1.0)
+def prefill_role(**transfer):
+    transfer = TransferConfig(data_plane="zmq", heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, **transfer)
     bootstrap = BootstrapServer(transfer).start()
     engine = EngineConfig(num_pages=128, page_size=16, max_model_len=1024, max_prefill_tokens=16,
                           max_prefill_seqs=1, max_num_seqs=2, precompile=False)
@@ -29,6 +29,18 @@ def role():
     yield role
     role.close()
     bootstrap.close()
+
+
+@pytest.fixture
+def role():
+    """Rooms fail 0.5 s after they open: no decode ever registers."""
+    yield from prefill_role(bootstrap_timeout_s=0.5)
+
+
+@pytest.fixture
+def patient_role():
+    """Rooms live until the test fails them; a KV pool of two blocks of 16 rows."""
+    yield from prefill_role(bootstrap_timeout_s=60.0, block_size=16, default_blocks=1, buffer_blocks=2)
 
 
 def prefill(role, request_id: str, room: int, length: int, first_token: int = 3) -> None:
@@ -50,8 +62,90 @@ def test_a_room_that_fails_mid_prompt_frees_the_request_and_the_role_goes_on(rol
         role.step()  # used to raise KeyError from _ship on every step once the prompt finished
     stats = role.health()
     assert stats["running"] == stats["waiting"] == stats["in_flight"] == 0
-    assert stats["free_pages"] == total
+    assert stats["free_pages"] == total and stats["free_kv_blocks"] == role.sender.allocator.num_blocks
+    with pytest.raises(KeyError):
+        role.sender.poll(11)  # the KV room is forgotten: nothing left in the transfer layer either
     role.abort("long")  # nothing left to abort: harmless
     prefill(role, "next", room=12, length=20, first_token=900)  # not a prefix of "long": two chunks to run
     role.step()
     assert role.health()["in_flight"] == 1
+
+
+def run_until(role, condition, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        role.step()
+        assert time.monotonic() < deadline
+
+
+def test_an_abort_mid_prompt_takes_it_out_of_the_engine_and_tells_decode(patient_role):
+    role = patient_role
+    total = role.engine.stats()["free_pages"]
+    prefill(role, "long", room=21, length=800)
+    for _ in range(3):
+        role.step()
+    assert role.health()["requests"] == {"prefilling": 1} and role.engine.stats()["free_pages"] < total
+    role.abort("long")
+    stats = role.health()
+    assert stats["running"] == stats["waiting"] == stats["in_flight"] == 0 and stats["free_pages"] == total
+    with pytest.raises(KeyError):
+        role.sender.poll(21)
+    role.abort("long")
+    prefill(role, "next", room=22, length=20, first_token=900)
+    run_until(role, lambda: role.health()["requests"] == {"sending_kv": 1})  # its KV waits for decode
+    assert role.engine.stats()["free_pages"] == total
+
+
+def test_a_failed_step_fails_its_requests_and_frees_their_rooms(patient_role, monkeypatch):
+    role = patient_role
+    total = role.engine.stats()["free_pages"]
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(role.engine.runner, "prefill", broken)
+    prefill(role, "doomed", room=31, length=20)
+    role.step()
+    stats = role.health()
+    assert stats["in_flight"] == stats["running"] == 0 and stats["free_pages"] == total
+    with pytest.raises(KeyError):
+        role.sender.poll(31)
+
+
+def test_a_failed_kv_read_fails_the_room_and_the_engine_still_frees_the_prompt(patient_role, monkeypatch):
+    role = patient_role
+    total = role.engine.stats()["free_pages"]
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(role.engine.runner, "read_kv", broken)
+    prefill(role, "unread", room=35, length=20)
+    run_until(role, lambda: not role.health()["in_flight"])
+    stats = role.health()
+    assert stats["running"] == stats["waiting"] == 0 and stats["free_pages"] == total
+    with pytest.raises(KeyError):
+        role.sender.poll(35)
+
+
+def test_kv_waiting_for_sender_blocks_is_dropped_when_its_room_fails(patient_role):
+    """Its rows must not be sent later into a room nobody tracks (the old code re-opened the
+    forgotten room on send, holding blocks until another timeout and never forgetting it)."""
+    role = patient_role
+    blocks = role.sender.allocator.num_blocks
+    prefill(role, "first", room=41, length=20)  # 20 rows: both KV blocks
+    prefill(role, "second", room=42, length=20)  # its rows wait for them
+    run_until(role, lambda: role.health()["requests"] == {"sending_kv": 2})
+    run_until(role, lambda: len(role._outbox) == 1)
+    assert role.health()["free_kv_blocks"] == 0
+    role.sender.abort(42, "receiver aborted")  # decode gave up on the second
+    role.step()
+    assert role.health()["requests"] == {"sending_kv": 1} and len(role._outbox) == 0
+    role.sender.abort(41, "receiver aborted")  # and on the first: its blocks come back
+    for _ in range(3):
+        role.step()
+    stats = role.health()
+    assert stats["in_flight"] == 0 and stats["free_kv_blocks"] == blocks
+    for room in (41, 42):
+        with pytest.raises(KeyError):
+            role.sender.poll(room)

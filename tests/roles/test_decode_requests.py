@@ -1,0 +1,91 @@
+"""Decode's ways out before a request's KV arrives: an abort while it waits for pages or while its
+KV room is open, and a KV room that fails, each give back what the request held (pages, slot,
+receiver blocks, the room) and end its stream with one error; a later abort changes nothing.
+A real decode role over a real bootstrap registry with no prefill behind it, driven by hand."""
+
+import queue
+import time
+
+import pytest
+
+from mmserve import SamplingParams
+from mmserve.engine.config import EngineConfig
+from mmserve.roles.decode import DecodeRole
+from mmserve.roles.wire import sampling_to_pb
+from mmserve.rpc import worker_pb2 as pb
+from models.qwen3_vl_moe import load_model
+from transfer import BootstrapServer, TransferConfig
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def role():
+    transfer = TransferConfig(data_plane="zmq", bootstrap_timeout_s=1.0, heartbeat_interval_s=0.1,
+                              heartbeat_timeout_s=1.0)
+    bootstrap = BootstrapServer(transfer).start()
+    engine = EngineConfig(num_pages=32, page_size=16, max_model_len=256, max_num_seqs=1, precompile=False)
+    role = DecodeRole(load_model("tiny"), engine, transfer, "decode-requests", bootstrap.address)
+    yield role
+    role.close()
+    bootstrap.close()
+
+
+def decode(role, request_id: str, room: int) -> queue.Queue:
+    stream: queue.Queue = queue.Queue()
+    role.decode(pb.DecodeRequest(request_id=request_id, room=room, token_ids=list(range(3, 23)),
+                                 sampling=sampling_to_pb(SamplingParams(max_tokens=4)), prefill_name="prefill-absent"),
+                stream)
+    return stream
+
+
+def events(stream: queue.Queue) -> list[pb.TokenEvent]:
+    out = []
+    while not stream.empty():
+        out.append(stream.get_nowait())
+    return out
+
+
+def test_aborts_while_reserving_and_receiving_free_everything_once(role):
+    pages, blocks = role.engine.stats()["free_pages"], role.receiver.allocator.available_blocks()
+    first, second = decode(role, "first", room=1), decode(role, "second", room=2)
+    role.step()
+    assert role.health()["requests"] == {"receiving_kv": 1, "reserving": 1}  # one slot: the second waits
+    role.abort("second")
+    assert [e.error for e in events(second)] == ["aborted"]
+    assert role.health()["requests"] == {"receiving_kv": 1}
+    role.abort("first")
+    stats = role.health()
+    assert [e.error for e in events(first)] == ["aborted"]
+    assert stats["in_flight"] == 0 and stats["free_pages"] == pages and stats["free_kv_blocks"] == blocks
+    with pytest.raises(KeyError):
+        role.receiver.poll(1)
+    role.abort("first")  # already gone: no second event, nothing freed twice
+    assert events(first) == [] and role.engine.stats()["free_pages"] == pages
+    decode(role, "third", room=3)
+    role.step()
+    assert role.health()["requests"] == {"receiving_kv": 1}  # the slot came back
+
+
+def test_a_kv_room_that_fails_ends_the_stream_and_returns_the_reservation(role):
+    pages = role.engine.stats()["free_pages"]
+    stream = decode(role, "lonely", room=7)
+    deadline = time.monotonic() + 60
+    role.step()
+    assert role.engine.stats()["free_pages"] < pages
+    while role.health()["in_flight"]:
+        role.step()  # no prefill ever answers: the room fails at the bootstrap timeout
+        assert time.monotonic() < deadline
+    [event] = events(stream)
+    assert event.error.startswith("KV transfer failed")
+    assert role.engine.stats()["free_pages"] == pages
+    role.abort("lonely")
+    assert events(stream) == []
+
+
+def test_a_request_id_or_room_in_use_is_refused(role):
+    decode(role, "same", room=5)
+    with pytest.raises(ValueError, match="request id"):
+        decode(role, "same", room=6)
+    with pytest.raises(ValueError, match="room 5"):
+        decode(role, "other", room=5)

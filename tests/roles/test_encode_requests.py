@@ -1,0 +1,64 @@
+"""Encode's ways out: an abort and a failed embedding room each free the request's blocks and room
+once, and rows still waiting in the outbox for blocks are dropped with their room, never sent
+later into a room nobody tracks. A real encode role over a real bootstrap registry with no
+prefill behind it, driven by hand."""
+
+import numpy as np
+import pytest
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.inputs import Visual
+from mmserve.roles.encode import EncodeRole
+from mmserve.roles.wire import visual_to_pb
+from mmserve.rpc import worker_pb2 as pb
+from models.qwen3_vl_moe import load_model
+from transfer import BootstrapServer, TransferConfig
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def role():
+    """Rooms live until the test fails them; a pool of one 16-row block (a picture takes it)."""
+    transfer = TransferConfig(data_plane="zmq", bootstrap_timeout_s=60.0, heartbeat_interval_s=0.1,
+                              heartbeat_timeout_s=1.0, block_size=16, default_blocks=1, buffer_blocks=1)
+    bootstrap = BootstrapServer(transfer).start()
+    role = EncodeRole(load_model("tiny"), EngineConfig(precompile=False, max_num_seqs=2), transfer,
+                      "encode-requests", bootstrap.address)
+    yield role
+    role.close()
+    bootstrap.close()
+
+
+def encode(role, request_id: str, room: int) -> None:
+    vision = role.encoder.model.config.vision
+    grid = np.array([[1, 4, 4]])  # 16 patches: 4 visual tokens after the 2x2 merge
+    pixels = np.random.default_rng(room).standard_normal((16, vision.patch_dim)).astype(np.float32)
+    role.encode(pb.EncodeRequest(request_id=request_id, room=room,
+                                 images=[visual_to_pb(Visual(pixels, grid), with_pixels=True)]))
+
+
+def test_rows_waiting_for_blocks_are_dropped_with_their_room_and_aborts_free_the_rest(role):
+    encode(role, "first", room=1)
+    encode(role, "second", room=2)  # waits for the one block
+    role.step()
+    stats = role.health()
+    assert stats["requests"] == {"sending": 2} and stats["queued"] == 1 and stats["free_blocks"] == 0
+    role.sender.abort(2, "receiver aborted")  # prefill gave up on the second
+    role.step()
+    stats = role.health()
+    assert stats["requests"] == {"sending": 1} and stats["queued"] == 0
+    role.abort("first")  # the router's abort: its block comes back
+    for _ in range(3):
+        role.step()
+    stats = role.health()
+    assert stats["in_flight"] == 0 and stats["queued"] == 0 and stats["free_blocks"] == 1
+    for room in (1, 2):
+        with pytest.raises(KeyError):
+            role.sender.poll(room)  # not re-opened by a late send
+    role.abort("first")  # already gone: nothing to do
+    with pytest.raises(ValueError, match="request id"):
+        encode(role, "third", room=3)
+        encode(role, "third", room=4)
+    role.abort("third")
+    assert role.health()["in_flight"] == 0 and role.health()["free_blocks"] == 1
