@@ -71,6 +71,11 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
+def role_span(role: str, request_id: str, parent: context.Context | None) -> trace.Span:
+    """A request's span in one role, a child of the router's span whose context ``parent`` is."""
+    return tracer.start_span(role, context=parent, attributes={"mmserve.request_id": request_id})
+
+
 def inject() -> list[tuple[str, str]]:
     """The current trace context as gRPC metadata (empty when nothing is being traced)."""
     carrier: dict[str, str] = {}

@@ -12,6 +12,7 @@ import queue
 import threading
 
 import numpy as np
+from opentelemetry.context import Context
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
@@ -26,6 +27,7 @@ from mmserve.roles.wire import event_to_pb, sampling_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
+from mmserve.tracing import role_span
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferMode
@@ -73,7 +75,7 @@ class DecodeRole:
         self.lock = threading.RLock()
         """Held by whoever touches the receiver: the loop thread or the transfer pump."""
 
-    def decode(self, request: pb.DecodeRequest, stream: queue.Queue) -> None:
+    def decode(self, request: pb.DecodeRequest, stream: queue.Queue, trace_parent: Context | None = None) -> None:
         params = sampling_from_pb(request.sampling)
         max_len = self.engine.config.max_model_len
         if len(request.token_ids) >= max_len:
@@ -81,7 +83,8 @@ class DecodeRole:
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
         self._requests.add(DecodeRecord(request_id=request.request_id, room=request.room,
                                         state=DecodeState.RESERVING, prompt_ids=list(request.token_ids),
-                                        params=params, prefill_name=request.prefill_name, stream=stream))
+                                        params=params, prefill_name=request.prefill_name, stream=stream,
+                                        span=role_span("decode", request.request_id, trace_parent)))
 
     def step(self) -> None:
         with self.lock:
@@ -187,7 +190,7 @@ class DecodeService(WorkerService):
     def Decode(self, request, context):
         stream: queue.Queue = queue.Queue()
         try:
-            self.loop.call(self.loop.role.decode, request, stream)
+            self.loop.call(self.loop.role.decode, request, stream, extract(context.invocation_metadata()))
         except ValueError as error:
             yield pb.TokenEvent(request_id=request.request_id, error=str(error))
             return

@@ -8,6 +8,8 @@ import dataclasses
 import threading
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
@@ -20,6 +22,7 @@ from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, Request
 from mmserve.roles.wire import visual_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
+from mmserve.tracing import role_span, tracer
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferInfo, TransferMode
@@ -61,18 +64,23 @@ class EncodeRole:
         self.lock = threading.RLock()
         """Held by whoever touches the sender: the loop thread or the transfer pump."""
 
-    def encode(self, request: pb.EncodeRequest) -> None:
+    def encode(self, request: pb.EncodeRequest, trace_parent: Context | None = None) -> None:
         """Encodes now; the rows wait for sender blocks if the pool is full."""
         self._requests.check_new(request.request_id, request.room)
-        images = self.encoder.encode_all([visual_from_pb(v) for v in request.images])
-        videos = self.encoder.encode_all([visual_from_pb(v) for v in request.videos])
+        span = role_span("encode", request.request_id, trace_parent)
+        with trace.use_span(span, end_on_exit=False, record_exception=False):
+            with tracer.start_as_current_span("vision tower"):
+                images = self.encoder.encode_all([visual_from_pb(v) for v in request.images])
+                videos = self.encoder.encode_all([visual_from_pb(v) for v in request.videos])
         parts = [f for f in (images, videos) if f is not None]
         if not parts:
+            span.end()
             raise ValueError("an encode request needs at least one image or video")
         embeds = np.concatenate([p[0] for p in parts])
         deepstack = np.concatenate([p[1] for p in parts], axis=1)  # [levels, n, H]
         n = embeds.shape[0]
         if not self.sender.allocator.can_ever_hold(n):
+            span.end()
             raise RequestRejected(f"{n} visual tokens exceed the whole encode buffer pool")
         pad = ((0, self.sender.buffers.bucket(n) - n), (0, 0))  # one write program per bucket
         rows = {"embeddings": np.pad(embeds, pad),
@@ -80,7 +88,7 @@ class EncodeRole:
         info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0])})
         with self.lock:
             self._requests.add(EncodeRecord(request_id=request.request_id, room=request.room,
-                                            state=EncodeState.SENDING))
+                                            state=EncodeState.SENDING, span=span))
             self.sender.add(request.room)
             self._outbox.put(Parcel(request.room, rows, info))
 
@@ -133,7 +141,7 @@ class EncodeRole:
 
 class EncodeService(WorkerService):
     def Encode(self, request, context):
-        return self.acknowledge(self.loop.role.encode, request)
+        return self.acknowledge(self.loop.role.encode, request, context)
 
 
 def encode_service(role: EncodeRole) -> EncodeService:

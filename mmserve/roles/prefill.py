@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from opentelemetry.context import Context
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
@@ -25,6 +26,7 @@ from mmserve.roles.wire import sampling_from_pb, visual_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
+from mmserve.tracing import role_span
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.data_plane import open_data_plane
@@ -72,11 +74,11 @@ class PrefillRole:
         self.lock = threading.RLock()
         """Held by whoever touches the receiver or the sender: the loop thread or the transfer pump."""
 
-    def prefill(self, request: pb.PrefillRequest) -> None:
+    def prefill(self, request: pb.PrefillRequest, trace_parent: Context | None = None) -> None:
         with self.lock:
-            self._prefill(request)
+            self._prefill(request, trace_parent)
 
-    def _prefill(self, request: pb.PrefillRequest) -> None:
+    def _prefill(self, request: pb.PrefillRequest, trace_parent: Context | None) -> None:
         params = sampling_from_pb(request.sampling)
         prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v) for v in request.images],
                                 [visual_from_pb(v) for v in request.videos])
@@ -86,7 +88,8 @@ class PrefillRole:
         self._requests.check_new(request.request_id, request.room)
         state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name else PrefillState.PREFILLING
         record = self._requests.add(PrefillRecord(request_id=request.request_id, room=request.room, state=state,
-                                                  prompt=prompt, params=params))
+                                                  prompt=prompt, params=params,
+                                                  span=role_span("prefill", request.request_id, trace_parent)))
         try:
             self.sender.add(request.room)
             if request.encode_name:
@@ -228,7 +231,7 @@ class PrefillRole:
 
 class PrefillService(WorkerService):
     def Prefill(self, request, context):
-        return self.acknowledge(self.loop.role.prefill, request)
+        return self.acknowledge(self.loop.role.prefill, request, context)
 
 
 def prefill_service(role: PrefillRole) -> PrefillService:

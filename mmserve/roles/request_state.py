@@ -21,6 +21,8 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar, Generic, TypeVar
 
+from opentelemetry import trace
+
 from transfer.receiver import Receiver
 from transfer.sender import Sender
 
@@ -99,6 +101,9 @@ class RoleRequest(Generic[State]):
     state: State
     reason: str = ""
     """Why it failed."""
+    span: trace.Span = trace.INVALID_SPAN
+    """The request's span in this role (a child of the router's, ``mmserve.tracing``): each move is
+    an event on it, and ``RequestTable.finish`` ends it. Not recording unless tracing is on."""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -122,6 +127,7 @@ class RoleRequest(Generic[State]):
             log.error("%s", error)
             raise error
         self.state = state
+        self.span.add_event(state.value)
 
 
 Record = TypeVar("Record", bound=RoleRequest)
@@ -184,7 +190,12 @@ class RequestTable(Generic[Record]):
         record.move(state)
         record.reason = reason
         del self._records[request_id]
-        self._release(record, was)
+        try:
+            self._release(record, was)
+        finally:
+            if reason:
+                record.span.set_status(trace.StatusCode.ERROR, reason)
+            record.span.end()
         return True
 
 

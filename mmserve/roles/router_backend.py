@@ -25,6 +25,7 @@ from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.tracing import inject
 
 log = logging.getLogger(__name__)
 WORKER_TIMEOUT_S = 5.0
@@ -148,21 +149,22 @@ class DisaggregatedBackend:
 
     async def _run(self, request, room, encode, prefill, decode) -> AsyncIterator[TokenEvent]:
         p, rid = request.prompt, request.request_id
+        trace_context = inject()  # the router's span for this request: each role's span is its child
         stream = decode.stub.Decode(pb.DecodeRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
-            prefill_name=prefill.name))
+            prefill_name=prefill.name), metadata=trace_context)
         current = prefill
         try:
             ack = await prefill.stub.Prefill(pb.PrefillRequest(
                 request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
                 images=[visual_to_pb(v, with_pixels=False) for v in p.images],
                 videos=[visual_to_pb(v, with_pixels=False) for v in p.videos],
-                encode_name=encode.name if encode else ""))
+                encode_name=encode.name if encode else ""), metadata=trace_context)
             if ack.ok and encode is not None:
                 current = encode
                 ack = await encode.stub.Encode(pb.EncodeRequest(
                     request_id=rid, room=room, images=[visual_to_pb(v, with_pixels=True) for v in p.images],
-                    videos=[visual_to_pb(v, with_pixels=True) for v in p.videos]))
+                    videos=[visual_to_pb(v, with_pixels=True) for v in p.videos]), metadata=trace_context)
             if not ack.ok:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)

@@ -23,6 +23,7 @@ from mmserve.engine.rejected import RequestRejected
 from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
+from mmserve.tracing import extract
 
 log = logging.getLogger(__name__)
 REGISTER_INTERVAL_S = 1.0
@@ -113,11 +114,12 @@ class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, loop: RoleLoop):
         self.loop = loop
 
-    def acknowledge(self, fn: Callable, request) -> pb.Ack:
-        """Runs ``fn(request)`` on the loop; a request the role refuses is answered with its reason,
-        ``rejected`` when the refusal is the client's to fix."""
+    def acknowledge(self, fn: Callable, request, context: grpc.ServicerContext) -> pb.Ack:
+        """Runs ``fn(request, trace_parent)`` on the loop (the router's trace context, from the call's
+        metadata); a request the role refuses is answered with its reason, ``rejected`` when the
+        refusal is the client's to fix."""
         try:
-            self.loop.call(fn, request)
+            self.loop.call(fn, request, extract(context.invocation_metadata()))
         except ValueError as error:
             return pb.Ack(ok=False, error=str(error), rejected=isinstance(error, RequestRejected))
         return pb.Ack(ok=True)

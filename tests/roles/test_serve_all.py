@@ -3,6 +3,7 @@ as the colocated engine does, streaming or not, survives any of its processes dy
 every process it started."""
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -29,11 +30,17 @@ def all_log(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(all_log):
+def trace_file(tmp_path_factory):
+    """Where every process of ``--role all`` appends its spans."""
+    return tmp_path_factory.mktemp("traces") / "spans.jsonl"
+
+
+@pytest.fixture(scope="module")
+def server(all_log, trace_file):
     port = free_port()
     process = subprocess.Popen([sys.executable, SERVE, "--role", "all", "--model", "tiny", "--port", str(port),
                                 "--num-pages", "256", "--page-size", "8", "--max-model-len", "512",
-                                "--max-prefill-tokens", "128"],
+                                "--max-prefill-tokens", "128", "--trace-file", str(trace_file)],
                                env={k: v for k, v in os.environ.items() if k != SECRET_ENV} | {"JAX_PLATFORMS": "cpu"},
                                stdout=open(all_log, "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -111,6 +118,33 @@ def test_video_chat_through_the_roles_equals_colocated(server, llm, stream):
     text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream \
         else reply.choices[0].message.content
     assert text == want
+
+
+def test_one_trace_follows_a_request_through_every_role(server, trace_file):
+    """The router's span for a request, and encode's, prefill's and decode's spans for it as its
+    children, in one trace, each from its own process (the context crossed in gRPC metadata)."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key="unused", timeout=120,
+                           max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=conversation("Trace me.", [image(11, (64, 64))],
+                                                                               as_url=True), max_tokens=4)
+    deadline = time.monotonic() + 30  # each process exports its spans every few seconds
+    while True:
+        spans = [json.loads(line) for line in trace_file.read_text().splitlines()] if trace_file.exists() else []
+        mine = {s["resource"]["attributes"]["service.name"]: s for s in spans
+                if s["attributes"].get("mmserve.request_id") == reply.id}
+        if len(mine) == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(mine) == {"mmserve-router", "mmserve-encode", "mmserve-prefill", "mmserve-decode"}, sorted(mine)
+    router = mine["mmserve-router"]
+    assert router["attributes"]["mmserve.outcome"] == "finished"
+    assert "first token" in [e["name"] for e in router["events"]]
+    for role in ("encode", "prefill", "decode"):
+        span = mine[f"mmserve-{role}"]
+        assert span["context"]["trace_id"] == router["context"]["trace_id"], role
+        assert span["parent_id"] == router["context"]["span_id"], role
+        assert span["events"][-1]["name"] == "done", role
+    assert [e["name"] for e in mine["mmserve-decode"]["events"]] == ["receiving_kv", "decoding", "done"]
 
 
 SAMPLING = {
