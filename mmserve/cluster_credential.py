@@ -22,6 +22,8 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
+from mmserve.kv_events import CurveKeys
+
 SECRET_ENV = "MMSERVE_CLUSTER_SECRET"
 SECRET_FILE_ENV = "MMSERVE_CLUSTER_SECRET_FILE"
 MIN_SECRET_BYTES = 16
@@ -49,6 +51,12 @@ class ClusterCredential:
     @property
     def grpc_token(self) -> str:
         return self.key("grpc").hex()
+
+    @property
+    def kv_event_keys(self) -> CurveKeys:
+        """The CurveZMQ key pairs of the KV event sockets (publisher, and the one subscriber key it
+        admits)."""
+        return CurveKeys.derive(self.key("kv-events-publisher"), self.key("kv-events-subscriber"))
 
     @property
     def transfer_key(self) -> str:

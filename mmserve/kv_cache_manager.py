@@ -15,10 +15,11 @@ as free, until a fresh page is needed and it is evicted (least recently released
 """
 
 import collections
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import jax.numpy as jnp
 
+from mmserve.kv_events import BlockRemoved, BlockStored
 from mmserve.prefix_cache import PrefixCache
 
 SCRATCH_PAGE = 0
@@ -40,7 +41,10 @@ class KVCacheManager:
         self._page_tables: dict[Hashable, list[int]] = {}
         self._num_tokens: dict[Hashable, int] = {}
         self._refs = [0] * num_pages
-        self.prefix_cache = PrefixCache()
+        self.prefix_cache = PrefixCache(on_evict=self._evicted)
+        self.events: list[BlockStored | BlockRemoved] | None = None
+        """When a list (``record_events``), every page cached and evicted is appended to it as a KV
+        event (:mod:`mmserve.kv_events`) until ``take_events``."""
 
     @staticmethod
     def num_pages_for_budget(budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -105,17 +109,32 @@ class KVCacheManager:
         self._page_tables[seq_id] = list(cached) + self._take(self._pages_for(n_tokens) - len(cached))
         self._num_tokens[seq_id] = n_tokens
 
-    def cache_pages(self, seq_id: Hashable, keys: Sequence[bytes]) -> None:
+    def cache_pages(self, seq_id: Hashable, keys: Sequence[bytes],
+                    token_ids: Callable[[int, int], list[int]] | None = None) -> None:
         """Names the sequence's first ``len(keys)`` pages (full, their KV written) by ``keys``, so
         that other sequences may find them. A page whose key another page already has stays
-        private."""
+        private. ``token_ids(start, end)``: the sequence's tokens, for the KV events."""
         self._require(seq_id)
         table = self._page_tables[seq_id]
         if len(keys) * self.page_size > self._num_tokens[seq_id]:
             raise ValueError(f"only full pages are cached: {len(keys)} keys for {self._num_tokens[seq_id]} tokens")
-        for page, key in zip(table, keys):
-            if not self.prefix_cache.is_cached(page):
-                self.prefix_cache.add(page, key)
+        for i, (page, key) in enumerate(zip(table, keys)):
+            if not self.prefix_cache.is_cached(page) and self.prefix_cache.add(page, key) and self.events is not None:
+                tokens = token_ids(i * self.page_size, (i + 1) * self.page_size) if token_ids else []
+                self.events.append(BlockStored([key], keys[i - 1] if i else None, tokens, self.page_size))
+
+    def record_events(self) -> None:
+        """From now on, keep the KV events for ``take_events``."""
+        self.events = []
+
+    def take_events(self) -> list[BlockStored | BlockRemoved]:
+        """The events since the last call (none unless ``record_events``)."""
+        events, self.events = self.events or [], None if self.events is None else []
+        return events
+
+    def _evicted(self, key: bytes) -> None:
+        if self.events is not None:
+            self.events.append(BlockRemoved([key]))
 
     def can_append(self, seq_id: Hashable, n_tokens: int = 1) -> bool:
         return self._new_pages_for_append(seq_id, n_tokens) <= self.num_free_pages

@@ -9,11 +9,13 @@ evicts the least recently idled page, forgetting its key.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class PrefixCache:
-    def __init__(self):
+    def __init__(self, on_evict: Callable[[bytes], None] | None = None):
+        """on_evict(key): a page's key was forgotten (KV events)."""
+        self._on_evict = on_evict
         self._page_of: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # oldest first
@@ -65,5 +67,8 @@ class PrefixCache:
     def evict(self) -> int:
         """Forgets the least recently idled page and returns it, blank."""
         page, _ = self._idle.popitem(last=False)
-        del self._page_of[self._key_of.pop(page)]
+        key = self._key_of.pop(page)
+        del self._page_of[key]
+        if self._on_evict is not None:
+            self._on_evict(key)
         return page

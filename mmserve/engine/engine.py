@@ -25,6 +25,7 @@ from mmserve.engine.runner import ModelRunner
 from mmserve.engine.scheduler import Scheduler, Step
 from mmserve.engine.warmup import compile_programs
 from mmserve.kv_cache_manager import KVCacheManager
+from mmserve.kv_events import KVEventPublisher
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
 from models.qwen3_vl_moe import Model
@@ -46,18 +47,23 @@ ALL_PROGRAMS = frozenset({"vision", "prefill", "decode"})
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None,
-                 lockstep: Lockstep | None = None, programs: frozenset[str] = ALL_PROGRAMS):
+                 lockstep: Lockstep | None = None, programs: frozenset[str] = ALL_PROGRAMS,
+                 kv_events: KVEventPublisher | None = None):
         """on_finish(request, page_table) runs when a request finishes, before its pages are freed
         (prefill uses it to ship the request's KV to decode). On a role spanning several processes
         the ``lockstep`` carries the leader's device calls to the others (see
         :mod:`mmserve.distributed.lockstep`). ``programs``: what this engine runs, and so compiles
         at start with ``config.precompile``: "vision", "prefill", "decode", "kv_read" (a prefill
-        worker's reads of finished prompts' KV)."""
+        worker's reads of finished prompts' KV). ``kv_events``: where the prefix cache's stored and
+        evicted pages are published after each step (:mod:`mmserve.kv_events`)."""
         self.model = model
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         self.scheduler = Scheduler(self.config, self.kv, self.runner.grid)
+        self._kv_events = kv_events
+        if kv_events is not None:
+            self.kv.record_events()
         self.encoder = Encoder(model, self.config, layout, self.runner.lockstep)
         self._programs = programs
         self.runner.lockstep.bind("engine", self)
@@ -147,6 +153,8 @@ class LLMEngine:
                     self._on_finish(request, self.kv.page_table(request.request_id))
                 self.scheduler.finish(request)
                 del self._requests[request.request_id]
+        if self._kv_events is not None:
+            self._kv_events.publish(self.kv.take_events())
         return outputs
 
     def reserve(self, request_id: str, num_tokens: int) -> int | None:

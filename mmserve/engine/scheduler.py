@@ -109,7 +109,7 @@ class Scheduler:
     def cache_computed(self, request: Request) -> None:
         """Offers the request's full, computed pages to the prefix cache (after a step wrote them)."""
         if self.config.enable_prefix_caching and request.request_id in self.kv:
-            self.kv.cache_pages(request.request_id, request.full_page_keys())
+            self.kv.cache_pages(request.request_id, request.full_page_keys(), request.token_ids)
 
     def _schedule_prefill(self) -> list[PrefillChunk]:
         budget = self.config.max_prefill_tokens

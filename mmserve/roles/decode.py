@@ -21,6 +21,7 @@ from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request
+from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import kv_fields
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import event_to_pb, sampling_from_pb
@@ -66,10 +67,12 @@ class DecodeRole:
     role = "decode"
 
     def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
-                 layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
+                 layout: MeshLayout | None = None, lockstep: Lockstep | None = None,
+                 kv_events: KVEventPublisher | None = None):
         self.name = name
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS)
+        self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS,
+                                kv_events=kv_events)
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
         self._requests: RequestTable[DecodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()

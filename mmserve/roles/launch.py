@@ -23,6 +23,7 @@ from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, Missi
 from mmserve.config_flags import add_config_flags, config_from_args
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
+from mmserve.kv_events import KVEventsConfig
 from transfer.config import ENV as TRANSFER_ENV
 from transfer.config import SECRET_FIELDS, TransferConfig
 
@@ -49,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "Secret); default $MMSERVE_CLUSTER_SECRET_FILE, else the secret itself in "
                             "$MMSERVE_CLUSTER_SECRET. Required: calls between the processes are authenticated with "
                             "it. --role all makes its own")
+    add_config_flags(parser, KVEventsConfig, "KV events (what the prefix cache stored and evicted, for routers)",
+                     prefix="")
     add_cluster_flags(parser)
     add_config_flags(parser, TransferConfig, "transfer (moving embeddings and KV between roles)", prefix="transfer_",
                      skip=SECRET_FIELDS, env=TRANSFER_ENV)
@@ -77,7 +80,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         model = load_role_model(args, layout)
         if not lockstep.is_leader:
             return follow_leader(args.role, model, engine, layout, lockstep)
-        service = _role_service(args, model, engine, transfer, name, layout, lockstep)
+        service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
                      transfer.advertise_host)
     finally:
@@ -85,7 +88,9 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     return 0
 
 
-def _role_service(args, model, engine: EngineConfig, transfer: TransferConfig, name: str, layout, lockstep):
+def _role_service(args, model, engine: EngineConfig, transfer: TransferConfig, name: str, layout, lockstep,
+                  credential: ClusterCredential):
+    kv_events = config_from_args(KVEventsConfig, args, prefix="").publisher(credential.kv_event_keys)
     if args.role == "encode":
         from mmserve.roles.encode import EncodeRole, encode_service
 
@@ -93,10 +98,11 @@ def _role_service(args, model, engine: EngineConfig, transfer: TransferConfig, n
     if args.role == "prefill":
         from mmserve.roles.prefill import PrefillRole, prefill_service
 
-        return prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
+        return prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout, lockstep,
+                                           kv_events))
     from mmserve.roles.decode import DecodeRole, decode_service
 
-    return decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
+    return decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep, kv_events))
 
 
 def configure_logging(process: str, level: str) -> None:

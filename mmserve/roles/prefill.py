@@ -19,6 +19,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.request import Request
+from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import embedding_fields, kv_fields
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
@@ -58,12 +59,13 @@ class PrefillRole:
     role = "prefill"
 
     def __init__(self, model: Model, engine: EngineConfig, transfer: TransferConfig, name: str, bootstrap: str,
-                 layout: MeshLayout | None = None, lockstep: Lockstep | None = None):
+                 layout: MeshLayout | None = None, lockstep: Lockstep | None = None,
+                 kv_events: KVEventPublisher | None = None):
         self.name = name
         self.model = model
         self.bootstrap = bootstrap
         self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep,
-                                programs=PREFILL_PROGRAMS)
+                                programs=PREFILL_PROGRAMS, kv_events=kv_events)
         # One data plane serves both directions: embeddings in, KV out.
         self._plane = open_data_plane(transfer)
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)

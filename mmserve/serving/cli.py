@@ -16,6 +16,7 @@ from pathlib import Path
 from mmserve.config_flags import DefaultsHelpFormatter, add_config_flags, config_from_args
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.warmup import CACHE_ENV, default_cache_dir, use_compilation_cache
+from mmserve.kv_events import KVEventsConfig
 from mmserve.serving.router.settings import RouterSettings
 from mmserve.tracing import TracingConfig, configure_tracing
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
@@ -75,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # a value the configs refuse is a usage error, said before anything starts
         router_settings(args, engine_config(args).max_model_len)
+        kv_events = config_from_args(KVEventsConfig, args, prefix="")
     except ValueError as error:
         parser.error(str(error))
+    if kv_events.enabled and args.role not in ("prefill", "decode"):
+        parser.error("KV events are published by prefill and decode workers: give --kv-events-endpoint to each")
     use_compilation_cache(args.compilation_cache)
     if args.role != "all":  # --role all's processes each trace themselves, with these same flags
         configure_tracing(config_from_args(TracingConfig, args, prefix="tracing_"), f"mmserve-{args.role}")

@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from cluster import TRANSFER_ENV, Cluster, get_json
+from cluster import TRANSFER_ENV, Cluster, free_port, get_json
 from mmserve import LLM, SamplingParams
 from mmserve.cluster_credential import SECRET_ENV, ClusterCredential
 from mmserve.rpc import auth
@@ -47,10 +47,16 @@ def conversation(text: str, images: list[Image.Image], as_url: bool) -> list[dic
     return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
 
 
+KV_EVENTS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     # requests beyond the workers' capacity wait at most 3 s for it (test_stalled_readers_...)
-    c = Cluster("tiny", tmp_path_factory.mktemp("cluster_logs"), role_flags={"router": ["--queue-timeout", "3"]}).start()
+    kv_events = ["--kv-events-endpoint", f"tcp://127.0.0.1:{KV_EVENTS_PORT}",
+                 "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{KV_EVENTS_PORT + 1}"]
+    c = Cluster("tiny", tmp_path_factory.mktemp("cluster_logs"),
+                role_flags={"router": ["--queue-timeout", "3"], "prefill": kv_events}).start()
     yield c
     c.stop()
 
@@ -83,6 +89,28 @@ CASES = {
     "one_image": ("What is this?", [image(1, (64, 64))]),
     "two_images": ("Compare them.", [image(2, (64, 96)), image(3, (96, 64))]),
 }
+
+
+def test_prefill_publishes_the_pages_it_cached(cluster, client):
+    """Subscribed with the cluster's key, a router sees prefill store a long prompt's full pages."""
+    from mmserve.kv_events import BlockStored, KVEventSubscriber
+
+    keys = ClusterCredential(TRANSFER_ENV[SECRET_ENV].encode()).kv_event_keys
+    subscriber = KVEventSubscriber(f"tcp://127.0.0.1:{KV_EVENTS_PORT}", f"tcp://127.0.0.1:{KV_EVENTS_PORT + 1}",
+                                   keys)
+    try:
+        time.sleep(0.5)
+        prompt = "Count the pages. " * 12
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+        stored = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not stored:
+            stored = [e for _, batch in subscriber.receive(0.5) for e in batch.events if isinstance(e, BlockStored)]
+        assert stored, "no BlockStored from prefill"
+        assert reply.usage.prompt_tokens // 16 >= len([e for e in stored if e.parent_block_hash is None]) >= 1
+        assert all(len(e.token_ids) == e.block_size for e in stored)
+    finally:
+        subscriber.close()
 
 
 def test_embedding_longer_than_default_allocation_resumes(cluster, client, llm):

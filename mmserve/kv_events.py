@@ -1,0 +1,236 @@
+"""KV cache events: what a worker's prefix cache stored and evicted, published for routers.
+
+The shape is vLLM's (and SGLang's, which follows it): each publication is an ``EventBatch`` of
+``BlockStored`` (block hashes, the parent block's hash, the block's token ids, block size,
+medium) and ``BlockRemoved`` events, msgpack-encoded (msgspec, tagged arrays), sent on a ZMQ PUB
+socket as three frames ``[topic, sequence number (8 bytes big-endian), payload]``. A subscriber
+that sees a gap in the sequence numbers asks the replay socket (ROUTER) for everything from the
+first number it missed, by sending those 8 bytes; it gets ``[sequence, payload]`` pairs for each
+buffered batch from there on, then ``[-1, b""]``.
+
+Events carry token ids (prompt text, in effect), so both sockets are encrypted and authenticated
+with CurveZMQ (libzmq's own): the publisher's key pair and the one client key it accepts are
+derived from the cluster secret, so only processes holding it can subscribe. A block's hash is the
+page key of :mod:`mmserve.engine.page_hash` (32 bytes), which also covers the pictures in the page.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+
+import msgspec
+import zmq
+import zmq.auth.thread
+from zmq.utils import z85
+
+TOPIC = b"kv-events"
+END_OF_REPLAY = (-1).to_bytes(8, "big", signed=True)
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base of the events; the tag names the kind on the wire."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[bytes]
+    parent_block_hash: bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[bytes]
+    medium: str | None = None
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[BlockStored | BlockRemoved]
+    data_parallel_rank: int | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(EventBatch)
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    return _decoder.decode(payload)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveKeys:
+    """The publisher's key pair and the one subscriber key pair it accepts (z85), from a 32-byte
+    seed per side."""
+
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def derive(cls, server_seed: bytes, client_seed: bytes) -> CurveKeys:
+        server_secret, client_secret = z85.encode(server_seed[:32]), z85.encode(client_seed[:32])
+        return cls(zmq.curve_public(server_secret), server_secret, zmq.curve_public(client_secret), client_secret)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVEventsConfig:
+    """Where a worker publishes its KV events; off unless both endpoints are given."""
+
+    kv_events_endpoint: str | None = None
+    """ZMQ endpoint the PUB socket binds, e.g. tcp://127.0.0.1:5570 (default: none: no events)"""
+    kv_events_replay_endpoint: str | None = None
+    """ZMQ endpoint of the replay socket (ROUTER), e.g. tcp://127.0.0.1:5571; needed with
+    --kv-events-endpoint"""
+    kv_events_buffer: int = 10_000
+    """event batches kept for replays"""
+
+    def __post_init__(self) -> None:
+        if bool(self.kv_events_endpoint) != bool(self.kv_events_replay_endpoint):
+            raise ValueError("kv_events_endpoint and kv_events_replay_endpoint go together")
+        if self.kv_events_buffer < 1:
+            raise ValueError(f"kv_events_buffer must be >= 1, got {self.kv_events_buffer}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kv_events_endpoint)
+
+    def publisher(self, keys: CurveKeys) -> KVEventPublisher | None:
+        if not self.enabled:
+            return None
+        return KVEventPublisher(self.kv_events_endpoint, self.kv_events_replay_endpoint, keys, self.kv_events_buffer)
+
+
+class KVEventPublisher:
+    """Publishes batches on ``endpoint`` and answers replays on ``replay_endpoint`` (a thread of its
+    own, so a subscriber is answered whether or not the engine is stepping); keeps the last
+    ``buffer_batches`` for replays."""
+
+    def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys, buffer_batches: int = 10_000):
+        self._context = zmq.Context()
+        self._auth = zmq.auth.thread.ThreadAuthenticator(self._context)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=_OnlyKey(keys.client_public))
+        self._pub = self._server_socket(zmq.PUB, keys)
+        self._pub.bind(endpoint)
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._replay = self._server_socket(zmq.ROUTER, keys)
+        self._replay.bind(replay_endpoint)
+        self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=buffer_batches)
+        self._lock = threading.Lock()
+        self._seq = -1
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve_replays, name="kv-events replay", daemon=True)
+        self._thread.start()
+
+    def publish(self, events: list[BlockStored | BlockRemoved]) -> None:
+        if not events:
+            return
+        payload = _encoder.encode(EventBatch(time.time(), events))
+        with self._lock:
+            self._seq += 1
+            self._buffer.append((self._seq, payload))
+            seq = self._seq
+        self._pub.send_multipart([TOPIC, seq.to_bytes(8, "big", signed=True), payload])
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+        self._pub.close(linger=0)
+        self._auth.stop()
+        self._context.term()
+
+    def _server_socket(self, kind: int, keys: CurveKeys) -> zmq.Socket:
+        socket = self._context.socket(kind)
+        socket.curve_server = True
+        socket.curve_secretkey = keys.server_secret
+        socket.curve_publickey = keys.server_public
+        return socket
+
+    def _serve_replays(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._replay, zmq.POLLIN)
+        while not self._closed.is_set():
+            if not poller.poll(100):
+                continue
+            frames = self._replay.recv_multipart()
+            identity, start = frames[0], frames[-1]
+            if len(start) != 8:
+                continue  # not a request: ignored
+            first = int.from_bytes(start, "big", signed=True)
+            with self._lock:
+                batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
+            for seq, payload in batches:
+                self._replay.send_multipart([identity, b"", seq.to_bytes(8, "big", signed=True), payload])
+            self._replay.send_multipart([identity, b"", END_OF_REPLAY, b""])
+        self._replay.close(linger=0)
+
+
+class _OnlyKey:
+    """ZAP: admits only the subscriber key derived from the cluster secret."""
+
+    def __init__(self, allowed: bytes):
+        self._allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """``key``: the subscriber's public key, z85-encoded."""
+        return key == self._allowed
+
+
+class KVEventSubscriber:
+    """Receives a publisher's batches in order: a gap in the sequence numbers is filled from the
+    replay socket before the batch that revealed it is handed on."""
+
+    def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys):
+        self._context = zmq.Context()
+        self._sub = self._client_socket(zmq.SUB, keys)
+        self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        self._sub.connect(endpoint)
+        self._replay = self._client_socket(zmq.DEALER, keys)
+        self._replay.connect(replay_endpoint)
+        self.last_seq = -1
+        self.replays = 0
+
+    def receive(self, timeout_s: float) -> list[tuple[int, EventBatch]]:
+        """The next batches (with their sequence numbers), gap filled; [] after ``timeout_s``."""
+        if not self._sub.poll(int(timeout_s * 1000)):
+            return []
+        _, seq_bytes, payload = self._sub.recv_multipart()
+        seq = int.from_bytes(seq_bytes, "big", signed=True)
+        if seq <= self.last_seq:
+            return []
+        out = self.replay(self.last_seq + 1, timeout_s) if seq > self.last_seq + 1 else []
+        out = [(s, b) for s, b in out if s < seq] + [(seq, decode_batch(payload))]
+        self.last_seq = seq
+        return out
+
+    def replay(self, first: int, timeout_s: float) -> list[tuple[int, EventBatch]]:
+        """The publisher's buffered batches from ``first`` on."""
+        self.replays += 1
+        self._replay.send_multipart([b"", first.to_bytes(8, "big", signed=True)])
+        out = []
+        while self._replay.poll(int(timeout_s * 1000)):
+            _, seq_bytes, payload = self._replay.recv_multipart()
+            if seq_bytes == END_OF_REPLAY:
+                return out
+            out.append((int.from_bytes(seq_bytes, "big", signed=True), decode_batch(payload)))
+        raise TimeoutError(f"no end of replay within {timeout_s} s")
+
+    def close(self) -> None:
+        self._sub.close(linger=0)
+        self._replay.close(linger=0)
+        self._context.term()
+
+    def _client_socket(self, kind: int, keys: CurveKeys) -> zmq.Socket:
+        socket = self._context.socket(kind)
+        socket.curve_serverkey = keys.server_public
+        socket.curve_publickey = keys.client_public
+        socket.curve_secretkey = keys.client_secret
+        return socket
+
