@@ -165,9 +165,8 @@ def all_allowed_bitmask(rows: int, vocab_size: int) -> np.ndarray:
 
 def allowed_tokens(token_bitmask: jax.Array, vocab_size: int) -> jax.Array:
     """bool[B, vocab] from an i32[B, words] bitmask."""
-    token = jnp.arange(vocab_size)
-    words = token_bitmask[:, token >> 5]
-    return ((words >> (token & 31)) & 1).astype(jnp.bool_)
+    bits = (token_bitmask[:, :, None] >> jnp.arange(32, dtype=token_bitmask.dtype)) & 1  # no gather
+    return bits.reshape(token_bitmask.shape[0], -1)[:, :vocab_size].astype(jnp.bool_)
 
 
 @functools.partial(jax.jit, donate_argnames=("penalties",))
