@@ -79,7 +79,7 @@ class LLMEngine:
             self.runner.lockstep.call_and_wait(self.run_compile)
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
-        self._awaiting_grammar: list[Request] = []
+        self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
         self._grammars: Grammars | None = None  # made on the first structured request
         self._ids = itertools.count()
         self._on_finish = on_finish
@@ -128,7 +128,7 @@ class LLMEngine:
         self._requests[request_id] = request
         if params.structured_output is not None:
             request.grammar = self.grammars.state(params.structured_output)
-            self._awaiting_grammar.append(request)
+            self._awaiting_grammar[request_id] = request
         else:
             self.scheduler.add(request)
         return request_id
@@ -143,11 +143,11 @@ class LLMEngine:
         """Hands the requests whose grammar has compiled to the scheduler, in arrival order. With
         nothing else to run, waits a little for one rather than spin."""
         if not self.scheduler.has_work():
-            concurrent.futures.wait([r.grammar.compiled for r in self._awaiting_grammar], GRAMMAR_WAIT_S,
-                                    concurrent.futures.FIRST_COMPLETED)
-        ready = [r for r in self._awaiting_grammar if r.grammar.ready]
+            concurrent.futures.wait([r.grammar.compiled for r in self._awaiting_grammar.values()],
+                                    GRAMMAR_WAIT_S, concurrent.futures.FIRST_COMPLETED)
+        ready = [r for r in self._awaiting_grammar.values() if r.grammar.ready]
         for request in ready:
-            self._awaiting_grammar.remove(request)
+            del self._awaiting_grammar[request.request_id]
             self.scheduler.add(request)
 
     def _page_keys(self, request: Request, prepared: PreparedPrompt) -> PageKeys:
@@ -161,9 +161,7 @@ class LLMEngine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
-        if request in self._awaiting_grammar:
-            self._awaiting_grammar.remove(request)
-        else:
+        if self._awaiting_grammar.pop(request_id, None) is None:
             self.scheduler.finish(request)
         request.grammar = None
 

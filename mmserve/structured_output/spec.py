@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # `json_object` is the grammar of this schema: any JSON object.
-ANY_OBJECT_SCHEMA = '{"type": "object"}'
+ANY_OBJECT_SCHEMA = '{"type":"object"}'
 
 
 @dataclasses.dataclass(frozen=True)

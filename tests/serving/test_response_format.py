@@ -71,6 +71,19 @@ def test_bad_response_format_is_a_400_before_anything_is_queued(grammar, respons
     assert backend.requests == []
 
 
+def test_guided_json_extra_is_a_schema_too(grammar):
+    chat, backend = grammar
+    chat.chat.completions.create(extra_body={"guided_json": SCHEMA}, **CHAT)
+    chat.chat.completions.create(extra_body={"guided_json": '{"type": "object"}'}, **CHAT)
+    assert [r.params.structured_output for r in backend.requests] == [StructuredOutput.from_schema(SCHEMA),
+                                                                      StructuredOutput.any_object()]
+    with pytest.raises(openai.BadRequestError, match="either response_format or guided_json"):
+        chat.chat.completions.create(response_format=JSON_SCHEMA, extra_body={"guided_json": SCHEMA}, **CHAT)
+    with pytest.raises(openai.BadRequestError, match="invalid JSON schema") as error:
+        chat.chat.completions.create(extra_body={"guided_json": {"type": "objectx"}}, **CHAT)
+    assert error.value.body["param"] == "guided_json"
+
+
 def test_backend_without_grammars_refuses_response_format(servers):
     server, backend = servers[1]
     backend.script, backend.requests = [DONE], []

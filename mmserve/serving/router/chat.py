@@ -19,10 +19,11 @@ from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import Answer
-from mmserve.serving.router.response_format import structured_output
+from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
 
 ENDPOINT = "chat"
-CHAT_FIELDS = COMMON_FIELDS | {"response_format", "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs",
+                                                        "top_logprobs"}
 
 
 async def chat_completions(request: Request) -> Response:

@@ -18,10 +18,10 @@ from mmserve.serving.router.logprobs import completion_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import Answer
-from mmserve.serving.router.response_format import structured_output
+from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
 
 ENDPOINT = "completions"
-COMPLETION_FIELDS = COMMON_FIELDS | {"response_format", "prompt", "max_tokens", "logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | {"prompt", "max_tokens", "logprobs"}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 

@@ -1,4 +1,5 @@
-"""OpenAI's ``response_format``: ``text`` (no constraint), ``json_object``, or ``json_schema``.
+"""OpenAI's ``response_format``: ``text`` (no constraint), ``json_object``, or ``json_schema``;
+and vLLM's ``guided_json`` (a schema, as an object or JSON text, sent through ``extra_body``).
 
 The schema is turned into a grammar here, in a worker thread, before anything is queued, so one
 xgrammar cannot enforce is a 400 naming ``response_format``; the engine then compiles it against
@@ -9,6 +10,7 @@ now) refuse it with a 400 rather than ignore it.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,10 +18,14 @@ from mmserve.serving.router.errors import InvalidRequest
 from mmserve.structured_output import StructuredOutput
 
 FIELD = "response_format"
+GUIDED_JSON = "guided_json"
+FIELDS = {FIELD, GUIDED_JSON}
 
 
 async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutput | None:
-    spec = _parse(body.get(FIELD))
+    if FIELD in body and GUIDED_JSON in body:
+        raise InvalidRequest(f"give either {FIELD} or {GUIDED_JSON}, not both", GUIDED_JSON)
+    spec = _guided_json(body[GUIDED_JSON]) if GUIDED_JSON in body else _parse(body.get(FIELD))
     if spec is None:
         return None
     if not getattr(backend, "supports_structured_output", False):
@@ -28,8 +34,20 @@ async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutpu
     try:
         await asyncio.to_thread(spec.check)
     except ValueError as error:
-        raise InvalidRequest(str(error), FIELD) from None
+        raise InvalidRequest(str(error), GUIDED_JSON if GUIDED_JSON in body else FIELD) from None
     return spec
+
+
+def _guided_json(value: Any) -> StructuredOutput:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidRequest(f"{GUIDED_JSON} must be a JSON schema (an object or its JSON text)",
+                                 GUIDED_JSON) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{GUIDED_JSON} must be a JSON schema object", GUIDED_JSON)
+    return StructuredOutput.from_schema(value)
 
 
 def _parse(value: Any) -> StructuredOutput | None:
