@@ -33,7 +33,6 @@ from mmserve.engine.warmup import compile_programs
 from mmserve.kv_cache_manager import KVCacheManager
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
-from mmserve.structured_output.grammars import Grammars
 from mmserve.structured_output.matcher import fill_bitmask
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.multimodal import place_visual
@@ -80,7 +79,7 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
-        self._grammars: Grammars | None = None  # made on the first structured request
+        self._grammars = None  # made on the first structured request (importing xgrammar takes seconds)
         self._ids = itertools.count()
         self._on_finish = on_finish
 
@@ -134,8 +133,11 @@ class LLMEngine:
         return request_id
 
     @property
-    def grammars(self) -> Grammars:
+    def grammars(self):
+        """The engine's :class:`~mmserve.structured_output.grammars.Grammars`."""
         if self._grammars is None:
+            from mmserve.structured_output.grammars import Grammars
+
             self._grammars = Grammars(self.model.tokenizer, self.model.config.text.vocab_size, self.eos_token_ids)
         return self._grammars
 

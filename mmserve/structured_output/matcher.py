@@ -8,11 +8,14 @@ nothing new until its next token, so its matcher is already where the output is.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xgrammar
 
 from mmserve.sampler import all_allowed_bitmask
+
+if TYPE_CHECKING:  # xgrammar (and the torch it imports, seconds) loads with the first grammar
+    import xgrammar
 
 
 class GrammarState:
@@ -28,6 +31,8 @@ class GrammarState:
     @property
     def matcher(self) -> xgrammar.GrammarMatcher:
         if self._matcher is None:
+            import xgrammar
+
             self._matcher = xgrammar.GrammarMatcher(
                 self.compiled.result(), terminate_without_stop_token=self._terminate_without_stop_token)
         return self._matcher
