@@ -4,8 +4,12 @@ Order of operations, as in vLLM v1:
 1. logprobs: log_softmax of the raw model logits, before penalties and temperature (vLLM's default,
    `logprobs_mode="raw_logprobs"`), so they describe the model, not the request's settings;
 2. penalties: repetition over prompt and output tokens, presence and frequency over output tokens;
-3. greedy rows: the argmax of the penalized logits;
-4. other rows: temperature, min-p, top-k, top-p, then one Gumbel-max draw.
+3. the grammar mask: tokens a row's grammar forbids get -inf (`token_bitmask`, one bit per token);
+4. greedy rows: the argmax of the masked logits;
+5. other rows: temperature, min-p, top-k, top-p, then one Gumbel-max draw.
+
+Logprobs stay those of the model: a grammar changes which token is chosen, not what the model
+thought of it.
 
 Randomness: a row with a seed draws with `fold_in(PRNGKey(seed), step)` (threefry), where `step`
 is the number of tokens its request has generated so far. Its draw depends on nothing else in the
@@ -150,19 +154,38 @@ def apply_penalties(logits: jax.Array, output_counts: jax.Array, prompt_mask: ja
     return logits - presence_penalty[:, None] * in_output
 
 
+def bitmask_words(vocab_size: int) -> int:
+    """Int32 words per row of a token bitmask (xgrammar's layout: token t is bit t % 32 of word t // 32)."""
+    return -(-vocab_size // 32)
+
+
+def all_allowed_bitmask(rows: int, vocab_size: int) -> np.ndarray:
+    return np.full((rows, bitmask_words(vocab_size)), -1, np.int32)
+
+
+def allowed_tokens(token_bitmask: jax.Array, vocab_size: int) -> jax.Array:
+    """bool[B, vocab] from an i32[B, words] bitmask."""
+    bits = (token_bitmask[:, :, None] >> jnp.arange(32, dtype=token_bitmask.dtype)) & 1  # no gather
+    return bits.reshape(token_bitmask.shape[0], -1)[:, :vocab_size].astype(jnp.bool_)
+
+
 @functools.partial(jax.jit, donate_argnames=("penalties",))
-def sample(logits: jax.Array, batch: SamplingBatch, penalties: PenaltyState,
-           rng_key: jax.Array) -> tuple[SamplerOutput, PenaltyState]:
+def sample(logits: jax.Array, batch: SamplingBatch, penalties: PenaltyState, rng_key: jax.Array,
+           token_bitmask: jax.Array | None = None) -> tuple[SamplerOutput, PenaltyState]:
     """Draws one token per row of `logits` [B, vocab] and counts it in the row's penalty slot.
 
     rng_key: a threefry key (jax.random.PRNGKey or jax.random.key), fresh for every call; only
-    rows without a seed use it.
+    rows without a seed use it. token_bitmask: i32[B, bitmask_words(vocab)], the tokens each row
+    may draw (all bits set on rows without a grammar, which leaves their logits bit-identical);
+    None: no mask at all.
     """
     logits = logits.astype(jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     penalized = apply_penalties(
         logits, penalties.output_counts[batch.slot], penalties.prompt_mask[batch.slot],
         batch.repetition_penalty, batch.presence_penalty, batch.frequency_penalty)
+    if token_bitmask is not None:
+        penalized = jnp.where(allowed_tokens(token_bitmask, logits.shape[-1]), penalized, -jnp.inf)
 
     greedy = batch.temperature < GREEDY_TEMPERATURE
     greedy_ids = jnp.argmax(penalized, axis=-1)

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mmserve.structured_output.spec import StructuredOutput
+
 # Top-k logprobs are computed for a static count on device; a request may ask for at most this many.
 MAX_LOGPROBS = 20
 
@@ -39,6 +41,8 @@ class SamplingParams:
     max_tokens: the most tokens to generate.
     logprobs: None for no logprobs; k returns the chosen token's logprob and the top k.
     ignore_eos: keep generating past the end-of-sequence token.
+    structured_output: the output must be JSON valid under this schema (a grammar masks the
+        tokens that would break it); the request stops when the grammar is complete.
     """
 
     temperature: float = 1.0
@@ -54,6 +58,7 @@ class SamplingParams:
     max_tokens: int = 16
     logprobs: int | None = None
     ignore_eos: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -70,6 +75,8 @@ class SamplingParams:
             _require_int("logprobs", self.logprobs)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r}")
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
         object.__setattr__(self, "stop", _stop_strings(self.stop))
 

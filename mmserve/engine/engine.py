@@ -2,11 +2,17 @@
 
 ``add_request`` validates everything before anything is allocated, so a bad request raises a
 ``ValueError`` and leaves the engine exactly as it was.
+
+A request with ``structured_output`` waits outside the scheduler until its grammar is compiled (in
+:class:`Grammars`' thread); each step its rows' token bitmask is filled on the host while the
+model's forward runs on device, and each token it emits advances its matcher.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -28,9 +34,16 @@ from mmserve.kv_cache_manager import KVCacheManager
 from mmserve.kv_events import KVEventPublisher
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
+from mmserve.structured_output.matcher import fill_bitmask
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.multimodal import place_visual
 from models.qwen3_vl_moe.rope_index import get_rope_index
+
+
+log = logging.getLogger(__name__)
+
+# How long a step with nothing to run but requests awaiting their grammar waits for one to compile.
+GRAMMAR_WAIT_S = 0.05
 
 
 class StepFailed(RuntimeError):
@@ -71,6 +84,8 @@ class LLMEngine:
             self.runner.lockstep.call_and_wait(self.run_compile)
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
+        self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
+        self._grammars = None  # made on the first structured request (importing xgrammar takes seconds)
         self._ids = itertools.count()
         self._on_finish = on_finish
 
@@ -103,6 +118,8 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_fits(len(prepared.token_ids), params)
+        if params.structured_output is not None:
+            params.structured_output.check()
         ids = prepared.token_ids
         features = features if features is not None else {
             "image": self.encoder.encode_all(prepared.images), "video": self.encoder.encode_all(prepared.videos)}
@@ -114,8 +131,32 @@ class LLMEngine:
         if self.config.enable_prefix_caching:
             request.page_keys = self._page_keys(request, prepared)
         self._requests[request_id] = request
-        self.scheduler.add(request)
+        if params.structured_output is not None:
+            request.grammar = self.grammars.state(params.structured_output)
+            self._awaiting_grammar[request_id] = request
+        else:
+            self.scheduler.add(request)
         return request_id
+
+    @property
+    def grammars(self):
+        """The engine's :class:`~mmserve.structured_output.grammars.Grammars`."""
+        if self._grammars is None:
+            from mmserve.structured_output.grammars import Grammars
+
+            self._grammars = Grammars(self.model.tokenizer, self.model.config.text.vocab_size, self.eos_token_ids)
+        return self._grammars
+
+    def _schedule_compiled(self) -> None:
+        """Hands the requests whose grammar has compiled to the scheduler, in arrival order. With
+        nothing else to run, waits a little for one rather than spin."""
+        if not self.scheduler.has_work():
+            concurrent.futures.wait([r.grammar.compiled for r in self._awaiting_grammar.values()],
+                                    GRAMMAR_WAIT_S, concurrent.futures.FIRST_COMPLETED)
+        ready = [r for r in self._awaiting_grammar.values() if r.grammar.ready]
+        for request in ready:
+            del self._awaiting_grammar[request.request_id]
+            self.scheduler.add(request)
 
     def _page_keys(self, request: Request, prepared: PreparedPrompt) -> PageKeys:
         config, count = self.model.config, self.model.processor.num_image_tokens
@@ -126,14 +167,19 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
-        if request is not None:
+        if request is None:
+            return
+        if self._awaiting_grammar.pop(request_id, None) is None:
             self.scheduler.finish(request)
+        request.grammar = None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._awaiting_grammar)
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns the requests that produced a token in it."""
+        if self._awaiting_grammar:
+            self._schedule_compiled()
         step = self.scheduler.schedule()
         if step is None:
             return []
@@ -218,7 +264,11 @@ class LLMEngine:
             samplers = list(step.decode)
         if not any(samplers):
             return []
-        out = self.runner.sample(samplers)
+        # Filled while the forward just dispatched runs on device: the mask costs the step only
+        # what the host takes beyond the forward, plus its copy to the device.
+        bitmask = fill_bitmask([r.grammar if r is not None else None for r in samplers], len(samplers),
+                               self.model.config.text.vocab_size)
+        out = self.runner.sample(samplers, bitmask)
         return [(r, _row(out, i)) for i, r in enumerate(samplers) if r is not None]
 
     def _append(self, request: Request, row: tuple) -> None:
@@ -234,8 +284,23 @@ class LLMEngine:
         request.text += new_text
         request.finish = check_stop(request.params, self.eos_token_ids, request.output_ids, request.text,
                                     len(new_text))
+        if request.grammar is not None:
+            self._advance_grammar(request, int(token), len(new_text))
         if request.finish is None and request.num_tokens >= self.config.max_model_len:
-            request.finish = Finish(FinishReason.LENGTH, text, None)
+            request.finish = Finish(FinishReason.LENGTH, request.text, None)
+
+    def _advance_grammar(self, request: Request, token: int, new_chars: int) -> None:
+        """The matcher takes the emitted token; a complete grammar stops the request (even with
+        ignore_eos; a stop token adds no text). A token the grammar refuses can only come from a
+        stop the request set itself (a stop token id), which ends it anyway."""
+        if not request.grammar.accept(token):
+            if request.finish is None:
+                log.warning("request %s: token %d breaks its grammar; stopping it", request.request_id, token)
+                request.finish = Finish(FinishReason.STOP, request.text[:len(request.text) - new_chars], None)
+        elif request.finish is None and request.grammar.terminated:
+            request.finish = Finish(FinishReason.STOP, request.text, None)
+        if request.finish is not None:
+            request.grammar = None
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         if prompt_len >= self.config.max_model_len:

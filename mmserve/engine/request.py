@@ -16,6 +16,7 @@ import numpy as np
 
 from mmserve.engine.page_hash import PageKeys
 from mmserve.sampling_params import SamplingParams
+from mmserve.structured_output.matcher import GrammarState
 from mmserve.stop import Finish
 from models.qwen3_vl_moe.multimodal import VisualPlacement
 from models.qwen3_vl_moe.tokenizer import TextStream
@@ -53,6 +54,7 @@ class Request:
     text_stream: TextStream | None = None  # the engine's incremental decoder of output_ids into text
     finish: Finish | None = None
     page_keys: PageKeys | None = None  # None: its pages are never cached (nor looked up)
+    grammar: GrammarState | None = None  # with params.structured_output: where its output is in the grammar
 
     @property
     def num_tokens(self) -> int:

@@ -30,8 +30,8 @@ from mmserve.engine.program_grid import ProgramGrid
 from mmserve.engine.scheduler import PrefillChunk
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
 from mmserve.sampling_params import SamplingParams
-from mmserve.sampler import (SamplingBatch, init_penalty_state, load_slot, pack_sampling_batch, padded_token_ids,
-                             sample)
+from mmserve.sampler import (SamplingBatch, all_allowed_bitmask, init_penalty_state, load_slot, pack_sampling_batch,
+                             padded_token_ids, sample)
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.kv_cache import KVCache
 
@@ -90,6 +90,7 @@ class ModelRunner:
         # text steps move no zeros and share the program of image steps.
         self._no_visual = jax.device_put((np.zeros((rows, text.hidden_size), model.dtype),
                                           np.zeros((levels, rows, text.hidden_size), model.dtype)), home)
+        self._all_allowed: dict[int, jax.Array] = {}  # rows -> resident mask of steps without a grammar
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
         self._logits = None
@@ -185,9 +186,10 @@ class ModelRunner:
         self._logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
                                            page_tables, context)
 
-    def sample(self, requests: list[Request | None]) -> SampledTokens:
+    def sample(self, requests: list[Request | None], bitmask: np.ndarray | None = None) -> SampledTokens:
         """Samples row i of the last step's logits for requests[i]; None rows (and padding) are
-        neither sampled nor counted."""
+        neither sampled nor counted. bitmask: i32[len(requests), words], the tokens row i may take
+        (see ``sampler.sample``); None allows every token on every row."""
         rows = self._logits.shape[0]
         padded = requests + [None] * (rows - len(requests))
         batch = pack_sampling_batch(
@@ -196,17 +198,23 @@ class ModelRunner:
             [r.slot if r else 0 for r in padded],
             rows)
         batch = batch._replace(valid=np.array([r is not None for r in padded]))
-        out = self.lockstep.call(self.run_sample, **batch._asdict())
+        if bitmask is not None and bitmask.shape[0] < rows:
+            bitmask = np.concatenate([bitmask, all_allowed_bitmask(rows - bitmask.shape[0], self._vocab_size)])
+        out = self.lockstep.call(self.run_sample, token_bitmask=bitmask, **batch._asdict())
         ids = np.asarray(out.token_ids)
         if all(r is None or r.params.logprobs is None for r in requests):
             return SampledTokens(ids)
         return SampledTokens(ids, np.asarray(out.logprobs), np.asarray(out.top_token_ids),
                              np.asarray(out.top_logprobs))
 
-    def run_sample(self, **batch):
+    def run_sample(self, token_bitmask, **batch):
         key = jax.random.fold_in(self._key, self._steps)
         self._steps += 1
-        out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, key)
+        if token_bitmask is None:
+            token_bitmask = self._allowed(self._logits.shape[0])
+        else:  # placed as the resident mask is, so both kinds of step run one program
+            token_bitmask = jax.device_put(token_bitmask, self._home)
+        out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, key, token_bitmask)
         self._logits = None
         return self.lockstep.readable(out, self.layout)
 
@@ -248,9 +256,20 @@ class ModelRunner:
         engine's random stream (``_steps``) left where it was."""
         batch = pack_sampling_batch([_PADDING_PARAMS] * rows, [0] * rows, [0] * rows, rows)
         batch = batch._replace(valid=np.zeros(rows, bool))
-        out, self.penalties = sample(self._logits, batch, self.penalties, jax.random.fold_in(self._key, 0))
+        out, self.penalties = sample(self._logits, batch, self.penalties, jax.random.fold_in(self._key, 0),
+                                     self._allowed(rows))
         self._logits = None
         jax.block_until_ready(self.lockstep.readable(out, self.layout))
+
+    @property
+    def _vocab_size(self) -> int:
+        return self.model.config.text.vocab_size
+
+    def _allowed(self, rows: int) -> jax.Array:
+        """The all-allowed mask of ``rows`` rows, kept on device: a step without a grammar copies none."""
+        if rows not in self._all_allowed:
+            self._all_allowed[rows] = jax.device_put(all_allowed_bitmask(rows, self._vocab_size), self._home)
+        return self._all_allowed[rows]
 
     def _page_tables(self, tables: list[list[int]], rows: int, width: int | None = None) -> np.ndarray:
         """[rows, width] page ids, SCRATCH_PAGE past each table (width None: max_pages_per_seq);

@@ -49,6 +49,10 @@ class TokenEvent:
 
 
 class Backend(Protocol):
+    supports_structured_output: bool
+    """Whether requests' ``structured_output`` grammars are enforced; the router refuses
+    ``response_format`` (a 400) where not, and treats a backend without the attribute as False."""
+
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """Streams the request's tokens; ends after the event with finish_reason or error."""
 

@@ -58,6 +58,8 @@ class _Stream:
 class ColocatedBackend:
     """Serves the Backend protocol from one in-process engine (no transfer)."""
 
+    supports_structured_output = True
+
     def __init__(self, model: Model, engine_config: EngineConfig, layout: MeshLayout | None = None,
                  lockstep: Lockstep | None = None):
         self._engine = LLMEngine(model, engine_config, layout=layout, lockstep=lockstep)

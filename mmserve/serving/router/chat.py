@@ -19,9 +19,11 @@ from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import Answer
+from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
 
 ENDPOINT = "chat"
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs",
+                                                        "top_logprobs"}
 
 
 async def chat_completions(request: Request) -> Response:
@@ -30,6 +32,7 @@ async def chat_completions(request: Request) -> Response:
     body = json_object(await json_body(request))
     check_known(body, CHAT_FIELDS)
     common = common_fields(body, router.settings)
+    structured = await structured_output(body, router.backend)
     logprobs = _logprobs(body)
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     requested = requested_int(body, limit_name)
@@ -37,7 +40,8 @@ async def chat_completions(request: Request) -> Response:
                            router.model, "messages")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)
-    params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs},
+    params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,
+                                                  "structured_output": structured},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common)
     return await chat.respond(request, await chat.start(ENDPOINT, arrival), "chat.completion")

@@ -18,9 +18,10 @@ from mmserve.serving.router.logprobs import completion_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import Answer
+from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
 
 ENDPOINT = "completions"
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "max_tokens", "logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | {"prompt", "max_tokens", "logprobs"}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
@@ -30,10 +31,12 @@ async def completions(request: Request) -> Response:
     body = json_object(await json_body(request))
     check_known(body, COMPLETION_FIELDS)
     common = common_fields(body, router.settings)
+    structured = await structured_output(body, router.backend)
     prompt = await prepare(lambda: _prompt(body.get("prompt")), router.model, "prompt")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(body, "max_tokens"), DEFAULT_MAX_TOKENS,
                                        router.settings.max_model_len, "prompt", "max_tokens")
-    params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs")})
+    params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs"),
+                                               "structured_output": structured})
     completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common)
     return await completion.respond(request, await completion.start(ENDPOINT, arrival), "text_completion")
 

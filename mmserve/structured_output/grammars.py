@@ -1,0 +1,70 @@
+"""Compiles grammars for one tokenizer, in a background thread, once per distinct schema.
+
+Compiling (xgrammar precomputes which tokens each grammar state may take) costs milliseconds to
+seconds, so it never runs on the engine's step: ``submit`` returns a future, and the engine keeps
+the request out of the scheduler until it is done. Futures are cached by the schema's text, so
+the n siblings of a request, or the same schema sent again, compile once.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import xgrammar
+
+from mmserve.structured_output.matcher import GrammarState
+from mmserve.structured_output.spec import GRAMMAR_OPTIONS, StructuredOutput
+from models.qwen3_vl_moe.tokenizer import Tokenizer
+
+MAX_CACHED_GRAMMARS = 256
+
+
+def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids) -> xgrammar.TokenizerInfo:
+    """xgrammar's view of the vocabulary: the byte-level token strings by id, padded to the lm
+    head's ``vocab_size`` (larger than the tokenizer's: ids past it are never allowed). Added
+    tokens (<|im_end|>, <|image_pad|>...) are left empty so no grammar can spell text with them:
+    they add no text to the output; only ``stop_token_ids`` may end a grammar."""
+    backend = tokenizer.backend
+    vocab = [""] * max(backend.get_vocab_size(with_added_tokens=True), 1)
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}
+    for token, token_id in backend.get_vocab(with_added_tokens=True).items():
+        if token_id < len(vocab) and token not in added:
+            vocab[token_id] = token
+    return xgrammar.TokenizerInfo(vocab[:vocab_size], xgrammar.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
+                                  stop_token_ids=sorted(stop_token_ids))
+
+
+class Grammars:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids):
+        stop_token_ids = [t for t in stop_token_ids if t < vocab_size]
+        self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
+        self.vocab_size = vocab_size
+        # A checkpoint whose lm head cannot emit any stop token (the tests' tiny ones) ends a
+        # grammar on its last character instead: as soon as it could end (a number at the root
+        # ends after its first digit; objects, arrays and strings end where they close).
+        self.terminate_without_stop_token = not stop_token_ids
+        self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+
+    def state(self, spec: StructuredOutput) -> GrammarState:
+        """A new request's place in the grammar of ``spec`` (compiled, or compiling)."""
+        return GrammarState(self.submit(spec), self.terminate_without_stop_token)
+
+    def submit(self, spec: StructuredOutput) -> Future:
+        """A future of the compiled grammar; the same future for the same schema."""
+        with self._lock:
+            future = self._futures.get(spec.json_schema)
+            if future is None:
+                if len(self._futures) >= MAX_CACHED_GRAMMARS:
+                    self._futures.pop(next(iter(self._futures)))
+                future = self._futures[spec.json_schema] = self._pool.submit(self._compile, spec.json_schema)
+            return future
+
+    def _compile(self, schema: str) -> xgrammar.CompiledGrammar:
+        return self._compiler.compile_json_schema(schema, **GRAMMAR_OPTIONS)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

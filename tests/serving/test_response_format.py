@@ -1,0 +1,93 @@
+"""``response_format`` at the router, over a scripted backend: parsed into the request's
+structured_output, a bad schema or format is a 400 before the backend sees anything, and a
+backend that cannot enforce grammars (disaggregated) refuses it rather than ignore it."""
+
+import openai
+import pytest
+
+from mmserve.serving.backend import TokenEvent
+from mmserve.serving.router import RouterSettings, build_app
+from mmserve.structured_output import StructuredOutput
+from models.qwen3_vl_moe import load_model
+from scripted_backend import ScriptedBackend, ThreadedServer
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+DONE = TokenEvent("", [11], text='{"a":1}', finish_reason="stop")
+
+
+class GrammarBackend(ScriptedBackend):
+    supports_structured_output = True
+
+
+@pytest.fixture(scope="module")
+def servers():
+    model = load_model("tiny", weights=False)
+    grammar, plain = GrammarBackend(), ScriptedBackend()
+    up = [(ThreadedServer(build_app(b, model, RouterSettings("tiny", 256))), b) for b in (grammar, plain)]
+    yield up
+    for server, _ in up:
+        server.stop()
+
+
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def grammar(servers):
+    server, backend = servers[0]
+    backend.script, backend.requests = [DONE], []
+    return client(server), backend
+
+
+@pytest.mark.parametrize("response_format, want", [
+    (JSON_SCHEMA, StructuredOutput.from_schema(SCHEMA)),
+    ({"type": "json_object"}, StructuredOutput.any_object()),
+    ({"type": "text"}, None),
+])
+def test_response_format_reaches_the_backend(grammar, response_format, want):
+    chat, backend = grammar
+    chat.chat.completions.create(response_format=response_format, **CHAT)
+    chat.completions.create(model="tiny", prompt="hi", max_tokens=4, extra_body={"response_format": response_format})
+    assert [r.params.structured_output for r in backend.requests] == [want, want]
+
+
+@pytest.mark.parametrize("response_format, message", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}, "invalid JSON schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 3}}},
+     "invalid JSON schema"),
+    ({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, "name must be a non-empty string"),
+    ({"type": "json_schema"}, "must be an object with a name and a schema"),
+    ({"type": "yaml"}, "response_format.type must be"),
+    ({"type": "json_object", "schema": SCHEMA}, "does not take schema"),
+])
+def test_bad_response_format_is_a_400_before_anything_is_queued(grammar, response_format, message):
+    chat, backend = grammar
+    with pytest.raises(openai.BadRequestError, match=message) as error:
+        chat.chat.completions.create(response_format=response_format, **CHAT)
+    assert error.value.body["param"] == "response_format"
+    assert backend.requests == []
+
+
+def test_guided_json_extra_is_a_schema_too(grammar):
+    chat, backend = grammar
+    chat.chat.completions.create(extra_body={"guided_json": SCHEMA}, **CHAT)
+    chat.chat.completions.create(extra_body={"guided_json": '{"type": "object"}'}, **CHAT)
+    assert [r.params.structured_output for r in backend.requests] == [StructuredOutput.from_schema(SCHEMA),
+                                                                      StructuredOutput.any_object()]
+    with pytest.raises(openai.BadRequestError, match="either response_format or guided_json"):
+        chat.chat.completions.create(response_format=JSON_SCHEMA, extra_body={"guided_json": SCHEMA}, **CHAT)
+    with pytest.raises(openai.BadRequestError, match="invalid JSON schema") as error:
+        chat.chat.completions.create(extra_body={"guided_json": {"type": "objectx"}}, **CHAT)
+    assert error.value.body["param"] == "guided_json"
+
+
+def test_backend_without_grammars_refuses_response_format(servers):
+    server, backend = servers[1]
+    backend.script, backend.requests = [DONE], []
+    with pytest.raises(openai.BadRequestError, match="not supported by this server's backend"):
+        client(server).chat.completions.create(response_format=JSON_SCHEMA, **CHAT)
+    client(server).chat.completions.create(response_format={"type": "text"}, **CHAT)
+    assert len(backend.requests) == 1
