@@ -24,6 +24,7 @@ from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.rejected import RequestRejected
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from models.qwen3_vl_moe import Model
 
 IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its inbox before looking again
@@ -58,7 +59,7 @@ class _Stream:
 class ColocatedBackend:
     """Serves the Backend protocol from one in-process engine (no transfer)."""
 
-    supports_structured_output = True
+    supports_structured_output = STRUCTURED_OUTPUT_AVAILABLE
 
     def __init__(self, model: Model, engine_config: EngineConfig, layout: MeshLayout | None = None,
                  lockstep: Lockstep | None = None):

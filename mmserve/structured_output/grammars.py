@@ -15,13 +15,13 @@ import xgrammar
 
 from mmserve.structured_output.matcher import GrammarState
 from mmserve.structured_output.spec import GRAMMAR_OPTIONS, StructuredOutput
-from models.qwen3_vl_moe.tokenizer import Tokenizer
 
 MAX_CACHED_GRAMMARS = 256
 
 
-def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids) -> xgrammar.TokenizerInfo:
-    """xgrammar's view of the vocabulary: the byte-level token strings by id, padded to the lm
+def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids) -> xgrammar.TokenizerInfo:
+    """xgrammar's view of the vocabulary of ``tokenizer`` (the model's Tokenizer: its ``backend`` is a
+    ``tokenizers.Tokenizer``): the byte-level token strings by id, padded to the lm
     head's ``vocab_size`` (larger than the tokenizer's: ids past it are never allowed). Added
     tokens (<|im_end|>, <|image_pad|>...) are left empty so no grammar can spell text with them:
     they add no text to the output; only ``stop_token_ids`` may end a grammar."""
@@ -36,7 +36,7 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids) -> xgr
 
 
 class Grammars:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
         stop_token_ids = [t for t in stop_token_ids if t < vocab_size]
         self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self.vocab_size = vocab_size

@@ -87,7 +87,7 @@ def test_guided_json_extra_is_a_schema_too(grammar):
 def test_backend_without_grammars_refuses_response_format(servers):
     server, backend = servers[1]
     backend.script, backend.requests = [DONE], []
-    with pytest.raises(openai.BadRequestError, match="not supported by this server's backend"):
+    with pytest.raises(openai.BadRequestError, match="not supported by this server: it needs --role colocated"):
         client(server).chat.completions.create(response_format=JSON_SCHEMA, **CHAT)
     client(server).chat.completions.create(response_format={"type": "text"}, **CHAT)
     assert len(backend.requests) == 1

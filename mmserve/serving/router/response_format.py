@@ -29,8 +29,8 @@ async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutpu
     if spec is None:
         return None
     if not getattr(backend, "supports_structured_output", False):
-        raise InvalidRequest(f"{FIELD} is not supported by this server's backend (disaggregated mode); "
-                             "use --role colocated", FIELD)
+        raise InvalidRequest(f"{FIELD} is not supported by this server: it needs --role colocated and the "
+                             "grammar library (pip install 'mmserve[structured]')", FIELD)
     try:
         await asyncio.to_thread(spec.check)
     except ValueError as error:
