@@ -64,7 +64,7 @@ def _prompt(body: dict[str, Any], reader: MediaReader) -> dict[str, Any]:
     if not isinstance(images, list):
         raise InvalidRequest("images must be a list of base64 strings", "images")
     read = [reader.from_url(data, f"images[{i}]") if isinstance(data, str) and data.startswith("data:")
-               else reader.from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
+            else reader.from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
     videos = body.get("videos", [])
     if not isinstance(videos, list):
         raise InvalidRequest("videos must be a list of data URLs", "videos")
