@@ -142,7 +142,8 @@ def _videos(value) -> list:
     videos."""
     if value is None:
         return []
-    if isinstance(value, (np.ndarray, Visual)) or (isinstance(value, list) and value and isinstance(value[0], Image.Image)):
+    if isinstance(value, (np.ndarray, Visual)) or (
+            isinstance(value, list) and value and isinstance(value[0], Image.Image)):
         return [value]
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
