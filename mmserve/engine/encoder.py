@@ -57,6 +57,8 @@ class Encoder:
     def encode_many(self, visuals: list[Visual]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Features of each visual, in order. Those not cached run packed together, up to
         ``PACKED_PATCHES`` patches a call (each keeps its own attention segments)."""
+        if any(v.pixel_values is None for v in visuals):
+            raise ValueError("the encoder takes pixels: an encoded image or video needs inputs.with_pixels first")
         keys = [pixel_key(v.pixel_values, v.grid_thw) for v in visuals]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         missing = {key: visual for key, visual in zip(keys, visuals) if found[key] is None}

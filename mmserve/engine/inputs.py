@@ -1,4 +1,5 @@
-"""Turning a user's prompt into token ids with expanded placeholders and pixel patches.
+"""Turning a user's prompt into token ids with expanded placeholders and pixel patches (or, for
+images and videos the router has only read the headers of, their grids and encoded files).
 
 Prompts come in vLLM's forms: a string, ``{"prompt": str, "multi_modal_data": {...}}`` or
 ``{"prompt_token_ids": [...], "multi_modal_data": {...}}``. As the Hugging Face processor does,
@@ -16,7 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmserve.engine.rejected import RequestRejected
 from models.qwen3_vl_moe import Model
+from models.qwen3_vl_moe.media import BadMedia, decode_image, decode_sampled_frames, read_video_header
+from models.qwen3_vl_moe.processor import Processor
 
 PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data"}
 MODALITIES = {"image", "video"}
@@ -24,11 +28,57 @@ DEFAULT_VIDEO_FPS = 24.0  # what transformers assumes for pre-sampled frames wit
 
 
 @dataclasses.dataclass(frozen=True)
-class Visual:
-    """One image or one video: its patches and grid, ready for the vision tower."""
+class EncodedMedia:
+    """An image or video file as the client sent it (JPEG, PNG, MP4, ...): what travels from the
+    router to the encode role, decoded only where its pixels are processed."""
 
-    pixel_values: np.ndarray  # [patches, C*T*P*P]
+    kind: str  # "image" or "video"
+    data: bytes
+
+    def __post_init__(self):
+        if self.kind not in MODALITIES:
+            raise ValueError(f"a medium is one of {sorted(MODALITIES)}, got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Visual:
+    """One image or one video: its grid, and either its patches (ready for the vision tower) or the
+    encoded file they come from, its grid read from the header (``with_pixels`` decodes it). The
+    prefill role holds grids alone: its features come from encode."""
+
     grid_thw: np.ndarray  # [1, 3]
+    pixel_values: np.ndarray | None = None  # [patches, C*T*P*P]
+    source: EncodedMedia | None = None
+
+    def __post_init__(self):
+        if self.pixel_values is not None and self.source is not None:
+            raise ValueError("a Visual carries its pixels or its encoded source, not both")
+
+
+def with_pixels(visual: Visual, processor: Processor) -> Visual:
+    """The visual with its patches: an encoded source is decoded and processed (CPU work: call it off
+    any event loop or device loop). A file that cannot be decoded is the client's to fix
+    (``RequestRejected``); a grid other than the header gave is this server's inconsistency."""
+    if visual.pixel_values is not None:
+        return visual
+    if visual.source is None:
+        raise ValueError("this visual has only its grid: neither pixels nor an encoded file to decode")
+    kind, raw = visual.source.kind, visual.source.data
+    try:
+        if kind == "image":
+            out = processor(images=[decode_image(raw)])
+            pixels, grid = out["pixel_values"], out["image_grid_thw"]
+        else:
+            frames = decode_sampled_frames(raw, read_video_header(raw), processor)
+            out = processor(videos=[frames])
+            pixels, grid = out["pixel_values_videos"], out["video_grid_thw"]
+    except BadMedia as error:
+        raise RequestRejected(str(error)) from None
+    if not np.array_equal(grid, visual.grid_thw):
+        raise ValueError(f"the {kind} decodes to the patch grid {grid[0].tolist()}, but its header gave "
+                         f"{np.asarray(visual.grid_thw)[0].tolist()} (are the router's and this worker's "
+                         "processor settings the same?)")
+    return Visual(grid, pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +86,11 @@ class PreparedPrompt:
     token_ids: list[int]
     images: list[Visual]
     videos: list[Visual]
+
+    def with_pixels(self, processor: Processor) -> PreparedPrompt:
+        """The prompt with every image's and video's patches (``with_pixels`` of each)."""
+        return PreparedPrompt(self.token_ids, [with_pixels(v, processor) for v in self.images],
+                              [with_pixels(v, processor) for v in self.videos])
 
 
 def prepare_prompt(prompt: Any, model: Model) -> PreparedPrompt:
@@ -83,22 +138,34 @@ def _as_list(value) -> list:
 
 
 def _videos(value) -> list:
-    """One video is a [T, H, W, 3] array or a list of PIL frames; anything else is a list of videos."""
+    """One video is a [T, H, W, 3] array, a list of PIL frames or a Visual; anything else is a list of
+    videos."""
     if value is None:
         return []
-    if isinstance(value, np.ndarray) or (isinstance(value, list) and value and isinstance(value[0], Image.Image)):
+    if isinstance(value, (np.ndarray, Visual)) or (
+            isinstance(value, list) and value and isinstance(value[0], Image.Image)):
         return [value]
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _image(model: Model, image) -> Visual:
+    if isinstance(image, Visual):  # read already (the router reads headers, see serving/router/media.py)
+        return _of_kind(image, "image")
     out = model.processor(images=[image])
-    return Visual(out["pixel_values"], out["image_grid_thw"])
+    return Visual(out["image_grid_thw"], out["pixel_values"])
 
 
 def _video(model: Model, video) -> Visual:
+    if isinstance(video, Visual):
+        return _of_kind(video, "video")
     out = model.processor(videos=[video])
-    return Visual(out["pixel_values_videos"], out["video_grid_thw"])
+    return Visual(out["video_grid_thw"], out["pixel_values_videos"])
+
+
+def _of_kind(visual: Visual, kind: str) -> Visual:
+    if visual.source is not None and visual.source.kind != kind:
+        raise ValueError(f"an encoded {visual.source.kind} was given as an {kind}")
+    return visual
 
 
 def _image_tokens(model: Model, image: Visual) -> list[int]:

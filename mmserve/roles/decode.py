@@ -28,7 +28,7 @@ from mmserve.roles.wire import event_to_pb, sampling_from_pb
 from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
-from mmserve.tracing import role_span
+from mmserve.tracing import extract, role_span
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferMode

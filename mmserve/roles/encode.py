@@ -1,6 +1,6 @@
-"""The encode role: images and videos in, embeddings and deepstack rows out to the prefill that the
-router named, through the transfer layer (allocated by the real length, resumed when the
-receiver's default allocation is too small)."""
+"""The encode role: images and videos in (the client's encoded files, decoded and processed here),
+embeddings and deepstack rows out to the prefill that the router named, through the transfer layer
+(allocated by the real length, resumed when the receiver's default allocation is too small)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
+from mmserve.engine.inputs import Visual, with_pixels
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
@@ -24,6 +25,7 @@ from mmserve.roles.worker import RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.tracing import role_span, tracer
 from models.qwen3_vl_moe import Model
+from models.qwen3_vl_moe.processor import Processor
 from transfer.config import TransferConfig
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
@@ -40,6 +42,25 @@ def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None
     if engine.precompile and encoder.lockstep.is_leader:
         encoder.lockstep.call_and_wait(encoder.run_compile)
     return encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeJob:
+    """An encode request with its images and videos decoded into patches, in prompt order."""
+
+    request_id: str
+    room: int
+    images: list[Visual]
+    videos: list[Visual]
+
+
+def decoded(request: pb.EncodeRequest, processor: Processor) -> EncodeJob:
+    """Decodes and processes the client's files the router forwarded (``with_pixels``: CPU work, kept
+    off the role's loop); a file that will not decode is ``RequestRejected``, a grid other than the
+    router's a plain ``ValueError``."""
+    return EncodeJob(request.request_id, request.room,
+                     [with_pixels(visual_from_pb(v, "image"), processor) for v in request.images],
+                     [with_pixels(visual_from_pb(v, "video"), processor) for v in request.videos])
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -64,14 +85,14 @@ class EncodeRole:
         self.lock = threading.RLock()
         """Held by whoever touches the sender: the loop thread or the transfer pump."""
 
-    def encode(self, request: pb.EncodeRequest, trace_parent: Context | None = None) -> None:
+    def encode(self, request: EncodeJob, trace_parent: Context | None = None) -> None:
         """Encodes now; the rows wait for sender blocks if the pool is full."""
         self._requests.check_new(request.request_id, request.room)
         span = role_span("encode", request.request_id, trace_parent)
         with trace.use_span(span, end_on_exit=False, record_exception=False):
             with tracer.start_as_current_span("vision tower"):
-                images = self.encoder.encode_all([visual_from_pb(v) for v in request.images])
-                videos = self.encoder.encode_all([visual_from_pb(v) for v in request.videos])
+                images = self.encoder.encode_all(request.images)
+                videos = self.encoder.encode_all(request.videos)
         parts = [f for f in (images, videos) if f is not None]
         if not parts:
             span.end()
@@ -141,7 +162,13 @@ class EncodeRole:
 
 class EncodeService(WorkerService):
     def Encode(self, request, context):
-        return self.acknowledge(self.loop.role.encode, request, context)
+        """Decodes the request's files here, in this call's gRPC thread (one per call, so requests
+        decode in parallel and the loop keeps stepping), then encodes them on the loop."""
+        try:
+            job = decoded(request, self.loop.role.encoder.model.processor)
+        except ValueError as error:
+            return pb.Ack(ok=False, error=str(error), rejected=isinstance(error, RequestRejected))
+        return self.acknowledge(self.loop.role.encode, job, context)
 
 
 def encode_service(role: EncodeRole) -> EncodeService:

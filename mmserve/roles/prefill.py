@@ -82,8 +82,8 @@ class PrefillRole:
 
     def _prefill(self, request: pb.PrefillRequest, trace_parent: Context | None) -> None:
         params = sampling_from_pb(request.sampling)
-        prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v) for v in request.images],
-                                [visual_from_pb(v) for v in request.videos])
+        prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v, "image") for v in request.images],
+                                [visual_from_pb(v, "video") for v in request.videos])
         if bool(request.encode_name) != bool(prompt.images or prompt.videos):
             raise ValueError("a prompt with images or videos needs an encode worker, and only such a prompt")
         self.engine.check_fits(len(prompt.token_ids), params)

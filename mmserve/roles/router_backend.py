@@ -157,14 +157,14 @@ class DisaggregatedBackend:
         try:
             ack = await prefill.stub.Prefill(pb.PrefillRequest(
                 request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
-                images=[visual_to_pb(v, with_pixels=False) for v in p.images],
-                videos=[visual_to_pb(v, with_pixels=False) for v in p.videos],
+                images=[visual_to_pb(v, with_source=False) for v in p.images],
+                videos=[visual_to_pb(v, with_source=False) for v in p.videos],
                 encode_name=encode.name if encode else ""), metadata=trace_context)
             if ack.ok and encode is not None:
                 current = encode
                 ack = await encode.stub.Encode(pb.EncodeRequest(
-                    request_id=rid, room=room, images=[visual_to_pb(v, with_pixels=True) for v in p.images],
-                    videos=[visual_to_pb(v, with_pixels=True) for v in p.videos]), metadata=trace_context)
+                    request_id=rid, room=room, images=[visual_to_pb(v, with_source=True) for v in p.images],
+                    videos=[visual_to_pb(v, with_source=True) for v in p.videos]), metadata=trace_context)
             if not ack.ok:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)

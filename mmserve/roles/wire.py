@@ -6,25 +6,25 @@ import json
 
 import numpy as np
 
-from mmserve.engine.inputs import Visual
+from mmserve.engine.inputs import EncodedMedia, Visual
 from mmserve.engine.output_stream import OutputDelta
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
 
 
-def visual_to_pb(visual: Visual, with_pixels: bool) -> pb.Visual:
-    pixels = np.ascontiguousarray(visual.pixel_values, np.float32)
-    return pb.Visual(pixel_values=pixels.tobytes() if with_pixels else b"", num_patches=pixels.shape[0],
-                     patch_dim=pixels.shape[1], grid_thw=[int(x) for x in visual.grid_thw.reshape(-1)])
+def visual_to_pb(visual: Visual, with_source: bool) -> pb.Visual:
+    """The grid, and with ``with_source`` the client's encoded file as it came (encode decodes it;
+    prefill needs the grid alone)."""
+    if with_source and visual.source is None:
+        raise ValueError("images and videos travel to encode as the client's encoded files")
+    return pb.Visual(grid_thw=[int(x) for x in visual.grid_thw.reshape(-1)],
+                     encoded=visual.source.data if with_source else b"")
 
 
-def visual_from_pb(message: pb.Visual) -> Visual:
+def visual_from_pb(message: pb.Visual, kind: str) -> Visual:
+    """``kind``: "image" or "video", the list the message came in."""
     grid = np.asarray(message.grid_thw, np.int64).reshape(1, 3)
-    if message.pixel_values:
-        pixels = np.frombuffer(message.pixel_values, np.float32).reshape(message.num_patches, message.patch_dim)
-    else:
-        pixels = np.zeros((0, message.patch_dim), np.float32)
-    return Visual(pixels, grid)
+    return Visual(grid, source=EncodedMedia(kind, message.encoded) if message.encoded else None)
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:

@@ -1,6 +1,8 @@
 """The colocated backend: one LLMEngine, owned by one background thread, behind the Backend protocol.
 
-The engine is not thread-safe, so only its thread touches it. The event loop talks to that thread
+The engine is not thread-safe, so only its thread touches it. A request's encoded images and videos
+are decoded and processed in a worker thread before they reach it, so neither the event loop nor
+the engine's steps wait on that CPU work. The event loop talks to that thread
 through a thread-safe inbox (add, abort); the thread answers each request through the request's own
 asyncio queue, scheduled onto the request's loop with ``call_soon_threadsafe``. Whatever happens
 (a bad request, a crashed step, shutdown), every open stream receives a last event, so no caller
@@ -78,6 +80,12 @@ class ColocatedBackend:
         self._thread.start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        try:  # the router sends encoded images and videos; decoding them is CPU work for neither loop
+            prompt = await asyncio.to_thread(request.prompt.with_pixels, self._engine.model.processor)
+        except ValueError as error:
+            yield TokenEvent(request.request_id, [], error=str(error), invalid=isinstance(error, RequestRejected))
+            return
+        request = dataclasses.replace(request, prompt=prompt)
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         with self._lock:
             accepted = self._accepting and not self._stopping

@@ -142,10 +142,14 @@ class Processor:
             return height, width
         return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
 
+    def image_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of an image of this size, known from its size alone (its header)."""
+        height, width = self.image_size(height, width)
+        return 1, height // self.patch_size, width // self.patch_size
+
     def num_tokens_of_image(self, height: int, width: int) -> int:
         """Tokens an image of this size becomes, known from its size alone (before decoding it)."""
-        height, width = self.image_size(height, width)
-        return self.num_image_tokens((1, height // self.patch_size, width // self.patch_size))
+        return self.num_image_tokens(self.image_grid(height, width))
 
     def __call__(self, images=None, videos=None, video_fps=None) -> dict[str, np.ndarray]:
         """images: a PIL image or a list of them. videos: a list of videos, each a list of PIL frames
@@ -225,11 +229,16 @@ class Processor:
         return smart_resize_video(num_frames, height, width, config.factor, config.temporal_patch_size,
                                   config.min_pixels, max_pixels)
 
-    def num_tokens_of_video(self, num_frames: int, height: int, width: int) -> int:
-        """Tokens ``num_frames`` (already sampled) frames of this size become, known before decoding."""
+    def video_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of ``num_frames`` (already sampled) frames of this size, known
+        before decoding."""
         height, width = self.video_size(num_frames, height, width)
         temporal = -(-num_frames // self.temporal_patch_size)
-        return self.num_image_tokens((temporal, height // self.patch_size, width // self.patch_size))
+        return temporal, height // self.patch_size, width // self.patch_size
+
+    def num_tokens_of_video(self, num_frames: int, height: int, width: int) -> int:
+        """Tokens ``num_frames`` (already sampled) frames of this size become, known before decoding."""
+        return self.num_image_tokens(self.video_grid(num_frames, height, width))
 
     def _video(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
         config = self.video

@@ -197,11 +197,23 @@ def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, cl
     assert ask(client, "Again.", [image(5, (64, 64))]) == expected(llm, "Again.", [image(5, (64, 64))])
 
 
+def truncated(picture: Image.Image, kind: str) -> str:
+    """An image whose header reads but whose data stops halfway: a JPEG passes the router's cheap
+    check (encode refuses it when it decodes), a PNG fails it (its chunks are checked)."""
+    buf = io.BytesIO()
+    picture.save(buf, format=kind)
+    return f"data:image/{kind.lower()};base64," + base64.b64encode(buf.getvalue()[:buf.tell() // 2]).decode()
+
+
 @pytest.mark.parametrize("content, reason", [
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], "base64"),
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"text").decode()}}],
      "image"),
-])
+    ([{"type": "image_url", "image_url": {"url": truncated(image(20, (128, 128)), "JPEG")}}],
+     "the image cannot be decoded: .*truncated"),
+    ([{"type": "image_url", "image_url": {"url": truncated(image(21, (128, 128)), "PNG")}}],
+     "the image cannot be decoded"),
+], ids=["bad_base64", "not_an_image", "truncated_jpeg", "truncated_png"])
 def test_malformed_image_gets_400_and_changes_nothing(cluster, client, content, reason):
     with pytest.raises(openai.BadRequestError, match=reason):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2)

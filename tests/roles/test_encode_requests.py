@@ -8,9 +8,7 @@ import pytest
 
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.inputs import Visual
-from mmserve.roles.encode import EncodeRole
-from mmserve.roles.wire import visual_to_pb
-from mmserve.rpc import worker_pb2 as pb
+from mmserve.roles.encode import EncodeJob, EncodeRole
 from models.qwen3_vl_moe import load_model
 from transfer import BootstrapServer, TransferConfig
 
@@ -34,8 +32,7 @@ def encode(role, request_id: str, room: int) -> None:
     vision = role.encoder.model.config.vision
     grid = np.array([[1, 4, 4]])  # 16 patches: 4 visual tokens after the 2x2 merge
     pixels = np.random.default_rng(room).standard_normal((16, vision.patch_dim)).astype(np.float32)
-    role.encode(pb.EncodeRequest(request_id=request_id, room=room,
-                                 images=[visual_to_pb(Visual(pixels, grid), with_pixels=True)]))
+    role.encode(EncodeJob(request_id, room, [Visual(grid, pixels)], []))
 
 
 def test_rows_waiting_for_blocks_are_dropped_with_their_room_and_aborts_free_the_rest(role):

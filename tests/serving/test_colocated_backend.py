@@ -1,14 +1,17 @@
 """ColocatedBackend's promises without a compile: every stream ends with an event, whatever the
-engine does (raise in a step, refuse a request, stop)."""
+engine does (raise in a step, refuse a request, stop); encoded images are decoded before the engine."""
 
 import asyncio
+import io
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from mmserve import SamplingParams
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
-from mmserve.engine.inputs import prepare_prompt
+from mmserve.engine.inputs import EncodedMedia, Visual, prepare_prompt
 from mmserve.serving.backend import GenerateRequest
 from mmserve.serving.colocated import ColocatedBackend
 from models.qwen3_vl_moe import load_model
@@ -88,4 +91,40 @@ def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_refused_as_inval
     events = asyncio.run(asyncio.wait_for(_events(backend, GenerateRequest("long", prompt, SamplingParams())), 30))
     assert len(events) == 1 and events[0].invalid and "KV pages" in events[0].error
     assert asyncio.run(backend.health())["free_pages"] == 3
+    backend.close()
+
+
+def test_an_encoded_image_is_decoded_before_the_engine_and_a_broken_one_is_refused(model, monkeypatch):
+    """The router hands on the client's bytes; the backend decodes them off the engine's thread, so
+    the engine sees the same patches the offline path makes, and a file that only fails when decoded
+    (a truncated JPEG) is refused as the client's fault (a 400), the engine untouched."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    prompt = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>"}
+    want = prepare_prompt(prompt | {"multi_modal_data": {"image": [Image.open(io.BytesIO(jpeg))]}}, model)
+    grid = want.images[0].grid_thw
+    seen = []
+    monkeypatch.setattr(LLMEngine, "add_request", lambda self, prompt, *args: seen.append(prompt) or "x")
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+
+    def request(raw: bytes) -> GenerateRequest:
+        image = Visual(grid, source=EncodedMedia("image", raw))
+        return GenerateRequest("r", prepare_prompt(prompt | {"multi_modal_data": {"image": [image]}}, model),
+                               SamplingParams(max_tokens=1))
+
+    async def run():
+        task = asyncio.ensure_future(_events(backend, request(jpeg)))
+        refused = await _events(backend, request(jpeg[:len(jpeg) // 2]))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return refused
+
+    refused = asyncio.run(asyncio.wait_for(run(), 30))
+    assert len(refused) == 1 and refused[0].invalid and "cannot be decoded" in refused[0].error
+    (engine_prompt,) = seen
+    assert engine_prompt.token_ids == want.token_ids
+    assert np.array_equal(engine_prompt.images[0].pixel_values, want.images[0].pixel_values)
     backend.close()

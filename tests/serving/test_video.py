@@ -1,16 +1,17 @@
-"""Videos from requests: decoded with PyAV, sampled as Qwen3-VL's processor samples them, charged
-against the request's limits before a frame is decoded; a served video chat equals the offline
-``LLM`` given the same frames."""
+"""Videos from requests: charged against the request's limits from their headers (the router decodes
+no frame), decoded with PyAV where they are processed, sampled as Qwen3-VL's processor samples
+them; a served video chat equals the offline ``LLM`` given the same frames."""
 
 import numpy as np
 import openai
 import pytest
 
 from mmserve import SamplingParams
-from mmserve.engine.inputs import prepare_prompt
+from mmserve.engine.inputs import prepare_prompt, with_pixels
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.media import MediaReader
 from mmserve.serving.router.settings import RouterSettings
+from models.qwen3_vl_moe.media import decode_sampled_frames, read_video_header
 from models.qwen3_vl_moe.tiny import tiny_processor
 from served_model import API_KEY, MODEL_NAME
 from videos import lossless_video, random_frames, video_data_url
@@ -22,9 +23,21 @@ def reader(**limits) -> MediaReader:
 
 def test_the_sampled_frames_are_decoded_exactly():
     frames = random_frames(0, 12, 64, 96)  # 3 s at 4 fps: the processor keeps 6 (2 fps)
-    got = reader().video_from_url(video_data_url(lossless_video(frames, fps=4)), "v")
+    raw = lossless_video(frames, fps=4)
+    got = decode_sampled_frames(raw, read_video_header(raw), tiny_processor())
     assert np.array_equal(got, frames[tiny_processor().sample_frame_indices(12, 4.0)])
     assert len(got) == 6
+
+
+def test_the_router_forwards_the_video_as_sent_with_the_grid_its_frames_will_have():
+    frames = random_frames(0, 12, 64, 96)
+    raw = lossless_video(frames, fps=4)
+    visual = reader().video_from_url(video_data_url(raw), "v")
+    assert visual.pixel_values is None and visual.source.kind == "video" and visual.source.data == raw
+    processed = tiny_processor()(videos=[frames[tiny_processor().sample_frame_indices(12, 4.0)]])
+    assert np.array_equal(visual.grid_thw, processed["video_grid_thw"])
+    decoded = with_pixels(visual, tiny_processor())
+    assert np.array_equal(decoded.pixel_values, processed["pixel_values_videos"])
 
 
 @pytest.mark.parametrize("frames, size", [(4, (64, 64)), (9, (64, 128)), (30, (96, 160))])

@@ -5,31 +5,31 @@ Every failure (not base64, not an image or video, a path outside the allowed dir
 server does not fetch) is an ``InvalidRequest`` naming the field, raised before anything is queued.
 
 A ``MediaReader`` reads one request's images and videos and charges each against the request's
-limits before a pixel is decoded: the number of images and of videos, the pixels of an image or a
+limits from their headers alone: the number of images and of videos, the pixels of an image or a
 video frame, a video's duration, and the tokens they will take, which alone may not exceed the
-context. So the most a request makes the router decode and process is bounded by those limits,
-whatever a header claims (a video's frames are counted from its packets, ``video.py``).
+context (a video's frames are counted from its packets, ``models/qwen3_vl_moe/media.py``). The
+router decodes no pixel: each medium becomes a ``Visual`` holding the client's encoded bytes and the
+grid its header gives, and is decoded where it is processed (the encode role; in colocated mode the
+backend's worker thread). An image's structure is still checked at the door (``verify_image``), so
+most broken files are a 400 here; one that passes and still fails to decode is refused by whoever
+decodes it, and that is a 400 too.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image
 
+from mmserve.engine.inputs import EncodedMedia, Visual
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.settings import RouterSettings
-from mmserve.serving.router.video import BadVideo, decode_sampled_frames, read_header
+from models.qwen3_vl_moe.media import BadMedia, BadVideo, open_image, read_video_header, verify_image
 from models.qwen3_vl_moe.processor import Processor
-
-# What OpenAI takes, plus BMP; Pillow's other readers (EPS runs Ghostscript, and the rarer formats
-# see the least scrutiny) stay closed to requests.
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 class MediaReader:
@@ -39,16 +39,15 @@ class MediaReader:
         self.count = {"image": 0, "video": 0}
         self.tokens = 0
 
-    def from_url(self, url: str, param: str) -> Image.Image:
+    def from_url(self, url: str, param: str) -> Visual:
         """An ``image_url``'s image: a data URL, a ``file://`` URL or a local path."""
-        return self._decode(self._read_url(url, "image", param), param)
+        return self._image(self._read_url(url, "image", param), param)
 
-    def video_from_url(self, url: str, param: str) -> np.ndarray:
-        """A ``video_url``'s sampled frames, [T, H, W, 3] uint8: a data URL, a ``file://`` URL or a
-        local path."""
+    def video_from_url(self, url: str, param: str) -> Visual:
+        """A ``video_url``'s video: a data URL, a ``file://`` URL or a local path."""
         raw = self._read_url(url, "video", param)
         try:
-            header = read_header(raw)
+            header = read_video_header(raw)
             sampled = len(self.processor.sample_frame_indices(header.frames, header.fps))
             if header.seconds > self.settings.max_video_seconds:
                 raise BadVideo(f"the video lasts {header.seconds:.1f} s, more than this server accepts "
@@ -56,15 +55,15 @@ class MediaReader:
             if header.width * header.height > self.settings.max_image_pixels:
                 raise BadVideo(f"the video's frames ({header.width}x{header.height}) have more pixels than this "
                                f"server accepts ({self.settings.max_image_pixels}; see --max-image-pixels)")
-            self._charge_tokens(self.processor.num_tokens_of_video(sampled, header.height, header.width), "video",
-                                param)
-            return decode_sampled_frames(raw, header, self.processor)
+            grid = self.processor.video_grid(sampled, header.height, header.width)
         except ValueError as error:  # BadVideo, or a size the processor refuses
             raise InvalidRequest(str(error), param) from None
+        self._charge_tokens(self.processor.num_image_tokens(grid), "video", param)
+        return Visual(np.array([grid]), source=EncodedMedia("video", raw))
 
-    def from_base64(self, data: str, param: str) -> Image.Image:
+    def from_base64(self, data: str, param: str) -> Visual:
         self._count("image", param)
-        return self._decode(self._base64(data, "image", param), param)
+        return self._image(self._base64(data, "image", param), param)
 
     def _read_url(self, url: str, kind: str, param: str) -> bytes:
         if not isinstance(url, str) or not url:
@@ -121,33 +120,26 @@ class MediaReader:
         if self.count[kind] > limit:
             raise InvalidRequest(f"a request may carry at most {limit} {kind}s (see --max-{kind}s-per-request)", param)
 
-    def _decode(self, raw: bytes, param: str) -> Image.Image:
-        """Opens the header, charges its size, then decodes fully now, so a truncated or bogus file
-        fails here and not in the processor."""
+    def _image(self, raw: bytes, param: str) -> Visual:
+        """Reads the header, charges its size, and checks the file's structure, without decoding it."""
         try:
-            image = Image.open(io.BytesIO(raw), formats=FORMATS)
+            image = open_image(raw)
         except Image.DecompressionBombError:
             raise self._too_many_pixels(None, param) from None
-        except Image.UnidentifiedImageError:
-            raise InvalidRequest(f"the data is not an image in a format this server reads ({', '.join(FORMATS)})",
-                                 param) from None
-        except Exception as error:  # a header Pillow recognises but cannot parse
-            raise InvalidRequest(f"the image cannot be decoded: {type(error).__name__}: {error}", param) from None
-        self._charge(image.width, image.height, param)
+        except BadMedia as error:
+            raise InvalidRequest(str(error), param) from None
+        if image.width * image.height > self.settings.max_image_pixels:
+            raise self._too_many_pixels(f"{image.width}x{image.height}", param)
         try:
-            image.load()
-        except Exception as error:  # truncated data, a broken codec stream
-            raise InvalidRequest(f"the image cannot be decoded: {type(error).__name__}: {error}", param) from None
-        return image
-
-    def _charge(self, width: int, height: int, param: str) -> None:
-        if width * height > self.settings.max_image_pixels:
-            raise self._too_many_pixels(f"{width}x{height}", param)
-        try:
-            tokens = self.processor.num_tokens_of_image(height, width)
+            grid = self.processor.image_grid(image.height, image.width)
         except ValueError as error:  # an aspect ratio the processor refuses
             raise InvalidRequest(f"the image cannot be processed: {error}", param) from None
-        self._charge_tokens(tokens, "image", param)
+        self._charge_tokens(self.processor.num_image_tokens(grid), "image", param)
+        try:
+            verify_image(raw)
+        except BadMedia as error:
+            raise InvalidRequest(str(error), param) from None
+        return Visual(np.array([grid]), source=EncodedMedia("image", raw))
 
     def _charge_tokens(self, tokens: int, kind: str, param: str) -> None:
         self.tokens += tokens

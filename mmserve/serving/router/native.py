@@ -63,12 +63,12 @@ def _prompt(body: dict[str, Any], reader: MediaReader) -> dict[str, Any]:
     images = body.get("images", [])
     if not isinstance(images, list):
         raise InvalidRequest("images must be a list of base64 strings", "images")
-    decoded = [reader.from_url(data, f"images[{i}]") if isinstance(data, str) and data.startswith("data:")
-               else reader.from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
+    read = [reader.from_url(data, f"images[{i}]") if isinstance(data, str) and data.startswith("data:")
+            else reader.from_base64(data, f"images[{i}]") for i, data in enumerate(images)]
     videos = body.get("videos", [])
     if not isinstance(videos, list):
         raise InvalidRequest("videos must be a list of data URLs", "videos")
-    media = {"image": decoded, "video": [reader.video_from_url(url, f"videos[{i}]") for i, url in enumerate(videos)]}
+    media = {"image": read, "video": [reader.video_from_url(url, f"videos[{i}]") for i, url in enumerate(videos)]}
     prompt = {key: body[key] for key in ("prompt", "prompt_token_ids") if key in body}
     media = {kind: items for kind, items in media.items() if items}
     return prompt | ({"multi_modal_data": media} if media else {})

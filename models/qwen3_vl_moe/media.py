@@ -1,12 +1,16 @@
-"""A video from a request's bytes to the frames Qwen3-VL sees, decoded with PyAV (FFmpeg).
+"""Images and videos from the files clients send (JPEG, PNG, MP4, ...) to what the processor takes.
 
-Frames are sampled as Qwen3-VL's video processor samples them (``Processor.sample_frame_indices``:
-``fps`` frames a second of the source, clamped to [min_frames, max_frames]), so what the model sees
-equals the offline ``LLM`` given the same sampled frames. What a video will cost is known before
-a frame is decoded: the container is demuxed first (packets only, cheap) to count its frames, and
-its duration, frame size and tokens are charged against the request's limits. Only the sampled
-frames are kept, each shrunk at once to the size the processor would give it (when that size is
-stable, so processing it again changes nothing), and decoding stops after the last of them.
+The router reads only headers (a size, a video's frame count) to know a visual's grid and cost;
+the pixels are decoded where they are processed (the encode role, the colocated backend's worker
+thread), from the same bytes with these same functions, so both sides agree.
+
+Videos are decoded with PyAV (FFmpeg). Frames are sampled as Qwen3-VL's video processor samples
+them (``Processor.sample_frame_indices``: ``fps`` frames a second of the source, clamped to
+[min_frames, max_frames]), so what the model sees equals the offline ``LLM`` given the same sampled
+frames. What a video will cost is known before a frame is decoded: the container is demuxed
+(packets only, cheap) to count its frames. Only the sampled frames are kept, each shrunk at once to
+the size the processor would give it (when that size is stable, so processing it again changes
+nothing), and decoding stops after the last of them.
 """
 
 from __future__ import annotations
@@ -16,13 +20,59 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+from PIL import Image
 
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.resize import resize_bicubic_uint8
 
+# What OpenAI takes, plus BMP; Pillow's other readers (EPS runs Ghostscript, and the rarer formats
+# see the least scrutiny) stay closed to requests.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
-class BadVideo(ValueError):
+
+class BadMedia(ValueError):
+    """The bytes are not an image or video this server can read; the message says why."""
+
+
+class BadVideo(BadMedia):
     """The bytes are not a video this server can read, or it passes a limit; the message says which."""
+
+
+def open_image(raw: bytes) -> Image.Image:
+    """The image with only its header read (size, mode). Pillow's ``DecompressionBombError`` (a
+    header claiming absurdly many pixels) is left to the caller, which names its own limit."""
+    try:
+        return Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadMedia(f"the data is not an image in a format this server reads ({', '.join(IMAGE_FORMATS)})") \
+            from None
+    except Exception as error:  # a header Pillow recognises but cannot parse
+        raise BadMedia(f"the image cannot be decoded: {type(error).__name__}: {error}") from None
+
+
+def verify_image(raw: bytes) -> None:
+    """Pillow's cheap check of the file's structure without decoding its pixels (a PNG's chunks and
+    their checksums, a truncated file): catches most broken files at the door."""
+    try:
+        open_image(raw).verify()
+    except BadMedia:
+        raise
+    except Exception as error:
+        raise BadMedia(f"the image cannot be decoded: {type(error).__name__}: {error}") from None
+
+
+def decode_image(raw: bytes) -> Image.Image:
+    """The whole image decoded, so a truncated or bogus file fails here and not in the processor."""
+    try:
+        image = open_image(raw)
+        image.load()
+    except BadMedia:
+        raise
+    except Exception as error:  # truncated data, a broken codec stream, a decompression bomb
+        raise BadMedia(f"the image cannot be decoded: {type(error).__name__}: {error}") from None
+    return image
 
 
 @dataclass(frozen=True)
@@ -39,7 +89,7 @@ class VideoHeader:
         return self.frames / self.fps
 
 
-def read_header(raw: bytes) -> VideoHeader:
+def read_video_header(raw: bytes) -> VideoHeader:
     """Counts the video stream's packets (one per frame) and reads its rate and frame size."""
     try:
         with av.open(io.BytesIO(raw), mode="r") as container:

@@ -1,0 +1,156 @@
+"""The router decodes no pixel: each image and video leaves it as the client's encoded bytes with the
+patch grid its header gives, and that grid is the one the processor gives the decoded pixels. What
+the disaggregated backend sends to encode is those bytes (not float32 patches); a file whose header
+reads but whose data is broken is refused with a clear reason where it is decoded."""
+
+import asyncio
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmserve import SamplingParams
+from mmserve.engine.inputs import PreparedPrompt, Visual, with_pixels
+from mmserve.engine.rejected import RequestRejected
+from mmserve.roles.router_backend import DisaggregatedBackend, WorkerHandle, WorkerPool
+from mmserve.rpc import worker_pb2 as pb
+from mmserve.serving.backend import GenerateRequest
+from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.media import MediaReader
+from mmserve.serving.router.settings import RouterSettings
+from models.qwen3_vl_moe.processor import Processor
+from models.qwen3_vl_moe.tiny import tiny_processor
+from served_model import MODEL_NAME
+from videos import lossless_video, random_frames, video_data_url
+
+SIZES = [(64, 64), (48, 64), (37, 500), (500, 37), (300, 29), (1024, 1024), (768, 1366)]
+"""(height, width): square, landscape, portrait, sizes off the patch grid, sizes the processor
+shrinks."""
+
+
+def reader(processor: Processor) -> MediaReader:
+    return MediaReader(RouterSettings(MODEL_NAME, 1 << 20, max_image_pixels=1 << 24), processor)
+
+
+def encoded(image: Image.Image, kind: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def data_url(raw: bytes, kind: str) -> str:
+    return f"data:image/{kind.lower()};base64,{base64.b64encode(raw).decode()}"
+
+
+def random_image(seed: int, height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("processor", [tiny_processor(), Processor.default()], ids=["tiny", "default"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_grid_from_the_header_is_the_processors_grid(processor, size):
+    raw = encoded(random_image(sum(size), *size), "PNG")
+    visual = reader(processor).from_url(data_url(raw, "PNG"), "image")
+    assert visual.pixel_values is None and visual.source.data == raw and visual.source.kind == "image"
+    want = processor(images=[Image.open(io.BytesIO(raw))])
+    assert np.array_equal(visual.grid_thw, want["image_grid_thw"])
+    decoded = with_pixels(visual, processor)
+    assert np.array_equal(decoded.grid_thw, want["image_grid_thw"])
+    assert np.array_equal(decoded.pixel_values, want["pixel_values"])
+
+
+@pytest.mark.parametrize("frames, fps, size", [(4, 2, (64, 64)), (9, 3, (64, 128)), (30, 10, (96, 160)),
+                                               (13, 4, (50, 70)), (24, 24, (200, 120))])
+def test_a_videos_grid_from_its_header_is_the_processors_grid(frames, fps, size):
+    processor = tiny_processor()
+    video = random_frames(frames, frames, *size)
+    raw = lossless_video(video, fps=fps)
+    visual = reader(processor).video_from_url(video_data_url(raw), "video")
+    assert visual.pixel_values is None and visual.source.data == raw and visual.source.kind == "video"
+    want = processor(videos=[video[processor.sample_frame_indices(frames, fps)]])
+    assert np.array_equal(visual.grid_thw, want["video_grid_thw"])
+    assert np.array_equal(with_pixels(visual, processor).pixel_values, want["pixel_values_videos"])
+
+
+class _Stream:
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        raise StopAsyncIteration
+
+    def cancel(self):
+        pass
+
+
+class _Stub:
+    """A worker that acknowledges everything and keeps what it was sent."""
+
+    def __init__(self):
+        self.sent: list = []
+
+    def Decode(self, request, metadata=None):
+        self.sent.append(request)
+        return _Stream()
+
+    async def Prefill(self, request, metadata=None):
+        self.sent.append(request)
+        return pb.Ack(ok=True)
+
+    async def Encode(self, request, metadata=None):
+        self.sent.append(request)
+        return pb.Ack(ok=False, error="stop here")
+
+    async def Abort(self, request, timeout=None):
+        return pb.Ack(ok=True)
+
+
+def test_encode_receives_the_clients_bytes_not_pixels():
+    processor = tiny_processor()
+    jpeg = encoded(random_image(7, 1024, 1024), "JPEG")
+    raw_video = lossless_video(random_frames(8, 9, 64, 96), fps=3)
+    read = reader(processor)
+    image, video = read.from_url(data_url(jpeg, "JPEG"), "image"), read.video_from_url(video_data_url(raw_video), "v")
+    pool = WorkerPool("token")
+    stubs = {role: _Stub() for role in ("encode", "prefill", "decode")}
+    for role, stub in stubs.items():
+        pool.workers[role] = WorkerHandle(role, role, "nowhere", stub, None, time.monotonic())
+    prompt = PreparedPrompt([1, 2, 3], [image], [video])
+
+    async def run():
+        return [e async for e in DisaggregatedBackend(pool).generate(
+            GenerateRequest("r", prompt, SamplingParams(max_tokens=1)))]
+
+    assert asyncio.run(run())[-1].error == "stop here"
+    (sent,) = stubs["encode"].sent
+    assert [v.encoded for v in sent.images] == [jpeg] and [v.encoded for v in sent.videos] == [raw_video]
+    assert list(sent.images[0].grid_thw) == image.grid_thw[0].tolist()
+    assert sent.ByteSize() <= 1.1 * (len(jpeg) + len(raw_video))
+    (to_prefill,) = stubs["prefill"].sent
+    assert all(not v.encoded for v in [*to_prefill.images, *to_prefill.videos])  # prefill needs grids alone
+    assert list(to_prefill.videos[0].grid_thw) == video.grid_thw[0].tolist()
+
+
+def test_a_truncated_jpeg_passes_the_door_and_is_refused_clearly_where_it_is_decoded():
+    jpeg = encoded(random_image(9, 128, 128), "JPEG")
+    visual = reader(tiny_processor()).from_url(data_url(jpeg[:len(jpeg) // 2], "JPEG"), "image")
+    with pytest.raises(RequestRejected, match="the image cannot be decoded: .*truncated"):
+        with_pixels(visual, tiny_processor())
+
+
+def test_a_truncated_png_is_refused_at_the_door():
+    png = encoded(random_image(10, 128, 128), "PNG")
+    with pytest.raises(InvalidRequest, match="cannot be decoded"):
+        reader(tiny_processor()).from_url(data_url(png[:len(png) // 2], "PNG"), "image")
+
+
+def test_a_grid_other_than_the_routers_is_a_clear_error():
+    raw = encoded(random_image(11, 64, 64), "PNG")
+    visual = reader(tiny_processor()).from_url(data_url(raw, "PNG"), "image")
+    wrong = Visual(visual.grid_thw * [[1, 2, 1]], source=visual.source)
+    with pytest.raises(ValueError, match="header gave") as raised:
+        with_pixels(wrong, tiny_processor())
+    assert not isinstance(raised.value, RequestRejected)  # the server's inconsistency, not the client's
