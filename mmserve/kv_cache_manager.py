@@ -129,7 +129,9 @@ class KVCacheManager:
 
     def take_events(self) -> list[BlockStored | BlockRemoved]:
         """The events since the last call (none unless ``record_events``)."""
-        events, self.events = self.events or [], None if self.events is None else []
+        if self.events is None:
+            return []
+        events, self.events = self.events, []
         return events
 
     def _evicted(self, key: bytes) -> None:
