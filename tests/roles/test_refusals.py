@@ -28,7 +28,14 @@ def service():
 def _prefill(service, room: int, token_ids, **fields) -> pb.Ack:
     request = pb.PrefillRequest(request_id=f"r{room}", room=room, token_ids=token_ids,
                                 sampling=sampling_to_pb(SamplingParams()), **fields)
-    return service.Prefill(request, None)
+    return service.Prefill(request, CallWithoutMetadata())
+
+
+class CallWithoutMetadata:
+    """What the servicer reads of grpc's ServicerContext here: a call's metadata (none: no trace)."""
+
+    def invocation_metadata(self):
+        return ()
 
 
 def test_a_prompt_beyond_the_kv_cache_is_rejected_as_the_clients_and_holds_nothing(service):
