@@ -85,6 +85,31 @@ def request(method: str, url: str, body=None, headers: dict[str, str] | None = N
         return status, payload.decode(errors="replace")
 
 
+def stream_then_hang_up(server, body: dict, headers: dict[str, str], lines: int) -> None:
+    """Starts a streamed chat, reads ``lines`` lines of it (the request is decoding), and closes the
+    socket as a client that leaves would."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                       headers={"Content-Type": "application/json", **headers})
+    response = connection.getresponse()
+    for _ in range(lines):
+        response.fp.readline()
+    connection.sock.close()
+    connection.close()
+
+
+def health_once_idle(server, timeout_s: float = 60) -> dict:
+    """/health once nothing runs and every page is free, or the last one seen after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = request("GET", f"{server.url}/health")[1]
+        if (health["running"] == 0 and health["free_pages"] == health["total_pages"]) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.2)
+
+
 def png_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

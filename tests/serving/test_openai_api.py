@@ -2,9 +2,6 @@
 offline ``LLM`` on the same checkpoint, token for token, streaming or not, with and without images."""
 
 import asyncio
-import http.client
-import json
-import time
 
 import openai
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from chats import CHATS, openai_messages
 from served_model import API_KEY, ENGINE_ARGS, MODEL_NAME
 from mmserve import SamplingParams
-from server_process import png_base64, prometheus_value, request
+from server_process import health_once_idle, png_base64, prometheus_value, request, stream_then_hang_up
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 10
@@ -176,22 +173,10 @@ def test_sixteen_concurrent_requests_complete_and_free_every_page(server, expect
 
 def test_client_disconnect_aborts_and_frees_pages(server, auth):
     """A client that hangs up mid-stream: the request leaves the engine and its pages come back."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell a long story."}],
             "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
-    connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                       headers={"Content-Type": "application/json", **auth})
-    response = connection.getresponse()
-    for _ in range(6):  # the role chunk and a few tokens: the request is decoding
-        response.fp.readline()
-    connection.sock.close()
-    connection.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        health = request("GET", f"{server.url}/health")[1]
-        if health["running"] == 0 and health["free_pages"] == health["total_pages"]:
-            break
-        time.sleep(0.2)
+    stream_then_hang_up(server, body, auth, lines=6)  # the role chunk and a few tokens: decoding
+    health = health_once_idle(server)
     assert (health["running"], health["free_pages"]) == (0, health["total_pages"])
     metrics = request("GET", f"{server.url}/metrics")[1]
     assert 'mmserve_requests_total{endpoint="chat",outcome="aborted"}' in metrics

@@ -1,10 +1,6 @@
 """``n > 1``: n choices, each its own request; with a seed, choice i is the offline answer seeded
 seed + i (as vLLM seeds them), whole or streamed, chat and completions; every page is freed."""
 
-import http.client
-import json
-import time
-
 import openai
 import pytest
 
@@ -13,7 +9,7 @@ from mmserve import SamplingParams
 from mmserve.serving.backend import GenerateRequest
 from mmserve.serving.router.siblings import sibling_requests
 from served_model import API_KEY, MODEL_NAME
-from server_process import request
+from server_process import health_once_idle, request, stream_then_hang_up
 
 
 def test_siblings_differ_only_in_id_and_seed():
@@ -82,20 +78,8 @@ def test_completions_n_choices_equal_offline_seeds_and_free_every_page(server, o
 
 @pytest.mark.slow
 def test_a_client_leaving_an_n_stream_aborts_every_choice(server, auth):
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell a long story."}], "n": 3,
             "max_tokens": 400, "ignore_eos": True, "temperature": 0.5, "stream": True}
-    connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                       headers={"Content-Type": "application/json", **auth})
-    response = connection.getresponse()
-    for _ in range(12):  # the role chunks and a few tokens: the choices are decoding
-        response.fp.readline()
-    connection.sock.close()
-    connection.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        health = request("GET", f"{server.url}/health")[1]
-        if health["running"] == 0 and health["free_pages"] == health["total_pages"]:
-            break
-        time.sleep(0.2)
+    stream_then_hang_up(server, body, auth, lines=12)  # the role chunks and a few tokens: decoding
+    health = health_once_idle(server)
     assert (health["running"], health["free_pages"]) == (0, health["total_pages"])

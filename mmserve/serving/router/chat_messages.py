@@ -20,6 +20,8 @@ from models.qwen3_vl_moe.tokenizer import Tokenizer
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_call_id"}
+MEDIA_PARTS = {"image_url": ("image", "from_url"), "video_url": ("video", "video_from_url")}
+"""OpenAI part type -> (the offline part type, the MediaReader method that reads its URL)."""
 
 
 def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader) -> dict[str, Any]:
@@ -64,17 +66,12 @@ def _part(part: Any, param: str, media: dict[str, list], reader: MediaReader) ->
         if not isinstance(part.get("text"), str):
             raise InvalidRequest("a text part needs a string 'text'", param)
         return {"type": "text", "text": part["text"]}
-    if kind == "image_url":
-        url = part.get("image_url")
+    if kind in MEDIA_PARTS:
+        media_kind, read = MEDIA_PARTS[kind]
+        url = part.get(kind)
         url = url.get("url") if isinstance(url, dict) else url
-        image = reader.from_url(url, f"{param}.image_url")
-        media["image"].append(image)
-        return {"type": "image", "image": image}
-    if kind == "video_url":
-        url = part.get("video_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        frames = reader.video_from_url(url, f"{param}.video_url")
-        media["video"].append(frames)
-        return {"type": "video", "video": frames}
+        item = getattr(reader, read)(url, f"{param}.{kind}")
+        media[media_kind].append(item)
+        return {"type": media_kind, media_kind: item}
     raise InvalidRequest(f"unsupported content part type {kind!r} (this server takes 'text', 'image_url' and "
                          "'video_url')", param)
