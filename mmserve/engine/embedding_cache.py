@@ -1,30 +1,23 @@
-"""Encoded images kept by a hash of their pixels, so the same image is encoded once."""
+"""Encoded images and videos kept by their content key (``Visual.content_key``), so the same picture
+is encoded once."""
 
 from __future__ import annotations
 
 import collections
-import hashlib
 
 import numpy as np
 
 
-def pixel_key(pixel_values: np.ndarray, grid_thw: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(grid_thw, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(pixel_values).tobytes())
-    return digest.hexdigest()
-
-
 class EmbeddingCache:
-    """A least-recently-used map from pixel hash to (embeddings, deepstack)."""
+    """A least-recently-used map from content key to (embeddings, deepstack)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._entries: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    def get(self, key: bytes) -> tuple[np.ndarray, np.ndarray] | None:
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -33,7 +26,7 @@ class EmbeddingCache:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, features: tuple[np.ndarray, np.ndarray]) -> None:
+    def put(self, key: bytes, features: tuple[np.ndarray, np.ndarray]) -> None:
         if self.capacity <= 0:
             return
         self._entries[key] = features

@@ -1,5 +1,5 @@
 """The vision stage: images and videos to embeddings and deepstack rows, jitted per patch bucket,
-with the embedding cache in front so that the same pixels are encoded once."""
+with the embedding cache in front so that the same picture is encoded once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.embedding_cache import EmbeddingCache, pixel_key
+from mmserve.engine.embedding_cache import EmbeddingCache
 from mmserve.engine.inputs import Visual
 from mmserve.engine.program_grid import ProgramGrid
 from mmserve.engine.warmup import compile_programs
@@ -59,10 +59,10 @@ class Encoder:
         ``PACKED_PATCHES`` patches a call (each keeps its own attention segments)."""
         if any(v.pixel_values is None for v in visuals):
             raise ValueError("the encoder takes pixels: an encoded image or video needs inputs.with_pixels first")
-        keys = [pixel_key(v.pixel_values, v.grid_thw) for v in visuals]
+        keys = [v.content_key for v in visuals]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         missing = {key: visual for key, visual in zip(keys, visuals) if found[key] is None}
-        batch: list[tuple[str, Visual]] = []
+        batch: list[tuple[bytes, Visual]] = []
         for key, visual in missing.items():
             if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > PACKED_PATCHES:
                 found.update(self._run(batch))
@@ -74,7 +74,7 @@ class Encoder:
             self.cache.put(key, found[key])
         return [found[key] for key in keys]
 
-    def _run(self, batch: list[tuple[str, Visual]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _run(self, batch: list[tuple[bytes, Visual]]) -> dict[bytes, tuple[np.ndarray, np.ndarray]]:
         grids = np.concatenate([v.grid_thw for _, v in batch])
         tables = vision_inputs(grids, self.model.config.vision)
         n = tables.num_patches

@@ -24,7 +24,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder, joined
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
-from mmserve.engine.page_hash import PageKeys, visual_spans
+from mmserve.engine.page_hash import prompt_page_keys
 from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.request import Request, TokenLogprobs
 from mmserve.engine.runner import ModelRunner
@@ -74,7 +74,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         self.scheduler = Scheduler(self.config, self.kv, self.runner.grid)
-        self._kv_events = kv_events
+        self.kv_events = kv_events
         if kv_events is not None:
             self.kv.record_events()
         self.encoder = Encoder(model, self.config, layout, self.runner.lockstep)
@@ -129,7 +129,7 @@ class LLMEngine:
         request = Request(request_id, list(ids), params, positions, delta, place_visual(ids, self.model.config,
                                                                                         image, video))
         if self.config.enable_prefix_caching:
-            request.page_keys = self._page_keys(request, prepared)
+            request.page_keys = prompt_page_keys(prepared, self.model, self.config.page_size)
         self._requests[request_id] = request
         if params.structured_output is not None:
             request.grammar = self.grammars.state(params.structured_output)
@@ -157,13 +157,6 @@ class LLMEngine:
         for request in ready:
             del self._awaiting_grammar[request.request_id]
             self.scheduler.add(request)
-
-    def _page_keys(self, request: Request, prepared: PreparedPrompt) -> PageKeys:
-        config, count = self.model.config, self.model.processor.num_image_tokens
-        spans = [] if request.visual is None else visual_spans(request.prompt_ids, request.visual.embeds, [
-            (config.image_token_id, [count(v.grid_thw[0]) for v in prepared.images]),
-            (config.video_token_id, [count(v.grid_thw[0]) for v in prepared.videos])])
-        return PageKeys(self.config.page_size, spans)
 
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -199,8 +192,8 @@ class LLMEngine:
                     self._on_finish(request, self.kv.page_table(request.request_id))
                 self.scheduler.finish(request)
                 del self._requests[request.request_id]
-        if self._kv_events is not None:
-            self._kv_events.publish(self.kv.take_events())
+        if self.kv_events is not None:
+            self.kv_events.publish(self.kv.take_events())
         return outputs
 
     def reserve(self, request_id: str, num_tokens: int) -> int | None:

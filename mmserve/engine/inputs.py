@@ -11,6 +11,7 @@ each single ``<|image_pad|>`` becomes as many image tokens as its image has, and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,15 +45,39 @@ class EncodedMedia:
 class Visual:
     """One image or one video: its grid, and either its patches (ready for the vision tower) or the
     encoded file they come from, its grid read from the header (``with_pixels`` decodes it). The
-    prefill role holds grids alone: its features come from encode."""
+    prefill role holds grids alone: its features come from encode.
+
+    ``content_key`` names what its embeddings are computed from: a sha256 of the encoded file and
+    grid (or, for pixels given directly, of the patches and grid), made where the visual is first
+    read and carried with it (decoded, sent to encode and prefill), so equal keys mean equal
+    embeddings in every process: the prefix cache keys pages by it, the router routes by it and the
+    embedding cache looks it up before anything is decoded. The same picture sent once as a file
+    and once as pixels gets two keys: a cache miss, never a wrong hit."""
 
     grid_thw: np.ndarray  # [1, 3]
     pixel_values: np.ndarray | None = None  # [patches, C*T*P*P]
     source: EncodedMedia | None = None
+    content_key: bytes = b""
 
     def __post_init__(self):
         if self.pixel_values is not None and self.source is not None:
             raise ValueError("a Visual carries its pixels or its encoded source, not both")
+        if not self.content_key:
+            if self.pixel_values is None and self.source is None:
+                raise ValueError("a Visual with neither pixels nor an encoded source needs its content_key")
+            object.__setattr__(self, "content_key", _content_key(self.grid_thw, self.pixel_values, self.source))
+
+
+def _content_key(grid_thw: np.ndarray, pixels: np.ndarray | None, source: EncodedMedia | None) -> bytes:
+    digest = hashlib.sha256(np.ascontiguousarray(grid_thw, np.int64).tobytes())
+    if source is not None:
+        digest.update(b"file:" + source.kind.encode() + b":")
+        digest.update(source.data)
+    else:
+        rows = np.ascontiguousarray(pixels)
+        digest.update(f"patches:{rows.dtype.str}:{rows.shape}:".encode())
+        digest.update(rows.tobytes())
+    return digest.digest()
 
 
 def with_pixels(visual: Visual, processor: Processor) -> Visual:
@@ -78,7 +103,7 @@ def with_pixels(visual: Visual, processor: Processor) -> Visual:
         raise ValueError(f"the {kind} decodes to the patch grid {grid[0].tolist()}, but its header gave "
                          f"{np.asarray(visual.grid_thw)[0].tolist()} (are the router's and this worker's "
                          "processor settings the same?)")
-    return Visual(grid, pixels)
+    return Visual(grid, pixels, content_key=visual.content_key)
 
 
 @dataclasses.dataclass(frozen=True)

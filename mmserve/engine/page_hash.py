@@ -6,10 +6,10 @@ sequence: (the previous page's key, the page's token ids, and the key and offset
 video that has a placeholder token in the page). Two prompts with the same text and different
 pictures differ in the visual keys, so they never share a page, nor any page after it.
 
-A visual's key is a sha256 of its embedding rows as the engine received them (encoded here or sent
-by the encode role, which sends no pixels), so a page is reused only when its inputs are the very
-bytes that a recomputation would use. The deepstack rows come from the same pixels through the same
-tower and are not hashed again.
+A visual's key is its ``content_key`` (:class:`~mmserve.engine.inputs.Visual`): a sha256 of the
+file the client sent (or of the patches given directly), made where the visual was first read and
+carried with it to every role. The router computes the same keys from the same prompt, which is
+how it knows which prefill worker holds a prompt's pages (:mod:`mmserve.roles.routing`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mmserve.engine.inputs import PreparedPrompt
+    from models.qwen3_vl_moe import Model
 
 ROOT_KEY = b""
 """The parent key of a sequence's first page."""
@@ -34,28 +39,29 @@ class VisualSpan:
     key: bytes
 
 
-def visual_key(embeddings: np.ndarray) -> bytes:
-    rows = np.ascontiguousarray(embeddings, np.float32)
-    digest = hashlib.sha256(np.asarray(rows.shape, np.int64).tobytes())
-    digest.update(rows.tobytes())
-    return digest.digest()
-
-
-def visual_spans(token_ids: Sequence[int], embeddings: np.ndarray | None,
-                 placeholders: Sequence[tuple[int, Sequence[int]]]) -> list[VisualSpan]:
-    """The span and key of every visual of a prompt. ``embeddings`` [S, H]: the prompt's visual rows
-    in place (zero at text tokens); ``placeholders``: (placeholder token id, token count of each of
-    its visuals, in prompt order) per modality."""
+def visual_spans(token_ids: Sequence[int],
+                 placeholders: Sequence[tuple[int, Sequence[tuple[int, bytes]]]]) -> list[VisualSpan]:
+    """The span and key of every visual of a prompt. ``placeholders``: per modality, (its placeholder
+    token id, (token count, content key) of each of its visuals in prompt order)."""
     ids = np.asarray(token_ids)
     spans = []
-    for token, counts in placeholders:
+    for token, visuals in placeholders:
         where = np.flatnonzero(ids == token)
         offset = 0
-        for count in counts:
+        for count, key in visuals:
             at = where[offset:offset + count]
-            spans.append(VisualSpan(int(at[0]), int(at[-1]) + 1, visual_key(embeddings[at])))
+            spans.append(VisualSpan(int(at[0]), int(at[-1]) + 1, key))
             offset += count
     return sorted(spans, key=lambda s: s.start)
+
+
+def prompt_page_keys(prompt: PreparedPrompt, model: Model, page_size: int) -> PageKeys:
+    """The page keys of a prepared prompt, the same in the engine that caches its pages and in the
+    router that routes it to them."""
+    config, count = model.config, model.processor.num_image_tokens
+    return PageKeys(page_size, visual_spans(prompt.token_ids, [
+        (config.image_token_id, [(count(v.grid_thw[0]), v.content_key) for v in prompt.images]),
+        (config.video_token_id, [(count(v.grid_thw[0]), v.content_key) for v in prompt.videos])]))
 
 
 def page_key(parent: bytes, token_ids: Sequence[int], visuals: Sequence[tuple[int, bytes]]) -> bytes:

@@ -25,7 +25,7 @@ from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import kv_fields
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import event_to_pb, sampling_from_pb
-from mmserve.roles.worker import RoleLoop, WorkerService
+from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
 from mmserve.tracing import extract, role_span
@@ -151,6 +151,9 @@ class DecodeRole:
 
     def capacity(self) -> int:
         return self.engine.config.max_num_seqs
+
+    def prefix_cache(self) -> PrefixCache | None:
+        return PrefixCache.of(self.engine)
 
     def health(self) -> dict:
         with self.lock:

@@ -21,7 +21,7 @@ from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import visual_from_pb
-from mmserve.roles.worker import RoleLoop, WorkerService
+from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.tracing import role_span, tracer
 from models.qwen3_vl_moe import Model
@@ -143,6 +143,9 @@ class EncodeRole:
 
     def capacity(self) -> int:
         return self._capacity
+
+    def prefix_cache(self) -> PrefixCache | None:
+        return None
 
     def health(self) -> dict:
         with self.lock:

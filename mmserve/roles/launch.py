@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from mmserve.config_flags import add_config_flags, config_from_args
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
 from mmserve.kv_events import KVEventsConfig
+from mmserve.roles.routing import RoutingConfig
 from transfer.config import ENV as TRANSFER_ENV
 from transfer.config import SECRET_FIELDS, TransferConfig
 
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "it. --role all makes its own")
     add_config_flags(parser, KVEventsConfig, "KV events (what the prefix cache stored and evicted, for routers)",
                      prefix="")
+    add_config_flags(parser, RoutingConfig, "routing (which worker the router sends each request to)", prefix="")
     add_cluster_flags(parser)
     add_config_flags(parser, TransferConfig, "transfer (moving embeddings and KV between roles)", prefix="transfer_",
                      skip=SECRET_FIELDS, env=TRANSFER_ENV)
@@ -185,7 +188,9 @@ def mesh_layout(args: argparse.Namespace):
 
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
+    from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
     from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool, serve_registry
+    from mmserve.roles.routing import WorkerChooser
     from mmserve.serving.http_server import serve_http
     from mmserve.serving.router import build_app
     from models.qwen3_vl_moe import load_model
@@ -198,9 +203,13 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     transfer = transfer_config(args, credential.transfer_key)
     bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
     frontend = load_model(args.model, dtype=args.dtype, weights=False)
-    pool = WorkerPool(credential.grpc_token)
+    index = PrefixIndex()
+    feed = KVEventFeed(index, credential.kv_event_keys)
+    chooser = WorkerChooser(config_from_args(RoutingConfig, args, prefix=""), index, functools.partial(
+        _prompt_pages, frontend))
+    pool = WorkerPool(credential.grpc_token, chooser, feed)
     backend = DisaggregatedBackend(pool)
-    app = build_app(backend, frontend, settings)
+    app = build_app(backend, frontend, settings, on_shutdown=feed.close)
 
     async def main() -> None:
         registry = await serve_registry(pool, args.host, args.registry_port)
@@ -214,6 +223,14 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     finally:
         bootstrap.close()
     return 0
+
+
+def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:
+    """The keys of a prompt's full KV pages, as a prefill worker with ``page_size`` computes them."""
+    from mmserve.engine.page_hash import prompt_page_keys
+
+    return prompt_page_keys(prompt, model, page_size).first(
+        len(prompt.token_ids) // page_size, lambda start, end: prompt.token_ids[start:end])
 
 
 def serve_all(args: argparse.Namespace, argv: list[str]) -> int:

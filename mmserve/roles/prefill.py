@@ -24,7 +24,7 @@ from mmserve.roles.fields import embedding_fields, kv_fields
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import sampling_from_pb, visual_from_pb
-from mmserve.roles.worker import RoleLoop, WorkerService
+from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
 from mmserve.tracing import role_span
@@ -163,6 +163,9 @@ class PrefillRole:
 
     def capacity(self) -> int:
         return self.engine.config.max_num_seqs
+
+    def prefix_cache(self) -> PrefixCache | None:
+        return PrefixCache.of(self.engine)
 
     def health(self) -> dict:
         with self.lock:

@@ -1,5 +1,6 @@
 """The router's backend over disaggregated workers: picks an encode/prefill/decode triple per
-request (least loaded), gives all three one room id, and relays decode's token stream.
+request (by the routing policy, :mod:`mmserve.roles.routing`), gives all three one room id, and
+relays decode's token stream.
 
 Workers register through the Registry service and repeat it as a heartbeat carrying their
 capacity and load; a worker not heard from for ``WORKER_TIMEOUT_S`` is dropped from the pool until
@@ -19,6 +20,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from mmserve.engine.inputs import PreparedPrompt
+from mmserve.roles.prefix_index import KVEventFeed
+from mmserve.roles.routing import WorkerChooser
 from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
 from mmserve.roles.worker import MAX_MESSAGE_BYTES
 from mmserve.rpc import auth
@@ -47,6 +51,8 @@ class WorkerHandle:
     """Requests it held at its last heartbeat (this router's and any other's)."""
     in_flight: int = 0
     """Requests this router has sent it that have not ended."""
+    page_size: int = 0
+    """Tokens per KV page (prefill and decode), as it reports; the router's page keys use it."""
 
     @property
     def load(self) -> float:
@@ -54,10 +60,15 @@ class WorkerHandle:
 
 
 class WorkerPool(pb_grpc.RegistryServicer):
-    def __init__(self, token: str):
+    def __init__(self, token: str, chooser: WorkerChooser, feed: KVEventFeed | None = None):
         """token: the cluster's gRPC token, checked on registration (``serve_registry``) and sent
-        on every call to a worker."""
+        on every call to a worker. ``chooser`` picks a worker per request; ``feed`` (cache-aware
+        routing) follows the KV events of each worker that advertises them."""
         self.token = token
+        self.chooser = chooser
+        self.feed = feed
+        self.prefix_routed = 0
+        """Requests sent to a prefill worker holding at least one of their pages."""
         self.workers: dict[str, WorkerHandle] = {}
         self.restarts = 0
         """Workers that registered again under their name at a new address: restarted (by
@@ -72,6 +83,8 @@ class WorkerPool(pb_grpc.RegistryServicer):
         task = asyncio.get_running_loop().create_task(worker.channel.close(grace=CLOSE_GRACE_S))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        if self.feed is not None and self.workers.get(worker.name) in (None, worker):
+            self.feed.unfollow(worker.name)
 
     async def Register(self, request, context):
         if request.role not in ROLES:
@@ -92,6 +105,9 @@ class WorkerPool(pb_grpc.RegistryServicer):
             log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
         current.last_seen = time.monotonic()
         current.capacity, current.reported_in_flight = max(request.capacity, 1), request.in_flight
+        current.page_size = request.page_size
+        if self.feed is not None and request.kv_events_endpoint:
+            self.feed.follow(request.name, request.kv_events_endpoint, request.kv_events_replay_endpoint)
         return pb.Ack(ok=True)
 
     async def forget(self, worker: WorkerHandle) -> None:
@@ -105,12 +121,12 @@ class WorkerPool(pb_grpc.RegistryServicer):
         now = time.monotonic()
         return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
 
-    def pick(self, role: str) -> WorkerHandle:
-        """The live worker of ``role`` with the lowest load (requests held over capacity)."""
-        candidates = self.live(role)
-        if not candidates:
-            raise LookupError(f"no {role} worker is up")
-        return min(candidates, key=lambda w: (w.load, -w.last_seen))
+    def pick(self, role: str, prompt: PreparedPrompt | None = None) -> WorkerHandle:
+        """The live worker of ``role`` the routing policy chooses for ``prompt``."""
+        choice = self.chooser.choose(role, self.live(role), prompt)
+        if choice.matched_pages:
+            self.prefix_routed += 1
+        return choice.worker
 
     def capacity(self, role: str) -> int:
         return sum(w.capacity for w in self.live(role))
@@ -129,7 +145,7 @@ class DisaggregatedBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         visual = bool(request.prompt.images or request.prompt.videos)
         try:
-            decode, prefill = self.pool.pick("decode"), self.pool.pick("prefill")
+            decode, prefill = self.pool.pick("decode"), self.pool.pick("prefill", request.prompt)
             encode = self.pool.pick("encode") if visual else None
         except LookupError as error:
             yield TokenEvent(request.request_id, [], error=str(error))
@@ -220,6 +236,7 @@ class DisaggregatedBackend:
         out = {f"workers_{role}": float(len(self.pool.live(role))) for role in ROLES}
         out["in_flight"] = float(len(self._active))
         out["worker_restarts"] = float(self.pool.restarts)
+        out["prefix_routed_requests"] = float(self.pool.prefix_routed)
         return out
 
 

@@ -13,18 +13,21 @@ from mmserve.sampling_params import SamplingParams
 
 
 def visual_to_pb(visual: Visual, with_source: bool) -> pb.Visual:
-    """The grid, and with ``with_source`` the client's encoded file as it came (encode decodes it;
-    prefill needs the grid alone)."""
+    """The grid and content key, and with ``with_source`` the client's encoded file as it came
+    (encode decodes it; prefill needs the grid and key alone)."""
     if with_source and visual.source is None:
         raise ValueError("images and videos travel to encode as the client's encoded files")
     return pb.Visual(grid_thw=[int(x) for x in visual.grid_thw.reshape(-1)],
-                     encoded=visual.source.data if with_source else b"")
+                     encoded=visual.source.data if with_source else b"", content_key=visual.content_key)
 
 
 def visual_from_pb(message: pb.Visual, kind: str) -> Visual:
     """``kind``: "image" or "video", the list the message came in."""
     grid = np.asarray(message.grid_thw, np.int64).reshape(1, 3)
-    return Visual(grid, source=EncodedMedia(kind, message.encoded) if message.encoded else None)
+    if len(message.content_key) != 32:
+        raise ValueError(f"a visual needs its 32-byte content key, got {len(message.content_key)} bytes")
+    return Visual(grid, source=EncodedMedia(kind, message.encoded) if message.encoded else None,
+                  content_key=message.content_key)
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:

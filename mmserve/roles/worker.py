@@ -10,6 +10,7 @@ restarted worker is picked up again and the router admits what its workers can h
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import queue
@@ -51,9 +52,42 @@ class Role(Protocol):
     def capacity(self) -> int:
         """Requests it can hold at once; the router admits no more than its workers' capacity."""
 
+    def prefix_cache(self) -> PrefixCache | None:
+        """Its KV pages' size and where it publishes their events (prefill, decode); None for encode."""
+
     def abort(self, request_id: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixCache:
+    """What a worker tells the router about its prefix cache, for cache-aware routing."""
+
+    page_size: int
+    events_endpoint: str = ""
+    """its KV events' PUB endpoint ("": it publishes none), as the router must dial it"""
+    replay_endpoint: str = ""
+
+    @classmethod
+    def of(cls, engine) -> PrefixCache:
+        """An :class:`~mmserve.engine.engine.LLMEngine`'s page size and KV event endpoints."""
+        events = engine.kv_events
+        return cls(engine.config.page_size, events.endpoint if events else "", events.replay_endpoint if events else "")
+
+    def dialled_at(self, host: str) -> PrefixCache:
+        """The endpoints with a wildcard bind address (0.0.0.0, ``*``) replaced by ``host``, the
+        address the worker advertises."""
+        return dataclasses.replace(self, events_endpoint=_dialled(self.events_endpoint, host),
+                                   replay_endpoint=_dialled(self.replay_endpoint, host))
+
+
+def _dialled(endpoint: str, host: str) -> str:
+    scheme, sep, rest = endpoint.partition("://")
+    bound, colon, port = rest.rpartition(":")
+    if not sep or not colon or bound not in ("0.0.0.0", "*", "[::]", "::"):
+        return endpoint
+    return f"{scheme}://{host}:{port}"
 
 
 class RoleLoop:
@@ -162,12 +196,18 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
 
 
 def _register_forever(router: str, token: str, role: Role, address: str, stop: threading.Event) -> None:
+    cache = role.prefix_cache()
+    if cache is not None:
+        cache = cache.dialled_at(address.rpartition(":")[0])
     with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
             try:
-                registry.Register(pb.Registration(role=role.role, name=role.name, grpc_address=address,
-                                                  capacity=role.capacity(), in_flight=role.in_flight()), timeout=2)
+                registry.Register(pb.Registration(
+                    role=role.role, name=role.name, grpc_address=address, capacity=role.capacity(),
+                    in_flight=role.in_flight(), page_size=cache.page_size if cache else 0,
+                    kv_events_endpoint=cache.events_endpoint if cache else "",
+                    kv_events_replay_endpoint=cache.replay_endpoint if cache else ""), timeout=2)
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     log.error("router %s refused the registration: not the cluster's secret", router)

@@ -17,6 +17,7 @@ from mmserve.config_flags import DefaultsHelpFormatter, add_config_flags, config
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.warmup import CACHE_ENV, default_cache_dir, use_compilation_cache
 from mmserve.kv_events import KVEventsConfig
+from mmserve.roles.routing import RoutingConfig
 from mmserve.serving.router.settings import RouterSettings
 from mmserve.tracing import TracingConfig, configure_tracing
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a value the configs refuse is a usage error, said before anything starts
         router_settings(args, engine_config(args).max_model_len)
         kv_events = config_from_args(KVEventsConfig, args, prefix="")
+        config_from_args(RoutingConfig, args, prefix="")
     except ValueError as error:
         parser.error(str(error))
     if kv_events.enabled and args.role not in ("prefill", "decode"):

@@ -172,13 +172,7 @@ def test_page_keys_tell_pictures_apart_from_their_first_page_on():
     assert a[1] != moved[1]  # same picture, other placement
 
 
-def test_visual_spans_split_each_modality_by_counts_and_key_the_rows():
+def test_visual_spans_split_each_modality_by_counts_and_carry_each_visuals_key():
     ids = np.array([1, 9, 9, 2, 9, 9, 9, 3, 8, 4, 8])
-    embeds = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)
-    spans = visual_spans(ids, embeds, [(9, [2, 3]), (8, [2])])
-    assert [(s.start, s.end) for s in spans] == [(1, 3), (4, 7), (8, 11)]
-    assert len({s.key for s in spans}) == 3
-    other = embeds.copy()
-    other[5] += 1
-    again = visual_spans(ids, other, [(9, [2, 3]), (8, [2])])
-    assert [s.key for s in again] == [spans[0].key, again[1].key, spans[2].key] and again[1].key != spans[1].key
+    spans = visual_spans(ids, [(9, [(2, b"a"), (3, b"b")]), (8, [(2, b"v")])])
+    assert [(s.start, s.end, s.key) for s in spans] == [(1, 3, b"a"), (4, 7, b"b"), (8, 11, b"v")]

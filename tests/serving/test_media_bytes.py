@@ -16,6 +16,8 @@ from mmserve import SamplingParams
 from mmserve.engine.inputs import PreparedPrompt, Visual, with_pixels
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.router_backend import DisaggregatedBackend, WorkerHandle, WorkerPool
+from mmserve.roles.routing import RoutingConfig, WorkerChooser
+from mmserve.roles.wire import visual_from_pb, visual_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.serving.backend import GenerateRequest
 from mmserve.serving.router.errors import InvalidRequest
@@ -114,7 +116,7 @@ def test_encode_receives_the_clients_bytes_not_pixels():
     raw_video = lossless_video(random_frames(8, 9, 64, 96), fps=3)
     read = reader(processor)
     image, video = read.from_url(data_url(jpeg, "JPEG"), "image"), read.video_from_url(video_data_url(raw_video), "v")
-    pool = WorkerPool("token")
+    pool = WorkerPool("token", WorkerChooser(RoutingConfig(), None, None))
     stubs = {role: _Stub() for role in ("encode", "prefill", "decode")}
     for role, stub in stubs.items():
         pool.workers[role] = WorkerHandle(role, role, "nowhere", stub, None, time.monotonic())
@@ -132,6 +134,28 @@ def test_encode_receives_the_clients_bytes_not_pixels():
     (to_prefill,) = stubs["prefill"].sent
     assert all(not v.encoded for v in [*to_prefill.images, *to_prefill.videos])  # prefill needs grids alone
     assert list(to_prefill.videos[0].grid_thw) == video.grid_thw[0].tolist()
+    # prefill keys its cached pages by the same picture keys the router routes by
+    assert [v.content_key for v in [*to_prefill.images, *to_prefill.videos]] == [image.content_key, video.content_key]
+
+
+def test_a_pictures_content_key_follows_its_file_through_decoding_and_the_wire():
+    processor = tiny_processor()
+    raw = encoded(random_image(12, 64, 64), "PNG")
+    read = reader(processor)
+    first, again = read.from_url(data_url(raw, "PNG"), "image"), read.from_url(data_url(raw, "PNG"), "image")
+    other = read.from_url(data_url(encoded(random_image(13, 64, 64), "PNG"), "PNG"), "image")
+    assert len(first.content_key) == 32 and first.content_key == again.content_key != other.content_key
+    assert with_pixels(first, processor).content_key == first.content_key
+    for with_source in (True, False):
+        assert visual_from_pb(visual_to_pb(first, with_source), "image").content_key == first.content_key
+    keyless = visual_to_pb(first, with_source=False)
+    keyless.content_key = b""
+    with pytest.raises(ValueError, match="content key"):
+        visual_from_pb(keyless, "image")
+    # pixels given directly are keyed by the pixels: the same patches, the same key
+    patches = with_pixels(first, processor)
+    assert Visual(patches.grid_thw, patches.pixel_values).content_key == Visual(
+        patches.grid_thw, patches.pixel_values.copy()).content_key
 
 
 def test_a_truncated_jpeg_passes_the_door_and_is_refused_clearly_where_it_is_decoded():

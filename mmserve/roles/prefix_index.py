@@ -1,0 +1,110 @@
+"""The router's view of which worker holds which KV pages, kept from the workers' KV events.
+
+Each worker's prefix cache publishes ``BlockStored`` / ``BlockRemoved`` (:mod:`mmserve.kv_events`);
+a :class:`KVEventFeed` follows every worker that advertises its endpoints in its heartbeat and
+applies the batches here. A block's hash is its page key, which the router computes for a new
+request from the same prompt (:func:`mmserve.engine.page_hash.prompt_page_keys`): the number of a
+request's leading pages a worker holds is how much of its prefill that worker would skip.
+
+Missed events only cost routing quality, never correctness: a worker holding less than the index
+thinks recomputes what it lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from mmserve.kv_events import BlockRemoved, BlockStored, CurveKeys, EventBatch, KVEventSubscriber
+
+log = logging.getLogger(__name__)
+RECEIVE_TIMEOUT_S = 0.2
+
+
+class PrefixIndex:
+    """Block hashes held per worker; thread-safe (feeds write, the router's event loop reads)."""
+
+    def __init__(self):
+        self._blocks: dict[str, set[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def apply(self, worker: str, batch: EventBatch) -> None:
+        with self._lock:
+            held = self._blocks.setdefault(worker, set())
+            for event in batch.events:
+                if isinstance(event, BlockStored):
+                    held.update(event.block_hashes)
+                elif isinstance(event, BlockRemoved):
+                    held.difference_update(event.block_hashes)
+
+    def forget(self, worker: str) -> None:
+        with self._lock:
+            self._blocks.pop(worker, None)
+
+    def matched_pages(self, worker: str, page_keys: Sequence[bytes]) -> int:
+        """How many of ``page_keys`` (a prompt's full pages, in order) the worker holds from the first on."""
+        with self._lock:
+            held = self._blocks.get(worker)
+            if not held:
+                return 0
+            for i, key in enumerate(page_keys):
+                if key not in held:
+                    return i
+            return len(page_keys)
+
+    def size(self, worker: str) -> int:
+        with self._lock:
+            return len(self._blocks.get(worker, ()))
+
+
+class KVEventFeed:
+    """One thread per followed worker, receiving its event batches into the index (a gap in the
+    sequence is filled from the worker's replay socket by the subscriber)."""
+
+    def __init__(self, index: PrefixIndex, keys: CurveKeys):
+        self.index = index
+        self._keys = keys
+        self._following: dict[str, tuple[tuple[str, str], threading.Event]] = {}
+
+    def follow(self, worker: str, endpoint: str, replay_endpoint: str) -> None:
+        """Starts following ``worker`` at these endpoints (again from scratch when they changed: a
+        restarted worker starts with an empty cache)."""
+        endpoints = (endpoint, replay_endpoint)
+        current = self._following.get(worker)
+        if current is not None and current[0] == endpoints:
+            return
+        self.unfollow(worker)
+        stop = threading.Event()
+        self._following[worker] = (endpoints, stop)
+        threading.Thread(target=self._receive, args=(worker, endpoints, stop), name=f"kv-events {worker}",
+                         daemon=True).start()
+        log.info("following %s's KV events at %s", worker, endpoint)
+
+    def unfollow(self, worker: str) -> None:
+        current = self._following.pop(worker, None)
+        if current is not None:
+            current[1].set()
+        self.index.forget(worker)
+
+    def close(self) -> None:
+        for worker in list(self._following):
+            self.unfollow(worker)
+
+    def _receive(self, worker: str, endpoints: tuple[str, str], stop: threading.Event) -> None:
+        subscriber = KVEventSubscriber(*endpoints, self._keys)
+        try:
+            while not stop.is_set():
+                try:
+                    batches = subscriber.receive(RECEIVE_TIMEOUT_S)
+                except TimeoutError:  # the replay did not answer: go on from the batch after the gap
+                    log.warning("%s did not answer a KV event replay; its index may miss pages", worker)
+                    continue
+                for _, batch in batches:
+                    if stop.is_set():  # unfollowed: the index has forgotten this worker
+                        return
+                    self.index.apply(worker, batch)
+        except Exception:
+            log.exception("following %s's KV events failed", worker)
+        finally:
+            subscriber.close()

@@ -1,0 +1,102 @@
+"""Which worker of a role the router sends a request to: the routing policy.
+
+- ``round_robin``: each live worker in turn, whatever it holds.
+- ``least_load``: the worker with the lowest load (requests held over capacity, from its own
+  heartbeat and this router's count); ties in turn.
+- ``cache_aware`` (the default; SGLang's router does the same): for prefill, the worker holding
+  the longest run of the prompt's leading KV pages (:class:`~mmserve.roles.prefix_index.PrefixIndex`,
+  kept from the workers' KV events), among those with room (load below 1), ties by load and then
+  in turn; a request no worker holds a page of goes as ``least_load`` would. A full worker is
+  passed over for one with room even if it holds the prefix: waiting behind its queue costs more
+  than recomputing. Decode and encode workers go by load: decode receives the whole prompt's KV
+  from prefill (it reuses nothing yet), and encode's embedding cache publishes no events.
+  Workers started without ``--kv-events-endpoint`` publish nothing, and hold nothing in the index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from mmserve.engine.inputs import PreparedPrompt
+    from mmserve.roles.prefix_index import PrefixIndex
+
+POLICIES = ("round_robin", "least_load", "cache_aware")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    """How the router picks workers (disaggregated roles)."""
+
+    routing_policy: str = "cache_aware"
+    """round_robin, least_load, or cache_aware: prefill goes to the worker already holding the
+    longest prefix of the prompt's KV (from the KV events the workers publish with
+    --kv-events-endpoint), balanced against load"""
+
+    def __post_init__(self):
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"routing_policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
+
+
+class Candidate(Protocol):
+    name: str
+    page_size: int
+
+    @property
+    def load(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    worker: Candidate
+    matched_pages: int
+    """Leading pages of the prompt the chosen worker held, as far as the index knows (0 but for
+    cache-aware prefill)."""
+
+
+class WorkerChooser:
+    def __init__(self, config: RoutingConfig, index: PrefixIndex | None,
+                 page_keys: Callable[[PreparedPrompt, int], list[bytes]] | None):
+        """``page_keys(prompt, page_size)``: the keys of the prompt's full pages (cache-aware only)."""
+        self.policy = config.routing_policy
+        self._index = index
+        self._page_keys = page_keys
+        self._turns: dict[str, itertools.count] = {}
+
+    def choose(self, role: str, candidates: Sequence[Candidate], prompt: PreparedPrompt | None = None) -> Choice:
+        if not candidates:
+            raise LookupError(f"no {role} worker is up")
+        if self.policy == "round_robin":
+            return Choice(self._in_turn(role, candidates), 0)
+        if self.policy == "cache_aware" and role == "prefill" and prompt is not None and self._index is not None:
+            return self._by_prefix(role, candidates, prompt)
+        return Choice(self._in_turn(role, _least_loaded(candidates)), 0)
+
+    def _by_prefix(self, role: str, candidates: Sequence[Candidate], prompt: PreparedPrompt) -> Choice:
+        keys: dict[int, list[bytes]] = {}  # by page size: workers may differ
+
+        def matched(worker: Candidate) -> int:
+            if worker.page_size < 1:
+                return 0
+            if worker.page_size not in keys:
+                keys[worker.page_size] = self._page_keys(prompt, worker.page_size)
+            return self._index.matched_pages(worker.name, keys[worker.page_size])
+
+        with_room = [w for w in candidates if w.load < 1] or list(candidates)
+        pages = {w.name: matched(w) for w in with_room}
+        most = max(pages.values())
+        holders = [w for w in with_room if pages[w.name] == most]
+        return Choice(self._in_turn(role, _least_loaded(holders)), most)
+
+    def _in_turn(self, role: str, tied: Sequence[Candidate]) -> Candidate:
+        """One of ``tied``, taking each in turn from call to call (by name, so the order is stable)."""
+        turn = next(self._turns.setdefault(role, itertools.count()))
+        return sorted(tied, key=lambda w: w.name)[turn % len(tied)]
+
+
+def _least_loaded(candidates: Sequence[Candidate]) -> list[Candidate]:
+    lowest = min(w.load for w in candidates)
+    return [w for w in candidates if w.load == lowest]

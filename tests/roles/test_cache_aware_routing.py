@@ -1,0 +1,118 @@
+"""Cache-aware routing with real processes: two prefill and two decode workers publishing their KV
+events, a router following them. Requests sharing a prefix (a system prompt, an image) go to the
+prefill worker holding it; restarted with ``--routing-policy round_robin`` the same router spreads
+them over both."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from cluster import Cluster, get_json
+
+pytestmark = pytest.mark.slow
+
+EVENTS = ["--kv-events-endpoint", "tcp://127.0.0.1:*", "--kv-events-replay-endpoint", "tcp://127.0.0.1:*"]
+PREFILLS, DECODES = ("prefill-a", "prefill-b"), ("decode-a", "decode-b")
+SYSTEM = "You answer questions about pictures carefully, in one short sentence. " * 3
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster("tiny", tmp_path_factory.mktemp("logs"), role_flags={"prefill": EVENTS})
+    try:
+        _start_router(cluster, [])
+        cluster.start_worker("encode")
+        for name in PREFILLS:
+            cluster.start_worker("prefill", name)
+        for name in DECODES:
+            cluster.start_worker("decode", name)
+        cluster.wait_healthy()
+        _wait_registered(cluster)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _start_router(cluster: Cluster, flags: list[str]) -> None:
+    cluster.start_role("router", ["--port", str(cluster.port), "--registry-port", str(cluster.registry_port),
+                                  "--bootstrap-port", str(cluster.bootstrap_port), *flags])
+
+
+def _wait_registered(cluster: Cluster, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while set(_prefills(cluster)) != set(PREFILLS) or len(_workers(cluster, "decode")) != 2:
+        assert time.monotonic() < deadline, "the workers did not all register"
+        time.sleep(0.5)
+
+
+def _workers(cluster: Cluster, role: str) -> dict[str, dict]:
+    try:
+        status, body = cluster.health()
+    except OSError:
+        return {}
+    return {w["name"]: w for w in body.get("roles", {}).get(role, []) if "error" not in w} if status == 200 else {}
+
+
+def _prefills(cluster: Cluster) -> dict[str, dict]:
+    return _workers(cluster, "prefill")
+
+
+def _picture(seed: int) -> str:
+    """A 64x64 PNG data URL (the same seed, the same bytes)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _ask(cluster: Cluster, question: str, picture: str) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": question}]}]
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+
+
+def _served(before: dict[str, dict], after: dict[str, dict]) -> dict[str, int]:
+    """Prompt tokens each prefill worker looked up in its cache between two health reads: > 0 for
+    every worker that prefilled something."""
+    return {name: after[name]["prefix_cache_queries"] - before[name]["prefix_cache_queries"] for name in PREFILLS}
+
+
+def test_requests_sharing_a_prefix_go_to_the_worker_holding_it(cluster):
+    picture = _picture(40)
+    before = _prefills(cluster)
+    _ask(cluster, "What is in the picture?", picture)
+    first = _prefills(cluster)
+    (holder,) = [name for name, tokens in _served(before, first).items() if tokens > 0]
+    for question in ("What colour is it?", "Is it large?", "Where was it taken?"):
+        _ask(cluster, question, picture)  # same system prompt and image: the holder's pages
+    after = _prefills(cluster)
+    other = next(name for name in PREFILLS if name != holder)
+    assert _served(first, after)[other] == 0, "a request sharing the prefix went to the worker without it"
+    assert after[holder]["prefix_cache_hits"] - first[holder]["prefix_cache_hits"] >= 3 * 16
+    with urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    routed = next(line for line in metrics.splitlines() if line.startswith("mmserve_backend_prefix_routed_requests "))
+    assert float(routed.split()[1]) >= 3
+
+
+def test_a_router_with_round_robin_spreads_them(cluster):
+    cluster.kill("router")
+    _start_router(cluster, ["--routing-policy", "round_robin"])
+    cluster.wait_healthy()
+    _wait_registered(cluster)
+    picture = _picture(41)
+    before = _prefills(cluster)
+    for question in ("One?", "Two?", "Three?", "Four?"):
+        _ask(cluster, question, picture)
+    served = _served(before, _prefills(cluster))
+    assert all(tokens > 0 for tokens in served.values()), served
+    status, body = get_json(f"{cluster.url}/health")
+    assert status == 200 and all(w["in_flight"] == 0 for w in body["roles"]["prefill"])

@@ -1,0 +1,146 @@
+"""The router's routing policies and its index of which worker holds which KV pages."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from mmserve.cluster_credential import ClusterCredential
+from mmserve.kv_events import BlockRemoved, BlockStored, EventBatch, KVEventPublisher
+from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
+from mmserve.roles.routing import RoutingConfig, WorkerChooser
+from mmserve.roles.worker import PrefixCache
+
+KEYS = [bytes([i]) * 32 for i in range(6)]
+
+
+@dataclasses.dataclass
+class Worker:
+    name: str
+    load: float = 0.0
+    page_size: int = 4
+
+
+def stored(*keys: bytes) -> EventBatch:
+    return EventBatch(0.0, [BlockStored(list(keys), None, [0, 1, 2, 3], 4)])
+
+
+def removed(*keys: bytes) -> EventBatch:
+    return EventBatch(0.0, [BlockRemoved(list(keys))])
+
+
+def chooser(policy: str, index: PrefixIndex, page_keys=lambda prompt, size: KEYS) -> WorkerChooser:
+    return WorkerChooser(RoutingConfig(policy), index, page_keys)
+
+
+PROMPT = object()  # the chooser hands prompts to page_keys only
+
+
+def test_index_counts_a_workers_leading_pages_as_stored_and_removed():
+    index = PrefixIndex()
+    index.apply("a", stored(*KEYS[:4]))
+    assert index.matched_pages("a", KEYS) == 4
+    assert index.matched_pages("b", KEYS) == 0
+    index.apply("a", removed(KEYS[1]))
+    assert index.matched_pages("a", KEYS) == 1  # a hole ends the prefix: page 2 cannot be used without page 1
+    index.forget("a")
+    assert index.matched_pages("a", KEYS) == 0 and index.size("a") == 0
+
+
+def test_cache_aware_sends_prefill_to_the_worker_holding_the_longest_prefix():
+    index = PrefixIndex()
+    index.apply("a", stored(*KEYS[:2]))
+    index.apply("b", stored(*KEYS[:5]))
+    choose = chooser("cache_aware", index)
+    workers = [Worker("a"), Worker("b", load=0.5)]
+    picks = [choose.choose("prefill", workers, PROMPT) for _ in range(4)]
+    assert [(c.worker.name, c.matched_pages) for c in picks] == [("b", 5)] * 4
+
+
+def test_cache_aware_passes_a_full_holder_over_for_a_worker_with_room():
+    index = PrefixIndex()
+    index.apply("b", stored(*KEYS))
+    choice = chooser("cache_aware", index).choose("prefill", [Worker("a", 0.9), Worker("b", 1.0)], PROMPT)
+    assert (choice.worker.name, choice.matched_pages) == ("a", 0)
+
+
+def test_cache_aware_without_a_holder_goes_by_load_then_in_turn():
+    choose = chooser("cache_aware", PrefixIndex())
+    assert choose.choose("prefill", [Worker("a", 0.5), Worker("b", 0.25)], PROMPT).worker.name == "b"
+    spread = [choose.choose("prefill", [Worker("a"), Worker("b")], PROMPT).worker.name for _ in range(4)]
+    assert sorted(spread) == ["a", "a", "b", "b"]
+
+
+def test_cache_aware_uses_each_workers_page_size():
+    index = PrefixIndex()
+    index.apply("a", stored(*KEYS[:3]))
+    asked = []
+
+    def page_keys(prompt, size):
+        asked.append(size)
+        return KEYS if size == 8 else [b"other" * 6 + b"xx"]
+
+    choose = chooser("cache_aware", index, page_keys)
+    choice = choose.choose("prefill", [Worker("a", page_size=8), Worker("b", page_size=16)], PROMPT)
+    assert (choice.worker.name, choice.matched_pages) == ("a", 3)
+    assert sorted(asked) == [8, 16]
+
+
+@pytest.mark.parametrize("role", ["decode", "encode"])
+def test_cache_aware_sends_decode_and_encode_by_load(role):
+    index = PrefixIndex()
+    index.apply("a", stored(*KEYS))
+    choice = chooser("cache_aware", index).choose(role, [Worker("a", 0.5), Worker("b", 0.0)], PROMPT)
+    assert choice.worker.name == "b"
+
+
+def test_round_robin_spreads_whatever_the_workers_hold():
+    index = PrefixIndex()
+    index.apply("a", stored(*KEYS))
+    choose = chooser("round_robin", index)
+    picks = [choose.choose("prefill", [Worker("a"), Worker("b", 0.9)], PROMPT).worker.name for _ in range(4)]
+    assert picks == ["a", "b", "a", "b"]
+
+
+def test_least_load_picks_the_lowest_load():
+    choose = chooser("least_load", PrefixIndex())
+    assert choose.choose("prefill", [Worker("a", 0.5), Worker("b", 0.75), Worker("c", 0.25)], PROMPT).worker.name == "c"
+
+
+def test_no_live_worker_is_a_lookup_error():
+    with pytest.raises(LookupError, match="no prefill worker"):
+        chooser("cache_aware", PrefixIndex()).choose("prefill", [], PROMPT)
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="routing_policy"):
+        RoutingConfig("fastest")
+
+
+def test_a_wildcard_bind_is_advertised_at_the_workers_host():
+    cache = PrefixCache(16, "tcp://0.0.0.0:5570", "tcp://*:5571").dialled_at("10.0.0.7")
+    assert (cache.events_endpoint, cache.replay_endpoint) == ("tcp://10.0.0.7:5570", "tcp://10.0.0.7:5571")
+    assert PrefixCache(16, "tcp://127.0.0.1:5570").dialled_at("10.0.0.7").events_endpoint == "tcp://127.0.0.1:5570"
+
+
+def test_the_feed_fills_the_index_from_a_real_publisher_and_forgets_an_unfollowed_worker():
+    keys = ClusterCredential.generate().kv_event_keys
+    publisher = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", keys)
+    index = PrefixIndex()
+    feed = KVEventFeed(index, keys)
+    try:
+        feed.follow("prefill-a", publisher.endpoint, publisher.replay_endpoint)
+        publisher.publish([BlockStored(KEYS[:3], None, [0] * 12, 4)])  # may go out before the subscription
+        time.sleep(0.5)
+        publisher.publish([BlockRemoved([KEYS[2]])])  # reveals any gap: the replay fills it
+        deadline = time.monotonic() + 10
+        while index.matched_pages("prefill-a", KEYS) != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert index.matched_pages("prefill-a", KEYS) == 2
+        feed.unfollow("prefill-a")
+        assert index.matched_pages("prefill-a", KEYS) == 0
+    finally:
+        feed.close()
+        publisher.close()
