@@ -9,6 +9,13 @@ program grid before it is ready).
 
 No warm-up by default: the first request should be as fast as the hundredth. Run it once against
 ``--role all`` and once against ``--role colocated`` to compare.
+
+``--turns N`` makes each request a conversation of N turns about one picture (each turn sends the
+whole history: the picture, the questions and answers so far, and a new question), the turns of
+one conversation one after another, and prints the TTFT of each turn: turns after the first find
+their prefix in the prefix cache (and, with several prefill workers, are routed to it).
+
+    python scripts/bench_serving.py --url http://127.0.0.1:8000 --requests 16 --turns 4
 """
 
 from __future__ import annotations
@@ -52,6 +59,31 @@ def one_request(client: openai.OpenAI, model: str, seed: int, size: int, max_tok
     return arrivals[0] - start, gaps, tokens
 
 
+def conversation(client: openai.OpenAI, model: str, seed: int, size: int, max_tokens: int,
+                 turns: int) -> list[tuple[float, list[float], int]]:
+    """(TTFT, gaps, tokens) of each turn of one conversation about one picture."""
+    history = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed, size)}},
+                                            {"type": "text", "text": f"Describe picture {seed}."}]}]
+    out = []
+    for turn in range(turns):
+        if turn:
+            history.append({"role": "user", "content": f"And what else is in it ({turn})?"})
+        start = time.perf_counter()
+        stream = client.chat.completions.create(model=model, messages=history, max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
+        arrivals, tokens, text = [], 0, ""
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter())
+                text += chunk.choices[0].delta.content
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        history.append({"role": "assistant", "content": text})
+        out.append((arrivals[0] - start, [b - a for a, b in zip(arrivals, arrivals[1:])], tokens))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -67,10 +99,15 @@ def main() -> None:
                    "nothing comes from the server's embedding cache)")
     p.add_argument("--image-sizes", type=int, nargs="+", default=None,
                    help="cycle the picture's side through these sizes (default: --image-size only)")
+    p.add_argument("--turns", type=int, default=1,
+                   help="turns per conversation about one picture (each turn resends the history); 1: single requests")
     args = p.parse_args()
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=600, max_retries=0)
     sizes = args.image_sizes or [args.image_size]
-    run = lambda seed: one_request(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens)
+    if args.turns > 1:
+        run = lambda seed: conversation(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens, args.turns)
+    else:
+        run = lambda seed: [one_request(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens)]
     compiles_before = server_compiles(args.url)
     # The client's own first use (its connection pool, pydantic building its response models) is
     # paid here, not by the first measured request; /v1/models does not touch the engine.
@@ -79,12 +116,13 @@ def main() -> None:
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
         list(pool.map(run, range(10_000, 10_000 + args.warmup)))
         start = time.perf_counter()
-        results = list(pool.map(run, range(args.seed, args.seed + args.requests)))
+        conversations = list(pool.map(run, range(args.seed, args.seed + args.requests)))
         elapsed = time.perf_counter() - start
+    results = [turn for turns in conversations for turn in turns]
     ttft = [r[0] * 1000 for r in results]
     itl = [g * 1000 for r in results for g in r[1]]
     tokens = sum(r[2] for r in results)
-    print(f"url {args.url}  requests {args.requests}  concurrency {args.concurrency}  max_tokens {args.max_tokens}")
+    print(f"url {args.url}  requests {args.requests} x {args.turns} turns  concurrency {args.concurrency}  max_tokens {args.max_tokens}")
     print(f"TTFT ms   mean {statistics.mean(ttft):8.1f}  p50 {statistics.median(ttft):8.1f}  "
           f"p90 {np.percentile(ttft, 90):8.1f}  p99 {np.percentile(ttft, 99):8.1f}  "
           f"p99/p50 {np.percentile(ttft, 99) / statistics.median(ttft):5.2f}")
@@ -92,6 +130,11 @@ def main() -> None:
         print(f"ITL ms    mean {statistics.mean(itl):8.1f}  p50 {statistics.median(itl):8.1f}  "
               f"p90 {np.percentile(itl, 90):8.1f}")
     print(f"throughput {tokens / elapsed:8.1f} output tokens/s  ({tokens} tokens in {elapsed:.1f} s)")
+    if args.turns > 1:
+        first = statistics.median(c[0][0] for c in conversations)
+        for turn in range(args.turns):
+            p50 = statistics.median(c[turn][0] for c in conversations)
+            print(f"turn {turn + 1}  TTFT p50 {p50 * 1000:8.1f} ms  ({p50 / first:4.2f}x turn 1)")
     compiles_after = server_compiles(args.url)
     if compiles_before is not None and compiles_after is not None:
         print(f"compilations while serving: {compiles_after - compiles_before:.0f}")
