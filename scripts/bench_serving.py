@@ -59,11 +59,23 @@ def one_request(client: openai.OpenAI, model: str, seed: int, size: int, max_tok
     return arrivals[0] - start, gaps, tokens
 
 
+WORDS = "the a picture shows of in and with on light dark colour shape near far left right top bottom".split()
+
+
+def document(seed: int, words: int) -> str:
+    """``words`` words of filler text, different for each seed (so no two conversations share it)."""
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), words))
+
+
 def conversation(client: openai.OpenAI, model: str, seed: int, size: int, max_tokens: int,
-                 turns: int) -> list[tuple[float, list[float], int]]:
-    """(TTFT, gaps, tokens) of each turn of one conversation about one picture."""
-    history = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed, size)}},
-                                            {"type": "text", "text": f"Describe picture {seed}."}]}]
+                 turns: int, context_words: int) -> list[tuple[float, list[float], int]]:
+    """(TTFT, gaps, tokens) of each turn of one conversation about one picture (and a document of
+    ``context_words`` words before it, its own)."""
+    context = [{"type": "text", "text": document(seed, context_words)}] if context_words else []
+    history = [{"role": "user", "content": context + [
+        {"type": "image_url", "image_url": {"url": image_url(seed, size)}},
+        {"type": "text", "text": f"Describe picture {seed}."}]}]
     out = []
     for turn in range(turns):
         if turn:
@@ -101,11 +113,15 @@ def main() -> None:
                    help="cycle the picture's side through these sizes (default: --image-size only)")
     p.add_argument("--turns", type=int, default=1,
                    help="turns per conversation about one picture (each turn resends the history); 1: single requests")
+    p.add_argument("--context-words", type=int, default=0,
+                   help="with --turns: a document of this many words opens each conversation (its own), so "
+                        "the first turn has a long prompt to prefill and later turns a long prefix to reuse")
     args = p.parse_args()
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=600, max_retries=0)
     sizes = args.image_sizes or [args.image_size]
     if args.turns > 1:
-        run = lambda seed: conversation(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens, args.turns)
+        run = lambda seed: conversation(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens, args.turns,
+                                       args.context_words)
     else:
         run = lambda seed: [one_request(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens)]
     compiles_before = server_compiles(args.url)

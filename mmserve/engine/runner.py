@@ -154,7 +154,8 @@ class ModelRunner:
         if visual_rows is not None:
             visual_rows = visual_rows.astype(self.model.dtype)
             visual_deepstack = visual_deepstack.astype(self.model.dtype)
-        width = grid.prefill_width(t, continues=any(ch.start > 0 for ch in chunks))
+        continues = any(ch.start > 0 for ch in chunks)
+        width = grid.prefill_width(t, max(ch.start + ch.length for ch in chunks) if continues else None)
         self.lockstep.call(self.run_prefill, ids=ids, positions=positions,
                            page_tables=self._page_tables(page_tables, rows, width),
                            starts=starts, lengths=lengths, visual_rows=visual_rows,
