@@ -17,6 +17,9 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
     def get(self, key: bytes) -> tuple[np.ndarray, np.ndarray] | None:
         entry = self._entries.get(key)
         if entry is None:

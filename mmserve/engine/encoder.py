@@ -14,7 +14,7 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.embedding_cache import EmbeddingCache
-from mmserve.engine.inputs import Visual
+from mmserve.engine.inputs import Visual, with_pixels
 from mmserve.engine.program_grid import ProgramGrid
 from mmserve.engine.warmup import compile_programs
 from models.qwen3_vl_moe import Model, stages
@@ -45,6 +45,11 @@ class Encoder:
         self.lockstep = lockstep or Lockstep()
         self.lockstep.bind("encoder", self)
 
+    def holds(self, content_key: bytes) -> bool:
+        """Whether the embeddings of this picture are cached (then it need not be decoded); safe to
+        ask from another thread (an answer may be stale: ``encode_many`` decodes what it lacks)."""
+        return content_key in self.cache
+
     def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
         """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
         placement of them is host work (see models.qwen3_vl_moe.multimodal)."""
@@ -57,11 +62,11 @@ class Encoder:
     def encode_many(self, visuals: list[Visual]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Features of each visual, in order. Those not cached run packed together, up to
         ``PACKED_PATCHES`` patches a call (each keeps its own attention segments)."""
-        if any(v.pixel_values is None for v in visuals):
-            raise ValueError("the encoder takes pixels: an encoded image or video needs inputs.with_pixels first")
         keys = [v.content_key for v in visuals]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
-        missing = {key: visual for key, visual in zip(keys, visuals) if found[key] is None}
+        # A visual passed undecoded because the cache held it may have been evicted since: decoded here.
+        missing = {key: with_pixels(visual, self.model.processor)
+                   for key, visual in zip(keys, visuals) if found[key] is None}
         batch: list[tuple[bytes, Visual]] = []
         for key, visual in missing.items():
             if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > PACKED_PATCHES:

@@ -25,7 +25,6 @@ from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.tracing import role_span, tracer
 from models.qwen3_vl_moe import Model
-from models.qwen3_vl_moe.processor import Processor
 from transfer.config import TransferConfig
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
@@ -46,7 +45,8 @@ def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None
 
 @dataclasses.dataclass(frozen=True)
 class EncodeJob:
-    """An encode request with its images and videos decoded into patches, in prompt order."""
+    """An encode request with its images and videos decoded into patches (but those the encoder
+    holds already), in prompt order."""
 
     request_id: str
     room: int
@@ -54,13 +54,19 @@ class EncodeJob:
     videos: list[Visual]
 
 
-def decoded(request: pb.EncodeRequest, processor: Processor) -> EncodeJob:
+def decoded(request: pb.EncodeRequest, encoder: Encoder) -> EncodeJob:
     """Decodes and processes the client's files the router forwarded (``with_pixels``: CPU work, kept
-    off the role's loop); a file that will not decode is ``RequestRejected``, a grid other than the
-    router's a plain ``ValueError``."""
+    off the role's loop), but for those whose embeddings the encoder holds already (by content
+    key: a picture asked about again is not decoded again); a file that will not decode is
+    ``RequestRejected``, a grid other than the router's a plain ``ValueError``."""
+    processor = encoder.model.processor
+
+    def ready(visual: Visual) -> Visual:
+        return visual if encoder.holds(visual.content_key) else with_pixels(visual, processor)
+
     return EncodeJob(request.request_id, request.room,
-                     [with_pixels(visual_from_pb(v, "image"), processor) for v in request.images],
-                     [with_pixels(visual_from_pb(v, "video"), processor) for v in request.videos])
+                     [ready(visual_from_pb(v, "image")) for v in request.images],
+                     [ready(visual_from_pb(v, "video")) for v in request.videos])
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -168,7 +174,7 @@ class EncodeService(WorkerService):
         """Decodes the request's files here, in this call's gRPC thread (one per call, so requests
         decode in parallel and the loop keeps stepping), then encodes them on the loop."""
         try:
-            job = decoded(request, self.loop.role.encoder.model.processor)
+            job = decoded(request, self.loop.role.encoder)
         except ValueError as error:
             return pb.Ack(ok=False, error=str(error), rejected=isinstance(error, RequestRejected))
         return self.acknowledge(self.loop.role.encode, job, context)
