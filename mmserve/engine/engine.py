@@ -98,7 +98,7 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
-        self._prefilled: dict[str, Prefilled] = {}  # admitted prefilled, not in the batch yet: abort frees the reservation
+        self._prefilled: dict[str, Prefilled] = {}  # not in the batch yet: abort frees their reservation
         self._grammars = None  # made on the first structured request (importing xgrammar takes seconds)
         self._ids = itertools.count()
         self._on_finish = on_finish
