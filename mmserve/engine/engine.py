@@ -5,12 +5,16 @@
 
 A request with ``structured_output`` waits outside the scheduler until its grammar is compiled (in
 :class:`Grammars`' thread); each step its rows' token bitmask is filled on the host while the
-model's forward runs on device, and each token it emits advances its matcher.
+model's forward runs on device, and each token it emits advances its matcher. A request prefilled
+elsewhere (``admit_prefilled``) with a grammar waits the same way, holding its page reservation,
+and takes the first token prefill sampled once the grammar is compiled: its matcher takes that
+token before the request samples its next one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -57,6 +61,15 @@ class StepFailed(RuntimeError):
 ALL_PROGRAMS = frozenset({"vision", "prefill", "decode"})
 
 
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+    """A request prefilled elsewhere that has not joined the batch yet: the slot of its page
+    reservation, and the first token prefill sampled (token, logprob, top ids, top logprobs)."""
+
+    slot: int
+    first: tuple
+
+
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None,
@@ -85,6 +98,7 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
+        self._prefilled: dict[str, Prefilled] = {}  # not in the batch yet: abort frees their reservation
         self._grammars = None  # made on the first structured request (importing xgrammar takes seconds)
         self._ids = itertools.count()
         self._on_finish = on_finish
@@ -147,22 +161,36 @@ class LLMEngine:
             self._grammars = Grammars(self.model.tokenizer, self.model.config.text.vocab_size, self.eos_token_ids)
         return self._grammars
 
-    def _schedule_compiled(self) -> None:
-        """Hands the requests whose grammar has compiled to the scheduler, in arrival order. With
-        nothing else to run, waits a little for one rather than spin."""
+    def _schedule_compiled(self) -> list[RequestOutput]:
+        """Hands the requests whose grammar has compiled to the scheduler, in arrival order; a
+        prefilled one joins the batch with its first token, and its output is returned. With
+        nothing else to run, waits a little for a grammar rather than spin."""
         if not self.scheduler.has_work():
             concurrent.futures.wait([r.grammar.compiled for r in self._awaiting_grammar.values()],
                                     GRAMMAR_WAIT_S, concurrent.futures.FIRST_COMPLETED)
         ready = [r for r in self._awaiting_grammar.values() if r.grammar.ready]
+        outputs = []
         for request in ready:
             del self._awaiting_grammar[request.request_id]
-            self.scheduler.add(request)
+            if request.request_id not in self._prefilled:
+                self.scheduler.add(request)
+                continue
+            try:
+                outputs.append(self._take_prefilled(request))
+            except Exception as error:  # its grammar did not compile: the matcher cannot take the token
+                self.abort(request.request_id)
+                raise StepFailed([request.request_id], error) from error
+        return outputs
 
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
-        if self._awaiting_grammar.pop(request_id, None) is None:
+        self._awaiting_grammar.pop(request_id, None)
+        prefilled = self._prefilled.pop(request_id, None)
+        if prefilled is not None:
+            self.scheduler.cancel_reservation(request_id, prefilled.slot)
+        else:
             self.scheduler.finish(request)
         request.grammar = None
 
@@ -171,11 +199,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns the requests that produced a token in it."""
-        if self._awaiting_grammar:
-            self._schedule_compiled()
+        outputs = self._schedule_compiled() if self._awaiting_grammar else []
         step = self.scheduler.schedule()
         if step is None:
-            return []
+            return outputs
         try:
             sampled = self._run(step)
         except Exception as error:
@@ -183,7 +210,6 @@ class LLMEngine:
             for request_id in ids:
                 self.abort(request_id)
             raise StepFailed(ids, error) from error
-        outputs = []
         for request, row in sampled:
             self._append(request, row)
             outputs.append(RequestOutput.of(request))
@@ -204,16 +230,31 @@ class LLMEngine:
     def cancel_reservation(self, request_id: str, slot: int) -> None:
         self.scheduler.cancel_reservation(request_id, slot)
 
-    def admit_prefilled(self, request: Request, slot: int, k_rows, v_rows, first: tuple) -> RequestOutput:
+    def admit_prefilled(self, request: Request, slot: int, k_rows, v_rows, first: tuple) -> RequestOutput | None:
         """Takes a request prefilled elsewhere (``num_computed`` = its prompt, no output yet) into
         its reservation: its KV rows go into its pages, and the first token prefill sampled,
-        ``first`` = (token, logprob, top ids, top logprobs), is appended and checked like any other."""
+        ``first`` = (token, logprob, top ids, top logprobs), is appended and checked like any other.
+
+        A request with ``structured_output`` first waits for its grammar, like a new one (its
+        reservation held, the step loop free), and takes its first token in a later :meth:`step`,
+        whose outputs include it: this returns None. Submit its grammar (``grammars.submit``) when
+        the request arrives, and it compiles while the KV is in flight."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self.scheduler.add_reserved(request, slot)
         self._requests[request.request_id] = request
+        self._prefilled[request.request_id] = Prefilled(slot, first)
         self.runner.write_kv(self.kv.page_table(request.request_id), k_rows, v_rows, request.num_computed)
-        self._append(request, first)
+        if request.params.structured_output is not None:
+            request.grammar = self.grammars.state(request.params.structured_output)
+            self._awaiting_grammar[request.request_id] = request
+            return None
+        return self._take_prefilled(request)
+
+    def _take_prefilled(self, request: Request) -> RequestOutput:
+        """Puts a prefilled request into the batch with its first token (its matcher, if any, takes it)."""
+        prefilled = self._prefilled.pop(request.request_id)
+        self.scheduler.add_reserved(request, prefilled.slot)
+        self._append(request, prefilled.first)
         self.runner.load_slot(request)
         output = RequestOutput.of(request)
         if request.finish is not None:

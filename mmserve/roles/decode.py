@@ -3,6 +3,11 @@ named, receives KV + first token, and decodes it in the continuous batch, stream
 
 Pages are reserved for the prompt and every token the request may generate, so a request here is
 never preempted: decode has no prompt embeddings to recompute it from.
+
+A request with a structured output starts compiling its grammar as it arrives, so the compile runs
+while its pages are reserved and its KV is in flight; the engine holds it (reservation kept, other
+requests decoding) until the grammar is ready, feeds the matcher prefill's first token, and only
+then lets it sample: the same grammar state the colocated engine would have.
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ class DecodeRole:
         if len(request.token_ids) >= max_len:
             raise ValueError(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
+        if params.structured_output is not None:
+            params.structured_output.check()
+            self.engine.grammars.submit(params.structured_output)
         self._requests.add(DecodeRecord(request_id=request.request_id, room=request.room,
                                         state=DecodeState.RESERVING, prompt_ids=list(request.token_ids),
                                         params=params, prefill_name=request.prefill_name, stream=stream,
@@ -183,7 +191,8 @@ class DecodeRole:
         except Exception as error:
             self._requests.finish(record.request_id, DecodeState.FAILED, f"could not admit its KV: {error}")
             return
-        self._emit(output)
+        if output is not None:  # None: it waits for its grammar; a later engine step emits its first token
+            self._emit(output)
 
     def _emit(self, output: RequestOutput) -> None:
         record = self._requests[output.request_id]

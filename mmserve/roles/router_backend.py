@@ -29,6 +29,7 @@ from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from mmserve.tracing import inject
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,13 @@ class WorkerPool(pb_grpc.RegistryServicer):
 
 
 class DisaggregatedBackend:
+    supports_structured_output = STRUCTURED_OUTPUT_AVAILABLE
+    """The schema travels typed to prefill (which samples the first token under its grammar) and to
+    decode (whose matcher takes that token before it samples on). Workers are expected to have
+    the grammar library where the router has it."""
+
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-
         self._active: dict[str, list[WorkerHandle]] = {}
 
     def capacity(self) -> int:

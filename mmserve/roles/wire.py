@@ -10,6 +10,7 @@ from mmserve.engine.inputs import EncodedMedia, Visual
 from mmserve.engine.output_stream import OutputDelta
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
+from mmserve.structured_output import StructuredOutput
 
 
 def visual_to_pb(visual: Visual, with_source: bool) -> pb.Visual:
@@ -31,12 +32,21 @@ def visual_from_pb(message: pb.Visual, kind: str) -> Visual:
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in params.__dict__.items()}
-    return pb.Sampling(json=json.dumps(fields))
+    """The plain fields as JSON; the structured output (a schema every role compiles into the same
+    grammar) as its own typed message."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in params.__dict__.items()
+              if k != "structured_output"}
+    message = pb.Sampling(json=json.dumps(fields))
+    if params.structured_output is not None:
+        message.structured_output.json_schema = params.structured_output.json_schema
+    return message
 
 
 def sampling_from_pb(message: pb.Sampling) -> SamplingParams:
-    return SamplingParams.from_dict(json.loads(message.json))
+    fields = json.loads(message.json)
+    if isinstance(fields, dict) and message.HasField("structured_output"):
+        fields["structured_output"] = StructuredOutput(message.structured_output.json_schema)
+    return SamplingParams.from_dict(fields)
 
 
 def event_to_pb(request_id: str, delta: OutputDelta) -> pb.TokenEvent:

@@ -1,7 +1,9 @@
 """Decode's ways out before a request's KV arrives: an abort while it waits for pages or while its
 KV room is open, and a KV room that fails, each give back what the request held (pages, slot,
 receiver blocks, the room) and end its stream with one error; a later abort changes nothing.
-A real decode role over a real bootstrap registry with no prefill behind it, driven by hand."""
+A structured request's schema arrives typed and starts compiling at once; one xgrammar cannot
+enforce is refused before anything is held. A real decode role over a real bootstrap registry
+with no prefill behind it, driven by hand."""
 
 import queue
 import time
@@ -13,6 +15,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.roles.decode import DecodeRole
 from mmserve.roles.wire import sampling_to_pb
 from mmserve.rpc import worker_pb2 as pb
+from mmserve.structured_output import StructuredOutput
 from models.qwen3_vl_moe import load_model
 from transfer import BootstrapServer, TransferConfig
 
@@ -31,10 +34,10 @@ def role():
     bootstrap.close()
 
 
-def decode(role, request_id: str, room: int) -> queue.Queue:
+def decode(role, request_id: str, room: int, params: SamplingParams = SamplingParams(max_tokens=4)) -> queue.Queue:
     stream: queue.Queue = queue.Queue()
     role.decode(pb.DecodeRequest(request_id=request_id, room=room, token_ids=list(range(3, 23)),
-                                 sampling=sampling_to_pb(SamplingParams(max_tokens=4)), prefill_name="prefill-absent"),
+                                 sampling=sampling_to_pb(params), prefill_name="prefill-absent"),
                 stream)
     return stream
 
@@ -89,3 +92,23 @@ def test_a_request_id_or_room_in_use_is_refused(role):
         decode(role, "same", room=6)
     with pytest.raises(ValueError, match="room 5"):
         decode(role, "other", room=5)
+
+
+def test_a_structured_request_compiles_its_grammar_while_its_kv_is_awaited(role):
+    spec = StructuredOutput.from_schema({"type": "object", "properties": {"n": {"type": "integer"}}})
+    pages = role.engine.stats()["free_pages"]
+    stream = decode(role, "structured", room=9, params=SamplingParams(max_tokens=4, structured_output=spec))
+    assert spec.json_schema in role.engine.grammars._futures  # submitted as it arrived, before any step
+    role.step()
+    assert role.health()["requests"] == {"receiving_kv": 1}
+    assert role._requests["structured"].params.structured_output == spec  # came through the wire typed
+    role.abort("structured")
+    assert [e.error for e in events(stream)] == ["aborted"]
+    assert role.engine.stats()["free_pages"] == pages and not role.engine.has_unfinished()
+
+
+def test_a_schema_that_cannot_be_enforced_is_refused_before_anything_is_held(role):
+    bad = SamplingParams(max_tokens=4, structured_output=StructuredOutput.from_schema({"type": "objectx"}))
+    with pytest.raises(ValueError, match="invalid JSON schema"):
+        decode(role, "bad-schema", room=11, params=bad)
+    assert role.health()["in_flight"] == 0

@@ -1,6 +1,6 @@
 """``response_format`` at the router, over a scripted backend: parsed into the request's
 structured_output, a bad schema or format is a 400 before the backend sees anything, and a
-backend that cannot enforce grammars (disaggregated) refuses it rather than ignore it."""
+backend that cannot enforce grammars (no grammar library) refuses it rather than ignore it."""
 
 import openai
 import pytest
@@ -87,7 +87,7 @@ def test_guided_json_extra_is_a_schema_too(grammar):
 def test_backend_without_grammars_refuses_response_format(servers):
     server, backend = servers[1]
     backend.script, backend.requests = [DONE], []
-    with pytest.raises(openai.BadRequestError, match="not supported by this server: it needs --role colocated"):
+    with pytest.raises(openai.BadRequestError, match="not supported by this server: it needs the grammar library"):
         client(server).chat.completions.create(response_format=JSON_SCHEMA, **CHAT)
     client(server).chat.completions.create(response_format={"type": "text"}, **CHAT)
     assert len(backend.requests) == 1

@@ -3,8 +3,9 @@ and vLLM's ``guided_json`` (a schema, as an object or JSON text, sent through ``
 
 The schema is turned into a grammar here, in a worker thread, before anything is queued, so one
 xgrammar cannot enforce is a 400 naming ``response_format``; the engine then compiles it against
-the vocabulary off its step. Backends that cannot enforce a grammar (disaggregated workers, for
-now) refuse it with a 400 rather than ignore it.
+the vocabulary off its step (with disaggregated roles, prefill's and decode's engines each do).
+A backend that cannot enforce a grammar (the grammar library is not installed) refuses it with a
+400 rather than ignore it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutpu
     if spec is None:
         return None
     if not getattr(backend, "supports_structured_output", False):
-        raise InvalidRequest(f"{FIELD} is not supported by this server: it needs --role colocated and the "
-                             "grammar library (pip install 'mmserve[structured]')", FIELD)
+        raise InvalidRequest(f"{FIELD} is not supported by this server: it needs the grammar library "
+                             "(pip install 'mmserve[structured]')", FIELD)
     try:
         await asyncio.to_thread(spec.check)
     except ValueError as error:

@@ -1,0 +1,96 @@
+"""Structured output across the prefill/decode split, on the engine: one engine prefills a prompt
+(its first token sampled under the grammar) and hands its KV to ``admit_prefilled`` as decode's
+would; decode's matcher must take that first token before the request samples on, so the output
+is the colocated engine's, token for token. An abort, while the request waits for its grammar or
+after it joined the batch, gives back its pages and slot and drops its grammar."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.request import Request
+from test_structured_output import PROMPT, SCHEMA, assert_valid, const_schema, constrained
+
+NO_POSITIONS = np.zeros((3, 0), np.int32)  # decode has no prompt positions: its tokens follow the prompt
+
+
+class SplitEngine:
+    """One engine playing prefill (``prefill``: the first token and the prompt's KV rows, read as
+    the prefill role reads them) and decode (``admit``: a reservation, then ``admit_prefilled``)."""
+
+    def __init__(self, llm):
+        self.shipped = {}  # by request id: (request, k rows, v rows) of every request that finished
+        self.engine = LLMEngine(llm.model, dataclasses.replace(llm.engine.config, precompile=False),
+                                on_finish=self._ship)
+
+    def _ship(self, request, page_table):
+        self.shipped[request.request_id] = (request, *self.engine.runner.read_kv(page_table, request.num_computed))
+
+    def prefill(self, request_id, params):
+        self.engine.add_request(PROMPT, dataclasses.replace(params, max_tokens=1), request_id)
+        while request_id not in self.shipped:
+            self.engine.step()
+        return self.shipped.pop(request_id)
+
+    def admit(self, request_id, params):
+        """The prefilled request admitted on the decode side; None: it waits for its grammar."""
+        prefilled, k, v = self.prefill(f"{request_id}-prefill", params)
+        prompt = prefilled.prompt_ids
+        slot = self.engine.reserve(request_id, len(prompt) + params.max_tokens)
+        request = Request(request_id, list(prompt), params, NO_POSITIONS, prefilled.rope_delta, None,
+                          num_computed=len(prompt))
+        first = (prefilled.output_ids[0], None, None, None)
+        return request, self.engine.admit_prefilled(request, slot, k, v, first)
+
+    def run(self, request_id):
+        while True:
+            for output in self.engine.step():
+                if output.request_id == request_id and output.finished:
+                    return output.outputs[0]
+
+    def assert_nothing_held(self):
+        engine = self.engine
+        assert not engine.has_unfinished()
+        assert engine.kv.num_free_pages == engine.runner.num_pages - 1  # cached pages nobody holds count
+        slots = [engine.reserve(f"slot-{i}", 1) for i in range(engine.config.max_num_seqs)]
+        assert None not in slots, "a slot was not given back"
+        for i, slot in enumerate(slots):
+            engine.cancel_reservation(f"slot-{i}", slot)
+
+
+@pytest.fixture(scope="module")
+def split(llm):
+    return SplitEngine(llm)
+
+
+@pytest.mark.parametrize("schema", [const_schema("yes"), SCHEMA], ids=["const", "schema"])
+def test_prefilled_request_continues_its_grammar_as_colocated(llm, split, schema):
+    params = constrained(schema)
+    request, output = split.admit("continues", params)
+    assert output is None  # it waits for its grammar before it takes its first token
+    got = split.run(request.request_id)
+    want = llm.generate(PROMPT, params)[0].outputs[0]
+    assert got.token_ids == want.token_ids and got.text == want.text
+    assert_valid(got, schema)
+    if schema == const_schema("yes"):
+        assert got.text == '{"answer":"yes"}'
+    split.assert_nothing_held()
+
+
+def test_abort_frees_a_prefilled_request_awaiting_or_following_its_grammar(split):
+    waiting, output = split.admit("aborted-waiting", constrained(const_schema("wait")))
+    assert output is None
+    split.engine.abort(waiting.request_id)
+    assert waiting.grammar is None
+    split.assert_nothing_held()
+
+    running, _ = split.admit("aborted-running", constrained())
+    while not any(o.request_id == running.request_id for o in split.engine.step()):
+        pass
+    assert running.grammar is not None and len(running.output_ids) >= 1
+    split.engine.abort(running.request_id)
+    assert running.grammar is None
+    split.assert_nothing_held()
