@@ -50,6 +50,13 @@ class Encoder:
         ask from another thread (an answer may be stale: ``encode_many`` decodes what it lacks)."""
         return content_key in self.cache
 
+    def decodable(self, visual: Visual) -> Visual:
+        """The visual ready for ``encode_many``: as it is when it has its pixels or its embeddings are
+        cached, else decoded (raising ``RequestRejected`` for a file that will not decode)."""
+        if visual.pixel_values is not None or visual.content_key in self.cache:
+            return visual
+        return with_pixels(visual, self.model.processor)
+
     def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
         """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
         placement of them is host work (see models.qwen3_vl_moe.multimodal)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 from opentelemetry import trace
@@ -14,7 +15,7 @@ from opentelemetry.context import Context
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.encoder import Encoder
+from mmserve.engine.encoder import Encoder, joined
 from mmserve.engine.inputs import Visual, with_pixels
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
@@ -71,10 +72,13 @@ def decoded(request: pb.EncodeRequest, encoder: Encoder) -> EncodeJob:
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class EncodeRecord(RoleRequest[EncodeState]):
-    """A request's visual rows on their way to prefill."""
+    """A request's pictures on their way through the vision tower, then their rows to prefill."""
 
     TRANSITIONS = ENCODE_TRANSITIONS
-    INITIAL = frozenset({EncodeState.SENDING})
+    INITIAL = frozenset({EncodeState.QUEUED})
+
+    job: EncodeJob | None = None
+    """Its pictures, until they are encoded."""
 
 
 class EncodeRole:
@@ -90,36 +94,68 @@ class EncodeRole:
         self._requests: RequestTable[EncodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
         """Held by whoever touches the sender: the loop thread or the transfer pump."""
+        self.vision_calls = 0
+        """Steps that ran the vision tower (each over every request queued then)."""
 
     def encode(self, request: EncodeJob, trace_parent: Context | None = None) -> None:
-        """Encodes now; the rows wait for sender blocks if the pool is full."""
+        """Queues the request's pictures for the next step's vision calls, which encode every queued
+        request's together; refuses at once what could never be sent."""
         self._requests.check_new(request.request_id, request.room)
-        span = role_span("encode", request.request_id, trace_parent)
-        with trace.use_span(span, end_on_exit=False, record_exception=False):
-            with tracer.start_as_current_span("vision tower"):
-                images = self.encoder.encode_all(request.images)
-                videos = self.encoder.encode_all(request.videos)
-        parts = [f for f in (images, videos) if f is not None]
-        if not parts:
-            span.end()
+        if not request.images and not request.videos:
             raise ValueError("an encode request needs at least one image or video")
+        tokens = sum(self._tokens(v) for v in request.images + request.videos)
+        if not self.sender.allocator.can_ever_hold(tokens):
+            raise RequestRejected(f"{tokens} visual tokens exceed the whole encode buffer pool")
+        with self.lock:
+            self._requests.add(EncodeRecord(request_id=request.request_id, room=request.room, state=EncodeState.QUEUED,
+                                            span=role_span("encode", request.request_id, trace_parent), job=request))
+            self.sender.add(request.room)
+
+    def _tokens(self, visual: Visual) -> int:
+        return self.encoder.model.processor.num_image_tokens(visual.grid_thw[0])
+
+    def _encode_queued(self) -> None:
+        """Runs the vision tower once over every queued request's pictures, then hands each request's
+        rows to the outbox. A picture that will not decode fails its own request only."""
+        ready = []
+        for record in self._requests.in_state(EncodeState.QUEUED):
+            try:
+                ready.append((record, [self.encoder.decodable(v) for v in record.job.images],
+                              [self.encoder.decodable(v) for v in record.job.videos]))
+            except ValueError as error:
+                self._requests.finish(record.request_id, EncodeState.FAILED, str(error))
+        if not ready:
+            return
+        start = time.time_ns()
+        try:
+            features = iter(self.encoder.encode_many([v for _, images, videos in ready for v in images + videos]))
+        except Exception as error:
+            for record, _, _ in ready:
+                self._requests.finish(record.request_id, EncodeState.FAILED, f"the vision tower failed: {error}")
+            raise
+        end, self.vision_calls = time.time_ns(), self.vision_calls + 1
+        for record, images, videos in ready:
+            tower = tracer.start_span("vision tower", context=trace.set_span_in_context(record.span), start_time=start,
+                                      attributes={"requests": len(ready)})
+            tower.end(end_time=end)
+            self._send(record, joined([next(features) for _ in images]), joined([next(features) for _ in videos]))
+
+    def _send(self, record: EncodeRecord, images, videos) -> None:
+        parts = [f for f in (images, videos) if f is not None]
         embeds = np.concatenate([p[0] for p in parts])
         deepstack = np.concatenate([p[1] for p in parts], axis=1)  # [levels, n, H]
         n = embeds.shape[0]
-        if not self.sender.allocator.can_ever_hold(n):
-            span.end()
-            raise RequestRejected(f"{n} visual tokens exceed the whole encode buffer pool")
         pad = ((0, self.sender.buffers.bucket(n) - n), (0, 0))  # one write program per bucket
         rows = {"embeddings": np.pad(embeds, pad),
                 "deepstack": np.pad(np.swapaxes(deepstack, 0, 1).reshape(n, -1), pad)}
         info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0])})
         with self.lock:
-            self._requests.add(EncodeRecord(request_id=request.request_id, room=request.room,
-                                            state=EncodeState.SENDING, span=span))
-            self.sender.add(request.room)
-            self._outbox.put(Parcel(request.room, rows, info))
+            record.move(EncodeState.SENDING)
+            record.job = None
+            self._outbox.put(Parcel(record.room, rows, info))
 
     def step(self) -> None:
+        self._encode_queued()
         with self.lock:
             self._outbox.flush()
             self.sender.progress(PROGRESS_S)

@@ -56,6 +56,9 @@ class DecodeState(enum.Enum):
 
 
 class EncodeState(enum.Enum):
+    QUEUED = "queued"
+    """Its pictures wait for the vision tower: the next step encodes every queued request's
+    together (as few vision calls as the patch buckets allow)."""
     SENDING = "sending"
     """The visual rows wait in the outbox for sender blocks or are in transfer (embedding room)."""
     DONE = "done"
@@ -81,6 +84,7 @@ DECODE_TRANSITIONS: Mapping[DecodeState, frozenset[DecodeState]] = {
 }
 
 ENCODE_TRANSITIONS: Mapping[EncodeState, frozenset[EncodeState]] = {
+    EncodeState.QUEUED: frozenset({EncodeState.SENDING, EncodeState.FAILED}),
     EncodeState.SENDING: frozenset({EncodeState.DONE, EncodeState.FAILED}),
     EncodeState.DONE: frozenset(),
     EncodeState.FAILED: frozenset(),

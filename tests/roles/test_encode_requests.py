@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmserve.engine.config import EngineConfig
+from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import Visual
 from mmserve.roles.encode import EncodeJob, EncodeRole
 from models.qwen3_vl_moe import load_model
@@ -28,11 +29,14 @@ def role():
     bootstrap.close()
 
 
+def pixels(role, seed: int) -> np.ndarray:
+    """16 patches (4 visual tokens after the 2x2 merge) of random pixels."""
+    return np.random.default_rng(seed).standard_normal((16, role.encoder.model.config.vision.patch_dim)).astype(
+        np.float32)
+
+
 def encode(role, request_id: str, room: int) -> None:
-    vision = role.encoder.model.config.vision
-    grid = np.array([[1, 4, 4]])  # 16 patches: 4 visual tokens after the 2x2 merge
-    pixels = np.random.default_rng(room).standard_normal((16, vision.patch_dim)).astype(np.float32)
-    role.encode(EncodeJob(request_id, room, [Visual(grid, pixels)], []))
+    role.encode(EncodeJob(request_id, room, [Visual(np.array([[1, 4, 4]]), pixels(role, room))], []))
 
 
 def test_rows_waiting_for_blocks_are_dropped_with_their_room_and_aborts_free_the_rest(role):
@@ -58,4 +62,27 @@ def test_rows_waiting_for_blocks_are_dropped_with_their_room_and_aborts_free_the
         encode(role, "third", room=3)
         encode(role, "third", room=4)
     role.abort("third")
+    assert role.health()["in_flight"] == 0 and role.health()["free_blocks"] == 1
+
+
+def test_requests_queued_together_share_one_vision_step_and_get_their_own_rows(role):
+    """Encode batches across requests: what arrives between two steps is encoded in one step, each
+    request's rows those of its picture encoded alone."""
+    encode(role, "a", room=11)
+    encode(role, "b", room=12)
+    assert role.health()["requests"] == {"queued": 2}
+    calls = role.vision_calls
+    role.step()
+    assert role.vision_calls == calls + 1
+    assert role.health()["requests"] == {"sending": 2}
+    alone = Encoder(role.encoder.model, EngineConfig(precompile=False, embedding_cache_size=0))
+    for room in (11, 12):
+        picture = Visual(np.array([[1, 4, 4]]), pixels(role, room))
+        together = role.encoder.cache.get(picture.content_key)
+        for a, b in zip(together, alone.encode(picture)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for request_id in ("a", "b"):
+        role.abort(request_id)
+    for _ in range(3):
+        role.step()
     assert role.health()["in_flight"] == 0 and role.health()["free_blocks"] == 1
