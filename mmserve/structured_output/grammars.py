@@ -19,6 +19,7 @@ from mmserve.structured_output.matcher import GrammarState
 from mmserve.structured_output.spec import GRAMMAR_OPTIONS, StructuredOutput
 
 MAX_CACHED_GRAMMARS = 256
+_BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
 
 
 def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids) -> xgrammar.TokenizerInfo:
@@ -45,9 +46,6 @@ def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids) -> xgrammar.Token
 def _byte_level(text: str) -> str:
     """``text`` spelled in the byte-level alphabet that the ordinary tokens' strings use."""
     return "".join(piece for piece, _ in _BYTE_LEVEL.pre_tokenize_str(text))
-
-
-_BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
 
 
 class Grammars:

@@ -37,12 +37,10 @@ CHOICES = ("none", "auto", "required")
 
 @dataclasses.dataclass(frozen=True)
 class Tools:
-    """definitions: the tools as the client sent them, for the template. choice: "auto",
-    "required" or "function" (then ``forced`` names it). grammar: what enforces the choice."""
+    """definitions: the tools as the client sent them, for the template. grammar: what enforces a
+    required or named choice (None for "auto")."""
 
     definitions: tuple[dict[str, Any], ...]
-    choice: str
-    forced: str | None = None
     grammar: StructuredOutput | None = None
 
 
@@ -61,7 +59,7 @@ async def requested_tools(body: Mapping[str, Any], backend) -> Tools | None:
                              "and the grammar library (pip install 'mmserve[structured]'); 'auto' works without",
                              "tool_choice")
     grammar = await asyncio.to_thread(_checked_grammar, functions, choice, forced)
-    return None if choice == "none" else Tools(definitions, choice, forced, grammar)
+    return None if choice == "none" else Tools(definitions, grammar)
 
 
 def _definitions(tools: Any) -> tuple[dict[str, Any], ...]:
