@@ -153,6 +153,18 @@ def test_calls_in_the_answer_become_tool_calls(grammar, stream):
     assert finish_reason == "tool_calls"
 
 
+def test_an_answer_s_calls_sent_back_render_as_the_model_wrote_them(grammar, qwen_template_model):
+    """The openai client's own message, sent back with the tools' results, is taken as it is, and
+    the prompt shows the calls as the model wrote them."""
+    openai_client, backend = grammar
+    backend.script = answer(CALLS)
+    message = chat(openai_client, tools=TOOLS).choices[0].message
+    results = [{"role": "tool", "tool_call_id": call.id, "content": "done"} for call in message.tool_calls]
+    chat(openai_client, QUESTION + [message.model_dump(exclude_none=True)] + results, tools=TOOLS)
+    prompt = qwen_template_model.tokenizer.decode(backend.requests[1].prompt.token_ids, skip_special_tokens=False)
+    assert CALLS + "<|im_end|>\n<|im_start|>user\n<tool_response>\ndone\n</tool_response>\n<tool_response>" in prompt
+
+
 @pytest.mark.parametrize("text, finish_reason, want", [
     ("No tool needed: 4.", "stop", ("No tool needed: 4.", None, "stop")),
     ('<tool_call>\n{"name": "now", "argu', "length", ('<tool_call>\n{"name": "now", "argu', None, "length")),

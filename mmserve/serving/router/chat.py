@@ -82,7 +82,7 @@ class ChatResponse(OpenAIResponse):
     def __init__(self, router: RouterContext, request: GenerateRequest, common: CommonFields, tools: Tools | None):
         super().__init__(router, request, common)
         self.parsers = [ToolCallParser() for _ in self.requests] if tools is not None else None
-        self.calls_sent = [0] * len(self.requests)
+        self.calls_sent = [0] * len(self.requests)  # per streamed choice
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         return None if self.request.params.logprobs is None else chat_logprobs(entries, self.token_text)
@@ -94,7 +94,7 @@ class ChatResponse(OpenAIResponse):
             parsed = parse_tool_calls(answer.text)
             if parsed.calls:
                 message = {"role": "assistant", "content": parsed.content or None,
-                           "tool_calls": [self._call(index, call) for call in parsed.calls]}
+                           "tool_calls": [_call(call) for call in parsed.calls]}
                 finish_reason = _finish_reason(finish_reason, called=True)
         return {"index": index, "message": message, "logprobs": self.logprobs(answer.logprobs),
                 "finish_reason": finish_reason, "stop_reason": answer.stop_reason}
@@ -112,23 +112,25 @@ class ChatResponse(OpenAIResponse):
         if not (parsed.content or parsed.calls or logprobs or event.finish_reason is not None):
             return None
         message = {"content": parsed.content} if parsed.content else {}
-        if parsed.calls:
-            message["tool_calls"] = [self._call(index, call) for call in parsed.calls]
+        if parsed.calls:  # a delta numbers its calls within the choice
+            first = self.calls_sent[index]
+            message["tool_calls"] = [{"index": first + i} | _call(call) for i, call in enumerate(parsed.calls)]
+            self.calls_sent[index] += len(parsed.calls)
         choice = self._choice(index, message, logprobs, event)
         choice["finish_reason"] = _finish_reason(event.finish_reason, self.calls_sent[index] > 0)
         return choice
-
-    def _call(self, index: int, call: ToolCall) -> dict:
-        """The choice's next call, numbered within it, as OpenAI writes one (in a message or a delta)."""
-        number, self.calls_sent[index] = self.calls_sent[index], self.calls_sent[index] + 1
-        return {"index": number, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments}}
 
     @staticmethod
     def _choice(index: int, delta: dict, logprobs: dict | None, event: TokenEvent | None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs,
                 "finish_reason": event.finish_reason if event else None,
                 "stop_reason": event.stop_reason if event else None}
+
+
+def _call(call: ToolCall) -> dict:
+    """A call as OpenAI writes one in a message."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _finish_reason(finish_reason: str | None, called: bool) -> str | None:
