@@ -32,20 +32,22 @@ def visual_from_pb(message: pb.Visual, kind: str) -> Visual:
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
-    """The plain fields as JSON; the structured output (a schema every role compiles into the same
-    grammar) as its own typed message."""
+    """The plain fields as JSON; the structured output (a schema or structural tag every role
+    compiles into the same grammar) as its own typed message."""
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in params.__dict__.items()
               if k != "structured_output"}
     message = pb.Sampling(json=json.dumps(fields))
     if params.structured_output is not None:
         message.structured_output.json_schema = params.structured_output.json_schema
+        message.structured_output.structural_tag = params.structured_output.structural_tag
     return message
 
 
 def sampling_from_pb(message: pb.Sampling) -> SamplingParams:
     fields = json.loads(message.json)
     if isinstance(fields, dict) and message.HasField("structured_output"):
-        fields["structured_output"] = StructuredOutput(message.structured_output.json_schema)
+        fields["structured_output"] = StructuredOutput(message.structured_output.json_schema,
+                                                       message.structured_output.structural_tag)
     return SamplingParams.from_dict(fields)
 
 

@@ -2,8 +2,9 @@
 
 Compiling (xgrammar precomputes which tokens each grammar state may take) costs milliseconds to
 seconds, so it never runs on the engine's step: ``submit`` returns a future, and the engine keeps
-the request out of the scheduler until it is done. Futures are cached by the schema's text, so
-the n siblings of a request, or the same schema sent again, compile once.
+the request out of the scheduler until it is done. Futures are cached by the spec (the schema's or
+the structural tag's text), so the n siblings of a request, or the same schema sent again, compile
+once.
 """
 
 from __future__ import annotations
@@ -12,27 +13,39 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import xgrammar
+from tokenizers import pre_tokenizers
 
 from mmserve.structured_output.matcher import GrammarState
 from mmserve.structured_output.spec import GRAMMAR_OPTIONS, StructuredOutput
 
 MAX_CACHED_GRAMMARS = 256
+_BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
 
 
 def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids) -> xgrammar.TokenizerInfo:
     """xgrammar's view of the vocabulary of ``tokenizer`` (the model's Tokenizer: its ``backend`` is a
     ``tokenizers.Tokenizer``): the byte-level token strings by id, padded to the lm
-    head's ``vocab_size`` (larger than the tokenizer's: ids past it are never allowed). Added
+    head's ``vocab_size`` (larger than the tokenizer's: ids past it are never allowed). Special
     tokens (<|im_end|>, <|image_pad|>...) are left empty so no grammar can spell text with them:
-    they add no text to the output; only ``stop_token_ids`` may end a grammar."""
+    they add no text to the output; only ``stop_token_ids`` may end a grammar. Added tokens that are
+    not special (Qwen's <tool_call>, </tool_call>...) decode as their text, so they keep it (in the
+    byte-level alphabet): a grammar that asks for "<tool_call>" may take the one token the model
+    was trained to emit there."""
     backend = tokenizer.backend
     vocab = [""] * max(backend.get_vocab_size(with_added_tokens=True), 1)
-    added = {token.content for token in backend.get_added_tokens_decoder().values()}
-    for token, token_id in backend.get_vocab(with_added_tokens=True).items():
-        if token_id < len(vocab) and token not in added:
+    for token, token_id in backend.get_vocab(with_added_tokens=False).items():
+        if token_id < len(vocab):
             vocab[token_id] = token
+    for token_id, token in backend.get_added_tokens_decoder().items():
+        if token_id < len(vocab):
+            vocab[token_id] = "" if token.special else _byte_level(token.content)
     return xgrammar.TokenizerInfo(vocab[:vocab_size], xgrammar.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
                                   stop_token_ids=sorted(stop_token_ids))
+
+
+def _byte_level(text: str) -> str:
+    """``text`` spelled in the byte-level alphabet that the ordinary tokens' strings use."""
+    return "".join(piece for piece, _ in _BYTE_LEVEL.pre_tokenize_str(text))
 
 
 class Grammars:
@@ -54,17 +67,19 @@ class Grammars:
         return GrammarState(self.submit(spec), self.terminate_without_stop_token)
 
     def submit(self, spec: StructuredOutput) -> Future:
-        """A future of the compiled grammar; the same future for the same schema."""
+        """A future of the compiled grammar; the same future for the same spec."""
         with self._lock:
-            future = self._futures.get(spec.json_schema)
+            future = self._futures.get(spec)
             if future is None:
                 if len(self._futures) >= MAX_CACHED_GRAMMARS:
                     self._futures.pop(next(iter(self._futures)))
-                future = self._futures[spec.json_schema] = self._pool.submit(self._compile, spec.json_schema)
+                future = self._futures[spec] = self._pool.submit(self._compile, spec)
             return future
 
-    def _compile(self, schema: str) -> xgrammar.CompiledGrammar:
-        return self._compiler.compile_json_schema(schema, **GRAMMAR_OPTIONS)
+    def _compile(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
+        if spec.json_schema:
+            return self._compiler.compile_json_schema(spec.json_schema, **GRAMMAR_OPTIONS)
+        return self._compiler.compile_structural_tag(spec.structural_tag)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,8 +1,10 @@
-"""What a request asks its output to be: any JSON object, or JSON valid under a schema.
+"""What a request asks its output to be: any JSON object, JSON valid under a schema, or text in a
+shape an xgrammar structural tag describes (tool calls, ``tool_calls.py``).
 
-``StructuredOutput`` is plain data (no xgrammar object), so it travels in ``SamplingParams`` and
-its ``key`` names the compiled grammar in the cache. ``check`` converts the schema to a grammar
-without the tokenizer: cheap, and it refuses what xgrammar cannot enforce, before anything is queued.
+``StructuredOutput`` is plain data (no xgrammar object), so it travels in ``SamplingParams`` and,
+being frozen, is itself the key of its compiled grammar in the cache. ``check`` converts it to a
+grammar without the tokenizer: cheap, and it refuses what xgrammar cannot enforce, before anything
+is queued.
 """
 
 from __future__ import annotations
@@ -18,14 +20,20 @@ ANY_OBJECT_SCHEMA = '{"type":"object"}'
 
 @dataclasses.dataclass(frozen=True)
 class StructuredOutput:
-    """json_schema: the schema as canonical JSON text (sorted keys, no spaces), which is also the
-    grammar's cache key; ANY_OBJECT_SCHEMA for OpenAI's ``json_object``."""
+    """Exactly one of:
+    json_schema: the schema as canonical JSON text (sorted keys, no spaces); ANY_OBJECT_SCHEMA for
+        OpenAI's ``json_object``.
+    structural_tag: an xgrammar structural tag as JSON text (``StructuralTag.model_dump_json``)."""
 
-    json_schema: str
+    json_schema: str = ""
+    structural_tag: str = ""
 
     def __post_init__(self):
-        if not isinstance(self.json_schema, str):
-            raise ValueError(f"json_schema must be JSON text, got {type(self.json_schema).__name__}")
+        for name in ("json_schema", "structural_tag"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be JSON text, got {type(getattr(self, name)).__name__}")
+        if bool(self.json_schema) == bool(self.structural_tag):
+            raise ValueError("structured output needs exactly one of json_schema and structural_tag")
 
     @classmethod
     def from_schema(cls, schema: Mapping[str, Any] | bool) -> "StructuredOutput":
@@ -38,13 +46,17 @@ class StructuredOutput:
         return cls(ANY_OBJECT_SCHEMA)
 
     def check(self) -> None:
-        """Raises ValueError when xgrammar cannot turn the schema into a grammar."""
+        """Raises ValueError when xgrammar cannot turn the schema or tag into a grammar."""
         import xgrammar
 
         try:
-            xgrammar.Grammar.from_json_schema(self.json_schema, **GRAMMAR_OPTIONS)
+            if self.json_schema:
+                xgrammar.Grammar.from_json_schema(self.json_schema, **GRAMMAR_OPTIONS)
+            else:
+                xgrammar.Grammar.from_structural_tag(self.structural_tag)
         except (RuntimeError, ValueError, TypeError) as error:
-            raise ValueError(f"invalid JSON schema: {_first_line(error)}") from None
+            kind = "JSON schema" if self.json_schema else "structural tag"
+            raise ValueError(f"invalid {kind}: {first_line(error)}") from None
 
 
 # Compact JSON: no whitespace between tokens. With `any_whitespace` a weak (or random) model can
@@ -52,7 +64,7 @@ class StructuredOutput:
 GRAMMAR_OPTIONS = {"any_whitespace": False, "separators": (",", ":"), "strict_mode": True}
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     """xgrammar's messages start with a timestamp and a C++ source location; keep what follows."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text

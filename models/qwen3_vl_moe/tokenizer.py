@@ -8,7 +8,8 @@ data reaches them: a PIL image inside a message becomes the string "<Image>", wh
 template may ask of it (whether the part is an image).
 
 `build_tiny_tokenizer` makes the offline tokenizer of the `tiny` preset: byte-level BPE trained on a
-built-in corpus to exactly 1000 tokens, then the Qwen special tokens at fixed ids (TINY_SPECIAL_IDS).
+built-in corpus to exactly 1000 tokens, then the Qwen special tokens at fixed ids (TINY_SPECIAL_IDS)
+and Qwen's tool-call markers (TINY_TOOL_TOKEN_IDS, not special: they decode as text).
 It has no normaliser (Qwen's applies NFC), so every UTF-8 string survives encode then decode.
 """
 
@@ -41,53 +42,87 @@ TINY_SPECIAL_IDS = {
     "<|image_pad|>": 1005,
     "<|video_pad|>": 1006,
 }
+# Qwen's tool-call markers: added tokens that are not special (as in Qwen's tokenizer), so decoding
+# keeps them in the text, where the tool-call parser finds them.
+TINY_TOOL_TOKEN_IDS = {
+    "<tool_call>": 1007,
+    "</tool_call>": 1008,
+    "<tool_response>": 1009,
+    "</tool_response>": 1010,
+}
 
 # Qwen2's pre-tokenizer split: contractions, letter runs, single digits, punctuation runs, newlines.
 QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Follows Qwen3-VL's template: <|im_start|>role\n...<|im_end|>\n turns, media only in user turns,
-# optional "Picture n: " / "Video n: " labels, tool results folded into one user turn.
+# Follows Qwen3-VL's template: <|im_start|>role\n...<|im_end|>\n turns, optional "Picture n: " /
+# "Video n: " labels, tool results folded into one user turn (with their own media), and with
+# `tools` its "# Tools" system block, the functions as JSON lines inside <tools></tools>, and an
+# assistant's calls rendered as <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>.
 TINY_CHAT_TEMPLATE = """\
 {%- set image_count = namespace(value=0) %}
 {%- set video_count = namespace(value=0) %}
+{%- macro render_content(content) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- else %}
+        {%- for part in content %}
+            {%- if part.type == 'image' or 'image' in part or 'image_url' in part %}
+                {%- set image_count.value = image_count.value + 1 %}
+                {%- if add_vision_id %}{{ 'Picture ' ~ image_count.value ~ ': ' }}{% endif %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif part.type == 'video' or 'video' in part %}
+                {%- set video_count.value = video_count.value + 1 %}
+                {%- if add_vision_id %}{{ 'Video ' ~ video_count.value ~ ': ' }}{% endif %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif 'text' in part %}
+                {{- part.text }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{%- endmacro %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- render_content(messages[0].content) + '\\n\\n' }}
+    {%- endif %}
+    {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+        '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
+        '<args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- endif %}
 {%- for message in messages %}
     {%- if message.role == 'user' %}
-        {{- '<|im_start|>user\\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for part in message.content %}
-                {%- if part.type == 'image' or 'image' in part or 'image_url' in part %}
-                    {%- set image_count.value = image_count.value + 1 %}
-                    {%- if add_vision_id %}{{ 'Picture ' ~ image_count.value ~ ': ' }}{% endif %}
-                    {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
-                {%- elif part.type == 'video' or 'video' in part %}
-                    {%- set video_count.value = video_count.value + 1 %}
-                    {%- if add_vision_id %}{{ 'Video ' ~ video_count.value ~ ': ' }}{% endif %}
-                    {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
-                {%- elif 'text' in part %}
-                    {{- part.text }}
-                {%- endif %}
-            {%- endfor %}
+        {{- '<|im_start|>user\\n' + render_content(message.content) + '<|im_end|>\\n' }}
+    {%- elif message.role == 'system' %}
+        {%- if not (tools and loop.first) %}
+            {{- '<|im_start|>system\\n' + render_content(message.content) + '<|im_end|>\\n' }}
         {%- endif %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role in ('system', 'assistant') %}
-        {{- '<|im_start|>' + message.role + '\\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- elif message.content is defined %}
-            {%- for part in message.content if 'text' in part %}
-                {{- part.text }}
-            {%- endfor %}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if message.content is defined %}
+            {{- render_content(message.content) }}
         {%- endif %}
+        {%- for call in message.tool_calls or [] %}
+            {%- if message.content or not loop.first %}
+                {{- '\\n' }}
+            {%- endif %}
+            {%- set call = call.function or call %}
+            {{- '<tool_call>\\n{"name": "' + call.name + '", "arguments": ' }}
+            {{- call.arguments if call.arguments is string else call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
         {{- '<|im_end|>\\n' }}
     {%- elif message.role == 'tool' %}
         {%- if loop.first or loop.previtem.role != 'tool' %}
             {{- '<|im_start|>user' }}
         {%- endif %}
-        {{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+        {{- '\\n<tool_response>\\n' + render_content(message.content) + '\\n</tool_response>' }}
         {%- if loop.last or loop.nextitem.role != 'tool' %}
             {{- '<|im_end|>\\n' }}
         {%- endif %}
@@ -299,7 +334,8 @@ def build_tiny_tokenizer() -> Tokenizer:
     if backend.get_vocab_size() != TINY_ORDINARY_TOKENS:
         raise RuntimeError(f"the tiny corpus yields {backend.get_vocab_size()} tokens, not {TINY_ORDINARY_TOKENS}")
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in TINY_SPECIAL_IDS])
-    for token, token_id in TINY_SPECIAL_IDS.items():
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in TINY_TOOL_TOKEN_IDS])
+    for token, token_id in (TINY_SPECIAL_IDS | TINY_TOOL_TOKEN_IDS).items():
         if backend.token_to_id(token) != token_id:
             raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {token_id}")
     config = {

@@ -144,3 +144,10 @@ def test_sampler_bitmask_allows_only_its_tokens_and_leaves_other_rows_alone():
     assert int(masked.token_ids[0]) == 65
     assert int(masked.token_ids[1]) == int(free.token_ids[1])
     assert float(masked.logprobs[1]) == float(free.logprobs[1])  # logprobs stay the model's
+
+
+@pytest.mark.parametrize("fields", [{}, {"json_schema": '{"type":"object"}', "structural_tag": '{"type":"x"}'},
+                                    {"json_schema": {"type": "object"}}], ids=["neither", "both", "not_text"])
+def test_a_spec_is_one_schema_or_one_structural_tag_as_text(fields):
+    with pytest.raises(ValueError):
+        StructuredOutput(**fields)

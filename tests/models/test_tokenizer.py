@@ -5,12 +5,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
-from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, Tokenizer, build_tiny_tokenizer
+from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, Tokenizer, build_tiny_tokenizer
+
+QWEN3_VL_TEMPLATE = (Path(__file__).resolve().parents[1] / "qwen3_vl_chat_template.jinja").read_text()
+"""Qwen3-VL-Instruct's own chat template (its checkpoints' chat_template.json), byte for byte."""
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 IMAGE_QUESTION = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
@@ -31,6 +35,27 @@ CONVERSATIONS = [
     [IMAGE_QUESTION, {"role": "assistant", "content": "A cat."}, {"role": "tool", "content": "42"},
      {"role": "tool", "content": "43"}],
 ]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Today's weather in a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string", "description": "城市"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}},
+]
+TOOL_CONVERSATIONS = [
+    [SYSTEM, {"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "user", "content": "Weather in Paris?"}],
+    [
+        IMAGE_QUESTION,
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "b", "type": "function", "function": {"name": "now", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "b", "content": [{"type": "text", "text": "noon, see "}, {"type": "image"}]},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "1 pm"},
+    ],
+]
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Ünïcödé, 日本語のテキスト, emoji 👩‍👩‍👧 and\ttabs\r\nnewlines  double  spaces",
@@ -46,11 +71,12 @@ def tiny():
 
 def test_tiny_has_1000_ordinary_tokens_then_fixed_special_ids(tiny):
     assert tiny.backend.get_vocab_size(with_added_tokens=False) == 1000
-    assert tiny.backend.get_vocab_size() == 1007
-    for token, token_id in TINY_SPECIAL_IDS.items():
+    assert tiny.backend.get_vocab_size() == 1011
+    for token, token_id in (TINY_SPECIAL_IDS | TINY_TOOL_TOKEN_IDS).items():
         assert tiny.token_to_id(token) == token_id
         assert tiny.encode(token) == [token_id]
     assert list(TINY_SPECIAL_IDS.values()) == list(range(1000, 1007))
+    assert list(TINY_TOOL_TOKEN_IDS.values()) == list(range(1007, 1011))
     assert tiny.eos_token_ids == (TINY_SPECIAL_IDS["<|im_end|>"],)
     assert tiny.pad_token_id == TINY_SPECIAL_IDS["<|endoftext|>"]
 
@@ -75,6 +101,16 @@ def test_tiny_special_tokens_are_kept_or_skipped_on_decode(tiny):
     ids = tiny.encode(TEXTS[2])
     assert tiny.decode(ids, skip_special_tokens=False) == TEXTS[2]
     assert tiny.decode(ids) == "user\nhi\n"
+
+
+def test_tool_call_markers_are_single_tokens_that_decode_as_text(tiny):
+    """As in Qwen's tokenizer: the model emits <tool_call> as one token, and the text keeps it."""
+    text = '<tool_call>\n{"name": "now"}\n</tool_call><|im_end|>'
+    ids = tiny.encode(text)
+    assert ids[0] == TINY_TOOL_TOKEN_IDS["<tool_call>"] and TINY_TOOL_TOKEN_IDS["</tool_call>"] in ids
+    assert tiny.decode(ids) == text.removesuffix("<|im_end|>")
+    stream = tiny.text_stream()
+    assert "".join(stream.step(i) for i in ids) == text.removesuffix("<|im_end|>")
 
 
 def test_tiny_is_the_same_in_another_process(tiny):
@@ -103,6 +139,18 @@ def test_chat_template_labels_media_and_folds_tool_results(tiny):
     assert (
         "<|im_start|>user\n<tool_response>\n42\n</tool_response>\n<tool_response>\n43\n</tool_response><|im_end|>\n"
     ) in tools
+
+
+@pytest.mark.parametrize("messages", TOOL_CONVERSATIONS)
+@pytest.mark.parametrize("tools", [TOOLS, None], ids=["tools", "no_tools"])
+def test_tiny_template_renders_tools_as_qwen3_vl_does(tiny, messages, tools):
+    """The tools system block, an assistant's calls (arguments as text or as an object) and the
+    folded tool responses (with an image) exactly as transformers renders Qwen3-VL's template."""
+    hf = hf_tokenizer(tiny)
+    for add_generation_prompt in (True, False):
+        assert tiny.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt) == (
+            hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                   chat_template=QWEN3_VL_TEMPLATE))
 
 
 def test_media_objects_never_reach_the_template(tiny):

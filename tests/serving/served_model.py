@@ -1,6 +1,7 @@
 """What the serving tests serve: a real Hugging Face checkpoint written by ``hf_reference``, whose
 image and vision-marker ids are the tiny tokenizer's, so the chat template's ``<|image_pad|>`` is
-the model's image token and chats with images run end to end; and the engine settings."""
+the model's image token and chats with images run end to end, and whose vocabulary holds every tiny
+token (the tool-call markers too); and the engine settings."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from hf_reference import hf_config, hf_model, write_checkpoint
-from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS
+from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS
 
 API_KEY = "sk-serving-tests"
 MODEL_NAME = "qwen3-vl-test"
@@ -17,7 +18,7 @@ ENGINE_ARGS = {"page_size": 16, "num_pages": 256, "max_model_len": 512, "max_num
 
 
 def write_served_checkpoint(path: Path) -> Path:
-    config = hf_config(text={"vocab_size": max(TINY_SPECIAL_IDS.values()) + 1})
+    config = hf_config(text={"vocab_size": max(TINY_TOOL_TOKEN_IDS.values()) + 1})  # every tiny token
     config.image_token_id = TINY_SPECIAL_IDS["<|image_pad|>"]
     config.video_token_id = TINY_SPECIAL_IDS["<|video_pad|>"]
     config.vision_start_token_id = TINY_SPECIAL_IDS["<|vision_start|>"]

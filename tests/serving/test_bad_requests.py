@@ -37,7 +37,7 @@ BAD = {
     "negative_max_tokens": (CHAT, chat(max_tokens=-1), "max_tokens must be >= 1"),
     "non_int_max_tokens": (CHAT, chat(max_completion_tokens="many"), "max_completion_tokens must be an integer"),
     "unknown_field": (CHAT, chat(frobnicate=True), "Unrecognized request argument supplied: frobnicate"),
-    "tools": (CHAT, chat(tools=[{"type": "function"}]), "Unrecognized request argument supplied: tools"),
+    "tool_without_name": (CHAT, chat(tools=[{"type": "function", "function": {}}]), "function.name must be"),
     "n_too_many": (CHAT, chat(n=17), "n must be an integer in [1, 16]"),
     "n_zero": (CHAT, chat(n=0), "n must be an integer in [1, 16]"),
     "bad_temperature": (CHAT, chat(temperature="hot"), "temperature must be a number"),

@@ -77,3 +77,17 @@ def _held(server) -> dict:
     roles = request("GET", f"{server.url}/health")[1]["roles"]
     return {w["name"]: w for role in ("prefill", "decode") for w in roles[role]
             if w["in_flight"] or w["free_pages"] != w["total_pages"]}
+
+
+def test_a_required_tool_call_through_the_roles_equals_colocated(client, roles_client):
+    """The tool-call grammar (an xgrammar structural tag) travels to prefill and decode as a schema
+    does: the forced call is parsed into tool_calls, valid, and the colocated server's."""
+    from test_tools_api import assert_valid, chat as tool_chat
+
+    ask = {"tool_choice": "required", "temperature": 1.0, "seed": 2, "logprobs": True, "extra_body": TOKEN_IDS}
+    want = tool_chat(client, **ask).choices[0]
+    got = tool_chat(roles_client, **ask).choices[0]
+    assert token_ids(got) == token_ids(want)
+    assert got.message.tool_calls, got.message.content
+    assert_valid(got.message.tool_calls[0])
+    assert got.message.tool_calls[0].function.arguments == want.message.tool_calls[0].function.arguments

@@ -1,8 +1,10 @@
-"""``POST /v1/chat/completions``: OpenAI chat, streamed as server-sent events or answered whole."""
+"""``POST /v1/chat/completions``: OpenAI chat, streamed as server-sent events or answered whole; with
+``tools``, the answer's calls parsed into ``tool_calls`` (``tools.py``, ``tool_parser.py``)."""
 
 from __future__ import annotations
 
 import time
+import uuid
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -12,18 +14,21 @@ from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.serving.router.chat_messages import chat_prompt
 from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest
-from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fields, json_object, requested_int,
-                                           sampling_params)
+from mmserve.serving.router.fields import (COMMON_FIELDS, CommonFields, check_known, common_fields, json_object,
+                                           requested_int, sampling_params)
 from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import Answer
 from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
+from mmserve.serving.router.tool_parser import ToolCall, ToolCallParser, parse_tool_calls
+from mmserve.serving.router.tools import FIELDS as TOOLS_FIELDS, Tools, requested_tools
 
 ENDPOINT = "chat"
-CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs",
-                                                        "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | TOOLS_FIELDS | {"messages", "max_tokens",
+                                                                      "max_completion_tokens", "logprobs",
+                                                                      "top_logprobs"}
 
 
 async def chat_completions(request: Request) -> Response:
@@ -32,18 +37,25 @@ async def chat_completions(request: Request) -> Response:
     body = json_object(await json_body(request))
     check_known(body, CHAT_FIELDS)
     common = common_fields(body, router.settings)
+    tools = await requested_tools(body, router.backend)
     structured = await structured_output(body, router.backend)
+    if tools is not None and tools.grammar is not None:
+        if structured is not None:
+            raise InvalidRequest("a required or named tool_choice forces a tool call; it cannot be combined with "
+                                 "response_format or guided_json", "tool_choice")
+        structured = tools.grammar
     logprobs = _logprobs(body)
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     requested = requested_int(body, limit_name)
-    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.media_reader()),
+    prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.media_reader(),
+                                               tools.definitions if tools else None),
                            router.model, "messages")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,
                                                   "structured_output": structured},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
-    chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common)
+    chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common, tools)
     return await chat.respond(request, await chat.start(ENDPOINT, arrival), "chat.completion")
 
 
@@ -61,24 +73,65 @@ def _logprobs(body: dict) -> int | None:
 
 
 class ChatResponse(OpenAIResponse):
+    """With tools, each choice's text goes through its own ``ToolCallParser``: the message holds the
+    content outside the calls and the calls, and an answer that called and then stopped finishes
+    with "tool_calls" (one cut by max_tokens keeps "length")."""
+
     chunk_kind = "chat.completion.chunk"
+
+    def __init__(self, router: RouterContext, request: GenerateRequest, common: CommonFields, tools: Tools | None):
+        super().__init__(router, request, common)
+        self.parsers = [ToolCallParser() for _ in self.requests] if tools is not None else None
+        self.calls_sent = [0] * len(self.requests)  # per streamed choice
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         return None if self.request.params.logprobs is None else chat_logprobs(entries, self.token_text)
 
     def whole_choice(self, index: int, answer: Answer) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": answer.text},
-                "logprobs": self.logprobs(answer.logprobs), "finish_reason": answer.finish_reason,
-                "stop_reason": answer.stop_reason}
+        message = {"role": "assistant", "content": answer.text}
+        finish_reason = answer.finish_reason
+        if self.parsers is not None:
+            parsed = parse_tool_calls(answer.text)
+            if parsed.calls:
+                message = {"role": "assistant", "content": parsed.content or None,
+                           "tool_calls": [_call(call) for call in parsed.calls]}
+                finish_reason = _finish_reason(finish_reason, called=True)
+        return {"index": index, "message": message, "logprobs": self.logprobs(answer.logprobs),
+                "finish_reason": finish_reason, "stop_reason": answer.stop_reason}
 
     def opening_delta(self, index: int) -> dict:
         return self._choice(index, {"role": "assistant", "content": ""}, None, None)
 
-    def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict:
-        return self._choice(index, {"content": delta} if delta else {}, self.logprobs(event.logprobs or []), event)
+    def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict | None:
+        logprobs = self.logprobs(event.logprobs or [])
+        if self.parsers is None:
+            return self._choice(index, {"content": delta} if delta else {}, logprobs, event)
+        parsed = self.parsers[index].feed(delta)
+        if event.finish_reason is not None:
+            parsed = parsed.add(self.parsers[index].finish())
+        if not (parsed.content or parsed.calls or logprobs or event.finish_reason is not None):
+            return None
+        message = {"content": parsed.content} if parsed.content else {}
+        if parsed.calls:  # a delta numbers its calls within the choice
+            first = self.calls_sent[index]
+            message["tool_calls"] = [{"index": first + i} | _call(call) for i, call in enumerate(parsed.calls)]
+            self.calls_sent[index] += len(parsed.calls)
+        choice = self._choice(index, message, logprobs, event)
+        choice["finish_reason"] = _finish_reason(event.finish_reason, self.calls_sent[index] > 0)
+        return choice
 
     @staticmethod
     def _choice(index: int, delta: dict, logprobs: dict | None, event: TokenEvent | None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs,
                 "finish_reason": event.finish_reason if event else None,
                 "stop_reason": event.stop_reason if event else None}
+
+
+def _call(call: ToolCall) -> dict:
+    """A call as OpenAI writes one in a message."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _finish_reason(finish_reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason

@@ -1,15 +1,17 @@
-"""OpenAI chat messages -> the prompt text (the model's chat template) and its images and videos, in
-order.
+"""OpenAI chat messages (and tools) -> the prompt text (the model's chat template) and its images and
+videos, in order.
 
 The rendered conversation is exactly what the offline ``LLM.chat`` renders for the same messages
 with the images given as ``{"type": "image", "image": PIL.Image}`` parts and the videos as
 ``{"type": "video", "video": frames}`` (the sampled frames), so a served greedy answer equals the
 offline one. Video parts are ``video_url`` (vLLM's and SGLang's name), data URLs or allowed local
-files.
+files. An assistant message's ``tool_calls`` and the ``tool`` messages answering them reach the
+template as sent (Qwen3-VL's renders a call's ``arguments`` text as is); so do the request's tools.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jinja2
@@ -19,19 +21,23 @@ from mmserve.serving.router.media import MediaReader
 from models.qwen3_vl_moe.tokenizer import Tokenizer
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-MESSAGE_KEYS = {"role", "content", "name", "tool_call_id"}
+MESSAGE_KEYS = {"role", "content", "name", "tool_call_id", "tool_calls"}
+TOOL_CALL_KEYS = {"id", "type", "function"}
 MEDIA_PARTS = {"image_url": ("image", "from_url"), "video_url": ("video", "video_from_url")}
 """OpenAI part type -> (the offline part type, the MediaReader method that reads its URL)."""
 
 
-def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader) -> dict[str, Any]:
-    """A prompt for ``prepare_prompt``: ``{"prompt": text, "multi_modal_data": {"image": [...]}}``."""
+def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader,
+                tools: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A prompt for ``prepare_prompt``: ``{"prompt": text, "multi_modal_data": {"image": [...]}}``.
+    ``tools``: the function tools to render (checked by ``tools.py``), or None."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", "messages")
     media: dict[str, list] = {"image": [], "video": []}
     conversation = [_message(m, f"messages[{i}]", media, reader) for i, m in enumerate(messages)]
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                             tools=list(tools) if tools else None)
     except jinja2.TemplateError as error:
         raise InvalidRequest(f"the chat template rejected the messages: {error}", "messages") from None
     return {"prompt": text, "multi_modal_data": {kind: items for kind, items in media.items() if items}}
@@ -49,6 +55,10 @@ def _message(message: Any, param: str, media: dict[str, list], reader: MediaRead
     content = message.get("content")
     if content is None and role != "assistant":
         raise InvalidRequest("content is required", f"{param}.content")
+    if message.get("tool_calls") is not None:
+        if role != "assistant":
+            raise InvalidRequest("only an assistant message has tool_calls", f"{param}.tool_calls")
+        _tool_calls(message["tool_calls"], f"{param}.tool_calls")
     out = {key: value for key, value in message.items() if key != "content"}
     out["role"] = "system" if role == "developer" else role  # OpenAI's newer name for system
     if isinstance(content, list):
@@ -58,6 +68,23 @@ def _message(message: Any, param: str, media: dict[str, list], reader: MediaRead
     else:
         raise InvalidRequest("content must be a string or a list of parts", f"{param}.content")
     return out
+
+
+def _tool_calls(calls: Any, param: str) -> None:
+    """OpenAI's shape: ``[{"id", "type": "function", "function": {"name", "arguments"}}]``, with
+    ``arguments`` as JSON text (or, as templates also take, an object)."""
+    if not isinstance(calls, list):
+        raise InvalidRequest("tool_calls must be a list", param)
+    for j, call in enumerate(calls):
+        where = f"{param}[{j}]"
+        if not isinstance(call, dict) or set(call) - TOOL_CALL_KEYS or call.get("type", "function") != "function":
+            raise InvalidRequest('a tool call is {"id", "type": "function", "function": {"name", "arguments"}}', where)
+        function = call.get("function")
+        if (not isinstance(function, dict) or set(function) - {"name", "arguments"}
+                or not isinstance(function.get("name"), str)
+                or not isinstance(function.get("arguments"), (str, dict))):
+            raise InvalidRequest("a tool call's function needs a string name and arguments (JSON text)",
+                                 f"{where}.function")
 
 
 def _part(part: Any, param: str, media: dict[str, list], reader: MediaReader) -> dict[str, Any]:

@@ -72,8 +72,9 @@ class OpenAIResponse(abc.ABC):
         """The choice ``index`` of a whole answer."""
 
     @abc.abstractmethod
-    def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict:
-        """The choice ``index`` of one stream chunk carrying ``delta``, the new text of ``event``."""
+    def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict | None:
+        """The choice ``index`` of one stream chunk carrying ``delta``, the new text of ``event``;
+        None when there is nothing to send yet (chat holding back what may be a tool call)."""
 
     async def respond(self, http: Request, streams: list[AsyncIterator[TokenEvent]], kind: str) -> Response:
         """The stream when asked for; otherwise the whole answer (an object of ``kind``) once every
@@ -108,7 +109,9 @@ class OpenAIResponse(abc.ABC):
                     completion_tokens += len(event.token_ids)
                     delta = event.text[len(sent[index]):]
                     if delta or event.logprobs or event.finish_reason is not None:
-                        yield self._chunk(self.delta_choice(index, event, delta, len(sent[index])))
+                        choice = self.delta_choice(index, event, delta, len(sent[index]))
+                        if choice is not None:
+                            yield self._chunk(choice)
                     sent[index] = event.text
                 else:
                     if self.common.include_usage:
