@@ -59,7 +59,7 @@ class Grammars:
         self.terminate_without_stop_token = not stop_token_ids
         self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
-        self._futures: dict[str, Future] = {}
+        self._futures: dict[StructuredOutput, Future] = {}
         self._lock = threading.Lock()
 
     def state(self, spec: StructuredOutput) -> GrammarState:
