@@ -5,6 +5,7 @@ embeddings and deepstack rows out to the prefill that the router named, through 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import numpy as np
@@ -20,7 +21,7 @@ from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import visual_from_pb
+from mmserve.roles.wire import deadline_from_pb, visual_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.tracing import role_span, tracer
@@ -52,6 +53,8 @@ class EncodeJob:
     room: int
     images: list[Visual]
     videos: list[Visual]
+    deadline: float = math.inf
+    """``time.monotonic()`` past which the role fails the request by itself."""
 
 
 def decoded(request: pb.EncodeRequest, encoder: Encoder) -> EncodeJob:
@@ -64,9 +67,10 @@ def decoded(request: pb.EncodeRequest, encoder: Encoder) -> EncodeJob:
     def ready(visual: Visual) -> Visual:
         return visual if encoder.holds(visual.content_key) else with_pixels(visual, processor)
 
+    deadline = deadline_from_pb(request.timeout_s)  # on arrival: decoding the files counts against it
     return EncodeJob(request.request_id, request.room,
                      [ready(visual_from_pb(v, "image")) for v in request.images],
-                     [ready(visual_from_pb(v, "video")) for v in request.videos])
+                     [ready(visual_from_pb(v, "video")) for v in request.videos], deadline)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -115,12 +119,13 @@ class EncodeRole:
         info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0])})
         with self.lock:
             self._requests.add(EncodeRecord(request_id=request.request_id, room=request.room,
-                                            state=EncodeState.SENDING, span=span))
+                                            state=EncodeState.SENDING, deadline=request.deadline, span=span))
             self.sender.add(request.room)
             self._outbox.put(Parcel(request.room, rows, info))
 
     def step(self) -> None:
         with self.lock:
+            self._requests.fail_overdue()
             self._outbox.flush()
             self.sender.progress(PROGRESS_S)
             for record in self._requests:
