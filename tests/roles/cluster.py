@@ -94,6 +94,10 @@ class Cluster:
         """Stops the role's process without ending it (SIGSTOP): what it was sent stays in flight."""
         self.processes[role].send_signal(signal.SIGSTOP)
 
+    def thaw(self, role: str) -> None:
+        """Lets a frozen role's process go on (SIGCONT)."""
+        self.processes[role].send_signal(signal.SIGCONT)
+
     def kill(self, role: str) -> None:
         self.processes[role].send_signal(signal.SIGKILL)
         self.processes[role].wait()
@@ -119,6 +123,7 @@ class Cluster:
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a stopped process would not act on the TERM
                 process.terminate()
         for process in self.processes.values():
             try:
