@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Callable
 
 import openai
+import pytest
 
 from cluster import get_json
 from test_disaggregated import ask, conversation, expected, image
@@ -18,8 +19,14 @@ from test_disaggregated import ask, conversation, expected, image
 IN_FLIGHT = 16
 DEADLINE_S = 60.0
 """The router's --request-timeout in the drills: the longest any request may take."""
-TOKENS = 96
-"""Each request decodes this many tokens (EOS ignored), so all 16 are still in flight at the kill."""
+ROOM_OF_A_DEAD_SENDER = pytest.mark.xfail(strict=False, reason=(
+    "known bug (docs/status.md): requests still waiting in decode's page reservation queue when "
+    "prefill dies register their KV room, later, with the restarted prefill (same name), which takes "
+    "them for early registrations; they end only at the router's deadline or a bootstrap timeout"))
+"""The prefill kill of the drill: 400-token requests fill decode's pages, so some wait to reserve."""
+TOKENS = 400
+"""Each request decodes this many tokens (EOS ignored), so all 16 are still in flight at the kill
+(the tiny model decodes 96 in under a second)."""
 
 
 def free_counts(url: str) -> dict:
@@ -54,7 +61,8 @@ def _request(client: openai.OpenAI, i: int) -> float:
 
 def kill_with_requests_in_flight(url: str, kill: Callable[[], None]) -> list[float]:
     """Sends IN_FLIGHT requests, calls ``kill`` once the router holds all of them, and returns how
-    long each took to end; asserts each ended within the deadline."""
+    long each took to end (the caller checks them against DEADLINE_S once the cluster has healed,
+    so a drill that fails leaves the cluster whole for the next)."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=DEADLINE_S + 30, max_retries=0)
     ask(client, "Warm up.", [], stream=True)  # the openai client builds its response models once, not in 16 threads
     ask(client, "Warm up.", [], stream=False)
@@ -65,9 +73,7 @@ def kill_with_requests_in_flight(url: str, kill: Callable[[], None]) -> list[flo
             assert time.monotonic() < deadline and not any(f.done() for f in asked), "the 16 were never in flight together"
             time.sleep(0.05)
         kill()
-        took = [future.result(timeout=DEADLINE_S + 60) for future in asked]
-    assert max(took) < DEADLINE_S, f"requests outlived their deadline: {sorted(took)}"
-    return took
+        return [future.result(timeout=DEADLINE_S + 60) for future in asked]
 
 
 def wait_until_it_answers(url: str, llm, what: str, timeout_s: float = 240) -> None:
