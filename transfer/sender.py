@@ -6,10 +6,16 @@ Chunks go out as the receiver's capacity allows: the first fits its default allo
 each later one answers a ``Resume``. Receivers register rooms (possibly before the role has
 added them), pull each offered chunk and acknowledge it; rooms whose receiver goes silent,
 aborts or times out fail and free their blocks.
+
+A room the role has forgotten is remembered as ended for ``waiting_timeout_s`` (at most
+``MAX_ENDED_ROOMS`` of them), so a receiver that registers for it late (decode reserving its pages
+slowly, after prefill's room already failed) is refused at once with the reason, instead of being
+taken for an early registration and left waiting until the waiting timeout.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import secrets
@@ -33,6 +39,9 @@ from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, Heartb
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
 log = logging.getLogger(__name__)
+MAX_ENDED_ROOMS = 16384
+"""Forgotten rooms remembered at once (an id, a time and at most 200 characters of reason each);
+the oldest is dropped first."""
 
 
 @dataclasses.dataclass
@@ -65,6 +74,8 @@ class Sender:
         self._registry = RegistryClient(bootstrap_address, config)
         self._registry.publish(self.endpoint, time.monotonic())
         self._rooms: dict[int, SenderRoom] = {}
+        self._ended: collections.OrderedDict[int, tuple[float, str]] = collections.OrderedDict()
+        """Forgotten rooms, oldest first: room -> (when to stop remembering it, how it ended)."""
         self._liveness = Liveness(config.heartbeat_timeout_s)
         self._next_sweep = 0.0
         self._poller = zmq.Poller()
@@ -73,6 +84,7 @@ class Sender:
 
     def add(self, room: int) -> None:
         """Announces a room the role will send; it bootstraps until its receiver registers."""
+        self._ended.pop(room, None)
         self._rooms.setdefault(room, SenderRoom(room, self.config)).claimed = True
 
     def poll(self, room: int) -> PollState:
@@ -108,10 +120,15 @@ class Sender:
         self._fail(self._rooms[room], reason)
 
     def forget(self, room: int) -> None:
-        """Drops a finished room's record; abort a live room first."""
-        if not self._rooms[room].state.terminal:
-            raise ValueError(f"room {room} is still {self._rooms[room].state.name}")
+        """Drops a finished room's record, remembering how it ended; abort a live room first."""
+        state = self._rooms[room]
+        if not state.state.terminal:
+            raise ValueError(f"room {room} is still {state.state.name}")
         del self._rooms[room]
+        ending = state.state.value + (f": {state.reason}" if state.reason else "")
+        self._ended[room] = (time.monotonic() + self.config.waiting_timeout_s, ending[:200])
+        if len(self._ended) > MAX_ENDED_ROOMS:
+            self._ended.popitem(last=False)
 
     def progress(self, timeout_s: float = 0.0) -> None:
         """Answers the control socket, serves the data plane and enforces every deadline."""
@@ -130,6 +147,8 @@ class Sender:
             return
         self._next_sweep = now + SWEEP_INTERVAL_S
         self._registry.publish(self.endpoint, now)
+        while self._ended and next(iter(self._ended.values()))[0] < now:
+            self._ended.popitem(last=False)
         for room in [r for r in self._rooms.values() if r.expired(now)]:
             self._fail(room, f"timed out while {room.state.value}")
         live_peers = {r.peer for r in self._rooms.values() if r.peer is not None and not r.state.terminal}
@@ -177,6 +196,9 @@ class Sender:
         if message.block_size != self.config.block_size or tuple(message.fields) != self.buffers.fields:
             raise ProtocolError(ErrorCode.MISMATCH, f"sender has block_size {self.config.block_size} and "
                                 f"fields {self.buffers.fields}", message.room)
+        if message.room in self._ended:
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} already ended "
+                                f"({self._ended[message.room][1]})", message.room)
         room = self._rooms.get(message.room)
         if room is not None and (room.peer is not None or room.state.terminal):
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} is already "

@@ -29,7 +29,7 @@ from mmserve.engine.request import Request
 from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import kv_fields
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import event_to_pb, sampling_from_pb
+from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
@@ -95,9 +95,11 @@ class DecodeRole:
         self._requests.add(DecodeRecord(request_id=request.request_id, room=request.room,
                                         state=DecodeState.RESERVING, prompt_ids=list(request.token_ids),
                                         params=params, prefill_name=request.prefill_name, stream=stream,
+                                        deadline=deadline_from_pb(request.timeout_s),
                                         span=role_span("decode", request.request_id, trace_parent)))
 
     def step(self) -> None:
+        self._requests.fail_overdue()
         with self.lock:
             arrived = self._receive()
         for record, received in arrived:

@@ -5,6 +5,7 @@ embeddings and deepstack rows out to the prefill that the router named, through 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 
@@ -21,7 +22,7 @@ from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import visual_from_pb
+from mmserve.roles.wire import deadline_from_pb, visual_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.tracing import role_span, tracer
@@ -53,6 +54,8 @@ class EncodeJob:
     room: int
     images: list[Visual]
     videos: list[Visual]
+    deadline: float = math.inf
+    """``time.monotonic()`` past which the role fails the request by itself."""
 
 
 def decoded(request: pb.EncodeRequest, encoder: Encoder) -> EncodeJob:
@@ -65,9 +68,10 @@ def decoded(request: pb.EncodeRequest, encoder: Encoder) -> EncodeJob:
     def ready(visual: Visual) -> Visual:
         return visual if encoder.holds(visual.content_key) else with_pixels(visual, processor)
 
+    deadline = deadline_from_pb(request.timeout_s)  # on arrival: decoding the files counts against it
     return EncodeJob(request.request_id, request.room,
                      [ready(visual_from_pb(v, "image")) for v in request.images],
-                     [ready(visual_from_pb(v, "video")) for v in request.videos])
+                     [ready(visual_from_pb(v, "video")) for v in request.videos], deadline)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -108,6 +112,7 @@ class EncodeRole:
             raise RequestRejected(f"{tokens} visual tokens exceed the whole encode buffer pool")
         with self.lock:
             self._requests.add(EncodeRecord(request_id=request.request_id, room=request.room, state=EncodeState.QUEUED,
+                                            deadline=request.deadline,
                                             span=role_span("encode", request.request_id, trace_parent), job=request))
             self.sender.add(request.room)
 
@@ -155,6 +160,8 @@ class EncodeRole:
             self._outbox.put(Parcel(record.room, rows, info))
 
     def step(self) -> None:
+        with self.lock:
+            self._requests.fail_overdue()  # before the vision calls: an overdue request is not encoded
         self._encode_queued()
         with self.lock:
             self._outbox.flush()

@@ -23,7 +23,7 @@ from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import embedding_fields, kv_fields
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import sampling_from_pb, visual_from_pb
+from mmserve.roles.wire import deadline_from_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
@@ -91,6 +91,7 @@ class PrefillRole:
         state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name else PrefillState.PREFILLING
         record = self._requests.add(PrefillRecord(request_id=request.request_id, room=request.room, state=state,
                                                   prompt=prompt, params=params,
+                                                  deadline=deadline_from_pb(request.timeout_s),
                                                   span=role_span("prefill", request.request_id, trace_parent)))
         try:
             self.sender.add(request.room)
@@ -103,6 +104,7 @@ class PrefillRole:
             self._start(record, lambda: {})
 
     def step(self) -> None:
+        self._requests.fail_overdue()
         with self.lock:
             self._receive()
         if self.engine.has_unfinished():

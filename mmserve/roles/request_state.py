@@ -11,6 +11,10 @@ with the state the request was in, so every exit (done, a failed room, an abort,
 failed step, an engine refusal) frees what that state holds, exactly once. A role moves a record
 into a state before it takes what that state holds, and frees each holding idempotently, so a
 request can never hold something (an engine slot, a room) without a record that will free it.
+
+Each record carries the router's deadline for the request; the role ends every record past it
+(``RequestTable.fail_overdue``) by itself, so a request is freed on time even when the router
+died or its abort was lost.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar, Generic, TypeVar
 
@@ -27,6 +33,7 @@ from transfer.receiver import Receiver
 from transfer.sender import Sender
 
 log = logging.getLogger(__name__)
+DEADLINE_PASSED = "the request passed its deadline (the router's --request-timeout)"
 
 
 class IllegalTransition(RuntimeError):
@@ -98,6 +105,8 @@ class RoleRequest(Generic[State]):
     TRANSITIONS: ClassVar[Mapping]
     INITIAL: ClassVar[frozenset]
     """The states a request may enter the role in."""
+    FAILED: ClassVar[enum.Enum]
+    """Its FAILED state (found in TRANSITIONS)."""
 
     request_id: str
     room: int
@@ -105,6 +114,8 @@ class RoleRequest(Generic[State]):
     state: State
     reason: str = ""
     """Why it failed."""
+    deadline: float = math.inf
+    """``time.monotonic()`` past which the role fails it by itself (the router's deadline)."""
     span: trace.Span = trace.INVALID_SPAN
     """The request's span in this role (a child of the router's, ``mmserve.tracing``): each move is
     an event on it, and ``RequestTable.finish`` ends it. Not recording unless tracing is on."""
@@ -115,6 +126,7 @@ class RoleRequest(Generic[State]):
         stuck = [s.name for s, to in cls.TRANSITIONS.items() if to and failed not in to]
         if stuck:
             raise TypeError(f"{cls.__name__}: no way to FAILED from {stuck}")
+        cls.FAILED = failed
 
     def __post_init__(self) -> None:
         if self.state not in self.INITIAL:
@@ -169,6 +181,12 @@ class RequestTable(Generic[Record]):
         for record in self._records.values():
             counts[record.state.value] = counts.get(record.state.value, 0) + 1
         return counts
+
+    def fail_overdue(self) -> None:
+        """Fails every request past its deadline, freeing what it holds."""
+        now = time.monotonic()
+        for record in [r for r in self._records.values() if r.deadline < now]:
+            self.finish(record.request_id, record.FAILED, DEADLINE_PASSED)
 
     def check_new(self, request_id: str, room: int) -> None:
         """Refuses a request id or room this role already holds (before anything is taken for it)."""

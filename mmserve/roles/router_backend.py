@@ -34,6 +34,8 @@ from mmserve.tracing import inject
 
 log = logging.getLogger(__name__)
 WORKER_TIMEOUT_S = 5.0
+LEAST_TIMEOUT_S = 1e-3
+"""What a worker is sent for a deadline already past (0 would mean none): it frees the request at once."""
 CLOSE_GRACE_S = 30.0  # longer than any call's own timeout here (abort 10 s, health 2 s)
 ROLES = ("encode", "prefill", "decode")
 
@@ -173,19 +175,21 @@ class DisaggregatedBackend:
         trace_context = inject()  # the router's span for this request: each role's span is its child
         stream = decode.stub.Decode(pb.DecodeRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
-            prefill_name=prefill.name), metadata=trace_context)
+            prefill_name=prefill.name, timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
         current = prefill
         try:
             ack = await prefill.stub.Prefill(pb.PrefillRequest(
                 request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
                 images=[visual_to_pb(v, with_source=False) for v in p.images],
                 videos=[visual_to_pb(v, with_source=False) for v in p.videos],
-                encode_name=encode.name if encode else ""), metadata=trace_context)
+                encode_name=encode.name if encode else "", timeout_s=_seconds_left(request.deadline)),
+                metadata=trace_context)
             if ack.ok and encode is not None:
                 current = encode
                 ack = await encode.stub.Encode(pb.EncodeRequest(
                     request_id=rid, room=room, images=[visual_to_pb(v, with_source=True) for v in p.images],
-                    videos=[visual_to_pb(v, with_source=True) for v in p.videos]), metadata=trace_context)
+                    videos=[visual_to_pb(v, with_source=True) for v in p.videos],
+                    timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
             if not ack.ok:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
@@ -243,6 +247,11 @@ class DisaggregatedBackend:
         out["worker_restarts"] = float(self.pool.restarts)
         out["prefix_routed_requests"] = float(self.pool.prefix_routed)
         return out
+
+
+def _seconds_left(deadline: float | None) -> float:
+    """The request's deadline as a worker is sent it: seconds left (0: none)."""
+    return 0.0 if deadline is None else max(deadline - time.monotonic(), LEAST_TIMEOUT_S)
 
 
 def _event(message: pb.TokenEvent, text: str) -> TokenEvent:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import numpy as np
 
@@ -49,6 +51,12 @@ def sampling_from_pb(message: pb.Sampling) -> SamplingParams:
         fields["structured_output"] = StructuredOutput(message.structured_output.json_schema,
                                                        message.structured_output.structural_tag)
     return SamplingParams.from_dict(fields)
+
+
+def deadline_from_pb(timeout_s: float) -> float:
+    """The request's deadline on this process's clock, from the seconds it had left when the router
+    sent it (0: none). The time the message spent on the way is not counted."""
+    return time.monotonic() + timeout_s if timeout_s > 0 else math.inf
 
 
 def event_to_pb(request_id: str, delta: OutputDelta) -> pb.TokenEvent:

@@ -20,6 +20,10 @@ class GenerateRequest:
     request_id: str
     prompt: PreparedPrompt
     params: SamplingParams
+    deadline: float | None = None
+    """``time.monotonic()`` past which the router cuts the request (its --request-timeout), set at
+    admission; None: no deadline. The disaggregated backend sends each worker the time left, so
+    every role frees the request by itself once it passes."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,12 +62,17 @@ class Cluster:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Cluster:
-        self.start_role("router", ["--port", str(self.port), "--registry-port", str(self.registry_port),
-                                   "--bootstrap-port", str(self.bootstrap_port)])
+        self.start_router()
         for role in ("encode", "prefill", "decode"):
             self.start_worker(role)
         self.wait_healthy()
         return self
+
+    def start_router(self, flags: tuple[str, ...] = ()) -> None:
+        """The router on the cluster's ports: a router started again (after ``kill``) is found by the
+        live workers there."""
+        self.start_role("router", ["--port", str(self.port), "--registry-port", str(self.registry_port),
+                                   "--bootstrap-port", str(self.bootstrap_port), *flags])
 
     def start_worker(self, role: str, name: str | None = None) -> None:
         self.start_role(role, ["--name", name or role, "--port", "0", "--router-url", f"127.0.0.1:{self.registry_port}",
@@ -88,6 +93,10 @@ class Cluster:
     def freeze(self, role: str) -> None:
         """Stops the role's process without ending it (SIGSTOP): what it was sent stays in flight."""
         self.processes[role].send_signal(signal.SIGSTOP)
+
+    def thaw(self, role: str) -> None:
+        """Lets a frozen role's process go on (SIGCONT)."""
+        self.processes[role].send_signal(signal.SIGCONT)
 
     def kill(self, role: str) -> None:
         self.processes[role].send_signal(signal.SIGKILL)
@@ -114,6 +123,7 @@ class Cluster:
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a stopped process would not act on the TERM
                 process.terminate()
         for process in self.processes.values():
             try:

@@ -64,6 +64,8 @@ class Relay:
 
     def __init__(self, backend: Backend, request: GenerateRequest, metrics: RouterMetrics, endpoint: str,
                  arrival: float, ticket: Ticket, limits: RelayLimits):
+        if limits.deadline_s is not None:
+            request = dataclasses.replace(request, deadline=time.monotonic() + limits.deadline_s)
         self._backend, self._request, self._metrics = backend, request, metrics
         self._endpoint, self._arrival, self._ticket, self._limits = endpoint, arrival, ticket, limits
         self._buffer: collections.deque[TokenEvent] = collections.deque()

@@ -1,0 +1,46 @@
+"""The chaos drill on separate roles, each its own serve.py as Kubernetes would run them: kill -9 of
+encode, prefill, decode or the router with 16 requests in flight. Every request ends within the
+router's deadline; the test then starts the dead process again, as a Deployment would, and the
+router takes it back without anyone telling it (a restarted worker registers, a restarted router
+is found by the live workers); every pool is back to its starting free counts.
+(``--role all``, which restarts its processes itself: test_serve_all.py.)"""
+
+import pytest
+
+from chaos import (DEADLINE_S, ROOM_OF_A_DEAD_SENDER, free_counts, kill_with_requests_in_flight, router_metric,
+                   wait_until_free, wait_until_it_answers)
+from cluster import Cluster
+from mmserve import LLM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster("tiny", tmp_path_factory.mktemp("kill_logs"), role_flags={"router": ["--request-timeout", str(DEADLINE_S)]})
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128)
+
+
+@pytest.mark.parametrize("role", ["decode", pytest.param("prefill", marks=ROOM_OF_A_DEAD_SENDER), "encode",
+                                  "router"])
+def test_a_killed_role_started_again_is_taken_back_and_nothing_stays_held(cluster, llm, role):
+    before = free_counts(cluster.url)
+    restarts = router_metric(cluster.url, "mmserve_backend_worker_restarts")
+    took = kill_with_requests_in_flight(cluster.url, lambda: cluster.kill(role))
+    if role == "router":
+        cluster.start_router()
+    else:
+        cluster.start_worker(role)  # under its name, at a new address, as a StatefulSet's pod comes back
+    wait_until_it_answers(cluster.url, llm, f"{role} was killed and started again")
+    wait_until_free(cluster.url, before)
+    if role != "router":  # a new router starts its counters from zero
+        assert router_metric(cluster.url, "mmserve_backend_worker_restarts") == restarts + 1
+    assert max(took) < DEADLINE_S, f"requests outlived their deadline: {sorted(took)}"
