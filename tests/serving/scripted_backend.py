@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -63,3 +64,30 @@ class ThreadedServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+class GrammarBackend(ScriptedBackend):
+    """A scripted backend that says it enforces grammars (structured output, forced tool calls)."""
+
+    supports_structured_output = True
+
+
+@contextlib.contextmanager
+def grammar_and_plain_servers(model, max_model_len: int):
+    """A router over a GrammarBackend and one over a plain ScriptedBackend (which refuses grammars):
+    yields [(server, backend), (server, backend)] in that order."""
+    from mmserve.serving.router import RouterSettings, build_app
+
+    up = [(ThreadedServer(build_app(b, model, RouterSettings("tiny", max_model_len))), b)
+          for b in (GrammarBackend(), ScriptedBackend())]
+    try:
+        yield up
+    finally:
+        for server, _ in up:
+            server.stop()
+
+
+def openai_client(server: ThreadedServer):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)

@@ -6,10 +6,9 @@ import openai
 import pytest
 
 from mmserve.serving.backend import TokenEvent
-from mmserve.serving.router import RouterSettings, build_app
 from mmserve.structured_output import StructuredOutput
 from models.qwen3_vl_moe import load_model
-from scripted_backend import ScriptedBackend, ThreadedServer
+from scripted_backend import grammar_and_plain_servers, openai_client
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
@@ -17,22 +16,13 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 DONE = TokenEvent("", [11], text='{"a":1}', finish_reason="stop")
 
 
-class GrammarBackend(ScriptedBackend):
-    supports_structured_output = True
-
-
 @pytest.fixture(scope="module")
 def servers():
-    model = load_model("tiny", weights=False)
-    grammar, plain = GrammarBackend(), ScriptedBackend()
-    up = [(ThreadedServer(build_app(b, model, RouterSettings("tiny", 256))), b) for b in (grammar, plain)]
-    yield up
-    for server, _ in up:
-        server.stop()
+    with grammar_and_plain_servers(load_model("tiny", weights=False), 256) as up:
+        yield up
 
 
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+client = openai_client
 
 
 @pytest.fixture

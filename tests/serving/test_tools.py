@@ -12,13 +12,13 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from mmserve.serving.backend import TokenEvent
-from mmserve.serving.router import RouterSettings, build_app
+from mmserve.serving.router import RouterSettings
 from mmserve.serving.router.chat_messages import chat_prompt
 from mmserve.serving.router.media import MediaReader
 from mmserve.structured_output.tool_calls import tool_calls_output
 from models.qwen3_vl_moe import load_model
 from models.qwen3_vl_moe.tokenizer import Tokenizer
-from scripted_backend import ScriptedBackend, ThreadedServer
+from scripted_backend import grammar_and_plain_servers, openai_client
 from served_model import random_image
 from server_process import png_data_url
 
@@ -44,10 +44,6 @@ CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"cit
          '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
 
 
-class GrammarBackend(ScriptedBackend):
-    supports_structured_output = True
-
-
 def answer(text: str, finish_reason: str = "stop", pieces: int = 7) -> list[TokenEvent]:
     """The backend's events for ``text``, arriving in ``pieces`` cumulative steps."""
     cuts = [len(text) * i // pieces for i in range(1, pieces + 1)]
@@ -71,16 +67,11 @@ def hf(qwen_template_model):
 
 @pytest.fixture(scope="module")
 def servers(qwen_template_model):
-    grammar, plain = GrammarBackend(), ScriptedBackend()
-    up = [(ThreadedServer(build_app(b, qwen_template_model, RouterSettings("tiny", 4096))), b)
-          for b in (grammar, plain)]
-    yield up
-    for server, _ in up:
-        server.stop()
+    with grammar_and_plain_servers(qwen_template_model, 4096) as up:
+        yield up
 
 
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+client = openai_client
 
 
 @pytest.fixture
