@@ -58,12 +58,17 @@ class TransferInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class SenderEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where a sender listens: its control socket and the data plane its arrays are pulled from."""
+    """Where a sender listens: its control socket and the data plane its arrays are pulled from.
+
+    ``incarnation`` tells this sender from an earlier or later one published under the same name
+    (a worker restarted as its pod keeps its name): random per ``Sender``, never 0.
+    """
 
     name: Name
     control: Text
     data_plane: Name
     data_address: Text
+    incarnation: Id = 0
 
 
 class Publish(msgspec.Struct, frozen=True, tag="publish", forbid_unknown_fields=True):
@@ -93,13 +98,19 @@ class NotFound(msgspec.Struct, frozen=True, tag="not_found", forbid_unknown_fiel
 
 
 class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_fields=True):
-    """The receiver's half of the handshake: who it is, what it expects, how much room it holds."""
+    """The receiver's half of the handshake: who it is, what it expects, how much room it holds.
+
+    ``incarnation``, when given, is the sender incarnation the room was opened with; another
+    incarnation of that sender (it restarted since) refuses the room at once rather than taking
+    it for an early registration, since it will never send it.
+    """
 
     room: Id
     mode: TransferMode
     block_size: Count
     fields: Annotated[tuple[Field, ...], msgspec.Meta(min_length=1, max_length=MAX_FIELDS)]
     capacity_tokens: Count
+    incarnation: Id | None = None
 
 
 class Registered(msgspec.Struct, frozen=True, tag="registered", forbid_unknown_fields=True):

@@ -57,6 +57,10 @@ class Received:
 class ReceiverRoom(Room):
     sender: SenderKey = ("", "")
     mode: TransferMode = TransferMode.EMBEDDING
+    incarnation: int | None = None
+    """The sender incarnation the room was opened with (None: whichever is published)."""
+    looked_again: bool = False
+    """The registry was asked again because its cached answer was another incarnation."""
     endpoint: SenderEndpoint | None = None
     """Set once Register is sent."""
     segments: list[Segment] = dataclasses.field(default_factory=list)
@@ -91,12 +95,17 @@ class Receiver:
         self._orphans: list[PendingPull] = []
 
     def add(self, room: int, bootstrap_address: str, sender: str,
-            mode: TransferMode = TransferMode.EMBEDDING) -> None:
-        """Starts receiving ``room`` from the sender published as ``sender`` in that registry."""
+            mode: TransferMode = TransferMode.EMBEDDING, incarnation: int | None = None) -> None:
+        """Starts receiving ``room`` from the sender published as ``sender`` in that registry.
+
+        ``incarnation``: the one of that sender the room was opened with (its
+        ``Sender.incarnation``), when known; if the sender restarted since, the room fails at once.
+        """
         if room in self._rooms:
             raise ValueError(f"room {room} already added")
         self._directory.watch(bootstrap_address)
-        self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender), mode=mode)
+        self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender), mode=mode,
+                                         incarnation=incarnation)
         self._advance(self._rooms[room], time.monotonic())
 
     def poll(self, room: int) -> PollState:
@@ -237,10 +246,16 @@ class Receiver:
         if endpoint.data_plane != self.data_plane.kind:
             self._fail(room, f"sender uses the {endpoint.data_plane} data plane, we use {self.data_plane.kind}")
             return
+        if room.incarnation not in (None, endpoint.incarnation) and not room.looked_again:
+            # A cached answer may name the sender before the one the room was opened with: ask
+            # once more. Whatever the registry says then, the sender itself judges the room.
+            room.looked_again = True
+            self._directory.forget(room.sender)
+            return
         room.endpoint = endpoint
         self._control(endpoint.control).send(Register(
             room.room, room.mode, self.config.block_size, self.buffers.fields,
-            room.segments[0].allocation.capacity_tokens))
+            room.segments[0].allocation.capacity_tokens, room.incarnation))
 
     def _land(self, room: ReceiverRoom) -> None:
         """Scatters a completed pull into the last segment and acknowledges it."""

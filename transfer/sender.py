@@ -10,7 +10,9 @@ aborts or times out fail and free their blocks.
 A room the role has forgotten is remembered as ended for ``waiting_timeout_s`` (at most
 ``MAX_ENDED_ROOMS`` of them), so a receiver that registers for it late (decode reserving its pages
 slowly, after prefill's room already failed) is refused at once with the reason, instead of being
-taken for an early registration and left waiting until the waiting timeout.
+taken for an early registration and left waiting until the waiting timeout. A receiver that
+opened its room with an earlier incarnation of this sender's name (``Register.incarnation``:
+the sender died and was restarted since) is refused at once for the same reason.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class Sender:
         socket = make_socket(zmq.ROUTER, config.max_message_bytes)
         control = bind_random_port(socket, config.bind_host, config.advertise_host)
         self._channel: Channel[ToSender] = Channel(socket, Codec(ToSender, config.max_message_bytes), config.key)
-        self.endpoint = SenderEndpoint(name, control, self.data_plane.kind, self.data_plane.address)
+        self.incarnation = 1 + secrets.randbits(62)
+        """Tells this sender from others published under ``name`` before or after it."""
+        self.endpoint = SenderEndpoint(name, control, self.data_plane.kind, self.data_plane.address, self.incarnation)
         self._registry = RegistryClient(bootstrap_address, config)
         self._registry.publish(self.endpoint, time.monotonic())
         self._rooms: dict[int, SenderRoom] = {}
@@ -196,6 +200,9 @@ class Sender:
         if message.block_size != self.config.block_size or tuple(message.fields) != self.buffers.fields:
             raise ProtocolError(ErrorCode.MISMATCH, f"sender has block_size {self.config.block_size} and "
                                 f"fields {self.buffers.fields}", message.room)
+        if message.incarnation is not None and message.incarnation != self.incarnation:
+            raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"room {message.room} was opened with another incarnation "
+                                f"of sender {self.endpoint.name} (it restarted since)", message.room)
         if message.room in self._ended:
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} already ended "
                                 f"({self._ended[message.room][1]})", message.room)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import secrets
 import threading
 
 import numpy as np
@@ -54,6 +55,8 @@ class DecodeRecord(RoleRequest[DecodeState]):
     prompt_ids: list[int]
     params: SamplingParams
     prefill_name: str
+    prefill_incarnation: int | None
+    """The incarnation of the prefill worker the router picked (None: not said)."""
     stream: queue.Queue
     """Events for the router's Decode call: every token, then the end or the error."""
     slot: int | None = None
@@ -79,6 +82,7 @@ class DecodeRole:
         self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS,
                                 kv_events=kv_events)
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
+        self._incarnation = 1 + secrets.randbits(62)
         self._requests: RequestTable[DecodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
         """Held by whoever touches the receiver: the loop thread or the transfer pump."""
@@ -94,7 +98,8 @@ class DecodeRole:
             self.engine.grammars.submit(params.structured_output)
         self._requests.add(DecodeRecord(request_id=request.request_id, room=request.room,
                                         state=DecodeState.RESERVING, prompt_ids=list(request.token_ids),
-                                        params=params, prefill_name=request.prefill_name, stream=stream,
+                                        params=params, prefill_name=request.prefill_name,
+                                        prefill_incarnation=request.prefill_incarnation or None, stream=stream,
                                         deadline=deadline_from_pb(request.timeout_s),
                                         span=role_span("decode", request.request_id, trace_parent)))
 
@@ -127,7 +132,8 @@ class DecodeRole:
             record.slot = slot
             record.move(DecodeState.RECEIVING_KV)
             try:
-                self.receiver.add(record.room, self.bootstrap, record.prefill_name, TransferMode.KV)
+                self.receiver.add(record.room, self.bootstrap, record.prefill_name, TransferMode.KV,
+                                  record.prefill_incarnation)
             except Exception as error:
                 self._requests.finish(record.request_id, DecodeState.FAILED, f"could not open its KV room: {error}")
         self.receiver.progress(PROGRESS_S if not self.engine.has_unfinished() else 0)
@@ -158,6 +164,9 @@ class DecodeRole:
 
     def in_flight(self) -> int:
         return len(self._requests)
+
+    def incarnation(self) -> int:
+        return self._incarnation
 
     def capacity(self) -> int:
         return self.engine.config.max_num_seqs

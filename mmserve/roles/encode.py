@@ -190,6 +190,9 @@ class EncodeRole:
     def in_flight(self) -> int:
         return len(self._requests)
 
+    def incarnation(self) -> int:
+        return self.sender.incarnation
+
     def capacity(self) -> int:
         return self._capacity
 

@@ -96,7 +96,8 @@ class PrefillRole:
         try:
             self.sender.add(request.room)
             if request.encode_name:
-                self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING)
+                self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING,
+                                  request.encode_incarnation or None)
         except Exception as error:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"could not open its rooms: {error}")
             raise
@@ -162,6 +163,9 @@ class PrefillRole:
 
     def in_flight(self) -> int:
         return len(self._requests)
+
+    def incarnation(self) -> int:
+        return self.sender.incarnation
 
     def capacity(self) -> int:
         return self.engine.config.max_num_seqs

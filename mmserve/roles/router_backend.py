@@ -56,6 +56,8 @@ class WorkerHandle:
     """Requests this router has sent it that have not ended."""
     page_size: int = 0
     """Tokens per KV page (prefill and decode), as it reports; the router's page keys use it."""
+    incarnation: int = 0
+    """Its process's incarnation, as it reports: sent with each request to the role receiving from it."""
 
     @property
     def load(self) -> float:
@@ -76,7 +78,8 @@ class WorkerPool(pb_grpc.RegistryServicer):
         self.restarts = 0
         """Workers that registered again under their name at a new address: restarted (by
         ``--role all``, Kubernetes or a person) after they died."""
-        self._addresses: dict[str, str] = {}  # every name's last address, dropped workers too
+        self._incarnations: dict[str, tuple[str, int]] = {}
+        """Every name's last (address, incarnation), dropped workers too."""
         self._closing: set[asyncio.Task] = set()
 
     def _retire(self, worker: WorkerHandle) -> None:
@@ -93,17 +96,18 @@ class WorkerPool(pb_grpc.RegistryServicer):
         if request.role not in ROLES:
             return pb.Ack(ok=False, error=f"unknown role {request.role!r}")
         current = self.workers.get(request.name)
-        if current is None or current.address != request.grpc_address:
+        known = self._incarnations.get(request.name)
+        if current is None or current.address != request.grpc_address or current.incarnation != request.incarnation:
             if current is not None:
                 self._retire(current)
-            if self._addresses.get(request.name, request.grpc_address) != request.grpc_address:
+            if known is not None and known != (request.grpc_address, request.incarnation):
                 self.restarts += 1
-            self._addresses[request.name] = request.grpc_address
+            self._incarnations[request.name] = (request.grpc_address, request.incarnation)
             channel = auth.async_channel(request.grpc_address, self.token, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
             current = WorkerHandle(request.role, request.name, request.grpc_address, pb_grpc.WorkerStub(channel),
-                                   channel, time.monotonic())
+                                   channel, time.monotonic(), incarnation=request.incarnation)
             self.workers[request.name] = current
             log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
         current.last_seen = time.monotonic()
@@ -175,14 +179,15 @@ class DisaggregatedBackend:
         trace_context = inject()  # the router's span for this request: each role's span is its child
         stream = decode.stub.Decode(pb.DecodeRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
-            prefill_name=prefill.name, timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
+            prefill_name=prefill.name, prefill_incarnation=prefill.incarnation, timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
         current = prefill
         try:
             ack = await prefill.stub.Prefill(pb.PrefillRequest(
                 request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
                 images=[visual_to_pb(v, with_source=False) for v in p.images],
                 videos=[visual_to_pb(v, with_source=False) for v in p.videos],
-                encode_name=encode.name if encode else "", timeout_s=_seconds_left(request.deadline)),
+                encode_name=encode.name if encode else "", encode_incarnation=encode.incarnation if encode else 0,
+                timeout_s=_seconds_left(request.deadline)),
                 metadata=trace_context)
             if ack.ok and encode is not None:
                 current = encode

@@ -55,6 +55,11 @@ class Role(Protocol):
     def prefix_cache(self) -> PrefixCache | None:
         """Its KV pages' size and where it publishes their events (prefill, decode); None for encode."""
 
+    def incarnation(self) -> int:
+        """Random per process, never 0: the incarnation of its transfer sender (encode, prefill) or
+        its own (decode). The router passes it to the receiving role with each request, so a room
+        opened with a worker that has restarted since fails at once."""
+
     def abort(self, request_id: str) -> None: ...
 
     def close(self) -> None: ...
@@ -207,7 +212,8 @@ def _register_forever(router: str, token: str, role: Role, address: str, stop: t
                     role=role.role, name=role.name, grpc_address=address, capacity=role.capacity(),
                     in_flight=role.in_flight(), page_size=cache.page_size if cache else 0,
                     kv_events_endpoint=cache.events_endpoint if cache else "",
-                    kv_events_replay_endpoint=cache.replay_endpoint if cache else ""), timeout=2)
+                    kv_events_replay_endpoint=cache.replay_endpoint if cache else "",
+                    incarnation=role.incarnation()), timeout=2)
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     log.error("router %s refused the registration: not the cluster's secret", router)

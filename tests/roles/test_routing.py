@@ -144,3 +144,27 @@ def test_the_feed_fills_the_index_from_a_real_publisher_and_forgets_an_unfollowe
     finally:
         feed.close()
         publisher.close()
+
+
+def test_the_pool_keeps_each_workers_incarnation_and_counts_a_new_one_as_a_restart():
+    """A worker restarted at the same address (a pod with a fixed port) is told from the one before
+    by its incarnation: the router sends the new one to receivers and counts the restart."""
+    import asyncio
+
+    from mmserve.roles.router_backend import WorkerPool
+    from mmserve.rpc import worker_pb2 as pb
+
+    async def scenario():
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()))
+        registration = pb.Registration(role="prefill", name="p", grpc_address="127.0.0.1:9", capacity=4,
+                                       incarnation=11)
+        assert (await pool.Register(registration, None)).ok
+        assert (await pool.Register(registration, None)).ok  # a heartbeat
+        assert pool.pick("prefill").incarnation == 11 and pool.restarts == 0
+        registration.incarnation = 12
+        assert (await pool.Register(registration, None)).ok
+        assert pool.pick("prefill").incarnation == 12 and pool.restarts == 1
+        for task in list(pool._closing):  # noqa: SLF001: the retired channel's close, not waited for by the pool
+            task.cancel()
+
+    asyncio.run(scenario())
