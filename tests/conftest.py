@@ -3,7 +3,9 @@ transformers reference models and checkpoint writers) imports from any test."""
 
 import gc
 import os
+import signal
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -32,3 +34,38 @@ def release_compiled_programs():
     gc.collect()
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every fixture has been torn down by now: a ``serve.py`` this process started and still runs
+    was left by a test (its servers would die with this process anyway, MMSERVE_PARENT_PID, but
+    the leak is a bug to name). Each is named, killed, and the run fails."""
+    left = _serve_children()
+    if left:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_sep("=", "serve.py processes left running after every fixture's teardown (killed now)",
+                               red=True)
+            for pid, argv in left.items():
+                reporter.write_line(f"  {pid}: {argv[:300]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _serve_children() -> dict[int, str]:
+    """This process's live children running scripts/serve.py: pid -> command line."""
+    me, found = os.getpid(), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rpartition(")")[2].split()[:2]
+            argv = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(ppid) == me and state not in ("Z", "X") and "serve.py" in argv:
+            found[int(stat.parent.name)] = argv
+    return found

@@ -5,13 +5,22 @@ A restarted worker registers with the router under its old name (the router drop
 address for the new one) and a restarted router is found again by the live workers, which
 re-register every second; the transfer layer fails the rooms a dead peer held at its heartbeat
 timeout. So the deployment heals without a person, whichever process died.
+
+Children never outlive the supervisor: each is started with PARENT_ENV naming it, and
+:func:`die_with_parent` (the first thing ``serve.py`` does) has the kernel kill the child when the
+supervisor dies, even by SIGKILL, which no handler of its own sees.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
+import os
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Mapping
 
@@ -24,6 +33,10 @@ STABLE_S = 60.0
 only FIRST_BACKOFF_S. One that keeps dying sooner waits twice as long each time, up to MAX_BACKOFF_S."""
 STOP_GRACE_S = 10.0
 POLL_S = 0.5
+PARENT_ENV = "MMSERVE_PARENT_PID"
+"""The pid of the process a ``serve.py`` must not outlive (set by the supervisor for its children,
+and by the tests for the servers they start); unset: it lives on its own."""
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclasses.dataclass
@@ -80,6 +93,34 @@ class Supervisor:
                 process.kill()
 
     def _spawn(self, child: Child, now: float) -> None:
-        child.process = subprocess.Popen(child.argv, env=self._env)
+        # From this (the main) thread: PR_SET_PDEATHSIG fires when the thread that forked the child ends.
+        child.process = subprocess.Popen(child.argv, env=self._env | {PARENT_ENV: str(os.getpid())})
         child.started_at, child.restart_at = now, None
         log.info("%s started (pid %d)", child.name, child.process.pid)
+
+
+def die_with_parent(environ: Mapping[str, str] = os.environ) -> None:
+    """When PARENT_ENV is set: this process is SIGKILLed as soon as that parent dies, however it
+    dies (a parent killed with -9 runs no cleanup of its own, so its children would serve on,
+    orphaned, holding their ports and memory). Linux: PR_SET_PDEATHSIG, from the kernel; elsewhere
+    a thread that watches the parent's pid. Exits at once if the parent is already gone (it died
+    while this process was starting). Call it first thing, from the main thread."""
+    value = environ.get(PARENT_ENV)
+    if not value:
+        return
+    parent = int(value)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"prctl(PR_SET_PDEATHSIG): {os.strerror(error)}")
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # checked after asking: a parent that died before is not signalled for
+        raise SystemExit(f"serve.py: its parent (pid {parent}) is gone; not starting")
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(POLL_S)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,7 @@ from mmserve.tracing import TracingConfig, configure_tracing
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import configure_logging, follow_leader, join_role, load_role_model
+from mmserve.roles.supervisor import die_with_parent
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # started by --role all (or a test): ends with its parent, kill -9 included
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # a value the configs refuse is a usage error, said before anything starts

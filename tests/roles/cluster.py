@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from mmserve.cluster_credential import SECRET_ENV
+from mmserve.roles.supervisor import PARENT_ENV
 
 SERVE = str(Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
 ENGINE_FLAGS = ["--num-pages", "256", "--page-size", "8", "--max-model-len", "512", "--max-prefill-tokens", "128"]
@@ -26,6 +27,8 @@ TRANSFER_ENV = {
     "MMSERVE_HEARTBEAT_TIMEOUT": "5",  # a compiling worker still answers: its transfer pump runs apart
     "MMSERVE_BOOTSTRAP_TIMEOUT": "30",
 }
+STOP_GRACE_S = 15.0
+"""How long ``stop`` waits for the processes it sent SIGTERM before it kills them."""
 
 
 def free_port() -> int:
@@ -55,7 +58,13 @@ class Cluster:
         self.log_dir = log_dir
         self.port, self.registry_port, self.bootstrap_port = free_port(), free_port(), free_port()
         self.processes: dict[str, subprocess.Popen] = {}
-        self.env = os.environ | TRANSFER_ENV
+        """The latest process of each role (``ROLE``, ``ROLE.1``...): the one ``kill`` and ``freeze`` reach."""
+        self.started: list[subprocess.Popen] = []
+        """Every process the cluster ever started, those a restart replaced in ``processes`` too:
+        ``stop`` ends them all."""
+        self._logs: list = []
+        # A test process that dies (killed by a timeout, say) takes the cluster with it.
+        self.env = os.environ | TRANSFER_ENV | {PARENT_ENV: str(os.getpid())}
 
     @property
     def url(self) -> str:
@@ -85,10 +94,13 @@ class Cluster:
             key = role if rank == 0 else f"{role}.{rank}"
             env = self.env | self.role_env.get(role, {}) | (cluster | {"MMSERVE_PROCESS_ID": str(rank)} if count > 1 else {})
             log = open(self.log_dir / f"{key}.log", "ab")
-            self.processes[key] = subprocess.Popen(
+            self._logs.append(log)
+            process = subprocess.Popen(
                 [sys.executable, SERVE, "--role", role, "--model", self.model, *ENGINE_FLAGS, *flags,
                  *self.role_flags.get(role, [])],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.started.append(process)
+            self.processes[key] = process
 
     def freeze(self, role: str) -> None:
         """Stops the role's process without ending it (SIGSTOP): what it was sent stays in flight."""
@@ -121,12 +133,19 @@ class Cluster:
         raise TimeoutError(f"cluster not healthy after {timeout}s; logs in {self.log_dir}")
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)  # a stopped process would not act on the TERM
-                process.terminate()
-        for process in self.processes.values():
+        """Ends every process the cluster started (SIGTERM, SIGKILL after STOP_GRACE_S), the ones a
+        restart replaced included, and waits for each: none outlives the test."""
+        running = [process for process in self.started if process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGCONT)  # a stopped process would not act on the TERM
+            process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for process in running:
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()

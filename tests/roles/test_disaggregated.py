@@ -56,9 +56,11 @@ def cluster(tmp_path_factory):
     kv_events = ["--kv-events-endpoint", f"tcp://127.0.0.1:{KV_EVENTS_PORT}",
                  "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{KV_EVENTS_PORT + 1}"]
     c = Cluster("tiny", tmp_path_factory.mktemp("cluster_logs"),
-                role_flags={"router": ["--queue-timeout", "3"], "prefill": kv_events}).start()
-    yield c
-    c.stop()
+                role_flags={"router": ["--queue-timeout", "3"], "prefill": kv_events})
+    try:  # a start that fails or times out stops what it started too
+        yield c.start()
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="module")

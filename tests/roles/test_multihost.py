@@ -29,10 +29,12 @@ def llm():
 def colocated(tmp_path_factory):
     c = Cluster("tiny", tmp_path_factory.mktemp("multihost_colocated"), {"colocated": EIGHT_DEVICE_MESH},
                 {"colocated": FOUR_DEVICES}, {"colocated": 2})
-    c.start_role("colocated", ["--port", str(c.port)])
-    c.wait_healthy()
-    yield c
-    c.stop()
+    try:  # a start that fails or times out stops what it started too
+        c.start_role("colocated", ["--port", str(c.port)])
+        c.wait_healthy()
+        yield c
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,11 @@ def disaggregated(tmp_path_factory):
     flags = {"encode": ["--mesh", "model=2"], "prefill": EIGHT_DEVICE_MESH, "decode": EIGHT_DEVICE_MESH}
     env = {"encode": ONE_DEVICE, "prefill": FOUR_DEVICES, "decode": FOUR_DEVICES}
     c = Cluster("tiny", tmp_path_factory.mktemp("multihost_roles"), flags, env,
-                {"encode": 2, "prefill": 2, "decode": 2}).start()
-    yield c
-    c.stop()
+                {"encode": 2, "prefill": 2, "decode": 2})
+    try:  # a start that fails or times out stops what it started too
+        yield c.start()
+    finally:
+        c.stop()
 
 
 def _client(cluster) -> openai.OpenAI:

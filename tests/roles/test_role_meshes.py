@@ -15,9 +15,11 @@ MESHES = {"encode": ("model=2", 2), "prefill": ("model=2,expert=2", 4), "decode"
 def meshed(tmp_path_factory):
     flags = {role: ["--mesh", mesh] for role, (mesh, _) in MESHES.items()}
     env = {role: {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"} for role, (_, n) in MESHES.items()}
-    c = Cluster("tiny", tmp_path_factory.mktemp("mesh_logs"), flags, env).start()
-    yield c
-    c.stop()
+    c = Cluster("tiny", tmp_path_factory.mktemp("mesh_logs"), flags, env)
+    try:  # a start that fails or times out stops what it started too
+        yield c.start()
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="module")

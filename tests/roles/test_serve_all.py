@@ -18,6 +18,7 @@ from chaos import (DEADLINE_S, ROOM_OF_A_DEAD_SENDER, free_counts, kill_with_req
                    wait_until_free, wait_until_it_answers)
 from cluster import SERVE, free_port, get_json
 from mmserve.cluster_credential import SECRET_ENV
+from mmserve.roles.supervisor import PARENT_ENV
 from test_disaggregated import CASES, MAX_TOKENS, ask, conversation, expected, image
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,8 @@ def server(all_log, trace_file):
                                 "--num-pages", "256", "--page-size", "8", "--max-model-len", "512",
                                 "--max-prefill-tokens", "128", "--trace-file", str(trace_file),
                                 "--request-timeout", str(DEADLINE_S)],
-                               env={k: v for k, v in os.environ.items() if k != SECRET_ENV} | {"JAX_PLATFORMS": "cpu"},
+                               env={k: v for k, v in os.environ.items() if k != SECRET_ENV}
+                               | {"JAX_PLATFORMS": "cpu", PARENT_ENV: str(os.getpid())},
                                stdout=open(all_log, "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:  # a start that fails or times out stops what it started too
@@ -51,7 +53,15 @@ def server(all_log, trace_file):
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        try:  # whatever is left in its session (its process group: the children never leave it)
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait_healthy(process, port: int, all_log) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from mmserve.roles.supervisor import PARENT_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 SERVE = REPO / "scripts" / "serve.py"
 READY_TIMEOUT_S = 480  # loading and compiling every program on a busy 2-core machine
@@ -37,7 +39,8 @@ class ServerProcess:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, str(SERVE), *args, "--port", str(self.port), "--log-level", "warning"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, PARENT_ENV: str(os.getpid()), **(env or {})})  # it dies with the tests
         self._wait_ready()
 
     def _wait_ready(self) -> None:
