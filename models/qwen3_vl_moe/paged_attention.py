@@ -23,6 +23,9 @@ BLOCK_TOKENS = 64
 """Keys per block of :func:`attend` (rounded down to whole pages, at least one). On CPU no size of
 32-256 wins every shape of scripts/bench_attention.py (large batches' decode likes smaller blocks,
 prefill chunks larger ones); 64 was within about 20% of the best everywhere."""
+SINGLE_ROW_BLOCK_TOKENS = 128
+"""The same for a batch of one row, whose blocks are small enough that the loop's per-block cost
+shows: 128 was 10-25% faster than 64 at one row in every shape of the benchmark."""
 
 
 def token_slots(page_tables, starts, lengths, num_tokens: int, page_size: int, num_pages: int):
@@ -39,18 +42,21 @@ def write_kv(cache, layer: int, new, page, slot):
     return cache.at[layer, page, slot].set(new.astype(cache.dtype), mode="drop")
 
 
-def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_tokens: int = BLOCK_TOKENS):
+def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_tokens: int | None = None):
     """q [B, T, heads, d] against the pages in ``page_tables`` [B, max_pages]; causal by position.
 
     k_layer, v_layer [pages, page_size, kv_heads, d]; query_pos [B, T] the position of each query
     (key j of a row is the token at index j of its page table, visible when j <= query_pos).
-    Returns [B, T, heads * d]. A query that sees no key (query_pos < 0) gets zeros.
+    Returns [B, T, heads * d]. A query that sees no key (query_pos < 0) gets zeros. block_tokens:
+    keys a block (default :data:`BLOCK_TOKENS`, or :data:`SINGLE_ROW_BLOCK_TOKENS` for one row).
     """
     k_layer, v_layer, page_tables = jnp.asarray(k_layer), jnp.asarray(v_layer), jnp.asarray(page_tables)
     b, t, heads, d = q.shape
     page_size, kv_heads = k_layer.shape[1], k_layer.shape[2]
     g = heads // kv_heads
     width = page_tables.shape[1]
+    if block_tokens is None:
+        block_tokens = SINGLE_ROW_BLOCK_TOKENS if b == 1 else BLOCK_TOKENS
     block_pages = max(1, min(block_tokens // page_size, width))
     num_blocks = -(-width // block_pages)
     if num_blocks * block_pages > width:  # the last block reads page 0 past the table: masked below
