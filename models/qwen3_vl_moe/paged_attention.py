@@ -20,12 +20,14 @@ import jax.numpy as jnp
 from jax import lax
 
 BLOCK_TOKENS = 64
-"""Keys per block of :func:`attend` (rounded down to whole pages, at least one). On CPU no size of
-32-256 wins every shape of scripts/bench_attention.py (large batches' decode likes smaller blocks,
-prefill chunks larger ones); 64 was within about 20% of the best everywhere."""
-SINGLE_ROW_BLOCK_TOKENS = 128
-"""The same for a batch of one row, whose blocks are small enough that the loop's per-block cost
-shows: 128 was 10-25% faster than 64 at one row in every shape of the benchmark."""
+"""The fewest keys a block of :func:`attend` holds (rounded down to whole pages, at least one)."""
+BLOCK_BYTES = 256 * 1024
+"""Keys of one block over the whole batch, in bytes, that :func:`attend` grows a block to (in powers
+of two of :data:`BLOCK_TOKENS`): a small batch of narrow heads otherwise pays the loop's per-block
+cost on tiny blocks. On CPU (scripts/bench_attention.py) no one size wins every shape: large
+batches' decode likes 32-64 keys, one row of the bench shape (256 bytes a key) a single block of
+2048; this rule gives 64 keys at 8-32 rows of the 30b layer, 128 at one row, 1024 at one row of
+the bench shape."""
 
 
 def token_slots(page_tables, starts, lengths, num_tokens: int, page_size: int, num_pages: int):
@@ -48,7 +50,8 @@ def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_toke
     k_layer, v_layer [pages, page_size, kv_heads, d]; query_pos [B, T] the position of each query
     (key j of a row is the token at index j of its page table, visible when j <= query_pos).
     Returns [B, T, heads * d]. A query that sees no key (query_pos < 0) gets zeros. block_tokens:
-    keys a block (default :data:`BLOCK_TOKENS`, or :data:`SINGLE_ROW_BLOCK_TOKENS` for one row).
+    keys a block (default: :data:`BLOCK_TOKENS`, doubled while the batch's keys of a block stay
+    within :data:`BLOCK_BYTES`).
     """
     k_layer, v_layer, page_tables = jnp.asarray(k_layer), jnp.asarray(v_layer), jnp.asarray(page_tables)
     b, t, heads, d = q.shape
@@ -56,7 +59,9 @@ def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_toke
     g = heads // kv_heads
     width = page_tables.shape[1]
     if block_tokens is None:
-        block_tokens = SINGLE_ROW_BLOCK_TOKENS if b == 1 else BLOCK_TOKENS
+        block_tokens = BLOCK_TOKENS
+        while 2 * block_tokens * b * kv_heads * d * k_layer.dtype.itemsize <= BLOCK_BYTES:
+            block_tokens *= 2
     block_pages = max(1, min(block_tokens // page_size, width))
     num_blocks = -(-width // block_pages)
     if num_blocks * block_pages > width:  # the last block reads page 0 past the table: masked below
