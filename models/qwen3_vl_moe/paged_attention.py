@@ -44,18 +44,23 @@ def write_kv(cache, layer: int, new, page, slot):
     return cache.at[layer, page, slot].set(new.astype(cache.dtype), mode="drop")
 
 
-def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_tokens: int | None = None):
+def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_tokens: int | None = None,
+           layer: int | None = None):
     """q [B, T, heads, d] against the pages in ``page_tables`` [B, max_pages]; causal by position.
 
     k_layer, v_layer [pages, page_size, kv_heads, d]; query_pos [B, T] the position of each query
     (key j of a row is the token at index j of its page table, visible when j <= query_pos).
     Returns [B, T, heads * d]. A query that sees no key (query_pos < 0) gets zeros. block_tokens:
     keys a block (default: :data:`BLOCK_TOKENS`, doubled while the batch's keys of a block stay
-    within :data:`BLOCK_BYTES`).
+    within :data:`BLOCK_BYTES`). layer: k_layer and v_layer are then the whole caches
+    [layers, pages, page_size, kv_heads, d] and the blocks gather this layer's pages straight from
+    them (slicing the layer out first would copy it whole before the loop, at every step).
     """
     k_layer, v_layer, page_tables = jnp.asarray(k_layer), jnp.asarray(v_layer), jnp.asarray(page_tables)
+    if layer is None:
+        k_layer, v_layer, layer = k_layer[None], v_layer[None], 0
+    page_size, kv_heads = k_layer.shape[2], k_layer.shape[3]
     b, t, heads, d = q.shape
-    page_size, kv_heads = k_layer.shape[1], k_layer.shape[2]
     g = heads // kv_heads
     width = page_tables.shape[1]
     if block_tokens is None:
@@ -73,8 +78,9 @@ def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_toke
     def block(i, carry):
         m, l, acc = carry  # running max, sum of exp, unnormalised output (fp32)
         pages = lax.dynamic_slice_in_dim(page_tables, i * block_pages, block_pages, axis=1)
-        k = k_layer[pages].reshape(b, block_len, kv_heads, d).transpose(0, 2, 1, 3)  # [B, kv, S, d]
-        v = v_layer[pages].reshape(b, block_len, kv_heads, d).transpose(0, 2, 1, 3)
+        at = (jnp.full_like(pages, layer), pages)  # one gather of (layer, page) pairs
+        k = k_layer[at].reshape(b, block_len, kv_heads, d).transpose(0, 2, 1, 3)  # [B, kv, S, d]
+        v = v_layer[at].reshape(b, block_len, kv_heads, d).transpose(0, 2, 1, 3)
         s = jnp.einsum("bkqd,bksd->bkqs", qh, k, preferred_element_type=jnp.float32) * scale
         key_pos = i * block_len + jnp.arange(block_len)
         visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, T, S]

@@ -85,3 +85,14 @@ def test_decode_padding_rows_are_finite_and_short_batches_match(rng):
     kv = np.ones((3, PAGE, KV_HEADS, DIM), np.float32)
     out = attend(q, kv, kv, np.zeros((1, WIDTH), np.int32), np.full((1, 1), -1, np.int32), 1.0, block_tokens=PAGE)
     np.testing.assert_array_equal(np.asarray(out), 0.0)  # a query that sees no key gets zeros, not NaN
+
+
+def test_layer_of_the_whole_cache_equals_the_sliced_layer(rng):
+    """The model passes the whole cache and its layer (no copy of the layer before the loop)."""
+    cache = rng.standard_normal((3, 2 * WIDTH + 1, PAGE, KV_HEADS, DIM)).astype(np.float32)
+    tables = rng.permutation(np.arange(1, 2 * WIDTH + 1)).reshape(2, WIDTH).astype(np.int32)
+    q = rng.standard_normal((2, 3, HEADS, DIM)).astype(np.float32)
+    query_pos = np.array([[9, 10, 11], [20, 21, 22]], np.int32)
+    whole = attend(q, cache, cache[::-1], tables, query_pos, 0.3, block_tokens=2 * PAGE, layer=1)
+    sliced = attend(q, cache[1], cache[1], tables, query_pos, 0.3, block_tokens=2 * PAGE)
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(sliced))
