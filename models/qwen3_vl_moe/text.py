@@ -49,7 +49,7 @@ class Attention(nn.Module):
 
         page, slot, query_pos, page_tables = slots
         cache = KVCache(k=write_kv(cache.k, self.layer, k, page, slot), v=write_kv(cache.v, self.layer, v, page, slot))
-        out = attend(q, cache.k[self.layer], cache.v[self.layer], page_tables, query_pos, c.head_dim**-0.5)
+        out = attend(q, cache.k, cache.v, page_tables, query_pos, c.head_dim**-0.5, layer=self.layer)
         return dense(c.hidden_size, "o_proj")(out), cache
 
 
