@@ -5,6 +5,10 @@ published yet, so a receiver can be told about a room before its sender is up. A
 trusted for one heartbeat interval (senders re-publish at that pace), so a busy receiver asks
 about once per interval per sender, not per room, and a sender restarted under the same name (a
 pod keeps its name) is found at its new address by the next room, not after a failed one.
+
+The directory also remembers which incarnation of each sender the registry stopped naming (its
+lease ran out: the process died; or another incarnation replaced it), so a room opened with that
+incarnation fails at once instead of waiting, unanswered, for the bootstrap timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ class SenderDirectory:
         self._endpoints: dict[SenderKey, tuple[SenderEndpoint, float]] = {}
         """Each answer with the time until which it is trusted."""
         self._next_lookup: dict[SenderKey, float] = {}
+        self._seen: dict[SenderKey, int] = {}
+        """The incarnation each sender had in the latest answer naming it."""
+        self._gone: dict[SenderKey, int] = {}
+        self._answers: dict[SenderKey, int] = {}
+        """How many answers about each sender have come back, so a room can wait for a newer one."""
+        """The incarnation the registry last stopped naming, per sender (one per name: bounded)."""
 
     def watch(self, registry: str) -> None:
         if registry not in self._registries:
@@ -57,10 +67,29 @@ class SenderDirectory:
         fresh_until = time.monotonic() + self.config.heartbeat_interval_s
         for address, registry in self._registries.items():
             for answer in registry.replies():
+                key = (address, answer.endpoint.name if isinstance(answer, Found) else answer.name)
+                self._answers[key] = self._answers.get(key, 0) + 1
                 if isinstance(answer, Found):
-                    self._endpoints[(address, answer.endpoint.name)] = answer.endpoint, fresh_until
+                    incarnation = answer.endpoint.incarnation
+                    self._endpoints[key] = answer.endpoint, fresh_until
+                    seen = self._seen.get(key)
+                    if seen is not None and seen != incarnation:
+                        self._gone[key] = seen
+                    elif self._gone.get(key) == incarnation:
+                        del self._gone[key]  # it only missed its lease (a stall) and published again
+                    self._seen[key] = incarnation
                 elif isinstance(answer, NotFound):
-                    self._endpoints.pop((address, answer.name), None)
+                    self._endpoints.pop(key, None)
+                    if key in self._seen:
+                        self._gone[key] = self._seen[key]
+
+    def gone(self, key: SenderKey, incarnation: int | None) -> bool:
+        """Whether the registry stopped naming that incarnation of the sender since it named it."""
+        return incarnation is not None and self._gone.get(key) == incarnation
+
+    def answers(self, key: SenderKey) -> int:
+        """How many answers about the sender have come back so far."""
+        return self._answers.get(key, 0)
 
     def forget(self, key: SenderKey) -> None:
         """Drops a sender found dead, so the next room looks it up again."""

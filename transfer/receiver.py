@@ -61,6 +61,8 @@ class ReceiverRoom(Room):
     """The sender incarnation the room was opened with (None: whichever is published)."""
     looked_again: bool = False
     """The registry was asked again because its cached answer was another incarnation."""
+    asked_at: int | None = None
+    """The directory's answer count when the room asked again about a sender judged gone."""
     endpoint: SenderEndpoint | None = None
     """Set once Register is sent."""
     segments: list[Segment] = dataclasses.field(default_factory=list)
@@ -231,6 +233,16 @@ class Receiver:
             self._make_room(room)
 
     def _bootstrap(self, room: ReceiverRoom, now: float) -> None:
+        if self._directory.gone(room.sender, room.incarnation):
+            # The sender may only have missed its lease and published since: ask once, and fail
+            # on an answer newer than the question.
+            if room.asked_at is None:
+                room.asked_at = self._directory.answers(room.sender)
+                self._directory.forget(room.sender)
+            elif self._directory.answers(room.sender) > room.asked_at:
+                self._fail(room, f"sender {room.sender[1]} is gone: the registry stopped naming the incarnation "
+                           "this room was opened with (it died or restarted)", notify=False)
+                return
         if not room.segments:
             allocation = self.allocator.alloc(self.config.default_tokens)
             if allocation is None:

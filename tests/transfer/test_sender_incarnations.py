@@ -102,3 +102,48 @@ def test_a_room_opened_without_an_incarnation_takes_whichever_is_published(regis
     finally:
         receiver.close()
         sender.close()
+
+
+def test_a_room_of_a_sender_that_died_fails_once_the_registry_stops_naming_it(registry):
+    """The drill's prefill kill: decode reserves pages for a request after its prefill died (and
+    before any restart); waiting for the bootstrap timeout would outlive the request's deadline."""
+    config, bootstrap = registry
+    config = dataclasses.replace(config, heartbeat_timeout_s=1.0)  # the registry's lease on a name
+    sender = Sender(config, EMBEDDING_FIELDS, "prefill-0", bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    try:
+        sender.add(1)
+        receiver.add(1, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
+        drive([sender, receiver], lambda: receiver.poll(1) is PollState.WAITING_FOR_INPUT)
+        sender._registry.close()  # noqa: SLF001: killed, it withdraws nothing
+        sender._channel.close()  # noqa: SLF001
+        drive([receiver], lambda: "prefill-0" not in bootstrap.endpoints(), timeout=10)
+        started = time.monotonic()
+        receiver.add(2, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
+        drive([receiver], lambda: receiver.poll(2) is PollState.FAILED, timeout=15)
+        assert time.monotonic() - started < 3, "the room of the dead sender waited for the bootstrap timeout"
+        assert "sender prefill-0 is gone" in receiver.failure(2)
+    finally:
+        receiver.close()
+
+
+def test_a_sender_that_only_missed_its_lease_is_taken_again_once_it_publishes(registry):
+    config, bootstrap = registry
+    config = dataclasses.replace(config, heartbeat_timeout_s=1.0)
+    sender = Sender(config, EMBEDDING_FIELDS, "prefill-0", bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    try:
+        sender.add(1)
+        receiver.add(1, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
+        drive([sender, receiver], lambda: receiver.poll(1) is PollState.WAITING_FOR_INPUT)
+        # the sender stalls (not driven) past its lease: the registry drops it, its rooms fail
+        drive([receiver], lambda: "prefill-0" not in bootstrap.endpoints(), timeout=10)
+        receiver.add(2, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
+        drive([receiver], lambda: receiver.poll(2) is PollState.FAILED, timeout=5)
+        sender.add(3)  # it wakes, publishes again; the same incarnation is alive after all
+        drive([sender], lambda: "prefill-0" in bootstrap.endpoints())
+        receiver.add(3, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
+        drive([sender, receiver], lambda: receiver.poll(3) is PollState.WAITING_FOR_INPUT, timeout=10)
+    finally:
+        receiver.close()
+        sender.close()
