@@ -11,7 +11,6 @@ import urllib.request
 from collections.abc import Callable
 
 import openai
-import pytest
 
 from cluster import get_json
 from test_disaggregated import ask, conversation, expected, image
@@ -19,11 +18,6 @@ from test_disaggregated import ask, conversation, expected, image
 IN_FLIGHT = 16
 DEADLINE_S = 60.0
 """The router's --request-timeout in the drills: the longest any request may take."""
-ROOM_OF_A_DEAD_SENDER = pytest.mark.xfail(strict=False, reason=(
-    "known bug (docs/status.md): requests still waiting in decode's page reservation queue when "
-    "prefill dies register their KV room, later, with the restarted prefill (same name), which takes "
-    "them for early registrations; they end only at the router's deadline or a bootstrap timeout"))
-"""The prefill kill of the drill: 400-token requests fill decode's pages, so some wait to reserve."""
 TOKENS = 400
 """Each request decodes this many tokens (EOS ignored), so all 16 are still in flight at the kill
 (the tiny model decodes 96 in under a second)."""

@@ -7,7 +7,7 @@ is found by the live workers); every pool is back to its starting free counts.
 
 import pytest
 
-from chaos import (DEADLINE_S, ROOM_OF_A_DEAD_SENDER, free_counts, kill_with_requests_in_flight, router_metric,
+from chaos import (DEADLINE_S, free_counts, kill_with_requests_in_flight, router_metric,
                    wait_until_free, wait_until_it_answers)
 from cluster import Cluster
 from mmserve import LLM
@@ -29,8 +29,7 @@ def llm():
     return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128)
 
 
-@pytest.mark.parametrize("role", ["decode", pytest.param("prefill", marks=ROOM_OF_A_DEAD_SENDER), "encode",
-                                  "router"])
+@pytest.mark.parametrize("role", ["decode", "prefill", "encode", "router"])
 def test_a_killed_role_started_again_is_taken_back_and_nothing_stays_held(cluster, llm, role):
     before = free_counts(cluster.url)
     restarts = router_metric(cluster.url, "mmserve_backend_worker_restarts")
