@@ -58,6 +58,11 @@ class KVCacheManager:
         return budget_bytes // page_bytes
 
     @property
+    def num_reservable_pages(self) -> int:
+        """Pages sequences may hold at once: all but the scratch page."""
+        return self.num_pages - (SCRATCH_PAGE + 1)
+
+    @property
     def num_free_pages(self) -> int:
         """Pages a sequence may take: blank ones and cached ones that nobody holds (evictable)."""
         return len(self._free_pages) + self.prefix_cache.num_idle

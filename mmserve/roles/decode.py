@@ -165,6 +165,9 @@ class DecodeRole:
     def in_flight(self) -> int:
         return len(self._requests)
 
+    def kv_reserve(self) -> tuple[int, int]:
+        return self.engine.kv.num_reservable_pages, self.engine.kv.page_size
+
     def incarnation(self) -> int:
         return self._incarnation
 

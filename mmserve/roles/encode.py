@@ -190,6 +190,9 @@ class EncodeRole:
     def in_flight(self) -> int:
         return len(self._requests)
 
+    def kv_reserve(self) -> tuple[int, int]:
+        return 0, 0
+
     def incarnation(self) -> int:
         return self.sender.incarnation
 

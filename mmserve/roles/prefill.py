@@ -164,6 +164,9 @@ class PrefillRole:
     def in_flight(self) -> int:
         return len(self._requests)
 
+    def kv_reserve(self) -> tuple[int, int]:
+        return 0, 0
+
     def incarnation(self) -> int:
         return self.sender.incarnation
 

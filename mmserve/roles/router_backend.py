@@ -58,6 +58,14 @@ class WorkerHandle:
     """Tokens per KV page (prefill and decode), as it reports; the router's page keys use it."""
     incarnation: int = 0
     """Its process's incarnation, as it reports: sent with each request to the role receiving from it."""
+    kv_pages: int = 0
+    kv_page_size: int = 0
+    """Decode: the KV pages it reserves whole requests from and tokens per page, as it reports (0: none)."""
+    kv_reserved: int = 0
+    """Pages this router's requests in flight there have reserved."""
+
+    def kv_pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.kv_page_size) if self.kv_page_size else 0
 
     @property
     def load(self) -> float:
@@ -113,6 +121,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
         current.last_seen = time.monotonic()
         current.capacity, current.reported_in_flight = max(request.capacity, 1), request.in_flight
         current.page_size = request.page_size
+        current.kv_pages, current.kv_page_size = request.kv_pages, request.kv_page_size
         if self.feed is not None and request.kv_events_endpoint:
             self.feed.follow(request.name, request.kv_events_endpoint, request.kv_events_replay_endpoint)
         return pb.Ack(ok=True)
@@ -128,9 +137,12 @@ class WorkerPool(pb_grpc.RegistryServicer):
         now = time.monotonic()
         return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
 
-    def pick(self, role: str, prompt: PreparedPrompt | None = None) -> WorkerHandle:
-        """The live worker of ``role`` the routing policy chooses for ``prompt``."""
-        choice = self.chooser.choose(role, self.live(role), prompt)
+    def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0) -> WorkerHandle:
+        """The live worker of ``role`` the routing policy chooses for ``prompt``, among those with
+        room for ``kv_tokens`` of KV by this router's count, if any has."""
+        live = self.live(role)
+        roomy = [w for w in live if w.kv_pages - w.kv_reserved >= w.kv_pages_for(kv_tokens)]
+        choice = self.chooser.choose(role, roomy or live, prompt)
         if choice.matched_pages:
             self.prefix_routed += 1
         return choice.worker
@@ -153,10 +165,21 @@ class DisaggregatedBackend:
         """Requests the live prefill and decode workers hold together (encode queues its images)."""
         return min(self.pool.capacity("prefill"), self.pool.capacity("decode"))
 
+    def kv_capacity(self) -> int | None:
+        """Tokens of KV the live decode workers reserve requests from, together (None: none says)."""
+        decode = [w for w in self.pool.live("decode") if w.kv_pages]
+        return sum(w.kv_pages * w.kv_page_size for w in decode) if decode else None
+
+    def kv_demand(self, request: GenerateRequest) -> int:
+        """The tokens of KV decode reserves for the request: prompt + max_tokens, in whole pages."""
+        page = max((w.kv_page_size for w in self.pool.live("decode")), default=0) or 1
+        return -(-_reserved_tokens(request) // page) * page
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         visual = bool(request.prompt.images or request.prompt.videos)
         try:
-            decode, prefill = self.pool.pick("decode"), self.pool.pick("prefill", request.prompt)
+            decode = self.pool.pick("decode", kv_tokens=_reserved_tokens(request))
+            prefill = self.pool.pick("prefill", request.prompt)
             encode = self.pool.pick("encode") if visual else None
         except LookupError as error:
             yield TokenEvent(request.request_id, [], error=str(error))
@@ -166,12 +189,15 @@ class DisaggregatedBackend:
         self._active[request.request_id] = workers
         for w in workers:
             w.in_flight += 1
+        kv_pages = decode.kv_pages_for(_reserved_tokens(request))
+        decode.kv_reserved += kv_pages
         try:
             async for event in self._run(request, room, encode, prefill, decode):
                 yield event
         finally:
             for w in workers:
                 w.in_flight -= 1
+            decode.kv_reserved -= kv_pages
             del self._active[request.request_id]
 
     async def _run(self, request, room, encode, prefill, decode) -> AsyncIterator[TokenEvent]:
@@ -276,3 +302,7 @@ async def serve_registry(pool: WorkerPool, host: str, port: int) -> grpc.aio.Ser
     await server.start()
     return server
 
+
+def _reserved_tokens(request: GenerateRequest) -> int:
+    """What decode reserves KV for, up front: the prompt and every token the request may generate."""
+    return len(request.prompt.token_ids) + request.params.max_tokens

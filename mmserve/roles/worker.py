@@ -55,6 +55,10 @@ class Role(Protocol):
     def prefix_cache(self) -> PrefixCache | None:
         """Its KV pages' size and where it publishes their events (prefill, decode); None for encode."""
 
+    def kv_reserve(self) -> tuple[int, int]:
+        """(pages, tokens per page) it reserves whole requests from (decode: prompt + max_tokens,
+        up front); (0, 0) where it reserves none. The router admits no more than fits."""
+
     def incarnation(self) -> int:
         """Random per process, never 0: the incarnation of its transfer sender (encode, prefill) or
         its own (decode). The router passes it to the receiving role with each request, so a room
@@ -204,6 +208,7 @@ def _register_forever(router: str, token: str, role: Role, address: str, stop: t
     cache = role.prefix_cache()
     if cache is not None:
         cache = cache.dialled_at(address.rpartition(":")[0])
+    kv_pages, kv_page_size = role.kv_reserve()
     with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
@@ -213,7 +218,7 @@ def _register_forever(router: str, token: str, role: Role, address: str, stop: t
                     in_flight=role.in_flight(), page_size=cache.page_size if cache else 0,
                     kv_events_endpoint=cache.events_endpoint if cache else "",
                     kv_events_replay_endpoint=cache.replay_endpoint if cache else "",
-                    incarnation=role.incarnation()), timeout=2)
+                    incarnation=role.incarnation(), kv_pages=kv_pages, kv_page_size=kv_page_size), timeout=2)
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     log.error("router %s refused the registration: not the cluster's secret", router)

@@ -63,6 +63,13 @@ class Backend(Protocol):
     def capacity(self) -> int:
         """Requests it can hold at once now; the router admits no more (0: none can be taken)."""
 
+    def kv_capacity(self) -> int | None:
+        """Tokens of KV it reserves whole requests from, together (the router admits no more than
+        fit); None where requests do not reserve KV up front (the colocated engine preempts)."""
+
+    def kv_demand(self, request: GenerateRequest) -> int:
+        """The tokens of KV ``request`` reserves (counted against ``kv_capacity``)."""
+
     async def abort(self, request_id: str) -> None:
         """Stops a request (a client that went away); frees everything it holds."""
 

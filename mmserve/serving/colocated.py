@@ -110,6 +110,12 @@ class ColocatedBackend:
     def capacity(self) -> int:
         return self._engine.config.max_num_seqs
 
+    def kv_capacity(self) -> None:
+        return None  # the engine admits by pages itself, and preempts
+
+    def kv_demand(self, request: GenerateRequest) -> int:
+        return 0
+
     async def health(self) -> dict:
         healthy = self._healthy
         return {

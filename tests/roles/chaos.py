@@ -63,7 +63,8 @@ def kill_with_requests_in_flight(url: str, kill: Callable[[], None]) -> list[flo
     with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT) as pool:
         asked = [pool.submit(_request, client, i) for i in range(IN_FLIGHT)]
         deadline = time.monotonic() + 30
-        while router_metric(url, "mmserve_requests_in_flight") < IN_FLIGHT:
+        while (router_metric(url, "mmserve_requests_in_flight")
+               + router_metric(url, "mmserve_requests_queued")) < IN_FLIGHT:  # queued: waiting for decode's KV
             assert time.monotonic() < deadline and not any(f.done() for f in asked), "the 16 were never in flight together"
             time.sleep(0.05)
         kill()

@@ -168,3 +168,35 @@ def test_the_pool_keeps_each_workers_incarnation_and_counts_a_new_one_as_a_resta
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_decode_workers_report_their_kv_and_each_request_goes_where_its_kv_fits():
+    """The router admits by decode's KV (prompt + max_tokens, whole pages) and sends a request to
+    a decode worker with room by its own count of what it has sent there."""
+    import asyncio
+
+    from mmserve.engine.inputs import PreparedPrompt
+    from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool
+    from mmserve.rpc import worker_pb2 as pb
+    from mmserve.sampling_params import SamplingParams
+    from mmserve.serving.backend import GenerateRequest
+
+    async def scenario():
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()))
+        backend = DisaggregatedBackend(pool)
+        assert backend.kv_capacity() is None  # no decode worker yet
+        for name, pages in (("small", 10), ("large", 40)):
+            assert (await pool.Register(pb.Registration(role="decode", name=name, grpc_address=f"127.0.0.1:{pages}",
+                                                        capacity=8, kv_pages=pages, kv_page_size=8), None)).ok
+        assert backend.kv_capacity() == (10 + 40) * 8
+        request = GenerateRequest("r", PreparedPrompt([1] * 30, [], []), SamplingParams(max_tokens=60))
+        assert backend.kv_demand(request) == 96  # 90 tokens in pages of 8
+        pool.workers["large"].in_flight = 3  # busier, but the only one with room for 12 pages
+        assert pool.pick("decode", kv_tokens=90).name == "large"
+        pool.workers["large"].kv_reserved = 35
+        assert pool.pick("decode", kv_tokens=90).name == "small"  # neither has room: by load
+        assert pool.pick("decode", kv_tokens=8).name == "small"
+        for task in list(pool._closing):  # noqa: SLF001
+            task.cancel()
+
+    asyncio.run(scenario())

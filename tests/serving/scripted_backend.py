@@ -23,6 +23,8 @@ class ScriptedBackend:
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.slots = 64
+        self.kv_tokens: int | None = None
+        """KV the backend reserves requests from, like decode (None: not limited by KV)."""
 
     async def generate(self, request: GenerateRequest):
         self.requests.append(request)
@@ -33,6 +35,12 @@ class ScriptedBackend:
 
     def capacity(self) -> int:
         return self.slots
+
+    def kv_capacity(self) -> int | None:
+        return self.kv_tokens
+
+    def kv_demand(self, request: GenerateRequest) -> int:
+        return len(request.prompt.token_ids) + request.params.max_tokens
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

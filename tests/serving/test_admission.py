@@ -155,3 +155,54 @@ def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(served):
     stalled.close()
     backend.script = [TOKEN, DONE]
     assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
+
+
+def test_requests_are_admitted_by_the_kv_they_reserve_not_only_by_slots(served):
+    """Decode reserves prompt + max_tokens for each request up front: one whose KV does not fit
+    waits at the router (slots free or not) instead of inside decode; one that could never fit
+    is a 400 at once."""
+    server, backend = served
+    backend.kv_tokens = 150  # one request of max_tokens 100 fits, two do not; slots are 2
+    backend.script = [TOKEN, HANG]
+    long = CHAT | {"max_tokens": 100}
+    held = _hold(server.url, long)
+    _wait_for(lambda: len(backend.requests) == 1)
+    answer = []
+    waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{server.url}/v1/chat/completions",
+                                                                      long, timeout=30)))
+    waiting.start()
+    _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+    assert len(backend.requests) == 1 and _running(server.url) == 1  # a slot is free, the KV is not
+    status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT | {"max_tokens": 200}, timeout=30)
+    assert status == 400 and "KV cache" in body["error"]["message"] and body["error"]["param"] == "max_tokens"
+    backend.script = [TOKEN, DONE]
+    held.close()  # its client leaves: aborted, its KV goes to the queued request
+    waiting.join()
+    assert answer[0][0] == 200
+    _wait_for(lambda: _running(server.url) == 0)
+    assert request("POST", f"{server.url}/v1/chat/completions", long, timeout=30)[0] == 200  # all KV given back
+
+
+def test_queued_requests_are_refused_once_no_worker_of_a_role_is_left(model):
+    """A role's last worker dies while requests queue: they get the door's 503 within a recheck,
+    not after the queue timeout (the kill drills' requests must end within their deadline)."""
+    backend = ScriptedBackend()
+    backend.slots = 1
+    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256, queue_timeout_s=30.0)))
+    try:
+        backend.script = [TOKEN, HANG]
+        held = _hold(server.url, CHAT)
+        _wait_for(lambda: len(backend.requests) == 1)
+        answer = []
+        waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{server.url}/v1/chat/completions",
+                                                                          CHAT, timeout=60)))
+        waiting.start()
+        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+        start = time.monotonic()
+        backend.slots = 0
+        waiting.join()
+        assert answer[0][0] == 503 and "none is up" in answer[0][1]["error"]["message"]
+        assert time.monotonic() - start < 5
+        held.close()
+    finally:
+        server.stop()

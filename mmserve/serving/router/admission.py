@@ -6,8 +6,14 @@ waited too long (or finds no worker at all) with 503, both with ``Retry-After``.
 clients that hold their streams open, never strand work inside the roles (a prompt prefilled
 whose decode never finds a slot) and never make a later request hang without an answer.
 
-The capacity is asked of the backend each time (workers come and go); a slot is held from
-admission until the request's stream ends, whatever ends it.
+Requests are counted, and so is the KV they reserve where the backend reserves it up front
+(decode reserves prompt + max_tokens for each request, so pages, not slots, are often what runs
+out first): a request whose KV does not fit waits here rather than inside decode, where its
+prefilled KV would hold prefill's transfer buffers meanwhile. One that could not fit even in an
+idle backend is refused with 400.
+
+The capacity is asked of the backend each time (workers come and go); a slot and its KV are held
+from admission until the request's stream ends, whatever ends it.
 """
 
 from __future__ import annotations
@@ -33,25 +39,29 @@ class Overloaded(InvalidRequest):
 
 
 class Ticket:
-    """One admitted request's slot; ``release`` is idempotent."""
+    """One admitted request's slot and KV; ``release`` is idempotent."""
 
-    def __init__(self, admission: Admission):
+    def __init__(self, admission: Admission, kv_tokens: int):
         self._admission = admission
+        self.kv_tokens = kv_tokens
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._admission._release()
+            self._admission._release(self.kv_tokens)
 
 
 class Admission:
-    def __init__(self, capacity: Callable[[], int], max_queued: int, queue_timeout_s: float):
+    def __init__(self, capacity: Callable[[], int], max_queued: int, queue_timeout_s: float,
+                 kv_capacity: Callable[[], int | None] = lambda: None):
         self._capacity = capacity
+        self._kv_capacity = kv_capacity
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
         self.running = 0
-        self._queue: collections.deque[asyncio.Future] = collections.deque()
+        self.kv_held = 0
+        self._queue: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
 
     def capacity(self) -> int:
         return self._capacity()
@@ -60,19 +70,24 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def admit(self) -> Ticket:
-        """A slot now, or after waiting in the queue; raises ``Overloaded`` otherwise."""
-        capacity = self._capacity()
+    async def admit(self, kv_tokens: int = 0) -> Ticket:
+        """A slot (and ``kv_tokens`` of KV) now, or after waiting in the queue; raises
+        ``Overloaded`` otherwise, ``InvalidRequest`` (400) if the KV could never fit."""
+        capacity, kv_capacity = self._capacity(), self._kv_capacity()
         if capacity <= 0:
             raise Overloaded("no worker can take requests now (none is up)", 503)
-        if not self._queue and self.running < capacity:
-            self.running += 1
-            return Ticket(self)
+        if kv_capacity is not None and kv_tokens > kv_capacity:
+            raise InvalidRequest(f"the prompt and max_tokens need {kv_tokens} tokens of KV cache, more than the "
+                                 f"decode workers hold ({kv_capacity}); lower max_tokens or shorten the prompt",
+                                 "max_tokens")
+        if not self._queue and self._fits(kv_tokens, capacity, kv_capacity):
+            self._take(kv_tokens)
+            return Ticket(self, kv_tokens)
         if len(self._queue) >= self.max_queued:
             raise Overloaded(f"the server is at capacity ({self.running} requests running, {len(self._queue)} "
                              f"queued); retry later", 429)
         turn = asyncio.get_running_loop().create_future()
-        self._queue.append(turn)
+        self._queue.append((turn, kv_tokens))
         deadline = time.monotonic() + self.queue_timeout_s
         try:
             while not turn.done():
@@ -82,22 +97,34 @@ class Admission:
                 try:
                     await asyncio.wait_for(asyncio.shield(turn), min(RECHECK_S, left))
                 except TimeoutError:
+                    if self._capacity() <= 0:  # a role's last worker died: as at the door, not a wait
+                        raise Overloaded("no worker can take requests now (none is up)", 503) from None
                     self._admit_queued()
         except BaseException:
             if turn.done() and not turn.cancelled():  # given a slot just as it gave up: hand it on
-                self._release()
+                self._release(kv_tokens)
             else:
                 turn.cancel()
-                self._queue.remove(turn)
+                self._queue.remove((turn, kv_tokens))
             raise
-        return Ticket(self)
+        return Ticket(self, kv_tokens)
 
-    def _release(self) -> None:
+    def _fits(self, kv_tokens: int, capacity: int, kv_capacity: int | None) -> bool:
+        return self.running < capacity and (kv_capacity is None or self.kv_held + kv_tokens <= kv_capacity)
+
+    def _take(self, kv_tokens: int) -> None:
+        self.running += 1
+        self.kv_held += kv_tokens
+
+    def _release(self, kv_tokens: int) -> None:
         self.running -= 1
+        self.kv_held -= kv_tokens
         self._admit_queued()
 
     def _admit_queued(self) -> None:
-        capacity = self._capacity()
-        while self._queue and self.running < capacity:
-            self.running += 1
-            self._queue.popleft().set_result(None)
+        """First come, first served: the head waits for its KV even where a later one would fit."""
+        capacity, kv_capacity = self._capacity(), self._kv_capacity()
+        while self._queue and self._fits(self._queue[0][1], capacity, kv_capacity):
+            turn, kv_tokens = self._queue.popleft()
+            self._take(kv_tokens)
+            turn.set_result(None)

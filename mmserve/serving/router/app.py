@@ -38,7 +38,8 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
     """``model`` supplies the tokenizer, processor and config that prepare requests; ``on_shutdown``
     runs when the server stops (the colocated backend stops its engine thread there)."""
     metrics = RouterMetrics(backend.metrics)
-    admission = Admission(backend.capacity, settings.max_queued_requests, settings.queue_timeout_s)
+    admission = Admission(backend.capacity, settings.max_queued_requests, settings.queue_timeout_s,
+                          backend.kv_capacity)
     metrics.watch_admission(admission)
     router = RouterContext(backend, model, settings, metrics, admission)
     started = int(time.time())

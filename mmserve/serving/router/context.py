@@ -32,7 +32,7 @@ class RouterContext:
 
     async def relay(self, request: GenerateRequest, endpoint: str, arrival: float) -> Relay:
         """Admits the request (or raises ``Overloaded``, a 429/503) and starts it in the backend."""
-        ticket = await self.admission.admit()
+        ticket = await self.admission.admit(self.backend.kv_demand(request))
         limits = RelayLimits(self.settings.request_timeout_s or None, self.settings.stream_stall_timeout_s)
         return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
 

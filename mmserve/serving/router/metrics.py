@@ -52,6 +52,8 @@ class RouterMetrics:
               registry=self.registry).set_function(lambda: admission.queued)
         Gauge(f"{PREFIX}_requests_capacity", "requests the backend can hold at once",
               registry=self.registry).set_function(admission.capacity)
+        Gauge(f"{PREFIX}_kv_tokens_admitted", "KV tokens the running requests reserve in decode (prompt + max_tokens)",
+              registry=self.registry).set_function(lambda: admission.kv_held)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
