@@ -4,10 +4,11 @@ answer 200 (the router's only when a worker of every role has registered).
 
 uvicorn's connection-level limits, stated here rather than left to its defaults: h11 (pinned, so
 that installing httptools does not silently swap in a parser without a header cap) refuses a
-request line plus headers larger than ``MAX_HEADER_BYTES`` with a 400 and closes the connection,
-and a connection idle for ``KEEP_ALIVE_S`` after a response is closed. What uvicorn does not bound
-(the time to send the headers, the number of open connections) is in docs/security.md; the body's
-size and arrival time are the router's (``router.body_guard``)."""
+request line plus headers larger than ``MAX_HEADER_BYTES`` with a 400 and closes the connection;
+a connection idle for ``KEEP_ALIVE_S`` after a response is closed, and one whose request line and
+headers are not complete within ``header_timeout.HEADER_TIMEOUT_S`` too. What uvicorn does not
+bound (the number of open connections) is in docs/security.md; the body's size and arrival time
+are the router's (``router.body_guard``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from mmserve.serving.backend import Backend
+from mmserve.serving.header_timeout import HEADER_TIMEOUT_S, HeaderTimeoutProtocol
 
 log = logging.getLogger("mmserve")
 
@@ -38,13 +40,18 @@ class HealthPollFilter(logging.Filter):
         return not (isinstance(args, tuple) and len(args) == 5 and str(args[2]).split("?")[0] == HEALTH_PATH)
 
 
+def uvicorn_config(app: Starlette, host: str, port: int, log_level: str,
+                   header_timeout_s: float = HEADER_TIMEOUT_S) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          http=HeaderTimeoutProtocol.with_timeout(header_timeout_s),
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=KEEP_ALIVE_S,
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
 async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log_level: str) -> bool:
     """Serves ``app`` until a signal stops it, logging ``ready on http://host:port`` once; False
     when the server never started (its port taken, say)."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http="h11",
-                                           h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                                           timeout_keep_alive=KEEP_ALIVE_S,
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
     access = logging.getLogger("uvicorn.access")  # after Config, which configures uvicorn's loggers
     if not any(isinstance(f, HealthPollFilter) for f in access.filters):
         access.addFilter(HealthPollFilter())

@@ -11,6 +11,8 @@ import time
 import uvicorn
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent
+from mmserve.serving.header_timeout import HEADER_TIMEOUT_S
+from mmserve.serving.http_server import uvicorn_config
 from server_process import free_port
 
 HANG = "hang"  # a script step that waits until the request is cancelled
@@ -57,10 +59,10 @@ class ScriptedBackend:
 class ThreadedServer:
     """uvicorn serving ``app`` from a background thread of the test process."""
 
-    def __init__(self, app):
+    def __init__(self, app, header_timeout_s: float = HEADER_TIMEOUT_S):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, "warning", header_timeout_s))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
