@@ -51,6 +51,7 @@ class DecodeRecord(RoleRequest[DecodeState]):
 
     TRANSITIONS = DECODE_TRANSITIONS
     INITIAL = frozenset({DecodeState.RESERVING})
+    HOPS = {DecodeState.RECEIVING_KV: "receive KV"}
 
     prompt_ids: list[int]
     params: SamplingParams

@@ -80,6 +80,7 @@ class EncodeRecord(RoleRequest[EncodeState]):
 
     TRANSITIONS = ENCODE_TRANSITIONS
     INITIAL = frozenset({EncodeState.QUEUED})
+    HOPS = {EncodeState.SENDING: "send embeddings"}
 
     job: EncodeJob | None = None
     """Its pictures, until they are encoded."""

@@ -46,6 +46,7 @@ class PrefillRecord(RoleRequest[PrefillState]):
 
     TRANSITIONS = PREFILL_TRANSITIONS
     INITIAL = frozenset({PrefillState.WAITING_FOR_EMBEDDINGS, PrefillState.PREFILLING})
+    HOPS = {PrefillState.WAITING_FOR_EMBEDDINGS: "receive embeddings", PrefillState.SENDING_KV: "send KV"}
 
     prompt: PreparedPrompt
     params: SamplingParams

@@ -29,6 +29,7 @@ from typing import ClassVar, Generic, TypeVar
 
 from opentelemetry import trace
 
+from mmserve.tracing import tracer
 from transfer.receiver import Receiver
 from transfer.sender import Sender
 
@@ -119,6 +120,10 @@ class RoleRequest(Generic[State]):
     span: trace.Span = trace.INVALID_SPAN
     """The request's span in this role (a child of the router's, ``mmserve.tracing``): each move is
     an event on it, and ``RequestTable.finish`` ends it. Not recording unless tracing is on."""
+    HOPS: ClassVar[Mapping] = {}
+    """States that are a hop of their own in the request's trace (a transfer): each gets a child
+    span of ``span``, named here, from entering the state to leaving it."""
+    _hop: trace.Span | None = dataclasses.field(default=None, repr=False)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -131,6 +136,7 @@ class RoleRequest(Generic[State]):
     def __post_init__(self) -> None:
         if self.state not in self.INITIAL:
             raise IllegalTransition(f"request {self.request_id} cannot start {self.state.name}")
+        self._trace_hop()
 
     @property
     def finished(self) -> bool:
@@ -144,6 +150,16 @@ class RoleRequest(Generic[State]):
             raise error
         self.state = state
         self.span.add_event(state.value)
+        self._trace_hop()
+
+    def _trace_hop(self) -> None:
+        """Ends the span of the hop the request left, starts the one of the hop it entered."""
+        if self._hop is not None:
+            self._hop.end()
+            self._hop = None
+        if self.state in self.HOPS and self.span.is_recording():
+            self._hop = tracer.start_span(self.HOPS[self.state], context=trace.set_span_in_context(self.span),
+                                          attributes={"mmserve.room": str(self.room)})
 
 
 Record = TypeVar("Record", bound=RoleRequest)

@@ -3,7 +3,10 @@ and a request leaves its role's table only through finish, which releases it exa
 the state it was in (what it held)."""
 
 import dataclasses
+import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -122,3 +125,38 @@ def test_states_counts_and_iteration_in_arrival_order_survive_finishing(table):
     for record in table:
         table.finish(record.request_id, DecodeState.FAILED)
     assert len(table) == 0 and table.counts() == {}
+
+
+def test_a_transfer_is_a_span_of_its_own_under_the_roles_span(tmp_path):
+    """A hop state (a transfer) gets a child span from entering it to leaving it, also when the
+    request starts in it; in a process whose tracing is on, as a role runs it."""
+    script = f"""
+import dataclasses
+from pathlib import Path
+from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest
+from mmserve.tracing import TracingConfig, configure_tracing, role_span, shutdown_tracing
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Prefilling(RoleRequest[PrefillState]):
+    TRANSITIONS = PREFILL_TRANSITIONS
+    INITIAL = frozenset({{PrefillState.WAITING_FOR_EMBEDDINGS, PrefillState.PREFILLING}})
+    HOPS = {{PrefillState.WAITING_FOR_EMBEDDINGS: "receive embeddings", PrefillState.SENDING_KV: "send KV"}}
+
+configure_tracing(TracingConfig(trace_file=Path({str(tmp_path / "spans.jsonl")!r})), "mmserve-prefill")
+table = RequestTable(lambda record, was: None)
+record = table.add(Prefilling(request_id="r", room=7, state=PrefillState.WAITING_FOR_EMBEDDINGS,
+                              span=role_span("prefill", "r", None)))
+record.move(PrefillState.PREFILLING)
+record.move(PrefillState.SENDING_KV)
+table.finish("r", PrefillState.DONE)
+shutdown_tracing()
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    spans = {s["name"]: s for s in map(json.loads, (tmp_path / "spans.jsonl").read_text().splitlines())}
+    assert set(spans) == {"prefill", "receive embeddings", "send KV"}
+    role = spans["prefill"]
+    for hop in ("receive embeddings", "send KV"):
+        assert spans[hop]["parent_id"] == role["context"]["span_id"]
+        assert spans[hop]["context"]["trace_id"] == role["context"]["trace_id"]
+        assert spans[hop]["attributes"]["mmserve.room"] == "7"
+    assert spans["receive embeddings"]["end_time"] <= spans["send KV"]["start_time"] <= role["end_time"]

@@ -133,7 +133,8 @@ def test_video_chat_through_the_roles_equals_colocated(server, llm, stream):
 
 def test_one_trace_follows_a_request_through_every_role(server, trace_file):
     """The router's span for a request, and encode's, prefill's and decode's spans for it as its
-    children, in one trace, each from its own process (the context crossed in gRPC metadata)."""
+    children, in one trace, each from its own process (the context crossed in gRPC metadata),
+    with the vision tower and each side of each transfer as their children."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[1]}/v1", api_key="unused", timeout=120,
                            max_retries=0)
     reply = client.chat.completions.create(model="tiny", messages=conversation("Trace me.", [image(11, (64, 64))],
@@ -156,6 +157,11 @@ def test_one_trace_follows_a_request_through_every_role(server, trace_file):
         assert span["parent_id"] == router["context"]["span_id"], role
         assert span["events"][-1]["name"] == "done", role
     assert [e["name"] for e in mine["mmserve-decode"]["events"]] == ["receiving_kv", "decoding", "done"]
+    hops = {"encode": {"vision tower", "send embeddings"}, "prefill": {"receive embeddings", "send KV"},
+            "decode": {"receive KV"}}  # each transfer a span of its own, on both sides
+    for role, names in hops.items():
+        span_id = mine[f"mmserve-{role}"]["context"]["span_id"]
+        assert {s["name"] for s in spans if s["parent_id"] == span_id} == names, role
 
 
 SAMPLING = {
