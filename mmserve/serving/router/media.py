@@ -1,5 +1,5 @@
-"""Images and videos from requests: ``data:`` URLs, bare base64 (images), and local files inside an
-allowed directory.
+"""Images and videos from requests: ``data:`` URLs, bare base64 (images), local files inside an
+allowed directory, and http(s) URLs of allowed hosts (``media_fetch.py``).
 
 Every failure (not base64, not an image or video, a path outside the allowed directory, a URL this
 server does not fetch) is an ``InvalidRequest`` naming the field, raised before anything is queued.
@@ -27,6 +27,7 @@ from PIL import Image
 
 from mmserve.engine.inputs import EncodedMedia, Visual
 from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.media_fetch import fetch_media
 from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe.media import BadMedia, BadVideo, open_image, read_video_header, verify_image
 from models.qwen3_vl_moe.processor import Processor
@@ -74,7 +75,8 @@ class MediaReader:
         if scheme == "file":
             return self._from_file(Path(unquote(urlparse(url).path)), kind, param)
         if scheme in ("http", "https"):
-            raise InvalidRequest(f"this server does not fetch {kind}s over the network; send a data: URL", param)
+            self._count(kind, param)
+            return fetch_media(url, self.settings, kind, param)
         if scheme:
             raise InvalidRequest(f"unsupported {kind} URL scheme {scheme!r}", param)
         return self._from_file(Path(url), kind, param)

@@ -26,6 +26,12 @@ class RouterSettings:
     allowed_local_media_path: Path | None = None
     """let requests name images by local path or file:// URL inside this directory; none: local files
     are refused, since a client must not make the server open arbitrary paths"""
+    allowed_media_domains: str | None = None
+    """comma-separated hosts whose http(s) image and video URLs the router fetches (a redirect only to
+    one of them too); none: URLs are refused, since a client must not make the server reach arbitrary
+    hosts"""
+    media_fetch_timeout_s: float = 10.0
+    """seconds a fetch of an allowed http(s) image or video may take to connect, and to each read"""
     max_body_bytes: int = 32 * MIB
     """largest request body; a larger one gets a 413, a chunked one as soon as it passes the limit"""
     request_read_timeout: float = 30.0
@@ -57,7 +63,8 @@ class RouterSettings:
         for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request", "max_videos_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_read_timeout", "queue_timeout_s", "stream_stall_timeout_s", "max_video_seconds"):
+        for name in ("request_read_timeout", "queue_timeout_s", "stream_stall_timeout_s", "max_video_seconds",
+                     "media_fetch_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_queued_requests < 0 or self.request_timeout_s < 0:

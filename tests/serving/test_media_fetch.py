@@ -1,0 +1,96 @@
+"""http(s) image URLs: fetched only from the hosts --allowed-media-domains names (a redirect only to
+one of them), bounded by --max-body-bytes; every refusal a 400 naming the field, nothing queued.
+A real HTTP server on loopback serves the pictures; the router runs in this process over a
+scripted backend, which shows what reached it."""
+
+import http.server
+import io
+import threading
+
+import pytest
+
+from mmserve.serving.backend import TokenEvent
+from mmserve.serving.router import RouterSettings, build_app
+from models.qwen3_vl_moe import load_model
+from scripted_backend import ScriptedBackend, ThreadedServer
+from served_model import random_image
+from server_process import request
+
+LIMIT = 200_000
+
+
+def _png(seed: int, size=(64, 64)) -> bytes:
+    out = io.BytesIO()
+    random_image(seed, size).save(out, "PNG", compress_level=0)
+    return out.getvalue()
+
+
+PICTURE = _png(1)
+FILES = {"/one.png": PICTURE, "/huge.png": _png(2, (400, 400))}  # ~480 KB, over LIMIT
+
+
+class Pictures(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802: the standard library's name
+        if self.path.startswith("/redirect-to/"):
+            self.send_response(302)
+            self.send_header("Location", "http://" + self.path.removeprefix("/redirect-to/"))
+            self.end_headers()
+        elif self.path in FILES:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(FILES[self.path])))
+            self.end_headers()
+            self.wfile.write(FILES[self.path])
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pictures)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served():
+    backend = ScriptedBackend()
+    backend.script = [TokenEvent("", [12], text="abc", finish_reason="stop")]
+    settings = RouterSettings("tiny", 512, allowed_media_domains="127.0.0.1", max_body_bytes=LIMIT)
+    server = ThreadedServer(build_app(backend, load_model("tiny", weights=False), settings))
+    yield server, backend
+    server.stop()
+
+
+def chat(url: str) -> dict:
+    return {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]}
+
+
+def test_a_picture_of_an_allowed_host_is_fetched_and_sent_on_as_the_file_it_is(served, pictures):
+    server, backend = served
+    status, body = request("POST", f"{server.url}/v1/chat/completions", chat(f"http://{pictures}/one.png"))
+    assert status == 200, body
+    (image,) = backend.requests[-1].prompt.images
+    assert image.source.data == PICTURE
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("http://localhost:{port}/one.png", "does not fetch images from 'localhost'"),
+    ("http://{host}/redirect-to/localhost:{port}/one.png", "does not fetch images from 'localhost'"),
+    ("http://{host}/missing.png", "HTTP 404"),
+    ("http://{host}/huge.png", f"larger than a request body may be ({LIMIT} bytes"),
+    ("http://127.0.0.1:1/one.png", "could not fetch the image"),
+])
+def test_what_is_not_fetched_is_a_400_naming_the_field(served, pictures, path, reason):
+    server, backend = served
+    seen = len(backend.requests)
+    url = path.format(host=pictures, port=pictures.split(":")[1])
+    status, body = request("POST", f"{server.url}/v1/chat/completions", chat(url))
+    assert status == 400 and reason in body["error"]["message"], body
+    assert body["error"]["param"].startswith("messages[0].content[0]")
+    assert len(backend.requests) == seen
