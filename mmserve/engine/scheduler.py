@@ -10,7 +10,9 @@ the same output.
 With prefix caching, a request admitted (fresh, or again after preemption) takes the cached pages
 of the longest prefix of its tokens and is prefilled from there, like a prompt whose first chunks
 are done; its last token is always computed, so that there are logits to sample. Its pages join the
-cache as they fill (:meth:`Scheduler.cache_computed`).
+cache as they fill (:meth:`Scheduler.cache_computed`). A prompt whose first page another prompt is
+computing right now (``n`` siblings, a burst sharing a system prompt) waits for those pages rather
+than computing them again beside it: it shares them from the cache a step later.
 """
 
 from __future__ import annotations
@@ -115,11 +117,14 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         chunks: list[PrefillChunk] = []
         candidates = [r for r in self.running if r.prefilling] + list(self.waiting)
+        computing = {self._first_page_key(r) for r in self.running if r.prefilling}
         for request in candidates:
             if len(chunks) == self.config.max_prefill_seqs or budget == 0:
                 break
             admits = request.status is Status.WAITING
             cached = self._cached_prefix(request) if admits else []
+            if admits and not cached and self._first_page_key(request) in computing - {None}:
+                continue  # another prompt computes its first page now: take that from the cache later
             start = len(cached) * self.kv.page_size if admits else request.num_computed
             length = min(request.num_tokens - start, budget)
             if chunks and not self._joins(chunks, start, length):
@@ -131,6 +136,7 @@ class Scheduler:
             elif not self._grow(request, start + length):
                 break
             chunks.append(PrefillChunk(request, start, length, first=admits))
+            computing.add(self._first_page_key(request))
             budget -= length
         return chunks
 
@@ -141,6 +147,15 @@ class Scheduler:
             return []
         keys = request.page_keys.first((request.num_tokens - 1) // self.kv.page_size, request.token_ids)
         return self.kv.cached_prefix(keys)
+
+    def _first_page_key(self, request: Request) -> bytes | None:
+        """The key of the request's first page, if prefix caching could ever find it (a full page
+        before its last token); None otherwise."""
+        if not self.config.enable_prefix_caching or request.page_keys is None:
+            return None
+        if (request.num_tokens - 1) // self.kv.page_size < 1:
+            return None
+        return request.page_keys.first(1, request.token_ids)[0]
 
     def _joins(self, chunks: list[PrefillChunk], start: int, length: int) -> bool:
         """Whether a chunk [start, start + length) of a prompt may join the step: its padded size

@@ -209,3 +209,16 @@ def test_caching_off_counts_nothing(off):
     tokens(off, [{"prompt_token_ids": text(12, 30)}] * 2, PARAMS["greedy"])
     stats = off.engine.stats()
     assert stats["prefix_cache_hits"] == stats["prefix_cache_queries"] == stats["cached_pages"] == 0
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_prompts_sent_together_share_their_common_pages_instead_of_computing_them_side_by_side(on, off, sampling):
+    """n siblings (or a burst sharing a system prompt) submitted at once: the first computes the
+    shared pages, the others wait a step and take them from the cache; outputs are unchanged."""
+    prompts = [{"prompt_token_ids": text(90 + SEED[sampling], 10)}] * 3  # a full page and 2 tokens each
+    params = PARAMS[sampling]  # all three fit one prefill step (32 tokens)
+    before = on.engine.stats()["prefix_cache_hits"]
+    got = tokens(on, prompts, params)
+    assert on.engine.stats()["prefix_cache_hits"] - before == 2 * PAGE  # the first page, for the other two
+    assert got == tokens(off, prompts, params)
+    assert_nothing_held(on)
