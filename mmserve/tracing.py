@@ -83,6 +83,23 @@ def inject() -> list[tuple[str, str]]:
     return list(carrier.items())
 
 
+def span_carrier(span: trace.Span) -> dict[str, str]:
+    """``span``'s context as W3C headers (``traceparent``), for a message that is not a gRPC call
+    (a transfer's ``TransferInfo.aux``); empty when the span is not recorded."""
+    carrier: dict[str, str] = {}
+    if span.is_recording():
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+def link_from(span: trace.Span, carrier: Mapping[str, object]) -> None:
+    """Links ``span`` to the span whose context ``carrier`` holds (the other side of a transfer)."""
+    headers = {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate") and isinstance(v, str)}
+    peer = trace.get_current_span(propagate.extract(headers)).get_span_context()
+    if peer.is_valid and span.is_recording():
+        span.add_link(peer)
+
+
 def extract(metadata: Iterable[tuple[str, str | bytes]]) -> context.Context:
     """The trace context a peer sent in its gRPC metadata."""
     carrier: Mapping[str, str] = {key: value for key, value in metadata if isinstance(value, str)}

@@ -142,7 +142,9 @@ class DecodeRole:
         for record in self._requests.in_state(DecodeState.RECEIVING_KV):
             state = self.receiver.poll(record.room)
             if state is PollState.SUCCESS:
-                arrived.append((record, self.receiver.take(record.room)))  # the KV room is gone
+                received = self.receiver.take(record.room)  # the KV room is gone
+                record.link_hop(received.info.aux)
+                arrived.append((record, received))
             elif state is PollState.FAILED:
                 self._requests.finish(record.request_id, DecodeState.FAILED,
                                       f"KV transfer failed: {self.receiver.failure(record.room)}")

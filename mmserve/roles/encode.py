@@ -154,10 +154,11 @@ class EncodeRole:
         pad = ((0, self.sender.buffers.bucket(n) - n), (0, 0))  # one write program per bucket
         rows = {"embeddings": np.pad(embeds, pad),
                 "deepstack": np.pad(np.swapaxes(deepstack, 0, 1).reshape(n, -1), pad)}
-        info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0])})
         with self.lock:
             record.move(EncodeState.SENDING)
             record.job = None
+            info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0]),
+                                                                **record.hop_carrier()})
             self._outbox.put(Parcel(record.room, rows, info))
 
     def step(self) -> None:

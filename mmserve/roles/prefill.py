@@ -129,6 +129,7 @@ class PrefillRole:
             state = self.receiver.poll(record.room)
             if state is PollState.SUCCESS:
                 received = self.receiver.take(record.room)  # the embedding room is gone
+                record.link_hop(received.info.aux)
                 record.move(PrefillState.PREFILLING)
                 self.embedding_resumes += received.chunks > 1
                 self._start(record, lambda: self._features(record, received))
@@ -230,7 +231,7 @@ class PrefillRole:
             log.exception("reading the KV of %s failed", request.request_id)
             self._fail_room(record.room, f"could not read its KV: {error}")
             return
-        aux = {"rope_delta": request.rope_delta}
+        aux = {"rope_delta": request.rope_delta, **record.hop_carrier()}
         if request.logprobs:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}

@@ -29,7 +29,7 @@ from typing import ClassVar, Generic, TypeVar
 
 from opentelemetry import trace
 
-from mmserve.tracing import tracer
+from mmserve.tracing import link_from, span_carrier, tracer
 from transfer.receiver import Receiver
 from transfer.sender import Sender
 
@@ -151,6 +151,15 @@ class RoleRequest(Generic[State]):
         self.state = state
         self.span.add_event(state.value)
         self._trace_hop()
+
+    def hop_carrier(self) -> dict[str, str]:
+        """The current hop's span context, for the transfer's own message (the peer links to it)."""
+        return span_carrier(self._hop) if self._hop is not None else {}
+
+    def link_hop(self, carrier: Mapping[str, object]) -> None:
+        """Links the current hop's span to the peer's side of the transfer (its ``hop_carrier``)."""
+        if self._hop is not None:
+            link_from(self._hop, carrier)
 
     def _trace_hop(self) -> None:
         """Ends the span of the hop the request left, starts the one of the hop it entered."""

@@ -129,11 +129,13 @@ def test_states_counts_and_iteration_in_arrival_order_survive_finishing(table):
 
 def test_a_transfer_is_a_span_of_its_own_under_the_roles_span(tmp_path):
     """A hop state (a transfer) gets a child span from entering it to leaving it, also when the
-    request starts in it; in a process whose tracing is on, as a role runs it."""
+    request starts in it, and the receiving side's span links to the sending side's (whose context
+    the transfer's message carries); in a process whose tracing is on, as a role runs it."""
     script = f"""
 import dataclasses
 from pathlib import Path
-from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest
+from mmserve.roles.request_state import (DECODE_TRANSITIONS, PREFILL_TRANSITIONS, DecodeState, PrefillState,
+                                         RequestTable, RoleRequest)
 from mmserve.tracing import TracingConfig, configure_tracing, role_span, shutdown_tracing
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -142,18 +144,32 @@ class Prefilling(RoleRequest[PrefillState]):
     INITIAL = frozenset({{PrefillState.WAITING_FOR_EMBEDDINGS, PrefillState.PREFILLING}})
     HOPS = {{PrefillState.WAITING_FOR_EMBEDDINGS: "receive embeddings", PrefillState.SENDING_KV: "send KV"}}
 
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Decoding(RoleRequest[DecodeState]):
+    TRANSITIONS = DECODE_TRANSITIONS
+    INITIAL = frozenset({{DecodeState.RESERVING}})
+    HOPS = {{DecodeState.RECEIVING_KV: "receive KV"}}
+
 configure_tracing(TracingConfig(trace_file=Path({str(tmp_path / "spans.jsonl")!r})), "mmserve-prefill")
 table = RequestTable(lambda record, was: None)
 record = table.add(Prefilling(request_id="r", room=7, state=PrefillState.WAITING_FOR_EMBEDDINGS,
                               span=role_span("prefill", "r", None)))
 record.move(PrefillState.PREFILLING)
 record.move(PrefillState.SENDING_KV)
+carrier = record.hop_carrier()  # what the KV's TransferInfo carries
+receiving = table.add(Decoding(request_id="d", room=8, state=DecodeState.RESERVING, span=role_span("decode", "d", None)))
+receiving.move(DecodeState.RECEIVING_KV)
+receiving.link_hop(carrier)
+receiving.move(DecodeState.DECODING)
+table.finish("d", DecodeState.DONE)
 table.finish("r", PrefillState.DONE)
 shutdown_tracing()
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     spans = {s["name"]: s for s in map(json.loads, (tmp_path / "spans.jsonl").read_text().splitlines())}
-    assert set(spans) == {"prefill", "receive embeddings", "send KV"}
+    assert set(spans) == {"prefill", "receive embeddings", "send KV", "decode", "receive KV"}
+    assert [link["context"]["span_id"] for link in spans["receive KV"]["links"]] == [
+        spans["send KV"]["context"]["span_id"]]  # the receiving side points at the sending side
     role = spans["prefill"]
     for hop in ("receive embeddings", "send KV"):
         assert spans[hop]["parent_id"] == role["context"]["span_id"]

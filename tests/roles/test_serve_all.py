@@ -162,6 +162,16 @@ def test_one_trace_follows_a_request_through_every_role(server, trace_file):
     for role, names in hops.items():
         span_id = mine[f"mmserve-{role}"]["context"]["span_id"]
         assert {s["name"] for s in spans if s["parent_id"] == span_id} == names, role
+    by_parent = {(s["parent_id"], s["name"]): s for s in spans}
+
+    def hop(role: str, name: str) -> dict:
+        return by_parent[(mine[f"mmserve-{role}"]["context"]["span_id"], name)]
+
+    for receiving, sending in ((("prefill", "receive embeddings"), ("encode", "send embeddings")),
+                               (("decode", "receive KV"), ("prefill", "send KV"))):
+        # the transfer's own message carried the sending side's context: the receiving side links to it
+        assert [link["context"]["span_id"] for link in hop(*receiving)["links"]] == [
+            hop(*sending)["context"]["span_id"]], receiving
 
 
 SAMPLING = {
