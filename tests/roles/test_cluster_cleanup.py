@@ -4,7 +4,6 @@ timeout, say) takes its processes with it."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,19 +12,12 @@ from pathlib import Path
 import pytest
 
 from cluster import Cluster
+from orphans import assert_die_with, reap
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 STARTED_S = 120
 """Time for a worker to start serving on a busy 2-core machine (nothing to compile: encode, tiny)."""
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper that never comes, in a container, counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def _wait_serving(log: Path) -> None:
@@ -59,15 +51,6 @@ def test_a_cluster_dies_with_its_test_process(tmp_path):
     try:
         workers = json.loads(test.stdout.readline())
         _wait_serving(tmp_path / "encode.log")
-        test.send_signal(signal.SIGKILL)
-        test.wait()
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(pid) for pid in workers), "the cluster outlived its test process"
+        assert_die_with(test, workers, "the cluster outlived its test process")
     finally:
-        test.kill()
-        test.wait()
-        for pid in workers:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        reap(test, workers)

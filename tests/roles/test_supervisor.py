@@ -3,13 +3,12 @@ supervisor takes its children with it (PR_SET_PDEATHSIG, asked for by each child
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mmserve.roles.supervisor import PARENT_ENV
+from orphans import alive, assert_die_with, reap
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = os.environ | {"PYTHONPATH": str(REPO)}
@@ -25,33 +24,16 @@ supervisor.run()
 """
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper that never comes, in a container, counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def test_children_die_with_a_supervisor_killed_by_sigkill():
     supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR], env=ENV, stdout=subprocess.PIPE, text=True)
     children = []
     try:
         children = json.loads(supervisor.stdout.readline())
         assert [supervisor.stdout.readline() for _ in children] == ["ready\n"] * len(children)
-        assert all(_alive(pid) for pid in children)
-        supervisor.send_signal(signal.SIGKILL)
-        supervisor.wait()
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(pid) for pid in children), "children outlived their supervisor"
+        assert all(alive(pid) for pid in children)
+        assert_die_with(supervisor, children, "children outlived their supervisor")
     finally:
-        supervisor.kill()
-        supervisor.wait()
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        reap(supervisor, children)
 
 
 def test_a_child_whose_parent_is_already_gone_does_not_start():

@@ -73,6 +73,17 @@ def _running(url: str) -> float:
     return _metric(url, "mmserve_requests_in_flight")
 
 
+def _queue(url: str, body: dict, queued: int = 1) -> tuple[threading.Thread, list]:
+    """Sends ``body`` from a thread and waits until the router has ``queued`` requests queued;
+    the answer (status, body) lands in the list once the thread ends."""
+    answer: list = []
+    waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{url}/v1/chat/completions", body,
+                                                                      timeout=60)))
+    waiting.start()
+    _wait_for(lambda: _metric(url, "mmserve_requests_queued") >= queued)
+    return waiting, answer
+
+
 def test_beyond_capacity_requests_queue_then_get_503_and_beyond_the_queue_429(served):
     server, backend = served
     backend.script = [TOKEN, HANG]
@@ -119,11 +130,7 @@ def test_a_queued_request_runs_when_a_slot_frees(served):
     backend.script = [TOKEN, HANG]
     held = [_hold(server.url, CHAT) for _ in range(2)]
     _wait_for(lambda: len(backend.requests) == 2)
-    answer = []
-    waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{server.url}/v1/chat/completions",
-                                                                      CHAT, timeout=30)))
-    waiting.start()
-    _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+    waiting, answer = _queue(server.url, CHAT)
     backend.script = [TOKEN, DONE]
     held[0].close()  # its client leaves: aborted, the slot goes to the queued request
     waiting.join()
@@ -167,11 +174,7 @@ def test_requests_are_admitted_by_the_kv_they_reserve_not_only_by_slots(served):
     long = CHAT | {"max_tokens": 100}
     held = _hold(server.url, long)
     _wait_for(lambda: len(backend.requests) == 1)
-    answer = []
-    waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{server.url}/v1/chat/completions",
-                                                                      long, timeout=30)))
-    waiting.start()
-    _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+    waiting, answer = _queue(server.url, long)
     assert len(backend.requests) == 1 and _running(server.url) == 1  # a slot is free, the KV is not
     status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT | {"max_tokens": 200}, timeout=30)
     assert status == 400 and "KV cache" in body["error"]["message"] and body["error"]["param"] == "max_tokens"
@@ -193,11 +196,7 @@ def test_queued_requests_are_refused_once_no_worker_of_a_role_is_left(model):
         backend.script = [TOKEN, HANG]
         held = _hold(server.url, CHAT)
         _wait_for(lambda: len(backend.requests) == 1)
-        answer = []
-        waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{server.url}/v1/chat/completions",
-                                                                          CHAT, timeout=60)))
-        waiting.start()
-        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+        waiting, answer = _queue(server.url, CHAT)
         start = time.monotonic()
         backend.slots = 0
         waiting.join()

@@ -32,6 +32,17 @@ def restart(config, bootstrap, old: Sender) -> Sender:
     return Sender(config, EMBEDDING_FIELDS, old.endpoint.name, bootstrap.address)
 
 
+def seen_by_a_receiver(config, bootstrap) -> tuple[Sender, Receiver]:
+    """A sender whose registry lease lasts 1 s, and a receiver that has registered a room with it."""
+    config = dataclasses.replace(config, heartbeat_timeout_s=1.0)
+    sender = Sender(config, EMBEDDING_FIELDS, "prefill-0", bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    sender.add(1)
+    receiver.add(1, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
+    drive([sender, receiver], lambda: receiver.poll(1) is PollState.WAITING_FOR_INPUT)
+    return sender, receiver
+
+
 def test_every_sender_is_its_own_incarnation(registry):
     config, bootstrap = registry
     first = Sender(config, EMBEDDING_FIELDS, "prefill-0", bootstrap.address)
@@ -108,13 +119,8 @@ def test_a_room_of_a_sender_that_died_fails_once_the_registry_stops_naming_it(re
     """The drill's prefill kill: decode reserves pages for a request after its prefill died (and
     before any restart); waiting for the bootstrap timeout would outlive the request's deadline."""
     config, bootstrap = registry
-    config = dataclasses.replace(config, heartbeat_timeout_s=1.0)  # the registry's lease on a name
-    sender = Sender(config, EMBEDDING_FIELDS, "prefill-0", bootstrap.address)
-    receiver = Receiver(config, EMBEDDING_FIELDS)
+    sender, receiver = seen_by_a_receiver(config, bootstrap)
     try:
-        sender.add(1)
-        receiver.add(1, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
-        drive([sender, receiver], lambda: receiver.poll(1) is PollState.WAITING_FOR_INPUT)
         sender._registry.close()  # noqa: SLF001: killed, it withdraws nothing
         sender._channel.close()  # noqa: SLF001
         drive([receiver], lambda: "prefill-0" not in bootstrap.endpoints(), timeout=10)
@@ -129,13 +135,8 @@ def test_a_room_of_a_sender_that_died_fails_once_the_registry_stops_naming_it(re
 
 def test_a_sender_that_only_missed_its_lease_is_taken_again_once_it_publishes(registry):
     config, bootstrap = registry
-    config = dataclasses.replace(config, heartbeat_timeout_s=1.0)
-    sender = Sender(config, EMBEDDING_FIELDS, "prefill-0", bootstrap.address)
-    receiver = Receiver(config, EMBEDDING_FIELDS)
+    sender, receiver = seen_by_a_receiver(config, bootstrap)
     try:
-        sender.add(1)
-        receiver.add(1, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
-        drive([sender, receiver], lambda: receiver.poll(1) is PollState.WAITING_FOR_INPUT)
         # the sender stalls (not driven) past its lease: the registry drops it, its rooms fail
         drive([receiver], lambda: "prefill-0" not in bootstrap.endpoints(), timeout=10)
         receiver.add(2, bootstrap.address, "prefill-0", incarnation=sender.incarnation)
