@@ -38,9 +38,9 @@ class SenderDirectory:
         self._seen: dict[SenderKey, int] = {}
         """The incarnation each sender had in the latest answer naming it."""
         self._gone: dict[SenderKey, int] = {}
+        """The incarnation the registry last stopped naming, per sender (one per name: bounded)."""
         self._answers: dict[SenderKey, int] = {}
         """How many answers about each sender have come back, so a room can wait for a newer one."""
-        """The incarnation the registry last stopped naming, per sender (one per name: bounded)."""
 
     def watch(self, registry: str) -> None:
         if registry not in self._registries:

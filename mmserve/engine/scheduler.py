@@ -117,13 +117,13 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         chunks: list[PrefillChunk] = []
         candidates = [r for r in self.running if r.prefilling] + list(self.waiting)
-        computing = {self._first_page_key(r) for r in self.running if r.prefilling}
+        computing = {self._first_page_key(r) for r in self.running if r.prefilling} - {None}
         for request in candidates:
             if len(chunks) == self.config.max_prefill_seqs or budget == 0:
                 break
             admits = request.status is Status.WAITING
             cached = self._cached_prefix(request) if admits else []
-            if admits and not cached and self._first_page_key(request) in computing - {None}:
+            if admits and not cached and self._first_page_key(request) in computing:
                 continue  # another prompt computes its first page now: take that from the cache later
             start = len(cached) * self.kv.page_size if admits else request.num_computed
             length = min(request.num_tokens - start, budget)
@@ -136,7 +136,7 @@ class Scheduler:
             elif not self._grow(request, start + length):
                 break
             chunks.append(PrefillChunk(request, start, length, first=admits))
-            computing.add(self._first_page_key(request))
+            computing |= {self._first_page_key(request)} - {None}
             budget -= length
         return chunks
 

@@ -177,8 +177,9 @@ class DisaggregatedBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         visual = bool(request.prompt.images or request.prompt.videos)
+        reserved = _reserved_tokens(request)
         try:
-            decode = self.pool.pick("decode", kv_tokens=_reserved_tokens(request))
+            decode = self.pool.pick("decode", kv_tokens=reserved)
             prefill = self.pool.pick("prefill", request.prompt)
             encode = self.pool.pick("encode") if visual else None
         except LookupError as error:
@@ -189,7 +190,7 @@ class DisaggregatedBackend:
         self._active[request.request_id] = workers
         for w in workers:
             w.in_flight += 1
-        kv_pages = decode.kv_pages_for(_reserved_tokens(request))
+        kv_pages = decode.kv_pages_for(reserved)
         decode.kv_reserved += kv_pages
         try:
             async for event in self._run(request, room, encode, prefill, decode):

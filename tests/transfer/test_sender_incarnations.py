@@ -32,6 +32,12 @@ def restart(config, bootstrap, old: Sender) -> Sender:
     return Sender(config, EMBEDDING_FIELDS, old.endpoint.name, bootstrap.address)
 
 
+def published(bootstrap, sender: Sender) -> bool:
+    """Whether the registry names this sender (not an earlier one under its name, nor none)."""
+    endpoint = bootstrap.endpoints().get(sender.endpoint.name)
+    return endpoint is not None and endpoint.incarnation == sender.incarnation
+
+
 def seen_by_a_receiver(config, bootstrap) -> tuple[Sender, Receiver]:
     """A sender whose registry lease lasts 1 s, and a receiver that has registered a room with it."""
     config = dataclasses.replace(config, heartbeat_timeout_s=1.0)
@@ -65,7 +71,7 @@ def test_a_room_of_the_dead_incarnation_is_refused_by_the_restarted_sender_at_on
     new = restart(config, bootstrap, old)
     receiver = Receiver(config, EMBEDDING_FIELDS)
     try:
-        drive([new], lambda: bootstrap.endpoints()["prefill-0"].incarnation == new.incarnation)
+        drive([new], lambda: published(bootstrap, new))
         started = time.monotonic()
         receiver.add(5, bootstrap.address, "prefill-0", incarnation=opened_with)
         drive([new, receiver], lambda: receiver.poll(5) is PollState.FAILED, timeout=10)
@@ -91,7 +97,7 @@ def test_a_room_of_the_live_incarnation_asks_again_past_a_cached_answer_naming_t
         receiver.add(1, bootstrap.address, "prefill-0", incarnation=old.incarnation)
         drive([old, receiver], lambda: receiver.poll(1) is PollState.WAITING_FOR_INPUT)  # answer cached
         new = restart(config, bootstrap, old)
-        drive([new], lambda: bootstrap.endpoints()["prefill-0"].incarnation == new.incarnation)
+        drive([new], lambda: published(bootstrap, new))
         new.add(2)
         receiver.add(2, bootstrap.address, "prefill-0", incarnation=new.incarnation)
         drive([new, receiver], lambda: receiver.poll(2) is PollState.WAITING_FOR_INPUT, timeout=10)
