@@ -103,6 +103,9 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
     ``incarnation``, when given, is the sender incarnation the room was opened with; another
     incarnation of that sender (it restarted since) refuses the room at once rather than taking
     it for an early registration, since it will never send it.
+
+    ``start_token``: the receiver already holds the room's first tokens (decode found that prefix
+    in its own cache), so the sender offers from there; it must leave at least one token to send.
     """
 
     room: Id
@@ -111,6 +114,7 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
     fields: Annotated[tuple[Field, ...], msgspec.Meta(min_length=1, max_length=MAX_FIELDS)]
     capacity_tokens: Count
     incarnation: Id | None = None
+    start_token: Id = 0
 
 
 class Registered(msgspec.Struct, frozen=True, tag="registered", forbid_unknown_fields=True):

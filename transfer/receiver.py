@@ -4,7 +4,8 @@ It does not know how long a room is: it preallocates a default, looks the sender
 registry and registers that capacity. Each offered chunk is pulled and scattered into the
 current allocation. If the total is larger, it keeps what it has, allocates the remainder
 (waiting while the pool is full) and resumes from the tokens it holds, so nothing is sent
-twice. ``take`` gathers the segments into one padded array per field and frees them.
+twice. A room whose first tokens the receiver holds already (decode's own prefix cache) starts
+past them. ``take`` gathers the segments into one padded array per field and frees them.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class Received:
-    """A finished room: ``arrays[name]`` has ``bucket(total)`` rows, rows past the total are zero."""
+    """A finished room: ``arrays[name]`` holds tokens [start_token, total) in its first rows,
+    padded with zero rows to their bucket."""
 
     info: TransferInfo
     arrays: dict[str, jax.Array]
     chunks: int
     """How many chunks it arrived in: 1, or more when the receiver had to resume."""
+    start_token: int = 0
+    """The tokens the receiver held already (``add(..., start_token=)``), not sent again."""
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +63,8 @@ class ReceiverRoom(Room):
     mode: TransferMode = TransferMode.EMBEDDING
     incarnation: int | None = None
     """The sender incarnation the room was opened with (None: whichever is published)."""
+    held: int = 0
+    """Tokens at the start of the room the receiver holds already: never sent."""
     looked_again: bool = False
     """The registry was asked again because its cached answer was another incarnation."""
     asked_at: int | None = None
@@ -74,7 +80,8 @@ class ReceiverRoom(Room):
 
     @property
     def received(self) -> int:
-        return sum(segment.filled for segment in self.segments)
+        """Tokens held: those held already, then those that arrived."""
+        return self.held + sum(segment.filled for segment in self.segments)
 
 
 class Receiver:
@@ -97,17 +104,21 @@ class Receiver:
         self._orphans: list[PendingPull] = []
 
     def add(self, room: int, bootstrap_address: str, sender: str,
-            mode: TransferMode = TransferMode.EMBEDDING, incarnation: int | None = None) -> None:
+            mode: TransferMode = TransferMode.EMBEDDING, incarnation: int | None = None, start_token: int = 0) -> None:
         """Starts receiving ``room`` from the sender published as ``sender`` in that registry.
 
         ``incarnation``: the one of that sender the room was opened with (its
         ``Sender.incarnation``), when known; if the sender restarted since, the room fails at once.
+        ``start_token``: the room's first tokens are held here already, so only the rest is sent;
+        a room of no more tokens than that fails (the sender has nothing to offer).
         """
         if room in self._rooms:
             raise ValueError(f"room {room} already added")
+        if start_token < 0:
+            raise ValueError(f"start_token must be >= 0, got {start_token}")
         self._directory.watch(bootstrap_address)
         self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender), mode=mode,
-                                         incarnation=incarnation)
+                                         incarnation=incarnation, held=start_token)
         self._advance(self._rooms[room], time.monotonic())
 
     def poll(self, room: int) -> PollState:
@@ -126,7 +137,7 @@ class Receiver:
             raise ValueError(f"room {room} is {state.state.value}, not success")
         arrays = self.buffers.read_runs([(s.allocation.start_token, s.filled) for s in state.segments])
         self.forget(room)
-        return Received(state.info, arrays, state.chunks)
+        return Received(state.info, arrays, state.chunks, state.held)
 
     def abort(self, room: int, reason: str = "aborted by receiver") -> None:
         self._fail(self._rooms[room], reason)
@@ -209,8 +220,8 @@ class Receiver:
         if chunk.num_tokens > room.segments[-1].free or chunk.padded_tokens != self.buffers.bucket(chunk.num_tokens):
             raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} does not fit {room.segments[-1].free} free tokens "
                                 f"in buckets of block size {self.config.block_size}", room.room)
-        if not self.allocator.can_ever_hold(ready.info.total_tokens):
-            self._fail(room, f"{ready.info.total_tokens} tokens exceed the whole pool")
+        if not self.allocator.can_ever_hold(ready.info.total_tokens - room.held):
+            self._fail(room, f"{ready.info.total_tokens - room.held} tokens exceed the whole pool")
             return
         try:
             pending = self.data_plane.pull(room.endpoint.data_address, ready.uuid,
@@ -267,7 +278,7 @@ class Receiver:
         room.endpoint = endpoint
         self._control(endpoint.control).send(Register(
             room.room, room.mode, self.config.block_size, self.buffers.fields,
-            room.segments[0].allocation.capacity_tokens, room.incarnation))
+            room.segments[0].allocation.capacity_tokens, room.incarnation, room.held))
 
     def _land(self, room: ReceiverRoom) -> None:
         """Scatters a completed pull into the last segment and acknowledges it."""

@@ -3,7 +3,8 @@
 The role allocates by the real length, writes its BlockBuffers and calls ``send``; from then
 on the sender owns the allocation and frees it when the room ends, whichever way it ends.
 Chunks go out as the receiver's capacity allows: the first fits its default allocation, and
-each later one answers a ``Resume``. Receivers register rooms (possibly before the role has
+each later one answers a ``Resume``. A receiver that already holds the room's first tokens says
+so when it registers (``Register.start_token``), and only the rest is offered. Receivers register rooms (possibly before the role has
 added them), pull each offered chunk and acknowledge it; rooms whose receiver goes silent,
 aborts or times out fail and free their blocks.
 
@@ -57,6 +58,8 @@ class SenderRoom(Room):
     allocation: Allocation | None = None
     info: TransferInfo | None = None
     sent_tokens: int = 0
+    """Tokens the receiver holds: those it registered as held (``Register.start_token``), then
+    those it acknowledged."""
     outstanding: tuple[int, Chunk] | None = None
     """The offered chunk (uuid, chunk) the receiver has not acknowledged yet."""
 
@@ -98,7 +101,7 @@ class Sender:
         return self._rooms[room].reason
 
     def sent_tokens(self, room: int) -> int:
-        """Tokens the receiver has acknowledged."""
+        """Tokens the receiver holds: registered as held, then acknowledged."""
         return self._rooms[room].sent_tokens
 
     def send(self, room: int, allocation: Allocation, info: TransferInfo) -> PollState:
@@ -214,6 +217,7 @@ class Sender:
             raise ProtocolError(ErrorCode.MISMATCH, f"room carries {room.info.mode.value}", message.room)
         room = self._rooms.setdefault(message.room, SenderRoom(message.room, self.config))
         room.peer, room.mode, room.capacity = identity, message.mode, message.capacity_tokens
+        room.sent_tokens = message.start_token
         self._channel.send(Registered(message.room), identity)
         if room.allocation is not None:
             self._start(room)
@@ -242,6 +246,10 @@ class Sender:
     def _start(self, room: SenderRoom) -> None:
         if room.mode is not room.info.mode:
             self._fail(room, f"receiver expects {room.mode.value}, sender has {room.info.mode.value}")
+            return
+        if room.sent_tokens >= room.info.total_tokens:
+            self._fail(room, f"the receiver holds {room.sent_tokens} tokens of a room of {room.info.total_tokens}: "
+                       "nothing to send")
             return
         room.move(PollState.TRANSFERRING)
         self._offer_next_chunk(room)

@@ -28,11 +28,11 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder, joined
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
-from mmserve.engine.page_hash import prompt_page_keys
+from mmserve.engine.page_hash import PageKeys, prompt_page_keys
 from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.request import Request, TokenLogprobs
 from mmserve.engine.runner import ModelRunner
-from mmserve.engine.scheduler import Scheduler, Step
+from mmserve.engine.scheduler import Reservation, Scheduler, Step
 from mmserve.engine.warmup import compile_programs
 from mmserve.kv_cache_manager import KVCacheManager
 from mmserve.kv_events import KVEventPublisher
@@ -222,18 +222,25 @@ class LLMEngine:
             self.kv_events.publish(self.kv.take_events())
         return outputs
 
-    def reserve(self, request_id: str, num_tokens: int) -> int | None:
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None,
+                page_keys: PageKeys | None = None) -> Reservation | None:
         """Reserves pages (and a sampling slot) for a request that another process will prefill:
-        all it may ever need, so it is never preempted (decode could not recompute it)."""
-        return self.scheduler.reserve(request_id, num_tokens)
+        all it may ever need, so it is never preempted (decode could not recompute it); None when
+        they are short. With its prompt and page keys (:func:`prompt_page_keys` at this engine's
+        page size) the pages of its longest cached prefix are shared: ``held_tokens`` of its
+        prompt need not arrive."""
+        return self.scheduler.reserve(request_id, num_tokens, prompt_ids or (), page_keys)
 
     def cancel_reservation(self, request_id: str, slot: int) -> None:
         self.scheduler.cancel_reservation(request_id, slot)
 
-    def admit_prefilled(self, request: Request, slot: int, k_rows, v_rows, first: tuple) -> RequestOutput | None:
+    def admit_prefilled(self, request: Request, reservation: Reservation, k_rows, v_rows,
+                        first: tuple) -> RequestOutput | None:
         """Takes a request prefilled elsewhere (``num_computed`` = its prompt, no output yet) into
-        its reservation: its KV rows go into its pages, and the first token prefill sampled,
-        ``first`` = (token, logprob, top ids, top logprobs), is appended and checked like any other.
+        its reservation: its KV rows (the prompt's tokens past the ``held_tokens`` the reservation
+        found cached) go into its pages, which join the prefix cache when the request has page
+        keys, and the first token prefill sampled, ``first`` = (token, logprob, top ids, top
+        logprobs), is appended and checked like any other.
 
         A request with ``structured_output`` first waits for its grammar, like a new one (its
         reservation held, the step loop free), and takes its first token in a later :meth:`step`,
@@ -242,8 +249,10 @@ class LLMEngine:
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self._requests[request.request_id] = request
-        self._prefilled[request.request_id] = Prefilled(slot, first)
-        self.runner.write_kv(self.kv.page_table(request.request_id), k_rows, v_rows, request.num_computed)
+        self._prefilled[request.request_id] = Prefilled(reservation.slot, first)
+        held = reservation.held_tokens
+        self.runner.write_kv(self.kv.page_table(request.request_id), k_rows, v_rows, held, request.num_computed - held)
+        self.scheduler.cache_computed(request)
         if request.params.structured_output is not None:
             request.grammar = self.grammars.state(request.params.structured_output)
             self._awaiting_grammar[request.request_id] = request

@@ -15,22 +15,25 @@ import jax.numpy as jnp
 from models.qwen3_vl_moe.kv_cache import KVCache
 
 
-def _slots(page_table, num_rows: int, page_size: int):
-    index = jnp.arange(num_rows)
+def _slots(page_table, start, num_rows: int, page_size: int):
+    """(page, slot) of tokens start..start+num_rows-1 of the sequence."""
+    index = start + jnp.arange(num_rows)
     return page_table[index // page_size], index % page_size
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def gather_rows(cache: KVCache, page_table, num_rows: int):
     """(k, v) rows [num_rows, layers, kv, d] of tokens 0..num_rows-1 of the sequence."""
-    page, slot = _slots(page_table, num_rows, cache.page_size)
+    page, slot = _slots(page_table, 0, num_rows, cache.page_size)
     return jnp.swapaxes(cache.k[:, page, slot], 0, 1), jnp.swapaxes(cache.v[:, page, slot], 0, 1)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def scatter_rows(cache: KVCache, page_table, k_rows, v_rows, num_tokens) -> KVCache:
-    """Writes rows 0..num_tokens-1 into the sequence's pages; padding rows are dropped."""
-    page, slot = _slots(page_table, k_rows.shape[0], cache.page_size)
+def scatter_rows(cache: KVCache, page_table, k_rows, v_rows, start, num_tokens) -> KVCache:
+    """Writes rows 0..num_tokens-1 as tokens start..start+num_tokens-1 of the sequence (decode holds
+    the tokens before ``start`` already); padding rows are dropped. ``start`` is traced: one
+    program per row bucket, whatever the offset."""
+    page, slot = _slots(page_table, start, k_rows.shape[0], cache.page_size)
     page = jnp.where(jnp.arange(k_rows.shape[0]) < num_tokens, page, cache.num_pages)
     k = cache.k.at[:, page, slot].set(jnp.swapaxes(k_rows, 0, 1).astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, page, slot].set(jnp.swapaxes(v_rows, 0, 1).astype(cache.v.dtype), mode="drop")

@@ -42,11 +42,15 @@ class VisualSpan:
 def visual_spans(token_ids: Sequence[int],
                  placeholders: Sequence[tuple[int, Sequence[tuple[int, bytes]]]]) -> list[VisualSpan]:
     """The span and key of every visual of a prompt. ``placeholders``: per modality, (its placeholder
-    token id, (token count, content key) of each of its visuals in prompt order)."""
+    token id, (token count, content key) of each of its visuals in prompt order); ValueError when
+    they do not fill the prompt's placeholder tokens exactly."""
     ids = np.asarray(token_ids)
     spans = []
     for token, visuals in placeholders:
         where = np.flatnonzero(ids == token)
+        if where.size != sum(count for count, _ in visuals):
+            raise ValueError(f"the prompt has {where.size} placeholder tokens {token} but its pictures fill "
+                             f"{sum(count for count, _ in visuals)}")
         offset = 0
         for count, key in visuals:
             at = where[offset:offset + count]

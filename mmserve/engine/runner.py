@@ -106,14 +106,15 @@ class ModelRunner:
     def run_read_kv(self, page_table, rows):
         return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows)), self.layout)
 
-    def write_kv(self, page_table: list[int], k_rows, v_rows, num_tokens: int) -> None:
+    def write_kv(self, page_table: list[int], k_rows, v_rows, start: int, num_tokens: int) -> None:
+        """Writes ``num_tokens`` rows as the sequence's tokens from ``start`` on."""
         self.lockstep.call(self.run_write_kv, page_table=self._page_tables([page_table], 1)[0],
-                           k_rows=k_rows, v_rows=v_rows, num_tokens=np.int32(num_tokens))
+                           k_rows=k_rows, v_rows=v_rows, start=np.int32(start), num_tokens=np.int32(num_tokens))
 
-    def run_write_kv(self, page_table, k_rows, v_rows, num_tokens):
+    def run_write_kv(self, page_table, k_rows, v_rows, start, num_tokens):
         if self.layout is not None:
             k_rows, v_rows = jax.device_put((k_rows, v_rows), self.layout.kv_rows(k_rows.shape))
-        self.cache = scatter_rows(self.cache, page_table, k_rows, v_rows, num_tokens)
+        self.cache = scatter_rows(self.cache, page_table, k_rows, v_rows, start, num_tokens)
 
     def load_slot(self, request: Request) -> None:
         """Points the request's penalty slot at its prompt and output so far."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable, Sequence
 
 from mmserve.engine.config import EngineConfig
+from mmserve.engine.page_hash import PageKeys
 from mmserve.engine.program_grid import ProgramGrid
 from mmserve.engine.request import Request, Status
 from mmserve.kv_cache_manager import KVCacheManager
@@ -38,6 +40,15 @@ class PrefillChunk:
     def completes(self) -> bool:
         """Whether this chunk reaches the request's last token, so a token is sampled after it."""
         return self.start + self.length == self.request.num_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """What a request prefilled elsewhere holds here: its sampling slot, and how many of its
+    prompt's first tokens have their KV in pages this engine had cached."""
+
+    slot: int
+    held_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +92,20 @@ class Scheduler:
         chunks = self._schedule_prefill()
         return Step(prefill=chunks) if chunks else None
 
-    def reserve(self, request_id: str, num_tokens: int) -> int | None:
-        """Pages for ``num_tokens`` and a slot for a request whose prompt is prefilled elsewhere;
-        returns the slot, or None (nothing taken) when either is short."""
-        if not self._free_slots or not self.kv.can_allocate(num_tokens):
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: Sequence[int] = (),
+                page_keys: PageKeys | None = None) -> Reservation | None:
+        """Pages for ``num_tokens`` and a slot for a request whose prompt is prefilled elsewhere, or
+        None (nothing taken) when either is short. With the prompt's ``page_keys`` its longest
+        cached prefix is taken from the cache (all but its last token at most): those tokens' KV
+        is held here already and need not arrive."""
+        cached = self.cached_prefix(page_keys, len(prompt_ids), lambda start, end: list(prompt_ids[start:end]))
+        if not self._free_slots or not self.kv.can_allocate(num_tokens, cached):
             return None
-        self.kv.allocate(request_id, num_tokens)
-        return self._free_slots.pop()
+        self.kv.allocate(request_id, num_tokens, cached)
+        if page_keys is not None and self.config.enable_prefix_caching:
+            self.prefix_cache_queries += len(prompt_ids)
+            self.prefix_cache_hits += len(cached) * self.kv.page_size
+        return Reservation(self._free_slots.pop(), len(cached) * self.kv.page_size)
 
     def cancel_reservation(self, request_id: str, slot: int) -> None:
         self.kv.free(request_id)
@@ -140,13 +158,16 @@ class Scheduler:
             budget -= length
         return chunks
 
-    def _cached_prefix(self, request: Request) -> list[int]:
-        """Cached pages of the request's longest cached prefix, leaving at least its last token to
-        compute."""
-        if not self.config.enable_prefix_caching or request.page_keys is None:
+    def cached_prefix(self, page_keys: PageKeys | None, num_tokens: int,
+                      token_ids: Callable[[int, int], list[int]]) -> list[int]:
+        """Cached pages of the longest cached prefix of a sequence of ``num_tokens`` tokens, leaving
+        at least its last token to compute (or to receive)."""
+        if not self.config.enable_prefix_caching or page_keys is None:
             return []
-        keys = request.page_keys.first((request.num_tokens - 1) // self.kv.page_size, request.token_ids)
-        return self.kv.cached_prefix(keys)
+        return self.kv.cached_prefix(page_keys.first((num_tokens - 1) // self.kv.page_size, token_ids))
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        return self.cached_prefix(request.page_keys, request.num_tokens, request.token_ids)
 
     def _first_page_key(self, request: Request) -> bytes | None:
         """The key of the request's first page, if prefix caching could ever find it (a full page

@@ -4,6 +4,11 @@ named, receives KV + first token, and decodes it in the continuous batch, stream
 Pages are reserved for the prompt and every token the request may generate, so a request here is
 never preempted: decode has no prompt embeddings to recompute it from.
 
+Decode keeps a prefix cache of its own: a prompt's pages are keyed as prefill keys them (the router
+sends the pictures' content keys), and a prompt whose leading pages decode still holds (the earlier
+turns of a chat, generated tokens included) shares them and registers its KV room as holding those
+tokens, so prefill sends only the rest.
+
 A request with a structured output starts compiling its grammar as it arrives, so the compile runs
 while its pages are reserved and its KV is in flight; the engine holds it (reservation kept, other
 requests decoding) until the grammar is ready, feeds the matcher prefill's first token, and only
@@ -24,13 +29,16 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
+from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
+from mmserve.engine.page_hash import PageKeys, prompt_page_keys
 from mmserve.engine.request import Request
+from mmserve.engine.scheduler import Reservation
 from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import kv_fields
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb
+from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
@@ -60,7 +68,9 @@ class DecodeRecord(RoleRequest[DecodeState]):
     """The incarnation of the prefill worker the router picked (None: not said)."""
     stream: queue.Queue
     """Events for the router's Decode call: every token, then the end or the error."""
-    slot: int | None = None
+    page_keys: PageKeys | None = None
+    """The keys of its pages at this engine's page size (None: prefix caching is off)."""
+    reservation: Reservation | None = None
     output: OutputStream | None = None
 
     @property
@@ -94,6 +104,7 @@ class DecodeRole:
         if len(request.token_ids) >= max_len:
             raise ValueError(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
+        page_keys = self._page_keys(request)
         if params.structured_output is not None:
             params.structured_output.check()
             self.engine.grammars.submit(params.structured_output)
@@ -101,8 +112,18 @@ class DecodeRole:
                                         state=DecodeState.RESERVING, prompt_ids=list(request.token_ids),
                                         params=params, prefill_name=request.prefill_name,
                                         prefill_incarnation=request.prefill_incarnation or None, stream=stream,
+                                        page_keys=page_keys,
                                         deadline=deadline_from_pb(request.timeout_s),
                                         span=role_span("decode", request.request_id, trace_parent)))
+
+    def _page_keys(self, request: pb.DecodeRequest) -> PageKeys | None:
+        """The prompt's page keys as prefill computes them, at this engine's page size; ValueError
+        when its pictures do not fill its placeholders."""
+        if not self.engine.config.enable_prefix_caching:
+            return None
+        prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v, "image") for v in request.images],
+                                [visual_from_pb(v, "video") for v in request.videos])
+        return prompt_page_keys(prompt, self.engine.model, self.engine.config.page_size)
 
     def step(self) -> None:
         self._requests.fail_overdue()
@@ -127,14 +148,15 @@ class DecodeRole:
     def _receive(self) -> list[tuple[DecodeRecord, object]]:
         """Registers reserved requests with their prefill; returns the ones whose KV arrived."""
         for record in self._requests.in_state(DecodeState.RESERVING):  # in arrival order
-            slot = self.engine.reserve(record.request_id, record.reserved_tokens)
-            if slot is None:
+            reservation = self.engine.reserve(record.request_id, record.reserved_tokens, record.prompt_ids,
+                                              record.page_keys)
+            if reservation is None:
                 break
-            record.slot = slot
+            record.reservation = reservation
             record.move(DecodeState.RECEIVING_KV)
             try:
                 self.receiver.add(record.room, self.bootstrap, record.prefill_name, TransferMode.KV,
-                                  record.prefill_incarnation)
+                                  record.prefill_incarnation, start_token=reservation.held_tokens)
             except Exception as error:
                 self._requests.finish(record.request_id, DecodeState.FAILED, f"could not open its KV room: {error}")
         self.receiver.progress(PROGRESS_S if not self.engine.has_unfinished() else 0)
@@ -159,7 +181,7 @@ class DecodeRole:
         with self.lock:
             if was is DecodeState.RECEIVING_KV:
                 close_room(self.receiver, record.room, record.reason)
-                self.engine.cancel_reservation(record.request_id, record.slot)
+                self.engine.cancel_reservation(record.request_id, record.reservation.slot)
             elif was is DecodeState.DECODING:
                 self.engine.abort(record.request_id)  # frees its reservation; a no-op once it finished there
         if record.state is DecodeState.FAILED:
@@ -199,12 +221,13 @@ class DecodeRole:
             info = received.info
             aux = info.aux
             request = Request(record.request_id, record.prompt_ids, record.params, NO_EMBEDDINGS,
-                              int(aux["rope_delta"]), None, num_computed=len(record.prompt_ids))
+                              int(aux["rope_delta"]), None, num_computed=len(record.prompt_ids),
+                              page_keys=record.page_keys)
             first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
             record.output = OutputStream(record.params)
             record.move(DecodeState.DECODING)
-            output = self.engine.admit_prefilled(request, record.slot, received.arrays["k"], received.arrays["v"],
-                                                 first)
+            output = self.engine.admit_prefilled(request, record.reservation, received.arrays["k"],
+                                                 received.arrays["v"], first)
         except Exception as error:
             self._requests.finish(record.request_id, DecodeState.FAILED, f"could not admit its KV: {error}")
             return

@@ -206,7 +206,10 @@ class DisaggregatedBackend:
         trace_context = inject()  # the router's span for this request: each role's span is its child
         stream = decode.stub.Decode(pb.DecodeRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
-            prefill_name=prefill.name, prefill_incarnation=prefill.incarnation, timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
+            prefill_name=prefill.name, prefill_incarnation=prefill.incarnation,
+            images=[visual_to_pb(v, with_source=False) for v in p.images],
+            videos=[visual_to_pb(v, with_source=False) for v in p.videos],
+            timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
         current = prefill
         try:
             ack = await prefill.stub.Prefill(pb.PrefillRequest(

@@ -39,11 +39,11 @@ class SplitEngine:
         """The prefilled request admitted on the decode side; None: it waits for its grammar."""
         prefilled, k, v = self.prefill(f"{request_id}-prefill", params)
         prompt = prefilled.prompt_ids
-        slot = self.engine.reserve(request_id, len(prompt) + params.max_tokens)
+        reservation = self.engine.reserve(request_id, len(prompt) + params.max_tokens)
         request = Request(request_id, list(prompt), params, NO_POSITIONS, prefilled.rope_delta, None,
                           num_computed=len(prompt))
         first = (prefilled.output_ids[0], None, None, None)
-        return request, self.engine.admit_prefilled(request, slot, k, v, first)
+        return request, self.engine.admit_prefilled(request, reservation, k, v, first)
 
     def run(self, request_id):
         while True:
@@ -57,8 +57,8 @@ class SplitEngine:
         assert engine.kv.num_free_pages == engine.runner.num_pages - 1  # cached pages nobody holds count
         slots = [engine.reserve(f"slot-{i}", 1) for i in range(engine.config.max_num_seqs)]
         assert None not in slots, "a slot was not given back"
-        for i, slot in enumerate(slots):
-            engine.cancel_reservation(f"slot-{i}", slot)
+        for i, reservation in enumerate(slots):
+            engine.cancel_reservation(f"slot-{i}", reservation.slot)
 
 
 @pytest.fixture(scope="module")
