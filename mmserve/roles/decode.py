@@ -7,7 +7,8 @@ never preempted: decode has no prompt embeddings to recompute it from.
 Decode keeps a prefix cache of its own: a prompt's pages are keyed as prefill keys them (the router
 sends the pictures' content keys), and a prompt whose leading pages decode still holds (the earlier
 turns of a chat, generated tokens included) shares them and registers its KV room as holding those
-tokens, so prefill sends only the rest.
+tokens, so prefill sends only the rest. A request whose first page another request is receiving
+right now (``n`` siblings, a burst sharing a system prompt) waits for it to land, then shares it.
 
 A request with a structured output starts compiling its grammar as it arrives, so the compile runs
 while its pages are reserved and its KV is in flight; the engine holds it (reservation kept, other
@@ -18,6 +19,7 @@ then lets it sample: the same grammar state the colocated engine would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import secrets
 import threading
@@ -77,6 +79,14 @@ class DecodeRecord(RoleRequest[DecodeState]):
     def reserved_tokens(self) -> int:
         return len(self.prompt_ids) + self.params.max_tokens
 
+    @functools.cached_property
+    def first_page_key(self) -> bytes | None:
+        """The key of its prompt's first page, if it could ever be held (a full page before the
+        prompt's last token); None otherwise."""
+        if self.page_keys is None or (len(self.prompt_ids) - 1) // self.page_keys.page_size < 1:
+            return None
+        return self.page_keys.first(1, lambda start, end: self.prompt_ids[start:end])[0]
+
 
 DECODE_PROGRAMS = frozenset({"decode"})
 """Decode only continues requests prefilled elsewhere."""
@@ -97,6 +107,8 @@ class DecodeRole:
         self._requests: RequestTable[DecodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
         """Held by whoever touches the receiver: the loop thread or the transfer pump."""
+        self.kv_tokens_received = 0
+        """Prompt tokens whose KV arrived from prefill (those held already in the cache not counted)."""
 
     def decode(self, request: pb.DecodeRequest, stream: queue.Queue, trace_parent: Context | None = None) -> None:
         params = sampling_from_pb(request.sampling)
@@ -147,13 +159,17 @@ class DecodeRole:
 
     def _receive(self) -> list[tuple[DecodeRecord, object]]:
         """Registers reserved requests with their prefill; returns the ones whose KV arrived."""
+        arriving = {record.first_page_key for record in self._requests.in_state(DecodeState.RECEIVING_KV)} - {None}
         for record in self._requests.in_state(DecodeState.RESERVING):  # in arrival order
+            if record.first_page_key in arriving:
+                continue  # a request with the same first page is receiving it: share it once it has landed
             reservation = self.engine.reserve(record.request_id, record.reserved_tokens, record.prompt_ids,
                                               record.page_keys)
             if reservation is None:
                 break
             record.reservation = reservation
             record.move(DecodeState.RECEIVING_KV)
+            arriving |= {record.first_page_key} - {None}
             try:
                 self.receiver.add(record.room, self.bootstrap, record.prefill_name, TransferMode.KV,
                                   record.prefill_incarnation, start_token=reservation.held_tokens)
@@ -165,6 +181,7 @@ class DecodeRole:
             state = self.receiver.poll(record.room)
             if state is PollState.SUCCESS:
                 received = self.receiver.take(record.room)  # the KV room is gone
+                self.kv_tokens_received += received.num_tokens - received.start_token
                 record.link_hop(received.info.aux)
                 arrived.append((record, received))
             elif state is PollState.FAILED:
@@ -208,6 +225,7 @@ class DecodeRole:
 
     def _health(self) -> dict:
         return self.engine.stats() | {"free_kv_blocks": self.receiver.allocator.available_blocks(),
+                                      "kv_tokens_received": self.kv_tokens_received,
                                       "in_flight": len(self._requests), "requests": self._requests.counts()}
 
     def close(self) -> None:

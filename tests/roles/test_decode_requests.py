@@ -13,6 +13,7 @@ import pytest
 from mmserve import SamplingParams
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.decode import DecodeRole
+from mmserve.roles.request_state import DecodeState
 from mmserve.roles.wire import sampling_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.structured_output import StructuredOutput
@@ -22,21 +23,23 @@ from transfer import BootstrapServer, TransferConfig
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def role():
+@pytest.fixture(params=[1])
+def role(request):
+    """A decode role with ``request.param`` slots (one unless a test says otherwise)."""
     transfer = TransferConfig(data_plane="zmq", bootstrap_timeout_s=1.0, heartbeat_interval_s=0.1,
                               heartbeat_timeout_s=1.0)
     bootstrap = BootstrapServer(transfer).start()
-    engine = EngineConfig(num_pages=32, page_size=16, max_model_len=256, max_num_seqs=1, precompile=False)
+    engine = EngineConfig(num_pages=32, page_size=16, max_model_len=256, max_num_seqs=request.param, precompile=False)
     role = DecodeRole(load_model("tiny"), engine, transfer, "decode-requests", bootstrap.address)
     yield role
     role.close()
     bootstrap.close()
 
 
-def decode(role, request_id: str, room: int, params: SamplingParams = SamplingParams(max_tokens=4)) -> queue.Queue:
+def decode(role, request_id: str, room: int, params: SamplingParams = SamplingParams(max_tokens=4),
+           prompt: list[int] = list(range(3, 23))) -> queue.Queue:
     stream: queue.Queue = queue.Queue()
-    role.decode(pb.DecodeRequest(request_id=request_id, room=room, token_ids=list(range(3, 23)),
+    role.decode(pb.DecodeRequest(request_id=request_id, room=room, token_ids=prompt,
                                  sampling=sampling_to_pb(params), prefill_name="prefill-absent"),
                 stream)
     return stream
@@ -111,4 +114,25 @@ def test_a_schema_that_cannot_be_enforced_is_refused_before_anything_is_held(rol
     bad = SamplingParams(max_tokens=4, structured_output=StructuredOutput.from_schema({"type": "objectx"}))
     with pytest.raises(ValueError, match="invalid JSON schema"):
         decode(role, "bad-schema", room=11, params=bad)
+    assert role.health()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("role", [4], indirect=True)
+def test_a_request_waits_while_another_receives_its_first_page(role):
+    """Siblings (the same 20-token prompt: one full 16-token page before its last token) open one
+    KV room at a time, so the later ones can share the first one's pages once it lands; another
+    prompt goes ahead, and the wait ends when the first room ends, whichever way."""
+    for i in range(3):
+        decode(role, f"sibling-{i}", room=10 + i)
+    decode(role, "other", room=20, prompt=list(range(103, 123)))
+    decode(role, "short", room=21, prompt=list(range(3, 10)))  # no full page: nothing to share
+    role.step()
+    receiving = {r.request_id for r in role._requests.in_state(DecodeState.RECEIVING_KV)}  # noqa: SLF001
+    assert receiving == {"sibling-0", "other", "short"}
+    role.abort("sibling-0")
+    role.step()
+    receiving = {r.request_id for r in role._requests.in_state(DecodeState.RECEIVING_KV)}  # noqa: SLF001
+    assert receiving == {"sibling-1", "other", "short"}
+    for request_id in ("sibling-1", "sibling-2", "other", "short"):
+        role.abort(request_id)
     assert role.health()["in_flight"] == 0

@@ -131,7 +131,51 @@ def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, ll
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda c: ask(client, *c, stream=bool(len(c[0]) % 2)), cases))
     assert answers == [expected(llm, *c) for c in cases]
-    assert _prefill(cluster)["prefix_cache_hits"] > 0  # the chat template's head: decode got the whole KV anyway
+    assert _prefill(cluster)["prefix_cache_hits"] > 0  # the chat template's head
+    _assert_all_free(cluster)
+
+
+def test_a_second_turn_moves_only_the_kv_decode_does_not_hold(cluster, client, llm):
+    """Decode keeps the pages of turn 1 (its prompt as it arrived, its answer as decoded): turn 2's
+    KV room starts past them, so only the new tokens' KV moves, and the answer is the offline one."""
+    first = conversation("Describe the picture in a few words.", [image(50, (64, 64))], as_url=True)
+    reply = client.chat.completions.create(model="tiny", messages=first, max_tokens=MAX_TOKENS, temperature=0)
+    answer = reply.choices[0].message.content
+    follow_up = [{"role": "assistant", "content": answer}, {"role": "user", "content": "And its colours?"}]
+    before = _roles(cluster)["decode"][0]
+    second = client.chat.completions.create(model="tiny", messages=first + follow_up, max_tokens=MAX_TOKENS,
+                                            temperature=0)
+    after = _roles(cluster)["decode"][0]
+    held = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    moved = after["kv_tokens_received"] - before["kv_tokens_received"]
+    assert held >= reply.usage.prompt_tokens // 8 * 8 > 0  # decode's pages are 8 tokens (cluster.py)
+    assert held + moved == second.usage.prompt_tokens
+    offline = conversation("Describe the picture in a few words.", [image(50, (64, 64))], as_url=False)
+    want = llm.chat(offline + follow_up, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0].text
+    assert second.choices[0].message.content == want
+    _assert_all_free(cluster)
+
+
+def test_siblings_receive_their_shared_prompt_once(cluster, client, llm):
+    """n=3: the siblings arrive at decode together; the first receives the prompt's KV, the others
+    wait for it to land and share its full pages, receiving only the last page's tokens. Each
+    choice is the offline answer seeded seed + i."""
+    messages = conversation("Tell three different short stories about this picture.", [image(51, (64, 64))],
+                            as_url=True)
+    before = _roles(cluster)["decode"][0]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, n=3, seed=5,
+                                           temperature=1.0)
+    after = _roles(cluster)["decode"][0]
+    prompt = reply.usage.prompt_tokens
+    held = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    moved = after["kv_tokens_received"] - before["kv_tokens_received"]
+    assert held == 2 * ((prompt - 1) // 8 * 8) > 0
+    assert held + moved == 3 * prompt
+    offline = conversation("Tell three different short stories about this picture.", [image(51, (64, 64))],
+                           as_url=False)
+    want = [llm.chat(offline, SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=5 + i))[0].outputs[0].text
+            for i in range(3)]
+    assert [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)] == want
     _assert_all_free(cluster)
 
 
