@@ -13,7 +13,9 @@ No warm-up by default: the first request should be as fast as the hundredth. Run
 ``--turns N`` makes each request a conversation of N turns about one picture (each turn sends the
 whole history: the picture, the questions and answers so far, and a new question), the turns of
 one conversation one after another, and prints the TTFT of each turn: turns after the first find
-their prefix in the prefix cache (and, with several prefill workers, are routed to it).
+their prefix in the prefix cache (and, with several prefill workers, are routed to it). Against
+``--role all`` at ``--concurrency 1`` each turn also says how many of its prompt tokens had their
+KV sent to decode, next to the tokens new since the last turn (decode keeps the earlier turns).
 
     python scripts/bench_serving.py --url http://127.0.0.1:8000 --requests 16 --turns 4
 """
@@ -24,6 +26,7 @@ import argparse
 import base64
 import concurrent.futures
 import io
+import json
 import statistics
 import time
 
@@ -69,9 +72,11 @@ def document(seed: int, words: int) -> str:
 
 
 def conversation(client: openai.OpenAI, model: str, seed: int, size: int, max_tokens: int,
-                 turns: int, context_words: int) -> list[tuple[float, list[float], int]]:
-    """(TTFT, gaps, tokens) of each turn of one conversation about one picture (and a document of
-    ``context_words`` words before it, its own)."""
+                 turns: int, context_words: int, kv_probe=None) -> list[tuple[float, list[float], int, tuple]]:
+    """(TTFT, gaps, tokens, KV) of each turn of one conversation about one picture (and a document
+    of ``context_words`` words before it, its own). KV: (prompt tokens, tokens new since the last
+    turn's prompt and answer, prompt tokens whose KV reached decode) when ``kv_probe`` (the decode
+    workers' kv_tokens_received; only meaningful with one conversation at a time) is given."""
     context = [{"type": "text", "text": document(seed, context_words)}] if context_words else []
     history = [{"role": "user", "content": context + [
         {"type": "image_url", "image_url": {"url": image_url(seed, size)}},
@@ -80,20 +85,34 @@ def conversation(client: openai.OpenAI, model: str, seed: int, size: int, max_to
     for turn in range(turns):
         if turn:
             history.append({"role": "user", "content": f"And what else is in it ({turn})?"})
+        received = kv_probe() if kv_probe else None
         start = time.perf_counter()
         stream = client.chat.completions.create(model=model, messages=history, max_tokens=max_tokens, temperature=0,
                                                 stream=True, stream_options={"include_usage": True},
                                                 extra_body={"ignore_eos": True})
-        arrivals, tokens, text = [], 0, ""
+        arrivals, tokens, text, prompt = [], 0, "", 0
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 arrivals.append(time.perf_counter())
                 text += chunk.choices[0].delta.content
             if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
+                tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
         history.append({"role": "assistant", "content": text})
-        out.append((arrivals[0] - start, [b - a for a, b in zip(arrivals, arrivals[1:])], tokens))
+        kv = ()
+        if received is not None:
+            seen = out[-1][3][0] + out[-1][2] if out else 0  # the last turn's prompt and answer
+            kv = (prompt, prompt - seen, kv_probe() - received)
+        out.append((arrivals[0] - start, [b - a for a, b in zip(arrivals, arrivals[1:])], tokens, kv))
     return out
+
+
+def decode_kv_received(url: str) -> float | None:
+    """Prompt tokens whose KV reached the decode workers so far (router's /health), None when the
+    server has no decode role (colocated)."""
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as reply:
+        workers = json.loads(reply.read()).get("roles", {}).get("decode", [])
+    counts = [w["kv_tokens_received"] for w in workers if "kv_tokens_received" in w]
+    return float(sum(counts)) if counts else None
 
 
 def main() -> None:
@@ -120,8 +139,11 @@ def main() -> None:
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=600, max_retries=0)
     sizes = args.image_sizes or [args.image_size]
     if args.turns > 1:
+        probe = None
+        if args.concurrency == 1 and decode_kv_received(args.url) is not None:
+            probe = lambda: decode_kv_received(args.url)
         run = lambda seed: conversation(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens, args.turns,
-                                       args.context_words)
+                                       args.context_words, probe)
     else:
         run = lambda seed: [one_request(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens)]
     compiles_before = server_compiles(args.url)
@@ -150,7 +172,10 @@ def main() -> None:
         first = statistics.median(c[0][0] for c in conversations)
         for turn in range(args.turns):
             p50 = statistics.median(c[turn][0] for c in conversations)
-            print(f"turn {turn + 1}  TTFT p50 {p50 * 1000:8.1f} ms  ({p50 / first:4.2f}x turn 1)")
+            kv = [c[turn][3] for c in conversations if c[turn][3]]
+            moved = (f"  KV to decode: {sum(k[2] for k in kv):.0f} of {sum(k[0] for k in kv)} prompt tokens "
+                     f"({sum(k[1] for k in kv)} new)" if kv else "")
+            print(f"turn {turn + 1}  TTFT p50 {p50 * 1000:8.1f} ms  ({p50 / first:4.2f}x turn 1){moved}")
     compiles_after = server_compiles(args.url)
     if compiles_before is not None and compiles_after is not None:
         print(f"compilations while serving: {compiles_after - compiles_before:.0f}")
