@@ -127,6 +127,40 @@ class LLMEngine:
                     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> str:
         """features: {"image"|"video": (embeddings, deepstack)} already encoded elsewhere (the
         encode role); without them the prompt's pixels are encoded here."""
+        prepared, request_id = self._check_new(prompt, params, request_id)
+        features = features if features is not None else {
+            "image": self.encoder.encode_all(prepared.images), "video": self.encoder.encode_all(prepared.videos)}
+        visual = place_visual(prepared.token_ids, self.model.config, features.get("image"), features.get("video"))
+        page_keys = prompt_page_keys(prepared, self.model, self.config.page_size) if self.config.enable_prefix_caching \
+            else None
+        self._add(prepared, params, request_id, visual, page_keys)
+        return request_id
+
+    def add_request_on_cached_pictures(self, prompt, params: SamplingParams, request_id: str) -> bool:
+        """Adds a prompt without its pictures' embeddings when every image and video placeholder
+        lies in pages this engine holds cached (a later turn about the same picture): only tokens
+        past those pages are computed, so the embeddings would never be read. The pages holding
+        the pictures are pinned until the request ends, so that even a preempted request finds
+        them again (it goes first among waiting requests: its pins shrink the pool). False,
+        and nothing added, when the cache does not cover every picture (or caching is off)."""
+        prepared, request_id = self._check_new(prompt, params, request_id)
+        if not self.config.enable_prefix_caching:
+            return False
+        page_keys = prompt_page_keys(prepared, self.model, self.config.page_size)
+        ids = prepared.token_ids
+        cached = self.scheduler.cached_prefix(page_keys, len(ids), lambda start, end: ids[start:end])
+        if len(cached) * self.config.page_size < max((v.end for v in page_keys.visuals), default=len(ids)):
+            return False
+        pictures = -(-max(v.end for v in page_keys.visuals) // self.config.page_size)
+        self.kv.allocate(_pin(request_id), pictures * self.config.page_size, cached[:pictures])
+        try:
+            self._add(prepared, params, request_id, None, page_keys).pinned = True
+        except Exception:
+            self._unpin(request_id)
+            raise
+        return True
+
+    def _check_new(self, prompt, params: SamplingParams, request_id: str | None) -> tuple[PreparedPrompt, str]:
         prepared = prompt if isinstance(prompt, PreparedPrompt) else self.prepare(prompt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
@@ -134,23 +168,25 @@ class LLMEngine:
         self.check_fits(len(prepared.token_ids), params)
         if params.structured_output is not None:
             params.structured_output.check()
+        return prepared, request_id
+
+    def _add(self, prepared: PreparedPrompt, params: SamplingParams, request_id: str, visual,
+             page_keys: PageKeys | None) -> Request:
         ids = prepared.token_ids
-        features = features if features is not None else {
-            "image": self.encoder.encode_all(prepared.images), "video": self.encoder.encode_all(prepared.videos)}
-        image, video = features.get("image"), features.get("video")
-        positions, delta = get_rope_index(
-            ids, self.model.config, _grids(prepared.images), _grids(prepared.videos))
-        request = Request(request_id, list(ids), params, positions, delta, place_visual(ids, self.model.config,
-                                                                                        image, video))
-        if self.config.enable_prefix_caching:
-            request.page_keys = prompt_page_keys(prepared, self.model, self.config.page_size)
+        positions, delta = get_rope_index(ids, self.model.config, _grids(prepared.images), _grids(prepared.videos))
+        request = Request(request_id, list(ids), params, positions, delta, visual, page_keys=page_keys)
         self._requests[request_id] = request
         if params.structured_output is not None:
             request.grammar = self.grammars.state(params.structured_output)
             self._awaiting_grammar[request_id] = request
         else:
             self.scheduler.add(request)
-        return request_id
+        return request
+
+    def _unpin(self, request_id: str) -> None:
+        """Lets go of the cached pages pinned for a request added on cached pictures, if any."""
+        if _pin(request_id) in self.kv:
+            self.kv.free(_pin(request_id))
 
     @property
     def grammars(self):
@@ -192,6 +228,7 @@ class LLMEngine:
             self.scheduler.cancel_reservation(request_id, prefilled.slot)
         else:
             self.scheduler.finish(request)
+        self._unpin(request_id)
         request.grammar = None
 
     def has_unfinished(self) -> bool:
@@ -217,6 +254,7 @@ class LLMEngine:
                 if self._on_finish is not None:
                     self._on_finish(request, self.kv.page_table(request.request_id))
                 self.scheduler.finish(request)
+                self._unpin(request.request_id)
                 del self._requests[request.request_id]
         if self.kv_events is not None:
             self.kv_events.publish(self.kv.take_events())
@@ -355,6 +393,11 @@ class LLMEngine:
             raise RequestRejected(f"the prompt needs {pages} KV pages; the cache has {self.runner.num_pages - 1}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+
+
+def _pin(request_id: str) -> tuple[str, str]:
+    """The cache manager's sequence holding the pages pinned for a request (never a request id: a tuple)."""
+    return ("pinned", request_id)
 
 
 def _grids(visuals: list[Visual]):

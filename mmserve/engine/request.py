@@ -55,6 +55,7 @@ class Request:
     finish: Finish | None = None
     page_keys: PageKeys | None = None  # None: its pages are never cached (nor looked up)
     grammar: GrammarState | None = None  # with params.structured_output: where its output is in the grammar
+    pinned: bool = False  # added on cached pictures: the pages holding them are pinned while it lives
 
     @property
     def num_tokens(self) -> int:

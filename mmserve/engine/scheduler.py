@@ -134,7 +134,9 @@ class Scheduler:
     def _schedule_prefill(self) -> list[PrefillChunk]:
         budget = self.config.max_prefill_tokens
         chunks: list[PrefillChunk] = []
-        candidates = [r for r in self.running if r.prefilling] + list(self.waiting)
+        # A waiting request whose cached pages are pinned for it goes first: its pins shrink the
+        # pool for every other request, and it fits alone, as it did before it was preempted.
+        candidates = [r for r in self.running if r.prefilling] + sorted(self.waiting, key=lambda r: not r.pinned)
         computing = {self._first_page_key(r) for r in self.running if r.prefilling} - {None}
         for request in candidates:
             if len(chunks) == self.config.max_prefill_seqs or budget == 0:

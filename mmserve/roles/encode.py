@@ -101,6 +101,8 @@ class EncodeRole:
         """Held by whoever touches the sender: the loop thread or the transfer pump."""
         self.vision_calls = 0
         """Steps that ran the vision tower (each over every request queued then)."""
+        self.accepted = 0
+        """Encode requests taken (a prompt whose pictures prefill holds cached sends none)."""
 
     def encode(self, request: EncodeJob, trace_parent: Context | None = None) -> None:
         """Queues the request's pictures for the next step's vision calls, which encode every queued
@@ -116,6 +118,7 @@ class EncodeRole:
                                             deadline=request.deadline,
                                             span=role_span("encode", request.request_id, trace_parent), job=request))
             self.sender.add(request.room)
+            self.accepted += 1
 
     def _tokens(self, visual: Visual) -> int:
         return self.encoder.model.processor.num_image_tokens(visual.grid_thw[0])
@@ -207,7 +210,7 @@ class EncodeRole:
     def health(self) -> dict:
         with self.lock:
             return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._requests),
-                    "requests": self._requests.counts(), "queued": len(self._outbox)}
+                    "requests": self._requests.counts(), "queued": len(self._outbox), "accepted": self.accepted}
 
     def close(self) -> None:
         with self.lock:

@@ -1,6 +1,7 @@
 """The prefill role: receives a prompt's visual embeddings from encode (text-only prompts need
-none), prefills it, samples the first token, and sends KV + first token to the decode the router
-named. One loop drives both directions: the embedding receiver and the KV sender."""
+none, nor a prompt whose pictures lie in pages its prefix cache holds), prefills it, samples the
+first token, and sends KV + first token to the decode the router named. One loop drives both
+directions: the embedding receiver and the KV sender."""
 
 from __future__ import annotations
 
@@ -77,11 +78,14 @@ class PrefillRole:
         self.lock = threading.RLock()
         """Held by whoever touches the receiver or the sender: the loop thread or the transfer pump."""
 
-    def prefill(self, request: pb.PrefillRequest, trace_parent: Context | None = None) -> None:
+    def prefill(self, request: pb.PrefillRequest, trace_parent: Context | None = None) -> dict:
+        """Takes a prompt; ``{"pictures_held": True}`` (for the Ack) when it needs no embeddings
+        because the engine holds every picture's pages cached (an earlier turn about them): then
+        no embedding room is opened, and the router calls no encode worker."""
         with self.lock:
-            self._prefill(request, trace_parent)
+            return {"pictures_held": self._prefill(request, trace_parent)}
 
-    def _prefill(self, request: pb.PrefillRequest, trace_parent: Context | None) -> None:
+    def _prefill(self, request: pb.PrefillRequest, trace_parent: Context | None) -> bool:
         params = sampling_from_pb(request.sampling)
         prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v, "image") for v in request.images],
                                 [visual_from_pb(v, "video") for v in request.videos])
@@ -89,14 +93,16 @@ class PrefillRole:
             raise ValueError("a prompt with images or videos needs an encode worker, and only such a prompt")
         self.engine.check_fits(len(prompt.token_ids), params)
         self._requests.check_new(request.request_id, request.room)
-        state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name else PrefillState.PREFILLING
+        held = bool(request.encode_name) and self.engine.add_request_on_cached_pictures(
+            prompt, self._first_only(params), request.request_id)
+        state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name and not held else PrefillState.PREFILLING
         record = self._requests.add(PrefillRecord(request_id=request.request_id, room=request.room, state=state,
                                                   prompt=prompt, params=params,
                                                   deadline=deadline_from_pb(request.timeout_s),
                                                   span=role_span("prefill", request.request_id, trace_parent)))
         try:
             self.sender.add(request.room)
-            if request.encode_name:
+            if state is PrefillState.WAITING_FOR_EMBEDDINGS:
                 self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING,
                                   request.encode_incarnation or None)
         except Exception as error:
@@ -104,6 +110,7 @@ class PrefillRole:
             raise
         if not request.encode_name:
             self._start(record, lambda: {})
+        return held
 
     def step(self) -> None:
         self._requests.fail_overdue()
@@ -198,11 +205,15 @@ class PrefillRole:
     def _start(self, record: PrefillRecord, features: Callable[[], dict]) -> None:
         """Prefill samples exactly the first token; decode continues from it. A prompt the engine
         refuses, or whose embeddings do not fit it, fails alone."""
-        first_only = dataclasses.replace(record.params, max_tokens=1)
         try:
-            self.engine.add_request(record.prompt, first_only, record.request_id, features=features())
+            self.engine.add_request(record.prompt, self._first_only(record.params), record.request_id,
+                                    features=features())
         except Exception as error:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"prefill refused it: {error}")
+
+    @staticmethod
+    def _first_only(params: SamplingParams) -> SamplingParams:
+        return dataclasses.replace(params, max_tokens=1)
 
     def _features(self, record: PrefillRecord, received) -> dict:
         """Splits the received visual rows back into image and video (embeddings, deepstack)."""

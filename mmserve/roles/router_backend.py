@@ -219,7 +219,7 @@ class DisaggregatedBackend:
                 encode_name=encode.name if encode else "", encode_incarnation=encode.incarnation if encode else 0,
                 timeout_s=_seconds_left(request.deadline)),
                 metadata=trace_context)
-            if ack.ok and encode is not None:
+            if ack.ok and encode is not None and not ack.pictures_held:
                 current = encode
                 ack = await encode.stub.Encode(pb.EncodeRequest(
                     request_id=rid, room=room, images=[visual_to_pb(v, with_source=True) for v in p.images],

@@ -160,12 +160,13 @@ class WorkerService(pb_grpc.WorkerServicer):
     def acknowledge(self, fn: Callable, request, context: grpc.ServicerContext) -> pb.Ack:
         """Runs ``fn(request, trace_parent)`` on the loop (the router's trace context, from the call's
         metadata); a request the role refuses is answered with its reason, ``rejected`` when the
-        refusal is the client's to fix."""
+        refusal is the client's to fix. What ``fn`` returns (a dict, or None) fills the Ack's
+        other fields."""
         try:
-            self.loop.call(fn, request, extract(context.invocation_metadata()))
+            fields = self.loop.call(fn, request, extract(context.invocation_metadata()))
         except ValueError as error:
             return pb.Ack(ok=False, error=str(error), rejected=isinstance(error, RequestRejected))
-        return pb.Ack(ok=True)
+        return pb.Ack(ok=True, **(fields or {}))
 
     def Abort(self, request, context):
         self.loop.call(self.loop.role.abort, request.request_id)

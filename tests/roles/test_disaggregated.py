@@ -137,15 +137,19 @@ def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, ll
 
 def test_a_second_turn_moves_only_the_kv_decode_does_not_hold(cluster, client, llm):
     """Decode keeps the pages of turn 1 (its prompt as it arrived, its answer as decoded): turn 2's
-    KV room starts past them, so only the new tokens' KV moves, and the answer is the offline one."""
+    KV room starts past them, so only the new tokens' KV moves; prefill holds the picture's pages,
+    so turn 2 needs no embeddings and encode is not called; the answer is the offline one."""
     first = conversation("Describe the picture in a few words.", [image(50, (64, 64))], as_url=True)
     reply = client.chat.completions.create(model="tiny", messages=first, max_tokens=MAX_TOKENS, temperature=0)
     answer = reply.choices[0].message.content
     follow_up = [{"role": "assistant", "content": answer}, {"role": "user", "content": "And its colours?"}]
-    before = _roles(cluster)["decode"][0]
+    roles = _roles(cluster)
+    before, encoded = roles["decode"][0], roles["encode"][0]["accepted"]
     second = client.chat.completions.create(model="tiny", messages=first + follow_up, max_tokens=MAX_TOKENS,
                                             temperature=0)
-    after = _roles(cluster)["decode"][0]
+    roles = _roles(cluster)
+    after = roles["decode"][0]
+    assert roles["encode"][0]["accepted"] == encoded
     held = after["prefix_cache_hits"] - before["prefix_cache_hits"]
     moved = after["kv_tokens_received"] - before["kv_tokens_received"]
     assert held >= reply.usage.prompt_tokens // 8 * 8 > 0  # decode's pages are 8 tokens (cluster.py)
