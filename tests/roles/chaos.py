@@ -6,6 +6,7 @@ worker's pools are back to the free counts they had before."""
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import time
 import urllib.request
 from collections.abc import Callable
@@ -31,17 +32,22 @@ def free_counts(url: str) -> dict:
     return {(role, w["name"]): {k: w[k] for k in keep if k in w} for role, ws in body["roles"].items() for w in ws}
 
 
+_PICTURES = itertools.count(100_000, IN_FLIGHT)
+"""Seeds of pictures no drill sent before."""
+
+
 def router_metric(url: str, name: str) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
         lines = reply.read().decode().splitlines()
     return next((float(line.split()[1]) for line in lines if line.startswith(name + " ")), 0.0)
 
 
-def _request(client: openai.OpenAI, i: int) -> float:
-    """One drill request (odd ones carry a picture, so encode is in their path; every other one
-    streams); returns how long it took to end, however it ended."""
+def _request(client: openai.OpenAI, i: int, seed: int) -> float:
+    """One drill request (odd ones carry a picture never sent before, so encode is in their path:
+    prefill skips encode for a picture it holds; every other one streams); returns how long it
+    took to end, however it ended."""
     started = time.monotonic()
-    messages = conversation(f"Question {i}.", [image(60 + i, (64, 64))] if i % 2 else [], as_url=True)
+    messages = conversation(f"Question {i}.", [image(seed + i, (64, 64))] if i % 2 else [], as_url=True)
     try:
         reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=TOKENS, temperature=0,
                                                stream=bool(i % 4 // 2), extra_body={"ignore_eos": True})
@@ -61,7 +67,8 @@ def kill_with_requests_in_flight(url: str, kill: Callable[[], None]) -> list[flo
     ask(client, "Warm up.", [], stream=True)  # the openai client builds its response models once, not in 16 threads
     ask(client, "Warm up.", [], stream=False)
     with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT) as pool:
-        asked = [pool.submit(_request, client, i) for i in range(IN_FLIGHT)]
+        seed = next(_PICTURES)
+        asked = [pool.submit(_request, client, i, seed) for i in range(IN_FLIGHT)]
         deadline = time.monotonic() + 30
         while (router_metric(url, "mmserve_requests_in_flight")
                + router_metric(url, "mmserve_requests_queued")) < IN_FLIGHT:  # queued: waiting for decode's KV
@@ -75,9 +82,9 @@ def wait_until_it_answers(url: str, llm, what: str, timeout_s: float = 240) -> N
     """Asks through every role (a picture: a text-only chat would not need encode) until the
     answer is the colocated engine's."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
-    picture = [image(5, (64, 64))]
     deadline = time.monotonic() + timeout_s
     while True:
+        picture = [image(next(_PICTURES), (64, 64))]  # never sent before: prefill cannot skip encode
         try:
             if ask(client, "Back again?", picture) == expected(llm, "Back again?", picture):
                 return
