@@ -24,8 +24,9 @@ class EngineConfig:
     """token budget of one prefill step; longer prompts are prefilled in chunks (at least 16)"""
     max_prefill_seqs: int = 8
     """most prompts in one prefill step"""
-    embedding_cache_size: int = 64
-    """encoded images kept, keyed by a hash of their pixels, so a repeated image skips the vision tower"""
+    embedding_cache_bytes: int = 256 * 2**20
+    """memory for encoded images and videos kept, keyed by a hash of the client's file, so a repeated
+    picture skips decoding and the vision tower (least recently used evicted first; 0: none kept)"""
     seed: int = 0
     """the engine's random key for requests that give no seed of their own"""
     precompile: bool = True
@@ -44,6 +45,8 @@ class EngineConfig:
                      "max_prefill_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embedding_cache_bytes < 0:
+            raise ValueError(f"embedding_cache_bytes must be >= 0, got {self.embedding_cache_bytes}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {self.num_pages}")
         if self.max_prefill_tokens < 16:

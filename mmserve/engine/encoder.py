@@ -40,7 +40,7 @@ class Encoder:
         Patch counts are padded to the buckets of ``config``'s program grid."""
         self.model = model
         self.grid = ProgramGrid.for_model(config, model.config)
-        self.cache = EmbeddingCache(config.embedding_cache_size)
+        self.cache = EmbeddingCache(config.embedding_cache_bytes)
         self.layout = layout
         self.lockstep = lockstep or Lockstep()
         self.lockstep.bind("encoder", self)

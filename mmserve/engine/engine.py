@@ -318,6 +318,7 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
             "embedding_cache_hits": self.encoder.cache.hits,
+            "embedding_cache_bytes": self.encoder.cache.bytes,
             "embedding_cache_misses": self.encoder.cache.misses,
             "prefix_cache_queries": self.scheduler.prefix_cache_queries,
             "prefix_cache_hits": self.scheduler.prefix_cache_hits,

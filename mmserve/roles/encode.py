@@ -210,7 +210,9 @@ class EncodeRole:
     def health(self) -> dict:
         with self.lock:
             return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._requests),
-                    "requests": self._requests.counts(), "queued": len(self._outbox), "accepted": self.accepted}
+                    "requests": self._requests.counts(), "queued": len(self._outbox), "accepted": self.accepted,
+                    "embedding_cache_hits": self.encoder.cache.hits, "embedding_cache_misses": self.encoder.cache.misses,
+                    "embedding_cache_bytes": self.encoder.cache.bytes}
 
     def close(self) -> None:
         with self.lock:

@@ -19,7 +19,9 @@ from models.qwen3_vl_moe import load_model
 
 @pytest.fixture(scope="module")
 def encoder():
-    return Encoder(load_model("tiny"), EngineConfig(precompile=False, embedding_cache_size=1))
+    # A 64x64 picture's features on the tiny model: 4 tokens x (1 + 3 deepstack levels) x 64 float32
+    # = 4096 bytes; the budget holds one picture, not two.
+    return Encoder(load_model("tiny"), EngineConfig(precompile=False, embedding_cache_bytes=6000))
 
 
 def picture(encoder: Encoder, seed: int) -> Visual:

@@ -75,7 +75,7 @@ def test_requests_queued_together_share_one_vision_step_and_get_their_own_rows(r
     role.step()
     assert role.vision_calls == calls + 1
     assert role.health()["requests"] == {"sending": 2}
-    alone = Encoder(role.encoder.model, EngineConfig(precompile=False, embedding_cache_size=0))
+    alone = Encoder(role.encoder.model, EngineConfig(precompile=False, embedding_cache_bytes=0))
     for room in (11, 12):
         picture = Visual(np.array([[1, 4, 4]]), pixels(role, room))
         together = role.encoder.cache.get(picture.content_key)

@@ -1,0 +1,44 @@
+"""Encode's embedding cache holds at most its byte budget: the least recently used picture goes
+first, a picture larger than the whole budget is not kept, a budget of 0 keeps nothing, and
+putting a key again replaces it without counting it twice."""
+
+import numpy as np
+
+from mmserve.engine.embedding_cache import EmbeddingCache
+
+
+def features(tokens: int, value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``tokens`` x 64 float32 embeddings and 3 deepstack levels: 1 KiB per token."""
+    return np.full((tokens, 64), value, np.float32), np.full((3, tokens, 64), value, np.float32)
+
+
+def test_the_least_recently_used_picture_goes_first_when_the_budget_is_full():
+    cache = EmbeddingCache(capacity_bytes=3 * 1024)
+    cache.put(b"a", features(1))
+    cache.put(b"b", features(1))
+    assert cache.get(b"a") is not None  # a is now the most recent
+    cache.put(b"c", features(2))  # 4 KiB > 3 KiB: b, the least recent, goes
+    assert b"b" not in cache and b"a" in cache and b"c" in cache
+    assert cache.bytes == 3 * 1024 and len(cache) == 2
+    assert (cache.hits, cache.misses) == (1, 0)
+
+
+def test_a_picture_larger_than_the_budget_is_not_kept_and_evicts_nothing():
+    cache = EmbeddingCache(capacity_bytes=2 * 1024)
+    cache.put(b"small", features(1))
+    cache.put(b"huge", features(3))
+    assert b"huge" not in cache and b"small" in cache and cache.bytes == 1024
+
+
+def test_a_zero_budget_keeps_nothing():
+    cache = EmbeddingCache(capacity_bytes=0)
+    cache.put(b"a", features(1))
+    assert len(cache) == 0 and cache.bytes == 0 and cache.get(b"a") is None and cache.misses == 1
+
+
+def test_putting_a_key_again_replaces_it():
+    cache = EmbeddingCache(capacity_bytes=4 * 1024)
+    cache.put(b"a", features(1, 1.0))
+    cache.put(b"a", features(2, 2.0))
+    assert cache.bytes == 2 * 1024 and len(cache) == 1
+    assert cache.get(b"a")[0][0, 0] == 2.0
