@@ -143,7 +143,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
         live = self.live(role)
         roomy = [w for w in live if w.kv_pages - w.kv_reserved >= w.kv_pages_for(kv_tokens)]
         choice = self.chooser.choose(role, roomy or live, prompt)
-        if choice.matched_pages:
+        if choice.matched_pages and role == "prefill":
             self.prefix_routed += 1
         return choice.worker
 
@@ -179,7 +179,7 @@ class DisaggregatedBackend:
         visual = bool(request.prompt.images or request.prompt.videos)
         reserved = _reserved_tokens(request)
         try:
-            decode = self.pool.pick("decode", kv_tokens=reserved)
+            decode = self.pool.pick("decode", request.prompt, kv_tokens=reserved)
             prefill = self.pool.pick("prefill", request.prompt)
             encode = self.pool.pick("encode") if visual else None
         except LookupError as error:

@@ -3,13 +3,15 @@
 - ``round_robin``: each live worker in turn, whatever it holds.
 - ``least_load``: the worker with the lowest load (requests held over capacity, from its own
   heartbeat and this router's count); ties in turn.
-- ``cache_aware`` (the default; SGLang's router does the same): for prefill, the worker holding
-  the longest run of the prompt's leading KV pages (:class:`~mmserve.roles.prefix_index.PrefixIndex`,
-  kept from the workers' KV events), among those with room (load below 1), ties by load and then
-  in turn; a request no worker holds a page of goes as ``least_load`` would. A full worker is
-  passed over for one with room even if it holds the prefix: waiting behind its queue costs more
-  than recomputing. Decode and encode workers go by load: decode receives the whole prompt's KV
-  from prefill (it reuses nothing yet), and encode's embedding cache publishes no events.
+- ``cache_aware`` (the default; SGLang's router does the same): for prefill and for decode, the
+  worker holding the longest run of the prompt's leading KV pages
+  (:class:`~mmserve.roles.prefix_index.PrefixIndex`, kept from the workers' KV events), among
+  those with room (load below 1), ties by load and then in turn; a request no worker holds a page
+  of goes as ``least_load`` would. A full worker is passed over for one with room even if it
+  holds the prefix: waiting behind its queue costs more than recomputing (prefill) or receiving
+  (decode). Decode holds the earlier turns of a chat in its own cache and receives only the rest
+  of the KV, so a later turn goes back to it. Encode workers go by load: encode's embedding cache
+  publishes no events.
   Workers started without ``--kv-events-endpoint`` publish nothing, and hold nothing in the index.
 """
 
@@ -32,8 +34,8 @@ class RoutingConfig:
     """How the router picks workers (disaggregated roles)."""
 
     routing_policy: str = "cache_aware"
-    """round_robin, least_load, or cache_aware: prefill goes to the worker already holding the
-    longest prefix of the prompt's KV (from the KV events the workers publish with
+    """round_robin, least_load, or cache_aware: prefill and decode go to the worker already holding
+    the longest prefix of the prompt's KV (from the KV events the workers publish with
     --kv-events-endpoint), balanced against load"""
 
     def __post_init__(self):
@@ -54,7 +56,7 @@ class Choice:
     worker: Candidate
     matched_pages: int
     """Leading pages of the prompt the chosen worker held, as far as the index knows (0 but for
-    cache-aware prefill)."""
+    cache-aware prefill and decode)."""
 
 
 class WorkerChooser:
@@ -71,7 +73,8 @@ class WorkerChooser:
             raise LookupError(f"no {role} worker is up")
         if self.policy == "round_robin":
             return Choice(self._in_turn(role, candidates), 0)
-        if self.policy == "cache_aware" and role == "prefill" and prompt is not None and self._index is not None:
+        if (self.policy == "cache_aware" and role in ("prefill", "decode") and prompt is not None
+                and self._index is not None):
             return self._by_prefix(role, candidates, prompt)
         return Choice(self._in_turn(role, _least_loaded(candidates)), 0)
 

@@ -1,7 +1,7 @@
 """Cache-aware routing with real processes: two prefill and two decode workers publishing their KV
 events, a router following them. Requests sharing a prefix (a system prompt, an image) go to the
-prefill worker holding it; restarted with ``--routing-policy round_robin`` the same router spreads
-them over both."""
+prefill worker holding it, and to the decode worker holding it; restarted with
+``--routing-policy round_robin`` the same router spreads them over both."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ SYSTEM = "You answer questions about pictures carefully, in one short sentence. 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster("tiny", tmp_path_factory.mktemp("logs"), role_flags={"prefill": EVENTS})
+    cluster = Cluster("tiny", tmp_path_factory.mktemp("logs"), role_flags={"prefill": EVENTS, "decode": EVENTS})
     try:
         _start_router(cluster, [])
         cluster.start_worker("encode")
@@ -79,24 +79,30 @@ def _ask(cluster: Cluster, question: str, picture: str) -> None:
     client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
 
 
-def _served(before: dict[str, dict], after: dict[str, dict]) -> dict[str, int]:
-    """Prompt tokens each prefill worker looked up in its cache between two health reads: > 0 for
-    every worker that prefilled something."""
-    return {name: after[name]["prefix_cache_queries"] - before[name]["prefix_cache_queries"] for name in PREFILLS}
+def _served(before: dict[str, dict], after: dict[str, dict], names=PREFILLS) -> dict[str, int]:
+    """Prompt tokens each worker looked up in its cache between two health reads: > 0 for every
+    worker that served something."""
+    return {name: after[name]["prefix_cache_queries"] - before[name]["prefix_cache_queries"] for name in names}
 
 
 def test_requests_sharing_a_prefix_go_to_the_worker_holding_it(cluster):
     picture = _picture(40)
-    before = _prefills(cluster)
+    before, decodes_before = _prefills(cluster), _workers(cluster, "decode")
     _ask(cluster, "What is in the picture?", picture)
-    first = _prefills(cluster)
+    first, decodes_first = _prefills(cluster), _workers(cluster, "decode")
     (holder,) = [name for name, tokens in _served(before, first).items() if tokens > 0]
+    (decode_holder,) = [name for name, tokens in _served(decodes_before, decodes_first, DECODES).items() if tokens]
+    time.sleep(1)  # decode publishes the pages it cached after its next step: let the router hear of them
     for question in ("What colour is it?", "Is it large?", "Where was it taken?"):
         _ask(cluster, question, picture)  # same system prompt and image: the holder's pages
-    after = _prefills(cluster)
+    after, decodes_after = _prefills(cluster), _workers(cluster, "decode")
     other = next(name for name in PREFILLS if name != holder)
     assert _served(first, after)[other] == 0, "a request sharing the prefix went to the worker without it"
     assert after[holder]["prefix_cache_hits"] - first[holder]["prefix_cache_hits"] >= 3 * 16
+    other_decode = next(name for name in DECODES if name != decode_holder)
+    assert _served(decodes_first, decodes_after, DECODES)[other_decode] == 0, "decode went to the worker without it"
+    held = decodes_after[decode_holder]["prefix_cache_hits"] - decodes_first[decode_holder]["prefix_cache_hits"]
+    assert held >= 3 * 16
     with urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10) as reply:
         metrics = reply.read().decode()
     routed = next(line for line in metrics.splitlines() if line.startswith("mmserve_backend_prefix_routed_requests "))
@@ -109,10 +115,12 @@ def test_a_router_with_round_robin_spreads_them(cluster):
     cluster.wait_healthy()
     _wait_registered(cluster)
     picture = _picture(41)
-    before = _prefills(cluster)
+    before, decodes_before = _prefills(cluster), _workers(cluster, "decode")
     for question in ("One?", "Two?", "Three?", "Four?"):
         _ask(cluster, question, picture)
     served = _served(before, _prefills(cluster))
     assert all(tokens > 0 for tokens in served.values()), served
+    decodes = _served(decodes_before, _workers(cluster, "decode"), DECODES)
+    assert all(tokens > 0 for tokens in decodes.values()), decodes
     status, body = get_json(f"{cluster.url}/health")
     assert status == 200 and all(w["in_flight"] == 0 for w in body["roles"]["prefill"])

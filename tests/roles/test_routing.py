@@ -88,12 +88,13 @@ def test_cache_aware_uses_each_workers_page_size():
     assert sorted(asked) == [8, 16]
 
 
-@pytest.mark.parametrize("role", ["decode", "encode"])
-def test_cache_aware_sends_decode_and_encode_by_load(role):
+def test_cache_aware_sends_decode_to_the_worker_holding_the_earlier_turns_and_encode_by_load():
     index = PrefixIndex()
     index.apply("a", stored(*KEYS))
-    choice = chooser("cache_aware", index).choose(role, [Worker("a", 0.5), Worker("b", 0.0)], PROMPT)
-    assert choice.worker.name == "b"
+    choose = chooser("cache_aware", index)
+    decode = choose.choose("decode", [Worker("a", 0.5), Worker("b", 0.0)], PROMPT)
+    assert (decode.worker.name, decode.matched_pages) == ("a", len(KEYS))
+    assert choose.choose("encode", [Worker("a", 0.5), Worker("b", 0.0)], PROMPT).worker.name == "b"
 
 
 def test_round_robin_spreads_whatever_the_workers_hold():
