@@ -147,12 +147,14 @@ class LLMEngine:
         if not self.config.enable_prefix_caching:
             return False
         page_keys = prompt_page_keys(prepared, self.model, self.config.page_size)
-        ids = prepared.token_ids
-        cached = self.scheduler.cached_prefix(page_keys, len(ids), lambda start, end: ids[start:end])
-        if len(cached) * self.config.page_size < max((v.end for v in page_keys.visuals), default=len(ids)):
+        if not page_keys.visuals:
             return False
-        pictures = -(-max(v.end for v in page_keys.visuals) // self.config.page_size)
-        self.kv.allocate(_pin(request_id), pictures * self.config.page_size, cached[:pictures])
+        ids, size = prepared.token_ids, self.config.page_size
+        cached = self.scheduler.cached_prefix(page_keys, len(ids), lambda start, end: ids[start:end])
+        pictures = -(-max(v.end for v in page_keys.visuals) // size)  # pages up to the last picture's end
+        if len(cached) < pictures:
+            return False
+        self.kv.allocate(_pin(request_id), pictures * size, cached[:pictures])
         try:
             self._add(prepared, params, request_id, None, page_keys).pinned = True
         except Exception:

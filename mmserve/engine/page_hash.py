@@ -97,3 +97,8 @@ class PageKeys:
             visuals = [(v.start - start, v.key) for v in self.visuals if v.start < end and v.end > start]
             self._keys.append(page_key(parent, token_ids(start, end), visuals))
         return self._keys[:num_pages]
+
+    def shareable(self, num_tokens: int, token_ids: Callable[[int, int], list[int]]) -> list[bytes]:
+        """Keys of the full pages before the last of a sequence's ``num_tokens`` tokens: those it may
+        take from a cache (its last token is always computed, or received, so there is a next one)."""
+        return self.first((num_tokens - 1) // self.page_size, token_ids)

@@ -166,7 +166,7 @@ class Scheduler:
         at least its last token to compute (or to receive)."""
         if not self.config.enable_prefix_caching or page_keys is None:
             return []
-        return self.kv.cached_prefix(page_keys.first((num_tokens - 1) // self.kv.page_size, token_ids))
+        return self.kv.cached_prefix(page_keys.shareable(num_tokens, token_ids))
 
     def _cached_prefix(self, request: Request) -> list[int]:
         return self.cached_prefix(request.page_keys, request.num_tokens, request.token_ids)
@@ -176,9 +176,7 @@ class Scheduler:
         before its last token); None otherwise."""
         if not self.config.enable_prefix_caching or request.page_keys is None:
             return None
-        if (request.num_tokens - 1) // self.kv.page_size < 1:
-            return None
-        return request.page_keys.first(1, request.token_ids)[0]
+        return next(iter(request.page_keys.shareable(request.num_tokens, request.token_ids)), None)
 
     def _joins(self, chunks: list[PrefillChunk], start: int, length: int) -> bool:
         """Whether a chunk [start, start + length) of a prompt may join the step: its padded size

@@ -83,9 +83,10 @@ class DecodeRecord(RoleRequest[DecodeState]):
     def first_page_key(self) -> bytes | None:
         """The key of its prompt's first page, if it could ever be held (a full page before the
         prompt's last token); None otherwise."""
-        if self.page_keys is None or (len(self.prompt_ids) - 1) // self.page_keys.page_size < 1:
+        if self.page_keys is None:
             return None
-        return self.page_keys.first(1, lambda start, end: self.prompt_ids[start:end])[0]
+        return next(iter(self.page_keys.shareable(len(self.prompt_ids), lambda start, end: self.prompt_ids[start:end])),
+                    None)
 
 
 DECODE_PROGRAMS = frozenset({"decode"})
