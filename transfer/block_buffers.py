@@ -45,13 +45,15 @@ class Chunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _scatter(pools: Arrays, rows: Arrays, start: jax.Array, count: jax.Array) -> Arrays:
+def _scatter(pools: Arrays, rows: Arrays, start: jax.Array, count: jax.Array, source: jax.Array) -> Arrays:
+    """pool[start + i] = rows[source + i] for i < count."""
     out = {}
     for name, pool in pools.items():
         n = rows[name].shape[0]
         position = jnp.arange(n, dtype=jnp.int32)
         index = jnp.where(position < count, start + position, pool.shape[0])
-        out[name] = pool.at[index].set(rows[name], mode="drop")
+        values = jnp.take(rows[name], source + position, axis=0, mode="clip")
+        out[name] = pool.at[index].set(values, mode="drop")
     return out
 
 
@@ -95,12 +97,20 @@ class BlockBuffers:
     def bucket(self, num_tokens: int) -> int:
         return bucket_tokens(num_tokens, self.block_size)
 
-    def write(self, allocation: Allocation, offset: int, arrays: Mapping[str, jax.Array],
-              num_tokens: int | None = None) -> None:
-        """Stores the first ``num_tokens`` rows of every field at ``offset`` within the allocation.
+    def buckets(self, max_tokens: int) -> list[int]:
+        """Every padded row count a run of 1 to ``max_tokens`` tokens (at most the pool) can have:
+        the shapes a reader of this pool's rows compiles for."""
+        most = min(max_tokens, self.num_blocks * self.block_size)
+        return sorted({self.bucket(blocks * self.block_size) for blocks in range(1, blocks_for(most, self.block_size) + 1)})
 
-        Arrays may carry extra padding rows (pass ``num_tokens``); all fields are required and
-        must share a row count, and that row count picks the compiled program.
+    def write(self, allocation: Allocation, offset: int, arrays: Mapping[str, jax.Array],
+              num_tokens: int | None = None, source_start: int = 0) -> None:
+        """Stores ``num_tokens`` rows of every field, from row ``source_start`` of the arrays, at
+        ``offset`` within the allocation.
+
+        Arrays may carry rows besides those (padding, or other runs: pass ``num_tokens`` and
+        ``source_start``); all fields are required and must share a row count, and that row count
+        picks the compiled program, whatever the offsets.
         """
         if set(arrays) != set(self._pools):
             raise ValueError(f"write needs exactly the fields {sorted(self._pools)}, got {sorted(arrays)}")
@@ -108,17 +118,27 @@ class BlockBuffers:
         if len(num_rows) != 1:
             raise ValueError(f"all fields must have the same number of rows, got {num_rows}")
         rows = num_rows.pop()
-        count = rows if num_tokens is None else num_tokens
-        if not 0 <= count <= rows:
-            raise ValueError(f"num_tokens {count} outside 0..{rows}")
+        count = rows - source_start if num_tokens is None else num_tokens
+        if not (0 <= source_start and 0 <= count and source_start + count <= rows):
+            raise ValueError(f"rows [{source_start}, {source_start + count}) outside 0..{rows}")
         self._check_run(allocation, offset, count)
         for f in self.fields:
             array = arrays[f.name]
             if tuple(array.shape[1:]) != f.shape or array.dtype != f.np_dtype:
                 raise ValueError(f"field {f.name!r}: rows of {f.shape} {f.dtype} expected, "
                                  f"got {tuple(array.shape[1:])} {array.dtype}")
-        self._pools = _scatter(self._pools, dict(arrays), jnp.int32(allocation.start_token + offset),
-                               jnp.int32(count))
+        arrays = {name: a if getattr(a, "sharding", None) == self.sharding else jax.device_put(a, self.sharding)
+                  for name, a in arrays.items()}  # rows from another device (or the host) come here first
+        self._pools = _scatter(self._pools, arrays, np.int32(allocation.start_token + offset), np.int32(count),
+                               np.int32(source_start))
+
+    def compile_writes(self, row_counts: Sequence[int]) -> None:
+        """Runs the write program once for each row count, writing nothing, so that none compiles
+        on a first write."""
+        for rows in sorted(set(row_counts)):
+            arrays = {f.name: jax.device_put(np.zeros((rows, *f.shape), f.np_dtype), self.sharding) for f in self.fields}
+            self._pools = _scatter(self._pools, arrays, np.int32(0), np.int32(0), np.int32(0))
+        jax.block_until_ready(self._pools)
 
     def read(self, allocation: Allocation, offset: int, num_tokens: int) -> Arrays:
         """Rows ``[offset, offset + num_tokens)`` of the allocation, padded to ``bucket(num_tokens)``."""

@@ -72,3 +72,8 @@ class MeshLayout:
 def _replicator(sharding: NamedSharding):
     """One jitted identity per target sharding, so it compiles once per shape, not per call."""
     return jax.jit(lambda tree: tree, out_shardings=sharding)
+
+
+def local_copy(x: jax.Array) -> jax.Array:
+    """This process's copy of a replicated array (the array itself when it is all local)."""
+    return x if x.is_fully_addressable else x.addressable_data(0)

@@ -1,5 +1,7 @@
 """The vision stage: images and videos to embeddings and deepstack rows, jitted per patch bucket,
-with the embedding cache in front so that the same picture is encoded once."""
+with the embedding cache in front so that the same picture is encoded once. The rows stay on device
+(``VisualRows``: each picture a run of its vision call's output) until the prefill program or the
+transfer's block buffers read them."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.layout import MeshLayout, local_copy
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.embedding_cache import EmbeddingCache
 from mmserve.engine.inputs import Visual, with_pixels
 from mmserve.engine.program_grid import ProgramGrid
+from mmserve.engine.visual_rows import VisualRows
 from mmserve.engine.warmup import compile_programs
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.vision_inputs import vision_inputs
@@ -29,7 +32,9 @@ the square of the pack: 512 patches (eight 128x128 images) keeps that below the 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids):
-    return stages.encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids)
+    """(embeddings [N/4, H], deepstack [N/4, levels * H]): token-major, as the transfer carries them."""
+    embeds, deepstack = stages.encode(module, params, patches, interp_idx, interp_weight, rope_pos, segment_ids)
+    return embeds, jnp.swapaxes(deepstack, 0, 1).reshape(embeds.shape[0], -1)
 
 
 class Encoder:
@@ -57,16 +62,11 @@ class Encoder:
             return visual
         return with_pixels(visual, self.model.processor)
 
-    def encode(self, visual: Visual) -> tuple[np.ndarray, np.ndarray]:
-        """One image or video -> host (embeddings [n, H], deepstack [levels, n, H]); the prompt's
-        placement of them is host work (see models.qwen3_vl_moe.multimodal)."""
+    def encode(self, visual: Visual) -> VisualRows:
+        """One image or video's rows, on device."""
         return self.encode_many([visual])[0]
 
-    def encode_all(self, visuals: list[Visual]) -> tuple[np.ndarray, np.ndarray] | None:
-        """All images (or all videos) of a prompt, concatenated in prompt order."""
-        return joined(self.encode_many(visuals))
-
-    def encode_many(self, visuals: list[Visual]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_many(self, visuals: list[Visual]) -> list[VisualRows]:
         """Features of each visual, in order. Those not cached run packed together, up to
         ``PACKED_PATCHES`` patches a call (each keeps its own attention segments)."""
         keys = [v.content_key for v in visuals]
@@ -86,7 +86,7 @@ class Encoder:
             self.cache.put(key, found[key])
         return [found[key] for key in keys]
 
-    def _run(self, batch: list[tuple[bytes, Visual]]) -> dict[bytes, tuple[np.ndarray, np.ndarray]]:
+    def _run(self, batch: list[tuple[bytes, Visual]]) -> dict[bytes, VisualRows]:
         grids = np.concatenate([v.grid_thw for _, v in batch])
         tables = vision_inputs(grids, self.model.config.vision)
         n = tables.num_patches
@@ -97,12 +97,12 @@ class Encoder:
         embeds, deepstack = self.lockstep.call(
             self.run_encode, patches=patches, interp_idx=padded.interp_idx,
             interp_weight=padded.interp_weight, rope_pos=padded.rope_pos, segment_ids=padded.segment_ids)
-        embeds, deepstack = np.asarray(embeds), np.asarray(deepstack)
+        embeds, deepstack = local_copy(embeds), local_copy(deepstack)  # the leader's, where a role spans processes
         merge, out, start = self.model.config.vision.merge_unit, {}, 0
         for key, visual in batch:
-            end = start + len(visual.pixel_values) // merge
-            out[key] = embeds[start:end], deepstack[:, start:end]
-            start = end
+            count = len(visual.pixel_values) // merge
+            out[key] = VisualRows(embeds, deepstack, start, count)
+            start += count
         return out
 
     def programs(self) -> list[Callable[[], None]]:
@@ -119,6 +119,11 @@ class Encoder:
 
         return [functools.partial(run, size) for size in self.grid.patch_buckets()]
 
+    def output_rows(self) -> list[int]:
+        """The row counts of the vision call's outputs (one per patch bucket): the arrays a
+        picture's ``VisualRows`` are runs of."""
+        return [size // self.model.config.vision.merge_unit for size in self.grid.patch_buckets()]
+
     def run_compile(self) -> None:
         compile_programs(self.programs(), "encoder")
 
@@ -127,9 +132,3 @@ class Encoder:
                       interp_weight, rope_pos, segment_ids)
         return self.lockstep.readable(out, self.layout)
 
-
-def joined(features: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Several visuals' (embeddings, deepstack) as one, in order; None for none."""
-    if not features:
-        return None
-    return np.concatenate([f[0] for f in features]), np.concatenate([f[1] for f in features], axis=1)

@@ -17,7 +17,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,13 +25,14 @@ from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.encoder import Encoder, joined
+from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.page_hash import PageKeys, prompt_page_keys
 from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.request import Request, TokenLogprobs
 from mmserve.engine.runner import ModelRunner
+from mmserve.engine.visual_rows import PromptVisuals, VisualRows
 from mmserve.engine.scheduler import Reservation, Scheduler, Step
 from mmserve.engine.warmup import compile_programs
 from mmserve.kv_cache_manager import KVCacheManager
@@ -40,7 +41,6 @@ from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
 from mmserve.structured_output.matcher import fill_bitmask
 from models.qwen3_vl_moe import Model
-from models.qwen3_vl_moe.multimodal import place_visual
 from models.qwen3_vl_moe.rope_index import get_rope_index
 
 
@@ -74,15 +74,18 @@ class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None,
                  lockstep: Lockstep | None = None, programs: frozenset[str] = ALL_PROGRAMS,
-                 kv_events: KVEventPublisher | None = None):
+                 kv_events: KVEventPublisher | None = None, visual_source_rows: Sequence[int] = ()):
         """on_finish(request, page_table) runs when a request finishes, before its pages are freed
         (prefill uses it to ship the request's KV to decode). On a role spanning several processes
         the ``lockstep`` carries the leader's device calls to the others (see
         :mod:`mmserve.distributed.lockstep`). ``programs``: what this engine runs, and so compiles
         at start with ``config.precompile``: "vision", "prefill", "decode", "kv_read" (a prefill
         worker's reads of finished prompts' KV). ``kv_events``: where the prefix cache's stored and
-        evicted pages are published after each step (:mod:`mmserve.kv_events`)."""
+        evicted pages are published after each step (:mod:`mmserve.kv_events`).
+        ``visual_source_rows``: the row counts of the arrays that visual rows reach this engine in
+        from elsewhere (a transfer's buckets), whose placement programs are compiled with the rest."""
         self.model = model
+        self._visual_source_rows = tuple(visual_source_rows)
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
@@ -107,30 +110,31 @@ class LLMEngine:
         """Compiles every program this engine runs; through the lockstep every process of a
         multi-host role compiles at the same time, so none waits in a collective for another."""
         vision = self.encoder.programs() if "vision" in self._programs else []
-        compile_programs(self.runner.programs(self._programs) + vision, "engine")
+        sources = list(self._visual_source_rows) + (self.encoder.output_rows() if "vision" in self._programs else [])
+        placing = self.runner.visual_programs(sources) if "prefill" in self._programs else []
+        compile_programs(self.runner.programs(self._programs) + vision + placing, "engine")
 
     def prepare(self, prompt) -> PreparedPrompt:
         return prepare_prompt(prompt, self.model)
 
-    def encode_prompts(self, prompts: list[PreparedPrompt]) -> list[dict[str, tuple[np.ndarray, np.ndarray] | None]]:
-        """The visual features of several prompts, their images and videos encoded together (as
-        few vision calls as the patch buckets allow): ``features`` for :meth:`add_request`."""
+    def encode_prompts(self, prompts: list[PreparedPrompt]) -> list[dict[str, list[VisualRows]]]:
+        """The visual rows of several prompts, their images and videos encoded together (as few
+        vision calls as the patch buckets allow): ``features`` for :meth:`add_request`."""
         visuals = [v for p in prompts for v in p.images + p.videos]
         encoded = iter(self.encoder.encode_many(visuals))
-        features = []
-        for p in prompts:
-            images, videos = [next(encoded) for _ in p.images], [next(encoded) for _ in p.videos]
-            features.append({"image": joined(images), "video": joined(videos)})
-        return features
+        return [{"image": [next(encoded) for _ in p.images], "video": [next(encoded) for _ in p.videos]}
+                for p in prompts]
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None,
-                    features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> str:
-        """features: {"image"|"video": (embeddings, deepstack)} already encoded elsewhere (the
-        encode role); without them the prompt's pixels are encoded here."""
+                    features: dict[str, list[VisualRows]] | None = None) -> str:
+        """features: {"image"|"video": rows of each picture, in prompt order} already encoded
+        elsewhere (the encode role); without them the prompt's pixels are encoded here."""
         prepared, request_id = self._check_new(prompt, params, request_id)
-        features = features if features is not None else {
-            "image": self.encoder.encode_all(prepared.images), "video": self.encoder.encode_all(prepared.videos)}
-        visual = place_visual(prepared.token_ids, self.model.config, features.get("image"), features.get("video"))
+        if features is None:
+            features = self.encode_prompts([prepared])[0]
+        c = self.model.config
+        visual = PromptVisuals.place(prepared.token_ids, c.image_token_id, c.video_token_id,
+                                     features.get("image", ()), features.get("video", ()))
         page_keys = prompt_page_keys(prepared, self.model, self.config.page_size) if self.config.enable_prefix_caching \
             else None
         self._add(prepared, params, request_id, visual, page_keys)

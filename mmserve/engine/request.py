@@ -18,7 +18,7 @@ from mmserve.engine.page_hash import PageKeys
 from mmserve.sampling_params import SamplingParams
 from mmserve.structured_output.matcher import GrammarState
 from mmserve.stop import Finish
-from models.qwen3_vl_moe.multimodal import VisualPlacement
+from mmserve.engine.visual_rows import PromptVisuals
 from models.qwen3_vl_moe.tokenizer import TextStream
 
 
@@ -44,7 +44,7 @@ class Request:
     params: SamplingParams
     prompt_positions: np.ndarray  # [3, P] MRoPE positions of the prompt
     rope_delta: int
-    visual: VisualPlacement | None
+    visual: PromptVisuals | None
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     num_computed: int = 0

@@ -14,7 +14,7 @@ same programs in the leader's order; the step's logits stay on device between ``
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -24,10 +24,11 @@ import numpy as np
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.kv_rows import gather_rows, scatter_rows
 from mmserve.engine.request import Request
-from mmserve.distributed.layout import MeshLayout
+from mmserve.distributed.layout import MeshLayout, local_copy
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.program_grid import ProgramGrid
 from mmserve.engine.scheduler import PrefillChunk
+from mmserve.engine.visual_rows import VisualRows, empty_block, place_rows
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
 from mmserve.sampling_params import SamplingParams
 from mmserve.sampler import (SamplingBatch, all_allowed_bitmask, init_penalty_state, load_slot, pack_sampling_batch,
@@ -41,11 +42,13 @@ _PADDING_PARAMS = SamplingParams(temperature=0.0)
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
 def _prefill(module, params, ids, positions, cache, page_tables, starts, lengths, visual_rows, visual_deepstack,
              visual_index):
-    """visual_rows [V, H] and visual_deepstack [levels, V, H]: the step's visual tokens, in a block
+    """visual_rows [V, H] and visual_deepstack [V, levels * H]: the step's visual tokens, in a block
     of fixed size; visual_index [B, T]: each token's row in it, -1 at text tokens."""
     visual = visual_index >= 0
     index = jnp.maximum(visual_index, 0)
-    deepstack = jnp.where(visual[None, ..., None], visual_deepstack[:, index], 0)
+    levels = visual_deepstack.shape[1] // visual_rows.shape[1]
+    stack = visual_deepstack.reshape(visual_deepstack.shape[0], levels, -1)
+    deepstack = jnp.where(visual[None, ..., None], jnp.moveaxis(stack[index], -2, 0), 0)
     return stages.prefill(module, params, ids, positions, cache, page_tables, starts, lengths,
                           visual_rows[index], visual, deepstack)
 
@@ -81,6 +84,9 @@ class ModelRunner:
         # Committed to their device from the start: the programs' outputs are, and a first call on
         # uncommitted inputs would compile a second variant of every program.
         self._home = home = jax.devices()[0] if layout is None else layout.replicated()
+        self._block_device = jax.local_devices()[0]
+        """Where a prefill step's visual block is assembled: the leader's own device (its inputs,
+        the vision tower's or a transfer's rows, are the leader's), then placed as ``_home``."""
         self.cache = (jax.device_put(KVCache.create(text, self.num_pages, config.page_size, model.dtype), home)
                       if layout is None else
                       layout.create_kv_cache(model.config, self.num_pages, config.page_size, model.dtype))
@@ -88,8 +94,8 @@ class ModelRunner:
         levels, rows = len(model.config.vision.deepstack_visual_indexes), self.grid.visual_rows
         # What a text-only prefill step passes as its visual block: made once, on device, so that
         # text steps move no zeros and share the program of image steps.
-        self._no_visual = jax.device_put((np.zeros((rows, text.hidden_size), model.dtype),
-                                          np.zeros((levels, rows, text.hidden_size), model.dtype)), home)
+        self._no_visual = jax.device_put(empty_block(rows, text.hidden_size, levels, model.dtype, self._block_device),
+                                         home)
         self._all_allowed: dict[int, jax.Array] = {}  # rows -> resident mask of steps without a grammar
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
@@ -101,7 +107,7 @@ class ModelRunner:
         """(k, v) rows [bucket(num_tokens), layers, kv, d] of a sequence, on this process's devices."""
         k, v = self.lockstep.call(self.run_read_kv, page_table=self._page_tables([page_table], 1)[0],
                                   rows=self.grid.kv_rows(num_tokens))
-        return _local(k), _local(v)
+        return local_copy(k), local_copy(v)
 
     def run_read_kv(self, page_table, rows):
         return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows)), self.layout)
@@ -136,25 +142,20 @@ class ModelRunner:
         starts = np.zeros(rows, np.int32)
         lengths = np.zeros(rows, np.int32)
         visual_index = np.full((rows, t), -1, np.int32)
-        visual_rows = visual_deepstack = None  # a text-only step: the program reads the zero block
-        if any(ch.request.visual is not None for ch in chunks):
-            visual_rows = np.zeros(self._no_visual[0].shape, np.float32)
-            visual_deepstack = np.zeros(self._no_visual[1].shape, np.float32)
-        used = 0
+        placed, used = [], 0  # (block rows, visual rows) of the step's visual tokens
         for i, ch in enumerate(chunks):
             r, end = ch.request, ch.start + ch.length
             ids[i, : ch.length] = r.token_ids(ch.start, end)
             positions[i, :, : ch.length] = r.positions(ch.start, end)
             starts[i], lengths[i] = ch.start, ch.length
-            if r.visual is not None:
-                at = np.flatnonzero(r.visual.mask[ch.start:end])  # visual tokens of the chunk
-                visual_index[i, at] = used + np.arange(at.size)
-                visual_rows[used:used + at.size] = r.visual.embeds[ch.start + at]
-                visual_deepstack[:, used:used + at.size] = r.visual.deepstack[:, ch.start + at]
+            for at, run in ([] if r.visual is None else r.visual.in_span(ch.start, end)):
+                block_rows = used + np.arange(at.size)
+                visual_index[i, at - ch.start] = block_rows
+                placed.append((block_rows, run))
                 used += at.size
-        if visual_rows is not None:
-            visual_rows = visual_rows.astype(self.model.dtype)
-            visual_deepstack = visual_deepstack.astype(self.model.dtype)
+        visual_rows = visual_deepstack = None  # a text-only step: the program reads the zero block
+        if placed:
+            visual_rows, visual_deepstack = place_rows(self._empty_block(), placed)
         continues = any(ch.start > 0 for ch in chunks)
         width = grid.prefill_width(t, max(ch.start + ch.length for ch in chunks) if continues else None)
         self.lockstep.call(self.run_prefill, ids=ids, positions=positions,
@@ -162,10 +163,16 @@ class ModelRunner:
                            starts=starts, lengths=lengths, visual_rows=visual_rows,
                            visual_deepstack=visual_deepstack, visual_index=visual_index)
 
+    def _empty_block(self):
+        text, levels = self.model.config.text, len(self.model.config.vision.deepstack_visual_indexes)
+        return empty_block(self.grid.visual_rows, text.hidden_size, levels, self.model.dtype, self._block_device)
+
     def run_prefill(self, ids, positions, page_tables, starts, lengths, visual_rows, visual_deepstack, visual_index):
+        """visual_rows / visual_deepstack: the step's visual block, built on the leader's device
+        (None: a text-only step, which reads the resident zero block)."""
         if visual_rows is None:
             visual_rows, visual_deepstack = self._no_visual
-        else:  # placed as the zero block is, so both kinds of step run one program
+        else:  # placed as the zero block is (device to device), so both kinds of step run one program
             visual_rows, visual_deepstack = jax.device_put((visual_rows, visual_deepstack), self._home)
         self._logits, self.cache = _prefill(self.model.module, self.model.params, ids, positions, self.cache,
                                             page_tables, starts, lengths, visual_rows, visual_deepstack, visual_index)
@@ -253,6 +260,19 @@ class ModelRunner:
                 + [slot]
                 + [functools.partial(kv_read, rows) for rows in grid.kv_row_buckets() if "kv_read" in kinds])
 
+    def visual_programs(self, source_rows: Sequence[int]) -> list[Callable[[], None]]:
+        """One callable per source row count, placing one row of such an array into a step's
+        visual block (``visual_rows.place_rows``), as ``prefill`` does with a prompt's rows."""
+        text, levels = self.model.config.text, len(self.model.config.vision.deepstack_visual_indexes)
+
+        def place(rows):
+            source = jax.device_put((np.zeros((rows, text.hidden_size), self.model.dtype),
+                                     np.zeros((rows, levels * text.hidden_size), self.model.dtype)), self._block_device)
+            jax.block_until_ready(place_rows(self._empty_block(), [(np.zeros(1, np.int32),
+                                                                   VisualRows(*source, start=0, count=1))]))
+
+        return [functools.partial(place, rows) for rows in sorted(set(source_rows))]
+
     def _sample_padding(self, rows: int) -> None:
         """The sampler on the last step's logits, every row padding: nothing counted, and the
         engine's random stream (``_steps``) left where it was."""
@@ -282,7 +302,3 @@ class ModelRunner:
             out[i, : min(len(table), width)] = table[:width]
         return out
 
-
-def _local(x):
-    """This process's copy of a replicated array (the whole array when it is all local)."""
-    return x if x.is_fully_addressable else x.addressable_data(0)

@@ -9,18 +9,18 @@ import math
 import threading
 import time
 
-import numpy as np
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.encoder import Encoder, joined
+from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import Visual, with_pixels
+from mmserve.engine.visual_rows import VisualRows, total_rows
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.fields import embedding_fields
-from mmserve.roles.outbox import Outbox, Parcel
+from mmserve.roles.outbox import Outbox, Parcel, Run
 from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, visual_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
@@ -95,6 +95,8 @@ class EncodeRole:
         self._capacity = engine.max_num_seqs
         self.encoder = vision_encoder(model, engine, layout, lockstep)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
+        if engine.precompile:
+            self.sender.buffers.compile_writes(self.encoder.output_rows())
         self._outbox = Outbox(self.sender, self._fail_room)
         self._requests: RequestTable[EncodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
@@ -147,22 +149,19 @@ class EncodeRole:
             tower = tracer.start_span("vision tower", context=trace.set_span_in_context(record.span), start_time=start,
                                       attributes={"requests": len(ready)})
             tower.end(end_time=end)
-            self._send(record, joined([next(features) for _ in images]), joined([next(features) for _ in videos]))
+            self._send(record, [next(features) for _ in images], [next(features) for _ in videos])
 
-    def _send(self, record: EncodeRecord, images, videos) -> None:
-        parts = [f for f in (images, videos) if f is not None]
-        embeds = np.concatenate([p[0] for p in parts])
-        deepstack = np.concatenate([p[1] for p in parts], axis=1)  # [levels, n, H]
-        n = embeds.shape[0]
-        pad = ((0, self.sender.buffers.bucket(n) - n), (0, 0))  # one write program per bucket
-        rows = {"embeddings": np.pad(embeds, pad),
-                "deepstack": np.pad(np.swapaxes(deepstack, 0, 1).reshape(n, -1), pad)}
+    def _send(self, record: EncodeRecord, images: list[VisualRows], videos: list[VisualRows]) -> None:
+        """Queues the request's rows, images then videos, as they lie in the vision calls' outputs
+        on device: the outbox writes each run into the room's blocks (no host copy)."""
+        runs = [Run({"embeddings": rows.embeddings, "deepstack": rows.deepstack}, rows.start, rows.count)
+                for rows in images + videos]
         with self.lock:
             record.move(EncodeState.SENDING)
             record.job = None
-            info = TransferInfo(TransferMode.EMBEDDING, n, aux={"image_tokens": 0 if images is None else len(images[0]),
-                                                                **record.hop_carrier()})
-            self._outbox.put(Parcel(record.room, rows, info))
+            info = TransferInfo(TransferMode.EMBEDDING, total_rows(images + videos),
+                                aux={"image_tokens": total_rows(images), **record.hop_carrier()})
+            self._outbox.put(Parcel(record.room, runs, info))
 
     def step(self) -> None:
         with self.lock:

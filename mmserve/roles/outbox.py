@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from transfer.messages import TransferInfo
 from transfer.sender import Sender
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Rows ``[start, start + count)`` of every field's array (field name -> array): a part of a
+    larger array, as a picture's rows are of their vision call's output."""
+
+    arrays: Mapping[str, object]
+    start: int
+    count: int
+
+
 @dataclasses.dataclass
 class Parcel:
     room: int
-    rows: Mapping[str, object]
-    """Field name -> rows (at least ``info.total_tokens`` of them; padding rows are not sent)."""
+    runs: Sequence[Run]
+    """The room's rows, laid end to end: ``info.total_tokens`` of them in all."""
     info: TransferInfo
 
 
@@ -46,7 +56,12 @@ class Outbox:
                 return
             self._parcels.popleft()
             try:
-                self.sender.buffers.write(allocation, 0, parcel.rows, num_tokens=parcel.info.total_tokens)
+                offset = 0
+                for run in parcel.runs:
+                    self.sender.buffers.write(allocation, offset, run.arrays, num_tokens=run.count, source_start=run.start)
+                    offset += run.count
+                if offset != parcel.info.total_tokens:
+                    raise ValueError(f"{offset} rows for a room of {parcel.info.total_tokens} tokens")
             except Exception as error:  # the room fails; the worker and its other rooms go on
                 self.sender.allocator.free(allocation)
                 self._on_error(parcel.room, f"could not stage rows: {error}")

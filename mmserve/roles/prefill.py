@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable
 
 import jax
-import numpy as np
 from opentelemetry.context import Context
 
 from mmserve.distributed.layout import MeshLayout
@@ -20,9 +19,10 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.request import Request
+from mmserve.engine.visual_rows import VisualRows
 from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import embedding_fields, kv_fields
-from mmserve.roles.outbox import Outbox, Parcel
+from mmserve.roles.outbox import Outbox, Parcel, Run
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
@@ -66,11 +66,12 @@ class PrefillRole:
         self.name = name
         self.model = model
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep,
-                                programs=PREFILL_PROGRAMS, kv_events=kv_events)
         # One data plane serves both directions: embeddings in, KV out.
         self._plane = open_data_plane(transfer)
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)
+        self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep,
+                                programs=PREFILL_PROGRAMS, kv_events=kv_events,
+                                visual_source_rows=self.receiver.buffers.buckets(engine.max_model_len))
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
         self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
         self._outbox = Outbox(self.sender, self._fail_room)
@@ -139,7 +140,7 @@ class PrefillRole:
                 record.link_hop(received.info.aux)
                 record.move(PrefillState.PREFILLING)
                 self.embedding_resumes += received.chunks > 1
-                self._start(record, lambda: self._features(record, received))
+                self._start(record, lambda: self._features(received))
             elif state is PollState.FAILED:
                 self._requests.finish(record.request_id, PrefillState.FAILED,
                                       f"embeddings did not arrive: {self.receiver.failure(record.room)}")
@@ -215,19 +216,13 @@ class PrefillRole:
     def _first_only(params: SamplingParams) -> SamplingParams:
         return dataclasses.replace(params, max_tokens=1)
 
-    def _features(self, record: PrefillRecord, received) -> dict:
-        """Splits the received visual rows back into image and video (embeddings, deepstack)."""
-        n = received.num_tokens
-        embeds = np.asarray(received.arrays["embeddings"])[:n]
-        levels = len(self.model.config.vision.deepstack_visual_indexes)
-        deepstack = np.swapaxes(np.asarray(received.arrays["deepstack"])[:n].reshape(n, levels, -1), 0, 1)
+    @staticmethod
+    def _features(received) -> dict[str, list[VisualRows]]:
+        """The received rows (on device, where the transfer left them) as the images' run and the
+        videos' run."""
+        rows = VisualRows(received.arrays["embeddings"], received.arrays["deepstack"], 0, received.num_tokens)
         split = int(received.info.aux["image_tokens"])
-        out = {}
-        if record.prompt.images:
-            out["image"] = (embeds[:split], deepstack[:, :split])
-        if record.prompt.videos:
-            out["video"] = (embeds[split:], deepstack[:, split:])
-        return out
+        return {"image": [rows.take(0, split)], "video": [rows.take(split, rows.count - split)]}
 
     def _ship(self, request: Request, page_table: list[int]) -> None:
         """Called as the request finishes, before its pages are freed: copy its KV out. Only a
@@ -247,7 +242,7 @@ class PrefillRole:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
         info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
-        self._outbox.put(Parcel(record.room, {"k": k, "v": v}, info))
+        self._outbox.put(Parcel(record.room, [Run({"k": k, "v": v}, 0, n)], info))
 
     def _fail_room(self, room: int, reason: str) -> None:
         """The room fails, and its request with it (at the next poll of the sender's rooms)."""

@@ -2,14 +2,18 @@
 first, a picture larger than the whole budget is not kept, a budget of 0 keeps nothing, and
 putting a key again replaces it without counting it twice."""
 
-import numpy as np
+import jax.numpy as jnp
 
 from mmserve.engine.embedding_cache import EmbeddingCache
+from mmserve.engine.visual_rows import VisualRows
 
 
-def features(tokens: int, value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """``tokens`` x 64 float32 embeddings and 3 deepstack levels: 1 KiB per token."""
-    return np.full((tokens, 64), value, np.float32), np.full((3, tokens, 64), value, np.float32)
+def features(tokens: int, value: float = 0.0, packed_with: int = 0) -> VisualRows:
+    """``tokens`` x 64 float32 embeddings and 3 deepstack levels: 1 KiB per token, as a run of a
+    vision call's output that also holds ``packed_with`` other pictures' tokens."""
+    rows = tokens + packed_with
+    return VisualRows(jnp.full((rows, 64), value, jnp.float32), jnp.full((rows, 3 * 64), value, jnp.float32),
+                      packed_with, tokens)
 
 
 def test_the_least_recently_used_picture_goes_first_when_the_budget_is_full():
@@ -41,4 +45,10 @@ def test_putting_a_key_again_replaces_it():
     cache.put(b"a", features(1, 1.0))
     cache.put(b"a", features(2, 2.0))
     assert cache.bytes == 2 * 1024 and len(cache) == 1
-    assert cache.get(b"a")[0][0, 0] == 2.0
+    assert cache.get(b"a").host()[0][0, 0] == 2.0
+
+
+def test_a_picture_counts_its_own_rows_not_its_whole_vision_call():
+    cache = EmbeddingCache(capacity_bytes=4 * 1024)
+    cache.put(b"a", features(1, packed_with=7))
+    assert cache.bytes == 1024

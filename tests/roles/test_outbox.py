@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmserve.roles.outbox import Outbox, Parcel
+from mmserve.roles.outbox import Outbox, Parcel, Run
 from transfer.bootstrap import BootstrapServer
 from transfer.config import TransferConfig
 from transfer.fields import field
@@ -26,7 +26,7 @@ def sender():
 
 def parcel(room: int, tokens: int, width: int = 4) -> Parcel:
     rows = {"embeddings": np.full((tokens, width), room, np.float32)}
-    return Parcel(room, rows, TransferInfo(TransferMode.EMBEDDING, tokens))
+    return Parcel(room, [Run(rows, 0, tokens)], TransferInfo(TransferMode.EMBEDDING, tokens))
 
 
 def test_parcels_wait_for_blocks_in_order(sender):
@@ -53,3 +53,27 @@ def test_a_failed_write_frees_its_blocks_and_fails_only_its_room(sender):
     assert [room for room, _ in failures] == [7] and "could not stage rows" in failures[0][1]
     assert sender.allocator.available_blocks() == 3  # only room 8's block is held
     assert len(outbox) == 0
+
+
+def test_a_parcel_of_runs_lays_them_end_to_end_from_their_own_offsets(sender):
+    """A request's pictures are runs of larger arrays (their vision calls' outputs): each run's rows
+    land after the previous run's, taken from the run's own start."""
+    failures = []
+    outbox = Outbox(sender, lambda room, reason: failures.append(room))
+    first = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
+    second = -np.arange(4 * 4, dtype=np.float32).reshape(4, 4)
+    runs = [Run({"embeddings": first}, 5, 3), Run({"embeddings": second}, 1, 2)]
+    outbox.put(Parcel(9, runs, TransferInfo(TransferMode.EMBEDDING, 5)))
+    outbox.flush()
+    assert failures == [] and len(outbox) == 0
+    got = np.asarray(sender.buffers.pools["embeddings"])[:5]  # a fresh pool's first allocation starts at 0
+    assert np.array_equal(got, np.concatenate([first[5:8], second[1:3]]))
+
+
+def test_runs_that_do_not_add_up_to_the_room_fail_it(sender):
+    failures = []
+    outbox = Outbox(sender, lambda room, reason: failures.append(room))
+    rows = {"embeddings": np.zeros((4, 4), np.float32)}
+    outbox.put(Parcel(3, [Run(rows, 0, 2)], TransferInfo(TransferMode.EMBEDDING, 3)))
+    outbox.flush()
+    assert failures == [3] and sender.allocator.available_blocks() == 4
