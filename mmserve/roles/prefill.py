@@ -76,6 +76,8 @@ class PrefillRole:
         self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
         self._outbox = Outbox(self.sender, self._fail_room)
         self.embedding_resumes = 0
+        self.pictures_held = 0
+        """Prompts with pictures taken on cached pages, with no embeddings (encode not needed)."""
         self.lock = threading.RLock()
         """Held by whoever touches the receiver or the sender: the loop thread or the transfer pump."""
 
@@ -96,6 +98,7 @@ class PrefillRole:
         self._requests.check_new(request.request_id, request.room)
         held = bool(request.encode_name) and self.engine.add_request_on_cached_pictures(
             prompt, self._first_only(params), request.request_id)
+        self.pictures_held += held
         state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name and not held else PrefillState.PREFILLING
         record = self._requests.add(PrefillRecord(request_id=request.request_id, room=request.room, state=state,
                                                   prompt=prompt, params=params,
@@ -195,7 +198,7 @@ class PrefillRole:
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
             "free_kv_blocks": self.sender.allocator.available_blocks(),
             "in_flight": len(self._requests), "requests": self._requests.counts(),
-            "embedding_resumes": self.embedding_resumes}
+            "embedding_resumes": self.embedding_resumes, "pictures_held": self.pictures_held}
 
     def close(self) -> None:
         with self.lock:

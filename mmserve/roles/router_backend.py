@@ -22,7 +22,7 @@ import grpc
 
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.roles.prefix_index import KVEventFeed
-from mmserve.roles.routing import WorkerChooser
+from mmserve.roles.routing import Choice, WorkerChooser
 from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
 from mmserve.roles.worker import MAX_MESSAGE_BYTES
 from mmserve.rpc import auth
@@ -137,15 +137,16 @@ class WorkerPool(pb_grpc.RegistryServicer):
         now = time.monotonic()
         return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
 
-    def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0) -> WorkerHandle:
+    def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0) -> Choice:
         """The live worker of ``role`` the routing policy chooses for ``prompt``, among those with
-        room for ``kv_tokens`` of KV by this router's count, if any has."""
+        room for ``kv_tokens`` of KV by this router's count, if any has, with the prompt's leading
+        pages it holds as far as the index knows."""
         live = self.live(role)
         roomy = [w for w in live if w.kv_pages - w.kv_reserved >= w.kv_pages_for(kv_tokens)]
         choice = self.chooser.choose(role, roomy or live, prompt)
         if choice.matched_pages and role == "prefill":
             self.prefix_routed += 1
-        return choice.worker
+        return choice
 
     def capacity(self, role: str) -> int:
         return sum(w.capacity for w in self.live(role))
@@ -179,9 +180,10 @@ class DisaggregatedBackend:
         visual = bool(request.prompt.images or request.prompt.videos)
         reserved = _reserved_tokens(request)
         try:
-            decode = self.pool.pick("decode", request.prompt, kv_tokens=reserved)
-            prefill = self.pool.pick("prefill", request.prompt)
-            encode = self.pool.pick("encode") if visual else None
+            decode = self.pool.pick("decode", request.prompt, kv_tokens=reserved).worker
+            prefill_choice = self.pool.pick("prefill", request.prompt)
+            prefill = prefill_choice.worker
+            encode = self.pool.pick("encode").worker if visual else None
         except LookupError as error:
             yield TokenEvent(request.request_id, [], error=str(error))
             return
@@ -193,7 +195,10 @@ class DisaggregatedBackend:
         kv_pages = decode.kv_pages_for(reserved)
         decode.kv_reserved += kv_pages
         try:
-            async for event in self._run(request, room, encode, prefill, decode):
+            # Encode starts with prefill unless prefill may hold the pictures cached (it holds a
+            # leading page of the prompt, a later turn): then its ack says whether encode is needed.
+            encode_early = encode is not None and not prefill_choice.matched_pages
+            async for event in self._run(request, room, encode, prefill, decode, encode_early):
                 yield event
         finally:
             for w in workers:
@@ -201,7 +206,11 @@ class DisaggregatedBackend:
             decode.kv_reserved -= kv_pages
             del self._active[request.request_id]
 
-    async def _run(self, request, room, encode, prefill, decode) -> AsyncIterator[TokenEvent]:
+    async def _run(self, request, room, encode, prefill, decode, encode_early: bool) -> AsyncIterator[TokenEvent]:
+        """Decode (which reserves and registers for the KV), prefill and encode are called in that
+        order; with ``encode_early`` encode is called at once with prefill rather than after its
+        ack, saving a round trip, and its request is aborted when prefill's ack says it holds the
+        pictures."""
         p, rid = request.prompt, request.request_id
         trace_context = inject()  # the router's span for this request: each role's span is its child
         stream = decode.stub.Decode(pb.DecodeRequest(
@@ -210,6 +219,14 @@ class DisaggregatedBackend:
             images=[visual_to_pb(v, with_source=False) for v in p.images],
             videos=[visual_to_pb(v, with_source=False) for v in p.videos],
             timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
+
+        def encode_call():
+            return encode.stub.Encode(pb.EncodeRequest(
+                request_id=rid, room=room, images=[visual_to_pb(v, with_source=True) for v in p.images],
+                videos=[visual_to_pb(v, with_source=True) for v in p.videos],
+                timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
+
+        early = asyncio.ensure_future(encode_call()) if encode_early else None
         current = prefill
         try:
             ack = await prefill.stub.Prefill(pb.PrefillRequest(
@@ -219,12 +236,14 @@ class DisaggregatedBackend:
                 encode_name=encode.name if encode else "", encode_incarnation=encode.incarnation if encode else 0,
                 timeout_s=_seconds_left(request.deadline)),
                 metadata=trace_context)
-            if ack.ok and encode is not None and not ack.pictures_held:
+            if ack.ok and ack.pictures_held and early is not None:
+                await _settled(early)  # taken (or failed) first, so that the abort finds it
+                await _abort_on(encode, rid)
+            elif ack.ok and encode is not None and not ack.pictures_held:
                 current = encode
-                ack = await encode.stub.Encode(pb.EncodeRequest(
-                    request_id=rid, room=room, images=[visual_to_pb(v, with_source=True) for v in p.images],
-                    videos=[visual_to_pb(v, with_source=True) for v in p.videos],
-                    timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
+                ack = await (early if early is not None else encode_call())
+            elif early is not None:
+                await _settled(early)  # prefill refused: the abort below must find encode's request
             if not ack.ok:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
@@ -238,10 +257,14 @@ class DisaggregatedBackend:
         except grpc.RpcError as error:
             if error.code() is grpc.StatusCode.UNAVAILABLE:
                 await self.pool.forget(current)
+            if early is not None:
+                await _settled(early)
             await self.abort(rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} failed: {error.code().name}: "
                                             f"{error.details()}")
         except grpc.aio.UsageError:  # dropped as unreachable (its channel closing) while we used it
+            if early is not None:
+                await _settled(early)
             await self.abort(rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped as unreachable")
         except asyncio.CancelledError:
@@ -252,13 +275,12 @@ class DisaggregatedBackend:
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
         finally:
             stream.cancel()
+            if early is not None and not early.done():  # the client left while encode's call was out
+                early.cancel()
 
     async def abort(self, request_id: str) -> None:
         for worker in self._active.get(request_id, []):
-            try:
-                await worker.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=10)
-            except (grpc.RpcError, grpc.aio.UsageError):  # UsageError: the pool closed a dead worker's channel
-                log.warning("could not abort %s on %s", request_id, worker.name)
+            await _abort_on(worker, request_id)
 
     async def health(self) -> dict:
         roles = {}
@@ -282,6 +304,21 @@ class DisaggregatedBackend:
         out["worker_restarts"] = float(self.pool.restarts)
         out["prefix_routed_requests"] = float(self.pool.prefix_routed)
         return out
+
+
+async def _abort_on(worker: WorkerHandle, request_id: str) -> None:
+    try:
+        await worker.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=10)
+    except (grpc.RpcError, grpc.aio.UsageError):  # UsageError: the pool closed a dead worker's channel
+        log.warning("could not abort %s on %s", request_id, worker.name)
+
+
+async def _settled(call) -> None:
+    """Waits for a call whose answer no longer matters, whatever it ends with."""
+    try:
+        await call
+    except (grpc.RpcError, grpc.aio.UsageError):
+        pass
 
 
 def _seconds_left(deadline: float | None) -> float:

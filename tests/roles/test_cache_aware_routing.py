@@ -1,7 +1,10 @@
 """Cache-aware routing with real processes: two prefill and two decode workers publishing their KV
 events, a router following them. Requests sharing a prefix (a system prompt, an image) go to the
 prefill worker holding it, and to the decode worker holding it; restarted with
-``--routing-policy round_robin`` the same router spreads them over both."""
+``--routing-policy round_robin`` the same router spreads them over both. That router knows of no
+worker's pages, so it calls encode at once with prefill; when prefill's ack says it holds the
+picture's pages (the third and fourth request repeat the first two, on the same workers), encode's
+request is aborted and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -115,11 +118,20 @@ def test_a_router_with_round_robin_spreads_them(cluster):
     cluster.wait_healthy()
     _wait_registered(cluster)
     picture = _picture(41)
-    before, decodes_before = _prefills(cluster), _workers(cluster, "decode")
-    for question in ("One?", "Two?", "Three?", "Four?"):
+    before, decodes_before, (encode_before,) = _prefills(cluster), _workers(cluster, "decode"), \
+        _workers(cluster, "encode").values()
+    for question in ("One?", "Two?", "One?", "Two?"):
         _ask(cluster, question, picture)
-    served = _served(before, _prefills(cluster))
+    after = _prefills(cluster)
+    served = _served(before, after)
     assert all(tokens > 0 for tokens in served.values()), served
+    assert [after[n]["pictures_held"] - before[n]["pictures_held"] for n in PREFILLS] == [1, 1]
+    (encode_after,) = _workers(cluster, "encode").values()
+    assert encode_after["accepted"] - encode_before["accepted"] == 4  # called with prefill, held or not
+    deadline = time.monotonic() + 30
+    while _workers(cluster, "encode")[encode_after["name"]]["in_flight"]:  # the aborted ones end at once
+        assert time.monotonic() < deadline, "encode kept requests prefill did not need"
+        time.sleep(0.2)
     decodes = _served(decodes_before, _workers(cluster, "decode"), DECODES)
     assert all(tokens > 0 for tokens in decodes.values()), decodes
     status, body = get_json(f"{cluster.url}/health")

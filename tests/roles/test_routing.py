@@ -161,10 +161,10 @@ def test_the_pool_keeps_each_workers_incarnation_and_counts_a_new_one_as_a_resta
                                        incarnation=11)
         assert (await pool.Register(registration, None)).ok
         assert (await pool.Register(registration, None)).ok  # a heartbeat
-        assert pool.pick("prefill").incarnation == 11 and pool.restarts == 0
+        assert pool.pick("prefill").worker.incarnation == 11 and pool.restarts == 0
         registration.incarnation = 12
         assert (await pool.Register(registration, None)).ok
-        assert pool.pick("prefill").incarnation == 12 and pool.restarts == 1
+        assert pool.pick("prefill").worker.incarnation == 12 and pool.restarts == 1
         for task in list(pool._closing):  # noqa: SLF001: the retired channel's close, not waited for by the pool
             task.cancel()
 
@@ -193,10 +193,10 @@ def test_decode_workers_report_their_kv_and_each_request_goes_where_its_kv_fits(
         request = GenerateRequest("r", PreparedPrompt([1] * 30, [], []), SamplingParams(max_tokens=60))
         assert backend.kv_demand(request) == 96  # 90 tokens in pages of 8
         pool.workers["large"].in_flight = 3  # busier, but the only one with room for 12 pages
-        assert pool.pick("decode", kv_tokens=90).name == "large"
+        assert pool.pick("decode", kv_tokens=90).worker.name == "large"
         pool.workers["large"].kv_reserved = 35
-        assert pool.pick("decode", kv_tokens=90).name == "small"  # neither has room: by load
-        assert pool.pick("decode", kv_tokens=8).name == "small"
+        assert pool.pick("decode", kv_tokens=90).worker.name == "small"  # neither has room: by load
+        assert pool.pick("decode", kv_tokens=8).worker.name == "small"
         for task in list(pool._closing):  # noqa: SLF001
             task.cancel()
 
