@@ -10,7 +10,7 @@ compile once per bucket. Padding rows are dropped on write and zero-filled on re
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,13 @@ def bucket_tokens(num_tokens: int, block_size: int) -> int:
         step = 1 << (blocks.bit_length() - 3)
         blocks = -(-blocks // step) * step
     return blocks * block_size
+
+
+def bucket_list(max_tokens: int, block_size: int, num_blocks: int) -> list[int]:
+    """Every padded row count a run of 1 to ``max_tokens`` tokens (at most a pool of ``num_blocks``)
+    can have: the shapes a reader of the pool's rows compiles for."""
+    most = min(max_tokens, num_blocks * block_size)
+    return sorted({bucket_tokens(blocks * block_size, block_size) for blocks in range(1, blocks_for(most, block_size) + 1)})
 
 
 class Chunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -98,10 +105,7 @@ class BlockBuffers:
         return bucket_tokens(num_tokens, self.block_size)
 
     def buckets(self, max_tokens: int) -> list[int]:
-        """Every padded row count a run of 1 to ``max_tokens`` tokens (at most the pool) can have:
-        the shapes a reader of this pool's rows compiles for."""
-        most = min(max_tokens, self.num_blocks * self.block_size)
-        return sorted({self.bucket(blocks * self.block_size) for blocks in range(1, blocks_for(most, self.block_size) + 1)})
+        return bucket_list(max_tokens, self.block_size, self.num_blocks)
 
     def write(self, allocation: Allocation, offset: int, arrays: Mapping[str, jax.Array],
               num_tokens: int | None = None, source_start: int = 0) -> None:
@@ -127,18 +131,30 @@ class BlockBuffers:
             if tuple(array.shape[1:]) != f.shape or array.dtype != f.np_dtype:
                 raise ValueError(f"field {f.name!r}: rows of {f.shape} {f.dtype} expected, "
                                  f"got {tuple(array.shape[1:])} {array.dtype}")
-        arrays = {name: a if getattr(a, "sharding", None) == self.sharding else jax.device_put(a, self.sharding)
-                  for name, a in arrays.items()}  # rows from another device (or the host) come here first
+        # Rows from another device (or the host) come here first, and rows here are committed here,
+        # so that every write of a row count runs the one program ``compile`` made.
+        arrays = {name: jax.device_put(a, self.sharding) for name, a in arrays.items()}
         self._pools = _scatter(self._pools, arrays, np.int32(allocation.start_token + offset), np.int32(count),
                                np.int32(source_start))
 
-    def compile_writes(self, row_counts: Sequence[int]) -> None:
-        """Runs the write program once for each row count, writing nothing, so that none compiles
-        on a first write."""
-        for rows in sorted(set(row_counts)):
+    def programs(self, max_tokens: int, source_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
+        """Callables that each run one program a run of up to ``max_tokens`` tokens can need, writing
+        nothing (the write and the reads of one and of two runs, a room and a resumed one, of each
+        bucket, and the writes from arrays of ``source_rows`` rows, other arrays a writer takes runs
+        of): run them all before serving and nothing compiles on a first transfer (a room resumed
+        more than once still compiles its read on first use)."""
+        buckets = self.buckets(max_tokens)
+
+        def write(rows):
             arrays = {f.name: jax.device_put(np.zeros((rows, *f.shape), f.np_dtype), self.sharding) for f in self.fields}
             self._pools = _scatter(self._pools, arrays, np.int32(0), np.int32(0), np.int32(0))
-        jax.block_until_ready(self._pools)
+            jax.block_until_ready(self._pools)
+
+        def read(rows, runs):
+            jax.block_until_ready(_gather(self._pools, np.zeros(runs, np.int32), np.zeros(runs, np.int32), rows))
+
+        return ([functools.partial(write, rows) for rows in sorted(set(buckets) | set(source_rows))]
+                + [functools.partial(read, rows, runs) for rows in buckets for runs in (1, 2)])
 
     def read(self, allocation: Allocation, offset: int, num_tokens: int) -> Arrays:
         """Rows ``[offset, offset + num_tokens)`` of the allocation, padded to ``bucket(num_tokens)``."""
@@ -146,9 +162,13 @@ class BlockBuffers:
         return self.read_runs([(allocation.start_token + offset, num_tokens)])
 
     def read_runs(self, runs: Sequence[tuple[int, int]]) -> Arrays:
-        """Several (start_token, num_tokens) runs concatenated, padded to the bucket of their total."""
-        starts = np.array([s for s, _ in runs], np.int32)
-        counts = np.array([n for _, n in runs], np.int32)
+        """Several (start_token, num_tokens) runs concatenated, padded to the bucket of their total.
+        The run count is padded to a power of two with empty runs: one program per (bucket, that)."""
+        size = 1 << max(len(runs) - 1, 0).bit_length()
+        starts = np.zeros(size, np.int32)
+        counts = np.zeros(size, np.int32)
+        starts[:len(runs)] = [s for s, _ in runs]
+        counts[:len(runs)] = [n for _, n in runs]
         return _gather(self._pools, starts, counts, self.bucket(int(counts.sum())))
 
     def chunk(self, allocation: Allocation, offset_tokens: int, max_tokens: int) -> Chunk:

@@ -260,18 +260,32 @@ class ModelRunner:
                 + [slot]
                 + [functools.partial(kv_read, rows) for rows in grid.kv_row_buckets() if "kv_read" in kinds])
 
-    def visual_programs(self, source_rows: Sequence[int]) -> list[Callable[[], None]]:
-        """One callable per source row count, placing one row of such an array into a step's
-        visual block (``visual_rows.place_rows``), as ``prefill`` does with a prompt's rows."""
+    def arrival_programs(self, kinds: frozenset[str], source_rows: Sequence[int]) -> list[Callable[[], None]]:
+        """One callable per row count of the arrays rows arrive in (from the vision tower or a
+        transfer), running what takes them, writing nothing: with "prefill", placing one row into
+        a step's visual block (``visual_rows.place_rows``); with "kv_write", ``write_kv``."""
         text, levels = self.model.config.text, len(self.model.config.vision.deepstack_visual_indexes)
+        kv_shape = (text.num_hidden_layers, text.num_key_value_heads, text.head_dim)
+
+        def zeros(*shape):
+            return jax.device_put(np.zeros(shape, self.model.dtype), self._block_device)
 
         def place(rows):
-            source = jax.device_put((np.zeros((rows, text.hidden_size), self.model.dtype),
-                                     np.zeros((rows, levels * text.hidden_size), self.model.dtype)), self._block_device)
-            jax.block_until_ready(place_rows(self._empty_block(), [(np.zeros(1, np.int32),
-                                                                   VisualRows(*source, start=0, count=1))]))
+            run = VisualRows(zeros(rows, text.hidden_size), zeros(rows, levels * text.hidden_size), start=0, count=1)
+            jax.block_until_ready(place_rows(self._empty_block(), [(np.zeros(1, np.int32), run)]))
 
-        return [functools.partial(place, rows) for rows in sorted(set(source_rows))]
+        def write(rows):
+            # As write_kv's rows reach run_write_kv: a receiver's device arrays, or across processes
+            # the host copies the lockstep sends every process.
+            k = np.zeros((rows, *kv_shape), self.model.dtype)
+            k = k if self.lockstep.spans_processes else zeros(rows, *kv_shape)
+            self.run_write_kv(np.full(self.config.max_pages_per_seq, SCRATCH_PAGE, np.int32), k, k, np.int32(0),
+                              np.int32(0))
+            jax.block_until_ready(self.cache)
+
+        rows = sorted(set(source_rows))
+        return ([functools.partial(place, r) for r in rows if "prefill" in kinds]
+                + [functools.partial(write, r) for r in rows if "kv_write" in kinds])
 
     def _sample_padding(self, rows: int) -> None:
         """The sampler on the last step's logits, every row padding: nothing counted, and the

@@ -37,8 +37,9 @@ from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.page_hash import PageKeys, prompt_page_keys
 from mmserve.engine.request import Request
 from mmserve.engine.scheduler import Reservation
+from mmserve.engine.warmup import compile_programs
 from mmserve.kv_events import KVEventPublisher
-from mmserve.roles.fields import kv_fields
+from mmserve.roles.fields import arriving_rows, kv_fields
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
@@ -89,8 +90,8 @@ class DecodeRecord(RoleRequest[DecodeState]):
                     None)
 
 
-DECODE_PROGRAMS = frozenset({"decode"})
-"""Decode only continues requests prefilled elsewhere."""
+DECODE_PROGRAMS = frozenset({"decode", "kv_write"})
+"""Decode only continues requests prefilled elsewhere, whose KV it writes into its pages."""
 
 
 class DecodeRole:
@@ -101,9 +102,11 @@ class DecodeRole:
                  kv_events: KVEventPublisher | None = None):
         self.name = name
         self.bootstrap = bootstrap
-        self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS,
-                                kv_events=kv_events)
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
+        self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS,
+                                kv_events=kv_events, arriving_rows=arriving_rows(transfer, engine))
+        if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
+            compile_programs(self.receiver.buffers.programs(engine.max_model_len), "transfer")
         self._incarnation = 1 + secrets.randbits(62)
         self._requests: RequestTable[DecodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()

@@ -14,11 +14,13 @@ from opentelemetry.context import Context
 
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
+from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import Visual, with_pixels
 from mmserve.engine.visual_rows import VisualRows, total_rows
 from mmserve.engine.rejected import RequestRejected
+from mmserve.engine.warmup import compile_programs
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel, Run
 from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, RequestTable, RoleRequest, close_room
@@ -95,8 +97,9 @@ class EncodeRole:
         self._capacity = engine.max_num_seqs
         self.encoder = vision_encoder(model, engine, layout, lockstep)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
-        if engine.precompile:
-            self.sender.buffers.compile_writes(self.encoder.output_rows())
+        if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
+            compile_programs(self.sender.buffers.programs(engine.max_model_len, self.encoder.output_rows()),
+                             "transfer")
         self._outbox = Outbox(self.sender, self._fail_room)
         self._requests: RequestTable[EncodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
@@ -211,7 +214,7 @@ class EncodeRole:
             return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._requests),
                     "requests": self._requests.counts(), "queued": len(self._outbox), "accepted": self.accepted,
                     "embedding_cache_hits": self.encoder.cache.hits, "embedding_cache_misses": self.encoder.cache.misses,
-                    "embedding_cache_bytes": self.encoder.cache.bytes}
+                    "embedding_cache_bytes": self.encoder.cache.bytes, "compiles": compile_count()}
 
     def close(self) -> None:
         with self.lock:

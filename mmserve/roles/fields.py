@@ -9,7 +9,10 @@ values for all layers.
 
 from __future__ import annotations
 
+from mmserve.engine.config import EngineConfig
 from models.qwen3_vl_moe.config import ModelConfig
+from transfer.block_buffers import bucket_list
+from transfer.config import TransferConfig
 from transfer.fields import Field, field
 
 
@@ -23,3 +26,10 @@ def kv_fields(config: ModelConfig, dtype) -> tuple[Field, ...]:
     t = config.text
     shape = (t.num_hidden_layers, t.num_key_value_heads, t.head_dim)
     return field("k", shape, dtype), field("v", shape, dtype)
+
+
+def arriving_rows(transfer: TransferConfig, engine: EngineConfig) -> list[int]:
+    """The row counts a receiving worker's rows arrive in (a room's tokens padded to the receiver's
+    buckets, a room holding at most a prompt): the shapes its engine compiles their programs for,
+    on every process of the role alike."""
+    return bucket_list(engine.max_model_len, transfer.block_size, transfer.buffer_blocks)

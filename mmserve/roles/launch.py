@@ -82,7 +82,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, layout)
         if not lockstep.is_leader:
-            return follow_leader(args.role, model, engine, layout, lockstep)
+            return follow_leader(args.role, model, engine, transfer, layout, lockstep)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
                      transfer.advertise_host)
@@ -159,7 +159,7 @@ def join_role(args: argparse.Namespace):
     return lockstep, layout
 
 
-def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep) -> int:
+def follow_leader(role: str, model, engine: EngineConfig, transfer: TransferConfig, layout, lockstep) -> int:
     """A non-leader process of a multi-host role: it builds the device state the leader builds (in
     the same order) and runs the programs the leader publishes until the leader stops."""
     if role == "encode":
@@ -169,10 +169,12 @@ def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep) -> i
     else:
         from mmserve.engine.engine import ALL_PROGRAMS, LLMEngine
         from mmserve.roles.decode import DECODE_PROGRAMS
+        from mmserve.roles.fields import arriving_rows
         from mmserve.roles.prefill import PREFILL_PROGRAMS
 
         programs = {"prefill": PREFILL_PROGRAMS, "decode": DECODE_PROGRAMS}.get(role, ALL_PROGRAMS)
-        LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs)
+        LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs,
+                  arriving_rows=arriving_rows(transfer, engine) if role in ("prefill", "decode") else ())
     lockstep.follow()
     return 0
 

@@ -20,8 +20,9 @@ from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.request import Request
 from mmserve.engine.visual_rows import VisualRows
+from mmserve.engine.warmup import compile_programs
 from mmserve.kv_events import KVEventPublisher
-from mmserve.roles.fields import embedding_fields, kv_fields
+from mmserve.roles.fields import arriving_rows, embedding_fields, kv_fields
 from mmserve.roles.outbox import Outbox, Parcel, Run
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, sampling_from_pb, visual_from_pb
@@ -71,8 +72,11 @@ class PrefillRole:
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)
         self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep,
                                 programs=PREFILL_PROGRAMS, kv_events=kv_events,
-                                visual_source_rows=self.receiver.buffers.buckets(engine.max_model_len))
+                                arriving_rows=arriving_rows(transfer, engine))
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
+        if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
+            compile_programs(self.receiver.buffers.programs(engine.max_model_len) + self.sender.buffers.programs(
+                engine.max_model_len, self.engine.runner.grid.kv_row_buckets()), "transfer")
         self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
         self._outbox = Outbox(self.sender, self._fail_room)
         self.embedding_resumes = 0
