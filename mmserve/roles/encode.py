@@ -18,8 +18,8 @@ from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import Visual, with_pixels
-from mmserve.engine.visual_rows import VisualRows, total_rows
 from mmserve.engine.rejected import RequestRejected
+from mmserve.engine.visual_rows import VisualRows, total_rows
 from mmserve.engine.warmup import compile_programs
 from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel, Run
