@@ -94,8 +94,8 @@ class ModelRunner:
         levels, rows = len(model.config.vision.deepstack_visual_indexes), self.grid.visual_rows
         # What a text-only prefill step passes as its visual block: made once, on device, so that
         # text steps move no zeros and share the program of image steps.
-        self._no_visual = jax.device_put(empty_block(rows, text.hidden_size, levels, model.dtype, self._block_device),
-                                         home)
+        self._no_visual = jax.device_put((np.zeros((rows, text.hidden_size), model.dtype),
+                                          np.zeros((rows, levels * text.hidden_size), model.dtype)), home)
         self._all_allowed: dict[int, jax.Array] = {}  # rows -> resident mask of steps without a grammar
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
