@@ -82,7 +82,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, layout)
         if not lockstep.is_leader:
-            return follow_leader(args.role, model, engine, transfer, layout, lockstep)
+            return follow_leader(args.role, model, engine, layout, lockstep, transfer)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
                      transfer.advertise_host)
@@ -159,9 +159,12 @@ def join_role(args: argparse.Namespace):
     return lockstep, layout
 
 
-def follow_leader(role: str, model, engine: EngineConfig, transfer: TransferConfig, layout, lockstep) -> int:
+def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, transfer: TransferConfig | None = None
+                  ) -> int:
     """A non-leader process of a multi-host role: it builds the device state the leader builds (in
-    the same order) and runs the programs the leader publishes until the leader stops."""
+    the same order) and runs the programs the leader publishes until the leader stops. ``transfer``
+    (prefill and decode) says what shapes the leader's arriving rows take, whose programs it
+    compiles too."""
     if role == "encode":
         from mmserve.roles.encode import vision_encoder
 
@@ -174,7 +177,7 @@ def follow_leader(role: str, model, engine: EngineConfig, transfer: TransferConf
 
         programs = {"prefill": PREFILL_PROGRAMS, "decode": DECODE_PROGRAMS}.get(role, ALL_PROGRAMS)
         LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs,
-                  arriving_rows=arriving_rows(transfer, engine) if role in ("prefill", "decode") else ())
+                  arriving_rows=arriving_rows(transfer, engine) if transfer is not None else ())
     lockstep.follow()
     return 0
 
