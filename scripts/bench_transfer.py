@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import statistics
@@ -140,6 +141,10 @@ def time_pull(receiver: Receiver, sender: SenderProcess, uuid: int, tokens: int)
     return time.perf_counter() - start
 
 
+def payload(nbytes: int) -> str:
+    return f"{nbytes / MIB:g} MiB" if nbytes >= MIB else f"{nbytes // 1024} KiB"
+
+
 def copy_seconds(nbytes: int, reps: int) -> tuple[float, float]:
     """Median seconds of a jitted device copy, and of a numpy host memcpy, of ``nbytes``."""
     device_copy = jax.jit(jnp.copy)
@@ -158,7 +163,8 @@ def copy_seconds(nbytes: int, reps: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256], help="payloads in MiB")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64, 256],
+                        help="payloads in MiB (fractions too: 0.015625 is one 16 KiB row)")
     parser.add_argument("--planes", nargs="+", default=["jax", "zmq"], choices=["jax", "zmq"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -169,12 +175,13 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    max_mib = max(args.sizes)
-    copies = {mib: copy_seconds(mib * MIB, args.reps) for mib in args.sizes}
+    max_mib = max(1, math.ceil(max(args.sizes)))
+    copies = {mib: copy_seconds(max(1, int(mib * MIB) // TOKEN_BYTES) * TOKEN_BYTES, args.reps) for mib in args.sizes}
     print(f"backend {jax.default_backend()}, {HIDDEN}-float32 rows, block {BLOCK}, median of {args.reps} "
           f"after one checked warm-up room\n")
-    print("| data plane | payload | room time | room throughput | raw pull | device copy | ratio | host memcpy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| data plane | payload | room time | room throughput | raw pull time | raw pull | device copy | ratio "
+          "| host memcpy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plane in args.planes:
         config = config_for(max_mib, plane)
         bootstrap = BootstrapServer(config).start()
@@ -182,7 +189,7 @@ def main() -> None:
         sender = SenderProcess(bootstrap.address, plane, max_mib)
         room = 0
         for mib in args.sizes:
-            tokens = mib * MIB // TOKEN_BYTES
+            tokens = max(1, int(mib * MIB) // TOKEN_BYTES)
             times = []
             for rep in range(args.reps + 1):
                 room += 1
@@ -195,9 +202,11 @@ def main() -> None:
                 room += 1
                 pulls.append(time_pull(receiver, sender, room, tokens))
             pull = statistics.median(pulls[1:])
-            throughput, raw, copy, memcpy = (mib * MIB / t / 1e9 for t in (seconds, pull, *copies[mib]))
-            print(f"| {sender.kind} | {mib} MiB | {seconds * 1e3:.1f} ms | {throughput:.2f} GB/s | {raw:.2f} GB/s | "
-                  f"{copy:.2f} GB/s | {throughput / copy:.3f} | {memcpy:.2f} GB/s |", flush=True)
+            nbytes = tokens * TOKEN_BYTES
+            throughput, raw, copy, memcpy = (nbytes / t / 1e9 for t in (seconds, pull, *copies[mib]))
+            print(f"| {sender.kind} | {payload(nbytes)} | {seconds * 1e3:.2f} ms | {throughput:.2f} GB/s | "
+                  f"{pull * 1e3:.2f} ms | {raw:.2f} GB/s | {copy:.2f} GB/s | {throughput / copy:.3f} | "
+                  f"{memcpy:.2f} GB/s |", flush=True)
         sender.close()
         receiver.close()
         bootstrap.close()

@@ -137,12 +137,15 @@ class BlockBuffers:
         self._pools = _scatter(self._pools, arrays, np.int32(allocation.start_token + offset), np.int32(count),
                                np.int32(source_start))
 
-    def programs(self, max_tokens: int, source_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
+    def programs(self, max_tokens: int, source_rows: Sequence[int] = (),
+                 read_runs: Sequence[int] = (1, 2)) -> list[Callable[[], None]]:
         """Callables that each run one program a run of up to ``max_tokens`` tokens can need, writing
-        nothing (the write and the reads of one and of two runs, a room and a resumed one, of each
-        bucket, and the writes from arrays of ``source_rows`` rows, other arrays a writer takes runs
-        of): run them all before serving and nothing compiles on a first transfer (a room resumed
-        more than once still compiles its read on first use)."""
+        nothing (the write of each bucket and its reads of each of ``read_runs`` runs: one for a
+        sender's chunk or a room, two for a resumed room; and the writes from arrays of
+        ``source_rows`` rows, other arrays a writer takes runs of): run them all before serving and
+        nothing compiles on a first transfer (a room resumed more than once still compiles its read
+        on first use). :meth:`Sender.programs` and :meth:`Receiver.programs` pick what each side
+        runs."""
         buckets = self.buckets(max_tokens)
 
         def write(rows):
@@ -154,7 +157,7 @@ class BlockBuffers:
             jax.block_until_ready(_gather(self._pools, np.zeros(runs, np.int32), np.zeros(runs, np.int32), rows))
 
         return ([functools.partial(write, rows) for rows in sorted(set(buckets) | set(source_rows))]
-                + [functools.partial(read, rows, runs) for rows in buckets for runs in (1, 2)])
+                + [functools.partial(read, rows, runs) for rows in buckets for runs in read_runs])
 
     def read(self, allocation: Allocation, offset: int, num_tokens: int) -> Arrays:
         """Rows ``[offset, offset + num_tokens)`` of the allocation, padded to ``bucket(num_tokens)``."""

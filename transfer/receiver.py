@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import zmq
@@ -28,6 +28,9 @@ from transfer.liveness import Liveness
 from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled, Ready,
                                Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo, TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
+
+PULL_POLL_S = 0.001
+"""How often a waiting receiver looks whether an in-flight pull has completed."""
 
 
 @dataclasses.dataclass
@@ -152,8 +155,8 @@ class Receiver:
 
     def progress(self, timeout_s: float = 0.0) -> None:
         """Reads every socket, completes pulls, allocates for resumes and enforces every deadline."""
-        if any(r.pull is not None for r in self._rooms.values()):
-            timeout_s = min(timeout_s, 0.001)
+        if self.pulling():
+            timeout_s = min(timeout_s, PULL_POLL_S)
         self._poller.poll(int(timeout_s * 1000))
         now = time.monotonic()
         self._directory.collect()
@@ -173,6 +176,21 @@ class Receiver:
             self._heartbeat(now)
             for room in [r for r in self._rooms.values() if r.expired(now)]:
                 self._fail(room, f"timed out while {room.state.value}")
+
+    def programs(self, max_tokens: int) -> list[Callable[[], None]]:
+        """The pool's programs a receiver runs (:meth:`BlockBuffers.programs`): the write of each
+        chunk landed, and the read of a room's segments (one, or two after a resume)."""
+        return self.buffers.programs(max_tokens)
+
+    def sockets(self) -> list[zmq.Socket]:
+        """What ``progress`` reads. A caller that waits on several senders and receivers at once
+        polls these with its own poller, then calls ``progress(0)`` on each."""
+        return [socket for socket, _ in self._poller.sockets]
+
+    def pulling(self) -> bool:
+        """A pull is in flight. Its completion makes no socket readable, so a caller waiting on
+        :meth:`sockets` wakes within ``PULL_POLL_S`` to look."""
+        return any(r.pull is not None for r in self._rooms.values())
 
     def close(self) -> None:
         for room in list(self._rooms.values()):

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import zmq
@@ -162,6 +162,16 @@ class Sender:
         for peer in self._liveness.dead(live_peers, now):
             for room in [r for r in self._rooms.values() if r.peer == peer and not r.state.terminal]:
                 self._fail(room, "receiver stopped answering heartbeats")
+
+    def programs(self, max_tokens: int, source_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
+        """The pool's programs a sender runs (:meth:`BlockBuffers.programs`): the writes of the
+        role's rows, and one read per chunk, of one run."""
+        return self.buffers.programs(max_tokens, source_rows, read_runs=(1,))
+
+    def sockets(self) -> list[zmq.Socket]:
+        """What ``progress`` reads. A caller that waits on several senders and receivers at once
+        polls these with its own poller, then calls ``progress(0)`` on each."""
+        return [socket for socket, _ in self._poller.sockets]
 
     def close(self) -> None:
         for room in list(self._rooms.values()):

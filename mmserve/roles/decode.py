@@ -19,6 +19,7 @@ then lets it sample: the same grammar state the colocated engine would have.
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 import queue
 import secrets
@@ -42,7 +43,8 @@ from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import arriving_rows, kv_fields
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
-from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
+from mmserve.roles.role_loop import RoleLoop
+from mmserve.roles.worker import PrefixCache, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
 from mmserve.tracing import extract, role_span
@@ -50,9 +52,8 @@ from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferMode
 from transfer.poll import PollState
-from transfer.receiver import Receiver
+from transfer.receiver import PULL_POLL_S, Receiver
 
-PROGRESS_S = 0.002
 NO_EMBEDDINGS = np.zeros((3, 0), np.int32)
 
 
@@ -106,7 +107,7 @@ class DecodeRole:
         self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS,
                                 kv_events=kv_events, arriving_rows=arriving_rows(transfer, engine))
         if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
-            compile_programs(self.receiver.buffers.programs(engine.max_model_len), "transfer")
+            compile_programs(self.receiver.programs(engine.max_model_len), "transfer")
         self._incarnation = 1 + secrets.randbits(62)
         self._requests: RequestTable[DecodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
@@ -161,6 +162,14 @@ class DecodeRole:
         with self.lock:
             self.receiver.progress(0)
 
+    def sockets(self) -> list:
+        return self.receiver.sockets()
+
+    def wait_limit_s(self) -> float:
+        if self.engine.has_unfinished():
+            return 0.0
+        return PULL_POLL_S if self.receiver.pulling() else math.inf
+
     def _receive(self) -> list[tuple[DecodeRecord, object]]:
         """Registers reserved requests with their prefill; returns the ones whose KV arrived."""
         arriving = {record.first_page_key for record in self._requests.in_state(DecodeState.RECEIVING_KV)} - {None}
@@ -179,7 +188,7 @@ class DecodeRole:
                                   record.prefill_incarnation, start_token=reservation.held_tokens)
             except Exception as error:
                 self._requests.finish(record.request_id, DecodeState.FAILED, f"could not open its KV room: {error}")
-        self.receiver.progress(PROGRESS_S if not self.engine.has_unfinished() else 0)
+        self.receiver.progress(0)
         arrived = []
         for record in self._requests.in_state(DecodeState.RECEIVING_KV):
             state = self.receiver.poll(record.room)

@@ -25,7 +25,8 @@ from mmserve.roles.fields import embedding_fields
 from mmserve.roles.outbox import Outbox, Parcel, Run
 from mmserve.roles.request_state import ENCODE_TRANSITIONS, EncodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, visual_from_pb
-from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
+from mmserve.roles.role_loop import RoleLoop
+from mmserve.roles.worker import PrefixCache, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.tracing import role_span, tracer
 from models.qwen3_vl_moe import Model
@@ -34,7 +35,6 @@ from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
 from transfer.sender import Sender
 
-PROGRESS_S = 0.005
 
 
 def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None,
@@ -98,7 +98,7 @@ class EncodeRole:
         self.encoder = vision_encoder(model, engine, layout, lockstep)
         self.sender = Sender(transfer, embedding_fields(model.config, model.dtype), name, bootstrap)
         if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
-            compile_programs(self.sender.buffers.programs(engine.max_model_len, self.encoder.output_rows()),
+            compile_programs(self.sender.programs(engine.max_model_len, self.encoder.output_rows()),
                              "transfer")
         self._outbox = Outbox(self.sender, self._fail_room)
         self._requests: RequestTable[EncodeRecord] = RequestTable(self._release)
@@ -172,7 +172,7 @@ class EncodeRole:
         self._encode_queued()
         with self.lock:
             self._outbox.flush()
-            self.sender.progress(PROGRESS_S)
+            self.sender.progress(0)
             for record in self._requests:
                 state = self.sender.poll(record.room)
                 if state is PollState.SUCCESS:
@@ -183,6 +183,12 @@ class EncodeRole:
     def pump(self) -> None:
         with self.lock:
             self.sender.progress(0)
+
+    def sockets(self) -> list:
+        return self.sender.sockets()
+
+    def wait_limit_s(self) -> float:
+        return 0.0 if any(True for _ in self._requests.in_state(EncodeState.QUEUED)) else math.inf
 
     def abort(self, request_id: str) -> None:
         with self.lock:

@@ -6,6 +6,7 @@ directions: the embedding receiver and the KV sender."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import threading
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from mmserve.roles.fields import arriving_rows, embedding_fields, kv_fields
 from mmserve.roles.outbox import Outbox, Parcel, Run
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, sampling_from_pb, visual_from_pb
-from mmserve.roles.worker import PrefixCache, RoleLoop, WorkerService
+from mmserve.roles.role_loop import RoleLoop
+from mmserve.roles.worker import PrefixCache, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
 from mmserve.tracing import role_span
@@ -35,11 +37,10 @@ from transfer.config import TransferConfig
 from transfer.data_plane import open_data_plane
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
-from transfer.receiver import Receiver
+from transfer.receiver import PULL_POLL_S, Receiver
 from transfer.sender import Sender
 
 log = logging.getLogger(__name__)
-PROGRESS_S = 0.002
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -75,7 +76,7 @@ class PrefillRole:
                                 arriving_rows=arriving_rows(transfer, engine))
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
         if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
-            compile_programs(self.receiver.buffers.programs(engine.max_model_len) + self.sender.buffers.programs(
+            compile_programs(self.receiver.programs(engine.max_model_len) + self.sender.programs(
                 engine.max_model_len, self.engine.runner.grid.kv_row_buckets()), "transfer")
         self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
         self._outbox = Outbox(self.sender, self._fail_room)
@@ -138,8 +139,16 @@ class PrefillRole:
             self.receiver.progress(0)
             self.sender.progress(0)
 
+    def sockets(self) -> list:
+        return self.receiver.sockets() + self.sender.sockets()
+
+    def wait_limit_s(self) -> float:
+        if self.engine.has_unfinished():
+            return 0.0
+        return PULL_POLL_S if self.receiver.pulling() else math.inf
+
     def _receive(self) -> None:
-        self.receiver.progress(PROGRESS_S)
+        self.receiver.progress(0)
         for record in self._requests.in_state(PrefillState.WAITING_FOR_EMBEDDINGS):
             state = self.receiver.poll(record.room)
             if state is PollState.SUCCESS:
@@ -154,7 +163,7 @@ class PrefillRole:
 
     def _send(self) -> None:
         self._outbox.flush()
-        self.sender.progress(PROGRESS_S)
+        self.sender.progress(0)
         for record in self._requests:
             state = self.sender.poll(record.room)
             if state is PollState.SUCCESS:

@@ -1,8 +1,5 @@
-"""Running a role as a worker process: one loop thread owns the role, a gRPC server feeds it.
-
-The role (engine, transfer sender/receiver) is not thread-safe, so every gRPC call becomes a
-command executed on the loop thread between steps. A second thread pumps the transfer layer under
-the role's transfer lock, so heartbeats and pulls go on while the loop compiles or steps. The worker announces itself to the router's
+"""Running a role as a worker process: one loop thread owns the role (:mod:`mmserve.roles.role_loop`),
+a gRPC server feeds it. The worker announces itself to the router's
 registry and repeats it as a heartbeat carrying its load (capacity and requests held), so a
 restarted worker is picked up again and the router admits what its workers can hold.
 """
@@ -13,7 +10,6 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -24,11 +20,11 @@ from mmserve.engine.rejected import RequestRejected
 from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
+from mmserve.roles.role_loop import RoleLoop
 from mmserve.tracing import extract
 
 log = logging.getLogger(__name__)
 REGISTER_INTERVAL_S = 1.0
-PUMP_INTERVAL_S = 0.002
 MAX_MESSAGE_BYTES = 256 * 2**20
 CONTROL_THREADS = 16
 
@@ -37,8 +33,18 @@ class Role(Protocol):
     role: str
     name: str
 
+    lock: threading.RLock
+    """Held around everything that touches the role's transfer sockets (they are not thread-safe)."""
+
     def step(self) -> None:
-        """One round of work: transfers, engine step; returns quickly when idle."""
+        """One round of work: transfers, engine step; never waits for the network."""
+
+    def sockets(self) -> list:
+        """The transfer sockets whose readiness gives ``step`` work, for the loop's idle wait."""
+
+    def wait_limit_s(self) -> float:
+        """How long the loop may sleep for lack of events: 0 while there is compute to do, a
+        short interval while something no socket announces is awaited (a pull), else inf."""
 
     def pump(self) -> None:
         """Transfer progress only (heartbeats, pulls), safe to call from another thread while
@@ -97,58 +103,6 @@ def _dialled(endpoint: str, host: str) -> str:
     if not sep or not colon or bound not in ("0.0.0.0", "*", "[::]", "::"):
         return endpoint
     return f"{scheme}://{host}:{port}"
-
-
-class RoleLoop:
-    def __init__(self, role: Role):
-        self.role = role
-        self._inbox: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"{role.role}-loop", daemon=True)
-        self._pump = threading.Thread(target=self._pump_forever, name=f"{role.role}-transfer", daemon=True)
-
-    def start(self) -> RoleLoop:
-        self._thread.start()
-        self._pump.start()
-        return self
-
-    def call(self, fn: Callable, *args) -> Any:
-        """Runs ``fn(*args)`` on the loop thread and returns its result (or raises its error)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((fn, args, future))
-        return future.result()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self._pump.join(timeout=10)
-
-    def _pump_forever(self) -> None:
-        """Keeps the transfer layer answering (heartbeats, pulls) while the loop thread is busy."""
-        while not self._stop.is_set():
-            try:
-                self.role.pump()
-            except Exception:
-                log.exception("%s transfer pump failed", self.role.role)
-            self._stop.wait(PUMP_INTERVAL_S)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            while True:
-                try:
-                    fn, args, future = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                try:
-                    future.set_result(fn(*args))
-                except Exception as error:  # handed to the caller's thread, which reports it
-                    future.set_exception(error)
-            try:
-                self.role.step()
-            except Exception:
-                log.exception("%s step failed", self.role.role)
-        self._pump.join()  # the pump works the role's sockets: it stops before they close
-        self.role.close()
 
 
 class WorkerService(pb_grpc.WorkerServicer):

@@ -1,0 +1,134 @@
+"""The thread that owns a role: calls from gRPC threads, steps, and waiting for the next event.
+
+The role (engine, transfer sender/receiver) is not thread-safe, so every gRPC call becomes a
+command executed on the loop thread between steps. While the role has compute to do the loop
+steps back to back; when it has none, it sleeps until something arrives: a control message or
+data on one of the role's transfer sockets, or a call from a gRPC thread (which writes to a wake
+pipe the same poll watches). It never sleeps on a fixed tick, because each hop of a request
+(the router's call, the embedding room, the KV room) would pay that tick.
+
+A second thread pumps the transfer layer under the role's lock while a step runs (a long engine
+step, a compile), so heartbeats and pulls go on; an idle loop reads its sockets itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+log = logging.getLogger(__name__)
+PUMP_INTERVAL_S = 0.002
+IDLE_WAIT_S = 0.005
+"""The longest an idle loop sleeps with no event: how late deadlines and heartbeats may be looked at."""
+
+
+class WakePipe:
+    """A file descriptor a zmq poll can watch, made readable from any thread."""
+
+    def __init__(self) -> None:
+        self.fd, self._write = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._write, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._write, b"w")
+        except BlockingIOError:  # the pipe is full: the loop is already woken
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._write)
+
+
+class RoleLoop:
+    def __init__(self, role) -> None:
+        self.role = role
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._wake = WakePipe()
+        self._stepping = False
+        self._thread = threading.Thread(target=self._run, name=f"{role.role}-loop", daemon=True)
+        self._pump = threading.Thread(target=self._pump_forever, name=f"{role.role}-transfer", daemon=True)
+
+    def start(self) -> RoleLoop:
+        self._thread.start()
+        self._pump.start()
+        return self
+
+    def call(self, fn: Callable, *args) -> Any:
+        """Runs ``fn(*args)`` on the loop thread and returns its result (or raises its error)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, args, future))
+        self._wake.wake()
+        return future.result()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.wake()
+        self._thread.join(timeout=10)
+        self._pump.join(timeout=10)
+
+    def _pump_forever(self) -> None:
+        """Pumps only while a step runs (an idle loop waits on the sockets itself). What it read
+        may be news to a loop that has just gone to sleep: then it wakes the loop."""
+        while not self._stop.is_set():
+            if self._stepping:
+                try:
+                    self.role.pump()
+                except Exception:
+                    log.exception("%s transfer pump failed", self.role.role)
+                if not self._stepping:
+                    self._wake.wake()
+            self._stop.wait(PUMP_INTERVAL_S)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            while True:
+                try:
+                    fn, args, future = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    future.set_result(fn(*args))
+                except Exception as error:  # handed to the caller's thread, which reports it
+                    future.set_exception(error)
+            try:
+                self._stepping = True
+                self.role.step()
+                self._stepping = False
+                limit_s = min(self.role.wait_limit_s(), IDLE_WAIT_S)
+                if limit_s > 0 and self._inbox.empty():
+                    self._wait(limit_s)
+            except Exception:
+                self._stepping = False
+                log.exception("%s step failed", self.role.role)
+        self._pump.join()  # the pump works the role's sockets: it stops before they close
+        self.role.close()
+        self._wake.close()
+
+    def _wait(self, limit_s: float) -> None:
+        """Sleeps until a socket of the role is readable, a call arrives, or ``limit_s``.
+
+        Under the role's lock: zmq sockets are not thread-safe, and the pump reads the same ones."""
+        poller = zmq.Poller()
+        poller.register(self._wake.fd, zmq.POLLIN)
+        with self.role.lock:
+            for socket in self.role.sockets():
+                poller.register(socket, zmq.POLLIN)
+            poller.poll(max(1, round(limit_s * 1000)))
+        self._wake.drain()

@@ -1,0 +1,107 @@
+"""The role loop sleeps while its role is idle and wakes at once for a call or a socket's message.
+
+The role here is a minimal one (a zmq socket pair and a counter), so that the loop's waiting is
+seen alone: with the idle wait made 10 s long, anything answered within a second was woken.
+"""
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from mmserve.roles import role_loop
+from mmserve.roles.role_loop import RoleLoop
+
+
+class SocketRole:
+    role = "test"
+
+    def __init__(self, busy_steps: int = 0):
+        self.lock = threading.RLock()
+        context = zmq.Context.instance()
+        self.inside = context.socket(zmq.PAIR)
+        self.outside = context.socket(zmq.PAIR)
+        port = self.inside.bind_to_random_port("tcp://127.0.0.1")
+        self.outside.connect(f"tcp://127.0.0.1:{port}")
+        self.steps = 0
+        self.busy_steps = busy_steps
+        self.received: list[tuple[bytes, float]] = []
+        self.pumps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        with self.lock:
+            while self.inside.poll(0):
+                self.received.append((self.inside.recv(), time.monotonic()))
+
+    def pump(self) -> None:
+        self.pumps += 1
+
+    def sockets(self) -> list:
+        return [self.inside]
+
+    def wait_limit_s(self) -> float:
+        return 0.0 if self.steps < self.busy_steps else float("inf")
+
+    def close(self) -> None:
+        self.inside.close(linger=0)
+        self.outside.close(linger=0)
+
+
+@pytest.fixture
+def long_idle_wait(monkeypatch):
+    monkeypatch.setattr(role_loop, "IDLE_WAIT_S", 10.0)
+
+
+def test_an_idle_loop_sleeps_instead_of_stepping(long_idle_wait):
+    role = SocketRole()
+    loop = RoleLoop(role).start()
+    time.sleep(0.3)
+    steps = role.steps
+    loop.stop()
+    assert steps <= 3, f"an idle role was stepped {steps} times in 0.3 s"
+    assert role.pumps == 0, "the pump ran while the loop was idle"
+
+
+def test_a_call_wakes_an_idle_loop(long_idle_wait):
+    role = SocketRole()
+    loop = RoleLoop(role).start()
+    time.sleep(0.1)  # asleep by now
+    start = time.monotonic()
+    assert loop.call(lambda x: x + 1, 41) == 42
+    assert time.monotonic() - start < 1.0
+    loop.stop()
+
+
+def test_a_message_on_a_role_socket_wakes_an_idle_loop(long_idle_wait):
+    role = SocketRole()
+    loop = RoleLoop(role).start()
+    time.sleep(0.1)
+    sent = time.monotonic()
+    role.outside.send(b"ready")
+    deadline = sent + 2.0
+    while not role.received and time.monotonic() < deadline:
+        time.sleep(0.005)
+    loop.stop()
+    assert role.received and role.received[0][0] == b"ready"
+    assert role.received[0][1] - sent < 1.0, "the message waited for the idle timeout"
+
+
+def test_a_busy_role_is_stepped_back_to_back(long_idle_wait):
+    role = SocketRole(busy_steps=200)
+    loop = RoleLoop(role).start()
+    deadline = time.monotonic() + 5.0
+    while role.steps < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop.stop()
+    assert role.steps >= 200
+
+
+def test_stop_wakes_an_idle_loop(long_idle_wait):
+    role = SocketRole()
+    loop = RoleLoop(role).start()
+    time.sleep(0.1)
+    start = time.monotonic()
+    loop.stop()
+    assert time.monotonic() - start < 1.0
