@@ -83,3 +83,26 @@ def test_a_client_leaving_an_n_stream_aborts_every_choice(server, auth):
     stream_then_hang_up(server, body, auth, lines=12)  # the role chunks and a few tokens: decoding
     health = health_once_idle(server)
     assert (health["running"], health["free_pages"]) == (0, health["total_pages"])
+
+
+@pytest.mark.slow
+def test_completions_best_of_answers_the_most_likely_candidates(server, offline):
+    """best_of=4, n=2: the offline answers of seeds 321..324, ranked by the sum of their tokens'
+    logprobs; the two best come back best first, with no logprobs (none were asked for), and the
+    usage counts all four."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=180)
+    candidates = []
+    for i in range(4):
+        params = SamplingParams(**(SEEDED | {"seed": SEEDED["seed"] + i, "logprobs": 0}))
+        candidates.append(offline.generate({"prompt": "Once upon a time"}, params)[0].outputs[0])
+    scores = [sum(entry.logprob for entry in c.logprobs) for c in candidates]
+    assert len({round(score, 3) for score in scores}) == 4, "two candidates (nearly) tie: the ranking is not tested"
+    ranked = [candidates[i] for i in sorted(range(4), key=lambda i: -scores[i])]
+    assert ranked[:2] != candidates[:2], "the two best are the first two seeds: the ranking is not tested"
+    reply = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", n=2, best_of=4, **SEEDED)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [c.text for c in reply.choices] == [c.text for c in ranked[:2]]
+    assert all(c.logprobs is None for c in reply.choices)
+    assert reply.usage.completion_tokens == sum(len(c.token_ids) for c in candidates)
+    health = request("GET", f"{server.url}/health")[1]
+    assert (health["free_pages"], health["running"], health["waiting"]) == (health["total_pages"], 0, 0)

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.serving.router.best_of import requested_best_of
 from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import (COMMON_FIELDS, check_known, common_fields, json_object, requested_int,
@@ -21,7 +22,7 @@ from mmserve.serving.router.relay import Answer
 from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
 
 ENDPOINT = "completions"
-COMPLETION_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | {"prompt", "max_tokens", "logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | {"prompt", "max_tokens", "logprobs", "best_of"}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
@@ -31,13 +32,14 @@ async def completions(request: Request) -> Response:
     body = json_object(await json_body(request))
     check_known(body, COMPLETION_FIELDS)
     common = common_fields(body, router.settings)
+    best_of = requested_best_of(body, common.n, common.stream)
     structured = await structured_output(body, router.backend)
     prompt = await prepare(lambda: _prompt(body.get("prompt")), router.model, "prompt")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(body, "max_tokens"), DEFAULT_MAX_TOKENS,
                                        router.settings.max_model_len, "prompt", "max_tokens")
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs"),
                                                "structured_output": structured})
-    completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common)
+    completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common, best_of)
     return await completion.respond(request, await completion.start(ENDPOINT, arrival), "text_completion")
 
 

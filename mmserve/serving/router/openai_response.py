@@ -1,6 +1,7 @@
 """What chat and text completions share in their responses: ids, usage and the SSE stream.
 
-A response has one choice per sibling request (``n``, ``siblings.py``). A stream sends each event's
+A response has one choice per sibling request (``n``, ``siblings.py``), or the ``n`` best of
+``best_of`` candidates (``best_of.py``). A stream sends each event's
 new text (``event.text`` minus what that choice was sent) as a chunk tagged with the choice's
 index, then, when asked, a usage chunk, then ``data: [DONE]``. A backend error becomes an OpenAI
 error object in the stream, which the ``openai`` client raises as an APIError, and the stream (all
@@ -10,8 +11,9 @@ its choices) ends.
 from __future__ import annotations
 
 import abc
-import time
 import asyncio
+import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing
 
@@ -19,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent
+from mmserve.serving.router.best_of import best, scored
 from mmserve.serving.router.context import RouterContext
 from mmserve.serving.router.errors import backend_error_response, error_body
 from mmserve.serving.router.fields import CommonFields
@@ -31,11 +34,15 @@ class OpenAIResponse(abc.ABC):
 
     chunk_kind = ""
 
-    def __init__(self, router: RouterContext, request: GenerateRequest, common: CommonFields):
-        """``request`` as the client asked it; ``requests`` its siblings, one per choice."""
+    def __init__(self, router: RouterContext, request: GenerateRequest, common: CommonFields, best_of: int = 0):
+        """``request`` as the client asked it; ``requests`` its siblings, one per choice, or one per
+        candidate when ``best_of`` asks for more candidates than choices (``best_of.py``)."""
         self.router = router
         self.request = request
-        self.requests = sibling_requests(request, common.n)
+        self.candidates = max(best_of, common.n)
+        if self.candidates > common.n:
+            request = dataclasses.replace(request, params=scored(request.params))
+        self.requests = sibling_requests(request, self.candidates)
         self.common = common
         self.created = int(time.time())
 
@@ -88,7 +95,8 @@ class OpenAIResponse(abc.ABC):
         for answer in answers:
             if answer.error is not None:
                 return backend_error_response(answer.error, answer.invalid)
-        choices = [self.whole_choice(i, answer) for i, answer in enumerate(answers)]
+        chosen = best(answers, self.common.n) if self.candidates > self.common.n else range(len(answers))
+        choices = [self.whole_choice(index, answers[i]) for index, i in enumerate(chosen)]
         usage = self.usage(sum(len(answer.token_ids) for answer in answers))
         return JSONResponse(self.envelope(kind, choices) | {"usage": usage})
 
