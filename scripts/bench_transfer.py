@@ -7,6 +7,9 @@ scatters it into its own pool. The clock runs from the "go" until the receiver's
 the data. The limit on one host is a device copy of the same bytes in one process.
 
     python scripts/bench_transfer.py [--sizes 1 4 16 64 256] [--planes jax zmq] [--reps 3]
+
+Sizes are MiB; fractions time small rooms (0.015625 MiB is one 16 KiB row), where the room's
+time is latency (control round trips, program dispatches), not bytes.
 """
 
 from __future__ import annotations
