@@ -19,8 +19,8 @@ then lets it sample: the same grammar state the colocated engine would have.
 from __future__ import annotations
 
 import dataclasses
-import math
 import functools
+import math
 import queue
 import secrets
 import threading

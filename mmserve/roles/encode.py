@@ -36,7 +36,6 @@ from transfer.poll import PollState
 from transfer.sender import Sender
 
 
-
 def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None,
                    lockstep: Lockstep | None) -> Encoder:
     """The encode role's encoder, its programs compiled (on every process of the role, through the

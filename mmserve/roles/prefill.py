@@ -6,8 +6,8 @@ directions: the embedding receiver and the KV sender."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 import threading
 from collections.abc import Callable
 
