@@ -22,7 +22,8 @@ CASES = {"text": [], "image": [image(1, (64, 64))], "image_with_resume": [image(
 def llm():
     from mmserve import LLM
 
-    return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128)
+    return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128,
+               precompile=False)  # a reference for a few answers: it compiles what they need, not the grid
 
 
 @pytest.fixture(scope="module")

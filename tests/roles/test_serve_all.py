@@ -95,7 +95,8 @@ def test_role_all_start_up_says_what_each_process_did(server, all_log):
 def llm():
     from mmserve import LLM
 
-    return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128)
+    return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128,
+               precompile=False)  # a reference for a few answers: it compiles what they need, not the grid
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
