@@ -11,7 +11,10 @@ Pages are reference-counted. A full page may be named by a key (:meth:`cache_pag
 shared: a new sequence may start with the cached pages of its prefix (:meth:`cached_prefix`,
 ``allocate(..., cached=...)``). A sequence only ever writes past its cached pages, so a shared
 page is never written. A cached page that nobody holds stays in the :class:`PrefixCache`, counted
-as free, until a fresh page is needed and it is evicted (least recently released first).
+as free, until a fresh page is needed and it is evicted (least recently released first). A
+sequence released with its last page partial may leave that page as a tail (``free(...,
+tail=)``), which one later sequence starting with the same tokens takes as its own page
+(:meth:`longest_tail`, ``allocate(..., tail=)``) and writes past them.
 """
 
 import collections
@@ -69,13 +72,18 @@ class KVCacheManager:
 
     @property
     def num_evictable_pages(self) -> int:
-        """Cached pages that nobody holds (counted in ``num_free_pages``)."""
+        """Cached pages that nobody holds, and tails (counted in ``num_free_pages``)."""
         return self.prefix_cache.num_idle
 
     @property
     def num_cached_pages(self) -> int:
         """Pages with a key, held or not."""
         return len(self.prefix_cache)
+
+    @property
+    def num_tail_pages(self) -> int:
+        """Released partial pages kept for a sequence that starts with their tokens (all evictable)."""
+        return self.prefix_cache.num_tails
 
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._page_tables
@@ -92,26 +100,42 @@ class KVCacheManager:
         """The cached pages of the longest prefix of a sequence whose full pages have ``keys``."""
         return self.prefix_cache.longest_prefix(keys)
 
-    def can_allocate(self, n_tokens: int, cached: Sequence[int] = ()) -> bool:
-        idle_taken = sum(self.prefix_cache.is_idle(page) for page in cached)
-        return self._pages_for(n_tokens) - len(cached) <= self.num_free_pages - idle_taken
+    def longest_tail(self, keys: Sequence[bytes]) -> tuple[int, int] | None:
+        """(page, tokens) of the tail holding the most first tokens of a page whose first ``j``
+        tokens have key ``keys[j - 1]`` (:meth:`PageKeys.tail_keys`), or None."""
+        return self.prefix_cache.longest_tail(keys)
 
-    def allocate(self, seq_id: Hashable, n_tokens: int, cached: Sequence[int] = ()) -> None:
+    def can_allocate(self, n_tokens: int, cached: Sequence[int] = (), tail: int | None = None) -> bool:
+        taken = list(cached) + ([] if tail is None else [tail])
+        idle_taken = sum(self.prefix_cache.is_idle(page) for page in taken)
+        return self._pages_for(n_tokens) - len(taken) <= self.num_free_pages - idle_taken
+
+    def allocate(self, seq_id: Hashable, n_tokens: int, cached: Sequence[int] = (), tail: int | None = None) -> None:
         """Gives a new sequence pages for its first `n_tokens` tokens: the ``cached`` pages of its
-        prefix (from :meth:`cached_prefix`), then fresh ones."""
+        prefix (from :meth:`cached_prefix`), the ``tail`` its next page starts with (from
+        :meth:`longest_tail`; it becomes the sequence's own), then fresh ones."""
         if seq_id in self._page_tables:
             raise ValueError(f"sequence {seq_id!r} already has pages")
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-        if len(cached) * self.page_size > n_tokens:
-            raise ValueError(f"{len(cached)} cached pages hold more than the {n_tokens} tokens asked for")
-        if not self.can_allocate(n_tokens, cached):
-            raise OutOfPagesError(f"need {self._pages_for(n_tokens) - len(cached)} pages, {self.num_free_pages} free")
+        taken = len(cached) + (tail is not None)
+        if len(cached) * self.page_size + (tail is not None) > n_tokens:
+            raise ValueError(f"{taken} cached pages hold more than the {n_tokens} tokens asked for")
+        if not self.can_allocate(n_tokens, cached, tail):
+            raise OutOfPagesError(f"need {self._pages_for(n_tokens) - taken} pages, {self.num_free_pages} free")
         for page in cached:
             if not self.prefix_cache.is_cached(page):
                 raise ValueError(f"page {page} is not cached")
+        if tail is not None and not self.prefix_cache.is_tail(tail):
+            raise ValueError(f"page {tail} is not a tail")
+        for page in cached:
             self._hold(page)
-        self._page_tables[seq_id] = list(cached) + self._take(self._pages_for(n_tokens) - len(cached))
+        own = []
+        if tail is not None:
+            self.prefix_cache.take_tail(tail)
+            self._refs[tail] = 1
+            own.append(tail)
+        self._page_tables[seq_id] = list(cached) + own + self._take(self._pages_for(n_tokens) - taken)
         self._num_tokens[seq_id] = n_tokens
 
     def cache_pages(self, seq_id: Hashable, keys: Sequence[bytes],
@@ -151,16 +175,22 @@ class KVCacheManager:
         self._page_tables[seq_id].extend(self._take(self._new_pages_for_append(seq_id, n_tokens)))
         self._num_tokens[seq_id] += n_tokens
 
-    def free(self, seq_id: Hashable) -> None:
-        """Returns a sequence's pages (on finish, abort or preemption)."""
+    def free(self, seq_id: Hashable, tail: tuple[int, Sequence[bytes]] | None = None) -> None:
+        """Returns a sequence's pages (on finish, abort or preemption). ``tail`` = (i, keys): its
+        page i is partial, its KV written for the first ``len(keys)`` tokens, which ``keys`` name
+        (:meth:`PageKeys.tail_keys`); unless another sequence holds it, it is kept as a tail."""
         self._require(seq_id)
+        table = self._page_tables.pop(seq_id)
+        tail_page = table[tail[0]] if tail is not None and tail[1] else None
         # The last page first: a prefix's tail is the least likely part to be shared, so it is
         # the first evicted.
-        for page in reversed(self._page_tables.pop(seq_id)):
+        for page in reversed(table):
             self._refs[page] -= 1
             if self._refs[page] == 0:
                 if self.prefix_cache.is_cached(page):
                     self.prefix_cache.idle(page)
+                elif page == tail_page:
+                    self.prefix_cache.add_tail(page, tail[1])
                 else:
                     self._free_pages.append(page)
         del self._num_tokens[seq_id]

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 ROOT_KEY = b""
 """The parent key of a sequence's first page."""
+TAIL_DOMAIN = b"tail:"
+"""Prefixed to the parent of a partial page's key, so that no partial page's key can equal a
+full page's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,24 @@ class PageKeys:
             visuals = [(v.start - start, v.key) for v in self.visuals if v.start < end and v.end > start]
             self._keys.append(page_key(parent, token_ids(start, end), visuals))
         return self._keys[:num_pages]
+
+    def tail_keys(self, page: int, num_tokens: int, token_ids: Callable[[int, int], list[int]]) -> list[bytes]:
+        """The keys of page ``page`` cut after each of its first tokens, up to the sequence's
+        ``num_tokens`` (within the page): ``keys[j - 1]`` names its first ``j`` tokens. A sequence
+        that ends inside a page leaves it as a tail (:class:`~mmserve.prefix_cache.PrefixCache`);
+        a later sequence takes it when its own page starts with the same tokens and pictures after
+        the same parent."""
+        size = self.page_size
+        start = page * size
+        if not 0 < num_tokens - start < size:
+            raise ValueError(f"{num_tokens} tokens do not end inside page {page} of {size} tokens")
+        parent = TAIL_DOMAIN + (self.first(page, token_ids)[-1] if page else ROOT_KEY)
+        ids = token_ids(start, num_tokens)
+        keys = []
+        for j in range(1, len(ids) + 1):
+            visuals = [(v.start - start, v.key) for v in self.visuals if v.start < start + j and v.end > start]
+            keys.append(page_key(parent, ids[:j], visuals))
+        return keys
 
     def shareable(self, num_tokens: int, token_ids: Callable[[int, int], list[int]]) -> list[bytes]:
         """Keys of the full pages before the last of a sequence's ``num_tokens`` tokens: those it may

@@ -8,8 +8,9 @@ request is preempted: its pages are freed and it is prefilled again later (recom
 the same output.
 
 With prefix caching, a request admitted (fresh, or again after preemption) takes the cached pages
-of the longest prefix of its tokens and is prefilled from there, like a prompt whose first chunks
-are done; its last token is always computed, so that there are logits to sample. Its pages join the
+of the longest prefix of its tokens, and the tail (a released sequence's partial last page) that
+the next page starts with, and is prefilled from there, like a prompt whose first chunks are done;
+its last token is always computed, so that there are logits to sample. Its pages join the
 cache as they fill (:meth:`Scheduler.cache_computed`). A prompt whose first page another prompt is
 computing right now (``n`` siblings, a burst sharing a system prompt) waits for those pages rather
 than computing them again beside it: it shares them from the cache a step later.
@@ -49,6 +50,20 @@ class Reservation:
 
     slot: int
     held_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldPrefix:
+    """What a sequence finds of its prefix here: the cached full pages, then perhaps a tail with
+    the first tokens of its next page."""
+
+    pages: list[int]
+    tail: int | None
+    num_tokens: int
+    """Tokens whose KV these pages hold."""
+
+
+NOTHING_HELD = HeldPrefix([], None, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +113,14 @@ class Scheduler:
         None (nothing taken) when either is short. With the prompt's ``page_keys`` its longest
         cached prefix is taken from the cache (all but its last token at most): those tokens' KV
         is held here already and need not arrive."""
-        cached = self.cached_prefix(page_keys, len(prompt_ids), lambda start, end: list(prompt_ids[start:end]))
-        if not self._free_slots or not self.kv.can_allocate(num_tokens, cached):
+        held = self.held_prefix(page_keys, len(prompt_ids), lambda start, end: list(prompt_ids[start:end]))
+        if not self._free_slots or not self.kv.can_allocate(num_tokens, held.pages, held.tail):
             return None
-        self.kv.allocate(request_id, num_tokens, cached)
+        self.kv.allocate(request_id, num_tokens, held.pages, held.tail)
         if page_keys is not None and self.config.enable_prefix_caching:
             self.prefix_cache_queries += len(prompt_ids)
-            self.prefix_cache_hits += len(cached) * self.kv.page_size
-        return Reservation(self._free_slots.pop(), len(cached) * self.kv.page_size)
+            self.prefix_cache_hits += held.num_tokens
+        return Reservation(self._free_slots.pop(), held.num_tokens)
 
     def cancel_reservation(self, request_id: str, slot: int) -> None:
         self.kv.free(request_id)
@@ -142,17 +157,17 @@ class Scheduler:
             if len(chunks) == self.config.max_prefill_seqs or budget == 0:
                 break
             admits = request.status is Status.WAITING
-            cached = self._cached_prefix(request) if admits else []
-            if admits and not cached and self._first_page_key(request) in computing:
+            held = self._held_prefix(request) if admits else NOTHING_HELD
+            if admits and not held.pages and self._first_page_key(request) in computing:
                 continue  # another prompt computes its first page now: take that from the cache later
-            start = len(cached) * self.kv.page_size if admits else request.num_computed
+            start = held.num_tokens if admits else request.num_computed
             length = min(request.num_tokens - start, budget)
             if chunks and not self._joins(chunks, start, length):
                 break
             if admits:
-                if not self._free_slots or not self.kv.can_allocate(start + length, cached):
+                if not self._free_slots or not self.kv.can_allocate(start + length, held.pages, held.tail):
                     break
-                self._admit(request, start + length, cached)
+                self._admit(request, start + length, held)
             elif not self._grow(request, start + length):
                 break
             chunks.append(PrefillChunk(request, start, length, first=admits))
@@ -168,8 +183,22 @@ class Scheduler:
             return []
         return self.kv.cached_prefix(page_keys.shareable(num_tokens, token_ids))
 
-    def _cached_prefix(self, request: Request) -> list[int]:
-        return self.cached_prefix(request.page_keys, request.num_tokens, request.token_ids)
+    def held_prefix(self, page_keys: PageKeys | None, num_tokens: int,
+                    token_ids: Callable[[int, int], list[int]]) -> HeldPrefix:
+        """The cached pages of a sequence's longest cached prefix and the tail its next page starts
+        with, leaving at least its last token to compute (or to receive)."""
+        pages = self.cached_prefix(page_keys, num_tokens, token_ids)
+        start = len(pages) * self.kv.page_size
+        end = min(start + self.kv.page_size - 1, num_tokens - 1)
+        if not self.config.enable_prefix_caching or page_keys is None or end <= start:
+            return HeldPrefix(pages, None, start)
+        found = self.kv.longest_tail(page_keys.tail_keys(len(pages), end, token_ids))
+        if found is None:
+            return HeldPrefix(pages, None, start)
+        return HeldPrefix(pages, found[0], start + found[1])
+
+    def _held_prefix(self, request: Request) -> HeldPrefix:
+        return self.held_prefix(request.page_keys, request.num_tokens, request.token_ids)
 
     def _first_page_key(self, request: Request) -> bytes | None:
         """The key of the request's first page, if prefix caching could ever find it (a full page
@@ -206,10 +235,10 @@ class Scheduler:
         self.kv.append(request.request_id, need)
         return True
 
-    def _admit(self, request: Request, num_tokens: int, cached: list[int]) -> None:
+    def _admit(self, request: Request, num_tokens: int, held: HeldPrefix) -> None:
         self.waiting.remove(request)
-        self.kv.allocate(request.request_id, num_tokens, cached)
-        request.num_computed = len(cached) * self.kv.page_size
+        self.kv.allocate(request.request_id, num_tokens, held.pages, held.tail)
+        request.num_computed = held.num_tokens
         if request.page_keys is not None and self.config.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += request.num_computed
@@ -226,6 +255,11 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, request: Request) -> None:
-        self.kv.free(request.request_id)
+        """Frees the request's pages, keeping its last page as a tail when it is partial."""
+        tail = None
+        full, part = divmod(request.num_computed, self.kv.page_size)
+        if self.config.enable_prefix_caching and request.page_keys is not None and part:
+            tail = (full, request.page_keys.tail_keys(full, request.num_computed, request.token_ids))
+        self.kv.free(request.request_id, tail)
         self._free_slots.append(request.slot)
         request.slot = None

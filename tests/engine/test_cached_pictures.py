@@ -57,7 +57,7 @@ def assert_nothing_held(llm):
     kv = llm.engine.kv
     assert not llm.engine.has_unfinished()
     assert kv.num_free_pages == llm.engine.runner.num_pages - 1
-    assert kv.num_evictable_pages == kv.num_cached_pages
+    assert kv.num_evictable_pages == kv.num_cached_pages + kv.num_tail_pages
 
 
 def conversation(seed: int):
@@ -73,7 +73,8 @@ def test_a_second_turn_runs_without_its_pictures_embeddings(on, off):
     answer = on.generate(turn1, PARAMS)[0].outputs[0].token_ids
     turn2 = {"prompt_token_ids": turn1["prompt_token_ids"] + answer + text(92, 9), "multi_modal_data": {"image": image}}
     assert on.engine.add_request_on_cached_pictures(without_pixels(on, turn2), PARAMS, "turn2")
-    assert on.engine.kv.num_evictable_pages < on.engine.kv.num_cached_pages  # pinned
+    kv = on.engine.kv
+    assert kv.num_evictable_pages - kv.num_tail_pages < kv.num_cached_pages  # pinned
     assert run(on, "turn2") == off.generate(turn2, PARAMS)[0].outputs[0].token_ids
     assert_nothing_held(on)
 

@@ -69,7 +69,7 @@ class Split:
         kv = self.decode.kv
         assert not self.decode.has_unfinished()
         assert kv.num_free_pages == self.decode.runner.num_pages - 1
-        assert kv.num_evictable_pages == kv.num_cached_pages > 0
+        assert kv.num_evictable_pages == kv.num_cached_pages + kv.num_tail_pages and kv.num_cached_pages > 0
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,10 @@ def test_a_second_turn_receives_only_what_decode_does_not_hold(split, off, sampl
     turn2 = {"prompt_token_ids": turn1["prompt_token_ids"] + answer + text(63, 9), "multi_modal_data": {"image": image}}
     got, held = split.generate(turn2, params)
     # Turn 1's prompt (written as it arrived) and its answer (written as decoded, but for the last
-    # token, which never got its KV) are decode's own pages now.
-    assert held == (len(ids) + len(answer) - 1) // DECODE_PAGE * DECODE_PAGE > len(ids) // 2
+    # token, which never got its KV) are decode's own pages now: full pages cached, the partial
+    # last one kept as a tail, so that only turn 2's new tokens arrive.
+    assert (len(ids) + len(answer) - 1) % DECODE_PAGE  # else the case could not tell a tail from a full page
+    assert held == len(ids) + len(answer) - 1
     assert got == tokens(off, turn2, params)
     split.assert_nothing_held()
 
@@ -126,10 +128,13 @@ def test_a_cancelled_reservation_gives_back_the_cached_pages_it_shared(split):
     split.generate(prompt, params)
     prepared = split.decode.prepare(prompt)
     keys = prompt_page_keys(prepared, split.decode.model, DECODE_PAGE)
-    cached = split.decode.kv.num_cached_pages
+    kv = split.decode.kv
+    cached, evictable = kv.num_cached_pages, kv.num_evictable_pages
     reservation = split.decode.reserve("cancelled", len(prepared.token_ids) + 4, prepared.token_ids, keys)
-    assert reservation.held_tokens == 3 * DECODE_PAGE
-    assert split.decode.kv.num_evictable_pages == cached - 3  # held by the reservation, not evictable
+    # The 3 full pages and the first token of the 4th (the last token is always sent), from the
+    # partial last page the first run left.
+    assert reservation.held_tokens == 3 * DECODE_PAGE + 1
+    assert kv.num_evictable_pages == evictable - 4  # held by the reservation, not evictable
     split.decode.cancel_reservation("cancelled", reservation.slot)
     assert split.decode.kv.num_cached_pages == cached
     split.assert_nothing_held()

@@ -172,6 +172,72 @@ def test_page_keys_tell_pictures_apart_from_their_first_page_on():
     assert a[1] != moved[1]  # same picture, other placement
 
 
+def test_a_partial_last_page_is_kept_as_a_tail_and_taken_once():
+    manager = KVCacheManager(num_pages=8, page_size=4)
+    ids = list(range(100, 110))  # 2 full pages and 2 tokens
+    turn1 = PageKeys(4, [])
+    manager.allocate("a", 12)
+    manager.cache_pages("a", turn1.first(2, tokens_of(ids)))
+    table = manager.page_table("a")
+    manager.free("a", tail=(2, turn1.tail_keys(2, 10, tokens_of(ids))))
+    assert manager.num_tail_pages == 1 and manager.num_free_pages == 7
+    assert manager.num_evictable_pages == 3
+    turn2 = ids + [7, 8, 9]
+    keys2 = PageKeys(4, [])
+    cached = manager.cached_prefix(keys2.first(2, tokens_of(turn2)))
+    assert cached == table[:2]
+    found = manager.longest_tail(keys2.tail_keys(2, 11, tokens_of(turn2)))  # page 2 cut after 1..3 tokens
+    assert found == (table[2], 2)
+    assert manager.can_allocate(13, cached, found[0])
+    manager.allocate("b", 13, cached, tail=found[0])
+    assert manager.page_table("b")[:3] == table[:3] and manager.num_tail_pages == 0
+    assert manager.num_free_pages == 8 - 1 - 4
+    assert manager.longest_tail(keys2.tail_keys(2, 11, tokens_of(turn2))) is None  # one taker
+    with pytest.raises(ValueError, match="not a tail"):
+        manager.allocate("c", 12, cached, tail=table[2])
+
+
+def test_a_tail_is_found_by_its_first_tokens_after_the_same_parent_only():
+    manager = KVCacheManager(num_pages=8, page_size=4)
+    ids = [1, 2, 3, 4, 5, 6, 7]  # a full page and 3 tokens
+    manager.allocate("a", 8)
+    manager.free("a", tail=(1, PageKeys(4, []).tail_keys(1, 7, tokens_of(ids))))
+    page = manager.longest_tail(PageKeys(4, []).tail_keys(1, 7, tokens_of([1, 2, 3, 4, 5, 9, 9])))
+    assert page is not None and page[1] == 1  # only its first token matches
+    assert manager.longest_tail(PageKeys(4, []).tail_keys(1, 7, tokens_of([1, 2, 3, 0, 5, 6, 7]))) is None
+    assert manager.longest_tail(PageKeys(4, []).tail_keys(1, 5, tokens_of([1, 2, 3, 4, 9]))) is None
+
+
+def test_tails_are_evicted_with_cached_pages_and_make_no_kv_events():
+    manager = KVCacheManager(num_pages=4, page_size=4)  # 3 usable
+    manager.record_events()
+    ids = list(range(6))
+    keys_a = PageKeys(4, [])
+    manager.allocate("a", 8)
+    manager.cache_pages("a", keys_a.first(1, tokens_of(ids)), tokens_of(ids))
+    manager.free("a", tail=(1, keys_a.tail_keys(1, 6, tokens_of(ids))))
+    assert [type(e).__name__ for e in manager.take_events()] == ["BlockStored"]
+    manager.allocate("b", 8)  # the blank page, then the least recently released: the tail
+    assert manager.num_tail_pages == 0 and manager.num_cached_pages == 1
+    assert manager.take_events() == []
+    manager.allocate("c", 4)  # then the cached page
+    assert manager.num_cached_pages == 0
+    assert [type(e).__name__ for e in manager.take_events()] == ["BlockRemoved"]
+
+
+def test_tail_keys_tell_pictures_apart_and_are_never_full_page_keys():
+    ids = list(range(7))
+    a = PageKeys(4, [VisualSpan(5, 6, b"image a")])
+    b = PageKeys(4, [VisualSpan(5, 6, b"image b")])
+    tail_a, tail_b = a.tail_keys(1, 7, tokens_of(ids)), b.tail_keys(1, 7, tokens_of(ids))
+    assert tail_a[0] == tail_b[0]  # before the picture
+    assert tail_a[1] != tail_b[1] and tail_a[2] != tail_b[2]
+    # The same tokens after the same parent as a full page of a smaller size: still another key.
+    assert PageKeys(4, []).tail_keys(0, 3, tokens_of(ids))[2] != PageKeys(3, []).first(1, tokens_of(ids))[0]
+    with pytest.raises(ValueError, match="inside page"):
+        PageKeys(4, []).tail_keys(1, 8, tokens_of(ids + [0]))
+
+
 def test_visual_spans_split_each_modality_by_counts_and_carry_each_visuals_key():
     ids = np.array([1, 9, 9, 2, 9, 9, 9, 3, 8, 4, 8])
     spans = visual_spans(ids, [(9, [(2, b"a"), (3, b"b")]), (8, [(2, b"v")])])
