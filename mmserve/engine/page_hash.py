@@ -89,6 +89,9 @@ class PageKeys:
     page_size: int
     visuals: list[VisualSpan]
     _keys: list[bytes] = dataclasses.field(default_factory=list)
+    _tail: tuple[int, int, list[bytes]] | None = None
+    """The last ``tail_keys`` answer: a waiting request asks again at every step, with the same
+    tokens."""
 
     def first(self, num_pages: int, token_ids: Callable[[int, int], list[int]]) -> list[bytes]:
         """Keys of pages 0..num_pages-1; ``token_ids(start, end)`` reads the sequence, whose first
@@ -111,12 +114,15 @@ class PageKeys:
         start = page * size
         if not 0 < num_tokens - start < size:
             raise ValueError(f"{num_tokens} tokens do not end inside page {page} of {size} tokens")
+        if self._tail is not None and self._tail[:2] == (page, num_tokens):
+            return self._tail[2]
         parent = TAIL_DOMAIN + (self.first(page, token_ids)[-1] if page else ROOT_KEY)
         ids = token_ids(start, num_tokens)
         keys = []
         for j in range(1, len(ids) + 1):
             visuals = [(v.start - start, v.key) for v in self.visuals if v.start < start + j and v.end > start]
             keys.append(page_key(parent, ids[:j], visuals))
+        self._tail = (page, num_tokens, keys)
         return keys
 
     def shareable(self, num_tokens: int, token_ids: Callable[[int, int], list[int]]) -> list[bytes]:
