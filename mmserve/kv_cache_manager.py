@@ -120,7 +120,8 @@ class KVCacheManager:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
         taken = len(cached) + (tail is not None)
         if len(cached) * self.page_size + (tail is not None) > n_tokens:
-            raise ValueError(f"{taken} cached pages hold more than the {n_tokens} tokens asked for")
+            raise ValueError(f"{len(cached)} cached pages{' and a tail' if tail is not None else ''} hold more "
+                             f"than the {n_tokens} tokens asked for")
         if not self.can_allocate(n_tokens, cached, tail):
             raise OutOfPagesError(f"need {self._pages_for(n_tokens) - taken} pages, {self.num_free_pages} free")
         for page in cached:
@@ -182,7 +183,7 @@ class KVCacheManager:
         self._require(seq_id)
         table = self._page_tables.pop(seq_id)
         tail_page = table[tail[0]] if tail is not None and tail[1] else None
-        # The last page first: a prefix's tail is the least likely part to be shared, so it is
+        # The last page first: a prefix's end is the least likely part to be shared, so it is
         # the first evicted.
         for page in reversed(table):
             self._refs[page] -= 1

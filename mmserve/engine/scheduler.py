@@ -46,7 +46,8 @@ class PrefillChunk:
 @dataclasses.dataclass(frozen=True)
 class Reservation:
     """What a request prefilled elsewhere holds here: its sampling slot, and how many of its
-    prompt's first tokens have their KV in pages this engine had cached."""
+    prompt's first tokens have their KV in pages this engine had cached (full pages, then perhaps
+    a tail)."""
 
     slot: int
     held_tokens: int = 0
