@@ -14,7 +14,9 @@ thought of it.
 Randomness: a row with a seed draws with `fold_in(PRNGKey(seed), step)` (threefry), where `step`
 is the number of tokens its request has generated so far. Its draw depends on nothing else in the
 batch, so it survives reordering, preemption with recompute, and the prefill -> decode hand-off.
-Rows without a seed draw with `fold_in(rng_key, row)`, from the key the engine passes per call.
+Rows without a seed draw with `fold_in(fold_in(rng_key, call), row)`: the engine passes its one key
+and the number of its calls so far, folded in here, inside the program (an eager `fold_in` on the
+host costs more than the whole sampler on CPU).
 
 Penalty state: the prompt's token set and the counts of output tokens live on device as
 [num_slots, vocab] arrays, indexed by a slot a request keeps for its lifetime (the batch may be
@@ -171,11 +173,11 @@ def allowed_tokens(token_bitmask: jax.Array, vocab_size: int) -> jax.Array:
 
 @functools.partial(jax.jit, donate_argnames=("penalties",))
 def sample(logits: jax.Array, batch: SamplingBatch, penalties: PenaltyState, rng_key: jax.Array,
-           token_bitmask: jax.Array | None = None) -> tuple[SamplerOutput, PenaltyState]:
+           call: jax.Array | int = 0, token_bitmask: jax.Array | None = None) -> tuple[SamplerOutput, PenaltyState]:
     """Draws one token per row of `logits` [B, vocab] and counts it in the row's penalty slot.
 
-    rng_key: a threefry key (jax.random.PRNGKey or jax.random.key), fresh for every call; only
-    rows without a seed use it. token_bitmask: i32[B, bitmask_words(vocab)], the tokens each row
+    rng_key: a threefry key (jax.random.PRNGKey or jax.random.key), and call: a number never used
+    with it before; only rows without a seed use them. token_bitmask: i32[B, bitmask_words(vocab)], the tokens each row
     may draw (all bits set on rows without a grammar, which leaves their logits bit-identical);
     None: no mask at all.
     """
@@ -192,7 +194,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, penalties: PenaltyState, rng
     drawn_ids = jax.lax.cond(
         jnp.all(greedy),
         lambda: greedy_ids,
-        lambda: _draw(penalized, batch, greedy, _row_keys(batch, rng_key)))
+        lambda: _draw(penalized, batch, greedy, _row_keys(batch, jax.random.fold_in(rng_key, call))))
     token_ids = jnp.where(greedy, greedy_ids, drawn_ids).astype(jnp.int32)
 
     top_logprobs, top_token_ids = jax.lax.top_k(raw_logprobs, min(MAX_LOGPROBS, logits.shape[-1]))

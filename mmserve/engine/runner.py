@@ -217,13 +217,14 @@ class ModelRunner:
                              np.asarray(out.top_logprobs))
 
     def run_sample(self, token_bitmask, **batch):
-        key = jax.random.fold_in(self._key, self._steps)
+        call = np.int32(self._steps)
         self._steps += 1
         if token_bitmask is None:
             token_bitmask = self._allowed(self._logits.shape[0])
         else:  # placed as the resident mask is, so both kinds of step run one program
             token_bitmask = jax.device_put(token_bitmask, self._home)
-        out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, key, token_bitmask)
+        out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, self._key, call,
+                                     token_bitmask)
         self._logits = None
         return self.lockstep.readable(out, self.layout)
 
@@ -292,7 +293,7 @@ class ModelRunner:
         engine's random stream (``_steps``) left where it was."""
         batch = pack_sampling_batch([_PADDING_PARAMS] * rows, [0] * rows, [0] * rows, rows)
         batch = batch._replace(valid=np.zeros(rows, bool))
-        out, self.penalties = sample(self._logits, batch, self.penalties, jax.random.fold_in(self._key, 0),
+        out, self.penalties = sample(self._logits, batch, self.penalties, self._key, np.int32(0),
                                      self._allowed(rows))
         self._logits = None
         jax.block_until_ready(self.lockstep.readable(out, self.layout))

@@ -139,7 +139,7 @@ def test_sampler_bitmask_allows_only_its_tokens_and_leaves_other_rows_alone():
     bitmask[0] = 0
     bitmask[0, 65 // 32] = 1 << (65 % 32)  # row 0 may take token 65 only
     key = jax.random.PRNGKey(0)
-    masked, _ = sample(logits, batch, init_penalty_state(2, vocab), key, jnp.asarray(bitmask))
+    masked, _ = sample(logits, batch, init_penalty_state(2, vocab), key, token_bitmask=jnp.asarray(bitmask))
     free, _ = sample(logits, batch, init_penalty_state(2, vocab), key)
     assert int(masked.token_ids[0]) == 65
     assert int(masked.token_ids[1]) == int(free.token_ids[1])
