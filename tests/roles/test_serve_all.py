@@ -175,6 +175,28 @@ def test_one_trace_follows_a_request_through_every_role(server, trace_file):
             hop(*sending)["context"]["span_id"]], receiving
 
 
+def test_a_later_turn_about_a_picture_asks_prefill_before_encode(server):
+    """``--role all``'s prefill and decode publish KV events, so the router knows prefill holds a
+    chat's first turn: the second turn goes to prefill alone (it holds the picture's pages),
+    and encode is never called for it, not even to be aborted."""
+    url = f"http://127.0.0.1:{server[1]}"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    messages = conversation("Describe it.", [image(23, (64, 64))], as_url=True)
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+
+    def accepted() -> int:
+        return get_json(f"{url}/health")[1]["roles"]["encode"][0]["accepted"]
+
+    encoded, routed = accepted(), router_metric(url, "mmserve_backend_prefix_routed_requests")
+    time.sleep(2)  # prefill's events for turn 1 reach the router's index (loopback: milliseconds)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And what else?"}]
+    second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert second.choices[0].finish_reason == "length"
+    assert router_metric(url, "mmserve_backend_prefix_routed_requests") == routed + 1
+    assert accepted() == encoded
+
+
 SAMPLING = {
     "seeded": {"temperature": 0.9, "top_p": 0.9, "seed": 1234},
     "penalties": {"temperature": 0.7, "seed": 7, "presence_penalty": 1.0, "frequency_penalty": 0.5,
