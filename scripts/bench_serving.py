@@ -44,6 +44,14 @@ def image_url(seed: int, size: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _arrived(chunk, arrivals: list[float]) -> bool:
+    """Whether a streamed chunk is a token's arrival: it brings text, or it ends an answer that
+    brought none (a random model's tokens can all detokenize to nothing, and its answer still has a
+    first-token time)."""
+    choice = chunk.choices[0] if chunk.choices else None
+    return choice is not None and bool(choice.delta.content or (choice.finish_reason and not arrivals))
+
+
 def one_request(client: openai.OpenAI, model: str, seed: int, size: int, max_tokens: int) -> tuple[float, list[float], int]:
     """(TTFT, inter-token gaps, output tokens) of one streamed request."""
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed, size)}},
@@ -54,7 +62,7 @@ def one_request(client: openai.OpenAI, model: str, seed: int, size: int, max_tok
                                             extra_body={"ignore_eos": True})
     arrivals, tokens = [], 0
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
+        if _arrived(chunk, arrivals):
             arrivals.append(time.perf_counter())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
@@ -92,9 +100,9 @@ def conversation(client: openai.OpenAI, model: str, seed: int, size: int, max_to
                                                 extra_body={"ignore_eos": True})
         arrivals, tokens, text, prompt = [], 0, "", 0
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
+            if _arrived(chunk, arrivals):
                 arrivals.append(time.perf_counter())
-                text += chunk.choices[0].delta.content
+                text += chunk.choices[0].delta.content or ""
             if chunk.usage is not None:
                 tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
         history.append({"role": "assistant", "content": text})
