@@ -115,6 +115,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty is not neutral (neutral ones leave the logits bit-identical)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 def _as_float(value: int | float) -> float:
     """An int too large for a float is infinite, which the range checks then refuse by name."""

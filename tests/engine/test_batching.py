@@ -88,3 +88,34 @@ def test_decode_reads_only_the_pages_its_longest_sequence_needs(llm):
     finally:
         del llm.engine.runner.run_decode
     assert set(seen) == {MIN_PAGE_BUCKET} and MIN_PAGE_BUCKET < llm.engine.config.max_pages_per_seq
+
+
+
+def _hf_greedy(model, ids: list[int], steps: int, repetition_penalty: float = 1.0) -> list[int]:
+    import torch
+
+    t_ids = torch.tensor(ids)[None]
+    with torch.no_grad():
+        out = model.generate(t_ids, mm_token_type_ids=torch.zeros_like(t_ids, dtype=torch.int32), max_new_tokens=steps,
+                             do_sample=False, repetition_penalty=repetition_penalty)
+    return out[0, len(ids):].tolist()
+
+
+def test_a_penalty_slot_left_by_another_request_changes_nothing(llm, reference):
+    """A request without penalties does not load its penalty slot (a program run saved per
+    request), so slots keep what earlier requests left. One request at a time, each takes the
+    slot the last one freed (the free slots are a stack): a penalized request after them still
+    equals transformers' repetition penalty, and a plain one equals transformers' greedy."""
+    y, z = [40, 41, 42, 43], [60, 61, 5, 62]
+    x = [5, 6, 7, 8, 9] + _hf_greedy(reference[0], [5, 6, 7, 8, 9], 6)  # the tokens it would pick next
+    penalized = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.8)
+
+    def ours(ids, params):
+        return llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids
+
+    ours(y, penalized)  # the slot: y's prompt and output
+    assert ours(z, greedy(10)) == _hf_greedy(reference[0], z, 10)  # on y's slot, not loaded
+    want = _hf_greedy(reference[0], x, 10, repetition_penalty=1.8)
+    assert want != _hf_greedy(reference[0], x, 10)  # the penalty acts on this prompt
+    assert ours(x, penalized) == want  # its own slot, loaded
+    assert ours(z, greedy(10)) == _hf_greedy(reference[0], z, 10)
