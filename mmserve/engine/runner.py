@@ -138,7 +138,7 @@ class ModelRunner:
 
     def prefill(self, chunks: list[PrefillChunk], page_tables: list[list[int]]) -> None:
         """Runs prompt chunks; the logits at each row's last chunk token wait for ``sample``."""
-        grid, c = self.grid, self.model.config
+        grid = self.grid
         rows = grid.prefill_rows(len(chunks))
         t = grid.prefill_tokens(max(ch.length for ch in chunks))
         ids = np.zeros((rows, t), np.int32)

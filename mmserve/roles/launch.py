@@ -256,8 +256,9 @@ def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
     # Prefill and decode publish KV events (loopback, any free port, CurveZMQ keys from this run's
     # secret) so that the router knows which prompts prefill holds: a later turn of a chat then
     # asks prefill before encode instead of encoding its picture again for nothing.
+    events = ["--kv-events-endpoint", "tcp://127.0.0.1:*", "--kv-events-replay-endpoint", "tcp://127.0.0.1:*"]
     for role in ("prefill", "decode"):
-        commands[role] += ["--kv-events-endpoint", "tcp://127.0.0.1:*", "--kv-events-replay-endpoint", "tcp://127.0.0.1:*"]
+        commands[role] += events
     env = os.environ | ClusterCredential.generate().environment()
     env.pop(SECRET_FILE_ENV, None)
     supervisor = Supervisor(commands, env).start()

@@ -3,7 +3,6 @@
 import types
 
 import numpy as np
-import pytest
 
 from conftest import random_image
 from hf_reference import IMAGE_ID, VISION_END, VISION_START
