@@ -116,26 +116,31 @@ class BlockBuffers:
         ``source_start``); all fields are required and must share a row count, and that row count
         picks the compiled program, whatever the offsets.
         """
-        if set(arrays) != set(self._pools):
-            raise ValueError(f"write needs exactly the fields {sorted(self._pools)}, got {sorted(arrays)}")
-        num_rows = {int(a.shape[0]) for a in arrays.values()}
-        if len(num_rows) != 1:
-            raise ValueError(f"all fields must have the same number of rows, got {num_rows}")
-        rows = num_rows.pop()
+        rows = self.check_rows(arrays)
         count = rows - source_start if num_tokens is None else num_tokens
         if not (0 <= source_start and 0 <= count and source_start + count <= rows):
             raise ValueError(f"rows [{source_start}, {source_start + count}) outside 0..{rows}")
         self._check_run(allocation, offset, count)
-        for f in self.fields:
-            array = arrays[f.name]
-            if tuple(array.shape[1:]) != f.shape or array.dtype != f.np_dtype:
-                raise ValueError(f"field {f.name!r}: rows of {f.shape} {f.dtype} expected, "
-                                 f"got {tuple(array.shape[1:])} {array.dtype}")
         # Rows from another device (or the host) come here first, and rows here are committed here,
         # so that every write of a row count runs the one program ``compile`` made.
         arrays = {name: jax.device_put(a, self.sharding) for name, a in arrays.items()}
         self._pools = _scatter(self._pools, arrays, np.int32(allocation.start_token + offset), np.int32(count),
                                np.int32(source_start))
+
+    def check_rows(self, arrays: Mapping[str, jax.Array], num_rows: int | None = None) -> int:
+        """The row count of arrays holding rows of every field (and only those), each of its
+        field's shape and dtype, all of one row count (``num_rows`` when given)."""
+        if set(arrays) != set(self._pools):
+            raise ValueError(f"rows of exactly the fields {sorted(self._pools)} expected, got {sorted(arrays)}")
+        counts = {int(a.shape[0]) for a in arrays.values()}
+        if len(counts) != 1 or (num_rows is not None and counts != {num_rows}):
+            raise ValueError(f"every field needs {num_rows or 'the same number of'} rows, got {sorted(counts)}")
+        for f in self.fields:
+            array = arrays[f.name]
+            if tuple(array.shape[1:]) != f.shape or array.dtype != f.np_dtype:
+                raise ValueError(f"field {f.name!r}: rows of {f.shape} {f.dtype} expected, "
+                                 f"got {tuple(array.shape[1:])} {array.dtype}")
+        return counts.pop()
 
     def programs(self, max_tokens: int, source_rows: Sequence[int] = (),
                  read_runs: Sequence[int] = (1, 2)) -> list[Callable[[], None]]:

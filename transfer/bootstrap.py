@@ -16,7 +16,7 @@ import zmq
 
 from transfer.channel import Channel, bind_random_port, make_socket
 from transfer.config import TransferConfig
-from transfer.messages import (Codec, ErrorCode, Found, Lookup, NotFound, ProtocolError, Publish, Published,
+from transfer.messages import (Codec, Found, Lookup, NotFound, ProtocolError, Publish, Published,
                                RegistryReply, RegistryRequest, SenderEndpoint, Withdraw)
 
 log = logging.getLogger(__name__)

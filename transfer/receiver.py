@@ -1,11 +1,13 @@
 """The receiving side of a transfer (prefill for embeddings, decode for KV), driven by its role's loop.
 
 It does not know how long a room is: it preallocates a default, looks the sender up in the
-registry and registers that capacity. Each offered chunk is pulled and scattered into the
-current allocation. If the total is larger, it keeps what it has, allocates the remainder
-(waiting while the pool is full) and resumes from the tokens it holds, so nothing is sent
-twice. A room whose first tokens the receiver holds already (decode's own prefix cache) starts
-past them. ``take`` gathers the segments into one padded array per field and frees them.
+registry and registers that capacity. A room that arrives in one chunk (the common case) is
+kept as pulled: ``take`` returns those arrays, and the allocation was only the reservation that
+bounds what the receiver holds. If the total is larger, each chunk is scattered into the current
+allocation; the receiver allocates the remainder (waiting while the pool is full) and resumes
+from the tokens it holds, so nothing is sent twice, and ``take`` gathers the segments into one
+padded array per field. A room whose first tokens the receiver holds already (decode's own
+prefix cache) starts past them. ``take`` frees the room's blocks.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class ReceiverRoom(Room):
     info: TransferInfo | None = None
     chunks: int = 0
     pull: tuple[PendingPull, Ready] | None = None
+    landed: dict[str, jax.Array] | None = None
+    """A room that arrived in one chunk: the pulled arrays, not written into the pool."""
     needs_room: bool = False
     """A chunk arrived and the total is not reached: find space for the rest, then resume."""
 
@@ -138,7 +142,9 @@ class Receiver:
         state = self._rooms[room]
         if state.state is not PollState.SUCCESS:
             raise ValueError(f"room {room} is {state.state.value}, not success")
-        arrays = self.buffers.read_runs([(s.allocation.start_token, s.filled) for s in state.segments])
+        arrays = state.landed
+        if arrays is None:
+            arrays = self.buffers.read_runs([(s.allocation.start_token, s.filled) for s in state.segments])
         self.forget(room)
         return Received(state.info, arrays, state.chunks, state.held)
 
@@ -299,7 +305,8 @@ class Receiver:
             room.segments[0].allocation.capacity_tokens, room.incarnation, room.held))
 
     def _land(self, room: ReceiverRoom) -> None:
-        """Scatters a completed pull into the last segment and acknowledges it."""
+        """Keeps a completed pull (the whole room) or scatters it into the last segment (a part),
+        and acknowledges it."""
         pending, ready = room.pull
         room.pull = None
         try:
@@ -308,8 +315,11 @@ class Receiver:
             self._fail(room, str(error))
             return
         segment, count = room.segments[-1], ready.chunk.num_tokens
-        names = [f.name for f in self.buffers.fields]
-        self.buffers.write(segment.allocation, segment.filled, dict(zip(names, arrays, strict=True)), num_tokens=count)
+        rows = dict(zip((f.name for f in self.buffers.fields), arrays, strict=True))
+        if room.received == room.held and room.held + count == room.info.total_tokens:
+            room.landed = rows
+        else:
+            self.buffers.write(segment.allocation, segment.filled, rows, num_tokens=count)
         segment.filled += count
         room.chunks += 1
         self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
@@ -354,6 +364,7 @@ class Receiver:
         return channel
 
     def _release(self, room: ReceiverRoom) -> None:
+        room.landed = None
         for segment in room.segments:
             self.allocator.free(segment.allocation)
         room.segments.clear()

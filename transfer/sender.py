@@ -1,7 +1,12 @@
 """The sending side of a transfer (encode for embeddings, prefill for KV), driven by its role's loop.
 
-The role allocates by the real length, writes its BlockBuffers and calls ``send``; from then
-on the sender owns the allocation and frees it when the room ends, whichever way it ends.
+The role allocates by the real length and calls ``send`` with the room's rows, either written in
+its BlockBuffers at the allocation or as arrays of their own; from then on the sender owns the
+allocation and frees it when the room ends, whichever way it ends. Rows given as arrays are
+offered as they are when one chunk carries the whole room (the common case: no copy into the
+pool and none out of it); only a room sent in several chunks, or past tokens its receiver holds,
+writes them into the pool first. The allocation is taken either way: the pool's size stays the
+bound on the rows a sender holds.
 Chunks go out as the receiver's capacity allows: the first fits its default allocation, and
 each later one answers a ``Resume``. A receiver that already holds the room's first tokens says
 so when it registers (``Register.start_token``), and only the rest is offered. Receivers register rooms (possibly before the role has
@@ -23,7 +28,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import zmq
@@ -56,6 +61,8 @@ class SenderRoom(Room):
     capacity: int = 0
     """Tokens the receiver can take in the next chunk."""
     allocation: Allocation | None = None
+    rows: Mapping[str, jax.Array] | None = None
+    """The room's rows as the role gave them (not written into the pool at ``allocation`` yet)."""
     info: TransferInfo | None = None
     sent_tokens: int = 0
     """Tokens the receiver holds: those it registered as held (``Register.start_token``), then
@@ -104,13 +111,19 @@ class Sender:
         """Tokens the receiver holds: registered as held, then acknowledged."""
         return self._rooms[room].sent_tokens
 
-    def send(self, room: int, allocation: Allocation, info: TransferInfo) -> PollState:
-        """Hands the room's data (written in ``buffers`` at ``allocation``) to the transfer.
+    def send(self, room: int, allocation: Allocation, info: TransferInfo,
+             rows: Mapping[str, jax.Array] | None = None) -> PollState:
+        """Hands the room's data to the transfer: written in ``buffers`` at ``allocation``, or
+        ``rows`` (every field, ``buffers.bucket(total)`` rows, zero past the total, on the pool's
+        device), which the sender writes at ``allocation`` only if it must send them in chunks.
 
         The allocation belongs to the sender from here on, even if the room already failed.
         """
         if info.total_tokens != allocation.num_tokens:
             raise ValueError(f"info says {info.total_tokens} tokens, allocation holds {allocation.num_tokens}")
+        if rows is not None:
+            self.buffers.check_rows(rows, self.buffers.bucket(info.total_tokens))
+            rows = {name: jax.device_put(a, self.buffers.sharding) for name, a in rows.items()}
         self.add(room)
         state = self._rooms[room]
         if state.info is not None:
@@ -118,7 +131,7 @@ class Sender:
         if state.state.terminal:
             self.allocator.free(allocation)
             return state.state
-        state.allocation, state.info = allocation, info
+        state.allocation, state.info, state.rows = allocation, info, rows
         if state.peer is not None:
             self._start(state)
         return state.state
@@ -266,7 +279,15 @@ class Sender:
 
     def _offer_next_chunk(self, room: SenderRoom) -> None:
         chunk = self.buffers.chunk(room.allocation, room.sent_tokens, room.capacity)
-        rows = self.buffers.read(room.allocation, chunk.offset, chunk.num_tokens)
+        if room.rows is not None and chunk.offset == 0 and chunk.num_tokens == room.info.total_tokens:
+            rows = room.rows
+        else:
+            try:
+                self._stage(room)
+            except Exception as error:  # the room fails; the sender and its other rooms go on
+                self._fail(room, f"could not stage rows: {error}")
+                return
+            rows = self.buffers.read(room.allocation, chunk.offset, chunk.num_tokens)
         uuid = secrets.randbits(63)
         timeout = self.config.transfer_timeout_s + self.config.heartbeat_timeout_s
         try:
@@ -278,7 +299,14 @@ class Sender:
         room.touch()
         self._channel.send(Ready(room.room, uuid, chunk, room.info), room.peer)
 
+    def _stage(self, room: SenderRoom) -> None:
+        """Writes rows given as arrays into the pool, for a room sent in chunks."""
+        if room.rows is not None:
+            rows, room.rows = room.rows, None
+            self.buffers.write(room.allocation, 0, rows, num_tokens=room.info.total_tokens)
+
     def _release(self, room: SenderRoom) -> None:
+        room.rows = None
         if room.allocation is not None:
             self.allocator.free(room.allocation)
             room.allocation = None

@@ -74,19 +74,22 @@ class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None,
                  lockstep: Lockstep | None = None, programs: frozenset[str] = ALL_PROGRAMS,
-                 kv_events: KVEventPublisher | None = None, arriving_rows: Sequence[int] = ()):
+                 kv_events: KVEventPublisher | None = None, arriving_rows: Sequence[int] = (),
+                 kv_read_rows: Sequence[int] = ()):
         """on_finish(request, page_table) runs when a request finishes, before its pages are freed
         (prefill uses it to ship the request's KV to decode). On a role spanning several processes
         the ``lockstep`` carries the leader's device calls to the others (see
         :mod:`mmserve.distributed.lockstep`). ``programs``: what this engine runs, and so compiles
         at start with ``config.precompile``: "vision", "prefill", "decode", "kv_read" (a prefill
-        worker's reads of finished prompts' KV), "kv_write" (a decode worker's writes of arriving KV). ``kv_events``: where the prefix cache's stored and
-        evicted pages are published after each step (:mod:`mmserve.kv_events`).
-        ``arriving_rows``: the row counts of the arrays a transfer brings this engine rows in (visual
-        rows to a prefill worker, KV rows to a decode worker), whose programs are compiled with the
-        rest."""
+        worker's reads of finished prompts' KV, in ``kv_read_rows`` rows: the row counts its
+        transfer offers them in), "kv_write" (a decode worker's writes of arriving KV).
+        ``kv_events``: where the prefix cache's stored and evicted pages are published after each
+        step (:mod:`mmserve.kv_events`). ``arriving_rows``: the row counts of the arrays a transfer
+        brings this engine rows in (visual rows to a prefill worker, KV rows to a decode worker),
+        whose programs are compiled with the rest."""
         self.model = model
         self._arriving_rows = tuple(arriving_rows)
+        self._kv_read_rows = tuple(kv_read_rows)
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
@@ -113,7 +116,7 @@ class LLMEngine:
         vision = self.encoder.programs() if "vision" in self._programs else []
         sources = list(self._arriving_rows) + (self.encoder.output_rows() if "vision" in self._programs else [])
         arriving = self.runner.arrival_programs(self._programs, sources)
-        compile_programs(self.runner.programs(self._programs) + vision + arriving, "engine")
+        compile_programs(self.runner.programs(self._programs, self._kv_read_rows) + vision + arriving, "engine")
 
     def prepare(self, prompt) -> PreparedPrompt:
         return prepare_prompt(prompt, self.model)

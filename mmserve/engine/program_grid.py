@@ -113,16 +113,9 @@ class ProgramGrid:
         return [(rows, width) for rows in all_buckets(1, self.config.max_num_seqs)
                 for width in all_buckets(MIN_PAGE_BUCKET, self.max_pages)]
 
-    def kv_rows(self, num_tokens: int) -> int:
-        """Rows one sequence's KV is read or written in (prefill -> decode hand-off)."""
-        return bucket(num_tokens, MIN_TOKEN_BUCKET, self.kv_rows_max)
-
     @property
     def kv_rows_max(self) -> int:
         return bucket(self.config.max_model_len, MIN_TOKEN_BUCKET)
-
-    def kv_row_buckets(self) -> list[int]:
-        return all_buckets(MIN_TOKEN_BUCKET, self.kv_rows_max)
 
     @property
     def slot_ids(self) -> int:

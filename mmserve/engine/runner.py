@@ -103,14 +103,15 @@ class ModelRunner:
         self.lockstep = lockstep or Lockstep()
         self.lockstep.bind("runner", self)
 
-    def read_kv(self, page_table: list[int], num_tokens: int):
-        """(k, v) rows [bucket(num_tokens), layers, kv, d] of a sequence, on this process's devices."""
+    def read_kv(self, page_table: list[int], num_tokens: int, rows: int):
+        """(k, v) rows [rows, layers, kv, d] of a sequence's first ``num_tokens`` tokens (zero past
+        them), on this process's devices."""
         k, v = self.lockstep.call(self.run_read_kv, page_table=self._page_tables([page_table], 1)[0],
-                                  rows=self.grid.kv_rows(num_tokens))
+                                  rows=rows, num_tokens=np.int32(num_tokens))
         return local_copy(k), local_copy(v)
 
-    def run_read_kv(self, page_table, rows):
-        return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows)), self.layout)
+    def run_read_kv(self, page_table, rows, num_tokens):
+        return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows), num_tokens), self.layout)
 
     def write_kv(self, page_table: list[int], k_rows, v_rows, start: int, num_tokens: int) -> None:
         """Writes ``num_tokens`` rows as the sequence's tokens from ``start`` on."""
@@ -232,11 +233,12 @@ class ModelRunner:
         self._logits = None
         return self.lockstep.readable(out, self.layout)
 
-    def programs(self, kinds: frozenset[str]) -> list[Callable[[], None]]:
+    def programs(self, kinds: frozenset[str], kv_read_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
         """Callables that each run one program of the grid once, on padding (it writes nothing to
         the cache and counts no token), so that it is compiled and has run before any request:
         the grid's programs of ``kinds`` ("prefill", "decode", "kv_read": the KV reads a prefill
-        worker ships to decode), each followed by the sampler on its logits, and the penalty slot.
+        worker ships to decode, one per row count of ``kv_read_rows``), each followed by the
+        sampler on its logits, and the penalty slot.
         The first run matters too: a program's first execution is several times slower."""
         grid = self.grid
 
@@ -258,12 +260,12 @@ class ModelRunner:
             self.run_load_slot(np.int32(0), ids, ids)
 
         def kv_read(rows):
-            jax.block_until_ready(self.run_read_kv(filled(grid.max_pages, value=SCRATCH_PAGE), rows))
+            jax.block_until_ready(self.run_read_kv(filled(grid.max_pages, value=SCRATCH_PAGE), rows, np.int32(0)))
 
         return ([functools.partial(prefill, *shape) for shape in grid.prefill_shapes() if "prefill" in kinds]
                 + [functools.partial(decode, *shape) for shape in grid.decode_shapes() if "decode" in kinds]
                 + [slot]
-                + [functools.partial(kv_read, rows) for rows in grid.kv_row_buckets() if "kv_read" in kinds])
+                + [functools.partial(kv_read, rows) for rows in kv_read_rows if "kv_read" in kinds])
 
     def arrival_programs(self, kinds: frozenset[str], source_rows: Sequence[int]) -> list[Callable[[], None]]:
         """One callable per row count of the arrays rows arrive in (from the vision tower or a

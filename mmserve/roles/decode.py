@@ -40,7 +40,7 @@ from mmserve.engine.request import Request
 from mmserve.engine.scheduler import Reservation
 from mmserve.engine.warmup import compile_programs
 from mmserve.kv_events import KVEventPublisher
-from mmserve.roles.fields import arriving_rows, kv_fields
+from mmserve.roles.fields import kv_fields, room_rows
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.role_loop import RoleLoop
@@ -105,7 +105,7 @@ class DecodeRole:
         self.bootstrap = bootstrap
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
         self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS,
-                                kv_events=kv_events, arriving_rows=arriving_rows(transfer, engine))
+                                kv_events=kv_events, arriving_rows=room_rows(transfer, engine))
         if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
             compile_programs(self.receiver.programs(engine.max_model_len), "transfer")
         self._incarnation = 1 + secrets.randbits(62)

@@ -163,7 +163,7 @@ class EncodeRole:
             record.job = None
             info = TransferInfo(TransferMode.EMBEDDING, total_rows(images + videos),
                                 aux={"image_tokens": total_rows(images), **record.hop_carrier()})
-            self._outbox.put(Parcel(record.room, runs, info))
+            self._outbox.put(Parcel(record.room, info, runs))
 
     def step(self) -> None:
         with self.lock:

@@ -28,8 +28,9 @@ def kv_fields(config: ModelConfig, dtype) -> tuple[Field, ...]:
     return field("k", shape, dtype), field("v", shape, dtype)
 
 
-def arriving_rows(transfer: TransferConfig, engine: EngineConfig) -> list[int]:
-    """The row counts a receiving worker's rows arrive in (a room's tokens padded to the receiver's
-    buckets, a room holding at most a prompt): the shapes its engine compiles their programs for,
-    on every process of the role alike."""
+def room_rows(transfer: TransferConfig, engine: EngineConfig) -> list[int]:
+    """The row counts a room's tokens are padded to (the transfer's buckets; a room holds at most
+    a prompt): the shapes a worker's engine compiles, on every process of the role alike, the
+    programs for that take rows arriving in a room (visual rows on prefill, KV on decode) or read
+    rows to send in one (prefill's KV reads, offered as they are)."""
     return bucket_list(engine.max_model_len, transfer.block_size, transfer.buffer_blocks)

@@ -172,12 +172,13 @@ def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, tran
     else:
         from mmserve.engine.engine import ALL_PROGRAMS, LLMEngine
         from mmserve.roles.decode import DECODE_PROGRAMS
-        from mmserve.roles.fields import arriving_rows
+        from mmserve.roles.fields import room_rows
         from mmserve.roles.prefill import PREFILL_PROGRAMS
 
         programs = {"prefill": PREFILL_PROGRAMS, "decode": DECODE_PROGRAMS}.get(role, ALL_PROGRAMS)
-        LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs,
-                  arriving_rows=arriving_rows(transfer, engine) if transfer is not None else ())
+        rows = room_rows(transfer, engine) if transfer is not None else ()
+        LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs, arriving_rows=rows,
+                  kv_read_rows=rows)
     lockstep.follow()
     return 0
 

@@ -1,8 +1,9 @@
 """Rows waiting for the sender's block buffers: staged in arrival order as blocks free up.
 
 Both senders (encode: embeddings, prefill: KV) produce rows faster than a full pool can take
-them; the outbox keeps them, writes each into a fresh allocation when one is available, and hands
-the room to the transfer. A write that fails fails only its own room.
+them; the outbox keeps them, takes a fresh allocation for each when one is available (writing the
+rows into it, or handing them to the sender as they are), and hands the room to the transfer. A
+write that fails fails only its own room.
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ class Run:
 @dataclasses.dataclass
 class Parcel:
     room: int
-    runs: Sequence[Run]
-    """The room's rows, laid end to end: ``info.total_tokens`` of them in all."""
     info: TransferInfo
+    runs: Sequence[Run] = ()
+    """The room's rows, laid end to end: ``info.total_tokens`` of them in all, written into the
+    sender's pool (encode: each picture a part of its vision call's output)."""
+    rows: Mapping[str, object] | None = None
+    """Or the room's rows as arrays of their own, already padded to the sender's bucket and zero
+    past the total (prefill's KV, read from its pages so): the sender offers them as they are
+    when one chunk carries the room (:meth:`Sender.send`)."""
 
 
 class Outbox:
@@ -56,14 +62,17 @@ class Outbox:
                 return
             self._parcels.popleft()
             try:
-                offset = 0
-                for run in parcel.runs:
-                    self.sender.buffers.write(allocation, offset, run.arrays, num_tokens=run.count, source_start=run.start)
-                    offset += run.count
-                if offset != parcel.info.total_tokens:
-                    raise ValueError(f"{offset} rows for a room of {parcel.info.total_tokens} tokens")
+                if parcel.rows is None:
+                    self._write(parcel, allocation)
+                self.sender.send(parcel.room, allocation, parcel.info, rows=parcel.rows)
             except Exception as error:  # the room fails; the worker and its other rooms go on
                 self.sender.allocator.free(allocation)
                 self._on_error(parcel.room, f"could not stage rows: {error}")
-                continue
-            self.sender.send(parcel.room, allocation, parcel.info)
+
+    def _write(self, parcel: Parcel, allocation) -> None:
+        offset = 0
+        for run in parcel.runs:
+            self.sender.buffers.write(allocation, offset, run.arrays, num_tokens=run.count, source_start=run.start)
+            offset += run.count
+        if offset != parcel.info.total_tokens:
+            raise ValueError(f"{offset} rows for a room of {parcel.info.total_tokens} tokens")

@@ -23,8 +23,8 @@ from mmserve.engine.request import Request
 from mmserve.engine.visual_rows import VisualRows
 from mmserve.engine.warmup import compile_programs
 from mmserve.kv_events import KVEventPublisher
-from mmserve.roles.fields import arriving_rows, embedding_fields, kv_fields
-from mmserve.roles.outbox import Outbox, Parcel, Run
+from mmserve.roles.fields import embedding_fields, kv_fields, room_rows
+from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.role_loop import RoleLoop
@@ -73,11 +73,11 @@ class PrefillRole:
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)
         self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep,
                                 programs=PREFILL_PROGRAMS, kv_events=kv_events,
-                                arriving_rows=arriving_rows(transfer, engine))
+                                arriving_rows=room_rows(transfer, engine), kv_read_rows=room_rows(transfer, engine))
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
         if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
-            compile_programs(self.receiver.programs(engine.max_model_len) + self.sender.programs(
-                engine.max_model_len, self.engine.runner.grid.kv_row_buckets()), "transfer")
+            compile_programs(self.receiver.programs(engine.max_model_len) + self.sender.programs(engine.max_model_len),
+                             "transfer")
         self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
         self._outbox = Outbox(self.sender, self._fail_room)
         self.embedding_resumes = 0
@@ -247,8 +247,12 @@ class PrefillRole:
         record = self._requests[request.request_id]
         record.move(PrefillState.SENDING_KV)
         n = request.num_computed
-        try:
-            k, v = jax.device_put(self.engine.runner.read_kv(page_table, n), self.sender.buffers.sharding)
+        if not self.sender.allocator.can_ever_hold(n):  # waiting for blocks would never help
+            self._fail_room(record.room, f"its KV of {n} tokens exceeds the whole sender pool")
+            return
+        try:  # in the transfer's bucket, as the sender offers a room that goes in one chunk
+            k, v = jax.device_put(self.engine.runner.read_kv(page_table, n, self.sender.buffers.bucket(n)),
+                                  self.sender.buffers.sharding)
         except Exception as error:
             log.exception("reading the KV of %s failed", request.request_id)
             self._fail_room(record.room, f"could not read its KV: {error}")
@@ -258,7 +262,7 @@ class PrefillRole:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
         info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
-        self._outbox.put(Parcel(record.room, [Run({"k": k, "v": v}, 0, n)], info))
+        self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}))
 
     def _fail_room(self, room: int, reason: str) -> None:
         """The room fails, and its request with it (at the next poll of the sender's rooms)."""

@@ -15,6 +15,7 @@ import pytest
 from conftest import random_image
 from hf_reference import IMAGE_ID, VISION_END, VISION_START
 from mmserve import LLM, SamplingParams
+from mmserve.engine.buckets import bucket
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.page_hash import prompt_page_keys
@@ -43,7 +44,8 @@ class Split:
         self.ids = iter(range(10**6))
 
     def _ship(self, request, page_table):
-        self.shipped[request.request_id] = (request, *self.prefill.runner.read_kv(page_table, request.num_computed))
+        rows = self.prefill.runner.read_kv(page_table, request.num_computed, bucket(request.num_computed, 16))
+        self.shipped[request.request_id] = (request, *rows)
 
     def generate(self, prompt, params: SamplingParams) -> tuple[list[int], int]:
         """(output tokens, prompt tokens decode held already) of one prompt through the split."""

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mmserve.engine.config import EngineConfig
+from mmserve.engine.buckets import bucket
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.request import Request
 from test_structured_output import PROMPT, SCHEMA, assert_valid, const_schema, constrained
@@ -27,7 +27,8 @@ class SplitEngine:
                                 on_finish=self._ship)
 
     def _ship(self, request, page_table):
-        self.shipped[request.request_id] = (request, *self.engine.runner.read_kv(page_table, request.num_computed))
+        rows = self.engine.runner.read_kv(page_table, request.num_computed, bucket(request.num_computed, 16))
+        self.shipped[request.request_id] = (request, *rows)
 
     def prefill(self, request_id, params):
         self.engine.add_request(PROMPT, dataclasses.replace(params, max_tokens=1), request_id)

@@ -26,7 +26,7 @@ def sender():
 
 def parcel(room: int, tokens: int, width: int = 4) -> Parcel:
     rows = {"embeddings": np.full((tokens, width), room, np.float32)}
-    return Parcel(room, [Run(rows, 0, tokens)], TransferInfo(TransferMode.EMBEDDING, tokens))
+    return Parcel(room, TransferInfo(TransferMode.EMBEDDING, tokens), [Run(rows, 0, tokens)])
 
 
 def test_parcels_wait_for_blocks_in_order(sender):
@@ -63,7 +63,7 @@ def test_a_parcel_of_runs_lays_them_end_to_end_from_their_own_offsets(sender):
     first = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
     second = -np.arange(4 * 4, dtype=np.float32).reshape(4, 4)
     runs = [Run({"embeddings": first}, 5, 3), Run({"embeddings": second}, 1, 2)]
-    outbox.put(Parcel(9, runs, TransferInfo(TransferMode.EMBEDDING, 5)))
+    outbox.put(Parcel(9, TransferInfo(TransferMode.EMBEDDING, 5), runs))
     outbox.flush()
     assert failures == [] and len(outbox) == 0
     got = np.asarray(sender.buffers.pools["embeddings"])[:5]  # a fresh pool's first allocation starts at 0
@@ -74,6 +74,6 @@ def test_runs_that_do_not_add_up_to_the_room_fail_it(sender):
     failures = []
     outbox = Outbox(sender, lambda room, reason: failures.append(room))
     rows = {"embeddings": np.zeros((4, 4), np.float32)}
-    outbox.put(Parcel(3, [Run(rows, 0, 2)], TransferInfo(TransferMode.EMBEDDING, 3)))
+    outbox.put(Parcel(3, TransferInfo(TransferMode.EMBEDDING, 3), [Run(rows, 0, 2)]))
     outbox.flush()
     assert failures == [3] and sender.allocator.available_blocks() == 4

@@ -149,3 +149,18 @@ def test_kv_waiting_for_sender_blocks_is_dropped_when_its_room_fails(patient_rol
     for room in (41, 42):
         with pytest.raises(KeyError):
             role.sender.poll(room)
+
+
+def test_a_prompt_whose_kv_exceeds_the_whole_sender_pool_fails_alone(patient_role):
+    """Its KV could never get sender blocks: the room fails at once instead of holding the queue
+    of KV waiting for blocks forever, and the next prompt's KV goes out."""
+    role = patient_role
+    total = role.engine.stats()["free_pages"]
+    prefill(role, "huge", room=37, length=40)  # 40 tokens of KV, a pool of 32 rows
+    run_until(role, lambda: not role.health()["in_flight"])
+    assert role.engine.stats()["free_pages"] == total
+    with pytest.raises(KeyError):
+        role.sender.poll(37)
+    prefill(role, "next", room=38, length=20, first_token=900)
+    run_until(role, lambda: role.health()["requests"] == {"sending_kv": 1})
+    assert role.health()["free_kv_blocks"] < role.sender.allocator.num_blocks  # its KV holds sender blocks
