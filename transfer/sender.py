@@ -4,8 +4,9 @@ The role allocates by the real length and calls ``send`` with the room's rows, e
 its BlockBuffers at the allocation or as arrays of their own; from then on the sender owns the
 allocation and frees it when the room ends, whichever way it ends. Rows given as arrays are
 offered as they are when one chunk carries the whole room (the common case: no copy into the
-pool and none out of it); only a room sent in several chunks, or past tokens its receiver holds,
-writes them into the pool first. The allocation is taken either way: the pool's size stays the
+pool and none out of it); a role that reads its rows after the receiver registered gives only
+those past the tokens the receiver holds (:meth:`Sender.receiver_holds`). Only a room sent in
+several chunks writes them into the pool first. The allocation is taken either way: the pool's size stays the
 bound on the rows a sender holds.
 Chunks go out as the receiver's capacity allows: the first fits its default allocation, and
 each later one answers a ``Resume``. A receiver that already holds the room's first tokens says
@@ -62,7 +63,11 @@ class SenderRoom(Room):
     """Tokens the receiver can take in the next chunk."""
     allocation: Allocation | None = None
     rows: Mapping[str, jax.Array] | None = None
-    """The room's rows as the role gave them (not written into the pool at ``allocation`` yet)."""
+    """The room's rows as the role gave them, from token ``rows_start`` on (not written into the
+    pool at ``allocation`` yet)."""
+    rows_start: int = 0
+    held: int | None = None
+    """Tokens the receiver said it holds when it registered (None until it registers)."""
     info: TransferInfo | None = None
     sent_tokens: int = 0
     """Tokens the receiver holds: those it registered as held (``Register.start_token``), then
@@ -88,6 +93,8 @@ class Sender:
         self._registry = RegistryClient(bootstrap_address, config)
         self._registry.publish(self.endpoint, time.monotonic())
         self._rooms: dict[int, SenderRoom] = {}
+        self.staged_rooms = 0
+        """Rooms given as rows that had to be written into the pool (sent in several chunks)."""
         self._ended: collections.OrderedDict[int, tuple[float, str]] = collections.OrderedDict()
         """Forgotten rooms, oldest first: room -> (when to stop remembering it, how it ended)."""
         self._liveness = Liveness(config.heartbeat_timeout_s)
@@ -111,18 +118,29 @@ class Sender:
         """Tokens the receiver holds: registered as held, then acknowledged."""
         return self._rooms[room].sent_tokens
 
+    def receiver_holds(self, room: int) -> int | None:
+        """Tokens the room's receiver said it holds when it registered (they are not sent); None
+        while it has not registered. A role that reads its rows after this knows which to read."""
+        state = self._rooms.get(room)
+        return None if state is None else state.held
+
     def send(self, room: int, allocation: Allocation, info: TransferInfo,
-             rows: Mapping[str, jax.Array] | None = None) -> PollState:
+             rows: Mapping[str, jax.Array] | None = None, rows_start: int = 0) -> PollState:
         """Hands the room's data to the transfer: written in ``buffers`` at ``allocation``, or
-        ``rows`` (every field, ``buffers.bucket(total)`` rows, zero past the total, on the pool's
-        device), which the sender writes at ``allocation`` only if it must send them in chunks.
+        ``rows``: tokens ``[rows_start, total)`` of every field, ``buffers.bucket(total -
+        rows_start)`` rows, zero past the total, offered as they are when one chunk carries them
+        and written at ``allocation`` only if the sender must send them in several. Tokens before
+        ``rows_start`` are those the receiver holds (:meth:`receiver_holds`): a receiver that
+        registers holding fewer fails the room.
 
         The allocation belongs to the sender from here on, even if the room already failed.
         """
         if info.total_tokens != allocation.num_tokens:
             raise ValueError(f"info says {info.total_tokens} tokens, allocation holds {allocation.num_tokens}")
         if rows is not None:
-            self.buffers.check_rows(rows, self.buffers.bucket(info.total_tokens))
+            if not 0 <= rows_start < info.total_tokens:
+                raise ValueError(f"rows from token {rows_start} of a room of {info.total_tokens}")
+            self.buffers.check_rows(rows, self.buffers.bucket(info.total_tokens - rows_start))
             rows = {name: jax.device_put(a, self.buffers.sharding) for name, a in rows.items()}
         self.add(room)
         state = self._rooms[room]
@@ -131,7 +149,7 @@ class Sender:
         if state.state.terminal:
             self.allocator.free(allocation)
             return state.state
-        state.allocation, state.info, state.rows = allocation, info, rows
+        state.allocation, state.info, state.rows, state.rows_start = allocation, info, rows, rows_start
         if state.peer is not None:
             self._start(state)
         return state.state
@@ -240,7 +258,7 @@ class Sender:
             raise ProtocolError(ErrorCode.MISMATCH, f"room carries {room.info.mode.value}", message.room)
         room = self._rooms.setdefault(message.room, SenderRoom(message.room, self.config))
         room.peer, room.mode, room.capacity = identity, message.mode, message.capacity_tokens
-        room.sent_tokens = message.start_token
+        room.sent_tokens = room.held = message.start_token
         self._channel.send(Registered(message.room), identity)
         if room.allocation is not None:
             self._start(room)
@@ -274,12 +292,17 @@ class Sender:
             self._fail(room, f"the receiver holds {room.sent_tokens} tokens of a room of {room.info.total_tokens}: "
                        "nothing to send")
             return
+        if room.rows is not None and room.sent_tokens < room.rows_start:
+            self._fail(room, f"the receiver holds {room.sent_tokens} tokens, the sender has rows from "
+                       f"{room.rows_start} on")
+            return
         room.move(PollState.TRANSFERRING)
         self._offer_next_chunk(room)
 
     def _offer_next_chunk(self, room: SenderRoom) -> None:
         chunk = self.buffers.chunk(room.allocation, room.sent_tokens, room.capacity)
-        if room.rows is not None and chunk.offset == 0 and chunk.num_tokens == room.info.total_tokens:
+        if room.rows is not None and chunk.offset == room.rows_start and chunk.offset + chunk.num_tokens == \
+                room.info.total_tokens:
             rows = room.rows
         else:
             try:
@@ -303,7 +326,8 @@ class Sender:
         """Writes rows given as arrays into the pool, for a room sent in chunks."""
         if room.rows is not None:
             rows, room.rows = room.rows, None
-            self.buffers.write(room.allocation, 0, rows, num_tokens=room.info.total_tokens)
+            self.staged_rooms += 1
+            self.buffers.write(room.allocation, room.rows_start, rows, num_tokens=room.info.total_tokens - room.rows_start)
 
     def _release(self, room: SenderRoom) -> None:
         room.rows = None

@@ -22,12 +22,12 @@ def _slots(page_table, start, num_rows: int, page_size: int):
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def gather_rows(cache: KVCache, page_table, num_rows: int, num_tokens):
-    """(k, v) rows [num_rows, layers, kv, d] of tokens 0..num_tokens-1 of the sequence, zero past
-    them: padding rows carry nothing of whatever the pages held before (another request's KV).
-    ``num_tokens`` is traced: one program per row count."""
-    page, slot = _slots(page_table, 0, num_rows, cache.page_size)
-    kept = (jnp.arange(num_rows) < num_tokens)[:, None, None, None]
+def gather_rows(cache: KVCache, page_table, num_rows: int, start, num_tokens):
+    """(k, v) rows [num_rows, layers, kv, d] of tokens start..num_tokens-1 of the sequence, zero
+    past them: padding rows carry nothing of whatever the pages held before (another request's
+    KV). ``start`` and ``num_tokens`` are traced: one program per row count."""
+    page, slot = _slots(page_table, start, num_rows, cache.page_size)
+    kept = (jnp.arange(num_rows) < num_tokens - start)[:, None, None, None]
 
     def rows(pages):
         return jnp.where(kept, jnp.swapaxes(pages[:, page, slot], 0, 1), 0)

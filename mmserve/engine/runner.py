@@ -103,15 +103,15 @@ class ModelRunner:
         self.lockstep = lockstep or Lockstep()
         self.lockstep.bind("runner", self)
 
-    def read_kv(self, page_table: list[int], num_tokens: int, rows: int):
-        """(k, v) rows [rows, layers, kv, d] of a sequence's first ``num_tokens`` tokens (zero past
-        them), on this process's devices."""
+    def read_kv(self, page_table: list[int], num_tokens: int, rows: int, start: int = 0):
+        """(k, v) rows [rows, layers, kv, d] of a sequence's tokens ``start..num_tokens-1`` (zero
+        past them), on this process's devices."""
         k, v = self.lockstep.call(self.run_read_kv, page_table=self._page_tables([page_table], 1)[0],
-                                  rows=rows, num_tokens=np.int32(num_tokens))
+                                  rows=rows, start=np.int32(start), num_tokens=np.int32(num_tokens))
         return local_copy(k), local_copy(v)
 
-    def run_read_kv(self, page_table, rows, num_tokens):
-        return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows), num_tokens), self.layout)
+    def run_read_kv(self, page_table, rows, start, num_tokens):
+        return self.lockstep.readable(gather_rows(self.cache, page_table, int(rows), start, num_tokens), self.layout)
 
     def write_kv(self, page_table: list[int], k_rows, v_rows, start: int, num_tokens: int) -> None:
         """Writes ``num_tokens`` rows as the sequence's tokens from ``start`` on."""
@@ -260,7 +260,8 @@ class ModelRunner:
             self.run_load_slot(np.int32(0), ids, ids)
 
         def kv_read(rows):
-            jax.block_until_ready(self.run_read_kv(filled(grid.max_pages, value=SCRATCH_PAGE), rows, np.int32(0)))
+            jax.block_until_ready(self.run_read_kv(filled(grid.max_pages, value=SCRATCH_PAGE), rows, np.int32(0),
+                                                   np.int32(0)))
 
         return ([functools.partial(prefill, *shape) for shape in grid.prefill_shapes() if "prefill" in kinds]
                 + [functools.partial(decode, *shape) for shape in grid.decode_shapes() if "decode" in kinds]

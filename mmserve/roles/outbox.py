@@ -34,9 +34,10 @@ class Parcel:
     """The room's rows, laid end to end: ``info.total_tokens`` of them in all, written into the
     sender's pool (encode: each picture a part of its vision call's output)."""
     rows: Mapping[str, object] | None = None
-    """Or the room's rows as arrays of their own, already padded to the sender's bucket and zero
-    past the total (prefill's KV, read from its pages so): the sender offers them as they are
-    when one chunk carries the room (:meth:`Sender.send`)."""
+    """Or the room's rows from token ``rows_start`` on as arrays of their own, already padded to
+    the sender's bucket and zero past the total (prefill's KV, read from its pages so): the sender
+    offers them as they are when one chunk carries them (:meth:`Sender.send`)."""
+    rows_start: int = 0
 
 
 class Outbox:
@@ -64,7 +65,7 @@ class Outbox:
             try:
                 if parcel.rows is None:
                     self._write(parcel, allocation)
-                self.sender.send(parcel.room, allocation, parcel.info, rows=parcel.rows)
+                self.sender.send(parcel.room, allocation, parcel.info, rows=parcel.rows, rows_start=parcel.rows_start)
             except Exception as error:  # the room fails; the worker and its other rooms go on
                 self.sender.allocator.free(allocation)
                 self._on_error(parcel.room, f"could not stage rows: {error}")

@@ -209,7 +209,7 @@ class PrefillRole:
     def _health(self) -> dict:
         return self.engine.stats() | {
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
-            "free_kv_blocks": self.sender.allocator.available_blocks(),
+            "free_kv_blocks": self.sender.allocator.available_blocks(), "kv_rooms_staged": self.sender.staged_rooms,
             "in_flight": len(self._requests), "requests": self._requests.counts(),
             "embedding_resumes": self.embedding_resumes, "pictures_held": self.pictures_held}
 
@@ -250,8 +250,13 @@ class PrefillRole:
         if not self.sender.allocator.can_ever_hold(n):  # waiting for blocks would never help
             self._fail_room(record.room, f"its KV of {n} tokens exceeds the whole sender pool")
             return
+        with self.lock:  # a registration waiting on the socket says what decode holds
+            self.sender.progress(0)
+            held = self.sender.receiver_holds(record.room) or 0
+        start = held if held < n else 0  # a decode holding everything fails the room (nothing to send)
         try:  # in the transfer's bucket, as the sender offers a room that goes in one chunk
-            k, v = jax.device_put(self.engine.runner.read_kv(page_table, n, self.sender.buffers.bucket(n)),
+            rows = self.sender.buffers.bucket(n - start)
+            k, v = jax.device_put(self.engine.runner.read_kv(page_table, n, rows, start),
                                   self.sender.buffers.sharding)
         except Exception as error:
             log.exception("reading the KV of %s failed", request.request_id)
@@ -262,7 +267,7 @@ class PrefillRole:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
         info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
-        self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}))
+        self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}, rows_start=start))
 
     def _fail_room(self, room: int, reason: str) -> None:
         """The room fails, and its request with it (at the next poll of the sender's rooms)."""

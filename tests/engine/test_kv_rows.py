@@ -5,6 +5,7 @@ travel to decode as they are); a write lands each row in its page and slot and d
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from mmserve.engine.kv_rows import gather_rows, scatter_rows
 from models.qwen3_vl_moe.kv_cache import KVCache
@@ -18,16 +19,17 @@ def cache(seed: int) -> KVCache:
     return KVCache(k=rng.standard_normal(shape).astype(np.float32), v=rng.standard_normal(shape).astype(np.float32))
 
 
-def test_a_read_takes_each_token_from_its_page_and_zeroes_the_padding():
+@pytest.mark.parametrize("start", [0, 3, 6])
+def test_a_read_takes_each_token_from_its_page_and_zeroes_the_padding(start):
     pages = cache(0)
     table = np.array([4, 1, 5, 0], np.int32)  # tokens 0-3 on page 4, 4-7 on page 1, 8-11 on page 5
-    k, v = gather_rows(pages, table, 16, np.int32(10))
+    k, v = gather_rows(pages, table, 16, np.int32(start), np.int32(10))
     assert k.shape == (16, LAYERS, HEADS, DIM)
-    for token in range(10):
+    for row, token in enumerate(range(start, 10)):
         page, slot = table[token // PAGE], token % PAGE
-        np.testing.assert_array_equal(np.asarray(k)[token], pages.k[:, page, slot])
-        np.testing.assert_array_equal(np.asarray(v)[token], pages.v[:, page, slot])
-    assert not np.asarray(k)[10:].any() and not np.asarray(v)[10:].any()
+        np.testing.assert_array_equal(np.asarray(k)[row], pages.k[:, page, slot])
+        np.testing.assert_array_equal(np.asarray(v)[row], pages.v[:, page, slot])
+    assert not np.asarray(k)[10 - start:].any() and not np.asarray(v)[10 - start:].any()
 
 
 def test_a_write_lands_rows_from_a_start_and_drops_the_padding():

@@ -1,8 +1,10 @@
 """A room handed to the sender as arrays of its own (prefill's KV, read from its pages) is offered
 as it is when one chunk carries it, and a room that arrives in one chunk is kept as pulled: the
-rows are copied into neither side's pool, bit-exact all the same. A room that goes in chunks, or
-past tokens the receiver holds, is written into the sender's pool first and arrives bit-exact too;
-every block is freed on both sides."""
+rows are copied into neither side's pool, bit-exact all the same. So are rows given from the
+tokens a registered receiver holds on. A room that goes in chunks, or whose receiver holds tokens
+the rows start before, is written into the sender's pool first and arrives bit-exact too; a
+receiver holding fewer tokens than the rows start at fails the room. Every block is freed on
+both sides."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import drive
-from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode
-from transfer_payload import KV_FIELDS, padded_payload, payload
+from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode, bucket_tokens
+from transfer_payload import KV_FIELDS, payload
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,10 +32,12 @@ def pool_written(buffers) -> bool:
     return any(np.asarray(pool).any() for pool in jax.device_get(list(buffers.pools.values())))
 
 
-def send_rows(sender: Sender, config, room: int, tokens: int) -> None:
+def send_rows(sender: Sender, config, room: int, tokens: int, start: int = 0) -> None:
     allocation = sender.allocator.alloc(tokens)
-    sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7),
-                rows=padded_payload(KV_FIELDS, room, tokens, config.block_size))
+    rows = {name: a[start:] for name, a in payload(KV_FIELDS, room, tokens).items()}
+    padding = bucket_tokens(tokens - start, config.block_size) - (tokens - start)
+    rows = {name: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)]) for name, a in rows.items()}
+    sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7), rows=rows, rows_start=start)
 
 
 def receive(sender, receiver, bootstrap, room: int, held: int = 0):
@@ -68,6 +72,33 @@ def test_a_room_that_goes_in_one_chunk_touches_neither_pool(pair, config, bootst
     assert_all_free(config, sender, receiver)
 
 
+def test_rows_from_the_tokens_a_registered_receiver_holds_touch_neither_pool(pair, config, bootstrap):
+    sender, receiver = pair
+    sender.add(4)
+    receiver.add(4, bootstrap.address, "prefill-0", TransferMode.KV, sender.incarnation, start_token=8)
+    drive([sender, receiver], lambda: sender.receiver_holds(4) is not None)
+    assert sender.receiver_holds(4) == 8
+    send_rows(sender, config, 4, 20, start=8)
+    drive([sender, receiver], lambda: receiver.poll(4) is PollState.SUCCESS)
+    drive([sender], lambda: sender.poll(4) is PollState.SUCCESS)
+    received = receiver.take(4)
+    assert (received.start_token, received.chunks) == (8, 1)
+    assert_rows(received, 4, 20, 8, receiver)
+    assert not pool_written(sender.buffers) and not pool_written(receiver.buffers)
+    assert sender.staged_rooms == 0
+    assert_all_free(config, sender, receiver)
+
+
+def test_a_receiver_holding_fewer_tokens_than_the_rows_start_at_fails_the_room(pair, config, bootstrap):
+    sender, receiver = pair
+    send_rows(sender, config, 5, 20, start=8)
+    receiver.add(5, bootstrap.address, "prefill-0", TransferMode.KV, sender.incarnation, start_token=4)
+    drive([sender, receiver], lambda: receiver.poll(5) is PollState.FAILED)
+    assert sender.poll(5) is PollState.FAILED and "rows from 8" in receiver.failure(5)
+    receiver.forget(5)
+    assert_all_free(config, sender, receiver)
+
+
 @pytest.mark.parametrize(("tokens", "held", "chunks"), [(40, 0, 2), (20, 8, 1)])
 def test_a_room_sent_in_chunks_or_past_held_tokens_is_staged_and_arrives_whole(pair, config, bootstrap, tokens,
                                                                              held, chunks):
@@ -77,7 +108,7 @@ def test_a_room_sent_in_chunks_or_past_held_tokens_is_staged_and_arrives_whole(p
     received = receive(sender, receiver, bootstrap, 2, held)
     assert (received.start_token, received.chunks) == (held, chunks)
     assert_rows(received, 2, tokens, held, receiver)
-    assert pool_written(sender.buffers)
+    assert pool_written(sender.buffers) and sender.staged_rooms == 1
     assert_all_free(config, sender, receiver)
 
 
