@@ -81,6 +81,9 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self._reserved_tails: dict[str, tuple[int, list[bytes]]] = {}
+        """Reservations not admitted yet that took a tail: (its page index, the keys of the tokens
+        it held), so that a cancelled one gives the tail back as a tail, not as a blank page."""
         self._last_was_prefill = False
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
@@ -114,21 +117,28 @@ class Scheduler:
         None (nothing taken) when either is short. With the prompt's ``page_keys`` its longest
         cached prefix is taken from the cache (all but its last token at most): those tokens' KV
         is held here already and need not arrive."""
-        held = self.held_prefix(page_keys, len(prompt_ids), lambda start, end: list(prompt_ids[start:end]))
+        def token_ids(start, end):
+            return list(prompt_ids[start:end])
+
+        held = self.held_prefix(page_keys, len(prompt_ids), token_ids)
         if not self._free_slots or not self.kv.can_allocate(num_tokens, held.pages, held.tail):
             return None
         self.kv.allocate(request_id, num_tokens, held.pages, held.tail)
+        if held.tail is not None:  # its tokens stay as they were: arriving rows are written past them
+            page = len(held.pages)
+            self._reserved_tails[request_id] = (page, page_keys.tail_keys(page, held.num_tokens, token_ids))
         if page_keys is not None and self.config.enable_prefix_caching:
             self.prefix_cache_queries += len(prompt_ids)
             self.prefix_cache_hits += held.num_tokens
         return Reservation(self._free_slots.pop(), held.num_tokens)
 
     def cancel_reservation(self, request_id: str, slot: int) -> None:
-        self.kv.free(request_id)
+        self.kv.free(request_id, tail=self._reserved_tails.pop(request_id, None))
         self._free_slots.append(slot)
 
     def add_reserved(self, request: Request, slot: int) -> None:
         """Admits a request into the pages and slot reserved for it."""
+        self._reserved_tails.pop(request.request_id, None)
         request.slot = slot
         request.status = Status.RUNNING
         self.running.append(request)

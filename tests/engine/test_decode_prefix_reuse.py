@@ -131,12 +131,14 @@ def test_a_cancelled_reservation_gives_back_the_cached_pages_it_shared(split):
     prepared = split.decode.prepare(prompt)
     keys = prompt_page_keys(prepared, split.decode.model, DECODE_PAGE)
     kv = split.decode.kv
-    cached, evictable = kv.num_cached_pages, kv.num_evictable_pages
-    reservation = split.decode.reserve("cancelled", len(prepared.token_ids) + 4, prepared.token_ids, keys)
-    # The 3 full pages and the first token of the 4th (the last token is always sent), from the
-    # partial last page the first run left.
-    assert reservation.held_tokens == 3 * DECODE_PAGE + 1
-    assert kv.num_evictable_pages == evictable - 4  # held by the reservation, not evictable
-    split.decode.cancel_reservation("cancelled", reservation.slot)
-    assert split.decode.kv.num_cached_pages == cached
+    cached, evictable, tails = kv.num_cached_pages, kv.num_evictable_pages, kv.num_tail_pages
+    for _ in range(2):  # a cancelled reservation gives back the tail it took: the next one finds it
+        reservation = split.decode.reserve("cancelled", len(prepared.token_ids) + 4, prepared.token_ids, keys)
+        # The 3 full pages and the first token of the 4th (the last token is always sent), from the
+        # partial last page the first run left.
+        assert reservation.held_tokens == 3 * DECODE_PAGE + 1
+        assert kv.num_evictable_pages == evictable - 4  # held by the reservation, not evictable
+        split.decode.cancel_reservation("cancelled", reservation.slot)
+        assert (kv.num_cached_pages, kv.num_tail_pages) == (cached, tails)
+    assert split.generate(prompt, params)[1] == 3 * DECODE_PAGE + 1
     split.assert_nothing_held()
