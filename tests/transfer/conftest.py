@@ -129,6 +129,18 @@ def bootstrap(config):
 
 
 @pytest.fixture
+def pair(config, bootstrap):
+    """An in-process KV sender published as "prefill-0" and a receiver."""
+    from transfer import Receiver, Sender
+    from transfer_payload import KV_FIELDS
+    sender = Sender(config, KV_FIELDS, "prefill-0", bootstrap.address)
+    receiver = Receiver(config, KV_FIELDS)
+    yield sender, receiver
+    receiver.close()
+    sender.close()
+
+
+@pytest.fixture
 def spawn():
     """Starts peer processes and waits until each is ready; kills whatever is left at teardown."""
     peers: list[PeerProcess] = []

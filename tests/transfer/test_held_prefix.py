@@ -8,19 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import drive
-from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode
+from transfer import PollState, Sender, TransferInfo, TransferMode
 from transfer_payload import KV_FIELDS, padded_payload, payload
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pair(config, bootstrap):
-    sender = Sender(config, KV_FIELDS, "prefill-0", bootstrap.address)
-    receiver = Receiver(config, KV_FIELDS)
-    yield sender, receiver
-    receiver.close()
-    sender.close()
 
 
 def send(sender: Sender, config, room: int, tokens: int) -> None:

@@ -13,19 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import drive
-from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode, bucket_tokens
+from transfer import PollState, Sender, TransferInfo, TransferMode, bucket_tokens
 from transfer_payload import KV_FIELDS, payload
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pair(config, bootstrap):
-    sender = Sender(config, KV_FIELDS, "prefill-0", bootstrap.address)
-    receiver = Receiver(config, KV_FIELDS)
-    yield sender, receiver
-    receiver.close()
-    sender.close()
 
 
 def pool_written(buffers) -> bool:
