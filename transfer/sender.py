@@ -6,8 +6,8 @@ allocation and frees it when the room ends, whichever way it ends. Rows given as
 offered as they are when one chunk carries the whole room (the common case: no copy into the
 pool and none out of it); a role that reads its rows after the receiver registered gives only
 those past the tokens the receiver holds (:meth:`Sender.receiver_holds`). Only a room sent in
-several chunks writes them into the pool first. The allocation is taken either way: the pool's size stays the
-bound on the rows a sender holds.
+several chunks, or whose receiver holds some of the rows given, writes them into the pool first.
+The allocation is taken either way: the pool's size stays the bound on the rows a sender holds.
 Chunks go out as the receiver's capacity allows: the first fits its default allocation, and
 each later one answers a ``Resume``. A receiver that already holds the room's first tokens says
 so when it registers (``Register.start_token``), and only the rest is offered. Receivers register rooms (possibly before the role has
@@ -94,7 +94,8 @@ class Sender:
         self._registry.publish(self.endpoint, time.monotonic())
         self._rooms: dict[int, SenderRoom] = {}
         self.staged_rooms = 0
-        """Rooms given as rows that had to be written into the pool (sent in several chunks)."""
+        """Rooms given as rows that had to be written into the pool (sent in several chunks, or
+        from tokens before those their receiver holds)."""
         self._ended: collections.OrderedDict[int, tuple[float, str]] = collections.OrderedDict()
         """Forgotten rooms, oldest first: room -> (when to stop remembering it, how it ended)."""
         self._liveness = Liveness(config.heartbeat_timeout_s)

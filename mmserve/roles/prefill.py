@@ -71,9 +71,10 @@ class PrefillRole:
         # One data plane serves both directions: embeddings in, KV out.
         self._plane = open_data_plane(transfer)
         self.receiver = Receiver(transfer, embedding_fields(model.config, model.dtype), data_plane=self._plane)
+        rows = room_rows(transfer, engine)  # embeddings arrive and KV leaves in the transfer's buckets
         self.engine = LLMEngine(model, engine, on_finish=self._ship, layout=layout, lockstep=lockstep,
                                 programs=PREFILL_PROGRAMS, kv_events=kv_events,
-                                arriving_rows=room_rows(transfer, engine), kv_read_rows=room_rows(transfer, engine))
+                                arriving_rows=rows, kv_read_rows=rows)
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
         if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
             compile_programs(self.receiver.programs(engine.max_model_len) + self.sender.programs(engine.max_model_len),
