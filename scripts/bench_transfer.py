@@ -117,7 +117,7 @@ def time_room(receiver: Receiver, sender: SenderProcess, bootstrap: str, room: i
     sender.send(op="go", room=room, tokens=tokens)
     while not receiver.poll(room).terminal:
         receiver.progress(0.001)
-    jax.block_until_ready(receiver.buffers.pools)
+    jax.block_until_ready([c.arrays for c in receiver.landed(room)[1]])
     elapsed = time.perf_counter() - start
     if receiver.poll(room) is not PollState.SUCCESS:
         raise RuntimeError(f"room {room} failed: {receiver.failure(room)}")
@@ -125,7 +125,7 @@ def time_room(receiver: Receiver, sender: SenderProcess, bootstrap: str, room: i
     if ended != "success":
         raise RuntimeError(f"sender ended room {room} as {ended}")
     if check:
-        got = np.asarray(receiver.take(room).arrays["embeddings"])[:tokens]
+        got = receiver.take(room).host("embeddings")
         np.testing.assert_array_equal(got, np.asarray(rows(room, tokens)))
     else:
         receiver.forget(room)
@@ -137,7 +137,7 @@ def time_pull(receiver: Receiver, sender: SenderProcess, uuid: int, tokens: int)
     sender.send(op="offer", room=uuid, tokens=tokens)
     sender.expect("offered")
     start = time.perf_counter()
-    pending = receiver.data_plane.pull(sender.data_address, uuid, receiver.buffers.specs(tokens))
+    pending = receiver.data_plane.pull(sender.data_address, uuid, receiver.layout.specs(tokens))
     while not pending.done():
         time.sleep(0.0005)
     jax.block_until_ready(pending.result())

@@ -1,4 +1,5 @@
-"""Device-resident pools of blocks, one per field, written and read by jitted programs.
+"""Device-resident pools of blocks, one per field, written and read by jitted programs: a
+sender's. (A receiver keeps each chunk as pulled and holds no pool: ``BlockLayout`` alone.)
 
 Each field's pool is token-major, ``[num_blocks * block_size, *shape]``, so an allocation's
 tokens are one contiguous run of rows. Writes scatter into the pool with the pool donated (it
@@ -65,19 +66,17 @@ def _scatter(pools: Arrays, rows: Arrays, start: jax.Array, count: jax.Array, so
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def _gather(pools: Arrays, starts: jax.Array, counts: jax.Array, num_rows: int) -> Arrays:
-    """Rows of several runs laid end to end; rows past the runs' total are zero."""
-    ends = jnp.cumsum(counts)
+def _gather(pools: Arrays, start: jax.Array, count: jax.Array, num_rows: int) -> Arrays:
+    """Rows ``[start, start + count)`` of the pools, then zero rows up to ``num_rows``."""
     position = jnp.arange(num_rows, dtype=jnp.int32)
-    segment = jnp.minimum(jnp.searchsorted(ends, position, side="right"), counts.shape[0] - 1)
-    index = starts[segment] + position - (ends[segment] - counts[segment])
     size = next(iter(pools.values())).shape[0]
-    index = jnp.where(position < ends[-1], index, size)
+    index = jnp.where(position < count, start + position, size)
     return {name: pool.at[index].get(mode="fill", fill_value=0) for name, pool in pools.items()}
 
 
-class BlockBuffers:
-    """The pools of one side of a transfer, addressed by the allocator's allocations."""
+class BlockLayout:
+    """How rows of one side of a transfer are shaped and bucketed: the fields, the block size
+    and the device, without the pools (a receiver keeps what it pulls as pulled and holds none)."""
 
     def __init__(self, fields: Sequence[Field], num_blocks: int, block_size: int,
                  device: jax.Device | None = None) -> None:
@@ -86,6 +85,54 @@ class BlockBuffers:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device or jax.local_devices()[0]
+
+    @property
+    def sharding(self) -> jax.sharding.Sharding:
+        return jax.sharding.SingleDeviceSharding(self.device)
+
+    def bucket(self, num_tokens: int) -> int:
+        return bucket_tokens(num_tokens, self.block_size)
+
+    def buckets(self, max_tokens: int) -> list[int]:
+        return bucket_list(max_tokens, self.block_size, self.num_blocks)
+
+    def check_rows(self, arrays: Mapping[str, jax.Array], num_rows: int | None = None) -> int:
+        """The row count of arrays holding rows of every field (and only those), each of its
+        field's shape and dtype, all of one row count (``num_rows`` when given)."""
+        names = {f.name for f in self.fields}
+        if set(arrays) != names:
+            raise ValueError(f"rows of exactly the fields {sorted(names)} expected, got {sorted(arrays)}")
+        counts = {int(a.shape[0]) for a in arrays.values()}
+        if len(counts) != 1 or (num_rows is not None and counts != {num_rows}):
+            raise ValueError(f"every field needs {num_rows or 'the same number of'} rows, got {sorted(counts)}")
+        for f in self.fields:
+            array = arrays[f.name]
+            if tuple(array.shape[1:]) != f.shape or array.dtype != f.np_dtype:
+                raise ValueError(f"field {f.name!r}: rows of {f.shape} {f.dtype} expected, "
+                                 f"got {tuple(array.shape[1:])} {array.dtype}")
+        return counts.pop()
+
+    def specs(self, num_rows: int) -> list[jax.ShapeDtypeStruct]:
+        """Shapes of one padded chunk, in field order, as a puller must declare them."""
+        return [jax.ShapeDtypeStruct((num_rows, *f.shape), f.np_dtype, sharding=self.sharding)
+                for f in self.fields]
+
+    def chunk(self, allocation: Allocation, offset_tokens: int, max_tokens: int) -> Chunk:
+        """The next transfer of an allocation: from ``offset_tokens``, at most ``max_tokens``."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if not 0 <= offset_tokens < allocation.num_tokens:
+            raise ValueError(f"offset {offset_tokens} outside the {allocation.num_tokens} tokens held")
+        count = min(allocation.num_tokens - offset_tokens, max_tokens)
+        return Chunk(offset_tokens, count, self.bucket(count))
+
+
+class BlockBuffers(BlockLayout):
+    """The pools of one side of a transfer, addressed by the allocator's allocations."""
+
+    def __init__(self, fields: Sequence[Field], num_blocks: int, block_size: int,
+                 device: jax.Device | None = None) -> None:
+        super().__init__(fields, num_blocks, block_size, device)
         rows = num_blocks * block_size
         self._pools: Arrays = {
             f.name: jax.device_put(jnp.zeros((rows, *f.shape), f.np_dtype), self.device)
@@ -93,19 +140,9 @@ class BlockBuffers:
         }
 
     @property
-    def sharding(self) -> jax.sharding.Sharding:
-        return jax.sharding.SingleDeviceSharding(self.device)
-
-    @property
     def pools(self) -> Mapping[str, jax.Array]:
         """The current pool arrays; a later write donates them, so do not hold on to them."""
         return dict(self._pools)
-
-    def bucket(self, num_tokens: int) -> int:
-        return bucket_tokens(num_tokens, self.block_size)
-
-    def buckets(self, max_tokens: int) -> list[int]:
-        return bucket_list(max_tokens, self.block_size, self.num_blocks)
 
     def write(self, allocation: Allocation, offset: int, arrays: Mapping[str, jax.Array],
               num_tokens: int | None = None, source_start: int = 0) -> None:
@@ -127,30 +164,11 @@ class BlockBuffers:
         self._pools = _scatter(self._pools, arrays, np.int32(allocation.start_token + offset), np.int32(count),
                                np.int32(source_start))
 
-    def check_rows(self, arrays: Mapping[str, jax.Array], num_rows: int | None = None) -> int:
-        """The row count of arrays holding rows of every field (and only those), each of its
-        field's shape and dtype, all of one row count (``num_rows`` when given)."""
-        if set(arrays) != set(self._pools):
-            raise ValueError(f"rows of exactly the fields {sorted(self._pools)} expected, got {sorted(arrays)}")
-        counts = {int(a.shape[0]) for a in arrays.values()}
-        if len(counts) != 1 or (num_rows is not None and counts != {num_rows}):
-            raise ValueError(f"every field needs {num_rows or 'the same number of'} rows, got {sorted(counts)}")
-        for f in self.fields:
-            array = arrays[f.name]
-            if tuple(array.shape[1:]) != f.shape or array.dtype != f.np_dtype:
-                raise ValueError(f"field {f.name!r}: rows of {f.shape} {f.dtype} expected, "
-                                 f"got {tuple(array.shape[1:])} {array.dtype}")
-        return counts.pop()
-
-    def programs(self, max_tokens: int, source_rows: Sequence[int] = (),
-                 read_runs: Sequence[int] = (1, 2)) -> list[Callable[[], None]]:
+    def programs(self, max_tokens: int, source_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
         """Callables that each run one program a run of up to ``max_tokens`` tokens can need, writing
-        nothing (the write of each bucket and its reads of each of ``read_runs`` runs: one for a
-        sender's chunk or a room, two for a resumed room; and the writes from arrays of
-        ``source_rows`` rows, other arrays a writer takes runs of): run them all before serving and
-        nothing compiles on a first transfer (a room resumed more than once still compiles its read
-        on first use). :meth:`Sender.programs` and :meth:`Receiver.programs` pick what each side
-        runs."""
+        nothing: the write of each bucket and its read, and the writes from arrays of
+        ``source_rows`` rows (other arrays a writer takes runs of). Run them all before serving and
+        nothing compiles on a first transfer."""
         buckets = self.buckets(max_tokens)
 
         def write(rows):
@@ -158,40 +176,18 @@ class BlockBuffers:
             self._pools = _scatter(self._pools, arrays, np.int32(0), np.int32(0), np.int32(0))
             jax.block_until_ready(self._pools)
 
-        def read(rows, runs):
-            jax.block_until_ready(_gather(self._pools, np.zeros(runs, np.int32), np.zeros(runs, np.int32), rows))
+        def read(rows):
+            jax.block_until_ready(_gather(self._pools, np.int32(0), np.int32(0), rows))
 
         return ([functools.partial(write, rows) for rows in sorted(set(buckets) | set(source_rows))]
-                + [functools.partial(read, rows, runs) for rows in buckets for runs in read_runs])
+                + [functools.partial(read, rows) for rows in buckets])
 
     def read(self, allocation: Allocation, offset: int, num_tokens: int) -> Arrays:
-        """Rows ``[offset, offset + num_tokens)`` of the allocation, padded to ``bucket(num_tokens)``."""
+        """Rows ``[offset, offset + num_tokens)`` of the allocation, padded to ``bucket(num_tokens)``
+        with zero rows."""
         self._check_run(allocation, offset, num_tokens)
-        return self.read_runs([(allocation.start_token + offset, num_tokens)])
-
-    def read_runs(self, runs: Sequence[tuple[int, int]]) -> Arrays:
-        """Several (start_token, num_tokens) runs concatenated, padded to the bucket of their total.
-        The run count is padded to a power of two with empty runs: one program per (bucket, that)."""
-        size = 1 << max(len(runs) - 1, 0).bit_length()
-        starts = np.zeros(size, np.int32)
-        counts = np.zeros(size, np.int32)
-        starts[:len(runs)] = [s for s, _ in runs]
-        counts[:len(runs)] = [n for _, n in runs]
-        return _gather(self._pools, starts, counts, self.bucket(int(counts.sum())))
-
-    def chunk(self, allocation: Allocation, offset_tokens: int, max_tokens: int) -> Chunk:
-        """The next transfer of an allocation: from ``offset_tokens``, at most ``max_tokens``."""
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if not 0 <= offset_tokens < allocation.num_tokens:
-            raise ValueError(f"offset {offset_tokens} outside the {allocation.num_tokens} tokens held")
-        count = min(allocation.num_tokens - offset_tokens, max_tokens)
-        return Chunk(offset_tokens, count, self.bucket(count))
-
-    def specs(self, num_rows: int) -> list[jax.ShapeDtypeStruct]:
-        """Shapes of one padded chunk, in field order, as a puller must declare them."""
-        return [jax.ShapeDtypeStruct((num_rows, *f.shape), f.np_dtype, sharding=self.sharding)
-                for f in self.fields]
+        return _gather(self._pools, np.int32(allocation.start_token + offset), np.int32(num_tokens),
+                       self.bucket(num_tokens))
 
     def _check_run(self, allocation: Allocation, offset: int, count: int) -> None:
         if allocation.block_size != self.block_size or allocation.start_block + allocation.num_blocks > self.num_blocks:

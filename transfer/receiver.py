@@ -1,26 +1,27 @@
 """The receiving side of a transfer (prefill for embeddings, decode for KV), driven by its role's loop.
 
 It does not know how long a room is: it preallocates a default, looks the sender up in the
-registry and registers that capacity. A room that arrives in one chunk (the common case) is
-kept as pulled: ``take`` returns those arrays, and the allocation was only the reservation that
-bounds what the receiver holds. If the total is larger, each chunk is scattered into the current
-allocation; the receiver allocates the remainder (waiting while the pool is full) and resumes
-from the tokens it holds, so nothing is sent twice, and ``take`` gathers the segments into one
-padded array per field. A room whose first tokens the receiver holds already (decode's own
-prefix cache) starts past them. ``take`` frees the room's blocks.
+registry and registers that capacity. If the total is larger, the receiver allocates the
+remainder (waiting while the pool is full) and resumes from the tokens it holds, so nothing is
+sent twice. Every chunk is kept as pulled, never copied: the allocations are the reservation
+that bounds what the receiver holds (it has no pool of its own), ``landed`` shows the chunks of
+a live room (prefill starts on the first), and ``take`` returns them all. A room whose first
+tokens the receiver holds already (decode's own prefix cache) starts past them. ``take`` frees
+the room's blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
+import numpy as np
 import zmq
 
 from transfer.allocator import Allocation, BlockAllocator
-from transfer.block_buffers import BlockBuffers
+from transfer.block_buffers import BlockLayout
 from transfer.channel import Channel, make_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
@@ -46,20 +47,33 @@ class Segment:
 
 
 @dataclasses.dataclass(frozen=True)
+class Landed:
+    """One chunk as pulled: ``arrays[name]`` holds the room's tokens ``[offset, offset + count)``
+    in its first rows, padded to their bucket."""
+
+    arrays: dict[str, jax.Array]
+    offset: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Received:
-    """A finished room: ``arrays[name]`` holds tokens [start_token, total) in its first rows,
-    padded with zero rows to their bucket."""
+    """A finished room: its chunks, which hold tokens [start_token, total) end to end."""
 
     info: TransferInfo
-    arrays: dict[str, jax.Array]
-    chunks: int
-    """How many chunks it arrived in: 1, or more when the receiver had to resume."""
+    chunks: tuple[Landed, ...]
+    """One, or more when the receiver had to resume."""
     start_token: int = 0
     """The tokens the receiver held already (``add(..., start_token=)``), not sent again."""
 
     @property
     def num_tokens(self) -> int:
         return self.info.total_tokens
+
+    def host(self, name: str) -> np.ndarray:
+        """Field ``name`` of tokens [start_token, total) on the host, in one array: for tests
+        and tools, never on the serving path."""
+        return np.concatenate([np.asarray(c.arrays[name])[:c.count] for c in self.chunks])
 
 
 @dataclasses.dataclass
@@ -78,10 +92,9 @@ class ReceiverRoom(Room):
     """Set once Register is sent."""
     segments: list[Segment] = dataclasses.field(default_factory=list)
     info: TransferInfo | None = None
-    chunks: int = 0
     pull: tuple[PendingPull, Ready] | None = None
-    landed: dict[str, jax.Array] | None = None
-    """A room that arrived in one chunk: the pulled arrays, not written into the pool."""
+    landed: list[Landed] = dataclasses.field(default_factory=list)
+    """The chunks pulled so far, as pulled (the segments only reserve their space)."""
     needs_room: bool = False
     """A chunk arrived and the total is not reached: find space for the rest, then resume."""
 
@@ -96,9 +109,9 @@ class Receiver:
                  device: jax.Device | None = None) -> None:
         self.config = config
         self.allocator = BlockAllocator(config.buffer_blocks, config.block_size)
-        self.buffers = BlockBuffers(fields, config.buffer_blocks, config.block_size, device)
+        self.layout = BlockLayout(fields, config.buffer_blocks, config.block_size, device)
         self._owns_plane = data_plane is None
-        self.data_plane = data_plane or open_data_plane(config, self.buffers.device)
+        self.data_plane = data_plane or open_data_plane(config, self.layout.device)
         self._rooms: dict[int, ReceiverRoom] = {}
         self._poller = zmq.Poller()
         for socket in self.data_plane.sockets():
@@ -137,16 +150,20 @@ class Receiver:
     def received_tokens(self, room: int) -> int:
         return self._rooms[room].received
 
+    def landed(self, room: int) -> tuple[TransferInfo | None, tuple[Landed, ...]]:
+        """What a room (live or finished) has brought so far: its TransferInfo (None before its
+        first chunk) and its chunks in order. They stay valid after the room ends."""
+        state = self._rooms[room]
+        return state.info, tuple(state.landed)
+
     def take(self, room: int) -> Received:
         """The data of a successful room; frees its blocks and forgets it."""
         state = self._rooms[room]
         if state.state is not PollState.SUCCESS:
             raise ValueError(f"room {room} is {state.state.value}, not success")
-        arrays = state.landed
-        if arrays is None:
-            arrays = self.buffers.read_runs([(s.allocation.start_token, s.filled) for s in state.segments])
+        received = Received(state.info, tuple(state.landed), state.held)
         self.forget(room)
-        return Received(state.info, arrays, state.chunks, state.held)
+        return received
 
     def abort(self, room: int, reason: str = "aborted by receiver") -> None:
         self._fail(self._rooms[room], reason)
@@ -182,11 +199,6 @@ class Receiver:
             self._heartbeat(now)
             for room in [r for r in self._rooms.values() if r.expired(now)]:
                 self._fail(room, f"timed out while {room.state.value}")
-
-    def programs(self, max_tokens: int) -> list[Callable[[], None]]:
-        """The pool's programs a receiver runs (:meth:`BlockBuffers.programs`): the write of each
-        chunk landed, and the read of a room's segments (one, or two after a resume)."""
-        return self.buffers.programs(max_tokens)
 
     def sockets(self) -> list[zmq.Socket]:
         """What ``progress`` reads. A caller that waits on several senders and receivers at once
@@ -241,7 +253,7 @@ class Receiver:
         if ready.info.mode is not room.mode or (room.info is not None and ready.info != room.info):
             raise ProtocolError(ErrorCode.MISMATCH, "chunk describes another transfer", room.room)
         chunk = ready.chunk
-        if chunk.num_tokens > room.segments[-1].free or chunk.padded_tokens != self.buffers.bucket(chunk.num_tokens):
+        if chunk.num_tokens > room.segments[-1].free or chunk.padded_tokens != self.layout.bucket(chunk.num_tokens):
             raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} does not fit {room.segments[-1].free} free tokens "
                                 f"in buckets of block size {self.config.block_size}", room.room)
         if not self.allocator.can_ever_hold(ready.info.total_tokens - room.held):
@@ -249,7 +261,7 @@ class Receiver:
             return
         try:
             pending = self.data_plane.pull(room.endpoint.data_address, ready.uuid,
-                                           self.buffers.specs(chunk.padded_tokens))
+                                           self.layout.specs(chunk.padded_tokens))
         except DataPlaneError as error:
             self._fail(room, str(error))
             return
@@ -301,12 +313,11 @@ class Receiver:
             return
         room.endpoint = endpoint
         self._control(endpoint.control).send(Register(
-            room.room, room.mode, self.config.block_size, self.buffers.fields,
+            room.room, room.mode, self.config.block_size, self.layout.fields,
             room.segments[0].allocation.capacity_tokens, room.incarnation, room.held))
 
     def _land(self, room: ReceiverRoom) -> None:
-        """Keeps a completed pull (the whole room) or scatters it into the last segment (a part),
-        and acknowledges it."""
+        """Keeps a completed pull as it is, counts it against the last segment, and acknowledges it."""
         pending, ready = room.pull
         room.pull = None
         try:
@@ -314,14 +325,10 @@ class Receiver:
         except DataPlaneError as error:
             self._fail(room, str(error))
             return
-        segment, count = room.segments[-1], ready.chunk.num_tokens
-        rows = dict(zip((f.name for f in self.buffers.fields), arrays, strict=True))
-        if room.received == room.held and room.held + count == room.info.total_tokens:
-            room.landed = rows
-        else:
-            self.buffers.write(segment.allocation, segment.filled, rows, num_tokens=count)
-        segment.filled += count
-        room.chunks += 1
+        count = ready.chunk.num_tokens
+        rows = dict(zip((f.name for f in self.layout.fields), arrays, strict=True))
+        room.landed.append(Landed(rows, ready.chunk.offset, count))
+        room.segments[-1].filled += count
         self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
         if room.received == room.info.total_tokens:
             room.move(PollState.SUCCESS)
@@ -364,7 +371,7 @@ class Receiver:
         return channel
 
     def _release(self, room: ReceiverRoom) -> None:
-        room.landed = None
+        room.landed = []
         for segment in room.segments:
             self.allocator.free(segment.allocation)
         room.segments.clear()

@@ -198,7 +198,7 @@ class Sender:
     def programs(self, max_tokens: int, source_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
         """The pool's programs a sender runs (:meth:`BlockBuffers.programs`): the writes of the
         role's rows, and one read per chunk, of one run."""
-        return self.buffers.programs(max_tokens, source_rows, read_runs=(1,))
+        return self.buffers.programs(max_tokens, source_rows)
 
     def sockets(self) -> list[zmq.Socket]:
         """What ``progress`` reads. A caller that waits on several senders and receivers at once

@@ -27,6 +27,7 @@ from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
+from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.page_hash import PageKeys, prompt_page_keys
 from mmserve.engine.rejected import RequestRejected
@@ -130,19 +131,30 @@ class LLMEngine:
                 for p in prompts]
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None,
-                    features: dict[str, list[VisualRows]] | None = None) -> str:
+                    features: dict[str, list[VisualRows]] | None = None, rows_arriving: bool = False) -> str:
         """features: {"image"|"video": rows of each picture, in prompt order} already encoded
-        elsewhere (the encode role); without them the prompt's pixels are encoded here."""
+        elsewhere (the encode role); without them the prompt's pixels are encoded here.
+        ``rows_arriving``: the features are the first rows of each kind only, and the rest
+        follow (:meth:`rows_arrived`); the prompt is prefilled up to its first visual token
+        without a row meanwhile."""
         prepared, request_id = self._check_new(prompt, params, request_id)
         if features is None:
             features = self.encode_prompts([prepared])[0]
         c = self.model.config
         visual = PromptVisuals.place(prepared.token_ids, c.image_token_id, c.video_token_id,
-                                     features.get("image", ()), features.get("video", ()))
+                                     features.get("image", ()), features.get("video", ()), partial=rows_arriving)
         page_keys = prompt_page_keys(prepared, self.model, self.config.page_size) if self.config.enable_prefix_caching \
             else None
         self._add(prepared, params, request_id, visual, page_keys)
         return request_id
+
+    def rows_arrived(self, request_id: str, features: dict[str, list[VisualRows]], complete: bool) -> None:
+        """More of the visual rows of a request added with ``rows_arriving``: ``features`` are all
+        that arrived so far (the earlier rows first, unchanged), every row when ``complete``."""
+        request = self._requests[request_id]
+        c = self.model.config
+        request.visual = PromptVisuals.place(request.prompt_ids, c.image_token_id, c.video_token_id,
+                                             features.get("image", ()), features.get("video", ()), partial=not complete)
 
     def add_request_on_cached_pictures(self, prompt, params: SamplingParams, request_id: str) -> bool:
         """Adds a prompt without its pictures' embeddings when every image and video placeholder
@@ -244,6 +256,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._awaiting_grammar)
 
+    def has_runnable(self) -> bool:
+        """A step would do something now: not every request waits for visual rows."""
+        return self.scheduler.has_runnable() or bool(self._awaiting_grammar)
+
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns the requests that produced a token in it."""
         outputs = self._schedule_compiled() if self._awaiting_grammar else []
@@ -282,11 +298,11 @@ class LLMEngine:
     def cancel_reservation(self, request_id: str, slot: int) -> None:
         self.scheduler.cancel_reservation(request_id, slot)
 
-    def admit_prefilled(self, request: Request, reservation: Reservation, k_rows, v_rows,
+    def admit_prefilled(self, request: Request, reservation: Reservation, kv: Sequence[KVRows],
                         first: tuple) -> RequestOutput | None:
         """Takes a request prefilled elsewhere (``num_computed`` = its prompt, no output yet) into
         its reservation: its KV rows (the prompt's tokens past the ``held_tokens`` the reservation
-        found cached) go into its pages, which join the prefix cache when the request has page
+        found cached, in runs laid end to end) go into its pages, which join the prefix cache when the request has page
         keys, and the first token prefill sampled, ``first`` = (token, logprob, top ids, top
         logprobs), is appended and checked like any other.
 
@@ -296,10 +312,18 @@ class LLMEngine:
         the request arrives, and it compiles while the KV is in flight."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        covered = reservation.held_tokens
+        for rows in kv:
+            if rows.start != covered:
+                raise ValueError(f"KV rows from token {rows.start} where token {covered} comes next")
+            covered += rows.count
+        if covered != request.num_computed:
+            raise ValueError(f"KV rows end at token {covered}, the prompt at {request.num_computed}")
         self._requests[request.request_id] = request
         self._prefilled[request.request_id] = Prefilled(reservation.slot, first)
-        held = reservation.held_tokens
-        self.runner.write_kv(self.kv.page_table(request.request_id), k_rows, v_rows, held, request.num_computed - held)
+        table = self.kv.page_table(request.request_id)
+        for rows in kv:
+            self.runner.write_kv(table, rows.k, rows.v, rows.start, rows.count)
         self.scheduler.cache_computed(request)
         if request.params.structured_output is not None:
             request.grammar = self.grammars.state(request.params.structured_output)

@@ -8,11 +8,22 @@ per token bucket; the scatter donates the cache.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from models.qwen3_vl_moe.kv_cache import KVCache
+
+
+class KVRows(NamedTuple):
+    """KV rows [rows, layers, kv, d] holding a sequence's tokens ``[start, start + count)`` in
+    their first ``count`` rows (the rest is padding)."""
+
+    k: jax.Array
+    v: jax.Array
+    start: int
+    count: int
 
 
 def _slots(page_table, start, num_rows: int, page_size: int):

@@ -67,6 +67,17 @@ class Request:
         step (a one-token prefill) finishes it."""
         return self.num_computed < self.num_tokens - 1
 
+    def ready_until(self, start: int) -> int:
+        """The end of the run of tokens from ``start`` whose inputs are all here: visual rows still
+        arriving from another process stop it at the first token that lacks its row."""
+        end = self.num_tokens
+        return end if self.visual is None else self.visual.ready_until(start, end)
+
+    @property
+    def blocked(self) -> bool:
+        """Its next token to compute waits for a visual row that has not arrived."""
+        return self.ready_until(self.num_computed) == self.num_computed < self.num_tokens
+
     def full_page_keys(self) -> list[bytes]:
         """The keys of the pages whose KV is computed and full (none without ``page_keys``)."""
         if self.page_keys is None:

@@ -97,8 +97,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_runnable(self) -> bool:
+        """Some request has a token it can compute now (not all wait for visual rows)."""
+        return any(not r.blocked for r in (*self.waiting, *self.running))
+
     def schedule(self) -> Step | None:
-        decodable = [r for r in self.running if not r.prefilling]
+        decodable = [r for r in self.running if not r.prefilling and not r.blocked]
         if not (self._last_was_prefill and decodable):
             chunks = self._schedule_prefill()
             if chunks:
@@ -172,7 +176,9 @@ class Scheduler:
             if admits and not held.pages and self._first_page_key(request) in computing:
                 continue  # another prompt computes its first page now: take that from the cache later
             start = held.num_tokens if admits else request.num_computed
-            length = min(request.num_tokens - start, budget)
+            length = min(request.ready_until(start) - start, budget)
+            if length <= 0:
+                continue  # its next token waits for a visual row still arriving
             if chunks and not self._joins(chunks, start, length):
                 break
             if admits:

@@ -63,32 +63,46 @@ def total_rows(runs: Sequence[VisualRows]) -> int:
 @dataclasses.dataclass(frozen=True)
 class PromptVisuals:
     """Where a prompt's visual tokens are and which rows hold them: ``positions`` [n] ascending
-    prompt positions, the i-th taken from the i-th row of ``runs`` laid end to end."""
+    prompt positions, the i-th taken from the i-th row of ``runs`` laid end to end; ``missing``:
+    ascending positions of visual tokens whose rows have not arrived yet (rows that come from
+    another process in chunks: the prompt is prefilled up to the first of them meanwhile)."""
 
     positions: np.ndarray
     runs: tuple[VisualRows, ...]
+    missing: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
 
     @classmethod
     def place(cls, token_ids, image_token_id: int, video_token_id: int, image: Sequence[VisualRows] = (),
-              video: Sequence[VisualRows] = ()) -> PromptVisuals | None:
+              video: Sequence[VisualRows] = (), partial: bool = False) -> PromptVisuals | None:
         """Images' rows at the image placeholders, videos' at the video placeholders, each in prompt
-        order; None for a prompt without either. A count that does not match is a ValueError."""
+        order; None for a prompt without either. A count that does not match is a ValueError;
+        with ``partial``, fewer rows than placeholders of a kind are the first placeholders' rows
+        (the rest are ``missing``)."""
         ids = np.asarray(token_ids).reshape(-1)
-        segments = []
+        segments, missing = [], []
         for token, runs, name in ((image_token_id, image, "image"), (video_token_id, video, "video")):
             where = np.flatnonzero(ids == token)
-            if where.size != total_rows(runs):
-                raise ValueError(f"prompt has {where.size} {name} placeholder tokens but {total_rows(runs)} {name} "
-                                 "embeddings")
+            rows = total_rows(runs)
+            if rows > where.size or (rows < where.size and not partial):
+                raise ValueError(f"prompt has {where.size} {name} placeholder tokens but {rows} {name} embeddings")
             at = 0
             for run in runs:
                 segments.append((where[at:at + run.count], run))
                 at += run.count
+            missing.append(where[rows:])
         segments = [(p, r) for p, r in segments if r.count]
-        if not segments:
+        missing = np.sort(np.concatenate(missing))
+        if not segments and not missing.size:
             return None
         segments.sort(key=lambda s: int(s[0][0]))  # images and videos interleave in the prompt
-        return cls(np.concatenate([p for p, _ in segments]), tuple(r for _, r in segments))
+        positions = np.concatenate([p for p, _ in segments]) if segments else np.empty(0, np.int64)
+        return cls(positions, tuple(r for _, r in segments), missing)
+
+    def ready_until(self, start: int, end: int) -> int:
+        """The end of the prompt's run from ``start`` whose visual tokens all have their rows, at
+        most ``end``: the first missing position from ``start`` on."""
+        at = int(np.searchsorted(self.missing, start))
+        return min(end, int(self.missing[at])) if at < self.missing.size else end
 
     def in_span(self, start: int, end: int) -> list[tuple[np.ndarray, VisualRows]]:
         """The visual tokens in prompt positions [start, end), as (positions, rows) per run."""

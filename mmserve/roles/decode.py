@@ -33,12 +33,12 @@ from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
+from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.page_hash import PageKeys, prompt_page_keys
 from mmserve.engine.request import Request
 from mmserve.engine.scheduler import Reservation
-from mmserve.engine.warmup import compile_programs
 from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import kv_fields, room_rows
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
@@ -106,8 +106,6 @@ class DecodeRole:
         self.receiver = Receiver(transfer, kv_fields(model.config, model.dtype))
         self.engine = LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=DECODE_PROGRAMS,
                                 kv_events=kv_events, arriving_rows=room_rows(transfer, engine))
-        if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
-            compile_programs(self.receiver.programs(engine.max_model_len), "transfer")
         self._incarnation = 1 + secrets.randbits(62)
         self._requests: RequestTable[DecodeRecord] = RequestTable(self._release)
         self.lock = threading.RLock()
@@ -257,8 +255,8 @@ class DecodeRole:
             first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
             record.output = OutputStream(record.params)
             record.move(DecodeState.DECODING)
-            output = self.engine.admit_prefilled(request, record.reservation, received.arrays["k"],
-                                                 received.arrays["v"], first)
+            kv = [KVRows(c.arrays["k"], c.arrays["v"], c.offset, c.count) for c in received.chunks]
+            output = self.engine.admit_prefilled(request, record.reservation, kv, first)
         except Exception as error:
             self._requests.finish(record.request_id, DecodeState.FAILED, f"could not admit its KV: {error}")
             return

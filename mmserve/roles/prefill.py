@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 from opentelemetry.context import Context
@@ -37,7 +37,7 @@ from transfer.config import TransferConfig
 from transfer.data_plane import open_data_plane
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
-from transfer.receiver import PULL_POLL_S, Receiver
+from transfer.receiver import PULL_POLL_S, Landed, Receiver
 from transfer.sender import Sender
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class PrefillRecord(RoleRequest[PrefillState]):
 
     prompt: PreparedPrompt
     params: SamplingParams
+    receiving: bool = False
+    """Its embedding room is open: rows are still to come (the prompt may be prefilling already)."""
+    chunks_given: int = 0
+    """Embedding chunks handed to the engine so far."""
 
 
 PREFILL_PROGRAMS = frozenset({"prefill", "kv_read"})
@@ -77,8 +81,7 @@ class PrefillRole:
                                 arriving_rows=rows, kv_read_rows=rows)
         self.sender = Sender(transfer, kv_fields(model.config, model.dtype), name, bootstrap, data_plane=self._plane)
         if engine.precompile:  # the transfer's programs too: nothing compiles on a first request
-            compile_programs(self.receiver.programs(engine.max_model_len) + self.sender.programs(engine.max_model_len),
-                             "transfer")
+            compile_programs(self.sender.programs(engine.max_model_len), "transfer")
         self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
         self._outbox = Outbox(self.sender, self._fail_room)
         self.embedding_resumes = 0
@@ -108,6 +111,7 @@ class PrefillRole:
         state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name and not held else PrefillState.PREFILLING
         record = self._requests.add(PrefillRecord(request_id=request.request_id, room=request.room, state=state,
                                                   prompt=prompt, params=params,
+                                                  receiving=state is PrefillState.WAITING_FOR_EMBEDDINGS,
                                                   deadline=deadline_from_pb(request.timeout_s),
                                                   span=role_span("prefill", request.request_id, trace_parent)))
         try:
@@ -119,7 +123,7 @@ class PrefillRole:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"could not open its rooms: {error}")
             raise
         if not request.encode_name:
-            self._start(record, lambda: {})
+            self._start(record, {})
         return held
 
     def step(self) -> None:
@@ -144,23 +148,40 @@ class PrefillRole:
         return self.receiver.sockets() + self.sender.sockets()
 
     def wait_limit_s(self) -> float:
-        if self.engine.has_unfinished():
+        if self.engine.has_runnable():
             return 0.0
         return PULL_POLL_S if self.receiver.pulling() else math.inf
 
     def _receive(self) -> None:
+        """Starts a prompt on its first embedding chunk and gives the engine each later one as it
+        lands: a room that arrives in several chunks (a large picture, a small receiver pool) is
+        prefilled up to the rows that have arrived meanwhile."""
         self.receiver.progress(0)
-        for record in self._requests.in_state(PrefillState.WAITING_FOR_EMBEDDINGS):
+        for record in [r for r in self._requests if r.receiving]:
             state = self.receiver.poll(record.room)
-            if state is PollState.SUCCESS:
-                received = self.receiver.take(record.room)  # the embedding room is gone
-                record.link_hop(received.info.aux)
-                record.move(PrefillState.PREFILLING)
-                self.embedding_resumes += received.chunks > 1
-                self._start(record, lambda: self._features(received))
-            elif state is PollState.FAILED:
+            if state is PollState.FAILED:
                 self._requests.finish(record.request_id, PrefillState.FAILED,
                                       f"embeddings did not arrive: {self.receiver.failure(record.room)}")
+                continue
+            info, chunks = self.receiver.landed(record.room)
+            complete = state is PollState.SUCCESS
+            if len(chunks) == record.chunks_given:
+                continue
+            record.chunks_given = len(chunks)
+            if complete:
+                self.receiver.take(record.room)  # the embedding room is gone
+                record.receiving = False
+                self.embedding_resumes += len(chunks) > 1
+            features = self._features(info, chunks)
+            if record.state is PrefillState.WAITING_FOR_EMBEDDINGS:
+                record.link_hop(info.aux)
+                record.move(PrefillState.PREFILLING)
+                self._start(record, features, rows_arriving=not complete)
+                continue
+            try:
+                self.engine.rows_arrived(record.request_id, features, complete)
+            except Exception as error:
+                self._requests.finish(record.request_id, PrefillState.FAILED, f"its embeddings do not fit: {error}")
 
     def _send(self) -> None:
         self._outbox.flush()
@@ -181,9 +202,9 @@ class PrefillRole:
     def _release(self, record: PrefillRecord, was: PrefillState) -> None:
         """Frees what a request held in state ``was``; the KV room's abort tells decode why."""
         with self.lock:
-            if was is PrefillState.WAITING_FOR_EMBEDDINGS:
+            if record.receiving:
                 close_room(self.receiver, record.room, record.reason)
-            elif was is PrefillState.PREFILLING:
+            if was is PrefillState.PREFILLING:
                 self.engine.abort(record.request_id)
             self._outbox.drop(record.room)
             close_room(self.sender, record.room, record.reason)
@@ -220,12 +241,12 @@ class PrefillRole:
             self.sender.close()
             self._plane.close()
 
-    def _start(self, record: PrefillRecord, features: Callable[[], dict]) -> None:
+    def _start(self, record: PrefillRecord, features: dict, rows_arriving: bool = False) -> None:
         """Prefill samples exactly the first token; decode continues from it. A prompt the engine
         refuses, or whose embeddings do not fit it, fails alone."""
         try:
             self.engine.add_request(record.prompt, self._first_only(record.params), record.request_id,
-                                    features=features())
+                                    features=features, rows_arriving=rows_arriving)
         except Exception as error:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"prefill refused it: {error}")
 
@@ -234,12 +255,17 @@ class PrefillRole:
         return dataclasses.replace(params, max_tokens=1)
 
     @staticmethod
-    def _features(received) -> dict[str, list[VisualRows]]:
-        """The received rows (on device, where the transfer left them) as the images' run and the
-        videos' run."""
-        rows = VisualRows(received.arrays["embeddings"], received.arrays["deepstack"], 0, received.num_tokens)
-        split = int(received.info.aux["image_tokens"])
-        return {"image": [rows.take(0, split)], "video": [rows.take(split, rows.count - split)]}
+    def _features(info: TransferInfo, chunks: Sequence[Landed]) -> dict[str, list[VisualRows]]:
+        """The chunks landed so far (on device, as the transfer left them) as runs of the images'
+        rows and runs of the videos' (the room carries every image's rows, then every video's)."""
+        split = int(info.aux["image_tokens"])
+        features = {"image": [], "video": []}
+        for chunk in chunks:
+            rows = VisualRows(chunk.arrays["embeddings"], chunk.arrays["deepstack"], 0, chunk.count)
+            images = min(max(split - chunk.offset, 0), chunk.count)
+            features["image"].append(rows.take(0, images))
+            features["video"].append(rows.take(images, chunk.count - images))
+        return features
 
     def _ship(self, request: Request, page_table: list[int]) -> None:
         """Called as the request finishes, before its pages are freed: copy its KV out. Only a

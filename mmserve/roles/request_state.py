@@ -45,7 +45,8 @@ class PrefillState(enum.Enum):
     WAITING_FOR_EMBEDDINGS = "waiting_for_embeddings"
     """Holds an embedding room (receiver) and the KV room (sender): encode has not sent yet."""
     PREFILLING = "prefilling"
-    """Holds the prompt in the engine (pages, a slot) and the KV room."""
+    """Holds the prompt in the engine (pages, a slot) and the KV room, and the embedding room
+    until its last chunk lands (the prompt starts on the first)."""
     SENDING_KV = "sending_kv"
     """The prompt left the engine; its KV rows wait in the outbox or are in transfer (KV room)."""
     DONE = "done"

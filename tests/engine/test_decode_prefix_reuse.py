@@ -18,6 +18,7 @@ from mmserve import LLM, SamplingParams
 from mmserve.engine.buckets import bucket
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
+from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.page_hash import prompt_page_keys
 from mmserve.engine.request import Request
 from models.qwen3_vl_moe import load_model
@@ -62,7 +63,8 @@ class Split:
         request = Request(rid, list(ids), params, NO_POSITIONS, prefilled.rope_delta, None, num_computed=len(ids),
                           page_keys=keys)
         first = (prefilled.output_ids[0], None, None, None)
-        output = self.decode.admit_prefilled(request, reservation, k[held:], v[held:], first)
+        output = self.decode.admit_prefilled(request, reservation, [KVRows(k[held:], v[held:], held, len(ids) - held)],
+                                             first)
         while not output.finished:
             output = next((o for o in self.decode.step() if o.request_id == rid), output)
         return output.outputs[0].token_ids, held

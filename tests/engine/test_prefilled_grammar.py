@@ -11,6 +11,7 @@ import pytest
 
 from mmserve.engine.buckets import bucket
 from mmserve.engine.engine import LLMEngine
+from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.request import Request
 from test_structured_output import PROMPT, SCHEMA, assert_valid, const_schema, constrained
 
@@ -44,7 +45,7 @@ class SplitEngine:
         request = Request(request_id, list(prompt), params, NO_POSITIONS, prefilled.rope_delta, None,
                           num_computed=len(prompt))
         first = (prefilled.output_ids[0], None, None, None)
-        return request, self.engine.admit_prefilled(request, reservation, k, v, first)
+        return request, self.engine.admit_prefilled(request, reservation, [KVRows(k, v, 0, len(prompt))], first)
 
     def run(self, request_id):
         while True:

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from transfer import BootstrapServer, TransferConfig  # noqa: E402
+from transfer import BootstrapServer, TransferConfig, bucket_tokens  # noqa: E402
 from transfer.config import ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +42,24 @@ def drive(parties: Iterable, until: Callable[[], bool], timeout: float = 20.0) -
             party.progress(0.002)
         if not parties:
             time.sleep(0.005)
+
+
+def assert_received(received, expected: dict, block_size: int, start: int = 0) -> None:
+    """The room's tokens [start, total) equal ``expected[name][start:]`` bit for bit, and each chunk
+    came as pulled: its bucket's rows, zero past its tokens."""
+    for name, rows in expected.items():
+        got = received.host(name)
+        assert got.dtype == rows.dtype, name
+        np.testing.assert_array_equal(got, rows[start:received.num_tokens], err_msg=name)
+    at = start
+    for chunk in received.chunks:
+        assert chunk.offset == at
+        at += chunk.count
+        for name in expected:
+            rows = np.asarray(chunk.arrays[name])
+            assert rows.shape[0] == bucket_tokens(chunk.count, block_size), name
+            assert not rows[chunk.count:].any(), f"{name}: padding rows must be zero"
+    assert at == received.num_tokens
 
 
 def run_for(parties: Iterable, seconds: float) -> None:

@@ -77,25 +77,8 @@ def test_after_its_programs_ran_no_write_or_read_compiles():
         buffers.write(a, 0, payload(EMBEDDING_FIELDS, n, bucket_tokens(n, 4)), num_tokens=n)
         buffers.write(a, 0, source, num_tokens=min(n, 24 - n % 5), source_start=n % 5)
         buffers.read(a, 0, n)
-        if n > 1:
-            buffers.read_runs([(a.start_token, 1), (a.start_token + 1, n - 1)])
         allocator.free(a)
     assert (_scatter._cache_size(), _gather._cache_size()) == (scatters, gathers)
-
-
-def test_read_runs_lays_segments_end_to_end():
-    buffers, allocator = pool(EMBEDDING_FIELDS)
-    first, second = allocator.alloc(8), allocator.alloc(8)
-    data = payload(EMBEDDING_FIELDS, 4, 13)
-    buffers.write(second, 0, {k: v[8:] for k, v in data.items()})
-    buffers.write(first, 0, {k: v[:8] for k, v in data.items()})
-    got = buffers.read_runs([(first.start_token, 8), (second.start_token, 5)])
-    three = buffers.read_runs([(first.start_token, 3), (first.start_token + 3, 5), (second.start_token, 5)])
-    for name, expected in data.items():
-        for rows in (got, three):  # three runs go as four, the last empty
-            assert rows[name].shape[0] == bucket_tokens(13, 4) == 16
-            np.testing.assert_array_equal(np.asarray(rows[name])[:13], expected)
-            assert not np.asarray(rows[name])[13:].any()
 
 
 def test_chunk_describes_at_most_max_tokens_from_the_offset():

@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 
-from conftest import drive, run_for
+from conftest import assert_received, drive, run_for
 from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode
 from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, digests, padded_payload, payload
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
-def assert_bit_exact(received, fields, room: int) -> None:
-    n = received.num_tokens
-    expected = payload(fields, room, n)
-    for f in fields:
-        got = np.asarray(received.arrays[f.name])
-        assert got.dtype == f.np_dtype
-        np.testing.assert_array_equal(got[:n], expected[f.name], err_msg=f.name)
-        assert not got[n:].any(), f"{f.name}: padding rows must be zero"
+def assert_bit_exact(received, fields, room: int, block_size: int) -> None:
+    assert_received(received, payload(fields, room, received.num_tokens), block_size)
 
 
 def receive(receiver: Receiver, sender, room: int, timeout: float = 30.0):
@@ -48,9 +41,9 @@ def test_embedding_that_fits_and_one_that_resumes_arrive_bit_exact(plane, config
         sender.command(op="send", room=room, tokens=tokens)
     for room, tokens, chunks in ((fits, 9, 1), (resumes, 50, 2)):
         received = receive(receiver, sender, room)
-        assert received.num_tokens == tokens and received.chunks == chunks
+        assert received.num_tokens == tokens and len(received.chunks) == chunks
         assert received.info.aux == {"rope_delta": -room}
-        assert_bit_exact(received, EMBEDDING_FIELDS, room)
+        assert_bit_exact(received, EMBEDDING_FIELDS, room, config.block_size)
     assert receiver.allocator.available_blocks() == config.buffer_blocks
     status = sender.status()
     assert status["available"] == status["total"]
@@ -90,8 +83,8 @@ def test_kv_pages_and_first_token_travel_the_same_path(config, bootstrap, spawn)
     sender.command(op="send", room=7, tokens=23, mode="kv", first_token=151643)
     received = receive(receiver, sender, 7)
     assert received.info.mode is TransferMode.KV and received.info.first_token == 151643
-    assert received.chunks == 2
-    assert_bit_exact(received, KV_FIELDS, 7)
+    assert len(received.chunks) == 2
+    assert_bit_exact(received, KV_FIELDS, 7, config.block_size)
     assert receiver.allocator.available_blocks() == config.buffer_blocks
     receiver.close()
 
@@ -109,8 +102,8 @@ def test_resume_waits_while_the_receiver_pool_is_full_then_completes(config, boo
     assert sender.status(parties=[receiver])["rooms"]["3"] == "transferring"
     receiver.allocator.free(hog)
     received = receive(receiver, sender, 3)
-    assert received.chunks == 2
-    assert_bit_exact(received, EMBEDDING_FIELDS, 3)
+    assert len(received.chunks) == 2
+    assert_bit_exact(received, EMBEDDING_FIELDS, 3, config.block_size)
     assert receiver.allocator.available_blocks() == config.buffer_blocks
     receiver.close()
 
@@ -124,7 +117,7 @@ def test_listeners_on_every_interface_publish_the_advertised_host(plane, config,
     receiver = Receiver(config, EMBEDDING_FIELDS)
     receiver.add(1, bootstrap.address, "encode-0")
     sender.command(op="send", room=1, tokens=9)
-    assert_bit_exact(receive(receiver, sender, 1), EMBEDDING_FIELDS, 1)
+    assert_bit_exact(receive(receiver, sender, 1), EMBEDDING_FIELDS, 1, config.block_size)
     published = bootstrap.endpoints()["encode-0"]
     assert published.control.startswith("tcp://127.0.0.1:")
     assert "127.0.0.1:" in published.data_address and "0.0.0.0" not in published.data_address

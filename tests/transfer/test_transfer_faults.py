@@ -107,7 +107,7 @@ def test_a_sender_restarted_under_the_same_name_serves_the_next_room(config, boo
     second.command(op="send", room=2, tokens=9)
     second.state(2, "success", timeout=config.heartbeat_timeout_s, parties=[receiver])
     drive([receiver], lambda: receiver.poll(2) is PollState.SUCCESS)
-    np.testing.assert_array_equal(np.asarray(receiver.take(2).arrays["embeddings"])[:9],
+    np.testing.assert_array_equal(receiver.take(2).host("embeddings"),
                                   payload(EMBEDDING_FIELDS, 2, 9)["embeddings"])
     assert receiver.allocator.available_blocks() == config.buffer_blocks
     receiver.close()
