@@ -85,6 +85,8 @@ class PrefillRole:
         self._requests: RequestTable[PrefillRecord] = RequestTable(self._release)
         self._outbox = Outbox(self.sender, self._fail_room)
         self.embedding_resumes = 0
+        self.early_starts = 0
+        """Prompts whose prefill started before their last embedding chunk landed."""
         self.pictures_held = 0
         """Prompts with pictures taken on cached pages, with no embeddings (encode not needed)."""
         self.lock = threading.RLock()
@@ -176,6 +178,7 @@ class PrefillRole:
             if record.state is PrefillState.WAITING_FOR_EMBEDDINGS:
                 record.link_hop(info.aux)
                 record.move(PrefillState.PREFILLING)
+                self.early_starts += not complete
                 self._start(record, features, rows_arriving=not complete)
                 continue
             try:
@@ -233,7 +236,7 @@ class PrefillRole:
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
             "free_kv_blocks": self.sender.allocator.available_blocks(), "kv_rooms_staged": self.sender.staged_rooms,
             "in_flight": len(self._requests), "requests": self._requests.counts(),
-            "embedding_resumes": self.embedding_resumes, "pictures_held": self.pictures_held}
+            "embedding_resumes": self.embedding_resumes, "early_starts": self.early_starts, "pictures_held": self.pictures_held}
 
     def close(self) -> None:
         with self.lock:

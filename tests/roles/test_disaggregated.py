@@ -116,11 +116,14 @@ def test_prefill_publishes_the_pages_it_cached(cluster, client):
         subscriber.close()
 
 
-def test_embedding_longer_than_default_allocation_resumes(cluster, client, llm):
+def test_embedding_longer_than_default_allocation_resumes_and_prefill_starts_on_its_first_chunk(cluster, client,
+                                                                                                  llm):
     big = [image(4, (256, 256))]  # 64 visual tokens against a default allocation of 32
-    before = _prefill(cluster)["embedding_resumes"]
+    before = _prefill(cluster)
     assert ask(client, "Describe.", big) == expected(llm, "Describe.", big)
-    assert _prefill(cluster)["embedding_resumes"] == before + 1
+    after = _prefill(cluster)
+    assert after["embedding_resumes"] == before["embedding_resumes"] + 1
+    assert after["early_starts"] == before["early_starts"] + 1
 
 
 def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, llm):
