@@ -2,9 +2,9 @@
 
 This process is the receiver and the clock; a child process (this script, ``--child``) is
 the sender. Each room goes through the full path: the sender gathers the chunk out of its
-block pool and offers it, the control plane announces it, the receiver pulls it and
-scatters it into its own pool. The clock runs from the "go" until the receiver's pool holds
-the data. The limit on one host is a device copy of the same bytes in one process.
+block pool and offers it, the control plane announces it, the receiver pulls it and keeps
+it (a receiver has no pool). The clock runs from the "go" until the receiver holds the data.
+The limit on one host is a device copy of the same bytes in one process.
 
     python scripts/bench_transfer.py [--sizes 1 4 16 64 256] [--planes jax zmq] [--reps 3]
 

@@ -28,7 +28,7 @@ class TransferConfig:
     default_blocks: int = 16
     """Blocks a receiver preallocates per room before it knows the real length."""
     buffer_blocks: int = 2048
-    """Blocks in each side's device pool."""
+    """Blocks in a sender's device pool; a receiver's reservation (it keeps chunks as pulled, no pool)."""
     bind_host: str = "127.0.0.1"
     """Interface every listener (control, registry, data plane) binds to."""
     advertise_host: str = ""

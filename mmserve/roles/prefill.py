@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 from opentelemetry.context import Context
@@ -125,7 +125,7 @@ class PrefillRole:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"could not open its rooms: {error}")
             raise
         if not request.encode_name:
-            self._start(record, {})
+            self._start(record, dict)
         return held
 
     def step(self) -> None:
@@ -174,15 +174,14 @@ class PrefillRole:
                 self.receiver.take(record.room)  # the embedding room is gone
                 record.receiving = False
                 self.embedding_resumes += len(chunks) > 1
-            features = self._features(info, chunks)
             if record.state is PrefillState.WAITING_FOR_EMBEDDINGS:
                 record.link_hop(info.aux)
                 record.move(PrefillState.PREFILLING)
                 self.early_starts += not complete
-                self._start(record, features, rows_arriving=not complete)
+                self._start(record, lambda: self._features(info, chunks), rows_arriving=not complete)
                 continue
             try:
-                self.engine.rows_arrived(record.request_id, features, complete)
+                self.engine.rows_arrived(record.request_id, self._features(info, chunks), complete)
             except Exception as error:
                 self._requests.finish(record.request_id, PrefillState.FAILED, f"its embeddings do not fit: {error}")
 
@@ -236,7 +235,8 @@ class PrefillRole:
             "free_embedding_blocks": self.receiver.allocator.available_blocks(),
             "free_kv_blocks": self.sender.allocator.available_blocks(), "kv_rooms_staged": self.sender.staged_rooms,
             "in_flight": len(self._requests), "requests": self._requests.counts(),
-            "embedding_resumes": self.embedding_resumes, "early_starts": self.early_starts, "pictures_held": self.pictures_held}
+            "embedding_resumes": self.embedding_resumes, "early_starts": self.early_starts,
+            "pictures_held": self.pictures_held}
 
     def close(self) -> None:
         with self.lock:
@@ -244,12 +244,12 @@ class PrefillRole:
             self.sender.close()
             self._plane.close()
 
-    def _start(self, record: PrefillRecord, features: dict, rows_arriving: bool = False) -> None:
+    def _start(self, record: PrefillRecord, features: Callable[[], dict], rows_arriving: bool = False) -> None:
         """Prefill samples exactly the first token; decode continues from it. A prompt the engine
         refuses, or whose embeddings do not fit it, fails alone."""
         try:
             self.engine.add_request(record.prompt, self._first_only(record.params), record.request_id,
-                                    features=features, rows_arriving=rows_arriving)
+                                    features=features(), rows_arriving=rows_arriving)
         except Exception as error:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"prefill refused it: {error}")
 
