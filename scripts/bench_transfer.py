@@ -2,9 +2,11 @@
 
 This process is the receiver and the clock; a child process (this script, ``--child``) is
 the sender. Each room goes through the full path: the sender gathers the chunk out of its
-block pool and offers it, the control plane announces it, the receiver pulls it and keeps
-it (a receiver has no pool). The clock runs from the "go" until the receiver holds the data.
-The limit on one host is a device copy of the same bytes in one process.
+block pool (``pool``: as encode's embeddings go) or takes the rows it was given as they are
+(``rows``: as prefill's KV goes) and offers it, the control plane announces it, the receiver
+pulls it and keeps it (a receiver has no pool). The clock runs from the "go" until the receiver
+holds the data. *Room / pull* is the room's throughput over the raw pull's (the data plane
+alone) in the same run; the limit on one host is a device copy of the same bytes in one process.
 
     python scripts/bench_transfer.py [--sizes 1 4 16 64 256] [--planes jax zmq] [--reps 3]
 
@@ -53,7 +55,8 @@ def rows(room: int, tokens: int) -> jax.Array:
 
 
 def child(args: argparse.Namespace) -> None:
-    """The sender: stages each room in its pool on "stage", hands it over on "go"."""
+    """The sender: stages each room on "stage" (written in its pool, or as rows of their own),
+    hands it over on "go"."""
     sender = Sender(config_for(args.max_mib, args.plane), FIELDS, "bench-sender", args.bootstrap)
     commands: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [commands.put(json.loads(line)) for line in sys.stdin], daemon=True).start()
@@ -72,12 +75,18 @@ def child(args: argparse.Namespace) -> None:
                 print(json.dumps({"offered": room}), flush=True)
             elif cmd["op"] == "stage":
                 allocation = sender.allocator.alloc(tokens)
-                sender.buffers.write(allocation, 0, {"embeddings": rows(room, tokens)})
-                jax.block_until_ready(sender.buffers.pools)
-                staged[room] = allocation
+                given = None
+                if cmd["source"] == "pool":
+                    sender.buffers.write(allocation, 0, {"embeddings": rows(room, tokens)})
+                    jax.block_until_ready(sender.buffers.pools)
+                else:  # as prefill gives its KV: the room's bucket, zero past the tokens
+                    padded = jnp.zeros((sender.buffers.bucket(tokens), HIDDEN), jnp.float32)
+                    given = {"embeddings": jax.block_until_ready(padded.at[:tokens].set(rows(room, tokens)))}
+                staged[room] = (allocation, given)
                 print(json.dumps({"staged": room}), flush=True)
             else:
-                sender.send(room, staged.pop(room), TransferInfo(TransferMode.EMBEDDING, tokens))
+                allocation, given = staged.pop(room)
+                sender.send(room, allocation, TransferInfo(TransferMode.EMBEDDING, tokens), rows=given)
                 live.add(room)
         sender.progress(0.001)
         for room in [r for r in live if sender.poll(r).terminal]:
@@ -107,8 +116,8 @@ class SenderProcess:
 
 
 def time_room(receiver: Receiver, sender: SenderProcess, bootstrap: str, room: int, tokens: int,
-              check: bool) -> float:
-    sender.send(op="stage", room=room, tokens=tokens)
+              check: bool, source: str) -> float:
+    sender.send(op="stage", room=room, tokens=tokens, source=source)
     sender.expect("staged")
     receiver.add(room, bootstrap, "bench-sender")
     while receiver.poll(room) is not PollState.WAITING_FOR_INPUT:
@@ -170,6 +179,9 @@ def main() -> None:
                         help="payloads in MiB (fractions too: 0.015625 is one 16 KiB row)")
     parser.add_argument("--planes", nargs="+", default=["jax", "zmq"], choices=["jax", "zmq"])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--sources", nargs="+", default=["pool", "rows"], choices=["pool", "rows"],
+                        help="rooms written in the sender's pool (encode's embeddings), or given as rows of "
+                        "their own and offered as they are (prefill's KV)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--plane", help=argparse.SUPPRESS)
@@ -182,9 +194,9 @@ def main() -> None:
     copies = {mib: copy_seconds(max(1, int(mib * MIB) // TOKEN_BYTES) * TOKEN_BYTES, args.reps) for mib in args.sizes}
     print(f"backend {jax.default_backend()}, {HIDDEN}-float32 rows, block {BLOCK}, median of {args.reps} "
           f"after one checked warm-up room\n")
-    print("| data plane | payload | room time | room throughput | raw pull time | raw pull | device copy | ratio "
-          "| host memcpy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| data plane | payload | rows from | room time | room throughput | raw pull time | raw pull | room / pull "
+          "| device copy | ratio | host memcpy |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plane in args.planes:
         config = config_for(max_mib, plane)
         bootstrap = BootstrapServer(config).start()
@@ -193,23 +205,26 @@ def main() -> None:
         room = 0
         for mib in args.sizes:
             tokens = max(1, int(mib * MIB) // TOKEN_BYTES)
-            times = []
-            for rep in range(args.reps + 1):
-                room += 1
-                seconds = time_room(receiver, sender, bootstrap.address, room, tokens, check=rep == 0)
-                if rep:
-                    times.append(seconds)
-            seconds = statistics.median(times)
+            rooms = {}
+            for source in args.sources:
+                times = []
+                for rep in range(args.reps + 1):
+                    room += 1
+                    seconds = time_room(receiver, sender, bootstrap.address, room, tokens, rep == 0, source)
+                    if rep:
+                        times.append(seconds)
+                rooms[source] = statistics.median(times)
             pulls = []
             for _ in range(args.reps + 1):
                 room += 1
                 pulls.append(time_pull(receiver, sender, room, tokens))
             pull = statistics.median(pulls[1:])
             nbytes = tokens * TOKEN_BYTES
-            throughput, raw, copy, memcpy = (nbytes / t / 1e9 for t in (seconds, pull, *copies[mib]))
-            print(f"| {sender.kind} | {payload(nbytes)} | {seconds * 1e3:.2f} ms | {throughput:.2f} GB/s | "
-                  f"{pull * 1e3:.2f} ms | {raw:.2f} GB/s | {copy:.2f} GB/s | {throughput / copy:.3f} | "
-                  f"{memcpy:.2f} GB/s |", flush=True)
+            for source, seconds in rooms.items():
+                throughput, raw, copy, memcpy = (nbytes / t / 1e9 for t in (seconds, pull, *copies[mib]))
+                print(f"| {sender.kind} | {payload(nbytes)} | {source} | {seconds * 1e3:.2f} ms | {throughput:.2f} GB/s "
+                      f"| {pull * 1e3:.2f} ms | {raw:.2f} GB/s | {throughput / raw:.2f} | {copy:.2f} GB/s | "
+                      f"{throughput / copy:.3f} | {memcpy:.2f} GB/s |", flush=True)
         sender.close()
         receiver.close()
         bootstrap.close()
