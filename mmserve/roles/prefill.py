@@ -180,6 +180,8 @@ class PrefillRole:
                 self.early_starts += not complete
                 self._start(record, lambda: self._features(info, chunks), rows_arriving=not complete)
                 continue
+            if record.state is not PrefillState.PREFILLING:
+                continue  # it finished on pages cached meanwhile: nothing reads the rest of its rows
             try:
                 self.engine.rows_arrived(record.request_id, self._features(info, chunks), complete)
             except Exception as error:
