@@ -222,8 +222,8 @@ def main() -> None:
             nbytes = tokens * TOKEN_BYTES
             for source, seconds in rooms.items():
                 throughput, raw, copy, memcpy = (nbytes / t / 1e9 for t in (seconds, pull, *copies[mib]))
-                print(f"| {sender.kind} | {payload(nbytes)} | {source} | {seconds * 1e3:.2f} ms | {throughput:.2f} GB/s "
-                      f"| {pull * 1e3:.2f} ms | {raw:.2f} GB/s | {throughput / raw:.2f} | {copy:.2f} GB/s | "
+                print(f"| {sender.kind} | {payload(nbytes)} | {source} | {seconds * 1e3:.2f} ms "
+                      f"| {throughput:.2f} GB/s | {pull * 1e3:.2f} ms | {raw:.2f} GB/s | {throughput / raw:.2f} | {copy:.2f} GB/s | "
                       f"{throughput / copy:.3f} | {memcpy:.2f} GB/s |", flush=True)
         sender.close()
         receiver.close()

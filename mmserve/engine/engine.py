@@ -140,9 +140,7 @@ class LLMEngine:
         prepared, request_id = self._check_new(prompt, params, request_id)
         if features is None:
             features = self.encode_prompts([prepared])[0]
-        c = self.model.config
-        visual = PromptVisuals.place(prepared.token_ids, c.image_token_id, c.video_token_id,
-                                     features.get("image", ()), features.get("video", ()), partial=rows_arriving)
+        visual = self._place(prepared.token_ids, features, partial=rows_arriving)
         page_keys = prompt_page_keys(prepared, self.model, self.config.page_size) if self.config.enable_prefix_caching \
             else None
         self._add(prepared, params, request_id, visual, page_keys)
@@ -152,9 +150,12 @@ class LLMEngine:
         """More of the visual rows of a request added with ``rows_arriving``: ``features`` are all
         that arrived so far (the earlier rows first, unchanged), every row when ``complete``."""
         request = self._requests[request_id]
+        request.visual = self._place(request.prompt_ids, features, partial=not complete)
+
+    def _place(self, token_ids, features: dict[str, list[VisualRows]], partial: bool) -> PromptVisuals | None:
         c = self.model.config
-        request.visual = PromptVisuals.place(request.prompt_ids, c.image_token_id, c.video_token_id,
-                                             features.get("image", ()), features.get("video", ()), partial=not complete)
+        return PromptVisuals.place(token_ids, c.image_token_id, c.video_token_id, features.get("image", ()),
+                                   features.get("video", ()), partial=partial)
 
     def add_request_on_cached_pictures(self, prompt, params: SamplingParams, request_id: str) -> bool:
         """Adds a prompt without its pictures' embeddings when every image and video placeholder
@@ -302,9 +303,9 @@ class LLMEngine:
                         first: tuple) -> RequestOutput | None:
         """Takes a request prefilled elsewhere (``num_computed`` = its prompt, no output yet) into
         its reservation: its KV rows (the prompt's tokens past the ``held_tokens`` the reservation
-        found cached, in runs laid end to end) go into its pages, which join the prefix cache when the request has page
-        keys, and the first token prefill sampled, ``first`` = (token, logprob, top ids, top
-        logprobs), is appended and checked like any other.
+        found cached, in runs laid end to end) go into its pages, which join the prefix cache when
+        the request has page keys, and the first token prefill sampled, ``first`` = (token,
+        logprob, top ids, top logprobs), is appended and checked like any other.
 
         A request with ``structured_output`` first waits for its grammar, like a new one (its
         reservation held, the step loop free), and takes its first token in a later :meth:`step`,

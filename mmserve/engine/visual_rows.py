@@ -101,6 +101,8 @@ class PromptVisuals:
     def ready_until(self, start: int, end: int) -> int:
         """The end of the prompt's run from ``start`` whose visual tokens all have their rows, at
         most ``end``: the first missing position from ``start`` on."""
+        if not self.missing.size:  # every row is here: the common case, checked at every step
+            return end
         at = int(np.searchsorted(self.missing, start))
         return min(end, int(self.missing[at])) if at < self.missing.size else end
 
