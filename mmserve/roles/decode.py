@@ -1,5 +1,6 @@
 """The decode role: reserves KV pages for a request, registers them with the prefill the router
-named, receives KV + first token, and decodes it in the continuous batch, streaming tokens back.
+named, receives KV + first token, and decodes it in the continuous batch, streaming tokens back
+from the second on (prefill streamed the first to the router as soon as it sampled it).
 
 Pages are reserved for the prompt and every token the request may generate, so a request here is
 never preempted: decode has no prompt embeddings to recompute it from.
@@ -264,8 +265,16 @@ class DecodeRole:
             self._emit(output)
 
     def _emit(self, output: RequestOutput) -> None:
+        """Streams what is new; the first token's event went to the router from prefill, so here it
+        only advances the stream (its text and stop-string state), and carries nothing but the end
+        when that token ends the request."""
         record = self._requests[output.request_id]
-        record.stream.put(event_to_pb(output.request_id, record.output.delta(output)))
+        delta = record.output.delta(output)
+        if len(output.outputs[0].token_ids) == 1:
+            if not output.finished:
+                return
+            delta = dataclasses.replace(delta, token_ids=[], logprobs=None, text_delta="")
+        record.stream.put(event_to_pb(output.request_id, delta))
         if output.finished:
             self._requests.finish(output.request_id, DecodeState.DONE)
 

@@ -1,13 +1,15 @@
 """The prefill role: receives a prompt's visual embeddings from encode (text-only prompts need
 none, nor a prompt whose pictures lie in pages its prefix cache holds), prefills it, samples the
-first token, and sends KV + first token to the decode the router named. One loop drives both
-directions: the embedding receiver and the KV sender."""
+first token, streams that token to the router at once (the client's first event; decode streams the
+rest), and sends KV + first token to the decode the router named. One loop drives both directions:
+the embedding receiver and the KV sender."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import queue
 import threading
 from collections.abc import Callable, Sequence
 
@@ -19,6 +21,8 @@ from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.inputs import PreparedPrompt
+from mmserve.engine.output_stream import OutputStream
+from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request
 from mmserve.engine.visual_rows import VisualRows
 from mmserve.engine.warmup import compile_programs
@@ -26,11 +30,12 @@ from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import embedding_fields, kv_fields, room_rows
 from mmserve.roles.outbox import Outbox, Parcel
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import deadline_from_pb, sampling_from_pb, visual_from_pb
+from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.role_loop import RoleLoop
 from mmserve.roles.worker import PrefixCache, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
+from mmserve.stop import FinishReason
 from mmserve.tracing import role_span
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
@@ -53,6 +58,9 @@ class PrefillRecord(RoleRequest[PrefillState]):
 
     prompt: PreparedPrompt
     params: SamplingParams
+    stream: queue.Queue
+    """The router's Prefill call: the first token's event, or the error that ended the request before it."""
+    first_sent: bool = False
     receiving: bool = False
     """Its embedding room is open: rows are still to come (the prompt may be prefilling already)."""
     chunks_given: int = 0
@@ -92,14 +100,15 @@ class PrefillRole:
         self.lock = threading.RLock()
         """Held by whoever touches the receiver or the sender: the loop thread or the transfer pump."""
 
-    def prefill(self, request: pb.PrefillRequest, trace_parent: Context | None = None) -> dict:
+    def prefill(self, request: pb.PrefillRequest, stream: queue.Queue, trace_parent: Context | None = None) -> dict:
         """Takes a prompt; ``{"pictures_held": True}`` (for the Ack) when it needs no embeddings
         because the engine holds every picture's pages cached (an earlier turn about them): then
-        no embedding room is opened, and the router calls no encode worker."""
+        no embedding room is opened, and the router calls no encode worker. ``stream`` gets the
+        first token's event, or the error that ended the request before it."""
         with self.lock:
-            return {"pictures_held": self._prefill(request, trace_parent)}
+            return {"pictures_held": self._prefill(request, stream, trace_parent)}
 
-    def _prefill(self, request: pb.PrefillRequest, trace_parent: Context | None) -> bool:
+    def _prefill(self, request: pb.PrefillRequest, stream: queue.Queue, trace_parent: Context | None) -> bool:
         params = sampling_from_pb(request.sampling)
         prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v, "image") for v in request.images],
                                 [visual_from_pb(v, "video") for v in request.videos])
@@ -112,7 +121,7 @@ class PrefillRole:
         self.pictures_held += held
         state = PrefillState.WAITING_FOR_EMBEDDINGS if request.encode_name and not held else PrefillState.PREFILLING
         record = self._requests.add(PrefillRecord(request_id=request.request_id, room=request.room, state=state,
-                                                  prompt=prompt, params=params,
+                                                  prompt=prompt, params=params, stream=stream,
                                                   receiving=state is PrefillState.WAITING_FOR_EMBEDDINGS,
                                                   deadline=deadline_from_pb(request.timeout_s),
                                                   span=role_span("prefill", request.request_id, trace_parent)))
@@ -134,10 +143,13 @@ class PrefillRole:
             self._receive()
         if self.engine.has_unfinished():
             try:
-                self.engine.step()
+                outputs = self.engine.step()
             except StepFailed as failure:
                 for request_id in failure.request_ids:
                     self._requests.finish(request_id, PrefillState.FAILED, str(failure))
+            else:
+                for output in outputs:  # its KV is in the outbox: the token goes out while the KV does
+                    self._stream_first(output)
         with self.lock:
             self._send()
 
@@ -205,6 +217,9 @@ class PrefillRole:
 
     def _release(self, record: PrefillRecord, was: PrefillState) -> None:
         """Frees what a request held in state ``was``; the KV room's abort tells decode why."""
+        if not record.first_sent:
+            record.stream.put(pb.TokenEvent(request_id=record.request_id,
+                                            error=record.reason or "prefill ended it before its first token"))
         with self.lock:
             if record.receiving:
                 close_room(self.receiver, record.room, record.reason)
@@ -301,6 +316,24 @@ class PrefillRole:
         info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
         self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}, rows_start=start))
 
+    def _stream_first(self, output: RequestOutput) -> None:
+        """Streams the first token to the router as decode would have streamed it (decode streams
+        from the second token on). Prefill's engine stops every request after its first token
+        (``max_tokens=1``); that "length" finish is the request's own only when the request may
+        generate one token (decode caps ``max_tokens`` at the context left, as the engine here
+        does): otherwise the event is an unfinished request's, its text held back as far as a
+        stop string could still reach."""
+        record = self._requests.get(output.request_id)
+        if record is None or record.first_sent:
+            return
+        completion = output.outputs[0]
+        may_generate = min(record.params.max_tokens, self.engine.config.max_model_len - len(record.prompt.token_ids))
+        if completion.finish_reason == FinishReason.LENGTH and may_generate > 1:
+            output = dataclasses.replace(output, finished=False, outputs=[
+                dataclasses.replace(completion, finish_reason=None, stop_reason=None)])
+        record.first_sent = True
+        record.stream.put(event_to_pb(record.request_id, OutputStream(record.params).delta(output)))
+
     def _fail_room(self, room: int, reason: str) -> None:
         """The room fails, and its request with it (at the next poll of the sender's rooms)."""
         with self.lock:
@@ -310,7 +343,16 @@ class PrefillRole:
 
 class PrefillService(WorkerService):
     def Prefill(self, request, context):
-        return self.acknowledge(self.loop.role.prefill, request, context)
+        """The Ack, then the first token's event (or the error that ended the request before it)."""
+        stream: queue.Queue = queue.Queue()
+        ack = self.acknowledge(lambda message, trace: self.loop.role.prefill(message, stream, trace), request, context)
+        yield pb.PrefillEvent(ack=ack)
+        if not ack.ok:
+            return
+        context.add_callback(lambda: stream.put(None))  # the router hung up: stop waiting (its abort frees the rest)
+        event = stream.get()
+        if event is not None:
+            yield pb.PrefillEvent(first=event)
 
 
 def prefill_service(role: PrefillRole) -> PrefillService:

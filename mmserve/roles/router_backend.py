@@ -1,6 +1,7 @@
 """The router's backend over disaggregated workers: picks an encode/prefill/decode triple per
 request (by the routing policy, :mod:`mmserve.roles.routing`), gives all three one room id, and
-relays decode's token stream.
+relays the first token from prefill (as soon as it is sampled, while its KV moves to decode), then
+decode's stream of the rest.
 
 Workers register through the Registry service and repeat it as a heartbeat carrying their
 capacity and load; a worker not heard from for ``WORKER_TIMEOUT_S`` is dropped from the pool until
@@ -210,7 +211,7 @@ class DisaggregatedBackend:
         """Decode (which reserves and registers for the KV), prefill and encode are called in that
         order; with ``encode_early`` encode is called at once with prefill rather than after its
         ack, saving a round trip, and its request is aborted when prefill's ack says it holds the
-        pictures."""
+        pictures. The first token comes from prefill's stream, the rest from decode's."""
         p, rid = request.prompt, request.request_id
         trace_context = inject()  # the router's span for this request: each role's span is its child
         stream = decode.stub.Decode(pb.DecodeRequest(
@@ -228,14 +229,15 @@ class DisaggregatedBackend:
 
         early = asyncio.ensure_future(encode_call()) if encode_early else None
         current = prefill
+        prefilling = prefill.stub.Prefill(pb.PrefillRequest(
+            request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
+            images=[visual_to_pb(v, with_source=False) for v in p.images],
+            videos=[visual_to_pb(v, with_source=False) for v in p.videos],
+            encode_name=encode.name if encode else "", encode_incarnation=encode.incarnation if encode else 0,
+            timeout_s=_seconds_left(request.deadline)),
+            metadata=trace_context)
         try:
-            ack = await prefill.stub.Prefill(pb.PrefillRequest(
-                request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
-                images=[visual_to_pb(v, with_source=False) for v in p.images],
-                videos=[visual_to_pb(v, with_source=False) for v in p.videos],
-                encode_name=encode.name if encode else "", encode_incarnation=encode.incarnation if encode else 0,
-                timeout_s=_seconds_left(request.deadline)),
-                metadata=trace_context)
+            ack = await _next(prefilling, "ack")
             if ack.ok and ack.pictures_held and early is not None:
                 await _settled(early)  # taken (or failed) first, so that the abort finds it
                 await _abort_on(encode, rid)
@@ -248,7 +250,17 @@ class DisaggregatedBackend:
                 await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
                 return
-            current, text = decode, ""
+            current = prefill
+            first = await _next(prefilling, "first")
+            if first.error:
+                await self.abort(rid)
+                yield TokenEvent(rid, [], error=first.error)
+                return
+            text = first.text_delta
+            yield _event(first, text)
+            if first.finish_reason:
+                return
+            current = decode
             async for event in stream:
                 text += event.text_delta
                 yield _event(event, text)
@@ -274,6 +286,7 @@ class DisaggregatedBackend:
             await self.abort(rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
         finally:
+            prefilling.cancel()
             stream.cancel()
             if early is not None and not early.done():  # the client left while encode's call was out
                 early.cancel()
@@ -311,6 +324,15 @@ async def _abort_on(worker: WorkerHandle, request_id: str) -> None:
         await worker.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=10)
     except (grpc.RpcError, grpc.aio.UsageError):  # UsageError: the pool closed a dead worker's channel
         log.warning("could not abort %s on %s", request_id, worker.name)
+
+
+async def _next(prefilling, kind: str):
+    """The next message of prefill's stream, which must be of ``kind`` ("ack", then "first")."""
+    message = await prefilling.read()
+    if message is not grpc.aio.EOF and message.WhichOneof("kind") == kind:
+        return getattr(message, kind)
+    error = f"prefill's stream ended without its {kind}"
+    return pb.Ack(ok=False, error=error) if kind == "ack" else pb.TokenEvent(error=error)
 
 
 async def _settled(call) -> None:

@@ -39,10 +39,10 @@ class WorkerStub:
                 request_serializer=mmserve_dot_rpc_dot_worker__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=mmserve_dot_rpc_dot_worker__pb2.Ack.FromString,
                 _registered_method=True)
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/mmserve.rpc.Worker/Prefill',
                 request_serializer=mmserve_dot_rpc_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=mmserve_dot_rpc_dot_worker__pb2.Ack.FromString,
+                response_deserializer=mmserve_dot_rpc_dot_worker__pb2.PrefillEvent.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/mmserve.rpc.Worker/Decode',
@@ -102,10 +102,10 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=mmserve_dot_rpc_dot_worker__pb2.EncodeRequest.FromString,
                     response_serializer=mmserve_dot_rpc_dot_worker__pb2.Ack.SerializeToString,
             ),
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=mmserve_dot_rpc_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=mmserve_dot_rpc_dot_worker__pb2.Ack.SerializeToString,
+                    response_serializer=mmserve_dot_rpc_dot_worker__pb2.PrefillEvent.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
@@ -171,12 +171,12 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/mmserve.rpc.Worker/Prefill',
             mmserve_dot_rpc_dot_worker__pb2.PrefillRequest.SerializeToString,
-            mmserve_dot_rpc_dot_worker__pb2.Ack.FromString,
+            mmserve_dot_rpc_dot_worker__pb2.PrefillEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ every other way out (an abort mid-prompt, a failed step, a room failing while it
 sender blocks): each frees everything the request held, once.
 A real prefill role over a real bootstrap registry, its loop driven by hand."""
 
+import queue
 import time
 
 import pytest
@@ -43,21 +44,26 @@ def patient_role():
     yield from prefill_role(bootstrap_timeout_s=60.0, block_size=16, default_blocks=1, buffer_blocks=2)
 
 
-def prefill(role, request_id: str, room: int, length: int, first_token: int = 3) -> None:
+def prefill(role, request_id: str, room: int, length: int, first_token: int = 3) -> queue.Queue:
+    """The stream of the router's call: the first token's event, or the error that ended it before."""
+    stream: queue.Queue = queue.Queue()
     role.prefill(pb.PrefillRequest(request_id=request_id, room=room,
                                    token_ids=list(range(first_token, first_token + length)),
-                                   sampling=sampling_to_pb(SamplingParams(max_tokens=4))))
+                                   sampling=sampling_to_pb(SamplingParams(max_tokens=4))), stream)
+    return stream
 
 
 def test_a_room_that_fails_mid_prompt_frees_the_request_and_the_role_goes_on(role):
     total = role.engine.stats()["free_pages"]
-    prefill(role, "long", room=11, length=800)  # 50 chunks of 16: still prefilling when the room times out
+    stream = prefill(role, "long", room=11, length=800)  # 50 chunks of 16: still prefilling when the room times out
     steps, deadline = 0, time.monotonic() + 240
     while role.health()["in_flight"]:
         role.step()  # no decode ever registers for room 11: it fails at the bootstrap timeout
         steps += 1
         assert time.monotonic() < deadline
     assert steps < 800 // 16, "the room must fail while the prompt is still being prefilled"
+    [event] = drain(stream)  # the router's call hears why, and no first token
+    assert not event.token_ids and "timed out" in event.error
     for _ in range(5):
         role.step()  # used to raise KeyError from _ship on every step once the prompt finished
     stats = role.health()
@@ -71,6 +77,13 @@ def test_a_room_that_fails_mid_prompt_frees_the_request_and_the_role_goes_on(rol
     assert role.health()["in_flight"] == 1
 
 
+def drain(stream: queue.Queue) -> list:
+    out = []
+    while not stream.empty():
+        out.append(stream.get_nowait())
+    return out
+
+
 def run_until(role, condition, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -81,7 +94,7 @@ def run_until(role, condition, timeout_s: float = 240) -> None:
 def test_an_abort_mid_prompt_takes_it_out_of_the_engine_and_tells_decode(patient_role):
     role = patient_role
     total = role.engine.stats()["free_pages"]
-    prefill(role, "long", room=21, length=800)
+    long = prefill(role, "long", room=21, length=800)
     for _ in range(3):
         role.step()
     assert role.health()["requests"] == {"prefilling": 1} and role.engine.stats()["free_pages"] < total
@@ -91,9 +104,12 @@ def test_an_abort_mid_prompt_takes_it_out_of_the_engine_and_tells_decode(patient
     with pytest.raises(KeyError):
         role.sender.poll(21)
     role.abort("long")
-    prefill(role, "next", room=22, length=20, first_token=900)
+    assert [e.error for e in drain(long)] == ["aborted by the router"]  # once
+    following = prefill(role, "next", room=22, length=20, first_token=900)
     run_until(role, lambda: role.health()["requests"] == {"sending_kv": 1})  # its KV waits for decode
     assert role.engine.stats()["free_pages"] == total
+    [first] = drain(following)  # the first token went to the router as its KV went to the outbox
+    assert len(first.token_ids) == 1 and not first.error and not first.finish_reason
 
 
 def test_a_failed_step_fails_its_requests_and_frees_their_rooms(patient_role, monkeypatch):

@@ -28,7 +28,8 @@ def service():
 def _prefill(service, room: int, token_ids, **fields) -> pb.Ack:
     request = pb.PrefillRequest(request_id=f"r{room}", room=room, token_ids=token_ids,
                                 sampling=sampling_to_pb(SamplingParams()), **fields)
-    return service.Prefill(request, CallWithoutMetadata())
+    [event] = service.Prefill(request, CallWithoutMetadata())  # a refusal ends the stream at the Ack
+    return event.ack
 
 
 class CallWithoutMetadata:

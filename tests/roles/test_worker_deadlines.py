@@ -86,7 +86,8 @@ def test_prefill_fails_a_request_whose_kv_nobody_takes_at_its_deadline(model, bo
     try:
         pages, blocks = role.engine.stats()["free_pages"], role.sender.allocator.available_blocks()
         role.prefill(pb.PrefillRequest(request_id="unwanted", room=5, token_ids=list(range(3, 23)),
-                                       sampling=sampling_to_pb(SamplingParams(max_tokens=4)), timeout_s=3.0))
+                                       sampling=sampling_to_pb(SamplingParams(max_tokens=4)), timeout_s=3.0),
+                     queue.Queue())
         step_until(role, lambda: role.health()["requests"] == {"sending_kv": 1})  # decode never registers
         assert step_until(role, lambda: not role.health()["in_flight"]) < 10
         stats = role.health()

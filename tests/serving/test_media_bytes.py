@@ -88,6 +88,16 @@ class _Stream:
         pass
 
 
+class _Acknowledged:
+    """Prefill's stream as far as the router reads it here: the Ack."""
+
+    async def read(self):
+        return pb.PrefillEvent(ack=pb.Ack(ok=True))
+
+    def cancel(self):
+        pass
+
+
 class _Stub:
     """A worker that acknowledges everything and keeps what it was sent."""
 
@@ -98,9 +108,9 @@ class _Stub:
         self.sent.append(request)
         return _Stream()
 
-    async def Prefill(self, request, metadata=None):
+    def Prefill(self, request, metadata=None):
         self.sent.append(request)
-        return pb.Ack(ok=True)
+        return _Acknowledged()
 
     async def Encode(self, request, metadata=None):
         self.sent.append(request)
