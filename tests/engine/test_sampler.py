@@ -199,8 +199,9 @@ def test_load_slot_sets_prompt_tokens_and_output_counts():
 
 
 def test_logprobs_are_log_softmax_of_the_raw_logits(random_logits):
-    params = [SamplingParams(seed=row, temperature=0.5, top_k=4, repetition_penalty=1.3)
-              for row in range(BATCH)]
+    """Every row's, once one row asks (the rows that did not ask are not read)."""
+    params = [SamplingParams(seed=row, temperature=0.5, top_k=4, repetition_penalty=1.3,
+                             logprobs=5 if row == 3 else None) for row in range(BATCH)]
     penalties = load_slot(init_penalty_state(BATCH, VOCAB), 0, padded_token_ids([0, 1, 2]),
                           padded_token_ids([3]))
     output, _ = run(random_logits, params, penalties=penalties)
@@ -213,9 +214,22 @@ def test_logprobs_are_log_softmax_of_the_raw_logits(random_logits):
                                rtol=1e-6)
 
 
+def test_logprobs_are_not_computed_when_no_row_asks(random_logits):
+    """The log_softmax and top-k over the vocabulary are skipped (they cost more than the rest of
+    the sampler with a real vocabulary); the tokens drawn are the same either way."""
+    asking = [SamplingParams(seed=row, temperature=0.7, logprobs=2 if row == 0 else None) for row in range(BATCH)]
+    silent = [SamplingParams(seed=row, temperature=0.7) for row in range(BATCH)]
+    with_logprobs, _ = run(random_logits, asking)
+    without, _ = run(random_logits, silent)
+    np.testing.assert_array_equal(with_logprobs.token_ids, without.token_ids)
+    assert np.all(with_logprobs.logprobs < 0)
+    assert not without.logprobs.any() and not without.top_logprobs.any() and not without.top_token_ids.any()
+
+
 def test_pack_pads_rows_as_greedy_uncounted_padding():
     batch = pack_sampling_batch([SamplingParams(seed=-1, top_k=-1)], [4], [2], batch_size=4)
     assert batch.valid.tolist() == [True, False, False, False]
+    assert batch.logprobs.tolist() == [False] * 4
     assert batch.temperature.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert batch.top_k.tolist() == [0] * 4
     assert batch.seed[0].tolist() == [0xFFFFFFFF, 0xFFFFFFFF]
