@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmserve.sampler import (apply_penalties, init_penalty_state, load_slot, pack_sampling_batch,
+from mmserve.sampler import (all_allowed_bitmask, apply_penalties, init_penalty_state, load_slot, pack_sampling_batch,
                              padded_token_ids, sample)
 from mmserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -106,8 +106,55 @@ def test_seeded_draw_uses_fold_in_of_prng_key_and_step(random_logits, seed):
     temperature, step = 0.8, 3
     output, _ = run(random_logits[2], [SamplingParams(seed=seed, temperature=temperature)], steps=[step])
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    expected = np.argmax(random_logits[2] / temperature + np.asarray(jax.random.gumbel(key, (VOCAB,))))
+    uniform = float(jax.random.uniform(key, (), jnp.float32))
+    probs = np.exp(random_logits[2].astype(np.float64) / temperature)
+    cdf = np.cumsum(probs / probs.sum())
+    expected = int(np.searchsorted(cdf, uniform, side="right"))  # the first token whose cdf passes it
     assert output.token_ids[0] == expected
+
+
+def test_a_seeded_row_draws_the_same_token_in_a_batch_of_any_size():
+    """Prefill samples a first token in its batch, colocated in another: the draw of a seeded row
+    must not depend on how many rows the program ran (shapes change how a matmul adds up)."""
+    vocab, rows = 4096, 16
+    logits = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (rows, vocab)) * 2, np.float32)
+    params = [SamplingParams(seed=1000 + row, temperature=0.9) for row in range(rows)]
+    together = pack_sampling_batch(params, [2] * rows, list(range(rows)), 64)
+    batch_logits = jnp.asarray(np.concatenate([logits, np.zeros((64 - rows, vocab), np.float32)]))
+    crowd, _ = sample(batch_logits, together, init_penalty_state(64, vocab), jax.random.PRNGKey(0))
+    for row in range(rows):
+        alone = pack_sampling_batch([params[row]], [2], [0], 1)
+        single, _ = sample(jnp.asarray(logits[row:row + 1]), alone, init_penalty_state(1, vocab), jax.random.PRNGKey(0))
+        assert int(single.token_ids[0]) == int(crowd.token_ids[row]), row
+
+
+def test_draws_follow_the_distribution_and_never_take_a_masked_token():
+    """200,000 draws of one row over 1,000 tokens (3 of them masked by a grammar): each token's
+    frequency within 5 standard deviations of its probability, the masked ones never drawn."""
+    vocab, draws = 1000, 200_000
+    logits = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (vocab,)) * 2, np.float32)
+    allowed = np.ones(vocab, bool)
+    allowed[[0, 517, vocab - 1]] = False
+    bitmask = all_allowed_bitmask(1, vocab).view(np.uint32)
+    for token in np.flatnonzero(~allowed):
+        bitmask[0, token // 32] &= ~np.uint32(1 << (token % 32))
+    bitmask = bitmask.view(np.int32)
+    batch_rows = 500
+    counts = np.zeros(vocab, np.int64)
+    penalties = init_penalty_state(batch_rows, vocab)
+    tile = jnp.asarray(np.broadcast_to(logits, (batch_rows, vocab)))
+    mask = jnp.asarray(np.broadcast_to(bitmask.reshape(1, -1), (batch_rows, bitmask.size)))
+    params = [SamplingParams(temperature=1.0)] * batch_rows
+    for call in range(draws // batch_rows):
+        batch = pack_sampling_batch(params, [0] * batch_rows, list(range(batch_rows)), batch_rows)
+        batch = batch._replace(valid=np.zeros(batch_rows, bool))  # nothing counted: every call draws alike
+        output, penalties = sample(tile, batch, penalties, jax.random.PRNGKey(11), call, mask)
+        counts += np.bincount(np.asarray(output.token_ids), minlength=vocab)
+    probs = np.where(allowed, np.exp(logits.astype(np.float64)), 0.0)
+    probs /= probs.sum()
+    assert counts[~allowed].sum() == 0
+    spread = np.sqrt(draws * probs * (1 - probs))
+    assert np.all(np.abs(counts - draws * probs) <= 5 * spread + 1)
 
 
 def test_unseeded_rows_follow_the_engine_key():
