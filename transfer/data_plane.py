@@ -53,8 +53,9 @@ class DataPlane(Protocol):
     def forget_peer(self, address: str) -> None:
         """Drops what is cached for a peer that died, so a new peer at that address starts fresh."""
 
-    def sockets(self) -> list[zmq.Socket]:
-        """Sockets whose readiness means ``progress`` has work, for the owner's poller."""
+    def sockets(self) -> list[zmq.Socket | int]:
+        """Sockets (or file descriptors) whose readiness means ``progress`` has work or a pull
+        has landed, for the owner's poller; the list may change as peers come and go."""
 
     def progress(self) -> None:
         """Serves offers and completes pulls without blocking."""

@@ -3,13 +3,23 @@
 One transfer server per process, bound (address and transport) to the host peers dial
 (``TransferConfig.public_host``: the JAX server publishes the address it binds), and
 one long-lived connection per peer, since connection setup is where the first pull's time
-goes. A pull returns arrays at once and fills them asynchronously; ``done`` polls their
+goes. A pull returns arrays at once and fills them asynchronously; ``done`` looks at their
 readiness so the role's event loop never blocks on the network.
+
+The transfer server calls nothing back when a pull lands, so a few threads wait for the pulls'
+arrays and write to a pipe that :meth:`JaxTransferPlane.sockets` hands the owner's poll: a
+loop waiting for a pull sleeps until it lands instead of waking every millisecond to look
+(which cost half a millisecond on average per room, and CPU the other processes of a small
+host needed). The threads are kept (starting one per pull cost as much as the poll: ``start``
+waits for the new thread to run). A pull that never ends keeps its thread blocked; once all
+``LANDING_WATCHERS`` are, later pulls are seen at the owner's next wake-up (its idle timer).
 """
 
 from __future__ import annotations
 
 import datetime
+import queue
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +27,9 @@ import zmq
 from jax.experimental import transfer as jax_transfer
 
 from transfer.data_plane import DataPlaneError
+from transfer.wake_pipe import WakePipe
+
+LANDING_WATCHERS = 4
 
 
 class JaxPull:
@@ -41,6 +54,11 @@ class JaxTransferPlane:
         self._server = jax_transfer.start_transfer_server(device.client, bind, [bind])
         self.address = self._server.address()
         self._connections: dict[str, jax_transfer.TransferConnection] = {}
+        self._landed = WakePipe()
+        """Readable once a pull has landed (or failed) since the last ``progress``."""
+        self._pulls: queue.SimpleQueue[list[jax.Array] | None] = queue.SimpleQueue()
+        for i in range(LANDING_WATCHERS):  # daemons: one blocked on a pull that never ends must not hold up exit
+            threading.Thread(target=self._watch, name=f"pull-landing-{i}", daemon=True).start()
 
     def offer(self, uuid: int, arrays: Sequence[jax.Array], timeout_s: float) -> None:
         """The server holds the arrays until pulled; the timeout releases a never-pulled offer,
@@ -56,20 +74,38 @@ class JaxTransferPlane:
         if connection is None:
             connection = self._connections[address] = self._server.connect(address)
         try:
-            return JaxPull(connection.pull(uuid, list(specs)))
+            arrays = connection.pull(uuid, list(specs))
         except jax.errors.JaxRuntimeError as error:
             self._connections.pop(address, None)
             raise DataPlaneError(f"pull from {address} failed to start: {error}") from None
+        self._pulls.put(arrays)
+        return JaxPull(arrays)
+
+    def _watch(self) -> None:
+        while True:
+            arrays = self._pulls.get()
+            if arrays is None:
+                return
+            try:
+                for array in arrays:
+                    array.block_until_ready()
+            except Exception:  # the pull failed: JaxPull.result reports it to the receiver
+                pass
+            del arrays  # not kept alive until the next pull
+            self._landed.wake()
 
     def forget_peer(self, address: str) -> None:
         """Drops the connection to a peer that died, so a new peer at that address gets a fresh one."""
         self._connections.pop(address, None)
 
-    def sockets(self) -> list[zmq.Socket]:
-        return []
+    def sockets(self) -> list[zmq.Socket | int]:
+        return [self._landed.fd]
 
     def progress(self) -> None:
-        pass
+        self._landed.drain()
 
     def close(self) -> None:
         self._connections.clear()
+        for _ in range(LANDING_WATCHERS):
+            self._pulls.put(None)
+        self._landed.close()

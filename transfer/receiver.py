@@ -32,10 +32,6 @@ from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, Heartb
                                Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo, TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
-PULL_POLL_S = 0.001
-"""How often a waiting receiver looks whether an in-flight pull has completed."""
-
-
 @dataclasses.dataclass
 class Segment:
     allocation: Allocation
@@ -114,8 +110,8 @@ class Receiver:
         self.data_plane = data_plane or open_data_plane(config, self.layout.device)
         self._rooms: dict[int, ReceiverRoom] = {}
         self._poller = zmq.Poller()
-        for socket in self.data_plane.sockets():
-            self._poller.register(socket, zmq.POLLIN)
+        """The receiver's own sockets (control channels, the registry); the data plane's come and
+        go with its peers, so :meth:`sockets` asks it each time."""
         self._directory = SenderDirectory(config, self._poller)
         self._controls: dict[str, Channel[ToReceiver]] = {}
         self._liveness = Liveness(config.heartbeat_timeout_s)
@@ -177,10 +173,13 @@ class Receiver:
         del self._rooms[room]
 
     def progress(self, timeout_s: float = 0.0) -> None:
-        """Reads every socket, completes pulls, allocates for resumes and enforces every deadline."""
-        if self.pulling():
-            timeout_s = min(timeout_s, PULL_POLL_S)
-        self._poller.poll(int(timeout_s * 1000))
+        """Reads every socket, completes pulls, allocates for resumes and enforces every deadline;
+        first waits up to ``timeout_s`` for any of :meth:`sockets` (a landed pull included)."""
+        if timeout_s > 0:
+            poller = zmq.Poller()
+            for socket in self.sockets():
+                poller.register(socket, zmq.POLLIN)
+            poller.poll(int(timeout_s * 1000))
         now = time.monotonic()
         self._directory.collect()
         for address, channel in list(self._controls.items()):
@@ -200,15 +199,11 @@ class Receiver:
             for room in [r for r in self._rooms.values() if r.expired(now)]:
                 self._fail(room, f"timed out while {room.state.value}")
 
-    def sockets(self) -> list[zmq.Socket]:
-        """What ``progress`` reads. A caller that waits on several senders and receivers at once
+    def sockets(self) -> list[zmq.Socket | int]:
+        """What ``progress`` reads, a pull's landing included (the data plane makes a socket or
+        a descriptor readable). A caller that waits on several senders and receivers at once
         polls these with its own poller, then calls ``progress(0)`` on each."""
-        return [socket for socket, _ in self._poller.sockets]
-
-    def pulling(self) -> bool:
-        """A pull is in flight. Its completion makes no socket readable, so a caller waiting on
-        :meth:`sockets` wakes within ``PULL_POLL_S`` to look."""
-        return any(r.pull is not None for r in self._rooms.values())
+        return [socket for socket, _ in self._poller.sockets] + list(self.data_plane.sockets())
 
     def close(self) -> None:
         for room in list(self._rooms.values()):

@@ -53,7 +53,7 @@ from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferMode
 from transfer.poll import PollState
-from transfer.receiver import PULL_POLL_S, Receiver
+from transfer.receiver import Receiver
 
 NO_EMBEDDINGS = np.zeros((3, 0), np.int32)
 
@@ -167,7 +167,7 @@ class DecodeRole:
     def wait_limit_s(self) -> float:
         if self.engine.has_unfinished():
             return 0.0
-        return PULL_POLL_S if self.receiver.pulling() else math.inf
+        return math.inf  # a landing pull wakes the loop (its data plane's descriptor is among the sockets)
 
     def _receive(self) -> list[tuple[DecodeRecord, object]]:
         """Registers reserved requests with their prefill; returns the ones whose KV arrived."""

@@ -42,7 +42,7 @@ from transfer.config import TransferConfig
 from transfer.data_plane import open_data_plane
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
-from transfer.receiver import PULL_POLL_S, Landed, Receiver
+from transfer.receiver import Landed, Receiver
 from transfer.sender import Sender
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class PrefillRole:
     def wait_limit_s(self) -> float:
         if self.engine.has_runnable():
             return 0.0
-        return PULL_POLL_S if self.receiver.pulling() else math.inf
+        return math.inf  # a landing pull wakes the loop (its data plane's descriptor is among the sockets)
 
     def _receive(self) -> None:
         """Starts a prompt on its first embedding chunk and gives the engine each later one as it

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -29,37 +28,13 @@ from typing import Any
 
 import zmq
 
+from transfer.wake_pipe import WakePipe
+
 log = logging.getLogger(__name__)
 PUMP_INTERVAL_S = 0.002
 IDLE_WAIT_S = 0.05
 """The longest an idle loop sleeps with no event: how late deadlines, transfer timeouts, heartbeats
 (1 s apart by default) and registry lookups (retried every 50 ms) may be looked at."""
-
-
-class WakePipe:
-    """A file descriptor a zmq poll can watch, made readable from any thread."""
-
-    def __init__(self) -> None:
-        self.fd, self._write = os.pipe()
-        os.set_blocking(self.fd, False)
-        os.set_blocking(self._write, False)
-
-    def wake(self) -> None:
-        try:
-            os.write(self._write, b"w")
-        except BlockingIOError:  # the pipe is full: the loop is already woken
-            pass
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self._write)
 
 
 class RoleLoop:

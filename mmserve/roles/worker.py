@@ -43,8 +43,8 @@ class Role(Protocol):
         """The transfer sockets whose readiness gives ``step`` work, for the loop's idle wait."""
 
     def wait_limit_s(self) -> float:
-        """How long the loop may sleep for lack of events: 0 while there is compute to do, a
-        short interval while something no socket announces is awaited (a pull), else inf."""
+        """How long the loop may sleep for lack of events: 0 while there is compute to do, else
+        inf (every transfer event, a landed pull included, makes one of ``sockets`` readable)."""
 
     def pump(self) -> None:
         """Transfer progress only (heartbeats, pulls), safe to call from another thread while
