@@ -208,15 +208,20 @@ class DisaggregatedBackend:
             del self._active[request.request_id]
 
     async def _run(self, request, room, encode, prefill, decode, encode_early: bool) -> AsyncIterator[TokenEvent]:
-        """Encode and prefill are called first, then decode once prefill has taken the request.
+        """With ``encode_early`` encode and prefill are called at once, and decode once prefill
+        has taken the request; otherwise decode, then prefill, then encode if prefill's ack
+        says it needs the pictures.
 
-        With ``encode_early`` encode is called at once with prefill rather than after its ack,
-        saving a round trip, and its request is aborted when prefill's ack says it holds the
-        pictures. Decode (which reserves its pages and registers for the KV) is off the first
-        token's path, so it is called last: called first, its worker woke and ran with encode's
-        and prefill's and delayed them on a host of few cores (~1 ms of TTFT on 2), and it
-        still registers long before prefill has the KV (prefill's forward comes first). The
-        first token comes from prefill's stream, the rest from decode's."""
+        Encode called at once with prefill rather than after its ack saves a round trip; its
+        request is aborted when prefill's ack says it holds the pictures. Decode (which reserves
+        its pages and registers for the KV) is off the first token's path. When encode has work
+        to do, decode's call waits for prefill's ack: called first, its worker woke and ran with
+        encode's and prefill's and delayed them on a host of few cores, and it still registers
+        long before prefill has the KV (encode's work comes first). When prefill starts
+        computing at once (a later turn, a text prompt), decode is called first, as its call
+        would otherwise compete with prefill's forward and register after prefill read its KV
+        (which then goes through the sender's pool). The first token comes from prefill's
+        stream, the rest from decode's."""
         p, rid = request.prompt, request.request_id
         trace_context = inject()  # the router's span for this request: each role's span is its child
 
@@ -235,7 +240,7 @@ class DisaggregatedBackend:
                 timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
 
         early = asyncio.ensure_future(encode_call()) if encode_early else None
-        stream = None
+        stream = None if encode_early else decode_call()
         current = prefill
         prefilling = prefill.stub.Prefill(pb.PrefillRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
@@ -246,7 +251,7 @@ class DisaggregatedBackend:
             metadata=trace_context)
         try:
             ack = await _next(prefilling, "ack")
-            if ack.ok:
+            if ack.ok and stream is None:
                 stream = decode_call()
             if ack.ok and ack.pictures_held and early is not None:
                 await _settled(early)  # taken (or failed) first, so that the abort finds it
