@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 import pytest
 import zmq
 
 from conftest import drive
-from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode, bucket_tokens
-from transfer_payload import KV_FIELDS, payload
+from transfer import PollState, Receiver, Sender, TransferMode
+from transfer_payload import KV_FIELDS, send_rows
 
 pytestmark = pytest.mark.timeout(60)
 SLEEP_S = 10.0
@@ -25,10 +24,7 @@ def test_a_landed_pull_wakes_a_loop_sleeping_on_the_receivers_sockets(config, bo
     receiver = Receiver(config, KV_FIELDS)
     try:
         tokens = 13
-        rows = payload(KV_FIELDS, 1, tokens)
-        padding = bucket_tokens(tokens, config.block_size) - tokens
-        rows = {name: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)]) for name, a in rows.items()}
-        sender.send(1, sender.allocator.alloc(tokens), TransferInfo(TransferMode.KV, tokens, first_token=7), rows=rows)
+        send_rows(sender, config, 1, tokens)
         receiver.add(1, bootstrap.address, "prefill-0", TransferMode.KV, sender.incarnation)
         # the sender answers the registration and offers the chunk; the receiver starts pulling it
         drive([sender, receiver], lambda: receiver.poll(1) is PollState.TRANSFERRING)

@@ -13,22 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import assert_received, drive
-from transfer import PollState, Sender, TransferInfo, TransferMode, bucket_tokens
-from transfer_payload import KV_FIELDS, payload
+from transfer import PollState, TransferInfo, TransferMode
+from transfer_payload import KV_FIELDS, payload, send_rows
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def pool_written(buffers) -> bool:
     return any(np.asarray(pool).any() for pool in jax.device_get(list(buffers.pools.values())))
-
-
-def send_rows(sender: Sender, config, room: int, tokens: int, start: int = 0) -> None:
-    allocation = sender.allocator.alloc(tokens)
-    rows = {name: a[start:] for name, a in payload(KV_FIELDS, room, tokens).items()}
-    padding = bucket_tokens(tokens - start, config.block_size) - (tokens - start)
-    rows = {name: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)]) for name, a in rows.items()}
-    sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7), rows=rows, rows_start=start)
 
 
 def receive(sender, receiver, bootstrap, room: int, held: int = 0):

@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-from transfer import bucket_tokens, field
+from transfer import TransferInfo, TransferMode, bucket_tokens, field
 
 HIDDEN = 16
 LEVELS = 3
@@ -54,3 +54,13 @@ def padded_payload(fields, room: int, num_tokens: int, block_size: int) -> dict[
 def digests(arrays: dict[str, np.ndarray], num_tokens: int) -> dict[str, str]:
     return {name: hashlib.sha256(np.ascontiguousarray(np.asarray(a)[:num_tokens]).tobytes()).hexdigest()
             for name, a in sorted(arrays.items())}
+
+
+def send_rows(sender, config, room: int, tokens: int, start: int = 0) -> None:
+    """Hands ``sender`` room ``room``'s KV payload from token ``start`` on as arrays of their own
+    (as prefill gives its KV): padded to their bucket, zero past the total."""
+    allocation = sender.allocator.alloc(tokens)
+    rows = {name: a[start:] for name, a in payload(KV_FIELDS, room, tokens).items()}
+    padding = bucket_tokens(tokens - start, config.block_size) - (tokens - start)
+    rows = {name: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)]) for name, a in rows.items()}
+    sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7), rows=rows, rows_start=start)
