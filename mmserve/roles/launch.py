@@ -11,7 +11,6 @@ the router and one worker of each role as child processes on loopback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import logging
 import os
@@ -197,7 +196,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
     from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool, serve_registry
     from mmserve.roles.routing import WorkerChooser
-    from mmserve.serving.http_server import serve_http
+    from mmserve.serving.http_server import run_event_loop, serve_http
     from mmserve.serving.router import build_app
     from models.qwen3_vl_moe import load_model
     from transfer.bootstrap import BootstrapServer
@@ -225,7 +224,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
             await registry.stop(grace=1)
 
     try:
-        asyncio.run(main())
+        run_event_loop(main())
     finally:
         bootstrap.close()
     return 0

@@ -7,7 +7,6 @@ roles (encode, prefill, decode, router, all) are launched by ``mmserve.roles.lau
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Callable
@@ -110,7 +109,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 def serve_colocated(args: argparse.Namespace) -> int:
     """The HTTP API over one engine in this process: the reference the disaggregated roles must equal."""
     from mmserve.serving.colocated import ColocatedBackend
-    from mmserve.serving.http_server import serve_http
+    from mmserve.serving.http_server import run_event_loop, serve_http
     from mmserve.serving.router import build_app
 
     config = engine_config(args)
@@ -122,7 +121,7 @@ def serve_colocated(args: argparse.Namespace) -> int:
             return follow_leader("colocated", model, config, layout, lockstep)
         backend = ColocatedBackend(model, config, layout, lockstep)
         app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
-        started = asyncio.run(serve_http(app, backend, args.host, args.port, args.log_level))
+        started = run_event_loop(serve_http(app, backend, args.host, args.port, args.log_level))
     finally:
         lockstep.close()
     return 0 if started else STARTUP_FAILURE

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -23,6 +25,7 @@ from mmserve.serving.backend import Backend
 from mmserve.serving.header_timeout import HEADER_TIMEOUT_S, HeaderTimeoutProtocol
 
 log = logging.getLogger("mmserve")
+T = TypeVar("T")
 
 HEALTH_PATH = "/health"
 READY_POLL_S = 0.5
@@ -46,6 +49,18 @@ def uvicorn_config(app: Starlette, host: str, port: int, log_level: str,
                           http=HeaderTimeoutProtocol.with_timeout(header_timeout_s),
                           h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=KEEP_ALIVE_S,
                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Runs ``main`` on uvloop where it is installed (a dependency on Linux and macOS), else on
+    asyncio's own loop. The router's loop spends most of its time writing SSE chunks to client
+    sockets and reading its workers' gRPC streams, which uvloop does in C: `--role all` streamed
+    9-10% more tokens/s at concurrency 16 on the tiny model, colocated 2-4% (docs/status.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log_level: str) -> bool:

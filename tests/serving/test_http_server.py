@@ -1,9 +1,12 @@
 """The HTTP server's log: health polls (every second while the roles start, 503 until they are
-ready) are not access lines; every other request is."""
+ready) are not access lines; every other request is. Its event loop is uvloop's."""
 
+import asyncio
 import logging
 
-from mmserve.serving.http_server import HealthPollFilter
+import uvloop
+
+from mmserve.serving.http_server import HealthPollFilter, run_event_loop
 
 ACCESS_FORMAT = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access record
 
@@ -24,3 +27,13 @@ def test_other_requests_stay_in_the_access_log():
     assert keep(_access_record("/v1/chat/completions", 503))
     assert keep(_access_record("/healthz", 404))
     assert keep(logging.LogRecord("uvicorn.access", logging.INFO, __file__, 0, "no arguments", None, None))
+
+
+def test_the_server_loop_is_uvloop_and_returns_what_its_coroutine_returns():
+    async def main():
+        await asyncio.sleep(0)
+        return asyncio.get_running_loop()
+
+    loop = run_event_loop(main())
+    assert isinstance(loop, uvloop.Loop)
+    assert loop.is_closed()
