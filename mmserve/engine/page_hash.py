@@ -30,6 +30,8 @@ ROOT_KEY = b""
 TAIL_DOMAIN = b"tail:"
 """Prefixed to the parent of a partial page's key, so that no partial page's key can equal a
 full page's."""
+TOKEN_BYTES = np.dtype(np.int64).itemsize
+"""A token id's width in a key (int64, the machine's byte order)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +75,12 @@ def prompt_page_keys(prompt: PreparedPrompt, model: Model, page_size: int) -> Pa
 
 def page_key(parent: bytes, token_ids: Sequence[int], visuals: Sequence[tuple[int, bytes]]) -> bytes:
     """visuals: (offset of the visual's first token from the page's first, visual key)."""
+    return _key(parent, np.asarray(token_ids, np.int64).tobytes(), visuals)
+
+
+def _key(parent: bytes, token_bytes: bytes, visuals: Sequence[tuple[int, bytes]]) -> bytes:
     digest = hashlib.sha256(parent)
-    digest.update(np.asarray(token_ids, np.int64).tobytes())
+    digest.update(token_bytes)
     for offset, key in visuals:
         digest.update(np.int64(offset).tobytes())
         digest.update(key)
@@ -95,13 +101,17 @@ class PageKeys:
 
     def first(self, num_pages: int, token_ids: Callable[[int, int], list[int]]) -> list[bytes]:
         """Keys of pages 0..num_pages-1; ``token_ids(start, end)`` reads the sequence, whose first
-        ``num_pages`` pages must be full."""
-        size = self.page_size
-        for page in range(len(self._keys), num_pages):
-            start, end = page * size, (page + 1) * size
+        ``num_pages`` pages must be full. The new pages' tokens are read and converted at once (a
+        router keys every prompt it routes, ~70 pages for 1,100 tokens: per page it cost 5 us)."""
+        size, done = self.page_size, len(self._keys)
+        if num_pages > done:
+            raw = np.asarray(token_ids(done * size, num_pages * size), np.int64).tobytes()
+            width = size * TOKEN_BYTES
             parent = self._keys[-1] if self._keys else ROOT_KEY
-            visuals = [(v.start - start, v.key) for v in self.visuals if v.start < end and v.end > start]
-            self._keys.append(page_key(parent, token_ids(start, end), visuals))
+            for i, start in enumerate(range(done * size, num_pages * size, size)):
+                visuals = [(v.start - start, v.key) for v in self.visuals if v.start < start + size and v.end > start]
+                parent = _key(parent, raw[i * width:(i + 1) * width], visuals)
+                self._keys.append(parent)
         return self._keys[:num_pages]
 
     def tail_keys(self, page: int, num_tokens: int, token_ids: Callable[[int, int], list[int]]) -> list[bytes]:
