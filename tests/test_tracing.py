@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
