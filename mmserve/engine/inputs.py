@@ -219,7 +219,7 @@ def _expand(ids: list[int], placeholder: int, items: list[Visual], tokens_of, na
         raise ValueError(f"the prompt has {count} {name} placeholder(s) but {len(items)} {name}(s) were given")
     out: list[int] = []
     at = 0
-    for item in items:  # list.index finds each placeholder in C: a token-by-token loop cost ~0.4 ms a 1,000 tokens
+    for item in items:  # list.index finds each placeholder in C (a loop over every token: 0.35 ms for 1,200)
         found = ids.index(placeholder, at)
         out += ids[at:found]
         out += tokens_of(item)
