@@ -1,5 +1,7 @@
 """ColocatedBackend's promises without a compile: every stream ends with an event, whatever the
-engine does (raise in a step, refuse a request, stop); encoded images are decoded before the engine."""
+engine does (raise in a step, refuse a request, stop); encoded images are decoded before the engine.
+Each backend is built with ``precompile=False``: none of these runs a program, and compiling the
+whole grid before serving cost this module 5 minutes."""
 
 import asyncio
 import io
@@ -35,7 +37,7 @@ def test_a_step_that_raises_ends_every_stream_with_an_error(model, monkeypatch):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(LLMEngine, "step", broken_step)
-    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32, precompile=False))
 
     async def run():
         return await asyncio.gather(*(_events(backend, _request(model, f"r{i}")) for i in range(3)))
@@ -51,7 +53,7 @@ def test_a_step_that_raises_ends_every_stream_with_an_error(model, monkeypatch):
 
 def test_a_refused_request_gets_the_reason_and_the_engine_goes_on(model, monkeypatch):
     monkeypatch.setattr(LLMEngine, "step", lambda self: [])  # requests stay queued: nothing finishes
-    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32, precompile=False))
 
     async def run():
         first = asyncio.ensure_future(_events(backend, _request(model, "same")))
@@ -70,7 +72,7 @@ def test_a_refused_request_gets_the_reason_and_the_engine_goes_on(model, monkeyp
 
 def test_close_ends_open_streams(model, monkeypatch):
     monkeypatch.setattr(LLMEngine, "step", lambda self: [])
-    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32, precompile=False))
 
     async def run():
         stream = asyncio.ensure_future(_events(backend, _request(model, "open")))
@@ -84,7 +86,7 @@ def test_close_ends_open_streams(model, monkeypatch):
 
 def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_refused_as_invalid(model):
     """The router answers such a refusal with a 400 (the client's fault), not a 500."""
-    config = EngineConfig(num_pages=4, page_size=16, max_model_len=512)
+    config = EngineConfig(num_pages=4, page_size=16, max_model_len=512, precompile=False)
     backend = ColocatedBackend(model, config)
     prompt = prepare_prompt("word " * 100, model)
     assert 3 * 16 < len(prompt.token_ids) < config.max_model_len
@@ -107,7 +109,7 @@ def test_an_encoded_image_is_decoded_before_the_engine_and_a_broken_one_is_refus
     grid = want.images[0].grid_thw
     seen = []
     monkeypatch.setattr(LLMEngine, "add_request", lambda self, prompt, *args: seen.append(prompt) or "x")
-    backend = ColocatedBackend(model, EngineConfig(num_pages=32))
+    backend = ColocatedBackend(model, EngineConfig(num_pages=32, precompile=False))
 
     def request(raw: bytes) -> GenerateRequest:
         image = Visual(grid, source=EncodedMedia("image", raw))
