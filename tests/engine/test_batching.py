@@ -62,7 +62,8 @@ def test_preemption_under_a_tiny_page_budget_keeps_outputs(llm, reference):
     prompts = mixed_prompts(6, seed=3)
     params = greedy(24)
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    small = LLM(reference[1], num_pages=40, page_size=8, max_model_len=256, max_prefill_tokens=64)
+    small = LLM(reference[1], num_pages=40, page_size=8, max_model_len=256, max_prefill_tokens=64,
+                precompile=False)  # the grid is not what this tests: it compiles what the prompts use
     got = small.generate(prompts, params)
     assert small.engine.stats()["preemptions"] > 0
     assert [o.outputs[0].token_ids for o in got] == want

@@ -104,7 +104,8 @@ def test_preempted_structured_requests_keep_their_outputs(llm, reference):
     params = [greedy(24), constrained(), greedy(24), constrained(temperature=1.0, seed=2), greedy(24),
               constrained()]
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    small = LLM(reference[1], num_pages=40, page_size=8, max_model_len=256, max_prefill_tokens=64)
+    small = LLM(reference[1], num_pages=40, page_size=8, max_model_len=256, max_prefill_tokens=64,
+                precompile=False)  # the grid is not what this tests: it compiles what the prompts use
     got = small.generate(prompts, params)
     assert small.engine.stats()["preemptions"] > 0
     assert [o.outputs[0].token_ids for o in got] == want
