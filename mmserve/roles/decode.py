@@ -1,6 +1,8 @@
 """The decode role: reserves KV pages for a request, registers them with the prefill the router
-named, receives KV + first token, and decodes it in the continuous batch, streaming tokens back
-from the second on (prefill streamed the first to the router as soon as it sampled it).
+named, receives KV + first token, and decodes it in the continuous batch, sending tokens back
+from the second on (prefill streamed the first to the router as soon as it sampled it) on the
+router's token stream: one message per step for all of that router's requests
+(:mod:`mmserve.roles.token_stream`).
 
 Pages are reserved for the prompt and every token the request may generate, so a request here is
 never preempted: decode has no prompt embeddings to recompute it from.
@@ -22,10 +24,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import queue
 import secrets
 import threading
 
+import grpc
 import numpy as np
 from opentelemetry.context import Context
 
@@ -38,6 +40,7 @@ from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.page_hash import PageKeys, prompt_page_keys
+from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.request import Request
 from mmserve.engine.scheduler import Reservation
 from mmserve.kv_events import KVEventPublisher
@@ -45,10 +48,11 @@ from mmserve.roles.fields import kv_fields, room_rows
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
 from mmserve.roles.role_loop import RoleLoop
+from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.worker import PrefixCache, WorkerService
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
-from mmserve.tracing import extract, role_span
+from mmserve.tracing import role_span
 from models.qwen3_vl_moe import Model
 from transfer.config import TransferConfig
 from transfer.messages import TransferMode
@@ -71,8 +75,8 @@ class DecodeRecord(RoleRequest[DecodeState]):
     prefill_name: str
     prefill_incarnation: int | None
     """The incarnation of the prefill worker the router picked (None: not said)."""
-    stream: queue.Queue
-    """Events for the router's Decode call: every token, then the end or the error."""
+    stream: TokenStream
+    """The router's token stream its events go on: every token, then the end or the error."""
     page_keys: PageKeys | None = None
     """The keys of its pages at this engine's page size (None: prefix caching is off)."""
     reservation: Reservation | None = None
@@ -113,12 +117,19 @@ class DecodeRole:
         """Held by whoever touches the receiver: the loop thread or the transfer pump."""
         self.kv_tokens_received = 0
         """Prompt tokens whose KV arrived from prefill (those held already in the cache not counted)."""
+        self._unflushed: set[TokenStream] = set()
+        """Token streams with events put since the last flush."""
+        self.token_events_sent = 0
+        self.token_messages_sent = 0
+        """Events put on token streams, and the messages that carried them (one per stream per step)."""
 
-    def decode(self, request: pb.DecodeRequest, stream: queue.Queue, trace_parent: Context | None = None) -> None:
+    def decode(self, request: pb.DecodeRequest, stream: TokenStream, trace_parent: Context | None = None) -> None:
+        if stream.closed:
+            raise ValueError(f"the token stream {stream.stream_id!r} has closed")
         params = sampling_from_pb(request.sampling)
         max_len = self.engine.config.max_model_len
         if len(request.token_ids) >= max_len:
-            raise ValueError(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
+            raise RequestRejected(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
         page_keys = self._page_keys(request)
         if params.structured_output is not None:
@@ -142,6 +153,12 @@ class DecodeRole:
         return prompt_page_keys(prompt, self.engine.model, self.engine.config.page_size)
 
     def step(self) -> None:
+        try:
+            self._step()
+        finally:
+            self._flush()
+
+    def _step(self) -> None:
         self._requests.fail_overdue()
         with self.lock:
             arrived = self._receive()
@@ -156,6 +173,18 @@ class DecodeRole:
                 return
             for output in outputs:
                 self._emit(output)
+
+    def _put(self, record: DecodeRecord, event: pb.TokenEvent) -> None:
+        record.stream.put(event)
+        self._unflushed.add(record.stream)
+
+    def _flush(self) -> None:
+        """Sends what this step (or call) put on each token stream, one message per stream."""
+        for stream in self._unflushed:
+            if count := stream.flush():
+                self.token_events_sent += count
+                self.token_messages_sent += 1
+        self._unflushed.clear()
 
     def pump(self) -> None:
         with self.lock:
@@ -204,6 +233,14 @@ class DecodeRole:
     def abort(self, request_id: str) -> None:
         with self.lock:
             self._requests.finish(request_id, DecodeState.FAILED, "aborted")
+        self._flush()
+
+    def drop_stream(self, stream: TokenStream) -> None:
+        """The router that opened ``stream`` left (or hung up on it): its requests are freed."""
+        for record in [r for r in self._requests if r.stream is stream]:
+            with self.lock:
+                self._requests.finish(record.request_id, DecodeState.FAILED, "the router's token stream closed")
+        self._flush()
 
     def _release(self, record: DecodeRecord, was: DecodeState) -> None:
         """Frees what a request held in state ``was``; a failed request's stream gets the reason."""
@@ -214,7 +251,7 @@ class DecodeRole:
             elif was is DecodeState.DECODING:
                 self.engine.abort(record.request_id)  # frees its reservation; a no-op once it finished there
         if record.state is DecodeState.FAILED:
-            record.stream.put(pb.TokenEvent(request_id=record.request_id, error=record.reason))
+            self._put(record, pb.TokenEvent(request_id=record.request_id, error=record.reason))
 
     def in_flight(self) -> int:
         return len(self._requests)
@@ -238,6 +275,8 @@ class DecodeRole:
     def _health(self) -> dict:
         return self.engine.stats() | {"free_kv_blocks": self.receiver.allocator.available_blocks(),
                                       "kv_tokens_received": self.kv_tokens_received,
+                                      "token_events_sent": self.token_events_sent,
+                                      "token_messages_sent": self.token_messages_sent,
                                       "in_flight": len(self._requests), "requests": self._requests.counts()}
 
     def close(self) -> None:
@@ -274,32 +313,46 @@ class DecodeRole:
             if not output.finished:
                 return
             delta = dataclasses.replace(delta, token_ids=[], logprobs=None, text_delta="")
-        record.stream.put(event_to_pb(output.request_id, delta))
+        self._put(record, event_to_pb(output.request_id, delta))
         if output.finished:
             self._requests.finish(output.request_id, DecodeState.DONE)
 
 
 class DecodeService(WorkerService):
-    def Decode(self, request, context):
-        stream: queue.Queue = queue.Queue()
-        try:
-            self.loop.call(self.loop.role.decode, request, stream, extract(context.invocation_metadata()))
-        except ValueError as error:
-            yield pb.TokenEvent(request_id=request.request_id, error=str(error))
-            return
-        context.add_callback(lambda: self._client_gone(request.request_id, stream))
-        while True:
-            event = stream.get()
-            if event is None:
-                return
-            yield event
-            if event.finish_reason or event.error:
-                return
+    """Decode's gRPC face: ``Tokens`` opens a router's token stream, ``Decode`` takes a request whose
+    events go on the stream it names."""
 
-    def _client_gone(self, request_id: str, stream: queue.Queue) -> None:
-        """The router hung up (or the call ended): free whatever the request still holds."""
-        self.loop.call(self.loop.role.abort, request_id)
-        stream.put(None)
+    def __init__(self, loop: RoleLoop):
+        super().__init__(loop)
+        self._streams: dict[str, TokenStream] = {}
+        self._streams_lock = threading.Lock()
+
+    def Tokens(self, request, context):
+        stream = TokenStream(request.stream_id)
+        with self._streams_lock:
+            if not request.stream_id or request.stream_id in self._streams:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "a token stream needs a stream_id no other open stream on this worker has")
+            self._streams[request.stream_id] = stream
+        context.add_callback(lambda: self._stream_gone(stream))
+        yield pb.TokenEvents()  # open: the router may send requests naming it
+        while (batch := stream.next_batch()) is not None:
+            yield batch
+
+    def _stream_gone(self, stream: TokenStream) -> None:
+        """The router hung up (or left): the stream's requests free whatever they hold."""
+        with self._streams_lock:
+            if self._streams.get(stream.stream_id) is stream:
+                del self._streams[stream.stream_id]
+        stream.close()
+        self.loop.call(self.loop.role.drop_stream, stream)
+
+    def Decode(self, request, context):
+        with self._streams_lock:
+            stream = self._streams.get(request.token_stream)
+        if stream is None:
+            return pb.Ack(ok=False, error=f"no token stream {request.token_stream!r} is open on this decode worker")
+        return self.acknowledge(lambda req, parent: self.loop.role.decode(req, stream, parent), request, context)
 
 
 def decode_service(role: DecodeRole) -> DecodeService:

@@ -1,7 +1,8 @@
 """The router's backend over disaggregated workers: picks an encode/prefill/decode triple per
 request (by the routing policy, :mod:`mmserve.roles.routing`), gives all three one room id, and
 relays the first token from prefill (as soon as it is sampled, while its KV moves to decode), then
-decode's stream of the rest.
+the rest from decode, which sends every request's tokens of a step in one message on the router's
+token stream to that worker (:mod:`mmserve.roles.token_feed`).
 
 Workers register through the Registry service and repeat it as a heartbeat carrying their
 capacity and load; a worker not heard from for ``WORKER_TIMEOUT_S`` is dropped from the pool until
@@ -24,6 +25,7 @@ import grpc
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.roles.prefix_index import KVEventFeed
 from mmserve.roles.routing import Choice, WorkerChooser
+from mmserve.roles.token_feed import TokenFeed, TokenStreamLost
 from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
 from mmserve.roles.worker import MAX_MESSAGE_BYTES
 from mmserve.rpc import auth
@@ -64,6 +66,8 @@ class WorkerHandle:
     """Decode: the KV pages it reserves whole requests from and tokens per page, as it reports (0: none)."""
     kv_reserved: int = 0
     """Pages this router's requests in flight there have reserved."""
+    feed: TokenFeed | None = None
+    """Decode: this router's token stream on it."""
 
     def kv_pages_for(self, tokens: int) -> int:
         return -(-tokens // self.kv_page_size) if self.kv_page_size else 0
@@ -94,7 +98,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
     def _retire(self, worker: WorkerHandle) -> None:
         """Closes a dropped or replaced worker's channel after a grace period, in the background:
         closing at once would cancel the calls still in flight on it (an abort, a health check,
-        a decode stream), and they end by themselves against a dead peer."""
+        a token stream), and they end by themselves against a dead peer."""
         task = asyncio.get_running_loop().create_task(worker.channel.close(grace=CLOSE_GRACE_S))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -115,8 +119,10 @@ class WorkerPool(pb_grpc.RegistryServicer):
             channel = auth.async_channel(request.grpc_address, self.token, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-            current = WorkerHandle(request.role, request.name, request.grpc_address, pb_grpc.WorkerStub(channel),
-                                   channel, time.monotonic(), incarnation=request.incarnation)
+            stub = pb_grpc.WorkerStub(channel)
+            current = WorkerHandle(request.role, request.name, request.grpc_address, stub, channel, time.monotonic(),
+                                   incarnation=request.incarnation,
+                                   feed=TokenFeed(stub, request.name) if request.role == "decode" else None)
             self.workers[request.name] = current
             log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
         current.last_seen = time.monotonic()
@@ -162,6 +168,7 @@ class DisaggregatedBackend:
     def __init__(self, pool: WorkerPool):
         self.pool = pool
         self._active: dict[str, list[WorkerHandle]] = {}
+        self._aborting: set[asyncio.Task] = set()
 
     def capacity(self) -> int:
         """Requests the live prefill and decode workers hold together (encode queues its images)."""
@@ -221,9 +228,14 @@ class DisaggregatedBackend:
         computing at once (a later turn, a text prompt), decode is called first, as its call
         would otherwise compete with prefill's forward and register after prefill read its KV
         (which then goes through the sender's pool). The first token comes from prefill's
-        stream, the rest from decode's."""
+        stream, the rest from decode's token stream.
+
+        Decode learns that a request ended early (the client left, the first token finished it,
+        another role failed) from an Abort: its token stream is shared, so no call of the
+        request's own ends."""
         p, rid = request.prompt, request.request_id
         trace_context = inject()  # the router's span for this request: each role's span is its child
+        subscription = None
 
         def encode_call():
             return encode.stub.Encode(pb.EncodeRequest(
@@ -231,16 +243,20 @@ class DisaggregatedBackend:
                 videos=[visual_to_pb(v, with_source=True) for v in p.videos],
                 timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
 
-        def decode_call():
-            return decode.stub.Decode(pb.DecodeRequest(
+        async def decode_call():
+            nonlocal subscription
+            subscription = await decode.feed.subscribe(rid)
+            return await decode.stub.Decode(pb.DecodeRequest(
                 request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
                 prefill_name=prefill.name, prefill_incarnation=prefill.incarnation,
                 images=[visual_to_pb(v, with_source=False) for v in p.images],
                 videos=[visual_to_pb(v, with_source=False) for v in p.videos],
-                timeout_s=_seconds_left(request.deadline)), metadata=trace_context)
+                timeout_s=_seconds_left(request.deadline), token_stream=subscription.stream_id),
+                metadata=trace_context)
 
         early = asyncio.ensure_future(encode_call()) if encode_early else None
-        stream = None if encode_early else decode_call()
+        deciding = None if encode_early else _started(decode_call())
+        decode_ended = False  # decode ended the request itself, or was told to
         current = prefill
         prefilling = prefill.stub.Prefill(pb.PrefillRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
@@ -251,8 +267,8 @@ class DisaggregatedBackend:
             metadata=trace_context)
         try:
             ack = await _next(prefilling, "ack")
-            if ack.ok and stream is None:
-                stream = decode_call()
+            if ack.ok and deciding is None:
+                deciding = _started(decode_call())
             if ack.ok and ack.pictures_held and early is not None:
                 await _settled(early)  # taken (or failed) first, so that the abort finds it
                 await _abort_on(encode, rid)
@@ -262,13 +278,13 @@ class DisaggregatedBackend:
             elif early is not None:
                 await _settled(early)  # prefill refused: the abort below must find encode's request
             if not ack.ok:
-                await self.abort(rid)
+                decode_ended = await self.abort(rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
                 return
             current = prefill
             first = await _next(prefilling, "first")
             if first.error:
-                await self.abort(rid)
+                decode_ended = await self.abort(rid)
                 yield TokenEvent(rid, [], error=first.error)
                 return
             text = first.text_delta
@@ -276,40 +292,58 @@ class DisaggregatedBackend:
             if first.finish_reason:
                 return
             current = decode
-            async for event in stream:
+            taken = await deciding
+            if not taken.ok:
+                decode_ended = await self.abort(rid)
+                yield TokenEvent(rid, [], error=taken.error, invalid=taken.rejected)
+                return
+            async for event in subscription.events():
                 text += event.text_delta
-                yield _event(event, text)
                 if event.finish_reason or event.error:
+                    decode_ended = True
+                yield _event(event, text)
+                if decode_ended:
                     return
-        except grpc.RpcError as error:
-            if error.code() is grpc.StatusCode.UNAVAILABLE:
+        except (grpc.RpcError, TokenStreamLost) as error:
+            if error.unavailable if isinstance(error, TokenStreamLost) else error.code() is grpc.StatusCode.UNAVAILABLE:
                 await self.pool.forget(current)
             if early is not None:
                 await _settled(early)
-            await self.abort(rid)
-            yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} failed: {error.code().name}: "
-                                            f"{error.details()}")
+            decode_ended = await self.abort(rid)
+            yield TokenEvent(rid, [], error=str(error) if isinstance(error, TokenStreamLost) else
+                             f"{current.role} worker {current.name} failed: {error.code().name}: {error.details()}")
         except grpc.aio.UsageError:  # dropped as unreachable (its channel closing) while we used it
             if early is not None:
                 await _settled(early)
-            await self.abort(rid)
+            decode_ended = await self.abort(rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped as unreachable")
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
-                raise  # the client left; the relay aborts the request
+                raise  # the client left; decode is aborted below, and the relay aborts the request
             # grpc cancelled the call itself: the worker's channel was closed after its grace period
-            await self.abort(rid)
+            decode_ended = await self.abort(rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
         finally:
             prefilling.cancel()
-            if stream is not None:
-                stream.cancel()
+            if subscription is not None:
+                subscription.close()
+            if deciding is not None and not decode_ended:  # decode holds it (or is about to): free it there
+                self._in_background(_abort_after(deciding, decode, rid))
             if early is not None and not early.done():  # the client left while encode's call was out
                 early.cancel()
 
-    async def abort(self, request_id: str) -> None:
-        for worker in self._active.get(request_id, []):
+    def _in_background(self, coroutine) -> None:
+        """Runs an abort that must happen even though the request's task is being cancelled."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._aborting.add(task)
+        task.add_done_callback(self._aborting.discard)
+
+    async def abort(self, request_id: str) -> bool:
+        """Aborts the request on every worker it went to; True when there were any."""
+        workers = self._active.get(request_id, [])
+        for worker in workers:
             await _abort_on(worker, request_id)
+        return bool(workers)
 
     async def health(self) -> dict:
         roles = {}
@@ -342,6 +376,20 @@ async def _abort_on(worker: WorkerHandle, request_id: str) -> None:
         log.warning("could not abort %s on %s", request_id, worker.name)
 
 
+def _started(coroutine) -> asyncio.Task:
+    """A call's task whose failure, if nobody awaits it, is not reported as never retrieved."""
+    task = asyncio.ensure_future(coroutine)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+async def _abort_after(deciding: asyncio.Future, decode: WorkerHandle, request_id: str) -> None:
+    """Aborts the request on decode once its Decode call has been answered (an abort arriving
+    before the request would find nothing, and the request would then run to its end)."""
+    await _settled(deciding)
+    await _abort_on(decode, request_id)
+
+
 async def _next(prefilling, kind: str):
     """The next message of prefill's stream, which must be of ``kind`` ("ack", then "first")."""
     message = await prefilling.read()
@@ -355,7 +403,7 @@ async def _settled(call) -> None:
     """Waits for a call whose answer no longer matters, whatever it ends with."""
     try:
         await call
-    except (grpc.RpcError, grpc.aio.UsageError):
+    except (grpc.RpcError, grpc.aio.UsageError, TokenStreamLost):
         pass
 
 

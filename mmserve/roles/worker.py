@@ -139,7 +139,8 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``. Calls in
     either direction carry the cluster ``token``; calls without it are refused."""
     role = service.loop.role
-    # a thread per request the role holds (a Decode stream keeps its thread) and some for control calls
+    # a thread per request the role holds (a Prefill stream keeps its thread; on decode, the routers' token
+    # streams keep one each) and some for control calls
     threads = concurrent.futures.ThreadPoolExecutor(max_workers=role.capacity() + CONTROL_THREADS)
     server = grpc.server(threads, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

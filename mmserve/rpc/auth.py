@@ -97,7 +97,7 @@ class _AsyncToken:
 
 
 # Two classes, not one with both methods: grpc.aio files an interceptor under the first kind it
-# matches, so one object would never see the unary-stream calls (the decode streams).
+# matches, so one object would never see the unary-stream calls (Prefill, Tokens).
 class _AsyncUnaryToken(_AsyncToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._with_token(client_call_details), request)

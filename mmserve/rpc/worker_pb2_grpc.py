@@ -44,10 +44,15 @@ class WorkerStub:
                 request_serializer=mmserve_dot_rpc_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=mmserve_dot_rpc_dot_worker__pb2.PrefillEvent.FromString,
                 _registered_method=True)
-        self.Decode = channel.unary_stream(
+        self.Decode = channel.unary_unary(
                 '/mmserve.rpc.Worker/Decode',
                 request_serializer=mmserve_dot_rpc_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=mmserve_dot_rpc_dot_worker__pb2.TokenEvent.FromString,
+                response_deserializer=mmserve_dot_rpc_dot_worker__pb2.Ack.FromString,
+                _registered_method=True)
+        self.Tokens = channel.unary_stream(
+                '/mmserve.rpc.Worker/Tokens',
+                request_serializer=mmserve_dot_rpc_dot_worker__pb2.TokensRequest.SerializeToString,
+                response_deserializer=mmserve_dot_rpc_dot_worker__pb2.TokenEvents.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/mmserve.rpc.Worker/Abort',
@@ -82,6 +87,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -107,10 +118,15 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=mmserve_dot_rpc_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=mmserve_dot_rpc_dot_worker__pb2.PrefillEvent.SerializeToString,
             ),
-            'Decode': grpc.unary_stream_rpc_method_handler(
+            'Decode': grpc.unary_unary_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=mmserve_dot_rpc_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=mmserve_dot_rpc_dot_worker__pb2.TokenEvent.SerializeToString,
+                    response_serializer=mmserve_dot_rpc_dot_worker__pb2.Ack.SerializeToString,
+            ),
+            'Tokens': grpc.unary_stream_rpc_method_handler(
+                    servicer.Tokens,
+                    request_deserializer=mmserve_dot_rpc_dot_worker__pb2.TokensRequest.FromString,
+                    response_serializer=mmserve_dot_rpc_dot_worker__pb2.TokenEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -198,12 +214,39 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/mmserve.rpc.Worker/Decode',
             mmserve_dot_rpc_dot_worker__pb2.DecodeRequest.SerializeToString,
-            mmserve_dot_rpc_dot_worker__pb2.TokenEvent.FromString,
+            mmserve_dot_rpc_dot_worker__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmserve.rpc.Worker/Tokens',
+            mmserve_dot_rpc_dot_worker__pb2.TokensRequest.SerializeToString,
+            mmserve_dot_rpc_dot_worker__pb2.TokenEvents.FromString,
             options,
             channel_credentials,
             insecure,

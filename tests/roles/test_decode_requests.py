@@ -5,7 +5,6 @@ A structured request's schema arrives typed and starts compiling at once; one xg
 enforce is refused before anything is held. A real decode role over a real bootstrap registry
 with no prefill behind it, driven by hand."""
 
-import queue
 import time
 
 import pytest
@@ -14,6 +13,7 @@ from mmserve import SamplingParams
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.decode import DecodeRole
 from mmserve.roles.request_state import DecodeState
+from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.wire import sampling_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.structured_output import StructuredOutput
@@ -37,19 +37,16 @@ def role(request):
 
 
 def decode(role, request_id: str, room: int, params: SamplingParams = SamplingParams(max_tokens=4),
-           prompt: list[int] = list(range(3, 23))) -> queue.Queue:
-    stream: queue.Queue = queue.Queue()
+           prompt: list[int] = list(range(3, 23))) -> TokenStream:
+    stream = TokenStream("router")
     role.decode(pb.DecodeRequest(request_id=request_id, room=room, token_ids=prompt,
                                  sampling=sampling_to_pb(params), prefill_name="prefill-absent"),
                 stream)
     return stream
 
 
-def events(stream: queue.Queue) -> list[pb.TokenEvent]:
-    out = []
-    while not stream.empty():
-        out.append(stream.get_nowait())
-    return out
+def events(stream: TokenStream) -> list[pb.TokenEvent]:
+    return [event for batch in stream.sent() for event in batch.events]
 
 
 def test_aborts_while_reserving_and_receiving_free_everything_once(role):

@@ -29,6 +29,7 @@ from mmserve.engine.inputs import EncodedMedia, Visual, prepare_prompt
 from mmserve.roles.decode import DecodeRole
 from mmserve.roles.encode import EncodeRole, decoded
 from mmserve.roles.prefill import PrefillRole
+from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.wire import sampling_to_pb, visual_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from models.qwen3_vl_moe import load_model
@@ -68,7 +69,7 @@ def test_visual_rows_and_kv_stay_on_device_and_the_answer_equals_colocated(capfd
                                  "multi_modal_data": {"image": [picture(model, 1), picture(model, 2)]}}, model)
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         images = [visual_to_pb(v, with_source=False) for v in prompt.images]
-        stream, first = queue.Queue(), queue.Queue()
+        stream, first = TokenStream("router"), queue.Queue()
         decode.decode(pb.DecodeRequest(request_id="r", room=1, token_ids=prompt.token_ids,
                                        sampling=sampling_to_pb(params), prefill_name="prefill-0",
                                        prefill_incarnation=prefill.incarnation(), images=images), stream)
@@ -85,13 +86,14 @@ def test_visual_rows_and_kv_stay_on_device_and_the_answer_equals_colocated(capfd
             while time.monotonic() < deadline:
                 for role in roles:
                     role.step()
-                queued = first if not tokens else stream  # the first token comes from prefill
-                event = None if queued.empty() else queued.get_nowait()
-                if event is not None:
+                # the first token comes from prefill, the rest a step's message at a time from decode
+                events = [first.get_nowait()] if not tokens and not first.empty() else \
+                    [e for batch in stream.sent() for e in batch.events] if tokens else []
+                for event in events:
                     assert not event.error, event.error
                     tokens += list(event.token_ids)
-                    if event.finish_reason:
-                        break
+                if any(e.finish_reason for e in events):
+                    break
         moved = uploads(capfd.readouterr().err)
     finally:
         for role in roles:

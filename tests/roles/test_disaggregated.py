@@ -132,10 +132,15 @@ def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, ll
     # the same one at once can fail (PydanticUserError, seen in CI): build both kinds here first.
     ask(client, "Warm up.", [], stream=True)
     ask(client, "Warm up.", [], stream=False)
+    before = _roles(cluster)["decode"][0]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda c: ask(client, *c, stream=bool(len(c[0]) % 2)), cases))
     assert answers == [expected(llm, *c) for c in cases]
     assert _prefill(cluster)["prefix_cache_hits"] > 0  # the chat template's head
+    # Decode sent the router each step's tokens of all its requests as one message.
+    after = _roles(cluster)["decode"][0]
+    events, messages = (after[k] - before[k] for k in ("token_events_sent", "token_messages_sent"))
+    assert events >= 16 and messages < events
     _assert_all_free(cluster)
 
 
@@ -335,7 +340,8 @@ def test_a_process_without_the_cluster_secret_is_refused_everywhere_and_changes_
             _refused(lambda: stub.Check(pb.HealthRequest(), timeout=10))
             _refused(lambda: stub.Abort(pb.AbortRequest(request_id="someone-else"), timeout=10))
     with grpc.insecure_channel(_worker_address(cluster, "decode")) as channel:
-        _refused(lambda: list(pb_grpc.WorkerStub(channel).Decode(pb.DecodeRequest(request_id="x", room=1), timeout=10)))
+        _refused(lambda: list(pb_grpc.WorkerStub(channel).Tokens(pb.TokensRequest(stream_id="x"), timeout=10)))
+        _refused(lambda: pb_grpc.WorkerStub(channel).Decode(pb.DecodeRequest(request_id="x", room=1), timeout=10))
     for key in ("", other.transfer_key):
         intruder = RegistryClient(f"tcp://127.0.0.1:{cluster.bootstrap_port}", TransferConfig(secret=key))
         intruder.lookup("prefill")

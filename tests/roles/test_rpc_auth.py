@@ -19,9 +19,9 @@ class Worker(pb_grpc.WorkerServicer):
     def __init__(self):
         self.calls = 0
 
-    def Decode(self, request, context):
+    def Tokens(self, request, context):
         self.calls += 1
-        yield pb.TokenEvent(request_id=request.request_id)
+        yield pb.TokenEvents(events=[pb.TokenEvent(request_id=request.stream_id)])
 
     def Check(self, request, context):
         self.calls += 1
@@ -55,7 +55,8 @@ def test_async_client_with_the_token_reaches_a_worker_and_others_do_not(worker):
         async with make_channel() as channel:  # an asyncio channel belongs to the loop it is made in
             stub = pb_grpc.WorkerStub(channel)
             health = await stub.Check(pb.HealthRequest(), timeout=10)
-            events = [e async for e in stub.Decode(pb.DecodeRequest(request_id="r", room=1), timeout=10)]
+            events = [e for b in [b async for b in stub.Tokens(pb.TokensRequest(stream_id="r"), timeout=10)]
+                      for e in b.events]
             return health, events
 
     health, events = asyncio.run(calls(lambda: auth.async_channel(address, TOKEN)))
@@ -71,10 +72,11 @@ def test_async_client_with_the_token_reaches_a_worker_and_others_do_not(worker):
 def test_sync_client_stream_is_refused_without_the_token(worker):
     address, servicer = worker
     with auth.channel(address, TOKEN) as channel:
-        assert [e.request_id for e in pb_grpc.WorkerStub(channel).Decode(pb.DecodeRequest(request_id="s"))] == ["s"]
+        [batch] = pb_grpc.WorkerStub(channel).Tokens(pb.TokensRequest(stream_id="s"))
+        assert [e.request_id for e in batch.events] == ["s"]
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as refused:
-            list(pb_grpc.WorkerStub(channel).Decode(pb.DecodeRequest(request_id="s"), timeout=10))
+            list(pb_grpc.WorkerStub(channel).Tokens(pb.TokensRequest(stream_id="s"), timeout=10))
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert servicer.calls == 1
 

@@ -17,6 +17,7 @@ from mmserve.roles.decode import DecodeRole
 from mmserve.roles.encode import EncodeJob, EncodeRole
 from mmserve.roles.prefill import PrefillRole
 from mmserve.roles.request_state import DEADLINE_PASSED
+from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.wire import deadline_from_pb, sampling_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from models.qwen3_vl_moe import load_model
@@ -62,7 +63,7 @@ def test_decode_fails_a_request_still_waiting_for_a_slot_at_its_deadline(model, 
         pages = role.engine.stats()["free_pages"]
         streams = {}
         for request_id, room, timeout_s in (("holder", 1, 0.0), ("waiter", 2, 1.0), ("receiver", 3, 0.0)):
-            streams[request_id] = queue.Queue()
+            streams[request_id] = TokenStream()
             role.decode(pb.DecodeRequest(request_id=request_id, room=room, token_ids=list(range(3, 23)),
                                          sampling=sampling_to_pb(SamplingParams(max_tokens=4)),
                                          prefill_name="prefill-absent", timeout_s=timeout_s), streams[request_id])
@@ -117,8 +118,5 @@ def test_encode_fails_a_request_whose_rows_nobody_pulls_at_its_deadline(model, b
         role.close()
 
 
-def _drain(stream: queue.Queue) -> list[pb.TokenEvent]:
-    out = []
-    while not stream.empty():
-        out.append(stream.get_nowait())
-    return out
+def _drain(stream: TokenStream) -> list[pb.TokenEvent]:
+    return [event for batch in stream.sent() for event in batch.events]
