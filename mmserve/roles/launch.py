@@ -5,7 +5,8 @@ The router hosts two small registries besides the HTTP API: the transfer bootstr
 ``--registry-port``) where workers announce themselves. A worker serves its gRPC Worker service
 on ``--port`` and is pointed at both registries with
 ``--router-url HOST:REGISTRY_PORT`` and ``--bootstrap tcp://HOST:BOOTSTRAP_PORT``. ``all`` starts
-the router and one worker of each role as child processes on loopback.
+the router and the workers (one of each role unless ``--workers`` says more) as child processes on
+loopback.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transfer.config import ENV as TRANSFER_ENV
 from transfer.config import SECRET_FIELDS, TransferConfig
 
 log = logging.getLogger("mmserve")
+WORKER_ROLES = ("encode", "prefill", "decode")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="router: gRPC port where workers register")
     group.add_argument("--bootstrap-port", type=int, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
+    group.add_argument("--workers", type=worker_counts, default="encode=1,prefill=1,decode=1", metavar="ROLE=N,...",
+                       help="--role all: how many workers of each role it starts, e.g. prefill=2,decode=2 (a role "
+                            "not named gets one); the router routes between them (--routing-policy)")
     group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-HOSTNAME-PID: in a pod the hostname is the pod's "
                             "name, and PIDs repeat across containers)")
     group.add_argument("--mesh", default=None,
@@ -57,6 +62,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_cluster_flags(parser)
     add_config_flags(parser, TransferConfig, "transfer (moving embeddings and KV between roles)", prefix="transfer_",
                      skip=SECRET_FIELDS, env=TRANSFER_ENV)
+
+
+def worker_counts(text: str) -> dict[str, int]:
+    """``--workers``: "prefill=2,decode=2" -> workers per role, one for a role not named."""
+    counts = dict.fromkeys(WORKER_ROLES, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        role, _, count = item.partition("=")
+        if role not in counts or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected ROLE=N with ROLE one of {', '.join(WORKER_ROLES)} and N >= 1")
+        counts[role] = int(count)
+    return counts
+
+
+def worker_names(counts: dict[str, int]) -> list[tuple[str, str]]:
+    """(role, name) of each worker ``--role all`` starts: the role's name for a role's only worker,
+    ROLE-I for several."""
+    return [(role, role if n == 1 else f"{role}-{i}") for role, n in counts.items() for i in range(n)]
 
 
 def transfer_config(args: argparse.Namespace, key: str) -> TransferConfig:
@@ -239,26 +262,30 @@ def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:
 
 
 def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
-    """The router and one worker per role, as child processes on loopback, each started again if it
-    dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C stops them all."""
+    """The router and the workers (``--workers``; one per role by default), as child processes on
+    loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
+    stops them all."""
     from mmserve.roles.supervisor import Supervisor
 
     configure_logging("all", args.log_level)
     registry_port, bootstrap_port = _free_port(), _free_port()
     # --role all makes one secret for this run (a file given to it is not passed down) and hands
     # it to the children in their environment, never their argv.
-    base = [sys.executable, os.path.abspath(sys.argv[0]), *_without(_without(argv, "--role"), "--cluster-secret-file")]
+    base = [sys.executable, os.path.abspath(sys.argv[0]),
+            *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
     worker = base + ["--router-url", f"127.0.0.1:{registry_port}", "--bootstrap",
                      f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0"]
     commands = {"router": base + ["--role", "router", "--registry-port", str(registry_port),
                                   "--bootstrap-port", str(bootstrap_port)]}
-    commands |= {role: worker + ["--role", role, "--name", role] for role in ("encode", "prefill", "decode")}
+    workers = worker_names(args.workers)
+    commands |= {name: worker + ["--role", role, "--name", name] for role, name in workers}
     # Prefill and decode publish KV events (loopback, any free port, CurveZMQ keys from this run's
     # secret) so that the router knows which prompts prefill holds: a later turn of a chat then
     # asks prefill before encode instead of encoding its picture again for nothing.
     events = ["--kv-events-endpoint", "tcp://127.0.0.1:*", "--kv-events-replay-endpoint", "tcp://127.0.0.1:*"]
-    for role in ("prefill", "decode"):
-        commands[role] += events
+    for role, name in workers:
+        if role in ("prefill", "decode"):
+            commands[name] += events
     env = os.environ | ClusterCredential.generate().environment()
     env.pop(SECRET_FILE_ENV, None)
     supervisor = Supervisor(commands, env).start()

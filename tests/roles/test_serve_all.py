@@ -2,6 +2,7 @@
 as the colocated engine does, streaming or not, survives any of its processes dying, and stops
 every process it started."""
 
+import contextlib
 import json
 import os
 import re
@@ -38,17 +39,24 @@ def trace_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(all_log, trace_file):
+    with role_all(all_log, "--trace-file", str(trace_file)) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def role_all(log, *flags: str):
+    """``serve.py --role all`` on the tiny model with ``flags``, once healthy: (process, port). Stops
+    it and whatever it started when done, and when its start fails or times out."""
     port = free_port()
     process = subprocess.Popen([sys.executable, SERVE, "--role", "all", "--model", "tiny", "--port", str(port),
                                 "--num-pages", "256", "--page-size", "8", "--max-model-len", "512",
-                                "--max-prefill-tokens", "128", "--trace-file", str(trace_file),
-                                "--request-timeout", str(DEADLINE_S)],
+                                "--max-prefill-tokens", "128", "--request-timeout", str(DEADLINE_S), *flags],
                                env={k: v for k, v in os.environ.items() if k != SECRET_ENV}
                                | {"JAX_PLATFORMS": "cpu", PARENT_ENV: str(os.getpid())},
-                               stdout=open(all_log, "wb"), stderr=subprocess.STDOUT,
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
-    try:  # a start that fails or times out stops what it started too
-        _wait_healthy(process, port, all_log)
+    try:
+        _wait_healthy(process, port, log)
         yield process, port
     finally:
         if process.poll() is None:
@@ -301,3 +309,23 @@ def test_role_all_stops_every_process_it_started(server):
     process.wait(timeout=60)
     left = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
     assert left == [], "serve.py --role all left processes behind"
+
+
+def test_role_all_starts_the_workers_it_is_told_and_a_shared_prefix_goes_to_one(tmp_path):
+    """``--workers prefill=2,decode=2``: four workers register under their own names, and chats
+    sharing a long system prompt all reach the worker of each role that holds it (cache-aware
+    routing, the default policy), whose prefix cache then serves it."""
+    system = "You answer questions about pictures carefully, plainly and in full sentences. " * 4
+    with role_all(tmp_path / "workers.log", "--workers", "prefill=2,decode=2") as (process, port):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        for i, question in enumerate(("What is red?", "What is blue?", "What is green?")):
+            client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+                {"role": "system", "content": system}, {"role": "user", "content": question}])
+            if i == 0:
+                time.sleep(1.0)  # the first chat's KV events reach the router's index
+        roles = get_json(f"http://127.0.0.1:{port}/health")[1]["roles"]
+        assert sorted(w["name"] for w in roles["encode"]) == ["encode"]
+        for role in ("prefill", "decode"):
+            workers = roles[role]
+            assert sorted(w["name"] for w in workers) == [f"{role}-0", f"{role}-1"]
+            assert sorted(w["prefix_cache_hits"] > 0 for w in workers) == [False, True], workers

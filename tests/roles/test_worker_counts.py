@@ -1,0 +1,22 @@
+"""``serve.py --role all --workers``: how many workers of each role, parsed by serve.py's own parser,
+and the names they register under."""
+
+import pytest
+
+from mmserve.roles.launch import worker_names
+from mmserve.serving.cli import build_parser
+
+
+def test_roles_not_named_get_one_worker_and_several_are_numbered():
+    counts = build_parser().parse_args(["--workers", "prefill=2,decode=3"]).workers
+    assert counts == {"encode": 1, "prefill": 2, "decode": 3}
+    assert worker_names(counts) == [("encode", "encode"), ("prefill", "prefill-0"), ("prefill", "prefill-1"),
+                                    ("decode", "decode-0"), ("decode", "decode-1"), ("decode", "decode-2")]
+    assert build_parser().parse_args([]).workers == {"encode": 1, "prefill": 1, "decode": 1}
+
+
+@pytest.mark.parametrize("value", ["prefill=0", "router=2", "prefill", "decode=two", "prefill=-1"])
+def test_a_count_that_is_not_a_worker_role_and_a_positive_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["--workers", value])
+    assert refused.value.code == 2 and "--workers" in capsys.readouterr().err
