@@ -217,7 +217,8 @@ def mesh_layout(args: argparse.Namespace):
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
     from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
-    from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool, serve_registry
+    from mmserve.roles.router_backend import DisaggregatedBackend
+    from mmserve.roles.worker_pool import WorkerPool, serve_registry
     from mmserve.roles.routing import WorkerChooser
     from mmserve.serving.http_server import run_event_loop, serve_http
     from mmserve.serving.router import build_app

@@ -4,16 +4,14 @@ relays the first token from prefill (as soon as it is sampled, while its KV move
 the rest from decode, which sends every request's tokens of a step in one message on the router's
 token stream to that worker (:mod:`mmserve.roles.token_feed`).
 
-Workers register through the Registry service and repeat it as a heartbeat carrying their
-capacity and load; a worker not heard from for ``WORKER_TIMEOUT_S`` is dropped from the pool until
-it registers again. The backend's capacity (what the router's admission lets in at once) is what
-the live prefill and decode workers can hold together.
+The workers are those of the router's pool (:mod:`mmserve.roles.worker_pool`). The backend's
+capacity (what the router's admission lets in at once) is what the live prefill and decode
+workers can hold together.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import secrets
@@ -22,141 +20,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mmserve.engine.inputs import PreparedPrompt
-from mmserve.roles.prefix_index import KVEventFeed
-from mmserve.roles.routing import Choice, WorkerChooser
-from mmserve.roles.token_feed import TokenFeed, TokenStreamLost
+from mmserve.roles.token_feed import TokenStreamLost
 from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
-from mmserve.roles.worker import MAX_MESSAGE_BYTES
-from mmserve.rpc import auth
+from mmserve.roles.worker_pool import ROLES, WorkerHandle, WorkerPool
 from mmserve.rpc import worker_pb2 as pb
-from mmserve.rpc import worker_pb2_grpc as pb_grpc
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from mmserve.tracing import inject
 
 log = logging.getLogger(__name__)
-WORKER_TIMEOUT_S = 5.0
 LEAST_TIMEOUT_S = 1e-3
 """What a worker is sent for a deadline already past (0 would mean none): it frees the request at once."""
-CLOSE_GRACE_S = 30.0  # longer than any call's own timeout here (abort 10 s, health 2 s)
-ROLES = ("encode", "prefill", "decode")
-
-
-@dataclasses.dataclass
-class WorkerHandle:
-    role: str
-    name: str
-    address: str
-    stub: pb_grpc.WorkerStub
-    channel: grpc.aio.Channel
-    last_seen: float
-    capacity: int = 1
-    """Requests it holds at once, as it reports in each heartbeat."""
-    reported_in_flight: int = 0
-    """Requests it held at its last heartbeat (this router's and any other's)."""
-    in_flight: int = 0
-    """Requests this router has sent it that have not ended."""
-    page_size: int = 0
-    """Tokens per KV page (prefill and decode), as it reports; the router's page keys use it."""
-    incarnation: int = 0
-    """Its process's incarnation, as it reports: sent with each request to the role receiving from it."""
-    kv_pages: int = 0
-    kv_page_size: int = 0
-    """Decode: the KV pages it reserves whole requests from and tokens per page, as it reports (0: none)."""
-    kv_reserved: int = 0
-    """Pages this router's requests in flight there have reserved."""
-    feed: TokenFeed | None = None
-    """Decode: this router's token stream on it."""
-
-    def kv_pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.kv_page_size) if self.kv_page_size else 0
-
-    @property
-    def load(self) -> float:
-        return max(self.in_flight, self.reported_in_flight) / self.capacity
-
-
-class WorkerPool(pb_grpc.RegistryServicer):
-    def __init__(self, token: str, chooser: WorkerChooser, feed: KVEventFeed | None = None):
-        """token: the cluster's gRPC token, checked on registration (``serve_registry``) and sent
-        on every call to a worker. ``chooser`` picks a worker per request; ``feed`` (cache-aware
-        routing) follows the KV events of each worker that advertises them."""
-        self.token = token
-        self.chooser = chooser
-        self.feed = feed
-        self.prefix_routed = 0
-        """Requests sent to a prefill worker holding at least one of their pages."""
-        self.workers: dict[str, WorkerHandle] = {}
-        self.restarts = 0
-        """Workers that registered again under their name at a new address: restarted (by
-        ``--role all``, Kubernetes or a person) after they died."""
-        self._incarnations: dict[str, tuple[str, int]] = {}
-        """Every name's last (address, incarnation), dropped workers too."""
-        self._closing: set[asyncio.Task] = set()
-
-    def _retire(self, worker: WorkerHandle) -> None:
-        """Closes a dropped or replaced worker's channel after a grace period, in the background:
-        closing at once would cancel the calls still in flight on it (an abort, a health check,
-        a token stream), and they end by themselves against a dead peer."""
-        task = asyncio.get_running_loop().create_task(worker.channel.close(grace=CLOSE_GRACE_S))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-        if self.feed is not None and self.workers.get(worker.name) in (None, worker):
-            self.feed.unfollow(worker.name)
-
-    async def Register(self, request, context):
-        if request.role not in ROLES:
-            return pb.Ack(ok=False, error=f"unknown role {request.role!r}")
-        current = self.workers.get(request.name)
-        known = self._incarnations.get(request.name)
-        if current is None or current.address != request.grpc_address or current.incarnation != request.incarnation:
-            if current is not None:
-                self._retire(current)
-            if known is not None and known != (request.grpc_address, request.incarnation):
-                self.restarts += 1
-            self._incarnations[request.name] = (request.grpc_address, request.incarnation)
-            channel = auth.async_channel(request.grpc_address, self.token, options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-            stub = pb_grpc.WorkerStub(channel)
-            current = WorkerHandle(request.role, request.name, request.grpc_address, stub, channel, time.monotonic(),
-                                   incarnation=request.incarnation,
-                                   feed=TokenFeed(stub, request.name) if request.role == "decode" else None)
-            self.workers[request.name] = current
-            log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
-        current.last_seen = time.monotonic()
-        current.capacity, current.reported_in_flight = max(request.capacity, 1), request.in_flight
-        current.page_size = request.page_size
-        current.kv_pages, current.kv_page_size = request.kv_pages, request.kv_page_size
-        if self.feed is not None and request.kv_events_endpoint:
-            self.feed.follow(request.name, request.kv_events_endpoint, request.kv_events_replay_endpoint)
-        return pb.Ack(ok=True)
-
-    async def forget(self, worker: WorkerHandle) -> None:
-        """Drops a worker that cannot be reached; it is back as soon as it registers again."""
-        if self.workers.get(worker.name) is worker:
-            del self.workers[worker.name]
-            self._retire(worker)
-            log.warning("%s worker %s at %s is unreachable: dropped", worker.role, worker.name, worker.address)
-
-    def live(self, role: str) -> list[WorkerHandle]:
-        now = time.monotonic()
-        return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
-
-    def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0) -> Choice:
-        """The live worker of ``role`` the routing policy chooses for ``prompt``, among those with
-        room for ``kv_tokens`` of KV by this router's count, if any has, with the prompt's leading
-        pages it holds as far as the index knows."""
-        live = self.live(role)
-        roomy = [w for w in live if w.kv_pages - w.kv_reserved >= w.kv_pages_for(kv_tokens)]
-        choice = self.chooser.choose(role, roomy or live, prompt)
-        if choice.matched_pages and role == "prefill":
-            self.prefix_routed += 1
-        return choice
-
-    def capacity(self, role: str) -> int:
-        return sum(w.capacity for w in self.live(role))
 
 
 class DisaggregatedBackend:
@@ -419,15 +293,6 @@ def _event(message: pb.TokenEvent, text: str) -> TokenEvent:
     return TokenEvent(message.request_id, list(message.token_ids), logprobs=logprobs,
                       finish_reason=message.finish_reason or None, stop_reason=stop_reason_from_pb(message),
                       text=text, error=message.error or None)
-
-
-async def serve_registry(pool: WorkerPool, host: str, port: int) -> grpc.aio.Server:
-    """The worker registry; only callers holding the pool's cluster token may register."""
-    server = grpc.aio.server(interceptors=[auth.AsyncTokenCheck(pool.token)])
-    pb_grpc.add_RegistryServicer_to_server(pool, server)
-    server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    return server
 
 
 def _reserved_tokens(request: GenerateRequest) -> int:

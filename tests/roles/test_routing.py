@@ -152,7 +152,7 @@ def test_the_pool_keeps_each_workers_incarnation_and_counts_a_new_one_as_a_resta
     by its incarnation: the router sends the new one to receivers and counts the restart."""
     import asyncio
 
-    from mmserve.roles.router_backend import WorkerPool
+    from mmserve.roles.worker_pool import WorkerPool
     from mmserve.rpc import worker_pb2 as pb
 
     async def scenario():
@@ -177,7 +177,8 @@ def test_decode_workers_report_their_kv_and_each_request_goes_where_its_kv_fits(
     import asyncio
 
     from mmserve.engine.inputs import PreparedPrompt
-    from mmserve.roles.router_backend import DisaggregatedBackend, WorkerPool
+    from mmserve.roles.router_backend import DisaggregatedBackend
+    from mmserve.roles.worker_pool import WorkerPool
     from mmserve.rpc import worker_pb2 as pb
     from mmserve.sampling_params import SamplingParams
     from mmserve.serving.backend import GenerateRequest

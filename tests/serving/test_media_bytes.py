@@ -15,7 +15,8 @@ from PIL import Image
 from mmserve import SamplingParams
 from mmserve.engine.inputs import PreparedPrompt, Visual, with_pixels
 from mmserve.engine.rejected import RequestRejected
-from mmserve.roles.router_backend import DisaggregatedBackend, WorkerHandle, WorkerPool
+from mmserve.roles.router_backend import DisaggregatedBackend
+from mmserve.roles.worker_pool import WorkerHandle, WorkerPool
 from mmserve.roles.routing import RoutingConfig, WorkerChooser
 from mmserve.roles.wire import visual_from_pb, visual_to_pb
 from mmserve.rpc import worker_pb2 as pb

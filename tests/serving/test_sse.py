@@ -22,5 +22,5 @@ def test_a_chunk_is_one_event_of_valid_json_equal_to_the_chunk():
 
 
 def test_what_json_cannot_say_is_refused_not_written():
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError):
         sse({"value": object()})

@@ -210,7 +210,7 @@ def _plain(value: Any) -> Any:
     """What msgspec does not encode itself: numpy scalars (json.dumps took np.float64, a float)."""
     if isinstance(value, np.generic):
         return value.item()
-    raise NotImplementedError(f"cannot encode {type(value).__name__} as JSON")
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
 _JSON = msgspec.json.Encoder(enc_hook=_plain)
