@@ -50,10 +50,9 @@ class TokenStream:
     def closed(self) -> bool:
         return self._closed
 
-    def next_batch(self, timeout: float | None = None) -> pb.TokenEvents | None:
-        """The next flushed message, waiting for it; None once the stream is closed.
-        Raises ``queue.Empty`` after ``timeout`` seconds without one."""
-        return self._batches.get(timeout=timeout)
+    def next_batch(self) -> pb.TokenEvents | None:
+        """The next flushed message, waiting for it; None once the stream is closed."""
+        return self._batches.get()
 
     def sent(self) -> list[pb.TokenEvents]:
         """Every message flushed and not yet taken, without waiting (for tests and checks)."""
