@@ -259,6 +259,9 @@ class DecodeRole:
     def kv_reserve(self) -> tuple[int, int]:
         return self.engine.kv.num_reservable_pages, self.engine.kv.page_size
 
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
     def incarnation(self) -> int:
         return self._incarnation
 

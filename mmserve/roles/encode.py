@@ -205,6 +205,9 @@ class EncodeRole:
     def kv_reserve(self) -> tuple[int, int]:
         return 0, 0
 
+    def max_model_len(self) -> int:
+        return 0
+
     def incarnation(self) -> int:
         return self.sender.incarnation
 

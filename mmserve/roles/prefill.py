@@ -234,6 +234,9 @@ class PrefillRole:
     def kv_reserve(self) -> tuple[int, int]:
         return 0, 0
 
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
     def incarnation(self) -> int:
         return self.sender.incarnation
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.token_feed import TokenStreamLost
 from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
 from mmserve.roles.worker_pool import ROLES, WorkerHandle, WorkerPool
@@ -68,6 +69,9 @@ class DisaggregatedBackend:
             encode = self.pool.pick("encode").worker if visual else None
         except LookupError as error:
             yield TokenEvent(request.request_id, [], error=str(error))
+            return
+        except RequestRejected as error:  # no live worker's context holds the prompt
+            yield TokenEvent(request.request_id, [], error=str(error), invalid=True)
             return
         room = secrets.randbits(63)  # unguessable: a room id is all a transfer's peers share
         workers = [w for w in (encode, prefill, decode) if w is not None]

@@ -65,6 +65,10 @@ class Role(Protocol):
         """(pages, tokens per page) it reserves whole requests from (decode: prompt + max_tokens,
         up front); (0, 0) where it reserves none. The router admits no more than fits."""
 
+    def max_model_len(self) -> int:
+        """The context it holds (prefill, decode: its engine's max_model_len; a prompt must be
+        shorter), 0 where it holds none (encode). The router sends a prompt only where it fits."""
+
     def incarnation(self) -> int:
         """Random per process, never 0: the incarnation of its transfer sender (encode, prefill) or
         its own (decode). The router passes it to the receiving role with each request, so a room
@@ -174,7 +178,8 @@ def _register_forever(router: str, token: str, role: Role, address: str, stop: t
                     in_flight=role.in_flight(), page_size=cache.page_size if cache else 0,
                     kv_events_endpoint=cache.events_endpoint if cache else "",
                     kv_events_replay_endpoint=cache.replay_endpoint if cache else "",
-                    incarnation=role.incarnation(), kv_pages=kv_pages, kv_page_size=kv_page_size), timeout=2)
+                    incarnation=role.incarnation(), kv_pages=kv_pages, kv_page_size=kv_page_size,
+                    max_model_len=role.max_model_len()), timeout=2)
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     log.error("router %s refused the registration: not the cluster's secret", router)

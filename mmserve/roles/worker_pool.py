@@ -14,6 +14,7 @@ import time
 import grpc
 
 from mmserve.engine.inputs import PreparedPrompt
+from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.prefix_index import KVEventFeed
 from mmserve.roles.routing import Choice, WorkerChooser
 from mmserve.roles.token_feed import TokenFeed
@@ -51,6 +52,8 @@ class WorkerHandle:
     """Decode: the KV pages it reserves whole requests from and tokens per page, as it reports (0: none)."""
     kv_reserved: int = 0
     """Pages this router's requests in flight there have reserved."""
+    max_model_len: int = 0
+    """Prefill and decode: the context it holds, as it reports (0: unbounded)."""
     feed: TokenFeed | None = None
     """Decode: this router's token stream on it."""
 
@@ -114,6 +117,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
         current.capacity, current.reported_in_flight = max(request.capacity, 1), request.in_flight
         current.page_size = request.page_size
         current.kv_pages, current.kv_page_size = request.kv_pages, request.kv_page_size
+        current.max_model_len = request.max_model_len
         if self.feed is not None and request.kv_events_endpoint:
             self.feed.follow(request.name, request.kv_events_endpoint, request.kv_events_replay_endpoint)
         return pb.Ack(ok=True)
@@ -132,8 +136,17 @@ class WorkerPool(pb_grpc.RegistryServicer):
     def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0) -> Choice:
         """The live worker of ``role`` the routing policy chooses for ``prompt``, among those with
         room for ``kv_tokens`` of KV by this router's count, if any has, with the prompt's leading
-        pages it holds as far as the index knows."""
+        pages it holds as far as the index knows. Only workers whose context holds the prompt
+        are chosen; RequestRejected when live workers of ``role`` exist and none does (before
+        anything is sent: decode's own refusal would reach the client only after the first token)."""
         live = self.live(role)
+        if prompt is not None:
+            holding = [w for w in live if not w.max_model_len or len(prompt.token_ids) < w.max_model_len]
+            if live and not holding:
+                raise RequestRejected(
+                    f"the prompt has {len(prompt.token_ids)} tokens; the {role} workers' context holds "
+                    f"{max(w.max_model_len for w in live)} (prompt plus at least one generated token)")
+            live = holding
         roomy = [w for w in live if w.kv_pages - w.kv_reserved >= w.kv_pages_for(kv_tokens)]
         choice = self.chooser.choose(role, roomy or live, prompt)
         if choice.matched_pages and role == "prefill":

@@ -202,3 +202,34 @@ def test_decode_workers_report_their_kv_and_each_request_goes_where_its_kv_fits(
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_prompt_goes_only_to_workers_whose_context_holds_it_and_none_holding_it_is_a_400():
+    """Decode refusing a prompt longer than its context would answer only after prefill's first
+    token reached the client; the router knows each worker's context from its registration."""
+    import asyncio
+
+    from mmserve.engine.inputs import PreparedPrompt
+    from mmserve.roles.router_backend import DisaggregatedBackend
+    from mmserve.roles.worker_pool import WorkerPool
+    from mmserve.rpc import worker_pb2 as pb
+    from mmserve.sampling_params import SamplingParams
+    from mmserve.serving.backend import GenerateRequest
+
+    async def scenario():
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()))
+        backend = DisaggregatedBackend(pool)
+        for name, context in (("short", 64), ("long", 256)):
+            assert (await pool.Register(pb.Registration(role="decode", name=name, grpc_address=f"127.0.0.1:{context}",
+                                                        capacity=8, max_model_len=context), None)).ok
+        pool.workers["long"].in_flight = 7  # busier, but the only one holding 100 tokens
+        assert pool.pick("decode", PreparedPrompt([1] * 100, [], [])).worker.name == "long"
+        assert pool.pick("decode", PreparedPrompt([1] * 10, [], [])).worker.name == "short"
+        events = [e async for e in backend.generate(
+            GenerateRequest("r", PreparedPrompt([1] * 256, [], []), SamplingParams(max_tokens=4)))]
+        assert len(events) == 1 and events[0].invalid and "256 tokens" in events[0].error
+        assert [w.in_flight for w in pool.workers.values()] == [0, 7] and not backend._active  # noqa: SLF001
+        for task in list(pool._closing):  # noqa: SLF001
+            task.cancel()
+
+    asyncio.run(scenario())
