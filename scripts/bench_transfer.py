@@ -9,9 +9,15 @@ holds the data. *Room / pull* is the room's throughput over the raw pull's (the 
 alone) in the same run; the limit on one host is a device copy of the same bytes in one process.
 
     python scripts/bench_transfer.py [--sizes 1 4 16 64 256] [--planes jax zmq] [--reps 3]
+        [--jax-settings size=256,copies=8,raw=0 size=4,copies=8,raw=0 ...] [--at-once 1 4]
 
 Sizes are MiB; fractions time small rooms (0.015625 MiB is one 16 KiB row), where the room's
-time is latency (control round trips, program dispatches), not bytes.
+time is latency (control round trips, program dispatches), not bytes. Each ``--jax-settings``
+entry runs the jax plane again with the transfer server's knobs set so on both sides
+(``size``: ``jax_transfer_size`` in MiB, ``copies``: ``jax_parallel_copies``, ``raw``:
+``jax_raw_buffers``). ``--at-once N`` also times N rooms of the payload handed over together
+(the clock stops when the last has landed; throughput is their bytes together), next to the
+raw pulls of N such arrays at once.
 """
 
 from __future__ import annotations
@@ -44,10 +50,29 @@ BLOCK = 64
 MIB = 1 << 20
 
 
-def config_for(max_mib: int, plane: str) -> TransferConfig:
-    blocks = max_mib * MIB // TOKEN_BYTES // BLOCK
-    return TransferConfig(block_size=BLOCK, default_blocks=blocks, buffer_blocks=blocks, data_plane=plane,
-                          transfer_timeout_s=300.0, heartbeat_timeout_s=60.0, waiting_timeout_s=300.0)
+KNOBS = {"size": "jax_transfer_size", "copies": "jax_parallel_copies", "raw": "jax_raw_buffers"}
+DEFAULT_SETTING = "size=256,copies=8,raw=0"
+"""The jax transfer server's own defaults."""
+
+
+def knobs(setting: str) -> dict:
+    """``size=4,copies=8,raw=1`` as TransferConfig fields."""
+    fields = {}
+    for part in setting.split(","):
+        key, _, value = part.partition("=")
+        if key not in KNOBS:
+            raise SystemExit(f"--jax-settings: unknown knob {key!r} in {setting!r} (size, copies, raw)")
+        fields[KNOBS[key]] = (int(float(value) * MIB) if key == "size" else
+                              value.lower() in ("1", "true", "yes") if key == "raw" else int(value))
+    return fields
+
+
+def config_for(room_blocks: int, rooms: int, plane: str, setting: str = DEFAULT_SETTING) -> TransferConfig:
+    """Pools for ``rooms`` rooms at once of up to ``room_blocks`` blocks, each in one chunk."""
+    return TransferConfig(block_size=BLOCK, default_blocks=room_blocks, buffer_blocks=room_blocks * rooms,
+                          data_plane=plane,
+                          transfer_timeout_s=300.0, heartbeat_timeout_s=60.0, waiting_timeout_s=300.0,
+                          **knobs(setting))
 
 
 def rows(room: int, tokens: int) -> jax.Array:
@@ -57,7 +82,7 @@ def rows(room: int, tokens: int) -> jax.Array:
 def child(args: argparse.Namespace) -> None:
     """The sender: stages each room on "stage" (written in its pool, or as rows of their own),
     hands it over on "go"."""
-    sender = Sender(config_for(args.max_mib, args.plane), FIELDS, "bench-sender", args.bootstrap)
+    sender = Sender(config_for(args.room_blocks, args.rooms, args.plane, args.setting), FIELDS, "bench-sender", args.bootstrap)
     commands: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [commands.put(json.loads(line)) for line in sys.stdin], daemon=True).start()
     staged, live = {}, set()
@@ -84,7 +109,7 @@ def child(args: argparse.Namespace) -> None:
                     given = {"embeddings": jax.block_until_ready(padded.at[:tokens].set(rows(room, tokens)))}
                 staged[room] = (allocation, given)
                 print(json.dumps({"staged": room}), flush=True)
-            else:
+            else:  # "go"
                 allocation, given = staged.pop(room)
                 sender.send(room, allocation, TransferInfo(TransferMode.EMBEDDING, tokens), rows=given)
                 live.add(room)
@@ -96,15 +121,17 @@ def child(args: argparse.Namespace) -> None:
 
 
 class SenderProcess:
-    def __init__(self, bootstrap: str, plane: str, max_mib: int) -> None:
+    def __init__(self, bootstrap: str, plane: str, room_blocks: int, rooms: int, setting: str) -> None:
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--child", "--bootstrap", bootstrap, "--plane", plane,
-             "--max-mib", str(max_mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+             "--room-blocks", str(room_blocks), "--rooms", str(rooms), "--setting", setting], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=env)
         self.kind, self.data_address = self.expect("ready")
 
-    def send(self, **cmd) -> None:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
+    def send(self, *cmds: dict, **cmd) -> None:
+        """One command, or several written at once (the child takes them in one turn of its loop)."""
+        self.proc.stdin.write("".join(json.dumps(c) + "\n" for c in (cmds or (cmd,))))
         self.proc.stdin.flush()
 
     def expect(self, key: str):
@@ -115,42 +142,52 @@ class SenderProcess:
         self.proc.wait(timeout=30)
 
 
-def time_room(receiver: Receiver, sender: SenderProcess, bootstrap: str, room: int, tokens: int,
-              check: bool, source: str) -> float:
-    sender.send(op="stage", room=room, tokens=tokens, source=source)
-    sender.expect("staged")
-    receiver.add(room, bootstrap, "bench-sender")
-    while receiver.poll(room) is not PollState.WAITING_FOR_INPUT:
+def time_rooms(receiver: Receiver, sender: SenderProcess, bootstrap: str, rooms: list[int], tokens: int,
+               check: bool, source: str) -> float:
+    """Seconds from handing ``rooms`` over together until the receiver holds the last of them."""
+    for room in rooms:
+        sender.send(op="stage", room=room, tokens=tokens, source=source)
+        sender.expect("staged")
+        receiver.add(room, bootstrap, "bench-sender")
+    while any(receiver.poll(room) is not PollState.WAITING_FOR_INPUT for room in rooms):
         receiver.progress(0.001)
     start = time.perf_counter()
-    sender.send(op="go", room=room, tokens=tokens)
-    while not receiver.poll(room).terminal:
+    sender.send(*({"op": "go", "room": room, "tokens": tokens} for room in rooms))
+    while not all(receiver.poll(room).terminal for room in rooms):
         receiver.progress(0.001)
-    jax.block_until_ready([c.arrays for c in receiver.landed(room)[1]])
+    jax.block_until_ready([c.arrays for room in rooms for c in receiver.landed(room)[1]])
     elapsed = time.perf_counter() - start
-    if receiver.poll(room) is not PollState.SUCCESS:
-        raise RuntimeError(f"room {room} failed: {receiver.failure(room)}")
-    ended = sender.expect("done")
-    if ended != "success":
-        raise RuntimeError(f"sender ended room {room} as {ended}")
-    if check:
-        got = receiver.take(room).host("embeddings")
-        np.testing.assert_array_equal(got, np.asarray(rows(room, tokens)))
-    else:
-        receiver.forget(room)
+    for room in rooms:
+        if receiver.poll(room) is not PollState.SUCCESS:
+            raise RuntimeError(f"room {room} failed: {receiver.failure(room)}")
+    for _ in rooms:
+        ended = sender.expect("done")
+        if ended != "success":
+            raise RuntimeError(f"sender ended a room as {ended}")
+    for room in rooms:
+        if check:
+            got = receiver.take(room).host("embeddings")
+            np.testing.assert_array_equal(got, np.asarray(rows(room, tokens)))
+        else:
+            receiver.forget(room)
     return elapsed
 
 
-def time_pull(receiver: Receiver, sender: SenderProcess, uuid: int, tokens: int) -> float:
-    """The data plane alone: one offered array pulled into fresh device memory, no pools, no control."""
-    sender.send(op="offer", room=uuid, tokens=tokens)
-    sender.expect("offered")
+def time_pulls(receiver: Receiver, sender: SenderProcess, uuids: list[int], tokens: int) -> float:
+    """The data plane alone: offered arrays pulled together into fresh device memory, no pools, no control."""
+    for uuid in uuids:
+        sender.send(op="offer", room=uuid, tokens=tokens)
+        sender.expect("offered")
     start = time.perf_counter()
-    pending = receiver.data_plane.pull(sender.data_address, uuid, receiver.layout.specs(tokens))
-    while not pending.done():
+    pending = [receiver.data_plane.pull(sender.data_address, uuid, receiver.layout.specs(tokens)) for uuid in uuids]
+    while not all(p.done() for p in pending):
         time.sleep(0.0005)
-    jax.block_until_ready(pending.result())
+    jax.block_until_ready([p.result() for p in pending])
     return time.perf_counter() - start
+
+
+def tokens_of(mib: float) -> int:
+    return max(1, int(mib * MIB) // TOKEN_BYTES)
 
 
 def payload(nbytes: int) -> str:
@@ -182,49 +219,66 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=["pool", "rows"], choices=["pool", "rows"],
                         help="rooms written in the sender's pool (encode's embeddings), or given as rows of "
                         "their own and offered as they are (prefill's KV)")
+    parser.add_argument("--jax-settings", nargs="+", default=[DEFAULT_SETTING],
+                        help="the jax transfer server's knobs, one run of the jax plane each: "
+                        "size=MiB,copies=N,raw=0|1 (default: the server's own defaults)")
+    parser.add_argument("--at-once", type=int, nargs="+", default=[1],
+                        help="rooms of a payload handed over together (and raw pulls made together)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--plane", help=argparse.SUPPRESS)
-    parser.add_argument("--max-mib", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--room-blocks", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rooms", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default=DEFAULT_SETTING, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    max_mib = max(1, math.ceil(max(args.sizes)))
-    copies = {mib: copy_seconds(max(1, int(mib * MIB) // TOKEN_BYTES) * TOKEN_BYTES, args.reps) for mib in args.sizes}
+    for setting in args.jax_settings:
+        knobs(setting)  # refused before anything starts
+    room_blocks = max(math.ceil(tokens_of(mib) / BLOCK) for mib in args.sizes)
+    copies = {mib: copy_seconds(tokens_of(mib) * TOKEN_BYTES, args.reps) for mib in args.sizes}
     print(f"backend {jax.default_backend()}, {HIDDEN}-float32 rows, block {BLOCK}, median of {args.reps} "
           f"after one checked warm-up room\n")
-    print("| data plane | payload | rows from | room time | room throughput | raw pull time | raw pull | room / pull "
-          "| device copy | ratio | host memcpy |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for plane in args.planes:
-        config = config_for(max_mib, plane)
+    print("| data plane | server knobs | payload | at once | rows from | room time | room throughput | raw pull time "
+          "| raw pull | room / pull | device copy | ratio | host memcpy |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    runs = [(plane, setting) for plane in args.planes
+            for setting in (args.jax_settings if plane == "jax" else ["-"])]
+    for plane, setting in runs:
+        knob_setting = setting if plane == "jax" else DEFAULT_SETTING
+        config = config_for(room_blocks, max(args.at_once), plane, knob_setting)
         bootstrap = BootstrapServer(config).start()
         receiver = Receiver(config, FIELDS)
-        sender = SenderProcess(bootstrap.address, plane, max_mib)
+        sender = SenderProcess(bootstrap.address, plane, room_blocks, max(args.at_once), knob_setting)
         room = 0
         for mib in args.sizes:
-            tokens = max(1, int(mib * MIB) // TOKEN_BYTES)
-            rooms = {}
-            for source in args.sources:
-                times = []
-                for rep in range(args.reps + 1):
-                    room += 1
-                    seconds = time_room(receiver, sender, bootstrap.address, room, tokens, rep == 0, source)
-                    if rep:
-                        times.append(seconds)
-                rooms[source] = statistics.median(times)
-            pulls = []
-            for _ in range(args.reps + 1):
-                room += 1
-                pulls.append(time_pull(receiver, sender, room, tokens))
-            pull = statistics.median(pulls[1:])
-            nbytes = tokens * TOKEN_BYTES
-            for source, seconds in rooms.items():
-                throughput, raw, copy, memcpy = (nbytes / t / 1e9 for t in (seconds, pull, *copies[mib]))
-                print(f"| {sender.kind} | {payload(nbytes)} | {source} | {seconds * 1e3:.2f} ms "
-                      f"| {throughput:.2f} GB/s | {pull * 1e3:.2f} ms | {raw:.2f} GB/s | {throughput / raw:.2f} | {copy:.2f} GB/s | "
-                      f"{throughput / copy:.3f} | {memcpy:.2f} GB/s |", flush=True)
+            tokens = tokens_of(mib)
+            for at_once in args.at_once:
+                rooms = {}
+                for source in args.sources:
+                    times = []
+                    for rep in range(args.reps + 1):
+                        batch = list(range(room + 1, room + 1 + at_once))
+                        room += at_once
+                        seconds = time_rooms(receiver, sender, bootstrap.address, batch, tokens, rep == 0, source)
+                        if rep:
+                            times.append(seconds)
+                    rooms[source] = statistics.median(times)
+                pulls = []
+                for _ in range(args.reps + 1):
+                    batch = list(range(room + 1, room + 1 + at_once))
+                    room += at_once
+                    pulls.append(time_pulls(receiver, sender, batch, tokens))
+                pull = statistics.median(pulls[1:])
+                nbytes = tokens * TOKEN_BYTES
+                for source, seconds in rooms.items():
+                    throughput, raw = (at_once * nbytes / t / 1e9 for t in (seconds, pull))
+                    copy, memcpy = (nbytes / t / 1e9 for t in copies[mib])
+                    print(f"| {sender.kind} | {setting} | {payload(nbytes)} | {at_once} | {source} "
+                          f"| {seconds * 1e3:.2f} ms | {throughput:.2f} GB/s | {pull * 1e3:.2f} ms | {raw:.2f} GB/s "
+                          f"| {throughput / raw:.2f} | {copy:.2f} GB/s | {throughput / copy:.3f} | {memcpy:.2f} GB/s |",
+                          flush=True)
         sender.close()
         receiver.close()
         bootstrap.close()

@@ -56,9 +56,18 @@ class TransferConfig:
     """Seconds after which a silent peer is dead: its rooms fail and their blocks are freed."""
     data_plane: str = "auto"
     """Which data plane moves the arrays: "jax" (transfer server), "zmq" (raw frames) or "auto"."""
+    jax_transfer_size: int = 256 << 20
+    """Bytes the jax transfer server moves per chunk of a pull (its ``transfer_size``); a pull of
+    more is cut in chunks of this size, copied ``jax_parallel_copies`` at a time. Set on both
+    sides (docs/transfer.md has the figures)."""
+    jax_parallel_copies: int = 8
+    """Chunks the jax transfer server copies at once (its ``max_num_parallel_copies``)."""
+    jax_raw_buffers: bool = False
+    """The jax transfer server reads and writes device buffers directly (its ``use_raw_buffers``)."""
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "default_blocks", "buffer_blocks", "max_message_bytes")
+        positive = ("block_size", "default_blocks", "buffer_blocks", "max_message_bytes", "jax_transfer_size",
+                "jax_parallel_copies")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -117,9 +126,22 @@ ENV = {
     "heartbeat_interval_s": "MMSERVE_HEARTBEAT_INTERVAL",
     "heartbeat_timeout_s": "MMSERVE_HEARTBEAT_TIMEOUT",
     "data_plane": "MMSERVE_DATA_PLANE",
+    "jax_transfer_size": "MMSERVE_JAX_TRANSFER_SIZE",
+    "jax_parallel_copies": "MMSERVE_JAX_PARALLEL_COPIES",
+    "jax_raw_buffers": "MMSERVE_JAX_RAW_BUFFERS",
 }
 
-_TYPES = {"int": int, "float": float, "str": str}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _bool(raw: str) -> bool:
+    try:
+        return _BOOLS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": _bool}
 
 
 def _parse(type_name: str, raw: str, variable: str) -> Any:

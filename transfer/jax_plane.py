@@ -49,9 +49,12 @@ class JaxPull:
 class JaxTransferPlane:
     kind = "jax"
 
-    def __init__(self, host: str, device: jax.Device) -> None:
+    def __init__(self, host: str, device: jax.Device, *, transfer_size: int = 256 << 20, parallel_copies: int = 8,
+                 raw_buffers: bool = False) -> None:
         bind = f"{host}:0"
-        self._server = jax_transfer.start_transfer_server(device.client, bind, [bind])
+        self._server = jax_transfer.start_transfer_server(
+            device.client, bind, [bind], max_num_parallel_copies=parallel_copies, transfer_size=transfer_size,
+            use_raw_buffers=raw_buffers)
         self.address = self._server.address()
         self._connections: dict[str, jax_transfer.TransferConnection] = {}
         self._landed = WakePipe()

@@ -47,7 +47,8 @@ def test_cli_flags_beat_environment_beat_defaults():
 
 @pytest.mark.parametrize("bad", [{"block_size": 0}, {"default_blocks": 10, "buffer_blocks": 5},
                                  {"transfer_timeout_s": 0}, {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 5},
-                                 {"data_plane": "carrier pigeon"}])
+                                 {"data_plane": "carrier pigeon"}, {"jax_transfer_size": 0},
+                                 {"jax_parallel_copies": 0}])
 def test_nonsense_is_refused(bad):
     with pytest.raises(ValueError):
         TransferConfig(**bad)
@@ -56,3 +57,34 @@ def test_nonsense_is_refused(bad):
 def test_unparsable_environment_names_the_variable():
     with pytest.raises(ValueError, match="MMSERVE_BLOCK_SIZE"):
         TransferConfig.from_env({"MMSERVE_BLOCK_SIZE": "many"})
+
+
+def test_the_jax_servers_knobs_come_from_the_environment_and_flags():
+    config = TransferConfig.from_env({"MMSERVE_JAX_TRANSFER_SIZE": "4194304", "MMSERVE_JAX_PARALLEL_COPIES": "2",
+                                      "MMSERVE_JAX_RAW_BUFFERS": "yes"})
+    assert (config.jax_transfer_size, config.jax_parallel_copies, config.jax_raw_buffers) == (4 << 20, 2, True)
+    assert TransferConfig.from_env({"MMSERVE_JAX_RAW_BUFFERS": "0"}).jax_raw_buffers is False
+    with pytest.raises(ValueError, match="MMSERVE_JAX_RAW_BUFFERS"):
+        TransferConfig.from_env({"MMSERVE_JAX_RAW_BUFFERS": "maybe"})
+    args = transfer_parser().parse_args(["--no-jax-raw-buffers", "--jax-transfer-size", "65536"])
+    config = config_from_args(TransferConfig, args, prefix="transfer_", base=config)
+    assert (config.jax_transfer_size, config.jax_parallel_copies, config.jax_raw_buffers) == (65536, 2, False)
+
+
+def test_the_knobs_reach_the_jax_transfer_server(monkeypatch):
+    from transfer import jax_plane
+    from transfer.data_plane import open_data_plane
+
+    given = {}
+    start = jax_plane.jax_transfer.start_transfer_server
+
+    def recording(*args, **kwargs):
+        given.update(kwargs)
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(jax_plane.jax_transfer, "start_transfer_server", recording)
+    plane = open_data_plane(TransferConfig(data_plane="jax", jax_transfer_size=1 << 20, jax_parallel_copies=3,
+                                           jax_raw_buffers=True))
+    assert plane.kind == "jax"
+    assert given == {"transfer_size": 1 << 20, "max_num_parallel_copies": 3, "use_raw_buffers": True}
+    plane.close()

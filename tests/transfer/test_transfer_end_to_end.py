@@ -50,6 +50,23 @@ def test_embedding_that_fits_and_one_that_resumes_arrive_bit_exact(plane, config
     receiver.close()
 
 
+def test_rooms_arrive_bit_exact_with_the_jax_servers_knobs_set(config, bootstrap, spawn):
+    """A transfer size far below a room's bytes cuts each pull into many pieces, copied two at a
+    time from raw buffers, on both sides (the peer takes them from its environment)."""
+    config = dataclasses.replace(config, data_plane="jax", jax_transfer_size=512, jax_parallel_copies=2,
+                                 jax_raw_buffers=True)
+    sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
+    receiver = Receiver(config, EMBEDDING_FIELDS)
+    for room, tokens in ((1, 9), (2, 50)):
+        receiver.add(room, bootstrap.address, "encode-0")
+        sender.command(op="send", room=room, tokens=tokens)
+    for room, tokens in ((1, 9), (2, 50)):
+        received = receive(receiver, sender, room)
+        assert received.num_tokens == tokens
+        assert_bit_exact(received, EMBEDDING_FIELDS, room, config.block_size)
+    receiver.close()
+
+
 def test_many_rooms_from_one_sender_reach_two_receivers(config, bootstrap, spawn):
     config = dataclasses.replace(config, buffer_blocks=256)
     receivers = [spawn("receiver", config), spawn("receiver", config)]
