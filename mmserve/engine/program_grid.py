@@ -65,8 +65,14 @@ class ProgramGrid:
     def prefill_rows(self, num_chunks: int) -> int:
         return bucket(num_chunks, 1, self.config.max_prefill_seqs)
 
+    @property
+    def max_chunk_tokens(self) -> int:
+        """The largest token bucket of a prefill step: a chunk holds at most ``max_prefill_tokens``,
+        and fewer than ``max_model_len`` (which may be the smaller of the two)."""
+        return min(self.config.max_prefill_tokens, bucket(self.config.max_model_len, MIN_TOKEN_BUCKET))
+
     def prefill_tokens(self, longest_chunk: int) -> int:
-        return bucket(longest_chunk, MIN_TOKEN_BUCKET, self.config.max_prefill_tokens)
+        return bucket(longest_chunk, MIN_TOKEN_BUCKET, self.max_chunk_tokens)
 
     def prefill_fits(self, num_chunks: int, longest_chunk: int) -> bool:
         """Whether a step of these chunks stays inside the padded budget (and so inside the grid)."""
@@ -91,14 +97,15 @@ class ProgramGrid:
         return widths + [self.max_pages]
 
     def page_width(self, tokens: int) -> int:
-        """Page-table width for sequences of up to ``tokens`` tokens."""
-        return bucket(-(-int(tokens) // self.config.page_size), MIN_PAGE_BUCKET, self.max_pages)
+        """Page-table width for sequences of up to ``tokens`` tokens (a token bucket may span more
+        pages than a sequence can hold: then ``max_pages``)."""
+        return bucket(min(-(-int(tokens) // self.config.page_size), self.max_pages), MIN_PAGE_BUCKET, self.max_pages)
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, width) a prefill step can take."""
         shapes = []
         for rows in all_buckets(1, self.config.max_prefill_seqs):
-            for tokens in all_buckets(MIN_TOKEN_BUCKET, self.config.max_prefill_tokens):
+            for tokens in all_buckets(MIN_TOKEN_BUCKET, self.max_chunk_tokens):
                 if rows * tokens <= self.padded_prefill_budget:
                     shapes.append((rows, tokens, self.prefill_width(tokens)))
                 if rows == 1:
