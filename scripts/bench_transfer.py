@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transfer import (BootstrapServer, PollState, Receiver, Sender, TransferConfig,  # noqa: E402
                       TransferInfo, TransferMode, field)
+from transfer.config import ENV  # noqa: E402
 
 HIDDEN = 4096
 FIELDS = (field("embeddings", (HIDDEN,), "float32"),)
@@ -55,24 +56,23 @@ DEFAULT_SETTING = "size=256,copies=8,raw=0"
 """The jax transfer server's own defaults."""
 
 
-def knobs(setting: str) -> dict:
-    """``size=4,copies=8,raw=1`` as TransferConfig fields."""
-    fields = {}
+def knobs(setting: str) -> dict[str, str]:
+    """``size=4,copies=8,raw=1`` as the MMSERVE_* variables of those TransferConfig fields (size in
+    bytes), so the config parses and checks them as it does a server's."""
+    variables = {}
     for part in setting.split(","):
         key, _, value = part.partition("=")
         if key not in KNOBS:
             raise SystemExit(f"--jax-settings: unknown knob {key!r} in {setting!r} (size, copies, raw)")
-        fields[KNOBS[key]] = (int(float(value) * MIB) if key == "size" else
-                              value.lower() in ("1", "true", "yes") if key == "raw" else int(value))
-    return fields
+        variables[ENV[KNOBS[key]]] = str(int(float(value) * MIB)) if key == "size" else value
+    return variables
 
 
 def config_for(room_blocks: int, rooms: int, plane: str, setting: str = DEFAULT_SETTING) -> TransferConfig:
     """Pools for ``rooms`` rooms at once of up to ``room_blocks`` blocks, each in one chunk."""
-    return TransferConfig(block_size=BLOCK, default_blocks=room_blocks, buffer_blocks=room_blocks * rooms,
-                          data_plane=plane,
-                          transfer_timeout_s=300.0, heartbeat_timeout_s=60.0, waiting_timeout_s=300.0,
-                          **knobs(setting))
+    return TransferConfig.from_env(
+        knobs(setting), block_size=BLOCK, default_blocks=room_blocks, buffer_blocks=room_blocks * rooms,
+        data_plane=plane, transfer_timeout_s=300.0, heartbeat_timeout_s=60.0, waiting_timeout_s=300.0)
 
 
 def rows(room: int, tokens: int) -> jax.Array:
@@ -82,7 +82,8 @@ def rows(room: int, tokens: int) -> jax.Array:
 def child(args: argparse.Namespace) -> None:
     """The sender: stages each room on "stage" (written in its pool, or as rows of their own),
     hands it over on "go"."""
-    sender = Sender(config_for(args.room_blocks, args.rooms, args.plane, args.setting), FIELDS, "bench-sender", args.bootstrap)
+    config = config_for(args.room_blocks, args.rooms, args.plane, args.setting)
+    sender = Sender(config, FIELDS, "bench-sender", args.bootstrap)
     commands: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [commands.put(json.loads(line)) for line in sys.stdin], daemon=True).start()
     staged, live = {}, set()
@@ -125,8 +126,8 @@ class SenderProcess:
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--child", "--bootstrap", bootstrap, "--plane", plane,
-             "--room-blocks", str(room_blocks), "--rooms", str(rooms), "--setting", setting], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env)
+             "--room-blocks", str(room_blocks), "--rooms", str(rooms), "--setting", setting],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.kind, self.data_address = self.expect("ready")
 
     def send(self, *cmds: dict, **cmd) -> None:
@@ -234,8 +235,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    for setting in args.jax_settings:
-        knobs(setting)  # refused before anything starts
+    for setting in args.jax_settings:  # refused before anything starts
+        try:
+            config_for(1, 1, "jax", setting)
+        except ValueError as error:
+            raise SystemExit(f"--jax-settings {setting!r}: {error}") from None
     room_blocks = max(math.ceil(tokens_of(mib) / BLOCK) for mib in args.sizes)
     copies = {mib: copy_seconds(tokens_of(mib) * TOKEN_BYTES, args.reps) for mib in args.sizes}
     print(f"backend {jax.default_backend()}, {HIDDEN}-float32 rows, block {BLOCK}, median of {args.reps} "
