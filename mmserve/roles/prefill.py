@@ -142,14 +142,11 @@ class PrefillRole:
         with self.lock:
             self._receive()
         if self.engine.has_unfinished():
-            try:
-                outputs = self.engine.step()
+            try:  # every request finishes at its first token, which _ship streams
+                self.engine.step()
             except StepFailed as failure:
                 for request_id in failure.request_ids:
                     self._requests.finish(request_id, PrefillState.FAILED, str(failure))
-            else:
-                for output in outputs:  # its KV is in the outbox: the token goes out while the KV does
-                    self._stream_first(output)
         with self.lock:
             self._send()
 
@@ -291,9 +288,12 @@ class PrefillRole:
         return features
 
     def _ship(self, request: Request, page_table: list[int]) -> None:
-        """Called as the request finishes, before its pages are freed: copy its KV out. Only a
-        PREFILLING record has a request in the engine (leaving that state aborts it there). A copy
-        that fails fails the KV room (and so the request) and lets the engine free it."""
+        """Called as the request finishes at its first token, before its pages are freed: streams
+        that token to the router, then copies the KV out (the token does not wait for the copy:
+        ~0.7 ms of a first token's ~16 on this CPU's ``--role all``). Only a PREFILLING record has
+        a request in the engine (leaving that state aborts it there). A copy that fails fails the
+        KV room (and so the request, whose decode tells the router) and lets the engine free it."""
+        self._stream_first(RequestOutput.of(request))
         record = self._requests[request.request_id]
         record.move(PrefillState.SENDING_KV)
         n = request.num_computed
