@@ -53,12 +53,22 @@ class DataPlane(Protocol):
     def forget_peer(self, address: str) -> None:
         """Drops what is cached for a peer that died, so a new peer at that address starts fresh."""
 
-    def sockets(self) -> list[zmq.Socket | int]:
-        """Sockets (or file descriptors) whose readiness means ``progress`` has work or a pull
-        has landed, for the owner's poller; the list may change as peers come and go."""
+    def offer_sockets(self) -> list[zmq.Socket | int]:
+        """Sockets whose readiness means a peer asks for an offer: the sender's poller watches them."""
 
-    def progress(self) -> None:
-        """Serves offers and completes pulls without blocking."""
+    def serve_offers(self) -> None:
+        """Answers peers' pulls of this side's offers and drops expired offers, without blocking:
+        the sender's half of the plane."""
+
+    def pull_sockets(self) -> list[zmq.Socket | int]:
+        """Sockets (or file descriptors) whose readiness means one of this side's pulls has
+        landed, for the receiver's poller; the list may change as peers come and go."""
+
+    def collect_pulls(self) -> None:
+        """Completes this side's pulls without blocking: the receiver's half. It consumes the
+        readiness of :meth:`pull_sockets`, so only the receiver, which looks at its pulls right
+        after, calls it (a sender sharing the plane that consumed it would leave a landed pull
+        unseen until the receiver's loop woke for something else)."""
 
     def close(self) -> None: ...
 

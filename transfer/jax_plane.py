@@ -7,7 +7,7 @@ goes. A pull returns arrays at once and fills them asynchronously; ``done`` look
 readiness so the role's event loop never blocks on the network.
 
 The transfer server calls nothing back when a pull lands, so a few threads wait for the pulls'
-arrays and write to a pipe that :meth:`JaxTransferPlane.sockets` hands the owner's poll: a
+arrays and write to a pipe that :meth:`JaxTransferPlane.pull_sockets` hands the owner's poll: a
 loop waiting for a pull sleeps until it lands instead of waking every millisecond to look
 (which cost half a millisecond on average per room, and CPU the other processes of a small
 host needed). The threads are kept (starting one per pull cost as much as the poll: ``start``
@@ -58,7 +58,7 @@ class JaxTransferPlane:
         self.address = self._server.address()
         self._connections: dict[str, jax_transfer.TransferConnection] = {}
         self._landed = WakePipe()
-        """Readable once a pull has landed (or failed) since the last ``progress``."""
+        """Readable once a pull has landed (or failed) since the last ``collect_pulls``."""
         self._pulls: queue.SimpleQueue[list[jax.Array] | None] = queue.SimpleQueue()
         for i in range(LANDING_WATCHERS):  # daemons: one blocked on a pull that never ends must not hold up exit
             threading.Thread(target=self._watch, name=f"pull-landing-{i}", daemon=True).start()
@@ -101,10 +101,16 @@ class JaxTransferPlane:
         """Drops the connection to a peer that died, so a new peer at that address gets a fresh one."""
         self._connections.pop(address, None)
 
-    def sockets(self) -> list[zmq.Socket | int]:
+    def offer_sockets(self) -> list[zmq.Socket | int]:
+        return []  # the transfer server answers pulls on its own threads
+
+    def serve_offers(self) -> None:
+        pass
+
+    def pull_sockets(self) -> list[zmq.Socket | int]:
         return [self._landed.fd]
 
-    def progress(self) -> None:
+    def collect_pulls(self) -> None:
         self._landed.drain()
 
     def close(self) -> None:

@@ -189,7 +189,7 @@ class Receiver:
                     self._handle(address, message)
                 except ProtocolError as error:
                     channel.send(error.reply())
-        self.data_plane.progress()
+        self.data_plane.collect_pulls()
         self._orphans = [p for p in self._orphans if not p.done()]
         for room in [r for r in self._rooms.values() if not r.state.terminal]:
             self._advance(room, now)
@@ -203,7 +203,7 @@ class Receiver:
         """What ``progress`` reads, a pull's landing included (the data plane makes a socket or
         a descriptor readable). A caller that waits on several senders and receivers at once
         polls these with its own poller, then calls ``progress(0)`` on each."""
-        return [socket for socket, _ in self._poller.sockets] + list(self.data_plane.sockets())
+        return [socket for socket, _ in self._poller.sockets] + list(self.data_plane.pull_sockets())
 
     def close(self) -> None:
         for room in list(self._rooms.values()):

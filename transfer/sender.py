@@ -101,7 +101,7 @@ class Sender:
         self._liveness = Liveness(config.heartbeat_timeout_s)
         self._next_sweep = 0.0
         self._poller = zmq.Poller()
-        for s in (socket, self._registry.channel.socket, *self.data_plane.sockets()):
+        for s in (socket, self._registry.channel.socket, *self.data_plane.offer_sockets()):
             self._poller.register(s, zmq.POLLIN)
 
     def add(self, room: int) -> None:
@@ -180,7 +180,7 @@ class Sender:
                 if reply is not None:
                     self._channel.send(reply, identity)
             self._registry.replies()
-        self.data_plane.progress()
+        self.data_plane.serve_offers()
         now = time.monotonic()
         if now < self._next_sweep:
             return

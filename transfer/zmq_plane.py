@@ -46,7 +46,7 @@ class ZmqPull:
         self.error: str | None = None
 
     def done(self) -> bool:
-        self._plane.progress()
+        self._plane.collect_pulls()
         return self.arrays is not None or self.error is not None
 
     def result(self) -> list[jax.Array]:
@@ -105,14 +105,19 @@ class ZmqDataPlane:
         for key in [key for key in self._pulls if key[0] == address]:
             self._pulls.pop(key).error = f"peer {address} forgotten"
 
-    def sockets(self) -> list[zmq.Socket]:
-        return [self._server, *self._clients.values()]
+    def offer_sockets(self) -> list[zmq.Socket]:
+        return [self._server]
 
-    def progress(self) -> None:
+    def serve_offers(self) -> None:
         now = time.monotonic()
         for uuid in [u for u, (_, deadline) in self._offers.items() if now > deadline]:
             del self._offers[uuid]
         self._serve()
+
+    def pull_sockets(self) -> list[zmq.Socket]:
+        return list(self._clients.values())
+
+    def collect_pulls(self) -> None:
         for address, client in self._clients.items():
             self._collect(address, client)
 

@@ -11,10 +11,25 @@ import zmq
 
 from conftest import drive
 from transfer import PollState, Receiver, Sender, TransferMode
+from transfer.data_plane import open_data_plane
 from transfer_payload import KV_FIELDS, send_rows
 
 pytestmark = pytest.mark.timeout(60)
 SLEEP_S = 10.0
+
+
+def pulling(sender, receiver, config, bootstrap, name: str, tokens: int) -> int:
+    """A room whose chunk the receiver has started pulling and not seen land. A pull can land
+    within the receiver's progress that starts it (then the room is done and a new one tried)."""
+    for room in range(1, 6):
+        send_rows(sender, config, room, tokens)
+        receiver.add(room, bootstrap.address, name, TransferMode.KV, sender.incarnation)
+        # the sender answers the registration and offers the chunk; the receiver starts pulling it
+        drive([sender, receiver], lambda: receiver.poll(room) in (PollState.TRANSFERRING, PollState.SUCCESS))
+        if receiver.poll(room) is PollState.TRANSFERRING:
+            return room
+        receiver.take(room)
+    raise AssertionError("every pull landed as it started: no sleeping loop to wake")
 
 
 @pytest.mark.parametrize("plane", ["jax", "zmq"])
@@ -24,21 +39,51 @@ def test_a_landed_pull_wakes_a_loop_sleeping_on_the_receivers_sockets(config, bo
     receiver = Receiver(config, KV_FIELDS)
     try:
         tokens = 13
-        send_rows(sender, config, 1, tokens)
-        receiver.add(1, bootstrap.address, "prefill-0", TransferMode.KV, sender.incarnation)
-        # the sender answers the registration and offers the chunk; the receiver starts pulling it
-        drive([sender, receiver], lambda: receiver.poll(1) is PollState.TRANSFERRING)
+        room = pulling(sender, receiver, config, bootstrap, "prefill-0", tokens)
         start = time.monotonic()
-        while receiver.poll(1) is PollState.TRANSFERRING and time.monotonic() - start < SLEEP_S:
+        while receiver.poll(room) is PollState.TRANSFERRING and time.monotonic() - start < SLEEP_S:
             poller = zmq.Poller()  # as a process holding both would sleep (the zmq plane's sender serves pulls)
             for socket in receiver.sockets() + sender.sockets():
                 poller.register(socket, zmq.POLLIN)
             poller.poll(SLEEP_S * 1000)
             receiver.progress(0)
             sender.progress(0)
-        assert receiver.poll(1) is PollState.SUCCESS
+        assert receiver.poll(room) is PollState.SUCCESS
         assert time.monotonic() - start < SLEEP_S / 2, "the landing did not wake the poll"
-        assert receiver.take(1).num_tokens == tokens
+        assert receiver.take(room).num_tokens == tokens
     finally:
         receiver.close()
         sender.close()
+
+
+@pytest.mark.parametrize("plane", ["jax", "zmq"])
+def test_a_sender_sharing_the_receivers_plane_does_not_hide_a_landed_pull(config, bootstrap, plane):
+    """Prefill's receiver (embeddings in) and sender (KV out) share one data plane. The sender's
+    progress ran between a pull's landing and the receiver's look used to consume the landing's
+    signal, and the loop then slept through it (a first token ~50 ms late, one request in ~16
+    under ``--role all``)."""
+    # no heartbeat meanwhile: the landing alone must wake the poll
+    config = dataclasses.replace(config, data_plane=plane, heartbeat_interval_s=30.0, heartbeat_timeout_s=60.0)
+    encode = Sender(config, KV_FIELDS, "encode-0", bootstrap.address)
+    shared = open_data_plane(config)
+    receiver = Receiver(config, KV_FIELDS, data_plane=shared)
+    kv_sender = Sender(config, KV_FIELDS, "prefill-0", bootstrap.address, data_plane=shared)
+    try:
+        room = pulling(encode, receiver, config, bootstrap, "encode-0", 13)
+        serve_until = time.monotonic() + 0.5  # the pull lands meanwhile (the zmq plane's needs encode to serve it)
+        while time.monotonic() < serve_until:
+            encode.progress(0.01)
+        kv_sender.progress(0)
+        poller = zmq.Poller()
+        for socket in receiver.sockets() + kv_sender.sockets():
+            poller.register(socket, zmq.POLLIN)
+        start = time.monotonic()
+        poller.poll(SLEEP_S * 1000)
+        assert time.monotonic() - start < SLEEP_S / 2, "the landed pull no longer wakes the receiver's poll"
+        receiver.progress(0)
+        assert receiver.poll(room) is PollState.SUCCESS
+    finally:
+        receiver.close()
+        kv_sender.close()
+        shared.close()
+        encode.close()
