@@ -71,7 +71,10 @@ class RoleLoop:
 
     def _pump_forever(self) -> None:
         """Pumps only while a step runs (an idle loop waits on the sockets itself). What it read
-        may be news to a loop that has just gone to sleep: then it wakes the loop."""
+        (a landed pull, a message) is news the running step may already have looked past, and the
+        socket it came on is no longer readable: so it wakes the loop, which looks again before it
+        sleeps. (It woke the loop only when the step had ended meanwhile, and a worker slept
+        through a landing the pump had read during a step until its idle timer.)"""
         while not self._stop.is_set():
             self._awake.wait()
             if self._stepping:
@@ -79,8 +82,7 @@ class RoleLoop:
                     self.role.pump()
                 except Exception:
                     log.exception("%s transfer pump failed", self.role.role)
-                if not self._stepping:
-                    self._wake.wake()
+                self._wake.wake()
             self._stop.wait(PUMP_INTERVAL_S)
 
     def _run(self) -> None:

@@ -124,3 +124,45 @@ def test_stop_wakes_an_idle_loop(long_idle_wait):
     start = time.monotonic()
     loop.stop()
     assert time.monotonic() - start < 1.0
+
+
+class PumpingRole(SocketRole):
+    """A role whose pump reads its socket (as a worker's pump reads transfer messages and landed
+    pulls) and whose step takes what the pump read; its second step is long."""
+
+    def __init__(self):
+        super().__init__(busy_steps=2)
+        self.arrived: list[bytes] = []
+
+    def step(self) -> None:
+        self.steps += 1
+        with self.lock:
+            self.received += [(message, time.monotonic()) for message in self.arrived]
+            self.arrived.clear()
+        if self.steps == 2:
+            time.sleep(0.3)
+
+    def pump(self) -> None:
+        with self.lock:
+            while self.inside.poll(0):
+                self.arrived.append(self.inside.recv())
+
+
+def test_news_the_pump_read_during_a_step_is_taken_before_the_loop_sleeps(long_idle_wait):
+    """A message arrives during a long step, after that step looked; the pump reads it, so the
+    socket is quiet when the loop goes to sleep: the loop must look again rather than sleep
+    through it until its idle timer."""
+    role = PumpingRole()
+    loop = RoleLoop(role).start()
+    deadline = time.monotonic() + 2.0
+    while role.steps < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.1)  # inside the long second step
+    sent = time.monotonic()
+    role.outside.send(b"landed")
+    deadline = sent + 3.0
+    while not role.received and time.monotonic() < deadline:
+        time.sleep(0.005)
+    loop.stop()
+    assert role.arrived == [] and role.received and role.received[0][0] == b"landed"
+    assert role.received[0][1] - sent < 1.0, "the loop slept through what its pump read"
