@@ -293,8 +293,8 @@ class PrefillRole:
         ~0.7 ms of a first token's ~16 on this CPU's ``--role all``). Only a PREFILLING record has
         a request in the engine (leaving that state aborts it there). A copy that fails fails the
         KV room (and so the request, whose decode tells the router) and lets the engine free it."""
-        self._stream_first(RequestOutput.of(request))
         record = self._requests[request.request_id]
+        self._stream_first(record, RequestOutput.of(request))
         record.move(PrefillState.SENDING_KV)
         n = request.num_computed
         if not self.sender.allocator.can_ever_hold(n):  # waiting for blocks would never help
@@ -319,16 +319,13 @@ class PrefillRole:
         info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
         self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}, rows_start=start))
 
-    def _stream_first(self, output: RequestOutput) -> None:
+    def _stream_first(self, record: PrefillRecord, output: RequestOutput) -> None:
         """Streams the first token to the router as decode would have streamed it (decode streams
         from the second token on). Prefill's engine stops every request after its first token
         (``max_tokens=1``); that "length" finish is the request's own only when the request may
         generate one token (decode caps ``max_tokens`` at the context left, as the engine here
         does): otherwise the event is an unfinished request's, its text held back as far as a
         stop string could still reach."""
-        record = self._requests.get(output.request_id)
-        if record is None or record.first_sent:
-            return
         completion = output.outputs[0]
         may_generate = min(record.params.max_tokens, self.engine.config.max_model_len - len(record.prompt.token_ids))
         if completion.finish_reason == FinishReason.LENGTH and may_generate > 1:
