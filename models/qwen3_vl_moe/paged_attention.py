@@ -27,7 +27,16 @@ of two of :data:`BLOCK_TOKENS`): a small batch of narrow heads otherwise pays th
 cost on tiny blocks. On CPU (scripts/bench_attention.py) no one size wins every shape: large
 batches' decode likes 32-64 keys, one row of the bench shape (256 bytes a key) a single block of
 2048; this rule gives 64 keys at 8-32 rows of the 30b layer, 128 at one row, 1024 at one row of
-the bench shape."""
+the bench shape (decode)."""
+SCORE_BYTES = 8 * 1024 * 1024
+"""A block's fp32 scores over the whole batch (rows x query heads x queries x keys), in bytes, that
+:func:`attend` stops growing a block at. Decode's scores are smaller than its keys, and a fresh prompt
+of up to 512 tokens still fits its table in one block, so this bounds only long chunks continuing a
+context: they run in a table of their bucket's width (up to 4x what they reach), and smaller blocks
+let the loop stop after the last query's block instead of scoring blocks of keys no query sees.
+``scripts/bench_attention.py --reach``: a 512-token chunk reaching 30-100% of a 2048-key table ran
+1.2-1.5x faster in 512-key blocks than in 1024 (bench shape), 1.6-3x in 1024 than in 2048 (tiny);
+the 30b shape keeps its 128 keys (64 were slower)."""
 
 
 def token_slots(page_tables, starts, lengths, num_tokens: int, page_size: int, num_pages: int):
@@ -64,9 +73,7 @@ def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_toke
     g = heads // kv_heads
     width = page_tables.shape[1]
     if block_tokens is None:
-        block_tokens = BLOCK_TOKENS
-        while 2 * block_tokens * b * kv_heads * d * k_layer.dtype.itemsize <= BLOCK_BYTES:
-            block_tokens *= 2
+        block_tokens = default_block_tokens(b, t, heads, kv_heads, d, k_layer.dtype.itemsize)
     block_pages = max(1, min(block_tokens // page_size, width))
     num_blocks = -(-width // block_pages)
     if num_blocks * block_pages > width:  # the last block reads page 0 past the table: masked below
@@ -105,6 +112,16 @@ def attend(q, k_layer, v_layer, page_tables, query_pos, scale: float, block_toke
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     out = out.reshape(b, kv_heads, t, g, d).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, heads * d).astype(q.dtype)
+
+
+def default_block_tokens(rows: int, queries: int, heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Keys a block of :func:`attend` holds: :data:`BLOCK_TOKENS`, doubled while the batch's keys of
+    a block stay within :data:`BLOCK_BYTES` and its scores within :data:`SCORE_BYTES`."""
+    tokens = BLOCK_TOKENS
+    while (2 * tokens * rows * kv_heads * head_dim * itemsize <= BLOCK_BYTES
+           and 2 * tokens * rows * heads * queries * 4 <= SCORE_BYTES):
+        tokens *= 2
+    return tokens
 
 
 def attend_dense(q, k_layer, v_layer, page_tables, query_pos, scale: float):
