@@ -94,7 +94,7 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
-        self.scheduler = Scheduler(self.config, self.kv, self.runner.grid)
+        self.scheduler = Scheduler(self.config, self.kv, self.runner.grid, decodes="decode" in programs)
         self.kv_events = kv_events
         if kv_events is not None:
             self.kv.record_events()
@@ -337,7 +337,7 @@ class LLMEngine:
         prefilled = self._prefilled.pop(request.request_id)
         self.scheduler.add_reserved(request, prefilled.slot)
         self._append(request, prefilled.first)
-        self.runner.load_slot(request)
+        self._load_slots([request])
         output = RequestOutput.of(request)
         if request.finish is not None:
             self.scheduler.finish(request)
@@ -363,9 +363,7 @@ class LLMEngine:
     def _run(self, step: Step) -> list[tuple[Request, tuple]]:
         """Runs the model over the step and samples; returns (request, sampled row) pairs."""
         if step.prefill:
-            for chunk in step.prefill:
-                if chunk.first:
-                    self.runner.load_slot(chunk.request)
+            self._load_slots(ch.request for ch in step.prefill)
             tables = [self.kv.page_table(ch.request.request_id) for ch in step.prefill]
             self.runner.prefill(step.prefill, tables)
             for chunk in step.prefill:
@@ -373,6 +371,7 @@ class LLMEngine:
                 self.scheduler.cache_computed(chunk.request)
             samplers = [ch.request if ch.completes else None for ch in step.prefill]
         else:
+            self._load_slots(step.decode)  # a request admitted with all but its last token cached
             tables = [self.kv.page_table(r.request_id) for r in step.decode]
             self.runner.decode(step.decode, tables)
             for request in step.decode:
@@ -387,6 +386,13 @@ class LLMEngine:
                                self.model.config.text.vocab_size)
         out = self.runner.sample(samplers, bitmask)
         return [(r, _row(out, i)) for i, r in enumerate(samplers) if r is not None]
+
+    def _load_slots(self, requests) -> None:
+        """Loads the sampling slot of each request admitted into a slot since its last step."""
+        for request in requests:
+            if not request.slot_loaded:
+                self.runner.load_slot(request)
+                request.slot_loaded = True
 
     def _append(self, request: Request, row: tuple) -> None:
         token, logprob, top_ids, top_logprobs = row

@@ -50,6 +50,7 @@ class Request:
     num_computed: int = 0
     status: Status = Status.WAITING
     slot: int | None = None
+    slot_loaded: bool = False  # its sampling slot (penalties) holds its tokens; loaded before its first row runs
     text: str = ""
     text_stream: TextStream | None = None  # the engine's incremental decoder of output_ids into text
     finish: Finish | None = None
@@ -60,12 +61,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def prefilling(self) -> bool:
-        """More than one token lacks its KV: a fresh or preempted request. With one left, a decode
-        step (a one-token prefill) finishes it."""
-        return self.num_computed < self.num_tokens - 1
 
     def ready_until(self, start: int) -> int:
         """The end of the run of tokens from ``start`` whose inputs are all here: visual rows still

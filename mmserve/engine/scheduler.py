@@ -14,6 +14,13 @@ its last token is always computed, so that there are logits to sample. Its pages
 cache as they fill (:meth:`Scheduler.cache_computed`). A prompt whose first page another prompt is
 computing right now (``n`` siblings, a burst sharing a system prompt) waits for those pages rather
 than computing them again beside it: it shares them from the cache a step later.
+
+A running request's last token without KV is computed by a decode row (a one-token prefill) when
+the engine decodes and the token is not a picture's placeholder (a decode row has no visual input).
+So a prompt found cached but for its last token (asked again after a short answer: its tail holds
+the rest) is admitted straight into the running batch, and a burst of them runs as one decode step,
+not a one-row prefill step each. An engine that only prefills (the prefill role) computes every prompt
+token, the last included, in prefill steps: it has no decode program.
 """
 
 from __future__ import annotations
@@ -34,8 +41,6 @@ class PrefillChunk:
     request: Request
     start: int
     length: int
-    first: bool = False
-    """The request's first chunk since admission (its sampling slot is loaded before it runs)."""
 
     @property
     def completes(self) -> bool:
@@ -74,8 +79,10 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, grid: ProgramGrid):
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, grid: ProgramGrid, decodes: bool = True):
+        """decodes: the engine runs decode steps (it has their programs)."""
         self.config = config
+        self.decodes = decodes
         self.kv = kv
         self.grid = grid
         self.waiting: collections.deque[Request] = collections.deque()
@@ -102,14 +109,13 @@ class Scheduler:
         return any(not r.blocked for r in (*self.waiting, *self.running))
 
     def schedule(self) -> Step | None:
-        decodable = [r for r in self.running if not r.prefilling and not r.blocked]
-        if not (self._last_was_prefill and decodable):
+        if not (self._last_was_prefill and self._decodable()):
             chunks = self._schedule_prefill()
             if chunks:
                 self._last_was_prefill = True
                 return Step(prefill=chunks)
         self._last_was_prefill = False
-        batch = self._schedule_decode(decodable)
+        batch = self._schedule_decode(self._decodable())
         if batch:
             return Step(decode=batch)
         chunks = self._schedule_prefill()
@@ -143,7 +149,7 @@ class Scheduler:
     def add_reserved(self, request: Request, slot: int) -> None:
         """Admits a request into the pages and slot reserved for it."""
         self._reserved_tails.pop(request.request_id, None)
-        request.slot = slot
+        request.slot, request.slot_loaded = slot, False
         request.status = Status.RUNNING
         self.running.append(request)
 
@@ -166,8 +172,9 @@ class Scheduler:
         chunks: list[PrefillChunk] = []
         # A waiting request whose cached pages are pinned for it goes first: its pins shrink the
         # pool for every other request, and it fits alone, as it did before it was preempted.
-        candidates = [r for r in self.running if r.prefilling] + sorted(self.waiting, key=lambda r: not r.pinned)
-        computing = {self._first_page_key(r) for r in self.running if r.prefilling} - {None}
+        prefilling = [r for r in self.running if not self._decodes_next(r, r.num_computed)]
+        candidates = prefilling + sorted(self.waiting, key=lambda r: not r.pinned)
+        computing = {self._first_page_key(r) for r in prefilling} - {None}
         for request in candidates:
             if len(chunks) == self.config.max_prefill_seqs or budget == 0:
                 break
@@ -176,6 +183,11 @@ class Scheduler:
             if admits and not held.pages and self._first_page_key(request) in computing:
                 continue  # another prompt computes its first page now: take that from the cache later
             start = held.num_tokens if admits else request.num_computed
+            if admits and start and self._decodes_next(request, start):  # all but its last token cached
+                if not self._free_slots or not self.kv.can_allocate(start + 1, held.pages, held.tail):
+                    break
+                self._admit(request, start + 1, held)  # its last token runs in the next decode step
+                continue
             length = min(request.ready_until(start) - start, budget)
             if length <= 0:
                 continue  # its next token waits for a visual row still arriving
@@ -187,7 +199,7 @@ class Scheduler:
                 self._admit(request, start + length, held)
             elif not self._grow(request, start + length):
                 break
-            chunks.append(PrefillChunk(request, start, length, first=admits))
+            chunks.append(PrefillChunk(request, start, length))
             computing |= {self._first_page_key(request)} - {None}
             budget -= length
         return chunks
@@ -224,6 +236,16 @@ class Scheduler:
             return None
         return next(iter(request.page_keys.shareable(request.num_tokens, request.token_ids)), None)
 
+    def _decodable(self) -> list[Request]:
+        return [r for r in self.running if self._decodes_next(r, r.num_computed) and not r.blocked]
+
+    def _decodes_next(self, request: Request, start: int) -> bool:
+        """Whether a decode row computes the request's tokens from ``start``: only its last is left,
+        this engine decodes, and it is not a picture's placeholder."""
+        if start < request.num_tokens - 1 or not self.decodes:
+            return False
+        return start >= len(request.prompt_ids) or request.visual is None or not request.visual.in_span(start, start + 1)
+
     def _joins(self, chunks: list[PrefillChunk], start: int, length: int) -> bool:
         """Whether a chunk [start, start + length) of a prompt may join the step: its padded size
         stays in the program grid, and a chunk that continues a prompt (its earlier pages count, so
@@ -259,7 +281,7 @@ class Scheduler:
         if request.page_keys is not None and self.config.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += request.num_computed
-        request.slot = self._free_slots.pop()
+        request.slot, request.slot_loaded = self._free_slots.pop(), False
         request.status = Status.RUNNING
         self.running.append(request)
 

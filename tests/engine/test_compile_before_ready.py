@@ -68,3 +68,26 @@ def test_nothing_compiles_after_the_engine_is_built(reference):
             llm.generate(chosen, [params[i % len(params)] for i in range(batch)])
         llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=250, ignore_eos=True))  # every width
     assert seen == []
+
+
+def test_a_prefill_only_engine_computes_every_prompt_token_in_prefill_programs(reference):
+    """The prefill role's engine has no decode program: a prompt one token longer than whole
+    prefill budgets, whose last token is left alone after its chunks, and a prompt asked again
+    (all but its last token cached) still run in the prefill programs it compiled."""
+    from mmserve.engine.config import EngineConfig
+    from mmserve.engine.engine import LLMEngine
+    from mmserve.roles.prefill import PREFILL_PROGRAMS
+
+    model = LLM(reference[1], precompile=False).model
+    engine = LLMEngine(model, EngineConfig(num_pages=64, page_size=8, max_model_len=256, max_num_seqs=4,
+                                           max_prefill_tokens=32, max_prefill_seqs=4), programs=PREFILL_PROGRAMS)
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prompts = [[int(t) for t in rng.integers(0, 800, n)] for n in (33, 65)]
+    with compilations() as seen:
+        for i, ids in enumerate(prompts + prompts):  # the second time, all but the last token are cached
+            engine.add_request({"prompt_token_ids": ids}, params, f"r{i}")
+            while engine.has_unfinished():
+                engine.step()
+    assert seen == []
+    assert engine.stats()["prefix_cache_hits"] == 32 + 64

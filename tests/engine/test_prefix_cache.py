@@ -2,6 +2,8 @@
 (and, for the second turn about an image, on transformers), token for token, greedy and seeded;
 the cache hits where it should, never across different pictures, and leaks no page."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,28 @@ def test_a_prompt_seen_before_computes_at_least_its_last_token(on, off, length):
     again, hits = hits_of(on, prompt, params)
     assert hits == (length - 1) // PAGE * PAGE
     assert first == again == tokens(off, prompt, params)[0]
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_prompts_asked_again_with_only_their_last_token_to_compute_run_as_one_decode_step(on, off, sampling):
+    """A prompt whose earlier run left its last page as a tail (a one-token answer) is found cached
+    but for its last token; asked again in a burst, they take one decode step, not a one-row
+    prefill step each, and their outputs are unchanged (seeded: with a penalty, whose slot is
+    loaded for the decode row)."""
+    prompts = [{"prompt_token_ids": text(300 + SEED[sampling] + i, 13 + 6 * i)} for i in range(4)]
+    params = dataclasses.replace(PARAMS[sampling], max_tokens=1)
+    first = tokens(on, prompts, params)
+    steps, step = [], on.engine.step
+    on.engine.step = lambda: steps.append(1) or step()
+    try:
+        before = on.engine.stats()["prefix_cache_hits"]
+        again = tokens(on, prompts, params)
+    finally:
+        on.engine.step = step
+    assert on.engine.stats()["prefix_cache_hits"] - before == sum(len(p["prompt_token_ids"]) - 1 for p in prompts)
+    assert len(steps) == 1
+    assert first == again == tokens(off, prompts, params)
+    assert_nothing_held(on)
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
