@@ -109,13 +109,15 @@ class Scheduler:
         return any(not r.blocked for r in (*self.waiting, *self.running))
 
     def schedule(self) -> Step | None:
-        if not (self._last_was_prefill and self._decodable()):
+        decodable = self._decodable()
+        if not (self._last_was_prefill and decodable):
             chunks = self._schedule_prefill()
             if chunks:
                 self._last_was_prefill = True
                 return Step(prefill=chunks)
+            decodable = self._decodable()  # with any prompt it admitted for a decode row
         self._last_was_prefill = False
-        batch = self._schedule_decode(self._decodable())
+        batch = self._schedule_decode(decodable)
         if batch:
             return Step(decode=batch)
         chunks = self._schedule_prefill()
