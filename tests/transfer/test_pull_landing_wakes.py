@@ -9,23 +9,35 @@ import time
 import pytest
 import zmq
 
-from conftest import drive
-from transfer import PollState, Receiver, Sender, TransferMode
+from transfer import PollState, Receiver, Sender, TransferMode, field
 from transfer.data_plane import open_data_plane
-from transfer_payload import KV_FIELDS, send_rows
+from transfer_payload import send_rows
 
 pytestmark = pytest.mark.timeout(60)
 SLEEP_S = 10.0
+# 256 KiB a token, so a 13-token pull (16 rows, 4 MiB) is still in flight when the receiver's
+# progress that started it returns; with a few KiB it often landed within that call
+WIDE_FIELDS = (field("k", (64, 1024), "float32"),)
+
+
+@pytest.fixture
+def config(config):
+    return dataclasses.replace(config, buffer_blocks=8)
 
 
 def pulling(sender, receiver, config, bootstrap, name: str, tokens: int) -> int:
-    """A room whose chunk the receiver has started pulling and not seen land. A pull can land
+    """A room whose chunk the receiver has started pulling and not seen land. A pull can still land
     within the receiver's progress that starts it (then the room is done and a new one tried)."""
-    for room in range(1, 6):
-        send_rows(sender, config, room, tokens)
+    for room in range(1, 11):
+        send_rows(sender, config, room, tokens, fields=WIDE_FIELDS)
         receiver.add(room, bootstrap.address, name, TransferMode.KV, sender.incarnation)
         # the sender answers the registration and offers the chunk; the receiver starts pulling it
-        drive([sender, receiver], lambda: receiver.poll(room) in (PollState.TRANSFERRING, PollState.SUCCESS))
+        # (its progress does not wait, so only a pull landing within that very call is missed)
+        deadline = time.monotonic() + 20
+        while receiver.poll(room) not in (PollState.TRANSFERRING, PollState.SUCCESS):
+            assert time.monotonic() < deadline, "the pull never started"
+            sender.progress(0.002)
+            receiver.progress(0)
         if receiver.poll(room) is PollState.TRANSFERRING:
             return room
         receiver.take(room)
@@ -35,8 +47,8 @@ def pulling(sender, receiver, config, bootstrap, name: str, tokens: int) -> int:
 @pytest.mark.parametrize("plane", ["jax", "zmq"])
 def test_a_landed_pull_wakes_a_loop_sleeping_on_the_receivers_sockets(config, bootstrap, plane):
     config = dataclasses.replace(config, data_plane=plane)
-    sender = Sender(config, KV_FIELDS, "prefill-0", bootstrap.address)
-    receiver = Receiver(config, KV_FIELDS)
+    sender = Sender(config, WIDE_FIELDS, "prefill-0", bootstrap.address)
+    receiver = Receiver(config, WIDE_FIELDS)
     try:
         tokens = 13
         room = pulling(sender, receiver, config, bootstrap, "prefill-0", tokens)
@@ -64,10 +76,10 @@ def test_a_sender_sharing_the_receivers_plane_does_not_hide_a_landed_pull(config
     under ``--role all``)."""
     # no heartbeat meanwhile: the landing alone must wake the poll
     config = dataclasses.replace(config, data_plane=plane, heartbeat_interval_s=30.0, heartbeat_timeout_s=60.0)
-    encode = Sender(config, KV_FIELDS, "encode-0", bootstrap.address)
+    encode = Sender(config, WIDE_FIELDS, "encode-0", bootstrap.address)
     shared = open_data_plane(config)
-    receiver = Receiver(config, KV_FIELDS, data_plane=shared)
-    kv_sender = Sender(config, KV_FIELDS, "prefill-0", bootstrap.address, data_plane=shared)
+    receiver = Receiver(config, WIDE_FIELDS, data_plane=shared)
+    kv_sender = Sender(config, WIDE_FIELDS, "prefill-0", bootstrap.address, data_plane=shared)
     try:
         room = pulling(encode, receiver, config, bootstrap, "encode-0", 13)
         serve_until = time.monotonic() + 0.5  # the pull lands meanwhile (the zmq plane's needs encode to serve it)

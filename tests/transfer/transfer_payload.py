@@ -56,11 +56,11 @@ def digests(arrays: dict[str, np.ndarray], num_tokens: int) -> dict[str, str]:
             for name, a in sorted(arrays.items())}
 
 
-def send_rows(sender, config, room: int, tokens: int, start: int = 0) -> None:
-    """Hands ``sender`` room ``room``'s KV payload from token ``start`` on as arrays of their own
-    (as prefill gives its KV): padded to their bucket, zero past the total."""
+def send_rows(sender, config, room: int, tokens: int, start: int = 0, fields=KV_FIELDS) -> None:
+    """Hands ``sender`` room ``room``'s payload of ``fields`` from token ``start`` on as arrays of
+    their own (as prefill gives its KV): padded to their bucket, zero past the total."""
     allocation = sender.allocator.alloc(tokens)
-    rows = {name: a[start:] for name, a in payload(KV_FIELDS, room, tokens).items()}
+    rows = {name: a[start:] for name, a in payload(fields, room, tokens).items()}
     padding = bucket_tokens(tokens - start, config.block_size) - (tokens - start)
     rows = {name: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)]) for name, a in rows.items()}
     sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7), rows=rows, rows_start=start)
