@@ -26,17 +26,16 @@ import argparse
 import json
 import math
 import os
-import queue
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -81,40 +80,48 @@ def rows(room: int, tokens: int) -> jax.Array:
 
 def child(args: argparse.Namespace) -> None:
     """The sender: stages each room on "stage" (written in its pool, or as rows of their own),
-    hands it over on "go"."""
+    hands it over on "go". It sleeps on its sockets and on stdin together, as a role's loop sleeps
+    on its sockets and its calls' wake pipe, so a "go" is taken as soon as it is written."""
     config = config_for(args.room_blocks, args.rooms, args.plane, args.setting)
     sender = Sender(config, FIELDS, "bench-sender", args.bootstrap)
-    commands: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [commands.put(json.loads(line)) for line in sys.stdin], daemon=True).start()
+    stdin, pending = sys.stdin.fileno(), b""
     staged, live = {}, set()
     print(json.dumps({"ready": [sender.data_plane.kind, sender.data_plane.address]}), flush=True)
     while True:
-        while not commands.empty():
-            cmd = commands.get()
-            if cmd["op"] == "quit":
+        poller = zmq.Poller()
+        for socket in [stdin, *sender.sockets()]:
+            poller.register(socket, zmq.POLLIN)
+        if stdin in dict(poller.poll(1)):
+            data = os.read(stdin, 1 << 16)
+            if not data:
                 sender.close()
                 return
-            room, tokens = cmd["room"], cmd["tokens"]
-            if cmd["op"] == "offer":
-                offered = jax.block_until_ready(rows(room, tokens))
-                sender.data_plane.offer(room, [offered], timeout_s=300.0)
-                print(json.dumps({"offered": room}), flush=True)
-            elif cmd["op"] == "stage":
-                allocation = sender.allocator.alloc(tokens)
-                given = None
-                if cmd["source"] == "pool":
-                    sender.buffers.write(allocation, 0, {"embeddings": rows(room, tokens)})
-                    jax.block_until_ready(sender.buffers.pools)
-                else:  # as prefill gives its KV: the room's bucket, zero past the tokens
-                    padded = jnp.zeros((sender.buffers.bucket(tokens), HIDDEN), jnp.float32)
-                    given = {"embeddings": jax.block_until_ready(padded.at[:tokens].set(rows(room, tokens)))}
-                staged[room] = (allocation, given)
-                print(json.dumps({"staged": room}), flush=True)
-            else:  # "go"
-                allocation, given = staged.pop(room)
-                sender.send(room, allocation, TransferInfo(TransferMode.EMBEDDING, tokens), rows=given)
-                live.add(room)
-        sender.progress(0.001)
+            *lines, pending = (pending + data).split(b"\n")
+            for cmd in map(json.loads, lines):
+                if cmd["op"] == "quit":
+                    sender.close()
+                    return
+                room, tokens = cmd["room"], cmd["tokens"]
+                if cmd["op"] == "offer":
+                    offered = jax.block_until_ready(rows(room, tokens))
+                    sender.data_plane.offer(room, [offered], timeout_s=300.0)
+                    print(json.dumps({"offered": room}), flush=True)
+                elif cmd["op"] == "stage":
+                    allocation = sender.allocator.alloc(tokens)
+                    given = None
+                    if cmd["source"] == "pool":
+                        sender.buffers.write(allocation, 0, {"embeddings": rows(room, tokens)})
+                        jax.block_until_ready(sender.buffers.pools)
+                    else:  # as prefill gives its KV: the room's bucket, zero past the tokens
+                        padded = jnp.zeros((sender.buffers.bucket(tokens), HIDDEN), jnp.float32)
+                        given = {"embeddings": jax.block_until_ready(padded.at[:tokens].set(rows(room, tokens)))}
+                    staged[room] = (allocation, given)
+                    print(json.dumps({"staged": room}), flush=True)
+                else:  # "go"
+                    allocation, given = staged.pop(room)
+                    sender.send(room, allocation, TransferInfo(TransferMode.EMBEDDING, tokens), rows=given)
+                    live.add(room)
+        sender.progress(0)
         for room in [r for r in live if sender.poll(r).terminal]:
             live.discard(room)
             print(json.dumps({"done": sender.poll(room).value}), flush=True)
