@@ -17,6 +17,9 @@ from mmserve.roles.supervisor import PARENT_ENV
 
 SERVE = str(Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
 ENGINE_FLAGS = ["--num-pages", "256", "--page-size", "8", "--max-model-len", "512", "--max-prefill-tokens", "128"]
+ONE_AT_A_TIME = ["--max-num-seqs", "4", "--max-prefill-seqs", "2"]
+"""For a cluster asked one request at a time: a program grid of 30 prefill and decode shapes instead
+of 50, which a role spanning several processes or devices compiles slowly (minutes on 2 cores)."""
 TRANSFER_ENV = {
     "JAX_PLATFORMS": "cpu",
     SECRET_ENV: "the-roles-tests-share-this-cluster-secret",

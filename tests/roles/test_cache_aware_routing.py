@@ -33,12 +33,15 @@ def cluster(tmp_path_factory):
     try:
         _start_router(cluster, [])
         cluster.start_worker("encode")
-        for name in PREFILLS:
-            cluster.start_worker("prefill", name)
-        for name in DECODES:
-            cluster.start_worker("decode", name)
+        # the second worker of each role starts once the first is serving, so that it loads the
+        # programs the first compiled (the servers share a compilation cache) instead of compiling
+        # them too, on the same two cores at the same time
+        cluster.start_worker("prefill", PREFILLS[0])
+        cluster.start_worker("decode", DECODES[0])
         cluster.wait_healthy()
-        _wait_registered(cluster)
+        cluster.start_worker("prefill", PREFILLS[1])
+        cluster.start_worker("decode", DECODES[1])
+        _wait_registered(cluster, timeout=300)
         yield cluster
     finally:
         cluster.stop()

@@ -8,13 +8,13 @@ import subprocess
 import openai
 import pytest
 
-from cluster import Cluster
+from cluster import ONE_AT_A_TIME, Cluster
 from test_disaggregated import _assert_all_free, ask, expected, image
 
 pytestmark = pytest.mark.slow
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-EIGHT_DEVICE_MESH = ["--mesh", "data=1,model=4,expert=2"]  # 2 processes x 4 devices
+EIGHT_DEVICE_MESH = ["--mesh", "data=1,model=4,expert=2", *ONE_AT_A_TIME]  # 2 processes x 4 devices
 CASES = {"text": [], "image": [image(1, (64, 64))], "image_with_resume": [image(4, (256, 256))]}
 
 
@@ -41,7 +41,7 @@ def colocated(tmp_path_factory):
 @pytest.fixture(scope="module")
 def disaggregated(tmp_path_factory):
     """Every worker role on two processes: encode on 2 x 1 device, prefill and decode on 2 x 4."""
-    flags = {"encode": ["--mesh", "model=2"], "prefill": EIGHT_DEVICE_MESH, "decode": EIGHT_DEVICE_MESH}
+    flags = {"encode": ["--mesh", "model=2", *ONE_AT_A_TIME], "prefill": EIGHT_DEVICE_MESH, "decode": EIGHT_DEVICE_MESH}
     env = {"encode": ONE_DEVICE, "prefill": FOUR_DEVICES, "decode": FOUR_DEVICES}
     c = Cluster("tiny", tmp_path_factory.mktemp("multihost_roles"), flags, env,
                 {"encode": 2, "prefill": 2, "decode": 2})

@@ -4,7 +4,7 @@ processes); the KV and embedding paths stay exact, so greedy output equals the o
 import openai
 import pytest
 
-from cluster import Cluster
+from cluster import ONE_AT_A_TIME, Cluster
 from test_disaggregated import ask, expected, image
 
 pytestmark = pytest.mark.slow
@@ -13,7 +13,7 @@ MESHES = {"encode": ("model=2", 2), "prefill": ("model=2,expert=2", 4), "decode"
 
 @pytest.fixture(scope="module")
 def meshed(tmp_path_factory):
-    flags = {role: ["--mesh", mesh] for role, (mesh, _) in MESHES.items()}
+    flags = {role: ["--mesh", mesh, *ONE_AT_A_TIME] for role, (mesh, _) in MESHES.items()}
     env = {role: {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"} for role, (_, n) in MESHES.items()}
     c = Cluster("tiny", tmp_path_factory.mktemp("mesh_logs"), flags, env)
     try:  # a start that fails or times out stops what it started too
