@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from mmserve.engine.warmup import CACHE_ENV
+from mmserve.engine.warmup import CACHE_ENV, use_compilation_cache
 
 
 def pytest_configure(config):
@@ -18,10 +18,12 @@ def pytest_configure(config):
     program of a shape is compiled once per run, in a fresh directory (set the variable to keep
     one across runs).
 
-    Not in this process: it builds engines of a dozen models and configurations, and its
-    in-memory caches already share their programs."""
+    This process uses it too (as ``LLM`` does by default): it frees every compiled program after
+    each module (below), so an engine kept across modules, or one of the same shapes built again,
+    loads its programs from there instead of compiling them again. (A half-written entry that a
+    process reads while another writes it is an error jax reports as a warning, then compiles.)"""
     os.environ.setdefault(CACHE_ENV, tempfile.mkdtemp(prefix="mmserve-jax-cache-"))
-    jax.config.update("jax_enable_compilation_cache", False)
+    use_compilation_cache(os.environ[CACHE_ENV])
 
 
 @pytest.fixture(scope="module", autouse=True)
