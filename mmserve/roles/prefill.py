@@ -343,16 +343,25 @@ class PrefillRole:
 
 class PrefillService(WorkerService):
     def Prefill(self, request, context):
-        """The Ack, then the first token's event (or the error that ended the request before it)."""
+        """The Ack, then the first token's event (or the error that ended the request before it).
+
+        A router that hangs up before it has the first token has given the request up (the client
+        left, or its deadline passed): prefill aborts it here. The router's own abort cannot be
+        relied on for this: sent before the ack came back, it may pass the request on its way in,
+        and decode, whose abort would fail prefill's KV room, may never have been called."""
         stream: queue.Queue = queue.Queue()
         ack = self.acknowledge(lambda message, trace: self.loop.role.prefill(message, stream, trace), request, context)
-        yield pb.PrefillEvent(ack=ack)
-        if not ack.ok:
-            return
-        context.add_callback(lambda: stream.put(None))  # the router hung up: stop waiting (its abort frees the rest)
-        event = stream.get()
-        if event is not None:
-            yield pb.PrefillEvent(first=event)
+        delivered = not ack.ok
+        try:
+            yield pb.PrefillEvent(ack=ack)
+            if ack.ok and context.add_callback(lambda: stream.put(None)):  # False: it has hung up already
+                event = stream.get()  # None: the router hung up
+                if event is not None:
+                    yield pb.PrefillEvent(first=event)
+                    delivered = True
+        finally:  # also where gRPC drops this generator, the call cancelled at a yield
+            if not delivered:
+                self.abandoned(request.request_id)
 
 
 def prefill_service(role: PrefillRole) -> PrefillService:

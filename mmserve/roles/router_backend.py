@@ -12,6 +12,7 @@ workers can hold together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -84,8 +85,9 @@ class DisaggregatedBackend:
             # Encode starts with prefill unless prefill may hold the pictures cached (it holds a
             # leading page of the prompt, a later turn): then its ack says whether encode is needed.
             encode_early = encode is not None and not prefill_choice.matched_pages
-            async for event in self._run(request, room, encode, prefill, decode, encode_early):
-                yield event
+            async with contextlib.aclosing(self._run(request, room, encode, prefill, decode, encode_early)) as events:
+                async for event in events:  # closed with this one when the caller stops listening
+                    yield event
         finally:
             for w in workers:
                 w.in_flight -= 1
@@ -110,7 +112,10 @@ class DisaggregatedBackend:
 
         Decode learns that a request ended early (the client left, the first token finished it,
         another role failed) from an Abort: its token stream is shared, so no call of the
-        request's own ends."""
+        request's own ends. When the caller stops listening (the client left, or its stream was
+        cut), every worker is aborted: decode and encode once their calls are answered (an abort
+        that overtook the request would find nothing); prefill at once, and it aborts the request
+        itself when its stream is hung up before the first token (the ack may not be back)."""
         p, rid = request.prompt, request.request_id
         trace_context = inject()  # the router's span for this request: each role's span is its child
         subscription = None
@@ -134,7 +139,8 @@ class DisaggregatedBackend:
 
         early = asyncio.ensure_future(encode_call()) if encode_early else None
         deciding = None if encode_early else _started(decode_call())
-        decode_ended = False  # decode ended the request itself, or was told to
+        decode_ended = False  # decode ended the request itself, or every worker was told to
+        first_ended = False  # prefill's first token finished the request
         current = prefill
         prefilling = prefill.stub.Prefill(pb.PrefillRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
@@ -152,7 +158,7 @@ class DisaggregatedBackend:
                 await _abort_on(encode, rid)
             elif ack.ok and encode is not None and not ack.pictures_held:
                 current = encode
-                ack = await (early if early is not None else encode_call())
+                ack = await (asyncio.shield(early) if early is not None else encode_call())  # shield: left to settle
             elif early is not None:
                 await _settled(early)  # prefill refused: the abort below must find encode's request
             if not ack.ok:
@@ -168,6 +174,7 @@ class DisaggregatedBackend:
             text = first.text_delta
             yield _event(first, text)
             if first.finish_reason:
+                first_ended = True
                 return
             current = decode
             taken = await deciding
@@ -197,7 +204,7 @@ class DisaggregatedBackend:
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped as unreachable")
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
-                raise  # the client left; decode is aborted below, and the relay aborts the request
+                raise  # the client left: decode and encode are aborted below, prefill aborts it itself
             # grpc cancelled the call itself: the worker's channel was closed after its grace period
             decode_ended = await self.abort(rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
@@ -207,8 +214,10 @@ class DisaggregatedBackend:
                 subscription.close()
             if deciding is not None and not decode_ended:  # decode holds it (or is about to): free it there
                 self._in_background(_abort_after(deciding, decode, rid))
-            if early is not None and not early.done():  # the client left while encode's call was out
-                early.cancel()
+            if not (decode_ended or first_ended):  # the caller left: prefill may hold the KV for a decode that never registers
+                self._in_background(_abort_on(prefill, rid))
+                if early is not None:
+                    self._in_background(_abort_after(early, encode, rid))
 
     def _in_background(self, coroutine) -> None:
         """Runs an abort that must happen even though the request's task is being cancelled."""

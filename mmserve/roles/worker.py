@@ -119,12 +119,22 @@ class WorkerService(pb_grpc.WorkerServicer):
         """Runs ``fn(request, trace_parent)`` on the loop (the router's trace context, from the call's
         metadata); a request the role refuses is answered with its reason, ``rejected`` when the
         refusal is the client's to fix. What ``fn`` returns (a dict, or None) fills the Ack's
-        other fields."""
+        other fields.
+
+        A caller that hung up while the request was being taken (the client left the router) will
+        not hear of it, and its abort may have come before the request did, finding nothing: the
+        role aborts the request itself, or it would hold it until a deadline or a room's timeout."""
         try:
             fields = self.loop.call(fn, request, extract(context.invocation_metadata()))
         except ValueError as error:
             return pb.Ack(ok=False, error=str(error), rejected=isinstance(error, RequestRejected))
+        if not context.is_active():
+            self.abandoned(request.request_id)
         return pb.Ack(ok=True, **(fields or {}))
+
+    def abandoned(self, request_id: str) -> None:
+        """Frees a request its caller gave up on without an abort that could find it."""
+        self.loop.call(self.loop.role.abort, request_id)
 
     def Abort(self, request, context):
         self.loop.call(self.loop.role.abort, request.request_id)
