@@ -60,6 +60,11 @@ class DisaggregatedBackend:
         page = max((w.kv_page_size for w in self.pool.live("decode")), default=0) or 1
         return -(-_reserved_tokens(request) // page) * page
 
+    def unavailable(self, request: GenerateRequest) -> str | None:
+        """Names the first role the request needs with no live worker (encode only for pictures)."""
+        needs = ROLES if request.prompt.images or request.prompt.videos else ("prefill", "decode")
+        return next((f"no {role} worker is up" for role in needs if not self.pool.live(role)), None)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         visual = bool(request.prompt.images or request.prompt.videos)
         reserved = _reserved_tokens(request)

@@ -70,6 +70,11 @@ class Backend(Protocol):
     def kv_demand(self, request: GenerateRequest) -> int:
         """The tokens of KV ``request`` reserves (counted against ``kv_capacity``)."""
 
+    def unavailable(self, request: GenerateRequest) -> str | None:
+        """Why ``request`` cannot be served now though others can (a stage it needs has no live
+        worker: an image chat while the only encode worker restarts); the router answers 503 with
+        Retry-After, as when nothing is up. None when it can be served."""
+
     async def abort(self, request_id: str) -> None:
         """Stops a request (a client that went away); frees everything it holds."""
 

@@ -116,6 +116,9 @@ class ColocatedBackend:
     def kv_demand(self, request: GenerateRequest) -> int:
         return 0
 
+    def unavailable(self, request: GenerateRequest) -> None:
+        return None  # one engine serves every request, or none (capacity 0)
+
     async def health(self) -> dict:
         healthy = self._healthy
         return {

@@ -248,6 +248,15 @@ def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, cl
         assert time.monotonic() - started < 45
         assert text.result(timeout=60) == expected(llm, "Just text.", [])
     _assert_all_free(cluster, roles=("prefill", "decode"))
+    deadline = time.monotonic() + 30  # the router drops encode when a call fails, or when its heartbeats stop
+    while _roles(cluster)["encode"]:
+        assert time.monotonic() < deadline, "the router still counts the dead encode worker"
+        time.sleep(0.5)
+    with pytest.raises(openai.APIStatusError) as refused:  # a picture with no encoder: retry later, not a failure
+        ask(client, "Anyone?", [image(41, (64, 64))])
+    assert refused.value.status_code == 503 and refused.value.response.headers["Retry-After"]
+    assert "no encode worker is up" in str(refused.value)
+    assert ask(client, "Just text.", []) == expected(llm, "Just text.", [])
 
     cluster.start_worker("encode", name="encode-restarted")
     deadline = time.monotonic() + 180

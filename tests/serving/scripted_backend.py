@@ -27,6 +27,8 @@ class ScriptedBackend:
         self.slots = 64
         self.kv_tokens: int | None = None
         """KV the backend reserves requests from, like decode (None: not limited by KV)."""
+        self.missing: str | None = None
+        """What the backend says it lacks for every request (``unavailable``), like a stage with no worker."""
 
     async def generate(self, request: GenerateRequest):
         self.requests.append(request)
@@ -43,6 +45,9 @@ class ScriptedBackend:
 
     def kv_demand(self, request: GenerateRequest) -> int:
         return len(request.prompt.token_ids) + request.params.max_tokens
+
+    def unavailable(self, request: GenerateRequest) -> str | None:
+        return self.missing
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -9,6 +9,8 @@ import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -115,14 +117,27 @@ def test_beyond_capacity_requests_queue_then_get_503_and_beyond_the_queue_429(se
 def test_refusals_carry_retry_after(served):
     server, backend = served
     backend.slots = 0  # no worker up
-    import urllib.error
-    import urllib.request
     req = urllib.request.Request(f"{server.url}/v1/chat/completions", json.dumps(CHAT).encode(),
                                  {"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(req, timeout=30)
     assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
     assert backend.requests == []
+
+
+def test_a_request_whose_stage_has_no_worker_gets_503_with_retry_after_whole_or_streamed(served):
+    """Capacity is there, but the backend lacks what this request needs (an image chat while the
+    only encode worker restarts): a 503 to retry, not a 500 for a failure, and nothing started."""
+    server, backend = served
+    backend.missing = "no encode worker is up"
+    for body in (CHAT, CHAT | {"stream": True}):
+        req = urllib.request.Request(f"{server.url}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert "no encode worker is up" in json.loads(refused.value.read())["error"]["message"]
+    assert backend.requests == [] and _running(server.url) == 0
 
 
 def test_a_queued_request_runs_when_a_slot_frees(served):

@@ -8,7 +8,7 @@ import uuid
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest
-from mmserve.serving.router.admission import Admission
+from mmserve.serving.router.admission import Admission, Overloaded
 from mmserve.serving.router.media import MediaReader
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.serving.router.relay import Relay, RelayLimits
@@ -32,6 +32,8 @@ class RouterContext:
 
     async def relay(self, request: GenerateRequest, endpoint: str, arrival: float) -> Relay:
         """Admits the request (or raises ``Overloaded``, a 429/503) and starts it in the backend."""
+        if (missing := self.backend.unavailable(request)) is not None:
+            raise Overloaded(f"{missing}; retry later", 503)
         ticket = await self.admission.admit(self.backend.kv_demand(request))
         limits = RelayLimits(self.settings.request_timeout_s or None, self.settings.stream_stall_timeout_s)
         return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
