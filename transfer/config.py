@@ -26,7 +26,8 @@ class TransferConfig:
     block_size: int = 64
     """Tokens per block: the unit of allocation and of padding on the wire."""
     default_blocks: int = 16
-    """Blocks a receiver preallocates per room before it knows the real length."""
+    """The most a room's first chunk carries (a receiver registers this capacity before it knows
+    the real length); a longer room resumes for the rest."""
     buffer_blocks: int = 2048
     """Blocks in a sender's device pool; a receiver's reservation (it keeps chunks as pulled, no pool)."""
     bind_host: str = "127.0.0.1"

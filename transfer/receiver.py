@@ -1,9 +1,13 @@
 """The receiving side of a transfer (prefill for embeddings, decode for KV), driven by its role's loop.
 
-It does not know how long a room is: it preallocates a default, looks the sender up in the
-registry and registers that capacity. If the total is larger, the receiver allocates the
-remainder (waiting while the pool is full) and resumes from the tokens it holds, so nothing is
-sent twice. Every chunk is kept as pulled, never copied: the allocations are the reservation
+It does not know how long a room is: it looks the sender up in the registry and registers a
+default capacity (the most the first chunk may carry). The first chunk's Ready tells the total:
+only then does the receiver reserve, the whole rest of the room at once, and while its pool
+cannot give that, the room waits, holding nothing. It pulls the first chunk into that
+reservation and resumes from the tokens it holds for the rest, so nothing is sent twice.
+(Reserving a default at registration and the rest piece by piece, rooms each holding a part
+waited on one another: twelve rooms registered with a busy sender held their defaults while
+the one room offered could not reserve its rest, until their timeouts failed them all.) Every chunk is kept as pulled, never copied: the allocations are the reservation
 that bounds what the receiver holds (it has no pool of its own), ``landed`` shows the chunks of
 a live room (prefill starts on the first), and ``take`` returns them all. A room whose first
 tokens the receiver holds already (decode's own prefix cache) starts past them. ``take`` frees
@@ -91,8 +95,8 @@ class ReceiverRoom(Room):
     pull: tuple[PendingPull, Ready] | None = None
     landed: list[Landed] = dataclasses.field(default_factory=list)
     """The chunks pulled so far, as pulled (the segments only reserve their space)."""
-    needs_room: bool = False
-    """A chunk arrived and the total is not reached: find space for the rest, then resume."""
+    deferred: Ready | None = None
+    """The first chunk's Ready, waiting until the pool can reserve the whole room."""
 
     @property
     def received(self) -> int:
@@ -241,19 +245,36 @@ class Receiver:
 
     def _on_ready(self, room: ReceiverRoom, ready: Ready) -> None:
         expecting = room.state is PollState.WAITING_FOR_INPUT or (
-            room.state is PollState.TRANSFERRING and room.pull is None and not room.needs_room)
+            room.state is PollState.TRANSFERRING and room.pull is None)
         if not expecting or ready.chunk.offset != room.received:
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"no chunk at {ready.chunk.offset} expected: "
                                 f"{room.state.value}, {room.received} received", room.room)
         if ready.info.mode is not room.mode or (room.info is not None and ready.info != room.info):
             raise ProtocolError(ErrorCode.MISMATCH, "chunk describes another transfer", room.room)
         chunk = ready.chunk
-        if chunk.num_tokens > room.segments[-1].free or chunk.padded_tokens != self.layout.bucket(chunk.num_tokens):
-            raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} does not fit {room.segments[-1].free} free tokens "
+        promised = room.segments[-1].free if room.info is not None else self.config.default_tokens  # Resume, Register
+        if chunk.num_tokens > promised or chunk.padded_tokens != self.layout.bucket(chunk.num_tokens):
+            raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} does not fit {promised} free tokens "
                                 f"in buckets of block size {self.config.block_size}", room.room)
         if not self.allocator.can_ever_hold(ready.info.total_tokens - room.held):
             self._fail(room, f"{ready.info.total_tokens - room.held} tokens exceed the whole pool")
             return
+        if room.info is None and not self._reserve_whole(room, ready.info.total_tokens - room.held):
+            room.deferred = ready
+            room.touch()
+            return
+        self._pull(room, ready)
+
+    def _reserve_whole(self, room: ReceiverRoom, tokens: int) -> bool:
+        """Before a room's first pull: reserves all its ``tokens``; False while the pool cannot."""
+        allocation = self.allocator.alloc(tokens)
+        if allocation is None:
+            return False
+        room.segments.append(Segment(allocation))
+        return True
+
+    def _pull(self, room: ReceiverRoom, ready: Ready) -> None:
+        chunk = ready.chunk
         try:
             pending = self.data_plane.pull(room.endpoint.data_address, ready.uuid,
                                            self.layout.specs(chunk.padded_tokens))
@@ -269,10 +290,11 @@ class Receiver:
     def _advance(self, room: ReceiverRoom, now: float) -> None:
         if room.state is PollState.BOOTSTRAPPING and room.endpoint is None:
             self._bootstrap(room, now)
+        elif room.deferred is not None and self._reserve_whole(room, room.deferred.info.total_tokens - room.held):
+            ready, room.deferred = room.deferred, None
+            self._pull(room, ready)
         elif room.pull is not None and room.pull[0].done():
             self._land(room)
-        if room.needs_room:
-            self._make_room(room)
 
     def _bootstrap(self, room: ReceiverRoom, now: float) -> None:
         if self._directory.gone(room.sender, room.incarnation):
@@ -285,11 +307,6 @@ class Receiver:
                 self._fail(room, f"sender {room.sender[1]} is gone: the registry stopped naming the incarnation "
                            "this room was opened with (it died or restarted)", notify=False)
                 return
-        if not room.segments:
-            allocation = self.allocator.alloc(self.config.default_tokens)
-            if allocation is None:
-                return
-            room.segments.append(Segment(allocation))
         error = self._directory.error(room.sender)
         if error is not None:
             self._fail(room, error)
@@ -309,7 +326,7 @@ class Receiver:
         room.endpoint = endpoint
         self._control(endpoint.control).send(Register(
             room.room, room.mode, self.config.block_size, self.layout.fields,
-            room.segments[0].allocation.capacity_tokens, room.incarnation, room.held))
+            self.config.default_tokens, room.incarnation, room.held))
 
     def _land(self, room: ReceiverRoom) -> None:
         """Keeps a completed pull as it is, counts it against the last segment, and acknowledges it."""
@@ -327,20 +344,9 @@ class Receiver:
         self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
         if room.received == room.info.total_tokens:
             room.move(PollState.SUCCESS)
-        else:
-            room.needs_room = True
+        else:  # the rest is reserved already (on the first chunk): resume from what is held
             room.touch()
-
-    def _make_room(self, room: ReceiverRoom) -> None:
-        """Finds space for the rest (the last segment's tail, else a new allocation) and resumes."""
-        if room.segments[-1].free == 0:
-            allocation = self.allocator.alloc(room.info.total_tokens - room.received)
-            if allocation is None:
-                return
-            room.segments.append(Segment(allocation))
-        room.needs_room = False
-        room.touch()
-        self._control(room.endpoint.control).send(Resume(room.room, room.received, room.segments[-1].free))
+            self._control(room.endpoint.control).send(Resume(room.room, room.received, room.segments[-1].free))
 
     def _heartbeat(self, now: float) -> None:
         needed = {r.endpoint.control for r in self._rooms.values() if r.endpoint is not None and not r.state.terminal}
@@ -378,7 +384,6 @@ class Receiver:
         if room.pull is not None:
             self._orphans.append(room.pull[0])
             room.pull = None
-        room.needs_room = False
         self._release(room)
         room.move(PollState.FAILED)
         room.reason = reason

@@ -106,16 +106,17 @@ def test_kv_pages_and_first_token_travel_the_same_path(config, bootstrap, spawn)
     receiver.close()
 
 
-def test_resume_waits_while_the_receiver_pool_is_full_then_completes(config, bootstrap, spawn):
+def test_a_room_waits_holding_nothing_while_the_receiver_pool_cannot_hold_it_then_completes(config, bootstrap,
+                                                                                            spawn):
     sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
     receiver = Receiver(config, EMBEDDING_FIELDS)
     receiver.add(3, bootstrap.address, "encode-0")
     hog = receiver.allocator.alloc(receiver.allocator.available_blocks() * config.block_size)
     sender.command(op="send", room=3, tokens=40)
-    sender.state(3, "transferring", parties=[receiver])
-    drive([receiver], lambda: receiver.poll(3) is PollState.TRANSFERRING)
+    sender.state(3, "transferring", parties=[receiver])  # the first chunk is offered
     run_for([receiver], 1.0)
-    assert receiver.poll(3) is PollState.TRANSFERRING
+    assert receiver.poll(3) is PollState.WAITING_FOR_INPUT  # not pulled: 40 tokens cannot be reserved
+    assert receiver.received_tokens(3) == 0
     assert sender.status(parties=[receiver])["rooms"]["3"] == "transferring"
     receiver.allocator.free(hog)
     received = receive(receiver, sender, 3)
