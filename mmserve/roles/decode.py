@@ -260,7 +260,8 @@ class DecodeRole:
         return self.engine.kv.num_reservable_pages, self.engine.kv.page_size
 
     def max_model_len(self) -> int:
-        return self.engine.config.max_model_len
+        return min(self.engine.config.max_model_len,
+                   self.receiver.allocator.num_blocks * self.receiver.allocator.block_size + 1)
 
     def incarnation(self) -> int:
         return self._incarnation

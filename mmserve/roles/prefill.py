@@ -232,7 +232,8 @@ class PrefillRole:
         return 0, 0
 
     def max_model_len(self) -> int:
-        return self.engine.config.max_model_len
+        return min(self.engine.config.max_model_len,
+                   self.sender.allocator.num_blocks * self.sender.allocator.block_size + 1)
 
     def incarnation(self) -> int:
         return self.sender.incarnation

@@ -66,8 +66,10 @@ class Role(Protocol):
         up front); (0, 0) where it reserves none. The router admits no more than fits."""
 
     def max_model_len(self) -> int:
-        """The context it holds (prefill, decode: its engine's max_model_len; a prompt must be
-        shorter), 0 where it holds none (encode). The router sends a prompt only where it fits."""
+        """The context it holds (prefill, decode: its engine's max_model_len, or one past the
+        tokens of KV its transfer pool holds if fewer; a prompt must be shorter), 0 where it holds
+        none (encode). The router sends a prompt only where it fits, and refuses one that fits
+        nowhere with a 400 (a prompt whose KV could never be sent failed only after prefill)."""
 
     def incarnation(self) -> int:
         """Random per process, never 0: the incarnation of its transfer sender (encode, prefill) or

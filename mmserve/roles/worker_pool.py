@@ -145,7 +145,8 @@ class WorkerPool(pb_grpc.RegistryServicer):
             if live and not holding:
                 raise RequestRejected(
                     f"the prompt has {len(prompt.token_ids)} tokens; the {role} workers' context holds "
-                    f"{max(w.max_model_len for w in live)} (prompt plus at least one generated token)")
+                    f"{max(w.max_model_len for w in live)} (prompt plus at least one generated token; "
+                    f"their transfer buffers count too)")
             live = holding
         roomy = [w for w in live if w.kv_pages - w.kv_reserved >= w.kv_pages_for(kv_tokens)]
         choice = self.chooser.choose(role, roomy or live, prompt)

@@ -133,3 +133,17 @@ def test_a_request_waits_while_another_receives_its_first_page(role):
     for request_id in ("sibling-1", "sibling-2", "other", "short"):
         role.abort(request_id)
     assert role.health()["in_flight"] == 0
+
+
+def test_decode_tells_the_router_it_holds_no_prompt_longer_than_its_kv_receiver_takes():
+    """A receiver that takes 64 rows of KV at once: a longer prompt could never arrive, so the
+    context decode reports (the router's check, a 400 at the door) stops there."""
+    transfer = TransferConfig(data_plane="zmq", block_size=16, default_blocks=1, buffer_blocks=4)
+    bootstrap = BootstrapServer(transfer).start()
+    engine = EngineConfig(num_pages=32, page_size=16, max_model_len=256, max_num_seqs=1, precompile=False)
+    role = DecodeRole(load_model("tiny"), engine, transfer, "decode-small-receiver", bootstrap.address)
+    try:
+        assert role.max_model_len() == 65 < engine.max_model_len
+    finally:
+        role.close()
+        bootstrap.close()

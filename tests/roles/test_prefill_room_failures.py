@@ -180,3 +180,11 @@ def test_a_prompt_whose_kv_exceeds_the_whole_sender_pool_fails_alone(patient_rol
     prefill(role, "next", room=38, length=20, first_token=900)
     run_until(role, lambda: role.health()["requests"] == {"sending_kv": 1})
     assert role.health()["free_kv_blocks"] < role.sender.allocator.num_blocks  # its KV holds sender blocks
+
+
+def test_prefill_tells_the_router_it_holds_no_prompt_longer_than_its_kv_pool(patient_role):
+    """The context it reports (the router refuses, with a 400, a prompt that fits no prefill
+    worker's) stops at its transfer pool's 32 rows: a 33-token prompt's KV could never be sent,
+    whatever its engine's max_model_len (1024) holds."""
+    held = patient_role.max_model_len()
+    assert held == 33 < patient_role.engine.config.max_model_len
