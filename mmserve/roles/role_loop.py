@@ -37,11 +37,18 @@ IDLE_WAIT_S = 0.05
 (1 s apart by default) and registry lookups (retried every 50 ms) may be looked at."""
 
 
+class LoopStopped(RuntimeError):
+    """A call made to a loop that has stopped."""
+
+
 class RoleLoop:
     def __init__(self, role) -> None:
         self.role = role
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._calls = threading.Lock()
+        """Held while a call is queued and while the stopped loop refuses the rest, so none waits forever."""
+        self._closed = False
         self._wake = WakePipe()
         self._stepping = False
         self._awake = threading.Event()
@@ -56,10 +63,15 @@ class RoleLoop:
         return self
 
     def call(self, fn: Callable, *args) -> Any:
-        """Runs ``fn(*args)`` on the loop thread and returns its result (or raises its error)."""
+        """Runs ``fn(*args)`` on the loop thread and returns its result (or raises its error);
+        ``LoopStopped`` once the loop has stopped (a gRPC thread freeing a request its caller hung
+        up on, as the worker shuts down, must not wait for a loop that will never run it)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((fn, args, future))
-        self._wake.wake()
+        with self._calls:
+            if self._closed:
+                raise LoopStopped(f"the {self.role.role} worker's loop has stopped")
+            self._inbox.put((fn, args, future))
+            self._wake.wake()
         return future.result()
 
     def stop(self) -> None:
@@ -106,6 +118,10 @@ class RoleLoop:
             except Exception:
                 self._stepping = False
                 log.exception("%s step failed", self.role.role)
+        with self._calls:
+            self._closed = True
+        while not self._inbox.empty():
+            self._inbox.get_nowait()[2].set_exception(LoopStopped(f"the {self.role.role} worker's loop has stopped"))
         self._pump.join()  # the pump works the role's sockets: it stops before they close
         self.role.close()
         self._wake.close()

@@ -20,7 +20,7 @@ from mmserve.engine.rejected import RequestRejected
 from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
-from mmserve.roles.role_loop import RoleLoop
+from mmserve.roles.role_loop import LoopStopped, RoleLoop
 from mmserve.tracing import extract
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,10 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def abandoned(self, request_id: str) -> None:
         """Frees a request its caller gave up on without an abort that could find it."""
-        self.loop.call(self.loop.role.abort, request_id)
+        try:
+            self.loop.call(self.loop.role.abort, request_id)
+        except LoopStopped:
+            pass  # the worker is stopping: it frees everything as it closes
 
     def Abort(self, request, context):
         self.loop.call(self.loop.role.abort, request.request_id)

@@ -168,3 +168,12 @@ def test_news_the_pump_read_during_a_step_is_taken_before_the_loop_sleeps(long_i
     loop.stop()
     assert role.arrived == []
     assert delay < 1.0, "the loop slept through what its pump read"
+
+
+def test_a_call_to_a_stopped_loop_is_refused_instead_of_waiting_forever():
+    """As a worker stops, a gRPC thread may still free a request its caller hung up on."""
+    loop = RoleLoop(SocketRole()).start()
+    assert loop.call(lambda: "ran") == "ran"
+    loop.stop()
+    with pytest.raises(role_loop.LoopStopped):
+        loop.call(lambda: "never")
