@@ -51,6 +51,11 @@ class BlockAllocator:
         self._live: dict[int, Allocation] = {}
         self._available = num_blocks
 
+    @property
+    def total_tokens(self) -> int:
+        """The tokens the whole pool holds."""
+        return self.num_blocks * self.block_size
+
     def available_blocks(self) -> int:
         return self._available
 

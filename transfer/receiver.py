@@ -7,8 +7,8 @@ cannot give that, the room waits, holding nothing. It pulls the first chunk into
 reservation and resumes from the tokens it holds for the rest, so nothing is sent twice.
 (Reserving a default at registration and the rest piece by piece, rooms each holding a part
 waited on one another: twelve rooms registered with a busy sender held their defaults while
-the one room offered could not reserve its rest, until their timeouts failed them all.) Every chunk is kept as pulled, never copied: the allocations are the reservation
-that bounds what the receiver holds (it has no pool of its own), ``landed`` shows the chunks of
+the one room offered could not reserve its rest, until their timeouts failed them all.) Every
+chunk is kept as pulled, never copied: the reservations bound what the receiver holds (it has no pool of its own), ``landed`` shows the chunks of
 a live room (prefill starts on the first), and ``take`` returns them all. A room whose first
 tokens the receiver holds already (decode's own prefix cache) starts past them. ``take`` frees
 the room's blocks.
@@ -37,7 +37,9 @@ from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, Heartb
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
 @dataclasses.dataclass
-class Segment:
+class Reservation:
+    """A room's blocks, and how many of its tokens have arrived in them."""
+
     allocation: Allocation
     filled: int = 0
 
@@ -90,18 +92,19 @@ class ReceiverRoom(Room):
     """The directory's answer count when the room asked again about a sender judged gone."""
     endpoint: SenderEndpoint | None = None
     """Set once Register is sent."""
-    segments: list[Segment] = dataclasses.field(default_factory=list)
+    reservation: Reservation | None = None
+    """The whole room's tokens, reserved when its first chunk is offered."""
     info: TransferInfo | None = None
     pull: tuple[PendingPull, Ready] | None = None
     landed: list[Landed] = dataclasses.field(default_factory=list)
-    """The chunks pulled so far, as pulled (the segments only reserve their space)."""
+    """The chunks pulled so far, as pulled (the reservation only counts their space)."""
     deferred: Ready | None = None
     """The first chunk's Ready, waiting until the pool can reserve the whole room."""
 
     @property
     def received(self) -> int:
         """Tokens held: those held already, then those that arrived."""
-        return self.held + sum(segment.filled for segment in self.segments)
+        return self.held + (self.reservation.filled if self.reservation else 0)
 
 
 class Receiver:
@@ -252,7 +255,7 @@ class Receiver:
         if ready.info.mode is not room.mode or (room.info is not None and ready.info != room.info):
             raise ProtocolError(ErrorCode.MISMATCH, "chunk describes another transfer", room.room)
         chunk = ready.chunk
-        promised = room.segments[-1].free if room.info is not None else self.config.default_tokens  # Resume, Register
+        promised = room.reservation.free if room.info is not None else self.config.default_tokens  # Resume, Register
         if chunk.num_tokens > promised or chunk.padded_tokens != self.layout.bucket(chunk.num_tokens):
             raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} does not fit {promised} free tokens "
                                 f"in buckets of block size {self.config.block_size}", room.room)
@@ -270,7 +273,7 @@ class Receiver:
         allocation = self.allocator.alloc(tokens)
         if allocation is None:
             return False
-        room.segments.append(Segment(allocation))
+        room.reservation = Reservation(allocation)
         return True
 
     def _pull(self, room: ReceiverRoom, ready: Ready) -> None:
@@ -329,7 +332,7 @@ class Receiver:
             self.config.default_tokens, room.incarnation, room.held))
 
     def _land(self, room: ReceiverRoom) -> None:
-        """Keeps a completed pull as it is, counts it against the last segment, and acknowledges it."""
+        """Keeps a completed pull as it is, counts it against the reservation, and acknowledges it."""
         pending, ready = room.pull
         room.pull = None
         try:
@@ -340,13 +343,13 @@ class Receiver:
         count = ready.chunk.num_tokens
         rows = dict(zip((f.name for f in self.layout.fields), arrays, strict=True))
         room.landed.append(Landed(rows, ready.chunk.offset, count))
-        room.segments[-1].filled += count
+        room.reservation.filled += count
         self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
         if room.received == room.info.total_tokens:
             room.move(PollState.SUCCESS)
         else:  # the rest is reserved already (on the first chunk): resume from what is held
             room.touch()
-            self._control(room.endpoint.control).send(Resume(room.room, room.received, room.segments[-1].free))
+            self._control(room.endpoint.control).send(Resume(room.room, room.received, room.reservation.free))
 
     def _heartbeat(self, now: float) -> None:
         needed = {r.endpoint.control for r in self._rooms.values() if r.endpoint is not None and not r.state.terminal}
@@ -373,9 +376,9 @@ class Receiver:
 
     def _release(self, room: ReceiverRoom) -> None:
         room.landed = []
-        for segment in room.segments:
-            self.allocator.free(segment.allocation)
-        room.segments.clear()
+        if room.reservation is not None:
+            self.allocator.free(room.reservation.allocation)
+            room.reservation = None
 
     def _fail(self, room: ReceiverRoom, reason: str, notify: bool = True) -> None:
         """Ends a live room: frees its blocks, tells the sender (unless it told us), records why."""

@@ -260,8 +260,7 @@ class DecodeRole:
         return self.engine.kv.num_reservable_pages, self.engine.kv.page_size
 
     def max_model_len(self) -> int:
-        return min(self.engine.config.max_model_len,
-                   self.receiver.allocator.num_blocks * self.receiver.allocator.block_size + 1)
+        return min(self.engine.config.max_model_len, self.receiver.allocator.total_tokens + 1)
 
     def incarnation(self) -> int:
         return self._incarnation

@@ -232,8 +232,7 @@ class PrefillRole:
         return 0, 0
 
     def max_model_len(self) -> int:
-        return min(self.engine.config.max_model_len,
-                   self.sender.allocator.num_blocks * self.sender.allocator.block_size + 1)
+        return min(self.engine.config.max_model_len, self.sender.allocator.total_tokens + 1)
 
     def incarnation(self) -> int:
         return self.sender.incarnation
