@@ -170,8 +170,7 @@ class EncodeRole:
             self._requests.fail_overdue()  # before the vision calls: an overdue request is not encoded
         self._encode_queued()
         with self.lock:
-            self._outbox.flush()
-            self.sender.progress(0)
+            self._outbox.flush()  # reads the sender's socket too
             for record in self._requests:
                 state = self.sender.poll(record.room)
                 if state is PollState.SUCCESS:

@@ -4,6 +4,13 @@ Both senders (encode: embeddings, prefill: KV) produce rows faster than a full p
 them; the outbox keeps them, takes a fresh allocation for each when one is available (writing the
 rows into it, or handing them to the sender as they are), and hands the room to the transfer. A
 write that fails fails only its own room.
+
+Only a room whose receiver has registered takes blocks. A receiver may hold back its registration
+until another room has landed (decode waits for a request sharing its first page to land, then
+shares that page); were the held-back room's rows staged first, their blocks could leave none for
+the room it waits on, and both would wait until their deadlines. Among registered rooms the
+order is arrival: one waiting for blocks holds back the rest, so a large room is not starved by
+smaller ones.
 """
 
 from __future__ import annotations
@@ -56,11 +63,17 @@ class Outbox:
         self._parcels = collections.deque(p for p in self._parcels if p.room != room)
 
     def flush(self) -> None:
+        """Stages what it can; reads the sender's socket first, for registrations that arrived."""
+        self.sender.progress(0)
+        unregistered: list[Parcel] = []
         while self._parcels:
             parcel = self._parcels[0]
+            if self.sender.receiver_holds(parcel.room) is None:
+                unregistered.append(self._parcels.popleft())
+                continue
             allocation = self.sender.allocator.alloc(parcel.info.total_tokens)
             if allocation is None:
-                return
+                break
             self._parcels.popleft()
             try:
                 if parcel.rows is None:
@@ -69,6 +82,7 @@ class Outbox:
             except Exception as error:  # the room fails; the worker and its other rooms go on
                 self.sender.allocator.free(allocation)
                 self._on_error(parcel.room, f"could not stage rows: {error}")
+        self._parcels.extendleft(reversed(unregistered))  # they came first: arrival order kept
 
     def _write(self, parcel: Parcel, allocation) -> None:
         offset = 0

@@ -197,8 +197,7 @@ class PrefillRole:
                 self._requests.finish(record.request_id, PrefillState.FAILED, f"its embeddings do not fit: {error}")
 
     def _send(self) -> None:
-        self._outbox.flush()
-        self.sender.progress(0)
+        self._outbox.flush()  # reads the sender's socket too
         for record in self._requests:
             state = self.sender.poll(record.room)
             if state is PollState.SUCCESS:

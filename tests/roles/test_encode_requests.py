@@ -1,7 +1,7 @@
 """Encode's ways out: an abort and a failed embedding room each free the request's blocks and room
 once, and rows still waiting in the outbox for blocks are dropped with their room, never sent
-later into a room nobody tracks. A real encode role over a real bootstrap registry with no
-prefill behind it, driven by hand."""
+later into a room nobody tracks. A real encode role over a real bootstrap registry, driven by
+hand; a real transfer receiver registers the rooms a test wants staged, and never pulls."""
 
 import numpy as np
 import pytest
@@ -11,22 +11,37 @@ from mmserve.engine.encoder import Encoder
 from mmserve.engine.inputs import Visual
 from mmserve.roles.encode import EncodeJob, EncodeRole
 from models.qwen3_vl_moe import load_model
-from transfer import BootstrapServer, TransferConfig
+from transfer import BootstrapServer, TransferConfig, TransferMode
+
+from idle_receiver import IdleReceiver
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def role():
+def bootstrap():
     """Rooms live until the test fails them; a pool of one 16-row block (a picture takes it)."""
     transfer = TransferConfig(data_plane="zmq", bootstrap_timeout_s=60.0, heartbeat_interval_s=0.1,
                               heartbeat_timeout_s=1.0, block_size=16, default_blocks=1, buffer_blocks=1)
-    bootstrap = BootstrapServer(transfer).start()
-    role = EncodeRole(load_model("tiny"), EngineConfig(precompile=False, max_num_seqs=2), transfer,
+    server = BootstrapServer(transfer).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def role(bootstrap):
+    role = EncodeRole(load_model("tiny"), EngineConfig(precompile=False, max_num_seqs=2), bootstrap.config,
                       "encode-requests", bootstrap.address)
     yield role
     role.close()
-    bootstrap.close()
+
+
+@pytest.fixture
+def prefill(role, bootstrap):
+    """Registers rooms as a prefill would, and never pulls them."""
+    receiver = IdleReceiver(role.sender, bootstrap.address, TransferMode.EMBEDDING)
+    yield receiver
+    receiver.close()
 
 
 def pixels(role, seed: int) -> np.ndarray:
@@ -39,7 +54,8 @@ def encode(role, request_id: str, room: int) -> None:
     role.encode(EncodeJob(request_id, room, [Visual(np.array([[1, 4, 4]]), pixels(role, room))], []))
 
 
-def test_rows_waiting_for_blocks_are_dropped_with_their_room_and_aborts_free_the_rest(role):
+def test_rows_waiting_for_blocks_are_dropped_with_their_room_and_aborts_free_the_rest(role, prefill):
+    prefill.register(1, 2)
     encode(role, "first", room=1)
     encode(role, "second", room=2)  # waits for the one block
     role.step()

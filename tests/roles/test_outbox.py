@@ -1,4 +1,5 @@
-"""The outbox stages rows as sender blocks free up, in order, and a failed write fails only its room."""
+"""The outbox stages rows as sender blocks free up, in order, only for rooms whose receiver has
+registered, and a failed write fails only its room."""
 
 import numpy as np
 import pytest
@@ -11,17 +12,31 @@ from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
 from transfer.sender import Sender
 
+from idle_receiver import IdleReceiver
+
 FIELDS = (field("embeddings", (4,), "float32"),)
 
 
 @pytest.fixture
-def sender():
+def registry():
     config = TransferConfig(block_size=4, default_blocks=1, buffer_blocks=4, data_plane="zmq")
-    registry = BootstrapServer(config).start()
-    s = Sender(config, FIELDS, "encode-test", registry.address)
+    server = BootstrapServer(config).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sender(registry):
+    s = Sender(registry.config, FIELDS, "encode-test", registry.address)
     yield s
     s.close()
-    registry.close()
+
+
+@pytest.fixture
+def receiver(sender, registry):
+    r = IdleReceiver(sender, registry.address, TransferMode.EMBEDDING)
+    yield r
+    r.close()
 
 
 def parcel(room: int, tokens: int, width: int = 4) -> Parcel:
@@ -29,7 +44,8 @@ def parcel(room: int, tokens: int, width: int = 4) -> Parcel:
     return Parcel(room, TransferInfo(TransferMode.EMBEDDING, tokens), [Run(rows, 0, tokens)])
 
 
-def test_parcels_wait_for_blocks_in_order(sender):
+def test_parcels_wait_for_blocks_in_order(sender, receiver):
+    receiver.register(1, 2, 3)
     failures = []
     outbox = Outbox(sender, lambda room, reason: failures.append(room))
     outbox.put(parcel(1, 12))  # 3 of the 4 blocks
@@ -41,10 +57,32 @@ def test_parcels_wait_for_blocks_in_order(sender):
     outbox.flush()
     assert len(outbox) == 0 and failures == []
     assert sender.allocator.available_blocks() == 1  # rooms 2 and 3 hold 2 + 1 blocks
-    assert sender.poll(2) is PollState.BOOTSTRAPPING
+    assert sender.poll(2) is PollState.TRANSFERRING
 
 
-def test_a_failed_write_frees_its_blocks_and_fails_only_its_room(sender):
+def test_a_room_whose_receiver_has_not_registered_takes_no_blocks_and_holds_back_none(sender, receiver):
+    """A receiver may hold back a registration until another room lands (decode, for a request
+    sharing its first page with one arriving): the unregistered room's rows must not take the
+    blocks the other one needs, nor stand in its way."""
+    receiver.register(2)
+    failures = []
+    outbox = Outbox(sender, lambda room, reason: failures.append(room))
+    outbox.put(parcel(1, 16))  # the whole pool, its receiver not there yet
+    outbox.put(parcel(2, 8))
+    outbox.flush()
+    assert len(outbox) == 1 and sender.allocator.available_blocks() == 2
+    assert sender.poll(2) is PollState.TRANSFERRING
+    receiver.register(1)
+    outbox.flush()
+    assert len(outbox) == 1  # registered now, it waits for room 2's blocks
+    sender.abort(2, "test")
+    outbox.flush()
+    assert len(outbox) == 0 and sender.allocator.available_blocks() == 0 and failures == []
+    assert sender.poll(1) is PollState.TRANSFERRING
+
+
+def test_a_failed_write_frees_its_blocks_and_fails_only_its_room(sender, receiver):
+    receiver.register(7, 8)
     failures = []
     outbox = Outbox(sender, lambda room, reason: failures.append((room, reason)))
     outbox.put(parcel(7, 4, width=3))  # rows of the wrong shape
@@ -55,9 +93,10 @@ def test_a_failed_write_frees_its_blocks_and_fails_only_its_room(sender):
     assert len(outbox) == 0
 
 
-def test_a_parcel_of_runs_lays_them_end_to_end_from_their_own_offsets(sender):
+def test_a_parcel_of_runs_lays_them_end_to_end_from_their_own_offsets(sender, receiver):
     """A request's pictures are runs of larger arrays (their vision calls' outputs): each run's rows
     land after the previous run's, taken from the run's own start."""
+    receiver.register(9)
     failures = []
     outbox = Outbox(sender, lambda room, reason: failures.append(room))
     first = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
@@ -70,7 +109,8 @@ def test_a_parcel_of_runs_lays_them_end_to_end_from_their_own_offsets(sender):
     assert np.array_equal(got, np.concatenate([first[5:8], second[1:3]]))
 
 
-def test_runs_that_do_not_add_up_to_the_room_fail_it(sender):
+def test_runs_that_do_not_add_up_to_the_room_fail_it(sender, receiver):
+    receiver.register(3)
     failures = []
     outbox = Outbox(sender, lambda room, reason: failures.append(room))
     rows = {"embeddings": np.zeros((4, 4), np.float32)}

@@ -16,7 +16,9 @@ from mmserve.roles.prefill import PrefillRole
 from mmserve.roles.wire import sampling_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from models.qwen3_vl_moe import load_model
-from transfer import BootstrapServer, TransferConfig
+from transfer import BootstrapServer, TransferConfig, TransferMode
+
+from idle_receiver import IdleReceiver
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,6 +44,14 @@ def role():
 def patient_role():
     """Rooms live until the test fails them; a KV pool of two blocks of 16 rows."""
     yield from prefill_role(bootstrap_timeout_s=60.0, block_size=16, default_blocks=1, buffer_blocks=2)
+
+
+@pytest.fixture
+def decode(patient_role):
+    """Registers KV rooms as a decode would, and never pulls them."""
+    receiver = IdleReceiver(patient_role.sender, patient_role.bootstrap, TransferMode.KV)
+    yield receiver
+    receiver.close()
 
 
 def prefill(role, request_id: str, room: int, length: int, first_token: int = 3) -> queue.Queue:
@@ -144,10 +154,11 @@ def test_a_failed_kv_read_fails_the_room_and_the_engine_still_frees_the_prompt(p
         role.sender.poll(35)
 
 
-def test_kv_waiting_for_sender_blocks_is_dropped_when_its_room_fails(patient_role):
+def test_kv_waiting_for_sender_blocks_is_dropped_when_its_room_fails(patient_role, decode):
     """Its rows must not be sent later into a room nobody tracks (the old code re-opened the
     forgotten room on send, holding blocks until another timeout and never forgetting it)."""
     role = patient_role
+    decode.register(41, 42)
     blocks = role.sender.allocator.num_blocks
     prefill(role, "first", room=41, length=20)  # 20 rows: both KV blocks
     prefill(role, "second", room=42, length=20)  # its rows wait for them
@@ -167,7 +178,7 @@ def test_kv_waiting_for_sender_blocks_is_dropped_when_its_room_fails(patient_rol
             role.sender.poll(room)
 
 
-def test_a_prompt_whose_kv_exceeds_the_whole_sender_pool_fails_alone(patient_role):
+def test_a_prompt_whose_kv_exceeds_the_whole_sender_pool_fails_alone(patient_role, decode):
     """Its KV could never get sender blocks: the room fails at once instead of holding the queue
     of KV waiting for blocks forever, and the next prompt's KV goes out."""
     role = patient_role
@@ -177,9 +188,10 @@ def test_a_prompt_whose_kv_exceeds_the_whole_sender_pool_fails_alone(patient_rol
     assert role.engine.stats()["free_pages"] == total
     with pytest.raises(KeyError):
         role.sender.poll(37)
+    decode.register(38)
     prefill(role, "next", room=38, length=20, first_token=900)
-    run_until(role, lambda: role.health()["requests"] == {"sending_kv": 1})
-    assert role.health()["free_kv_blocks"] < role.sender.allocator.num_blocks  # its KV holds sender blocks
+    run_until(role, lambda: role.health()["free_kv_blocks"] < role.sender.allocator.num_blocks)  # its KV holds blocks
+    assert role.health()["requests"] == {"sending_kv": 1}
 
 
 def test_prefill_tells_the_router_it_holds_no_prompt_longer_than_its_kv_pool(patient_role):

@@ -21,7 +21,9 @@ from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.wire import deadline_from_pb, sampling_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from models.qwen3_vl_moe import load_model
-from transfer import BootstrapServer, TransferConfig
+from transfer import BootstrapServer, TransferConfig, TransferMode
+
+from idle_receiver import IdleReceiver
 
 pytestmark = pytest.mark.timeout(300)
 PATIENT = TransferConfig(data_plane="zmq", bootstrap_timeout_s=60.0, waiting_timeout_s=60.0, heartbeat_interval_s=0.1,
@@ -101,6 +103,7 @@ def test_prefill_fails_a_request_whose_kv_nobody_takes_at_its_deadline(model, bo
 
 def test_encode_fails_a_request_whose_rows_nobody_pulls_at_its_deadline(model, bootstrap):
     role = EncodeRole(model, EngineConfig(precompile=False, max_num_seqs=2), PATIENT, "encode-deadlines", bootstrap)
+    prefill = IdleReceiver(role.sender, bootstrap, TransferMode.EMBEDDING)
     try:
         blocks = role.sender.allocator.available_blocks()
         grid = np.array([[1, 4, 4]])
@@ -108,6 +111,7 @@ def test_encode_fails_a_request_whose_rows_nobody_pulls_at_its_deadline(model, b
         role.encode(EncodeJob("warm-up", 8, [Visual(grid, pixels)], []))  # compiles the vision tower
         role.abort("warm-up")
         role.encode(EncodeJob("unpulled", 9, [Visual(grid, pixels)], [], deadline=deadline_from_pb(1.0)))
+        prefill.register(9)  # a prefill that registers and never pulls
         role.step()
         assert role.health()["requests"] == {"sending": 1} and role.health()["free_blocks"] < blocks
         assert step_until(role, lambda: not role.health()["in_flight"]) < 10
@@ -115,6 +119,7 @@ def test_encode_fails_a_request_whose_rows_nobody_pulls_at_its_deadline(model, b
         with pytest.raises(KeyError):
             role.sender.poll(9)
     finally:
+        prefill.close()
         role.close()
 
 
