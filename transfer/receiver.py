@@ -125,6 +125,10 @@ class Receiver:
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._orphans: list[PendingPull] = []
+        self._deferred: dict[int, None] = {}
+        """Rooms whose first chunk waits for the pool, in the order they began to wait: they
+        reserve in that order, and a room whose first chunk arrives while any waits waits behind
+        it, so a large room is not passed forever by smaller ones."""
 
     def add(self, room: int, bootstrap_address: str, sender: str,
             mode: TransferMode = TransferMode.EMBEDDING, incarnation: int | None = None, start_token: int = 0) -> None:
@@ -198,6 +202,7 @@ class Receiver:
                     channel.send(error.reply())
         self.data_plane.collect_pulls()
         self._orphans = [p for p in self._orphans if not p.done()]
+        self._reserve_deferred()
         for room in [r for r in self._rooms.values() if not r.state.terminal]:
             self._advance(room, now)
         if now >= self._next_sweep:
@@ -262,8 +267,9 @@ class Receiver:
         if not self.allocator.can_ever_hold(ready.info.total_tokens - room.held):
             self._fail(room, f"{ready.info.total_tokens - room.held} tokens exceed the whole pool")
             return
-        if room.info is None and not self._reserve_whole(room, ready.info.total_tokens - room.held):
+        if room.info is None and (self._deferred or not self._reserve_whole(room, ready.info.total_tokens - room.held)):
             room.deferred = ready
+            self._deferred[room.room] = None
             room.touch()
             return
         self._pull(room, ready)
@@ -275,6 +281,16 @@ class Receiver:
             return False
         room.reservation = Reservation(allocation)
         return True
+
+    def _reserve_deferred(self) -> None:
+        for number in list(self._deferred):
+            room = self._rooms.get(number)
+            if room is not None and room.deferred is not None and not room.state.terminal:
+                if not self._reserve_whole(room, room.deferred.info.total_tokens - room.held):
+                    return
+                ready, room.deferred = room.deferred, None
+                self._pull(room, ready)
+            del self._deferred[number]
 
     def _pull(self, room: ReceiverRoom, ready: Ready) -> None:
         chunk = ready.chunk
@@ -293,9 +309,6 @@ class Receiver:
     def _advance(self, room: ReceiverRoom, now: float) -> None:
         if room.state is PollState.BOOTSTRAPPING and room.endpoint is None:
             self._bootstrap(room, now)
-        elif room.deferred is not None and self._reserve_whole(room, room.deferred.info.total_tokens - room.held):
-            ready, room.deferred = room.deferred, None
-            self._pull(room, ready)
         elif room.pull is not None and room.pull[0].done():
             self._land(room)
 
@@ -388,6 +401,8 @@ class Receiver:
             self._orphans.append(room.pull[0])
             room.pull = None
         self._release(room)
+        room.deferred = None
+        self._deferred.pop(room.room, None)
         room.move(PollState.FAILED)
         room.reason = reason
         if notify and room.endpoint is not None:
