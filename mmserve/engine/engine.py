@@ -40,6 +40,7 @@ from mmserve.kv_cache_manager import KVCacheManager
 from mmserve.kv_events import KVEventPublisher
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
+from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from mmserve.structured_output.matcher import fill_bitmask
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.rope_index import get_rope_index
@@ -101,13 +102,24 @@ class LLMEngine:
         self.encoder = Encoder(model, self.config, layout, self.runner.lockstep)
         self._programs = programs
         self.runner.lockstep.bind("engine", self)
-        if self.config.precompile and self.runner.lockstep.is_leader:  # followers compile when this call reaches them
-            self.runner.lockstep.call_and_wait(self.run_compile)
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
+        self._grammars = None
+        warm = self.config.precompile and self.runner.lockstep.is_leader
+        if warm and STRUCTURED_OUTPUT_AVAILABLE:
+            # Importing xgrammar takes ~3 s (it imports torch): done on the first structured request,
+            # it stalled every request of the loop that took it. Here it runs beside the compile.
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-import") as pool:
+                grammars = pool.submit(self._make_grammars)
+                self.runner.lockstep.call_and_wait(self.run_compile)
+                try:
+                    self._grammars = grammars.result()
+                except Exception:  # the engine serves the rest; a structured request tries again
+                    log.exception("the grammar library did not load")
+        elif warm:  # followers compile when this call reaches them
+            self.runner.lockstep.call_and_wait(self.run_compile)
         self._requests: dict[str, Request] = {}
         self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
         self._prefilled: dict[str, Prefilled] = {}  # not in the batch yet: abort frees their reservation
-        self._grammars = None  # made on the first structured request (importing xgrammar takes seconds)
         self._ids = itertools.count()
         self._on_finish = on_finish
 
@@ -213,12 +225,16 @@ class LLMEngine:
 
     @property
     def grammars(self):
-        """The engine's :class:`~mmserve.structured_output.grammars.Grammars`."""
+        """The engine's :class:`~mmserve.structured_output.grammars.Grammars`: made with the
+        engine when it compiles its programs, else on the first structured request."""
         if self._grammars is None:
-            from mmserve.structured_output.grammars import Grammars
-
-            self._grammars = Grammars(self.model.tokenizer, self.model.config.text.vocab_size, self.eos_token_ids)
+            self._grammars = self._make_grammars()
         return self._grammars
+
+    def _make_grammars(self):
+        from mmserve.structured_output.grammars import Grammars
+
+        return Grammars(self.model.tokenizer, self.model.config.text.vocab_size, self.eos_token_ids)
 
     def _schedule_compiled(self) -> list[RequestOutput]:
         """Hands the requests whose grammar has compiled to the scheduler, in arrival order; a

@@ -180,7 +180,7 @@ class EncodeRole:
 
     def pump(self) -> None:
         with self.lock:
-            self.sender.progress(0)
+            self._outbox.flush()  # a registration read here stages the rows waiting for it, as a step's end would
 
     def sockets(self) -> list:
         return self.sender.sockets()

@@ -153,7 +153,7 @@ class PrefillRole:
     def pump(self) -> None:
         with self.lock:
             self.receiver.progress(0)
-            self.sender.progress(0)
+            self._outbox.flush()  # a registration read here stages the KV waiting for it, as a step's end would
 
     def sockets(self) -> list:
         return self.receiver.sockets() + self.sender.sockets()

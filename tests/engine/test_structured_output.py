@@ -2,6 +2,10 @@
 make its output valid JSON; rows without a grammar sample exactly as they would alone."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -152,3 +156,31 @@ def test_sampler_bitmask_allows_only_its_tokens_and_leaves_other_rows_alone():
 def test_a_spec_is_one_schema_or_one_structural_tag_as_text(fields):
     with pytest.raises(ValueError):
         StructuredOutput(**fields)
+
+
+def test_an_engine_that_compiles_its_programs_has_loaded_the_grammar_library_before_serving():
+    """Importing xgrammar takes seconds (it imports torch): done on the first structured request,
+    it stalled every request of the loop that took it (the colocated server's, decode's). A fresh
+    process, so that nothing imported it before; a decode worker's engine, whose grid is small."""
+    code = textwrap.dedent("""
+        import sys, time
+        from mmserve import SamplingParams
+        from mmserve.engine.config import EngineConfig
+        from mmserve.engine.engine import LLMEngine
+        from mmserve.roles.decode import DECODE_PROGRAMS
+        from mmserve.structured_output import StructuredOutput
+        from models.qwen3_vl_moe import load_model
+        config = EngineConfig(num_pages=16, page_size=8, max_model_len=32, max_num_seqs=2, max_prefill_tokens=16,
+                              max_prefill_seqs=1)
+        engine = LLMEngine(load_model("tiny"), config, programs=DECODE_PROGRAMS)
+        loaded = "xgrammar" in sys.modules
+        start = time.monotonic()
+        engine.add_request({"prompt_token_ids": [5, 6, 7]},
+                           SamplingParams(max_tokens=2, structured_output=StructuredOutput.any_object()))
+        print(loaded, time.monotonic() - start)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MMSERVE_COMPILATION_CACHE"} | {"JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env, check=True)
+    loaded, took = out.stdout.split()
+    assert loaded == "True"
+    assert float(took) < 1.0

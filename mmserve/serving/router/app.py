@@ -3,7 +3,9 @@ in front of any ``Backend`` (the colocated engine or a disaggregated triple)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -81,6 +83,10 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        if getattr(backend, "supports_structured_output", False):
+            # Checking a schema imports xgrammar (~3 s, torch with it): before serving, not in
+            # the first structured request.
+            await asyncio.to_thread(importlib.import_module, "xgrammar")
         yield
         if on_shutdown is not None:
             on_shutdown()
