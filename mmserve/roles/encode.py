@@ -159,6 +159,8 @@ class EncodeRole:
         runs = [Run({"embeddings": rows.embeddings, "deepstack": rows.deepstack}, rows.start, rows.count)
                 for rows in images + videos]
         with self.lock:
+            if record.state is not EncodeState.QUEUED:
+                return  # ended (an abort, its deadline) while the vision tower ran
             record.move(EncodeState.SENDING)
             record.job = None
             info = TransferInfo(TransferMode.EMBEDDING, total_rows(images + videos),

@@ -316,7 +316,9 @@ class PrefillRole:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
         info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
-        self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}, rows_start=start))
+        with self.lock:  # an abort on another thread may have ended it meanwhile, dropping its parcels
+            if record.state is PrefillState.SENDING_KV:
+                self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}, rows_start=start))
 
     def _stream_first(self, record: PrefillRecord, output: RequestOutput) -> None:
         """Streams the first token to the router as decode would have streamed it (decode streams

@@ -102,3 +102,25 @@ def test_requests_queued_together_share_one_vision_step_and_get_their_own_rows(r
     for _ in range(3):
         role.step()
     assert role.health()["in_flight"] == 0 and role.health()["free_blocks"] == 1
+
+
+def test_an_abort_while_the_vision_tower_runs_ends_only_that_request(role, monkeypatch):
+    """The router's abort comes on another thread, while the step's vision call runs outside the
+    lock: the aborted request's rows are not queued, and the others of that call are."""
+    encode_many = role.encoder.encode_many
+
+    def encode_then_abort(visuals):
+        rows = encode_many(visuals)
+        role.abort("gone")  # as a gRPC thread would, mid-call
+        return rows
+
+    monkeypatch.setattr(role.encoder, "encode_many", encode_then_abort)
+    encode(role, "gone", room=21)
+    encode(role, "kept", room=22)
+    role.step()
+    stats = role.health()
+    assert stats["requests"] == {"sending": 1} and stats["queued"] == 1  # kept's rows wait for prefill
+    role.abort("kept")
+    for _ in range(3):
+        role.step()
+    assert role.health()["in_flight"] == 0 and role.health()["queued"] == 0 and role.health()["free_blocks"] == 1

@@ -154,6 +154,27 @@ def test_a_failed_kv_read_fails_the_room_and_the_engine_still_frees_the_prompt(p
         role.sender.poll(35)
 
 
+def test_an_abort_while_the_kv_is_read_leaves_no_rows_waiting_in_the_outbox(patient_role, decode, monkeypatch):
+    """The router's abort comes on another thread: one landing while prefill reads a finished
+    prompt's KV out of its pages must not be followed by those rows entering the outbox, where
+    no one would ever take them out (the abort has dropped the request's parcels already)."""
+    role = patient_role
+    decode.register(43)
+    read = role.engine.runner.read_kv
+
+    def read_then_abort(*args):
+        rows = read(*args)
+        role.abort("left")  # as a gRPC thread would, between the read and the rows' queueing
+        return rows
+
+    monkeypatch.setattr(role.engine.runner, "read_kv", read_then_abort)
+    prefill(role, "left", room=43, length=20)
+    run_until(role, lambda: not role.health()["in_flight"])
+    for _ in range(3):
+        role.step()
+    assert len(role._outbox) == 0 and role.health()["free_kv_blocks"] == role.sender.allocator.num_blocks
+
+
 def test_kv_waiting_for_sender_blocks_is_dropped_when_its_room_fails(patient_role, decode):
     """Its rows must not be sent later into a room nobody tracks (the old code re-opened the
     forgotten room on send, holding blocks until another timeout and never forgetting it)."""
