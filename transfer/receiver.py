@@ -98,8 +98,6 @@ class ReceiverRoom(Room):
     pull: tuple[PendingPull, Ready] | None = None
     landed: list[Landed] = dataclasses.field(default_factory=list)
     """The chunks pulled so far, as pulled (the reservation only counts their space)."""
-    deferred: Ready | None = None
-    """The first chunk's Ready, waiting until the pool can reserve the whole room."""
 
     @property
     def received(self) -> int:
@@ -125,10 +123,11 @@ class Receiver:
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._orphans: list[PendingPull] = []
-        self._deferred: dict[int, None] = {}
-        """Rooms whose first chunk waits for the pool, in the order they began to wait: they
-        reserve in that order, and a room whose first chunk arrives while any waits waits behind
-        it, so a large room is not passed forever by smaller ones."""
+        self._deferred: dict[int, Ready] = {}
+        """Rooms whose first chunk (its Ready) waits until the pool can reserve the whole room, in
+        the order they began to wait: they reserve in that order, and a room whose first chunk
+        arrives while any waits waits behind it, so a large room is not passed forever by smaller
+        ones."""
 
     def add(self, room: int, bootstrap_address: str, sender: str,
             mode: TransferMode = TransferMode.EMBEDDING, incarnation: int | None = None, start_token: int = 0) -> None:
@@ -268,8 +267,7 @@ class Receiver:
             self._fail(room, f"{ready.info.total_tokens - room.held} tokens exceed the whole pool")
             return
         if room.info is None and (self._deferred or not self._reserve_whole(room, ready.info.total_tokens - room.held)):
-            room.deferred = ready
-            self._deferred[room.room] = None
+            self._deferred[room.room] = ready
             room.touch()
             return
         self._pull(room, ready)
@@ -283,14 +281,12 @@ class Receiver:
         return True
 
     def _reserve_deferred(self) -> None:
-        for number in list(self._deferred):
-            room = self._rooms.get(number)
-            if room is not None and room.deferred is not None and not room.state.terminal:
-                if not self._reserve_whole(room, room.deferred.info.total_tokens - room.held):
-                    return
-                ready, room.deferred = room.deferred, None
-                self._pull(room, ready)
+        for number, ready in list(self._deferred.items()):
+            room = self._rooms[number]  # a room leaves this queue before it can be forgotten (_fail)
+            if not self._reserve_whole(room, ready.info.total_tokens - room.held):
+                return
             del self._deferred[number]
+            self._pull(room, ready)
 
     def _pull(self, room: ReceiverRoom, ready: Ready) -> None:
         chunk = ready.chunk
@@ -401,7 +397,6 @@ class Receiver:
             self._orphans.append(room.pull[0])
             room.pull = None
         self._release(room)
-        room.deferred = None
         self._deferred.pop(room.room, None)
         room.move(PollState.FAILED)
         room.reason = reason
