@@ -104,19 +104,21 @@ class LLMEngine:
         self.runner.lockstep.bind("engine", self)
         self.eos_token_ids = set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids)
         self._grammars = None
-        warm = self.config.precompile and self.runner.lockstep.is_leader
+        warm = self.config.precompile and self.runner.lockstep.is_leader  # followers compile when this call reaches them
+        importing = None
         if warm and STRUCTURED_OUTPUT_AVAILABLE:
             # Importing xgrammar takes ~3 s (it imports torch): done on the first structured request,
             # it stalled every request of the loop that took it. Here it runs beside the compile.
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-import") as pool:
-                grammars = pool.submit(self._make_grammars)
-                self.runner.lockstep.call_and_wait(self.run_compile)
-                try:
-                    self._grammars = grammars.result()
-                except Exception:  # the engine serves the rest; a structured request tries again
-                    log.exception("the grammar library did not load")
-        elif warm:  # followers compile when this call reaches them
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-import")
+            importing = pool.submit(self._make_grammars)
+            pool.shutdown(wait=False)  # its one task still runs
+        if warm:
             self.runner.lockstep.call_and_wait(self.run_compile)
+        if importing is not None:
+            try:
+                self._grammars = importing.result()
+            except Exception:  # the engine serves the rest; a structured request tries again
+                log.exception("the grammar library did not load")
         self._requests: dict[str, Request] = {}
         self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
         self._prefilled: dict[str, Prefilled] = {}  # not in the batch yet: abort frees their reservation
