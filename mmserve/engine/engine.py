@@ -44,6 +44,7 @@ from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from mmserve.structured_output.matcher import fill_bitmask
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.rope_index import get_rope_index
+from models.qwen3_vl_moe.tokenizer import TooManyTokens
 
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,14 @@ class LLMEngine:
         compile_programs(self.runner.programs(self._programs, self._kv_read_rows) + vision + arriving, "engine")
 
     def prepare(self, prompt) -> PreparedPrompt:
-        return prepare_prompt(prompt, self.model)
+        try:
+            return prepare_prompt(prompt, self.model, max_tokens=self.config.max_model_len - 1)
+        except TooManyTokens as error:
+            raise RequestRejected(self._too_long(f"{'' if error.exact else 'at least '}{error.counted}")) from None
+
+    def _too_long(self, prompt_tokens: str) -> str:
+        return (f"the prompt has {prompt_tokens} tokens; the context holds {self.config.max_model_len} "
+                "(prompt plus at least one generated token)")
 
     def encode_prompts(self, prompts: list[PreparedPrompt]) -> list[dict[str, list[VisualRows]]]:
         """The visual rows of several prompts, their images and videos encoded together (as few
@@ -445,9 +453,7 @@ class LLMEngine:
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         if prompt_len >= self.config.max_model_len:
-            raise RequestRejected(
-                f"the prompt has {prompt_len} tokens; the context holds {self.config.max_model_len} "
-                "(prompt plus at least one generated token)")
+            raise RequestRejected(self._too_long(str(prompt_len)))
         pages = -(-(prompt_len + 1) // self.config.page_size)
         if pages > self.runner.num_pages - 1:
             raise RequestRejected(f"the prompt needs {pages} KV pages; the cache has {self.runner.num_pages - 1}")

@@ -118,8 +118,11 @@ class PreparedPrompt:
                               [with_pixels(v, processor) for v in self.videos])
 
 
-def prepare_prompt(prompt: Any, model: Model) -> PreparedPrompt:
-    """Validates and expands one prompt; raises ValueError with the reason when it is malformed."""
+def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> PreparedPrompt:
+    """Validates and expands one prompt; raises ValueError with the reason when it is malformed.
+
+    ``max_tokens``: the most tokens a prompt may have. A text with more raises TooManyTokens,
+    counted only as far as the limit (a client's megabytes of text are never tokenized whole)."""
     if isinstance(prompt, str):
         prompt = {"prompt": prompt}
     if not isinstance(prompt, Mapping):
@@ -132,7 +135,7 @@ def prepare_prompt(prompt: Any, model: Model) -> PreparedPrompt:
     if "prompt" in prompt:
         if not isinstance(prompt["prompt"], str):
             raise ValueError("'prompt' must be a string")
-        ids = model.tokenizer.encode(prompt["prompt"])
+        ids = model.tokenizer.encode(prompt["prompt"], max_tokens=max_tokens)
     else:
         ids = _token_ids(prompt["prompt_token_ids"], model.config.text.vocab_size)
     data = prompt.get("multi_modal_data") or {}

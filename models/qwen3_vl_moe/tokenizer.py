@@ -15,6 +15,7 @@ It has no normaliser (Qwen's applies NFC), so every UTF-8 string survives encode
 
 import dataclasses
 import json
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 
@@ -31,6 +32,9 @@ TEMPLATE_FILE = "chat_template.jinja"
 LEGACY_TEMPLATE_FILE = "chat_template.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+COUNT_PIECE_CHARS = 1 << 16  # a text longer than this is counted piece by piece before it is encoded
+FORCED_CUT_TOKENS = 16  # what a cut inside a word may add to the pieces' count
+CUT_PUNCTUATION = {"Pd", "Ps", "Pe", "Pi", "Pf", "Po"}  # not "Pc" ("_"), common inside added tokens
 
 TINY_ORDINARY_TOKENS = 1000
 TINY_SPECIAL_IDS = {
@@ -205,6 +209,15 @@ def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
     return env
 
 
+class TooManyTokens(ValueError):
+    """A text has more than ``limit`` tokens: ``counted`` of them (``exact``), or at least that
+    many (counting stopped there)."""
+
+    def __init__(self, counted: int, limit: int, exact: bool):
+        super().__init__(f"the text has {'' if exact else 'at least '}{counted} tokens, more than {limit}")
+        self.counted, self.limit, self.exact = counted, limit, exact
+
+
 def _token_content(token) -> str | None:
     """tokenizer_config.json writes a special token as a string or as an AddedToken dict."""
     return token.get("content") if isinstance(token, dict) else token
@@ -222,6 +235,7 @@ class Tokenizer:
 
     def __post_init__(self):
         self._template = _environment().from_string(self.chat_template)
+        self._added_tokens = [token.content for token in self.backend.get_added_tokens_decoder().values()]
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
@@ -275,9 +289,57 @@ class Tokenizer:
             raise KeyError(f"{token!r} is not in the vocabulary")
         return token_id
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Special-token strings in `text` (as in a rendered chat prompt) become their single ids."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None,
+               piece_chars: int = COUNT_PIECE_CHARS) -> list[int]:
+        """Special-token strings in `text` (as in a rendered chat prompt) become their single ids.
+
+        With ``max_tokens``, a text with more tokens raises TooManyTokens. A text longer than
+        ``piece_chars`` is first counted a piece at a time, stopping once past the limit, so a
+        client's megabytes of text cost what ``max_tokens`` tokens cost, not what the whole text
+        would (an encoding holds ~200 bytes per token: a 32 MiB body would take gigabytes)."""
+        if max_tokens is not None and len(text) > piece_chars:
+            self.count_tokens(text, max_tokens, piece_chars)
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise TooManyTokens(len(ids), max_tokens, exact=True)
+        return ids
+
+    def count_tokens(self, text: str, limit: int, piece_chars: int = COUNT_PIECE_CHARS) -> int:
+        """``text``'s tokens (without the special tokens a post-processor adds), counted a piece of
+        about ``piece_chars`` at a time; raises TooManyTokens once those counted hold more than
+        ``limit``, so counting costs what ``limit`` tokens cost however long the text.
+
+        A piece ends where Qwen's pre-tokenizer splits anyway: before a space that follows a
+        non-space, or before punctuation that follows a letter or digit, and never inside an added
+        token. No pre-token spans such a cut and no look-ahead reaches across it (nor does NFC:
+        neither character composes), so for Qwen's tokenizers the pieces' counts add up to the
+        whole text's (without what a post-processor adds); another tokenizer is allowed a token
+        per cut. A piece with no such place (a 64 Ki-character word) is cut where it ends, and
+        allowed FORCED_CUT_TOKENS: BPE then tokenizes the two halves of that word apart."""
+        counted, allowed, start = 0, 0, 0
+        while start < len(text):
+            end, clean = self._cut(text, start + piece_chars, start + 2 * piece_chars)
+            counted += len(self.backend.encode(text[start:end], add_special_tokens=False).ids)
+            if end < len(text):
+                allowed += 1 if clean else FORCED_CUT_TOKENS
+            if counted - allowed > limit:
+                raise TooManyTokens(counted - allowed, limit, exact=False)
+            start = end
+        return counted
+
+    def _cut(self, text: str, at: int, before: int) -> tuple[int, bool]:
+        """Where the piece from before ``at`` ends: the first clean cut in [at, before), the text's
+        end when that comes first, else ``at``."""
+        for i in range(at, min(before, len(text))):
+            here, previous = text[i], text[i - 1]
+            if ((here == " " and not previous.isspace())
+                    or (previous.isalnum() and unicodedata.category(here) in CUT_PUNCTUATION)) \
+                    and not self._inside_added_token(text, i):
+                return i, True
+        return (len(text), True) if before >= len(text) else (at, False)
+
+    def _inside_added_token(self, text: str, i: int) -> bool:
+        return any(token in text[max(0, i - len(token) + 1):i + len(token) - 1] for token in self._added_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

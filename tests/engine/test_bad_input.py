@@ -12,6 +12,7 @@ GOOD = {"prompt_token_ids": [11, 12, 13]}
     ({"prompt_token_ids": [1, VISION_START, IMAGE_ID, VISION_END], "multi_modal_data": {"image": b"not an image"}},
      {}, "PIL"),
     ({"prompt_token_ids": list(range(600))}, {}, "context"),
+    ({"prompt": "word " * 2_000_000}, {}, r"the prompt has at least \d+ tokens; the context holds 512"),
     ({"prompt_token_ids": [1, IMAGE_ID, 2, IMAGE_ID], "multi_modal_data": {"image": []}}, {}, "placeholder"),
     (GOOD, {"max_tokens": -1}, "max_tokens"),
     (GOOD, {"temprature": 0.5}, "unknown sampling field"),

@@ -3,15 +3,20 @@ with transformers on a tokenizer directory either side wrote."""
 
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
-from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, Tokenizer, build_tiny_tokenizer
+from tokenizers import AddedToken, normalizers
+
+from models.qwen3_vl_moe.tokenizer import (TINY_CORPUS, TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, Tokenizer,
+                                           TooManyTokens, build_tiny_tokenizer)
 
 QWEN3_VL_TEMPLATE = (Path(__file__).resolve().parents[1] / "qwen3_vl_chat_template.jinja").read_text()
 """Qwen3-VL-Instruct's own chat template (its checkpoints' chat_template.json), byte for byte."""
@@ -253,3 +258,52 @@ def test_text_stream_releases_a_split_character_only_when_complete(tiny):
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == tiny.decode(ids) == text
     assert "" in pieces  # a token that only began a character
+
+
+SPACED_ADDED_TOKEN = "<|end of turn.|>"
+# Words whose insides hold every kind of place a count in pieces must not cut: punctuation before
+# a newline (one pre-token), contractions, added tokens (with "_" and "|" inside) against text, a
+# combining accent that NFC composes with the letter before it, CJK without spaces, digits, emoji.
+FRAGMENTS = TINY_CORPUS.split() + ["end.\n\n", "don't", "it's", "<|im_start|>user\n", "hi<tool_call>", "a</tool_call>",
+                                   "cafe\u0301", "\u0301", "你好，世界。", "1,234.56", "👩‍👩‍👧", "x_y", "(a)", "--",
+                                   "\t", "\r\n", SPACED_ADDED_TOKEN]
+SEPARATORS = [" ", "  ", "\n ", ". ", ", ", " \n", "\t "]  # each with a space: a cut within every 32 characters
+
+
+def with_nfc_and_a_spaced_added_token() -> Tokenizer:
+    """The tiny tokenizer with Qwen's NFC normaliser (the tiny one has none) and an added token
+    holding a space and a full stop, where a count in pieces would otherwise cut."""
+    backend = build_tiny_tokenizer().backend
+    backend.normalizer = normalizers.NFC()
+    backend.add_special_tokens([AddedToken(SPACED_ADDED_TOKEN, special=True, normalized=False)])
+    return Tokenizer(backend, "")
+
+
+@pytest.mark.parametrize("qwen_like", [False, True], ids=["tiny", "nfc_and_added_token"])
+def test_a_text_counted_in_pieces_has_the_whole_texts_count(tiny, qwen_like):
+    tokenizer = with_nfc_and_a_spaced_added_token() if qwen_like else tiny
+    rng = random.Random(7)
+    for _ in range(300):
+        text = "".join(rng.choice(FRAGMENTS) + rng.choice(SEPARATORS) for _ in range(rng.randint(1, 120)))
+        whole = len(tokenizer.encode(text, add_special_tokens=False))
+        assert tokenizer.count_tokens(text, whole, piece_chars=rng.randint(32, 64)) == whole, text
+
+
+def test_a_text_over_the_limit_is_refused_and_one_at_it_is_encoded_whole(tiny):
+    text = " ".join(TINY_CORPUS.split()[:400])
+    ids = tiny.encode(text)
+    assert tiny.encode(text, max_tokens=len(ids), piece_chars=64) == ids
+    with pytest.raises(TooManyTokens) as refused:
+        tiny.encode(text, max_tokens=len(ids) - 1, piece_chars=64)
+    assert (refused.value.counted, refused.value.exact) == (len(ids), True)
+
+
+@pytest.mark.parametrize("text", [TINY_CORPUS * 6_000, "a" * 16_000_000, "你好" * 8_000_000],
+                         ids=["prose", "one_word", "cjk"])
+def test_megabytes_of_text_are_refused_after_counting_about_the_limit(tiny, text):
+    """Tokenizing 16 MB of text whole takes ~10 s and gigabytes here; counting stops past the limit."""
+    started = time.monotonic()
+    with pytest.raises(TooManyTokens) as refused:
+        tiny.encode(text, max_tokens=2047)
+    assert time.monotonic() - started < 2
+    assert not refused.value.exact and refused.value.counted > 2047

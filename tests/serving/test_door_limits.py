@@ -87,6 +87,8 @@ REFUSED = {
     "body_beyond_the_cap": ("POST", CHAT, lambda: b"x" * (100 * MB), 413, "larger than this server accepts", None),
     "prompt_of_10_mb": ("POST", CHAT, lambda: chat("word " * (2 * MB)), 413, "larger than this server accepts",
                         None),
+    "text_just_under_the_cap": ("POST", CHAT, lambda: chat("word " * (MAX_BODY_BYTES // 5 - 1000)), 400,
+                                "maximum context length", "messages"),
     "nesting_100k_deep": ("POST", CHAT, b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply", None),
     "integer_of_5000_digits": ("POST", CHAT, b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON", None),
     "lone_surrogate": ("POST", CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400,
@@ -160,8 +162,10 @@ def test_router_memory_stays_bounded_after_huge_bodies_and_a_huge_image(door, hu
         assert read_response(sock)[0] == 413
     for _ in range(4):
         assert request("POST", f"{door.url}{CHAT}", with_images(data_url(huge_png)), auth)[0] == 400
+        assert request("POST", f"{door.url}{CHAT}", chat("word " * (MAX_BODY_BYTES // 5 - 1000)), auth)[0] == 400
     grown = rss_bytes(door.process.pid) - before
-    # decoding the image alone would take 400 MB; reading the bodies, 200 MB
+    # decoding the image alone would take 400 MB; reading the bodies, 200 MB; tokenizing the text
+    # whole, ~150 MB
     assert grown < 3 * MAX_BODY_BYTES + 16 * MB, f"router RSS grew by {grown / MB:.0f} MB"
 
 

@@ -37,7 +37,8 @@ async def generate(request: Request) -> Response:
     sampling = body.get("sampling_params", {})
     if not isinstance(sampling, dict):
         raise InvalidRequest("sampling_params must be an object", "sampling_params")
-    prompt = await prepare(lambda: _prompt(body, router.media_reader()), router.model, "prompt")
+    prompt = await prepare(lambda: _prompt(body, router.media_reader()), router.model,
+                           router.settings.max_model_len, "prompt")
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
                                        DEFAULT_MAX_TOKENS, router.settings.max_model_len,
                                        "prompt", "sampling_params.max_tokens")

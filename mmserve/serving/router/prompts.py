@@ -14,13 +14,17 @@ import anyio.to_thread
 from mmserve.engine.inputs import PreparedPrompt, prepare_prompt
 from mmserve.serving.router.errors import InvalidRequest
 from models.qwen3_vl_moe import Model
+from models.qwen3_vl_moe.tokenizer import TooManyTokens
 
 
-async def prepare(build_prompt: Callable[[], Any], model: Model, param: str) -> PreparedPrompt:
-    """Builds the prompt (it may raise InvalidRequest itself) and expands it with the processor."""
+async def prepare(build_prompt: Callable[[], Any], model: Model, max_model_len: int, param: str) -> PreparedPrompt:
+    """Builds the prompt (it may raise InvalidRequest itself) and expands it with the processor; a
+    text longer than the context is refused once counting passes ``max_model_len``."""
     def work() -> PreparedPrompt:
         try:
-            return prepare_prompt(build_prompt(), model)
+            return prepare_prompt(build_prompt(), model, max_tokens=max_model_len - 1)
+        except TooManyTokens as error:
+            raise _too_long(max_model_len, f"{'' if error.exact else 'at least '}{error.counted}", param) from None
         except ValueError as error:
             raise InvalidRequest(str(error), param) from None
     return await anyio.to_thread.run_sync(work)
@@ -34,9 +38,7 @@ def max_tokens_in_context(prompt_tokens: int, requested: int | None, default: in
     than cut short."""
     room = max_model_len - prompt_tokens
     if room < 1:
-        raise InvalidRequest(f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
-                             f"{prompt_tokens} tokens (at least one token must be left to generate)",
-                             prompt_param, "context_length_exceeded")
+        raise _too_long(max_model_len, str(prompt_tokens), prompt_param)
     if requested is None:
         return room if default is None else min(default, room)
     if requested > room:
@@ -44,3 +46,9 @@ def max_tokens_in_context(prompt_tokens: int, requested: int | None, default: in
                              f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for "
                              "the completion)", limit_param, "context_length_exceeded")
     return requested
+
+
+def _too_long(max_model_len: int, prompt_tokens: str, param: str) -> InvalidRequest:
+    return InvalidRequest(f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
+                          f"{prompt_tokens} tokens (at least one token must be left to generate)", param,
+                          "context_length_exceeded")
