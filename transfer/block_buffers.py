@@ -1,5 +1,7 @@
 """Device-resident pools of blocks, one per field, written and read by jitted programs: a
 sender's. (A receiver keeps each chunk as pulled and holds no pool: ``BlockLayout`` alone.)
+A run of a larger array can also be taken as rows of its own (``BlockLayout.rows_of``), which a
+sender offers without touching its pool.
 
 Each field's pool is token-major, ``[num_blocks * block_size, *shape]``, so an allocation's
 tokens are one contiguous run of rows. Writes scatter into the pool with the pool donated (it
@@ -117,6 +119,17 @@ class BlockLayout:
         return [jax.ShapeDtypeStruct((num_rows, *f.shape), f.np_dtype, sharding=self.sharding)
                 for f in self.fields]
 
+    def rows_of(self, arrays: Mapping[str, jax.Array], start: int, count: int) -> Arrays:
+        """Rows ``[start, start + count)`` of arrays holding every field (a larger array's run,
+        as a picture's rows are of their vision call's output), as rows of their own padded to
+        ``bucket(count)`` with zero rows: what :meth:`Sender.send` offers as they are. One
+        program per (source row count, bucket) pair (:meth:`BlockBuffers.programs`)."""
+        rows = self.check_rows(arrays)
+        if not (0 <= start and 0 < count and start + count <= rows):
+            raise ValueError(f"rows [{start}, {start + count}) outside 0..{rows}")
+        arrays = {name: jax.device_put(a, self.sharding) for name, a in arrays.items()}
+        return _gather(arrays, np.int32(start), np.int32(count), self.bucket(count))
+
     def chunk(self, allocation: Allocation, offset_tokens: int, max_tokens: int) -> Chunk:
         """The next transfer of an allocation: from ``offset_tokens``, at most ``max_tokens``."""
         if max_tokens < 1:
@@ -166,21 +179,29 @@ class BlockBuffers(BlockLayout):
 
     def programs(self, max_tokens: int, source_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
         """Callables that each run one program a run of up to ``max_tokens`` tokens can need, writing
-        nothing: the write of each bucket and its read, and the writes from arrays of
-        ``source_rows`` rows (other arrays a writer takes runs of). Run them all before serving and
-        nothing compiles on a first transfer."""
+        nothing: the write of each bucket and its read, and from arrays of ``source_rows`` rows
+        (other arrays a writer takes runs of) the writes and the runs taken as rows of their own
+        (:meth:`rows_of`: to each bucket a run of such an array can have). Run them all before
+        serving and nothing compiles on a first transfer."""
         buckets = self.buckets(max_tokens)
 
+        def zeros(rows):
+            return {f.name: jax.device_put(np.zeros((rows, *f.shape), f.np_dtype), self.sharding) for f in self.fields}
+
         def write(rows):
-            arrays = {f.name: jax.device_put(np.zeros((rows, *f.shape), f.np_dtype), self.sharding) for f in self.fields}
-            self._pools = _scatter(self._pools, arrays, np.int32(0), np.int32(0), np.int32(0))
+            self._pools = _scatter(self._pools, zeros(rows), np.int32(0), np.int32(0), np.int32(0))
             jax.block_until_ready(self._pools)
 
         def read(rows):
             jax.block_until_ready(_gather(self._pools, np.int32(0), np.int32(0), rows))
 
-        return ([functools.partial(write, rows) for rows in sorted(set(buckets) | set(source_rows))]
-                + [functools.partial(read, rows) for rows in buckets])
+        def take(rows, bucket):
+            jax.block_until_ready(_gather(zeros(rows), np.int32(0), np.int32(0), bucket))
+
+        sources = sorted(set(source_rows))
+        return ([functools.partial(write, rows) for rows in sorted(set(buckets) | set(sources))]
+                + [functools.partial(read, rows) for rows in buckets]
+                + [functools.partial(take, rows, b) for rows in sources for b in buckets if b <= self.bucket(rows)])
 
     def read(self, allocation: Allocation, offset: int, num_tokens: int) -> Arrays:
         """Rows ``[offset, offset + num_tokens)`` of the allocation, padded to ``bucket(num_tokens)``

@@ -1,9 +1,12 @@
 """Rows waiting for the sender's block buffers: staged in arrival order as blocks free up.
 
 Both senders (encode: embeddings, prefill: KV) produce rows faster than a full pool can take
-them; the outbox keeps them, takes a fresh allocation for each when one is available (writing the
-rows into it, or handing them to the sender as they are), and hands the room to the transfer. A
-write that fails fails only its own room.
+them; the outbox keeps them, takes a fresh allocation for each when one is available, and hands
+the room to the transfer with its rows: as they are (prefill's KV, read from its pages), as rows
+of their own taken from one run of a larger array (a request's pictures, when one vision call
+made them all: the sender offers those too without touching its pool), or else written into the
+allocation (pictures from several calls or the cache). A write that fails fails only its own
+room.
 
 Only a room whose receiver has registered takes blocks. A receiver may hold back its registration
 until another room has landed (decode waits for a request sharing its first page to land, then
@@ -38,8 +41,9 @@ class Parcel:
     room: int
     info: TransferInfo
     runs: Sequence[Run] = ()
-    """The room's rows, laid end to end: ``info.total_tokens`` of them in all, written into the
-    sender's pool (encode: each picture a part of its vision call's output)."""
+    """The room's rows, laid end to end: ``info.total_tokens`` of them in all (encode: each picture
+    a part of its vision call's output); taken as rows of their own when they are one run of one
+    array, else written into the sender's pool."""
     rows: Mapping[str, object] | None = None
     """Or the room's rows from token ``rows_start`` on as arrays of their own, already padded to
     the sender's bucket and zero past the total (prefill's KV, read from its pages so): the sender
@@ -76,9 +80,12 @@ class Outbox:
                 break
             self._parcels.popleft()
             try:
-                if parcel.rows is None:
+                rows = parcel.rows
+                if rows is None and (run := _one_run(parcel.runs)) is not None and run.count == parcel.info.total_tokens:
+                    rows = self.sender.buffers.rows_of(run.arrays, run.start, run.count)
+                elif rows is None:
                     self._write(parcel, allocation)
-                self.sender.send(parcel.room, allocation, parcel.info, rows=parcel.rows, rows_start=parcel.rows_start)
+                self.sender.send(parcel.room, allocation, parcel.info, rows=rows, rows_start=parcel.rows_start)
             except Exception as error:  # the room fails; the worker and its other rooms go on
                 self.sender.allocator.free(allocation)
                 self._on_error(parcel.room, f"could not stage rows: {error}")
@@ -91,3 +98,17 @@ class Outbox:
             offset += run.count
         if offset != parcel.info.total_tokens:
             raise ValueError(f"{offset} rows for a room of {parcel.info.total_tokens} tokens")
+
+
+def _one_run(runs: Sequence[Run]) -> Run | None:
+    """The runs as one, when each continues the previous in the same arrays (a request's pictures
+    encoded in one vision call, the common case); else None."""
+    if not runs:
+        return None
+    first = runs[0]
+    end = first.start + first.count
+    for run in runs[1:]:
+        if run.start != end or any(run.arrays.get(name) is not array for name, array in first.arrays.items()):
+            return None
+        end += run.count
+    return Run(first.arrays, first.start, end - first.start)

@@ -1,6 +1,11 @@
 """The outbox stages rows as sender blocks free up, in order, only for rooms whose receiver has
-registered, and a failed write fails only its room."""
+registered, and a failed write fails only its room. A room whose rows are one run of one array is
+offered as rows of its own (the sender's pool untouched); runs of several arrays are written into
+the pool. Either way the receiver gets the runs end to end."""
 
+import time
+
+import jax
 import numpy as np
 import pytest
 
@@ -10,6 +15,7 @@ from transfer.config import TransferConfig
 from transfer.fields import field
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
+from transfer.receiver import Receiver
 from transfer.sender import Sender
 
 from idle_receiver import IdleReceiver
@@ -93,20 +99,61 @@ def test_a_failed_write_frees_its_blocks_and_fails_only_its_room(sender, receive
     assert len(outbox) == 0
 
 
-def test_a_parcel_of_runs_lays_them_end_to_end_from_their_own_offsets(sender, receiver):
+def pool_written(sender) -> bool:
+    return bool(np.asarray(jax.device_get(sender.buffers.pools["embeddings"])).any())
+
+
+FIRST = np.arange(1, 8 * 4 + 1, dtype=np.float32).reshape(8, 4)
+SECOND = -np.arange(1, 4 * 4 + 1, dtype=np.float32).reshape(4, 4)
+
+
+@pytest.mark.parametrize("runs, expected", [
+    ([Run({"embeddings": FIRST}, 5, 3), Run({"embeddings": SECOND}, 1, 2)], np.concatenate([FIRST[5:8], SECOND[1:3]])),
+    ([Run({"embeddings": FIRST}, 1, 3), Run({"embeddings": FIRST}, 6, 2)], np.concatenate([FIRST[1:4], FIRST[6:8]])),
+], ids=["two_arrays", "a_gap_between"])
+def test_runs_not_one_run_are_written_end_to_end_from_their_own_offsets(sender, registry, runs, expected):
     """A request's pictures are runs of larger arrays (their vision calls' outputs): each run's rows
     land after the previous run's, taken from the run's own start."""
-    receiver.register(9)
     failures = []
     outbox = Outbox(sender, lambda room, reason: failures.append(room))
-    first = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
-    second = -np.arange(4 * 4, dtype=np.float32).reshape(4, 4)
-    runs = [Run({"embeddings": first}, 5, 3), Run({"embeddings": second}, 1, 2)]
     outbox.put(Parcel(9, TransferInfo(TransferMode.EMBEDDING, 5), runs))
-    outbox.flush()
+    got = received_rows_after_flush(outbox, sender, registry, 9)
     assert failures == [] and len(outbox) == 0
-    got = np.asarray(sender.buffers.pools["embeddings"])[:5]  # a fresh pool's first allocation starts at 0
-    assert np.array_equal(got, np.concatenate([first[5:8], second[1:3]]))
+    assert np.array_equal(got, expected)
+    assert pool_written(sender)
+
+
+def test_runs_that_are_one_run_of_one_array_are_offered_without_touching_the_pool(sender, registry):
+    """Pictures one vision call encoded together are one run: taken out as rows of their own and
+    offered as they are, as prefill's KV is."""
+    failures = []
+    outbox = Outbox(sender, lambda room, reason: failures.append(room))
+    runs = [Run({"embeddings": FIRST}, 2, 3), Run({"embeddings": FIRST}, 5, 1)]  # one chunk: the receiver takes 4
+    outbox.put(Parcel(4, TransferInfo(TransferMode.EMBEDDING, 4), runs))
+    got = received_rows_after_flush(outbox, sender, registry, 4)
+    assert failures == [] and len(outbox) == 0
+    assert np.array_equal(got, FIRST[2:6])
+    assert not pool_written(sender) and sender.staged_rooms == 0
+    assert sender.allocator.available_blocks() == 4
+
+
+def received_rows_after_flush(outbox, sender, registry, room: int) -> np.ndarray:
+    """Registers a real receiver for the room, flushes the outbox once it has, and pulls."""
+    receiver = Receiver(registry.config, FIELDS)
+    try:
+        receiver.add(room, registry.address, "encode-test", TransferMode.EMBEDDING, sender.incarnation)
+        deadline = time.monotonic() + 20
+        while sender.receiver_holds(room) is None or receiver.poll(room) is not PollState.SUCCESS:
+            assert time.monotonic() < deadline and not receiver.poll(room).terminal, receiver.poll(room)
+            outbox.flush()
+            sender.progress(0.002)
+            receiver.progress(0.002)
+        while not sender.poll(room).terminal:
+            assert time.monotonic() < deadline
+            sender.progress(0.002)
+        return receiver.take(room).host("embeddings")
+    finally:
+        receiver.close()
 
 
 def test_runs_that_do_not_add_up_to_the_room_fail_it(sender, receiver):

@@ -77,8 +77,23 @@ def test_after_its_programs_ran_no_write_or_read_compiles():
         buffers.write(a, 0, payload(EMBEDDING_FIELDS, n, bucket_tokens(n, 4)), num_tokens=n)
         buffers.write(a, 0, source, num_tokens=min(n, 24 - n % 5), source_start=n % 5)
         buffers.read(a, 0, n)
+        buffers.rows_of(source, n % 5, min(n, 24 - n % 5))
         allocator.free(a)
     assert (_scatter._cache_size(), _gather._cache_size()) == (scatters, gathers)
+
+
+def test_a_run_taken_as_rows_of_its_own_is_its_rows_then_zeros_to_its_bucket():
+    buffers, _ = pool(EMBEDDING_FIELDS, num_blocks=16)
+    source = payload(EMBEDDING_FIELDS, 3, 24)
+    rows = buffers.rows_of(source, 7, 6)
+    for name, expected in source.items():
+        got = np.asarray(rows[name])
+        assert got.shape == (bucket_tokens(6, 4), *expected.shape[1:])
+        np.testing.assert_array_equal(got[:6], expected[7:13])
+        assert not got[6:].any()
+    assert not any(np.asarray(p).any() for p in buffers.pools.values())
+    with pytest.raises(ValueError):
+        buffers.rows_of(source, 20, 5)
 
 
 def test_chunk_describes_at_most_max_tokens_from_the_offset():
