@@ -296,7 +296,9 @@ class Tokenizer:
         With ``max_tokens``, a text with more tokens raises TooManyTokens. A text longer than
         ``piece_chars`` is first counted a piece at a time, stopping once past the limit, so a
         client's megabytes of text cost what ``max_tokens`` tokens cost, not what the whole text
-        would (an encoding holds ~200 bytes per token: a 32 MiB body would take gigabytes)."""
+        would (an encoding holds ~200 bytes per token: a 32 MiB body would take gigabytes). A
+        long text within the limit is tokenized twice (counted, then whole): ~0.6 ms per 1,000
+        characters here, next to the seconds its prefill takes."""
         if max_tokens is not None and len(text) > piece_chars:
             self.count_tokens(text, max_tokens, piece_chars)
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
