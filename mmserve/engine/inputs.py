@@ -22,6 +22,7 @@ from mmserve.engine.rejected import RequestRejected
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.media import BadMedia, decode_image, decode_sampled_frames, read_video_header
 from models.qwen3_vl_moe.processor import Processor
+from models.qwen3_vl_moe.tokenizer import TooManyTokens
 
 PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data"}
 MODALITIES = {"image", "video"}
@@ -121,8 +122,9 @@ class PreparedPrompt:
 def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> PreparedPrompt:
     """Validates and expands one prompt; raises ValueError with the reason when it is malformed.
 
-    ``max_tokens``: the most tokens a prompt may have. A text with more raises TooManyTokens,
-    counted only as far as the limit (a client's megabytes of text are never tokenized whole)."""
+    ``max_tokens``: the most tokens a prompt may have. A text or id list with more raises
+    TooManyTokens, a text counted only as far as the limit (a client's megabytes of text are never
+    tokenized whole)."""
     if isinstance(prompt, str):
         prompt = {"prompt": prompt}
     if not isinstance(prompt, Mapping):
@@ -137,7 +139,10 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
             raise ValueError("'prompt' must be a string")
         ids = model.tokenizer.encode(prompt["prompt"], max_tokens=max_tokens)
     else:
-        ids = _token_ids(prompt["prompt_token_ids"], model.config.text.vocab_size)
+        given = prompt["prompt_token_ids"]
+        if max_tokens is not None and isinstance(given, (list, tuple)) and len(given) > max_tokens:
+            raise TooManyTokens(len(given), max_tokens, exact=True)
+        ids = _token_ids(given, model.config.text.vocab_size)
     data = prompt.get("multi_modal_data") or {}
     if not isinstance(data, Mapping) or set(data) - MODALITIES:
         raise ValueError(f"multi_modal_data takes the keys {sorted(MODALITIES)}")
