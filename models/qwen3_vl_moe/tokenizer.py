@@ -26,6 +26,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.decoders import DecodeStream
 
+from models.qwen3_vl_moe.segment_memo import SegmentMemo
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -236,6 +238,7 @@ class Tokenizer:
     def __post_init__(self):
         self._template = _environment().from_string(self.chat_template)
         self._added_tokens = [token.content for token in self.backend.get_added_tokens_decoder().values()]
+        self._memo = SegmentMemo(self.backend)
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
@@ -298,7 +301,39 @@ class Tokenizer:
         client's megabytes of text cost what ``max_tokens`` tokens cost, not what the whole text
         would (an encoding holds ~200 bytes per token: a 32 MiB body would take gigabytes). A
         long text within the limit is tokenized twice (counted, then whole): ~0.6 ms per 1,000
-        characters here, next to the seconds its prefill takes."""
+        characters here, next to the seconds its prefill takes.
+
+        The stretches between added tokens are tokenized apart and remembered
+        (:mod:`segment_memo`): a chat's later turn tokenizes only its new messages."""
+        if not self._memo.usable:
+            return self._encode_whole(text, add_special_tokens, max_tokens, piece_chars)
+        ids: list[int] = []
+        pieces = self._memo.pieces(text)
+        piece = next(pieces, None)
+        while piece is not None:
+            (stretch, added), piece = piece, next(pieces, None)  # piece None: that was the last
+            if added is not None:
+                ids.append(added)
+            else:
+                left = None if max_tokens is None else max_tokens - len(ids)
+                try:
+                    ids += self._stretch_ids(stretch, left, piece_chars)
+                except TooManyTokens as error:
+                    raise TooManyTokens(len(ids) + error.counted, max_tokens, error.exact and piece is None) from None
+            if max_tokens is not None and len(ids) > max_tokens:
+                raise TooManyTokens(len(ids), max_tokens, exact=piece is None)
+        return ids
+
+    def _stretch_ids(self, stretch: str, max_tokens: int | None, piece_chars: int) -> list[int]:
+        """A stretch between added tokens: remembered from an earlier text (a chat's earlier
+        turns), else counted when long (as far as ``max_tokens``) and tokenized."""
+        ids = self._memo.get(stretch)
+        if ids is None:
+            ids = self._encode_whole(stretch, False, max_tokens, piece_chars)
+            self._memo.put(stretch, ids)
+        return ids
+
+    def _encode_whole(self, text: str, add_special_tokens: bool, max_tokens: int | None, piece_chars: int) -> list[int]:
         if max_tokens is not None and len(text) > piece_chars:
             self.count_tokens(text, max_tokens, piece_chars)
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
