@@ -44,7 +44,7 @@ from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from mmserve.structured_output.matcher import fill_bitmask
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.rope_index import get_rope_index
-from models.qwen3_vl_moe.tokenizer import TooManyTokens
+from models.qwen3_vl_moe.token_count import TooManyTokens
 
 
 log = logging.getLogger(__name__)

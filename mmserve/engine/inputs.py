@@ -22,7 +22,7 @@ from mmserve.engine.rejected import RequestRejected
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.media import BadMedia, decode_image, decode_sampled_frames, read_video_header
 from models.qwen3_vl_moe.processor import Processor
-from models.qwen3_vl_moe.tokenizer import TooManyTokens
+from models.qwen3_vl_moe.token_count import TooManyTokens
 
 PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data"}
 MODALITIES = {"image", "video"}

@@ -15,7 +15,6 @@ It has no normaliser (Qwen's applies NFC), so every UTF-8 string survives encode
 
 import dataclasses
 import json
-import unicodedata
 from datetime import datetime
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.decoders import DecodeStream
 
 from models.qwen3_vl_moe.segment_memo import SegmentMemo
+from models.qwen3_vl_moe.token_count import COUNT_PIECE_CHARS, TooManyTokens, count_tokens
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -34,9 +34,6 @@ TEMPLATE_FILE = "chat_template.jinja"
 LEGACY_TEMPLATE_FILE = "chat_template.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-COUNT_PIECE_CHARS = 1 << 16  # a text longer than this is counted piece by piece before it is encoded
-FORCED_CUT_TOKENS = 16  # what a cut inside a word may add to the pieces' count
-CUT_PUNCTUATION = {"Pd", "Ps", "Pe", "Pi", "Pf", "Po"}  # not "Pc" ("_"), common inside added tokens
 
 TINY_ORDINARY_TOKENS = 1000
 TINY_SPECIAL_IDS = {
@@ -211,15 +208,6 @@ def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
     return env
 
 
-class TooManyTokens(ValueError):
-    """A text has more than ``limit`` tokens: ``counted`` of them (``exact``), or at least that
-    many (counting stopped there)."""
-
-    def __init__(self, counted: int, limit: int, exact: bool):
-        super().__init__(f"the text has {'' if exact else 'at least '}{counted} tokens, more than {limit}")
-        self.counted, self.limit, self.exact = counted, limit, exact
-
-
 def _token_content(token) -> str | None:
     """tokenizer_config.json writes a special token as a string or as an AddedToken dict."""
     return token.get("content") if isinstance(token, dict) else token
@@ -296,15 +284,11 @@ class Tokenizer:
                piece_chars: int = COUNT_PIECE_CHARS) -> list[int]:
         """Special-token strings in `text` (as in a rendered chat prompt) become their single ids.
 
-        With ``max_tokens``, a text with more tokens raises TooManyTokens. A text longer than
-        ``piece_chars`` is first counted a piece at a time, stopping once past the limit, so a
-        client's megabytes of text cost what ``max_tokens`` tokens cost, not what the whole text
-        would (an encoding holds ~200 bytes per token: a 32 MiB body would take gigabytes). A
-        long text within the limit is tokenized twice (counted, then whole): ~0.6 ms per 1,000
-        characters here, next to the seconds its prefill takes.
-
-        The stretches between added tokens are tokenized apart and remembered
-        (:mod:`segment_memo`): a chat's later turn tokenizes only its new messages."""
+        With ``max_tokens``, a text with more tokens raises TooManyTokens; a stretch longer than
+        ``piece_chars`` is first counted a piece at a time as far as the limit (:mod:`token_count`),
+        then, within it, tokenized (~0.6 ms per 1,000 characters here for each of the two). The
+        stretches between added tokens are tokenized apart and remembered (:mod:`segment_memo`):
+        a chat's later turn tokenizes only its new messages."""
         if not self._memo.usable:
             return self._encode_whole(text, add_special_tokens, max_tokens, piece_chars)
         ids: list[int] = []
@@ -335,48 +319,15 @@ class Tokenizer:
 
     def _encode_whole(self, text: str, add_special_tokens: bool, max_tokens: int | None, piece_chars: int) -> list[int]:
         if max_tokens is not None and len(text) > piece_chars:
-            self.count_tokens(text, max_tokens, piece_chars)
+            count_tokens(self.backend, self._added_tokens, text, max_tokens, piece_chars)
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if max_tokens is not None and len(ids) > max_tokens:
             raise TooManyTokens(len(ids), max_tokens, exact=True)
         return ids
 
     def count_tokens(self, text: str, limit: int, piece_chars: int = COUNT_PIECE_CHARS) -> int:
-        """``text``'s tokens (without the special tokens a post-processor adds), counted a piece of
-        about ``piece_chars`` at a time; raises TooManyTokens once those counted hold more than
-        ``limit``, so counting costs what ``limit`` tokens cost however long the text.
-
-        A piece ends where Qwen's pre-tokenizer splits anyway: before a space that follows a
-        non-space, or before punctuation that follows a letter or digit, and never inside an added
-        token. No pre-token spans such a cut and no look-ahead reaches across it (nor does NFC:
-        neither character composes), so for Qwen's tokenizers the pieces' counts add up to the
-        whole text's (without what a post-processor adds); another tokenizer is allowed a token
-        per cut. A piece with no such place (a 64 Ki-character word) is cut where it ends, and
-        allowed FORCED_CUT_TOKENS: BPE then tokenizes the two halves of that word apart."""
-        counted, allowed, start = 0, 0, 0
-        while start < len(text):
-            end, clean = self._cut(text, start + piece_chars, start + 2 * piece_chars)
-            counted += len(self.backend.encode(text[start:end], add_special_tokens=False).ids)
-            if end < len(text):
-                allowed += 1 if clean else FORCED_CUT_TOKENS
-            if counted - allowed > limit:
-                raise TooManyTokens(counted - allowed, limit, exact=False)
-            start = end
-        return counted
-
-    def _cut(self, text: str, at: int, before: int) -> tuple[int, bool]:
-        """Where the piece from before ``at`` ends: the first clean cut in [at, before), the text's
-        end when that comes first, else ``at``."""
-        for i in range(at, min(before, len(text))):
-            here, previous = text[i], text[i - 1]
-            if ((here == " " and not previous.isspace())
-                    or (previous.isalnum() and unicodedata.category(here) in CUT_PUNCTUATION)) \
-                    and not self._inside_added_token(text, i):
-                return i, True
-        return (len(text), True) if before >= len(text) else (at, False)
-
-    def _inside_added_token(self, text: str, i: int) -> bool:
-        return any(token in text[max(0, i - len(token) + 1):i + len(token) - 1] for token in self._added_tokens)
+        """``text``'s tokens, counted a piece at a time as far as ``limit`` (:func:`count_tokens`)."""
+        return count_tokens(self.backend, self._added_tokens, text, limit, piece_chars)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

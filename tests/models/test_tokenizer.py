@@ -15,8 +15,9 @@ from transformers import PreTrainedTokenizerFast
 
 from tokenizers import AddedToken, normalizers
 
+from models.qwen3_vl_moe.token_count import TooManyTokens
 from models.qwen3_vl_moe.tokenizer import (TINY_CORPUS, TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, Tokenizer,
-                                           TooManyTokens, build_tiny_tokenizer)
+                                           build_tiny_tokenizer)
 
 QWEN3_VL_TEMPLATE = (Path(__file__).resolve().parents[1] / "qwen3_vl_chat_template.jinja").read_text()
 """Qwen3-VL-Instruct's own chat template (its checkpoints' chat_template.json), byte for byte."""

@@ -14,7 +14,7 @@ import anyio.to_thread
 from mmserve.engine.inputs import PreparedPrompt, prepare_prompt
 from mmserve.serving.router.errors import InvalidRequest
 from models.qwen3_vl_moe import Model
-from models.qwen3_vl_moe.tokenizer import TooManyTokens
+from models.qwen3_vl_moe.token_count import TooManyTokens
 
 
 async def prepare(build_prompt: Callable[[], Any], model: Model, max_model_len: int, param: str) -> PreparedPrompt:
