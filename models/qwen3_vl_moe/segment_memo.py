@@ -12,13 +12,14 @@ that breaks one of these is tokenized whole (:meth:`SegmentMemo.usable`).
 
 The memo keeps the ids of stretches of at least ``MIN_STRETCH_CHARS`` (shorter ones cost less to
 tokenize than to look up), least recently used first out, within ``budget_bytes`` (each entry
-counted as its text's and its ids' bytes).
+counted as its text's size in memory and its ids' bytes).
 """
 
 from __future__ import annotations
 
 import collections
 import re
+import sys
 import threading
 from array import array
 from collections.abc import Iterator
@@ -72,7 +73,7 @@ class SegmentMemo:
             return ids.tolist()
 
     def put(self, stretch: str, ids: list[int]) -> None:
-        size = len(stretch) + 4 * len(ids)
+        size = sys.getsizeof(stretch) + 4 * len(ids)
         if len(stretch) < MIN_STRETCH_CHARS or size > self._budget:
             return
         with self._lock:
@@ -82,7 +83,7 @@ class SegmentMemo:
             self._bytes += size
             while self._bytes > self._budget:
                 old, old_ids = self._entries.popitem(last=False)
-                self._bytes -= len(old) + 4 * len(old_ids)
+                self._bytes -= sys.getsizeof(old) + 4 * len(old_ids)
 
     def _agrees(self) -> bool:
         """Whether a probe text's ids are its pieces' ids end to end (a pre-tokenizer that treats
