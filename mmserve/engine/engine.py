@@ -138,7 +138,7 @@ class LLMEngine:
         try:
             return prepare_prompt(prompt, self.model, max_tokens=self.config.max_model_len - 1)
         except TooManyTokens as error:
-            raise RequestRejected(self._too_long(f"{'' if error.exact else 'at least '}{error.counted}")) from None
+            raise RequestRejected(self._too_long(error.how_many)) from None
 
     def _too_long(self, prompt_tokens: str) -> str:
         return (f"the prompt has {prompt_tokens} tokens; the context holds {self.config.max_model_len} "

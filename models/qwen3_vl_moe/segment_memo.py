@@ -36,6 +36,8 @@ class SegmentMemo:
         self._budget = budget_bytes
         added = backend.get_added_tokens_decoder()
         self._added_ids = {token.content: token_id for token_id, token in added.items()}
+        self.added_tokens = tuple(self._added_ids)
+        """The added tokens' strings (a text is cut at them)."""
         # longest first: at one position the alternation takes the longest added token, as tokenizers does
         contents = sorted(self._added_ids, key=len, reverse=True)
         self._split = re.compile("|".join(map(re.escape, contents))) if contents else None

@@ -28,8 +28,13 @@ class TooManyTokens(ValueError):
     many (counting stopped there)."""
 
     def __init__(self, counted: int, limit: int, exact: bool):
-        super().__init__(f"the text has {'' if exact else 'at least '}{counted} tokens, more than {limit}")
         self.counted, self.limit, self.exact = counted, limit, exact
+        super().__init__(f"the text has {self.how_many} tokens, more than {limit}")
+
+    @property
+    def how_many(self) -> str:
+        """"N" or "at least N": what a refusal says the prompt holds."""
+        return f"{'' if self.exact else 'at least '}{self.counted}"
 
 
 def count_tokens(backend: BackendTokenizer, added_tokens: Sequence[str], text: str, limit: int,

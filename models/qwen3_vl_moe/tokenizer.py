@@ -225,7 +225,6 @@ class Tokenizer:
 
     def __post_init__(self):
         self._template = _environment().from_string(self.chat_template)
-        self._added_tokens = [token.content for token in self.backend.get_added_tokens_decoder().values()]
         self._memo = SegmentMemo(self.backend)
 
     @classmethod
@@ -319,7 +318,7 @@ class Tokenizer:
 
     def _encode_whole(self, text: str, add_special_tokens: bool, max_tokens: int | None, piece_chars: int) -> list[int]:
         if max_tokens is not None and len(text) > piece_chars:
-            count_tokens(self.backend, self._added_tokens, text, max_tokens, piece_chars)
+            count_tokens(self.backend, self._memo.added_tokens, text, max_tokens, piece_chars)
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if max_tokens is not None and len(ids) > max_tokens:
             raise TooManyTokens(len(ids), max_tokens, exact=True)
@@ -327,7 +326,7 @@ class Tokenizer:
 
     def count_tokens(self, text: str, limit: int, piece_chars: int = COUNT_PIECE_CHARS) -> int:
         """``text``'s tokens, counted a piece at a time as far as ``limit`` (:func:`count_tokens`)."""
-        return count_tokens(self.backend, self._added_tokens, text, limit, piece_chars)
+        return count_tokens(self.backend, self._memo.added_tokens, text, limit, piece_chars)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

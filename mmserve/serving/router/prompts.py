@@ -24,7 +24,7 @@ async def prepare(build_prompt: Callable[[], Any], model: Model, max_model_len: 
         try:
             return prepare_prompt(build_prompt(), model, max_tokens=max_model_len - 1)
         except TooManyTokens as error:
-            raise _too_long(max_model_len, f"{'' if error.exact else 'at least '}{error.counted}", param) from None
+            raise _too_long(max_model_len, error.how_many, param) from None
         except ValueError as error:
             raise InvalidRequest(str(error), param) from None
     return await anyio.to_thread.run_sync(work)
