@@ -22,6 +22,7 @@ def with_image(url):
 
 BAD = {
     "bad_json": (CHAT, b'{"model": "x", "messages": [', "not valid JSON"),
+    "too_many_json_values": (CHAT, b'{"messages": [' + b",".join([b"[]"] * 1_100_000) + b"]}", "JSON values"),
     "not_an_object": (CHAT, [1, 2], "JSON object"),
     "bad_base64": (CHAT, with_image("data:image/png;base64,@@not*base64@@"), "not valid base64"),
     "not_an_image": (CHAT, with_image("data:image/png;base64," + base64.b64encode(b"plain text").decode()),

@@ -25,6 +25,7 @@ READ_TIMEOUT_S = 2
 MAX_IMAGES = 4  # each image is at least 64 tokens here, so more than 7 could not fit the context anyway
 QUICK_S = 5
 MB = 1 << 20
+GROWTH_BOUND = 64 * MB  # each fault this test guards against grew the router's RSS by 131 MB or more
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +168,11 @@ def test_router_memory_stays_bounded_after_huge_bodies_and_a_huge_image(door, hu
         assert request("POST", f"{door.url}{CHAT}", with_images(data_url(huge_png)), auth)[0] == 400
         assert request("POST", f"{door.url}{CHAT}", chat("word " * (MAX_BODY_BYTES // 5 - 1000)), auth)[0] == 400
     grown = rss_bytes(door.process.pid) - before
+    print(f"router RSS grew by {grown / MB:.1f} MB")
     # decoding the image alone would take 400 MB; reading the bodies, 200 MB; tokenizing the text
-    # whole, ~150 MB
-    assert grown < 3 * MAX_BODY_BYTES + 16 * MB, f"router RSS grew by {grown / MB:.0f} MB"
+    # whole grew it by 131 MB here. The bound leaves room for the allocator: its arenas took 29-46
+    # MB at times when this test ran alone, with none of those faults (docs/status.md).
+    assert grown < GROWTH_BOUND, f"router RSS grew by {grown / MB:.0f} MB"
 
 
 def test_body_trickled_slower_than_the_read_timeout_is_a_408_and_the_connection_closes(door):
