@@ -154,9 +154,10 @@ def time_rooms(receiver: Receiver, sender: SenderProcess, bootstrap: str, rooms:
                check: bool, source: str) -> float:
     """Seconds from handing ``rooms`` over together until the receiver holds the last of them."""
     for room in rooms:
-        sender.send(op="stage", room=room, tokens=tokens, source=source)
+        sender.send(op="stage", room=room, tokens=tokens, source="rows" if source == "posted" else source)
         sender.expect("staged")
-        receiver.add(room, bootstrap, "bench-sender")
+        # "posted": rows as they are, to a receiver that knows the room's length (a PostedPull)
+        receiver.add(room, bootstrap, "bench-sender", expected_tokens=tokens if source == "posted" else None)
     while any(receiver.poll(room) is not PollState.WAITING_FOR_INPUT for room in rooms):
         receiver.progress(0.001)
     start = time.perf_counter()
@@ -224,9 +225,10 @@ def main() -> None:
                         help="payloads in MiB (fractions too: 0.015625 is one 16 KiB row)")
     parser.add_argument("--planes", nargs="+", default=["jax", "zmq"], choices=["jax", "zmq"])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--sources", nargs="+", default=["pool", "rows"], choices=["pool", "rows"],
-                        help="rooms written in the sender's pool (encode's embeddings), or given as rows of "
-                        "their own and offered as they are (prefill's KV)")
+    parser.add_argument("--sources", nargs="+", default=["pool", "rows", "posted"], choices=["pool", "rows", "posted"],
+                        help="rooms written in the sender's pool (pictures from several vision calls), given as "
+                        "rows of their own and offered as they are (prefill's KV), or so to a receiver that "
+                        "knows the room's length and pulls before the offer (jax plane; the roles' common case)")
     parser.add_argument("--jax-settings", nargs="+", default=[DEFAULT_SETTING],
                         help="the jax transfer server's knobs, one run of the jax plane each: "
                         "size=MiB,copies=N,raw=0|1 (default: the server's own defaults)")

@@ -210,6 +210,11 @@ class BlockBuffers(BlockLayout):
         return _gather(self._pools, np.int32(allocation.start_token + offset), np.int32(num_tokens),
                        self.bucket(num_tokens))
 
+    def zeros(self, num_tokens: int) -> Arrays:
+        """``bucket(num_tokens)`` zero rows of every field: the read of that bucket with nothing
+        to read, so no other program and no host copy."""
+        return _gather(self._pools, np.int32(0), np.int32(0), self.bucket(num_tokens))
+
     def _check_run(self, allocation: Allocation, offset: int, count: int) -> None:
         if allocation.block_size != self.block_size or allocation.start_block + allocation.num_blocks > self.num_blocks:
             raise ValueError(f"{allocation} does not belong to a pool of {self.num_blocks} blocks")

@@ -41,6 +41,9 @@ class PendingPull(Protocol):
 class DataPlane(Protocol):
     kind: str
     address: str
+    posts_pulls: bool
+    """A pull may be made before its offer and lands once the offer comes (jax's transfer server
+    holds it): a receiver that knows a room's length pulls it as it registers (``PostedPull``)."""
 
     def offer(self, uuid: int, arrays: Sequence[jax.Array], timeout_s: float) -> None:
         """Holds ``arrays`` for one pull under ``uuid``; dropped after ``timeout_s`` if never pulled.

@@ -48,6 +48,7 @@ class JaxPull:
 
 class JaxTransferPlane:
     kind = "jax"
+    posts_pulls = True
 
     def __init__(self, host: str, device: jax.Device, *, transfer_size: int = 256 << 20, parallel_copies: int = 8,
                  raw_buffers: bool = False) -> None:

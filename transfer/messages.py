@@ -97,6 +97,14 @@ class NotFound(msgspec.Struct, frozen=True, tag="not_found", forbid_unknown_fiel
     name: Name
 
 
+class PostedPull(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The uuid a receiver pulls a room's first chunk under, before it is offered: the tokens
+    ``[start_token, start_token + num_tokens)``, the whole rest of the room, in one chunk."""
+
+    uuid: Id
+    num_tokens: Count
+
+
 class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_fields=True):
     """The receiver's half of the handshake: who it is, what it expects, how much room it holds.
 
@@ -106,6 +114,12 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
 
     ``start_token``: the receiver already holds the room's first tokens (decode found that prefix
     in its own cache), so the sender offers from there; it must leave at least one token to send.
+
+    ``posted``: the receiver knows the room's length and will pull its first chunk under this
+    uuid as soon as the sender answers ``Registered``, before the chunk is offered. The sender
+    offers that chunk under it when the chunk is the one posted, and otherwise (another length,
+    or the room ends first) offers zero rows of the posted size under it, so that no posted pull
+    is left waiting: a pull cannot be cancelled.
     """
 
     room: Id
@@ -115,6 +129,7 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
     capacity_tokens: Count
     incarnation: Id | None = None
     start_token: Id = 0
+    posted: PostedPull | None = None
 
 
 class Registered(msgspec.Struct, frozen=True, tag="registered", forbid_unknown_fields=True):

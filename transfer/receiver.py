@@ -12,11 +12,18 @@ chunk is kept as pulled, never copied: the reservations bound what the receiver 
 a live room (prefill starts on the first), and ``take`` returns them all. A room whose first
 tokens the receiver holds already (decode's own prefix cache) starts past them. ``take`` frees
 the room's blocks.
+
+The role often knows a room's length though (``add(..., expected_tokens=)``): then, where the
+rest fits the first chunk, the receiver pulls it as soon as the sender has the registration,
+before it is offered (``PostedPull``; docs/transfer.md "Pulls posted before the offer"), and the
+chunk lands as soon as the sender offers it. Such a pull is not reserved in the pool (that is
+what made rooms wait on one another above) but kept within its own small limits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 from collections.abc import Sequence
 
@@ -32,9 +39,15 @@ from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_dat
 from transfer.directory import SenderDirectory, SenderKey
 from transfer.fields import Field
 from transfer.liveness import Liveness
-from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled, Ready,
-                               Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo, TransferMode)
+from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
+                               Pulled, Ready, Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo,
+                               TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
+
+MAX_POSTED_PULLS = 2
+"""Pulls made before their offer at once. Each waits on one of the data plane's landing watchers
+until the sender offers (a vision tower's run, say), so a few are left for the pulls made on a
+Ready."""
 
 @dataclasses.dataclass
 class Reservation:
@@ -96,6 +109,15 @@ class ReceiverRoom(Room):
     """The whole room's tokens, reserved when its first chunk is offered."""
     info: TransferInfo | None = None
     pull: tuple[PendingPull, Ready] | None = None
+    expected: int | None = None
+    """The room's length when the receiver knows it ahead (``add(..., expected_tokens=)``)."""
+    posted: PostedPull | None = None
+    """The first chunk's uuid and length, sent with Register (a chunk the sender offers under it)."""
+    posting: bool = False
+    """``posted`` counts against the receiver's limits: from Register until a Ready takes its pull
+    or the room ends."""
+    posted_pull: PendingPull | None = None
+    """That chunk's pull, made once the sender answered Registered, until a Ready takes it."""
     landed: list[Landed] = dataclasses.field(default_factory=list)
     """The chunks pulled so far, as pulled (the reservation only counts their space)."""
 
@@ -123,6 +145,13 @@ class Receiver:
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._orphans: list[PendingPull] = []
+        self._posted_rows = 0
+        self.posted_pulls = 0
+        """Pulls made before their offer; ``posted_pulls_taken`` of them brought their room's chunk."""
+        self.posted_pulls_taken = 0
+        """Rows of the pulls posted and not yet taken by their room's reservation: at most one
+        default chunk's. Kept apart from the allocator: a reservation made at registration is
+        what once made rooms wait on one another (this module's docstring)."""
         self._deferred: dict[int, Ready] = {}
         """Rooms whose first chunk (its Ready) waits until the pool can reserve the whole room, in
         the order they began to wait: they reserve in that order, and a room whose first chunk
@@ -130,13 +159,18 @@ class Receiver:
         ones."""
 
     def add(self, room: int, bootstrap_address: str, sender: str,
-            mode: TransferMode = TransferMode.EMBEDDING, incarnation: int | None = None, start_token: int = 0) -> None:
+            mode: TransferMode = TransferMode.EMBEDDING, incarnation: int | None = None, start_token: int = 0,
+            expected_tokens: int | None = None) -> None:
         """Starts receiving ``room`` from the sender published as ``sender`` in that registry.
 
         ``incarnation``: the one of that sender the room was opened with (its
         ``Sender.incarnation``), when known; if the sender restarted since, the room fails at once.
         ``start_token``: the room's first tokens are held here already, so only the rest is sent;
         a room of no more tokens than that fails (the sender has nothing to offer).
+        ``expected_tokens``: the room's length, when the receiver knows it (prefill knows its
+        prompt's picture rows, decode its prompt's length): where the rest fits one chunk, its pull
+        is made as soon as the sender has the registration, before the sender offers it, so the
+        chunk lands as soon as it is offered (:class:`PostedPull`). A wrong length costs only that.
         """
         if room in self._rooms:
             raise ValueError(f"room {room} already added")
@@ -144,7 +178,7 @@ class Receiver:
             raise ValueError(f"start_token must be >= 0, got {start_token}")
         self._directory.watch(bootstrap_address)
         self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender), mode=mode,
-                                         incarnation=incarnation, held=start_token)
+                                         incarnation=incarnation, held=start_token, expected=expected_tokens)
         self._advance(self._rooms[room], time.monotonic())
 
     def poll(self, room: int) -> PollState:
@@ -210,6 +244,13 @@ class Receiver:
             for room in [r for r in self._rooms.values() if r.expired(now)]:
                 self._fail(room, f"timed out while {room.state.value}")
 
+    def unanswered_pulls(self) -> int:
+        """Pulls made and not landed (or failed) yet: rooms', posted ones and those of rooms that
+        ended meanwhile. Each holds its destination arrays (and a landing watcher) until then."""
+        pulls = self._orphans + [r.posted_pull for r in self._rooms.values() if r.posted_pull is not None] + [
+            r.pull[0] for r in self._rooms.values() if r.pull is not None]
+        return sum(not p.done() for p in pulls)
+
     def sockets(self) -> list[zmq.Socket | int]:
         """What ``progress`` reads, a pull's landing included (the data plane makes a socket or
         a descriptor readable). A caller that waits on several senders and receivers at once
@@ -247,6 +288,8 @@ class Receiver:
             if room.state is not PollState.BOOTSTRAPPING:
                 raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room is {room.state.value}", room.room)
             room.move(PollState.WAITING_FOR_INPUT)
+            if room.posting:
+                self._post(room)
         else:
             self._on_ready(room, message)
 
@@ -259,6 +302,12 @@ class Receiver:
         if ready.info.mode is not room.mode or (room.info is not None and ready.info != room.info):
             raise ProtocolError(ErrorCode.MISMATCH, "chunk describes another transfer", room.room)
         chunk = ready.chunk
+        if room.posted is not None and ready.uuid == room.posted.uuid:
+            if (chunk.offset, chunk.num_tokens) != (room.held, room.posted.num_tokens) or room.info is not None:
+                raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} offered under the pull posted for "
+                                    f"{room.posted.num_tokens} tokens from {room.held}", room.room)
+        elif room.posting:  # the sender answers the posted pull with zeros
+            self._end_posting(room)
         promised = room.reservation.free if room.info is not None else self.config.default_tokens  # Resume, Register
         if chunk.num_tokens > promised or chunk.padded_tokens != self.layout.bucket(chunk.num_tokens):
             raise ProtocolError(ErrorCode.MISMATCH, f"{chunk} does not fit {promised} free tokens "
@@ -290,9 +339,11 @@ class Receiver:
 
     def _pull(self, room: ReceiverRoom, ready: Ready) -> None:
         chunk = ready.chunk
+        pending = self._end_posting(room, orphan=False)
+        self.posted_pulls_taken += pending is not None
         try:
-            pending = self.data_plane.pull(room.endpoint.data_address, ready.uuid,
-                                           self.layout.specs(chunk.padded_tokens))
+            pending = pending or self.data_plane.pull(room.endpoint.data_address, ready.uuid,
+                                                      self.layout.specs(chunk.padded_tokens))
         except DataPlaneError as error:
             self._fail(room, str(error))
             return
@@ -336,9 +387,48 @@ class Receiver:
             self._directory.forget(room.sender)
             return
         room.endpoint = endpoint
+        room.posted = self._posting(room)
         self._control(endpoint.control).send(Register(
             room.room, room.mode, self.config.block_size, self.layout.fields,
-            self.config.default_tokens, room.incarnation, room.held))
+            self.config.default_tokens, room.incarnation, room.held, room.posted))
+
+    def _posting(self, room: ReceiverRoom) -> PostedPull | None:
+        """The pull a room registers as posted, when the receiver knows the room's length, the rest
+        fits the first chunk and the limits allow (at most ``MAX_POSTED_PULLS`` at once, their rows
+        within one default chunk's bucket). Decided here, so that the sender answers with zeros
+        only pulls the receiver makes."""
+        rest = (room.expected or 0) - room.held
+        if not (self.data_plane.posts_pulls and 1 <= rest <= self.config.default_tokens):
+            return None
+        rows = self.layout.bucket(rest)
+        open_postings = sum(r.posting for r in self._rooms.values())
+        if open_postings >= MAX_POSTED_PULLS or self._posted_rows + rows > self.layout.bucket(self.config.default_tokens):
+            return None
+        room.posting = True
+        self._posted_rows += rows
+        return PostedPull(secrets.randbits(63), rest)
+
+    def _post(self, room: ReceiverRoom) -> None:
+        """Pulls the room's first chunk before it is offered, once the sender has taken the
+        registration (and with it the promise to answer the pull)."""
+        try:
+            room.posted_pull = self.data_plane.pull(room.endpoint.data_address, room.posted.uuid,
+                                                    self.layout.specs(self.layout.bucket(room.posted.num_tokens)))
+        except DataPlaneError:
+            return  # made again on the Ready, under the same uuid (which fails the room if the peer is gone)
+        self.posted_pulls += 1
+
+    def _end_posting(self, room: ReceiverRoom, orphan: bool = True) -> PendingPull | None:
+        """The room's posted pull, no longer counted against the limits; an ``orphan`` (no chunk
+        will be taken from it) is kept until its zero rows land."""
+        if not room.posting:
+            return None
+        room.posting = False
+        self._posted_rows -= self.layout.bucket(room.posted.num_tokens)
+        pending, room.posted_pull = room.posted_pull, None
+        if pending is not None and orphan:
+            self._orphans.append(pending)
+        return pending
 
     def _land(self, room: ReceiverRoom) -> None:
         """Keeps a completed pull as it is, counts it against the reservation, and acknowledges it."""
@@ -396,6 +486,7 @@ class Receiver:
         if room.pull is not None:
             self._orphans.append(room.pull[0])
             room.pull = None
+        self._end_posting(room)
         self._release(room)
         self._deferred.pop(room.room, None)
         room.move(PollState.FAILED)

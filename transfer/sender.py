@@ -12,7 +12,10 @@ Chunks go out as the receiver's capacity allows: the first fits its default allo
 each later one answers a ``Resume``. A receiver that already holds the room's first tokens says
 so when it registers (``Register.start_token``), and only the rest is offered. Receivers register rooms (possibly before the role has
 added them), pull each offered chunk and acknowledge it; rooms whose receiver goes silent,
-aborts or times out fail and free their blocks.
+aborts or times out fail and free their blocks. A receiver that pulled a room's chunk before
+its offer (``Register.posted``) gets that chunk under its uuid, or zero rows of the posted size
+when no such chunk will come (the room ended first, or its chunk is another), since a pull
+cannot be cancelled.
 
 A room the role has forgotten is remembered as ended for ``waiting_timeout_s`` (at most
 ``MAX_ENDED_ROOMS`` of them), so a receiver that registers for it late (decode reserving its pages
@@ -42,8 +45,8 @@ from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
 from transfer.fields import Field
 from transfer.liveness import Liveness
-from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
-                               Ready, Register, Registered, Resume, SenderEndpoint, ToSender, TransferInfo,
+from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
+                               Pulled, Ready, Register, Registered, Resume, SenderEndpoint, ToSender, TransferInfo,
                                TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
@@ -74,6 +77,8 @@ class SenderRoom(Room):
     those it acknowledged."""
     outstanding: tuple[int, Chunk] | None = None
     """The offered chunk (uuid, chunk) the receiver has not acknowledged yet."""
+    posted: PostedPull | None = None
+    """The receiver's pull made before the offer (``Register.posted``), until an offer answers it."""
 
 
 class Sender:
@@ -260,6 +265,7 @@ class Sender:
         room = self._rooms.setdefault(message.room, SenderRoom(message.room, self.config))
         room.peer, room.mode, room.capacity = identity, message.mode, message.capacity_tokens
         room.sent_tokens = room.held = message.start_token
+        room.posted = message.posted
         self._channel.send(Registered(message.room), identity)
         if room.allocation is not None:
             self._start(room)
@@ -312,16 +318,35 @@ class Sender:
                 self._fail(room, f"could not stage rows: {error}")
                 return
             rows = self.buffers.read(room.allocation, chunk.offset, chunk.num_tokens)
-        uuid = secrets.randbits(63)
-        timeout = self.config.transfer_timeout_s + self.config.heartbeat_timeout_s
+        posted, room.posted = room.posted, None
+        if posted is not None and (chunk.offset, chunk.num_tokens) == (room.held, posted.num_tokens):
+            uuid = posted.uuid
+        else:
+            uuid = secrets.randbits(63)
+            if posted is not None:
+                self._answer_with_zeros(posted)
         try:
-            self.data_plane.offer(uuid, [rows[f.name] for f in self.buffers.fields], timeout)
+            self.data_plane.offer(uuid, [rows[f.name] for f in self.buffers.fields], self._offer_timeout_s)
         except DataPlaneError as error:
             self._fail(room, str(error))
             return
         room.outstanding = (uuid, chunk)
         room.touch()
         self._channel.send(Ready(room.room, uuid, chunk, room.info), room.peer)
+
+    @property
+    def _offer_timeout_s(self) -> float:
+        return self.config.transfer_timeout_s + self.config.heartbeat_timeout_s
+
+    def _answer_with_zeros(self, posted: PostedPull) -> None:
+        """Offers zero rows under a pull the receiver posted that no chunk will answer (the room
+        ended first, or its first chunk is not the one posted), so that the pull ends: its
+        receiver drops what lands, and the offer expires if nobody pulls it."""
+        zeros = self.buffers.zeros(posted.num_tokens)
+        try:
+            self.data_plane.offer(posted.uuid, [zeros[f.name] for f in self.buffers.fields], self._offer_timeout_s)
+        except DataPlaneError as error:
+            log.warning("could not answer a posted pull: %s", error)
 
     def _stage(self, room: SenderRoom) -> None:
         """Writes rows given as arrays into the pool, for a room sent in chunks."""
@@ -341,6 +366,9 @@ class Sender:
         if room.state.terminal:
             return
         self._release(room)
+        if room.posted is not None:
+            self._answer_with_zeros(room.posted)
+            room.posted = None
         room.move(PollState.FAILED)
         room.reason = reason
         log.info("room %d failed: %s", room.room, reason)

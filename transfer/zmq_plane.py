@@ -74,6 +74,7 @@ class ZmqPull:
 
 class ZmqDataPlane:
     kind = "zmq"
+    posts_pulls = False  # a pull of an uuid not offered yet is answered "no such offer"
 
     def __init__(self, host: str, advertise_host: str = "") -> None:
         context = zmq.Context.instance()

@@ -213,7 +213,8 @@ class DecodeRole:
             arriving |= {record.first_page_key} - {None}
             try:
                 self.receiver.add(record.room, self.bootstrap, record.prefill_name, TransferMode.KV,
-                                  record.prefill_incarnation, start_token=reservation.held_tokens)
+                                  record.prefill_incarnation, start_token=reservation.held_tokens,
+                                  expected_tokens=len(record.prompt_ids))
             except Exception as error:
                 self._requests.finish(record.request_id, DecodeState.FAILED, f"could not open its KV room: {error}")
         self.receiver.progress(0)
@@ -280,6 +281,8 @@ class DecodeRole:
                                       "kv_tokens_received": self.kv_tokens_received,
                                       "token_events_sent": self.token_events_sent,
                                       "token_messages_sent": self.token_messages_sent,
+                                      "kv_pulls_posted": self.receiver.posted_pulls,
+                                      "kv_posted_pulls_taken": self.receiver.posted_pulls_taken,
                                       "in_flight": len(self._requests), "requests": self._requests.counts()}
 
     def close(self) -> None:

@@ -129,7 +129,7 @@ class PrefillRole:
             self.sender.add(request.room)
             if state is PrefillState.WAITING_FOR_EMBEDDINGS:
                 self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING,
-                                  request.encode_incarnation or None)
+                                  request.encode_incarnation or None, expected_tokens=self._visual_rows(prompt))
         except Exception as error:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"could not open its rooms: {error}")
             raise
@@ -252,7 +252,8 @@ class PrefillRole:
             "free_kv_blocks": self.sender.allocator.available_blocks(), "kv_rooms_staged": self.sender.staged_rooms,
             "in_flight": len(self._requests), "requests": self._requests.counts(),
             "embedding_resumes": self.embedding_resumes, "early_starts": self.early_starts,
-            "pictures_held": self.pictures_held}
+            "pictures_held": self.pictures_held, "embedding_pulls_posted": self.receiver.posted_pulls,
+            "embedding_posted_pulls_taken": self.receiver.posted_pulls_taken}
 
     def close(self) -> None:
         with self.lock:
@@ -268,6 +269,11 @@ class PrefillRole:
                                     features=features(), rows_arriving=rows_arriving)
         except Exception as error:
             self._requests.finish(record.request_id, PrefillState.FAILED, f"prefill refused it: {error}")
+
+    def _visual_rows(self, prompt: PreparedPrompt) -> int:
+        """The rows encode sends for the prompt's pictures: its embedding room's length."""
+        count = self.engine.model.processor.num_image_tokens
+        return sum(count(v.grid_thw[0]) for v in prompt.images + prompt.videos)
 
     @staticmethod
     def _first_only(params: SamplingParams) -> SamplingParams:
