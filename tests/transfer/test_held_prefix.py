@@ -7,17 +7,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import assert_received, drive
-from transfer import PollState, Sender, TransferInfo, TransferMode
-from transfer_payload import KV_FIELDS, padded_payload, payload
+from transfer import PollState, TransferMode
+from transfer_payload import KV_FIELDS, payload, send_pooled
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def send(sender: Sender, config, room: int, tokens: int) -> None:
-    allocation = sender.allocator.alloc(tokens)
-    sender.buffers.write(allocation, 0, padded_payload(KV_FIELDS, room, tokens, config.block_size),
-                         num_tokens=tokens)
-    sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7))
 
 
 @pytest.mark.parametrize(("tokens", "held", "chunks"), [(20, 8, 1), (60, 12, 2)])
@@ -25,7 +18,7 @@ def test_only_the_tokens_past_the_held_ones_move(pair, config, bootstrap, tokens
     """(60, 12): 48 tokens to move through a 16-token first allocation: the other 32 resume."""
     sender, receiver = pair
     assert config.default_tokens == 16
-    send(sender, config, 1, tokens)
+    send_pooled(sender, config, 1, tokens)
     receiver.add(1, bootstrap.address, "prefill-0", TransferMode.KV, sender.incarnation, start_token=held)
     drive([sender, receiver], lambda: receiver.poll(1) is PollState.SUCCESS)
     drive([sender], lambda: sender.poll(1) is PollState.SUCCESS)
@@ -44,9 +37,9 @@ def test_a_receiver_holding_every_token_fails_the_room_on_both_sides(pair, confi
         sender.add(2)
         receiver.add(2, bootstrap.address, "prefill-0", TransferMode.KV, start_token=10)
         drive([sender, receiver], lambda: receiver.poll(2) is PollState.WAITING_FOR_INPUT)
-        send(sender, config, 2, 10)
+        send_pooled(sender, config, 2, 10)
     else:
-        send(sender, config, 2, 10)
+        send_pooled(sender, config, 2, 10)
         receiver.add(2, bootstrap.address, "prefill-0", TransferMode.KV, start_token=10)
     drive([sender, receiver], lambda: receiver.poll(2) is PollState.FAILED)
     assert sender.poll(2) is PollState.FAILED

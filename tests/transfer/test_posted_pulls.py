@@ -11,18 +11,11 @@ import dataclasses
 import pytest
 
 from conftest import QUICK, assert_received, drive
-from transfer import PollState, Receiver, Sender, TransferInfo, TransferMode
+from transfer import PollState, Receiver, Sender, TransferMode
 from transfer.receiver import MAX_POSTED_PULLS
-from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, padded_payload, payload
+from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, payload, send_pooled
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def send(sender: Sender, config, room: int, tokens: int) -> None:
-    allocation = sender.allocator.alloc(tokens)
-    sender.buffers.write(allocation, 0, padded_payload(KV_FIELDS, room, tokens, config.block_size),
-                         num_tokens=tokens)
-    sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7))
 
 
 def open_room(sender, receiver, bootstrap, room: int, expected: int | None, held: int = 0) -> None:
@@ -44,7 +37,7 @@ def test_a_room_of_known_length_lands_through_the_pull_posted_before_its_offer(p
     assert tokens - held <= config.default_tokens
     open_room(sender, receiver, bootstrap, 1, tokens, held)
     assert (receiver.posted_pulls, receiver.unanswered_pulls()) == (1, 1)  # made, and waiting for the offer
-    send(sender, config, 1, tokens)
+    send_pooled(sender, config, 1, tokens)
     drive([sender, receiver], lambda: receiver.poll(1) is PollState.SUCCESS)
     drive([sender], lambda: sender.poll(1) is PollState.SUCCESS)
     assert receiver.posted_pulls_taken == 1
@@ -69,7 +62,7 @@ def test_a_room_ended_before_its_offer_answers_its_posted_pull_with_zeros(pair, 
 def test_a_wrong_length_costs_only_the_posted_pull(pair, config, bootstrap):
     sender, receiver = pair
     open_room(sender, receiver, bootstrap, 3, 10)  # the room turns out to hold 14 tokens
-    send(sender, config, 3, 14)
+    send_pooled(sender, config, 3, 14)
     drive([sender, receiver], lambda: receiver.poll(3) is PollState.SUCCESS)
     assert (receiver.posted_pulls, receiver.posted_pulls_taken) == (1, 0)
     assert_received(receiver.take(3), payload(KV_FIELDS, 3, 14), config.block_size)
@@ -85,7 +78,7 @@ def test_rooms_past_one_chunk_or_the_limit_pull_on_their_ready(pair, config, boo
         open_room(sender, receiver, bootstrap, room, tokens)
     assert receiver.posted_pulls == MAX_POSTED_PULLS
     for room, tokens in rooms:
-        send(sender, config, room, tokens)
+        send_pooled(sender, config, room, tokens)
     drive([sender, receiver], lambda: all(receiver.poll(r) is PollState.SUCCESS for r, _ in rooms))
     assert receiver.posted_pulls_taken == MAX_POSTED_PULLS
     for room, tokens in rooms:
@@ -100,7 +93,7 @@ def test_a_data_plane_that_cannot_hold_early_pulls_posts_none(bootstrap):
     sender, receiver = Sender(config, KV_FIELDS, "prefill-0", bootstrap.address), Receiver(config, KV_FIELDS)
     try:
         open_room(sender, receiver, bootstrap, 4, 12)
-        send(sender, config, 4, 12)
+        send_pooled(sender, config, 4, 12)
         drive([sender, receiver], lambda: receiver.poll(4) is PollState.SUCCESS)
         assert receiver.posted_pulls == 0
         assert_received(receiver.take(4), payload(KV_FIELDS, 4, 12), config.block_size)
@@ -136,7 +129,7 @@ def test_a_refused_registration_makes_no_pull_and_gives_its_limits_back(pair, co
     assert (receiver.posted_pulls, receiver.unanswered_pulls()) == (0, 0)
     open_room(sender, receiver, bootstrap, 8, 8)
     assert receiver.posted_pulls == 1
-    send(sender, config, 8, 8)
+    send_pooled(sender, config, 8, 8)
     drive([sender, receiver], lambda: receiver.poll(8) is PollState.SUCCESS)
     assert receiver.posted_pulls_taken == 1
     assert_received(receiver.take(8), payload(KV_FIELDS, 8, 8), config.block_size)

@@ -64,3 +64,10 @@ def send_rows(sender, config, room: int, tokens: int, start: int = 0, fields=KV_
     padding = bucket_tokens(tokens - start, config.block_size) - (tokens - start)
     rows = {name: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)]) for name, a in rows.items()}
     sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7), rows=rows, rows_start=start)
+
+
+def send_pooled(sender, config, room: int, tokens: int, fields=KV_FIELDS) -> None:
+    """Hands ``sender`` room ``room``'s payload of ``fields``, written in its pool first."""
+    allocation = sender.allocator.alloc(tokens)
+    sender.buffers.write(allocation, 0, padded_payload(fields, room, tokens, config.block_size), num_tokens=tokens)
+    sender.send(room, allocation, TransferInfo(TransferMode.KV, tokens, first_token=7))
