@@ -49,6 +49,7 @@ MAX_POSTED_PULLS = 2
 until the sender offers (a vision tower's run, say), so a few are left for the pulls made on a
 Ready."""
 
+
 @dataclasses.dataclass
 class Reservation:
     """A room's blocks, and how many of its tokens have arrived in them."""
@@ -146,12 +147,12 @@ class Receiver:
         self._next_sweep = 0.0
         self._orphans: list[PendingPull] = []
         self._posted_rows = 0
-        self.posted_pulls = 0
-        """Pulls made before their offer; ``posted_pulls_taken`` of them brought their room's chunk."""
-        self.posted_pulls_taken = 0
         """Rows of the pulls posted and not yet taken by their room's reservation: at most one
         default chunk's. Kept apart from the allocator: a reservation made at registration is
         what once made rooms wait on one another (this module's docstring)."""
+        self.posted_pulls = 0
+        """Pulls made before their offer; ``posted_pulls_taken`` of them brought their room's chunk."""
+        self.posted_pulls_taken = 0
         self._deferred: dict[int, Ready] = {}
         """Rooms whose first chunk (its Ready) waits until the pool can reserve the whole room, in
         the order they began to wait: they reserve in that order, and a room whose first chunk
