@@ -11,7 +11,8 @@ from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
 from transfer.fields import Field, field
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
-from transfer.receiver import Received, Receiver
+from transfer.receiver import Receiver
+from transfer.receiver_room import Received
 from transfer.sender import Sender
 
 __all__ = [

@@ -22,110 +22,30 @@ what made rooms wait on one another above) but kept within its own small limits.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 import zmq
 
-from transfer.allocator import Allocation, BlockAllocator
+from transfer.allocator import BlockAllocator
 from transfer.block_buffers import BlockLayout
 from transfer.channel import Channel, make_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
-from transfer.directory import SenderDirectory, SenderKey
+from transfer.directory import SenderDirectory
 from transfer.fields import Field
 from transfer.liveness import Liveness
 from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
-                               Pulled, Ready, Register, Registered, Resume, SenderEndpoint, ToReceiver, TransferInfo,
-                               TransferMode)
-from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
+                               Pulled, Ready, Register, Registered, Resume, ToReceiver, TransferInfo, TransferMode)
+from transfer.poll import SWEEP_INTERVAL_S, PollState
+from transfer.receiver_room import Landed, Received, ReceiverRoom, Reservation
 
 MAX_POSTED_PULLS = 2
 """Pulls made before their offer at once. Each waits on one of the data plane's landing watchers
 until the sender offers (a vision tower's run, say), so a few are left for the pulls made on a
 Ready."""
-
-
-@dataclasses.dataclass
-class Reservation:
-    """A room's blocks, and how many of its tokens have arrived in them."""
-
-    allocation: Allocation
-    filled: int = 0
-
-    @property
-    def free(self) -> int:
-        return self.allocation.capacity_tokens - self.filled
-
-
-@dataclasses.dataclass(frozen=True)
-class Landed:
-    """One chunk as pulled: ``arrays[name]`` holds the room's tokens ``[offset, offset + count)``
-    in its first rows, padded to their bucket."""
-
-    arrays: dict[str, jax.Array]
-    offset: int
-    count: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Received:
-    """A finished room: its chunks, which hold tokens [start_token, total) end to end."""
-
-    info: TransferInfo
-    chunks: tuple[Landed, ...]
-    """One, or more when the receiver had to resume."""
-    start_token: int = 0
-    """The tokens the receiver held already (``add(..., start_token=)``), not sent again."""
-
-    @property
-    def num_tokens(self) -> int:
-        return self.info.total_tokens
-
-    def host(self, name: str) -> np.ndarray:
-        """Field ``name`` of tokens [start_token, total) on the host, in one array: for tests
-        and tools, never on the serving path."""
-        return np.concatenate([np.asarray(c.arrays[name])[:c.count] for c in self.chunks])
-
-
-@dataclasses.dataclass
-class ReceiverRoom(Room):
-    sender: SenderKey = ("", "")
-    mode: TransferMode = TransferMode.EMBEDDING
-    incarnation: int | None = None
-    """The sender incarnation the room was opened with (None: whichever is published)."""
-    held: int = 0
-    """Tokens at the start of the room the receiver holds already: never sent."""
-    looked_again: bool = False
-    """The registry was asked again because its cached answer was another incarnation."""
-    asked_at: int | None = None
-    """The directory's answer count when the room asked again about a sender judged gone."""
-    endpoint: SenderEndpoint | None = None
-    """Set once Register is sent."""
-    reservation: Reservation | None = None
-    """The whole room's tokens, reserved when its first chunk is offered."""
-    info: TransferInfo | None = None
-    pull: tuple[PendingPull, Ready] | None = None
-    expected: int | None = None
-    """The room's length when the receiver knows it ahead (``add(..., expected_tokens=)``)."""
-    posted: PostedPull | None = None
-    """The first chunk's uuid and length, sent with Register (a chunk the sender offers under it)."""
-    posting: bool = False
-    """``posted`` counts against the receiver's limits: from Register until a Ready takes its pull
-    or the room ends."""
-    posted_pull: PendingPull | None = None
-    """That chunk's pull, made once the sender answered Registered, until a Ready takes it."""
-    landed: list[Landed] = dataclasses.field(default_factory=list)
-    """The chunks pulled so far, as pulled (the reservation only counts their space)."""
-
-    @property
-    def received(self) -> int:
-        """Tokens held: those held already, then those that arrived."""
-        return self.held + (self.reservation.filled if self.reservation else 0)
 
 
 class Receiver:

@@ -42,7 +42,8 @@ from transfer.config import TransferConfig
 from transfer.data_plane import open_data_plane
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
-from transfer.receiver import Landed, Receiver
+from transfer.receiver import Receiver
+from transfer.receiver_room import Landed
 from transfer.sender import Sender
 
 log = logging.getLogger(__name__)
