@@ -15,7 +15,10 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llm(reference):
-    return LLM(reference[1], num_pages=512, page_size=8, max_model_len=512, max_prefill_tokens=128)
+    """Compiles what the tests run, when they first run it, not the whole grid before its first request
+    (95 s on 2 cores): the grid is test_compile_before_ready.py's and test_program_grid.py's subject."""
+    return LLM(reference[1], num_pages=512, page_size=8, max_model_len=512, max_prefill_tokens=128,
+               precompile=False)
 
 
 def random_image(seed: int, size=(48, 64)) -> Image.Image:

@@ -17,8 +17,8 @@ from transfer import BootstrapServer, TransferConfig
 def service():
     config = TransferConfig(data_plane="zmq")
     bootstrap = BootstrapServer(config).start()
-    role = PrefillRole(load_model("tiny"), EngineConfig(num_pages=4, page_size=16, max_model_len=512), config,
-                       "prefill-refusals", bootstrap.address)
+    engine = EngineConfig(num_pages=4, page_size=16, max_model_len=512, precompile=False)  # refusals compile nothing
+    role = PrefillRole(load_model("tiny"), engine, config, "prefill-refusals", bootstrap.address)
     svc = prefill_service(role)
     yield svc
     svc.loop.stop()  # closes the role too

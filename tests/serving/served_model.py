@@ -14,7 +14,10 @@ from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS
 API_KEY = "sk-serving-tests"
 MODEL_NAME = "qwen3-vl-test"
 ENGINE_ARGS = {"page_size": 16, "num_pages": 256, "max_model_len": 512, "max_num_seqs": 16,
-               "max_prefill_tokens": 256}
+               "max_prefill_tokens": 256, "precompile": False}
+"""``precompile: False``: the servers and the offline engine compile what the tests run when they first
+run it, not the whole grid before ready (90 s on 2 cores); compiling the grid before ready is tested on
+the engine (tests/engine/test_compile_before_ready.py) and by ``serve.py --role all`` (tests/roles)."""
 
 
 def write_served_checkpoint(path: Path) -> Path:
@@ -27,7 +30,12 @@ def write_served_checkpoint(path: Path) -> Path:
 
 
 def engine_flags() -> list[str]:
-    return [item for key, value in ENGINE_ARGS.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    """ENGINE_ARGS as serve.py's flags (``--no-NAME`` for a setting that is False)."""
+    flags = []
+    for key, value in ENGINE_ARGS.items():
+        name = key.replace("_", "-")
+        flags += [f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
+    return flags
 
 
 def random_image(seed: int, size=(48, 64)) -> Image.Image:

@@ -34,7 +34,7 @@ def door(checkpoint, tmp_path_factory):
     its programs is not mistaken for the door's memory)."""
     process = ServerProcess(
         ["--role", "colocated", "--model", str(checkpoint), "--served-model-name", MODEL_NAME, *engine_flags(),
-         "--no-precompile", "--max-body-bytes", str(MAX_BODY_BYTES), "--request-read-timeout", str(READ_TIMEOUT_S),
+         "--max-body-bytes", str(MAX_BODY_BYTES), "--request-read-timeout", str(READ_TIMEOUT_S),
          "--max-images-per-request", str(MAX_IMAGES)],
         tmp_path_factory.mktemp("door_log") / "serve.log", env={"MMSERVE_API_KEY": API_KEY})
     assert_serves(process)
