@@ -316,7 +316,8 @@ def test_role_all_starts_the_workers_it_is_told_and_a_shared_prefix_goes_to_one(
     sharing a long system prompt all reach the worker of each role that holds it (cache-aware
     routing, the default policy), whose prefix cache then serves it."""
     system = "You answer questions about pictures carefully, plainly and in full sentences. " * 4
-    with role_all(tmp_path / "workers.log", "--workers", "prefill=2,decode=2") as (process, port):
+    # --no-precompile: five workers loading the grid on two cores took 50 s; start-up is tested above
+    with role_all(tmp_path / "workers.log", "--workers", "prefill=2,decode=2", "--no-precompile") as (process, port):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         for i, question in enumerate(("What is red?", "What is blue?", "What is green?")):
             client.chat.completions.create(model="tiny", max_tokens=4, messages=[
