@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from hf_reference import hf_config, hf_model, write_checkpoint
+from mmserve.config_flags import flag_name
 from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS
 
 API_KEY = "sk-serving-tests"
@@ -33,8 +34,8 @@ def engine_flags() -> list[str]:
     """ENGINE_ARGS as serve.py's flags (``--no-NAME`` for a setting that is False)."""
     flags = []
     for key, value in ENGINE_ARGS.items():
-        name = key.replace("_", "-")
-        flags += [f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
+        name = flag_name(key)
+        flags += [name if value else "--no-" + name[2:]] if isinstance(value, bool) else [name, str(value)]
     return flags
 
 
