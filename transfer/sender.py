@@ -328,6 +328,8 @@ class Sender:
         try:
             self.data_plane.offer(uuid, [rows[f.name] for f in self.buffers.fields], self._offer_timeout_s)
         except DataPlaneError as error:
+            if posted is not None and uuid == posted.uuid:
+                room.posted = posted  # its pull still waits: _fail answers it with zeros
             self._fail(room, str(error))
             return
         room.outstanding = (uuid, chunk)

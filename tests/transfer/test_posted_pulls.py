@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from conftest import QUICK, assert_received, drive
-from transfer import PollState, Receiver, Sender, TransferMode
+from transfer import DataPlaneError, PollState, Receiver, Sender, TransferMode
 from transfer.receiver import MAX_POSTED_PULLS
 from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, payload, send_pooled
 
@@ -133,3 +133,26 @@ def test_a_refused_registration_makes_no_pull_and_gives_its_limits_back(pair, co
     drive([sender, receiver], lambda: receiver.poll(8) is PollState.SUCCESS)
     assert receiver.posted_pulls_taken == 1
     assert_received(receiver.take(8), payload(KV_FIELDS, 8, 8), config.block_size)
+
+
+def test_an_offer_refused_under_a_posted_uuid_still_answers_that_pull(pair, config, bootstrap, monkeypatch):
+    """The room fails, and the pull posted for its chunk gets zero rows like any other that no chunk
+    will answer, instead of holding its arrays until the transfer server gives up on it."""
+    sender, receiver = pair
+    open_room(sender, receiver, bootstrap, 9, 12)
+    assert receiver.unanswered_pulls() == 1
+    offer, refused = sender.data_plane.offer, []
+
+    def refuse_once(uuid, arrays, timeout_s):
+        if not refused:
+            refused.append(uuid)
+            raise DataPlaneError(f"offer {uuid} refused")
+        offer(uuid, arrays, timeout_s)
+
+    monkeypatch.setattr(sender.data_plane, "offer", refuse_once)
+    send_pooled(sender, config, 9, 12)
+    drive([sender, receiver], lambda: receiver.poll(9) is PollState.FAILED and sender.poll(9) is PollState.FAILED)
+    assert receiver.posted_pulls_taken == 0
+    receiver.forget(9)
+    sender.forget(9)
+    assert_all_free(sender, receiver, config)  # the zero rows landed under the refused uuid
