@@ -336,21 +336,28 @@ class LLMEngine:
         A request with ``structured_output`` first waits for its grammar, like a new one (its
         reservation held, the step loop free), and takes its first token in a later :meth:`step`,
         whose outputs include it: this returns None. Submit its grammar (``grammars.submit``) when
-        the request arrives, and it compiles while the KV is in flight."""
-        if request.request_id in self._requests:
+        the request arrives, and it compiles while the KV is in flight.
+
+        The reservation is the engine's from here on: rows it refuses, or a write that fails,
+        give it back before the error is raised (the caller has nothing left to cancel)."""
+        if request.request_id in self._requests:  # its pages are that request's: nothing to give back
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        covered = reservation.held_tokens
-        for rows in kv:
-            if rows.start != covered:
-                raise ValueError(f"KV rows from token {rows.start} where token {covered} comes next")
-            covered += rows.count
-        if covered != request.num_computed:
-            raise ValueError(f"KV rows end at token {covered}, the prompt at {request.num_computed}")
         self._requests[request.request_id] = request
         self._prefilled[request.request_id] = Prefilled(reservation.slot, first)
-        table = self.kv.page_table(request.request_id)
-        for rows in kv:
-            self.runner.write_kv(table, rows.k, rows.v, rows.start, rows.count)
+        try:
+            covered = reservation.held_tokens
+            for rows in kv:
+                if rows.start != covered:
+                    raise ValueError(f"KV rows from token {rows.start} where token {covered} comes next")
+                covered += rows.count
+            if covered != request.num_computed:
+                raise ValueError(f"KV rows end at token {covered}, the prompt at {request.num_computed}")
+            table = self.kv.page_table(request.request_id)
+            for rows in kv:
+                self.runner.write_kv(table, rows.k, rows.v, rows.start, rows.count)
+        except BaseException:
+            self.abort(request.request_id)  # a prefilled request's abort cancels its reservation
+            raise
         self.scheduler.cache_computed(request)
         if request.params.structured_output is not None:
             request.grammar = self.grammars.state(request.params.structured_output)

@@ -299,9 +299,11 @@ class DecodeRole:
                               int(aux["rope_delta"]), None, num_computed=len(record.prompt_ids),
                               page_keys=record.page_keys)
             first = (info.first_token, aux.get("logprob"), aux.get("top_ids"), aux.get("top_logprobs"))
-            record.output = OutputStream(record.params)
-            record.move(DecodeState.DECODING)
             kv = [KVRows(c.arrays["k"], c.arrays["v"], c.offset, c.count) for c in received.chunks]
+            record.output = OutputStream(record.params)
+            # From here the reservation is the engine's, freed by it if it refuses the rows: a
+            # failure before leaves the record RECEIVING_KV, whose release cancels the reservation.
+            record.move(DecodeState.DECODING)
             output = self.engine.admit_prefilled(request, record.reservation, kv, first)
         except Exception as error:
             self._requests.finish(record.request_id, DecodeState.FAILED, f"could not admit its KV: {error}")

@@ -144,3 +144,26 @@ def test_a_cancelled_reservation_gives_back_the_cached_pages_it_shared(split):
         assert (kv.num_cached_pages, kv.num_tail_pages) == (cached, tails)
     assert split.generate(prompt, params)[1] == 3 * DECODE_PAGE + 1
     split.assert_nothing_held()
+
+
+@pytest.mark.parametrize("fault", ["short", "gap"])
+def test_rows_the_engine_refuses_give_their_reservation_back(split, fault):
+    """The reservation is the engine's once offered: KV rows that end before the prompt does, or
+    leave a gap, are refused with a ValueError and the pages and slot they were to fill are free
+    again, so the same request id can reserve anew and run."""
+    params = PARAMS["greedy"]
+    prompt = {"prompt_token_ids": text(90 + len(fault), 2 * DECODE_PAGE + 5)}
+    ids = split.decode.prepare(prompt).token_ids
+    kv, slots = split.decode.kv, len(split.decode.scheduler._free_slots)
+    free = kv.num_free_pages
+    reservation = split.decode.reserve("refused", len(ids) + params.max_tokens, ids, None)
+    k, v = split.decode.runner.read_kv(kv.page_table("refused"), len(ids), bucket(len(ids), 16))  # rows of the right shape
+    runs = ([KVRows(k, v, 0, len(ids) - 1)] if fault == "short" else
+            [KVRows(k, v, 0, 8), KVRows(k, v, 9, len(ids) - 9)])
+    request = Request("refused", list(ids), params, NO_POSITIONS, 0, None, num_computed=len(ids))
+    with pytest.raises(ValueError, match="KV rows"):
+        split.decode.admit_prefilled(request, reservation, runs, (1, None, None, None))
+    assert (kv.num_free_pages, len(split.decode.scheduler._free_slots)) == (free, slots)
+    assert "refused" not in kv and not split.decode.has_unfinished()
+    split.decode.cancel_reservation("refused", split.decode.reserve("refused", len(ids), ids, None).slot)
+    split.assert_nothing_held()
