@@ -139,7 +139,9 @@ class Sender:
         ``rows_start`` are those the receiver holds (:meth:`receiver_holds`): a receiver that
         registers holding fewer fails the room.
 
-        The allocation belongs to the sender from here on, even if the room already failed.
+        The allocation belongs to the sender once the arguments are checked (a ValueError
+        leaves it the caller's), even if the room already failed: a room whose rows cannot be
+        staged or offered fails, and its blocks are freed with it, without raising here.
         """
         if info.total_tokens != allocation.num_tokens:
             raise ValueError(f"info says {info.total_tokens} tokens, allocation holds {allocation.num_tokens}")
@@ -314,10 +316,10 @@ class Sender:
         else:
             try:
                 self._stage(room)
+                rows = self.buffers.read(room.allocation, chunk.offset, chunk.num_tokens)
             except Exception as error:  # the room fails; the sender and its other rooms go on
                 self._fail(room, f"could not stage rows: {error}")
                 return
-            rows = self.buffers.read(room.allocation, chunk.offset, chunk.num_tokens)
         posted, room.posted = room.posted, None
         if posted is not None and (chunk.offset, chunk.num_tokens) == (room.held, posted.num_tokens):
             uuid = posted.uuid

@@ -70,26 +70,34 @@ class Outbox:
         """Stages what it can; reads the sender's socket first, for registrations that arrived."""
         self.sender.progress(0)
         unregistered: list[Parcel] = []
-        while self._parcels:
-            parcel = self._parcels[0]
-            if self.sender.receiver_holds(parcel.room) is None:
-                unregistered.append(self._parcels.popleft())
-                continue
-            allocation = self.sender.allocator.alloc(parcel.info.total_tokens)
-            if allocation is None:
-                break
-            self._parcels.popleft()
-            try:
-                rows = parcel.rows
-                if rows is None and (run := _one_run(parcel.runs)) is not None and run.count == parcel.info.total_tokens:
-                    rows = self.sender.buffers.rows_of(run.arrays, run.start, run.count)
-                elif rows is None:
-                    self._write(parcel, allocation)
-                self.sender.send(parcel.room, allocation, parcel.info, rows=rows, rows_start=parcel.rows_start)
-            except Exception as error:  # the room fails; the worker and its other rooms go on
-                self.sender.allocator.free(allocation)
-                self._on_error(parcel.room, f"could not stage rows: {error}")
-        self._parcels.extendleft(reversed(unregistered))  # they came first: arrival order kept
+        try:
+            while self._parcels:
+                parcel = self._parcels[0]
+                if self.sender.receiver_holds(parcel.room) is None:
+                    unregistered.append(self._parcels.popleft())
+                    continue
+                allocation = self.sender.allocator.alloc(parcel.info.total_tokens)
+                if allocation is None:
+                    break
+                self._parcels.popleft()
+                try:
+                    rows = parcel.rows
+                    if rows is None and (run := _one_run(parcel.runs)) is not None and \
+                            run.count == parcel.info.total_tokens:
+                        rows = self.sender.buffers.rows_of(run.arrays, run.start, run.count)
+                    elif rows is None:
+                        self._write(parcel, allocation)
+                except Exception as error:  # the room fails; the worker and its other rooms go on
+                    self.sender.allocator.free(allocation)
+                    self._on_error(parcel.room, f"could not stage rows: {error}")
+                    continue
+                try:
+                    self.sender.send(parcel.room, allocation, parcel.info, rows=rows, rows_start=parcel.rows_start)
+                except ValueError as error:  # refused before the sender took the blocks: still ours
+                    self.sender.allocator.free(allocation)
+                    self._on_error(parcel.room, f"could not stage rows: {error}")
+        finally:
+            self._parcels.extendleft(reversed(unregistered))  # they came first: arrival order kept
 
     def _write(self, parcel: Parcel, allocation) -> None:
         offset = 0

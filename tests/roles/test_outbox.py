@@ -164,3 +164,34 @@ def test_runs_that_do_not_add_up_to_the_room_fail_it(sender, receiver):
     outbox.put(Parcel(3, TransferInfo(TransferMode.EMBEDDING, 3), [Run(rows, 0, 2)]))
     outbox.flush()
     assert failures == [3] and sender.allocator.available_blocks() == 4
+
+
+def test_rows_the_sender_cannot_read_back_fail_their_room_and_free_its_blocks_once(sender, receiver, monkeypatch):
+    """Once the sender has taken a room's blocks they are its to free: a chunk it cannot read out
+    of its pool (a device out of memory, say) fails that room alone, as its poll says, its blocks
+    freed once (the outbox freeing them too freed them twice and raised), and a room still waiting
+    for its receiver stays."""
+    receiver.register(11)
+    failures = []
+
+    def fail_room(room: int, reason: str) -> None:  # as the roles' _fail_room does
+        failures.append(room)
+        if not sender.poll(room).terminal:
+            sender.abort(room, reason)
+
+    outbox = Outbox(sender, fail_room)
+    outbox.put(parcel(12, 4))  # its receiver has not registered
+    rows = {"embeddings": np.ones((2, 4), np.float32)}
+    outbox.put(Parcel(11, TransferInfo(TransferMode.EMBEDDING, 4), [Run(rows, 0, 2), Run(dict(rows), 0, 2)]))
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sender.buffers, "read", unreadable)
+    outbox.flush()
+    assert sender.poll(11) is PollState.FAILED and "could not stage rows: out of memory" in sender.failure(11)
+    assert sender.allocator.available_blocks() == 4 and len(outbox) == 1
+    receiver.register(12)
+    monkeypatch.undo()
+    outbox.flush()
+    assert sender.poll(12) is PollState.TRANSFERRING and failures == []
