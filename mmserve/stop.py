@@ -52,10 +52,11 @@ def streamable_text(params: SamplingParams, output_text: str) -> str:
     """The prefix of an unfinished output that is safe to stream.
 
     The last (longest stop string - 1) characters are held back: they may yet become the start of
-    a stop string, which must never reach the client.
+    a stop string, which must never reach the client. A text shorter than that shows nothing
+    yet (a negative end would slice from the back, and the text shown would shrink).
     """
     held_back = max((len(stop) for stop in params.stop), default=1) - 1
-    return output_text[:len(output_text) - held_back]
+    return output_text[:max(len(output_text) - held_back, 0)]
 
 
 def _find_stop_string(stops: Sequence[str], text: str, new_char_count: int) -> tuple[str, int] | None:

@@ -67,3 +67,9 @@ def test_streaming_holds_back_a_possible_stop_string_prefix():
     params = SamplingParams(stop=["STOP", "x"])
     assert streamable_text(params, "Hello ST") == "Hello"
     assert streamable_text(SamplingParams(), "Hello ST") == "Hello ST"
+
+
+def test_streaming_shows_nothing_while_the_text_is_shorter_than_a_stop_string():
+    params = SamplingParams(stop=["\nObservation:"])  # 13 characters: 12 held back
+    shown = [streamable_text(params, "The answer is 42."[:n]) for n in range(18)]
+    assert shown[:13] == [""] * 13 and shown[13:] == ["T", "Th", "The", "The ", "The a"]
