@@ -97,7 +97,7 @@ def read_video_header(raw: bytes) -> VideoHeader:
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             width, height = stream.codec_context.width, stream.codec_context.height
             frames = sum(1 for packet in container.demux(stream) if packet.size)
-    except av.FFmpegError as error:
+    except (av.FFmpegError, UnicodeDecodeError) as error:  # PyAV decodes the container's tags as UTF-8
         raise BadVideo(f"the data is not a video this server can read: {error}") from None
     if not rate or rate <= 0:
         raise BadVideo("the video has no frame rate")
@@ -127,7 +127,7 @@ def decode_sampled_frames(raw: bytes, header: VideoHeader, processor: Processor)
                         else pixels
                 if index >= last:
                     break
-    except av.FFmpegError as error:
+    except (av.FFmpegError, UnicodeDecodeError) as error:
         raise BadVideo(f"the video cannot be decoded: {error}") from None
     if len(keep) != len(targets):
         raise BadVideo(f"the video has fewer decodable frames than its {header.frames} packets")
@@ -138,5 +138,7 @@ def _video_stream(container):
     if not container.streams.video:
         raise BadVideo("the data has no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:  # PyAV has no decoder for it
+        raise BadVideo("the video's codec is not one this server can decode")
     stream.thread_type = "AUTO"
     return stream

@@ -2,6 +2,9 @@
 no frame), decoded with PyAV where they are processed, sampled as Qwen3-VL's processor samples
 them; a served video chat equals the offline ``LLM`` given the same frames."""
 
+import io
+
+import av
 import numpy as np
 import openai
 import pytest
@@ -81,6 +84,31 @@ def test_too_many_videos_and_too_many_tokens_are_refused():
 def test_bad_videos_are_a_clear_400(url, message):
     with pytest.raises(InvalidRequest, match=message):
         reader().video_from_url(url, "v")
+
+
+def titled_video(title: str) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        container.metadata["title"] = title
+        stream = container.add_stream("ffv1", rate=2)
+        stream.height, stream.width, stream.pix_fmt = 32, 32, "bgr0"
+        for frame in random_frames(5, 4, 32, 32):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("raw, message", [
+    # the codec's id rewritten: PyAV opens the stream with no decoder (an AttributeError once: a 500)
+    (lossless_video(random_frames(4, 4, 32, 32), fps=2).replace(b"V_FFV1", b"V_ZZZ1"), "codec is not one"),
+    # a tag that is not UTF-8, which PyAV decodes as it opens the file (a UnicodeDecodeError once)
+    (titled_video("TITLETITLE").replace(b"TITLETITLE", bytes([0xa7, 0x82, 0xe1, 0xff, 0xfe] * 2)), "not a video"),
+], ids=["unknown_codec", "tags_not_utf8"])
+def test_a_video_this_server_cannot_read_is_a_clear_400(raw, message):
+    with pytest.raises(InvalidRequest, match=message):
+        reader().video_from_url(video_data_url(raw), "v")
 
 
 @pytest.mark.slow
