@@ -68,3 +68,14 @@ def test_content_streams_before_the_answer_ends_and_a_call_arrives_when_it_close
 def test_arguments_are_json_text_of_the_model_s_object():
     call = parse_tool_calls('<tool_call>{"name": "f", "arguments": {"n": 1.5, "l": [true, null]}}</tool_call>')
     assert json.loads(call.calls[0].arguments) == {"n": 1.5, "l": [True, None]}
+
+
+def test_a_block_nested_deeper_than_json_parses_stays_content():
+    """``json.loads`` raises RecursionError (not a ValueError) past ~1000 levels: such a block is
+    content like any other that is not a call, whole or streamed (it was a 500, or a stream cut)."""
+    deep = "<tool_call>" + "[" * 5000 + "]" * 5000 + "</tool_call>"
+    text = f"{NOW}\n{deep}"
+    assert parse_tool_calls(text) == Parsed(deep, [NOW_CALL])
+    parser = ToolCallParser()
+    parsed = parser.feed(text[:7000]).add(parser.feed(text[7000:])).add(parser.finish())
+    assert parsed == Parsed(deep, [NOW_CALL])

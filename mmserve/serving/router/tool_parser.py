@@ -127,7 +127,7 @@ def _partial_open(text: str) -> int:
 def _call(block: str) -> ToolCall | None:
     try:
         value = json.loads(block, parse_constant=_refuse)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than the json module recurses: not a call
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
