@@ -20,7 +20,7 @@ HANG = "hang"  # a script step that waits until the request is cancelled
 
 class ScriptedBackend:
     def __init__(self):
-        self.script: list[TokenEvent | str] = []
+        self.script: list[TokenEvent | str | Exception] = []
         self.health_answer: dict | Exception = {"healthy": True}
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
@@ -35,6 +35,8 @@ class ScriptedBackend:
         for step in self.script:
             if step == HANG:
                 await asyncio.Event().wait()
+            if isinstance(step, Exception):  # a bug behind the backend
+                raise step
             yield dataclasses.replace(step, request_id=request.request_id)
 
     def capacity(self) -> int:

@@ -166,6 +166,25 @@ def test_a_request_past_its_deadline_is_aborted_and_frees_its_slot(served):
     assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="timeout"}') == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_backend_that_raises_answers_with_an_error_and_frees_its_slot(served, stream):
+    """A bug behind the backend (an exception out of its stream) reaches the client as an error
+    (a 500, or an error event and [DONE]) at once, not as a request that never ends."""
+    server, backend = served
+    backend.script = [TOKEN, RuntimeError("a backend bug")]
+    status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT | {"stream": stream}, timeout=10)
+    if stream:
+        events = [line.removeprefix("data: ") for line in body.splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "[DONE]"
+        assert "internal error: RuntimeError: a backend bug" in json.loads(events[-2])["error"]["message"]
+    else:
+        assert status == 500 and "internal error: RuntimeError: a backend bug" in body["error"]["message"]
+    _wait_for(lambda: backend.aborted == [backend.requests[0].request_id])
+    assert _running(server.url) == 0
+    backend.script = [TOKEN, DONE]
+    assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
+
+
 def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(served):
     server, backend = served
     # a chunk per event, endlessly: more than the server's socket buffers (at most 4 MiB) hold

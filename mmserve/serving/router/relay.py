@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -31,6 +32,8 @@ from mmserve.serving.backend import Backend, GenerateRequest, TokenEvent, TokenL
 from mmserve.serving.router.admission import Ticket
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.tracing import tracer
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 UNFINISHED_STREAM = "the backend ended the stream without finishing the request"
@@ -109,7 +112,7 @@ class Relay:
             await self._run()
 
     async def _run(self) -> None:
-        rid, outcome, last_token_at = self._request.request_id, "aborted", None
+        rid, outcome, last_token_at, failed = self._request.request_id, "aborted", None, False
         try:
             async with asyncio.timeout(self._limits.deadline_s):
                 async with aclosing(self._backend.generate(self._request)) as events:
@@ -134,12 +137,16 @@ class Relay:
         except TimeoutError:
             outcome = "timeout"
             self._put(TokenEvent(rid, [], error=f"the request passed its deadline of {self._limits.deadline_s:g} s"))
+        except Exception as error:  # a bug behind the backend: the client hears of it, the backend frees it
+            outcome, failed = "error", True
+            log.exception("request %s failed in the backend", rid)
+            self._put(TokenEvent(rid, [], error=f"internal error: {type(error).__name__}: {error}"))
         finally:
             self._span.set_attribute("mmserve.outcome", outcome)
             self._ticket.release()
             self._metrics.in_flight.dec()
             self._metrics.requests.labels(self._endpoint, outcome).inc()
-            if outcome in ("aborted", "cut", "timeout"):
+            if outcome in ("aborted", "cut", "timeout") or failed:
                 with anyio.CancelScope(shield=True):  # the client is gone, but its pages must be freed
                     await self._backend.abort(rid)
 
