@@ -185,6 +185,26 @@ def test_a_backend_that_raises_answers_with_an_error_and_frees_its_slot(served, 
     assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_more_choices_than_slots_run_as_the_slots_free(served, stream):
+    """``n`` = 3 on 2 slots, each choice longer than a stream's buffer: the third choice waits for a
+    slot, the first two run to their end meanwhile (nobody reads them yet, and that is the
+    router's doing, not the client's: they were once cut as stalled, a 500), then it runs."""
+    server, backend = served
+    backend.script = [TOKEN] * 100 + [DONE]
+    body = CHAT | {"n": 3, "stream": stream, "max_tokens": 101}
+    status, body = request("POST", f"{server.url}/v1/chat/completions", body, timeout=30)
+    assert status == 200, body
+    if stream:
+        events = [json.loads(line.removeprefix("data: ")) for line in body.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        finished = sorted(e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"])
+        assert finished == [0, 1, 2]
+    else:
+        assert [c["finish_reason"] for c in body["choices"]] == ["stop"] * 3
+    assert len(backend.requests) == 3 and backend.aborted == [] and _running(server.url) == 0
+
+
 def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(served):
     server, backend = served
     # a chunk per event, endlessly: more than the server's socket buffers (at most 4 MiB) hold

@@ -76,6 +76,8 @@ class Relay:
         self._arrived = asyncio.Event()
         self._taken = asyncio.Event()
         self._ended = False
+        self._read = False
+        """The client has started reading: only from then on may a full buffer cut the request."""
         metrics.in_flight.inc()
         metrics.prompt_tokens.inc(len(request.prompt.token_ids))
         # the request's trace: its context rides on the pump task into the backend's calls
@@ -90,6 +92,7 @@ class Relay:
         return self
 
     async def __anext__(self) -> TokenEvent:
+        self._read = True
         if self._ended:
             raise StopAsyncIteration
         while not self._buffer:
@@ -155,7 +158,13 @@ class Relay:
         self._arrived.set()
 
     async def _room(self) -> bool:
-        """False when the buffer stayed full for the stall timeout: the client is not reading."""
+        """False when the buffer stayed full for the stall timeout: the client is not reading.
+
+        Before the client reads at all the buffer holds up to the request's own length: the router
+        itself holds the reading back while it admits a request's other choices (``n``), which
+        may wait for the slots these choices free by finishing."""
+        if not self._read and len(self._buffer) <= self._request.params.max_tokens:
+            return True
         deadline = time.monotonic() + self._limits.stall_timeout_s
         while len(self._buffer) >= BUFFER_EVENTS:
             self._taken.clear()
