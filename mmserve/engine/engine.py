@@ -96,6 +96,14 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
+        cache_tokens = (self.runner.num_pages - 1) * self.config.page_size  # page 0 is scratch
+        self.max_sequence_tokens = min(self.config.max_model_len, cache_tokens)
+        """Where a sequence stops (``length``): the context, or the whole cache when that holds less.
+        A sequence that outgrew the cache could never run again once preempted, and every request
+        behind it would wait for good."""
+        if cache_tokens < self.config.max_model_len:
+            log.warning("the KV cache holds %d tokens, fewer than max_model_len %d: sequences stop there (give it "
+                        "more memory with --kv-cache-bytes or --num-pages)", cache_tokens, self.config.max_model_len)
         self.scheduler = Scheduler(self.config, self.kv, self.runner.grid, decodes="decode" in programs)
         self.kv_events = kv_events
         if kv_events is not None:
@@ -442,7 +450,7 @@ class LLMEngine:
                                     len(new_text))
         if request.grammar is not None:
             self._advance_grammar(request, int(token), len(new_text))
-        if request.finish is None and request.num_tokens >= self.config.max_model_len:
+        if request.finish is None and request.num_tokens >= self.max_sequence_tokens:
             request.finish = Finish(FinishReason.LENGTH, request.text, None)
 
     def _advance_grammar(self, request: Request, token: int, new_chars: int) -> None:

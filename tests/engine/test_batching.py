@@ -70,6 +70,24 @@ def test_preemption_under_a_tiny_page_budget_keeps_outputs(llm, reference):
     assert small.engine.kv.num_free_pages == small.engine.runner.num_pages - 1
 
 
+def test_sequences_longer_than_the_whole_cache_stop_there_and_nothing_waits_for_good(llm, reference):
+    """A cache of 11 usable pages of 8 tokens (88) under max_model_len 512: sequences asked for
+    more stop with ``length`` at 88 tokens, and requests preempted for them run afterwards (a
+    sequence that outgrew the cache was preempted by itself and then never fitted again: the
+    engine stepped nothing, forever, with requests waiting)."""
+    prompts = [{"prompt_token_ids": [int(t) for t in np.random.default_rng(n).integers(3, 800, n)]}
+               for n in (10, 14, 18)]
+    small = LLM(reference[1], num_pages=12, page_size=8, max_model_len=512, max_prefill_tokens=64,
+                precompile=False)
+    got = small.generate(prompts, greedy(200))
+    assert [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in got] == [88] * 3
+    assert [o.outputs[0].finish_reason for o in got] == ["length"] * 3
+    want = llm.generate(prompts, [greedy(88 - len(p["prompt_token_ids"])) for p in prompts])
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]  # room to spare there
+    assert small.engine.stats()["preemptions"] > 0
+    assert small.engine.kv.num_free_pages == small.engine.runner.num_pages - 1
+
+
 def test_decode_reads_only_the_pages_its_longest_sequence_needs(llm):
     """A short batch's decode program is narrower than max_model_len's page table."""
     from mmserve.engine.program_grid import MIN_PAGE_BUCKET
