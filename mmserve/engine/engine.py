@@ -300,6 +300,7 @@ class LLMEngine:
         outputs = self._schedule_compiled() if self._awaiting_grammar else []
         step = self.scheduler.schedule()
         if step is None:
+            self._publish_events()
             return outputs
         try:
             sampled = self._run(step)
@@ -317,9 +318,15 @@ class LLMEngine:
                 self.scheduler.finish(request)
                 self._unpin(request.request_id)
                 del self._requests[request.request_id]
+        self._publish_events()
+        return outputs
+
+    def _publish_events(self) -> None:
+        """Publishes what the prefix cache stored and evicted since the last call: after each step,
+        and after each call that changes the cache outside one (a decode worker's reservations and
+        arrivals), which would otherwise wait, unpublished, for a step that schedules something."""
         if self.kv_events is not None:
             self.kv_events.publish(self.kv.take_events())
-        return outputs
 
     def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None,
                 page_keys: PageKeys | None = None) -> Reservation | None:
@@ -328,10 +335,13 @@ class LLMEngine:
         they are short. With its prompt and page keys (:func:`prompt_page_keys` at this engine's
         page size) the pages of its longest cached prefix are shared: ``held_tokens`` of its
         prompt need not arrive."""
-        return self.scheduler.reserve(request_id, num_tokens, prompt_ids or (), page_keys)
+        reservation = self.scheduler.reserve(request_id, num_tokens, prompt_ids or (), page_keys)
+        self._publish_events()  # pages it evicted
+        return reservation
 
     def cancel_reservation(self, request_id: str, slot: int) -> None:
         self.scheduler.cancel_reservation(request_id, slot)
+        self._publish_events()
 
     def admit_prefilled(self, request: Request, reservation: Reservation, kv: Sequence[KVRows],
                         first: tuple) -> RequestOutput | None:
@@ -365,8 +375,10 @@ class LLMEngine:
                 self.runner.write_kv(table, rows.k, rows.v, rows.start, rows.count)
         except BaseException:
             self.abort(request.request_id)  # a prefilled request's abort cancels its reservation
+            self._publish_events()
             raise
         self.scheduler.cache_computed(request)
+        self._publish_events()  # the pages it stored
         if request.params.structured_output is not None:
             request.grammar = self.grammars.state(request.params.structured_output)
             self._awaiting_grammar[request.request_id] = request

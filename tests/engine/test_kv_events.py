@@ -11,6 +11,7 @@ import pytest
 from mmserve import LLM, SamplingParams
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
+from mmserve.engine.kv_rows import KVRows
 from mmserve.kv_events import BlockRemoved, BlockStored, CurveKeys, KVEventPublisher, KVEventSubscriber
 
 PAGE = 8
@@ -109,4 +110,32 @@ def test_a_subscriber_without_the_cluster_key_gets_nothing(llm, publisher):
     subscriber = subscribe(publisher, wrong_client)
     run(llm, text(6, 30))
     assert subscriber.receive(1.0) == []
+    subscriber.close()
+
+
+def test_what_a_decode_worker_caches_between_steps_is_published_at_once(llm, publisher):
+    """A decode worker changes its cache outside any step: a reservation evicts pages, a request's
+    arriving KV stores them, a cancelled reservation gives them back. Each is published when it
+    happens (they waited for the next step that scheduled something: an idle worker's router
+    index stayed wrong for as long as it was idle)."""
+    from mmserve.engine.page_hash import prompt_page_keys
+    from mmserve.engine.request import Request
+
+    engine = llm.engine
+    run(llm, text(7, 40))  # 5 full pages cached
+    subscriber = subscribe(publisher)
+    cached = engine.kv.num_cached_pages
+    prompt = text(8, 60)  # 60 tokens + 20: 10 of the 11 usable pages, evicting all but 1 idle page
+    keys = prompt_page_keys(engine.prepare({"prompt_token_ids": prompt}), engine.model, PAGE)
+    reservation = engine.reserve("arriving", len(prompt) + 20, prompt, keys)
+    removed = [h for _, batch in drain(subscriber, 1) for e in batch.events if isinstance(e, BlockRemoved)
+               for h in e.block_hashes]
+    assert len(removed) == cached - engine.kv.num_cached_pages > 0
+    k, v = engine.runner.read_kv(engine.kv.page_table("arriving"), len(prompt), 64)  # rows of the right shape
+    request = Request("arriving", prompt, SamplingParams(temperature=0, max_tokens=20), np.zeros((3, 0), np.int32),
+                      0, None, num_computed=len(prompt), page_keys=keys)
+    engine.admit_prefilled(request, reservation, [KVRows(k, v, 0, len(prompt))], (1, None, None, None))
+    stored = [e for _, batch in drain(subscriber, 1) for e in batch.events if isinstance(e, BlockStored)]
+    assert [tuple(e.token_ids) for e in stored] == [tuple(prompt[i:i + PAGE]) for i in range(0, 56, PAGE)]
+    engine.abort("arriving")
     subscriber.close()
