@@ -16,6 +16,12 @@ from mmserve.structured_output.spec import StructuredOutput
 # Top-k logprobs are computed for a static count on device; a request may ask for at most this many.
 MAX_LOGPROBS = 20
 
+# Every new token is checked against each stop string and token id on the engine's thread: a request
+# naming a million of them slowed every other request 100-fold. (OpenAI's API takes 4 stop strings;
+# these bounds leave room for templates' many end markers.)
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 256
+
 # Temperatures below this are treated as greedy, as vLLM does: dividing by them only amplifies noise.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -139,6 +145,8 @@ def _token_ids(values: Any) -> tuple[int, ...]:
         return ()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise ValueError(f"stop_token_ids must be a list of ints, got {values!r}")
+    if len(values) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids may name at most {MAX_STOP_TOKEN_IDS} tokens, got {len(values)}")
     for value in values:
         _require_int("stop_token_ids", value)
         if value < 0:
@@ -154,6 +162,8 @@ def _stop_strings(values: Any) -> tuple[str, ...]:
         values = (values,)
     if not isinstance(values, Sequence) or not all(isinstance(value, str) for value in values):
         raise ValueError(f"stop must be a string or a list of strings, got {values!r}")
+    if len(values) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop may list at most {MAX_STOP_STRINGS} strings, got {len(values)}")
     if any(value == "" for value in values):
         raise ValueError("stop strings must not be empty")
     return tuple(values)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from mmserve.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
 
 
 def test_defaults_are_vllms():
@@ -49,6 +49,8 @@ def test_stop_lists_become_tuples_and_a_single_stop_string_is_accepted():
     (dict(stop_token_ids="12"), "stop_token_ids"),
     (dict(stop=[""]), "stop"),
     (dict(stop=[1]), "stop"),
+    (dict(stop=[f"<{i}>" for i in range(MAX_STOP_STRINGS + 1)]), "at most 64 strings"),
+    (dict(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))), "at most 256 tokens"),
     (dict(ignore_eos="yes"), "ignore_eos"),
 ])
 def test_bad_values_raise_value_error_naming_the_field(fields, message):
