@@ -5,6 +5,7 @@ embeddings and deepstack rows out to the prefill that the router named, through 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -34,6 +35,8 @@ from transfer.config import TransferConfig
 from transfer.messages import TransferInfo, TransferMode
 from transfer.poll import PollState
 from transfer.sender import Sender
+
+log = logging.getLogger(__name__)
 
 
 def vision_encoder(model: Model, engine: EngineConfig, layout: MeshLayout | None,
@@ -135,7 +138,9 @@ class EncodeRole:
             try:
                 ready.append((record, [self.encoder.decodable(v) for v in record.job.images],
                               [self.encoder.decodable(v) for v in record.job.videos]))
-            except ValueError as error:
+            except Exception as error:  # its own request fails; the others encode (ValueError: the client's file)
+                if not isinstance(error, ValueError):
+                    log.exception("decoding the pictures of %s failed", record.request_id)
                 self._requests.finish(record.request_id, EncodeState.FAILED, str(error))
         if not ready:
             return

@@ -127,8 +127,10 @@ def decode_sampled_frames(raw: bytes, header: VideoHeader, processor: Processor)
                         else pixels
                 if index >= last:
                     break
-    except (av.FFmpegError, UnicodeDecodeError) as error:
-        raise BadVideo(f"the video cannot be decoded: {error}") from None
+    except BadMedia:
+        raise
+    except Exception as error:  # as for images: whatever a bogus stream makes PyAV or the resize raise
+        raise BadVideo(f"the video cannot be decoded: {type(error).__name__}: {error}") from None
     if len(keep) != len(targets):
         raise BadVideo(f"the video has fewer decodable frames than its {header.frames} packets")
     return np.stack([keep[i] for i in wanted.tolist()])

@@ -124,3 +124,27 @@ def test_an_abort_while_the_vision_tower_runs_ends_only_that_request(role, monke
     for _ in range(3):
         role.step()
     assert role.health()["in_flight"] == 0 and role.health()["queued"] == 0 and role.health()["free_blocks"] == 1
+
+
+def test_a_picture_that_fails_to_decode_in_an_unforeseen_way_fails_only_its_request(role, monkeypatch):
+    """Whatever decoding a request's picture raises (a ValueError is the client's file; anything
+    else a bug, logged), that request fails and the others queued with it are encoded: an
+    unforeseen error once escaped the step, which met it again on every step after."""
+    decodable = role.encoder.decodable
+    broken = pixels(role, 31)
+
+    def decode(visual):
+        if visual.pixel_values is broken:
+            raise RuntimeError("a decoder bug")
+        return decodable(visual)
+
+    monkeypatch.setattr(role.encoder, "decodable", decode)
+    role.encode(EncodeJob("bug", 31, [Visual(np.array([[1, 4, 4]]), broken)], []))
+    encode(role, "fine", room=32)
+    role.step()
+    stats = role.health()
+    assert stats["requests"] == {"sending": 1} and stats["queued"] == 1  # fine's rows wait for prefill
+    role.abort("fine")
+    for _ in range(3):
+        role.step()
+    assert role.health()["in_flight"] == 0 and role.health()["queued"] == 0 and role.health()["free_blocks"] == 1
