@@ -156,7 +156,8 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
 
 
 def _token_ids(ids: Any, vocab_size: int) -> list[int]:
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, (int, np.integer)) for i in ids):
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                     for i in ids):  # JSON's true is no token id
         raise ValueError("'prompt_token_ids' must be a list of ints")
     bad = [int(i) for i in ids if not 0 <= i < vocab_size]
     if bad:

@@ -17,6 +17,7 @@ GOOD = {"prompt_token_ids": [11, 12, 13]}
     (GOOD, {"max_tokens": -1}, "max_tokens"),
     (GOOD, {"temprature": 0.5}, "unknown sampling field"),
     ({"prompt_token_ids": [1, 5000]}, {}, "vocabulary"),
+    ({"prompt_token_ids": [True, False]}, {}, "list of ints"),  # JSON's booleans are ints to Python
     ({"prompt": "hi", "prompt_token_ids": [1]}, {}, "exactly one"),
 ])
 def test_bad_input_raises_and_engine_serves_next(llm, prompt, params, message):
