@@ -205,6 +205,35 @@ def test_more_choices_than_slots_run_as_the_slots_free(served, stream):
     assert len(backend.requests) == 3 and backend.aborted == [] and _running(server.url) == 0
 
 
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"prompt": "hi"}),
+                                        ("/generate", {"prompt": "hi"})], ids=["chat", "completions", "generate"])
+def test_a_client_that_leaves_while_queued_gives_its_place_back_at_once(model, path, body):
+    """Its place in the queue is free as soon as it hangs up, not at the queue timeout (30 s
+    here): meanwhile the queue refused others with 429 for clients long gone."""
+    backend = ScriptedBackend()
+    backend.slots, backend.script = 1, [TOKEN, HANG]
+    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256, max_queued_requests=1,
+                                                                      queue_timeout_s=30.0)))
+    try:
+        held = _hold(server.url, CHAT)  # the one slot
+        _wait_for(lambda: len(backend.requests) == 1)
+        host, port = server.url.removeprefix("http://").split(":")
+        leaving = socket.create_connection((host, int(port)))
+        payload = json.dumps(body).encode()
+        leaving.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
+        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+        leaving.close()
+        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 0, timeout=5)
+        backend.script = [TOKEN, DONE]
+        waiting, answer = _queue(server.url, CHAT)  # the place is there to take, not a 429
+        held.close()
+        waiting.join()
+        assert answer[0][0] == 200 and len(backend.requests) == 2
+    finally:
+        server.stop()
+
+
 def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(served):
     server, backend = served
     # a chunk per event, endlessly: more than the server's socket buffers (at most 4 MiB) hold

@@ -56,7 +56,7 @@ async def chat_completions(request: Request) -> Response:
                                                   "structured_output": structured},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common, tools)
-    return await chat.respond(request, await chat.start(ENDPOINT, arrival), "chat.completion")
+    return await chat.answer(request, ENDPOINT, arrival, "chat.completion")
 
 
 def _logprobs(body: dict) -> int | None:

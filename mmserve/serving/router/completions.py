@@ -40,7 +40,7 @@ async def completions(request: Request) -> Response:
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs"),
                                                "structured_output": structured})
     completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common, best_of)
-    return await completion.respond(request, await completion.start(ENDPOINT, arrival), "text_completion")
+    return await completion.answer(request, ENDPOINT, arrival, "text_completion")
 
 
 def _prompt(prompt: Any) -> dict[str, Any]:

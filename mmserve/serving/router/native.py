@@ -45,7 +45,9 @@ async def generate(request: Request) -> Response:
     params = sampling_params(sampling | {"max_tokens": max_tokens},
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
-    events = await router.relay(generate_request, ENDPOINT, arrival)
+    events = await unless_disconnected(request, lambda: router.relay(generate_request, ENDPOINT, arrival))
+    if events is None:
+        return Response(status_code=499)  # it left while queued: its place in the queue is free
     answer = await unless_disconnected(request, lambda: collect(events))
     if answer is None:
         return Response(status_code=499)  # nobody is listening; the request was aborted

@@ -46,6 +46,15 @@ class OpenAIResponse(abc.ABC):
         self.common = common
         self.created = int(time.time())
 
+    async def answer(self, http: Request, endpoint: str, arrival: float, kind: str) -> Response:
+        """Admits and starts the choices, then responds (:meth:`respond`); 499 when the client left
+        while they waited in the admission queue, whose place is then free at once (it was held
+        until the queue timeout, refusing others with 429 meanwhile)."""
+        streams = await unless_disconnected(http, lambda: self.start(endpoint, arrival))
+        if streams is None:
+            return Response(status_code=499)
+        return await self.respond(http, streams, kind)
+
     async def start(self, endpoint: str, arrival: float) -> list[AsyncIterator[TokenEvent]]:
         """Admits and starts every sibling; if one is refused (``Overloaded``), those started stop."""
         started: list[AsyncIterator[TokenEvent]] = []

@@ -202,18 +202,21 @@ async def collect(events: AsyncIterator[TokenEvent]) -> Answer:
 
 
 async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
-    """``work()``'s result, or None once the client has disconnected (``work`` is then cancelled)."""
-    result = None
-    async with anyio.create_task_group() as group:
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
+    """``work()``'s result (or its exception, as it is: an ``Overloaded`` stays a 429), or None once
+    the client has disconnected (``work`` is then cancelled, and waits for its cancellation)."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-        group.start_soon(watch)
-        result = await work()
-        group.cancel_scope.cancel()
-    return result
+    task, watcher = asyncio.ensure_future(work()), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if task.cancelled() else task.result()
 
 
 def sse(data: Any) -> str:
