@@ -71,18 +71,18 @@ def test_preemption_under_a_tiny_page_budget_keeps_outputs(llm, reference):
 
 
 def test_sequences_longer_than_the_whole_cache_stop_there_and_nothing_waits_for_good(llm, reference):
-    """A cache of 11 usable pages of 8 tokens (88) under max_model_len 512: sequences asked for
-    more stop with ``length`` at 88 tokens, and requests preempted for them run afterwards (a
+    """A cache of 5 usable pages of 8 tokens (40) under max_model_len 512: sequences asked for
+    more stop with ``length`` at 40 tokens, and requests preempted for them run afterwards (a
     sequence that outgrew the cache was preempted by itself and then never fitted again: the
     engine stepped nothing, forever, with requests waiting)."""
     prompts = [{"prompt_token_ids": [int(t) for t in np.random.default_rng(n).integers(3, 800, n)]}
-               for n in (10, 14, 18)]
-    small = LLM(reference[1], num_pages=12, page_size=8, max_model_len=512, max_prefill_tokens=64,
+               for n in (10, 12, 14)]
+    small = LLM(reference[1], num_pages=6, page_size=8, max_model_len=512, max_prefill_tokens=64,
                 precompile=False)
-    got = small.generate(prompts, greedy(200))
-    assert [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in got] == [88] * 3
+    got = small.generate(prompts, greedy(100))
+    assert [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in got] == [40] * 3
     assert [o.outputs[0].finish_reason for o in got] == ["length"] * 3
-    want = llm.generate(prompts, [greedy(88 - len(p["prompt_token_ids"])) for p in prompts])
+    want = llm.generate(prompts, [greedy(40 - len(p["prompt_token_ids"])) for p in prompts])
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]  # room to spare there
     assert small.engine.stats()["preemptions"] > 0
     assert small.engine.kv.num_free_pages == small.engine.runner.num_pages - 1
