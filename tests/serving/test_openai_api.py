@@ -65,6 +65,20 @@ def test_streamed_chat_equals_offline(client, expected, name):
     assert chunks[-1].usage.prompt_tokens == len(want.prompt_token_ids)
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, expected):
+    """vLLM's ``stream_options.continuous_usage_stats``: each chunk's usage counts the tokens sent
+    up to it, and the last (choice-less) chunk the whole answer's."""
+    want = expected("text")
+    chunks = list(client.chat.completions.create(
+        model=MODEL_NAME, messages=openai_messages(CHATS["text"]), temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        stream_options={"include_usage": True}, extra_body={"stream_options": {"include_usage": True,
+                                                                                "continuous_usage_stats": True}}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == len(want.outputs[0].token_ids)
+    assert {c.usage.prompt_tokens for c in chunks} == {len(want.prompt_token_ids)}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.outputs[0].text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_is_cut_as_offline(client, expected, stream):
     full = expected("text").outputs[0].text

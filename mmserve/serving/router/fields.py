@@ -32,6 +32,9 @@ class CommonFields:
     tokens_as_ids: bool
     sampling: dict[str, Any]
     n: int = 1
+    continuous_usage: bool = False
+    """vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): every chunk carries
+    the usage so far, not only the last."""
 
 
 def json_object(body: Any) -> dict[str, Any]:
@@ -58,10 +61,12 @@ def common_fields(body: Mapping[str, Any], settings: RouterSettings) -> CommonFi
     options = body.get("stream_options", {})
     if "stream_options" in body and not stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise InvalidRequest("stream_options takes only include_usage", "stream_options")
-    return CommonFields(stream, _bool(options, "include_usage"), _bool(body, "return_tokens_as_token_ids"),
-                        {name: body[name] for name in SAMPLING_FIELDS if name in body}, n)
+    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+        raise InvalidRequest("stream_options takes only include_usage and continuous_usage_stats", "stream_options")
+    include_usage, continuous = _bool(options, "include_usage"), _bool(options, "continuous_usage_stats")
+    return CommonFields(stream, include_usage, _bool(body, "return_tokens_as_token_ids"),
+                        {name: body[name] for name in SAMPLING_FIELDS if name in body}, n,
+                        include_usage and continuous)
 
 
 def requested_int(body: Mapping[str, Any], name: str) -> int | None:

@@ -116,7 +116,7 @@ class OpenAIResponse(abc.ABC):
                 await closing.enter_async_context(aclosing(events))
             for index in range(len(streams)):
                 if (opening := self.opening_delta(index)) is not None:
-                    yield self._chunk(opening)
+                    yield self._chunk(opening, 0)
             async with aclosing(merged(streams)) as events:
                 async for index, event in events:
                     if event.error is not None:
@@ -128,13 +128,15 @@ class OpenAIResponse(abc.ABC):
                     if delta or event.logprobs or event.finish_reason is not None:
                         choice = self.delta_choice(index, event, delta, len(sent[index]))
                         if choice is not None:
-                            yield self._chunk(choice)
+                            yield self._chunk(choice, completion_tokens)
                     sent[index] = event.text
                 else:
                     if self.common.include_usage:
                         yield sse(self.envelope(self.chunk_kind, []) | {"usage": self.usage(completion_tokens)})
         yield sse("[DONE]")
 
-    def _chunk(self, choice: dict) -> str:
+    def _chunk(self, choice: dict, completion_tokens: int) -> str:
         chunk = self.envelope(self.chunk_kind, [choice])
-        return sse(chunk | {"usage": None} if self.common.include_usage else chunk)
+        if not self.common.include_usage:
+            return sse(chunk)
+        return sse(chunk | {"usage": self.usage(completion_tokens) if self.common.continuous_usage else None})
