@@ -23,9 +23,6 @@ run (or load them from the run's shared compilation cache) instead of the whole 
 which took 25-210 s per cluster on 2 cores. What these clusters test is not start-up: that every
 program is compiled before ready is tested on the engine (``tests/engine/test_compile_before_ready.py``)
 and through ``serve.py --role all`` (``test_serve_all.py``), which keep it."""
-PRECOMPILE = ["--precompile"]
-"""A worker flag for a cluster whose tests assume no compile stall, as a user's server has none (bursts
-against a short queue timeout): that worker compiles its grid before ready after all."""
 ONE_AT_A_TIME = ["--max-num-seqs", "4", "--max-prefill-seqs", "2"]
 """For a cluster asked one request at a time: fewer prefill and decode shapes (a grid of 30 instead of
 50), each compiled slowly by a role spanning several processes or devices."""
