@@ -79,7 +79,8 @@ def test_a_prefill_only_engine_computes_every_prompt_token_in_prefill_programs(r
     from mmserve.roles.prefill import PREFILL_PROGRAMS
 
     model = LLM(reference[1], precompile=False).model
-    engine = LLMEngine(model, EngineConfig(num_pages=64, page_size=8, max_model_len=256, max_num_seqs=4,
+    # the shapes of the engine above: its prefill programs load from the run's compilation cache
+    engine = LLMEngine(model, EngineConfig(num_pages=128, page_size=8, max_model_len=256, max_num_seqs=4,
                                            max_prefill_tokens=32, max_prefill_seqs=4), programs=PREFILL_PROGRAMS)
     rng = np.random.default_rng(1)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
