@@ -39,7 +39,9 @@ def trace_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(all_log, trace_file):
-    with role_all(all_log, "--trace-file", str(trace_file)) as started:
+    # 8 sequences, 2 prefilled together: a grid of fewer shapes to compile before ready (and to load
+    # again in each process the kill drills restart); the drills' 16 requests run 8 at a time
+    with role_all(all_log, "--trace-file", str(trace_file), "--max-num-seqs", "8", "--max-prefill-seqs", "2") as started:
         yield started
 
 
