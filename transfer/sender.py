@@ -102,7 +102,8 @@ class Sender:
         """Rooms given as rows that had to be written into the pool (sent in several chunks, or
         from tokens before those their receiver holds)."""
         self._ended: collections.OrderedDict[int, tuple[float, str]] = collections.OrderedDict()
-        """Forgotten rooms, oldest first: room -> (when to stop remembering it, how it ended)."""
+        """Forgotten rooms, oldest first: room -> (when to stop remembering it, how it ended, whether
+        the role had added it)."""
         self._liveness = Liveness(config.heartbeat_timeout_s)
         self._next_sweep = 0.0
         self._poller = zmq.Poller()
@@ -110,9 +111,17 @@ class Sender:
             self._poller.register(s, zmq.POLLIN)
 
     def add(self, room: int) -> None:
-        """Announces a room the role will send; it bootstraps until its receiver registers."""
-        self._ended.pop(room, None)
-        self._rooms.setdefault(room, SenderRoom(room, self.config)).claimed = True
+        """Announces a room the role will send; it bootstraps until its receiver registers. A room
+        whose receiver registered and then ended it before the role added it is FAILED, with the
+        reason: a fresh room would hold the blocks sent into it until the bootstrap timeout."""
+        ended = self._ended.pop(room, None)
+        state = self._rooms.get(room)
+        if state is None:
+            state = self._rooms[room] = SenderRoom(room, self.config)
+            if ended is not None and not ended[2]:
+                state.move(PollState.FAILED)
+                state.reason = ended[1]
+        state.claimed = True
 
     def poll(self, room: int) -> PollState:
         return self._rooms[room].state
@@ -171,8 +180,11 @@ class Sender:
         if not state.state.terminal:
             raise ValueError(f"room {room} is still {state.state.name}")
         del self._rooms[room]
+        self._remember_ended(state)
+
+    def _remember_ended(self, state: SenderRoom) -> None:
         ending = state.state.value + (f": {state.reason}" if state.reason else "")
-        self._ended[room] = (time.monotonic() + self.config.waiting_timeout_s, ending[:200])
+        self._ended[state.room] = (time.monotonic() + self.config.waiting_timeout_s, ending[:200], state.claimed)
         if len(self._ended) > MAX_ENDED_ROOMS:
             self._ended.popitem(last=False)
 
@@ -378,5 +390,6 @@ class Sender:
         log.info("room %d failed: %s", room.room, reason)
         if notify and room.peer is not None:
             self._channel.send(Abort(room.room, reason[:500]), room.peer)
-        if not room.claimed:
+        if not room.claimed:  # no role holds it to forget it: remembered for the role's add
             del self._rooms[room.room]
+            self._remember_ended(room)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import drive
-from transfer import BootstrapServer, PollState, Receiver, Sender
+from transfer import BootstrapServer, PollState, Receiver, Sender, TransferInfo, TransferMode
 from transfer_payload import EMBEDDING_FIELDS
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,3 +54,20 @@ def test_a_room_added_again_after_it_was_forgotten_is_registered_as_usual(partie
     sender.add(8)
     receiver.add(8, bootstrap.address, "prefill-0")
     drive([sender, receiver], lambda: receiver.poll(8) is PollState.WAITING_FOR_INPUT)
+
+
+def test_a_room_its_receiver_ended_before_the_role_added_it_is_failed_when_added(parties):
+    """A receiver may register before the role has added the room (the sender then holds it for
+    the role); one that aborts it then leaves the role a FAILED room with the reason when it adds
+    it, so the blocks it sends are freed at once, not held by a fresh room for the bootstrap
+    timeout."""
+    bootstrap, sender, receiver = parties
+    receiver.add(9, bootstrap.address, "prefill-0")
+    drive([sender, receiver], lambda: receiver.poll(9) is PollState.WAITING_FOR_INPUT)
+    receiver.abort(9, "the client left")
+    drive([sender, receiver], lambda: 9 not in sender._rooms)
+    sender.add(9)
+    assert sender.poll(9) is PollState.FAILED and "the client left" in sender.failure(9)
+    blocks = sender.allocator.available_blocks()
+    assert sender.send(9, sender.allocator.alloc(8), TransferInfo(TransferMode.EMBEDDING, 8)) is PollState.FAILED
+    assert sender.allocator.available_blocks() == blocks
