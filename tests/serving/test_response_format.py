@@ -16,6 +16,13 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 DONE = TokenEvent("", [11], text='{"a":1}', finish_reason="stop")
 
 
+def nested(levels: int) -> dict:
+    schema = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 @pytest.fixture(scope="module")
 def servers():
     with grammar_and_plain_servers(load_model("tiny", weights=False), 256) as up:
@@ -52,6 +59,8 @@ def test_response_format_reaches_the_backend(grammar, response_format, want):
     ({"type": "json_schema"}, "must be an object with a name and a schema"),
     ({"type": "yaml"}, "response_format.type must be"),
     ({"type": "json_object", "schema": SCHEMA}, "does not take schema"),
+    # xgrammar took seconds over this on every check, one on the engine's thread, stalling all others
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": nested(450)}}, "nested 901 levels deep"),
 ])
 def test_bad_response_format_is_a_400_before_anything_is_queued(grammar, response_format, message):
     chat, backend = grammar
