@@ -54,6 +54,17 @@ def encode(role, request_id: str, room: int) -> None:
     role.encode(EncodeJob(request_id, room, [Visual(np.array([[1, 4, 4]]), pixels(role, room))], []))
 
 
+def only_sending_then_freed(role, request_id: str) -> None:
+    """``request_id`` is the one request left, its rows waiting for prefill; aborted, it leaves
+    nothing held."""
+    stats = role.health()
+    assert stats["requests"] == {"sending": 1} and stats["queued"] == 1
+    role.abort(request_id)
+    for _ in range(3):
+        role.step()
+    assert role.health()["in_flight"] == 0 and role.health()["queued"] == 0 and role.health()["free_blocks"] == 1
+
+
 def test_rows_waiting_for_blocks_are_dropped_with_their_room_and_aborts_free_the_rest(role, prefill):
     prefill.register(1, 2)
     encode(role, "first", room=1)
@@ -118,12 +129,7 @@ def test_an_abort_while_the_vision_tower_runs_ends_only_that_request(role, monke
     encode(role, "gone", room=21)
     encode(role, "kept", room=22)
     role.step()
-    stats = role.health()
-    assert stats["requests"] == {"sending": 1} and stats["queued"] == 1  # kept's rows wait for prefill
-    role.abort("kept")
-    for _ in range(3):
-        role.step()
-    assert role.health()["in_flight"] == 0 and role.health()["queued"] == 0 and role.health()["free_blocks"] == 1
+    only_sending_then_freed(role, "kept")
 
 
 def test_a_picture_that_fails_to_decode_in_an_unforeseen_way_fails_only_its_request(role, monkeypatch):
@@ -142,9 +148,4 @@ def test_a_picture_that_fails_to_decode_in_an_unforeseen_way_fails_only_its_requ
     role.encode(EncodeJob("bug", 31, [Visual(np.array([[1, 4, 4]]), broken)], []))
     encode(role, "fine", room=32)
     role.step()
-    stats = role.health()
-    assert stats["requests"] == {"sending": 1} and stats["queued"] == 1  # fine's rows wait for prefill
-    role.abort("fine")
-    for _ in range(3):
-        role.step()
-    assert role.health()["in_flight"] == 0 and role.health()["queued"] == 0 and role.health()["free_blocks"] == 1
+    only_sending_then_freed(role, "fine")
