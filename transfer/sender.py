@@ -33,6 +33,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import zmq
@@ -52,6 +53,14 @@ from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
 log = logging.getLogger(__name__)
 MAX_ENDED_ROOMS = 16384
+
+
+class Ended(NamedTuple):
+    """How a forgotten room ended, remembered until ``until``; ``claimed``: the role had added it."""
+
+    until: float
+    ending: str
+    claimed: bool
 """Forgotten rooms remembered at once (an id, a time and at most 200 characters of reason each);
 the oldest is dropped first."""
 
@@ -101,9 +110,8 @@ class Sender:
         self.staged_rooms = 0
         """Rooms given as rows that had to be written into the pool (sent in several chunks, or
         from tokens before those their receiver holds)."""
-        self._ended: collections.OrderedDict[int, tuple[float, str]] = collections.OrderedDict()
-        """Forgotten rooms, oldest first: room -> (when to stop remembering it, how it ended, whether
-        the role had added it)."""
+        self._ended: collections.OrderedDict[int, Ended] = collections.OrderedDict()
+        """Forgotten rooms, oldest first."""
         self._liveness = Liveness(config.heartbeat_timeout_s)
         self._next_sweep = 0.0
         self._poller = zmq.Poller()
@@ -118,9 +126,9 @@ class Sender:
         state = self._rooms.get(room)
         if state is None:
             state = self._rooms[room] = SenderRoom(room, self.config)
-            if ended is not None and not ended[2]:
+            if ended is not None and not ended.claimed:
                 state.move(PollState.FAILED)
-                state.reason = ended[1]
+                state.reason = ended.ending
         state.claimed = True
 
     def poll(self, room: int) -> PollState:
@@ -184,7 +192,7 @@ class Sender:
 
     def _remember_ended(self, state: SenderRoom) -> None:
         ending = state.state.value + (f": {state.reason}" if state.reason else "")
-        self._ended[state.room] = (time.monotonic() + self.config.waiting_timeout_s, ending[:200], state.claimed)
+        self._ended[state.room] = Ended(time.monotonic() + self.config.waiting_timeout_s, ending[:200], state.claimed)
         if len(self._ended) > MAX_ENDED_ROOMS:
             self._ended.popitem(last=False)
 
@@ -205,7 +213,7 @@ class Sender:
             return
         self._next_sweep = now + SWEEP_INTERVAL_S
         self._registry.publish(self.endpoint, now)
-        while self._ended and next(iter(self._ended.values()))[0] < now:
+        while self._ended and next(iter(self._ended.values())).until < now:
             self._ended.popitem(last=False)
         for room in [r for r in self._rooms.values() if r.expired(now)]:
             self._fail(room, f"timed out while {room.state.value}")
@@ -269,7 +277,7 @@ class Sender:
                                 f"of sender {self.endpoint.name} (it restarted since)", message.room)
         if message.room in self._ended:
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} already ended "
-                                f"({self._ended[message.room][1]})", message.room)
+                                f"({self._ended[message.room].ending})", message.room)
         room = self._rooms.get(message.room)
         if room is not None and (room.peer is not None or room.state.terminal):
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} is already "
