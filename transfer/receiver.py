@@ -62,6 +62,10 @@ class Receiver:
         go with its peers, so :meth:`sockets` asks it each time."""
         self._directory = SenderDirectory(config, self._poller)
         self._controls: dict[str, Channel[ToReceiver]] = {}
+        self._data_addresses: dict[str, str] = {}
+        """Each control address's data plane address, to drop both when the sender is no longer needed."""
+        self._idle_since: dict[str, float] = {}
+        """When no live room needed each control channel any more (see :meth:`_close_idle`)."""
         self._liveness = Liveness(config.heartbeat_timeout_s)
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
@@ -308,6 +312,7 @@ class Receiver:
             self._directory.forget(room.sender)
             return
         room.endpoint = endpoint
+        self._data_addresses[endpoint.control] = endpoint.data_address
         room.posted = self._posting(room)
         self._control(endpoint.control).send(Register(
             room.room, room.mode, self.config.block_size, self.layout.fields,
@@ -383,6 +388,30 @@ class Receiver:
                 self._directory.forget(room.sender)
                 self.data_plane.forget_peer(room.endpoint.data_address)
                 self._fail(room, "sender stopped answering heartbeats", notify=False)
+        self._close_idle(needed, now)
+
+    def _close_idle(self, needed: set[str], now: float) -> None:
+        """Closes the control channel of a sender that no live room has needed for the heartbeat
+        timeout, and the data plane's connection to it. Senders come and go (each restart is a new
+        address), and a receiver that kept every channel it ever opened would poll them all for
+        good. Not at once: the next room with an idle sender would pay the connect. Dropping the
+        data plane's connection also lets go of pulls from that peer that rooms gave up on and
+        that are still pending (orphans): nobody takes their rows."""
+        live_data = {r.endpoint.data_address for r in self._rooms.values()
+                     if r.endpoint is not None and not r.state.terminal}
+        for address in list(self._controls):
+            if address in needed:
+                self._idle_since.pop(address, None)
+                continue
+            if now - self._idle_since.setdefault(address, now) <= self.config.heartbeat_timeout_s:
+                continue
+            data_address = self._data_addresses.pop(address, None)
+            if data_address is not None and data_address not in live_data:
+                self.data_plane.forget_peer(data_address)
+            del self._idle_since[address]
+            channel = self._controls.pop(address)
+            self._poller.unregister(channel.socket)
+            channel.close()
 
     def _control(self, address: str) -> Channel[ToReceiver]:
         channel = self._controls.get(address)
