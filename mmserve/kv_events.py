@@ -6,7 +6,9 @@ medium) and ``BlockRemoved`` events, msgpack-encoded (msgspec, tagged arrays), s
 socket as three frames ``[topic, sequence number (8 bytes big-endian), payload]``. A subscriber
 that sees a gap in the sequence numbers asks the replay socket (ROUTER) for everything from the
 first number it missed, by sending those 8 bytes; it gets ``[sequence, payload]`` pairs for each
-buffered batch from there on, then ``[-1, b""]``.
+buffered batch from there on, then ``[-1, b""]``. A gap the replay cannot fill (the batches left
+the buffer) is reported to the subscriber's caller (:class:`EventsLost`), whose picture of the
+worker's cache is then wrong until it starts over.
 
 Events carry token ids (prompt text, in effect), so both sockets are encrypted and authenticated
 with CurveZMQ (libzmq's own): the publisher's key pair and the one client key it accepts are
@@ -27,6 +29,7 @@ import zmq.auth.thread
 from zmq.utils import z85
 
 TOPIC = b"kv-events"
+REPLAY_SEND_TIMEOUT_MS = 5000
 END_OF_REPLAY = (-1).to_bytes(8, "big", signed=True)
 
 
@@ -48,9 +51,17 @@ class BlockRemoved(KVCacheEvent):
     medium: str | None = None
 
 
+class AllBlocksCleared(KVCacheEvent):
+    """The worker's cache is empty: published first by every publisher (a worker restarted at the
+    same endpoints starts empty), and understood from vLLM workers, which send it on a reset."""
+
+
+Event = BlockStored | BlockRemoved | AllBlocksCleared
+
+
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     ts: float
-    events: list[BlockStored | BlockRemoved]
+    events: list[Event]
     data_parallel_rank: int | None = None
 
 
@@ -89,12 +100,17 @@ class KVEventsConfig:
     --kv-events-endpoint"""
     kv_events_buffer: int = 10_000
     """event batches kept for replays"""
+    kv_events_buffer_bytes: int = 64 << 20
+    """bytes of event batches kept for replays, at most (a batch holds its pages' token ids, so
+    its size follows the prompts')"""
 
     def __post_init__(self) -> None:
         if bool(self.kv_events_endpoint) != bool(self.kv_events_replay_endpoint):
             raise ValueError("kv_events_endpoint and kv_events_replay_endpoint go together")
         if self.kv_events_buffer < 1:
             raise ValueError(f"kv_events_buffer must be >= 1, got {self.kv_events_buffer}")
+        if self.kv_events_buffer_bytes < 1:
+            raise ValueError(f"kv_events_buffer_bytes must be >= 1, got {self.kv_events_buffer_bytes}")
 
     @property
     def enabled(self) -> bool:
@@ -103,15 +119,17 @@ class KVEventsConfig:
     def publisher(self, keys: CurveKeys) -> KVEventPublisher | None:
         if not self.enabled:
             return None
-        return KVEventPublisher(self.kv_events_endpoint, self.kv_events_replay_endpoint, keys, self.kv_events_buffer)
+        return KVEventPublisher(self.kv_events_endpoint, self.kv_events_replay_endpoint, keys, self.kv_events_buffer,
+                                self.kv_events_buffer_bytes)
 
 
 class KVEventPublisher:
     """Publishes batches on ``endpoint`` and answers replays on ``replay_endpoint`` (a thread of its
     own, so a subscriber is answered whether or not the engine is stepping); keeps the last
-    ``buffer_batches`` for replays."""
+    ``buffer_batches`` for replays, within ``buffer_bytes``."""
 
-    def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys, buffer_batches: int = 10_000):
+    def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys, buffer_batches: int = 10_000,
+                 buffer_bytes: int = 64 << 20):
         self._context = zmq.Context()
         self._auth = zmq.auth.thread.ThreadAuthenticator(self._context)
         self._auth.start()
@@ -120,24 +138,40 @@ class KVEventPublisher:
         self._pub.bind(endpoint)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._replay = self._server_socket(zmq.ROUTER, keys)
+        # A ROUTER drops what passes a peer's high-water mark without a word (a replay of the
+        # whole buffer is 10x the default mark): mandatory routing makes a send wait for room
+        # instead, and fail on a subscriber that is gone or stuck (the send timeout).
+        self._replay.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._replay.setsockopt(zmq.SNDTIMEO, REPLAY_SEND_TIMEOUT_MS)
         self._replay.bind(replay_endpoint)
         self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=buffer_batches)
+        self._buffer: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._buffer_batches, self._buffer_bytes, self._buffered_bytes = buffer_batches, buffer_bytes, 0
         self._lock = threading.Lock()
         self._seq = -1
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve_replays, name="kv-events replay", daemon=True)
         self._thread.start()
+        self.publish([AllBlocksCleared()])
 
-    def publish(self, events: list[BlockStored | BlockRemoved]) -> None:
+    def publish(self, events: list[Event]) -> None:
         if not events:
             return
         payload = _encoder.encode(EventBatch(time.time(), events))
         with self._lock:
             self._seq += 1
             self._buffer.append((self._seq, payload))
+            self._buffered_bytes += len(payload)
+            while len(self._buffer) > self._buffer_batches or (
+                    self._buffered_bytes > self._buffer_bytes and len(self._buffer) > 1):
+                self._buffered_bytes -= len(self._buffer.popleft()[1])
             seq = self._seq
         self._pub.send_multipart([TOPIC, seq.to_bytes(8, "big", signed=True), payload])
+
+    def buffered(self) -> tuple[int, int]:
+        """Batches and bytes held for replays."""
+        with self._lock:
+            return len(self._buffer), self._buffered_bytes
 
     def close(self) -> None:
         self._closed.set()
@@ -166,9 +200,12 @@ class KVEventPublisher:
             first = int.from_bytes(start, "big", signed=True)
             with self._lock:
                 batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
-            for seq, payload in batches:
-                self._replay.send_multipart([identity, b"", seq.to_bytes(8, "big", signed=True), payload])
-            self._replay.send_multipart([identity, b"", END_OF_REPLAY, b""])
+            try:
+                for seq, payload in batches:
+                    self._replay.send_multipart([identity, b"", seq.to_bytes(8, "big", signed=True), payload])
+                self._replay.send_multipart([identity, b"", END_OF_REPLAY, b""])
+            except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN): it asks again
+                continue
         self._replay.close(linger=0)
 
 
@@ -183,35 +220,56 @@ class _OnlyKey:
         return key == self._allowed
 
 
+class EventsLost(Exception):
+    """Batches were lost for good (a gap the publisher's buffer no longer holds, or a publisher
+    that started over at the same endpoints): what was known of the worker's cache is wrong.
+    ``batches`` are those received after the loss, in order, to apply once that is forgotten."""
+
+    def __init__(self, reason: str, batches: list[tuple[int, EventBatch]]):
+        super().__init__(reason)
+        self.batches = batches
+
+
 class KVEventSubscriber:
     """Receives a publisher's batches in order: a gap in the sequence numbers is filled from the
     replay socket before the batch that revealed it is handed on."""
 
-    def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys):
+    def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys, replay_timeout_s: float = 2.0):
         self._context = zmq.Context()
+        self._keys = keys
         self._sub = self._client_socket(zmq.SUB, keys)
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
         self._sub.connect(endpoint)
-        self._replay = self._client_socket(zmq.DEALER, keys)
-        self._replay.connect(replay_endpoint)
+        self._replay_endpoint = replay_endpoint
+        self._replay = self._replay_socket()
+        self.replay_timeout_s = replay_timeout_s
+        """How long a replay may go quiet between two of its messages."""
         self.last_seq = -1
         self.replays = 0
 
     def receive(self, timeout_s: float) -> list[tuple[int, EventBatch]]:
-        """The next batches (with their sequence numbers), gap filled; [] after ``timeout_s``."""
+        """The next batches (with their sequence numbers), gap filled; [] after ``timeout_s``.
+        Raises EventsLost when a gap cannot be filled, TimeoutError when the replay does not
+        answer (the batch that showed the gap is asked for again with the next one)."""
         if not self._sub.poll(int(timeout_s * 1000)):
             return []
         _, seq_bytes, payload = self._sub.recv_multipart()
         seq = int.from_bytes(seq_bytes, "big", signed=True)
-        if seq <= self.last_seq:
-            return []
-        out = self.replay(self.last_seq + 1, timeout_s) if seq > self.last_seq + 1 else []
-        out = [(s, b) for s, b in out if s < seq] + [(seq, decode_batch(payload))]
+        lost = None
+        if seq <= self.last_seq:  # a PUB socket never repeats itself: a new publisher started from 0
+            lost, self.last_seq = f"the publisher started over at {seq} after {self.last_seq}", -1
+        first = self.last_seq + 1
+        out = [(s, b) for s, b in self.replay(first, self.replay_timeout_s) if first <= s < seq] if seq > first else []
+        if [s for s, _ in out] != list(range(first, seq)):
+            lost = lost or f"batches {first}..{seq - 1} left the publisher's buffer before a replay"
+        out.append((seq, decode_batch(payload)))
         self.last_seq = seq
+        if lost is not None:
+            raise EventsLost(lost, out)
         return out
 
     def replay(self, first: int, timeout_s: float) -> list[tuple[int, EventBatch]]:
-        """The publisher's buffered batches from ``first`` on."""
+        """The publisher's buffered batches from ``first`` on (each replay message within ``timeout_s``)."""
         self.replays += 1
         self._replay.send_multipart([b"", first.to_bytes(8, "big", signed=True)])
         out = []
@@ -220,7 +278,15 @@ class KVEventSubscriber:
             if seq_bytes == END_OF_REPLAY:
                 return out
             out.append((int.from_bytes(seq_bytes, "big", signed=True), decode_batch(payload)))
+        # The rest of this answer may still come: a new socket, so no later replay reads it as its own.
+        self._replay.close(linger=0)
+        self._replay = self._replay_socket()
         raise TimeoutError(f"no end of replay within {timeout_s} s")
+
+    def _replay_socket(self) -> zmq.Socket:
+        socket = self._client_socket(zmq.DEALER, self._keys)
+        socket.connect(self._replay_endpoint)
+        return socket
 
     def close(self) -> None:
         self._sub.close(linger=0)

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from mmserve.kv_events import BlockRemoved, BlockStored, CurveKeys, EventBatch, KVEventSubscriber
+from mmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, CurveKeys, EventBatch, EventsLost, KVEventSubscriber
 
 log = logging.getLogger(__name__)
 RECEIVE_TIMEOUT_S = 0.2
@@ -29,14 +29,20 @@ class PrefixIndex:
         self._blocks: dict[str, set[bytes]] = {}
         self._lock = threading.Lock()
 
-    def apply(self, worker: str, batch: EventBatch) -> None:
+    def apply(self, worker: str, batch: EventBatch, stop: threading.Event | None = None) -> None:
+        """``stop``: the feed's, checked under the lock, so a batch read before an unfollow is not
+        applied after the unfollow's ``forget``."""
         with self._lock:
+            if stop is not None and stop.is_set():
+                return
             held = self._blocks.setdefault(worker, set())
             for event in batch.events:
                 if isinstance(event, BlockStored):
                     held.update(event.block_hashes)
                 elif isinstance(event, BlockRemoved):
                     held.difference_update(event.block_hashes)
+                elif isinstance(event, AllBlocksCleared):
+                    held.clear()
 
     def forget(self, worker: str) -> None:
         with self._lock:
@@ -66,45 +72,65 @@ class KVEventFeed:
         self.index = index
         self._keys = keys
         self._following: dict[str, tuple[tuple[str, str], threading.Event]] = {}
+        self._lock = threading.Lock()
+        """Guards ``_following``: the router's loop follows, a feed's thread leaves it when it fails."""
 
     def follow(self, worker: str, endpoint: str, replay_endpoint: str) -> None:
         """Starts following ``worker`` at these endpoints (again from scratch when they changed: a
         restarted worker starts with an empty cache)."""
         endpoints = (endpoint, replay_endpoint)
-        current = self._following.get(worker)
-        if current is not None and current[0] == endpoints:
-            return
+        with self._lock:
+            current = self._following.get(worker)
+            if current is not None and current[0] == endpoints:
+                return
         self.unfollow(worker)
         stop = threading.Event()
-        self._following[worker] = (endpoints, stop)
+        with self._lock:
+            self._following[worker] = (endpoints, stop)
         threading.Thread(target=self._receive, args=(worker, endpoints, stop), name=f"kv-events {worker}",
                          daemon=True).start()
         log.info("following %s's KV events at %s", worker, endpoint)
 
     def unfollow(self, worker: str) -> None:
-        current = self._following.pop(worker, None)
+        with self._lock:
+            current = self._following.pop(worker, None)
         if current is not None:
             current[1].set()
         self.index.forget(worker)
 
+    def following(self) -> list[str]:
+        with self._lock:
+            return list(self._following)
+
     def close(self) -> None:
-        for worker in list(self._following):
+        for worker in self.following():
             self.unfollow(worker)
 
     def _receive(self, worker: str, endpoints: tuple[str, str], stop: threading.Event) -> None:
         subscriber = KVEventSubscriber(*endpoints, self._keys)
+        delivered = False
         try:
             while not stop.is_set():
                 try:
                     batches = subscriber.receive(RECEIVE_TIMEOUT_S)
-                except TimeoutError:  # the replay did not answer: go on from the batch after the gap
-                    log.warning("%s did not answer a KV event replay; its index may miss pages", worker)
+                except TimeoutError:  # the replay did not answer: the next batch asks again
+                    log.warning("%s did not answer a KV event replay; asking again with its next batch", worker)
                     continue
+                except EventsLost as lost:  # what the index knows of it is wrong: start over from here
+                    # (a router joining a worker whose buffer no longer reaches back to its start too)
+                    log.log(logging.WARNING if delivered else logging.INFO,
+                            "%s's KV events: %s; its index starts over", worker, lost)
+                    self.index.forget(worker)
+                    batches = lost.batches
                 for _, batch in batches:
-                    if stop.is_set():  # unfollowed: the index has forgotten this worker
-                        return
-                    self.index.apply(worker, batch)
+                    self.index.apply(worker, batch, stop)
+                delivered = delivered or bool(batches)
         except Exception:
-            log.exception("following %s's KV events failed", worker)
+            log.exception("following %s's KV events failed; following it again at its next heartbeat", worker)
         finally:
             subscriber.close()
+            with self._lock:  # a feed that ended by itself is followed again at the worker's next heartbeat
+                if self._following.get(worker, (None, None))[1] is stop:
+                    del self._following[worker]
+                    stop.set()
+                    self.index.forget(worker)

@@ -1,12 +1,16 @@
 """The router's pool of workers: the Registry service they register at and repeat it as a heartbeat
 carrying their capacity and load, and what the router knows of each. A worker not heard from for
-``WORKER_TIMEOUT_S`` is dropped from the pool until it registers again; one registering under a
-known name at a new address or incarnation was restarted, and replaces the old one.
+``WORKER_TIMEOUT_S`` is left out of routing until it registers again, and forgotten (its channel,
+token stream, KV event feed and index) after ``WORKER_FORGET_S``: workers come and go under new
+names (a new pod, a new pid), and a router that kept them all would hold them for good. One
+registering under a known name at a new address or incarnation was restarted, and replaces the
+old one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -25,6 +29,9 @@ from mmserve.rpc import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 WORKER_TIMEOUT_S = 5.0
+WORKER_FORGET_S = 60.0
+NAMES_REMEMBERED = 4096
+"""Names whose last address and incarnation are kept to count restarts, the most recent ones."""
 CLOSE_GRACE_S = 30.0  # longer than any call's own timeout here (abort 10 s, health 2 s)
 ROLES = ("encode", "prefill", "decode")
 
@@ -79,8 +86,9 @@ class WorkerPool(pb_grpc.RegistryServicer):
         self.restarts = 0
         """Workers that registered again under their name at a new address: restarted (by
         ``--role all``, Kubernetes or a person) after they died."""
-        self._incarnations: dict[str, tuple[str, int]] = {}
-        """Every name's last (address, incarnation), dropped workers too."""
+        self._incarnations: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+        """The last (address, incarnation) of the ``NAMES_REMEMBERED`` names registered most
+        recently, forgotten workers' too."""
         self._closing: set[asyncio.Task] = set()
 
     def _retire(self, worker: WorkerHandle) -> None:
@@ -104,6 +112,10 @@ class WorkerPool(pb_grpc.RegistryServicer):
             if known is not None and known != (request.grpc_address, request.incarnation):
                 self.restarts += 1
             self._incarnations[request.name] = (request.grpc_address, request.incarnation)
+            self._incarnations.move_to_end(request.name)
+            while len(self._incarnations) > NAMES_REMEMBERED:
+                self._incarnations.popitem(last=False)
+            self._forget_silent()
             channel = auth.async_channel(request.grpc_address, self.token, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -121,6 +133,16 @@ class WorkerPool(pb_grpc.RegistryServicer):
         if self.feed is not None and request.kv_events_endpoint:
             self.feed.follow(request.name, request.kv_events_endpoint, request.kv_events_replay_endpoint)
         return pb.Ack(ok=True)
+
+    def _forget_silent(self) -> None:
+        """Forgets the workers not heard from for ``WORKER_FORGET_S`` (each new registration looks:
+        the pool grows only by those)."""
+        now = time.monotonic()
+        for worker in [w for w in self.workers.values() if now - w.last_seen > WORKER_FORGET_S]:
+            del self.workers[worker.name]
+            self._retire(worker)
+            log.warning("%s worker %s at %s silent for %.0f s: forgotten", worker.role, worker.name, worker.address,
+                        now - worker.last_seen)
 
     async def forget(self, worker: WorkerHandle) -> None:
         """Drops a worker that cannot be reached; it is back as soon as it registers again."""

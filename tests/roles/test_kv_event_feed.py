@@ -1,0 +1,163 @@
+"""The router's KV event feeds are as reliable as the wire lets them be: a replay arrives whole
+however long, a replay that timed out does not answer the next one, a gap the worker's buffer no
+longer holds is reported (the index starts over), a feed that failed is followed again, and a
+worker silent for long is forgotten with its feed and index."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mmserve.cluster_credential import ClusterCredential
+from mmserve.kv_events import (AllBlocksCleared, BlockStored, EventsLost, KVEventPublisher, KVEventSubscriber,
+                               TOPIC)
+from mmserve.roles import worker_pool
+from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
+from mmserve.roles.routing import RoutingConfig, WorkerChooser
+from mmserve.rpc import worker_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)
+KEYS = ClusterCredential.generate().kv_event_keys
+
+
+def page(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def stored(i: int, tokens: int = 16) -> list:
+    return [BlockStored([page(i)], None, list(range(tokens)), tokens)]
+
+
+@pytest.fixture
+def publisher():
+    publisher = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", KEYS)
+    yield publisher
+    publisher.close()
+
+
+def subscribe(publisher) -> KVEventSubscriber:
+    subscriber = KVEventSubscriber(publisher.endpoint, publisher.replay_endpoint, KEYS)
+    time.sleep(0.3)  # a SUB socket misses what is published before it has joined
+    return subscriber
+
+
+def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_replay_longer_than_the_sockets_high_water_mark_arrives_whole(publisher):
+    """A ROUTER socket drops what passes a peer's high-water mark (1000 messages) without a word."""
+    for i in range(3000):
+        publisher.publish(stored(i))
+    subscriber = subscribe(publisher)
+    try:
+        publisher.publish(stored(3000))  # reveals the gap: everything before it is replayed
+        got = subscriber.receive(5.0)
+        assert [seq for seq, _ in got] == list(range(3002))  # seq 0: the publisher's AllBlocksCleared
+        assert isinstance(got[0][1].events[0], AllBlocksCleared)
+    finally:
+        subscriber.close()
+
+
+def test_a_replay_that_timed_out_does_not_answer_the_next_one(publisher):
+    for i in range(10):
+        publisher.publish(stored(i))
+    subscriber = subscribe(publisher)
+    try:
+        for _ in range(5):  # an answer within no time at all is not possible; tried a few times to be sure
+            try:
+                subscriber.replay(0, 0.0)
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("a replay never timed out")
+        time.sleep(0.3)  # the late answer has arrived by now
+        got = subscriber.replay(8, 2.0)
+        assert [seq for seq, _ in got] == [8, 9, 10]
+    finally:
+        subscriber.close()
+
+
+def test_a_gap_the_buffer_no_longer_holds_is_reported_with_what_came_after():
+    small = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", KEYS, buffer_batches=5)
+    try:
+        for i in range(20):
+            small.publish(stored(i))
+        subscriber = subscribe(small)  # a router joining a worker that has run for a while
+        small.publish(stored(20))
+        with pytest.raises(EventsLost, match="left the publisher's buffer") as lost:
+            subscriber.receive(5.0)
+        assert [seq for seq, _ in lost.value.batches] == [17, 18, 19, 20, 21]
+        small.publish(stored(21))
+        assert [seq for seq, _ in subscriber.receive(5.0)] == [22]  # in step again
+        subscriber.close()
+    finally:
+        small.close()
+
+
+def test_the_replay_buffer_is_bounded_in_bytes():
+    bounded = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", KEYS, buffer_bytes=100_000)
+    try:
+        for i in range(200):  # a long prompt's pages in each batch: ~4.5 KB
+            bounded.publish(stored(i, tokens=2048))
+        batches, size = bounded.buffered()
+        assert size <= 100_000 and 10 < batches < 200
+    finally:
+        bounded.close()
+
+
+def test_a_feed_applies_a_cleared_cache_and_is_followed_again_after_it_failed(publisher):
+    index = PrefixIndex()
+    feed = KVEventFeed(index, KEYS)
+    try:
+        feed.follow("prefill-a", publisher.endpoint, publisher.replay_endpoint)
+        time.sleep(0.3)
+        publisher.publish(stored(1) + stored(2))
+        until(lambda: index.size("prefill-a") == 2)
+        publisher.publish([AllBlocksCleared()])
+        until(lambda: index.size("prefill-a") == 0)
+        publisher.publish(stored(3))
+        until(lambda: index.size("prefill-a") == 1)
+        seq = (publisher.buffered()[0]).to_bytes(8, "big", signed=True)  # the next number, with no batch in it
+        publisher._pub.send_multipart([TOPIC, seq, b"not msgpack"])  # noqa: SLF001: a corrupt batch on the wire
+        until(lambda: feed.following() == [])
+        assert index.size("prefill-a") == 0  # what it knew stopped being kept up: forgotten
+        feed.follow("prefill-a", publisher.endpoint, publisher.replay_endpoint)  # the worker's next heartbeat
+        time.sleep(0.3)
+        publisher.publish(stored(4))
+        until(lambda: index.size("prefill-a") == 2)  # the replay brings back page 3 (stored since the clear)
+        assert index.matched_pages("prefill-a", [page(3)]) == 1
+    finally:
+        feed.close()
+
+
+def test_a_worker_silent_for_long_is_forgotten_with_its_feed_and_index(publisher):
+    index = PrefixIndex()
+    feed = KVEventFeed(index, KEYS)
+
+    async def scenario():
+        pool = worker_pool.WorkerPool("token", WorkerChooser(RoutingConfig("cache_aware"), index, None), feed)
+        gone = pb.Registration(role="prefill", name="prefill-host-1", grpc_address="127.0.0.1:9", capacity=1,
+                               incarnation=1, page_size=16, kv_events_endpoint=publisher.endpoint,
+                               kv_events_replay_endpoint=publisher.replay_endpoint)
+        assert (await pool.Register(gone, None)).ok
+        await asyncio.sleep(0.3)
+        publisher.publish(stored(1))
+        await asyncio.to_thread(until, lambda: index.size("prefill-host-1") == 1)
+        pool.workers["prefill-host-1"].last_seen -= worker_pool.WORKER_FORGET_S + 1  # a minute of silence
+        assert (await pool.Register(pb.Registration(role="prefill", name="prefill-host-2", grpc_address="127.0.0.1:10",
+                                                    capacity=1, incarnation=2), None)).ok
+        assert list(pool.workers) == ["prefill-host-2"]
+        assert feed.following() == [] and index.size("prefill-host-1") == 0
+        for task in list(pool._closing):  # noqa: SLF001: the retired channels' close, not waited for by the pool
+            task.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        feed.close()
