@@ -13,8 +13,14 @@ import pytest
 from mmserve.engine.warmup import CACHE_ENV, use_compilation_cache
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def pytest_configure(config):
-    """One compilation cache for the whole run, shared by the servers the tests start, so each
+    """The servers and peers the tests start import this checkout's code, whatever an editable
+    install points at (a clone's tests once ran another tree's servers, or none at all).
+
+    One compilation cache for the whole run, shared by the servers the tests start, so each
     program of a shape is compiled once per run, in a fresh directory (set the variable to keep
     one across runs).
 
@@ -22,6 +28,7 @@ def pytest_configure(config):
     each module (below), so an engine kept across modules, or one of the same shapes built again,
     loads its programs from there instead of compiling them again. (A half-written entry that a
     process reads while another writes it is an error jax reports as a warning, then compiles.)"""
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ.setdefault(CACHE_ENV, tempfile.mkdtemp(prefix="mmserve-jax-cache-"))
     use_compilation_cache(os.environ[CACHE_ENV])
 

@@ -2,6 +2,7 @@
 in gRPC-style metadata and the file exporter writes OpenTelemetry's span JSON, one per line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ def test_off_by_default():
             "with tracer.start_as_current_span('x') as span:\n"
             "    assert not span.is_recording()\n"
             "    assert inject() == []\n")
-    subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "/usr/bin:/bin"})
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ["PYTHONPATH"]})
 
 
 def test_a_child_in_another_process_joins_the_trace(tmp_path):
