@@ -47,7 +47,7 @@ from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import kv_fields, room_rows
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
 from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
-from mmserve.roles.role_loop import RoleLoop
+from mmserve.roles.role_loop import LoopStopped, RoleLoop
 from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.worker import PrefixCache, WorkerService
 from mmserve.rpc import worker_pb2 as pb
@@ -353,7 +353,10 @@ class DecodeService(WorkerService):
             if self._streams.get(stream.stream_id) is stream:
                 del self._streams[stream.stream_id]
         stream.close()
-        self.loop.call(self.loop.role.drop_stream, stream)
+        try:
+            self.loop.call(self.loop.role.drop_stream, stream)
+        except LoopStopped:
+            pass  # the worker is stopping: it frees everything as it closes
 
     def Decode(self, request, context):
         with self._streams_lock:

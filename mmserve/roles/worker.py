@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 REGISTER_INTERVAL_S = 1.0
 MAX_MESSAGE_BYTES = 256 * 2**20
 CONTROL_THREADS = 16
+STOP_GRACE_S = 1.0
+"""How long a stopping worker lets its open calls end by themselves before it cancels them."""
 
 
 class Role(Protocol):
@@ -175,7 +177,11 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     try:
         server.wait_for_termination()
     finally:
+        # The calls still open first (a router's token stream, a Prefill waiting for its first
+        # token), while the loop can still free what they hold: their threads would keep the
+        # interpreter from exiting (it joins them), and a supervisor would never see this one die.
         stop.set()
+        server.stop(grace=STOP_GRACE_S).wait()
         service.loop.stop()
 
 

@@ -5,6 +5,9 @@ router takes it back without anyone telling it (a restarted worker registers, a 
 is found by the live workers); every pool is back to its starting free counts.
 (``--role all``, which restarts its processes itself: test_serve_all.py.)"""
 
+import signal
+import subprocess
+
 import pytest
 
 from chaos import (DEADLINE_S, free_counts, kill_with_requests_in_flight, router_metric,
@@ -44,3 +47,18 @@ def test_a_killed_role_started_again_is_taken_back_and_nothing_stays_held(cluste
     if role != "router":  # a new router starts its counters from zero
         assert router_metric(cluster.url, "mmserve_backend_worker_restarts") == restarts + 1
     assert max(took) < DEADLINE_S, f"requests outlived their deadline: {sorted(took)}"
+
+
+def test_an_interrupted_worker_exits_though_its_calls_are_open(cluster, llm):
+    """Ctrl-C (SIGINT) on decode, which holds the router's token stream open: the worker
+    exits, and started again it is taken back. (Its open calls' threads kept the interpreter from
+    exiting, for good: a supervisor never saw it die, and the role was lost.)"""
+    wait_until_it_answers(cluster.url, llm, "before")  # the router's token stream is open from its first request
+    decode = cluster.processes["decode"]
+    decode.send_signal(signal.SIGINT)
+    try:
+        decode.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("an interrupted decode worker is still running 30 s later")
+    cluster.start_worker("decode")
+    wait_until_it_answers(cluster.url, llm, "decode was interrupted and started again")
