@@ -65,15 +65,25 @@ class Supervisor:
         """Notices children that exited and starts those whose backoff has passed."""
         for child in self.children.values():
             if child.restart_at is None and child.process is not None and child.process.poll() is not None:
-                quick = now - child.started_at < STABLE_S
-                child.quick_deaths = child.quick_deaths + 1 if quick else 1
-                backoff = min(FIRST_BACKOFF_S * 2 ** (child.quick_deaths - 1), MAX_BACKOFF_S)
-                child.restart_at = now + backoff
+                backoff = self._back_off(child, now, quick=now - child.started_at < STABLE_S)
                 log.warning("%s exited with status %s; starting it again in %.0f s", child.name,
                             child.process.returncode, backoff)
             if child.restart_at is not None and now >= child.restart_at and not self._stopping:
                 child.restarts += 1
-                self._spawn(child, now)
+                try:
+                    self._spawn(child, now)
+                except OSError as error:  # no fork (memory, pids), the executable gone: the others serve on
+                    backoff = self._back_off(child, now, quick=True)
+                    log.error("%s could not be started again (%s); trying again in %.0f s", child.name, error,
+                              backoff)
+
+    @staticmethod
+    def _back_off(child: Child, now: float, quick: bool) -> float:
+        """Schedules the child's next start, later the more often it died (or failed to start) quickly."""
+        child.quick_deaths = child.quick_deaths + 1 if quick else 1
+        backoff = min(FIRST_BACKOFF_S * 2 ** (child.quick_deaths - 1), MAX_BACKOFF_S)
+        child.restart_at = now + backoff
+        return backoff
 
     def run(self) -> None:
         """Supervises until ``stop`` (from a signal handler)."""

@@ -48,3 +48,33 @@ def test_without_the_variable_nothing_changes():
     child = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in ENV.items() if k != PARENT_ENV},
                            capture_output=True, text=True, timeout=60)
     assert (child.returncode, child.stdout) == (0, "served\n")
+
+
+def test_a_child_that_cannot_be_started_again_is_tried_later_and_the_others_serve_on(tmp_path):
+    """Starting a child again can fail (no fork under memory pressure, its executable replaced):
+    the supervisor tries again after a backoff instead of raising, which stopped every child."""
+    import time
+
+    from mmserve.roles.supervisor import Supervisor
+
+    flaky = tmp_path / "flaky"
+    flaky.write_text("#!/bin/sh\nexit 3\n")
+    flaky.chmod(0o755)
+    supervisor = Supervisor({"steady": [sys.executable, "-c", "import time; time.sleep(60)"],
+                             "flaky": [str(flaky)]}, ENV).start()
+    try:
+        steady, first = supervisor.children["steady"].process, supervisor.children["flaky"].process
+        first.wait(timeout=10)
+        flaky.unlink()  # every start from now on fails
+        start = time.monotonic()
+        for offset in (0.0, 1.5, 4.0):  # its first restart is due 1 s after it exits, the next 2 s later
+            supervisor.check(start + offset)
+        assert steady.poll() is None
+        child = supervisor.children["flaky"]
+        assert child.process is first and child.restarts == 2 and child.restart_at > start + 4.0
+        flaky.write_text("#!/bin/sh\nsleep 60\n")
+        flaky.chmod(0o755)
+        supervisor.check(child.restart_at)
+        assert child.process is not first and child.process.poll() is None
+    finally:
+        supervisor.stop()
