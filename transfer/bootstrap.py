@@ -36,6 +36,7 @@ class BootstrapServer:
         self._channel: Channel[RegistryRequest] = Channel(socket, Codec(RegistryRequest, config.max_message_bytes),
                                                           config.key)
         self._entries: dict[str, tuple[SenderEndpoint, float]] = {}
+        self._next_prune = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -57,14 +58,24 @@ class BootstrapServer:
         if isinstance(message, ProtocolError):
             raise message
         if isinstance(message, Publish):
-            expiry = time.monotonic() + self.config.heartbeat_timeout_s
-            self._entries[message.endpoint.name] = (message.endpoint, expiry)
+            now = time.monotonic()
+            self._entries[message.endpoint.name] = (message.endpoint, now + self.config.heartbeat_timeout_s)
+            self._prune(now)
             return Published(message.endpoint.name)
         if isinstance(message, Withdraw):
             self._entries.pop(message.name, None)
             return Published(message.name)
         endpoint = self.endpoints().get(message.name)
         return NotFound(message.name) if endpoint is None else Found(endpoint)
+
+    def _prune(self, now: float) -> None:
+        """Drops expired leases, once per heartbeat interval: a sender killed without a Withdraw
+        leaves its entry, and senders come back under new names (a new pod, a new pid)."""
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.config.heartbeat_interval_s
+        for name in [name for name, (_, expiry) in self._entries.items() if expiry <= now]:
+            del self._entries[name]
 
     def start(self) -> BootstrapServer:
         """Serves on a daemon thread (the socket is used by that thread only from now on)."""

@@ -8,7 +8,9 @@ pod keeps its name) is found at its new address by the next room, not after a fa
 
 The directory also remembers which incarnation of each sender the registry stopped naming (its
 lease ran out: the process died; or another incarnation replaced it), so a room opened with that
-incarnation fails at once instead of waiting, unanswered, for the bootstrap timeout.
+incarnation fails at once instead of waiting, unanswered, for the bootstrap timeout. What it
+knows of a sender no room has asked about for the waiting timeout is dropped (:meth:`prune`):
+senders come back under new names, and a receiver would otherwise keep every name it ever met.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class SenderDirectory:
         """The incarnation the registry last stopped naming, per sender (one per name: bounded)."""
         self._answers: dict[SenderKey, int] = {}
         """How many answers about each sender have come back, so a room can wait for a newer one."""
+        self._asked: dict[SenderKey, float] = {}
+        """When a room last asked about each sender."""
+        self._next_prune = 0.0
 
     def watch(self, registry: str) -> None:
         if registry not in self._registries:
@@ -54,6 +59,7 @@ class SenderDirectory:
     def find(self, key: SenderKey, now: float) -> SenderEndpoint | None:
         """The sender's endpoint if a recent answer gave it; otherwise asks (at most every
         LOOKUP_RETRY_S) and returns None."""
+        self._asked[key] = now
         endpoint, fresh_until = self._endpoints.get(key, (None, 0.0))
         if now < fresh_until:
             return endpoint
@@ -85,6 +91,7 @@ class SenderDirectory:
 
     def gone(self, key: SenderKey, incarnation: int | None) -> bool:
         """Whether the registry stopped naming that incarnation of the sender since it named it."""
+        self._asked[key] = time.monotonic()
         return incarnation is not None and self._gone.get(key) == incarnation
 
     def answers(self, key: SenderKey) -> int:
@@ -95,6 +102,18 @@ class SenderDirectory:
         """Drops a sender found dead, so the next room looks it up again."""
         self._endpoints.pop(key, None)
         self._next_lookup.pop(key, None)
+
+    def prune(self, now: float) -> None:
+        """Forgets the senders no room has asked about for ``waiting_timeout_s`` (looks once per
+        heartbeat interval)."""
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.config.heartbeat_interval_s
+        records = (self._endpoints, self._next_lookup, self._seen, self._gone, self._answers)
+        for key in {key for record in records for key in record}:
+            if now - self._asked.setdefault(key, now) > self.config.waiting_timeout_s:
+                for record in (*records, self._asked):
+                    record.pop(key, None)
 
     def close(self) -> None:
         for registry in self._registries.values():

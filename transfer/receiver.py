@@ -166,6 +166,7 @@ class Receiver:
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL_S
             self._heartbeat(now)
+            self._directory.prune(now)
             for room in [r for r in self._rooms.values() if r.expired(now)]:
                 self._fail(room, f"timed out while {room.state.value}")
 

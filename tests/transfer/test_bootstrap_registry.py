@@ -63,6 +63,20 @@ def test_lease_expires_unless_renewed(server, registry_config):
     publisher.close()
 
 
+def test_expired_leases_are_dropped_not_only_hidden(server, registry_config):
+    """Senders killed without a Withdraw, under names never used again (a new pod, a new pid):
+    each left its entry in the registry for good."""
+    publisher = RegistryClient(server.address, registry_config)
+    for i in range(200):
+        publisher.publish(msgspec.structs.replace(ENDPOINT, name=f"encode-{i}"), float(i))  # each its own lease
+    drive([], lambda: len(server.endpoints()) == 200)
+    time.sleep(registry_config.heartbeat_timeout_s + 0.1)  # every lease runs out
+    publisher.publish(msgspec.structs.replace(ENDPOINT, name="encode-new"), 1000.0)
+    drive([], lambda: "encode-new" in server.endpoints())
+    assert len(server._entries) == 1  # noqa: SLF001: what it holds, not only what it answers
+    publisher.close()
+
+
 @pytest.mark.parametrize("key", ["guess", ""])
 def test_a_client_without_the_key_can_neither_publish_nor_look_up(server, registry_config, key):
     """Signed with another key, or not at all: refused, nothing registered, nothing learnt."""

@@ -88,3 +88,19 @@ def test_a_sender_a_live_room_needs_is_kept_however_quiet_the_room(quick):
         assert receiver.take(1).num_tokens == 12
     finally:
         sender.close()
+
+
+def test_a_receiver_forgets_sender_names_no_room_has_asked_about_for_the_waiting_timeout(quick):
+    """Senders come back under new names (a new pod, a new pid): what the receiver's directory
+    knew of each name it ever met stayed for good."""
+    config, bootstrap, receiver = quick
+    receiver.config = config = dataclasses.replace(config, waiting_timeout_s=1.0)
+    receiver._directory.config = config  # noqa: SLF001: a short memory for this test
+    for room in range(1, 4):
+        sender = Sender(config, KV_FIELDS, f"prefill-pid{room}", bootstrap.address)
+        receive_one(config, bootstrap, receiver, sender, room)
+        sender.close()
+    directory = receiver._directory  # noqa: SLF001: what it holds, not what it answers
+    assert len(directory._answers) == 3  # noqa: SLF001
+    run_for([receiver], config.waiting_timeout_s + 1.5)
+    assert not (directory._answers or directory._seen or directory._endpoints or directory._asked)  # noqa: SLF001
