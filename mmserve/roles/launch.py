@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a worker's transfer bootstrap registry, tcp://HOST:PORT (the router's --bootstrap-port)")
     group.add_argument("--registry-port", type=int, default=50051,
                        help="router: gRPC port where workers register")
+    group.add_argument("--registry-host", default=None,
+                       help="router: address the worker registry listens on (default: --host)")
     group.add_argument("--bootstrap-port", type=int, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
     group.add_argument("--workers", type=worker_counts, default="encode=1,prefill=1,decode=1", metavar="ROLE=N,...",
@@ -241,7 +243,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     app = build_app(backend, frontend, settings, on_shutdown=feed.close)
 
     async def main() -> None:
-        registry = await serve_registry(pool, args.host, args.registry_port)
+        registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port)
         try:
             await serve_http(app, backend, args.host, args.port, args.log_level)
         finally:
@@ -262,22 +264,17 @@ def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:
         len(prompt.token_ids) // page_size, lambda start, end: prompt.token_ids[start:end])
 
 
-def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
-    """The router and the workers (``--workers``; one per role by default), as child processes on
-    loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
-    stops them all."""
-    from mmserve.roles.supervisor import Supervisor
-
-    configure_logging("all", args.log_level)
-    registry_port, bootstrap_port = _free_port(), _free_port()
-    # --role all makes one secret for this run (a file given to it is not passed down) and hands
-    # it to the children in their environment, never their argv.
+def all_commands(args: argparse.Namespace, argv: list[str], registry_port: int,
+                 bootstrap_port: int) -> dict[str, list[str]]:
+    """``--role all``'s child processes, by name: the router and the workers. Only the router's
+    HTTP port listens where ``--host`` says; the registries, the workers and their KV events stay
+    on loopback. The secret is not among the flags: the children get it in their environment."""
     base = [sys.executable, os.path.abspath(sys.argv[0]),
             *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
     worker = base + ["--router-url", f"127.0.0.1:{registry_port}", "--bootstrap",
-                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0"]
+                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0", "--host", "127.0.0.1"]
     commands = {"router": base + ["--role", "router", "--registry-port", str(registry_port),
-                                  "--bootstrap-port", str(bootstrap_port)]}
+                                  "--registry-host", "127.0.0.1", "--bootstrap-port", str(bootstrap_port)]}
     workers = worker_names(args.workers)
     commands |= {name: worker + ["--role", role, "--name", name] for role, name in workers}
     # Prefill and decode publish KV events (loopback, any free port, CurveZMQ keys from this run's
@@ -287,6 +284,17 @@ def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
     for role, name in workers:
         if role in ("prefill", "decode"):
             commands[name] += events
+    return commands
+
+
+def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
+    """The router and the workers (``--workers``; one per role by default), as child processes on
+    loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
+    stops them all."""
+    from mmserve.roles.supervisor import Supervisor
+
+    configure_logging("all", args.log_level)
+    commands = all_commands(args, argv, _free_port(), _free_port())
     env = os.environ | ClusterCredential.generate().environment()
     env.pop(SECRET_FILE_ENV, None)
     supervisor = Supervisor(commands, env).start()

@@ -20,3 +20,20 @@ def test_a_count_that_is_not_a_worker_role_and_a_positive_number_is_refused(valu
     with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["--workers", value])
     assert refused.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_role_all_puts_only_the_routers_http_port_where_host_says():
+    """``--role all --host 0.0.0.0``: the registry and every worker's gRPC port listened on every
+    interface too (token-checked, but not meant to be reachable)."""
+    from mmserve.roles.launch import all_commands
+
+    argv = ["--role", "all", "--host", "0.0.0.0", "--port", "8000", "--workers", "prefill=2"]
+    commands = all_commands(build_parser().parse_args(argv), argv, 50001, 50002)
+    parsed = {name: build_parser().parse_args(command[2:]) for name, command in commands.items()}
+    assert parsed["router"].role == "router"
+    assert (parsed["router"].host, parsed["router"].port) == ("0.0.0.0", 8000)
+    assert parsed["router"].registry_host == "127.0.0.1"
+    workers = {name: args for name, args in parsed.items() if name != "router"}
+    assert sorted(workers) == ["decode", "encode", "prefill-0", "prefill-1"]
+    assert {args.host for args in workers.values()} == {"127.0.0.1"}
+    assert {args.router_url for args in workers.values()} == {"127.0.0.1:50001"}
