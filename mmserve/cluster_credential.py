@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from mmserve.kv_events import CurveKeys
+from mmserve.curve import CurveKeys
 
 SECRET_ENV = "MMSERVE_CLUSTER_SECRET"
 SECRET_FILE_ENV = "MMSERVE_CLUSTER_SECRET_FILE"
@@ -57,6 +57,11 @@ class ClusterCredential:
         """The CurveZMQ key pairs of the KV event sockets (publisher, and the one subscriber key it
         admits)."""
         return CurveKeys.derive(self.key("kv-events-publisher"), self.key("kv-events-subscriber"))
+
+    @property
+    def lockstep_keys(self) -> CurveKeys:
+        """The CurveZMQ key pairs of a multi-host role's lockstep channel (leader, followers)."""
+        return CurveKeys.derive(self.key("lockstep-leader"), self.key("lockstep-follower"))
 
     @property
     def transfer_key(self) -> str:

@@ -25,8 +25,8 @@ import time
 
 import msgspec
 import zmq
-import zmq.auth.thread
-from zmq.utils import z85
+
+from mmserve.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
 
 TOPIC = b"kv-events"
 REPLAY_SEND_TIMEOUT_MS = 5000
@@ -74,22 +74,6 @@ def decode_batch(payload: bytes) -> EventBatch:
 
 
 @dataclasses.dataclass(frozen=True)
-class CurveKeys:
-    """The publisher's key pair and the one subscriber key pair it accepts (z85), from a 32-byte
-    seed per side."""
-
-    server_public: bytes
-    server_secret: bytes
-    client_public: bytes
-    client_secret: bytes
-
-    @classmethod
-    def derive(cls, server_seed: bytes, client_seed: bytes) -> CurveKeys:
-        server_secret, client_secret = z85.encode(server_seed[:32]), z85.encode(client_seed[:32])
-        return cls(zmq.curve_public(server_secret), server_secret, zmq.curve_public(client_secret), client_secret)
-
-
-@dataclasses.dataclass(frozen=True)
 class KVEventsConfig:
     """Where a worker publishes its KV events; off unless both endpoints are given."""
 
@@ -131,9 +115,7 @@ class KVEventPublisher:
     def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys, buffer_batches: int = 10_000,
                  buffer_bytes: int = 64 << 20):
         self._context = zmq.Context()
-        self._auth = zmq.auth.thread.ThreadAuthenticator(self._context)
-        self._auth.start()
-        self._auth.configure_curve_callback("*", credentials_provider=_OnlyKey(keys.client_public))
+        self._auth = admit_only_the_client(self._context, keys)
         self._pub = self._server_socket(zmq.PUB, keys)
         self._pub.bind(endpoint)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -181,11 +163,7 @@ class KVEventPublisher:
         self._context.term()
 
     def _server_socket(self, kind: int, keys: CurveKeys) -> zmq.Socket:
-        socket = self._context.socket(kind)
-        socket.curve_server = True
-        socket.curve_secretkey = keys.server_secret
-        socket.curve_publickey = keys.server_public
-        return socket
+        return curve_server(self._context.socket(kind), keys)
 
     def _serve_replays(self) -> None:
         poller = zmq.Poller()
@@ -207,17 +185,6 @@ class KVEventPublisher:
             except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN): it asks again
                 continue
         self._replay.close(linger=0)
-
-
-class _OnlyKey:
-    """ZAP: admits only the subscriber key derived from the cluster secret."""
-
-    def __init__(self, allowed: bytes):
-        self._allowed = allowed
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """``key``: the subscriber's public key, z85-encoded."""
-        return key == self._allowed
 
 
 class EventsLost(Exception):
@@ -294,9 +261,5 @@ class KVEventSubscriber:
         self._context.term()
 
     def _client_socket(self, kind: int, keys: CurveKeys) -> zmq.Socket:
-        socket = self._context.socket(kind)
-        socket.curve_serverkey = keys.server_public
-        socket.curve_publickey = keys.client_public
-        socket.curve_secretkey = keys.client_secret
-        return socket
+        return curve_client(self._context.socket(kind), keys)
 

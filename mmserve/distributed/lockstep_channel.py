@@ -5,18 +5,25 @@ The followers learn the leader's endpoint from JAX itself (``broadcast_one_to_al
 and the leader waits until every follower has said hello, so no call is published into the void.
 Each follower's routing id is its process index: the leader takes hellos from those ids only, and
 a follower that reconnects keeps its id. ROUTER_MANDATORY makes a vanished follower an error on
-the leader instead of a silent drop. Like jax.distributed's own coordinator, the channel trusts
-the network between a role's hosts (a pod group's network).
+the leader instead of a silent drop.
+
+The calls carry requests' token ids and pictures, so the channel is CurveZMQ, with keys from the
+cluster secret (:mod:`mmserve.curve`): only a process holding it can say hello, and nobody else
+reads the calls (anyone on the network could otherwise take a follower's place, and the calls).
+The leader listens on the host it advertises when that is an address, else on every interface.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 import jax.numpy as jnp
 import msgspec
 import numpy as np
 import zmq
+
+from mmserve.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
 
 HELLO = b"hello"
 STOP = b"stop"
@@ -66,13 +73,14 @@ def _from_wire(value):
 
 
 class LeaderChannel:
-    def __init__(self, advertise_host: str, num_followers: int, context: zmq.Context | None = None):
-        self._context = context or zmq.Context.instance()
-        self._socket = self._context.socket(zmq.ROUTER)
+    def __init__(self, advertise_host: str, num_followers: int, keys: CurveKeys):
+        self._context = zmq.Context()  # its own: the ZAP handler answers for every socket of a context
+        self._auth = admit_only_the_client(self._context, keys)
+        self._socket = curve_server(self._context.socket(zmq.ROUTER), keys)
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._socket.setsockopt(zmq.LINGER, 5000)
-        port = self._socket.bind_to_random_port("tcp://*")
+        port = self._socket.bind_to_random_port(f"tcp://{_bind_host(advertise_host)}")
         self.endpoint = f"tcp://{advertise_host}:{port}"
         self._expected = {routing_id(i) for i in range(1, num_followers + 1)}
         self._followers: list[bytes] = []
@@ -113,11 +121,23 @@ class LeaderChannel:
             except zmq.ZMQError:
                 pass
         self._socket.close()
+        self._auth.stop()
+        self._context.term()
+
+
+def _bind_host(advertise_host: str) -> str:
+    """The advertised host when it is an address of this machine's (loopback, an IP); else every
+    interface (a name such as a Kubernetes service's, which a socket cannot bind)."""
+    try:
+        ipaddress.ip_address(advertise_host)
+    except ValueError:
+        return "127.0.0.1" if advertise_host == "localhost" else "*"
+    return advertise_host
 
 
 class FollowerChannel:
-    def __init__(self, endpoint: str, process_index: int, context: zmq.Context | None = None):
-        self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+    def __init__(self, endpoint: str, process_index: int, keys: CurveKeys):
+        self._socket = curve_client(zmq.Context.instance().socket(zmq.DEALER), keys)
         self._socket.setsockopt(zmq.ROUTING_ID, routing_id(process_index))
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -140,27 +160,31 @@ def routing_id(process_index: int) -> bytes:
     return f"follower-{process_index}".encode()
 
 
-def open_channel(advertise_host: str) -> LeaderChannel | FollowerChannel | None:
+def open_channel(advertise_host: str, keys: CurveKeys | None) -> LeaderChannel | FollowerChannel | None:
     """Collective over all processes of the role (call it at the same point on each): the leader
     binds, every process learns its endpoint (``advertise_host``: how the others reach process 0),
-    followers connect. None with one process."""
+    followers connect. ``keys``: the cluster's (``ClusterCredential.lockstep_keys``). None with
+    one process."""
     import jax
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return None
+    if keys is None:
+        raise ValueError("a role spanning several processes needs the cluster's lockstep keys")
     leader = None
     endpoint = np.zeros(ENDPOINT_BYTES, np.uint8)
     if jax.process_index() == 0:
-        leader = LeaderChannel(advertise_host, jax.process_count() - 1)
+        leader = LeaderChannel(advertise_host, jax.process_count() - 1, keys)
         raw = leader.endpoint.encode()
         endpoint[:len(raw)] = np.frombuffer(raw, np.uint8)
-    endpoint = bytes(multihost_utils.broadcast_one_to_all(endpoint)).rstrip(b"\0").decode()
-    if leader is not None:
-        try:
+    try:
+        endpoint = bytes(multihost_utils.broadcast_one_to_all(endpoint)).rstrip(b"\0").decode()
+        if leader is not None:
             leader.wait_for_followers()
-        except BaseException:
+            return leader
+    except BaseException:
+        if leader is not None:
             leader.close()
-            raise
-        return leader
-    return FollowerChannel(endpoint, jax.process_index())
+        raise
+    return FollowerChannel(endpoint, jax.process_index(), keys)

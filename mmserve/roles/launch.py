@@ -102,7 +102,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         return 2
     transfer = transfer_config(args, credential.transfer_key)
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
-    lockstep, layout = join_role(args)
+    lockstep, layout = join_role(args, credential)
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, layout)
         if not lockstep.is_leader:
@@ -163,17 +163,26 @@ def _amount(n: int) -> str:
     return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
-def join_role(args: argparse.Namespace):
+def join_role(args: argparse.Namespace, credential: ClusterCredential | None = None):
     """(Lockstep, MeshLayout or None) of this process's role: joins the role's other processes
     (``--coordinator-address``/``--num-processes``/``--process-id`` or the environment) into one
-    JAX runtime and opens the leader's channel to them. Call before anything else uses JAX."""
+    JAX runtime and opens the leader's channel to them, keyed by the cluster's ``credential``
+    (loaded here when not given and the role spans processes). Call before anything else uses JAX."""
+    import jax
+
     from mmserve.distributed.lockstep import Lockstep
     from mmserve.distributed.lockstep_channel import open_channel
     from mmserve.distributed.multihost import cluster_from_args, initialize, leader_host
 
     cluster = cluster_from_args(args)
     initialize(cluster)
-    lockstep = Lockstep(open_channel(leader_host(cluster)))
+    keys = None
+    if jax.process_count() > 1:
+        credential = credential or cluster_credential(args)
+        if credential is None:
+            raise SystemExit(2)
+        keys = credential.lockstep_keys
+    lockstep = Lockstep(open_channel(leader_host(cluster), keys))
     layout = mesh_layout(args)
     if lockstep.spans_processes:
         if layout is None:

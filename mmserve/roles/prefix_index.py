@@ -16,7 +16,8 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from mmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, CurveKeys, EventBatch, EventsLost, KVEventSubscriber
+from mmserve.curve import CurveKeys
+from mmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, EventsLost, KVEventSubscriber
 
 log = logging.getLogger(__name__)
 RECEIVE_TIMEOUT_S = 0.2

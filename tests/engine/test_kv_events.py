@@ -12,7 +12,8 @@ from mmserve import LLM, SamplingParams
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.kv_rows import KVRows
-from mmserve.kv_events import BlockRemoved, BlockStored, CurveKeys, KVEventPublisher, KVEventSubscriber
+from mmserve.curve import CurveKeys
+from mmserve.kv_events import BlockRemoved, BlockStored, KVEventPublisher, KVEventSubscriber
 
 PAGE = 8
 KEYS = CurveKeys.derive(os.urandom(32), os.urandom(32))

@@ -9,9 +9,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zmq
 
+from mmserve.cluster_credential import ClusterCredential
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel, decode_call, encode_call
+
+KEYS = ClusterCredential.generate().lockstep_keys
 
 
 class Recorder:
@@ -46,8 +50,8 @@ def test_calls_round_trip_every_dtype_shape_and_none():
 
 @pytest.fixture
 def pair():
-    leader_channel = LeaderChannel("127.0.0.1", 1)
-    follower = Lockstep(FollowerChannel(leader_channel.endpoint, 1))
+    leader_channel = LeaderChannel("127.0.0.1", 1, KEYS)
+    follower = Lockstep(FollowerChannel(leader_channel.endpoint, 1, KEYS))
     leader_channel.wait_for_followers(timeout_s=10)
     leader = Lockstep(leader_channel)
     mine, theirs = Recorder(), Recorder(delay=0.5)
@@ -94,15 +98,15 @@ def test_call_and_wait_returns_once_the_slower_follower_has_finished(pair):
 
 
 def test_leader_gives_up_on_followers_that_never_come():
-    channel = LeaderChannel("127.0.0.1", 1)
+    channel = LeaderChannel("127.0.0.1", 1, KEYS)
     with pytest.raises(TimeoutError, match="0 of 1 followers"):
         channel.wait_for_followers(timeout_s=1)
     channel.close()
 
 
 def test_a_follower_cannot_call_and_a_leader_cannot_follow():
-    channel = LeaderChannel("127.0.0.1", 0)
-    follower = Lockstep(FollowerChannel(channel.endpoint, 1))
+    channel = LeaderChannel("127.0.0.1", 0, KEYS)
+    follower = Lockstep(FollowerChannel(channel.endpoint, 1, KEYS))
     theirs = Recorder()
     follower.bind("r", theirs)
     with pytest.raises(RuntimeError):
@@ -119,3 +123,30 @@ def test_only_methods_of_bound_targets_can_be_called():
     assert lockstep.call(bound.add, a=np.ones(2), b=np.ones(2), scale=2)[0] == 3
     with pytest.raises(ValueError, match="not a method of a target bound"):
         lockstep.call(stranger.add, a=np.ones(2), b=None, scale=2)
+
+
+def test_a_process_without_the_cluster_secret_can_neither_join_nor_read_the_calls():
+    """Anyone reaching the leader's port could say hello as a follower's routing id, take its
+    place, and receive every call (requests' token ids and pictures)."""
+    channel = LeaderChannel("127.0.0.1", 1, KEYS)
+    impostor = FollowerChannel(channel.endpoint, 1, ClusterCredential.generate().lockstep_keys)
+    try:
+        with pytest.raises(TimeoutError, match="0 of 1 followers"):
+            channel.wait_for_followers(timeout_s=2)
+        follower = FollowerChannel(channel.endpoint, 1, KEYS)
+        channel.wait_for_followers(timeout_s=10)
+        channel.publish(encode_call("r", "add", {"n": 1}))
+        assert decode_call(follower.receive())[2] == {"n": 1}
+        assert impostor._socket.poll(500) == 0  # noqa: SLF001: nothing reached it
+        follower.close()
+    finally:
+        impostor.close()
+        channel.close()
+
+
+def test_the_leader_listens_on_the_address_it_advertises():
+    channel = LeaderChannel("127.0.0.1", 0, KEYS)
+    try:
+        assert channel._socket.getsockopt_string(zmq.LAST_ENDPOINT).startswith("tcp://127.0.0.1:")  # noqa: SLF001
+    finally:
+        channel.close()
