@@ -8,6 +8,12 @@ request to this API sends its headers in one packet. The same timer covers the r
 the app has already answered (a 413 before the body was read), which uvicorn would otherwise read
 and discard for as long as the client sends.
 
+It also bounds how long a client may leave written data unread: a connection whose unsent bytes
+have not shrunk for ``WRITE_STALL_S`` is aborted. uvicorn writes a whole response into the
+transport and its keep-alive timer (like ours) closes gracefully, which waits for that data to
+leave, so a client that never read held its connection and the response's memory for good (an
+8 MB completion, or hundreds of pipelined requests' answers, per connection).
+
 Passed to uvicorn as ``Config(http=HeaderTimeoutProtocol)``: a subclass, through uvicorn's own
 hook for protocol classes.
 """
@@ -20,17 +26,22 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 10.0
+WRITE_STALL_S = 30.0
+"""As the router's ``stream_stall_timeout_s`` by default: the same patience with a client that stops reading."""
 
 
 class HeaderTimeoutProtocol(H11Protocol):
     header_timeout_s = HEADER_TIMEOUT_S
     """Seconds the client has; a subclass (``with_timeout``) sets another."""
+    write_stall_s = WRITE_STALL_S
 
     _header_timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
+    _unsent = 0
 
     @classmethod
-    def with_timeout(cls, seconds: float) -> type[HeaderTimeoutProtocol]:
-        return type(cls.__name__, (cls,), {"header_timeout_s": seconds})
+    def with_timeout(cls, seconds: float, write_stall_s: float = WRITE_STALL_S) -> type[HeaderTimeoutProtocol]:
+        return type(cls.__name__, (cls,), {"header_timeout_s": seconds, "write_stall_s": write_stall_s})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -45,10 +56,31 @@ class HeaderTimeoutProtocol(H11Protocol):
         super().on_response_complete()
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._arm()  # the next request's headers, or the rest of a body already answered
+        self._watch_writes()  # what the response left unsent must leave
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
+
+    def _watch_writes(self) -> None:
+        if self._write_timer is None and self.transport.get_write_buffer_size() > 0:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.write_stall_s, self._check_writes)
+
+    def _check_writes(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and unsent >= self._unsent:  # the client took nothing for write_stall_s
+            self.transport.abort()
+        else:
+            self._watch_writes()
 
     def _arm(self) -> None:
         self._disarm()

@@ -22,7 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from mmserve.serving.backend import Backend
-from mmserve.serving.header_timeout import HEADER_TIMEOUT_S, HeaderTimeoutProtocol
+from mmserve.serving.header_timeout import HEADER_TIMEOUT_S, WRITE_STALL_S, HeaderTimeoutProtocol
 
 log = logging.getLogger("mmserve")
 T = TypeVar("T")
@@ -43,10 +43,10 @@ class HealthPollFilter(logging.Filter):
         return not (isinstance(args, tuple) and len(args) == 5 and str(args[2]).split("?")[0] == HEALTH_PATH)
 
 
-def uvicorn_config(app: Starlette, host: str, port: int, log_level: str,
-                   header_timeout_s: float = HEADER_TIMEOUT_S) -> uvicorn.Config:
+def uvicorn_config(app: Starlette, host: str, port: int, log_level: str, header_timeout_s: float = HEADER_TIMEOUT_S,
+                   write_stall_s: float = WRITE_STALL_S) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                          http=HeaderTimeoutProtocol.with_timeout(header_timeout_s),
+                          http=HeaderTimeoutProtocol.with_timeout(header_timeout_s, write_stall_s),
                           h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=KEEP_ALIVE_S,
                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 

@@ -11,7 +11,7 @@ import time
 import uvicorn
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent
-from mmserve.serving.header_timeout import HEADER_TIMEOUT_S
+from mmserve.serving.header_timeout import HEADER_TIMEOUT_S, WRITE_STALL_S
 from mmserve.serving.http_server import uvicorn_config
 from server_process import free_port
 
@@ -66,10 +66,11 @@ class ScriptedBackend:
 class ThreadedServer:
     """uvicorn serving ``app`` from a background thread of the test process."""
 
-    def __init__(self, app, header_timeout_s: float = HEADER_TIMEOUT_S):
+    def __init__(self, app, header_timeout_s: float = HEADER_TIMEOUT_S, write_stall_s: float = WRITE_STALL_S):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, "warning", header_timeout_s))
+        self._server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, "warning", header_timeout_s,
+                                                     write_stall_s))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30

@@ -96,3 +96,35 @@ def test_once_the_headers_are_in_a_slow_body_and_the_next_request_are_not_cut(se
         time.sleep(TIMEOUT_S / 2)  # kept alive; the next request's headers come in time
         sock.sendall(HEAD % len(CHAT) + CHAT)
         assert _answer(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off():
+    """uvicorn writes a whole answer into the transport, and its keep-alive timer (like ours) closes
+    gracefully, waiting for that data to leave: a client that never read held the connection and
+    the answer's memory for good. Now what it has not taken for the write stall timeout is dropped."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    body = b"x" * (20 << 20)
+    app = Starlette(routes=[Route("/big", lambda request: Response(body))])
+    server = ThreadedServer(app, header_timeout_s=TIMEOUT_S, write_stall_s=1.0)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(4)  # reads nothing
+        received, start = 0, time.monotonic()
+        sock.settimeout(10)
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        sock.close()
+        assert received < len(body), "the whole answer waited for a client that did not read"
+        assert time.monotonic() - start < 5
+    finally:
+        server.stop()
