@@ -24,6 +24,13 @@ ANY_OBJECT_SCHEMA = '{"type":"object"}'
 # stalling every other request. Deeper schemas are refused (a 400) before xgrammar sees them.
 MAX_JSON_DEPTH = 64
 
+# A counted repetition in a regular expression ("pattern", "patternProperties") is unrolled by
+# xgrammar, at a cost growing with the square of the count: `a{1000}` ~0.07 s, `a{3000}` 0.5 s,
+# `a{20000}` 32 s, on every check (the router's, then the engine's), with nothing to stop it. The
+# counts of a schema's patterns together are bounded instead (a 400 past it); `*`, `+` and `?` cost
+# nothing of the kind and are not counted.
+MAX_PATTERN_REPEATS = 2000
+
 
 @dataclasses.dataclass(frozen=True)
 class StructuredOutput:
@@ -69,12 +76,46 @@ def _check(spec: StructuredOutput) -> None:
         raise ValueError(f"invalid {kind}: nested {depth} levels deep, more than this server accepts "
                          f"({MAX_JSON_DEPTH})")
     try:
+        repeats = sum(pattern_repeats(pattern) for pattern in _patterns(json.loads(text)))
+    except json.JSONDecodeError:
+        repeats = 0  # not JSON: xgrammar says so below
+    if repeats > MAX_PATTERN_REPEATS:
+        raise ValueError(f"invalid {kind}: its patterns' counted repetitions ({{n}}, {{n,m}}) add up to {repeats}, "
+                         f"more than this server accepts ({MAX_PATTERN_REPEATS})")
+    try:
         if spec.json_schema:
             xgrammar.Grammar.from_json_schema(spec.json_schema, **GRAMMAR_OPTIONS)
         else:
             xgrammar.Grammar.from_structural_tag(spec.structural_tag)
     except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"invalid {kind}: {first_line(error)}") from None
+
+
+_ESCAPE = re.compile(r"\\.")
+_CHARACTER_CLASS = re.compile(r"\[\]?[^\]]*\]")
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def pattern_repeats(pattern: str) -> int:
+    """The counts of a regular expression's counted repetitions, added up (``{n,m}`` counts m,
+    ``{n,}`` n); escaped braces and braces in character classes are not repetitions."""
+    text = _CHARACTER_CLASS.sub("c", _ESCAPE.sub("e", pattern))
+    return sum(int(high) if high else int(low) for low, high in _REPEAT.findall(text))
+
+
+def _patterns(node: Any):
+    """Every regular expression in a schema (or a structural tag's schemas): "pattern" values and
+    "patternProperties" keys, at any depth (no deeper than MAX_JSON_DEPTH, checked first)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                yield value
+            elif key == "patternProperties" and isinstance(value, dict):
+                yield from value
+            yield from _patterns(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _patterns(item)
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

@@ -61,6 +61,12 @@ def test_response_format_reaches_the_backend(grammar, response_format, want):
     ({"type": "json_object", "schema": SCHEMA}, "does not take schema"),
     # xgrammar took seconds over this on every check, one on the engine's thread, stalling all others
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": nested(450)}}, "nested 901 levels deep"),
+    # and 25 s over a pattern repeating 12,000 times (the check's cost grows with the count's square)
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "b{12000}"}}},
+     "counted repetitions .* add up to 12000"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,300}"} for i in range(10)}}}},
+     "add up to 3000"),
 ])
 def test_bad_response_format_is_a_400_before_anything_is_queued(grammar, response_format, message):
     chat, backend = grammar
@@ -68,6 +74,15 @@ def test_bad_response_format_is_a_400_before_anything_is_queued(grammar, respons
         chat.chat.completions.create(response_format=response_format, **CHAT)
     assert error.value.body["param"] == "response_format"
     assert backend.requests == []
+
+
+def test_patterns_within_the_repetition_bound_are_taken(grammar):
+    chat, backend = grammar
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": r"^[A-Z]{3}-\d{4}\{x\}$"}},
+              "patternProperties": {"^x{2}$": {"type": "integer"}}}
+    chat.chat.completions.create(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+                                 **CHAT)
+    assert [r.params.structured_output for r in backend.requests] == [StructuredOutput.from_schema(schema)]
 
 
 def test_guided_json_extra_is_a_schema_too(grammar):
