@@ -304,6 +304,6 @@ def _apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
     mass_before = jnp.concatenate([jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, axis=-1)[:, :-1]],
                                   axis=-1)
     in_top_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    kept = jnp.sum(in_top_k & in_top_p, axis=-1)
+    kept = jnp.maximum(jnp.sum(in_top_k & in_top_p, axis=-1), 1)  # a top_p float32 rounds to 0 keeps one
     threshold = jnp.take_along_axis(descending, kept[:, None] - 1, axis=-1)
     return jnp.where(logits < threshold, -jnp.inf, logits)

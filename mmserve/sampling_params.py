@@ -15,6 +15,8 @@ from mmserve.structured_output.spec import StructuredOutput
 
 # Top-k logprobs are computed for a static count on device; a request may ask for at most this many.
 MAX_LOGPROBS = 20
+MIN_REPETITION_PENALTY = 1e-6
+"""Below it a positive logit divided by the penalty can pass float32's range: inf, then NaN."""
 
 # Every new token is checked against each stop string and token id on the engine's thread: a request
 # naming a million of them slowed every other request 100-fold. (OpenAI's API takes 4 stop strings;
@@ -96,8 +98,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
-        if not 0.0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} and finite, "
+                             f"got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -61,6 +61,10 @@ def test_greedy_rows_stay_argmax_beside_sampled_rows(random_logits):
     (dict(min_p=0.15), {0, 1, 2}),
     (dict(top_k=3, top_p=0.95), {0, 1, 2}),  # 0.95 of the top three's renormalized mass
     (dict(top_k=2, min_p=0.5), {0, 1}),
+    # a top_p that float32 rounds to 0 (or below the first token's mass) keeps the first token:
+    # it kept nothing, and "nothing" wrapped around to the whole vocabulary
+    (dict(top_p=1e-46), {0}),
+    (dict(top_p=1e-30), {0}),
 ])
 def test_truncation_never_emits_a_masked_token(params, allowed):
     requests = [SamplingParams(seed=seed, **params) for seed in range(BATCH)]
