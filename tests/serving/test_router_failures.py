@@ -79,14 +79,31 @@ def test_a_request_the_backend_refuses_is_a_400_with_the_reason(url, backend, pa
     assert answer["error"]["type"] == "invalid_request_error"
 
 
-def test_a_refused_stream_ends_with_an_invalid_request_error(url, backend):
-    backend.script = [REFUSED]
+def _stream(url: str, body: dict) -> tuple[int, str]:
     connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
-    connection.request("POST", "/v1/chat/completions", json.dumps(CHAT | {"stream": True}),
+    connection.request("POST", "/v1/chat/completions", json.dumps(body | {"stream": True}),
                        {"Content-Type": "application/json"})
-    events = [line[len("data: "):] for line in connection.getresponse().read().decode().splitlines() if line]
+    response = connection.getresponse()
+    return response.status, response.read().decode()
+
+
+def test_a_stream_refused_before_its_first_token_is_a_400_with_the_reason(url, backend):
+    """Not a 200 whose stream carries the error (a picture that does not decode is found out by the
+    backend, after the door's checks): the status says it, as for a whole answer and in vLLM."""
+    backend.script = [REFUSED]
+    status, body = _stream(url, CHAT)
+    error = json.loads(body)["error"]
+    assert status == 400
+    assert (error["type"], error["message"]) == ("invalid_request_error", REFUSED.error)
+
+
+def test_a_stream_that_fails_after_its_first_token_ends_with_an_error_event(url, backend):
+    backend.script = [TOKEN, LOST]
+    status, body = _stream(url, CHAT)
+    events = [line[len("data: "):] for line in body.splitlines() if line]
     error = json.loads(events[-2])["error"]
-    assert (error["type"], error["code"], error["message"]) == ("invalid_request_error", 400, REFUSED.error)
+    assert status == 200 and events[-1] == "[DONE]"
+    assert (error["type"], error["code"], error["message"]) == ("server_error", 500, "decode worker lost")
 
 
 def test_a_stream_that_ends_unfinished_is_an_error(client, backend):

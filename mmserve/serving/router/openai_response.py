@@ -95,9 +95,22 @@ class OpenAIResponse(abc.ABC):
     async def respond(self, http: Request, streams: list[AsyncIterator[TokenEvent]], kind: str) -> Response:
         """The stream when asked for; otherwise the whole answer (an object of ``kind``) once every
         choice finished, 499 when the client left (every choice was aborted), or the first
-        backend error."""
+        backend error.
+
+        A stream starts once every choice has its first event, so that a request the backend
+        refuses before any token (a picture that does not decode, a prompt no worker holds) is
+        answered with its real status, as a whole answer is, not a 200 carrying an error event."""
         if self.common.stream:
-            return StreamingResponse(self.stream(streams), media_type="text/event-stream")
+            firsts = await unless_disconnected(http, lambda: asyncio.gather(*(anext(s, None) for s in streams)))
+            refusal = None if firsts is None else next((e for e in firsts if e is not None and e.error), None)
+            if firsts is None or refusal is not None:
+                for events in streams:
+                    await events.aclose()
+                if firsts is None:
+                    return Response(status_code=499)
+                return backend_error_response(refusal.error, refusal.invalid)
+            resumed = [_after(first, events) for first, events in zip(firsts, streams)]
+            return StreamingResponse(self.stream(resumed), media_type="text/event-stream")
         answers = await unless_disconnected(http, lambda: asyncio.gather(*(collect(s) for s in streams)))
         if answers is None:
             return Response(status_code=499)
@@ -140,3 +153,12 @@ class OpenAIResponse(abc.ABC):
         if not self.common.include_usage:
             return sse(chunk)
         return sse(chunk | {"usage": self.usage(completion_tokens) if self.common.continuous_usage else None})
+
+
+async def _after(first: TokenEvent | None, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    """``first`` (already taken from ``events``), then the rest of ``events``; closing it closes them."""
+    async with aclosing(events):
+        if first is not None:
+            yield first
+            async for event in events:
+                yield event
