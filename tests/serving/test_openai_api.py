@@ -79,6 +79,15 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, expe
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.outputs[0].text
 
 
+def test_a_null_stream_option_is_left_out_as_a_null_field_is(client, expected):
+    """``include_usage: null`` was a 400 where a null top-level field means "absent" (vLLM takes both)."""
+    chunks = list(client.chat.completions.create(
+        model=MODEL_NAME, messages=openai_messages(CHATS["text"]), temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        extra_body={"stream_options": {"include_usage": None}, "user": None}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected("text").outputs[0].text
+    assert all(c.usage is None for c in chunks)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_is_cut_as_offline(client, expected, stream):
     full = expected("text").outputs[0].text

@@ -46,6 +46,7 @@ async def chat_completions(request: Request) -> Response:
         structured = tools.grammar
     logprobs = _logprobs(body)
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    requested_int(body, "max_tokens")  # checked when max_completion_tokens, which wins, is sent too
     requested = requested_int(body, limit_name)
     prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.media_reader(),
                                                tools.definitions if tools else None),

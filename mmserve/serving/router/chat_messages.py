@@ -52,6 +52,9 @@ def _message(message: Any, param: str, media: dict[str, list], reader: MediaRead
     role = message.get("role")
     if not isinstance(role, str) or role not in ROLES:
         raise InvalidRequest(f"role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise InvalidRequest(f"{key} must be a string, got {message[key]!r}", f"{param}.{key}")
     content = message.get("content")
     if content is None and role != "assistant":
         raise InvalidRequest("content is required", f"{param}.content")

@@ -54,6 +54,8 @@ def common_fields(body: Mapping[str, Any], settings: RouterSettings) -> CommonFi
     if model != settings.model_name:
         raise InvalidRequest(f"The model {model!r} does not exist; this server serves {settings.model_name!r}",
                              "model", "model_not_found")
+    if "user" in body and not isinstance(body["user"], str):
+        raise InvalidRequest(f"user must be a string, got {body['user']!r}", "user")
     n = body.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise InvalidRequest(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
@@ -88,7 +90,10 @@ def sampling_params(fields: Mapping[str, Any], param_names: Mapping[str, str] | 
 
 
 def _bool(body: Mapping[str, Any], name: str) -> bool:
-    value = body.get(name, False)
+    """``name``'s value; absent and null are false (a null inside an object too, as at the top level)."""
+    value = body.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise InvalidRequest(f"{name} must be a boolean, got {value!r}", name)
     return value
