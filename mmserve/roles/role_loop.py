@@ -33,6 +33,9 @@ from transfer.wake_pipe import WakePipe
 log = logging.getLogger(__name__)
 PUMP_INTERVAL_S = 0.002
 IDLE_WAIT_S = 0.05
+FAILED_STEP_BACKOFF_S = 0.01
+MAX_FAILED_STEP_BACKOFF_S = 1.0
+"""A step that failed is tried again after 10 ms, doubling while it keeps failing, at most 1 s."""
 """The longest an idle loop sleeps with no event: how late deadlines, transfer timeouts, heartbeats
 (1 s apart by default) and registry lookups (retried every 50 ms) may be looked at."""
 
@@ -98,6 +101,7 @@ class RoleLoop:
             self._stop.wait(PUMP_INTERVAL_S)
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             while True:
                 try:
@@ -115,9 +119,14 @@ class RoleLoop:
                 limit_s = min(self.role.wait_limit_s(), IDLE_WAIT_S)
                 if limit_s > 0 and self._inbox.empty():
                     self._wait(limit_s)
+                failures = 0
             except Exception:
                 self._stepping = False
-                log.exception("%s step failed", self.role.role)
+                failures += 1
+                log.exception("%s step failed%s", self.role.role, f" ({failures} in a row)" if failures > 1 else "")
+                # Not at once again: a step failing for good (a device lost) would spin a core
+                # and flood the log. Calls and the pump go on meanwhile.
+                self._stop.wait(min(FAILED_STEP_BACKOFF_S * 2 ** (failures - 1), MAX_FAILED_STEP_BACKOFF_S))
         with self._calls:
             self._closed = True
         while not self._inbox.empty():

@@ -177,3 +177,21 @@ def test_a_call_to_a_stopped_loop_is_refused_instead_of_waiting_forever():
     loop.stop()
     with pytest.raises(role_loop.LoopStopped):
         loop.call(lambda: "never")
+
+
+class FailingRole(SocketRole):
+    def step(self) -> None:
+        super().step()
+        raise RuntimeError("the device is gone")
+
+
+def test_a_step_that_keeps_failing_is_tried_less_and_less_often_and_calls_are_still_answered():
+    """It was tried again at once, for good: a core spun and the log grew by ~80,000 tracebacks a second."""
+    role = FailingRole()
+    loop = RoleLoop(role).start()
+    try:
+        time.sleep(1.0)
+        assert loop.call(lambda: "answered") == "answered"
+        assert 3 <= role.steps <= 12  # 10 ms, then doubling: ~7 tries in the first second
+    finally:
+        loop.stop()
