@@ -189,3 +189,15 @@ def test_a_grid_other_than_the_routers_is_a_clear_error():
     with pytest.raises(ValueError, match="header gave") as raised:
         with_pixels(wrong, tiny_processor())
     assert not isinstance(raised.value, RequestRejected)  # the server's inconsistency, not the client's
+
+
+def test_a_local_path_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    """A FIFO in the allowed directory blocked the router's read until someone wrote to it."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    local = MediaReader(RouterSettings(MODEL_NAME, 1 << 20, allowed_local_media_path=tmp_path), tiny_processor())
+    started = time.monotonic()
+    with pytest.raises(InvalidRequest, match="not a regular file"):
+        local.from_url(f"file://{tmp_path / 'pipe.png'}", "messages[0].content[0]")
+    assert time.monotonic() - started < 1

@@ -6,6 +6,7 @@ scripted backend, which shows what reached it."""
 import http.server
 import io
 import threading
+import time
 
 import pytest
 
@@ -35,6 +36,14 @@ class Pictures(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "http://" + self.path.removeprefix("/redirect-to/"))
             self.end_headers()
+        elif self.path == "/trickle.png":  # a byte every 0.2 s: each read is quick, the whole never ends
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PICTURE)))
+            self.end_headers()
+            for byte in PICTURE:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
         elif self.path in FILES:
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -94,3 +103,17 @@ def test_what_is_not_fetched_is_a_400_naming_the_field(served, pictures, path, r
     assert status == 400 and reason in body["error"]["message"], body
     assert body["error"]["param"].startswith("messages[0].content[0]")
     assert len(backend.requests) == seen
+
+
+def test_a_host_trickling_its_answer_is_given_up_on_at_the_fetch_timeout(pictures):
+    backend = ScriptedBackend()
+    settings = RouterSettings("tiny", 512, allowed_media_domains="127.0.0.1", media_fetch_timeout_s=1.0)
+    server = ThreadedServer(build_app(backend, load_model("tiny", weights=False), settings))
+    try:
+        started = time.monotonic()
+        status, body = request("POST", f"{server.url}/v1/chat/completions", chat(f"http://{pictures}/trickle.png"))
+        assert status == 400 and "took longer than 1.0 s" in body["error"]["message"], body
+        assert time.monotonic() - started < 3
+        assert backend.requests == []
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import stat
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -109,10 +110,14 @@ class MediaReader:
             raise InvalidRequest(f"the {kind} path is outside the allowed directory {str(allowed_dir)!r}", param)
         self._count(kind, param)
         try:
-            if resolved.stat().st_size > self.settings.max_body_bytes:
+            if not stat.S_ISREG(resolved.stat().st_mode):  # a FIFO or a device would block or never end
+                raise InvalidRequest(f"the {kind} path is not a regular file", param)
+            with resolved.open("rb") as file:
+                raw = file.read(self.settings.max_body_bytes + 1)
+            if len(raw) > self.settings.max_body_bytes:
                 raise InvalidRequest(f"the {kind} file is larger than a request body may be "
                                      f"({self.settings.max_body_bytes} bytes; see --max-body-bytes)", param)
-            return resolved.read_bytes()
+            return raw
         except OSError as error:
             raise InvalidRequest(f"cannot read the {kind} file: {error.strerror}", param) from None
 

@@ -4,13 +4,15 @@ A server that fetches whatever URL a client names can be made to reach anything 
 (its cloud's metadata service, internal APIs: server-side request forgery), so nothing is fetched
 unless ``--allowed-media-domains`` names the host, exactly as the URL spells it; a redirect is
 followed only to an allowed host too. A fetch is bounded like a body: at most ``--max-body-bytes``
-(read no further), within ``--media-fetch-timeout`` seconds for connecting and for each read. Any
-failure is a 400 naming the field. The prompt is built in a worker thread, so a blocking fetch
+(read no further), within ``--media-fetch-timeout`` seconds in all (as vLLM's image fetch timeout;
+checked after each read, and each read may wait that long: a host trickling a byte every few
+seconds held a prompt's thread for as long as it liked). Any failure is a 400 naming the field. The prompt is built in a worker thread, so a blocking fetch
 holds that thread, not the event loop.
 """
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from urllib.parse import urlparse
@@ -32,14 +34,18 @@ def fetch_media(url: str, settings: RouterSettings, kind: str, param: str) -> by
     opener = urllib.request.build_opener(_AllowedRedirects(hosts, kind, param))
     request = urllib.request.Request(url, headers={"User-Agent": "mmserve"})
     limit = settings.max_body_bytes
+    deadline = time.monotonic() + settings.media_fetch_timeout_s
     try:
         with opener.open(request, timeout=settings.media_fetch_timeout_s) as reply:
             data = bytearray()
-            while chunk := reply.read(min(CHUNK_BYTES, limit + 1 - len(data))):
+            while chunk := reply.read1(min(CHUNK_BYTES, limit + 1 - len(data))):  # what has come, not a full chunk
                 data += chunk
                 if len(data) > limit:
                     raise InvalidRequest(f"the {kind} at {url} is larger than a request body may be ({limit} bytes; "
                                          "see --max-body-bytes)", param)
+                if time.monotonic() > deadline:
+                    raise InvalidRequest(f"fetching the {kind} at {url} took longer than {settings.media_fetch_timeout_s} "
+                                         "s (see --media-fetch-timeout)", param)
             return bytes(data)
     except urllib.error.HTTPError as error:
         raise InvalidRequest(f"fetching the {kind} at {url} failed: HTTP {error.code}", param) from None

@@ -31,7 +31,7 @@ class RouterSettings:
     one of them too); none: URLs are refused, since a client must not make the server reach arbitrary
     hosts"""
     media_fetch_timeout_s: float = 10.0
-    """seconds a fetch of an allowed http(s) image or video may take to connect, and to each read"""
+    """seconds a fetch of an allowed http(s) image or video may take in all"""
     max_body_bytes: int = 32 * MIB
     """largest request body; a larger one gets a 413, a chunked one as soon as it passes the limit"""
     request_read_timeout: float = 30.0
