@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 
@@ -20,3 +21,14 @@ def base_model(base_reference):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def optimised_as_served():
+    """The model's tests compile as a server does (the rest of the suite compiles with XLA's
+    optimisations off, for time: tests/conftest.py), so its parity with transformers is the
+    served programs'."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
