@@ -184,11 +184,13 @@ def join_role(args: argparse.Namespace, credential: ClusterCredential | None = N
         keys = credential.lockstep_keys
     lockstep = Lockstep(open_channel(leader_host(cluster), keys))
     layout = mesh_layout(args)
-    if lockstep.spans_processes:
-        if layout is None:
-            raise SystemExit("serve.py: a role spanning several processes needs --mesh over all their devices")
-        # SIGTERM ends the leader through its finally blocks, which tell the followers to stop.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if lockstep.spans_processes and layout is None:
+        raise SystemExit("serve.py: a role spanning several processes needs --mesh over all their devices")
+    # SIGTERM (Kubernetes stopping a pod, --role all stopping its children) ends the process through
+    # its finally blocks, as Ctrl-C does: a worker ends its calls, fails its transfer rooms with a
+    # word to their peers and withdraws from the bootstrap registry (instead of leaving them to
+    # time out), a leader tells its followers to stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     return lockstep, layout
 
 

@@ -7,6 +7,7 @@ is found by the live workers); every pool is back to its starting free counts.
 
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -62,3 +63,39 @@ def test_an_interrupted_worker_exits_though_its_calls_are_open(cluster, llm):
         pytest.fail("an interrupted decode worker is still running 30 s later")
     cluster.start_worker("decode")
     wait_until_it_answers(cluster.url, llm, "decode was interrupted and started again")
+
+
+def test_a_worker_given_sigterm_stops_cleanly_and_leaves_the_registry_at_once(cluster, llm):
+    """Kubernetes stops a pod with SIGTERM: the worker ends as on Ctrl-C (exit status 0), its sender
+    withdrawn from the bootstrap registry at once (it died on the signal, and receivers learnt of
+    it only when its lease ran out)."""
+    from mmserve.cluster_credential import SECRET_ENV, ClusterCredential
+    from transfer import TransferConfig
+    from transfer.bootstrap import RegistryClient
+    from transfer.messages import Found
+
+    from cluster import TRANSFER_ENV
+
+    wait_until_it_answers(cluster.url, llm, "before")
+    key = ClusterCredential(TRANSFER_ENV[SECRET_ENV].encode()).transfer_key
+    registry = RegistryClient(f"tcp://127.0.0.1:{cluster.bootstrap_port}", TransferConfig(secret=key))
+
+    def named() -> bool:
+        registry.lookup("prefill")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for answer in registry.replies():
+                return isinstance(answer, Found)
+            time.sleep(0.02)
+        raise TimeoutError("the registry did not answer")
+
+    try:
+        assert named()
+        prefill = cluster.processes["prefill"]
+        prefill.send_signal(signal.SIGTERM)
+        assert prefill.wait(timeout=30) == 0
+        assert not named(), "the stopped prefill is still in the registry"  # its lease had seconds left
+    finally:
+        registry.close()
+    cluster.start_worker("prefill")
+    wait_until_it_answers(cluster.url, llm, "prefill was stopped and started again")
