@@ -24,7 +24,9 @@ def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, text_of
     return {
         "tokens": tokens,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text_of(t): lp for t, lp in _ranked(e.top)} for e in entries],
+        # the sampled token too, as OpenAI's legacy completions and vLLM give it (up to k + 1 entries)
+        "top_logprobs": [{text_of(t): lp for t, lp in _ranked(e.top)} | {text_of(e.token_id): e.logprob}
+                         for e in entries],
         "text_offset": offsets,
     }
 

@@ -35,7 +35,8 @@ class RouterMetrics:
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "requests by endpoint and outcome "
                                 "(finished, rejected, overloaded, error, aborted, cut, timeout)", ["endpoint", "outcome"], registry=r)
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "prompt tokens of admitted requests", registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "prompt tokens of requests prefilled (counted "
+                                     "with their first token)", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -46,8 +46,9 @@ async def generate(request: Request) -> Response:
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
     events = await unless_disconnected(request, lambda: router.relay(generate_request, ENDPOINT, arrival))
-    if events is None:
-        return Response(status_code=499)  # it left while queued: its place in the queue is free
+    if events is None:  # it left while queued: its place in the queue is free
+        router.metrics.requests.labels(ENDPOINT, "aborted").inc()
+        return Response(status_code=499)
     answer = await unless_disconnected(request, lambda: collect(events))
     if answer is None:
         return Response(status_code=499)  # nobody is listening; the request was aborted

@@ -52,6 +52,7 @@ class OpenAIResponse(abc.ABC):
         until the queue timeout, refusing others with 429 meanwhile)."""
         streams = await unless_disconnected(http, lambda: self.start(endpoint, arrival))
         if streams is None:
+            self.router.metrics.requests.labels(endpoint, "aborted").inc(self.candidates)
             return Response(status_code=499)
         return await self.respond(http, streams, kind)
 
@@ -89,7 +90,8 @@ class OpenAIResponse(abc.ABC):
 
     @abc.abstractmethod
     def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict | None:
-        """The choice ``index`` of one stream chunk carrying ``delta``, the new text of ``event``;
+        """The choice ``index`` of one stream chunk carrying ``delta``, the new text of ``event`` (its first
+        logprob token starting at ``text_offset`` in the choice's tokens' text);
         None when there is nothing to send yet (chat holding back what may be a tool call)."""
 
     async def respond(self, http: Request, streams: list[AsyncIterator[TokenEvent]], kind: str) -> Response:
@@ -123,7 +125,10 @@ class OpenAIResponse(abc.ABC):
         return JSONResponse(self.envelope(kind, choices) | {"usage": usage})
 
     async def stream(self, streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[str]:
-        sent, completion_tokens = [""] * len(streams), 0
+        """Each choice's chunks; ``offsets`` are where each choice's next logprob token starts in its
+        tokens' text, as in the whole answer (the text shown so far can lag behind it, held back
+        for a stop string or an unfinished character); ``counts`` its tokens so far."""
+        sent, offsets, counts, completion_tokens = [""] * len(streams), [0] * len(streams), [0] * len(streams), 0
         async with AsyncExitStack() as closing:
             for events in streams:
                 await closing.enter_async_context(aclosing(events))
@@ -137,11 +142,13 @@ class OpenAIResponse(abc.ABC):
                         yield sse(error_body(event.error, kind, None, code))
                         break
                     completion_tokens += len(event.token_ids)
+                    counts[index] += len(event.token_ids)
                     delta = event.text[len(sent[index]):]
                     if delta or event.logprobs or event.finish_reason is not None:
-                        choice = self.delta_choice(index, event, delta, len(sent[index]))
+                        choice = self.delta_choice(index, event, delta, offsets[index])
                         if choice is not None:
-                            yield self._chunk(choice, completion_tokens)
+                            yield self._chunk(choice, counts[index])
+                    offsets[index] += sum(len(self.token_text(e.token_id)) for e in event.logprobs or ())
                     sent[index] = event.text
                 else:
                     if self.common.include_usage:
@@ -149,6 +156,7 @@ class OpenAIResponse(abc.ABC):
         yield sse("[DONE]")
 
     def _chunk(self, choice: dict, completion_tokens: int) -> str:
+        """``completion_tokens``: the choice's own so far (vLLM's continuous usage stats)."""
         chunk = self.envelope(self.chunk_kind, [choice])
         if not self.common.include_usage:
             return sse(chunk)

@@ -79,7 +79,6 @@ class Relay:
         self._read = False
         """The client has started reading: only from then on may a full buffer cut the request."""
         metrics.in_flight.inc()
-        metrics.prompt_tokens.inc(len(request.prompt.token_ids))
         # the request's trace: its context rides on the pump task into the backend's calls
         self._span = tracer.start_span(f"router {endpoint}", kind=trace.SpanKind.SERVER, attributes={
             "mmserve.request_id": request.request_id, "mmserve.prompt_tokens": len(request.prompt.token_ids),
@@ -122,9 +121,12 @@ class Relay:
                     async for event in events:
                         if last_token_at is None and event.token_ids:
                             self._span.add_event("first token")
+                            self._metrics.prompt_tokens.inc(len(self._request.prompt.token_ids))  # prefilled
                         last_token_at = _time_tokens(self._metrics, event, self._arrival, last_token_at)
                         if event.error is not None or event.finish_reason is not None:
-                            outcome = "error" if event.error is not None else "finished"
+                            # a refusal of the request as given is the client's (a 400), not an error
+                            outcome = ("rejected" if event.invalid else "error") if event.error is not None \
+                                else "finished"
                             if outcome == "finished":
                                 self._metrics.e2e.observe(time.monotonic() - self._arrival)
                             self._put(event)
