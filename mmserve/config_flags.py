@@ -100,3 +100,15 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
                 or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535 (a larger one wrapped around to
+    another port, silently)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
+    return port

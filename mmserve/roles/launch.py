@@ -12,6 +12,7 @@ loopback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -21,7 +22,7 @@ import sys
 import time
 
 from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, MissingCredential
-from mmserve.config_flags import add_config_flags, config_from_args
+from mmserve.config_flags import add_config_flags, config_from_args, tcp_port
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
 from mmserve.kv_events import KVEventsConfig
@@ -30,6 +31,7 @@ from transfer.config import ENV as TRANSFER_ENV
 from transfer.config import SECRET_FIELDS, TransferConfig
 
 log = logging.getLogger("mmserve")
+STARTUP_FAILURE = 3  # uvicorn's status when the server did not start; --role all's when a process cannot start
 WORKER_ROLES = ("encode", "prefill", "decode")
 
 
@@ -39,11 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a worker registers at the router's worker registry, HOST:PORT (its --registry-port)")
     group.add_argument("--bootstrap", default=None,
                        help="a worker's transfer bootstrap registry, tcp://HOST:PORT (the router's --bootstrap-port)")
-    group.add_argument("--registry-port", type=int, default=50051,
+    group.add_argument("--registry-port", type=tcp_port, default=50051,
                        help="router: gRPC port where workers register")
     group.add_argument("--registry-host", default=None,
                        help="router: address the worker registry listens on (default: --host)")
-    group.add_argument("--bootstrap-port", type=int, default=5557,
+    group.add_argument("--bootstrap-port", type=tcp_port, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
     group.add_argument("--workers", type=worker_counts, default="encode=1,prefill=1,decode=1", metavar="ROLE=N,...",
                        help="--role all: how many workers of each role it starts, e.g. prefill=2,decode=2 (a role "
@@ -141,6 +143,18 @@ def configure_logging(process: str, level: str) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def model_errors_said(model: str):
+    """A checkpoint that cannot be loaded (missing, damaged, a config this code cannot serve) ends
+    the process with one line naming it and why, not a traceback from deep in the loader."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
+        log.debug("loading %s failed", model, exc_info=True)
+        detail = f"{type(error).__name__}: {error}" if not isinstance(error, (ValueError, OSError)) else str(error)
+        raise SystemExit(f"serve.py: cannot load the model {model!r}: {detail}") from None
+
+
 def load_role_model(args: argparse.Namespace, layout):
     """The role's model (its parameters in their shards under ``layout``), and one line saying
     what was loaded, onto which devices, in how long."""
@@ -149,8 +163,9 @@ def load_role_model(args: argparse.Namespace, layout):
     from models.qwen3_vl_moe import load_model
 
     start = time.monotonic()
-    model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
-                       moe_dispatch=args.moe_dispatch)
+    with model_errors_said(args.model):
+        model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
+                           moe_dispatch=args.moe_dispatch)
     parameters = sum(leaf.size for leaf in jax.tree.leaves(model.params))
     devices = layout.mesh.devices.size if layout else 1
     what = "tiny (random weights: it answers gibberish)" if args.model == "tiny" else args.model
@@ -244,7 +259,8 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
         return 2
     transfer = transfer_config(args, credential.transfer_key)
     bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
-    frontend = load_model(args.model, dtype=args.dtype, weights=False)
+    with model_errors_said(args.model):
+        frontend = load_model(args.model, dtype=args.dtype, weights=False)
     index = PrefixIndex()
     feed = KVEventFeed(index, credential.kv_event_keys)
     chooser = WorkerChooser(config_from_args(RoutingConfig, args, prefix=""), index, functools.partial(
@@ -304,18 +320,26 @@ def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
     stops them all."""
     from mmserve.roles.supervisor import Supervisor
 
+    from models.qwen3_vl_moe import load_model
+
     configure_logging("all", args.log_level)
+    with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
+        load_model(args.model, dtype=args.dtype, weights=False)
     commands = all_commands(args, argv, _free_port(), _free_port())
     env = os.environ | ClusterCredential.generate().environment()
     env.pop(SECRET_FILE_ENV, None)
     supervisor = Supervisor(commands, env).start()
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
+    started = True
     try:
-        supervisor.run()
+        started = supervisor.run()
     except KeyboardInterrupt:
         pass
     finally:
         supervisor.stop()
+    if not started:
+        print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)
+        return STARTUP_FAILURE
     return 0
 
 

@@ -31,6 +31,11 @@ MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0
 """A process that ran this long before it died counts as healthy again: its next restart waits
 only FIRST_BACKOFF_S. One that keeps dying sooner waits twice as long each time, up to MAX_BACKOFF_S."""
+START_FAILURES = 5
+"""A child that died this many times in a row, each within STABLE_S of its start, without ever
+having run STABLE_S since the supervisor started, cannot start (a checkpoint it cannot load, a
+port it cannot bind): everything stops and ``run`` returns False, instead of restarting it for
+good behind a /health that says 503 forever."""
 STOP_GRACE_S = 10.0
 POLL_S = 0.5
 PARENT_ENV = "MMSERVE_PARENT_PID"
@@ -48,6 +53,7 @@ class Child:
     restarts: int = 0
     quick_deaths: int = 0  # deaths in a row, each before STABLE_S
     restart_at: float | None = None
+    ever_stable: bool = False  # it once ran STABLE_S
 
 
 class Supervisor:
@@ -55,6 +61,8 @@ class Supervisor:
         self.children = {name: Child(name, argv) for name, argv in commands.items()}
         self._env = dict(env)
         self._stopping = False
+        self.failed: str | None = None
+        """The child that could not start (START_FAILURES), once the supervisor gave up on it."""
 
     def start(self) -> Supervisor:
         for child in self.children.values():
@@ -65,7 +73,15 @@ class Supervisor:
         """Notices children that exited and starts those whose backoff has passed."""
         for child in self.children.values():
             if child.restart_at is None and child.process is not None and child.process.poll() is not None:
-                backoff = self._back_off(child, now, quick=now - child.started_at < STABLE_S)
+                quick = now - child.started_at < STABLE_S
+                child.ever_stable = child.ever_stable or not quick
+                backoff = self._back_off(child, now, quick)
+                if not child.ever_stable and child.quick_deaths >= START_FAILURES:
+                    log.error("%s exited with status %s, %d times in a row, each soon after it started: it cannot "
+                              "start (its log above says why); stopping", child.name, child.process.returncode,
+                              child.quick_deaths)
+                    self.failed, self._stopping = child.name, True
+                    return
                 log.warning("%s exited with status %s; starting it again in %.0f s", child.name,
                             child.process.returncode, backoff)
             if child.restart_at is not None and now >= child.restart_at and not self._stopping:
@@ -85,11 +101,13 @@ class Supervisor:
         child.restart_at = now + backoff
         return backoff
 
-    def run(self) -> None:
-        """Supervises until ``stop`` (from a signal handler)."""
+    def run(self) -> bool:
+        """Supervises until ``stop`` (from a signal handler): True; or until a child cannot start:
+        False (``failed`` names it)."""
         while not self._stopping:
             self.check(time.monotonic())
             time.sleep(POLL_S)
+        return self.failed is None
 
     def stop(self) -> None:
         self._stopping = True

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mmserve.config_flags import DefaultsHelpFormatter, add_config_flags, config_from_args
+from mmserve.config_flags import DefaultsHelpFormatter, add_config_flags, config_from_args, tcp_port
+from mmserve.distributed.mesh import MeshShape
+from mmserve.distributed.multihost import cluster_from_args
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.warmup import CACHE_ENV, default_cache_dir, use_compilation_cache
 from mmserve.kv_events import KVEventsConfig
@@ -21,12 +23,12 @@ from mmserve.serving.router.settings import RouterSettings
 from mmserve.tracing import TracingConfig, configure_tracing
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
-from mmserve.roles.launch import configure_logging, follow_leader, join_role, load_role_model
+from mmserve.roles.launch import (STARTUP_FAILURE, configure_logging, follow_leader, join_role, load_role_model,
+                                  transfer_config)
 from mmserve.roles.supervisor import die_with_parent
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
 API_KEY_ENV = "MMSERVE_API_KEY"
-STARTUP_FAILURE = 3  # uvicorn's status when the server did not start
 ROUTER_FIXED = ("model_name", "max_model_len", "api_key")
 """RouterSettings fields that are not flags: from --served-model-name, the engine, --api-key-file."""
 
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default="tiny",
                        help="'tiny' (built-in random weights, offline), a Hugging Face checkpoint directory "
                             "or an orbax directory written by Model.save_orbax")
-    model.add_argument("--dtype", default="float32", help="parameter and compute dtype: float32 or bfloat16")
+    model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter and compute dtype")
     model.add_argument("--moe-dispatch", default="auto", choices=("auto", *MOE_STRATEGIES),
                        help="how MoE layers send tokens to their experts: auto picks grouped on an unsharded "
                             "CPU model and ragged_dot elsewhere (default: auto)")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    http.add_argument("--port", type=int, default=8000, help="TCP port of the HTTP API")
+    http.add_argument("--port", type=tcp_port, default=8000, help="TCP port of the HTTP API")
     http.add_argument("--api-key-file", type=Path, default=None,
                       help=f"require 'Authorization: Bearer <key>' on /v1/* and /generate, the key read from this file "
                            f"(default: the key in ${API_KEY_ENV}; neither: no key). Never the key itself on the "
@@ -80,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         router_settings(args, engine_config(args).max_model_len)
         kv_events = config_from_args(KVEventsConfig, args, prefix="")
         config_from_args(RoutingConfig, args, prefix="")
-    except ValueError as error:
+        config_from_args(TracingConfig, args, prefix="tracing_")
+        transfer_config(args, "")
+        cluster_from_args(args)
+        if args.mesh:
+            MeshShape.parse(args.mesh)
+    except (ValueError, OSError) as error:  # OSError: an --api-key-file that cannot be read
         parser.error(str(error))
     if kv_events.enabled and args.role not in ("prefill", "decode"):
         parser.error("KV events are published by prefill and decode workers: give --kv-events-endpoint to each")
@@ -102,7 +109,10 @@ def router_settings(args: argparse.Namespace, max_model_len: int) -> RouterSetti
 def api_key(args: argparse.Namespace) -> str | None:
     """The HTTP API key: ``--api-key-file``'s content, else $MMSERVE_API_KEY, else none."""
     if args.api_key_file is not None:
-        return args.api_key_file.read_text().strip() or None
+        key = args.api_key_file.read_text().strip()
+        if not key:  # read as "no key", it turned authentication off
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
     return os.environ.get(API_KEY_ENV) or None
 
 

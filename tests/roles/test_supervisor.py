@@ -78,3 +78,27 @@ def test_a_child_that_cannot_be_started_again_is_tried_later_and_the_others_serv
         assert child.process is not first and child.process.poll() is None
     finally:
         supervisor.stop()
+
+
+def test_a_child_that_never_starts_stops_everything_after_five_tries(tmp_path):
+    """A child that dies at start every time (a checkpoint it cannot load, a port taken) was started
+    again for good, behind a /health answering 503: ``--role all`` never exited."""
+    import time
+
+    from mmserve.roles.supervisor import START_FAILURES, Supervisor
+
+    supervisor = Supervisor({"steady": [sys.executable, "-c", "import time; time.sleep(60)"],
+                             "broken": [sys.executable, "-c", "raise SystemExit(1)"]}, ENV).start()
+    try:
+        now, checks = time.monotonic(), 0
+        while supervisor.failed is None and checks < 4 * START_FAILURES:
+            process = supervisor.children["broken"].process
+            process.wait(timeout=30)
+            supervisor.check(now)  # notices the death and schedules the restart...
+            now = max(now, supervisor.children["broken"].restart_at or now)
+            supervisor.check(now)  # ...which is due now
+            checks += 1
+        assert supervisor.failed == "broken" and supervisor.children["broken"].quick_deaths == START_FAILURES
+        assert supervisor.run() is False  # returns at once, saying it gave up
+    finally:
+        supervisor.stop()
