@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 
+VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     depth: int = 27
@@ -27,6 +30,17 @@ class VisionConfig:
     deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
     hidden_act: str = "gelu_pytorch_tanh"
     rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise ValueError(f"vision hidden_act {self.hidden_act!r} is not implemented (only {VISION_ACTIVATIONS})")
+        if min(self.depth, self.hidden_size, self.num_heads, self.patch_size, self.spatial_merge_size) < 1:
+            raise ValueError("vision depth, hidden_size, num_heads, patch_size and spatial_merge_size must be >= 1")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if any(not 0 <= i < self.depth for i in self.deepstack_visual_indexes):
+            raise ValueError(f"deepstack_visual_indexes {self.deepstack_visual_indexes} must be blocks of the "
+                             f"vision tower's {self.depth}")
 
     @property
     def head_dim(self) -> int:
@@ -98,6 +112,22 @@ class TextConfig:
     mlp_only_layers: tuple[int, ...] = ()
     hidden_act: str = "silu"
 
+    def __post_init__(self) -> None:
+        if self.hidden_act != "silu":
+            raise ValueError(f"text hidden_act {self.hidden_act!r} is not implemented (only 'silu')")
+        if min(self.vocab_size, self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
+               self.num_key_value_heads, self.head_dim, self.decoder_sparse_step) < 1:
+            raise ValueError("vocab_size, hidden_size, num_hidden_layers, attention heads, head_dim and "
+                             "decoder_sparse_step must be >= 1")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.num_experts and not (1 <= self.num_experts_per_tok <= self.num_experts
+                                     and self.moe_intermediate_size >= 1):
+            raise ValueError(f"a MoE needs 1 <= num_experts_per_tok <= num_experts ({self.num_experts}) and "
+                             f"moe_intermediate_size >= 1, got {self.num_experts_per_tok} and "
+                             f"{self.moe_intermediate_size}")
+
     def is_moe_layer(self, layer: int) -> bool:
         """The rule transformers uses to choose a sparse or a dense MLP for a decoder layer."""
         return (
@@ -116,6 +146,10 @@ class TextConfig:
         if rope and not rope.get("mrope_interleaved", True):
             raise ValueError("only interleaved MRoPE (mrope_interleaved=true) is implemented")
         heads = d["num_attention_heads"]
+        experts = d.get("num_experts", d.get("num_local_experts", 0))
+        for name in ("num_experts_per_tok", "moe_intermediate_size") if experts else ():
+            if name not in d:  # a guess would be a different model (transformers' own default differs too)
+                raise ValueError(f"the text config has {experts} experts but no {name}")
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -129,9 +163,9 @@ class TextConfig:
             mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
             max_position_embeddings=d.get("max_position_embeddings", 262144),
             attention_bias=d.get("attention_bias", False),
-            num_experts=d.get("num_experts", d.get("num_local_experts", 0)),
-            num_experts_per_tok=d.get("num_experts_per_tok", 1),
-            moe_intermediate_size=d.get("moe_intermediate_size", 0),
+            num_experts=experts,
+            num_experts_per_tok=d["num_experts_per_tok"] if experts else 0,
+            moe_intermediate_size=d["moe_intermediate_size"] if experts else 0,
             decoder_sparse_step=d.get("decoder_sparse_step", 1),
             mlp_only_layers=tuple(d.get("mlp_only_layers") or ()),
             hidden_act=d.get("hidden_act", "silu"),

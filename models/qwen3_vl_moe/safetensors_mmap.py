@@ -50,5 +50,10 @@ class SafetensorsFile:
         if entry["dtype"] not in DTYPES:
             raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
+        dtype = DTYPES[entry["dtype"]]
+        size = dtype.itemsize * int(np.prod(entry["shape"], dtype=np.int64))
+        if end - begin != size or self._data_start + end > len(self._bytes):
+            raise ValueError(f"{self.path}: tensor {key!r} ({entry['dtype']} {entry['shape']}) needs {size} bytes at "
+                             f"{begin}..{end}; the file is truncated or damaged")
         raw = self._bytes[self._data_start + begin : self._data_start + end]
-        return raw.view(DTYPES[entry["dtype"]].newbyteorder("<")).reshape(entry["shape"])
+        return raw.view(dtype.newbyteorder("<")).reshape(entry["shape"])

@@ -8,9 +8,11 @@ Every expected tensor must be present with the expected shape; the error names t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
@@ -21,6 +23,9 @@ from models.qwen3_vl_moe.safetensors_mmap import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+_LAYER = re.compile(r"\.(layers|blocks)\.\d+\.")
 
 
 class CheckpointError(ValueError):
@@ -35,9 +40,13 @@ def safetensors_files(path: Path) -> dict[str, str]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
-    key_file = {}
+    key_file: dict[str, str] = {}
     for file in files:
-        key_file |= {k: file.name for k in SafetensorsFile(file).keys()}
+        for key in SafetensorsFile(file).keys():
+            if key in key_file:  # which one is meant? (a stray file silently replaced tensors)
+                raise CheckpointError(f"{path}: tensor {key!r} is in both {key_file[key]} and {file.name}, and "
+                                      f"there is no {INDEX_FILE} to say which")
+            key_file[key] = file.name
     return key_file
 
 
@@ -66,6 +75,11 @@ def load_safetensors(path: str | Path, config: ModelConfig, abstract_params, dty
     missing = [k for k in targets if k not in key_file]
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    unused_layers = sorted(k for k in key_file if k not in targets and _LAYER.search(k))
+    if unused_layers:  # a config of fewer layers than the checkpoint's: another (truncated) model
+        raise CheckpointError(f"{path}: tensor {unused_layers[0]!r} is one the config does not use (a layer or block "
+                              f"it does not have, or a bias it does not take; {len(unused_layers)} such tensors): "
+                              "config.json and the weights disagree")
     by_file: dict[str, list[str]] = {}
     for key in targets:
         by_file.setdefault(key_file[key], []).append(key)
@@ -76,7 +90,11 @@ def load_safetensors(path: str | Path, config: ModelConfig, abstract_params, dty
             tensors = SafetensorsFile(path / file)
             for key in keys:
                 target = targets[key]
-                view = target.transform(tensors.view(key))
+                raw = tensors.view(key)
+                if not jnp.issubdtype(raw.dtype, jnp.floating):  # quantized, or not a weight: cast, it is wrong
+                    raise CheckpointError(f"{path / file}: tensor {key!r} is {raw.dtype}; weights must be floating "
+                                          "point (quantized checkpoints are not supported)")
+                view = target.transform(raw)
                 expected = _get(abstract_params, target.path).shape
                 if tuple(view.shape) != tuple(expected):
                     raise CheckpointError(
@@ -127,4 +145,9 @@ def restore_orbax(path: str | Path, abstract_params, shardings=None) -> dict:
                 ),
             )
             params.setdefault(top, {})[name] = restored[top][name]
+    absent = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+              if not isinstance(leaf, jax.Array)]
+    if absent:  # partial_restore leaves what the checkpoint lacks as placeholders, which fail every request
+        raise CheckpointError(f"{path}: the config needs {len(absent)} array(s) this checkpoint does not hold, "
+                              f"e.g. {absent[0]}")
     return params

@@ -102,3 +102,63 @@ def _rewrite_dir(src, dst, tensors):
         if name.suffix != ".safetensors":
             (dst / name.name).write_bytes(name.read_bytes())
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def _with_config(src, dst, change):
+    """A copy of checkpoint ``src`` whose config.json's text (or vision) config ``change`` edits."""
+    tensors = load_file(src / "model.safetensors")
+    _rewrite_dir(src, dst, tensors)
+    config = json.loads((dst / "config.json").read_text())
+    change(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    # each loaded without a word into another model than the checkpoint's (logits off by 0.04-0.5)
+    (lambda c: c["text_config"].update(hidden_act="gelu"), "text hidden_act 'gelu' is not implemented"),
+    (lambda c: c["vision_config"].update(hidden_act="silu"), "vision hidden_act 'silu' is not implemented"),
+    (lambda c: c["text_config"].pop("num_experts_per_tok"), "experts but no num_experts_per_tok"),
+    (lambda c: c["text_config"].update(num_hidden_layers=c["text_config"]["num_hidden_layers"] - 1),
+     "is one the config does not use"),
+    (lambda c: c["vision_config"].update(deepstack_visual_indexes=[0, 99]), "deepstack_visual_indexes"),
+])
+def test_a_config_the_weights_or_this_code_do_not_match_is_refused(base_reference, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(_with_config(base_reference[1], tmp_path, change))
+
+
+def test_damaged_or_ambiguous_safetensors_are_refused_naming_the_file(base_reference, tmp_path):
+    src = base_reference[1]
+    tensors = load_file(src / "model.safetensors")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    _rewrite_dir(src, truncated, tensors)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:len(data) - 4096])
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_model(truncated)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    _rewrite_dir(src, stray, tensors)  # a second file holding a tensor of the first: which one is meant?
+    save_file({"model.language_model.norm.weight": torch.zeros_like(tensors["model.language_model.norm.weight"])},
+              stray / "z_extra.safetensors")
+    with pytest.raises(CheckpointError, match="is in both model.safetensors and z_extra.safetensors"):
+        load_model(stray)
+    integer = tmp_path / "integer"
+    integer.mkdir()
+    key = "model.language_model.norm.weight"
+    _rewrite_dir(src, integer, tensors | {key: (tensors[key] * 100).to(torch.int64)})
+    with pytest.raises(CheckpointError, match="weights must be floating point"):
+        load_model(integer)
+
+
+def test_an_orbax_checkpoint_lacking_what_the_config_asks_for_is_refused(base_model, base_reference, tmp_path):
+    """``partial_restore`` left placeholders for the arrays a checkpoint lacked: the server said it
+    was healthy and failed every request."""
+    base_model.save_orbax(tmp_path / "orbax")
+    config = json.loads((base_reference[1] / "config.json").read_text())
+    config["text_config"]["attention_bias"] = True  # asks for q/k/v/o biases it never saved
+    (tmp_path / "orbax" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not hold"):
+        load_model(tmp_path / "orbax")
