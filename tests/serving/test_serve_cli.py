@@ -96,3 +96,34 @@ def test_a_worker_without_the_cluster_secret_refuses_to_start():
                             env=env)
     assert result.returncode == 2
     assert "no cluster secret" in result.stderr and SECRET_ENV in result.stderr
+
+
+@pytest.mark.parametrize("flags, reason", [
+    # each went on to a traceback deep in the start, a wrong port, or a server with no API key
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--port", "70000"], "a port is 0 to 65535, got 70000"),  # it listened on 70000 - 65536
+    (["--mesh", "model=3x"], "bad size '3x'"),
+    (["--num-processes", "2"], "need a coordinator address"),
+    (["--heartbeat-interval", "20"], "heartbeat_timeout_s must exceed heartbeat_interval_s"),
+    (["--request-timeout", "nan"], "request_timeout_s >= 0 and finite"),
+    (["--api-key-file", "/nonexistent/key"], "No such file or directory"),
+    (["--api-key-file", "EMPTY"], "is empty"),  # read as no key, it turned authentication off
+])
+def test_a_bad_start_up_flag_is_one_line_and_status_2(flags, reason, tmp_path, capsys):
+    from mmserve.serving.cli import main
+
+    empty = tmp_path / "key"
+    empty.write_text("  \n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--role", "colocated", *[str(empty) if f == "EMPTY" else f for f in flags]])
+    assert stopped.value.code == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_load_is_one_line_naming_it():
+    from mmserve.roles.launch import model_errors_said
+    from models.qwen3_vl_moe import load_model
+
+    with pytest.raises(SystemExit, match=r"cannot load the model '/nonexistent': /nonexistent: no config\.json"):
+        with model_errors_said("/nonexistent"):
+            load_model("/nonexistent")

@@ -4,6 +4,7 @@ the limits on what a request may make it read or decode."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 MIB = 1 << 20
@@ -65,7 +66,7 @@ class RouterSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("request_read_timeout", "queue_timeout_s", "stream_stall_timeout_s", "max_video_seconds",
                      "media_fetch_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_queued_requests < 0 or self.request_timeout_s < 0:
-            raise ValueError("max_queued_requests and request_timeout_s must be >= 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        if self.max_queued_requests < 0 or not 0 <= self.request_timeout_s < math.inf:  # nan fails too
+            raise ValueError("max_queued_requests must be >= 0, request_timeout_s >= 0 and finite (0: none)")
