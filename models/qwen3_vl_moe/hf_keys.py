@@ -33,14 +33,18 @@ def _conv_as_dense(w):
     return w.reshape(w.shape[0], -1).T
 
 
-def expert_transform(name: str, hidden: int, inter: int) -> Callable[[np.ndarray], np.ndarray]:
+def expert_transform(name: str, hidden: int, inter: int,
+                     transposed: bool | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Published checkpoints store gate_up_proj (E, H, 2I) and down_proj (E, I, H), used as
     ``x @ W[e]``; transformers 5 ``save_pretrained`` writes (E, 2I, H) and (E, H, I). We keep the
-    published layout and transpose the other. When H == 2I the shapes cannot tell; the published
-    layout is assumed."""
+    published layout and transpose the other. When H == 2I gate_up_proj's shapes cannot tell:
+    ``transposed`` says which the checkpoint uses (read from its down_proj, whose shapes always
+    differ then: :func:`experts_transposed`), the published layout when not known."""
     published = (hidden, 2 * inter) if name == "gate_up_proj" else (inter, hidden)
 
     def transform(w):
+        if published == published[::-1] and transposed is not None:
+            return np.swapaxes(w, 1, 2) if transposed else w
         if tuple(w.shape[1:]) == published:
             return w
         if tuple(w.shape[1:]) == published[::-1]:
@@ -89,7 +93,15 @@ def vision_targets(config: ModelConfig) -> dict[str, Target]:
     return out
 
 
-def text_targets(config: ModelConfig) -> dict[str, Target]:
+def experts_transposed(down_proj_shape: tuple[int, ...], hidden: int, inter: int) -> bool | None:
+    """Whether a checkpoint's experts are in transformers 5's layout, from a down_proj's shape;
+    None when it tells nothing (H == I, where gate_up_proj's shapes tell)."""
+    if hidden == inter:
+        return None
+    return tuple(down_proj_shape[1:]) == (hidden, inter)
+
+
+def text_targets(config: ModelConfig, transposed: bool | None = None) -> dict[str, Target]:
     t, root, c = "model.language_model", ("language_model",), config.text
     out = {
         f"{t}.embed_tokens.weight": Target(root + ("embed_tokens", "embedding"), _same),
@@ -107,7 +119,7 @@ def text_targets(config: ModelConfig) -> dict[str, Target]:
         if c.is_moe_layer(i):
             out[f"{hf}.mlp.gate.weight"] = Target(mlp + ("gate",), _linear)
             for name in ("gate_up_proj", "down_proj"):
-                transform = expert_transform(name, c.hidden_size, c.moe_intermediate_size)
+                transform = expert_transform(name, c.hidden_size, c.moe_intermediate_size, transposed)
                 out[f"{hf}.mlp.experts.{name}"] = Target(mlp + (name,), transform)
         else:
             for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -115,9 +127,11 @@ def text_targets(config: ModelConfig) -> dict[str, Target]:
     return out
 
 
-def checkpoint_targets(config: ModelConfig) -> dict[str, Target]:
-    """Every tensor a checkpoint of this config must hold, keyed by its checkpoint name."""
-    out = vision_targets(config) | text_targets(config)
+def checkpoint_targets(config: ModelConfig, experts_transposed: bool | None = None) -> dict[str, Target]:
+    """Every tensor a checkpoint of this config must hold, keyed by its checkpoint name
+    (``experts_transposed``: the experts' layout where their shapes cannot tell, see
+    :func:`expert_transform`)."""
+    out = vision_targets(config) | text_targets(config, experts_transposed)
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = Target(("lm_head", "kernel"), _linear)
     return out

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from models.qwen3_vl_moe.config import ModelConfig
-from models.qwen3_vl_moe.hf_keys import checkpoint_targets
+from models.qwen3_vl_moe.hf_keys import checkpoint_targets, experts_transposed
 from models.qwen3_vl_moe.safetensors_mmap import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -71,7 +71,11 @@ def load_safetensors(path: str | Path, config: ModelConfig, abstract_params, dty
     """
     path = Path(path)
     key_file = safetensors_files(path)
-    targets = checkpoint_targets(config)
+    down = next((k for k in key_file if k.endswith("mlp.experts.down_proj")), None)
+    transposed = None if down is None else experts_transposed(
+        SafetensorsFile(path / key_file[down]).view(down).shape, config.text.hidden_size,
+        config.text.moe_intermediate_size)
+    targets = checkpoint_targets(config, transposed)
     missing = [k for k in targets if k not in key_file]
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")

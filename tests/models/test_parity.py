@@ -54,6 +54,8 @@ VARIANTS = {
     "tied_embeddings": dict(tie=True),
     "two_deepstack_levels": dict(vision={"deepstack_visual_indexes": [1, 3]}),
     "three_deepstack_levels_late": dict(vision={"deepstack_visual_indexes": [1, 2, 3]}),
+    # hidden = 2 x moe_intermediate: gate_up_proj's two layouts have one shape (down_proj's tells them)
+    "experts_square_gate_up": dict(text={"moe_intermediate_size": 32}),
 }
 
 
