@@ -179,12 +179,26 @@ def _load(path, dtype, shardings, weights) -> Model:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected 'tiny', a Hugging Face or an orbax directory)")
     config = ModelConfig.from_file(path / "config.json")
+    # the tokenizer and processor first: one missing or at odds with the config is found before
+    # minutes of reading weights
+    tokenizer, processor = Tokenizer.from_dir(path), Processor.from_dir(path)
+    _check_processor(processor, config, path)
     if not weights:
-        return Model(config, None, Tokenizer.from_dir(path), Processor.from_dir(path), dtype)
+        return Model(config, None, tokenizer, processor, dtype)
     abstract = abstract_params(config, dtype)
     placement = None if shardings is None else shardings(config, abstract)
     if (path / ORBAX_PARAMS).exists():
         params = restore_orbax(path / ORBAX_PARAMS, abstract, placement)
     else:
         params = load_safetensors(path, config, abstract, dtype, placement)
-    return Model(config, params, Tokenizer.from_dir(path), Processor.from_dir(path), dtype)
+    return Model(config, params, tokenizer, processor, dtype)
+
+
+def _check_processor(processor: Processor, config: ModelConfig, path: Path) -> None:
+    """The processor cuts pictures into the patches the vision tower takes, or every picture fails."""
+    vision = config.vision
+    for name, theirs, ours in (("patch_size", processor.patch_size, vision.patch_size),
+                               ("temporal_patch_size", processor.temporal_patch_size, vision.temporal_patch_size),
+                               ("merge_size", processor.merge_size, vision.spatial_merge_size)):
+        if theirs != ours:
+            raise ValueError(f"{path}: the preprocessor config's {name} is {theirs}, the vision config's {ours}")

@@ -162,3 +162,15 @@ def test_an_orbax_checkpoint_lacking_what_the_config_asks_for_is_refused(base_mo
     (tmp_path / "orbax" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not hold"):
         load_model(tmp_path / "orbax")
+
+
+def test_a_processor_at_odds_with_the_vision_tower_is_refused_before_the_weights(base_reference, tmp_path):
+    """Every picture failed later ("pixel values do not match grids"), the server healthy meanwhile."""
+    src = base_reference[1]
+    _rewrite_dir(src, tmp_path, load_file(src / "model.safetensors"))
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        config = json.loads((tmp_path / name).read_text())
+        config["patch_size"] = 14
+        (tmp_path / name).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="preprocessor config's patch_size is 14, the vision config's 16"):
+        load_model(tmp_path, weights=False)
