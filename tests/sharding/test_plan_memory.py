@@ -40,3 +40,13 @@ def test_script_prints_the_table():
     assert "mesh data=1,model=4,expert=4 (16 devices), bfloat16" in out
     assert "31.071B" in out and "538.6M" in out
     assert "KV cache, 131,072 tokens" in out and "left of 16 GiB per device" in out
+
+
+def test_script_says_what_is_wrong_in_one_line():
+    """Each was a traceback: a missing path, a bad mesh, a page size of 0 (ZeroDivisionError)."""
+    for flags, reason in ((["--model", "/nonexistent", "--mesh", "model=1"], "No such file or directory"),
+                          (["--model", "tiny", "--mesh", "model=x"], "bad size 'x'"),
+                          (["--model", "tiny", "--mesh", "model=1", "--page-size", "0"], "must be >= 1")):
+        done = subprocess.run([sys.executable, "scripts/plan_memory.py", *flags], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode != 0 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr
