@@ -138,6 +138,11 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
         if not isinstance(prompt["prompt"], str):
             raise ValueError("'prompt' must be a string")
         ids = model.tokenizer.encode(prompt["prompt"], max_tokens=max_tokens)
+        vocab = model.config.text.vocab_size
+        if ids and max(ids) >= vocab:  # its embedding row does not exist: NaN logits, token 0 for good
+            token = model.tokenizer.decode([max(ids)], skip_special_tokens=False)
+            raise ValueError(f"the text holds token {max(ids)} ({token!r}), outside the model's vocabulary (size "
+                             f"{vocab}): this checkpoint's tokenizer and config disagree")
     else:
         given = prompt["prompt_token_ids"]
         if max_tokens is not None and isinstance(given, (list, tuple)) and len(given) > max_tokens:

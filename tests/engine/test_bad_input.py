@@ -19,6 +19,9 @@ GOOD = {"prompt_token_ids": [11, 12, 13]}
     ({"prompt_token_ids": [1, 5000]}, {}, "vocabulary"),
     ({"prompt_token_ids": [True, False]}, {}, "list of ints"),  # JSON's booleans are ints to Python
     ({"prompt": "hi", "prompt_token_ids": [1]}, {}, "exactly one"),
+    # the test checkpoint's tokenizer has 1,011 tokens for a vocabulary of 1,000: this one had no
+    # embedding row, and the answer was NaN logits and token 0 for good
+    ({"prompt": "hi <|im_start|>"}, {}, r"token 1001 \('<\|im_start\|>'\), outside the model's vocabulary"),
 ])
 def test_bad_input_raises_and_engine_serves_next(llm, prompt, params, message):
     free = llm.engine.kv.num_free_pages
