@@ -17,6 +17,7 @@ from mmserve.roles import worker_pool
 from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
 from mmserve.roles.routing import RoutingConfig, WorkerChooser
 from mmserve.rpc import worker_pb2 as pb
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 KEYS = ClusterCredential.generate().kv_event_keys
@@ -41,13 +42,6 @@ def subscribe(publisher) -> KVEventSubscriber:
     subscriber = KVEventSubscriber(publisher.endpoint, publisher.replay_endpoint, KEYS)
     time.sleep(0.3)  # a SUB socket misses what is published before it has joined
     return subscriber
-
-
-def until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def test_a_replay_longer_than_the_sockets_high_water_mark_arrives_whole(publisher):
@@ -118,19 +112,19 @@ def test_a_feed_applies_a_cleared_cache_and_is_followed_again_after_it_failed(pu
         feed.follow("prefill-a", publisher.endpoint, publisher.replay_endpoint)
         time.sleep(0.3)
         publisher.publish(stored(1) + stored(2))
-        until(lambda: index.size("prefill-a") == 2)
+        wait_for(lambda: index.size("prefill-a") == 2)
         publisher.publish([AllBlocksCleared()])
-        until(lambda: index.size("prefill-a") == 0)
+        wait_for(lambda: index.size("prefill-a") == 0)
         publisher.publish(stored(3))
-        until(lambda: index.size("prefill-a") == 1)
+        wait_for(lambda: index.size("prefill-a") == 1)
         seq = (publisher.buffered()[0]).to_bytes(8, "big", signed=True)  # the next number, with no batch in it
         publisher._pub.send_multipart([TOPIC, seq, b"not msgpack"])  # noqa: SLF001: a corrupt batch on the wire
-        until(lambda: feed.following() == [])
+        wait_for(lambda: feed.following() == [])
         assert index.size("prefill-a") == 0  # what it knew stopped being kept up: forgotten
         feed.follow("prefill-a", publisher.endpoint, publisher.replay_endpoint)  # the worker's next heartbeat
         time.sleep(0.3)
         publisher.publish(stored(4))
-        until(lambda: index.size("prefill-a") == 2)  # the replay brings back page 3 (stored since the clear)
+        wait_for(lambda: index.size("prefill-a") == 2)  # the replay brings back page 3 (stored since the clear)
         assert index.matched_pages("prefill-a", [page(3)]) == 1
     finally:
         feed.close()
@@ -148,7 +142,7 @@ def test_a_worker_silent_for_long_is_forgotten_with_its_feed_and_index(publisher
         assert (await pool.Register(gone, None)).ok
         await asyncio.sleep(0.3)
         publisher.publish(stored(1))
-        await asyncio.to_thread(until, lambda: index.size("prefill-host-1") == 1)
+        await asyncio.to_thread(wait_for, lambda: index.size("prefill-host-1") == 1)
         pool.workers["prefill-host-1"].last_seen -= worker_pool.WORKER_FORGET_S + 1  # a minute of silence
         assert (await pool.Register(pb.Registration(role="prefill", name="prefill-host-2", grpc_address="127.0.0.1:10",
                                                     capacity=1, incarnation=2), None)).ok

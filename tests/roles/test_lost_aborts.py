@@ -20,6 +20,7 @@ from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 from test_disaggregated import _assert_all_free, _worker_address, ask
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 10.0
@@ -43,13 +44,6 @@ def worker_health(cluster: Cluster, role: str) -> dict:
         return json.loads(pb_grpc.WorkerStub(channel).Check(pb.HealthRequest(), timeout=10).details_json)
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-
-
 def test_every_role_frees_a_request_past_its_deadline_when_no_abort_can_come(cluster):
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=120, max_retries=0)
     pages = worker_health(cluster, "prefill")["free_pages"]
@@ -58,10 +52,10 @@ def test_every_role_frees_a_request_past_its_deadline_when_no_abort_can_come(clu
         started = time.monotonic()
         asked = pool.submit(ask, client, "Nobody will take my KV.", [])
         wait_for(lambda: worker_health(cluster, "prefill")["requests"] == {"sending_kv": 1}, DEADLINE_S / 2,
-                 "prefill did not prefill the request")
+                 "prefill did not prefill the request", poll_s=0.2)
         cluster.freeze("router")
         wait_for(lambda: worker_health(cluster, "prefill")["in_flight"] == 0, BOOTSTRAP_TIMEOUT_S,
-                 "prefill kept the request")
+                 "prefill kept the request", poll_s=0.2)
         freed = time.monotonic() - started
         assert DEADLINE_S - 1 < freed < BOOTSTRAP_TIMEOUT_S - 5, f"freed after {freed:.1f} s: not by the deadline"
         assert worker_health(cluster, "prefill")["free_pages"] == pages

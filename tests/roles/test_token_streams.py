@@ -8,7 +8,6 @@ import concurrent.futures
 import json
 import queue
 import threading
-import time
 
 import grpc
 import pytest
@@ -22,6 +21,7 @@ from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 from models.qwen3_vl_moe import load_model
 from transfer import BootstrapServer, TransferConfig
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,13 +60,6 @@ def opened(stub, stream_id: str):
 
 def health(stub) -> dict:
     return json.loads(stub.Check(pb.HealthRequest(), timeout=10).details_json)
-
-
-def wait_for(condition, limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_request_naming_no_open_stream_is_refused_and_holds_nothing(worker):
