@@ -111,7 +111,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
             return follow_leader(args.role, model, engine, layout, lockstep, transfer)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
-                     transfer.advertise_host)
+                     model.fingerprint, transfer.advertise_host)
     finally:
         lockstep.close()
     return 0
@@ -265,7 +265,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     feed = KVEventFeed(index, credential.kv_event_keys)
     chooser = WorkerChooser(config_from_args(RoutingConfig, args, prefix=""), index, functools.partial(
         _prompt_pages, frontend))
-    pool = WorkerPool(credential.grpc_token, chooser, feed)
+    pool = WorkerPool(credential.grpc_token, chooser, feed, model_fingerprint=frontend.fingerprint)
     backend = DisaggregatedBackend(pool)
     app = build_app(backend, frontend, settings, on_shutdown=feed.close)
 

@@ -155,10 +155,11 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 
 def serve_worker(service: WorkerService, host: str, port: int, router: str | None, token: str,
-                 advertise_host: str = "") -> None:
+                 model_fingerprint: str, advertise_host: str = "") -> None:
     """Serves until interrupted, registering with the router's registry at ``router`` under the
-    address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``. Calls in
-    either direction carry the cluster ``token``; calls without it are refused."""
+    address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``, as a worker
+    of the model ``model_fingerprint`` (``Model.fingerprint``). Calls in either direction carry the
+    cluster ``token``; calls without it are refused."""
     role = service.loop.role
     # a thread per request the role holds (a Prefill stream keeps its thread; on decode, the routers' token
     # streams keep one each) and some for control calls
@@ -173,7 +174,8 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     log.info("%s worker %s serving on %s", role.role, role.name, address)
     stop = threading.Event()
     if router:
-        threading.Thread(target=_register_forever, args=(router, token, role, address, stop), daemon=True).start()
+        threading.Thread(target=_register_forever, args=(router, token, role, address, model_fingerprint, stop),
+                         daemon=True).start()
     try:
         server.wait_for_termination()
     finally:
@@ -185,22 +187,27 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         service.loop.stop()
 
 
-def _register_forever(router: str, token: str, role: Role, address: str, stop: threading.Event) -> None:
+def _register_forever(router: str, token: str, role: Role, address: str, model_fingerprint: str,
+                      stop: threading.Event) -> None:
     cache = role.prefix_cache()
     if cache is not None:
         cache = cache.dialled_at(address.rpartition(":")[0])
     kv_pages, kv_page_size = role.kv_reserve()
+    refusal = ""
     with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
             try:
-                registry.Register(pb.Registration(
+                ack = registry.Register(pb.Registration(
                     role=role.role, name=role.name, grpc_address=address, capacity=role.capacity(),
                     in_flight=role.in_flight(), page_size=cache.page_size if cache else 0,
                     kv_events_endpoint=cache.events_endpoint if cache else "",
                     kv_events_replay_endpoint=cache.replay_endpoint if cache else "",
                     incarnation=role.incarnation(), kv_pages=kv_pages, kv_page_size=kv_page_size,
-                    max_model_len=role.max_model_len()), timeout=2)
+                    max_model_len=role.max_model_len(), model_fingerprint=model_fingerprint), timeout=2)
+                if not ack.ok and ack.error != refusal:  # said once, not every heartbeat
+                    log.error("router %s refused the registration: %s", router, ack.error)
+                refusal = "" if ack.ok else ack.error
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     log.error("router %s refused the registration: not the cluster's secret", router)

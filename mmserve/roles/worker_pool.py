@@ -73,11 +73,15 @@ class WorkerHandle:
 
 
 class WorkerPool(pb_grpc.RegistryServicer):
-    def __init__(self, token: str, chooser: WorkerChooser, feed: KVEventFeed | None = None):
+    def __init__(self, token: str, chooser: WorkerChooser, feed: KVEventFeed | None = None, *, model_fingerprint: str):
         """token: the cluster's gRPC token, checked on registration (``serve_registry``) and sent
         on every call to a worker. ``chooser`` picks a worker per request; ``feed`` (cache-aware
-        routing) follows the KV events of each worker that advertises them."""
+        routing) follows the KV events of each worker that advertises them. A worker whose
+        ``model_fingerprint`` (``Model.fingerprint``) is not the router's is refused: the router
+        tokenizes and counts placeholders for its own model, and another model's worker would
+        answer those ids with its own vocabulary's tokens."""
         self.token = token
+        self.model_fingerprint = model_fingerprint
         self.chooser = chooser
         self.feed = feed
         self.prefix_routed = 0
@@ -90,6 +94,8 @@ class WorkerPool(pb_grpc.RegistryServicer):
         """The last (address, incarnation) of the ``NAMES_REMEMBERED`` names registered most
         recently, forgotten workers' too."""
         self._closing: set[asyncio.Task] = set()
+        self._refused: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        """(name, fingerprint) of workers refused for serving another model, already logged."""
 
     def _retire(self, worker: WorkerHandle) -> None:
         """Closes a dropped or replaced worker's channel after a grace period, in the background:
@@ -104,6 +110,17 @@ class WorkerPool(pb_grpc.RegistryServicer):
     async def Register(self, request, context):
         if request.role not in ROLES:
             return pb.Ack(ok=False, error=f"unknown role {request.role!r}")
+        if request.model_fingerprint != self.model_fingerprint:
+            if (request.name, request.model_fingerprint) not in self._refused:  # said once, not every heartbeat
+                self._refused[(request.name, request.model_fingerprint)] = None
+                while len(self._refused) > NAMES_REMEMBERED:
+                    self._refused.popitem(last=False)
+                log.warning("%s worker %s at %s refused: it serves another model (fingerprint %.12s, the router's %.12s)",
+                            request.role, request.name, request.grpc_address, request.model_fingerprint or "none",
+                            self.model_fingerprint)
+            return pb.Ack(ok=False, error=f"the router serves another model (fingerprint {self.model_fingerprint:.12}"
+                                          f", this worker's {request.model_fingerprint or 'none':.12}): start both "
+                                          "with the same --model")
         current = self.workers.get(request.name)
         known = self._incarnations.get(request.name)
         if current is None or current.address != request.grpc_address or current.incarnation != request.incarnation:

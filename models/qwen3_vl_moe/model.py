@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,20 @@ class Model:
     @functools.cached_property
     def module(self) -> Qwen3VLMoe:
         return Qwen3VLMoe(self.config, self.dtype, self.moe_dispatch)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A sha256 of what two processes serving one model must share: the config, the
+        tokenizer's vocabulary and rules, and the processor's settings (not the weights, not the
+        dtype, not the chat template). The same checkpoint gives the same fingerprint whether it
+        was read from safetensors or orbax, in any process."""
+        described = json.dumps({"config": dataclasses.asdict(self.config),
+                                "processor": dataclasses.asdict(self.processor),
+                                "extra_eos_token_ids": list(self.tokenizer.extra_eos_token_ids)},
+                               sort_keys=True, default=str)
+        digest = hashlib.sha256(described.encode())
+        digest.update(self.tokenizer.backend.to_str().encode())
+        return digest.hexdigest()
 
     def encode(self, pixel_values, grid_thw):
         """Pixel patches of images or videos -> (embeddings [n, H], deepstack [levels, n, H])."""

@@ -174,3 +174,18 @@ def test_a_processor_at_odds_with_the_vision_tower_is_refused_before_the_weights
         (tmp_path / name).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="preprocessor config's patch_size is 14, the vision config's 16"):
         load_model(tmp_path, weights=False)
+
+
+def test_the_fingerprint_names_the_model_not_the_files_it_came_from(base_model, base_reference, tmp_path):
+    """The router refuses workers of another model by this fingerprint: one checkpoint gives one
+    fingerprint from safetensors or orbax, with or without its weights; another config, or another
+    model, gives another."""
+    base_model.save_orbax(tmp_path / "orbax")
+    fingerprint = base_model.fingerprint
+    assert load_model(tmp_path / "orbax", dtype="float32").fingerprint == fingerprint
+    assert load_model(base_reference[1], weights=False).fingerprint == fingerprint
+    (tmp_path / "eps").mkdir()
+    other_eps = _with_config(base_reference[1], tmp_path / "eps",
+                             lambda c: c["text_config"].update(rms_norm_eps=c["text_config"]["rms_norm_eps"] * 10))
+    assert load_model(other_eps, weights=False).fingerprint != fingerprint
+    assert load_model("tiny", weights=False).fingerprint != fingerprint

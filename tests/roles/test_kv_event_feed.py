@@ -135,7 +135,8 @@ def test_a_worker_silent_for_long_is_forgotten_with_its_feed_and_index(publisher
     feed = KVEventFeed(index, KEYS)
 
     async def scenario():
-        pool = worker_pool.WorkerPool("token", WorkerChooser(RoutingConfig("cache_aware"), index, None), feed)
+        pool = worker_pool.WorkerPool("token", WorkerChooser(RoutingConfig("cache_aware"), index, None), feed,
+                                       model_fingerprint="")
         gone = pb.Registration(role="prefill", name="prefill-host-1", grpc_address="127.0.0.1:9", capacity=1,
                                incarnation=1, page_size=16, kv_events_endpoint=publisher.endpoint,
                                kv_events_replay_endpoint=publisher.replay_endpoint)

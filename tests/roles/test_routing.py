@@ -156,7 +156,7 @@ def test_the_pool_keeps_each_workers_incarnation_and_counts_a_new_one_as_a_resta
     from mmserve.rpc import worker_pb2 as pb
 
     async def scenario():
-        pool = WorkerPool("token", chooser("least_load", PrefixIndex()))
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()), model_fingerprint="")
         registration = pb.Registration(role="prefill", name="p", grpc_address="127.0.0.1:9", capacity=4,
                                        incarnation=11)
         assert (await pool.Register(registration, None)).ok
@@ -184,7 +184,7 @@ def test_decode_workers_report_their_kv_and_each_request_goes_where_its_kv_fits(
     from mmserve.serving.backend import GenerateRequest
 
     async def scenario():
-        pool = WorkerPool("token", chooser("least_load", PrefixIndex()))
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()), model_fingerprint="")
         backend = DisaggregatedBackend(pool)
         assert backend.kv_capacity() is None  # no decode worker yet
         for name, pages in (("small", 10), ("large", 40)):
@@ -217,7 +217,7 @@ def test_a_prompt_goes_only_to_workers_whose_context_holds_it_and_none_holding_i
     from mmserve.serving.backend import GenerateRequest
 
     async def scenario():
-        pool = WorkerPool("token", chooser("least_load", PrefixIndex()))
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()), model_fingerprint="")
         backend = DisaggregatedBackend(pool)
         for name, context in (("short", 64), ("long", 256)):
             assert (await pool.Register(pb.Registration(role="decode", name=name, grpc_address=f"127.0.0.1:{context}",
@@ -231,5 +231,34 @@ def test_a_prompt_goes_only_to_workers_whose_context_holds_it_and_none_holding_i
         assert [w.in_flight for w in pool.workers.values()] == [0, 7] and not backend._active  # noqa: SLF001
         for task in list(pool._closing):  # noqa: SLF001
             task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_pool_refuses_a_worker_of_another_model_and_keeps_the_ones_of_its_own():
+    """A worker started with another --model would answer the router's token ids from its own
+    vocabulary: its registration is refused with a reason, and it is never picked."""
+    import asyncio
+
+    from mmserve.roles.worker_pool import WorkerPool
+    from mmserve.rpc import worker_pb2 as pb
+
+    async def scenario():
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()), model_fingerprint="a" * 64)
+        stranger = pb.Registration(role="decode", name="d", grpc_address="127.0.0.1:9", capacity=4,
+                                   model_fingerprint="b" * 64)
+        for _ in range(2):  # the first registration and a heartbeat
+            ack = await pool.Register(stranger, None)
+            assert not ack.ok and "another model" in ack.error and "bbbbbbbbbbbb" in ack.error
+        assert not (await pool.Register(pb.Registration(role="decode", name="e", grpc_address="127.0.0.1:10",
+                                                        capacity=4), None)).ok  # no fingerprint at all
+        assert pool.workers == {} and pool.live("decode") == []
+        own = pb.Registration(role="decode", name="d", grpc_address="127.0.0.1:9", capacity=4,
+                              model_fingerprint="a" * 64)
+        assert (await pool.Register(own, None)).ok
+        assert [w.name for w in pool.live("decode")] == ["d"]
+        for task in list(pool._closing):  # noqa: SLF001
+            task.cancel()
+        await pool.workers["d"].channel.close()
 
     asyncio.run(scenario())

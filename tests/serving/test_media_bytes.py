@@ -127,7 +127,7 @@ def test_encode_receives_the_clients_bytes_not_pixels():
     raw_video = lossless_video(random_frames(8, 9, 64, 96), fps=3)
     read = reader(processor)
     image, video = read.from_url(data_url(jpeg, "JPEG"), "image"), read.video_from_url(video_data_url(raw_video), "v")
-    pool = WorkerPool("token", WorkerChooser(RoutingConfig(), None, None))
+    pool = WorkerPool("token", WorkerChooser(RoutingConfig(), None, None), model_fingerprint="")
     stubs = {role: _Stub() for role in ("encode", "prefill", "decode")}
     for role, stub in stubs.items():
         pool.workers[role] = WorkerHandle(role, role, "nowhere", stub, None, time.monotonic())
