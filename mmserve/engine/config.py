@@ -52,6 +52,14 @@ class EngineConfig:
         if self.max_prefill_tokens < 16:
             raise ValueError(f"max_prefill_tokens must be >= 16, got {self.max_prefill_tokens}")
 
+    def check_model(self, model_config) -> None:
+        """ValueError when this config asks what the model (a ``ModelConfig``) cannot do: a
+        context past its ``max_position_embeddings``, refused as vLLM refuses it (positions the
+        model was never trained on, where its answers are noise)."""
+        limit = model_config.text.max_position_embeddings
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {limit}")
+
     @property
     def max_pages_per_seq(self) -> int:
         return -(-self.max_model_len // self.page_size)

@@ -94,6 +94,7 @@ class LLMEngine:
         self._arriving_rows = tuple(arriving_rows)
         self._kv_read_rows = tuple(kv_read_rows)
         self.config = config or EngineConfig()
+        self.config.check_model(model.config)
         self.runner = ModelRunner(model, self.config, layout, lockstep)
         self.kv = KVCacheManager(self.runner.num_pages, self.config.page_size)
         cache_tokens = (self.runner.num_pages - 1) * self.config.page_size  # page 0 is scratch

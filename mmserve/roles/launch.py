@@ -106,7 +106,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     lockstep, layout = join_role(args, credential)
     try:  # whatever ends the leader, its followers are told to stop
-        model = load_role_model(args, layout)
+        model = load_role_model(args, engine, layout)
         if not lockstep.is_leader:
             return follow_leader(args.role, model, engine, layout, lockstep, transfer)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
@@ -155,9 +155,10 @@ def model_errors_said(model: str):
         raise SystemExit(f"serve.py: cannot load the model {model!r}: {detail}") from None
 
 
-def load_role_model(args: argparse.Namespace, layout):
+def load_role_model(args: argparse.Namespace, engine: EngineConfig, layout):
     """The role's model (its parameters in their shards under ``layout``), and one line saying
-    what was loaded, onto which devices, in how long."""
+    what was loaded, onto which devices, in how long; one line and exit where the model cannot
+    load or cannot do what ``engine`` asks."""
     import jax
 
     from models.qwen3_vl_moe import load_model
@@ -166,6 +167,7 @@ def load_role_model(args: argparse.Namespace, layout):
     with model_errors_said(args.model):
         model = load_model(args.model, dtype=args.dtype, shardings=layout.params if layout else None,
                            moe_dispatch=args.moe_dispatch)
+        engine.check_model(model.config)
     parameters = sum(leaf.size for leaf in jax.tree.leaves(model.params))
     devices = layout.mesh.devices.size if layout else 1
     what = "tiny (random weights: it answers gibberish)" if args.model == "tiny" else args.model
@@ -314,7 +316,7 @@ def all_commands(args: argparse.Namespace, argv: list[str], registry_port: int,
     return commands
 
 
-def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
+def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -> int:
     """The router and the workers (``--workers``; one per role by default), as child processes on
     loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
     stops them all."""
@@ -324,7 +326,7 @@ def serve_all(args: argparse.Namespace, argv: list[str]) -> int:
 
     configure_logging("all", args.log_level)
     with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
-        load_model(args.model, dtype=args.dtype, weights=False)
+        engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
     commands = all_commands(args, argv, _free_port(), _free_port())
     env = os.environ | ClusterCredential.generate().environment()
     env.pop(SECRET_FILE_ENV, None)

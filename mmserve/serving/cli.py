@@ -126,7 +126,7 @@ def serve_colocated(args: argparse.Namespace) -> int:
     configure_logging("colocated", args.log_level)
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
-        model = load_role_model(args, layout)
+        model = load_role_model(args, config, layout)
         if not lockstep.is_leader:
             return follow_leader("colocated", model, config, layout, lockstep)
         backend = ColocatedBackend(model, config, layout, lockstep)
@@ -156,7 +156,7 @@ def serve_all(args: argparse.Namespace) -> int:
     """One process of each role on loopback plus the router: the whole pipeline on one machine."""
     from mmserve.roles.launch import serve_all as launch_all
 
-    return launch_all(args, sys.argv[1:])
+    return launch_all(args, sys.argv[1:], engine_config(args))
 
 
 LAUNCHERS: dict[str, Callable[[argparse.Namespace], int]] = {

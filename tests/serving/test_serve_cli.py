@@ -127,3 +127,14 @@ def test_a_model_that_cannot_load_is_one_line_naming_it():
     with pytest.raises(SystemExit, match=r"cannot load the model '/nonexistent': /nonexistent: no config\.json"):
         with model_errors_said("/nonexistent"):
             load_model("/nonexistent")
+
+
+@pytest.mark.parametrize("role", ["colocated", "all"])
+def test_a_context_past_the_models_positions_is_one_line_before_anything_starts(role, monkeypatch):
+    """As vLLM refuses it: tiny's max_position_embeddings is 4096; `--role all` says so before it
+    starts a child (each would fail on it and be restarted)."""
+    from mmserve.serving.cli import main
+
+    monkeypatch.setenv("MMSERVE_CLUSTER_SECRET", "cli-test-secret-0123456789abcdef")
+    with pytest.raises(SystemExit, match="max_model_len 8192 exceeds the model's max_position_embeddings 4096"):
+        main(["--role", role, "--model", "tiny", "--port", "0", "--max-model-len", "8192"])
