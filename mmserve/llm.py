@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jinja2
 from tqdm import tqdm
 
 from mmserve.engine.config import EngineConfig
@@ -48,11 +49,13 @@ class LLM:
             features = self.engine.encode_prompts(prepared)
             for prompt, p, f in zip(prepared, params, features):
                 ids.append(self.engine.add_request(prompt, p, features=f))
-        except ValueError:
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            # a bad prompt, a failed step, Ctrl-C: what this call added leaves the engine, so the
+            # next call starts from a clean engine (aborting a finished request does nothing)
             for request_id in ids:
                 self.engine.abort(request_id)
             raise
-        return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
@@ -63,24 +66,37 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _chat_prompt(self, conversation: list[dict[str, Any]]) -> dict[str, Any]:
+        """The prompt of one conversation; ValueError for a malformed one, as vLLM's chat does."""
+        if not isinstance(conversation, list) or not conversation:
+            raise ValueError(f"a conversation must be a non-empty list of messages, got {conversation!r:.80}")
         media: dict[str, list] = {"image": [], "video": []}
-        for message in conversation:
+        for i, message in enumerate(conversation):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ValueError(f"message {i} must be a dict with a string 'role', got {message!r:.80}")
             content = message.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise ValueError(f"message {i}'s content must be a string or a list of parts, got {content!r:.80}")
             for part in content if isinstance(content, list) else []:
-                kind = part.get("type")
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValueError(f"message {i}'s parts must be dicts with a string 'type', got {part!r:.80}")
+                kind = part["type"]
                 if kind in media:
                     if kind not in part:
                         raise ValueError(f"a {kind} part must carry the {kind} under the key {kind!r}")
                     media[kind].append(part[kind])
-        text = self.model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        try:
+            text = self.model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        except jinja2.TemplateError as error:
+            raise ValueError(f"the chat template rejected the messages: {error}") from None
         return {"prompt": text, "multi_modal_data": {k: v for k, v in media.items() if v}}
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        mine = set(request_ids)
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), disable=not use_tqdm, desc="generating") as bar:
             while len(finished) < len(request_ids):
                 for output in self.engine.step():
-                    if output.finished:
+                    if output.finished and output.request_id in mine:
                         finished[output.request_id] = output
                         bar.update()
         return [finished[i] for i in request_ids]

@@ -8,6 +8,7 @@ is Python's own `TypeError`). Input from outside the process (HTTP bodies, CLI f
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,15 +73,12 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(_as_float(value)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(_as_float(value)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             object.__setattr__(self, name, _as_float(value))
-        for name in ("top_k", "max_tokens"):
-            _require_int(name, getattr(self, name))
-        if self.seed is not None:
-            _require_int("seed", self.seed)
-        if self.logprobs is not None:
-            _require_int("logprobs", self.logprobs)
+        for name in ("top_k", "max_tokens", "seed", "logprobs"):
+            if name in ("top_k", "max_tokens") or getattr(self, name) is not None:
+                object.__setattr__(self, name, _int(name, getattr(self, name)))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
@@ -138,9 +136,11 @@ def _as_float(value: int | float) -> float:
         return math.inf if value > 0 else -math.inf
 
 
-def _require_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _int(name: str, value: Any) -> int:
+    """``value`` as a Python int: ints and numpy's integers, not bools."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def _token_ids(values: Any) -> tuple[int, ...]:
@@ -150,11 +150,11 @@ def _token_ids(values: Any) -> tuple[int, ...]:
         raise ValueError(f"stop_token_ids must be a list of ints, got {values!r}")
     if len(values) > MAX_STOP_TOKEN_IDS:
         raise ValueError(f"stop_token_ids may name at most {MAX_STOP_TOKEN_IDS} tokens, got {len(values)}")
+    values = tuple(_int("stop_token_ids", value) for value in values)
     for value in values:
-        _require_int("stop_token_ids", value)
         if value < 0:
             raise ValueError(f"stop_token_ids must be >= 0, got {value}")
-    return tuple(values)
+    return values
 
 
 def _stop_strings(values: Any) -> tuple[str, ...]:

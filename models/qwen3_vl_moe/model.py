@@ -32,6 +32,8 @@ from models.qwen3_vl_moe.vision_inputs import vision_inputs
 from models.qwen3_vl_moe.weights import load_safetensors, restore_orbax, save_orbax
 
 ORBAX_PARAMS = "orbax_params"
+DTYPES = ("float32", "bfloat16")
+"""The parameter and compute dtypes the model runs in."""
 REFERENCE_PAGE_SIZE = 16
 
 
@@ -175,10 +177,20 @@ def load_model(
     ``weights`` only config, tokenizer and processor are read (``params`` is None): what a router
     needs to prepare requests. ``moe_dispatch``: a strategy of :mod:`models.qwen3_vl_moe.moe_dispatch`,
     or ``auto`` for the fast one on this backend and placement."""
-    model = _load(path, jnp.dtype(dtype), shardings, weights)
+    model = _load(path, _dtype(dtype), shardings, weights)
     split = model.params is not None and any(
         not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(model.params))
     return dataclasses.replace(model, moe_dispatch=choose_moe_dispatch(moe_dispatch, jax.default_backend(), split))
+
+
+def _dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return resolved
 
 
 def _load(path, dtype, shardings, weights) -> Model:

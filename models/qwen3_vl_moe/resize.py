@@ -10,8 +10,14 @@ import math
 import numpy as np
 
 
+def _require_pixels(height: int, width: int) -> None:
+    if min(height, width) < 1:
+        raise ValueError(f"a picture needs at least one pixel each way, got {height}x{width}")
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The image size transformers resizes to: multiples of `factor`, area within bounds, aspect kept."""
+    _require_pixels(height, width)
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
     h_bar = round(height / factor) * factor
@@ -33,6 +39,7 @@ def smart_resize_video(
     """The frame size transformers' Qwen3-VL video processor resizes to: the bounds count every frame."""
     if num_frames < temporal_factor:
         raise ValueError(f"a video needs at least {temporal_factor} frames, got {num_frames}")
+    _require_pixels(height, width)
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)

@@ -31,3 +31,58 @@ def test_bad_input_raises_and_engine_serves_next(llm, prompt, params, message):
     assert llm.engine.kv.num_free_pages == free
     out = llm.generate(GOOD, SamplingParams(temperature=0, max_tokens=3))[0]
     assert len(out.outputs[0].token_ids) == 3
+
+
+def test_a_picture_without_pixels_is_a_value_error(llm):
+    from PIL import Image
+
+    free = llm.engine.kv.num_free_pages
+    empty = {"prompt_token_ids": [1, VISION_START, IMAGE_ID, VISION_END], "multi_modal_data": {"image": Image.new("RGB", (0, 0))}}
+    with pytest.raises(ValueError, match="at least one pixel each way, got 0x0"):
+        llm.generate([GOOD, empty], SamplingParams(temperature=0, max_tokens=3))
+    assert not llm.engine.has_unfinished() and llm.engine.kv.num_free_pages == free
+
+
+def test_a_generate_stopped_midway_leaves_nothing_behind_for_the_next(llm, monkeypatch):
+    """Ctrl-C (or a failed step) in the middle of generate(): its requests leave the engine, and the
+    next generate() answers with its own requests only (it used to raise KeyError on another's)."""
+    params = SamplingParams(temperature=0, max_tokens=6)
+    expected = llm.generate(GOOD, params)[0].outputs[0].token_ids
+    free = llm.engine.kv.num_free_pages
+    step, calls = llm.engine.step, []
+
+    def interrupted_step():
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([GOOD, {"prompt_token_ids": [21, 22, 23, 24]}], params)
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished() and llm.engine.kv.num_free_pages == free
+    again = llm.generate(GOOD, params)
+    assert len(again) == 1 and again[0].outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("conversation, message", [
+    ([{"role": "developer", "content": "hi"}], "the chat template rejected the messages"),
+    ([{"content": "hi"}], "string 'role'"),
+    (["hi"], "string 'role'"),
+    ([{"role": "user", "content": ["hi"]}], "string 'type'"),
+    ([{"role": "user", "content": 5}], "a string or a list of parts"),
+    ([], "non-empty list"),
+])
+def test_a_malformed_chat_is_a_value_error(llm, conversation, message):
+    with pytest.raises(ValueError, match=message):
+        llm.chat(conversation)
+    assert not llm.engine.has_unfinished()
+
+
+def test_an_unsupported_dtype_is_a_value_error_before_anything_loads():
+    from mmserve import LLM
+
+    for dtype in ("int8", "auto", "float64"):
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+            LLM("tiny", dtype=dtype)

@@ -82,3 +82,17 @@ def test_from_dict_accepts_json_shapes():
 def test_from_dict_rejects_a_non_mapping():
     with pytest.raises(ValueError, match="mapping"):
         SamplingParams.from_dict([("temperature", 1.0)])
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
+    import numpy as np
+
+    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), seed=np.int64(7), max_tokens=np.int32(4),
+                            stop_token_ids=[np.int64(5)], logprobs=np.int16(2))
+    assert (params.temperature, params.top_k, params.seed, params.max_tokens, params.stop_token_ids,
+            params.logprobs) == (0.5, 3, 7, 4, (5,), 2)
+    assert all(type(v) is int for v in (params.top_k, params.seed, params.max_tokens, params.logprobs,
+                                         *params.stop_token_ids))
+    for bad in ({"top_k": np.bool_(True)}, {"seed": np.float64(1.0)}, {"stop_token_ids": [np.bool_(False)]}):
+        with pytest.raises(ValueError, match="must be an int"):
+            SamplingParams(**bad)
