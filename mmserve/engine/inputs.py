@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,10 @@ class Visual:
     pixel_values: np.ndarray | None = None  # [patches, C*T*P*P]
     source: EncodedMedia | None = None
     content_key: bytes = b""
+    timestamps: tuple[float, ...] | None = None
+    """A video's seconds before each temporal patch in the prompt, from its source's frame rate and
+    the frames sampled (``Processor.video_timestamps``); None: its frames were given as they are, at
+    the 24 fps transformers assumes then."""
 
     def __post_init__(self):
         if self.pixel_values is not None and self.source is not None:
@@ -104,7 +110,7 @@ def with_pixels(visual: Visual, processor: Processor) -> Visual:
         raise ValueError(f"the {kind} decodes to the patch grid {grid[0].tolist()}, but its header gave "
                          f"{np.asarray(visual.grid_thw)[0].tolist()} (are the router's and this worker's "
                          "processor settings the same?)")
-    return Visual(grid, pixels, content_key=visual.content_key)
+    return Visual(grid, pixels, content_key=visual.content_key, timestamps=visual.timestamps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +183,14 @@ def _as_list(value) -> list:
 
 
 def _videos(value) -> list:
-    """One video is a [T, H, W, 3] array, a list of PIL frames or a Visual; anything else is a list of
+    """One video is a [T, H, W, 3] array, a list of PIL frames, either with its metadata (vLLM's
+    ``(frames, {"fps": ..., "frames_indices": [...]})``) or a Visual; anything else is a list of
     videos."""
     if value is None:
         return []
     if isinstance(value, (np.ndarray, Visual)) or (
-            isinstance(value, list) and value and isinstance(value[0], Image.Image)):
+            isinstance(value, list) and value and isinstance(value[0], Image.Image)) or (
+            isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping)):
         return [value]
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -197,8 +205,28 @@ def _image(model: Model, image) -> Visual:
 def _video(model: Model, video) -> Visual:
     if isinstance(video, Visual):
         return _of_kind(video, "video")
+    video, fps, indices = _video_metadata(video)
     out = model.processor(videos=[video])
-    return Visual(out["video_grid_thw"], out["pixel_values_videos"])
+    return Visual(out["video_grid_thw"], out["pixel_values_videos"],
+                  timestamps=model.processor.video_timestamps(indices, fps))
+
+
+def _video_metadata(video) -> tuple[Any, float, Sequence[int]]:
+    """(frames, source fps, the source's index of each frame) of a video given as its frames, or as
+    vLLM's ``(frames, metadata)`` with the metadata's ``fps`` and ``frames_indices`` (transformers'
+    names): the prompt's timestamps come from them, as transformers' processor writes them. Frames
+    given alone are frames 0..n-1 at 24 fps, as transformers assumes then."""
+    if not (isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], Mapping)):
+        return video, DEFAULT_VIDEO_FPS, range(len(video))
+    frames, metadata = video
+    fps = metadata.get("fps", DEFAULT_VIDEO_FPS)
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < math.inf:
+        raise ValueError(f"a video's metadata fps must be a positive number, got {fps!r}")
+    indices = metadata.get("frames_indices", range(len(frames)))
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence | np.ndarray) \
+            or len(indices) != len(frames) or not all(isinstance(i, numbers.Integral) and i >= 0 for i in indices):
+        raise ValueError(f"a video's metadata frames_indices must be one index >= 0 per frame ({len(frames)})")
+    return frames, float(fps), indices
 
 
 def _of_kind(visual: Visual, kind: str) -> Visual:
@@ -215,11 +243,11 @@ def _video_tokens(model: Model, video: Visual) -> list[int]:
     t, h, w = (int(x) for x in video.grid_thw[0])
     per_frame = h * w // model.processor.merge_size**2
     step = model.processor.temporal_patch_size
+    stamps = video.timestamps or model.processor.video_timestamps(range(t * step), DEFAULT_VIDEO_FPS)
+    if len(stamps) != t:
+        raise ValueError(f"a video of {t} temporal patches has {len(stamps)} timestamps")
     out: list[int] = []
-    for frame in range(t):
-        # Frames are taken as given (indices 0..n-1); each temporal patch is stamped with the mean
-        # time of its frames, as transformers' Qwen3-VL processor does.
-        seconds = (frame * step + (step - 1) / 2) / DEFAULT_VIDEO_FPS
+    for seconds in stamps:
         out += model.tokenizer.encode(f"<{seconds:.1f} seconds>")
         out += [model.config.vision_start_token_id] + [model.config.video_token_id] * per_frame
         out += [model.config.vision_end_token_id]

@@ -171,6 +171,17 @@ class Processor:
         count = min(max(count, self.video.min_frames), self.video.max_frames, total_frames)
         return np.linspace(0, total_frames - 1, count).round().astype(np.int64)
 
+    def video_timestamps(self, frame_indices, source_fps: float) -> tuple[float, ...]:
+        """The seconds transformers' Qwen3-VL processor writes before each temporal patch of a video:
+        the mean time of the patch's first and last frame, ``frame_indices`` (the source frames kept)
+        padded by repeating the last, as the frames themselves are."""
+        indices = [int(i) for i in frame_indices]
+        step = self.temporal_patch_size
+        if len(indices) % step:
+            indices += [indices[-1]] * (step - len(indices) % step)
+        seconds = [index / source_fps for index in indices]
+        return tuple((seconds[i] + seconds[i + step - 1]) / 2 for i in range(0, len(seconds), step))
+
     def _images(self, images) -> tuple[np.ndarray, np.ndarray]:
         images = [images] if isinstance(images, Image.Image) else list(images)
         if not images:

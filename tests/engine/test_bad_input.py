@@ -1,8 +1,9 @@
 """Bad input raises a clear ValueError, changes nothing, and the engine serves the next request."""
 
+import numpy as np
 import pytest
 
-from hf_reference import IMAGE_ID, VISION_END, VISION_START
+from hf_reference import IMAGE_ID, VIDEO_ID, VISION_END, VISION_START
 from mmserve import SamplingParams
 
 GOOD = {"prompt_token_ids": [11, 12, 13]}
@@ -22,6 +23,11 @@ GOOD = {"prompt_token_ids": [11, 12, 13]}
     # the test checkpoint's tokenizer has 1,011 tokens for a vocabulary of 1,000: this one had no
     # embedding row, and the answer was NaN logits and token 0 for good
     ({"prompt": "hi <|im_start|>"}, {}, r"token 1001 \('<\|im_start\|>'\), outside the model's vocabulary"),
+    ({"prompt_token_ids": [1, VISION_START, VIDEO_ID, VISION_END],
+      "multi_modal_data": {"video": (np.zeros((4, 32, 32, 3), np.uint8), {"fps": 0})}}, {}, "fps must be a positive"),
+    ({"prompt_token_ids": [1, VISION_START, VIDEO_ID, VISION_END],
+      "multi_modal_data": {"video": (np.zeros((4, 32, 32, 3), np.uint8), {"fps": 2, "frames_indices": [0, 1]})}},
+     {}, r"one index >= 0 per frame \(4\)"),
 ])
 def test_bad_input_raises_and_engine_serves_next(llm, prompt, params, message):
     free = llm.engine.kv.num_free_pages

@@ -56,6 +56,33 @@ def test_tokens_are_known_before_decoding(frames, size):
     assert processor.num_tokens_of_video(frames, *size) == placeholders
 
 
+@pytest.mark.parametrize("count, fps", [(8, 4), (60, 30), (300, 10), (9, 3)])
+def test_the_prompts_timestamps_are_transformers(count, fps):
+    """Each temporal patch is stamped with the seconds transformers' Qwen3-VL processor writes for
+    the same file: its frames sampled from the source's, at the source's frame rate."""
+    import re
+    import types
+
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from models.qwen3_vl_moe import load_model
+
+    raw = lossless_video(random_frames(5, count, 32, 32), fps=fps)
+    processor = tiny_processor()
+    sampling = types.SimpleNamespace(fps=processor.video.fps, min_frames=processor.video.min_frames,
+                                     max_frames=processor.video.max_frames)
+    indices = Qwen3VLVideoProcessor.sample_frames(sampling, VideoMetadata(total_num_frames=count, fps=fps))
+    stamps = Qwen3VLProcessor._calculate_timestamps(None, indices, fps, processor.temporal_patch_size)
+    model = load_model("tiny", weights=False)
+    prepared = prepare_prompt({"prompt": "<|vision_start|><|video_pad|><|vision_end|>",
+                               "multi_modal_data": {"video": [reader().video_from_url(video_data_url(raw), "v")]}},
+                              model)
+    text = model.tokenizer.decode(prepared.token_ids, skip_special_tokens=False)
+    assert re.findall(r"<[0-9.]+ seconds>", text) == [f"<{t:.1f} seconds>" for t in stamps]
+
+
 def test_a_video_longer_than_allowed_is_refused_before_decoding():
     raw = lossless_video(random_frames(2, 20, 64, 64), fps=4)  # 5 s
     with pytest.raises(InvalidRequest, match="lasts 5.0 s"):
@@ -115,7 +142,8 @@ def test_a_video_this_server_cannot_read_is_a_clear_400(raw, message):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_served_video_chat_equals_offline(server, offline, stream):
     frames = random_frames(4, 10, 64, 96)
-    sampled = frames[offline.model.processor.sample_frame_indices(10, 5.0)]
+    indices = offline.model.processor.sample_frame_indices(10, 5.0)
+    sampled = (frames[indices], {"fps": 5.0, "frames_indices": indices.tolist()})  # vLLM's (frames, metadata)
     want = offline.chat([{"role": "user", "content": [{"type": "video", "video": sampled},
                                                        {"type": "text", "text": "What happens?"}]}],
                         SamplingParams(temperature=0, max_tokens=10))[0]

@@ -50,18 +50,19 @@ class MediaReader:
         raw = self._read_url(url, "video", param)
         try:
             header = read_video_header(raw)
-            sampled = len(self.processor.sample_frame_indices(header.frames, header.fps))
+            sampled = self.processor.sample_frame_indices(header.frames, header.fps)
             if header.seconds > self.settings.max_video_seconds:
                 raise BadVideo(f"the video lasts {header.seconds:.1f} s, more than this server accepts "
                                f"({self.settings.max_video_seconds} s; see --max-video-seconds)")
             if header.width * header.height > self.settings.max_image_pixels:
                 raise BadVideo(f"the video's frames ({header.width}x{header.height}) have more pixels than this "
                                f"server accepts ({self.settings.max_image_pixels}; see --max-image-pixels)")
-            grid = self.processor.video_grid(sampled, header.height, header.width)
+            grid = self.processor.video_grid(len(sampled), header.height, header.width)
         except ValueError as error:  # BadVideo, or a size the processor refuses
             raise InvalidRequest(str(error), param) from None
         self._charge_tokens(self.processor.num_image_tokens(grid), "video", param)
-        return Visual(np.array([grid]), source=EncodedMedia("video", raw))
+        return Visual(np.array([grid]), source=EncodedMedia("video", raw),
+                      timestamps=self.processor.video_timestamps(sampled, header.fps))
 
     def from_base64(self, data: str, param: str) -> Visual:
         self._count("image", param)
