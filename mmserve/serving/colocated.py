@@ -12,6 +12,7 @@ waits forever.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import queue
 import threading
@@ -30,6 +31,9 @@ from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from models.qwen3_vl_moe import Model
 
 IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its inbox before looking again
+MEDIA_THREADS = 2
+"""Threads decoding clients' pictures and videos: a pool of their own, so a few long videos hold
+those and never the event loop's default executor, which every request passes through."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,16 +80,20 @@ class ColocatedBackend:
         self._last_turn = time.monotonic()
         self._failure: str | None = None
         self._stopping = False
+        self._media = concurrent.futures.ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="media-decode")
         self._thread = threading.Thread(target=self._run, name="colocated-engine", daemon=True)
         self._thread.start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        try:  # the router sends encoded images and videos; decoding them is CPU work for neither loop
-            prompt = await asyncio.to_thread(request.prompt.with_pixels, self._engine.model.processor)
-        except ValueError as error:
-            yield TokenEvent(request.request_id, [], error=str(error), invalid=isinstance(error, RequestRejected))
-            return
-        request = dataclasses.replace(request, prompt=prompt)
+        visuals = (*request.prompt.images, *request.prompt.videos)
+        if any(visual.pixel_values is None for visual in visuals):
+            try:  # the router sends encoded images and videos; decoding them is CPU work for neither loop
+                prompt = await asyncio.get_running_loop().run_in_executor(
+                    self._media, request.prompt.with_pixels, self._engine.model.processor)
+            except ValueError as error:
+                yield TokenEvent(request.request_id, [], error=str(error), invalid=isinstance(error, RequestRejected))
+                return
+            request = dataclasses.replace(request, prompt=prompt)
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         with self._lock:
             accepted = self._accepting and not self._stopping
@@ -136,6 +144,7 @@ class ColocatedBackend:
         self._stopping = True
         self._inbox.put(None)
         self._thread.join()
+        self._media.shutdown(wait=False, cancel_futures=True)
 
     @property
     def _healthy(self) -> bool:

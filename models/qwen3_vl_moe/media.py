@@ -89,14 +89,19 @@ class VideoHeader:
         return self.frames / self.fps
 
 
-def read_video_header(raw: bytes) -> VideoHeader:
-    """Counts the video stream's packets (one per frame) and reads its rate and frame size."""
+def read_video_header(raw: bytes, max_frames: int | None = None) -> VideoHeader:
+    """Counts the video stream's packets (one per frame) and reads its rate and frame size. With
+    ``max_frames`` the count stops past it (a caller refusing such a video need not demux the rest)."""
     try:
         with av.open(io.BytesIO(raw), mode="r") as container:
             stream = _video_stream(container)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             width, height = stream.codec_context.width, stream.codec_context.height
-            frames = sum(1 for packet in container.demux(stream) if packet.size)
+            frames = 0
+            for packet in container.demux(stream):
+                frames += 1 if packet.size else 0
+                if max_frames is not None and frames > max_frames:
+                    break
     except (av.FFmpegError, UnicodeDecodeError) as error:  # PyAV decodes the container's tags as UTF-8
         raise BadVideo(f"the data is not a video this server can read: {error}") from None
     if not rate or rate <= 0:
@@ -119,10 +124,12 @@ def decode_sampled_frames(raw: bytes, header: VideoHeader, processor: Processor)
         with av.open(io.BytesIO(raw), mode="r") as container:
             stream = _video_stream(container)
             for index, frame in enumerate(container.decode(stream)):
+                # every frame, not only the sampled ones: the header's size is what the router held to
+                # its pixel limit, and larger frames between the sampled ones would cost their decoding
+                if (frame.height, frame.width) != (header.height, header.width):
+                    raise BadVideo("the video's frames change size")
                 if index in targets:
                     pixels = frame.to_ndarray(format="rgb24")
-                    if pixels.shape[:2] != (header.height, header.width):
-                        raise BadVideo("the video's frames change size")
                     keep[index] = resize_bicubic_uint8(pixels[None], *size)[0] if stable and size != pixels.shape[:2] \
                         else pixels
                 if index >= last:

@@ -156,3 +156,25 @@ def test_served_video_chat_equals_offline(server, offline, stream):
     text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream \
         else reply.choices[0].message.content
     assert text == want.outputs[0].text
+
+
+def test_every_frame_is_held_to_the_headers_size_not_only_the_sampled_ones():
+    """Frames between the sampled ones larger than the header says (what the router held to its
+    pixel limit) cost their decoding: the first one ends it."""
+    from videos import size_switching_video
+
+    processor = tiny_processor()
+    small_at = set(processor.sample_frame_indices(20, 10.0).tolist())
+    raw = size_switching_video(20, 10, small_at, big=(256, 256))
+    header = read_video_header(raw)
+    assert (header.width, header.height) == (64, 64) and set(processor.sample_frame_indices(header.frames, header.fps)
+                                                             .tolist()) == small_at
+    with pytest.raises(ValueError, match="frames change size"):
+        decode_sampled_frames(raw, header, processor)
+
+
+def test_a_video_of_more_frames_than_allowed_is_refused_before_decoding():
+    raw = lossless_video(random_frames(2, 12, 32, 32), fps=24)
+    reader(max_video_frames=12).video_from_url(video_data_url(raw), "v")
+    with pytest.raises(InvalidRequest, match="more than 11 frames"):
+        reader(max_video_frames=11).video_from_url(video_data_url(raw), "v")

@@ -49,8 +49,11 @@ class MediaReader:
         """A ``video_url``'s video: a data URL, a ``file://`` URL or a local path."""
         raw = self._read_url(url, "video", param)
         try:
-            header = read_video_header(raw)
+            header = read_video_header(raw, self.settings.max_video_frames)
             sampled = self.processor.sample_frame_indices(header.frames, header.fps)
+            if header.frames > self.settings.max_video_frames:
+                raise BadVideo(f"the video has more than {self.settings.max_video_frames} frames, the most this server "
+                               "accepts (see --max-video-frames)")
             if header.seconds > self.settings.max_video_seconds:
                 raise BadVideo(f"the video lasts {header.seconds:.1f} s, more than this server accepts "
                                f"({self.settings.max_video_seconds} s; see --max-video-seconds)")

@@ -48,6 +48,10 @@ class RouterSettings:
     max_video_seconds: float = 600.0
     """longest video a request may carry, in seconds (its frames counted before any is decoded); longer
     is a 400. Each video frame is also held to --max-image-pixels"""
+    max_video_frames: int = 18000
+    """most frames a video may have (counted before any is decoded; ten minutes at 30 fps); more is
+    a 400. Decoding reads every frame up to the last one sampled, so this bounds a video's decoding
+    time whatever its frame rate"""
     max_queued_requests: int = 256
     """requests that may wait for capacity once the workers hold all they can; beyond them a request
     gets 429 with Retry-After"""
@@ -61,7 +65,8 @@ class RouterSettings:
     slot freed"""
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request", "max_videos_per_request"):
+        for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request", "max_videos_per_request",
+                     "max_video_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("request_read_timeout", "queue_timeout_s", "stream_stall_timeout_s", "max_video_seconds",
