@@ -3,6 +3,7 @@ transformers reference models and checkpoint writers) imports from any test."""
 
 import gc
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from mmserve.engine.warmup import CACHE_ENV, use_compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 NO_OPTIMIZATIONS_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+_OWN_CACHE: list[str | None] = [None]
 
 
 def _true(value: str) -> bool:
@@ -40,8 +42,15 @@ def pytest_configure(config):
     # (tests/models/conftest.py). JAX_DISABLE_MOST_OPTIMIZATIONS=false runs everything optimised.
     os.environ.setdefault(NO_OPTIMIZATIONS_ENV, "true")
     jax.config.update("jax_disable_most_optimizations", _true(os.environ[NO_OPTIMIZATIONS_ENV]))
-    os.environ.setdefault(CACHE_ENV, tempfile.mkdtemp(prefix="mmserve-jax-cache-"))
+    if CACHE_ENV not in os.environ:  # this run's own, removed when it ends (pytest_unconfigure)
+        os.environ[CACHE_ENV] = _OWN_CACHE[0] = tempfile.mkdtemp(prefix="mmserve-jax-cache-")
     use_compilation_cache(os.environ[CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    """Each run's compiled programs (tens to hundreds of MB) were left in /tmp for good."""
+    if _OWN_CACHE[0]:
+        shutil.rmtree(_OWN_CACHE[0], ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -81,9 +82,25 @@ def on_multi_host_tpu(env: Mapping[str, str] = os.environ) -> bool:
 def initialize(cluster: Cluster, env: Mapping[str, str] = os.environ) -> None:
     """Starts the multi-controller runtime if this role spans processes; call before any JAX use."""
     if cluster.num_processes > 1:
-        jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)
+        jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id,
+                                   coordinator_bind_address=coordinator_bind_address(cluster.coordinator_address))
     elif on_multi_host_tpu(env):
         jax.distributed.initialize()
+
+
+def coordinator_bind_address(coordinator_address: str | None) -> str | None:
+    """Where process 0's coordinator listens: its own address when that names an IP (loopback
+    included), since jax otherwise listens on every interface ([::]:port) and its coordination
+    service takes anyone's calls; None (every interface) for a name, such as a Kubernetes
+    service's, which a socket cannot bind."""
+    if not coordinator_address:
+        return None
+    host = coordinator_address.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return coordinator_address
 
 
 def leader_host(cluster: Cluster, env: Mapping[str, str] = os.environ) -> str:

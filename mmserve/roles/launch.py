@@ -16,9 +16,11 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, MissingCredential
@@ -45,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="router: gRPC port where workers register")
     group.add_argument("--registry-host", default=None,
                        help="router: address the worker registry listens on (default: --host)")
+    group.add_argument("--registry-socket", default=None, metavar="PATH",
+                       help="router: a Unix socket the worker registry listens on instead of --registry-host/"
+                            "--registry-port (workers: --router-url unix:PATH); --role all puts its own in a "
+                            "directory only its user can enter")
+    group.add_argument("--grpc-socket", default=None, metavar="PATH",
+                       help="worker: a Unix socket its gRPC service listens on instead of --host/--port")
     group.add_argument("--bootstrap-port", type=tcp_port, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
     group.add_argument("--workers", type=worker_counts, default="encode=1,prefill=1,decode=1", metavar="ROLE=N,...",
@@ -111,7 +119,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
             return follow_leader(args.role, model, engine, layout, lockstep, transfer)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
-                     model.fingerprint, transfer.advertise_host)
+                     model.fingerprint, transfer.advertise_host, args.grpc_socket)
     finally:
         lockstep.close()
     return 0
@@ -272,7 +280,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     app = build_app(backend, frontend, settings, on_shutdown=feed.close)
 
     async def main() -> None:
-        registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port)
+        registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port, args.registry_socket)
         try:
             await serve_http(app, backend, args.host, args.port, args.log_level)
         finally:
@@ -293,19 +301,25 @@ def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:
         len(prompt.token_ids) // page_size, lambda start, end: prompt.token_ids[start:end])
 
 
-def all_commands(args: argparse.Namespace, argv: list[str], registry_port: int,
+def all_commands(args: argparse.Namespace, argv: list[str], sockets: str,
                  bootstrap_port: int) -> dict[str, list[str]]:
     """``--role all``'s child processes, by name: the router and the workers. Only the router's
-    HTTP port listens where ``--host`` says; the registries, the workers and their KV events stay
-    on loopback. The secret is not among the flags: the children get it in their environment."""
+    HTTP port listens where ``--host`` says. The worker registry and the workers' gRPC services
+    listen on Unix sockets in the directory ``sockets``, which only this user can enter: a TCP port
+    on loopback is open to every local user, who could take one while it is free (a child
+    restarting) and collect the token the workers send with every call. The transfer's bootstrap
+    registry and KV events stay on loopback TCP (their messages are signed or encrypted). The
+    secret is not among the flags: the children get it in their environment."""
     base = [sys.executable, os.path.abspath(sys.argv[0]),
             *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
-    worker = base + ["--router-url", f"127.0.0.1:{registry_port}", "--bootstrap",
+    registry = os.path.join(sockets, "registry.sock")
+    worker = base + ["--router-url", f"unix:{registry}", "--bootstrap",
                      f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0", "--host", "127.0.0.1"]
-    commands = {"router": base + ["--role", "router", "--registry-port", str(registry_port),
+    commands = {"router": base + ["--role", "router", "--registry-socket", registry,
                                   "--registry-host", "127.0.0.1", "--bootstrap-port", str(bootstrap_port)]}
     workers = worker_names(args.workers)
-    commands |= {name: worker + ["--role", role, "--name", name] for role, name in workers}
+    commands |= {name: worker + ["--role", role, "--name", name, "--grpc-socket", os.path.join(sockets, f"{name}.sock")]
+                 for role, name in workers}
     # Prefill and decode publish KV events (loopback, any free port, CurveZMQ keys from this run's
     # secret) so that the router knows which prompts prefill holds: a later turn of a chat then
     # asks prefill before encode instead of encoding its picture again for nothing.
@@ -327,7 +341,8 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     configure_logging("all", args.log_level)
     with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
         engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
-    commands = all_commands(args, argv, _free_port(), _free_port())
+    sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
+    commands = all_commands(args, argv, sockets, _free_port())
     env = os.environ | ClusterCredential.generate().environment()
     env.pop(SECRET_FILE_ENV, None)
     supervisor = Supervisor(commands, env).start()
@@ -339,6 +354,7 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
         pass
     finally:
         supervisor.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
     if not started:
         print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)
         return STARTUP_FAILURE
@@ -375,4 +391,5 @@ def _without(argv: list[str], flag: str) -> list[str]:
 
 
 def _strip_scheme(url: str) -> str:
-    return url.split("://", 1)[-1].rstrip("/")
+    """A gRPC target from a URL: http://HOST:PORT/ -> HOST:PORT; unix:PATH stays as it is."""
+    return url if url.startswith("unix:") else url.split("://", 1)[-1].rstrip("/")

@@ -155,11 +155,12 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 
 def serve_worker(service: WorkerService, host: str, port: int, router: str | None, token: str,
-                 model_fingerprint: str, advertise_host: str = "") -> None:
+                 model_fingerprint: str, advertise_host: str = "", unix_socket: str | None = None) -> None:
     """Serves until interrupted, registering with the router's registry at ``router`` under the
-    address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``, as a worker
-    of the model ``model_fingerprint`` (``Model.fingerprint``). Calls in either direction carry the
-    cluster ``token``; calls without it are refused."""
+    address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``, or the Unix
+    socket ``unix_socket`` it listens on instead when given; as a worker of the model
+    ``model_fingerprint`` (``Model.fingerprint``). Calls in either direction carry the cluster
+    ``token``; calls without it are refused."""
     role = service.loop.role
     # a thread per request the role holds (a Prefill stream keeps its thread; on decode, the routers' token
     # streams keep one each) and some for control calls
@@ -168,9 +169,13 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)], interceptors=[auth.TokenCheck(token)])
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if unix_socket:
+        server.add_insecure_port(f"unix:{unix_socket}")
+        address = f"unix:{unix_socket}"
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{advertise_host or host}:{bound}"
     server.start()
-    address = f"{advertise_host or host}:{bound}"
     log.info("%s worker %s serving on %s", role.role, role.name, address)
     stop = threading.Event()
     if router:
@@ -190,8 +195,8 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
 def _register_forever(router: str, token: str, role: Role, address: str, model_fingerprint: str,
                       stop: threading.Event) -> None:
     cache = role.prefix_cache()
-    if cache is not None:
-        cache = cache.dialled_at(address.rpartition(":")[0])
+    if cache is not None:  # a worker on a Unix socket is on the router's host
+        cache = cache.dialled_at("127.0.0.1" if address.startswith("unix:") else address.rpartition(":")[0])
     kv_pages, kv_page_size = role.kv_reserve()
     refusal = ""
     with auth.channel(router, token) as channel:

@@ -197,10 +197,11 @@ class WorkerPool(pb_grpc.RegistryServicer):
         return sum(w.capacity for w in self.live(role))
 
 
-async def serve_registry(pool: WorkerPool, host: str, port: int) -> grpc.aio.Server:
-    """The worker registry; only callers holding the pool's cluster token may register."""
+async def serve_registry(pool: WorkerPool, host: str, port: int, unix_socket: str | None = None) -> grpc.aio.Server:
+    """The worker registry, on ``host:port`` or the Unix socket ``unix_socket``; only callers
+    holding the pool's cluster token may register."""
     server = grpc.aio.server(interceptors=[auth.AsyncTokenCheck(pool.token)])
     pb_grpc.add_RegistryServicer_to_server(pool, server)
-    server.add_insecure_port(f"{host}:{port}")
+    server.add_insecure_port(f"unix:{unix_socket}" if unix_socket else f"{host}:{port}")
     await server.start()
     return server

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -126,7 +127,8 @@ def test_video_chat_through_the_roles_equals_colocated(server, llm, stream):
     from videos import lossless_video, random_frames, video_data_url
 
     frames = random_frames(5, 12, 64, 64)
-    sampled = frames[llm.model.processor.sample_frame_indices(12, 4.0)]
+    indices = llm.model.processor.sample_frame_indices(12, 4.0)
+    sampled = (frames[indices], {"fps": 4.0, "frames_indices": indices.tolist()})  # vLLM's (frames, metadata)
     want = llm.chat([{"role": "user", "content": [{"type": "video", "video": sampled},
                                                    {"type": "text", "text": "What happens?"}]}],
                     SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0].text
@@ -297,20 +299,64 @@ def test_role_all_hands_its_secret_down_in_the_environment_not_argv(server):
     assert len(children) == 4
     secrets_seen = set()
     for pid in children:
+        if os.geteuid() != 0:  # a non-dumpable process's environ is root's alone (mmserve/core_dumps.py)
+            with pytest.raises(PermissionError):
+                open(f"/proc/{pid}/environ", "rb").read()
+            continue
         environ = dict(item.split("=", 1) for item in
                        open(f"/proc/{pid}/environ", "rb").read().decode().split("\0") if "=" in item)
         secret = environ[SECRET_ENV]
         secrets_seen.add(secret)
         assert secret not in open(f"/proc/{pid}/cmdline", "rb").read().decode()
-    assert len(secrets_seen) == 1 and len(secrets_seen.pop()) >= 32
+    assert os.geteuid() != 0 or (len(secrets_seen) == 1 and len(secrets_seen.pop()) >= 32)
+
+
+def _children_argv(process) -> list[list[str]]:
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    return [open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0") for pid in children]
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_role_all_keeps_its_grpc_surfaces_on_unix_sockets_only_its_user_can_reach(server):
+    """A loopback TCP port is open to every local user, who could take it while it is free (a
+    child restarting) and collect the token each worker sends with every call; a Unix socket in a
+    0700 directory is this user's alone."""
+    process, _ = server
+    argvs = _children_argv(process)
+    router = next(a for a in argvs if _flag(a, "--role") == "router")
+    workers = [a for a in argvs if _flag(a, "--role") != "router"]
+    registry = _flag(router, "--registry-socket")
+    directory = os.path.dirname(registry)
+    assert os.stat(directory).st_mode & 0o777 == 0o700 and os.stat(directory).st_uid == os.getuid()
+    assert stat.S_ISSOCK(os.stat(registry).st_mode) and "--registry-port" not in router
+    assert {_flag(a, "--router-url") for a in workers} == {f"unix:{registry}"}
+    for argv in workers:
+        assert os.path.dirname(_flag(argv, "--grpc-socket")) == directory
+        assert stat.S_ISSOCK(os.stat(_flag(argv, "--grpc-socket")).st_mode)
+
+
+def test_no_process_of_role_all_writes_a_core_file_holding_its_secret(server):
+    process, _ = server
+    pids = [process.pid, *map(int, subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                  text=True).stdout.split())]
+    assert len(pids) == 5
+    for pid in pids:
+        limits = open(f"/proc/{pid}/limits").read()
+        assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.M), limits
 
 
 def test_role_all_stops_every_process_it_started(server):
     process, _ = server
+    sockets = os.path.dirname(_flag(next(a for a in _children_argv(process) if "--registry-socket" in a),
+                                    "--registry-socket"))
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
     left = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
     assert left == [], "serve.py --role all left processes behind"
+    assert not os.path.exists(sockets)
 
 
 def test_role_all_starts_the_workers_it_is_told_and_a_shared_prefix_goes_to_one(tmp_path):

@@ -28,7 +28,7 @@ def test_role_all_puts_only_the_routers_http_port_where_host_says():
     from mmserve.roles.launch import all_commands
 
     argv = ["--role", "all", "--host", "0.0.0.0", "--port", "8000", "--workers", "prefill=2"]
-    commands = all_commands(build_parser().parse_args(argv), argv, 50001, 50002)
+    commands = all_commands(build_parser().parse_args(argv), argv, "/run/sockets", 50002)
     parsed = {name: build_parser().parse_args(command[2:]) for name, command in commands.items()}
     assert parsed["router"].role == "router"
     assert (parsed["router"].host, parsed["router"].port) == ("0.0.0.0", 8000)
@@ -36,4 +36,7 @@ def test_role_all_puts_only_the_routers_http_port_where_host_says():
     workers = {name: args for name, args in parsed.items() if name != "router"}
     assert sorted(workers) == ["decode", "encode", "prefill-0", "prefill-1"]
     assert {args.host for args in workers.values()} == {"127.0.0.1"}
-    assert {args.router_url for args in workers.values()} == {"127.0.0.1:50001"}
+    assert {args.router_url for args in workers.values()} == {"unix:/run/sockets/registry.sock"}
+    assert parsed["router"].registry_socket == "/run/sockets/registry.sock"
+    assert {name: args.grpc_socket for name, args in workers.items()} == {
+        name: f"/run/sockets/{name}.sock" for name in workers}

@@ -8,7 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 from mmserve.distributed import MeshLayout, MeshShape, make_mesh, partition_spec
 from models.qwen3_vl_moe.partitioning import KV_CACHE_AXES
-from mmserve.distributed.multihost import Cluster, add_cluster_flags, cluster_from_args, leader_host
+from mmserve.distributed.multihost import (Cluster, add_cluster_flags, cluster_from_args, coordinator_bind_address,
+                                          leader_host)
 
 
 def test_mesh_flag_parses_any_order_and_defaults_missing_axes_to_one():
@@ -66,3 +67,13 @@ def test_followers_reach_the_leader_at_the_coordinator_or_the_first_tpu_worker()
     assert leader_host(Cluster("10.0.0.5:8476", 2, 1), {}) == "10.0.0.5"
     assert leader_host(Cluster(), {"TPU_WORKER_HOSTNAMES": "t1v-w-0,t1v-w-1"}) == "t1v-w-0"
     assert leader_host(Cluster(), {})  # this host's own address, which only a leader publishes
+
+
+def test_the_coordinator_listens_on_its_own_address_when_that_is_an_ip():
+    """jax.distributed's coordinator listened on every interface ([::]:port) even for a loopback
+    address; a name (a Kubernetes service) cannot be bound, so it keeps every interface."""
+    assert coordinator_bind_address("127.0.0.1:8476") == "127.0.0.1:8476"
+    assert coordinator_bind_address("10.0.0.5:8476") == "10.0.0.5:8476"
+    assert coordinator_bind_address("[::1]:8476") == "[::1]:8476"
+    assert coordinator_bind_address("mmserve-prefill-0.mmserve:8476") is None
+    assert coordinator_bind_address(None) is None
