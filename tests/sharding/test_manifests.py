@@ -159,3 +159,34 @@ def test_every_process_gets_the_cluster_secret_from_the_same_kubernetes_secret(r
     env = {e["name"]: e for e in container["env"]}
     assert env[SECRET_ENV]["valueFrom"] == {"secretKeyRef": {"name": "mmserve-cluster", "key": "secret"}}
     assert not any("secret" in arg for arg in container["args"])
+
+
+@pytest.mark.parametrize("role", ["router", "encode", "prefill", "decode"])
+def test_no_container_can_gain_privileges(role, router):
+    container = router[0]["spec"]["template"]["spec"]["containers"][0] if role == "router" else _role(role)[3]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_the_router_runs_as_the_images_own_user_and_asks_for_an_api_key_from_a_secret(router):
+    pod = router[0]["spec"]["template"]["spec"]
+    uid = int(re.search(r"useradd .*--uid (\d+)", (ROOT / "deploy" / "Dockerfile").read_text()).group(1))
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid}
+    container = pod["containers"][0]
+    key_file = _flags(container["args"])["--api-key-file"]
+    mount = next(m for m in container["volumeMounts"] if key_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] and mount["readOnly"]
+
+
+def test_only_the_deployments_pods_reach_its_ports_but_the_routers_http_one():
+    policies = {d["metadata"]["name"]: d["spec"] for d in _documents(K8S / "networkpolicy.yaml")}
+    internal, http = policies["mmserve-internal"], policies["mmserve-router-http"]
+    assert internal["podSelector"]["matchLabels"] == {"app": "mmserve"} and internal["policyTypes"] == ["Ingress"]
+    assert internal["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"app": "mmserve"}}}]}]
+    assert http["podSelector"]["matchLabels"] == {"app": "mmserve", "role": "router"}
+    deployment, service = _by_kind(K8S / "router.yaml")["Deployment"], _by_kind(K8S / "router.yaml")["Service"]
+    http_port = _ports(deployment["spec"]["template"]["spec"]["containers"][0])["http"]
+    assert http["ingress"] == [{"ports": [{"port": http_port, "protocol": "TCP"}]}]
+    assert deployment["spec"]["template"]["metadata"]["labels"].items() >= http["podSelector"]["matchLabels"].items()
+    for role in ROLES:
+        assert _role(role)[2]["metadata"]["labels"].items() >= internal["podSelector"]["matchLabels"].items()
