@@ -52,6 +52,39 @@ def open_image(raw: bytes) -> Image.Image:
         raise BadMedia(f"the image cannot be decoded: {type(error).__name__}: {error}") from None
 
 
+_ORIENTATION = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+"""How to turn an image stored with an EXIF orientation upright (Pillow's ``ImageOps.exif_transpose``)."""
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) the file's header gives (1: none, or unreadable), read without
+    decoding the pixels, so the router (which reads headers only) and the worker (which decodes)
+    agree on it: JPEG's and WebP's EXIF, a PNG's eXIf chunk when it comes before the pixels, TIFF's
+    tags."""
+    try:
+        if image.format == "TIFF":
+            value = image.getexif().get(_ORIENTATION, 1)
+        else:
+            exif = image.info.get("exif")
+            if not exif:
+                return 1
+            tags = Image.Exif()
+            tags.load(exif)
+            value = tags.get(_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the image as stored
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) once upright, as transformers' ``load_image`` turns a file upright."""
+    transposed = orientation(image) in (5, 6, 7, 8)
+    return (image.width, image.height) if transposed else (image.height, image.width)
+
+
 def verify_image(raw: bytes) -> None:
     """Pillow's cheap check of the file's structure without decoding its pixels (a PNG's chunks and
     their checksums, a truncated file): catches most broken files at the door."""
@@ -64,10 +97,15 @@ def verify_image(raw: bytes) -> None:
 
 
 def decode_image(raw: bytes) -> Image.Image:
-    """The whole image decoded, so a truncated or bogus file fails here and not in the processor."""
+    """The whole image decoded, so a truncated or bogus file fails here and not in the processor,
+    and turned upright by its EXIF orientation, as transformers' ``load_image`` does (a phone's
+    photo is stored sideways with orientation 6)."""
     try:
         image = open_image(raw)
+        turn = _UPRIGHT.get(orientation(image))
         image.load()
+        if turn is not None:
+            image = image.transpose(turn)
     except BadMedia:
         raise
     except Exception as error:  # truncated data, a broken codec stream, a decompression bomb

@@ -201,3 +201,29 @@ def test_a_local_path_that_is_not_a_regular_file_is_refused_without_reading_it(t
     with pytest.raises(InvalidRequest, match="not a regular file"):
         local.from_url(f"file://{tmp_path / 'pipe.png'}", "messages[0].content[0]")
     assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_stored_sideways_is_turned_upright_as_transformers_loads_it(orientation, tmp_path):
+    """A phone stores a portrait photo landscape with EXIF orientation 6; transformers' load_image
+    turns every file upright (``ImageOps.exif_transpose``). The router's grid (from the header) and
+    the decoded patches equal the processor's on transformers' upright image."""
+    from transformers.image_utils import load_image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from mmserve.serving.router.media import MediaReader
+    from mmserve.serving.router.settings import RouterSettings
+    from models.qwen3_vl_moe.processor import Processor
+
+    stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (96, 192, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    processor = Processor.default().with_pixel_limits(min_pixels=32 * 32, max_pixels=128 * 128)
+    processor.save(tmp_path)
+    reference = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)(images=[load_image(url)], return_tensors="np")
+    visual = MediaReader(RouterSettings("tiny", 4096), processor).from_url(url, "image_url")
+    assert visual.grid_thw.tolist() == reference["image_grid_thw"].tolist()
+    np.testing.assert_array_equal(with_pixels(visual, processor).pixel_values, reference["pixel_values"])

@@ -30,7 +30,7 @@ from mmserve.engine.inputs import EncodedMedia, Visual
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.media_fetch import fetch_media
 from mmserve.serving.router.settings import RouterSettings
-from models.qwen3_vl_moe.media import BadMedia, BadVideo, open_image, read_video_header, verify_image
+from models.qwen3_vl_moe.media import BadMedia, BadVideo, open_image, read_video_header, upright_size, verify_image
 from models.qwen3_vl_moe.processor import Processor
 
 
@@ -142,7 +142,7 @@ class MediaReader:
         if image.width * image.height > self.settings.max_image_pixels:
             raise self._too_many_pixels(f"{image.width}x{image.height}", param)
         try:
-            grid = self.processor.image_grid(image.height, image.width)
+            grid = self.processor.image_grid(*upright_size(image))
         except ValueError as error:  # an aspect ratio the processor refuses
             raise InvalidRequest(f"the image cannot be processed: {error}", param) from None
         self._charge_tokens(self.processor.num_image_tokens(grid), "image", param)
