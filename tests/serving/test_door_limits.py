@@ -213,6 +213,24 @@ def test_client_leaving_mid_body_logs_no_traceback(door):
     assert_serves(door)
 
 
+def test_client_leaving_before_its_whole_answer_logs_no_traceback(door):
+    """A non-streamed answer's client leaving midway: the answer is gathered by ``asyncio.gather``,
+    whose cancellation raised out of the handler ("Exception in ASGI application") instead of
+    ending it as a 499."""
+    aborted = aborted_chats(door)
+    body = json.dumps(chat("tell me everything", max_tokens=200, n=8)).encode()
+    with connect(door) as sock:
+        sock.sendall(headers(CHAT, f"Content-Length: {len(body)}") + body)
+        time.sleep(0.3)
+    deadline = time.monotonic() + QUICK_S
+    while aborted_chats(door) < aborted + 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborted_chats(door) == aborted + 8  # each choice
+    log = door.log()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert_serves(door)
+
+
 def keep_alive_request(server: ServerProcess, method: str, path: str, body) -> tuple[int, object]:
     """As a keep-alive client (the ``openai`` client's httpx) sends it, so an answer that comes before
     the whole body was read still reaches the client (``request`` asks the server to close, and the

@@ -211,14 +211,18 @@ async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]
             pass
 
     task, watcher = asyncio.ensure_future(work()), asyncio.ensure_future(watch())
+    left = False
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
+            left = True
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    return None if task.cancelled() else task.result()
+    # decided by who cancelled it, not by ``task.cancelled()``: ``work`` may return an
+    # ``asyncio.gather`` future, whose cancellation ends it with a CancelledError as its exception
+    return None if left else task.result()
 
 
 def sse(data: Any) -> str:
