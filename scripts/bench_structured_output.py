@@ -92,7 +92,7 @@ def main():
         times = []
         for i in range(args.steps + 3):
             start = time.perf_counter()
-            out, penalties = sample(logits, batch, penalties, jax.random.PRNGKey(i), token_bitmask)
+            out, penalties = sample(logits, batch, penalties, jax.random.PRNGKey(i), token_bitmask=token_bitmask)
             jax.block_until_ready(out)
             times.append(time.perf_counter() - start)
         timings[name] = statistics.median(times[3:])

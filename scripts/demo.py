@@ -20,6 +20,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,6 +68,12 @@ def main() -> int:
     except ImportError:
         raise SystemExit('the demo talks to the server with the openai client: pip install -e ".[client]"')
     url = f"http://127.0.0.1:{args.port}"
+    with socket.socket() as probe:  # else another server on the port would answer for this one
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as error:
+            raise SystemExit(f"demo: port {args.port} is not free ({error.strerror}): pick another with --port") from None
     if args.model == "tiny":
         print("demo: 'tiny' has random weights: expect gibberish; the pipeline and the API are what is shown")
     print(f"demo: starting serve.py --role all --model {args.model} on {url} (a few minutes on a small CPU host)")
@@ -86,8 +93,8 @@ def main() -> int:
         if args.model == "tiny":
             print(TINY_NOTE)
         return 0
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+    finally:  # serve.py --role all stops its own processes
+        server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
 
 

@@ -40,9 +40,11 @@ WORKER_ROLES = ("encode", "prefill", "decode")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("disaggregation")
     group.add_argument("--router-url", default=None,
-                       help="a worker registers at the router's worker registry, HOST:PORT (its --registry-port)")
+                       help="worker (required): the router's worker registry it registers at, HOST:PORT (the router's "
+                            "--registry-port) or unix:PATH (its --registry-socket)")
     group.add_argument("--bootstrap", default=None,
-                       help="a worker's transfer bootstrap registry, tcp://HOST:PORT (the router's --bootstrap-port)")
+                       help="worker (required): the transfer bootstrap registry, tcp://HOST:PORT (the router's "
+                            "--bootstrap-port)")
     group.add_argument("--registry-port", type=tcp_port, default=50051,
                        help="router: gRPC port where workers register")
     group.add_argument("--registry-host", default=None,
@@ -112,6 +114,8 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         return 2
     transfer = transfer_config(args, credential.transfer_key)
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    if not args.grpc_socket:
+        require_free_port(args.host, args.port, "--port")
     lockstep, layout = join_role(args, credential)
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, engine, layout)
@@ -250,7 +254,10 @@ def mesh_layout(args: argparse.Namespace):
     from mmserve.distributed.layout import MeshLayout
     from mmserve.distributed.mesh import make_mesh
 
-    return MeshLayout(make_mesh(args.mesh))
+    try:
+        return MeshLayout(make_mesh(args.mesh))
+    except ValueError as error:  # more or fewer devices than the mesh asks for
+        raise SystemExit(f"serve.py: --mesh {args.mesh}: {error}") from None
 
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
@@ -261,6 +268,8 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     from mmserve.serving.http_server import run_event_loop, serve_http
     from mmserve.serving.router import build_app
     from models.qwen3_vl_moe import load_model
+    import zmq
+
     from transfer.bootstrap import BootstrapServer
 
     configure_logging("router", args.log_level)
@@ -268,7 +277,14 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     if credential is None:
         return 2
     transfer = transfer_config(args, credential.transfer_key)
-    bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
+    require_free_port(args.host, args.port, "--port")
+    if not args.registry_socket:
+        require_free_port(args.registry_host or args.host, args.registry_port, "--registry-port")
+    try:
+        bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
+    except zmq.ZMQError as error:
+        raise SystemExit(f"serve.py: the transfer bootstrap registry cannot listen on --bootstrap-port "
+                         f"{args.bootstrap_port}: {error}") from None
     with model_errors_said(args.model):
         frontend = load_model(args.model, dtype=args.dtype, weights=False)
     index = PrefixIndex()
@@ -339,6 +355,7 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     from models.qwen3_vl_moe import load_model
 
     configure_logging("all", args.log_level)
+    require_free_port(args.host, args.port, "--port")  # before any child: the router would fail on it, restarted
     with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
         engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
     sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
@@ -369,6 +386,20 @@ def cluster_credential(args: argparse.Namespace) -> ClusterCredential | None:
     except (MissingCredential, OSError, ValueError) as error:
         print(f"serve.py: {error}", file=sys.stderr)
         return None
+
+
+def require_free_port(host: str, port: int, flag: str) -> None:
+    """One line and exit when ``host:port`` is taken, said before minutes of loading and compiling
+    (a listener bound later would only fail then, with a traceback); port 0 is always free."""
+    if not port:
+        return
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
+            probe.bind((host, port))
+    except OSError as error:
+        raise SystemExit(f"serve.py: {flag} {port} on {host} is not free: {error.strerror or error}") from None
 
 
 def _free_port() -> int:

@@ -10,7 +10,9 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 REGISTER_INTERVAL_S = 1.0
 MAX_MESSAGE_BYTES = 256 * 2**20
 CONTROL_THREADS = 16
+UNREACHABLE_SAID_S = 10.0
+"""How long a worker tries to register with a router it cannot reach before it says so (a router
+starting up takes a few seconds; a wrong --router-url never answers)."""
 STOP_GRACE_S = 1.0
 """How long a stopping worker lets its open calls end by themselves before it cancels them."""
 
@@ -184,6 +189,10 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     try:
         server.wait_for_termination()
     finally:
+        # Stopping already: a second signal (Ctrl-C reaches the whole process group, then the
+        # supervisor's SIGTERM follows) would interrupt the stop below halfway and leave grpc's
+        # serving thread raising on a server shutting down.
+        _ignore_signals()
         # The calls still open first (a router's token stream, a Prefill waiting for its first
         # token), while the loop can still free what they hold: their threads would keep the
         # interpreter from exiting (it joins them), and a supervisor would never see this one die.
@@ -192,13 +201,19 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         service.loop.stop()
 
 
+def _ignore_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def _register_forever(router: str, token: str, role: Role, address: str, model_fingerprint: str,
                       stop: threading.Event) -> None:
     cache = role.prefix_cache()
     if cache is not None:  # a worker on a Unix socket is on the router's host
         cache = cache.dialled_at("127.0.0.1" if address.startswith("unix:") else address.rpartition(":")[0])
     kv_pages, kv_page_size = role.kv_reserve()
-    refusal = ""
+    refusal, unreachable_since = "", time.monotonic()  # each problem said once, not every heartbeat
     with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
@@ -210,12 +225,21 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
                     kv_events_replay_endpoint=cache.replay_endpoint if cache else "",
                     incarnation=role.incarnation(), kv_pages=kv_pages, kv_page_size=kv_page_size,
                     max_model_len=role.max_model_len(), model_fingerprint=model_fingerprint), timeout=2)
-                if not ack.ok and ack.error != refusal:  # said once, not every heartbeat
+                if refusal == "unreachable":
+                    log.info("router %s reached", router)
+                if not ack.ok and ack.error != refusal:
                     log.error("router %s refused the registration: %s", router, ack.error)
-                refusal = "" if ack.ok else ack.error
+                refusal, unreachable_since = ("" if ack.ok else ack.error), None
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
-                    log.error("router %s refused the registration: not the cluster's secret", router)
+                    if refusal != "secret":
+                        log.error("router %s refused the registration: not the cluster's secret", router)
+                    refusal = "secret"
                 else:
                     log.debug("router %s not reachable: %s", router, error.code())
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if refusal != "unreachable" and time.monotonic() - unreachable_since > UNREACHABLE_SAID_S:
+                        log.warning("router %s not reachable for %.0f s (%s): is --router-url right, and the router "
+                                    "up?", router, time.monotonic() - unreachable_since, error.code().name)
+                        refusal = "unreachable"
             stop.wait(REGISTER_INTERVAL_S)

@@ -26,7 +26,7 @@ from models.qwen3_vl_moe.model import DTYPES
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import (STARTUP_FAILURE, configure_logging, follow_leader, join_role, load_role_model,
-                                  transfer_config)
+                                  require_free_port, transfer_config)
 from mmserve.roles.supervisor import die_with_parent
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    http.add_argument("--port", type=tcp_port, default=8000, help="TCP port of the HTTP API")
+    http.add_argument("--port", type=tcp_port, default=8000,
+                      help="TCP port of the HTTP API (router, colocated, all); a worker's gRPC service (encode, prefill, "
+                           "decode; 0: any free port)")
     http.add_argument("--api-key-file", type=Path, default=None,
                       help=f"require 'Authorization: Bearer <key>' on /v1/* and /generate, the key read from this file "
                            f"(default: the key in ${API_KEY_ENV}; neither: no key). Never the key itself on the "
@@ -97,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     use_compilation_cache(args.compilation_cache)
     if args.role != "all":  # --role all's processes each trace themselves, with these same flags
         configure_tracing(config_from_args(TracingConfig, args, prefix="tracing_"), f"mmserve-{args.role}")
-    return LAUNCHERS[args.role](args)
+    try:
+        return LAUNCHERS[args.role](args)
+    except KeyboardInterrupt:  # Ctrl-C, even while loading or compiling: no traceback
+        return 130
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -127,6 +132,7 @@ def serve_colocated(args: argparse.Namespace) -> int:
 
     config = engine_config(args)
     configure_logging("colocated", args.log_level)
+    require_free_port(args.host, args.port, "--port")
     lockstep, layout = join_role(args)
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, config, layout)

@@ -230,6 +230,8 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
         path = Path(path)
+        if not (path / TOKENIZER_FILE).is_file():  # the tokenizers library would raise a bare Exception
+            raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE}")
         backend = BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
         config = _read_json(path / CONFIG_FILE) or {}
         template = config.pop("chat_template", None)

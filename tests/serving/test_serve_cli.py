@@ -138,3 +138,76 @@ def test_a_context_past_the_models_positions_is_one_line_before_anything_starts(
     monkeypatch.setenv("MMSERVE_CLUSTER_SECRET", "cli-test-secret-0123456789abcdef")
     with pytest.raises(SystemExit, match="max_model_len 8192 exceeds the model's max_position_embeddings 4096"):
         main(["--role", role, "--model", "tiny", "--port", "0", "--max-model-len", "8192"])
+
+
+@pytest.fixture
+def taken_port():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def _free() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--role", "colocated", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
+    (["--role", "all", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
+    (["--role", "router", "--port", "{free}", "--registry-port", "{taken}"], "--registry-port {taken} on"),
+    (["--role", "router", "--port", "{free}", "--registry-port", "{free}", "--bootstrap-port", "{taken}"],
+     "the transfer bootstrap registry cannot listen on --bootstrap-port {taken}"),
+    (["--role", "encode", "--port", "{taken}", "--router-url", "127.0.0.1:9", "--bootstrap", "tcp://127.0.0.1:9"],
+     "--port {taken} on 127.0.0.1 is not free"),
+    (["--role", "colocated", "--port", "{free}", "--mesh", "model=64"], "--mesh model=64: mesh"),
+])
+def test_a_port_taken_or_a_mesh_too_large_is_one_line_before_anything_loads(flags, reason, taken_port, monkeypatch):
+    """Said before minutes of loading and compiling (an HTTP port was found taken only after the
+    engine compiled; `--role all` restarted its router five times on it), and in one line."""
+    from mmserve.serving.cli import main
+
+    monkeypatch.setenv(SECRET_ENV, "cli-test-secret-0123456789abcdef")
+    values = {"taken": taken_port, "free": _free()}
+    with pytest.raises(SystemExit, match=reason.format(**values)):
+        main([*(f.format(**values) for f in flags), "--model", "tiny"])
+
+
+def test_a_checkpoint_without_its_tokenizer_is_one_line_naming_the_file(tmp_path):
+    import json
+
+    from mmserve.roles.launch import model_errors_said
+    from models.qwen3_vl_moe import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps(load_model("tiny", weights=False).config.to_hf()))
+    with pytest.raises(SystemExit, match=f"{tmp_path}: no tokenizer.json"):
+        with model_errors_said(str(tmp_path)):
+            load_model(tmp_path)
+
+
+def test_ctrl_c_while_starting_is_status_130_and_no_traceback(tmp_path):
+    """Ctrl-C while the engine compiles (minutes on a CPU) used to end in a KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    log = tmp_path / "serve.log"
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"sys.argv = {[str(SERVE), '--role', 'colocated', '--model', 'tiny', '--port', str(_free()), '--compilation-cache', '']!r}; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = os.environ | {SECRET_ENV: "cli-test-secret-0123456789abcdef"}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-c", launcher], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  cwd=REPO)
+    deadline = time.monotonic() + 120
+    while "weights loaded" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)  # compiling now
+    server.send_signal(signal.SIGINT)
+    assert server.wait(timeout=60) == 130
+    assert "Traceback" not in log.read_text(), log.read_text()
