@@ -80,8 +80,10 @@ class LeaderChannel:
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._socket.setsockopt(zmq.LINGER, 5000)
-        port = self._socket.bind_to_random_port(f"tcp://{_bind_host(advertise_host)}")
-        self.endpoint = f"tcp://{advertise_host}:{port}"
+        bind = _bind_host(advertise_host)
+        self._socket.setsockopt(zmq.IPV6, int(bind.startswith("[")))  # an IPv6 coordinator address ([::1])
+        port = self._socket.bind_to_random_port(f"tcp://{bind}")
+        self.endpoint = f"tcp://{_bracketed(advertise_host)}:{port}"
         self._expected = {routing_id(i) for i in range(1, num_followers + 1)}
         self._followers: list[bytes] = []
 
@@ -129,10 +131,16 @@ def _bind_host(advertise_host: str) -> str:
     """The advertised host when it is an address of this machine's (loopback, an IP); else every
     interface (a name such as a Kubernetes service's, which a socket cannot bind)."""
     try:
-        ipaddress.ip_address(advertise_host)
+        ipaddress.ip_address(advertise_host.strip("[]"))
     except ValueError:
         return "127.0.0.1" if advertise_host == "localhost" else "*"
-    return advertise_host
+    return _bracketed(advertise_host)
+
+
+def _bracketed(host: str) -> str:
+    """A host as a ZMQ endpoint writes it: an IPv6 address in brackets."""
+    host = host.strip("[]")
+    return f"[{host}]" if ":" in host else host
 
 
 class FollowerChannel:
@@ -141,6 +149,7 @@ class FollowerChannel:
         self._socket.setsockopt(zmq.ROUTING_ID, routing_id(process_index))
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IPV6, int("[" in endpoint))
         self._socket.connect(endpoint)
         self._socket.send(HELLO)
 

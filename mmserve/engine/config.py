@@ -15,7 +15,8 @@ class EngineConfig:
     num_pages: int | None = None
     """KV pages in the cache, page 0 being scratch (default: as many as --kv-cache-bytes holds)"""
     kv_cache_bytes: int = 256 * 2**20
-    """memory for the KV cache when --num-pages is not given"""
+    """memory for the KV cache when --num-pages is not given: the whole cache, over every device of
+    the role's mesh (each holds its share: plan_memory.py's "bytes, all" column)"""
     max_model_len: int = 2048
     """longest sequence, prompt plus output; longer requests are refused (a 400 over HTTP)"""
     max_num_seqs: int = 32

@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         config_from_args(TracingConfig, args, prefix="tracing_")
         transfer_config(args, "")
         cluster_from_args(args)
-        if args.mesh:
-            MeshShape.parse(args.mesh)
+        if args.mesh and MeshShape.parse(args.mesh).data > 1:
+            raise ValueError(f"--mesh {args.mesh}: the data axis does not split a role's batch yet, so each data "
+                             "replica would run every step whole; run more workers of the role instead "
+                             "(--workers, more pods)")
     except (ValueError, OSError) as error:  # OSError: an --api-key-file that cannot be read
         parser.error(str(error))
     if kv_events.enabled and args.role not in ("prefill", "decode"):

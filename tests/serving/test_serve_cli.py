@@ -103,6 +103,7 @@ def test_a_worker_without_the_cluster_secret_refuses_to_start():
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--port", "70000"], "a port is 0 to 65535, got 70000"),  # it listened on 70000 - 65536
     (["--mesh", "model=3x"], "bad size '3x'"),
+    (["--mesh", "data=2,model=2"], "the data axis does not split a role's batch yet"),
     (["--num-processes", "2"], "need a coordinator address"),
     (["--heartbeat-interval", "20"], "heartbeat_timeout_s must exceed heartbeat_interval_s"),
     (["--request-timeout", "nan"], "request_timeout_s >= 0 and finite"),

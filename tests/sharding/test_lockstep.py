@@ -104,6 +104,18 @@ def test_leader_gives_up_on_followers_that_never_come():
     channel.close()
 
 
+@pytest.mark.parametrize("host", ["[::1]", "::1"])
+def test_a_follower_reaches_a_leader_on_an_ipv6_address(host):
+    """A coordinator address such as [::1]:8476 names the leader's host: the channel used to bind
+    every IPv4 interface and never hear the follower, which waited out jax's shutdown barrier."""
+    channel = LeaderChannel(host, 1, KEYS)
+    assert channel.endpoint.startswith("tcp://[::1]:")
+    follower = FollowerChannel(channel.endpoint, 1, KEYS)
+    channel.wait_for_followers(timeout_s=10)
+    follower.close()
+    channel.close()
+
+
 def test_a_follower_cannot_call_and_a_leader_cannot_follow():
     channel = LeaderChannel("127.0.0.1", 0, KEYS)
     follower = Lockstep(FollowerChannel(channel.endpoint, 1, KEYS))

@@ -190,3 +190,19 @@ def test_only_the_deployments_pods_reach_its_ports_but_the_routers_http_one():
     assert deployment["spec"]["template"]["metadata"]["labels"].items() >= http["podSelector"]["matchLabels"].items()
     for role in ROLES:
         assert _role(role)[2]["metadata"]["labels"].items() >= internal["podSelector"]["matchLabels"].items()
+
+
+def test_every_role_serves_the_checkpoints_dtype_with_the_planned_kv_cache(router):
+    """Without these flags the manifests ran the 30B model in float32 with the default 256 MiB of
+    KV for the whole mesh: about 1,300 tokens, less than one image chat."""
+    import json
+
+    text = json.loads((ROOT / "deploy" / "configs" / "qwen3-vl-30b-a3b-instruct.json").read_text())["text_config"]
+    bytes_per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * text["head_dim"] * 2  # K, V; bf16
+    context = int(_flags(router[0]["spec"]["template"]["spec"]["containers"][0]["args"])["--max-model-len"])
+    for role in ROLES:
+        flags = _flags(_role(role)[3]["args"])
+        assert flags["--dtype"] == "bfloat16", role
+        if role != "encode":
+            assert int(flags["--max-model-len"]) == context
+            assert int(flags["--kv-cache-bytes"]) // bytes_per_token == 131072 >= context, role
