@@ -15,7 +15,7 @@ import sys
 _PR_SET_DUMPABLE = 4
 
 
-def forbid() -> None:
+def forbid_core_dumps() -> None:
     """Call first thing in a server process, before any secret is read."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if sys.platform.startswith("linux"):

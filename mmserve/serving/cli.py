@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mmserve import core_dumps
+from mmserve.core_dumps import forbid_core_dumps
 from mmserve.config_flags import DefaultsHelpFormatter, add_config_flags, config_from_args, tcp_port
 from mmserve.distributed.mesh import MeshShape
 from mmserve.distributed.multihost import cluster_from_args
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()  # started by --role all (or a test): ends with its parent, kill -9 included
-    core_dumps.forbid()  # before any secret is read
+    forbid_core_dumps()  # before any secret is read
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # a value the configs refuse is a usage error, said before anything starts

@@ -5,8 +5,8 @@ import sys
 
 PROBE = """
 import ctypes, resource
-from mmserve import core_dumps
-core_dumps.forbid()
+from mmserve.core_dumps import forbid_core_dumps
+forbid_core_dumps()
 print(resource.getrlimit(resource.RLIMIT_CORE), ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # 3: PR_GET_DUMPABLE
 """
 
