@@ -15,7 +15,7 @@ from mmserve.distributed.multihost import Cluster
 from mmserve.engine.config import EngineConfig
 from mmserve.serving.cli import ROUTER_FIXED, build_parser, engine_config, router_settings
 from mmserve.serving.router.settings import RouterSettings
-from server_process import REPO, SERVE
+from server_process import REPO, SERVE, free_port
 from transfer.config import SECRET_FIELDS, TransferConfig
 
 CONFIGS = ((EngineConfig, ()), (RouterSettings, ROUTER_FIXED), (TransferConfig, SECRET_FIELDS), (Cluster, ()))
@@ -151,14 +151,6 @@ def taken_port():
         yield holder.getsockname()[1]
 
 
-def _free() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("flags, reason", [
     (["--role", "colocated", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
     (["--role", "all", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
@@ -175,7 +167,7 @@ def test_a_port_taken_or_a_mesh_too_large_is_one_line_before_anything_loads(flag
     from mmserve.serving.cli import main
 
     monkeypatch.setenv(SECRET_ENV, "cli-test-secret-0123456789abcdef")
-    values = {"taken": taken_port, "free": _free()}
+    values = {"taken": taken_port, "free": free_port()}
     with pytest.raises(SystemExit, match=reason.format(**values)):
         main([*(f.format(**values) for f in flags), "--model", "tiny"])
 
@@ -199,7 +191,7 @@ def test_ctrl_c_while_starting_is_status_130_and_no_traceback(tmp_path):
 
     log = tmp_path / "serve.log"
     launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                f"sys.argv = {[str(SERVE), '--role', 'colocated', '--model', 'tiny', '--port', str(_free()), '--compilation-cache', '']!r}; "
+                f"sys.argv = {[str(SERVE), '--role', 'colocated', '--model', 'tiny', '--port', str(free_port()), '--compilation-cache', '']!r}; "
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
     env = os.environ | {SECRET_ENV: "cli-test-secret-0123456789abcdef"}
     with open(log, "w") as out:
