@@ -14,7 +14,9 @@ page is never written. A cached page that nobody holds stays in the :class:`Pref
 as free, until a fresh page is needed and it is evicted (least recently released first). A
 sequence released with its last page partial may leave that page as a tail (``free(...,
 tail=)``), which one later sequence starting with the same tokens takes as its own page
-(:meth:`longest_tail`, ``allocate(..., tail=)``) and writes past them.
+(:meth:`longest_tail`, ``allocate(..., tail=)``) and writes past them. A reader may hold a
+sequence's pages past its end (:meth:`share`): they stay as they are until it frees them too,
+and a tail the sequence left becomes one when the last holder lets go.
 """
 
 import collections
@@ -44,6 +46,8 @@ class KVCacheManager:
         self._page_tables: dict[Hashable, list[int]] = {}
         self._num_tokens: dict[Hashable, int] = {}
         self._refs = [0] * num_pages
+        self._tails_held: dict[int, Sequence[bytes]] = {}
+        """Partial pages released as tails while a reader still held them: page -> its tail keys."""
         self.prefix_cache = PrefixCache(on_evict=self._evicted)
         self.events: list[BlockStored | BlockRemoved] | None = None
         """When a list (``record_events``), every page cached and evicted is appended to it as a KV
@@ -139,6 +143,20 @@ class KVCacheManager:
         self._page_tables[seq_id] = list(cached) + own + self._take(self._pages_for(n_tokens) - taken)
         self._num_tokens[seq_id] = n_tokens
 
+    def share(self, seq_id: Hashable, reader: Hashable) -> None:
+        """``reader`` holds the sequence's pages as they are now, partial ones too, until
+        ``free(reader)``: it reads them and never writes them (prefill keeps a finished prompt's KV
+        until decode says which of its tokens to send). Nothing may write past the sequence's
+        tokens in a page a reader holds, so a sequence shared so should be done writing."""
+        self._require(seq_id)
+        if reader in self._page_tables:
+            raise ValueError(f"sequence {reader!r} already has pages")
+        table = self._page_tables[seq_id]
+        for page in table:
+            self._hold(page)
+        self._page_tables[reader] = list(table)
+        self._num_tokens[reader] = self._num_tokens[seq_id]
+
     def cache_pages(self, seq_id: Hashable, keys: Sequence[bytes],
                     token_ids: Callable[[int, int], list[int]] | None = None) -> None:
         """Names the sequence's first ``len(keys)`` pages (full, their KV written) by ``keys``, so
@@ -179,7 +197,7 @@ class KVCacheManager:
     def free(self, seq_id: Hashable, tail: tuple[int, Sequence[bytes]] | None = None) -> None:
         """Returns a sequence's pages (on finish, abort or preemption). ``tail`` = (i, keys): its
         page i is partial, its KV written for the first ``len(keys)`` tokens, which ``keys`` name
-        (:meth:`PageKeys.tail_keys`); unless another sequence holds it, it is kept as a tail."""
+        (:meth:`PageKeys.tail_keys`); it is kept as a tail once no reader (:meth:`share`) holds it."""
         self._require(seq_id)
         table = self._page_tables.pop(seq_id)
         tail_page = table[tail[0]] if tail is not None and tail[1] else None
@@ -187,11 +205,14 @@ class KVCacheManager:
         # the first evicted.
         for page in reversed(table):
             self._refs[page] -= 1
+            if page == tail_page:
+                self._tails_held[page] = tail[1]
             if self._refs[page] == 0:
+                tail_keys = self._tails_held.pop(page, None)
                 if self.prefix_cache.is_cached(page):
                     self.prefix_cache.idle(page)
-                elif page == tail_page:
-                    self.prefix_cache.add_tail(page, tail[1])
+                elif tail_keys is not None:
+                    self.prefix_cache.add_tail(page, tail_keys)
                 else:
                     self._free_pages.append(page)
         del self._num_tokens[seq_id]

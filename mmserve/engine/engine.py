@@ -237,6 +237,22 @@ class LLMEngine:
             self.scheduler.add(request)
         return request
 
+    def keep_kv(self, request_id: str) -> None:
+        """Called from ``on_finish``: the finishing request's pages, and the KV in them, stay as
+        they are after it ends, until :meth:`release_kv`. Prefill keeps a finished prompt's KV
+        so until decode says which of its tokens it holds, and then reads only the rest
+        (:meth:`read_kept_kv`), straight from the pages."""
+        self.kv.share(request_id, _kept(request_id))
+
+    def read_kept_kv(self, request_id: str, num_tokens: int, rows: int, start: int = 0):
+        """(k, v) rows of a kept request's tokens ``start..num_tokens-1`` (as ``runner.read_kv``)."""
+        return self.runner.read_kv(self.kv.page_table(_kept(request_id)), num_tokens, rows, start)
+
+    def release_kv(self, request_id: str) -> None:
+        """Lets go of a kept request's pages (none kept: nothing to do)."""
+        if _kept(request_id) in self.kv:
+            self.kv.free(_kept(request_id))
+
     def _unpin(self, request_id: str) -> None:
         """Lets go of the cached pages pinned for a request added on cached pictures, if any."""
         if _pin(request_id) in self.kv:
@@ -492,6 +508,11 @@ class LLMEngine:
 def _pin(request_id: str) -> tuple[str, str]:
     """The cache manager's sequence holding the pages pinned for a request (never a request id: a tuple)."""
     return ("pinned", request_id)
+
+
+def _kept(request_id: str) -> tuple[str, str]:
+    """The cache manager's sequence holding a finished request's pages for :meth:`LLMEngine.keep_kv`."""
+    return ("kept", request_id)
 
 
 def _grids(visuals: list[Visual]):

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 import jax
+import msgspec
 from opentelemetry.context import Context
 
 from mmserve.distributed.layout import MeshLayout
@@ -55,7 +56,8 @@ class PrefillRecord(RoleRequest[PrefillState]):
 
     TRANSITIONS = PREFILL_TRANSITIONS
     INITIAL = frozenset({PrefillState.WAITING_FOR_EMBEDDINGS, PrefillState.PREFILLING})
-    HOPS = {PrefillState.WAITING_FOR_EMBEDDINGS: "receive embeddings", PrefillState.SENDING_KV: "send KV"}
+    HOPS = {PrefillState.WAITING_FOR_EMBEDDINGS: "receive embeddings", PrefillState.AWAITING_DECODE: "await decode",
+            PrefillState.SENDING_KV: "send KV"}
 
     prompt: PreparedPrompt
     params: SamplingParams
@@ -66,6 +68,8 @@ class PrefillRecord(RoleRequest[PrefillState]):
     """Its embedding room is open: rows are still to come (the prompt may be prefilling already)."""
     chunks_given: int = 0
     """Embedding chunks handed to the engine so far."""
+    kv: TransferInfo | None = None
+    """Its KV room's record (length, first token), once the prompt is done."""
 
 
 PREFILL_PROGRAMS = frozenset({"prefill", "kv_read"})
@@ -198,7 +202,9 @@ class PrefillRole:
                 self._requests.finish(record.request_id, PrefillState.FAILED, f"its embeddings do not fit: {error}")
 
     def _send(self) -> None:
-        self._outbox.flush()  # reads the sender's socket too
+        self.sender.progress(0)  # registrations: a kept prompt's KV is read for its decode
+        self._read_kept()
+        self._outbox.flush()
         for record in self._requests:
             state = self.sender.poll(record.room)
             if state is PollState.SUCCESS:
@@ -222,6 +228,7 @@ class PrefillRole:
                 close_room(self.receiver, record.room, record.reason)
             if was is PrefillState.PREFILLING:
                 self.engine.abort(record.request_id)
+            self.engine.release_kv(record.request_id)  # kept for a decode that never came
             self._outbox.drop(record.room)
             close_room(self.sender, record.room, record.reason)
 
@@ -297,32 +304,63 @@ class PrefillRole:
         """Called as the request finishes at its first token, before its pages are freed: streams
         that token to the router, then copies the KV out (the token does not wait for the copy:
         ~0.7 ms of a first token's ~16 on this CPU's ``--role all``). Only a PREFILLING record has
-        a request in the engine (leaving that state aborts it there). A copy that fails fails the
-        KV room (and so the request, whose decode tells the router) and lets the engine free it."""
+        a request in the engine (leaving that state aborts it there).
+
+        The copy reads only the tokens decode does not hold, so it waits for decode's
+        registration, which says how many it holds: when none has come yet (decode waits for
+        another request's pages to land before it registers one sharing them), the request's
+        pages are kept (AWAITING_DECODE) and read once it comes (:meth:`_read_kept`); reading
+        them all now would leave the sender to write the rows into its pool and read the part
+        decode lacks back out of it (two more copies)."""
         record = self._requests[request.request_id]
         self._stream_first(record, RequestOutput.of(request))
-        record.move(PrefillState.SENDING_KV)
-        n = request.num_computed
-        if not self.sender.allocator.can_ever_hold(n):  # waiting for blocks would never help
-            self._fail_room(record.room, f"its KV of {n} tokens exceeds the whole sender pool")
-            return
-        with self.lock:  # a registration waiting on the socket says what decode holds
-            self.sender.progress(0)
-            held = self.sender.receiver_holds(record.room) or 0
-        start = held if held < n else 0  # a decode holding everything fails the room (nothing to send)
-        try:  # in the transfer's bucket, as the sender offers a room that goes in one chunk
-            rows = self.sender.buffers.bucket(n - start)
-            k, v = jax.device_put(self.engine.runner.read_kv(page_table, n, rows, start),
-                                  self.sender.buffers.sharding)
-        except Exception as error:
-            log.exception("reading the KV of %s failed", request.request_id)
-            self._fail_room(record.room, f"could not read its KV: {error}")
-            return
-        aux = {"rope_delta": request.rope_delta, **record.hop_carrier()}
+        aux = {"rope_delta": request.rope_delta}
         if request.logprobs:
             first = request.logprobs[0]
             aux |= {"logprob": first.logprob, "top_ids": list(first.top), "top_logprobs": list(first.top.values())}
-        info = TransferInfo(TransferMode.KV, n, aux=aux, first_token=request.output_ids[0])
+        record.kv = TransferInfo(TransferMode.KV, request.num_computed, aux=aux, first_token=request.output_ids[0])
+        with self.lock:  # a registration waiting on the socket says what decode holds
+            self.sender.progress(0)
+            registered = self.sender.receiver_holds(record.room) is not None
+        if registered:
+            record.move(PrefillState.SENDING_KV)
+            self._read(record, lambda rows, start: self.engine.runner.read_kv(page_table, record.kv.total_tokens,
+                                                                               rows, start))
+        else:
+            record.move(PrefillState.AWAITING_DECODE)
+            self.engine.keep_kv(request.request_id)
+
+    def _read_kept(self) -> None:
+        """Reads the kept KV of every request whose decode has registered since (the loop
+        thread, between steps: the engine's cache is not in use)."""
+        for record in self._requests.in_state(PrefillState.AWAITING_DECODE):
+            if self.sender.receiver_holds(record.room) is None:
+                continue
+            record.move(PrefillState.SENDING_KV)
+            try:
+                self._read(record, lambda rows, start: self.engine.read_kept_kv(
+                    record.request_id, record.kv.total_tokens, rows, start))
+            finally:
+                self.engine.release_kv(record.request_id)
+
+    def _read(self, record: PrefillRecord, read_kv: Callable) -> None:
+        """Reads the tokens of the request's KV that decode does not hold into rows of their own and
+        puts them in the outbox. A copy that fails fails the KV room (and so the request, whose
+        decode tells the router)."""
+        n = record.kv.total_tokens
+        if not self.sender.allocator.can_ever_hold(n):  # waiting for blocks would never help
+            self._fail_room(record.room, f"its KV of {n} tokens exceeds the whole sender pool")
+            return
+        held = self.sender.receiver_holds(record.room) or 0
+        start = held if held < n else 0  # a decode holding everything fails the room (nothing to send)
+        try:  # in the transfer's bucket, as the sender offers a room that goes in one chunk
+            rows = self.sender.buffers.bucket(n - start)
+            k, v = jax.device_put(read_kv(rows, start), self.sender.buffers.sharding)
+        except Exception as error:
+            log.exception("reading the KV of %s failed", record.request_id)
+            self._fail_room(record.room, f"could not read its KV: {error}")
+            return
+        info = msgspec.structs.replace(record.kv, aux=record.kv.aux | record.hop_carrier())
         with self.lock:  # an abort on another thread may have ended it meanwhile, dropping its parcels
             if record.state is PrefillState.SENDING_KV:
                 self._outbox.put(Parcel(record.room, info, rows={"k": k, "v": v}, rows_start=start))

@@ -47,6 +47,9 @@ class PrefillState(enum.Enum):
     PREFILLING = "prefilling"
     """Holds the prompt in the engine (pages, a slot) and the KV room, and the embedding room
     until its last chunk lands (the prompt starts on the first)."""
+    AWAITING_DECODE = "awaiting_decode"
+    """The prompt is done and its first token streamed; decode has not registered its KV room
+    yet, so prefill does not know which tokens to send: its pages are kept in the engine."""
     SENDING_KV = "sending_kv"
     """The prompt left the engine; its KV rows wait in the outbox or are in transfer (KV room)."""
     DONE = "done"
@@ -78,7 +81,8 @@ State = TypeVar("State", bound=enum.Enum)
 
 PREFILL_TRANSITIONS: Mapping[PrefillState, frozenset[PrefillState]] = {
     PrefillState.WAITING_FOR_EMBEDDINGS: frozenset({PrefillState.PREFILLING, PrefillState.FAILED}),
-    PrefillState.PREFILLING: frozenset({PrefillState.SENDING_KV, PrefillState.FAILED}),
+    PrefillState.PREFILLING: frozenset({PrefillState.SENDING_KV, PrefillState.AWAITING_DECODE, PrefillState.FAILED}),
+    PrefillState.AWAITING_DECODE: frozenset({PrefillState.SENDING_KV, PrefillState.FAILED}),
     PrefillState.SENDING_KV: frozenset({PrefillState.DONE, PrefillState.FAILED}),
     PrefillState.DONE: frozenset(),
     PrefillState.FAILED: frozenset(),

@@ -242,3 +242,29 @@ def test_visual_spans_split_each_modality_by_counts_and_carry_each_visuals_key()
     ids = np.array([1, 9, 9, 2, 9, 9, 9, 3, 8, 4, 8])
     spans = visual_spans(ids, [(9, [(2, b"a"), (3, b"b")]), (8, [(2, b"v")])])
     assert [(s.start, s.end, s.key) for s in spans] == [(1, 3, b"a"), (4, 7, b"b"), (8, 11, b"v")]
+
+
+def test_a_reader_holds_a_sequences_pages_past_its_end_and_its_tail_comes_after():
+    """``share``: prefill keeps a finished prompt's pages, partial last page included, until decode
+    says what to read. Nothing is handed out again while the reader holds it; the tail the
+    sequence left becomes one when the reader lets go (not a blank page)."""
+    manager = KVCacheManager(num_pages=8, page_size=4)
+    ids = list(range(100, 110))  # 2 full pages and 2 tokens
+    turn1 = PageKeys(4, [])
+    manager.allocate("a", 10)
+    manager.cache_pages("a", turn1.first(2, tokens_of(ids)))
+    table = manager.page_table("a")
+    manager.share("a", "reader")
+    manager.free("a", tail=(2, turn1.tail_keys(2, 10, tokens_of(ids))))
+    assert manager.page_table("reader") == table and manager.num_tokens("reader") == 10
+    assert manager.num_free_pages == 4 and manager.num_tail_pages == 0  # 7 - the reader's 3
+    manager.allocate("b", 16)  # every free page: none of the reader's
+    assert not set(manager.page_table("b")) & set(table)
+    manager.free("b")
+    manager.free("reader")
+    assert manager.num_free_pages == 7 and manager.num_tail_pages == 1
+    turn2 = ids + [7, 8, 9]
+    assert manager.longest_tail(PageKeys(4, []).tail_keys(2, 11, tokens_of(turn2))) == (table[2], 2)
+    with pytest.raises(ValueError, match="already has pages"):
+        manager.allocate("c", 4)
+        manager.share("c", "c")

@@ -1,0 +1,130 @@
+"""A prompt that finishes before its decode registers keeps its KV in its pages, and prefill
+reads only the tokens decode lacks once it registers: the rows go out as read, never through
+the sender's pool (which cost two more copies under concurrent load, where decode holds back a
+registration until a request sharing its first page has landed). The kept pages come back on
+every way out: sent, the room failed, an abort.
+A real prefill role over a real bootstrap registry, its loop driven by hand; decode's side is a
+real transfer receiver."""
+
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from mmserve import SamplingParams
+from mmserve.engine.config import EngineConfig
+from mmserve.roles.fields import kv_fields
+from mmserve.roles.prefill import PrefillRole
+from mmserve.roles.wire import sampling_to_pb
+from mmserve.rpc import worker_pb2 as pb
+from models.qwen3_vl_moe import load_model
+from transfer import BootstrapServer, PollState, Receiver, TransferConfig, TransferMode
+
+pytestmark = pytest.mark.timeout(300)
+PROMPT = list(range(3, 43))  # 40 tokens: two full pages of 16 and a partial one
+
+
+def make_role(**transfer):
+    config = TransferConfig(data_plane="zmq", heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, **transfer)
+    bootstrap = BootstrapServer(config).start()
+    engine = EngineConfig(num_pages=64, page_size=16, max_model_len=256, max_prefill_tokens=64,
+                          max_num_seqs=4, precompile=False)
+    role = PrefillRole(load_model("tiny"), engine, config, "prefill-kept", bootstrap.address)
+    receiver = Receiver(config, kv_fields(role.model.config, role.model.dtype))
+    return role, receiver, bootstrap
+
+
+@pytest.fixture
+def parts():
+    role, receiver, bootstrap = make_role(bootstrap_timeout_s=60.0)
+    yield role, receiver, bootstrap
+    receiver.close()
+    role.close()
+    bootstrap.close()
+
+
+@pytest.fixture
+def hasty_parts():
+    """Rooms fail 0.5 s after they open when no decode registers."""
+    role, receiver, bootstrap = make_role(bootstrap_timeout_s=0.5)
+    yield role, receiver, bootstrap
+    receiver.close()
+    role.close()
+    bootstrap.close()
+
+
+def prefill(role, request_id: str, room: int) -> queue.Queue:
+    stream: queue.Queue = queue.Queue()
+    role.prefill(pb.PrefillRequest(request_id=request_id, room=room, token_ids=PROMPT,
+                                   sampling=sampling_to_pb(SamplingParams(max_tokens=4, temperature=0))), stream)
+    return stream
+
+
+def register(role, receiver, bootstrap, room: int, held: int) -> None:
+    receiver.add(room, bootstrap.address, role.sender.endpoint.name, TransferMode.KV, role.sender.incarnation,
+                 start_token=held)
+
+
+def run_until(role, receiver, condition, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        role.step()
+        receiver.progress(0.001)
+        assert time.monotonic() < deadline
+
+
+def received(role, receiver, room: int):
+    run_until(role, receiver, lambda: receiver.poll(room).terminal and not role.health()["in_flight"])
+    assert receiver.poll(room) is PollState.SUCCESS, receiver.failure(room)
+    return receiver.take(room)
+
+
+def test_a_decode_registering_late_gets_only_the_tokens_it_lacks_read_straight_from_the_pages(parts):
+    role, receiver, bootstrap = parts
+    total = role.engine.stats()["free_pages"]
+    prefill(role, "early", room=1)
+    register(role, receiver, bootstrap, 1, held=0)  # in time: read as the prompt finishes
+    early = received(role, receiver, 1)
+
+    first = prefill(role, "late", room=2)
+    run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 1})
+    assert len(first.get_nowait().token_ids) == 1  # the first token did not wait for decode
+    for _ in range(3):
+        role.step()  # it keeps waiting, its pages kept
+    assert role.health()["requests"] == {"awaiting_decode": 1} and role.engine.stats()["free_pages"] < total
+    register(role, receiver, bootstrap, 2, held=16)  # holding the first page (shared with another request)
+    late = received(role, receiver, 2)
+
+    assert (late.start_token, len(late.chunks), late.info.total_tokens) == (16, 1, 40)
+    assert late.info.first_token == early.info.first_token
+    for name in ("k", "v"):  # the last token's KV is computed again, in a program of another shape
+        np.testing.assert_allclose(late.host(name), early.host(name)[16:], rtol=1e-5, atol=1e-5)
+    assert role.sender.staged_rooms == 0  # never written into the sender's pool
+    assert role.engine.stats()["free_pages"] == total
+    assert role.sender.allocator.available_blocks() == role.sender.allocator.num_blocks
+
+
+def test_kept_pages_come_back_when_decode_never_registers(hasty_parts):
+    role, receiver, _ = hasty_parts
+    total = role.engine.stats()["free_pages"]
+    prefill(role, "orphan", room=3)
+    run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 1})
+    run_until(role, receiver, lambda: not role.health()["in_flight"])  # the room times out
+    assert role.engine.stats()["free_pages"] == total
+    with pytest.raises(KeyError):
+        role.sender.poll(3)
+
+
+def test_kept_pages_come_back_on_an_abort_and_keep_the_prompts_tail(parts):
+    """Aborted while its KV waits for decode: its pages come back, and the prompt's partial last
+    page is still left as a tail (a later prompt continuing it computes only its new tokens)."""
+    role, receiver, _ = parts
+    total = role.engine.stats()["free_pages"]
+    prefill(role, "gone", room=4)
+    run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 1})
+    role.abort("gone")
+    assert not role.health()["in_flight"] and role.engine.stats()["free_pages"] == total
+    assert role.engine.kv.num_tail_pages == 1
+    with pytest.raises(KeyError):
+        role.sender.poll(4)
