@@ -204,7 +204,8 @@ class LLMEngine:
         ids, size = prepared.token_ids, self.config.page_size
         cached = self.scheduler.cached_prefix(page_keys, len(ids), lambda start, end: ids[start:end])
         pictures = -(-max(v.end for v in page_keys.visuals) // size)  # pages up to the last picture's end
-        if len(cached) < pictures:
+        if len(cached) < pictures or not self._pins_leave_room(request_id, len(ids) + params.max_tokens,
+                                                               cached[:pictures]):
             return False
         self.kv.allocate(_pin(request_id), pictures * size, cached[:pictures])
         try:
@@ -212,6 +213,24 @@ class LLMEngine:
         except Exception:
             self._unpin(request_id)
             raise
+        return True
+
+    def _pins_leave_room(self, request_id: str, num_tokens: int, pins: list[int]) -> bool:
+        """Whether every request on pinned pages, this new one of ``num_tokens`` tokens at most
+        included, could still take all the pages it needs while the others' pins stay held. Pins
+        are not given up for a request that waits (it has no embeddings to compute its pictures
+        from), so two waiting requests whose pins each left the other too little room would wait
+        for good, and every request queued behind them too (pinned ones go first). When they
+        would, the new one is not pinned: its pictures come from encode, as for a first turn."""
+        pinned = {other.request_id: (other.num_tokens + other.params.max_tokens - len(other.output_ids),
+                                     set(self.kv.page_table(_pin(other.request_id))))
+                  for other in self._requests.values() if other.pinned}
+        pinned[request_id] = (num_tokens, set(pins))
+        for name, (tokens, own) in pinned.items():
+            others = set().union(*(held for other, (_, held) in pinned.items() if other != name)) - own
+            pages = -(-min(tokens, self.max_sequence_tokens) // self.config.page_size)
+            if pages + len(others) > self.kv.num_reservable_pages:
+                return False
         return True
 
     def _check_new(self, prompt, params: SamplingParams, request_id: str | None) -> tuple[PreparedPrompt, str]:

@@ -122,3 +122,35 @@ def test_a_preempted_request_finds_its_pinned_pages_again(reference, off):
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == off.generate(turn2, params)[0].outputs[0].token_ids
     assert_nothing_held(tight)
+
+
+@pytest.mark.timeout(180)
+def test_two_later_turns_whose_pins_would_starve_each_other_are_not_both_pinned(reference, off):
+    """26 pages; each later turn needs 16 and pins 11 of a picture of its own. Both pinned, each
+    waited for pages the other's pins held, for good, and so did every request behind them
+    (pinned requests go first). The second is refused pins (its pictures would come from encode);
+    both engines' answers agree, and a text request behind them runs."""
+    tight = LLM(reference[1], num_pages=27, page_size=PAGE, max_model_len=256, max_prefill_tokens=64,
+                precompile=False)
+    turns = []
+    for seed in (90, 95):
+        image, turn1 = conversation(seed)
+        answer = tight.generate(turn1, PARAMS)[0].outputs[0].token_ids
+        turns.append({"prompt_token_ids": turn1["prompt_token_ids"] + answer + text(seed + 2, 9),
+                      "multi_modal_data": {"image": image}})
+    engine = tight.engine
+    assert engine.add_request_on_cached_pictures(without_pixels(tight, turns[0]), PARAMS, "turn2-a")
+    assert not engine.add_request_on_cached_pictures(without_pixels(tight, turns[1]), PARAMS, "turn2-b")
+    engine.add_request(turns[1], PARAMS, "turn2-b")  # with its picture, as encode would send it
+    engine.add_request({"prompt_token_ids": [5, 6, 7]}, PARAMS, "text")
+    got, steps = {}, 0
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                got[output.request_id] = output.outputs[0].token_ids
+        steps += 1
+        assert steps < 200, "the engine stopped scheduling"
+    assert got["turn2-a"] == off.generate(turns[0], PARAMS)[0].outputs[0].token_ids
+    assert got["turn2-b"] == off.generate(turns[1], PARAMS)[0].outputs[0].token_ids
+    assert len(got["text"]) == PARAMS.max_tokens
+    assert_nothing_held(tight)
