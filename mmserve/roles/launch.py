@@ -302,6 +302,10 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
         finally:
             await registry.stop(grace=1)
 
+    # SIGTERM ends the router through its finally blocks, as it does a worker (``join_role``): the
+    # HTTP server re-raises the signal once it has shut down, and a process killed by it flushes
+    # nothing (the trace's last spans were lost).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         run_event_loop(main())
     finally:

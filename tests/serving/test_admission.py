@@ -288,3 +288,56 @@ def test_queued_requests_are_refused_once_no_worker_of_a_role_is_left(model):
         held.close()
     finally:
         server.stop()
+
+
+def test_choices_started_before_one_refused_at_once_give_their_slots_back(model):
+    """``n`` = 2 with one slot and no queue: the second choice is refused (429) before the first
+    one's relay has run at all. The first gave nothing back (its ticket, the in-flight count) and
+    every later request got 429 for good."""
+    backend = ScriptedBackend()
+    backend.slots, backend.script = 1, [DONE]
+    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256, max_queued_requests=0)))
+    try:
+        assert request("POST", f"{server.url}/v1/chat/completions", CHAT | {"n": 2}, timeout=30)[0] == 429
+        assert _metric(server.url, "mmserve_requests_in_flight") == 0
+        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="aborted"}') == 1
+        for _ in range(2):
+            assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_client_leaving_choices_running_and_queued_counts_each_choice_aborted_once(model):
+    backend = ScriptedBackend()
+    backend.slots, backend.script = 1, [HANG]
+    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256)))
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        leaving = socket.create_connection((host, int(port)))
+        payload = json.dumps(CHAT | {"n": 2}).encode()
+        leaving.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)  # one running, one queued
+        leaving.close()
+        _wait_for(lambda: _metric(server.url, "mmserve_requests_in_flight") == 0)
+        _wait_for(lambda: len(backend.aborted) == 1)
+        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="aborted"}') == 2
+    finally:
+        server.stop()
+
+
+class _BrokenDemand(ScriptedBackend):
+    def kv_demand(self, request):
+        raise RuntimeError("a backend bug")
+
+
+def test_a_500_from_a_handler_and_a_401_are_counted(model):
+    server = ThreadedServer(build_app(_BrokenDemand(), model, RouterSettings("tiny", 256, api_key="k" * 20)))
+    try:
+        headers = {"Authorization": "Bearer " + "k" * 20}
+        assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30, headers=headers)[0] == 500
+        assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 401
+        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="error"}') == 1
+        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="rejected"}') == 1
+    finally:
+        server.stop()

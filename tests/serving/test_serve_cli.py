@@ -204,3 +204,33 @@ def test_ctrl_c_while_starting_is_status_130_and_no_traceback(tmp_path):
     server.send_signal(signal.SIGINT)
     assert server.wait(timeout=60) == 130
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_a_router_stopped_by_sigterm_ends_through_its_finally_blocks(tmp_path):
+    """It died of the signal (status 143; the HTTP server re-raises it once shut down), so nothing
+    registered to run at exit ran: the trace's last spans, batched, were never written."""
+    import signal
+    import time
+
+    from server_process import request
+
+    port = free_port()
+    env = os.environ | {SECRET_ENV: "cli-test-secret-0123456789abcdef"}
+    with open(tmp_path / "router.log", "w") as out:
+        router = subprocess.Popen([sys.executable, str(SERVE), "--role", "router", "--model", "tiny", "--port", str(port),
+                                   "--registry-port", str(free_port()), "--bootstrap-port", str(free_port()),
+                                   "--trace-file", str(tmp_path / "spans.jsonl")],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert router.poll() is None and time.monotonic() < deadline, (tmp_path / "router.log").read_text()
+            try:
+                if request("GET", f"http://127.0.0.1:{port}/metrics", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.3)
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(timeout=60) == 0, (tmp_path / "router.log").read_text()
+    finally:
+        router.kill()

@@ -77,8 +77,12 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
         router.metrics.requests.labels(_endpoint(request), "aborted").inc()
         return Response(status_code=499)  # nobody reads it
 
+    def refused_key(path: str) -> None:
+        router.metrics.requests.labels(ENDPOINTS.get(path, "other"), "rejected").inc()
+
     async def failed(request: Request, error: Exception) -> Response:
         # Starlette re-raises after this answer, so the server's log shows the traceback.
+        router.metrics.requests.labels(_endpoint(request), "error").inc()
         return server_error_response(f"internal error: {type(error).__name__}: {error}")
 
     @contextlib.asynccontextmanager
@@ -100,7 +104,7 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
-        middleware=[Middleware(ApiKeyGuard, api_key=settings.api_key),
+        middleware=[Middleware(ApiKeyGuard, api_key=settings.api_key, on_refused=refused_key),
                     Middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.request_read_timeout)],
         exception_handlers={InvalidRequest: rejected, HTTPException: not_routed, ClientDisconnect: client_left,
                             Exception: failed},

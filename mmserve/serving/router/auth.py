@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -16,9 +17,11 @@ GUARDED_PREFIXES = ("/v1/", "/generate")
 
 
 class ApiKeyGuard:
-    def __init__(self, app: ASGIApp, api_key: str | None):
+    def __init__(self, app: ASGIApp, api_key: str | None, on_refused: Callable[[str], None] = lambda path: None):
+        """``on_refused(path)``: counts a request refused for its key (a 401 is a rejection at the door)."""
         self.app = app
         self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self._on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is not None and scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES):
@@ -26,6 +29,7 @@ class ApiKeyGuard:
             if not hmac.compare_digest(given, self.expected):
                 body = error_body("Incorrect or missing API key (send Authorization: Bearer <key>)",
                                   "invalid_request_error", None, "invalid_api_key")
+                self._on_refused(scope["path"])
                 await JSONResponse(body, 401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -45,14 +45,16 @@ class OpenAIResponse(abc.ABC):
         self.requests = sibling_requests(request, self.candidates)
         self.common = common
         self.created = int(time.time())
+        self.started = 0
+        """Choices admitted and started (each counts its own outcome as it ends)."""
 
     async def answer(self, http: Request, endpoint: str, arrival: float, kind: str) -> Response:
         """Admits and starts the choices, then responds (:meth:`respond`); 499 when the client left
         while they waited in the admission queue, whose place is then free at once (it was held
         until the queue timeout, refusing others with 429 meanwhile)."""
         streams = await unless_disconnected(http, lambda: self.start(endpoint, arrival))
-        if streams is None:
-            self.router.metrics.requests.labels(endpoint, "aborted").inc(self.candidates)
+        if streams is None:  # the choices started were counted as they stopped; these never started
+            self.router.metrics.requests.labels(endpoint, "aborted").inc(self.candidates - self.started)
             return Response(status_code=499)
         return await self.respond(http, streams, kind)
 
@@ -62,6 +64,7 @@ class OpenAIResponse(abc.ABC):
         try:
             for request in self.requests:
                 started.append(await self.router.relay(request, endpoint, arrival))
+                self.started += 1
         except BaseException:
             for events in started:
                 await events.aclose()

@@ -76,6 +76,7 @@ class Relay:
         self._arrived = asyncio.Event()
         self._taken = asyncio.Event()
         self._ended = False
+        self._settled = False
         self._read = False
         """The client has started reading: only from then on may a full buffer cut the request."""
         metrics.in_flight.inc()
@@ -108,13 +109,27 @@ class Relay:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if not self._settled:  # cancelled before it ever ran (n > 1: a later choice was refused at once)
+            self._settle("aborted")
+            self._span.end()
 
     async def _pump(self) -> None:
         with trace.use_span(self._span, end_on_exit=True):
             await self._run()
 
+    def _settle(self, outcome: str, error: str | None = None) -> None:
+        """The request's end, once, however it ended: its admission ticket back, its outcome counted."""
+        self._settled = True
+        self._span.set_attribute("mmserve.outcome", outcome)
+        if error is not None:
+            self._span.set_status(trace.StatusCode.ERROR, error)
+        self._ticket.release()
+        self._metrics.in_flight.dec()
+        self._metrics.requests.labels(self._endpoint, outcome).inc()
+
     async def _run(self) -> None:
         rid, outcome, last_token_at, failed = self._request.request_id, "aborted", None, False
+        error = None
         try:
             async with asyncio.timeout(self._limits.deadline_s):
                 async with aclosing(self._backend.generate(self._request)) as events:
@@ -129,28 +144,27 @@ class Relay:
                                 else "finished"
                             if outcome == "finished":
                                 self._metrics.e2e.observe(time.monotonic() - self._arrival)
+                            error = event.error
                             self._put(event)
                             return
                         if not await self._room():
                             outcome = "cut"
-                            self._put(TokenEvent(rid, [], error=f"the client did not read its stream for "
-                                                                f"{self._limits.stall_timeout_s:g} s: cut"))
+                            error = f"the client did not read its stream for {self._limits.stall_timeout_s:g} s: cut"
+                            self._put(TokenEvent(rid, [], error=error))
                             return
                         self._put(event)
-            outcome = "error"
-            self._put(TokenEvent(rid, [], error=UNFINISHED_STREAM))
+            outcome, error = "error", UNFINISHED_STREAM
+            self._put(TokenEvent(rid, [], error=error))
         except TimeoutError:
-            outcome = "timeout"
-            self._put(TokenEvent(rid, [], error=f"the request passed its deadline of {self._limits.deadline_s:g} s"))
-        except Exception as error:  # a bug behind the backend: the client hears of it, the backend frees it
+            outcome, error = "timeout", f"the request passed its deadline of {self._limits.deadline_s:g} s"
+            self._put(TokenEvent(rid, [], error=error))
+        except Exception as exception:  # a bug behind the backend: the client hears of it, the backend frees it
             outcome, failed = "error", True
+            error = f"internal error: {type(exception).__name__}: {exception}"
             log.exception("request %s failed in the backend", rid)
-            self._put(TokenEvent(rid, [], error=f"internal error: {type(error).__name__}: {error}"))
+            self._put(TokenEvent(rid, [], error=error))
         finally:
-            self._span.set_attribute("mmserve.outcome", outcome)
-            self._ticket.release()
-            self._metrics.in_flight.dec()
-            self._metrics.requests.labels(self._endpoint, outcome).inc()
+            self._settle(outcome, error if outcome != "rejected" else None)
             if outcome in ("aborted", "cut", "timeout") or failed:
                 with anyio.CancelScope(shield=True):  # the client is gone, but its pages must be freed
                     await self._backend.abort(rid)

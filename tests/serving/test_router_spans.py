@@ -1,0 +1,52 @@
+"""The router's span of each request says how it ended: the outcome as an attribute, and for
+the server's failures (an error, the deadline) the reason as its error status, which trace
+viewers search for; a request refused as given is the client's error, not the server's. In a
+process of its own: OpenTelemetry takes its tracer provider once per process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CODE = r'''
+import json, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+from mmserve.serving.backend import TokenEvent
+from mmserve.serving.router import RouterSettings, build_app
+from models.qwen3_vl_moe import load_model
+from scripted_backend import HANG, ScriptedBackend, ThreadedServer
+from server_process import request
+
+backend = ScriptedBackend()
+server = ThreadedServer(build_app(backend, load_model("tiny", weights=False),
+                                  RouterSettings("tiny", 256, request_timeout_s=0.5)))
+chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+statuses = []
+for script in ([TokenEvent("", [11], text="ab"), TokenEvent("", [], error="decode worker lost")], [HANG],
+               [TokenEvent("", [], error="too long", invalid=True)],
+               [TokenEvent("", [11], text="ab", finish_reason="stop")]):
+    backend.script = script
+    statuses.append(request("POST", server.url + "/v1/chat/completions", chat, timeout=30)[0])
+server.stop()
+spans = [(s.attributes["mmserve.outcome"], s.status.status_code.name, s.status.description)
+         for s in exporter.get_finished_spans() if s.name == "router chat"]
+print(json.dumps({"statuses": statuses, "spans": spans}))
+'''
+
+
+def test_the_routers_span_carries_the_outcome_and_the_servers_failures_as_errors():
+    here = Path(__file__).parent
+    env = os.environ | {"PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", CODE], check=True, capture_output=True, text=True, env=env, timeout=120)
+    result = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert result["statuses"] == [500, 500, 400, 200]
+    assert result["spans"] == [["error", "ERROR", "decode worker lost"],
+                               ["timeout", "ERROR", "the request passed its deadline of 0.5 s"],
+                               ["rejected", "UNSET", None], ["finished", "UNSET", None]]
