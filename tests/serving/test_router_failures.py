@@ -68,6 +68,21 @@ def test_error_without_streaming_is_a_500_with_the_reason(url, backend, path, bo
     assert answer["error"]["type"] == "server_error"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_failures_reason_reaches_the_client_without_the_clusters_addresses(url, backend, stream):
+    """Transfer and gRPC failures name their peer; the client reads what failed, not where."""
+    backend.script = [TOKEN, TokenEvent("", [], error=(
+        "room 5 failed: no heartbeat from tcp://10.1.2.3:5555; prefill worker prefill-0 failed: UNAVAILABLE: "
+        "ipv4:10.0.0.7:50051: Connection refused; unix:/tmp/mmserve-x/decode.sock; [fd00::5]:8476; "
+        "prefill-0.mmserve.svc.cluster.local:50051"))]
+    status, answer = request("POST", f"{url}/v1/chat/completions", CHAT | {"stream": stream}, timeout=30)
+    text = json.dumps(answer)
+    for address in ("10.1.2.3", "5555", "10.0.0.7", "50051", "/tmp/mmserve", "fd00", "8476", "svc.cluster"):
+        assert address not in text
+    assert "room 5 failed: no heartbeat from <internal address>" in text and "Connection refused" in text
+    assert status == (200 if stream else 500)
+
+
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT),
                                         ("/v1/completions", {"model": "tiny", "prompt": "hi"}),
                                         ("/generate", {"prompt": "hi"})])

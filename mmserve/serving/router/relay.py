@@ -30,6 +30,7 @@ from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.serving.router.admission import Ticket
+from mmserve.serving.router.internal_addresses import redact
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.tracing import tracer
 
@@ -129,7 +130,7 @@ class Relay:
 
     async def _run(self) -> None:
         rid, outcome, last_token_at, failed = self._request.request_id, "aborted", None, False
-        error = None
+        error: str | None = None
         try:
             async with asyncio.timeout(self._limits.deadline_s):
                 async with aclosing(self._backend.generate(self._request)) as events:
@@ -144,7 +145,11 @@ class Relay:
                                 else "finished"
                             if outcome == "finished":
                                 self._metrics.e2e.observe(time.monotonic() - self._arrival)
-                            error = event.error
+                            if outcome == "error":  # the cluster's failure: the client is not told where
+                                error = redact(event.error)
+                                if error != event.error:
+                                    log.info("request %s failed: %s", rid, event.error)
+                                    event = dataclasses.replace(event, error=error)
                             self._put(event)
                             return
                         if not await self._room():
@@ -160,7 +165,7 @@ class Relay:
             self._put(TokenEvent(rid, [], error=error))
         except Exception as exception:  # a bug behind the backend: the client hears of it, the backend frees it
             outcome, failed = "error", True
-            error = f"internal error: {type(exception).__name__}: {exception}"
+            error = redact(f"internal error: {type(exception).__name__}: {exception}")
             log.exception("request %s failed in the backend", rid)
             self._put(TokenEvent(rid, [], error=error))
         finally:
