@@ -127,7 +127,7 @@ class DecodeRole:
         if stream.closed:
             raise ValueError(f"the token stream {stream.stream_id!r} has closed")
         params = sampling_from_pb(request.sampling)
-        max_len = self.engine.config.max_model_len
+        max_len = self.engine.max_sequence_tokens  # the context, or the whole cache when that holds less
         if len(request.token_ids) >= max_len:
             raise RequestRejected(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
@@ -261,7 +261,7 @@ class DecodeRole:
         return self.engine.kv.num_reservable_pages, self.engine.kv.page_size
 
     def max_model_len(self) -> int:
-        return min(self.engine.config.max_model_len, self.receiver.allocator.total_tokens + 1)
+        return min(self.engine.max_sequence_tokens, self.receiver.allocator.total_tokens + 1)
 
     def incarnation(self) -> int:
         return self._incarnation

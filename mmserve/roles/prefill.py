@@ -239,7 +239,7 @@ class PrefillRole:
         return 0, 0
 
     def max_model_len(self) -> int:
-        return min(self.engine.config.max_model_len, self.sender.allocator.total_tokens + 1)
+        return min(self.engine.max_sequence_tokens, self.sender.allocator.total_tokens + 1)
 
     def incarnation(self) -> int:
         return self.sender.incarnation

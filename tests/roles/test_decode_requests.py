@@ -147,3 +147,26 @@ def test_decode_tells_the_router_it_holds_no_prompt_longer_than_its_kv_receiver_
     finally:
         role.close()
         bootstrap.close()
+
+
+def test_a_cache_smaller_than_the_context_caps_requests_at_the_cache_as_colocated_does():
+    """A cache of 128 tokens under a context of 256 (allowed, with a warning: sequences stop at the
+    cache's size, as colocated's engine stops them). A request asking for more than the whole
+    cache could never reserve, and every request behind it waited (arrival order) for good."""
+    transfer = TransferConfig(data_plane="zmq", bootstrap_timeout_s=60.0)
+    bootstrap = BootstrapServer(transfer).start()
+    engine = EngineConfig(num_pages=9, page_size=16, max_model_len=256, max_num_seqs=2, precompile=False)
+    role = DecodeRole(load_model("tiny"), engine, transfer, "decode-small-cache", bootstrap.address)
+    try:
+        assert role.max_model_len() == 128  # what the router refuses longer prompts by
+        decode(role, "long", room=1, params=SamplingParams(max_tokens=200), prompt=list(range(3, 43)))
+        decode(role, "behind", room=2)
+        role.step()
+        assert role.health()["requests"] == {"receiving_kv": 1, "reserving": 1}  # the first holds the whole cache
+        assert role._requests["long"].params.max_tokens == 128 - 40
+        role.abort("long")
+        role.step()
+        assert role.health()["requests"] == {"receiving_kv": 1}
+    finally:
+        role.close()
+        bootstrap.close()
