@@ -263,6 +263,12 @@ class LLMEngine:
         (:meth:`read_kept_kv`), straight from the pages."""
         self.kv.share(request_id, _kept(request_id))
 
+    @property
+    def short_of_pages(self) -> bool:
+        """The last step left a prompt waiting for want of free pages: pages kept by
+        :meth:`keep_kv` are wanted back (those of sequences running free themselves)."""
+        return self.scheduler.short_of_pages
+
     def read_kept_kv(self, request_id: str, num_tokens: int, rows: int, start: int = 0):
         """(k, v) rows of a kept request's tokens ``start..num_tokens-1`` (as ``runner.read_kv``)."""
         return self.runner.read_kv(self.kv.page_table(_kept(request_id)), num_tokens, rows, start)

@@ -97,6 +97,8 @@ class Scheduler:
         """Tokens of admitted requests looked up in the prefix cache."""
         self.prefix_cache_hits = 0
         """Of those, tokens found (their KV not computed again)."""
+        self.short_of_pages = False
+        """The last schedule left a prompt waiting (or preempted one) for want of free pages."""
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -109,6 +111,7 @@ class Scheduler:
         return any(not r.blocked for r in (*self.waiting, *self.running))
 
     def schedule(self) -> Step | None:
+        self.short_of_pages = False
         decodable = self._decodable()
         if not (self._last_was_prefill and decodable):
             chunks = self._schedule_prefill()
@@ -186,7 +189,7 @@ class Scheduler:
                 continue  # another prompt computes its first page now: take that from the cache later
             start = held.num_tokens if admits else request.num_computed
             if admits and start and self._decodes_next(request, start):  # all but its last token cached
-                if not self._free_slots or not self.kv.can_allocate(start + 1, held.pages, held.tail):
+                if not self._can_admit(start + 1, held):
                     break
                 self._admit(request, start + 1, held)  # its last token runs in the next decode step
                 continue
@@ -196,10 +199,11 @@ class Scheduler:
             if chunks and not self._joins(chunks, start, length):
                 break
             if admits:
-                if not self._free_slots or not self.kv.can_allocate(start + length, held.pages, held.tail):
+                if not self._can_admit(start + length, held):
                     break
                 self._admit(request, start + length, held)
             elif not self._grow(request, start + length):
+                self.short_of_pages = True
                 break
             chunks.append(PrefillChunk(request, start, length))
             computing |= {self._first_page_key(request)} - {None}
@@ -261,6 +265,14 @@ class Scheduler:
             if request.status is Status.RUNNING and self._grow(request, request.num_computed + 1):
                 batch.append(request)
         return [r for r in batch if r.status is Status.RUNNING]
+
+    def _can_admit(self, num_tokens: int, held: HeldPrefix) -> bool:
+        if not self._free_slots:
+            return False
+        if not self.kv.can_allocate(num_tokens, held.pages, held.tail):
+            self.short_of_pages = True
+            return False
+        return True
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Makes room for ``num_tokens`` tokens of ``request``, preempting newer requests if needed.

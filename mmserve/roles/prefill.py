@@ -154,6 +154,8 @@ class PrefillRole:
                     self._requests.finish(request_id, PrefillState.FAILED, str(failure))
         with self.lock:
             self._send()
+            if self.engine.short_of_pages:
+                self._read_kept(spill=True)
 
     def pump(self) -> None:
         with self.lock:
@@ -330,12 +332,17 @@ class PrefillRole:
             record.move(PrefillState.AWAITING_DECODE)
             self.engine.keep_kv(request.request_id)
 
-    def _read_kept(self) -> None:
+    def _read_kept(self, spill: bool = False) -> None:
         """Reads the kept KV of every request whose decode has registered since (the loop
-        thread, between steps: the engine's cache is not in use)."""
+        thread, between steps: the engine's cache is not in use). ``spill``: the engine is short
+        of pages, so the oldest kept request's KV is read whole, its decode or not, and its pages
+        let go (the sender writes the rows into its pool, as it must for a decode holding some);
+        kept pages would otherwise wait for decode while decode waits, for another request's KV,
+        on a prompt that waits for those pages."""
         for record in self._requests.in_state(PrefillState.AWAITING_DECODE):
-            if self.sender.receiver_holds(record.room) is None:
+            if self.sender.receiver_holds(record.room) is None and not spill:
                 continue
+            spill = False
             record.move(PrefillState.SENDING_KV)
             try:
                 self._read(record, lambda rows, start: self.engine.read_kept_kv(

@@ -25,10 +25,10 @@ pytestmark = pytest.mark.timeout(300)
 PROMPT = list(range(3, 43))  # 40 tokens: two full pages of 16 and a partial one
 
 
-def make_role(**transfer):
+def make_role(num_pages: int = 64, **transfer):
     config = TransferConfig(data_plane="zmq", heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, **transfer)
     bootstrap = BootstrapServer(config).start()
-    engine = EngineConfig(num_pages=64, page_size=16, max_model_len=256, max_prefill_tokens=64,
+    engine = EngineConfig(num_pages=num_pages, page_size=16, max_model_len=256, max_prefill_tokens=64,
                           max_num_seqs=4, precompile=False)
     role = PrefillRole(load_model("tiny"), engine, config, "prefill-kept", bootstrap.address)
     receiver = Receiver(config, kv_fields(role.model.config, role.model.dtype))
@@ -54,9 +54,9 @@ def hasty_parts():
     bootstrap.close()
 
 
-def prefill(role, request_id: str, room: int) -> queue.Queue:
+def prefill(role, request_id: str, room: int, prompt: list[int] = PROMPT) -> queue.Queue:
     stream: queue.Queue = queue.Queue()
-    role.prefill(pb.PrefillRequest(request_id=request_id, room=room, token_ids=PROMPT,
+    role.prefill(pb.PrefillRequest(request_id=request_id, room=room, token_ids=prompt,
                                    sampling=sampling_to_pb(SamplingParams(max_tokens=4, temperature=0))), stream)
     return stream
 
@@ -128,3 +128,28 @@ def test_kept_pages_come_back_on_an_abort_and_keep_the_prompts_tail(parts):
     assert role.engine.kv.num_tail_pages == 1
     with pytest.raises(KeyError):
         role.sender.poll(4)
+
+
+def test_kept_pages_are_given_up_for_a_prompt_that_needs_them():
+    """8 pages; two finished prompts keep 4 each for decodes that have not registered (decode
+    holds them back until a third request's KV lands); the third prompt needs 4 pages to run.
+    Kept pages waited for decode, decode for the third's KV, the third for the kept pages, until
+    the rooms timed out. Short of pages, prefill reads the oldest kept KV whole and lets its
+    pages go: the third runs."""
+    role, receiver, bootstrap = make_role(num_pages=9, bootstrap_timeout_s=60.0)
+    try:
+        for request_id, room in (("kept-1", 11), ("kept-2", 12)):
+            prefill(role, request_id, room, prompt=list(range(room * 60, room * 60 + 56)))
+        run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 2})
+        assert role.engine.stats()["free_pages"] == 0
+        third = prefill(role, "third", room=13, prompt=list(range(900, 956)))
+        run_until(role, receiver, lambda: not third.empty(), timeout_s=60)
+        assert len(third.get_nowait().token_ids) == 1
+        assert role.health()["requests"] == {"sending_kv": 1, "awaiting_decode": 2}  # kept-1's KV read whole
+        register(role, receiver, bootstrap, 11, held=0)
+        run_until(role, receiver, lambda: receiver.poll(11).terminal)
+        assert receiver.take(11).info.total_tokens == 56
+    finally:
+        receiver.close()
+        role.close()
+        bootstrap.close()
