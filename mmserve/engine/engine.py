@@ -132,6 +132,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
         self._prefilled: dict[str, Prefilled] = {}  # not in the batch yet: abort frees their reservation
+        self._failure: StepFailed | None = None  # for the next step: requests whose grammar failed
         self._ids = itertools.count()
         self._on_finish = on_finish
 
@@ -304,7 +305,7 @@ class LLMEngine:
             concurrent.futures.wait([r.grammar.compiled for r in self._awaiting_grammar.values()],
                                     GRAMMAR_WAIT_S, concurrent.futures.FIRST_COMPLETED)
         ready = [r for r in self._awaiting_grammar.values() if r.grammar.ready]
-        outputs = []
+        outputs, failed, cause = [], [], None
         for request in ready:
             del self._awaiting_grammar[request.request_id]
             if request.request_id not in self._prefilled:
@@ -314,7 +315,11 @@ class LLMEngine:
                 outputs.append(self._take_prefilled(request))
             except Exception as error:  # its grammar did not compile: the matcher cannot take the token
                 self.abort(request.request_id)
-                raise StepFailed([request.request_id], error) from error
+                failed.append(request.request_id)
+                cause = error
+        if failed:
+            self._failure = StepFailed(failed, cause)
+            self._failure.__cause__ = cause
         return outputs
 
     def abort(self, request_id: str) -> None:
@@ -331,15 +336,29 @@ class LLMEngine:
         request.grammar = None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._awaiting_grammar)
+        return self.scheduler.has_work() or bool(self._awaiting_grammar) or self._failure is not None
 
     def has_runnable(self) -> bool:
         """A step would do something now: not every request waits for visual rows."""
-        return self.scheduler.has_runnable() or bool(self._awaiting_grammar)
+        return self.scheduler.has_runnable() or bool(self._awaiting_grammar) or self._failure is not None
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns the requests that produced a token in it."""
+        """Runs one scheduled step; returns the requests that produced a token in it.
+
+        Prefilled requests joining with their first token (their grammar compiled meanwhile) are
+        returned without a model step: a step that failed would lose their outputs, and a
+        request whose first token was streamed must not stream it again. A request whose grammar
+        failed raises ``StepFailed`` then, or at the next call when others joined with it."""
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
         outputs = self._schedule_compiled() if self._awaiting_grammar else []
+        if outputs:
+            self._publish_events()
+            return outputs
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
         step = self.scheduler.schedule()
         if step is None:
             self._publish_events()

@@ -4,15 +4,17 @@ would; decode's matcher must take that first token before the request samples on
 is the colocated engine's, token for token. An abort, while the request waits for its grammar or
 after it joined the batch, gives back its pages and slot and drops its grammar."""
 
+import concurrent.futures
 import dataclasses
 
 import numpy as np
 import pytest
 
 from mmserve.engine.buckets import bucket
-from mmserve.engine.engine import LLMEngine
+from mmserve.engine.engine import LLMEngine, StepFailed
 from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.request import Request
+from mmserve.structured_output import StructuredOutput
 from test_structured_output import PROMPT, SCHEMA, assert_valid, const_schema, constrained
 
 NO_POSITIONS = np.zeros((3, 0), np.int32)  # decode has no prompt positions: its tokens follow the prompt
@@ -96,3 +98,52 @@ def test_abort_frees_a_prefilled_request_awaiting_or_following_its_grammar(split
     split.engine.abort(running.request_id)
     assert running.grammar is None
     split.assert_nothing_held()
+
+
+def test_a_grammar_that_fails_loses_no_first_token_of_a_request_joining_beside_it(split, monkeypatch):
+    """Two prefilled requests whose grammars are done at once, the second's compile failed: the
+    first joined the batch with its first token, then the second's failure was raised and took
+    the first's output with it, so decode never passed over that token and streamed it again."""
+    grammars, compile_ = split.engine.grammars, split.engine.grammars._compile
+    broken = StructuredOutput.from_schema(const_schema("broken"))
+
+    def failing(spec):
+        if spec == broken:
+            raise RuntimeError("the grammar compiler failed")
+        return compile_(spec)
+
+    monkeypatch.setattr(grammars, "_compile", failing)
+    joins = constrained(const_schema("joins"))
+    shipped = [split.prefill(f"{name}-prefill", joins) for name in ("joins", "fails")]  # both before either joins
+    request, failed = (admitted(split, name, params, *rows) for name, params, rows in
+                       (("joins", joins, shipped[0]), ("fails", dataclasses.replace(joins, structured_output=broken),
+                                                       shipped[1])))
+    concurrent.futures.wait([request.grammar.compiled, failed.grammar.compiled])
+    outputs = split.engine.step()
+    assert [o.request_id for o in outputs] == ["joins"] and outputs[0].outputs[0].token_ids == request.output_ids[:1]
+    with pytest.raises(StepFailed) as raised:
+        split.engine.step()
+    assert raised.value.request_ids == ["fails"]
+    got = split.run("joins")
+    assert got.token_ids == llm_answer(split, joins)
+    split.assert_nothing_held()
+
+
+def llm_answer(split, params):
+    engine = LLMEngine(split.engine.model, dataclasses.replace(split.engine.config, precompile=False))
+    engine.add_request(PROMPT, params, "reference")
+    while True:
+        for output in engine.step():
+            if output.finished:
+                return output.outputs[0].token_ids
+
+
+def admitted(split, request_id, params, prefilled, k, v) -> Request:
+    """A prefilled request admitted on the decode side; it waits for its grammar."""
+    prompt = prefilled.prompt_ids
+    reservation = split.engine.reserve(request_id, len(prompt) + params.max_tokens)
+    request = Request(request_id, list(prompt), params, NO_POSITIONS, prefilled.rope_delta, None,
+                      num_computed=len(prompt))
+    first = (prefilled.output_ids[0], None, None, None)
+    assert split.engine.admit_prefilled(request, reservation, [KVRows(k, v, 0, len(prompt))], first) is None
+    return request
