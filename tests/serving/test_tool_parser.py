@@ -29,6 +29,8 @@ CASES = {
                                 Parsed('<tool_call>{"name": "f", "arguments": [1]}</tool_call>')),
     "nan_is_not_json": ('<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>',
                         Parsed('<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>')),
+    "a_number_past_a_double_is_not_a_call": ('<tool_call>{"name": "f", "arguments": {"x": -1e999}}</tool_call>',
+                                            Parsed('<tool_call>{"name": "f", "arguments": {"x": -1e999}}</tool_call>')),
     "unclosed_call_is_content": (f'ok {NOW}\n<tool_call>\n{{"name": "get_w',
                                  Parsed('ok<tool_call>\n{"name": "get_w', [NOW_CALL])),
     "partial_marker_at_the_end": ("see <tool_c", Parsed("see <tool_c")),

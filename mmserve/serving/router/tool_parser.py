@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -126,7 +127,7 @@ def _partial_open(text: str) -> int:
 
 def _call(block: str) -> ToolCall | None:
     try:
-        value = json.loads(block, parse_constant=_refuse)
+        value = json.loads(block, parse_constant=_refuse, parse_float=_finite)
     except (ValueError, RecursionError):  # nested deeper than the json module recurses: not a call
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
@@ -140,3 +141,12 @@ def _call(block: str) -> ToolCall | None:
 def _refuse(constant: str):
     """NaN and Infinity are not JSON, though Python's parser takes them."""
     raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A number past a double's range (``1e999``) would be read as infinity and written back as
+    ``Infinity``, which is not JSON: such a block is not a call."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a double")
+    return value
