@@ -48,6 +48,7 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     num_computed: int = 0
+    num_cached_tokens: int = 0  # of its prompt, found in the prefix cache when it was (last) admitted
     status: Status = Status.WAITING
     slot: int | None = None
     slot_loaded: bool = False  # its sampling slot (penalties) holds its tokens; loaded before its first row runs

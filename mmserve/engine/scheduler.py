@@ -291,7 +291,7 @@ class Scheduler:
     def _admit(self, request: Request, num_tokens: int, held: HeldPrefix) -> None:
         self.waiting.remove(request)
         self.kv.allocate(request.request_id, num_tokens, held.pages, held.tail)
-        request.num_computed = held.num_tokens
+        request.num_computed = request.num_cached_tokens = held.num_tokens
         if request.page_keys is not None and self.config.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += request.num_computed

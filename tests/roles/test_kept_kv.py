@@ -44,16 +44,6 @@ def parts():
     bootstrap.close()
 
 
-@pytest.fixture
-def hasty_parts():
-    """Rooms fail 0.5 s after they open when no decode registers."""
-    role, receiver, bootstrap = make_role(bootstrap_timeout_s=0.5)
-    yield role, receiver, bootstrap
-    receiver.close()
-    role.close()
-    bootstrap.close()
-
-
 def prefill(role, request_id: str, room: int, prompt: list[int] = PROMPT) -> queue.Queue:
     stream: queue.Queue = queue.Queue()
     role.prefill(pb.PrefillRequest(request_id=request_id, room=room, token_ids=prompt,
@@ -105,12 +95,33 @@ def test_a_decode_registering_late_gets_only_the_tokens_it_lacks_read_straight_f
     assert role.sender.allocator.available_blocks() == role.sender.allocator.num_blocks
 
 
-def test_kept_pages_come_back_when_decode_never_registers(hasty_parts):
-    role, receiver, _ = hasty_parts
+def cache_first_page(role, receiver, bootstrap, room: int) -> None:
+    """Runs a prompt starting as PROMPT to its end, its decode registered in time: prefill's cache
+    holds PROMPT's first page, so a decode may hold it too (only such prompts are kept)."""
+    prefill(role, f"seed-{room}", room, prompt=PROMPT[:16] + list(range(600, 610)))
+    register(role, receiver, bootstrap, room, held=0)
+    received(role, receiver, room)
+
+
+def test_a_prompt_with_nothing_cached_is_read_whole_at_once_for_a_decode_not_registered_yet(parts):
+    """No page of it found in prefill's cache, so none in decode's: waiting for the registration
+    would only make it wait for the step then running to end."""
+    role, receiver, bootstrap = parts
+    prefill(role, "fresh", room=5, prompt=list(range(700, 740)))
+    run_until(role, receiver, lambda: role.health()["requests"] == {"sending_kv": 1})
+    register(role, receiver, bootstrap, 5, held=0)
+    assert received(role, receiver, 5).info.total_tokens == 40
+    assert role.sender.staged_rooms == 0
+
+
+def test_kept_pages_come_back_when_the_room_fails_before_decode_registers(parts):
+    role, receiver, bootstrap = parts
+    cache_first_page(role, receiver, bootstrap, room=30)
     total = role.engine.stats()["free_pages"]
     prefill(role, "orphan", room=3)
     run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 1})
-    run_until(role, receiver, lambda: not role.health()["in_flight"])  # the room times out
+    role.sender.abort(3, "timed out while bootstrapping")  # as the sender's own timeout fails it
+    run_until(role, receiver, lambda: not role.health()["in_flight"])
     assert role.engine.stats()["free_pages"] == total
     with pytest.raises(KeyError):
         role.sender.poll(3)
@@ -119,33 +130,36 @@ def test_kept_pages_come_back_when_decode_never_registers(hasty_parts):
 def test_kept_pages_come_back_on_an_abort_and_keep_the_prompts_tail(parts):
     """Aborted while its KV waits for decode: its pages come back, and the prompt's partial last
     page is still left as a tail (a later prompt continuing it computes only its new tokens)."""
-    role, receiver, _ = parts
-    total = role.engine.stats()["free_pages"]
+    role, receiver, bootstrap = parts
+    cache_first_page(role, receiver, bootstrap, room=40)
+    total, tails = role.engine.stats()["free_pages"], role.engine.kv.num_tail_pages
     prefill(role, "gone", room=4)
     run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 1})
     role.abort("gone")
     assert not role.health()["in_flight"] and role.engine.stats()["free_pages"] == total
-    assert role.engine.kv.num_tail_pages == 1
+    assert role.engine.kv.num_tail_pages == tails + 1
     with pytest.raises(KeyError):
         role.sender.poll(4)
 
 
 def test_kept_pages_are_given_up_for_a_prompt_that_needs_them():
-    """8 pages; two finished prompts keep 4 each for decodes that have not registered (decode
-    holds them back until a third request's KV lands); the third prompt needs 4 pages to run.
+    """8 pages; two finished prompts sharing a cached first page keep 7 for decodes that have not
+    registered (decode holds them back until a third request's KV lands); the third prompt needs
+    4 pages to run.
     Kept pages waited for decode, decode for the third's KV, the third for the kept pages, until
     the rooms timed out. Short of pages, prefill reads the oldest kept KV whole and lets its
     pages go: the third runs."""
     role, receiver, bootstrap = make_role(num_pages=9, bootstrap_timeout_s=60.0)
     try:
+        cache_first_page(role, receiver, bootstrap, room=10)
         for request_id, room in (("kept-1", 11), ("kept-2", 12)):
-            prefill(role, request_id, room, prompt=list(range(room * 60, room * 60 + 56)))
+            prefill(role, request_id, room, prompt=PROMPT[:16] + list(range(room * 60, room * 60 + 40)))
         run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 2})
-        assert role.engine.stats()["free_pages"] == 0
+        assert role.engine.stats()["free_pages"] == 1
         third = prefill(role, "third", room=13, prompt=list(range(900, 956)))
         run_until(role, receiver, lambda: not third.empty(), timeout_s=60)
         assert len(third.get_nowait().token_ids) == 1
-        assert role.health()["requests"] == {"sending_kv": 1, "awaiting_decode": 2}  # kept-1's KV read whole
+        assert role.health()["requests"] == {"sending_kv": 2, "awaiting_decode": 1}  # kept-1's KV read whole
         register(role, receiver, bootstrap, 11, held=0)
         run_until(role, receiver, lambda: receiver.poll(11).terminal)
         assert receiver.take(11).info.total_tokens == 56

@@ -51,7 +51,7 @@ def test_every_role_frees_a_request_past_its_deadline_when_no_abort_can_come(clu
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
         asked = pool.submit(ask, client, "Nobody will take my KV.", [])
-        wait_for(lambda: worker_health(cluster, "prefill")["requests"] == {"awaiting_decode": 1}, DEADLINE_S / 2,
+        wait_for(lambda: worker_health(cluster, "prefill")["requests"] == {"sending_kv": 1}, DEADLINE_S / 2,
                  "prefill did not prefill the request", poll_s=0.2)
         cluster.freeze("router")
         wait_for(lambda: worker_health(cluster, "prefill")["in_flight"] == 0, BOOTSTRAP_TIMEOUT_S,

@@ -91,7 +91,7 @@ def test_prefill_fails_a_request_whose_kv_nobody_takes_at_its_deadline(model, bo
         role.prefill(pb.PrefillRequest(request_id="unwanted", room=5, token_ids=list(range(3, 23)),
                                        sampling=sampling_to_pb(SamplingParams(max_tokens=4)), timeout_s=3.0),
                      queue.Queue())
-        step_until(role, lambda: role.health()["requests"] == {"awaiting_decode": 1})  # decode never registers: its pages are kept
+        step_until(role, lambda: role.health()["requests"] == {"sending_kv": 1})  # decode never registers
         assert step_until(role, lambda: not role.health()["in_flight"]) < 10
         stats = role.health()
         assert stats["free_pages"] == pages and stats["free_kv_blocks"] == blocks
