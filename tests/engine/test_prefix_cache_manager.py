@@ -172,14 +172,20 @@ def test_page_keys_tell_pictures_apart_from_their_first_page_on():
     assert a[1] != moved[1]  # same picture, other placement
 
 
+def first_turn(manager, allocated: int):
+    """Sequence "a" of 10 tokens (2 full pages, cached, and 2 tokens) on ``allocated`` tokens' pages:
+    (its ids, its page keys, its page table, its tail for ``free``)."""
+    ids = list(range(100, 110))
+    turn1 = PageKeys(4, [])
+    manager.allocate("a", allocated)
+    manager.cache_pages("a", turn1.first(2, tokens_of(ids)))
+    return ids, manager.page_table("a"), (2, turn1.tail_keys(2, 10, tokens_of(ids)))
+
+
 def test_a_partial_last_page_is_kept_as_a_tail_and_taken_once():
     manager = KVCacheManager(num_pages=8, page_size=4)
-    ids = list(range(100, 110))  # 2 full pages and 2 tokens
-    turn1 = PageKeys(4, [])
-    manager.allocate("a", 12)
-    manager.cache_pages("a", turn1.first(2, tokens_of(ids)))
-    table = manager.page_table("a")
-    manager.free("a", tail=(2, turn1.tail_keys(2, 10, tokens_of(ids))))
+    ids, table, tail = first_turn(manager, 12)
+    manager.free("a", tail=tail)
     assert manager.num_tail_pages == 1 and manager.num_free_pages == 7
     assert manager.num_evictable_pages == 3
     turn2 = ids + [7, 8, 9]
@@ -249,13 +255,9 @@ def test_a_reader_holds_a_sequences_pages_past_its_end_and_its_tail_comes_after(
     says what to read. Nothing is handed out again while the reader holds it; the tail the
     sequence left becomes one when the reader lets go (not a blank page)."""
     manager = KVCacheManager(num_pages=8, page_size=4)
-    ids = list(range(100, 110))  # 2 full pages and 2 tokens
-    turn1 = PageKeys(4, [])
-    manager.allocate("a", 10)
-    manager.cache_pages("a", turn1.first(2, tokens_of(ids)))
-    table = manager.page_table("a")
+    ids, table, tail = first_turn(manager, 10)
     manager.share("a", "reader")
-    manager.free("a", tail=(2, turn1.tail_keys(2, 10, tokens_of(ids))))
+    manager.free("a", tail=tail)
     assert manager.page_table("reader") == table and manager.num_tokens("reader") == 10
     assert manager.num_free_pages == 4 and manager.num_tail_pages == 0  # 7 - the reader's 3
     manager.allocate("b", 16)  # every free page: none of the reader's
