@@ -349,10 +349,7 @@ class LLMEngine:
         returned without a model step: a step that failed would lose their outputs, and a
         request whose first token was streamed must not stream it again. A request whose grammar
         failed raises ``StepFailed`` then, or at the next call when others joined with it."""
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
-        outputs = self._schedule_compiled() if self._awaiting_grammar else []
+        outputs = self._schedule_compiled() if self._awaiting_grammar and self._failure is None else []
         if outputs:
             self._publish_events()
             return outputs

@@ -204,9 +204,8 @@ class PrefillRole:
                 self._requests.finish(record.request_id, PrefillState.FAILED, f"its embeddings do not fit: {error}")
 
     def _send(self) -> None:
-        self.sender.progress(0)  # registrations: a kept prompt's KV is read for its decode
         self._read_kept()
-        self._outbox.flush()
+        self._outbox.flush()  # reads the sender's socket too
         for record in self._requests:
             state = self.sender.poll(record.room)
             if state is PollState.SUCCESS:
@@ -343,7 +342,10 @@ class PrefillRole:
         let go (the sender writes the rows into its pool, as it must for a decode holding some);
         kept pages would otherwise wait for decode while decode waits, for another request's KV,
         on a prompt that waits for those pages."""
-        for record in self._requests.in_state(PrefillState.AWAITING_DECODE):
+        kept = self._requests.in_state(PrefillState.AWAITING_DECODE)
+        if kept:
+            self.sender.progress(0)  # registrations that came since
+        for record in kept:
             if self.sender.receiver_holds(record.room) is None and not spill:
                 continue
             spill = False

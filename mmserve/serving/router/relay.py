@@ -169,7 +169,7 @@ class Relay:
             log.exception("request %s failed in the backend", rid)
             self._put(TokenEvent(rid, [], error=error))
         finally:
-            self._settle(outcome, error if outcome != "rejected" else None)
+            self._settle(outcome, error)
             if outcome in ("aborted", "cut", "timeout") or failed:
                 with anyio.CancelScope(shield=True):  # the client is gone, but its pages must be freed
                     await self._backend.abort(rid)
