@@ -328,14 +328,17 @@ def test_a_client_leaving_choices_running_and_queued_counts_each_choice_aborted_
 
 class _BrokenDemand(ScriptedBackend):
     def kv_demand(self, request):
-        raise RuntimeError("a backend bug")
+        raise RuntimeError("a backend bug: no answer from 10.0.0.5:50051")
 
 
 def test_a_500_from_a_handler_and_a_401_are_counted(model):
+    """Counted, and the 500's reason reaches the client without the cluster's addresses."""
     server = ThreadedServer(build_app(_BrokenDemand(), model, RouterSettings("tiny", 256, api_key="k" * 20)))
     try:
         headers = {"Authorization": "Bearer " + "k" * 20}
-        assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30, headers=headers)[0] == 500
+        status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30, headers=headers)
+        assert status == 500
+        assert body["error"]["message"] == "internal error: RuntimeError: a backend bug: no answer from <internal address>"
         assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 401
         assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="error"}') == 1
         assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="rejected"}') == 1

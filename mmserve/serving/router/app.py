@@ -26,6 +26,7 @@ from mmserve.serving.router.chat import chat_completions
 from mmserve.serving.router.completions import completions
 from mmserve.serving.router.context import RouterContext
 from mmserve.serving.router.errors import InvalidRequest, invalid_request_response, server_error_response
+from mmserve.serving.router.internal_addresses import redact
 from mmserve.serving.router.metrics import RouterMetrics
 from mmserve.serving.router.native import generate
 from mmserve.serving.router.settings import RouterSettings
@@ -83,7 +84,7 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
     async def failed(request: Request, error: Exception) -> Response:
         # Starlette re-raises after this answer, so the server's log shows the traceback.
         router.metrics.requests.labels(_endpoint(request), "error").inc()
-        return server_error_response(f"internal error: {type(error).__name__}: {error}")
+        return server_error_response(redact(f"internal error: {type(error).__name__}: {error}"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
