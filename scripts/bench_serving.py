@@ -3,12 +3,16 @@ given concurrency, every request a streamed chat with an image, and the compilat
 made while serving (from ``mmserve_backend_compiles`` on /metrics; 0 once it compiles its whole
 program grid before it is ready).
 
-    pip install -e ".[client]"     # the openai client it asks with
+    pip install -e .
     python scripts/serve.py --role colocated --model tiny --port 8000 &
     python scripts/bench_serving.py --url http://127.0.0.1:8000 --requests 64 --concurrency 8
 
 No warm-up by default: the first request should be as fast as the hundredth. Run it once against
 ``--role all`` and once against ``--role colocated`` to compare.
+
+The client is light (``stream_client.py``: stdlib HTTP, each SSE line read with ``json.loads``)
+and builds every picture before the clock starts, because on a small host it shares the CPU with
+the server it measures; it prints the CPU it used during the run, as a share of the host's cores.
 
 ``--turns N`` makes each request a conversation of N turns about one picture (each turn sends the
 whole history: the picture, the questions and answers so far, and a new question), the turns of
@@ -27,14 +31,17 @@ import base64
 import concurrent.futures
 import io
 import json
+import os
+import resource
 import statistics
+import threading
 import time
-
 import urllib.request
 
 import numpy as np
-import openai
 from PIL import Image
+
+from stream_client import StreamClient, Streamed
 
 
 def image_url(seed: int, size: int) -> str:
@@ -44,30 +51,12 @@ def image_url(seed: int, size: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _arrived(chunk, arrivals: list[float]) -> bool:
-    """Whether a streamed chunk is a token's arrival: it brings text, or it ends an answer that
-    brought none (a random model's tokens can all detokenize to nothing, and its answer still has a
-    first-token time)."""
-    choice = chunk.choices[0] if chunk.choices else None
-    return choice is not None and bool(choice.delta.content or (choice.finish_reason and not arrivals))
-
-
-def one_request(client: openai.OpenAI, model: str, seed: int, size: int, max_tokens: int) -> tuple[float, list[float], int]:
+def one_request(client: StreamClient, picture: str, seed: int, max_tokens: int) -> tuple[float, list[float], int]:
     """(TTFT, inter-token gaps, output tokens) of one streamed request."""
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed, size)}},
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture}},
                                              {"type": "text", "text": f"Describe picture {seed}."}]}]
-    start = time.perf_counter()
-    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
-    arrivals, tokens = [], 0
-    for chunk in stream:
-        if _arrived(chunk, arrivals):
-            arrivals.append(time.perf_counter())
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return arrivals[0] - start, gaps, tokens
+    answer = client.chat(messages, max_tokens)
+    return answer.ttft, answer.gaps, answer.completion_tokens
 
 
 WORDS = "the a picture shows of in and with on light dark colour shape near far left right top bottom".split()
@@ -79,7 +68,7 @@ def document(seed: int, words: int) -> str:
     return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), words))
 
 
-def conversation(client: openai.OpenAI, model: str, seed: int, size: int, max_tokens: int,
+def conversation(client: StreamClient, picture: str, seed: int, max_tokens: int,
                  turns: int, context_words: int, kv_probe=None) -> list[tuple[float, list[float], int, tuple]]:
     """(TTFT, gaps, tokens, KV) of each turn of one conversation about one picture (and a document
     of ``context_words`` words before it, its own). KV: (prompt tokens, tokens new since the last
@@ -87,30 +76,20 @@ def conversation(client: openai.OpenAI, model: str, seed: int, size: int, max_to
     workers' kv_tokens_received; only meaningful with one conversation at a time) is given."""
     context = [{"type": "text", "text": document(seed, context_words)}] if context_words else []
     history = [{"role": "user", "content": context + [
-        {"type": "image_url", "image_url": {"url": image_url(seed, size)}},
+        {"type": "image_url", "image_url": {"url": picture}},
         {"type": "text", "text": f"Describe picture {seed}."}]}]
     out = []
     for turn in range(turns):
         if turn:
             history.append({"role": "user", "content": f"And what else is in it ({turn})?"})
         received = kv_probe() if kv_probe else None
-        start = time.perf_counter()
-        stream = client.chat.completions.create(model=model, messages=history, max_tokens=max_tokens, temperature=0,
-                                                stream=True, stream_options={"include_usage": True},
-                                                extra_body={"ignore_eos": True})
-        arrivals, tokens, text, prompt = [], 0, "", 0
-        for chunk in stream:
-            if _arrived(chunk, arrivals):
-                arrivals.append(time.perf_counter())
-                text += chunk.choices[0].delta.content or ""
-            if chunk.usage is not None:
-                tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
-        history.append({"role": "assistant", "content": text})
+        answer: Streamed = client.chat(history, max_tokens)
+        history.append({"role": "assistant", "content": answer.text})
         kv = ()
         if received is not None:
             seen = out[-1][3][0] + out[-1][2] if out else 0  # the last turn's prompt and answer
-            kv = (prompt, prompt - seen, kv_probe() - received)
-        out.append((arrivals[0] - start, [b - a for a, b in zip(arrivals, arrivals[1:])], tokens, kv))
+            kv = (answer.prompt_tokens, answer.prompt_tokens - seen, kv_probe() - received)
+        out.append((answer.ttft, answer.gaps, answer.completion_tokens, kv))
     return out
 
 
@@ -144,26 +123,28 @@ def main() -> None:
                    help="with --turns: a document of this many words opens each conversation (its own), so "
                         "the first turn has a long prompt to prefill and later turns a long prefix to reuse")
     args = p.parse_args()
-    client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    client = StreamClient(args.url, args.model)
     sizes = args.image_sizes or [args.image_size]
+    warmup_seeds, seeds = range(10_000, 10_000 + args.warmup), range(args.seed, args.seed + args.requests)
+    pictures = {seed: image_url(seed, sizes[seed % len(sizes)]) for seed in [*warmup_seeds, *seeds]}
     if args.turns > 1:
         probe = None
         if args.concurrency == 1 and decode_kv_received(args.url) is not None:
             probe = lambda: decode_kv_received(args.url)
-        run = lambda seed: conversation(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens, args.turns,
+        run = lambda seed: conversation(client, pictures[seed], seed, args.max_tokens, args.turns,
                                        args.context_words, probe)
     else:
-        run = lambda seed: [one_request(client, args.model, seed, sizes[seed % len(sizes)], args.max_tokens)]
+        run = lambda seed: [one_request(client, pictures[seed], seed, args.max_tokens)]
     compiles_before = server_compiles(args.url)
-    # The client's own first use (its connection pool, pydantic building its response models) is
-    # paid here, not by the first measured request; /v1/models does not touch the engine.
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(lambda _: client.models.list(), range(args.concurrency)))
-    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(run, range(10_000, 10_000 + args.warmup)))
-        start = time.perf_counter()
-        conversations = list(pool.map(run, range(args.seed, args.seed + args.requests)))
-        elapsed = time.perf_counter() - start
+        # Each thread opens its connection here, not in its first measured request (/v1/models does
+        # not touch the engine); the barrier holds each thread until all have one, so none takes two.
+        opened = threading.Barrier(args.concurrency)
+        list(pool.map(lambda _: (client.connect(), opened.wait()), range(args.concurrency)))
+        list(pool.map(run, warmup_seeds))
+        cpu_start, start = _cpu_seconds(), time.perf_counter()
+        conversations = list(pool.map(run, seeds))
+        elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     results = [turn for turns in conversations for turn in turns]
     ttft = [r[0] * 1000 for r in results]
     itl = [g * 1000 for r in results for g in r[1]]
@@ -176,6 +157,8 @@ def main() -> None:
         print(f"ITL ms    mean {statistics.mean(itl):8.1f}  p50 {statistics.median(itl):8.1f}  "
               f"p90 {np.percentile(itl, 90):8.1f}")
     print(f"throughput {tokens / elapsed:8.1f} output tokens/s  ({tokens} tokens in {elapsed:.1f} s)")
+    print(f"client CPU {cpu:.2f} s ({cpu / elapsed / os.cpu_count():.0%} of this host's {os.cpu_count()} cores "
+          "during the run, where the server was on the same host)")
     if args.turns > 1:
         first = statistics.median(c[0][0] for c in conversations)
         for turn in range(args.turns):
@@ -187,6 +170,11 @@ def main() -> None:
     compiles_after = server_compiles(args.url)
     if compiles_before is not None and compiles_after is not None:
         print(f"compilations while serving: {compiles_after - compiles_before:.0f}")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def server_compiles(url: str) -> float | None:
