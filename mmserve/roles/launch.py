@@ -1,29 +1,27 @@
-"""Starting the disaggregated roles from ``serve.py``'s arguments.
+"""Starting the disaggregated roles from ``serve.py``'s arguments: the flags, and what every role's
+process does the same way (its logging, the cluster's credential, joining the role's other
+processes, loading the model). Each kind of process starts in its own module: a worker
+(:mod:`mmserve.roles.launch_worker`), the router (:mod:`mmserve.roles.launch_router`), and
+``--role all``, which starts both kinds as child processes (:mod:`mmserve.roles.launch_all`).
 
 The router hosts two small registries besides the HTTP API: the transfer bootstrap registry (ZMQ,
 ``--bootstrap-port``) where senders publish their endpoints, and the worker registry (gRPC,
 ``--registry-port``) where workers announce themselves. A worker serves its gRPC Worker service
 on ``--port`` and is pointed at both registries with
-``--router-url HOST:REGISTRY_PORT`` and ``--bootstrap tcp://HOST:BOOTSTRAP_PORT``. ``all`` starts
-the router and the workers (one of each role unless ``--workers`` says more) as child processes on
-loopback.
+``--router-url HOST:REGISTRY_PORT`` and ``--bootstrap tcp://HOST:BOOTSTRAP_PORT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
-import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 
-from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential, MissingCredential
+from mmserve.cluster_credential import ClusterCredential, MissingCredential
 from mmserve.config_flags import add_config_flags, config_from_args, tcp_port
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
@@ -90,60 +88,10 @@ def worker_counts(text: str) -> dict[str, int]:
     return counts
 
 
-def worker_names(counts: dict[str, int]) -> list[tuple[str, str]]:
-    """(role, name) of each worker ``--role all`` starts: the role's name for a role's only worker,
-    ROLE-I for several."""
-    return [(role, role if n == 1 else f"{role}-{i}") for role, n in counts.items() for i in range(n)]
-
-
 def transfer_config(args: argparse.Namespace, key: str) -> TransferConfig:
     """The flags that were given, over the MMSERVE_* environment, over the defaults; the key from
     the cluster credential."""
     return config_from_args(TransferConfig, args, prefix="transfer_", base=TransferConfig.from_env(), secret=key)
-
-
-def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
-    from mmserve.roles.worker import serve_worker
-
-    if not args.bootstrap or not args.router_url:
-        print("serve.py: a worker needs --bootstrap and --router-url", file=sys.stderr)
-        return 2
-    configure_logging(args.role, args.log_level)
-    credential = cluster_credential(args)
-    if credential is None:
-        return 2
-    transfer = transfer_config(args, credential.transfer_key)
-    name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
-    if not args.grpc_socket:
-        require_free_port(args.host, args.port, "--port")
-    lockstep, layout = join_role(args, credential)
-    try:  # whatever ends the leader, its followers are told to stop
-        model = load_role_model(args, engine, layout)
-        if not lockstep.is_leader:
-            return follow_leader(args.role, model, engine, layout, lockstep, transfer)
-        service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
-        serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
-                     model.fingerprint, transfer.advertise_host, args.grpc_socket)
-    finally:
-        lockstep.close()
-    return 0
-
-
-def _role_service(args, model, engine: EngineConfig, transfer: TransferConfig, name: str, layout, lockstep,
-                  credential: ClusterCredential):
-    kv_events = config_from_args(KVEventsConfig, args, prefix="").publisher(credential.kv_event_keys)
-    if args.role == "encode":
-        from mmserve.roles.encode import EncodeRole, encode_service
-
-        return encode_service(EncodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep))
-    if args.role == "prefill":
-        from mmserve.roles.prefill import PrefillRole, prefill_service
-
-        return prefill_service(PrefillRole(model, engine, transfer, name, args.bootstrap, layout, lockstep,
-                                           kv_events))
-    from mmserve.roles.decode import DecodeRole, decode_service
-
-    return decode_service(DecodeRole(model, engine, transfer, name, args.bootstrap, layout, lockstep, kv_events))
 
 
 def configure_logging(process: str, level: str) -> None:
@@ -260,128 +208,6 @@ def mesh_layout(args: argparse.Namespace):
         raise SystemExit(f"serve.py: --mesh {args.mesh}: {error}") from None
 
 
-def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
-    from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
-    from mmserve.roles.router_backend import DisaggregatedBackend
-    from mmserve.roles.worker_pool import WorkerPool, serve_registry
-    from mmserve.roles.routing import WorkerChooser
-    from mmserve.serving.http_server import run_event_loop, serve_http
-    from mmserve.serving.router import build_app
-    from models.qwen3_vl_moe import load_model
-    import zmq
-
-    from transfer.bootstrap import BootstrapServer
-
-    configure_logging("router", args.log_level)
-    credential = cluster_credential(args)
-    if credential is None:
-        return 2
-    transfer = transfer_config(args, credential.transfer_key)
-    require_free_port(args.host, args.port, "--port")
-    if not args.registry_socket:
-        require_free_port(args.registry_host or args.host, args.registry_port, "--registry-port")
-    try:
-        bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
-    except zmq.ZMQError as error:
-        raise SystemExit(f"serve.py: the transfer bootstrap registry cannot listen on --bootstrap-port "
-                         f"{args.bootstrap_port}: {error}") from None
-    with model_errors_said(args.model):
-        frontend = load_model(args.model, dtype=args.dtype, weights=False)
-    index = PrefixIndex()
-    feed = KVEventFeed(index, credential.kv_event_keys)
-    chooser = WorkerChooser(config_from_args(RoutingConfig, args, prefix=""), index, functools.partial(
-        _prompt_pages, frontend))
-    pool = WorkerPool(credential.grpc_token, chooser, feed, model_fingerprint=frontend.fingerprint)
-    backend = DisaggregatedBackend(pool)
-    app = build_app(backend, frontend, settings, on_shutdown=feed.close)
-
-    async def main() -> None:
-        registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port, args.registry_socket)
-        try:
-            await serve_http(app, backend, args.host, args.port, args.log_level)
-        finally:
-            await registry.stop(grace=1)
-
-    # SIGTERM ends the router through its finally blocks, as it does a worker (``join_role``): the
-    # HTTP server re-raises the signal once it has shut down, and a process killed by it flushes
-    # nothing (the trace's last spans were lost).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        run_event_loop(main())
-    finally:
-        bootstrap.close()
-    return 0
-
-
-def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:
-    """The keys of a prompt's full KV pages, as a prefill worker with ``page_size`` computes them."""
-    from mmserve.engine.page_hash import prompt_page_keys
-
-    return prompt_page_keys(prompt, model, page_size).first(
-        len(prompt.token_ids) // page_size, lambda start, end: prompt.token_ids[start:end])
-
-
-def all_commands(args: argparse.Namespace, argv: list[str], sockets: str,
-                 bootstrap_port: int) -> dict[str, list[str]]:
-    """``--role all``'s child processes, by name: the router and the workers. Only the router's
-    HTTP port listens where ``--host`` says. The worker registry and the workers' gRPC services
-    listen on Unix sockets in the directory ``sockets``, which only this user can enter: a TCP port
-    on loopback is open to every local user, who could take one while it is free (a child
-    restarting) and collect the token the workers send with every call. The transfer's bootstrap
-    registry and KV events stay on loopback TCP (their messages are signed or encrypted). The
-    secret is not among the flags: the children get it in their environment."""
-    base = [sys.executable, os.path.abspath(sys.argv[0]),
-            *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
-    registry = os.path.join(sockets, "registry.sock")
-    worker = base + ["--router-url", f"unix:{registry}", "--bootstrap",
-                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0", "--host", "127.0.0.1"]
-    commands = {"router": base + ["--role", "router", "--registry-socket", registry,
-                                  "--registry-host", "127.0.0.1", "--bootstrap-port", str(bootstrap_port)]}
-    workers = worker_names(args.workers)
-    commands |= {name: worker + ["--role", role, "--name", name, "--grpc-socket", os.path.join(sockets, f"{name}.sock")]
-                 for role, name in workers}
-    # Prefill and decode publish KV events (loopback, any free port, CurveZMQ keys from this run's
-    # secret) so that the router knows which prompts prefill holds: a later turn of a chat then
-    # asks prefill before encode instead of encoding its picture again for nothing.
-    events = ["--kv-events-endpoint", "tcp://127.0.0.1:*", "--kv-events-replay-endpoint", "tcp://127.0.0.1:*"]
-    for role, name in workers:
-        if role in ("prefill", "decode"):
-            commands[name] += events
-    return commands
-
-
-def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -> int:
-    """The router and the workers (``--workers``; one per role by default), as child processes on
-    loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
-    stops them all."""
-    from mmserve.roles.supervisor import Supervisor
-
-    from models.qwen3_vl_moe import load_model
-
-    configure_logging("all", args.log_level)
-    require_free_port(args.host, args.port, "--port")  # before any child: the router would fail on it, restarted
-    with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
-        engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
-    sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
-    commands = all_commands(args, argv, sockets, _free_port())
-    env = os.environ | ClusterCredential.generate().environment()
-    env.pop(SECRET_FILE_ENV, None)
-    supervisor = Supervisor(commands, env).start()
-    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
-    started = True
-    try:
-        started = supervisor.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        supervisor.stop()
-        shutil.rmtree(sockets, ignore_errors=True)
-    if not started:
-        print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)
-        return STARTUP_FAILURE
-    return 0
-
-
 def cluster_credential(args: argparse.Namespace) -> ClusterCredential | None:
     """The deployment's credential (``--cluster-secret-file`` or the environment); None, after
     saying why on stderr, when there is none."""
@@ -404,27 +230,3 @@ def require_free_port(host: str, port: int, flag: str) -> None:
             probe.bind((host, port))
     except OSError as error:
         raise SystemExit(f"serve.py: {flag} {port} on {host} is not free: {error.strerror or error}") from None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _without(argv: list[str], flag: str) -> list[str]:
-    """argv less ``flag`` and its value (either form: ``--flag value`` or ``--flag=value``)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
-
-
-def _strip_scheme(url: str) -> str:
-    """A gRPC target from a URL: http://HOST:PORT/ -> HOST:PORT; unix:PATH stays as it is."""
-    return url if url.startswith("unix:") else url.split("://", 1)[-1].rstrip("/")

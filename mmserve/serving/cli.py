@@ -1,7 +1,7 @@
 """``scripts/serve.py``'s command line: one parser for every role, one launcher per role.
 
 ``colocated`` serves the OpenAI-compatible router over one in-process engine; the disaggregated
-roles (encode, prefill, decode, router, all) are launched by ``mmserve.roles.launch``.
+roles (encode, prefill, decode, router, all) are launched by ``mmserve.roles.launch_worker``, ``launch_router`` and ``launch_all``.
 """
 
 from __future__ import annotations
@@ -150,14 +150,14 @@ def serve_colocated(args: argparse.Namespace) -> int:
 
 def serve_worker(args: argparse.Namespace) -> int:
     """encode, prefill or decode: a worker that registers with the router (mmserve.roles)."""
-    from mmserve.roles.launch import serve_worker_role
+    from mmserve.roles.launch_worker import serve_worker_role
 
     return serve_worker_role(args, engine_config(args))
 
 
 def serve_router(args: argparse.Namespace) -> int:
     """The HTTP API over the registered encode/prefill/decode workers."""
-    from mmserve.roles.launch import serve_router as launch_router
+    from mmserve.roles.launch_router import serve_router as launch_router
 
     config = engine_config(args)
     return launch_router(args, config, router_settings(args, config.max_model_len))
@@ -165,7 +165,7 @@ def serve_router(args: argparse.Namespace) -> int:
 
 def serve_all(args: argparse.Namespace) -> int:
     """One process of each role on loopback plus the router: the whole pipeline on one machine."""
-    from mmserve.roles.launch import serve_all as launch_all
+    from mmserve.roles.launch_all import serve_all as launch_all
 
     return launch_all(args, sys.argv[1:], engine_config(args))
 

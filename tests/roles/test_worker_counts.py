@@ -3,7 +3,7 @@ and the names they register under."""
 
 import pytest
 
-from mmserve.roles.launch import worker_names
+from mmserve.roles.launch_all import worker_names
 from mmserve.serving.cli import build_parser
 
 
@@ -25,7 +25,7 @@ def test_a_count_that_is_not_a_worker_role_and_a_positive_number_is_refused(valu
 def test_role_all_puts_only_the_routers_http_port_where_host_says():
     """``--role all --host 0.0.0.0``: the registry and every worker's gRPC port listened on every
     interface too (token-checked, but not meant to be reachable)."""
-    from mmserve.roles.launch import all_commands
+    from mmserve.roles.launch_all import all_commands
 
     argv = ["--role", "all", "--host", "0.0.0.0", "--port", "8000", "--workers", "prefill=2"]
     commands = all_commands(build_parser().parse_args(argv), argv, "/run/sockets", 50002)

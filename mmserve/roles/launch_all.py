@@ -1,0 +1,102 @@
+"""``--role all``: the router and the workers as child processes on one host, each started again if
+it dies."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential
+from mmserve.engine.config import EngineConfig
+from mmserve.roles.launch import STARTUP_FAILURE, configure_logging, model_errors_said, require_free_port
+
+
+def worker_names(counts: dict[str, int]) -> list[tuple[str, str]]:
+    """(role, name) of each worker ``--role all`` starts: the role's name for a role's only worker,
+    ROLE-I for several."""
+    return [(role, role if n == 1 else f"{role}-{i}") for role, n in counts.items() for i in range(n)]
+
+
+def all_commands(args: argparse.Namespace, argv: list[str], sockets: str,
+                 bootstrap_port: int) -> dict[str, list[str]]:
+    """``--role all``'s child processes, by name: the router and the workers. Only the router's
+    HTTP port listens where ``--host`` says. The worker registry and the workers' gRPC services
+    listen on Unix sockets in the directory ``sockets``, which only this user can enter: a TCP port
+    on loopback is open to every local user, who could take one while it is free (a child
+    restarting) and collect the token the workers send with every call. The transfer's bootstrap
+    registry and KV events stay on loopback TCP (their messages are signed or encrypted). The
+    secret is not among the flags: the children get it in their environment."""
+    base = [sys.executable, os.path.abspath(sys.argv[0]),
+            *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
+    registry = os.path.join(sockets, "registry.sock")
+    worker = base + ["--router-url", f"unix:{registry}", "--bootstrap",
+                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0", "--host", "127.0.0.1"]
+    commands = {"router": base + ["--role", "router", "--registry-socket", registry,
+                                  "--registry-host", "127.0.0.1", "--bootstrap-port", str(bootstrap_port)]}
+    workers = worker_names(args.workers)
+    commands |= {name: worker + ["--role", role, "--name", name, "--grpc-socket", os.path.join(sockets, f"{name}.sock")]
+                 for role, name in workers}
+    # Prefill and decode publish KV events (loopback, any free port, CurveZMQ keys from this run's
+    # secret) so that the router knows which prompts prefill holds: a later turn of a chat then
+    # asks prefill before encode instead of encoding its picture again for nothing.
+    events = ["--kv-events-endpoint", "tcp://127.0.0.1:*", "--kv-events-replay-endpoint", "tcp://127.0.0.1:*"]
+    for role, name in workers:
+        if role in ("prefill", "decode"):
+            commands[name] += events
+    return commands
+
+
+def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -> int:
+    """The router and the workers (``--workers``; one per role by default), as child processes on
+    loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
+    stops them all."""
+    from mmserve.roles.supervisor import Supervisor
+
+    from models.qwen3_vl_moe import load_model
+
+    configure_logging("all", args.log_level)
+    require_free_port(args.host, args.port, "--port")  # before any child: the router would fail on it, restarted
+    with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
+        engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
+    sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
+    commands = all_commands(args, argv, sockets, _free_port())
+    env = os.environ | ClusterCredential.generate().environment()
+    env.pop(SECRET_FILE_ENV, None)
+    supervisor = Supervisor(commands, env).start()
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
+    started = True
+    try:
+        started = supervisor.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        supervisor.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
+    if not started:
+        print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)
+        return STARTUP_FAILURE
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    """argv less ``flag`` and its value (either form: ``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out

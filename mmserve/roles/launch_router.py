@@ -1,0 +1,76 @@
+"""Starting the router: the transfer bootstrap registry, the worker registry, the index of what each
+worker holds, and the HTTP API over the workers that register."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+
+from mmserve.config_flags import config_from_args
+from mmserve.engine.config import EngineConfig
+from mmserve.roles.launch import (cluster_credential, configure_logging, model_errors_said, require_free_port,
+                                  transfer_config)
+from mmserve.roles.routing import RoutingConfig
+
+
+def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
+    from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
+    from mmserve.roles.router_backend import DisaggregatedBackend
+    from mmserve.roles.worker_pool import WorkerPool, serve_registry
+    from mmserve.roles.routing import WorkerChooser
+    from mmserve.serving.http_server import run_event_loop, serve_http
+    from mmserve.serving.router import build_app
+    from models.qwen3_vl_moe import load_model
+    import zmq
+
+    from transfer.bootstrap import BootstrapServer
+
+    configure_logging("router", args.log_level)
+    credential = cluster_credential(args)
+    if credential is None:
+        return 2
+    transfer = transfer_config(args, credential.transfer_key)
+    require_free_port(args.host, args.port, "--port")
+    if not args.registry_socket:
+        require_free_port(args.registry_host or args.host, args.registry_port, "--registry-port")
+    try:
+        bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
+    except zmq.ZMQError as error:
+        raise SystemExit(f"serve.py: the transfer bootstrap registry cannot listen on --bootstrap-port "
+                         f"{args.bootstrap_port}: {error}") from None
+    with model_errors_said(args.model):
+        frontend = load_model(args.model, dtype=args.dtype, weights=False)
+    index = PrefixIndex()
+    feed = KVEventFeed(index, credential.kv_event_keys)
+    chooser = WorkerChooser(config_from_args(RoutingConfig, args, prefix=""), index, functools.partial(
+        _prompt_pages, frontend))
+    pool = WorkerPool(credential.grpc_token, chooser, feed, model_fingerprint=frontend.fingerprint)
+    backend = DisaggregatedBackend(pool)
+    app = build_app(backend, frontend, settings, on_shutdown=feed.close)
+
+    async def main() -> None:
+        registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port, args.registry_socket)
+        try:
+            await serve_http(app, backend, args.host, args.port, args.log_level)
+        finally:
+            await registry.stop(grace=1)
+
+    # SIGTERM ends the router through its finally blocks, as it does a worker (``join_role``): the
+    # HTTP server re-raises the signal once it has shut down, and a process killed by it flushes
+    # nothing (the trace's last spans were lost).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        run_event_loop(main())
+    finally:
+        bootstrap.close()
+    return 0
+
+
+def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:
+    """The keys of a prompt's full KV pages, as a prefill worker with ``page_size`` computes them."""
+    from mmserve.engine.page_hash import prompt_page_keys
+
+    return prompt_page_keys(prompt, model, page_size).first(
+        len(prompt.token_ids) // page_size, lambda start, end: prompt.token_ids[start:end])
