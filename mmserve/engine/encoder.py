@@ -6,6 +6,7 @@ transfer's block buffers read them."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import jax
@@ -18,6 +19,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.embedding_cache import EmbeddingCache
 from mmserve.engine.inputs import Visual, with_pixels
 from mmserve.engine.program_grid import ProgramGrid
+from mmserve.engine.single_flight import SingleFlight
 from mmserve.engine.visual_rows import VisualRows
 from mmserve.engine.warmup import compile_programs
 from models.qwen3_vl_moe import Model, stages
@@ -46,6 +48,10 @@ class Encoder:
         self.model = model
         self.grid = ProgramGrid.for_model(config, model.config)
         self.cache = EmbeddingCache(config.embedding_cache_bytes)
+        self._decoding: SingleFlight[Visual] = SingleFlight()
+        self._counting = threading.Lock()
+        self.pictures_decoded = 0
+        """Files decoded (callers sharing another's decode of the same file not counted)."""
         self.layout = layout
         self.lockstep = lockstep or Lockstep()
         self.lockstep.bind("encoder", self)
@@ -60,7 +66,19 @@ class Encoder:
         cached, else decoded (raising ``RequestRejected`` for a file that will not decode)."""
         if visual.pixel_values is not None or visual.content_key in self.cache:
             return visual
-        return with_pixels(visual, self.model.processor)
+        return self.decoded(visual)
+
+    def decoded(self, visual: Visual) -> Visual:
+        """The visual with its patches (``with_pixels``); safe from any thread, and a file that
+        other callers are decoding right now (the same content key) is decoded once for all of them."""
+        if visual.pixel_values is not None:
+            return visual
+        out, computed = self._decoding.run(visual.content_key, lambda: with_pixels(visual, self.model.processor))
+        if computed:
+            with self._counting:
+                self.pictures_decoded += 1
+            return out
+        return Visual(out.grid_thw, out.pixel_values, content_key=visual.content_key, timestamps=visual.timestamps)
 
     def encode(self, visual: Visual) -> VisualRows:
         """One image or video's rows, on device."""
@@ -72,8 +90,7 @@ class Encoder:
         keys = [v.content_key for v in visuals]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         # A visual passed undecoded because the cache held it may have been evicted since: decoded here.
-        missing = {key: with_pixels(visual, self.model.processor)
-                   for key, visual in zip(keys, visuals) if found[key] is None}
+        missing = {key: self.decoded(visual) for key, visual in zip(keys, visuals) if found[key] is None}
         batch: list[tuple[bytes, Visual]] = []
         for key, visual in missing.items():
             if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > PACKED_PATCHES:

@@ -18,7 +18,7 @@ from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
-from mmserve.engine.inputs import Visual, with_pixels
+from mmserve.engine.inputs import Visual
 from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.visual_rows import VisualRows, total_rows
 from mmserve.engine.warmup import compile_programs
@@ -65,12 +65,11 @@ class EncodeJob:
 def decoded(request: pb.EncodeRequest, encoder: Encoder) -> EncodeJob:
     """Decodes and processes the client's files the router forwarded (``with_pixels``: CPU work, kept
     off the role's loop), but for those whose embeddings the encoder holds already (by content
-    key: a picture asked about again is not decoded again); a file that will not decode is
+    key: a picture asked about again is not decoded again), once for all the calls bringing the
+    same file at once (``n`` choices: ``Encoder.decoded``); a file that will not decode is
     ``RequestRejected``, a grid other than the router's a plain ``ValueError``."""
-    processor = encoder.model.processor
-
     def ready(visual: Visual) -> Visual:
-        return visual if encoder.holds(visual.content_key) else with_pixels(visual, processor)
+        return visual if encoder.holds(visual.content_key) else encoder.decoded(visual)
 
     deadline = deadline_from_pb(request.timeout_s)  # on arrival: decoding the files counts against it
     return EncodeJob(request.request_id, request.room,
@@ -228,7 +227,8 @@ class EncodeRole:
             return {"free_blocks": self.sender.allocator.available_blocks(), "in_flight": len(self._requests),
                     "requests": self._requests.counts(), "queued": len(self._outbox), "accepted": self.accepted,
                     "embedding_cache_hits": self.encoder.cache.hits, "embedding_cache_misses": self.encoder.cache.misses,
-                    "embedding_cache_bytes": self.encoder.cache.bytes, "compiles": compile_count()}
+                    "embedding_cache_bytes": self.encoder.cache.bytes, "pictures_decoded": self.encoder.pictures_decoded,
+                    "compiles": compile_count()}
 
     def close(self) -> None:
         with self.lock:

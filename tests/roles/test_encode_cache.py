@@ -3,6 +3,7 @@ file each time (each turn of a chat about one picture), the content key names it
 picture skips decoding; one evicted in between is decoded where it is encoded."""
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -51,3 +52,26 @@ def test_a_cached_picture_is_not_decoded_again_and_an_evicted_one_is(encoder):
     encoder.encode(decoded(request(second), encoder).images[0])  # the cache holds one: first is evicted
     assert not encoder.holds(first.content_key)
     assert all(np.array_equal(a, b) for a, b in zip(encoder.encode(again).host(), want))  # decoded where encoded
+
+
+def test_calls_bringing_the_same_file_at_once_decode_it_once(encoder):
+    """The ``n`` choices of a request reach encode together, each with the client's file: one
+    decodes it, the others take its patches (each call still gets a visual of its own)."""
+    image = Image.fromarray(np.random.default_rng(7).integers(0, 256, (1536, 1536, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # ~7 MB: decoding takes long enough for the calls to overlap
+    big = Visual(encoder.model.processor(images=[image])["image_grid_thw"], source=EncodedMedia("image", buffer.getvalue()))
+    before, start, results = encoder.pictures_decoded, threading.Barrier(6), []
+
+    def call():
+        start.wait()
+        results.append(decoded(request(big), encoder).images[0])
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 6 and encoder.pictures_decoded - before == 1
+    want = encoder.decoded(big).pixel_values  # decoded again, alone: the same patches
+    assert all(r.content_key == big.content_key and np.array_equal(r.pixel_values, want) for r in results)
