@@ -119,11 +119,6 @@ class PreparedPrompt:
     images: list[Visual]
     videos: list[Visual]
 
-    def with_pixels(self, processor: Processor) -> PreparedPrompt:
-        """The prompt with every image's and video's patches (``with_pixels`` of each)."""
-        return PreparedPrompt(self.token_ids, [with_pixels(v, processor) for v in self.images],
-                              [with_pixels(v, processor) for v in self.videos])
-
 
 def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> PreparedPrompt:
     """Validates and expands one prompt; raises ValueError with the reason when it is malformed.

@@ -1,8 +1,8 @@
 """The colocated backend: one LLMEngine, owned by one background thread, behind the Backend protocol.
 
 The engine is not thread-safe, so only its thread touches it. A request's encoded images and videos
-are decoded and processed in a worker thread before they reach it, so neither the event loop nor
-the engine's steps wait on that CPU work. The event loop talks to that thread
+are decoded and processed in a worker thread before they reach it (:mod:`picture_decodes`), so
+neither the event loop nor the engine's steps wait on that CPU work. The event loop talks to that thread
 through a thread-safe inbox (add, abort); the thread answers each request through the request's own
 asyncio queue, scheduled onto the request's loop with ``call_soon_threadsafe``. Whatever happens
 (a bad request, a crashed step, shutdown), every open stream receives a last event, so no caller
@@ -12,7 +12,6 @@ waits forever.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import queue
 import threading
@@ -27,13 +26,11 @@ from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.rejected import RequestRejected
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.serving.picture_decodes import PictureDecodes
 from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from models.qwen3_vl_moe import Model
 
 IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its inbox before looking again
-MEDIA_THREADS = 2
-"""Threads decoding clients' pictures and videos: a pool of their own, so a few long videos hold
-those and never the event loop's default executor, which every request passes through."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +77,7 @@ class ColocatedBackend:
         self._last_turn = time.monotonic()
         self._failure: str | None = None
         self._stopping = False
-        self._media = concurrent.futures.ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="media-decode")
+        self._media = PictureDecodes(self._engine.encoder)
         self._thread = threading.Thread(target=self._run, name="colocated-engine", daemon=True)
         self._thread.start()
 
@@ -88,8 +85,7 @@ class ColocatedBackend:
         visuals = (*request.prompt.images, *request.prompt.videos)
         if any(visual.pixel_values is None for visual in visuals):
             try:  # the router sends encoded images and videos; decoding them is CPU work for neither loop
-                prompt = await asyncio.get_running_loop().run_in_executor(
-                    self._media, request.prompt.with_pixels, self._engine.model.processor)
+                prompt = await self._media.with_pixels(request.prompt)
             except ValueError as error:
                 yield TokenEvent(request.request_id, [], error=str(error), invalid=isinstance(error, RequestRejected))
                 return
@@ -144,7 +140,7 @@ class ColocatedBackend:
         self._stopping = True
         self._inbox.put(None)
         self._thread.join()
-        self._media.shutdown(wait=False, cancel_futures=True)
+        self._media.close()
 
     @property
     def _healthy(self) -> bool:

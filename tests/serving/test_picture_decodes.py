@@ -1,0 +1,66 @@
+"""The colocated backend decodes a file once for the requests bringing it at once (the ``n``
+choices of one request), each still getting a prompt of its own; a file that will not decode
+fails every one of them the same way."""
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmserve.engine.config import EngineConfig
+from mmserve.engine.encoder import Encoder
+from mmserve.engine.inputs import EncodedMedia, PreparedPrompt, Visual, with_pixels
+from mmserve.engine.rejected import RequestRejected
+from mmserve.serving.picture_decodes import PictureDecodes
+from models.qwen3_vl_moe import load_model
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder(load_model("tiny"), EngineConfig(precompile=False))
+
+
+def picture(encoder: Encoder, seed: int, side: int = 256) -> Visual:
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Visual(encoder.model.processor(images=[image])["image_grid_thw"], source=EncodedMedia("image", buffer.getvalue()))
+
+
+def test_prompts_bringing_the_same_file_at_once_decode_it_once(encoder):
+    decodes = PictureDecodes(encoder)
+    shared, other = picture(encoder, 1), picture(encoder, 2)
+    prompts = [PreparedPrompt([1, 2, 3], [shared], []) for _ in range(6)] + [PreparedPrompt([4], [shared, other], [])]
+    before = encoder.pictures_decoded
+
+    async def all_at_once():
+        return await asyncio.gather(*(decodes.with_pixels(p) for p in prompts))
+
+    try:
+        out = asyncio.run(all_at_once())
+    finally:
+        decodes.close()
+    assert encoder.pictures_decoded - before == 2  # one per distinct file
+    want = {v.content_key: with_pixels(v, encoder.model.processor).pixel_values for v in (shared, other)}
+    for prompt, done in zip(prompts, out):
+        assert done.token_ids == prompt.token_ids and [v.content_key for v in done.images] == \
+            [v.content_key for v in prompt.images]
+        assert all(np.array_equal(v.pixel_values, want[v.content_key]) for v in done.images)
+
+
+def test_a_file_that_will_not_decode_fails_every_prompt_bringing_it(encoder):
+    good = picture(encoder, 3)
+    broken = Visual(good.grid_thw, source=EncodedMedia("image", good.source.data[:200]))  # truncated
+    decodes = PictureDecodes(encoder)
+
+    async def both():
+        return await asyncio.gather(*(decodes.with_pixels(PreparedPrompt([1], [broken], [])) for _ in range(2)),
+                                    return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(both())
+    finally:
+        decodes.close()
+    assert all(isinstance(outcome, RequestRejected) for outcome in outcomes)
