@@ -9,26 +9,53 @@ inputs) to the followers over a ``LeaderChannel`` and then runs it; a follower's
 own copy of the same targets (the runner and the encoder, built the same way), until the leader
 closes. With one process there is no channel and ``call`` is a plain method call: nothing is
 copied to the host.
+
+A call that does not reach a follower leaves the processes out of step for good, so it ends the
+role (:mod:`mmserve.distributed.lockstep_channel`): a follower that finds a call missing raises
+``LockstepBroken`` out of ``follow`` (its process exits, and JAX's distributed runtime then stops
+the others); a leader that cannot publish exits at once (``on_broken``), since its device state
+no longer matches its followers' and every later call would fail; a supervisor (``--role all``,
+Kubernetes) starts the role again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
-
-from collections.abc import Callable
+import zmq
 
 from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel, decode_call, encode_call
 
 log = logging.getLogger(__name__)
 WAIT_TIMEOUT_S = 3600.0
+BROKEN_EXIT_STATUS = 4
+"""The leader's exit status when a call could not reach its followers."""
+
+
+class LockstepBroken(RuntimeError):
+    """A call was lost between the leader and a follower: the processes are out of step for good."""
+
+
+def _exit_process(reason: str) -> None:
+    """Ends the leader's process now: not through its finally blocks, whose device work (failing
+    transfer rooms, a last step) would itself go through the broken lockstep."""
+    log.critical("%s; exiting (status %d) so that the role is started again in step", reason, BROKEN_EXIT_STATUS)
+    logging.shutdown()
+    os._exit(BROKEN_EXIT_STATUS)
 
 
 class Lockstep:
-    def __init__(self, channel: LeaderChannel | FollowerChannel | None = None):
+    def __init__(self, channel: LeaderChannel | FollowerChannel | None = None,
+                 on_broken: Callable[[str], None] = _exit_process):
+        """``on_broken(reason)``: what the leader does when it cannot publish a call (by default it
+        exits); a call raises ``LockstepBroken`` if it returns."""
         self._channel = channel
+        self._on_broken = on_broken
+        self._published = 0
         self._targets: dict[str, object] = {}
         # One call at a time, published in the order it runs, whichever thread makes it; close
         # takes it too, so a stop never lands between the sends of one call.
@@ -76,7 +103,13 @@ class Lockstep:
                 # The leader runs on the very values it sent: its own device arrays could not be
                 # placed on the other processes' devices.
                 inputs = {k: _host(v) for k, v in inputs.items()}
-                self._channel.publish(encode_call(target, method, inputs, answer))
+                self._published += 1
+                try:
+                    self._channel.publish(encode_call(target, method, inputs, answer, self._published))
+                except zmq.ZMQError as error:
+                    reason = f"lockstep call {self._published} ({target}.{method}) could not reach the followers: {error}"
+                    self._on_broken(reason)
+                    raise LockstepBroken(reason) from None
             return program(**inputs)
 
     def call_and_wait(self, program: Callable, timeout_s: float = WAIT_TIMEOUT_S) -> None:
@@ -91,15 +124,21 @@ class Lockstep:
         """A follower's whole life: run each published call until the leader closes."""
         if self.is_leader:
             raise RuntimeError("the leader does not follow")
+        expected = 1
         while (payload := self._channel.receive()) is not None:
-            target, method, inputs, answer = decode_call(payload)
+            call = decode_call(payload)
+            if call.seq != expected:
+                raise LockstepBroken(f"lockstep call {call.seq} ({call.target}.{call.method}) arrived when call "
+                                     f"{expected} was due: the leader's calls {expected}-{call.seq - 1} were lost on "
+                                     "the way (the connection dropped), so this process is out of step for good")
+            expected += 1
             try:
-                getattr(self._targets[target], method)(**inputs)
+                getattr(self._targets[call.target], call.method)(**call.inputs)
             except Exception:
                 # The leader ran the same program on the same inputs and met the same error; it
                 # decides what happens to the requests, and its next call is what matters here.
-                log.exception("lockstep call %s.%s failed", target, method)
-            if answer:
+                log.exception("lockstep call %s.%s failed", call.target, call.method)
+            if call.answer:
                 self._channel.done()
 
     def readable(self, tree, layout):

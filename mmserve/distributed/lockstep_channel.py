@@ -4,8 +4,16 @@ follower, calls encoded with msgspec (arrays as dtype, shape and raw bytes).
 The followers learn the leader's endpoint from JAX itself (``broadcast_one_to_all`` at start-up),
 and the leader waits until every follower has said hello, so no call is published into the void.
 Each follower's routing id is its process index: the leader takes hellos from those ids only, and
-a follower that reconnects keeps its id. ROUTER_MANDATORY makes a vanished follower an error on
-the leader instead of a silent drop.
+a follower that reconnects keeps its id (ROUTER_HANDOVER: the new connection takes it over).
+ROUTER_MANDATORY makes a vanished follower an error on the leader instead of a silent drop.
+
+A call lost on the way cannot be run again later (the leader has run it; the next collective would
+pair different programs), so a broken channel ends the role instead of serving on out of step:
+ZMQ reconnects a dropped TCP connection by itself, and what the leader had queued on the old one
+is gone without an error on either side. Each call carries its sequence number, and a follower
+that sees a gap stops (``Lockstep.follow``); a publish the leader cannot deliver (a follower
+unreachable) stops the leader; ZMTP heartbeats close a connection that went silent (a half-open
+one after a reset) rather than leaving it to look alive.
 
 The calls carry requests' token ids and pictures, so the channel is CurveZMQ, with keys from the
 cluster secret (:mod:`mmserve.curve`): only a process holding it can say hello, and nobody else
@@ -31,6 +39,8 @@ DONE = b"done"
 ENDPOINT_BYTES = 512
 HELLO_TIMEOUT_S = 120.0
 POLL_MS = 1000
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 10_000
 
 
 class WireArray(msgspec.Struct, array_like=True):
@@ -44,19 +54,28 @@ class WireCall(msgspec.Struct, array_like=True):
     method: str
     inputs: dict[str, WireArray | int | float | bool | None]
     answer: bool = False  # the follower says DONE once it has run the call
+    seq: int = 0  # 1, 2, ... in the order the leader runs them: a gap is a lost call
 
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(WireCall)
 
 
-def encode_call(target: str, method: str, inputs: dict, answer: bool = False) -> bytes:
-    return _encoder.encode(WireCall(target, method, {k: _to_wire(v) for k, v in inputs.items()}, answer))
+def encode_call(target: str, method: str, inputs: dict, answer: bool = False, seq: int = 0) -> bytes:
+    return _encoder.encode(WireCall(target, method, {k: _to_wire(v) for k, v in inputs.items()}, answer, seq))
 
 
-def decode_call(payload: bytes) -> tuple[str, str, dict, bool]:
+def decode_call(payload: bytes) -> WireCall:
+    """The call with its inputs as NumPy arrays and Python values."""
     call = _decoder.decode(payload)
-    return call.target, call.method, {k: _from_wire(v) for k, v in call.inputs.items()}, call.answer
+    return msgspec.structs.replace(call, inputs={k: _from_wire(v) for k, v in call.inputs.items()})
+
+
+def _heartbeats(socket: zmq.Socket) -> zmq.Socket:
+    socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    return socket
 
 
 def _to_wire(value):
@@ -76,9 +95,10 @@ class LeaderChannel:
     def __init__(self, advertise_host: str, num_followers: int, keys: CurveKeys):
         self._context = zmq.Context()  # its own: the ZAP handler answers for every socket of a context
         self._auth = admit_only_the_client(self._context, keys)
-        self._socket = curve_server(self._context.socket(zmq.ROUTER), keys)
+        self._socket = _heartbeats(curve_server(self._context.socket(zmq.ROUTER), keys))
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._socket.setsockopt(zmq.LINGER, 5000)
         bind = _bind_host(advertise_host)
         self._socket.setsockopt(zmq.IPV6, int(bind.startswith("[")))  # an IPv6 coordinator address ([::1])
@@ -145,7 +165,7 @@ def _bracketed(host: str) -> str:
 
 class FollowerChannel:
     def __init__(self, endpoint: str, process_index: int, keys: CurveKeys):
-        self._socket = curve_client(zmq.Context.instance().socket(zmq.DEALER), keys)
+        self._socket = _heartbeats(curve_client(zmq.Context.instance().socket(zmq.DEALER), keys))
         self._socket.setsockopt(zmq.ROUTING_ID, routing_id(process_index))
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, 0)

@@ -40,8 +40,9 @@ def test_calls_round_trip_every_dtype_shape_and_none():
     inputs = {"f": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.array(7, np.int32),
               "b": np.array([True, False]), "u": np.arange(4, dtype=np.uint32).reshape(2, 2)[:, ::-1],
               "bf16": np.asarray(jnp.linspace(-2, 2, 6, dtype=jnp.bfloat16)).reshape(2, 3), "none": None, "n": 5}
-    target, method, out, answer = decode_call(encode_call("runner", "run_x", inputs))
-    assert (target, method) == ("runner", "run_x")
+    call = decode_call(encode_call("runner", "run_x", inputs, seq=3))
+    assert (call.target, call.method, call.answer, call.seq) == ("runner", "run_x", False, 3)
+    out = call.inputs
     assert out["none"] is None and out["n"] == 5
     for name in ("f", "i", "b", "u", "bf16"):
         assert out[name].dtype == inputs[name].dtype and out[name].shape == inputs[name].shape
@@ -148,7 +149,7 @@ def test_a_process_without_the_cluster_secret_can_neither_join_nor_read_the_call
         follower = FollowerChannel(channel.endpoint, 1, KEYS)
         channel.wait_for_followers(timeout_s=10)
         channel.publish(encode_call("r", "add", {"n": 1}))
-        assert decode_call(follower.receive())[2] == {"n": 1}
+        assert decode_call(follower.receive()).inputs == {"n": 1}
         assert impostor._socket.poll(500) == 0  # noqa: SLF001: nothing reached it
         follower.close()
     finally:
