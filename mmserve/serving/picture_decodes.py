@@ -6,7 +6,8 @@ threads, never the event loop's default executor, which every request passes thr
 choices of one request bring the same file at once: the first starts its decode and the others
 await that one (an asyncio future per content key, on the event loop) instead of each queueing a
 decode of its own behind it in the pool (a 4096x4096 JPEG with ``n=16``: 1.6 s against 0.25 s at
-``n=1``, docs/status.md).
+``n=1``, docs/status.md). A picture whose embeddings the engine's cache holds (a later turn of a
+chat about it) is not decoded at all, as on the encode role.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class PictureDecodes:
         return PreparedPrompt(prompt.token_ids, list(images), list(videos))
 
     async def _decoded(self, visual: Visual) -> Visual:
-        if visual.pixel_values is not None:
-            return visual
+        if visual.pixel_values is not None or self._encoder.holds(visual.content_key):
+            return visual  # cached embeddings: not decoded (the engine decodes it if evicted by then)
         key = visual.content_key
         future = self._running.get(key)
         if future is None:

@@ -64,3 +64,19 @@ def test_a_file_that_will_not_decode_fails_every_prompt_bringing_it(encoder):
     finally:
         decodes.close()
     assert all(isinstance(outcome, RequestRejected) for outcome in outcomes)
+
+
+def test_a_picture_whose_embeddings_are_cached_is_not_decoded(encoder):
+    """A later turn about a picture: its embeddings are in the engine's cache, so it goes on as the
+    client's file, and the engine uses the cached rows (or decodes it, evicted by then)."""
+    seen, fresh = picture(encoder, 4, side=64), picture(encoder, 5, side=64)
+    encoder.encode(encoder.decoded(seen))
+    decodes = PictureDecodes(encoder)
+    before = encoder.pictures_decoded
+    try:
+        done = asyncio.run(decodes.with_pixels(PreparedPrompt([1], [seen, fresh], [])))
+    finally:
+        decodes.close()
+    assert encoder.pictures_decoded - before == 1
+    assert done.images[0].pixel_values is None and done.images[0].content_key == seen.content_key
+    assert done.images[1].pixel_values is not None
