@@ -139,8 +139,17 @@ def main() -> None:
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
         # Each thread opens its connection here, not in its first measured request (/v1/models does
         # not touch the engine); the barrier holds each thread until all have one, so none takes two.
-        opened = threading.Barrier(args.concurrency)
-        list(pool.map(lambda _: (client.connect(), opened.wait()), range(args.concurrency)))
+        opened = threading.Barrier(args.concurrency, timeout=60)
+
+        def connect(_):
+            try:
+                client.connect()
+            except BaseException:
+                opened.abort()  # the others stop waiting (BrokenBarrierError) rather than hang
+                raise
+            opened.wait()
+
+        list(pool.map(connect, range(args.concurrency)))
         list(pool.map(run, warmup_seeds))
         cpu_start, start = _cpu_seconds(), time.perf_counter()
         conversations = list(pool.map(run, seeds))

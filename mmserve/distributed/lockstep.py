@@ -103,9 +103,12 @@ class Lockstep:
                 # The leader runs on the very values it sent: its own device arrays could not be
                 # placed on the other processes' devices.
                 inputs = {k: _host(v) for k, v in inputs.items()}
+                # Numbered only once encoded: a call that fails to encode (or is interrupted there)
+                # is sent to nobody and run by nobody, and must not leave a gap in the numbers.
+                payload = encode_call(target, method, inputs, answer, self._published + 1)
                 self._published += 1
                 try:
-                    self._channel.publish(encode_call(target, method, inputs, answer, self._published))
+                    self._channel.publish(payload)
                 except zmq.ZMQError as error:
                     reason = f"lockstep call {self._published} ({target}.{method}) could not reach the followers: {error}"
                     self._on_broken(reason)

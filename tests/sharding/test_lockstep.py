@@ -163,3 +163,15 @@ def test_the_leader_listens_on_the_address_it_advertises():
         assert channel._socket.getsockopt_string(zmq.LAST_ENDPOINT).startswith("tcp://127.0.0.1:")  # noqa: SLF001
     finally:
         channel.close()
+
+
+def test_a_call_that_cannot_be_encoded_runs_nowhere_and_leaves_no_gap(pair):
+    """Nothing is sent for it, so the follower must not see a call missing after it (it would
+    stop, taking the role down, though nothing was lost)."""
+    leader, mine, theirs, thread = pair
+    with pytest.raises(OverflowError):
+        leader.call(mine.add, a=np.ones(1), b=None, scale=2**70)  # msgpack holds 64-bit integers only
+    assert leader.call(mine.add, a=np.ones(1), b=None, scale=1)[0] == 1
+    leader.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and [c[0] for c in theirs.calls] == ["add"] and len(mine.calls) == 1
