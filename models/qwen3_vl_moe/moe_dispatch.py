@@ -1,4 +1,4 @@
-"""How routed tokens reach their experts: three strategies that compute the same thing.
+"""How routed tokens reach their experts: four strategies that compute the same thing.
 
 Each takes the tokens ``x`` [T, H], their routing (``top_e`` [T, k] expert ids, ``top_w`` [T, k]
 renormalised weights) and the expert weights in checkpoint layout (``gate_up`` [E, H, 2I],
@@ -19,6 +19,11 @@ docs/status.md):
   mean rows per expert rounded down to a tile; the rows beyond an expert's capacity run as tiles
   of ``TILE`` rows in a loop whose trip count is the number of tiles actually used, so a decode
   step reads only the experts its tokens chose and nothing is dropped, whatever the imbalance.
+  A batch of at most ``GATHER_MAX_TOKENS`` tokens (decode at batch 1 or 2) goes to ``gathered``.
+- ``gathered``: each (token, choice) pair gathers its expert's weights, then one batched
+  matrix-vector product over the pairs, no loop. It copies k experts' weights per token, so it
+  only pays for a token or two: there every pair would fill a tile of its own, and XLA:CPU's loop
+  (a weight copy and a dispatch per tile) cost 1.4-1.7x as much (``scripts/bench_moe.py``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("ragged_dot", "dense", "grouped")
+STRATEGIES = ("ragged_dot", "dense", "grouped", "gathered")
 TILE = 8
 """Rows of one overflow tile. Small: an expert's tiles run back to back, so its weights stay in
 cache, and a decode step's few rows per expert waste little."""
+GATHER_MAX_TOKENS = 2
+"""The most tokens ``grouped`` hands to ``gathered`` (when their pairs are no more than the experts).
+Measured on CPU (bench and 30b shapes): ``gathered`` is faster at 1 and 2 tokens, 1.5-2x slower at 4,
+where pairs start to share experts and each pair still copies its own."""
 
 
 def choose(requested: str, backend: str, sharded: bool) -> str:
@@ -43,7 +52,8 @@ def choose(requested: str, backend: str, sharded: bool) -> str:
 
 
 def dispatch(strategy: str, x, top_e, top_w, gate_up, down):
-    return {"ragged_dot": ragged, "dense": dense, "grouped": grouped}[strategy](x, top_e, top_w, gate_up, down)
+    return {"ragged_dot": ragged, "dense": dense, "grouped": grouped,
+            "gathered": gathered}[strategy](x, top_e, top_w, gate_up, down)
 
 
 def _swiglu(h):
@@ -76,9 +86,22 @@ def capacity_for(tokens: int, k: int, experts: int) -> int:
     return tokens * k // experts // TILE * TILE
 
 
+def gathered(x, top_e, top_w, gate_up, down):
+    t, k = top_e.shape
+    e = gate_up.shape[0]
+    flat_e = top_e.reshape(-1)
+    expert = jnp.minimum(flat_e, e - 1)  # a padding pair computes with the last expert, then is dropped
+    h = _swiglu(jnp.einsum("ah,ahi->ai", jnp.repeat(x, k, axis=0), gate_up[expert]))
+    y = jnp.einsum("ai,aih->ah", h, down[expert])
+    y = jnp.where((flat_e < e)[:, None], y * top_w.reshape(-1)[:, None], 0)
+    return y.reshape(t, k, -1).sum(axis=1)
+
+
 def grouped(x, top_e, top_w, gate_up, down):
     t, k = top_e.shape
     e, h_dim = gate_up.shape[0], x.shape[1]
+    if t <= GATHER_MAX_TOKENS and t * k <= e:
+        return gathered(x, top_e, top_w, gate_up, down)
     a = t * k
     cap = capacity_for(t, k, e)
     flat_e = top_e.reshape(-1)

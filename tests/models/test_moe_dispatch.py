@@ -60,7 +60,7 @@ def inputs(tokens: int, routing: str) -> np.ndarray:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("routing", ["random", "ties", "unused_experts", "all_on_two"])
-@pytest.mark.parametrize("tokens", [1, 5, 96])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 96])
 def test_strategy_equals_transformers(strategy, routing, tokens):
     block = hf_block(routing)
     x = inputs(tokens, routing)
