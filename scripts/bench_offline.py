@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
 from mmserve import LLM, SamplingParams
+from models.qwen3_vl_moe.moe_dispatch import STRATEGIES
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, build_tiny_tokenizer
 
@@ -108,7 +109,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--moe-dispatch", default="auto", help="mmserve's MoE strategy (auto, ragged_dot, dense, grouped)")
+    p.add_argument("--moe-dispatch", default="auto", choices=("auto", *STRATEGIES), help="mmserve's MoE strategy")
     p.add_argument("--no-one-by-one", action="store_true", help="skip transformers one prompt at a time")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest counts (a shared, "
                    "noisy machine slows some runs, never speeds one up)")

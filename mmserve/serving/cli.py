@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and compute dtype")
     model.add_argument("--moe-dispatch", default="auto", choices=("auto", *MOE_STRATEGIES),
                        help="how MoE layers send tokens to their experts: auto picks grouped on an unsharded "
-                            "CPU model and ragged_dot elsewhere (default: auto)")
+                            "CPU model and ragged_dot elsewhere; dense and gathered are for checks (default: auto)")
     model.add_argument("--served-model-name", default=None,
                        help="the name clients pass as 'model' and /v1/models lists (default: --model)")
 

@@ -19,11 +19,13 @@ docs/status.md):
   mean rows per expert rounded down to a tile; the rows beyond an expert's capacity run as tiles
   of ``TILE`` rows in a loop whose trip count is the number of tiles actually used, so a decode
   step reads only the experts its tokens chose and nothing is dropped, whatever the imbalance.
-  A batch of at most ``GATHER_MAX_TOKENS`` tokens (decode at batch 1 or 2) goes to ``gathered``.
+  A batch of at most ``GATHER_MAX_TOKENS`` tokens (decode at batch 1 or 2) whose (token, choice)
+  pairs are no more than the experts goes to ``gathered``.
 - ``gathered``: each (token, choice) pair gathers its expert's weights, then one batched
   matrix-vector product over the pairs, no loop. It copies k experts' weights per token, so it
   only pays for a token or two: there every pair would fill a tile of its own, and XLA:CPU's loop
-  (a weight copy and a dispatch per tile) cost 1.4-1.7x as much (``scripts/bench_moe.py``).
+  (a weight copy and a dispatch per tile) cost 1.4-1.7x as much (``scripts/bench_moe.py``). Chosen
+  for a whole model it copies [tokens x k, H, 2I] of weights at every prefill step: for checks only.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ where pairs start to share experts and each pair still copies its own."""
 
 def choose(requested: str, backend: str, sharded: bool) -> str:
     """``auto`` -> ``grouped`` on an unsharded CPU model, ``ragged_dot`` elsewhere (the grouped
-    loop indexes expert weights by a traced id, which on an expert-sharded mesh would gather them)."""
+    loop and ``gathered`` index expert weights by a traced id, which on an expert-sharded mesh would
+    gather them: asked for by name there, they run, slowly)."""
     if requested == "auto":
         return "grouped" if backend == "cpu" and not sharded else "ragged_dot"
     if requested not in STRATEGIES:
@@ -94,7 +97,7 @@ def gathered(x, top_e, top_w, gate_up, down):
     h = _swiglu(jnp.einsum("ah,ahi->ai", jnp.repeat(x, k, axis=0), gate_up[expert]))
     y = jnp.einsum("ai,aih->ah", h, down[expert])
     y = jnp.where((flat_e < e)[:, None], y * top_w.reshape(-1)[:, None], 0)
-    return y.reshape(t, k, -1).sum(axis=1)
+    return y.reshape(t, k, down.shape[-1]).sum(axis=1)
 
 
 def grouped(x, top_e, top_w, gate_up, down):

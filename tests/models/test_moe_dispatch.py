@@ -11,7 +11,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTex
 
 from models.qwen3_vl_moe.config import TextConfig
 from models.qwen3_vl_moe.moe import SparseMoeBlock
-from models.qwen3_vl_moe.moe_dispatch import STRATEGIES, capacity_for, choose
+from models.qwen3_vl_moe.moe_dispatch import STRATEGIES, capacity_for, choose, dispatch
 
 TOL = 2e-5
 HIDDEN, EXPERTS, TOP_K, INTER = 32, 8, 2, 24
@@ -71,12 +71,13 @@ def test_strategy_equals_transformers(strategy, routing, tokens):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("tokens", [5, 96])
+@pytest.mark.parametrize("tokens", [2, 5, 96])
 def test_padding_tokens_reach_no_expert(strategy, tokens):
     """Tokens marked invalid (a padded batch's padding) come out zero; the others are unchanged."""
     block = hf_block("all_on_two")
     x = inputs(tokens, "all_on_two")
     valid = np.random.default_rng(tokens).random((1, tokens)) < 0.6
+    valid[0, :2] = True, False  # at least one of each
     with torch.no_grad():
         want = block(torch.from_numpy(x)).numpy()
     got = np.asarray(ours(block, strategy, valid)(x))
@@ -87,10 +88,19 @@ def test_padding_tokens_reach_no_expert(strategy, tokens):
 
 def test_grouped_covers_both_of_its_paths():
     """96 tokens x 2 choices over 8 experts: a batched pass of 24 rows per expert, and the rows
-    past it (the 'all_on_two' case puts all 96 on each of two experts) in overflow tiles; one token:
-    tiles only."""
+    past it (the 'all_on_two' case puts all 96 on each of two experts) in overflow tiles; five
+    tokens: tiles only (one or two go to ``gathered``)."""
     assert capacity_for(96, TOP_K, EXPERTS) == 24
-    assert capacity_for(1, TOP_K, EXPERTS) == 0
+    assert capacity_for(5, TOP_K, EXPERTS) == 0
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
+def test_an_empty_batch_gives_an_empty_output(strategy):
+    x = np.zeros((0, HIDDEN), np.float32)
+    top = np.zeros((0, TOP_K), np.int32)
+    out = dispatch(strategy, x, top, top.astype(np.float32), np.zeros((EXPERTS, HIDDEN, 2 * INTER), np.float32),
+                   np.zeros((EXPERTS, INTER, HIDDEN), np.float32))
+    assert out.shape == (0, HIDDEN)
 
 
 def test_auto_picks_grouped_only_on_an_unsharded_cpu_model():
