@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "not named gets one); the router routes between them (--routing-policy)")
     group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-HOSTNAME-PID: in a pod the hostname is the pod's "
                             "name, and PIDs repeat across containers)")
+    group.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="worker: given SIGTERM, it tells the router to send it nothing new and lets the "
+                            "requests it holds finish for up to this long before it stops (keep it below the "
+                            "orchestrator's grace period: Kubernetes' terminationGracePeriodSeconds is 30 s by "
+                            "default); Ctrl-C, and --role all as a whole, stop at once")
     group.add_argument("--mesh", default=None,
                        help="this role's device mesh, e.g. data=1,model=4,expert=2 (product = device count); "
                             "default: one device")

@@ -34,8 +34,9 @@ def all_commands(args: argparse.Namespace, argv: list[str], sockets: str,
     base = [sys.executable, os.path.abspath(sys.argv[0]),
             *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
     registry = os.path.join(sockets, "registry.sock")
+    # --drain-timeout 0: stopped, the whole server stops at once (its router with the workers), as vLLM's does
     worker = base + ["--router-url", f"unix:{registry}", "--bootstrap",
-                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0", "--host", "127.0.0.1"]
+                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0", "--host", "127.0.0.1", "--drain-timeout", "0"]
     commands = {"router": base + ["--role", "router", "--registry-socket", registry,
                                   "--registry-host", "127.0.0.1", "--bootstrap-port", str(bootstrap_port)]}
     workers = worker_names(args.workers)

@@ -39,7 +39,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
             return follow_leader(args.role, model, engine, layout, lockstep, transfer)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
-                     model.fingerprint, transfer.advertise_host, args.grpc_socket)
+                     model.fingerprint, transfer.advertise_host, args.grpc_socket, args.drain_timeout)
     finally:
         lockstep.close()
     return 0

@@ -2,6 +2,10 @@
 a gRPC server feeds it. The worker announces itself to the router's
 registry and repeats it as a heartbeat carrying its load (capacity and requests held), so a
 restarted worker is picked up again and the router admits what its workers can hold.
+
+Stopping, it tells the router first (a last registration, ``leaving``), so nothing new reaches it.
+Given SIGTERM (an orchestrator replacing it) it then drains: the requests it holds run to their end,
+for up to ``--drain-timeout``, before its calls are cut; Ctrl-C stops it at once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ UNREACHABLE_SAID_S = 10.0
 starting up takes a few seconds; a wrong --router-url never answers)."""
 STOP_GRACE_S = 1.0
 """How long a stopping worker lets its open calls end by themselves before it cancels them."""
+LEAVE_S = 3.0
+"""How long a stopping worker waits for its last registration (``leaving``) to reach the router."""
+DRAIN_POLL_S = 0.05
 
 
 class Role(Protocol):
@@ -160,12 +167,15 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 
 def serve_worker(service: WorkerService, host: str, port: int, router: str | None, token: str,
-                 model_fingerprint: str, advertise_host: str = "", unix_socket: str | None = None) -> None:
+                 model_fingerprint: str, advertise_host: str = "", unix_socket: str | None = None,
+                 drain_timeout_s: float = 0.0) -> None:
     """Serves until interrupted, registering with the router's registry at ``router`` under the
     address the router dials: ``advertise_host`` (a pod IP) when given, else ``host``, or the Unix
     socket ``unix_socket`` it listens on instead when given; as a worker of the model
     ``model_fingerprint`` (``Model.fingerprint``). Calls in either direction carry the cluster
-    ``token``; calls without it are refused."""
+    ``token``; calls without it are refused. Ended by SIGTERM (``SystemExit``), it lets the
+    requests it holds finish for up to ``drain_timeout_s`` once the router has been told it is
+    leaving."""
     role = service.loop.role
     # a thread per request the role holds (a Prefill stream keeps its thread; on decode, the routers' token
     # streams keep one each) and some for control calls
@@ -183,11 +193,17 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     server.start()
     log.info("%s worker %s serving on %s", role.role, role.name, address)
     stop = threading.Event()
+    registering = None
     if router:
-        threading.Thread(target=_register_forever, args=(router, token, role, address, model_fingerprint, stop),
-                         daemon=True).start()
+        registering = threading.Thread(target=_register_forever, daemon=True,
+                                       args=(router, token, role, address, model_fingerprint, stop))
+        registering.start()
+    terminated = False
     try:
         server.wait_for_termination()
+    except SystemExit:  # SIGTERM (launch.py): an orchestrator stopping this worker, which drains
+        terminated = True
+        raise
     finally:
         # Stopping already: a second signal (Ctrl-C reaches the whole process group, then the
         # supervisor's SIGTERM follows) would interrupt the stop below halfway and leave grpc's
@@ -196,9 +212,27 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         # The calls still open first (a router's token stream, a Prefill waiting for its first
         # token), while the loop can still free what they hold: their threads would keep the
         # interpreter from exiting (it joins them), and a supervisor would never see this one die.
-        stop.set()
+        stop.set()  # the heartbeat thread sends its last registration: leaving
+        if registering is not None:
+            registering.join(LEAVE_S)
+        if terminated:
+            _drain(role, drain_timeout_s)
         server.stop(grace=STOP_GRACE_S).wait()
         service.loop.stop()
+
+
+def _drain(role: Role, timeout_s: float) -> None:
+    """Waits for the requests the role holds to end (the router sends no more), up to ``timeout_s``."""
+    held = role.in_flight()
+    if not held or timeout_s <= 0:
+        return
+    log.info("%s worker %s stopping: draining %d requests (up to %.0f s)", role.role, role.name, held, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while role.in_flight() and time.monotonic() < deadline:
+        time.sleep(DRAIN_POLL_S)
+    if role.in_flight():
+        log.warning("%s worker %s: %d requests still held after %.0f s of draining; cutting them off",
+                    role.role, role.name, role.in_flight(), timeout_s)
 
 
 def _ignore_signals() -> None:
@@ -213,18 +247,22 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
     if cache is not None:  # a worker on a Unix socket is on the router's host
         cache = cache.dialled_at("127.0.0.1" if address.startswith("unix:") else address.rpartition(":")[0])
     kv_pages, kv_page_size = role.kv_reserve()
+
+    def registration(leaving: bool = False) -> pb.Registration:
+        return pb.Registration(
+            role=role.role, name=role.name, grpc_address=address, capacity=role.capacity(),
+            in_flight=role.in_flight(), page_size=cache.page_size if cache else 0,
+            kv_events_endpoint=cache.events_endpoint if cache else "",
+            kv_events_replay_endpoint=cache.replay_endpoint if cache else "",
+            incarnation=role.incarnation(), kv_pages=kv_pages, kv_page_size=kv_page_size,
+            max_model_len=role.max_model_len(), model_fingerprint=model_fingerprint, leaving=leaving)
+
     refusal, unreachable_since = "", time.monotonic()  # each problem said once, not every heartbeat
     with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
             try:
-                ack = registry.Register(pb.Registration(
-                    role=role.role, name=role.name, grpc_address=address, capacity=role.capacity(),
-                    in_flight=role.in_flight(), page_size=cache.page_size if cache else 0,
-                    kv_events_endpoint=cache.events_endpoint if cache else "",
-                    kv_events_replay_endpoint=cache.replay_endpoint if cache else "",
-                    incarnation=role.incarnation(), kv_pages=kv_pages, kv_page_size=kv_page_size,
-                    max_model_len=role.max_model_len(), model_fingerprint=model_fingerprint), timeout=2)
+                ack = registry.Register(registration(), timeout=2)
                 if refusal == "unreachable":
                     log.info("router %s reached", router)
                 if not ack.ok and ack.error != refusal:
@@ -243,3 +281,7 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
                                     "up?", router, time.monotonic() - unreachable_since, error.code().name)
                         refusal = "unreachable"
             stop.wait(REGISTER_INTERVAL_S)
+        try:  # stopping: the router sends nothing new from now on, instead of when the heartbeats stop
+            registry.Register(registration(leaving=True), timeout=LEAVE_S)
+        except grpc.RpcError as error:
+            log.debug("router %s not told of the stop: %s", router, error.code())

@@ -4,7 +4,8 @@ carrying their capacity and load, and what the router knows of each. A worker no
 token stream, KV event feed and index) after ``WORKER_FORGET_S``: workers come and go under new
 names (a new pod, a new pid), and a router that kept them all would hold them for good. One
 registering under a known name at a new address or incarnation was restarted, and replaces the
-old one.
+old one. A worker stopping says so (``Registration.leaving``) and is routed nothing new from then
+on, though the requests it holds run to their end.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class WorkerHandle:
     """Prefill and decode: the context it holds, as it reports (0: unbounded)."""
     feed: TokenFeed | None = None
     """Decode: this router's token stream on it."""
+    leaving: bool = False
+    """It is stopping (its last registration said so): nothing new goes to it."""
 
     def kv_pages_for(self, tokens: int) -> int:
         return -(-tokens // self.kv_page_size) if self.kv_page_size else 0
@@ -143,6 +146,9 @@ class WorkerPool(pb_grpc.RegistryServicer):
             self.workers[request.name] = current
             log.info("%s worker %s registered at %s", request.role, request.name, request.grpc_address)
         current.last_seen = time.monotonic()
+        if request.leaving and not current.leaving:
+            log.info("%s worker %s is stopping: nothing new goes to it", request.role, request.name)
+        current.leaving = request.leaving
         current.capacity, current.reported_in_flight = max(request.capacity, 1), request.in_flight
         current.page_size = request.page_size
         current.kv_pages, current.kv_page_size = request.kv_pages, request.kv_page_size
@@ -170,7 +176,8 @@ class WorkerPool(pb_grpc.RegistryServicer):
 
     def live(self, role: str) -> list[WorkerHandle]:
         now = time.monotonic()
-        return [w for w in self.workers.values() if w.role == role and now - w.last_seen < WORKER_TIMEOUT_S]
+        return [w for w in self.workers.values()
+                if w.role == role and not w.leaving and now - w.last_seen < WORKER_TIMEOUT_S]
 
     def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0) -> Choice:
         """The live worker of ``role`` the routing policy chooses for ``prompt``, among those with

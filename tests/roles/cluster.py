@@ -17,12 +17,14 @@ from mmserve.roles.supervisor import PARENT_ENV
 
 SERVE = str(Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
 ENGINE_FLAGS = ["--num-pages", "256", "--page-size", "8", "--max-model-len", "512", "--max-prefill-tokens", "128",
-                "--no-precompile"]
+                "--no-precompile", "--drain-timeout", "5"]
 """``--no-precompile``: a cluster's workers compile the programs its requests use when they first
 run (or load them from the run's shared compilation cache) instead of the whole grid before ready,
 which took 25-210 s per cluster on 2 cores. What these clusters test is not start-up: that every
 program is compiled before ready is tested on the engine (``tests/engine/test_compile_before_ready.py``)
-and through ``serve.py --role all`` (``test_serve_all.py``), which keep it."""
+and through ``serve.py --role all`` (``test_serve_all.py``), which keep it. ``--drain-timeout 5``: a
+worker stopped with requests in flight (a test's end, after a router died) gives them 5 s, not 20,
+before ``stop`` would kill it."""
 ONE_AT_A_TIME = ["--max-num-seqs", "4", "--max-prefill-seqs", "2"]
 """For a cluster asked one request at a time: fewer prefill and decode shapes (a grid of 30 instead of
 50), each compiled slowly by a role spanning several processes or devices."""

@@ -5,16 +5,20 @@ router takes it back without anyone telling it (a restarted worker registers, a 
 is found by the live workers); every pool is back to its starting free counts.
 (``--role all``, which restarts its processes itself: test_serve_all.py.)"""
 
+import concurrent.futures
 import signal
 import subprocess
 import time
 
+import openai
 import pytest
 
 from chaos import (DEADLINE_S, free_counts, kill_with_requests_in_flight, router_metric,
                    wait_until_free, wait_until_it_answers)
 from cluster import Cluster
 from mmserve import LLM
+from mmserve.roles.worker_pool import WORKER_TIMEOUT_S
+from test_disaggregated import conversation
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +103,50 @@ def test_a_worker_given_sigterm_stops_cleanly_and_leaves_the_registry_at_once(cl
         registry.close()
     cluster.start_worker("prefill")
     wait_until_it_answers(cluster.url, llm, "prefill was stopped and started again")
+
+
+DRAINED = 3
+DRAINED_TOKENS = 480
+"""Answers decode holds when it is told to stop (as many as its 256 test pages reserve at once),
+each long enough
+to outlast the second that its calls had to end before it drained."""
+
+
+def test_a_worker_given_sigterm_is_sent_nothing_new_and_finishes_what_it_holds(cluster, llm):
+    """An orchestrator replacing decode sends it SIGTERM in the middle of three long answers: the
+    router stops sending it requests at once (a chat asked then is refused for want of a decode
+    worker, long before the worker's heartbeats would have run out), the three are answered in
+    full, and the worker exits 0 once they are. (It used to cut them off after a second, and the
+    router kept routing to it until its lease ran out.)"""
+    wait_until_it_answers(cluster.url, llm, "before")
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=DEADLINE_S, max_retries=0)
+
+    def answer(i: int):
+        reply = client.chat.completions.create(
+            model="tiny", messages=conversation(f"Tell story {i}.", [], as_url=True), max_tokens=DRAINED_TOKENS,
+            temperature=0, extra_body={"ignore_eos": True})
+        return reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+    decode = cluster.processes["decode"]
+    with concurrent.futures.ThreadPoolExecutor(DRAINED) as pool:
+        # once before: the workers compile programs on first use here (--no-precompile), which
+        # would make the drained answers outlast the drain
+        assert list(pool.map(answer, range(DRAINED))) == [("length", DRAINED_TOKENS)] * DRAINED
+        answers = [pool.submit(answer, i) for i in range(DRAINED)]
+        deadline = time.monotonic() + 30
+        while free_counts(cluster.url)[("decode", "decode")]["in_flight"] < DRAINED:
+            assert time.monotonic() < deadline and not any(a.done() for a in answers), "the answers never ran together"
+            time.sleep(0.02)
+        decode.send_signal(signal.SIGTERM)
+        told = time.monotonic()
+        while router_metric(cluster.url, "mmserve_backend_workers_decode") > 0:
+            assert time.monotonic() - told < WORKER_TIMEOUT_S / 2, "the router still routes to the stopping worker"
+            time.sleep(0.02)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="tiny", messages=conversation("Anyone?", [], as_url=True),
+                                           max_tokens=4)
+        assert refused.value.status_code == 503 and "no decode worker" in str(refused.value)
+        assert [a.result(timeout=DEADLINE_S) for a in answers] == [("length", DRAINED_TOKENS)] * DRAINED
+    assert decode.wait(timeout=30) == 0
+    cluster.start_worker("decode")
+    wait_until_it_answers(cluster.url, llm, "decode was stopped and started again")

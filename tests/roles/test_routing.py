@@ -171,6 +171,37 @@ def test_the_pool_keeps_each_workers_incarnation_and_counts_a_new_one_as_a_resta
     asyncio.run(scenario())
 
 
+def test_a_worker_leaving_is_sent_nothing_new_and_a_new_incarnation_is_back():
+    """A stopping worker's last registration says it is leaving: requests go to the other worker
+    at once, with none left the role is unavailable, and its restarted self is picked again."""
+    import asyncio
+
+    from mmserve.roles.worker_pool import WorkerPool
+    from mmserve.rpc import worker_pb2 as pb
+
+    async def scenario():
+        pool = WorkerPool("token", chooser("round_robin", PrefixIndex()), model_fingerprint="")
+        a, b = (pb.Registration(role="decode", name=name, grpc_address=f"127.0.0.1:{port}", capacity=4, incarnation=1)
+                for name, port in (("a", 9), ("b", 10)))
+        for registration in (a, b):
+            assert (await pool.Register(registration, None)).ok
+        assert {pool.pick("decode").worker.name for _ in range(4)} == {"a", "b"}
+        a.leaving = True
+        assert (await pool.Register(a, None)).ok
+        assert {pool.pick("decode").worker.name for _ in range(4)} == {"b"}
+        assert pool.workers["a"].leaving  # still known: its requests in flight keep their channel
+        b.leaving = True
+        assert (await pool.Register(b, None)).ok
+        assert pool.live("decode") == [] and pool.capacity("decode") == 0
+        a.leaving, a.incarnation = False, 2  # started again
+        assert (await pool.Register(a, None)).ok
+        assert pool.pick("decode").worker.name == "a" and pool.restarts == 1
+        for task in list(pool._closing):  # noqa: SLF001: the retired channel's close, not waited for by the pool
+            task.cancel()
+
+    asyncio.run(scenario())
+
+
 def test_decode_workers_report_their_kv_and_each_request_goes_where_its_kv_fits():
     """The router admits by decode's KV (prompt + max_tokens, whole pages) and sends a request to
     a decode worker with room by its own count of what it has sent there."""

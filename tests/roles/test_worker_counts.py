@@ -37,6 +37,7 @@ def test_role_all_puts_only_the_routers_http_port_where_host_says():
     assert sorted(workers) == ["decode", "encode", "prefill-0", "prefill-1"]
     assert {args.host for args in workers.values()} == {"127.0.0.1"}
     assert {args.router_url for args in workers.values()} == {"unix:/run/sockets/registry.sock"}
+    assert {args.drain_timeout for args in workers.values()} == {0.0}  # stopped, the whole server stops at once
     assert parsed["router"].registry_socket == "/run/sockets/registry.sock"
     assert {name: args.grpc_socket for name, args in workers.items()} == {
         name: f"/run/sockets/{name}.sock" for name in workers}
