@@ -41,6 +41,12 @@ class EngineConfig:
     rest; cached pages nobody uses are evicted, least recently used first, when pages run short.
     --no-enable-prefix-caching recomputes every prompt"""
 
+    async_scheduling: bool = True
+    """dispatch a decode step before the last one's tokens are read, when it runs the same requests
+    (nothing waiting, no grammar, none at its length limit), so the host's bookkeeping of a step
+    overlaps the device's next one, as vLLM's async scheduling does; a request that stopped (EOS, a
+    stop string) has its row of that step dropped. --no-async-scheduling runs every step in turn"""
+
     def __post_init__(self):
         for name in ("page_size", "kv_cache_bytes", "max_model_len", "max_num_seqs", "max_prefill_tokens",
                      "max_prefill_seqs"):

@@ -9,6 +9,15 @@ model's forward runs on device, and each token it emits advances its matcher. A 
 elsewhere (``admit_prefilled``) with a grammar waits the same way, holding its page reservation,
 and takes the first token prefill sampled once the grammar is compiled: its matcher takes that
 token before the request samples its next one.
+
+Decode steps overlap (``EngineConfig.async_scheduling``): while a decode step's tokens are still
+being computed, the next step of the same requests is dispatched on them, read from the device
+(each request holds a placeholder for its unread token, so its page room and sampling counts are
+those of the next step), then the first step's tokens are read, replace the placeholders and are
+detokenized and checked while the device runs the next. Only a step that would run the same
+requests anyway overlaps: nothing waiting or joining, no grammar (its mask needs the token), none at
+its length limit; a request that stops on a token (EOS, a stop string) drops its row of the step
+already dispatched, whose KV lands in pages it has freed, before any later program can reuse them.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from mmserve.engine.scheduler import Reservation, Scheduler, Step
 from mmserve.engine.warmup import compile_programs
 from mmserve.kv_cache_manager import KVCacheManager
 from mmserve.kv_events import KVEventPublisher
+from mmserve.sampler import SamplerOutput
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
 from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
@@ -62,6 +72,18 @@ class StepFailed(RuntimeError):
 
 
 ALL_PROGRAMS = frozenset({"vision", "prefill", "decode"})
+
+
+PLACEHOLDER = -1
+"""In a request's ``output_ids`` while its newest token is computed but not read (an overlapped step)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InFlight:
+    """A decode step dispatched and not read yet: its requests, in row order, and its samples on device."""
+
+    batch: list[Request]
+    out: SamplerOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +155,11 @@ class LLMEngine:
         self._awaiting_grammar: dict[str, Request] = {}  # by id, in arrival order
         self._prefilled: dict[str, Prefilled] = {}  # not in the batch yet: abort frees their reservation
         self._failure: StepFailed | None = None  # for the next step: requests whose grammar failed
+        self._in_flight: InFlight | None = None
+        # Overlapping needs the sampled ids where the decode program reads its tokens: one device,
+        # one process (a mesh's or another process's placement of them is not checked).
+        self._overlapping = (self.config.async_scheduling and layout is None
+                             and not self.runner.lockstep.spans_processes)
         self._ids = itertools.count()
         self._on_finish = on_finish
 
@@ -336,11 +363,13 @@ class LLMEngine:
         request.grammar = None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._awaiting_grammar) or self._failure is not None
+        return (self.scheduler.has_work() or bool(self._awaiting_grammar) or self._failure is not None
+                or self._in_flight is not None)
 
     def has_runnable(self) -> bool:
         """A step would do something now: not every request waits for visual rows."""
-        return self.scheduler.has_runnable() or bool(self._awaiting_grammar) or self._failure is not None
+        return (self.scheduler.has_runnable() or bool(self._awaiting_grammar) or self._failure is not None
+                or self._in_flight is not None)
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns the requests that produced a token in it.
@@ -356,28 +385,81 @@ class LLMEngine:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+        if self._in_flight is not None:
+            return self._read_in_flight()
         step = self.scheduler.schedule()
         if step is None:
             self._publish_events()
             return outputs
         try:
-            sampled = self._run(step)
+            if step.decode:
+                self._in_flight = self._dispatch_decode(step.decode)
+            else:
+                sampled = self._prefill(step)
         except Exception as error:
-            ids = [ch.request.request_id for ch in step.prefill] + [r.request_id for r in step.decode]
-            for request_id in ids:
-                self.abort(request_id)
-            raise StepFailed(ids, error) from error
+            self._fail([ch.request.request_id for ch in step.prefill] + [r.request_id for r in step.decode], error)
+        if step.decode:
+            return self._read_in_flight()
         for request, row in sampled:
             self._append(request, row)
             outputs.append(RequestOutput.of(request))
             if request.finish is not None:
-                if self._on_finish is not None:
-                    self._on_finish(request, self.kv.page_table(request.request_id))
-                self.scheduler.finish(request)
-                self._unpin(request.request_id)
-                del self._requests[request.request_id]
+                self._finished(request)
         self._publish_events()
         return outputs
+
+    def _fail(self, request_ids: list[str], error: Exception):
+        for request_id in request_ids:
+            self.abort(request_id)
+        raise StepFailed(request_ids, error) from error
+
+    def _finished(self, request: Request) -> None:
+        if self._on_finish is not None:
+            self._on_finish(request, self.kv.page_table(request.request_id))
+        self.scheduler.finish(request)
+        self._unpin(request.request_id)
+        del self._requests[request.request_id]
+
+    def _read_in_flight(self) -> list[RequestOutput]:
+        """Reads the decode step in flight, after dispatching the next one on its tokens when it
+        overlaps; returns the outputs of the requests that are still there."""
+        current, self._in_flight = self._in_flight, None
+        try:
+            if self._overlaps(current.batch):
+                for request in current.batch:
+                    request.output_ids.append(PLACEHOLDER)
+                self._in_flight = self._dispatch_decode(current.batch, current.out.token_ids)
+            sampled = self.runner.read_sample(current.batch, current.out)
+        except Exception as error:
+            self._in_flight = None
+            self._fail([r.request_id for r in current.batch if self._requests.get(r.request_id) is r], error)
+        overlapped = self._in_flight is not None
+        outputs = []
+        for i, request in enumerate(current.batch):
+            if self._requests.get(request.request_id) is not request:
+                continue  # aborted since the step was dispatched
+            self._append(request, _row(sampled, i), placeholder=overlapped)
+            outputs.append(RequestOutput.of(request))
+            if request.finish is not None:
+                self._finished(request)  # its row of the step in flight is dropped when that is read
+            elif overlapped:
+                self.scheduler.cache_computed(request)  # the pages the step in flight fills, keyed by real ids now
+        self._publish_events()
+        return outputs
+
+    def _overlaps(self, batch: list[Request]) -> bool:
+        """Whether the next step may be dispatched before ``batch``'s tokens are read: it would run
+        these requests, in this order, whatever the tokens are (it takes room for them if so)."""
+        running = self.scheduler.running
+        if (not self._overlapping or self.scheduler.waiting or self._awaiting_grammar or self._prefilled
+                or self._failure is not None or len(running) != len(batch)
+                or any(a is not b for a, b in zip(running, batch))):
+            return False
+        for request in batch:  # the unread token must not end it by length, nor its next need a mask
+            if (request.grammar is not None or len(request.output_ids) + 1 >= request.params.max_tokens
+                    or request.num_tokens + 1 >= self.max_sequence_tokens):
+                return False
+        return self.scheduler.extend_decode(batch)
 
     def _publish_events(self) -> None:
         """Publishes what the prefix cache stored and evicted since the last call: after each step,
@@ -471,32 +553,37 @@ class LLMEngine:
             "cached_pages": self.kv.num_cached_pages,
         }
 
-    def _run(self, step: Step) -> list[tuple[Request, tuple]]:
-        """Runs the model over the step and samples; returns (request, sampled row) pairs."""
-        if step.prefill:
-            self._load_slots(ch.request for ch in step.prefill)
-            tables = [self.kv.page_table(ch.request.request_id) for ch in step.prefill]
-            self.runner.prefill(step.prefill, tables)
-            for chunk in step.prefill:
-                chunk.request.num_computed += chunk.length
-                self.scheduler.cache_computed(chunk.request)
-            samplers = [ch.request if ch.completes else None for ch in step.prefill]
-        else:
-            self._load_slots(step.decode)  # a request admitted with all but its last token cached
-            tables = [self.kv.page_table(r.request_id) for r in step.decode]
-            self.runner.decode(step.decode, tables)
-            for request in step.decode:
-                request.num_computed += 1
-                self.scheduler.cache_computed(request)
-            samplers = list(step.decode)
+    def _prefill(self, step: Step) -> list[tuple[Request, tuple]]:
+        """Runs the model over a prefill step and samples; returns (request, sampled row) pairs."""
+        self._load_slots(ch.request for ch in step.prefill)
+        tables = [self.kv.page_table(ch.request.request_id) for ch in step.prefill]
+        self.runner.prefill(step.prefill, tables)
+        for chunk in step.prefill:
+            chunk.request.num_computed += chunk.length
+            self.scheduler.cache_computed(chunk.request)
+        samplers = [ch.request if ch.completes else None for ch in step.prefill]
         if not any(samplers):
             return []
+        out = self.runner.sample(samplers, self._bitmask(samplers))
+        return [(r, _row(out, i)) for i, r in enumerate(samplers) if r is not None]
+
+    def _dispatch_decode(self, batch: list[Request], tokens=None) -> InFlight:
+        """Dispatches a decode step and its sample, reading nothing. ``tokens``: the step in
+        flight's ids on device (each request's newest token is a placeholder until they are read)."""
+        self._load_slots(batch)  # a request admitted with all but its last token cached
+        tables = [self.kv.page_table(r.request_id) for r in batch]
+        self.runner.decode(batch, tables, tokens)
+        for request in batch:
+            request.num_computed += 1
+            if tokens is None:  # else its newest page is keyed once its token is read
+                self.scheduler.cache_computed(request)
+        return InFlight(list(batch), self.runner.dispatch_sample(list(batch), self._bitmask(batch)))
+
+    def _bitmask(self, samplers: list[Request | None]) -> np.ndarray | None:
         # Filled while the forward just dispatched runs on device: the mask costs the step only
         # what the host takes beyond the forward, plus its copy to the device.
-        bitmask = fill_bitmask([r.grammar if r is not None else None for r in samplers], len(samplers),
-                               self.model.config.text.vocab_size)
-        out = self.runner.sample(samplers, bitmask)
-        return [(r, _row(out, i)) for i, r in enumerate(samplers) if r is not None]
+        return fill_bitmask([r.grammar if r is not None else None for r in samplers], len(samplers),
+                            self.model.config.text.vocab_size)
 
     def _load_slots(self, requests) -> None:
         """Loads the sampling slot of each request admitted into a slot since its last step."""
@@ -505,9 +592,14 @@ class LLMEngine:
                 self.runner.load_slot(request)
                 request.slot_loaded = True
 
-    def _append(self, request: Request, row: tuple) -> None:
+    def _append(self, request: Request, row: tuple, placeholder: bool = False) -> None:
+        """Appends a sampled token (in the place of its ``PLACEHOLDER`` when ``placeholder``),
+        detokenizes it and checks whether the request stops."""
         token, logprob, top_ids, top_logprobs = row
-        request.output_ids.append(int(token))
+        if placeholder:
+            request.output_ids[-1] = int(token)
+        else:
+            request.output_ids.append(int(token))
         k = request.params.logprobs
         if k is not None:
             top = {int(t): float(lp) for t, lp in zip(top_ids[:k], top_logprobs[:k])}

@@ -1,7 +1,9 @@
 """A request as the engine tracks it, from admission to finish.
 
 Invariant while decoding: every token but the newest has its KV in the cache
-(``num_computed == num_tokens - 1``); the newest is the next decode input. A preempted request
+(``num_computed == num_tokens - 1``); the newest is the next decode input. While a decode step is
+in flight (dispatched, its token not read: between two overlapped steps, see ``LLMEngine``)
+``num_computed == num_tokens``: the step in flight computes the newest token's KV. A preempted request
 loses its cache (``num_computed = 0``) and is prefilled again over prompt and output, which
 reproduces the same next token. With prefix caching a request (fresh or preempted) starts with
 ``num_computed`` at the end of its cached prefix, as if those chunks had been prefilled.

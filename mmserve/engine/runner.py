@@ -31,8 +31,8 @@ from mmserve.engine.scheduler import PrefillChunk
 from mmserve.engine.visual_rows import VisualRows, empty_block, place_rows
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
 from mmserve.sampling_params import SamplingParams
-from mmserve.sampler import (SamplingBatch, all_allowed_bitmask, init_penalty_state, load_slot, pack_sampling_batch,
-                             padded_token_ids, sample)
+from mmserve.sampler import (SamplerOutput, SamplingBatch, all_allowed_bitmask, init_penalty_state, load_slot,
+                             pack_sampling_batch, padded_token_ids, sample)
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.kv_cache import KVCache
 
@@ -182,14 +182,18 @@ class ModelRunner:
         self._logits, self.cache = _prefill(self.model.module, self.model.params, ids, positions, self.cache,
                                             page_tables, starts, lengths, visual_rows, visual_deepstack, visual_index)
 
-    def decode(self, requests: list[Request], page_tables: list[list[int]]) -> None:
-        """One token for each request (its newest); the logits wait for ``sample``."""
+    def decode(self, requests: list[Request], page_tables: list[list[int]], tokens: jax.Array | None = None) -> None:
+        """One token for each request (its newest); the logits wait for ``sample``. ``tokens``: the
+        last sample's ids, still on device, for a step dispatched before they were read (the same
+        requests in the same rows: ``LLMEngine``'s overlapped steps); else each request's newest."""
         rows = self.grid.decode_rows(len(requests))
-        tokens = np.zeros(rows, np.int32)
         positions = np.zeros((rows, 3), np.int32)
         context = np.full(rows, -1, np.int32)
+        if tokens is None:
+            tokens = np.zeros(rows, np.int32)
+            for i, r in enumerate(requests):
+                tokens[i] = r.token_ids(r.num_computed, r.num_computed + 1)[0]
         for i, r in enumerate(requests):
-            tokens[i] = r.token_ids(r.num_computed, r.num_computed + 1)[0]
             positions[i] = r.positions(r.num_computed, r.num_computed + 1)[:, 0]
             context[i] = r.num_computed
         self.lockstep.call(self.run_decode, tokens=tokens, positions=positions,
@@ -197,6 +201,9 @@ class ModelRunner:
                            context=context)
 
     def run_decode(self, tokens, positions, page_tables, context):
+        # placed as an overlapped step's tokens (the last sample's, on device) are, so both kinds of
+        # step run one program
+        tokens = jax.device_put(tokens, self._home)
         self._logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
                                            page_tables, context)
 
@@ -204,6 +211,11 @@ class ModelRunner:
         """Samples row i of the last step's logits for requests[i]; None rows (and padding) are
         neither sampled nor counted. bitmask: i32[len(requests), words], the tokens row i may take
         (see ``sampler.sample``); None allows every token on every row."""
+        return self.read_sample(requests, self.dispatch_sample(requests, bitmask))
+
+    def dispatch_sample(self, requests: list[Request | None], bitmask: np.ndarray | None = None) -> SamplerOutput:
+        """``sample`` without the read: the step's samples, on device (a request's output count is
+        taken as it is now, a placeholder for a token not read yet included)."""
         rows = self._logits.shape[0]
         padded = requests + [None] * (rows - len(requests))
         batch = pack_sampling_batch(
@@ -214,7 +226,11 @@ class ModelRunner:
         batch = batch._replace(valid=np.array([r is not None for r in padded]))
         if bitmask is not None and bitmask.shape[0] < rows:
             bitmask = np.concatenate([bitmask, all_allowed_bitmask(rows - bitmask.shape[0], self._vocab_size)])
-        out = self.lockstep.call(self.run_sample, token_bitmask=bitmask, **batch._asdict())
+        return self.lockstep.call(self.run_sample, token_bitmask=bitmask, **batch._asdict())
+
+    @staticmethod
+    def read_sample(requests: list[Request | None], out: SamplerOutput) -> SampledTokens:
+        """Host copies of a dispatched sample (waits for it): the one device-to-host read of a step."""
         ids = np.asarray(out.token_ids)
         if all(r is None or r.params.logprobs is None for r in requests):
             return SampledTokens(ids)

@@ -172,6 +172,19 @@ class Scheduler:
         if self.config.enable_prefix_caching and request.request_id in self.kv:
             self.kv.cache_pages(request.request_id, request.full_page_keys(), request.token_ids)
 
+    def extend_decode(self, batch: list[Request]) -> bool:
+        """Room for one more token of each request of a decode batch, taken only from free pages
+        (nothing preempted); False when it is short. For a decode step of the same batch
+        dispatched before the last one's tokens are read (``LLMEngine``'s overlapped steps), which
+        must not change the batch. Room taken before a False stays taken: the next step uses it."""
+        for request in batch:
+            need = request.num_computed + 1 - self.kv.num_tokens(request.request_id)
+            if need > 0:
+                if not self.kv.can_append(request.request_id, need):
+                    return False
+                self.kv.append(request.request_id, need)
+        return True
+
     def _schedule_prefill(self) -> list[PrefillChunk]:
         budget = self.config.max_prefill_tokens
         chunks: list[PrefillChunk] = []
