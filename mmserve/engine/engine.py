@@ -361,6 +361,7 @@ class LLMEngine:
             self.scheduler.finish(request)
         self._unpin(request_id)
         request.grammar = None
+        self._forget_dead_in_flight()
 
     def has_unfinished(self) -> bool:
         return (self.scheduler.has_work() or bool(self._awaiting_grammar) or self._failure is not None
@@ -435,17 +436,30 @@ class LLMEngine:
             self._fail([r.request_id for r in current.batch if self._requests.get(r.request_id) is r], error)
         overlapped = self._in_flight is not None
         outputs = []
-        for i, request in enumerate(current.batch):
-            if self._requests.get(request.request_id) is not request:
-                continue  # aborted since the step was dispatched
-            self._append(request, _row(sampled, i), placeholder=overlapped)
-            outputs.append(RequestOutput.of(request))
-            if request.finish is not None:
-                self._finished(request)  # its row of the step in flight is dropped when that is read
-            elif overlapped:
-                self.scheduler.cache_computed(request)  # the pages the step in flight fills, keyed by real ids now
+        try:
+            for i, request in enumerate(current.batch):
+                if self._requests.get(request.request_id) is not request:
+                    continue  # aborted since the step was dispatched
+                self._append(request, _row(sampled, i), placeholder=overlapped)
+                outputs.append(RequestOutput.of(request))
+                if overlapped:  # the pages the step in flight fills, keyed by real ids now (its last one too)
+                    self.scheduler.cache_computed(request)
+                if request.finish is not None:
+                    self._finished(request)  # its row of the step in flight is dropped
+        except Exception as error:  # no placeholder may outlive the read: what is left of the batch goes
+            self._in_flight = None
+            self._fail([r.request_id for r in current.batch if self._requests.get(r.request_id) is r], error)
+        self._forget_dead_in_flight()
         self._publish_events()
         return outputs
+
+    def _forget_dead_in_flight(self) -> None:
+        """Lets go of the step in flight once none of its requests is left (they stopped or were
+        aborted): nothing reads it, and the engine has nothing unfinished. The device still runs it,
+        before any later program (which takes the cache and sampling state it returns)."""
+        if self._in_flight is not None and not any(self._requests.get(r.request_id) is r
+                                                   for r in self._in_flight.batch):
+            self._in_flight = None
 
     def _overlaps(self, batch: list[Request]) -> bool:
         """Whether the next step may be dispatched before ``batch``'s tokens are read: it would run

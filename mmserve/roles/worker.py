@@ -3,9 +3,10 @@ a gRPC server feeds it. The worker announces itself to the router's
 registry and repeats it as a heartbeat carrying its load (capacity and requests held), so a
 restarted worker is picked up again and the router admits what its workers can hold.
 
-Stopping, it tells the router first (a last registration, ``leaving``), so nothing new reaches it.
-Given SIGTERM (an orchestrator replacing it) it then drains: the requests it holds run to their end,
-for up to ``--drain-timeout``, before its calls are cut; Ctrl-C stops it at once.
+Stopping, it tells the router first (it registers as ``leaving``, and goes on so while it stops), so
+nothing new reaches it. Given SIGTERM (an orchestrator replacing it) it then drains: the requests it
+holds run to their end, for up to ``--drain-timeout`` or until a second signal, before its calls are
+cut; Ctrl-C stops it at once.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ UNREACHABLE_SAID_S = 10.0
 starting up takes a few seconds; a wrong --router-url never answers)."""
 STOP_GRACE_S = 1.0
 """How long a stopping worker lets its open calls end by themselves before it cancels them."""
-LEAVE_S = 3.0
-"""How long a stopping worker waits for its last registration (``leaving``) to reach the router."""
+LEAVE_S = 5.0
+"""How long a stopping worker waits for its registration as ``leaving`` to reach the router."""
 DRAIN_POLL_S = 0.05
+DRAIN_SETTLE_S = 0.5
+"""How long a draining worker holding nothing still waits for calls routed to it before the router
+heard it was leaving."""
 
 
 class Role(Protocol):
@@ -192,11 +196,11 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         address = f"{advertise_host or host}:{bound}"
     server.start()
     log.info("%s worker %s serving on %s", role.role, role.name, address)
-    stop = threading.Event()
+    leaving, left, stop = threading.Event(), threading.Event(), threading.Event()
     registering = None
     if router:
         registering = threading.Thread(target=_register_forever, daemon=True,
-                                       args=(router, token, role, address, model_fingerprint, stop))
+                                       args=(router, token, role, address, model_fingerprint, leaving, left, stop))
         registering.start()
     terminated = False
     try:
@@ -209,40 +213,61 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         # supervisor's SIGTERM follows) would interrupt the stop below halfway and leave grpc's
         # serving thread raising on a server shutting down.
         _ignore_signals()
+        leaving.set()  # the heartbeats say so from now on (at once): the router sends nothing new
+        if registering is not None:
+            left.wait(LEAVE_S)
+        if terminated and drain_timeout_s > 0:
+            cut = threading.Event()
+            _on_signals(cut.set)  # a second signal (Ctrl-C, another SIGTERM) ends the drain
+            try:
+                _drain(role, drain_timeout_s, cut)
+            finally:
+                _ignore_signals()
+        stop.set()
         # The calls still open first (a router's token stream, a Prefill waiting for its first
         # token), while the loop can still free what they hold: their threads would keep the
         # interpreter from exiting (it joins them), and a supervisor would never see this one die.
-        stop.set()  # the heartbeat thread sends its last registration: leaving
-        if registering is not None:
-            registering.join(LEAVE_S)
-        if terminated:
-            _drain(role, drain_timeout_s)
         server.stop(grace=STOP_GRACE_S).wait()
         service.loop.stop()
 
 
-def _drain(role: Role, timeout_s: float) -> None:
-    """Waits for the requests the role holds to end (the router sends no more), up to ``timeout_s``."""
-    held = role.in_flight()
-    if not held or timeout_s <= 0:
-        return
-    log.info("%s worker %s stopping: draining %d requests (up to %.0f s)", role.role, role.name, held, timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while role.in_flight() and time.monotonic() < deadline:
+def _drain(role: Role, timeout_s: float, cut: threading.Event) -> None:
+    """Waits for the requests the role holds to end, up to ``timeout_s`` or until ``cut``. The
+    router sends no more; calls it sent just before it heard get ``DRAIN_SETTLE_S`` to arrive."""
+    now = time.monotonic()
+    deadline, settled, said = now + timeout_s, now + min(DRAIN_SETTLE_S, timeout_s), False
+    while time.monotonic() < deadline and not cut.is_set():
+        held = role.in_flight()
+        if not held and time.monotonic() >= settled:
+            return
+        if held and not said:
+            log.info("%s worker %s stopping: draining %d requests (up to %.0f s; a second signal cuts it short)",
+                     role.role, role.name, held, timeout_s)
+            said = True
         time.sleep(DRAIN_POLL_S)
     if role.in_flight():
-        log.warning("%s worker %s: %d requests still held after %.0f s of draining; cutting them off",
-                    role.role, role.name, role.in_flight(), timeout_s)
+        log.warning("%s worker %s: %d requests still held after draining (%s); cutting them off", role.role,
+                    role.name, role.in_flight(), "a second signal" if cut.is_set() else f"{timeout_s:.0f} s")
 
 
 def _ignore_signals() -> None:
+    _on_signals(signal.SIG_IGN)
+
+
+def _on_signals(handler) -> None:
+    """SIGINT and SIGTERM call ``handler`` (a callable of no arguments, or ``signal.SIG_IGN``)."""
     if threading.current_thread() is threading.main_thread():
+        action = handler if handler is signal.SIG_IGN else (lambda *_: handler())
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, action)
 
 
 def _register_forever(router: str, token: str, role: Role, address: str, model_fingerprint: str,
-                      stop: threading.Event) -> None:
+                      leaving: threading.Event, left: threading.Event, stop: threading.Event) -> None:
+    """Registers every ``REGISTER_INTERVAL_S`` until ``stop``; from ``leaving`` on (at once), as
+    leaving, setting ``left`` once it has tried to say so, and going on saying so while the worker
+    drains: a router that missed it hears it again, and one still hearing the worker keeps it (and
+    the calls it has open there) rather than forgetting a silent worker."""
     cache = role.prefix_cache()
     if cache is not None:  # a worker on a Unix socket is on the router's host
         cache = cache.dialled_at("127.0.0.1" if address.startswith("unix:") else address.rpartition(":")[0])
@@ -261,8 +286,9 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
     with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
+            now_leaving = leaving.is_set()
             try:
-                ack = registry.Register(registration(), timeout=2)
+                ack = registry.Register(registration(now_leaving), timeout=2)
                 if refusal == "unreachable":
                     log.info("router %s reached", router)
                 if not ack.ok and ack.error != refusal:
@@ -280,8 +306,8 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
                         log.warning("router %s not reachable for %.0f s (%s): is --router-url right, and the router "
                                     "up?", router, time.monotonic() - unreachable_since, error.code().name)
                         refusal = "unreachable"
-            stop.wait(REGISTER_INTERVAL_S)
-        try:  # stopping: the router sends nothing new from now on, instead of when the heartbeats stop
-            registry.Register(registration(leaving=True), timeout=LEAVE_S)
-        except grpc.RpcError as error:
-            log.debug("router %s not told of the stop: %s", router, error.code())
+            if now_leaving:
+                left.set()
+                stop.wait(REGISTER_INTERVAL_S)
+            else:
+                leaving.wait(REGISTER_INTERVAL_S)

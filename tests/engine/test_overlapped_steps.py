@@ -98,3 +98,14 @@ def test_a_request_joining_while_a_step_is_in_flight_gets_its_answer_alone(llm, 
             b = engine.add_request(late, params)
     assert [tokens[a], tokens[b]] == want
     assert engine.kv.num_free_pages == engine.runner.num_pages - 1
+
+
+def test_a_request_stopping_on_a_token_under_an_overlapped_step_leaves_nothing_unfinished(llm, in_turn):
+    """Its row of the step already dispatched is dropped, and with it the step: the engine is idle."""
+    prompt = mixed_prompts(1, seed=5)[0]
+    ids = in_turn.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].token_ids
+    stop_at = next(i for i in range(4, len(ids)) if ids[i] not in ids[:i])
+    params = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[ids[stop_at]], ignore_eos=True)
+    assert llm.generate(prompt, params)[0].outputs[0].token_ids == ids[:stop_at + 1]
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.kv.num_free_pages == llm.engine.runner.num_pages - 1
