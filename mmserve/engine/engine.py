@@ -156,10 +156,7 @@ class LLMEngine:
         self._prefilled: dict[str, Prefilled] = {}  # not in the batch yet: abort frees their reservation
         self._failure: StepFailed | None = None  # for the next step: requests whose grammar failed
         self._in_flight: InFlight | None = None
-        # Overlapping needs the sampled ids where the decode program reads its tokens: one device,
-        # one process (a mesh's or another process's placement of them is not checked).
-        self._overlapping = (self.config.async_scheduling and layout is None
-                             and not self.runner.lockstep.spans_processes)
+        self._overlapping = self.config.async_scheduling
         self._ids = itertools.count()
         self._on_finish = on_finish
 
@@ -429,7 +426,7 @@ class LLMEngine:
             if self._overlaps(current.batch):
                 for request in current.batch:
                     request.output_ids.append(PLACEHOLDER)
-                self._in_flight = self._dispatch_decode(current.batch, current.out.token_ids)
+                self._in_flight = self._dispatch_decode(current.batch, follows_sample=True)
             sampled = self.runner.read_sample(current.batch, current.out)
         except Exception as error:
             self._in_flight = None
@@ -581,15 +578,16 @@ class LLMEngine:
         out = self.runner.sample(samplers, self._bitmask(samplers))
         return [(r, _row(out, i)) for i, r in enumerate(samplers) if r is not None]
 
-    def _dispatch_decode(self, batch: list[Request], tokens=None) -> InFlight:
-        """Dispatches a decode step and its sample, reading nothing. ``tokens``: the step in
-        flight's ids on device (each request's newest token is a placeholder until they are read)."""
+    def _dispatch_decode(self, batch: list[Request], follows_sample: bool = False) -> InFlight:
+        """Dispatches a decode step and its sample, reading nothing. ``follows_sample``: on the ids
+        of the step in flight, still on device (each request's newest token is a placeholder until
+        they are read)."""
         self._load_slots(batch)  # a request admitted with all but its last token cached
         tables = [self.kv.page_table(r.request_id) for r in batch]
-        self.runner.decode(batch, tables, tokens)
+        self.runner.decode(batch, tables, follows_sample)
         for request in batch:
             request.num_computed += 1
-            if tokens is None:  # else its newest page is keyed once its token is read
+            if not follows_sample:  # else its newest page is keyed once its token is read
                 self.scheduler.cache_computed(request)
         return InFlight(list(batch), self.runner.dispatch_sample(list(batch), self._bitmask(batch)))
 

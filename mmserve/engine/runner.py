@@ -100,6 +100,7 @@ class ModelRunner:
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
         self._logits = None
+        self._sampled_ids: jax.Array | None = None  # the last sample's, which a decode step may follow
         self.lockstep = lockstep or Lockstep()
         self.lockstep.bind("runner", self)
 
@@ -182,14 +183,16 @@ class ModelRunner:
         self._logits, self.cache = _prefill(self.model.module, self.model.params, ids, positions, self.cache,
                                             page_tables, starts, lengths, visual_rows, visual_deepstack, visual_index)
 
-    def decode(self, requests: list[Request], page_tables: list[list[int]], tokens: jax.Array | None = None) -> None:
-        """One token for each request (its newest); the logits wait for ``sample``. ``tokens``: the
-        last sample's ids, still on device, for a step dispatched before they were read (the same
-        requests in the same rows: ``LLMEngine``'s overlapped steps); else each request's newest."""
+    def decode(self, requests: list[Request], page_tables: list[list[int]], follows_sample: bool = False) -> None:
+        """One token for each request (its newest); the logits wait for ``sample``. With
+        ``follows_sample`` the tokens are the last sample's ids, still on device, for a step
+        dispatched before they were read (the same requests in the same rows: ``LLMEngine``'s
+        overlapped steps); else each request's newest."""
         rows = self.grid.decode_rows(len(requests))
         positions = np.zeros((rows, 3), np.int32)
         context = np.full(rows, -1, np.int32)
-        if tokens is None:
+        tokens = None
+        if not follows_sample:
             tokens = np.zeros(rows, np.int32)
             for i, r in enumerate(requests):
                 tokens[i] = r.token_ids(r.num_computed, r.num_computed + 1)[0]
@@ -201,8 +204,14 @@ class ModelRunner:
                            context=context)
 
     def run_decode(self, tokens, positions, page_tables, context):
-        # placed as an overlapped step's tokens (the last sample's, on device) are, so both kinds of
-        # step run one program
+        """``tokens`` None: the last sample's ids, as this process holds them. Resolved here, not by
+        the caller, because on a role spanning processes the leader cannot send its device arrays:
+        each process reads its own copy of the sample (replicated over the mesh by ``run_sample``)."""
+        if tokens is None:
+            tokens = self._sampled_ids
+            if tokens is None or tokens.shape[0] != positions.shape[0]:
+                raise RuntimeError("a decode step follows a sample of other rows")
+        # placed as the last sample's ids are, so both kinds of step run one program
         tokens = jax.device_put(tokens, self._home)
         self._logits, self.cache = _decode(self.model.module, self.model.params, tokens, positions, self.cache,
                                            page_tables, context)
@@ -247,7 +256,9 @@ class ModelRunner:
         out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, self._key, call,
                                      token_bitmask)
         self._logits = None
-        return self.lockstep.readable(out, self.layout)
+        out = self.lockstep.readable(out, self.layout)
+        self._sampled_ids = out.token_ids
+        return out
 
     def programs(self, kinds: frozenset[str], kv_read_rows: Sequence[int] = ()) -> list[Callable[[], None]]:
         """Callables that each run one program of the grid once, on padding (it writes nothing to
@@ -269,6 +280,10 @@ class ModelRunner:
         def decode(rows, width):
             self.run_decode(filled(rows), filled(rows, 3), filled(rows, width, value=SCRATCH_PAGE),
                             filled(rows, value=-1))
+            self._sample_padding(rows)
+            # and a step on those ids, as an overlapped step runs: on a mesh, placing them may be a
+            # program of its own
+            self.run_decode(None, filled(rows, 3), filled(rows, width, value=SCRATCH_PAGE), filled(rows, value=-1))
             self._sample_padding(rows)
 
         def slot():
@@ -319,7 +334,9 @@ class ModelRunner:
         out, self.penalties = sample(self._logits, batch, self.penalties, self._key, np.int32(0),
                                      self._allowed(rows))
         self._logits = None
-        jax.block_until_ready(self.lockstep.readable(out, self.layout))
+        out = self.lockstep.readable(out, self.layout)
+        self._sampled_ids = out.token_ids
+        jax.block_until_ready(out)
 
     @property
     def _vocab_size(self) -> int:

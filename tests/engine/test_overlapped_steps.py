@@ -23,9 +23,9 @@ def overlapped_dispatches(llm, monkeypatch):
     runner, calls = llm.engine.runner, []
     decode = runner.decode
 
-    def counting(requests, page_tables, tokens=None):
-        calls.append(tokens is not None)
-        return decode(requests, page_tables, tokens)
+    def counting(requests, page_tables, follows_sample=False):
+        calls.append(follows_sample)
+        return decode(requests, page_tables, follows_sample)
 
     monkeypatch.setattr(runner, "decode", counting)
     return calls
