@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from mmserve.cluster_credential import ClusterCredential, MissingCredential
@@ -176,12 +178,13 @@ def join_role(args: argparse.Namespace, credential: ClusterCredential | None = N
     return lockstep, layout
 
 
-def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, transfer: TransferConfig | None = None
-                  ) -> int:
+def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, transfer: TransferConfig | None = None,
+                  drain_timeout_s: float = 0.0) -> int:
     """A non-leader process of a multi-host role: it builds the device state the leader builds (in
     the same order) and runs the programs the leader publishes until the leader stops. ``transfer``
     (prefill and decode) says what shapes the leader's arriving rows take, whose programs it
-    compiles too."""
+    compiles too. ``drain_timeout_s``: the leader's ``--drain-timeout``, which a follower given
+    SIGTERM outlasts (:func:`follow_through_drain`)."""
     if role == "encode":
         from mmserve.roles.encode import vision_encoder
 
@@ -196,8 +199,36 @@ def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, tran
         rows = room_rows(transfer, engine) if transfer is not None else ()
         LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs, arriving_rows=rows,
                   kv_read_rows=rows)
+    if drain_timeout_s > 0:
+        follow_through_drain(drain_timeout_s)
     lockstep.follow()
     return 0
+
+
+FOLLOWER_MARGIN_S = 10.0
+"""What a follower given SIGTERM allows beyond its leader's drain (the leader's word to the router,
+its drain and its stop) before it stops on its own."""
+
+
+def follow_through_drain(drain_timeout_s: float) -> None:
+    """Makes SIGTERM leave a follower following. An orchestrator stops a role's processes together
+    (Kubernetes stops every pod of a LeaderWorkerSet group at once): the leader drains its requests
+    through programs every process must run, so a follower that exited on the signal would cut
+    them off. It goes on until the leader closes the lockstep after its drain (which ends
+    ``follow``), until the leader's drain should long be over, or until a second signal."""
+    from mmserve.roles.worker import LEAVE_S, STOP_GRACE_S
+
+    limit_s = LEAVE_S + drain_timeout_s + STOP_GRACE_S + FOLLOWER_MARGIN_S
+
+    def terminated(*_):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        log.info("stopping: following the leader through its drain (up to %.0f s; a second signal ends it now)",
+                 limit_s)
+        timer = threading.Timer(limit_s, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def mesh_layout(args: argparse.Namespace):

@@ -36,7 +36,7 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, engine, layout)
         if not lockstep.is_leader:
-            return follow_leader(args.role, model, engine, layout, lockstep, transfer)
+            return follow_leader(args.role, model, engine, layout, lockstep, transfer, args.drain_timeout)
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
                      model.fingerprint, transfer.advertise_host, args.grpc_socket, args.drain_timeout)

@@ -3,18 +3,24 @@ has its own CPU devices and the role's mesh spans both. Only the leader talks to
 the transfer layer; its follower runs the same programs in lockstep. Output equals the one-device
 engine, token for token."""
 
+import concurrent.futures
+import signal
 import subprocess
+import time
 
 import openai
 import pytest
 
 from cluster import ONE_AT_A_TIME, Cluster
-from test_disaggregated import _assert_all_free, ask, expected, image
+from chaos import free_counts
+from test_disaggregated import _assert_all_free, ask, conversation, expected, image
 
 pytestmark = pytest.mark.slow
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 EIGHT_DEVICE_MESH = ["--mesh", "data=1,model=4,expert=2", *ONE_AT_A_TIME]  # 2 processes x 4 devices
+DRAIN_S = 60
+"""Decode's --drain-timeout here: long answers on a mesh spanning two processes of 2 cores."""
 CASES = {"text": [], "image": [image(1, (64, 64))], "image_with_resume": [image(4, (256, 256))]}
 
 
@@ -41,7 +47,8 @@ def colocated(tmp_path_factory):
 @pytest.fixture(scope="module")
 def disaggregated(tmp_path_factory):
     """Every worker role on two processes: encode on 2 x 1 device, prefill and decode on 2 x 4."""
-    flags = {"encode": ["--mesh", "model=2", *ONE_AT_A_TIME], "prefill": EIGHT_DEVICE_MESH, "decode": EIGHT_DEVICE_MESH}
+    flags = {"encode": ["--mesh", "model=2", *ONE_AT_A_TIME], "prefill": EIGHT_DEVICE_MESH,
+             "decode": [*EIGHT_DEVICE_MESH, "--drain-timeout", str(DRAIN_S)]}
     env = {"encode": ONE_DEVICE, "prefill": FOUR_DEVICES, "decode": FOUR_DEVICES}
     c = Cluster("tiny", tmp_path_factory.mktemp("multihost_roles"), flags, env,
                 {"encode": 2, "prefill": 2, "decode": 2})
@@ -62,6 +69,34 @@ def test_roles_spanning_two_processes_equal_one_device(disaggregated, llm, image
 
 def test_roles_spanning_two_processes_free_everything(disaggregated):
     _assert_all_free(disaggregated)
+
+
+def test_a_role_spanning_two_processes_given_sigterm_drains_what_it_holds(disaggregated):
+    """Kubernetes stops every pod of a multi-host role at once: the leader drains its requests
+    through programs its follower must run too, so the follower, given the same SIGTERM, goes on
+    until the leader is done (it used to exit at once, and the leader's answers were cut off).
+    Decode is gone afterwards: the last test of this cluster."""
+    client = _client(disaggregated)
+
+    def answer(i: int):
+        reply = client.chat.completions.create(
+            model="tiny", messages=conversation(f"Tell story {i}.", [], as_url=False), max_tokens=300,
+            temperature=0, extra_body={"ignore_eos": True})
+        return reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+    leader, follower = disaggregated.processes["decode"], disaggregated.processes["decode.1"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(answer, range(2))) == [("length", 300)] * 2  # the programs they need, compiled
+        answers = [pool.submit(answer, i) for i in range(2)]
+        deadline = time.monotonic() + 60
+        while free_counts(disaggregated.url)[("decode", "decode")]["in_flight"] < 2:
+            assert time.monotonic() < deadline and not any(a.done() for a in answers), "the answers never ran together"
+            time.sleep(0.02)
+        for process in (leader, follower):
+            process.send_signal(signal.SIGTERM)
+        assert [a.result(timeout=DRAIN_S) for a in answers] == [("length", 300)] * 2
+    assert leader.wait(timeout=30) == 0
+    assert follower.wait(timeout=30) == 0
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
