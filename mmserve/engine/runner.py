@@ -281,10 +281,11 @@ class ModelRunner:
             self.run_decode(filled(rows), filled(rows, 3), filled(rows, width, value=SCRATCH_PAGE),
                             filled(rows, value=-1))
             self._sample_padding(rows)
-            # and a step on those ids, as an overlapped step runs: on a mesh, placing them may be a
-            # program of its own
-            self.run_decode(None, filled(rows, 3), filled(rows, width, value=SCRATCH_PAGE), filled(rows, value=-1))
-            self._sample_padding(rows)
+            if self.layout is not None:  # and a step on those ids, as an overlapped step runs: on a
+                # mesh, placing them may be a program of its own (on one device it is nothing)
+                self.run_decode(None, filled(rows, 3), filled(rows, width, value=SCRATCH_PAGE),
+                                filled(rows, value=-1))
+                self._sample_padding(rows)
 
         def slot():
             ids = padded_token_ids([], grid.slot_ids)

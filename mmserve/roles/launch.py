@@ -179,12 +179,13 @@ def join_role(args: argparse.Namespace, credential: ClusterCredential | None = N
 
 
 def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, transfer: TransferConfig | None = None,
-                  drain_timeout_s: float = 0.0) -> int:
+                  leader_stop_s: float = 0.0) -> int:
     """A non-leader process of a multi-host role: it builds the device state the leader builds (in
     the same order) and runs the programs the leader publishes until the leader stops. ``transfer``
     (prefill and decode) says what shapes the leader's arriving rows take, whose programs it
-    compiles too. ``drain_timeout_s``: the leader's ``--drain-timeout``, which a follower given
-    SIGTERM outlasts (:func:`follow_through_drain`)."""
+    compiles too. ``leader_stop_s``: how long the leader may go on serving once given SIGTERM
+    (a worker's drain, the HTTP server's graceful shutdown), which a follower given SIGTERM too
+    outlasts (:func:`follow_through_stop`); 0: it exits at once."""
     if role == "encode":
         from mmserve.roles.encode import vision_encoder
 
@@ -199,32 +200,45 @@ def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, tran
         rows = room_rows(transfer, engine) if transfer is not None else ()
         LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs, arriving_rows=rows,
                   kv_read_rows=rows)
-    if drain_timeout_s > 0:
-        follow_through_drain(drain_timeout_s)
+    if leader_stop_s > 0:
+        follow_through_stop(leader_stop_s + FOLLOWER_MARGIN_S)
     lockstep.follow()
     return 0
 
 
 FOLLOWER_MARGIN_S = 10.0
-"""What a follower given SIGTERM allows beyond its leader's drain (the leader's word to the router,
-its drain and its stop) before it stops on its own."""
+"""What a follower given SIGTERM allows beyond the time its leader may take to stop."""
+FOLLOWER_GAVE_UP_STATUS = 5
+"""A follower's exit status when its leader did not stop within the time allowed after SIGTERM."""
 
 
-def follow_through_drain(drain_timeout_s: float) -> None:
-    """Makes SIGTERM leave a follower following. An orchestrator stops a role's processes together
-    (Kubernetes stops every pod of a LeaderWorkerSet group at once): the leader drains its requests
-    through programs every process must run, so a follower that exited on the signal would cut
-    them off. It goes on until the leader closes the lockstep after its drain (which ends
-    ``follow``), until the leader's drain should long be over, or until a second signal."""
+def worker_stop_s(drain_timeout_s: float) -> float:
+    """How long a worker's leader may go on after SIGTERM: its word to the router, its drain and its
+    calls' end (``mmserve.roles.worker``); 0 when it does not drain (its calls are cut at once)."""
     from mmserve.roles.worker import LEAVE_S, STOP_GRACE_S
 
-    limit_s = LEAVE_S + drain_timeout_s + STOP_GRACE_S + FOLLOWER_MARGIN_S
+    return LEAVE_S + drain_timeout_s + STOP_GRACE_S if drain_timeout_s > 0 else 0.0
+
+
+def follow_through_stop(limit_s: float) -> None:
+    """Makes SIGTERM leave a follower following. An orchestrator stops a role's processes together
+    (Kubernetes stops every pod of a LeaderWorkerSet group at once): the leader finishes its
+    requests (a worker's drain, the HTTP server's graceful shutdown) through programs every
+    process must run, so a follower that exited on the signal would cut them off. It goes on until
+    the leader closes the lockstep (which ends ``follow``), or until a second signal; ``limit_s``
+    after the first it gives up, exiting with ``FOLLOWER_GAVE_UP_STATUS`` from a timer thread (the
+    main thread may be stuck in a collective with a leader that died)."""
+
+    def give_up():
+        log.error("the leader did not stop within %.0f s of SIGTERM; exiting", limit_s)
+        logging.shutdown()
+        os._exit(FOLLOWER_GAVE_UP_STATUS)
 
     def terminated(*_):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        log.info("stopping: following the leader through its drain (up to %.0f s; a second signal ends it now)",
+        log.info("stopping: following the leader until it stops (up to %.0f s; a second signal ends it now)",
                  limit_s)
-        timer = threading.Timer(limit_s, os.kill, (os.getpid(), signal.SIGTERM))
+        timer = threading.Timer(limit_s, give_up)
         timer.daemon = True
         timer.start()
 

@@ -14,7 +14,7 @@ from mmserve.config_flags import config_from_args
 from mmserve.engine.config import EngineConfig
 from mmserve.kv_events import KVEventsConfig
 from mmserve.roles.launch import (cluster_credential, configure_logging, follow_leader, join_role, load_role_model,
-                                  require_free_port, transfer_config)
+                                  require_free_port, transfer_config, worker_stop_s)
 from transfer.config import TransferConfig
 
 
@@ -36,7 +36,8 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, engine, layout)
         if not lockstep.is_leader:
-            return follow_leader(args.role, model, engine, layout, lockstep, transfer, args.drain_timeout)
+            return follow_leader(args.role, model, engine, layout, lockstep, transfer,
+                                     worker_stop_s(args.drain_timeout))
         service = _role_service(args, model, engine, transfer, name, layout, lockstep, credential)
         serve_worker(service, args.host, args.port, _strip_scheme(args.router_url), credential.grpc_token,
                      model.fingerprint, transfer.advertise_host, args.grpc_socket, args.drain_timeout)

@@ -129,7 +129,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 def serve_colocated(args: argparse.Namespace) -> int:
     """The HTTP API over one engine in this process: the reference the disaggregated roles must equal."""
     from mmserve.serving.colocated import ColocatedBackend
-    from mmserve.serving.http_server import run_event_loop, serve_http
+    from mmserve.serving.http_server import GRACEFUL_SHUTDOWN_S, run_event_loop, serve_http
     from mmserve.serving.router import build_app
 
     config = engine_config(args)
@@ -139,7 +139,7 @@ def serve_colocated(args: argparse.Namespace) -> int:
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, config, layout)
         if not lockstep.is_leader:
-            return follow_leader("colocated", model, config, layout, lockstep)
+            return follow_leader("colocated", model, config, layout, lockstep, leader_stop_s=GRACEFUL_SHUTDOWN_S)
         backend = ColocatedBackend(model, config, layout, lockstep)
         app = build_app(backend, model, router_settings(args, config.max_model_len), on_shutdown=backend.close)
         started = run_event_loop(serve_http(app, backend, args.host, args.port, args.log_level))

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from cluster import ONE_AT_A_TIME, Cluster
+from mmserve.serving.http_server import GRACEFUL_SHUTDOWN_S
 from chaos import free_counts
 from test_disaggregated import _assert_all_free, ask, conversation, expected, image
 
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.slow
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 EIGHT_DEVICE_MESH = ["--mesh", "data=1,model=4,expert=2", *ONE_AT_A_TIME]  # 2 processes x 4 devices
-DRAIN_S = 60
-"""Decode's --drain-timeout here: long answers on a mesh spanning two processes of 2 cores."""
+DRAIN_S = 120
+"""Decode's --drain-timeout here: far beyond what the drained answers take (a few seconds), so that
+only a drain that does not happen fails the test."""
 CASES = {"text": [], "image": [image(1, (64, 64))], "image_with_resume": [image(4, (256, 256))]}
 
 
@@ -87,6 +89,8 @@ def test_a_role_spanning_two_processes_given_sigterm_drains_what_it_holds(disagg
     leader, follower = disaggregated.processes["decode"], disaggregated.processes["decode.1"]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         assert list(pool.map(answer, range(2))) == [("length", 300)] * 2  # the programs they need, compiled
+        decode_health = next(w for w in disaggregated.health()[1]["roles"]["decode"])
+        assert decode_health["overlapped_decode_steps"] > 0  # decode steps overlap across the two processes
         answers = [pool.submit(answer, i) for i in range(2)]
         deadline = time.monotonic() + 60
         while free_counts(disaggregated.url)[("decode", "decode")]["in_flight"] < 2:
@@ -94,7 +98,7 @@ def test_a_role_spanning_two_processes_given_sigterm_drains_what_it_holds(disagg
             time.sleep(0.02)
         for process in (leader, follower):
             process.send_signal(signal.SIGTERM)
-        assert [a.result(timeout=DRAIN_S) for a in answers] == [("length", 300)] * 2
+        assert [a.result(timeout=DRAIN_S + 30) for a in answers] == [("length", 300)] * 2
     assert leader.wait(timeout=30) == 0
     assert follower.wait(timeout=30) == 0
 
@@ -103,6 +107,39 @@ def test_a_role_spanning_two_processes_given_sigterm_drains_what_it_holds(disagg
 @pytest.mark.parametrize("images", [CASES["text"], CASES["image"]], ids=["text", "image"])
 def test_colocated_spanning_two_processes_equals_one_device(colocated, llm, images, stream):
     assert ask(_client(colocated), "Describe.", images, stream) == expected(llm, "Describe.", images)
+
+
+def test_colocated_spanning_two_processes_given_sigterm_finishes_what_it_holds(colocated):
+    """Both processes given SIGTERM with an answer streaming: the leader's HTTP server finishes it
+    (its graceful shutdown) through programs the follower must run too, so the follower goes on
+    until the leader has stopped (it used to exit at once, and the answer was cut off). The
+    role is started again for the next test."""
+    client = _client(colocated)
+
+    def answer():
+        return [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model="tiny", messages=conversation("Tell a story.", [], as_url=False), max_tokens=6,
+            temperature=0, stream=True, extra_body={"ignore_eos": True}) if chunk.choices]
+
+    answer()  # the programs it needs, compiled
+    began = time.monotonic()
+    whole = answer()
+    took = time.monotonic() - began
+    assert took < GRACEFUL_SHUTDOWN_S - 1, f"the answer took {took:.1f} s: too long to finish in the leader's shutdown"
+    leader, follower = colocated.processes["colocated"], colocated.processes["colocated.1"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(answer)
+        deadline = time.monotonic() + 30
+        while colocated.health()[1].get("running", 0) < 1:
+            assert time.monotonic() < deadline and not streaming.done(), "the answer never started"
+            time.sleep(0.01)
+        for process in (leader, follower):
+            process.send_signal(signal.SIGTERM)
+        assert "".join(streaming.result(timeout=60)) == "".join(whole)
+    assert leader.wait(timeout=30) == 0
+    assert follower.wait(timeout=30) == 0
+    colocated.start_role("colocated", ["--port", str(colocated.port)])
+    colocated.wait_healthy()
 
 
 def test_follower_stops_when_its_leader_stops(colocated):
