@@ -120,14 +120,18 @@ class RegistryClient:
         self.channel.send(Lookup(name))
 
     def replies(self) -> list[Found | NotFound]:
-        """Answers that arrived; a registry error (bad secret, ...) is kept in ``error``."""
+        """Answers that arrived; a registry error (bad secret, ...) is kept in ``error`` until the
+        registry answers again: one refused question (a name too long) must not fail every later
+        room, while a registry that refuses everything (another secret) keeps it set."""
         answers = []
         for _, reply in self.channel.receive():
             if isinstance(reply, ProtocolError):
                 self.error = f"registry sent an unreadable reply: {reply}"
-            elif isinstance(reply, (Found, NotFound)):
-                answers.append(reply)
-            elif not isinstance(reply, Published):
+            elif isinstance(reply, (Found, NotFound, Published)):
+                self.error = None
+                if not isinstance(reply, Published):
+                    answers.append(reply)
+            else:
                 self.error = f"registry refused: {reply.code.value}: {reply.detail}"
                 log.error("registry %s: %s", self.address, self.error)
         return answers

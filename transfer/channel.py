@@ -23,12 +23,20 @@ from transfer.messages import M, Codec, ErrorCode, ProtocolError
 CLOSE_LINGER_MS = 100
 HARD_LIMIT_FACTOR = 16
 """ZMQ drops a peer that sends a frame over this many times the cap, so nothing unbounded is buffered."""
+RECEIVE_QUEUE = 256
+"""Messages ZMQ queues from one peer before it drops more (its default, 1,000, times the frame
+limit let one connection hold gigabytes): control traffic is a few messages per room, read every
+loop turn."""
+RECEIVE_BATCH = 256
+"""The most messages one ``receive`` takes: a peer flooding the socket cannot keep its owner's
+loop (and the heartbeats and deadlines it runs) from going on."""
 
 
 def make_socket(kind: int, max_bytes: int) -> zmq.Socket:
     socket = zmq.Context.instance().socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, max_bytes * HARD_LIMIT_FACTOR)
+    socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
     return socket
 
 
@@ -62,8 +70,9 @@ class Channel(Generic[M]):
             pass  # the peer's queue is full: it is not reading, and liveness will fail it
 
     def receive(self) -> Iterator[tuple[bytes | None, M | ProtocolError]]:
-        """Every message waiting now, decoded or as the error to answer it with."""
-        while True:
+        """The messages waiting now (at most ``RECEIVE_BATCH``; the socket stays readable for the
+        rest), decoded or as the error to answer it with."""
+        for _ in range(RECEIVE_BATCH):
             try:
                 frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:

@@ -18,7 +18,8 @@ from transfer.fields import Field, MAX_FIELDS
 
 Id = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+MAX_NAME_LENGTH = 128
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 Text = Annotated[str, msgspec.Meta(max_length=512)]
 AuxKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 AuxValue = int | float | Text | Annotated[list[int | float], msgspec.Meta(max_length=1024)]

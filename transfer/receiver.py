@@ -153,7 +153,11 @@ class Receiver:
         self._directory.collect()
         for address, channel in list(self._controls.items()):
             for _, message in channel.receive():
-                self._liveness.heard(address, now)
+                if not isinstance(message, (ProtocolError, Error)):
+                    # Only a signed, readable message of the protocol proves the sender is there and
+                    # knows us: not junk from whoever took its port, nor its Error to a heartbeat
+                    # of a connection it does not know (ours, reconnected under a new identity).
+                    self._liveness.heard(address, now)
                 try:
                     self._handle(address, message)
                 except ProtocolError as error:

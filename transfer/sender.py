@@ -272,6 +272,11 @@ class Sender:
         if message.block_size != self.config.block_size or tuple(message.fields) != self.buffers.fields:
             raise ProtocolError(ErrorCode.MISMATCH, f"sender has block_size {self.config.block_size} and "
                                 f"fields {self.buffers.fields}", message.room)
+        pool_tokens = self.buffers.num_blocks * self.config.block_size
+        if message.posted is not None and self.buffers.bucket(message.posted.num_tokens) > pool_tokens:
+            # answered with zero rows of that size if no chunk matches: no more than the pool holds
+            raise ProtocolError(ErrorCode.MISMATCH, f"a pull posted for {message.posted.num_tokens} tokens, more than "
+                                f"the sender's pool of {pool_tokens} ever sends in one chunk", message.room)
         if message.incarnation is not None and message.incarnation != self.incarnation:
             raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"room {message.room} was opened with another incarnation "
                                 f"of sender {self.endpoint.name} (it restarted since)", message.room)
@@ -365,11 +370,13 @@ class Sender:
     def _answer_with_zeros(self, posted: PostedPull) -> None:
         """Offers zero rows under a pull the receiver posted that no chunk will answer (the room
         ended first, or its first chunk is not the one posted), so that the pull ends: its
-        receiver drops what lands, and the offer expires if nobody pulls it."""
-        zeros = self.buffers.zeros(posted.num_tokens)
+        receiver drops what lands, and the offer expires if nobody pulls it. Never raises: it runs
+        while a room fails, and a failure that stopped halfway would leave the room live, failing
+        again at every sweep (the receiver's own timeout ends its pull)."""
         try:
+            zeros = self.buffers.zeros(posted.num_tokens)
             self.data_plane.offer(posted.uuid, [zeros[f.name] for f in self.buffers.fields], self._offer_timeout_s)
-        except DataPlaneError as error:
+        except Exception as error:  # noqa: BLE001 - device memory short, a plane error: the room still ends
             log.warning("could not answer a posted pull: %s", error)
 
     def _stage(self, room: SenderRoom) -> None:

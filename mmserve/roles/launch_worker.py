@@ -16,6 +16,7 @@ from mmserve.kv_events import KVEventsConfig
 from mmserve.roles.launch import (cluster_credential, configure_logging, follow_leader, join_role, load_role_model,
                                   require_free_port, transfer_config, worker_stop_s)
 from transfer.config import TransferConfig
+from transfer.messages import MAX_NAME_LENGTH
 
 
 def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
@@ -30,6 +31,10 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         return 2
     transfer = transfer_config(args, credential.transfer_key)
     name = args.name or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    if len(name) > MAX_NAME_LENGTH:  # the registry would refuse every lookup of it
+        print(f"serve.py: the worker's name is {len(name)} characters, at most {MAX_NAME_LENGTH} (--name)",
+              file=sys.stderr)
+        return 2
     if not args.grpc_socket:
         require_free_port(args.host, args.port, "--port")
     lockstep, layout = join_role(args, credential)

@@ -92,3 +92,17 @@ def test_a_client_without_the_key_can_neither_publish_nor_look_up(server, regist
     assert set(server.endpoints()) == {"encode-0"}
     intruder.close()
     publisher.close()
+
+
+def test_one_refused_lookup_does_not_fail_the_next(server, registry_config):
+    """A question the registry refuses (a name longer than names may be) is that question's error:
+    it used to stay in the client for good, failing every later room looked up through it."""
+    client = RegistryClient(server.address, registry_config)
+    try:
+        assert answer(client, "x" * 200) is None and "malformed" in client.error
+        client.lookup("nobody")
+        answers = []
+        drive([], lambda: bool(answers.extend(client.replies()) or answers))
+        assert isinstance(answers[0], NotFound) and client.error is None
+    finally:
+        client.close()

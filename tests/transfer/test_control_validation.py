@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import time
 
 import msgspec
 import pytest
@@ -15,8 +16,9 @@ from conftest import drive
 from transfer import BootstrapServer, PollState, Receiver, Sender, TransferInfo, TransferMode, field
 from transfer.block_buffers import Chunk
 from transfer.bootstrap import RegistryClient
-from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, Pulled, Ready, Register, Registered,
-                               Resume, SenderEndpoint, ToReceiver, ToSender)
+from transfer.channel import RECEIVE_BATCH
+from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, PostedPull, Pulled, Ready, Register,
+                               Registered, Resume, SenderEndpoint, ToReceiver, ToSender)
 from transfer_payload import EMBEDDING_FIELDS, payload
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,6 +108,9 @@ SENDER_CASES = {
     "signed with another key": (lambda t: signed(encode(register(5)), key="guess"), ErrorCode.UNAUTHENTICATED),
     "wrong fields": (lambda t: signed(encode(register(5, fields=(field("x", (3,), "float32"),)))), ErrorCode.MISMATCH),
     "wrong block size": (lambda t: signed(encode(register(5, block_size=8))), ErrorCode.MISMATCH),
+    # its zero answer would be bigger than the pool: it once raised while the room failed, every sweep
+    "posted pull over the pool": (lambda t: signed(encode(msgspec.structs.replace(
+        register(5), posted=PostedPull(11, 1 << 30)))), ErrorCode.MISMATCH),
     "register twice": (lambda t: signed(encode(register(6))), ErrorCode.OUT_OF_ORDER),
     "wrong uuid": (lambda t: signed(encode(Pulled(6, t.ready.uuid ^ 1))), ErrorCode.OUT_OF_ORDER),
     "resume before ack": (lambda t: signed(encode(Resume(6, 9, 16))), ErrorCode.OUT_OF_ORDER),
@@ -212,5 +217,50 @@ def test_receiver_rejects_bad_message_and_keeps_state(secured, registry, case):
         target.router.send_multipart([target.identity, *signed(encode(Abort(1, "done")))])
         drive([target.receiver], lambda: target.receiver.poll(1) is PollState.FAILED)
         assert target.receiver.allocator.available_blocks() == secured.buffer_blocks
+    finally:
+        target.close()
+
+
+def test_a_flood_of_junk_does_not_hold_the_senders_loop(target):
+    """A stranger's burst of unsigned messages: one ``progress`` answers at most a batch of them and
+    returns (it used to read until the socket was empty, a flood keeping it from its heartbeats and
+    deadlines); the next calls answer the rest, and the sender still serves its peer."""
+    stranger = target.connect()
+    sent = 3 * RECEIVE_BATCH
+    for _ in range(sent):
+        stranger.send_multipart([encode(Heartbeat(1))])
+    time.sleep(0.5)  # let them reach the sender's queue
+    answered = [0]
+
+    def read_answers() -> int:
+        while stranger.poll(50):
+            stranger.recv_multipart()
+            answered[0] += 1
+        return answered[0]
+
+    target.sender.progress(0)
+    assert 0 < read_answers() <= RECEIVE_BATCH
+    drive([target.sender], lambda: read_answers() == sent, timeout=20)
+    target.peer.send_multipart(signed(encode(Pulled(6, target.ready.uuid))))
+    drive([target.sender], lambda: target.sender.poll(6) is PollState.SUCCESS, timeout=10)
+    stranger.close(linger=0)
+
+
+def test_a_receiver_does_not_take_junk_on_its_senders_port_for_a_live_sender(secured, registry):
+    """Its sender stops answering heartbeats while something on the sender's port sends unsigned
+    junk: the receiver still fails the room once the heartbeat timeout passes (junk used to count
+    as the sender being alive, so the room waited for the much longer waiting timeout)."""
+    config = dataclasses.replace(secured, heartbeat_timeout_s=1.0)
+    target = ReceiverUnderTest(config, registry)
+    try:
+        deadline = time.monotonic() + 10
+
+        def junk_sent_and_failed() -> bool:
+            target.router.send_multipart([target.identity, encode(Abort(1, "unsigned"))])
+            assert time.monotonic() < deadline, "the room outlived its sender's heartbeats"
+            return target.receiver.poll(1) is PollState.FAILED
+
+        drive([target.receiver], junk_sent_and_failed, timeout=15)
+        assert target.receiver.allocator.available_blocks() == config.buffer_blocks
     finally:
         target.close()
