@@ -77,3 +77,30 @@ def test_large_legitimate_bodies_are_decoded():
     assert decode_json(msgspec.json.encode({"prompt": ids}))["prompt"] == ids
     bias = {str(i): -1.5 for i in range(152_000)}  # a logit_bias over a whole vocabulary
     assert decode_json(msgspec.json.encode({"logit_bias": bias}))["logit_bias"] == bias
+
+
+def depth_of(value) -> int:
+    """Levels of arrays and objects in a decoded document."""
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    return 0
+
+
+def test_the_depth_is_exact_whatever_the_strings_hold(monkeypatch):
+    monkeypatch.setattr(json_body, "MAX_JSON_DEPTH", 0)  # every body through the scan
+    rng = random.Random(11)
+    for _ in range(500):
+        document = random_document(rng)
+        body = msgspec.json.encode(document)
+        assert json_body.json_depth(body) == depth_of(document), body
+
+
+def test_a_body_nested_past_the_limit_is_refused_and_one_at_it_decoded():
+    """msgspec decodes 600 levels; whatever walked them recursively then raised RecursionError (a 500)."""
+    at_limit = b"[" * json_body.MAX_JSON_DEPTH + b"]" * json_body.MAX_JSON_DEPTH
+    assert depth_of(decode_json(at_limit)) == json_body.MAX_JSON_DEPTH
+    deep = b'{"a":"[[[[","b":' + b"[" * 600 + b"]" * 600 + b"}"
+    with pytest.raises(InvalidRequest, match="nests more than 128 levels deep"):
+        decode_json(deep)

@@ -59,8 +59,9 @@ def test_response_format_reaches_the_backend(grammar, response_format, want):
     ({"type": "json_schema"}, "must be an object with a name and a schema"),
     ({"type": "yaml"}, "response_format.type must be"),
     ({"type": "json_object", "schema": SCHEMA}, "does not take schema"),
-    # xgrammar took seconds over this on every check, one on the engine's thread, stalling all others
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": nested(450)}}, "nested 901 levels deep"),
+    # xgrammar took seconds over 450 levels on every check, one on the engine's thread, stalling all
+    # others (a body past 128 levels is refused before this: test_json_body.py)
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": nested(40)}}, "nested 81 levels deep"),
     # and 25 s over a pattern repeating 12,000 times (the check's cost grows with the count's square)
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "b{12000}"}}},
      "counted repetitions .* add up to 12000"),
@@ -105,3 +106,15 @@ def test_backend_without_grammars_refuses_response_format(servers):
         client(server).chat.completions.create(response_format=JSON_SCHEMA, **CHAT)
     client(server).chat.completions.create(response_format={"type": "text"}, **CHAT)
     assert len(backend.requests) == 1
+
+
+@pytest.mark.parametrize("extra", [
+    {"extra_body": {"guided_json": "[" * 5000 + "]" * 5000}},  # past the interpreter's recursion limit as text
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{
+        "id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": nested(150)}}}]}]},
+], ids=["guided_json text", "tool call arguments"])
+def test_json_nested_past_what_is_walked_is_a_400_not_a_500(grammar, extra):
+    chat, backend = grammar
+    with pytest.raises(openai.BadRequestError, match="levels deep|must be a JSON schema"):
+        chat.chat.completions.create(**(CHAT | extra))
+    assert backend.requests == []

@@ -10,6 +10,11 @@ The size does not bound what decoding costs: each JSON value becomes a Python ob
 of tiny containers (``[[],[],...]``, two bytes each) decoded to ~27 times its size (32 MiB: ~870
 MB and 2-6 s of the event loop). So a body is refused before it is decoded when it may hold more
 than ``MAX_JSON_VALUES`` values, counted from its bytes (:func:`json_values_at_most`).
+
+Nor does the decoder bound nesting below the interpreter's limit: a body 600 levels deep decodes,
+and then whatever walks it recursively (the chat template's copy of a tool call's arguments)
+raised RecursionError, a 500. So a body nested deeper than ``MAX_JSON_DEPTH`` is refused first
+(:func:`json_depth`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ MAX_JSON_VALUES = 1 << 20
 """Values a request body may hold (at ~100 bytes each decoded, ~100 MB). A prompt of 262,144
 token ids and a ``logit_bias`` over a 152k-token vocabulary each stay well under it."""
 
+MAX_JSON_DEPTH = 128
+"""Levels of arrays and objects a request body may nest: a request's own envelope is a few, a
+JSON schema in it at most 64 more (``structured_output.spec.MAX_JSON_DEPTH``)."""
+
 _STRUCTURAL = bytes(1 if code in b",:[{" else 0 for code in range(256))
+_NESTING = bytes(1 if code in b"[{" else 255 if code in b"]}" else 0 for code in range(256))
 _QUOTE = bytes(1 if code == ord('"') else 0 for code in range(256))
 _SLICE_BYTES = 4 << 20
 
@@ -67,9 +77,29 @@ def _outside_strings(body: bytes) -> int:
     return count
 
 
+def json_depth(body: bytes) -> int:
+    """How deeply JSON text nests (brackets inside strings not counted), exactly where it is valid
+    JSON; at most the count of its opening brackets, so a body with few of them is not scanned.
+    Strings are found as in :func:`_outside_strings`; the depth is a running sum over slices."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    inside, depth, deepest = 0, 0, 0
+    for start in range(0, len(text), _SLICE_BYTES):
+        part = text[start:start + _SLICE_BYTES]
+        parity = np.bitwise_xor.accumulate(np.frombuffer(part.translate(_QUOTE), np.uint8)) ^ inside
+        inside = int(parity[-1])
+        steps = np.frombuffer(part.translate(_NESTING), np.int8).astype(np.int32) * (parity == 0)
+        running = np.cumsum(steps) + depth
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    return deepest
+
+
 def decode_json(body: bytes) -> Any:
     if json_values_at_most(body) > MAX_JSON_VALUES:
         raise InvalidRequest(f"the request body holds more than {MAX_JSON_VALUES} JSON values")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"the request body's JSON nests more than {MAX_JSON_DEPTH} levels deep")
     try:
         return msgspec.json.decode(body)
     except msgspec.DecodeError as error:

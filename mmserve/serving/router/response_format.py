@@ -43,7 +43,7 @@ def _guided_json(value: Any) -> StructuredOutput:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the interpreter's limit: not a schema either
             raise InvalidRequest(f"{GUIDED_JSON} must be a JSON schema (an object or its JSON text)",
                                  GUIDED_JSON) from None
     if not isinstance(value, dict):
