@@ -344,3 +344,39 @@ def test_a_500_from_a_handler_and_a_401_are_counted(model):
         assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="rejected"}') == 1
     finally:
         server.stop()
+
+
+class GrowingText(ScriptedBackend):
+    """Each event carries the whole text so far as a string of its own, as the real backends send it."""
+
+    async def generate(self, request):
+        self.requests.append(request)
+        for i in range(1, TOKENS_HELD_BACK):
+            yield TokenEvent(request.request_id, [11], text="x" * (20 * i))
+        yield TokenEvent(request.request_id, [12], text="x" * (20 * TOKENS_HELD_BACK), finish_reason="stop")
+
+
+TOKENS_HELD_BACK = 2000
+
+
+def test_choices_held_back_for_the_others_keep_memory_linear(model):
+    """``n`` = 3 on 1 slot: the first choices run while the last waits, unread meanwhile. Their
+    events each held the whole text so far (~20 MB a choice for 2,000 tokens of 20 characters,
+    growing with the square of the length); they are merged while nobody reads them."""
+    import tracemalloc
+
+    backend = GrowingText()
+    backend.slots = 1
+    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 4096, queue_timeout_s=30.0)))
+    try:
+        tracemalloc.start()
+        status, body = request("POST", f"{server.url}/v1/chat/completions",
+                               CHAT | {"n": 3, "max_tokens": TOKENS_HELD_BACK}, timeout=60)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert status == 200, body
+        assert [len(c["message"]["content"]) for c in body["choices"]] == [20 * TOKENS_HELD_BACK] * 3
+        assert body["usage"]["completion_tokens"] == 3 * TOKENS_HELD_BACK
+        assert peak < 8 << 20, f"peak {peak >> 20} MiB"
+    finally:
+        server.stop()

@@ -80,6 +80,8 @@ class Relay:
         self._settled = False
         self._read = False
         """The client has started reading: only from then on may a full buffer cut the request."""
+        self._tail_merged = False  # the last buffered event is a merge of several (see _put)
+        self._held_tokens = 0  # in the buffer
         metrics.in_flight.inc()
         # the request's trace: its context rides on the pump task into the backend's calls
         self._span = tracer.start_span(f"router {endpoint}", kind=trace.SpanKind.SERVER, attributes={
@@ -100,6 +102,7 @@ class Relay:
             self._arrived.clear()
             await self._arrived.wait()
         event = self._buffer.popleft()
+        self._held_tokens -= len(event.token_ids)
         self._taken.set()
         self._ended = event.error is not None or event.finish_reason is not None
         return event
@@ -175,7 +178,26 @@ class Relay:
                     await self._backend.abort(rid)
 
     def _put(self, event: TokenEvent) -> None:
-        self._buffer.append(event)
+        """Buffers an event. Before the client reads at all (the router holding a choice back while
+        it admits the others of ``n``), events of tokens past the first ``BUFFER_EVENTS`` join the
+        last one buffered, as vLLM's output collector merges outputs nobody took yet: each carries
+        the whole text so far, so buffering them one by one held memory growing with the square of
+        the answer's length."""
+        self._held_tokens += len(event.token_ids)
+        last = self._buffer[-1] if self._buffer else None
+        if (not self._read and len(self._buffer) >= BUFFER_EVENTS and last is not None and _progress(last)
+                and _progress(event)):
+            if not self._tail_merged:  # lists of its own, extended in place from here on
+                last = dataclasses.replace(last, token_ids=list(last.token_ids),
+                                           logprobs=None if last.logprobs is None else list(last.logprobs))
+                self._tail_merged = True
+            last.token_ids.extend(event.token_ids)
+            if last.logprobs is not None:
+                last.logprobs.extend(event.logprobs or [])
+            self._buffer[-1] = dataclasses.replace(last, text=event.text)
+        else:
+            self._buffer.append(event)
+            self._tail_merged = False
         self._arrived.set()
 
     async def _room(self) -> bool:
@@ -184,7 +206,7 @@ class Relay:
         Before the client reads at all the buffer holds up to the request's own length: the router
         itself holds the reading back while it admits a request's other choices (``n``), which
         may wait for the slots these choices free by finishing."""
-        if not self._read and len(self._buffer) <= self._request.params.max_tokens:
+        if not self._read and self._held_tokens <= self._request.params.max_tokens:
             return True
         deadline = time.monotonic() + self._limits.stall_timeout_s
         while len(self._buffer) >= BUFFER_EVENTS:
@@ -194,6 +216,11 @@ class Relay:
             except TimeoutError:
                 return False
         return True
+
+
+def _progress(event: TokenEvent) -> bool:
+    """An event of tokens, neither the last of its stream nor an error."""
+    return event.finish_reason is None and event.error is None
 
 
 def _time_tokens(metrics: RouterMetrics, event: TokenEvent, arrival: float, last: float | None) -> float | None:
