@@ -4,6 +4,7 @@ both with Retry-After); a request past its deadline, or whose client stopped rea
 is aborted in the backend and gives its slot back. Over a real uvicorn server in this process, in
 front of a scripted backend (the roles' own behaviour is tested end to end elsewhere)."""
 
+import asyncio
 import itertools
 import json
 import socket
@@ -378,5 +379,33 @@ def test_choices_held_back_for_the_others_keep_memory_linear(model):
         assert [len(c["message"]["content"]) for c in body["choices"]] == [20 * TOKENS_HELD_BACK] * 3
         assert body["usage"]["completion_tokens"] == 3 * TOKENS_HELD_BACK
         assert peak < 8 << 20, f"peak {peak >> 20} MiB"
+    finally:
+        server.stop()
+
+
+class FirstChoiceFails(ScriptedBackend):
+    """The first request fails at once; the others would run until cancelled."""
+
+    async def generate(self, request):
+        self.requests.append(request)
+        if len(self.requests) == 1:
+            yield TokenEvent(request.request_id, [], error="decode worker d failed: UNAVAILABLE")
+            return
+        yield TokenEvent(request.request_id, [11], text="ab")
+        await asyncio.Event().wait()
+
+
+def test_a_whole_answer_whose_choice_fails_ends_the_other_choices(model):
+    """``n`` = 2, not streamed: the failure of one choice is the answer, at once, and the other
+    choice is aborted (it used to run to its end, holding its slot, for an answer nobody got)."""
+    backend = FirstChoiceFails()
+    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256, request_timeout_s=60.0)))
+    try:
+        began = time.monotonic()
+        status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT | {"n": 2}, timeout=30)
+        assert status == 500 and "UNAVAILABLE" in str(body), body
+        assert time.monotonic() - began < 10
+        _wait_for(lambda: [r.request_id for r in backend.requests[1:]] == backend.aborted)
+        assert _running(server.url) == 0
     finally:
         server.stop()

@@ -116,7 +116,7 @@ class OpenAIResponse(abc.ABC):
                 return backend_error_response(refusal.error, refusal.invalid)
             resumed = [_after(first, events) for first, events in zip(firsts, streams)]
             return StreamingResponse(self.stream(resumed), media_type="text/event-stream")
-        answers = await unless_disconnected(http, lambda: asyncio.gather(*(collect(s) for s in streams)))
+        answers = await unless_disconnected(http, lambda: _collect_all(streams))
         if answers is None:
             return Response(status_code=499)
         for answer in answers:
@@ -173,3 +173,19 @@ async def _after(first: TokenEvent | None, events: AsyncIterator[TokenEvent]) ->
             yield first
             async for event in events:
                 yield event
+
+
+async def _collect_all(streams: list[AsyncIterator[TokenEvent]]) -> list[Answer]:
+    """Every choice's whole answer; the first that fails ends the others (closing a stream aborts
+    its request), whose slots and pages would otherwise be held until they ran to their end for
+    an answer nobody gets. Returns the answers that ended, the failed one among them."""
+    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
+    try:
+        for ended in asyncio.as_completed(tasks):
+            if (await ended).error is not None:
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [task.result() for task in tasks if not task.cancelled()]
