@@ -94,8 +94,10 @@ class Admission:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Overloaded(f"no capacity freed within {self.queue_timeout_s:g} s; retry later", 503)
-                try:
-                    await asyncio.wait_for(asyncio.shield(turn), min(RECHECK_S, left))
+                try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+                    # arrives as the turn comes (the client leaving just as it is admitted)
+                    async with asyncio.timeout(min(RECHECK_S, left)):
+                        await asyncio.shield(turn)
                 except TimeoutError:
                     if self._capacity() <= 0:  # a role's last worker died: as at the door, not a wait
                         raise Overloaded("no worker can take requests now (none is up)", 503) from None

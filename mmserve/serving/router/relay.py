@@ -212,7 +212,8 @@ class Relay:
         while len(self._buffer) >= BUFFER_EVENTS:
             self._taken.clear()
             try:
-                await asyncio.wait_for(self._taken.wait(), deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):  # not wait_for: see admission
+                    await self._taken.wait()
             except TimeoutError:
                 return False
         return True
@@ -268,7 +269,17 @@ async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]
             await asyncio.gather(task, return_exceptions=True)
     # decided by who cancelled it, not by ``task.cancelled()``: ``work`` may return an
     # ``asyncio.gather`` future, whose cancellation ends it with a CancelledError as its exception
-    return None if left else task.result()
+    if not left:
+        return task.result()
+    if not task.cancelled() and task.exception() is None:
+        # Python 3.11's ``wait_for`` can swallow a cancel that lands as what it waits for ends
+        # (admission's queue): the work then finished anyway, and what it started (relays holding
+        # slots) is let go here, not left to run to its end for nobody.
+        made = task.result()
+        for relay in made if isinstance(made, list) else [made]:
+            if hasattr(relay, "aclose"):
+                await relay.aclose()
+    return None
 
 
 def sse(data: Any) -> str:
