@@ -144,8 +144,9 @@ class DisaggregatedBackend:
 
         early = asyncio.ensure_future(encode_call()) if encode_early else None
         deciding = None if encode_early else _started(decode_call())
-        decode_ended = False  # decode ended the request itself, or every worker was told to
+        decode_ended = False  # decode ended the request itself
         first_ended = False  # prefill's first token finished the request
+        others_told = False  # encode and prefill were aborted; decode is, once its call is answered (below)
         current = prefill
         prefilling = prefill.stub.Prefill(pb.PrefillRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
@@ -167,13 +168,13 @@ class DisaggregatedBackend:
             elif early is not None:
                 await _settled(early)  # prefill refused: the abort below must find encode's request
             if not ack.ok:
-                decode_ended = await self.abort(rid)
+                others_told = await self._abort_all_but(decode, rid)
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
                 return
             current = prefill
             first = await _next(prefilling, "first")
             if first.error:
-                decode_ended = await self.abort(rid)
+                others_told = await self._abort_all_but(decode, rid)
                 yield TokenEvent(rid, [], error=first.error)
                 return
             text = first.text_delta
@@ -184,7 +185,7 @@ class DisaggregatedBackend:
             current = decode
             taken = await deciding
             if not taken.ok:
-                decode_ended = await self.abort(rid)
+                others_told = await self._abort_all_but(decode, rid)
                 yield TokenEvent(rid, [], error=taken.error, invalid=taken.rejected)
                 return
             async for event in subscription.events():
@@ -199,19 +200,19 @@ class DisaggregatedBackend:
                 await self.pool.forget(current)
             if early is not None:
                 await _settled(early)
-            decode_ended = await self.abort(rid)
+            others_told = await self._abort_all_but(decode, rid)
             yield TokenEvent(rid, [], error=str(error) if isinstance(error, TokenStreamLost) else
                              f"{current.role} worker {current.name} failed: {error.code().name}: {error.details()}")
         except grpc.aio.UsageError:  # dropped as unreachable (its channel closing) while we used it
             if early is not None:
                 await _settled(early)
-            decode_ended = await self.abort(rid)
+            others_told = await self._abort_all_but(decode, rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped as unreachable")
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # the client left: decode and encode are aborted below, prefill aborts it itself
             # grpc cancelled the call itself: the worker's channel was closed after its grace period
-            decode_ended = await self.abort(rid)
+            others_told = await self._abort_all_but(decode, rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
         finally:
             prefilling.cancel()
@@ -219,7 +220,7 @@ class DisaggregatedBackend:
                 subscription.close()
             if deciding is not None and not decode_ended:  # decode holds it (or is about to): free it there
                 self._in_background(_abort_after(deciding, decode, rid))
-            if not (decode_ended or first_ended):  # the caller left: prefill may hold the KV for a decode that never registers
+            if not (decode_ended or first_ended or others_told):  # the caller left: prefill may hold the KV for a decode that never registers
                 self._in_background(_abort_on(prefill, rid))
                 if early is not None:
                     self._in_background(_abort_after(early, encode, rid))
@@ -229,6 +230,15 @@ class DisaggregatedBackend:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._aborting.add(task)
         task.add_done_callback(self._aborting.discard)
+
+    async def _abort_all_but(self, decode: WorkerHandle, request_id: str) -> bool:
+        """Aborts the request on its workers but ``decode``, which ``_run`` aborts once its Decode
+        call is answered: an abort that overtook the request would find nothing there, and decode
+        would then hold its reservation until its waiting timeout. True."""
+        for worker in self._active.get(request_id, []):
+            if worker is not decode:
+                await _abort_on(worker, request_id)
+        return True
 
     async def abort(self, request_id: str) -> bool:
         """Aborts the request on every worker it went to; True when there were any."""
