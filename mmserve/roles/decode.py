@@ -342,7 +342,9 @@ class DecodeService(WorkerService):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               "a token stream needs a stream_id no other open stream on this worker has")
             self._streams[request.stream_id] = stream
-        context.add_callback(lambda: self._stream_gone(stream))
+        if not context.add_callback(lambda: self._stream_gone(stream)):  # it has hung up already
+            self._stream_gone(stream)
+            return
         yield pb.TokenEvents()  # open: the router may send requests naming it
         while (batch := stream.next_batch()) is not None:
             yield batch

@@ -134,6 +134,9 @@ class DisaggregatedBackend:
         async def decode_call():
             nonlocal subscription
             subscription = await decode.feed.subscribe(rid)
+            if ended:  # the request ended while the stream opened: nothing closes it but this
+                subscription.close()
+                return None
             return await decode.stub.Decode(pb.DecodeRequest(
                 request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
                 prefill_name=prefill.name, prefill_incarnation=prefill.incarnation,
@@ -145,8 +148,8 @@ class DisaggregatedBackend:
         early = asyncio.ensure_future(encode_call()) if encode_early else None
         deciding = None if encode_early else _started(decode_call())
         decode_ended = False  # decode ended the request itself
-        first_ended = False  # prefill's first token finished the request
         others_told = False  # encode and prefill were aborted; decode is, once its call is answered (below)
+        ended = False  # _run is over (its finally ran): a subscription opened after it is closed at once
         current = prefill
         prefilling = prefill.stub.Prefill(pb.PrefillRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
@@ -164,7 +167,9 @@ class DisaggregatedBackend:
                 await _abort_on(encode, rid)
             elif ack.ok and encode is not None and not ack.pictures_held:
                 current = encode
-                ack = await (asyncio.shield(early) if early is not None else encode_call())  # shield: left to settle
+                if early is None:  # a task of its own, so that a cancel here leaves it to settle and be aborted
+                    early = asyncio.ensure_future(encode_call())
+                ack = await asyncio.shield(early)
             elif early is not None:
                 await _settled(early)  # prefill refused: the abort below must find encode's request
             if not ack.ok:
@@ -179,8 +184,7 @@ class DisaggregatedBackend:
                 return
             text = first.text_delta
             yield _event(first, text)
-            if first.finish_reason:
-                first_ended = True
+            if first.finish_reason:  # decode and prefill are let go below
                 return
             current = decode
             taken = await deciding
@@ -215,12 +219,15 @@ class DisaggregatedBackend:
             others_told = await self._abort_all_but(decode, rid)
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
         finally:
+            ended = True
             prefilling.cancel()
             if subscription is not None:
                 subscription.close()
             if deciding is not None and not decode_ended:  # decode holds it (or is about to): free it there
                 self._in_background(_abort_after(deciding, decode, rid))
-            if not (decode_ended or first_ended or others_told):  # the caller left: prefill may hold the KV for a decode that never registers
+            # the caller left, or the first token ended the request: prefill may hold the KV for a
+            # decode that never registers (a decode still reserving tells prefill nothing)
+            if not (decode_ended or others_told):
                 self._in_background(_abort_on(prefill, rid))
                 if early is not None:
                     self._in_background(_abort_after(early, encode, rid))
@@ -302,11 +309,17 @@ async def _next(prefilling, kind: str):
 
 
 async def _settled(call) -> None:
-    """Waits for a call whose answer no longer matters, whatever it ends with."""
+    """Waits for a call whose answer no longer matters, whatever it ends with: an error, or its
+    own cancellation (the request's task was cancelled while it awaited the call, which cancels
+    the call's task too; the abort that follows must still go). A cancel of the caller's own task
+    goes on up."""
     try:
         await call
     except (grpc.RpcError, grpc.aio.UsageError, TokenStreamLost):
         pass
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
 
 
 def _seconds_left(deadline: float | None) -> float:

@@ -195,6 +195,17 @@ def test_siblings_receive_their_shared_prompt_once(cluster, client, llm):
     _assert_all_free(cluster)
 
 
+def test_siblings_ended_by_their_first_token_leave_nothing_held(cluster, client):
+    """n=3 with max_tokens=1: the first token ends every choice while the later siblings still wait
+    on decode for the first one's pages; prefill, which holds each one's KV for a decode that
+    never registers, is told at once (it used to hold them until the room's bootstrap timeout)."""
+    messages = conversation("One word about this picture.", [image(52, (64, 64))], as_url=True)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, n=3, seed=5,
+                                           temperature=1.0)
+    assert [c.finish_reason for c in reply.choices] == ["length"] * 3
+    _assert_all_free(cluster, within_s=4)  # the bootstrap timeout here is 30 s, the heartbeats' 5 s
+
+
 def test_stalled_readers_holding_every_slot_do_not_hang_a_normal_request(cluster, client):
     """32 streams (decode's max_num_seqs), each more than its socket buffers hold (20 logprobs a
     token), whose clients never read: the next request is answered, or refused within the queue
