@@ -102,5 +102,5 @@ def test_a_body_nested_past_the_limit_is_refused_and_one_at_it_decoded():
     at_limit = b"[" * json_body.MAX_JSON_DEPTH + b"]" * json_body.MAX_JSON_DEPTH
     assert depth_of(decode_json(at_limit)) == json_body.MAX_JSON_DEPTH
     deep = b'{"a":"[[[[","b":' + b"[" * 600 + b"]" * 600 + b"}"
-    with pytest.raises(InvalidRequest, match="nests more than 128 levels deep"):
+    with pytest.raises(InvalidRequest, match="nested too deeply: more than 128 levels deep"):
         decode_json(deep)

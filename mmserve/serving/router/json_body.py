@@ -99,7 +99,7 @@ def decode_json(body: bytes) -> Any:
     if json_values_at_most(body) > MAX_JSON_VALUES:
         raise InvalidRequest(f"the request body holds more than {MAX_JSON_VALUES} JSON values")
     if json_depth(body) > MAX_JSON_DEPTH:
-        raise InvalidRequest(f"the request body's JSON nests more than {MAX_JSON_DEPTH} levels deep")
+        raise InvalidRequest(f"the request body's JSON is nested too deeply: more than {MAX_JSON_DEPTH} levels deep")
     try:
         return msgspec.json.decode(body)
     except msgspec.DecodeError as error:
