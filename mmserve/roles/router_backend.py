@@ -150,6 +150,11 @@ class DisaggregatedBackend:
         decode_ended = False  # decode ended the request itself
         others_told = False  # encode and prefill were aborted; decode is, once its call is answered (below)
         ended = False  # _run is over (its finally ran): a subscription opened after it is closed at once
+
+        async def let_others_go():
+            nonlocal others_told
+            await self._abort_all_but(decode, rid)
+            others_told = True
         current = prefill
         prefilling = prefill.stub.Prefill(pb.PrefillRequest(
             request_id=rid, room=room, token_ids=p.token_ids, sampling=sampling_to_pb(request.params),
@@ -173,13 +178,13 @@ class DisaggregatedBackend:
             elif early is not None:
                 await _settled(early)  # prefill refused: the abort below must find encode's request
             if not ack.ok:
-                others_told = await self._abort_all_but(decode, rid)
+                await let_others_go()
                 yield TokenEvent(rid, [], error=ack.error, invalid=ack.rejected)
                 return
             current = prefill
             first = await _next(prefilling, "first")
             if first.error:
-                others_told = await self._abort_all_but(decode, rid)
+                await let_others_go()
                 yield TokenEvent(rid, [], error=first.error)
                 return
             text = first.text_delta
@@ -189,7 +194,7 @@ class DisaggregatedBackend:
             current = decode
             taken = await deciding
             if not taken.ok:
-                others_told = await self._abort_all_but(decode, rid)
+                await let_others_go()
                 yield TokenEvent(rid, [], error=taken.error, invalid=taken.rejected)
                 return
             async for event in subscription.events():
@@ -204,19 +209,19 @@ class DisaggregatedBackend:
                 await self.pool.forget(current)
             if early is not None:
                 await _settled(early)
-            others_told = await self._abort_all_but(decode, rid)
+            await let_others_go()
             yield TokenEvent(rid, [], error=str(error) if isinstance(error, TokenStreamLost) else
                              f"{current.role} worker {current.name} failed: {error.code().name}: {error.details()}")
         except grpc.aio.UsageError:  # dropped as unreachable (its channel closing) while we used it
             if early is not None:
                 await _settled(early)
-            others_told = await self._abort_all_but(decode, rid)
+            await let_others_go()
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped as unreachable")
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # the client left: decode and encode are aborted below, prefill aborts it itself
             # grpc cancelled the call itself: the worker's channel was closed after its grace period
-            others_told = await self._abort_all_but(decode, rid)
+            await let_others_go()
             yield TokenEvent(rid, [], error=f"{current.role} worker {current.name} was dropped while serving")
         finally:
             ended = True
@@ -238,14 +243,13 @@ class DisaggregatedBackend:
         self._aborting.add(task)
         task.add_done_callback(self._aborting.discard)
 
-    async def _abort_all_but(self, decode: WorkerHandle, request_id: str) -> bool:
+    async def _abort_all_but(self, decode: WorkerHandle, request_id: str) -> None:
         """Aborts the request on its workers but ``decode``, which ``_run`` aborts once its Decode
         call is answered: an abort that overtook the request would find nothing there, and decode
-        would then hold its reservation until its waiting timeout. True."""
+        would then hold its reservation until its waiting timeout."""
         for worker in self._active.get(request_id, []):
             if worker is not decode:
                 await _abort_on(worker, request_id)
-        return True
 
     async def abort(self, request_id: str) -> bool:
         """Aborts the request on every worker it went to; True when there were any."""
