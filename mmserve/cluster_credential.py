@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from mmserve.curve import CurveKeys
+from transfer.curve import CurveKeys
 
 SECRET_ENV = "MMSERVE_CLUSTER_SECRET"
 SECRET_FILE_ENV = "MMSERVE_CLUSTER_SECRET_FILE"
@@ -56,16 +56,17 @@ class ClusterCredential:
     def kv_event_keys(self) -> CurveKeys:
         """The CurveZMQ key pairs of the KV event sockets (publisher, and the one subscriber key it
         admits)."""
-        return CurveKeys.derive(self.key("kv-events-publisher"), self.key("kv-events-subscriber"))
+        return CurveKeys.from_secret(self.secret, "kv-events")
 
     @property
     def lockstep_keys(self) -> CurveKeys:
         """The CurveZMQ key pairs of a multi-host role's lockstep channel (leader, followers)."""
-        return CurveKeys.derive(self.key("lockstep-leader"), self.key("lockstep-follower"))
+        return CurveKeys.from_secret(self.secret, "lockstep")
 
     @property
     def transfer_key(self) -> str:
-        """The HMAC key of the ZMQ control messages (TransferConfig.secret)."""
+        """The transfer layer's secret (TransferConfig.secret), from which it derives the CurveZMQ
+        keys of its control and registry sockets."""
         return self.key("transfer").hex()
 
     @classmethod

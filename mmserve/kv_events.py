@@ -26,7 +26,7 @@ import time
 import msgspec
 import zmq
 
-from mmserve.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
+from transfer.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
 
 TOPIC = b"kv-events"
 REPLAY_SEND_TIMEOUT_MS = 5000

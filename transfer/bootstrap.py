@@ -2,8 +2,8 @@
 
 Entries are leases: a sender re-publishes every heartbeat interval and an entry not renewed
 within the heartbeat timeout disappears, so a dead sender is not handed out for long. With a
-key configured (``TransferConfig.secret``), every request must be signed with it (see
-:mod:`transfer.channel`): nobody else can publish, withdraw or look up.
+secret configured (``TransferConfig.secret``) the registry's socket is CurveZMQ and admits only
+peers holding it (:mod:`transfer.channel`): nobody else can publish, withdraw or look up.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from transfer.channel import Channel, bind_random_port, make_socket
+from transfer.channel import Channel, bind_random_port, connecting_socket, listening_socket
 from transfer.config import TransferConfig
 from transfer.messages import (Codec, Found, Lookup, NotFound, ProtocolError, Publish, Published,
                                RegistryReply, RegistryRequest, SenderEndpoint, Withdraw)
@@ -27,14 +27,13 @@ class BootstrapServer:
 
     def __init__(self, config: TransferConfig, port: int = 0) -> None:
         self.config = config
-        socket = make_socket(zmq.ROUTER, config.max_message_bytes)
+        socket = listening_socket(zmq.ROUTER, config.max_message_bytes, config.control_keys)
         if port:
             socket.bind(f"tcp://{config.bind_host}:{port}")
             self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self.address = bind_random_port(socket, config.bind_host)
-        self._channel: Channel[RegistryRequest] = Channel(socket, Codec(RegistryRequest, config.max_message_bytes),
-                                                          config.key)
+        self._channel: Channel[RegistryRequest] = Channel(socket, Codec(RegistryRequest, config.max_message_bytes))
         self._entries: dict[str, tuple[SenderEndpoint, float]] = {}
         self._next_prune = 0.0
         self._stop = threading.Event()
@@ -100,10 +99,9 @@ class RegistryClient:
     def __init__(self, address: str, config: TransferConfig) -> None:
         self.address = address
         self.config = config
-        socket = make_socket(zmq.DEALER, config.max_message_bytes)
+        socket = connecting_socket(zmq.DEALER, config.max_message_bytes, config.control_keys)
         socket.connect(address)
-        self.channel: Channel[RegistryReply] = Channel(socket, Codec(RegistryReply, config.max_message_bytes),
-                                                       config.key)
+        self.channel: Channel[RegistryReply] = Channel(socket, Codec(RegistryReply, config.max_message_bytes))
         self.error: str | None = None
         self._next_publish = 0.0
 

@@ -1,23 +1,25 @@
 """A ZMQ socket that speaks typed messages: size-capped, authenticated, validated, never blocking.
 
-ROUTER sockets (sender control, registry) see ``[identity, payload, mac]``; DEALER sockets
-(receivers, registry clients) see ``[payload, mac]``, where ``mac`` is the HMAC-SHA256 of the
-payload under the channel's key: a peer that does not hold the key can neither speak (its
-messages are refused before they are decoded) nor forge another's. With no key (a library user
-who wants none) the mac frame is absent. Anything else, or a payload that fails the codec, comes
-out of ``receive`` as a ``ProtocolError`` for the owner to answer.
+ROUTER sockets (sender control, registry) see ``[identity, payload]``; DEALER sockets
+(receivers, registry clients) see ``[payload]``. With keys (``TransferConfig.control_keys``, from
+the deployment's secret) the sockets are CurveZMQ: a listening socket admits only peers holding
+the client key, refused at the handshake before anything of theirs is read, and a connecting
+socket talks only to a listener holding the server key; the traffic is encrypted. Without keys (a
+library user who wants none) they are plain ZMQ. Anything that is not one payload frame, or a
+payload that fails the codec, comes out of ``receive`` as a ``ProtocolError`` for the owner to
+answer.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import threading
 from collections.abc import Iterator
 from typing import Generic
 
 import msgspec
 import zmq
 
+from transfer.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
 from transfer.messages import M, Codec, ErrorCode, ProtocolError
 
 CLOSE_LINGER_MS = 100
@@ -32,8 +34,35 @@ RECEIVE_BATCH = 256
 loop (and the heartbeats and deadlines it runs) from going on."""
 
 
-def make_socket(kind: int, max_bytes: int) -> zmq.Socket:
-    socket = zmq.Context.instance().socket(kind)
+_listening_contexts: dict[CurveKeys, zmq.Context] = {}
+_contexts_lock = threading.Lock()
+
+
+def _listening_context(keys: CurveKeys) -> zmq.Context:
+    """A context whose ZAP handler admits ``keys``' client key only, one per key set, for the
+    process's life (a handler answers for every socket of its context)."""
+    with _contexts_lock:
+        context = _listening_contexts.get(keys)
+        if context is None:
+            context = _listening_contexts[keys] = zmq.Context()
+            admit_only_the_client(context, keys)
+        return context
+
+
+def listening_socket(kind: int, max_bytes: int, keys: CurveKeys | None) -> zmq.Socket:
+    """A socket to bind: with ``keys``, a CurveZMQ server admitting only their client key."""
+    if keys is None:
+        return _capped(zmq.Context.instance().socket(kind), max_bytes)
+    return curve_server(_capped(_listening_context(keys).socket(kind), max_bytes), keys)
+
+
+def connecting_socket(kind: int, max_bytes: int, keys: CurveKeys | None) -> zmq.Socket:
+    """A socket to connect: with ``keys``, a CurveZMQ client that talks only to their server."""
+    socket = _capped(zmq.Context.instance().socket(kind), max_bytes)
+    return socket if keys is None else curve_client(socket, keys)
+
+
+def _capped(socket: zmq.Socket, max_bytes: int) -> zmq.Socket:
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, max_bytes * HARD_LIMIT_FACTOR)
     socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
@@ -50,18 +79,13 @@ def bind_random_port(socket: zmq.Socket, host: str, advertise_host: str = "") ->
 
 
 class Channel(Generic[M]):
-    def __init__(self, socket: zmq.Socket, codec: Codec[M], key: bytes = b"") -> None:
+    def __init__(self, socket: zmq.Socket, codec: Codec[M]) -> None:
         self.socket = socket
         self.codec = codec
-        self._key = key
         self._routed = socket.type == zmq.ROUTER
 
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()
-
     def send(self, message: msgspec.Struct, identity: bytes | None = None) -> None:
-        payload = self.codec.encode(message)
-        frames = [payload, self._mac(payload)] if self._key else [payload]
+        frames = [self.codec.encode(message)]
         if self._routed:
             frames.insert(0, identity)
         try:
@@ -79,10 +103,7 @@ class Channel(Generic[M]):
                 return
             identity = frames[0] if self._routed else None
             payload = frames[1:] if self._routed else frames
-            if self._key and (len(payload) != 2 or not hmac.compare_digest(payload[1], self._mac(payload[0]))):
-                yield identity, ProtocolError(ErrorCode.UNAUTHENTICATED, "message not signed with the cluster key")
-                continue
-            if len(payload) != (2 if self._key else 1):
+            if len(payload) != 1:
                 yield identity, ProtocolError(ErrorCode.MALFORMED, f"expected 1 payload frame, got {len(payload)}")
                 continue
             try:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from transfer.curve import CurveKeys
+
 DATA_PLANES = ("auto", "jax", "zmq")
 
 
@@ -36,10 +38,10 @@ class TransferConfig:
     """The address peers dial to reach this process's listeners (a pod IP, a host name), published
     in the registry; empty: the bind host. Needed when binding 0.0.0.0 across hosts or pods."""
     secret: str = ""
-    """The key every control message and registry request is signed with (HMAC-SHA256, see
-    :mod:`transfer.channel`); peers without it are refused. Empty: unsigned (a library user's
-    choice; mmserve's roles always set it from the cluster credential). Never a flag: argv is
-    readable by every local user."""
+    """The secret the CurveZMQ keys of every control and registry socket are derived from
+    (:mod:`transfer.curve`): a peer without it is refused at the connection's handshake, and the
+    control traffic is encrypted. Empty: plain ZMQ (a library user's choice; mmserve's roles always
+    set it from the cluster credential). Never a flag: argv is readable by every local user."""
     max_message_bytes: int = 1 << 20
     """Largest control message accepted; bigger ones get an OVERSIZED error."""
     bootstrap_timeout_s: float = 30.0
@@ -84,8 +86,9 @@ class TransferConfig:
             raise ValueError(f"data_plane must be one of {DATA_PLANES}, got {self.data_plane!r}")
 
     @property
-    def key(self) -> bytes:
-        return self.secret.encode()
+    def control_keys(self) -> CurveKeys | None:
+        """The control and registry sockets' CurveZMQ keys; None without a secret."""
+        return CurveKeys.from_secret(self.secret.encode(), "transfer-control") if self.secret else None
 
     @property
     def public_host(self) -> str:

@@ -31,7 +31,7 @@ import zmq
 
 from transfer.allocator import BlockAllocator
 from transfer.block_buffers import BlockLayout
-from transfer.channel import Channel, make_socket
+from transfer.channel import Channel, connecting_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
 from transfer.directory import SenderDirectory
@@ -154,9 +154,10 @@ class Receiver:
         for address, channel in list(self._controls.items()):
             for _, message in channel.receive():
                 if not isinstance(message, (ProtocolError, Error)):
-                    # Only a signed, readable message of the protocol proves the sender is there and
-                    # knows us: not junk from whoever took its port, nor its Error to a heartbeat
-                    # of a connection it does not know (ours, reconnected under a new identity).
+                    # Only a readable message of the protocol proves the sender is there and knows
+                    # us: not junk (from whoever took its port, when there are no keys), nor its Error
+                    # to a heartbeat of a connection it does not know (ours, reconnected under a new
+                    # identity).
                     self._liveness.heard(address, now)
                 try:
                     self._handle(address, message)
@@ -421,10 +422,9 @@ class Receiver:
     def _control(self, address: str) -> Channel[ToReceiver]:
         channel = self._controls.get(address)
         if channel is None:
-            socket = make_socket(zmq.DEALER, self.config.max_message_bytes)
+            socket = connecting_socket(zmq.DEALER, self.config.max_message_bytes, self.config.control_keys)
             socket.connect(address)
-            channel = self._controls[address] = Channel(socket, Codec(ToReceiver, self.config.max_message_bytes),
-                                                        self.config.key)
+            channel = self._controls[address] = Channel(socket, Codec(ToReceiver, self.config.max_message_bytes))
             self._poller.register(socket, zmq.POLLIN)
         return channel
 

@@ -41,7 +41,7 @@ import zmq
 from transfer.allocator import Allocation, BlockAllocator
 from transfer.block_buffers import BlockBuffers, Chunk
 from transfer.bootstrap import RegistryClient
-from transfer.channel import Channel, bind_random_port, make_socket
+from transfer.channel import Channel, bind_random_port, listening_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
 from transfer.fields import Field
@@ -98,9 +98,9 @@ class Sender:
         self.buffers = BlockBuffers(fields, config.buffer_blocks, config.block_size, device)
         self._owns_plane = data_plane is None
         self.data_plane = data_plane or open_data_plane(config, self.buffers.device)
-        socket = make_socket(zmq.ROUTER, config.max_message_bytes)
+        socket = listening_socket(zmq.ROUTER, config.max_message_bytes, config.control_keys)
         control = bind_random_port(socket, config.bind_host, config.advertise_host)
-        self._channel: Channel[ToSender] = Channel(socket, Codec(ToSender, config.max_message_bytes), config.key)
+        self._channel: Channel[ToSender] = Channel(socket, Codec(ToSender, config.max_message_bytes))
         self.incarnation = 1 + secrets.randbits(62)
         """Tells this sender from others published under ``name`` before or after it."""
         self.endpoint = SenderEndpoint(name, control, self.data_plane.kind, self.data_plane.address, self.incarnation)

@@ -16,7 +16,7 @@ unreachable) stops the leader; ZMTP heartbeats close a connection that went sile
 one after a reset) rather than leaving it to look alive.
 
 The calls carry requests' token ids and pictures, so the channel is CurveZMQ, with keys from the
-cluster secret (:mod:`mmserve.curve`): only a process holding it can say hello, and nobody else
+cluster secret (:mod:`transfer.curve`): only a process holding it can say hello, and nobody else
 reads the calls (anyone on the network could otherwise take a follower's place, and the calls).
 The leader listens on the host it advertises when that is an address, else on every interface.
 """
@@ -31,7 +31,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from mmserve.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
+from transfer.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
 
 HELLO = b"hello"
 STOP = b"stop"

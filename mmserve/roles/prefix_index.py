@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from mmserve.curve import CurveKeys
+from transfer.curve import CurveKeys
 from mmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, EventsLost, KVEventSubscriber
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from mmserve import LLM, SamplingParams
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.kv_rows import KVRows
-from mmserve.curve import CurveKeys
+from transfer.curve import CurveKeys
 from mmserve.kv_events import BlockRemoved, BlockStored, KVEventPublisher, KVEventSubscriber
 
 PAGE = 8

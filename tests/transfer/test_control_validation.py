@@ -1,22 +1,22 @@
-"""Malformed, oversized, unauthenticated and out-of-order control messages get an Error reply
-and change no state, on both ends. The other end here is a raw ZMQ socket playing a peer."""
+"""Malformed, oversized and out-of-order control messages get an Error reply and change no state,
+on both ends; a peer without the deployment's keys is refused at the connection's handshake. The
+other end here is a raw ZMQ socket playing a peer (with the keys, unless the test says otherwise)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import time
 
 import msgspec
 import pytest
 import zmq
 
-from conftest import drive
+from conftest import QUICK, drive, handshake_refused
 from transfer import BootstrapServer, PollState, Receiver, Sender, TransferInfo, TransferMode, field
 from transfer.block_buffers import Chunk
 from transfer.bootstrap import RegistryClient
-from transfer.channel import RECEIVE_BATCH
+from transfer.channel import RECEIVE_BATCH, connecting_socket, listening_socket
+from transfer.curve import CurveKeys
 from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, PostedPull, Pulled, Ready, Register,
                                Registered, Resume, SenderEndpoint, ToReceiver, ToSender)
 from transfer_payload import EMBEDDING_FIELDS, payload
@@ -38,19 +38,17 @@ def registry(secured):
     server.close()
 
 
-def raw(kind: int) -> zmq.Socket:
-    socket = zmq.Context.instance().socket(kind)
-    socket.setsockopt(zmq.LINGER, 0)
-    return socket
+def keys(secret: str = SECRET) -> CurveKeys | None:
+    return dataclasses.replace(QUICK, secret=secret).control_keys
+
+
+def dealer(secret: str = SECRET) -> zmq.Socket:
+    """A peer's connecting socket, with the keys of ``secret`` (none for "")."""
+    return connecting_socket(zmq.DEALER, 1 << 20, keys(secret))
 
 
 def register(room: int, fields=EMBEDDING_FIELDS, block_size: int = 4) -> Register:
     return Register(room, TransferMode.EMBEDDING, block_size, tuple(fields), 16)
-
-
-def signed(payload: bytes, key: str = SECRET) -> list[bytes]:
-    """The frames of a message as a holder of ``key`` sends it: payload, then its HMAC."""
-    return [payload, hmac.new(key.encode(), payload, hashlib.sha256).digest()]
 
 
 class SenderUnderTest:
@@ -64,12 +62,12 @@ class SenderUnderTest:
         allocation = self.sender.allocator.alloc(9)
         self.sender.buffers.write(allocation, 0, payload(EMBEDDING_FIELDS, 6, 9))
         self.sender.send(6, allocation, TransferInfo(TransferMode.EMBEDDING, 9))
-        assert isinstance(self.ask(self.peer, *signed(self.codec.encode(register(6)))), Registered)
+        assert isinstance(self.ask(self.peer, self.codec.encode(register(6))), Registered)
         self.ready = self.receive(self.peer)
         assert isinstance(self.ready, Ready) and self.ready.chunk.num_tokens == 9
 
-    def connect(self) -> zmq.Socket:
-        socket = raw(zmq.DEALER)
+    def connect(self, secret: str = SECRET) -> zmq.Socket:
+        socket = dealer(secret)
         socket.connect(self.sender.endpoint.control)
         return socket
 
@@ -98,30 +96,27 @@ def encode(message) -> bytes:
 
 
 SENDER_CASES = {
-    "garbage": (lambda t: signed(b"\xc1\x00garbage"), ErrorCode.MALFORMED),
-    "unknown type": (lambda t: signed(encode({"type": "gimme", "room": 6})), ErrorCode.MALFORMED),
-    "negative room": (lambda t: signed(encode({**msgspec.to_builtins(register(6)), "room": -1})), ErrorCode.MALFORMED),
-    "wrong direction": (lambda t: signed(encode(t.ready)), ErrorCode.MALFORMED),
-    "two payload frames": (lambda t: [encode(Heartbeat(1)), *signed(encode(Heartbeat(2)))], ErrorCode.UNAUTHENTICATED),
-    "oversized": (lambda t: signed(encode(Abort(6, "x" * 300)) + b"\x00" * 5000), ErrorCode.OVERSIZED),
-    "unsigned": (lambda t: [encode(register(5))], ErrorCode.UNAUTHENTICATED),
-    "signed with another key": (lambda t: signed(encode(register(5)), key="guess"), ErrorCode.UNAUTHENTICATED),
-    "wrong fields": (lambda t: signed(encode(register(5, fields=(field("x", (3,), "float32"),)))), ErrorCode.MISMATCH),
-    "wrong block size": (lambda t: signed(encode(register(5, block_size=8))), ErrorCode.MISMATCH),
+    "garbage": (lambda t: [b"\xc1\x00garbage"], ErrorCode.MALFORMED),
+    "unknown type": (lambda t: [encode({"type": "gimme", "room": 6})], ErrorCode.MALFORMED),
+    "negative room": (lambda t: [encode({**msgspec.to_builtins(register(6)), "room": -1})], ErrorCode.MALFORMED),
+    "wrong direction": (lambda t: [encode(t.ready)], ErrorCode.MALFORMED),
+    "two payload frames": (lambda t: [encode(Heartbeat(1)), encode(Heartbeat(2))], ErrorCode.MALFORMED),
+    "oversized": (lambda t: [encode(Abort(6, "x" * 300)) + b"\x00" * 5000], ErrorCode.OVERSIZED),
+    "wrong fields": (lambda t: [encode(register(5, fields=(field("x", (3,), "float32"),)))], ErrorCode.MISMATCH),
+    "wrong block size": (lambda t: [encode(register(5, block_size=8))], ErrorCode.MISMATCH),
     # its zero answer would be bigger than the pool: it once raised while the room failed, every sweep
-    "posted pull over the pool": (lambda t: signed(encode(msgspec.structs.replace(
-        register(5), posted=PostedPull(11, 1 << 30)))), ErrorCode.MISMATCH),
-    "register twice": (lambda t: signed(encode(register(6))), ErrorCode.OUT_OF_ORDER),
-    "wrong uuid": (lambda t: signed(encode(Pulled(6, t.ready.uuid ^ 1))), ErrorCode.OUT_OF_ORDER),
-    "resume before ack": (lambda t: signed(encode(Resume(6, 9, 16))), ErrorCode.OUT_OF_ORDER),
-    "unregistered room": (lambda t: signed(encode(Pulled(5, 1))), ErrorCode.UNKNOWN_ROOM),
+    "posted pull over the pool": (lambda t: [encode(msgspec.structs.replace(
+        register(5), posted=PostedPull(11, 1 << 30)))], ErrorCode.MISMATCH),
+    "register twice": (lambda t: [encode(register(6))], ErrorCode.OUT_OF_ORDER),
+    "wrong uuid": (lambda t: [encode(Pulled(6, t.ready.uuid ^ 1))], ErrorCode.OUT_OF_ORDER),
+    "resume before ack": (lambda t: [encode(Resume(6, 9, 16))], ErrorCode.OUT_OF_ORDER),
+    "unregistered room": (lambda t: [encode(Pulled(5, 1))], ErrorCode.UNKNOWN_ROOM),
 }
 
 STRANGER_CASES = {
-    "heartbeat": (lambda t: signed(encode(Heartbeat(1))), ErrorCode.UNAUTHENTICATED),
-    "ack of another's chunk": (lambda t: signed(encode(Pulled(6, t.ready.uuid))), ErrorCode.UNKNOWN_ROOM),
-    "abort of another's room": (lambda t: signed(encode(Abort(6, "mine now"))), ErrorCode.UNKNOWN_ROOM),
-    "abort, unsigned": (lambda t: [encode(Abort(6, "mine now"))], ErrorCode.UNAUTHENTICATED),
+    "heartbeat": (lambda t: [encode(Heartbeat(1))], ErrorCode.UNAUTHENTICATED),
+    "ack of another's chunk": (lambda t: [encode(Pulled(6, t.ready.uuid))], ErrorCode.UNKNOWN_ROOM),
+    "abort of another's room": (lambda t: [encode(Abort(6, "mine now"))], ErrorCode.UNKNOWN_ROOM),
 }
 
 
@@ -131,7 +126,7 @@ def assert_rejected_without_change(target: SenderUnderTest, socket: zmq.Socket, 
     reply = target.ask(socket, *frames)
     assert isinstance(reply, Error) and reply.code is code, reply
     assert target.snapshot() == before
-    target.peer.send_multipart(signed(encode(Pulled(6, target.ready.uuid))))
+    target.peer.send_multipart([encode(Pulled(6, target.ready.uuid))])
     drive([target.sender], lambda: target.sender.poll(6) is PollState.SUCCESS, timeout=10)
     assert target.sender.allocator.available_blocks() == target.sender.config.buffer_blocks
 
@@ -148,12 +143,30 @@ def test_sender_rejects_a_stranger_and_keeps_state(target, case):
     assert_rejected_without_change(target, target.connect(), frame(target), code)
 
 
+@pytest.mark.parametrize("secret", ["guess", ""])
+def test_a_peer_without_the_keys_is_refused_at_the_handshake(target, secret):
+    """Keys from another secret, or none: the sender's control socket refuses the connection
+    before reading anything of it, so no message (a Register, an Abort of a live room) is ever
+    decoded, and the sender changes nothing."""
+    before = target.snapshot()
+    intruder = target.connect(secret)
+    intruder.send_multipart([encode(register(5))])
+    intruder.send_multipart([encode(Abort(6, "mine now"))])
+    assert handshake_refused(intruder, [target.sender])
+    for _ in range(50):  # a few of its reconnections, each refused
+        target.sender.progress(0.01)
+    assert not intruder.poll(0) and target.snapshot() == before
+    target.peer.send_multipart([encode(Pulled(6, target.ready.uuid))])
+    drive([target.sender], lambda: target.sender.poll(6) is PollState.SUCCESS, timeout=10)
+    intruder.close(linger=0)
+
+
 class ReceiverUnderTest:
     """A real Receiver whose room 1 is registered with a raw ROUTER posing as its sender."""
 
     def __init__(self, config, registry) -> None:
         self.receiver = Receiver(config, EMBEDDING_FIELDS)
-        self.router = raw(zmq.ROUTER)
+        self.router = listening_socket(zmq.ROUTER, 1 << 20, config.control_keys)
         self.router.bind("tcp://127.0.0.1:*")
         endpoint = SenderEndpoint("fake", self.router.getsockopt_string(zmq.LAST_ENDPOINT),
                                   self.receiver.data_plane.kind, self.receiver.data_plane.address)
@@ -163,14 +176,14 @@ class ReceiverUnderTest:
         self.receiver.add(1, registry.address, "fake")
         self.identity, message = self.receive()
         assert isinstance(message, Register) and message.capacity_tokens == config.default_tokens
-        self.router.send_multipart([self.identity, *signed(encode(Registered(1)))])
+        self.router.send_multipart([self.identity, encode(Registered(1))])
         drive([self.receiver], lambda: self.receiver.poll(1) is PollState.WAITING_FOR_INPUT)
 
     def receive(self):
         """The next message that is not a heartbeat."""
         while True:
             drive([self.receiver], lambda: self.router.poll(0), timeout=10)
-            identity, frame, _ = self.router.recv_multipart()
+            identity, frame = self.router.recv_multipart()
             message = self.codec.decode(frame)
             if not isinstance(message, Heartbeat):
                 return identity, message
@@ -184,23 +197,43 @@ class ReceiverUnderTest:
         self.router.close(linger=0)
 
 
+@pytest.mark.parametrize("secret", ["guess", ""])
+def test_a_receiver_talks_only_to_a_listener_holding_the_keys(secured, registry, secret):
+    """Something published as the room's sender without the deployment's keys (another secret, or
+    none): the receiver's connection fails its handshake, so its Register never reaches it."""
+    receiver = Receiver(secured, EMBEDDING_FIELDS)
+    impostor = listening_socket(zmq.ROUTER, 1 << 20, keys(secret))
+    impostor.bind("tcp://127.0.0.1:*")
+    publisher = RegistryClient(registry.address, secured)
+    try:
+        publisher.publish(SenderEndpoint("fake", impostor.getsockopt_string(zmq.LAST_ENDPOINT),
+                                         receiver.data_plane.kind, receiver.data_plane.address), 0.0)
+        receiver.add(1, registry.address, "fake")
+        assert handshake_refused(impostor, [receiver])
+        for _ in range(50):
+            receiver.progress(0.01)
+        assert not impostor.poll(0)
+    finally:
+        receiver.close()
+        publisher.close()
+        impostor.close(linger=0)
+
+
 def ready(room: int = 1, offset: int = 0, count: int = 9, padded: int = 12, mode=TransferMode.EMBEDDING) -> bytes:
     info = TransferInfo(mode, 40, first_token=1 if mode is TransferMode.KV else None)
     return encode(Ready(room, 77, Chunk(offset, count, padded), info))
 
 
 RECEIVER_CASES = {
-    "garbage": (signed(b"\x92\x01"), ErrorCode.MALFORMED),
-    "wrong direction": (signed(encode(register(1))), ErrorCode.MALFORMED),
-    "oversized": (signed(encode(Abort(1)) + b"\x00" * 5000), ErrorCode.OVERSIZED),
-    "registered twice": (signed(encode(Registered(1))), ErrorCode.OUT_OF_ORDER),
-    "chunk out of order": (signed(ready(offset=8, count=4, padded=4)), ErrorCode.OUT_OF_ORDER),
-    "unknown room": (signed(ready(room=99)), ErrorCode.UNKNOWN_ROOM),
-    "wrong mode": (signed(ready(mode=TransferMode.KV)), ErrorCode.MISMATCH),
-    "chunk over capacity": (signed(ready(count=20, padded=20)), ErrorCode.MISMATCH),
-    "padding not a bucket": (signed(ready(padded=9)), ErrorCode.MISMATCH),
-    "ready, unsigned": ([ready()], ErrorCode.UNAUTHENTICATED),
-    "ready, signed with another key": (signed(ready(), key="guess"), ErrorCode.UNAUTHENTICATED),
+    "garbage": ([b"\x92\x01"], ErrorCode.MALFORMED),
+    "wrong direction": ([encode(register(1))], ErrorCode.MALFORMED),
+    "oversized": ([encode(Abort(1)) + b"\x00" * 5000], ErrorCode.OVERSIZED),
+    "registered twice": ([encode(Registered(1))], ErrorCode.OUT_OF_ORDER),
+    "chunk out of order": ([ready(offset=8, count=4, padded=4)], ErrorCode.OUT_OF_ORDER),
+    "unknown room": ([ready(room=99)], ErrorCode.UNKNOWN_ROOM),
+    "wrong mode": ([ready(mode=TransferMode.KV)], ErrorCode.MISMATCH),
+    "chunk over capacity": ([ready(count=20, padded=20)], ErrorCode.MISMATCH),
+    "padding not a bucket": ([ready(padded=9)], ErrorCode.MISMATCH),
 }
 
 
@@ -214,7 +247,7 @@ def test_receiver_rejects_bad_message_and_keeps_state(secured, registry, case):
         _, reply = target.receive()
         assert isinstance(reply, Error) and reply.code is code, reply
         assert target.snapshot() == before
-        target.router.send_multipart([target.identity, *signed(encode(Abort(1, "done")))])
+        target.router.send_multipart([target.identity, encode(Abort(1, "done"))])
         drive([target.receiver], lambda: target.receiver.poll(1) is PollState.FAILED)
         assert target.receiver.allocator.available_blocks() == secured.buffer_blocks
     finally:
@@ -222,7 +255,7 @@ def test_receiver_rejects_bad_message_and_keeps_state(secured, registry, case):
 
 
 def test_a_flood_of_junk_does_not_hold_the_senders_loop(target):
-    """A stranger's burst of unsigned messages: one ``progress`` answers at most a batch of them and
+    """A stranger's burst of messages out of order: one ``progress`` answers at most a batch of them and
     returns (it used to read until the socket was empty, a flood keeping it from its heartbeats and
     deadlines); the next calls answer the rest, and the sender still serves its peer."""
     stranger = target.connect()
@@ -241,14 +274,13 @@ def test_a_flood_of_junk_does_not_hold_the_senders_loop(target):
     target.sender.progress(0)
     assert 0 < read_answers() <= RECEIVE_BATCH
     drive([target.sender], lambda: read_answers() == sent, timeout=20)
-    target.peer.send_multipart(signed(encode(Pulled(6, target.ready.uuid))))
+    target.peer.send_multipart([encode(Pulled(6, target.ready.uuid))])
     drive([target.sender], lambda: target.sender.poll(6) is PollState.SUCCESS, timeout=10)
     stranger.close(linger=0)
 
 
 def test_a_receiver_does_not_take_junk_on_its_senders_port_for_a_live_sender(secured, registry):
-    """Its sender stops answering heartbeats while something on the sender's port sends unsigned
-    junk: the receiver still fails the room once the heartbeat timeout passes (junk used to count
+    """Its sender stops answering heartbeats while sending junk on the room's connection: the receiver still fails the room once the heartbeat timeout passes (junk used to count
     as the sender being alive, so the room waited for the much longer waiting timeout)."""
     config = dataclasses.replace(secured, heartbeat_timeout_s=1.0)
     target = ReceiverUnderTest(config, registry)
@@ -256,7 +288,7 @@ def test_a_receiver_does_not_take_junk_on_its_senders_port_for_a_live_sender(sec
         deadline = time.monotonic() + 10
 
         def junk_sent_and_failed() -> bool:
-            target.router.send_multipart([target.identity, encode(Abort(1, "unsigned"))])
+            target.router.send_multipart([target.identity, b"\xc1\x00junk"])
             assert time.monotonic() < deadline, "the room outlived its sender's heartbeats"
             return target.receiver.poll(1) is PollState.FAILED
 

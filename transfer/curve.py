@@ -1,14 +1,19 @@
 """CurveZMQ (libzmq's own encryption and authentication) for the ZMQ sockets that carry requests'
-data between a deployment's processes: the KV events and a multi-host role's lockstep channel.
+data between a deployment's processes: the transfer layer's control and registry sockets, the KV
+events and a multi-host role's lockstep channel.
 
 Each surface has one key pair for its server side and one for the clients it admits, both derived
-from the cluster secret (``ClusterCredential``), so only processes holding the secret can connect.
-A server socket's context runs a ZAP handler admitting that one client key and no other.
+from a shared secret (mmserve's ``ClusterCredential``), so only processes holding the secret can
+connect: a peer without the client key is refused at the handshake, before any message of it is
+read, and a client checks that its server holds the server key. A server socket's context runs a
+ZAP handler admitting that one client key and no other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 
 import zmq
 import zmq.auth.thread
@@ -28,6 +33,14 @@ class CurveKeys:
     def derive(cls, server_seed: bytes, client_seed: bytes) -> CurveKeys:
         server_secret, client_secret = z85.encode(server_seed[:32]), z85.encode(client_seed[:32])
         return cls(zmq.curve_public(server_secret), server_secret, zmq.curve_public(client_secret), client_secret)
+
+    @classmethod
+    def from_secret(cls, secret: bytes, surface: str) -> CurveKeys:
+        """A surface's key pairs from a shared secret (HMAC-SHA256 of the surface's name and side),
+        so that no surface's keys reveal the secret or another surface's keys."""
+        def seed(side: str) -> bytes:
+            return hmac.new(secret, f"{surface}-{side}".encode(), hashlib.sha256).digest()
+        return cls.derive(seed("server"), seed("client"))
 
 
 def admit_only_the_client(context: zmq.Context, keys: CurveKeys) -> zmq.auth.thread.ThreadAuthenticator:
