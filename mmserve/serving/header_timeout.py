@@ -8,11 +8,15 @@ request to this API sends its headers in one packet. The same timer covers the r
 the app has already answered (a 413 before the body was read), which uvicorn would otherwise read
 and discard for as long as the client sends.
 
-It also bounds how long a client may leave written data unread: a connection whose unsent bytes
-have not shrunk for ``WRITE_STALL_S`` is aborted. uvicorn writes a whole response into the
-transport and its keep-alive timer (like ours) closes gracefully, which waits for that data to
-leave, so a client that never read held its connection and the response's memory for good (an
-8 MB completion, or hundreds of pipelined requests' answers, per connection).
+It also bounds how long a client may leave written data unread: a connection that has taken
+nothing for ``WRITE_STALL_S`` while data waits for it is aborted. uvicorn writes a whole response
+into the transport and its keep-alive timer (like ours) closes gracefully, which waits for that
+data to leave, so a client that never read held its connection and the response's memory for
+good (an 8 MB completion, or hundreds of pipelined requests' answers, per connection). "Taken"
+is what the peer acknowledged (Linux's ``TCP_INFO``): the transport's own buffer shrinks only when
+the kernel's buffers (several MB) have room again, so judged by it alone a client reading slower
+than those buffers drain in ``WRITE_STALL_S`` was cut while it read. Where TCP_INFO does not say
+(another OS, a Unix socket) the transport's buffer is the measure.
 
 Passed to uvicorn as ``Config(http=HeaderTimeoutProtocol)``: a subclass, through uvicorn's own
 hook for protocol classes.
@@ -21,6 +25,8 @@ hook for protocol classes.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -28,6 +34,23 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 HEADER_TIMEOUT_S = 10.0
 WRITE_STALL_S = 30.0
 """As the router's ``stream_stall_timeout_s`` by default: the same patience with a client that stops reading."""
+
+
+TCP_INFO_BYTES_ACKED = 120
+"""Offset of ``tcpi_bytes_acked`` (u64, Linux 4.1 and later) in ``struct tcp_info``."""
+
+
+def acked_bytes(transport: asyncio.Transport) -> int | None:
+    """Bytes the peer has acknowledged on this TCP connection; None where the platform or the
+    socket does not say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO") or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES_ACKED + 8)
+    except (OSError, ValueError):  # closed meanwhile (uvloop's socket then has no descriptor)
+        return None
+    return struct.unpack_from("=Q", info, TCP_INFO_BYTES_ACKED)[0] if len(info) >= TCP_INFO_BYTES_ACKED + 8 else None
 
 
 class HeaderTimeoutProtocol(H11Protocol):
@@ -38,6 +61,7 @@ class HeaderTimeoutProtocol(H11Protocol):
     _header_timer: asyncio.TimerHandle | None = None
     _write_timer: asyncio.TimerHandle | None = None
     _unsent = 0
+    _acked: int | None = None
 
     @classmethod
     def with_timeout(cls, seconds: float, write_stall_s: float = WRITE_STALL_S) -> type[HeaderTimeoutProtocol]:
@@ -72,12 +96,15 @@ class HeaderTimeoutProtocol(H11Protocol):
     def _watch_writes(self) -> None:
         if self._write_timer is None and self.transport.get_write_buffer_size() > 0:
             self._unsent = self.transport.get_write_buffer_size()
+            self._acked = acked_bytes(self.transport)
             self._write_timer = self.loop.call_later(self.write_stall_s, self._check_writes)
 
     def _check_writes(self) -> None:
         self._write_timer = None
         unsent = self.transport.get_write_buffer_size()
-        if unsent and unsent >= self._unsent:  # the client took nothing for write_stall_s
+        acked = acked_bytes(self.transport)
+        took = acked > self._acked if acked is not None and self._acked is not None else unsent < self._unsent
+        if unsent and not took:  # the client took nothing for write_stall_s
             self.transport.abort()
         else:
             self._watch_writes()

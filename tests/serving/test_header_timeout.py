@@ -128,3 +128,39 @@ def test_a_client_that_stops_reading_its_answer_is_cut_off():
         assert time.monotonic() - start < 5
     finally:
         server.stop()
+
+
+def test_a_client_reading_slowly_is_not_cut_off():
+    """A client that reads a large answer steadily but slower than the kernel's socket buffers
+    drain in the write stall timeout: the transport's own buffer does not shrink for longer than
+    that (the kernel takes more only once its buffers, grown to megabytes while the client read
+    fast, have room again), and the check judged by it cut the client while it read. Judged by
+    what the peer acknowledged, it reads on."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    body = b"x" * (48 << 20)
+    app = Starlette(routes=[Route("/big", lambda request: Response(body))])
+    server = ThreadedServer(app, header_timeout_s=TIMEOUT_S, write_stall_s=1.0)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = 0
+        while received < (16 << 20):  # fast at first: the kernel grows its buffers to megabytes
+            received += len(sock.recv(1 << 20))
+        start = time.monotonic()
+        while time.monotonic() - start < 4:  # then ~500 KB/s, read steadily (the peer's kernel
+            chunk = sock.recv(32 << 10)  # acknowledges in bursts, ~300 KB apart here: ~0.6 s)
+            assert chunk, f"cut after {received} bytes, {time.monotonic() - start:.1f} s into the slow reads"
+            received += len(chunk)
+            time.sleep(0.06)
+        while chunk := sock.recv(1 << 20):  # the rest at once: a cut answer ends early (the kernel
+            received += len(chunk)  # still delivers what it had taken, then the connection's end)
+            if received >= len(body):
+                break
+        sock.close()
+        assert received >= len(body), f"the answer was cut: {received} of {len(body)} bytes"
+    finally:
+        server.stop()
