@@ -9,22 +9,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 MAY_IMPORT = {
     "models": set(),
-    "transfer": set(),
+    "transfer.curve": set(),
+    "transfer": {"transfer.curve"},
     "mmserve.rpc": set(),
-    "mmserve.core": set(),
-    "mmserve.distributed": {"models", "mmserve.core"},
+    "mmserve.core": {"transfer.curve"},
+    "mmserve.distributed": {"models", "mmserve.core", "transfer.curve"},
     "mmserve.engine": {"models", "mmserve.core", "mmserve.distributed"},
     "mmserve.llm": {"models", "mmserve.core", "mmserve.engine"},
     "mmserve.serving": {"models", "mmserve.core", "mmserve.distributed", "mmserve.engine"},
-    "mmserve.roles": {"models", "transfer", "mmserve.core", "mmserve.distributed", "mmserve.engine",
+    "mmserve.roles": {"models", "transfer", "transfer.curve", "mmserve.core", "mmserve.distributed", "mmserve.engine",
                       "mmserve.rpc", "mmserve.serving"},
-    "mmserve.serving.cli": {"models", "transfer", "mmserve.core", "mmserve.distributed", "mmserve.engine",
+    "mmserve.serving.cli": {"models", "transfer", "transfer.curve", "mmserve.core", "mmserve.distributed", "mmserve.engine",
                             "mmserve.rpc", "mmserve.serving", "mmserve.roles"},
 }
 """Each layer may import itself and the layers named here. ``mmserve.core`` is the plain modules at
 the top of ``mmserve/`` (sampling params, sampler, stop strings, KV page manager, cluster
 credential); ``mmserve.llm`` is the offline ``LLM`` and the package's face; ``serving.cli`` is
-``serve.py``'s command line, the one module above the roles."""
+``serve.py``'s command line, the one module above the roles. ``transfer.curve`` (CurveZMQ keys and
+sockets, a leaf that imports nothing of the repository) serves every ZMQ surface: the transfer
+layer's, the KV events' and the lockstep's."""
 
 SUBPACKAGES = ("rpc", "distributed", "engine", "serving", "roles")
 
@@ -32,6 +35,8 @@ SUBPACKAGES = ("rpc", "distributed", "engine", "serving", "roles")
 def layer(module: str) -> str | None:
     """The layer a dotted module name belongs to (None: not the repository's)."""
     parts = module.split(".")
+    if parts[:2] == ["transfer", "curve"]:
+        return "transfer.curve"
     if parts[0] in ("models", "transfer"):
         return parts[0]
     if parts[0] != "mmserve":
@@ -71,5 +76,6 @@ def test_every_package_imports_only_the_layers_below_it():
 
 
 def test_models_know_nothing_of_serving_and_transfer_nothing_of_models():
-    assert MAY_IMPORT["models"] == MAY_IMPORT["transfer"] == set()
+    assert MAY_IMPORT["models"] == MAY_IMPORT["transfer.curve"] == set()
+    assert MAY_IMPORT["transfer"] == {"transfer.curve"}
     assert layer("models.qwen3_vl_moe.model") == "models" and layer("transfer.sender") == "transfer"

@@ -31,31 +31,6 @@ QUICK = TransferConfig(block_size=4, default_blocks=4, buffer_blocks=64, bootstr
                        heartbeat_timeout_s=5.0)
 
 
-def handshake_refused(socket, parties: Iterable = (), timeout: float = 10.0) -> bool:
-    """Watches ``socket``'s connection (a ZMQ monitor, so libzmq's own account): True once a
-    CurveZMQ handshake of it failed, False if one succeeded; the in-process ``parties`` run meanwhile."""
-    import zmq
-    from zmq.utils.monitor import recv_monitor_message
-
-    monitor = socket.get_monitor_socket()
-    failed = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}
-    outcome = []
-
-    def seen() -> bool:
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
-            if event in failed or event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                outcome.append(event in failed)
-        return bool(outcome)
-
-    try:
-        drive(parties, seen, timeout)
-    finally:
-        socket.disable_monitor()
-        monitor.close()
-    return outcome[0]
-
-
 def drive(parties: Iterable, until: Callable[[], bool], timeout: float = 20.0) -> None:
     """Runs the in-process parties' event loops until ``until()`` holds."""
     parties = list(parties)

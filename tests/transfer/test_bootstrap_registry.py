@@ -8,9 +8,10 @@ import time
 import msgspec
 import pytest
 
-from conftest import drive, handshake_refused
+from conftest import drive
 from transfer import BootstrapServer
 from transfer.bootstrap import RegistryClient
+from zmq_handshake import handshake_refused
 from transfer.messages import Found, NotFound, SenderEndpoint
 
 pytestmark = pytest.mark.timeout(30)
@@ -87,7 +88,7 @@ def test_a_client_without_the_key_can_neither_publish_nor_look_up(server, regist
     intruder = RegistryClient(server.address, dataclasses.replace(registry_config, secret=key))
     intruder.publish(msgspec.structs.replace(ENDPOINT, name="evil"), time.monotonic())
     intruder.lookup("encode-0")
-    assert handshake_refused(intruder.channel.socket)
+    assert handshake_refused(intruder.channel.socket, reconnect=intruder.address)
     time.sleep(0.5)  # a few more of its reconnections, each refused
     assert list(intruder.replies()) == [] and intruder.error is None
     assert "evil" not in server.endpoints()

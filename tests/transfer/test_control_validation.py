@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import zmq
 
-from conftest import QUICK, drive, handshake_refused
+from conftest import QUICK, drive
 from transfer import BootstrapServer, PollState, Receiver, Sender, TransferInfo, TransferMode, field
 from transfer.block_buffers import Chunk
 from transfer.bootstrap import RegistryClient
@@ -19,6 +19,7 @@ from transfer.channel import RECEIVE_BATCH, connecting_socket, listening_socket
 from transfer.curve import CurveKeys
 from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, PostedPull, Pulled, Ready, Register,
                                Registered, Resume, SenderEndpoint, ToReceiver, ToSender)
+from zmq_handshake import handshake_refused
 from transfer_payload import EMBEDDING_FIELDS, payload
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,7 +153,7 @@ def test_a_peer_without_the_keys_is_refused_at_the_handshake(target, secret):
     intruder = target.connect(secret)
     intruder.send_multipart([encode(register(5))])
     intruder.send_multipart([encode(Abort(6, "mine now"))])
-    assert handshake_refused(intruder, [target.sender])
+    assert handshake_refused(intruder, [target.sender], reconnect=target.sender.endpoint.control)
     for _ in range(50):  # a few of its reconnections, each refused
         target.sender.progress(0.01)
     assert not intruder.poll(0) and target.snapshot() == before
