@@ -31,16 +31,15 @@ import zmq
 
 from transfer.allocator import BlockAllocator
 from transfer.block_buffers import BlockLayout
-from transfer.channel import Channel, connecting_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
 from transfer.directory import SenderDirectory
 from transfer.fields import Field
-from transfer.liveness import Liveness
-from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
-                               Pulled, Ready, Register, Registered, Resume, ToReceiver, TransferInfo, TransferMode)
+from transfer.messages import (Abort, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError, Pulled,
+                               Ready, Register, Registered, Resume, ToReceiver, TransferInfo, TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState
 from transfer.receiver_room import Landed, Received, ReceiverRoom, Reservation
+from transfer.sender_links import SenderLinks
 
 MAX_POSTED_PULLS = 2
 """Pulls made before their offer at once. Each waits on one of the data plane's landing watchers
@@ -61,12 +60,7 @@ class Receiver:
         """The receiver's own sockets (control channels, the registry); the data plane's come and
         go with its peers, so :meth:`sockets` asks it each time."""
         self._directory = SenderDirectory(config, self._poller)
-        self._controls: dict[str, Channel[ToReceiver]] = {}
-        self._data_addresses: dict[str, str] = {}
-        """Each control address's data plane address, to drop both when the sender is no longer needed."""
-        self._idle_since: dict[str, float] = {}
-        """When no live room needed each control channel any more (see :meth:`_close_idle`)."""
-        self._liveness = Liveness(config.heartbeat_timeout_s)
+        self._links = SenderLinks(config, self._poller, self.data_plane)
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._orphans: list[PendingPull] = []
@@ -151,18 +145,11 @@ class Receiver:
             poller.poll(int(timeout_s * 1000))
         now = time.monotonic()
         self._directory.collect()
-        for address, channel in list(self._controls.items()):
-            for _, message in channel.receive():
-                if not isinstance(message, (ProtocolError, Error)):
-                    # Only a readable message of the protocol proves the sender is there and knows
-                    # us: not junk (from whoever took its port, when there are no keys), nor its Error
-                    # to a heartbeat of a connection it does not know (ours, reconnected under a new
-                    # identity).
-                    self._liveness.heard(address, now)
-                try:
-                    self._handle(address, message)
-                except ProtocolError as error:
-                    channel.send(error.reply())
+        for address, channel, message in self._links.receive(now):
+            try:
+                self._handle(address, message)
+            except ProtocolError as error:
+                channel.send(error.reply())
         self.data_plane.collect_pulls()
         self._orphans = [p for p in self._orphans if not p.done()]
         self._reserve_deferred()
@@ -192,8 +179,7 @@ class Receiver:
         for room in list(self._rooms.values()):
             self._fail(room, "receiver closed")
             self._release(room)
-        for channel in self._controls.values():
-            channel.close()
+        self._links.close()
         self._directory.close()
         if self._owns_plane:
             self.data_plane.close()
@@ -318,9 +304,8 @@ class Receiver:
             self._directory.forget(room.sender)
             return
         room.endpoint = endpoint
-        self._data_addresses[endpoint.control] = endpoint.data_address
         room.posted = self._posting(room)
-        self._control(endpoint.control).send(Register(
+        self._links.to(endpoint.control, endpoint.data_address).send(Register(
             room.room, room.mode, self.config.block_size, self.layout.fields,
             self.config.default_tokens, room.incarnation, room.held, room.posted))
 
@@ -375,58 +360,28 @@ class Receiver:
         rows = dict(zip((f.name for f in self.layout.fields), arrays, strict=True))
         room.landed.append(Landed(rows, ready.chunk.offset, count))
         room.reservation.filled += count
-        self._control(room.endpoint.control).send(Pulled(room.room, ready.uuid))
+        self._links.to(room.endpoint.control).send(Pulled(room.room, ready.uuid))
         if room.received == room.info.total_tokens:
             room.move(PollState.SUCCESS)
         else:  # the rest is reserved already (on the first chunk): resume from what is held
             room.touch()
-            self._control(room.endpoint.control).send(Resume(room.room, room.received, room.reservation.free))
+            self._links.to(room.endpoint.control).send(Resume(room.room, room.received, room.reservation.free))
 
     def _heartbeat(self, now: float) -> None:
         needed = {r.endpoint.control for r in self._rooms.values() if r.endpoint is not None and not r.state.terminal}
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             for address in needed:
-                self._control(address).send(Heartbeat(int(now * 1000)))
-        for address in self._liveness.dead(needed, now):
+                self._links.to(address).send(Heartbeat(int(now * 1000)))
+        for address in self._links.dead(needed, now):
             for room in [r for r in self._rooms.values() if r.endpoint is not None
                          and r.endpoint.control == address and not r.state.terminal]:
                 self._directory.forget(room.sender)
                 self.data_plane.forget_peer(room.endpoint.data_address)
                 self._fail(room, "sender stopped answering heartbeats", notify=False)
-        self._close_idle(needed, now)
-
-    def _close_idle(self, needed: set[str], now: float) -> None:
-        """Closes the control channel of a sender that no live room has needed for the heartbeat
-        timeout, and the data plane's connection to it. Senders come and go (each restart is a new
-        address), and a receiver that kept every channel it ever opened would poll them all for
-        good. Not at once: the next room with an idle sender would pay the connect. Dropping the
-        data plane's connection also lets go of pulls from that peer that rooms gave up on and
-        that are still pending (orphans): nobody takes their rows."""
         live_data = {r.endpoint.data_address for r in self._rooms.values()
                      if r.endpoint is not None and not r.state.terminal}
-        for address in list(self._controls):
-            if address in needed:
-                self._idle_since.pop(address, None)
-                continue
-            if now - self._idle_since.setdefault(address, now) <= self.config.heartbeat_timeout_s:
-                continue
-            data_address = self._data_addresses.pop(address, None)
-            if data_address is not None and data_address not in live_data:
-                self.data_plane.forget_peer(data_address)
-            del self._idle_since[address]
-            channel = self._controls.pop(address)
-            self._poller.unregister(channel.socket)
-            channel.close()
-
-    def _control(self, address: str) -> Channel[ToReceiver]:
-        channel = self._controls.get(address)
-        if channel is None:
-            socket = connecting_socket(zmq.DEALER, self.config.max_message_bytes, self.config.control_keys)
-            socket.connect(address)
-            channel = self._controls[address] = Channel(socket, Codec(ToReceiver, self.config.max_message_bytes))
-            self._poller.register(socket, zmq.POLLIN)
-        return channel
+        self._links.close_idle(needed, live_data, now)
 
     def _release(self, room: ReceiverRoom) -> None:
         room.landed = []
@@ -447,4 +402,4 @@ class Receiver:
         room.move(PollState.FAILED)
         room.reason = reason
         if notify and room.endpoint is not None:
-            self._control(room.endpoint.control).send(Abort(room.room, reason[:500]))
+            self._links.to(room.endpoint.control).send(Abort(room.room, reason[:500]))
