@@ -4,8 +4,8 @@ A worker is a worker because it proves it holds this secret, not because it regi
 each control surface derives its own key (so no surface ever sends the secret itself):
 
 - gRPC between the router and the workers: a bearer token checked by a server interceptor;
-- every ZMQ socket between the processes (transfer control and its bootstrap registry, KV
-  events, a multi-host role's lockstep channel): CurveZMQ key pairs (``transfer.curve``).
+- every ZMQ control surface between the processes (transfer control and its bootstrap registry,
+  KV events, a multi-host role's lockstep channel): CurveZMQ key pairs (``transfer.curve``).
 
 Where it comes from, first match wins: ``--cluster-secret-file PATH`` (a mounted Kubernetes
 Secret), ``$MMSERVE_CLUSTER_SECRET_FILE``, ``$MMSERVE_CLUSTER_SECRET``. Never the command line

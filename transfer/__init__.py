@@ -1,22 +1,30 @@
 """Block buffers moved between disaggregated roles: embeddings encode -> prefill, KV prefill -> decode.
 
 See docs/transfer.md. The package knows nothing of models: what moves is declared as fields.
+
+The names below load on first use (PEP 562), so that importing one leaf module of the package
+(``transfer.curve``, which every ZMQ surface of mmserve uses) does not load the sender, the
+receiver and jax with it.
 """
 
-from transfer.allocator import Allocation, AllocationError, BlockAllocator
-from transfer.block_buffers import BlockBuffers, Chunk, bucket_tokens
-from transfer.bootstrap import BootstrapServer
-from transfer.config import TransferConfig
-from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
-from transfer.fields import Field, field
-from transfer.messages import TransferInfo, TransferMode
-from transfer.poll import PollState
-from transfer.receiver import Receiver
-from transfer.receiver_room import Received
-from transfer.sender import Sender
+from __future__ import annotations
 
-__all__ = [
-    "Allocation", "AllocationError", "BlockAllocator", "BlockBuffers", "BootstrapServer", "Chunk", "DataPlane",
-    "DataPlaneError", "Field", "PollState", "Received", "Receiver", "Sender", "TransferConfig", "TransferInfo",
-    "TransferMode", "bucket_tokens", "field", "open_data_plane",
-]
+import importlib
+
+_WHERE = {
+    "Allocation": "allocator", "AllocationError": "allocator", "BlockAllocator": "allocator",
+    "BlockBuffers": "block_buffers", "Chunk": "block_buffers", "bucket_tokens": "block_buffers",
+    "BootstrapServer": "bootstrap", "TransferConfig": "config",
+    "DataPlane": "data_plane", "DataPlaneError": "data_plane", "open_data_plane": "data_plane",
+    "Field": "fields", "field": "fields", "TransferInfo": "messages", "TransferMode": "messages",
+    "PollState": "poll", "Receiver": "receiver", "Received": "receiver_room", "Sender": "sender",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transfer' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"transfer.{module}"), name)

@@ -13,6 +13,7 @@ import threading
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from transfer.channel import Channel, bind_random_port, connecting_socket, listening_socket
 from transfer.config import TransferConfig
@@ -93,6 +94,12 @@ class BootstrapServer:
         self._channel.close()
 
 
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+REFUSED_KEYS = ("the registry refused this process's keys at the connection's handshake: is the cluster "
+                "secret the same for every process of the deployment?")
+
+
 class RegistryClient:
     """One side's conversation with a registry: publishes (senders) or looks up (receivers)."""
 
@@ -100,6 +107,9 @@ class RegistryClient:
         self.address = address
         self.config = config
         socket = connecting_socket(zmq.DEALER, config.max_message_bytes, config.control_keys)
+        self._handshakes = socket.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        """libzmq's account of the connection's handshakes: one refused (another secret, or none)
+        is told in ``error`` at once, where the registry itself never sees a message of ours."""
         socket.connect(address)
         self.channel: Channel[RegistryReply] = Channel(socket, Codec(RegistryReply, config.max_message_bytes))
         self.error: str | None = None
@@ -118,9 +128,16 @@ class RegistryClient:
         self.channel.send(Lookup(name))
 
     def replies(self) -> list[Found | NotFound]:
-        """Answers that arrived; a registry error (bad secret, ...) is kept in ``error`` until the
-        registry answers again: one refused question (a name too long) must not fail every later
-        room, while a registry that refuses everything (another secret) keeps it set."""
+        """Answers that arrived; a registry error is kept in ``error`` until the registry answers
+        again (one refused question, a name too long, must not fail every later room), and a
+        handshake the registry refused (another secret) until one succeeds."""
+        while self._handshakes.poll(0):
+            if recv_monitor_message(self._handshakes)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.error == REFUSED_KEYS:
+                    self.error = None
+            elif self.error != REFUSED_KEYS:
+                self.error = REFUSED_KEYS
+                log.error("registry %s: %s", self.address, self.error)
         answers = []
         for _, reply in self.channel.receive():
             if isinstance(reply, ProtocolError):
@@ -135,4 +152,7 @@ class RegistryClient:
         return answers
 
     def close(self) -> None:
+        if not self.channel.socket.closed:
+            self.channel.socket.disable_monitor()
+        self._handshakes.close(linger=0)
         self.channel.close()

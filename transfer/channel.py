@@ -34,7 +34,9 @@ RECEIVE_BATCH = 256
 loop (and the heartbeats and deadlines it runs) from going on."""
 
 
-_listening_contexts: dict[CurveKeys, zmq.Context] = {}
+_listening_contexts: dict[CurveKeys, tuple[zmq.Context, object]] = {}
+"""Per key set: the context its listening sockets live in, and that context's ZAP handler (kept
+here: without a handler libzmq admits any client that knows the server's public key)."""
 _contexts_lock = threading.Lock()
 
 
@@ -42,11 +44,10 @@ def _listening_context(keys: CurveKeys) -> zmq.Context:
     """A context whose ZAP handler admits ``keys``' client key only, one per key set, for the
     process's life (a handler answers for every socket of its context)."""
     with _contexts_lock:
-        context = _listening_contexts.get(keys)
-        if context is None:
-            context = _listening_contexts[keys] = zmq.Context()
-            admit_only_the_client(context, keys)
-        return context
+        if keys not in _listening_contexts:
+            context = zmq.Context()
+            _listening_contexts[keys] = (context, admit_only_the_client(context, keys))
+        return _listening_contexts[keys][0]
 
 
 def listening_socket(kind: int, max_bytes: int, keys: CurveKeys | None) -> zmq.Socket:

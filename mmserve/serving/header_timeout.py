@@ -13,10 +13,12 @@ nothing for ``WRITE_STALL_S`` while data waits for it is aborted. uvicorn writes
 into the transport and its keep-alive timer (like ours) closes gracefully, which waits for that
 data to leave, so a client that never read held its connection and the response's memory for
 good (an 8 MB completion, or hundreds of pipelined requests' answers, per connection). "Taken"
-is what the peer acknowledged (Linux's ``TCP_INFO``): the transport's own buffer shrinks only when
-the kernel's buffers (several MB) have room again, so judged by it alone a client reading slower
-than those buffers drain in ``WRITE_STALL_S`` was cut while it read. Where TCP_INFO does not say
-(another OS, a Unix socket) the transport's buffer is the measure.
+is what the peer acknowledged (Linux's ``TCP_INFO``), at least ``MIN_TAKEN`` bytes (or all that
+waits) per ``WRITE_STALL_S``: the transport's own buffer shrinks only when the kernel's buffers
+(several MB) have room again, so judged by it alone a client reading slower than those buffers
+drain in ``WRITE_STALL_S`` was cut while it read; and a client taking a segment now and then
+must not hold a large answer for good. The transport's buffer shrinking counts too, and is the
+only measure where TCP_INFO does not say (another OS, a Unix socket).
 
 Passed to uvicorn as ``Config(http=HeaderTimeoutProtocol)``: a subclass, through uvicorn's own
 hook for protocol classes.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import sys
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -34,6 +37,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 HEADER_TIMEOUT_S = 10.0
 WRITE_STALL_S = 30.0
 """As the router's ``stream_stall_timeout_s`` by default: the same patience with a client that stops reading."""
+MIN_TAKEN = 64 << 10
+"""Bytes a client must acknowledge per ``WRITE_STALL_S`` (when that much waits) to keep its connection:
+~2 KB/s at the default."""
 
 
 TCP_INFO_BYTES_ACKED = 120
@@ -43,8 +49,10 @@ TCP_INFO_BYTES_ACKED = 120
 def acked_bytes(transport: asyncio.Transport) -> int | None:
     """Bytes the peer has acknowledged on this TCP connection; None where the platform or the
     socket does not say."""
+    if not sys.platform.startswith("linux"):  # other systems' tcp_info differ (FreeBSD has TCP_INFO too)
+        return None
     sock = transport.get_extra_info("socket")
-    if sock is None or not hasattr(socket, "TCP_INFO") or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES_ACKED + 8)
@@ -103,8 +111,9 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._write_timer = None
         unsent = self.transport.get_write_buffer_size()
         acked = acked_bytes(self.transport)
-        took = acked > self._acked if acked is not None and self._acked is not None else unsent < self._unsent
-        if unsent and not took:  # the client took nothing for write_stall_s
+        took = unsent < self._unsent or (acked is not None and self._acked is not None
+                                         and acked - self._acked >= min(unsent, MIN_TAKEN))
+        if unsent and not took:  # the client took (next to) nothing for write_stall_s
             self.transport.abort()
         else:
             self._watch_writes()

@@ -44,7 +44,13 @@ def keys(secret: str = SECRET) -> CurveKeys | None:
 
 
 def dealer(secret: str = SECRET) -> zmq.Socket:
-    """A peer's connecting socket, with the keys of ``secret`` (none for "")."""
+    """A peer's connecting socket, with the keys of ``secret`` (none for ""); ``"server key only"``:
+    the deployment's server key (what a client must know to start a handshake) with a client key
+    pair of its own, which only the listener's ZAP handler refuses."""
+    if secret == "server key only":
+        public, secret_key = zmq.curve_keypair()
+        return connecting_socket(zmq.DEALER, 1 << 20, dataclasses.replace(keys(), client_public=public,
+                                                                           client_secret=secret_key))
     return connecting_socket(zmq.DEALER, 1 << 20, keys(secret))
 
 
@@ -144,10 +150,10 @@ def test_sender_rejects_a_stranger_and_keeps_state(target, case):
     assert_rejected_without_change(target, target.connect(), frame(target), code)
 
 
-@pytest.mark.parametrize("secret", ["guess", ""])
+@pytest.mark.parametrize("secret", ["guess", "", "server key only"])
 def test_a_peer_without_the_keys_is_refused_at_the_handshake(target, secret):
-    """Keys from another secret, or none: the sender's control socket refuses the connection
-    before reading anything of it, so no message (a Register, an Abort of a live room) is ever
+    """Keys from another secret, none, or the right server key with a client key of its own: the
+    sender's control socket refuses the connection before reading anything of it, so no message (a Register, an Abort of a live room) is ever
     decoded, and the sender changes nothing."""
     before = target.snapshot()
     intruder = target.connect(secret)
