@@ -21,30 +21,19 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_matmul import seconds as fastest
 from bench_offline import TEXT_SHAPES, write_checkpoint
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.runner import ModelRunner
 from models.qwen3_vl_moe import load_model
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
-
-
-def fastest(run, repeat: int) -> float:
-    """The fastest of ``repeat`` calls after one warm call (a shared machine only slows calls)."""
-    run()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def stream_rate(dtype, repeat: int, total_bytes: int = 512 * 2**20, side: int = 4096) -> float:
