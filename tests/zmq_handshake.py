@@ -3,12 +3,14 @@ deployment's keys is refused (its messages never read) rather than answered."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+_names = itertools.count()
 FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}
 
 
@@ -20,7 +22,7 @@ def handshake_refused(socket: zmq.Socket, parties: Iterable = (), timeout: float
     under it (libzmq gives up on a peer after a protocol mismatch, so a handshake that failed
     before the monitor started may never be tried again)."""
     parties = list(parties)
-    monitor = socket.get_monitor_socket()
+    monitor = socket.get_monitor_socket(addr=f"inproc://test-handshakes-{next(_names)}")
     if reconnect is not None:
         socket.disconnect(reconnect)
         socket.connect(reconnect)

@@ -8,6 +8,7 @@ peers holding it (:mod:`transfer.channel`): nobody else can publish, withdraw or
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -98,6 +99,9 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_F
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 REFUSED_KEYS = ("the registry refused this process's keys at the connection's handshake: is the cluster "
                 "secret the same for every process of the deployment?")
+_monitors = itertools.count()
+"""Names the monitors' inproc endpoints: pyzmq's default name is the socket's descriptor, which a
+socket closed a moment before may still hold while libzmq's reaper finishes with it."""
 
 
 class RegistryClient:
@@ -107,7 +111,8 @@ class RegistryClient:
         self.address = address
         self.config = config
         socket = connecting_socket(zmq.DEALER, config.max_message_bytes, config.control_keys)
-        self._handshakes = socket.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._handshakes = socket.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED,
+                                                     f"inproc://registry-handshakes-{next(_monitors)}")
         """libzmq's account of the connection's handshakes: one refused (another secret, or none)
         is told in ``error`` at once, where the registry itself never sees a message of ours."""
         socket.connect(address)
