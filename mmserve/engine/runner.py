@@ -67,6 +67,12 @@ class SampledTokens(NamedTuple):
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
 
+    def row(self, i: int) -> tuple:
+        """Row i as (token, logprob, top ids, top logprobs), the last three None without logprobs."""
+        if self.logprobs is None:
+            return self.token_ids[i], None, None, None
+        return self.token_ids[i], self.logprobs[i], self.top_ids[i], self.top_logprobs[i]
+
 
 class ModelRunner:
     def __init__(self, model: Model, config: EngineConfig, layout: MeshLayout | None = None,
