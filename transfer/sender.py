@@ -17,23 +17,19 @@ its offer (``Register.posted``) gets that chunk under its uuid, or zero rows of 
 when no such chunk will come (the room ended first, or its chunk is another), since a pull
 cannot be cancelled.
 
-A room the role has forgotten is remembered as ended for ``waiting_timeout_s`` (at most
-``MAX_ENDED_ROOMS`` of them), so a receiver that registers for it late (decode reserving its pages
-slowly, after prefill's room already failed) is refused at once with the reason, instead of being
-taken for an early registration and left waiting until the waiting timeout. A receiver that
-opened its room with an earlier incarnation of this sender's name (``Register.incarnation``:
-the sender died and was restarted since) is refused at once for the same reason.
+A room the role has forgotten is remembered as ended for ``waiting_timeout_s``
+(:mod:`transfer.ended_rooms`), so a receiver that registers for it late is refused at once with
+the reason. A receiver that opened its room with an earlier incarnation of this sender's name
+(``Register.incarnation``: the sender died and was restarted since) is refused at once too.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
 
 import jax
 import zmq
@@ -44,6 +40,7 @@ from transfer.bootstrap import RegistryClient
 from transfer.channel import Channel, bind_random_port, listening_socket
 from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
+from transfer.ended_rooms import EndedRooms
 from transfer.fields import Field
 from transfer.liveness import Liveness
 from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
@@ -52,17 +49,6 @@ from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, Heartb
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
 log = logging.getLogger(__name__)
-MAX_ENDED_ROOMS = 16384
-
-
-class Ended(NamedTuple):
-    """How a forgotten room ended, remembered until ``until``; ``claimed``: the role had added it."""
-
-    until: float
-    ending: str
-    claimed: bool
-"""Forgotten rooms remembered at once (an id, a time and at most 200 characters of reason each);
-the oldest is dropped first."""
 
 
 @dataclasses.dataclass
@@ -110,8 +96,7 @@ class Sender:
         self.staged_rooms = 0
         """Rooms given as rows that had to be written into the pool (sent in several chunks, or
         from tokens before those their receiver holds)."""
-        self._ended: collections.OrderedDict[int, Ended] = collections.OrderedDict()
-        """Forgotten rooms, oldest first."""
+        self._ended = EndedRooms(config.waiting_timeout_s)
         self._liveness = Liveness(config.heartbeat_timeout_s)
         self._next_sweep = 0.0
         self._poller = zmq.Poller()
@@ -122,7 +107,7 @@ class Sender:
         """Announces a room the role will send; it bootstraps until its receiver registers. A room
         whose receiver registered and then ended it before the role added it is FAILED, with the
         reason: a fresh room would hold the blocks sent into it until the bootstrap timeout."""
-        ended = self._ended.pop(room, None)
+        ended = self._ended.pop(room)
         state = self._rooms.get(room)
         if state is None:
             state = self._rooms[room] = SenderRoom(room, self.config)
@@ -192,9 +177,7 @@ class Sender:
 
     def _remember_ended(self, state: SenderRoom) -> None:
         ending = state.state.value + (f": {state.reason}" if state.reason else "")
-        self._ended[state.room] = Ended(time.monotonic() + self.config.waiting_timeout_s, ending[:200], state.claimed)
-        if len(self._ended) > MAX_ENDED_ROOMS:
-            self._ended.popitem(last=False)
+        self._ended.remember(state.room, ending, state.claimed, time.monotonic())
 
     def progress(self, timeout_s: float = 0.0) -> None:
         """Answers the control socket, serves the data plane and enforces every deadline."""
@@ -213,8 +196,7 @@ class Sender:
             return
         self._next_sweep = now + SWEEP_INTERVAL_S
         self._registry.publish(self.endpoint, now)
-        while self._ended and next(iter(self._ended.values())).until < now:
-            self._ended.popitem(last=False)
+        self._ended.expire(now)
         for room in [r for r in self._rooms.values() if r.expired(now)]:
             self._fail(room, f"timed out while {room.state.value}")
         live_peers = {r.peer for r in self._rooms.values() if r.peer is not None and not r.state.terminal}
@@ -280,9 +262,10 @@ class Sender:
         if message.incarnation is not None and message.incarnation != self.incarnation:
             raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"room {message.room} was opened with another incarnation "
                                 f"of sender {self.endpoint.name} (it restarted since)", message.room)
-        if message.room in self._ended:
-            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} already ended "
-                                f"({self._ended[message.room].ending})", message.room)
+        ended = self._ended.get(message.room)
+        if ended is not None:
+            raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} already ended ({ended.ending})",
+                                message.room)
         room = self._rooms.get(message.room)
         if room is not None and (room.peer is not None or room.state.terminal):
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room {message.room} is already "
