@@ -82,7 +82,11 @@ class DisaggregatedBackend:
         room = secrets.randbits(63)  # unguessable: a room id is all a transfer's peers share
         workers = [w for w in (encode, prefill, decode) if w is not None]
         self._active[request.request_id] = workers
-        for w in workers:
+        # Workers whose in_flight counts the request: encode and prefill only until the first
+        # event, when their part is done (the KV prefill still sends is in its own heartbeat's
+        # count), so that an answer being decoded does not keep them busy to the routing policy.
+        counted = list(workers)
+        for w in counted:
             w.in_flight += 1
         kv_pages = decode.kv_pages_for(reserved)
         decode.kv_reserved += kv_pages
@@ -92,9 +96,12 @@ class DisaggregatedBackend:
             encode_early = encode is not None and not prefill_choice.matched_pages
             async with contextlib.aclosing(self._run(request, room, encode, prefill, decode, encode_early)) as events:
                 async for event in events:  # closed with this one when the caller stops listening
+                    for w in [w for w in counted if w is not decode]:
+                        w.in_flight -= 1
+                        counted.remove(w)
                     yield event
         finally:
-            for w in workers:
+            for w in counted:
                 w.in_flight -= 1
             decode.kv_reserved -= kv_pages
             del self._active[request.request_id]

@@ -6,10 +6,12 @@
 - ``cache_aware`` (the default; SGLang's router does the same): for prefill and for decode, the
   worker holding the longest run of the prompt's leading KV pages
   (:class:`~mmserve.roles.prefix_index.PrefixIndex`, kept from the workers' KV events), among
-  those with room (load below 1), ties by load and then in turn; a request no worker holds a page
-  of goes as ``least_load`` would. A full worker is passed over for one with room even if it
-  holds the prefix: waiting behind its queue costs more than recomputing (prefill) or receiving
-  (decode). Decode holds the earlier turns of a chat in its own cache and receives only the rest
+  those with room (load below 1) and within ``cache_aware_max_load_gap`` of the least loaded of
+  them, ties by load and then in turn; a request no worker holds a page of goes as ``least_load``
+  would. A full worker, or one much busier than another, is passed over even if it holds the
+  prefix: waiting behind its queue costs more than recomputing (prefill) or receiving (decode),
+  and the first worker to cache a shared system prompt would otherwise take every request
+  sharing it until it is full while the others idle. Decode holds the earlier turns of a chat in its own cache and receives only the rest
   of the KV, so a later turn goes back to it. Encode workers go by load: encode's embedding cache
   publishes no events.
   Workers started without ``--kv-events-endpoint`` publish nothing, and hold nothing in the index.
@@ -37,10 +39,15 @@ class RoutingConfig:
     """round_robin, least_load, or cache_aware: prefill and decode go to the worker already holding
     the longest prefix of the prompt's KV (from the KV events the workers publish with
     --kv-events-endpoint), balanced against load"""
+    cache_aware_max_load_gap: float = 0.5
+    """cache_aware: a worker holding more of the prompt is chosen over the least loaded only when its
+    load (requests held over capacity) exceeds that worker's by at most this"""
 
     def __post_init__(self):
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing_policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
+        if not 0 <= self.cache_aware_max_load_gap <= 1:
+            raise ValueError(f"cache_aware_max_load_gap must be within [0, 1], got {self.cache_aware_max_load_gap}")
 
 
 class Candidate(Protocol):
@@ -64,6 +71,7 @@ class WorkerChooser:
                  page_keys: Callable[[PreparedPrompt, int], list[bytes]] | None):
         """``page_keys(prompt, page_size)``: the keys of the prompt's full pages (cache-aware only)."""
         self.policy = config.routing_policy
+        self.max_load_gap = config.cache_aware_max_load_gap
         self._index = index
         self._page_keys = page_keys
         self._turns: dict[str, itertools.count] = {}
@@ -89,9 +97,11 @@ class WorkerChooser:
             return self._index.matched_pages(worker.name, keys[worker.page_size])
 
         with_room = [w for w in candidates if w.load < 1] or list(candidates)
-        pages = {w.name: matched(w) for w in with_room}
+        lightest = min(w.load for w in with_room)
+        near = [w for w in with_room if w.load - lightest <= self.max_load_gap]
+        pages = {w.name: matched(w) for w in near}
         most = max(pages.values())
-        holders = [w for w in with_room if pages[w.name] == most]
+        holders = [w for w in near if pages[w.name] == most]
         return Choice(self._in_turn(role, _least_loaded(holders)), most)
 
     def _in_turn(self, role: str, tied: Sequence[Candidate]) -> Candidate:

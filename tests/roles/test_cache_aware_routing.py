@@ -9,7 +9,10 @@ request is aborted and leaves nothing behind."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
+import json
+import threading
 import time
 import urllib.request
 
@@ -139,3 +142,52 @@ def test_a_router_with_round_robin_spreads_them(cluster):
     assert all(tokens > 0 for tokens in decodes.values()), decodes
     status, body = get_json(f"{cluster.url}/health")
     assert status == 200 and all(w["in_flight"] == 0 for w in body["roles"]["prefill"])
+
+
+def test_a_prefill_worker_whose_answer_is_decoding_takes_the_next_prompt(cluster):
+    """The router counts a request against its encode and prefill workers only until its first
+    token: with ``least_load`` a prefill worker whose earlier answer is still being decoded is as
+    free as the other (before, it counted as busy until that answer's last token, and every
+    prompt meanwhile went to the other worker)."""
+    cluster.kill("router")
+    _start_router(cluster, ["--routing-policy", "least_load"])
+    cluster.wait_healthy()
+    _wait_registered(cluster)
+    time.sleep(1.5)  # a heartbeat since the last test's requests: the workers report nothing held
+    ended = {}
+
+    def long_answer():
+        connection = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=120)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        line, events = b"-", 0
+        while reply.status == 200 and line and events < 2:  # the role's chunk, then the first token's
+            line = reply.fp.readline()
+            events += line.startswith(b"data: ")
+        ended["first"] = time.monotonic() if events == 2 else None
+        while line and not line.startswith(b"data: [DONE]"):  # the chunked body's lines, read as they come
+            line = reply.fp.readline()
+        ended["last"] = time.monotonic()
+        connection.close()
+
+    story = threading.Thread(target=long_answer)
+    story.start()
+    deadline = time.monotonic() + 60
+    while "first" not in ended:
+        assert time.monotonic() < deadline, "no first token"
+        time.sleep(0.005)
+    before = _prefills(cluster)
+    for question in ("One?", "Two?"):  # both workers equally free: one each, in turn
+        connection = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 1}),
+            {"Content-Type": "application/json"})
+        assert connection.getresponse().status == 200
+        connection.close()
+    decoding = sum(w["in_flight"] for w in _workers(cluster, "decode").values())
+    served = _served(before, _prefills(cluster))
+    story.join(timeout=120)
+    assert ended["first"] is not None and decoding, f"the long answer ended before the others were asked: {ended}"
+    assert all(tokens > 0 for tokens in served.values()), served

@@ -66,6 +66,21 @@ def test_cache_aware_passes_a_full_holder_over_for_a_worker_with_room():
     assert (choice.worker.name, choice.matched_pages) == ("a", 0)
 
 
+def test_cache_aware_passes_a_much_busier_holder_over_for_the_least_loaded():
+    """The first worker to cache a shared system prompt would otherwise take every request sharing
+    it until it is full, while the others idle."""
+    index = PrefixIndex()
+    index.apply("a", stored(KEYS[0]))
+    choose = chooser("cache_aware", index)
+    busy, idle = Worker("a", 0.875), Worker("b", 0.0)
+    assert choose.choose("prefill", [busy, idle], PROMPT).worker.name == "b"
+    assert choose.choose("prefill", [Worker("a", 0.375), idle], PROMPT).matched_pages == 1  # within the gap
+    strict = WorkerChooser(RoutingConfig("cache_aware", cache_aware_max_load_gap=0.0), index, lambda prompt, size: KEYS)
+    assert strict.choose("prefill", [Worker("a", 0.125), idle], PROMPT).worker.name == "b"
+    with pytest.raises(ValueError, match="cache_aware_max_load_gap"):
+        RoutingConfig("cache_aware", cache_aware_max_load_gap=1.5)
+
+
 def test_cache_aware_without_a_holder_goes_by_load_then_in_turn():
     choose = chooser("cache_aware", PrefixIndex())
     assert choose.choose("prefill", [Worker("a", 0.5), Worker("b", 0.25)], PROMPT).worker.name == "b"
