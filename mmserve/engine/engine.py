@@ -58,9 +58,12 @@ GRAMMAR_WAIT_S = 0.05
 class StepFailed(RuntimeError):
     """A step raised; the requests it ran were aborted (their state was mid-update)."""
 
-    def __init__(self, request_ids: list[str], cause: Exception):
+    def __init__(self, request_ids: list[str], cause: Exception, outputs: list[RequestOutput] | None = None):
         super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
         self.request_ids = request_ids
+        self.outputs = outputs or []
+        """What the step produced for its other requests before it failed (a request it finished
+        among them is gone from the engine): the caller delivers them as a step's outputs."""
 
 
 ALL_PROGRAMS = frozenset({"vision", "prefill", "decode"})
@@ -300,25 +303,33 @@ class LLMEngine(Handoff, OverlappedDecode):
             self._fail([ch.request.request_id for ch in step.prefill] + [r.request_id for r in step.decode], error)
         if step.decode:
             return self._read_in_flight()
-        for request, row in sampled:
-            self._append(request, row)
-            outputs.append(RequestOutput.of(request))
-            if request.finish is not None:
-                self._finished(request)
+        try:  # a row that raises (its finish hook, say) fails with the rest, not the rows before it
+            for request, row in sampled:
+                self._append(request, row)
+                output = RequestOutput.of(request)
+                if request.finish is not None:
+                    self._finished(request)
+                outputs.append(output)
+        except Exception as error:
+            self._fail([r.request_id for r, _ in sampled[len(outputs):]], error, outputs)
         self._publish_events()
         return outputs
 
-    def _fail(self, request_ids: list[str], error: Exception):
+    def _fail(self, request_ids: list[str], error: Exception, outputs: list[RequestOutput] | None = None):
         for request_id in request_ids:
             self.abort(request_id)
-        raise StepFailed(request_ids, error) from error
+        self._publish_events()  # what the step cached and evicted before it failed
+        raise StepFailed(request_ids, error, outputs) from error
 
     def _finished(self, request: Request) -> None:
-        if self._on_finish is not None:
-            self._on_finish(request, self.kv.page_table(request.request_id))
-        self.scheduler.finish(request)
-        self._unpin(request.request_id)
-        del self._requests[request.request_id]
+        """Ends a request that finished; its pages and slot are let go even when the finish hook raises."""
+        try:
+            if self._on_finish is not None:
+                self._on_finish(request, self.kv.page_table(request.request_id))
+        finally:
+            self.scheduler.finish(request)
+            self._unpin(request.request_id)
+            del self._requests[request.request_id]
 
     def _publish_events(self) -> None:
         """Publishes what the prefix cache stored and evicted since the last call: after each step,

@@ -67,19 +67,24 @@ class OverlappedDecode:
             self._fail([r.request_id for r in current.batch if self._requests.get(r.request_id) is r], error)
         overlapped = self._in_flight is not None
         outputs = []
+        request = None
         try:
             for i, request in enumerate(current.batch):
                 if self._requests.get(request.request_id) is not request:
                     continue  # aborted since the step was dispatched
                 self._append(request, sampled.row(i), placeholder=overlapped)
-                outputs.append(RequestOutput.of(request))
+                output = RequestOutput.of(request)
                 if overlapped:  # the pages the step in flight fills, keyed by real ids now (its last one too)
                     self.scheduler.cache_computed(request)
                 if request.finish is not None:
                     self._finished(request)  # its row of the step in flight is dropped
+                outputs.append(output)
         except Exception as error:  # no placeholder may outlive the read: what is left of the batch goes
-            self._in_flight = None
-            self._fail([r.request_id for r in current.batch if self._requests.get(r.request_id) is r], error)
+            self._in_flight = None  # (the rows read before it are the step's outputs, a finished one's too)
+            failed = [r.request_id for r in current.batch if self._requests.get(r.request_id) is r]
+            if request is not None and request.request_id not in failed + [o.request_id for o in outputs]:
+                failed.append(request.request_id)  # its finish hook raised: it is gone, and failed
+            self._fail(failed, error, [o for o in outputs if o.request_id not in failed])
         self._forget_dead_in_flight()
         self._publish_events()
         return outputs

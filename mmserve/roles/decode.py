@@ -168,6 +168,8 @@ class DecodeRole:
             try:
                 outputs = self.engine.step()
             except StepFailed as failure:
+                for output in failure.outputs:  # rows the step dealt with before it failed (finished ones)
+                    self._emit(output)
                 for request_id in failure.request_ids:
                     self._requests.finish(request_id, DecodeState.FAILED, str(failure))
                 return
