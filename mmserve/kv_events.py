@@ -6,9 +6,15 @@ medium) and ``BlockRemoved`` events, msgpack-encoded (msgspec, tagged arrays), s
 socket as three frames ``[topic, sequence number (8 bytes big-endian), payload]``. A subscriber
 that sees a gap in the sequence numbers asks the replay socket (ROUTER) for everything from the
 first number it missed, by sending those 8 bytes; it gets ``[sequence, payload]`` pairs for each
-buffered batch from there on, then ``[-1, b""]``. A gap the replay cannot fill (the batches left
-the buffer) is reported to the subscriber's caller (:class:`EventsLost`), whose picture of the
-worker's cache is then wrong until it starts over.
+buffered batch from there on, then ``[-1, b""]``. When the batches it asks for have left the
+buffer (a router joining a worker that has run for a while), it gets a snapshot instead: one
+batch ``[AllBlocksCleared, BlockStored of every block the cache holds]`` numbered as the last
+batch it covers, which a subscriber applies as it would any batch (vLLM's included), and the
+batches after it. A block is announced once, when it is cached: without the snapshot a router
+that missed the announcement of a long-held block (a shared system prompt's) would never learn
+of it. A publisher that started over at the same endpoints (its numbers go back) is reported to
+the subscriber's caller (:class:`EventsLost`), whose picture of the worker's cache is then wrong
+until it starts over.
 
 Events carry token ids (prompt text, in effect), so both sockets are encrypted and authenticated
 with CurveZMQ (libzmq's own): the publisher's key pair and the one client key it accepts are
@@ -65,12 +71,25 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
+class _SnapshotBatch(msgspec.Struct, array_like=True):
+    """An ``EventBatch`` on the wire, its events already encoded (a snapshot's stored blocks)."""
+
+    ts: float
+    events: list[msgspec.Raw]
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(EventBatch)
+_CLEARED = msgspec.Raw(_encoder.encode(AllBlocksCleared()))
 
 
 def decode_batch(payload: bytes) -> EventBatch:
     return _decoder.decode(payload)
+
+
+def starts_over(batch: EventBatch) -> bool:
+    """The batch describes the cache from scratch: a publisher's first, or a snapshot."""
+    return bool(batch.events) and isinstance(batch.events[0], AllBlocksCleared)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +129,9 @@ class KVEventsConfig:
 class KVEventPublisher:
     """Publishes batches on ``endpoint`` and answers replays on ``replay_endpoint`` (a thread of its
     own, so a subscriber is answered whether or not the engine is stepping); keeps the last
-    ``buffer_batches`` for replays, within ``buffer_bytes``."""
+    ``buffer_batches`` for replays, within ``buffer_bytes``, and each block the cache holds (one
+    encoded ``BlockStored``, ~100 bytes plus its token ids: bounded by the cache's pages) for the
+    snapshot that answers a replay reaching back past the buffer."""
 
     def __init__(self, endpoint: str, replay_endpoint: str, keys: CurveKeys, buffer_batches: int = 10_000,
                  buffer_bytes: int = 64 << 20):
@@ -128,6 +149,9 @@ class KVEventPublisher:
         self._replay.bind(replay_endpoint)
         self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         self._buffer: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._held: dict[bytes, msgspec.Raw] = {}
+        """The blocks stored and not removed since the last ``AllBlocksCleared``, each as the
+        ``BlockStored`` of it alone, in the order they were stored."""
         self._buffer_batches, self._buffer_bytes, self._buffered_bytes = buffer_batches, buffer_bytes, 0
         self._lock = threading.Lock()
         self._seq = -1
@@ -141,6 +165,7 @@ class KVEventPublisher:
             return
         payload = _encoder.encode(EventBatch(time.time(), events))
         with self._lock:
+            self._hold(events)
             self._seq += 1
             self._buffer.append((self._seq, payload))
             self._buffered_bytes += len(payload)
@@ -149,6 +174,21 @@ class KVEventPublisher:
                 self._buffered_bytes -= len(self._buffer.popleft()[1])
             seq = self._seq
         self._pub.send_multipart([TOPIC, seq.to_bytes(8, "big", signed=True), payload])
+
+    def _hold(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, BlockStored):
+                hashes, size = event.block_hashes, event.block_size
+                for i, block in enumerate(hashes):
+                    alone = event if len(hashes) == 1 else BlockStored(
+                        [block], event.parent_block_hash if i == 0 else hashes[i - 1],
+                        event.token_ids[i * size:(i + 1) * size], size, event.lora_id, event.medium)
+                    self._held[block] = msgspec.Raw(_encoder.encode(alone))
+            elif isinstance(event, BlockRemoved):
+                for block in event.block_hashes:
+                    self._held.pop(block, None)
+            elif isinstance(event, AllBlocksCleared):
+                self._held.clear()
 
     def buffered(self) -> tuple[int, int]:
         """Batches and bytes held for replays."""
@@ -177,7 +217,11 @@ class KVEventPublisher:
                 continue  # not a request: ignored
             first = int.from_bytes(start, "big", signed=True)
             with self._lock:
-                batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
+                if first < self._buffer[0][0]:  # gone from the buffer: the cache as it is now instead
+                    snapshot = _SnapshotBatch(time.time(), [_CLEARED, *self._held.values()])
+                    batches = [(self._seq, _encoder.encode(snapshot))]
+                else:
+                    batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
             try:
                 for seq, payload in batches:
                     self._replay.send_multipart([identity, b"", seq.to_bytes(8, "big", signed=True), payload])
@@ -188,9 +232,9 @@ class KVEventPublisher:
 
 
 class EventsLost(Exception):
-    """Batches were lost for good (a gap the publisher's buffer no longer holds, or a publisher
-    that started over at the same endpoints): what was known of the worker's cache is wrong.
-    ``batches`` are those received after the loss, in order, to apply once that is forgotten."""
+    """Batches were lost for good (a publisher that started over at the same endpoints, or a
+    replay missing some): what was known of the worker's cache is wrong. ``batches`` are those
+    received after the loss, in order, to apply once that is forgotten."""
 
     def __init__(self, reason: str, batches: list[tuple[int, EventBatch]]):
         super().__init__(reason)
@@ -216,8 +260,12 @@ class KVEventSubscriber:
 
     def receive(self, timeout_s: float) -> list[tuple[int, EventBatch]]:
         """The next batches (with their sequence numbers), gap filled; [] after ``timeout_s``.
-        Raises EventsLost when a gap cannot be filled, TimeoutError when the replay does not
-        answer (the batch that showed the gap is asked for again with the next one)."""
+        A gap reaching back past the publisher's buffer is filled by a snapshot, a batch that
+        starts over (``AllBlocksCleared`` first) numbered as the last batch it covers, which may
+        be past the batches handed on after it: applied again on the snapshot, they leave the
+        picture it gave once the last of them is applied. Raises EventsLost when a gap cannot be
+        filled, TimeoutError when the replay does not answer (the batch that showed the gap is
+        asked for again with the next one)."""
         if not self._sub.poll(int(timeout_s * 1000)):
             return []
         _, seq_bytes, payload = self._sub.recv_multipart()
@@ -226,9 +274,18 @@ class KVEventSubscriber:
         if seq <= self.last_seq:  # a PUB socket never repeats itself: a new publisher started from 0
             lost, self.last_seq = f"the publisher started over at {seq} after {self.last_seq}", -1
         first = self.last_seq + 1
-        out = [(s, b) for s, b in self.replay(first, self.replay_timeout_s) if first <= s < seq] if seq > first else []
-        if [s for s, _ in out] != list(range(first, seq)):
-            lost = lost or f"batches {first}..{seq - 1} left the publisher's buffer before a replay"
+        out = self.replay(first, self.replay_timeout_s) if seq > first else []
+        fresh = [i for i, (_, batch) in enumerate(out) if starts_over(batch)]
+        if fresh:  # what came before it no longer matters
+            out = out[fresh[-1]:]
+            first = out[0][0] + 1
+            out = out[:1] + [(s, b) for s, b in out[1:] if first <= s < seq]
+            got = [s for s, _ in out[1:]]
+        else:
+            out = [(s, b) for s, b in out if first <= s < seq]
+            got = [s for s, _ in out]
+        if got != list(range(first, seq)):
+            lost = lost or f"batches {first}..{seq - 1} were missing from the publisher's replay"
         out.append((seq, decode_batch(payload)))
         self.last_seq = seq
         if lost is not None:

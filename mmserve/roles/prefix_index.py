@@ -45,8 +45,12 @@ class PrefixIndex:
                 elif isinstance(event, AllBlocksCleared):
                     held.clear()
 
-    def forget(self, worker: str) -> None:
+    def forget(self, worker: str, stop: threading.Event | None = None) -> None:
+        """``stop``: the feed's, as for :meth:`apply` (a feed stopped and replaced by a new one for
+        the same worker must not wipe what the new one has applied)."""
         with self._lock:
+            if stop is not None and stop.is_set():
+                return
             self._blocks.pop(worker, None)
 
     def matched_pages(self, worker: str, page_keys: Sequence[bytes]) -> int:
@@ -108,9 +112,9 @@ class KVEventFeed:
             self.unfollow(worker)
 
     def _receive(self, worker: str, endpoints: tuple[str, str], stop: threading.Event) -> None:
-        subscriber = KVEventSubscriber(*endpoints, self._keys)
-        delivered = False
+        subscriber, delivered = None, False
         try:
+            subscriber = KVEventSubscriber(*endpoints, self._keys)
             while not stop.is_set():
                 try:
                     batches = subscriber.receive(RECEIVE_TIMEOUT_S)
@@ -121,7 +125,7 @@ class KVEventFeed:
                     # (a router joining a worker whose buffer no longer reaches back to its start too)
                     log.log(logging.WARNING if delivered else logging.INFO,
                             "%s's KV events: %s; its index starts over", worker, lost)
-                    self.index.forget(worker)
+                    self.index.forget(worker, stop)
                     batches = lost.batches
                 for _, batch in batches:
                     self.index.apply(worker, batch, stop)
@@ -129,7 +133,8 @@ class KVEventFeed:
         except Exception:
             log.exception("following %s's KV events failed; following it again at its next heartbeat", worker)
         finally:
-            subscriber.close()
+            if subscriber is not None:
+                subscriber.close()
             with self._lock:  # a feed that ended by itself is followed again at the worker's next heartbeat
                 if self._following.get(worker, (None, None))[1] is stop:
                     del self._following[worker]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mmserve.cluster_credential import ClusterCredential
-from mmserve.kv_events import (AllBlocksCleared, BlockStored, EventsLost, KVEventPublisher, KVEventSubscriber,
+from mmserve.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored, EventsLost, KVEventPublisher, KVEventSubscriber,
                                TOPIC)
 from mmserve.roles import worker_pool
 from mmserve.roles.prefix_index import KVEventFeed, PrefixIndex
@@ -77,21 +77,71 @@ def test_a_replay_that_timed_out_does_not_answer_the_next_one(publisher):
         subscriber.close()
 
 
-def test_a_gap_the_buffer_no_longer_holds_is_reported_with_what_came_after():
+def test_a_gap_the_buffer_no_longer_holds_is_filled_by_a_snapshot_of_the_cache():
+    """A block is announced once, when it is cached: a router joining a worker that has run for a
+    while learns of every block the worker holds, long-held ones included, from the snapshot that
+    answers a replay reaching back past the buffer (before, it was told the batches were lost, and
+    never learnt of the blocks announced in them)."""
     small = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", KEYS, buffer_batches=5)
     try:
         for i in range(20):
             small.publish(stored(i))
+        small.publish([BlockRemoved([page(3)])])
+        small.publish([BlockStored([page(30), page(31)], page(19), list(range(32)), 16)])  # two blocks at once
         subscriber = subscribe(small)  # a router joining a worker that has run for a while
-        small.publish(stored(20))
-        with pytest.raises(EventsLost, match="left the publisher's buffer") as lost:
-            subscriber.receive(5.0)
-        assert [seq for seq, _ in lost.value.batches] == [17, 18, 19, 20, 21]
-        small.publish(stored(21))
-        assert [seq for seq, _ in subscriber.receive(5.0)] == [22]  # in step again
+        small.publish(stored(40))
+        got = subscriber.receive(5.0)
+        assert [seq for seq, _ in got] == [23, 23]  # the snapshot covers the batch that showed the gap
+        index = PrefixIndex()
+        for _, batch in got:
+            index.apply("w", batch)
+        held = [i for i in range(20) if i != 3] + [30, 31, 40]
+        assert index.size("w") == len(held) and all(index.matched_pages("w", [page(i)]) for i in held)
+        snapshot = got[0][1].events
+        assert isinstance(snapshot[0], AllBlocksCleared)
+        (split,) = [e for e in snapshot if isinstance(e, BlockStored) and e.block_hashes == [page(31)]]
+        assert (split.parent_block_hash, split.token_ids, split.block_size) == (page(30), list(range(16, 32)), 16)
+        small.publish(stored(41))
+        assert [seq for seq, _ in subscriber.receive(5.0)] == [24]  # in step again
         subscriber.close()
     finally:
         small.close()
+
+
+def test_a_publisher_started_again_at_the_same_endpoints_is_reported_with_its_new_cache():
+    """A restarted worker's publisher numbers its batches from 0 again: what was known of the old
+    one's cache is reported lost, and the batches handed on describe the new one's from its start."""
+    import socket
+
+    def free() -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+    endpoints = (free(), free())
+    old = KVEventPublisher(*endpoints, KEYS)
+    subscriber = subscribe(old)
+    try:
+        for i in range(6):
+            old.publish(stored(i))
+        seen = []
+        while len(seen) < 7:
+            seen += [seq for seq, _ in subscriber.receive(5.0)]
+        assert seen == list(range(7))  # (the first published before the SUB joined: replayed)
+        old.close()
+        new = KVEventPublisher(*endpoints, KEYS)  # its AllBlocksCleared goes out before the SUB is back
+        try:
+            with pytest.raises(EventsLost, match="started over") as lost:
+                for i in range(50):  # until the SUB is back (a PUB drops what it sends before then)
+                    new.publish(stored(100 + i))
+                    assert subscriber.receive(0.2) == []
+            seqs = [seq for seq, _ in lost.value.batches]
+            assert seqs == list(range(len(seqs))) and 1 < len(seqs) <= 51
+            assert isinstance(lost.value.batches[0][1].events[0], AllBlocksCleared)
+        finally:
+            new.close()
+    finally:
+        subscriber.close()
 
 
 def test_the_replay_buffer_is_bounded_in_bytes():

@@ -162,6 +162,39 @@ def test_the_feed_fills_the_index_from_a_real_publisher_and_forgets_an_unfollowe
         publisher.close()
 
 
+def test_a_feed_whose_subscriber_could_not_start_is_followed_again(monkeypatch):
+    """A subscriber that fails to open (out of descriptors, say) ends its feed like any other
+    failure, so the worker's next heartbeat follows it again (before, the feed stayed listed as
+    followed, and that worker's index stayed empty for good)."""
+    from mmserve.roles import prefix_index
+
+    def refused(*args, **kwargs):
+        raise OSError("too many open files")
+
+    monkeypatch.setattr(prefix_index, "KVEventSubscriber", refused)
+    feed = KVEventFeed(PrefixIndex(), ClusterCredential.generate().kv_event_keys)
+    feed.follow("prefill-a", "tcp://127.0.0.1:9", "tcp://127.0.0.1:10")
+    deadline = time.monotonic() + 10
+    while feed.following() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert feed.following() == []
+
+
+def test_a_stopped_feed_neither_applies_nor_forgets():
+    """An unfollowed feed's thread may still be running when the worker's new feed has applied
+    batches: it changes nothing of the worker's entry any more."""
+    import threading
+
+    index, stop = PrefixIndex(), threading.Event()
+    index.apply("a", stored(*KEYS[:2]))
+    stop.set()
+    index.forget("a", stop)
+    index.apply("a", removed(KEYS[0]), stop)
+    assert index.matched_pages("a", KEYS) == 2
+    index.forget("a")
+    assert index.matched_pages("a", KEYS) == 0
+
+
 def test_the_pool_keeps_each_workers_incarnation_and_counts_a_new_one_as_a_restart():
     """A worker restarted at the same address (a pod with a fixed port) is told from the one before
     by its incarnation: the router sends the new one to receivers and counts the restart."""
