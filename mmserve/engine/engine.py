@@ -3,12 +3,12 @@
 ``add_request`` validates everything before anything is allocated, so a bad request raises a
 ``ValueError`` and leaves the engine exactly as it was.
 
-A request with ``structured_output`` waits outside the scheduler until its grammar is compiled (in
-:class:`Grammars`' thread); each step its rows' token bitmask is filled on the host while the
-model's forward runs on device, and each token it emits advances its matcher. A request prefilled
-elsewhere (``admit_prefilled``) with a grammar waits the same way, holding its page reservation,
-and takes the first token prefill sampled once the grammar is compiled: its matcher takes that
-token before the request samples its next one.
+A request with ``structured_output`` waits outside the scheduler until its grammar is compiled;
+each step its rows' token bitmask is filled on the host while the model's forward runs on device,
+and each token it emits advances its matcher (:mod:`mmserve.engine.grammar_steps`). A request
+prefilled elsewhere (``admit_prefilled``, :mod:`mmserve.engine.handoff`) with a grammar waits the
+same way, holding its page reservation, and takes the first token prefill sampled once the
+grammar is compiled: its matcher takes that token before the request samples its next one.
 
 Decode steps overlap (``EngineConfig.async_scheduling``): :mod:`mmserve.engine.overlapped_decode`.
 """
@@ -27,6 +27,7 @@ from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.compile_stats import compile_count
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.encoder import Encoder
+from mmserve.engine.grammar_steps import GrammarSteps
 from mmserve.engine.handoff import Handoff, Prefilled
 from mmserve.engine.inputs import PreparedPrompt, Visual, prepare_prompt
 from mmserve.engine.outputs import RequestOutput
@@ -37,13 +38,13 @@ from mmserve.engine.request import Request, TokenLogprobs
 from mmserve.engine.runner import ModelRunner
 from mmserve.engine.visual_rows import PromptVisuals, VisualRows
 from mmserve.engine.scheduler import Scheduler, Step
+from mmserve.engine.step_failed import StepFailed
 from mmserve.engine.warmup import compile_programs
 from mmserve.kv_cache_manager import KVCacheManager
 from mmserve.kv_events import KVEventPublisher
 from mmserve.sampling_params import SamplingParams
 from mmserve.stop import Finish, FinishReason, check_stop
 from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
-from mmserve.structured_output.matcher import fill_bitmask
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.rope_index import get_rope_index
 from models.qwen3_vl_moe.token_count import TooManyTokens
@@ -51,25 +52,11 @@ from models.qwen3_vl_moe.token_count import TooManyTokens
 
 log = logging.getLogger(__name__)
 
-# How long a step with nothing to run but requests awaiting their grammar waits for one to compile.
-GRAMMAR_WAIT_S = 0.05
-
-
-class StepFailed(RuntimeError):
-    """A step raised; the requests it ran were aborted (their state was mid-update)."""
-
-    def __init__(self, request_ids: list[str], cause: Exception, outputs: list[RequestOutput] | None = None):
-        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
-        self.request_ids = request_ids
-        self.outputs = outputs or []
-        """What the step produced for its other requests before it failed (a request it finished
-        among them is gone from the engine): the caller delivers them as a step's outputs."""
-
 
 ALL_PROGRAMS = frozenset({"vision", "prefill", "decode"})
 
 
-class LLMEngine(Handoff, OverlappedDecode):
+class LLMEngine(Handoff, OverlappedDecode, GrammarSteps):
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  on_finish: Callable[[Request, list[int]], None] | None = None, layout: MeshLayout | None = None,
                  lockstep: Lockstep | None = None, programs: frozenset[str] = ALL_PROGRAMS,
@@ -213,44 +200,6 @@ class LLMEngine(Handoff, OverlappedDecode):
             self.scheduler.add(request)
         return request
 
-    @property
-    def grammars(self):
-        """The engine's :class:`~mmserve.structured_output.grammars.Grammars`: made with the
-        engine when it compiles its programs, else on the first structured request."""
-        if self._grammars is None:
-            self._grammars = self._make_grammars()
-        return self._grammars
-
-    def _make_grammars(self):
-        from mmserve.structured_output.grammars import Grammars
-
-        return Grammars(self.model.tokenizer, self.model.config.text.vocab_size, self.eos_token_ids)
-
-    def _schedule_compiled(self) -> list[RequestOutput]:
-        """Hands the requests whose grammar has compiled to the scheduler, in arrival order; a
-        prefilled one joins the batch with its first token, and its output is returned. With
-        nothing else to run, waits a little for a grammar rather than spin."""
-        if not self.scheduler.has_work():
-            concurrent.futures.wait([r.grammar.compiled for r in self._awaiting_grammar.values()],
-                                    GRAMMAR_WAIT_S, concurrent.futures.FIRST_COMPLETED)
-        ready = [r for r in self._awaiting_grammar.values() if r.grammar.ready]
-        outputs, failed, cause = [], [], None
-        for request in ready:
-            del self._awaiting_grammar[request.request_id]
-            if request.request_id not in self._prefilled:
-                self.scheduler.add(request)
-                continue
-            try:
-                outputs.append(self._take_prefilled(request))
-            except Exception as error:  # its grammar did not compile: the matcher cannot take the token
-                self.abort(request.request_id)
-                failed.append(request.request_id)
-                cause = error
-        if failed:
-            self._failure = StepFailed(failed, cause)
-            self._failure.__cause__ = cause
-        return outputs
-
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
         if request is None:
@@ -370,12 +319,6 @@ class LLMEngine(Handoff, OverlappedDecode):
         out = self.runner.sample(samplers, self._bitmask(samplers))
         return [(r, out.row(i)) for i, r in enumerate(samplers) if r is not None]
 
-    def _bitmask(self, samplers: list[Request | None]) -> np.ndarray | None:
-        # Filled while the forward just dispatched runs on device: the mask costs the step only
-        # what the host takes beyond the forward, plus its copy to the device.
-        return fill_bitmask([r.grammar if r is not None else None for r in samplers], len(samplers),
-                            self.model.config.text.vocab_size)
-
     def _load_slots(self, requests) -> None:
         """Loads the sampling slot of each request admitted into a slot since its last step."""
         for request in requests:
@@ -405,19 +348,6 @@ class LLMEngine(Handoff, OverlappedDecode):
             self._advance_grammar(request, int(token), len(new_text))
         if request.finish is None and request.num_tokens >= self.max_sequence_tokens:
             request.finish = Finish(FinishReason.LENGTH, request.text, None)
-
-    def _advance_grammar(self, request: Request, token: int, new_chars: int) -> None:
-        """The matcher takes the emitted token; a complete grammar stops the request (even with
-        ignore_eos; a stop token adds no text). A token the grammar refuses can only come from a
-        stop the request set itself (a stop token id), which ends it anyway."""
-        if not request.grammar.accept(token):
-            if request.finish is None:
-                log.warning("request %s: token %d breaks its grammar; stopping it", request.request_id, token)
-                request.finish = Finish(FinishReason.STOP, request.text[:len(request.text) - new_chars], None)
-        elif request.finish is None and request.grammar.terminated:
-            request.finish = Finish(FinishReason.STOP, request.text, None)
-        if request.finish is not None:
-            request.grammar = None
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         if prompt_len >= self.config.max_model_len:

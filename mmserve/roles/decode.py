@@ -34,7 +34,8 @@ from opentelemetry.context import Context
 from mmserve.distributed.layout import MeshLayout
 from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
-from mmserve.engine.engine import LLMEngine, StepFailed
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.step_failed import StepFailed
 from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.output_stream import OutputStream

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mmserve.engine.buckets import bucket
-from mmserve.engine.engine import LLMEngine, StepFailed
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.step_failed import StepFailed
 from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.request import Request
 from mmserve.structured_output import StructuredOutput

@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 
 from mmserve import SamplingParams
-from mmserve.engine.engine import LLMEngine, StepFailed
+from mmserve.engine.engine import LLMEngine
+from mmserve.engine.step_failed import StepFailed
 
 PROMPTS = ["Describe a quiet harbour at dawn.", "Name three prime numbers.", "Say hello."]
 FIRST_ONLY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
