@@ -114,7 +114,7 @@ class KVEventFeed:
     def _receive(self, worker: str, endpoints: tuple[str, str], stop: threading.Event) -> None:
         subscriber, delivered = None, False
         try:
-            subscriber = KVEventSubscriber(*endpoints, self._keys)
+            subscriber = KVEventSubscriber(*endpoints, self._keys, token_ids=False)  # the index reads hashes only
             while not stop.is_set():
                 try:
                     batches = subscriber.receive(RECEIVE_TIMEOUT_S)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
 from mmserve.cluster_credential import ClusterCredential
@@ -142,6 +143,38 @@ def test_a_publisher_started_again_at_the_same_endpoints_is_reported_with_its_ne
             new.close()
     finally:
         subscriber.close()
+
+
+@pytest.mark.parametrize("token_ids", [True, False])
+def test_a_replay_for_the_routers_index_takes_about_its_bytes_in_memory(token_ids):
+    """The router's feed reads hashes only: a replay of a full buffer keeps each page's token ids
+    encoded rather than as a Python int each (~6x their bytes); a router restarting replays every
+    worker's at once."""
+    import tracemalloc
+
+    publisher = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", KEYS)
+    for i in range(200):  # a long prompt's worth of token ids in each batch
+        publisher.publish([BlockStored([page(i)], None, list(range(1000, 3048)), 2048)])
+    subscriber = KVEventSubscriber(publisher.endpoint, publisher.replay_endpoint, KEYS, token_ids=token_ids)
+    time.sleep(0.3)  # joined late: the next batch shows the gap, and the whole buffer is replayed
+    try:
+        _, size = publisher.buffered()
+        tracemalloc.start()
+        try:
+            publisher.publish([BlockRemoved([page(999)])])
+            got = subscriber.receive(5.0)
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        stored = [e for _, batch in got for e in batch.events if isinstance(e, BlockStored)]
+        assert [e.block_hashes for e in stored] == [[page(i)] for i in range(200)]
+        if token_ids:
+            assert held > 4 * size and stored[7].token_ids == list(range(1000, 3048))
+        else:
+            assert held < 2 * size and msgspec.msgpack.decode(stored[7].token_ids) == list(range(1000, 3048))
+    finally:
+        subscriber.close()
+        publisher.close()
 
 
 def test_the_replay_buffer_is_bounded_in_bytes():
