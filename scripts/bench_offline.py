@@ -27,7 +27,7 @@ from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 from mmserve import LLM, SamplingParams
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES
 from models.qwen3_vl_moe.processor import Processor
-from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, build_tiny_tokenizer
+from models.qwen3_vl_moe.tiny_tokenizer import TINY_SPECIAL_IDS, build_tiny_tokenizer
 
 IMAGE, START, END = (TINY_SPECIAL_IDS[t] for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
 ROPE = {"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True}

@@ -72,7 +72,7 @@ def hf_logits(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_va
 def write_checkpoint(model, path: Path) -> Path:
     """save_pretrained plus the tiny tokenizer and the default processor config."""
     from models.qwen3_vl_moe.processor import Processor
-    from models.qwen3_vl_moe.tokenizer import build_tiny_tokenizer
+    from models.qwen3_vl_moe.tiny_tokenizer import build_tiny_tokenizer
 
     model.save_pretrained(path)
     build_tiny_tokenizer().save(path)

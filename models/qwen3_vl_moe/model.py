@@ -27,7 +27,8 @@ from models.qwen3_vl_moe.multimodal import place_visual
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.rope_index import get_rope_index
 from models.qwen3_vl_moe.tiny import TINY_SEED, tiny_config, tiny_processor
-from models.qwen3_vl_moe.tokenizer import Tokenizer, build_tiny_tokenizer
+from models.qwen3_vl_moe.tokenizer import Tokenizer
+from models.qwen3_vl_moe.tiny_tokenizer import build_tiny_tokenizer
 from models.qwen3_vl_moe.vision_inputs import vision_inputs
 from models.qwen3_vl_moe.weights import load_safetensors, restore_orbax, save_orbax
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from models.qwen3_vl_moe.config import ModelConfig, TextConfig, VisionConfig
 from models.qwen3_vl_moe.processor import Processor
-from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS
+from models.qwen3_vl_moe.tiny_tokenizer import TINY_SPECIAL_IDS
 
 TINY_SEED = 0
 

@@ -12,7 +12,7 @@ from mmserve import SamplingParams
 from mmserve.serving.router.tool_parser import parse_tool_calls
 from mmserve.structured_output.grammars import tokenizer_info
 from mmserve.structured_output.tool_calls import tool_calls_output
-from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, build_tiny_tokenizer
+from models.qwen3_vl_moe.tiny_tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, build_tiny_tokenizer
 
 SET_LIGHT = {"name": "set_light", "parameters": {
     "type": "object",

@@ -12,7 +12,8 @@ from tokenizers import AddedToken, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from models.qwen3_vl_moe.segment_memo import MIN_STRETCH_CHARS, SegmentMemo
-from models.qwen3_vl_moe.tokenizer import TINY_CORPUS, Tokenizer, build_tiny_tokenizer
+from models.qwen3_vl_moe.tokenizer import Tokenizer
+from models.qwen3_vl_moe.tiny_tokenizer import TINY_CORPUS, build_tiny_tokenizer
 
 QWEN3_VL_TEMPLATE = (Path(__file__).resolve().parents[1] / "qwen3_vl_chat_template.jinja").read_text()
 WORDS = TINY_CORPUS.split() + ["é", "你好", "🙂", "<tool_call>", "x_y", "\n\n", "  "]

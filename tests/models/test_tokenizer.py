@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerFast
 from tokenizers import AddedToken, normalizers
 
 from models.qwen3_vl_moe.token_count import TooManyTokens
-from models.qwen3_vl_moe.tokenizer import (TINY_CORPUS, TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, Tokenizer,
-                                           build_tiny_tokenizer)
+from models.qwen3_vl_moe.tokenizer import Tokenizer
+from models.qwen3_vl_moe.tiny_tokenizer import TINY_CORPUS, TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS, build_tiny_tokenizer
 
 QWEN3_VL_TEMPLATE = (Path(__file__).resolve().parents[1] / "qwen3_vl_chat_template.jinja").read_text()
 """Qwen3-VL-Instruct's own chat template (its checkpoints' chat_template.json), byte for byte."""
@@ -122,7 +122,7 @@ def test_tool_call_markers_are_single_tokens_that_decode_as_text(tiny):
 def test_tiny_is_the_same_in_another_process(tiny):
     """Training must not depend on hash seeds or thread counts: the tiny model's ids rest on it."""
     script = (
-        "from models.qwen3_vl_moe.tokenizer import build_tiny_tokenizer; print(build_tiny_tokenizer().backend.to_str())"
+        "from models.qwen3_vl_moe.tiny_tokenizer import build_tiny_tokenizer; print(build_tiny_tokenizer().backend.to_str())"
     )
     env = os.environ | {"PYTHONHASHSEED": "12345", "RAYON_NUM_THREADS": "1"}
     other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from hf_reference import hf_config, hf_model, write_checkpoint
 from mmserve.config_flags import flag_name
-from models.qwen3_vl_moe.tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS
+from models.qwen3_vl_moe.tiny_tokenizer import TINY_SPECIAL_IDS, TINY_TOOL_TOKEN_IDS
 
 API_KEY = "sk-serving-tests"
 MODEL_NAME = "qwen3-vl-test"
