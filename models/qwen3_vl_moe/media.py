@@ -28,6 +28,14 @@ from models.qwen3_vl_moe.resize import resize_bicubic_uint8
 # What OpenAI takes, plus BMP; Pillow's other readers (EPS runs Ghostscript, and the rarer formats
 # see the least scrutiny) stay closed to requests.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+VIDEO_CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
+"""FFmpeg demuxers a client's video may be read with (its ``format_whitelist``): MP4/QuickTime,
+Matroska/WebM, AVI. Left to probe every demuxer, FFmpeg reads a playlist of files (``ffconcat``:
+the server's own files, their text decoded into frames the model reads back) or a session
+description that binds UDP ports and waits for packets (SDP) from a few bytes of text. No other
+input is opened from within one (``protocol_whitelist``): a container naming another file or URL
+fails."""
+_VIDEO_OPTIONS = {"format_whitelist": VIDEO_CONTAINERS, "protocol_whitelist": "none"}
 
 
 class BadMedia(ValueError):
@@ -131,7 +139,7 @@ def read_video_header(raw: bytes, max_frames: int | None = None) -> VideoHeader:
     """Counts the video stream's packets (one per frame) and reads its rate and frame size. With
     ``max_frames`` the count stops past it (a caller refusing such a video need not demux the rest)."""
     try:
-        with av.open(io.BytesIO(raw), mode="r") as container:
+        with _open_video(raw) as container:
             stream = _video_stream(container)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             width, height = stream.codec_context.width, stream.codec_context.height
@@ -159,7 +167,7 @@ def decode_sampled_frames(raw: bytes, header: VideoHeader, processor: Processor)
     targets = set(wanted.tolist())
     last = int(wanted[-1])
     try:
-        with av.open(io.BytesIO(raw), mode="r") as container:
+        with _open_video(raw) as container:
             stream = _video_stream(container)
             for index, frame in enumerate(container.decode(stream)):
                 # every frame, not only the sampled ones: the header's size is what the router held to
@@ -179,6 +187,10 @@ def decode_sampled_frames(raw: bytes, header: VideoHeader, processor: Processor)
     if len(keep) != len(targets):
         raise BadVideo(f"the video has fewer decodable frames than its {header.frames} packets")
     return np.stack([keep[i] for i in wanted.tolist()])
+
+
+def _open_video(raw: bytes):
+    return av.open(io.BytesIO(raw), mode="r", options=_VIDEO_OPTIONS)
 
 
 def _video_stream(container):

@@ -138,6 +138,44 @@ def test_a_video_this_server_cannot_read_is_a_clear_400(raw, message):
         reader().video_from_url(video_data_url(raw), "v")
 
 
+def test_a_playlist_or_a_session_description_is_no_video(tmp_path, monkeypatch):
+    """Left to probe every demuxer, FFmpeg read an ffconcat playlist of the server's own files (their
+    text decoded into frames the model could read back) or an SDP session description (UDP ports
+    bound, a 20 s wait) from a few bytes of text sent as a video."""
+    import time
+
+    from models.qwen3_vl_moe.media import BadVideo, VideoHeader
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.txt").write_text("API_KEY=sk-very-secret\n" * 50)
+    playlist = b"ffconcat version 1.0\n" + b"file 'secret.txt'\n" * 4
+    session = (b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\n"
+               b"m=video 45678 RTP/AVP 96\na=rtpmap:96 H264/90000\n")
+    for raw in (playlist, session):
+        start = time.monotonic()
+        with pytest.raises(InvalidRequest, match="not a video"):
+            reader().video_from_url(video_data_url(raw), "v")
+        assert time.monotonic() - start < 5
+    with pytest.raises(BadVideo):  # the worker's decoder refuses it as the router does
+        decode_sampled_frames(playlist, VideoHeader(4, 2.0, 32, 32), tiny_processor())
+
+
+@pytest.mark.parametrize("container, codec", [("webm", "libvpx"), ("avi", "mpeg4"), ("mp4", "mpeg4")])
+def test_the_containers_clients_send_are_read(container, codec):
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=2)
+        stream.height, stream.width, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in random_frames(6, 4, 32, 32):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    header = read_video_header(buffer.getvalue())
+    assert (header.frames, header.width, header.height) == (4, 32, 32)
+    assert decode_sampled_frames(buffer.getvalue(), header, tiny_processor()).shape[0] == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_served_video_chat_equals_offline(server, offline, stream):
