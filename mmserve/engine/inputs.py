@@ -101,9 +101,7 @@ def with_pixels(visual: Visual, processor: Processor) -> Visual:
             out = processor(images=[decode_image(raw)])
             pixels, grid = out["pixel_values"], out["image_grid_thw"]
         else:
-            frames = decode_sampled_frames(raw, read_video_header(raw), processor)
-            out = processor(videos=[frames])
-            pixels, grid = out["pixel_values_videos"], out["video_grid_thw"]
+            pixels, grid = processor.video_at_size(decode_sampled_frames(raw, read_video_header(raw), processor))
     except BadMedia as error:
         raise RequestRejected(str(error)) from None
     if not np.array_equal(grid, visual.grid_thw):

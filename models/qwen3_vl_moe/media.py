@@ -9,8 +9,7 @@ them (``Processor.sample_frame_indices``: ``fps`` frames a second of the source,
 [min_frames, max_frames]), so what the model sees equals the offline ``LLM`` given the same sampled
 frames. What a video will cost is known before a frame is decoded: the container is demuxed
 (packets only, cheap) to count its frames. Only the sampled frames are kept, each shrunk at once to
-the size the processor would give it (when that size is stable, so processing it again changes
-nothing), and decoding stops after the last of them.
+the size the processor gives the source's frames, and decoding stops after the last of them.
 """
 
 from __future__ import annotations
@@ -158,15 +157,16 @@ def read_video_header(raw: bytes, max_frames: int | None = None) -> VideoHeader:
 
 
 def decode_sampled_frames(raw: bytes, header: VideoHeader, processor: Processor) -> np.ndarray:
-    """The frames the processor samples, [T, H, W, 3] uint8, decoded in one pass that stops after the
-    last of them."""
-    wanted = processor.sample_frame_indices(header.frames, header.fps)
-    size = processor.video_size(len(wanted), header.height, header.width)
-    stable = processor.video_size(len(wanted), *size) == size
+    """The frames the processor samples, [T, H, W, 3] uint8, each resized at once to the size the
+    processor gives the source's frames (``Processor.video_at_size`` takes them as they are: only
+    the sampled frames, at that size, are ever held), decoded in one pass that stops after the last
+    of them."""
     keep: dict[int, np.ndarray] = {}
-    targets = set(wanted.tolist())
-    last = int(wanted[-1])
     try:
+        wanted = processor.sample_frame_indices(header.frames, header.fps)
+        size = processor.video_size(len(wanted), header.height, header.width)
+        targets = set(wanted.tolist())
+        last = int(wanted[-1])
         with _open_video(raw) as container:
             stream = _video_stream(container)
             for index, frame in enumerate(container.decode(stream)):
@@ -176,8 +176,7 @@ def decode_sampled_frames(raw: bytes, header: VideoHeader, processor: Processor)
                     raise BadVideo("the video's frames change size")
                 if index in targets:
                     pixels = frame.to_ndarray(format="rgb24")
-                    keep[index] = resize_bicubic_uint8(pixels[None], *size)[0] if stable and size != pixels.shape[:2] \
-                        else pixels
+                    keep[index] = resize_bicubic_uint8(pixels[None], *size)[0] if size != pixels.shape[:2] else pixels
                 if index >= last:
                     break
     except BadMedia:

@@ -251,10 +251,18 @@ class Processor:
         """Tokens ``num_frames`` (already sampled) frames of this size become, known before decoding."""
         return self.num_image_tokens(self.video_grid(num_frames, height, width))
 
-    def _video(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def video_at_size(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixel_values_videos, video_grid_thw)`` of one video's frames, already sampled and
+        resized to the size :meth:`video_size` gives their source (as a video decoder shrinks each
+        sampled frame at once): the size is not computed again from the resized frames, where
+        the bounds, which count pixels before rounding, may give another one."""
+        patches, grid = self._video(frames, sized=True)
+        return patches, np.array([grid], dtype=np.int64)
+
+    def _video(self, frames: np.ndarray, sized: bool = False) -> tuple[np.ndarray, list[int]]:
         config = self.video
         num_frames = frames.shape[0]
-        height, width = self.video_size(*frames.shape[:3])
+        height, width = frames.shape[1:3] if sized else self.video_size(*frames.shape[:3])
         if frames.shape[1:3] != (height, width):
             frames = resize_bicubic_uint8(frames, height, width)
         pixels = _fused_rescale_normalize(frames, config)

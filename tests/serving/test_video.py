@@ -160,6 +160,30 @@ def test_a_playlist_or_a_session_description_is_no_video(tmp_path, monkeypatch):
         decode_sampled_frames(playlist, VideoHeader(4, 2.0, 32, 32), tiny_processor())
 
 
+def test_sampled_frames_are_held_at_their_processing_size_and_processed_as_the_source_would_be():
+    """32x200 frames, 4 of them, process at 32x160 under this bound; 32x160 frames would process at
+    32x128 (the bound counts pixels before rounding). The decoder kept such frames whole (765 frames
+    of 16334x481 passed the door: 18 GB) and the processor sized them; each is now shrunk as it is
+    decoded, and processed at that size: what the source's frames give, processed once."""
+    processor = tiny_processor().with_pixel_limits(video_max_pixels=4 * 64 * 64)
+    frames = random_frames(3, 4, 32, 200)
+    raw = lossless_video(frames, fps=2)
+    got = decode_sampled_frames(raw, read_video_header(raw), processor)
+    assert got.shape == (4, 32, 160, 3) and processor.video_size(4, 32, 160) != (32, 160)
+    pixels, grid = processor.video_at_size(got)
+    want = processor(videos=[frames])
+    assert np.array_equal(grid, want["video_grid_thw"]) and np.array_equal(pixels, want["pixel_values_videos"])
+
+
+def test_a_video_whose_processing_size_has_an_extreme_aspect_is_processed_as_the_router_counted_it():
+    """34x6418 frames process at 32x6432, whose aspect (201) the size bounds refuse: sizing the
+    decoded frames again raised a ValueError (a 500) for a video the router had accepted."""
+    frames = random_frames(4, 4, 34, 6418)
+    visual = reader().video_from_url(video_data_url(lossless_video(frames, fps=2)), "v")
+    done = with_pixels(visual, tiny_processor())
+    assert np.array_equal(done.grid_thw, visual.grid_thw) and done.pixel_values.shape[0] == 2 * 2 * 402
+
+
 @pytest.mark.parametrize("container, codec", [("webm", "libvpx"), ("avi", "mpeg4"), ("mp4", "mpeg4")])
 def test_the_containers_clients_send_are_read(container, codec):
     buffer = io.BytesIO()
