@@ -27,6 +27,11 @@ from models.qwen3_vl_moe.resize import resize_bicubic_uint8
 # What OpenAI takes, plus BMP; Pillow's other readers (EPS runs Ghostscript, and the rarer formats
 # see the least scrutiny) stay closed to requests.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_JPEG_SCANS = 64
+"""A progressive JPEG's scans, at most (encoders write about 10): each scan is a pass over the whole
+image, so a file of thousands of tiny scans costs minutes of decoding for a picture worth a
+fraction of a second. A scan starts with an SOS marker (FF DA), which the entropy-coded data never
+holds (an FF there is followed by 00)."""
 VIDEO_CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
 """FFmpeg demuxers a client's video may be read with (its ``format_whitelist``): MP4/QuickTime,
 Matroska/WebM, AVI. Left to probe every demuxer, FFmpeg reads a playlist of files (``ffconcat``:
@@ -49,8 +54,11 @@ def open_image(raw: bytes) -> Image.Image:
     """The image with only its header read (size, mode). Pillow's ``DecompressionBombError`` (a
     header claiming absurdly many pixels) is left to the caller, which names its own limit."""
     try:
-        return Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        if image.format == "JPEG" and (scans := raw.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise BadMedia(f"the JPEG has {scans} scans; this server decodes at most {MAX_JPEG_SCANS}")
+        return image
+    except (Image.DecompressionBombError, BadMedia):
         raise
     except Image.UnidentifiedImageError:
         raise BadMedia(f"the data is not an image in a format this server reads ({', '.join(IMAGE_FORMATS)})") \

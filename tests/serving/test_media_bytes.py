@@ -182,6 +182,34 @@ def test_a_truncated_png_is_refused_at_the_door():
         reader(tiny_processor()).from_url(data_url(png[:len(png) // 2], "PNG"), "image")
 
 
+def test_a_jpeg_of_thousands_of_scans_is_refused_at_the_door_and_where_it_is_decoded():
+    """Each scan of a progressive JPEG is a pass over the whole image: a file repeating a tiny scan
+    thousands of times cost minutes of decoding for a picture worth a fraction of a second."""
+    jpeg = io.BytesIO()
+    random_image(12, 256, 256).save(jpeg, "JPEG", progressive=True, quality=10)
+    raw = jpeg.getvalue()
+    starts = [i for i in range(len(raw) - 1) if raw[i:i + 2] == b"\xff\xda"]
+    scan = raw[starts[-1]:-2]  # the last scan, repeated before the end-of-image marker
+    bomb = raw[:-2] + scan * 100 + raw[-2:]
+    visual = reader(tiny_processor()).from_url(data_url(raw, "JPEG"), "image")
+    assert with_pixels(visual, tiny_processor()).pixel_values is not None  # an ordinary progressive JPEG passes
+    with pytest.raises(InvalidRequest, match="scans"):
+        reader(tiny_processor()).from_url(data_url(bomb, "JPEG"), "image")
+    from models.qwen3_vl_moe.media import BadMedia, decode_image
+    with pytest.raises(BadMedia, match="scans"):
+        decode_image(bomb)
+
+
+def test_a_video_whose_decoding_would_read_too_many_pixels_is_refused_before_decoding():
+    raw = lossless_video(random_frames(13, 40, 32, 48), fps=4)  # 10 s at 4 fps: samples up to frame 39
+    limited = MediaReader(RouterSettings(MODEL_NAME, 1 << 20, max_video_decode_pixels=40 * 32 * 48 - 1),
+                          tiny_processor())
+    with pytest.raises(InvalidRequest, match="max-video-decode-pixels"):
+        limited.video_from_url(video_data_url(raw), "video")
+    MediaReader(RouterSettings(MODEL_NAME, 1 << 20, max_video_decode_pixels=40 * 32 * 48),
+                tiny_processor()).video_from_url(video_data_url(raw), "video")
+
+
 def test_a_grid_other_than_the_routers_is_a_clear_error():
     raw = encoded(random_image(11, 64, 64), "PNG")
     visual = reader(tiny_processor()).from_url(data_url(raw, "PNG"), "image")

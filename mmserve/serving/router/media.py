@@ -60,6 +60,11 @@ class MediaReader:
             if header.width * header.height > self.settings.max_image_pixels:
                 raise BadVideo(f"the video's frames ({header.width}x{header.height}) have more pixels than this "
                                f"server accepts ({self.settings.max_image_pixels}; see --max-image-pixels)")
+            decoded = (int(sampled[-1]) + 1) * header.width * header.height
+            if decoded > self.settings.max_video_decode_pixels:
+                raise BadVideo(f"decoding the video would read {decoded} pixels (its frames up to the last one "
+                               f"sampled), more than this server accepts ({self.settings.max_video_decode_pixels}; "
+                               "see --max-video-decode-pixels)")
             grid = self.processor.video_grid(len(sampled), header.height, header.width)
         except ValueError as error:  # BadVideo, or a size the processor refuses
             raise InvalidRequest(str(error), param) from None

@@ -52,6 +52,11 @@ class RouterSettings:
     """most frames a video may have (counted before any is decoded; ten minutes at 30 fps); more is
     a 400. Decoding reads every frame up to the last one sampled, so this bounds a video's decoding
     time whatever its frame rate"""
+    max_video_decode_pixels: int = 16 * 1024**3
+    """most pixels decoding a video may read: its frames up to the last one sampled, times their size
+    (read from the header); more is a 400. The default is ~4.6 minutes of 1080p at 30 fps: frames
+    cost their decoding whether sampled or not, so a long video of large frames, however small its
+    file, would otherwise hold a decoding thread for minutes"""
     max_queued_requests: int = 256
     """requests that may wait for capacity once the workers hold all they can; beyond them a request
     gets 429 with Retry-After"""
@@ -66,7 +71,7 @@ class RouterSettings:
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_image_pixels", "max_images_per_request", "max_videos_per_request",
-                     "max_video_frames"):
+                     "max_video_frames", "max_video_decode_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("request_read_timeout", "queue_timeout_s", "stream_stall_timeout_s", "max_video_seconds",
