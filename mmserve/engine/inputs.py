@@ -22,7 +22,8 @@ from PIL import Image
 
 from mmserve.engine.rejected import RequestRejected
 from models.qwen3_vl_moe import Model
-from models.qwen3_vl_moe.media import BadMedia, decode_image, decode_sampled_frames, read_video_header
+from models.qwen3_vl_moe.media import (BadMedia, decode_image, decode_sampled_frames, open_image, read_video_header,
+                                       upright_size)
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.token_count import TooManyTokens
 
@@ -96,18 +97,27 @@ def with_pixels(visual: Visual, processor: Processor) -> Visual:
     if visual.source is None:
         raise ValueError("this visual has only its grid: neither pixels nor an encoded file to decode")
     kind, raw = visual.source.kind, visual.source.data
+    try:  # the grid the file's header gives, checked before a pixel is decoded: only what was charged is
+        if kind == "image":
+            grid = processor.image_grid(*upright_size(open_image(raw)))
+        else:
+            header = read_video_header(raw)
+            grid = processor.video_grid(len(processor.sample_frame_indices(header.frames, header.fps)),
+                                        header.height, header.width)
+    except (ValueError, Image.DecompressionBombError) as error:  # BadMedia, a size the processor refuses
+        raise RequestRejected(str(error)) from None
+    if not np.array_equal([grid], visual.grid_thw):
+        raise ValueError(f"the {kind}'s header gives the patch grid {list(grid)}, but the request carries "
+                         f"{np.asarray(visual.grid_thw)[0].tolist()} (are the router's and this worker's "
+                         "processor settings the same?)")
     try:
         if kind == "image":
             out = processor(images=[decode_image(raw)])
             pixels, grid = out["pixel_values"], out["image_grid_thw"]
         else:
-            pixels, grid = processor.video_at_size(decode_sampled_frames(raw, read_video_header(raw), processor))
+            pixels, grid = processor.video_at_size(decode_sampled_frames(raw, header, processor))
     except BadMedia as error:
         raise RequestRejected(str(error)) from None
-    if not np.array_equal(grid, visual.grid_thw):
-        raise ValueError(f"the {kind} decodes to the patch grid {grid[0].tolist()}, but its header gave "
-                         f"{np.asarray(visual.grid_thw)[0].tolist()} (are the router's and this worker's "
-                         "processor settings the same?)")
     return Visual(grid, pixels, content_key=visual.content_key, timestamps=visual.timestamps)
 
 

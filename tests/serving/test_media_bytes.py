@@ -210,13 +210,22 @@ def test_a_video_whose_decoding_would_read_too_many_pixels_is_refused_before_dec
                 tiny_processor()).video_from_url(video_data_url(raw), "video")
 
 
-def test_a_grid_other_than_the_routers_is_a_clear_error():
+def test_a_grid_other_than_the_routers_is_a_clear_error_before_anything_is_decoded(monkeypatch):
+    """A worker decodes only what the request's grid says, which is what the router charged (a worker
+    reached by a router with looser limits, or by any holder of the cluster secret)."""
+    from mmserve.engine import inputs
+
     raw = encoded(random_image(11, 64, 64), "PNG")
     visual = reader(tiny_processor()).from_url(data_url(raw, "PNG"), "image")
-    wrong = Visual(visual.grid_thw * [[1, 2, 1]], source=visual.source)
-    with pytest.raises(ValueError, match="header gave") as raised:
-        with_pixels(wrong, tiny_processor())
-    assert not isinstance(raised.value, RequestRejected)  # the server's inconsistency, not the client's
+    video = reader(tiny_processor()).video_from_url(video_data_url(lossless_video(random_frames(1, 4, 32, 32), 2)),
+                                                    "video")
+    for decoder in ("decode_image", "decode_sampled_frames"):
+        monkeypatch.setattr(inputs, decoder, lambda *args: pytest.fail("decoded"))
+    for good in (visual, video):
+        wrong = Visual(good.grid_thw * [[1, 2, 1]], source=good.source)
+        with pytest.raises(ValueError, match="header gives") as raised:
+            with_pixels(wrong, tiny_processor())
+        assert not isinstance(raised.value, RequestRejected)  # the server's inconsistency, not the client's
 
 
 def test_a_local_path_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
