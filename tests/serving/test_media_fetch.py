@@ -44,6 +44,14 @@ class Pictures(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(0.2)
+        elif self.path == "/trickle-headers.png":  # its headers a byte every 0.2 s: no read waits long
+            head = (b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Padding: " + b"p" * 40 +
+                    f"\r\nContent-Length: {len(PICTURE)}\r\n\r\n".encode())
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+            self.wfile.write(PICTURE)
         elif self.path in FILES:
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -105,13 +113,16 @@ def test_what_is_not_fetched_is_a_400_naming_the_field(served, pictures, path, r
     assert len(backend.requests) == seen
 
 
-def test_a_host_trickling_its_answer_is_given_up_on_at_the_fetch_timeout(pictures):
+@pytest.mark.parametrize("path", ["/trickle.png", "/trickle-headers.png"], ids=["body", "headers"])
+def test_a_host_trickling_its_answer_is_given_up_on_at_the_fetch_timeout(pictures, path):
+    """A socket's timeout bounds each read: a host trickling its headers (before the body is read at
+    all) held the prompt's thread for as long as they lasted."""
     backend = ScriptedBackend()
     settings = RouterSettings("tiny", 512, allowed_media_domains="127.0.0.1", media_fetch_timeout_s=1.0)
     server = ThreadedServer(build_app(backend, load_model("tiny", weights=False), settings))
     try:
         started = time.monotonic()
-        status, body = request("POST", f"{server.url}/v1/chat/completions", chat(f"http://{pictures}/trickle.png"))
+        status, body = request("POST", f"{server.url}/v1/chat/completions", chat(f"http://{pictures}{path}"))
         assert status == 400 and "took longer than 1.0 s" in body["error"]["message"], body
         assert time.monotonic() - started < 3
         assert backend.requests == []

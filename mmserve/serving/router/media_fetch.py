@@ -4,15 +4,19 @@ A server that fetches whatever URL a client names can be made to reach anything 
 (its cloud's metadata service, internal APIs: server-side request forgery), so nothing is fetched
 unless ``--allowed-media-domains`` names the host, exactly as the URL spells it; a redirect is
 followed only to an allowed host too. A fetch is bounded like a body: at most ``--max-body-bytes``
-(read no further), within ``--media-fetch-timeout`` seconds in all (as vLLM's image fetch timeout;
-checked after each read, and each read may wait that long: a host trickling a byte every few
-seconds held a prompt's thread for as long as it liked). Any failure is a 400 naming the field. The prompt is built in a worker thread, so a blocking fetch
-holds that thread, not the event loop.
+(read no further), within ``--media-fetch-timeout`` seconds in all (as vLLM's image fetch timeout):
+a socket's timeout bounds each read, not the whole, so at the deadline the fetch's connections
+(its redirects' too) are shut, ending whatever read waits (a host trickling its headers or body a
+byte at a time held a prompt's thread for as long as it liked). Not bounded by it: the host name's
+lookup, which the system's resolver does. Any failure is a 400 naming the field. The prompt is
+built in a worker thread, so a blocking fetch holds that thread, not the event loop.
 """
 
 from __future__ import annotations
 
-import time
+import http.client
+import socket
+import threading
 import urllib.error
 import urllib.request
 from urllib.parse import urlparse
@@ -31,10 +35,14 @@ def allowed_hosts(settings: RouterSettings) -> frozenset[str]:
 def fetch_media(url: str, settings: RouterSettings, kind: str, param: str) -> bytes:
     hosts = allowed_hosts(settings)
     _check_host(url, hosts, kind, param)
-    opener = urllib.request.build_opener(_AllowedRedirects(hosts, kind, param))
+    connections = _Connections()
+    opener = urllib.request.build_opener(_AllowedRedirects(hosts, kind, param), _HTTP(connections),
+                                         _HTTPS(connections))
     request = urllib.request.Request(url, headers={"User-Agent": "mmserve"})
     limit = settings.max_body_bytes
-    deadline = time.monotonic() + settings.media_fetch_timeout_s
+    watchdog = threading.Timer(settings.media_fetch_timeout_s, connections.shut)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         with opener.open(request, timeout=settings.media_fetch_timeout_s) as reply:
             data = bytearray()
@@ -43,15 +51,80 @@ def fetch_media(url: str, settings: RouterSettings, kind: str, param: str) -> by
                 if len(data) > limit:
                     raise InvalidRequest(f"the {kind} at {url} is larger than a request body may be ({limit} bytes; "
                                          "see --max-body-bytes)", param)
-                if time.monotonic() > deadline:
-                    raise InvalidRequest(f"fetching the {kind} at {url} took longer than {settings.media_fetch_timeout_s} "
-                                         "s (see --media-fetch-timeout)", param)
+            if connections.expired.is_set():  # shut while the body was read: maybe cut short
+                raise TimeoutError
             return bytes(data)
     except urllib.error.HTTPError as error:
         raise InvalidRequest(f"fetching the {kind} at {url} failed: HTTP {error.code}", param) from None
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+        if connections.expired.is_set():
+            raise InvalidRequest(f"fetching the {kind} at {url} took longer than {settings.media_fetch_timeout_s} "
+                                 "s (see --media-fetch-timeout)", param) from None
         reason = getattr(error, "reason", error)
         raise InvalidRequest(f"could not fetch the {kind} at {url}: {reason}", param) from None
+    finally:
+        watchdog.cancel()
+
+
+class _Connections:
+    """The sockets one fetch opens (a redirect opens another), shut at its deadline: reads waiting on
+    them end at once (the response reads from the socket after its connection object let it go)."""
+
+    def __init__(self):
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.expired = threading.Event()
+
+    def http(self, host, **kwargs) -> http.client.HTTPConnection:
+        return self._track(http.client.HTTPConnection(host, **kwargs))
+
+    def https(self, host, **kwargs) -> http.client.HTTPSConnection:
+        return self._track(http.client.HTTPSConnection(host, **kwargs))
+
+    def _track(self, connection):
+        create = connection._create_connection  # http.client's hook for the TCP connection (before any TLS)
+
+        def created(*args, **kwargs):
+            sock = create(*args, **kwargs)
+            with self._lock:
+                self._sockets.append(sock)
+                if self.expired.is_set():
+                    _shut(sock)
+            return sock
+
+        connection._create_connection = created
+        return connection
+
+    def shut(self) -> None:
+        with self._lock:
+            self.expired.set()
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
+
+
+class _HTTP(urllib.request.HTTPHandler):
+    def __init__(self, connections: _Connections):
+        super().__init__()
+        self._connections = connections
+
+    def http_open(self, req):
+        return self.do_open(self._connections.http, req)
+
+
+class _HTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, connections: _Connections):
+        super().__init__()
+        self._connections = connections
+
+    def https_open(self, req):
+        return self.do_open(self._connections.https, req, context=self._context)
 
 
 def _check_host(url: str, hosts: frozenset[str], kind: str, param: str) -> None:
