@@ -80,3 +80,31 @@ def test_a_picture_whose_embeddings_are_cached_is_not_decoded(encoder):
     assert encoder.pictures_decoded - before == 1
     assert done.images[0].pixel_values is None and done.images[0].content_key == seen.content_key
     assert done.images[1].pixel_values is not None
+
+
+def test_a_decode_whose_clients_all_left_before_it_started_is_dropped(encoder):
+    """A client sending pictures and leaving at once, over and over, freed its admission slot each
+    time while every decode stayed queued behind the pool's threads."""
+    decodes = PictureDecodes(encoder, threads=1)
+    first, queued = picture(encoder, 20, side=1536), [picture(encoder, 30 + i) for i in range(4)]
+    before = encoder.pictures_decoded
+
+    async def leave_while_queued():
+        busy = asyncio.ensure_future(decodes.with_pixels(PreparedPrompt([1], [first], [])))
+        await asyncio.sleep(0.01)  # the pool's only thread takes the first
+        left = [asyncio.ensure_future(decodes.with_pixels(PreparedPrompt([1], [v], []))) for v in queued]
+        await asyncio.sleep(0.01)  # each queued behind it
+        assert not busy.done() and len(decodes._running) == 5  # noqa: SLF001
+        for task in left:
+            task.cancel()
+        await busy
+        again = await decodes.with_pixels(PreparedPrompt([1], [queued[0]], []))  # asked again later: decoded
+        await asyncio.sleep(0.2)
+        return again
+
+    try:
+        again = asyncio.run(leave_while_queued())
+    finally:
+        decodes.close()
+    assert again.images[0].pixel_values is not None
+    assert encoder.pictures_decoded - before == 2  # the first, and the one asked again; the others never
