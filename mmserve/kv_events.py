@@ -225,11 +225,13 @@ class KVEventPublisher:
                 continue  # not a request: ignored
             first = int.from_bytes(start, "big", signed=True)
             with self._lock:
+                held = None
                 if first < self._buffer[0][0]:  # gone from the buffer: the cache as it is now instead
-                    snapshot = _SnapshotBatch(time.time(), [_CLEARED, *self._held.values()])
-                    batches = [(self._seq, _encoder.encode(snapshot))]
+                    held, covered = list(self._held.values()), self._seq
                 else:
                     batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
+            if held is not None:  # encoded outside the lock, which the engine's publish takes
+                batches = [(covered, _encoder.encode(_SnapshotBatch(time.time(), [_CLEARED, *held])))]
             try:
                 for seq, payload in batches:
                     self._replay.send_multipart([identity, b"", seq.to_bytes(8, "big", signed=True), payload])
