@@ -30,8 +30,34 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_JPEG_SCANS = 64
 """A progressive JPEG's scans, at most (encoders write about 10): each scan is a pass over the whole
 image, so a file of thousands of tiny scans costs minutes of decoding for a picture worth a
-fraction of a second. A scan starts with an SOS marker (FF DA), which the entropy-coded data never
-holds (an FF there is followed by 00)."""
+fraction of a second."""
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
+_SOS, _EOI = 0xDA, 0xD9
+
+
+def jpeg_scans(raw: bytes, stop: int) -> int:
+    """The scans (SOS markers) of a JPEG's first image, counted up to ``stop``: its marker segments
+    are walked by their lengths (an APP segment or a thumbnail holding FF DA is skipped whole), and
+    what follows its end (EOI: a phone's motion-photo video, a second MPO picture) is not looked at.
+    Pillow parses the segments only up to the first scan."""
+    scans, at = 0, 2  # past SOI
+    while at + 1 < len(raw) and scans < stop:
+        if raw[at] != 0xFF:  # entropy-coded data of the last scan: on to its next marker
+            at = raw.find(b"\xff", at)
+            if at < 0:
+                break
+            continue
+        marker = raw[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+        elif marker == 0x00 or marker in _STANDALONE:  # a stuffed FF in the data, or a restart
+            at += 2
+        elif marker == _EOI:
+            break
+        else:
+            scans += marker == _SOS
+            at += 2 + int.from_bytes(raw[at + 2:at + 4], "big")  # the segment's header, by its length
+    return scans
 VIDEO_CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
 """FFmpeg demuxers a client's video may be read with (its ``format_whitelist``): MP4/QuickTime,
 Matroska/WebM, AVI. Left to probe every demuxer, FFmpeg reads a playlist of files (``ffconcat``:
@@ -55,8 +81,8 @@ def open_image(raw: bytes) -> Image.Image:
     header claiming absurdly many pixels) is left to the caller, which names its own limit."""
     try:
         image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-        if image.format == "JPEG" and (scans := raw.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-            raise BadMedia(f"the JPEG has {scans} scans; this server decodes at most {MAX_JPEG_SCANS}")
+        if image.format in ("JPEG", "MPO") and jpeg_scans(raw, MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
+            raise BadMedia(f"the JPEG has more than {MAX_JPEG_SCANS} scans, the most this server decodes")
         return image
     except (Image.DecompressionBombError, BadMedia):
         raise

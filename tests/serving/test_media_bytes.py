@@ -191,13 +191,34 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_at_the_door_and_where_it_is_dec
     starts = [i for i in range(len(raw) - 1) if raw[i:i + 2] == b"\xff\xda"]
     scan = raw[starts[-1]:-2]  # the last scan, repeated before the end-of-image marker
     bomb = raw[:-2] + scan * 100 + raw[-2:]
-    visual = reader(tiny_processor()).from_url(data_url(raw, "JPEG"), "image")
-    assert with_pixels(visual, tiny_processor()).pixel_values is not None  # an ordinary progressive JPEG passes
-    with pytest.raises(InvalidRequest, match="scans"):
-        reader(tiny_processor()).from_url(data_url(bomb, "JPEG"), "image")
+    # a motion photo: a video after the picture's end, FF DA in it every ~64 KiB; an EXIF block holding some too
+    motion = raw + np.random.default_rng(5).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    exif = Image.Exif()
+    exif[0x010E] = "\xff\xda" * 200  # ImageDescription
+    tagged = io.BytesIO()
+    random_image(12, 256, 256).save(tagged, "JPEG", progressive=True, quality=10, exif=exif.tobytes())
+    for ordinary in (raw, motion, tagged.getvalue()):
+        visual = reader(tiny_processor()).from_url(data_url(ordinary, "JPEG"), "image")
+        assert with_pixels(visual, tiny_processor()).pixel_values is not None
     from models.qwen3_vl_moe.media import BadMedia, decode_image
-    with pytest.raises(BadMedia, match="scans"):
-        decode_image(bomb)
+    for kind in ("JPEG", "MPO"):
+        # (an MPO is a JPEG whose APP2 segment lists more pictures: Pillow names it MPO and decodes its first)
+        file = bomb if kind == "JPEG" else mpo(bomb)
+        with pytest.raises(InvalidRequest, match="scans"):
+            reader(tiny_processor()).from_url(data_url(file, "JPEG"), "image")
+        with pytest.raises(BadMedia, match="scans"):
+            decode_image(file)
+
+
+def mpo(jpeg: bytes) -> bytes:
+    """The JPEG as the first picture of a two-picture MPO (an MPF APP2 segment after SOI)."""
+    out = io.BytesIO()
+    first = Image.open(io.BytesIO(jpeg))
+    first.save(out, "MPO", save_all=True, append_images=[first.copy()])
+    head = out.getvalue()
+    app2 = head.index(b"\xff\xe2")  # Pillow's MPF segment, taken as it wrote it
+    length = int.from_bytes(head[app2 + 2:app2 + 4], "big")
+    return jpeg[:2] + head[app2:app2 + 2 + length] + jpeg[2:]
 
 
 def test_a_video_whose_decoding_would_read_too_many_pixels_is_refused_before_decoding():
