@@ -113,6 +113,46 @@ def test_what_is_not_fetched_is_a_400_naming_the_field(served, pictures, path, r
     assert len(backend.requests) == seen
 
 
+def test_an_https_host_trickling_its_headers_is_given_up_on_at_the_fetch_timeout(tmp_path, monkeypatch):
+    """Wrapping a socket in TLS detaches the TCP socket object: shutting that one at the deadline left
+    the TLS socket's reads waiting as long as the host trickled."""
+    import socket
+    import ssl
+
+    import trustme
+
+    from mmserve.serving.router.errors import InvalidRequest
+    from mmserve.serving.router.media_fetch import fetch_media
+
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(tmp_path / "ca.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # the default context trusts this CA alone
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def trickle():
+        connection, _ = listener.accept()
+        with server_context.wrap_socket(connection, server_side=True) as tls:
+            tls.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 40 + b"\r\nContent-Length: 3\r\n\r\nabc":
+                try:
+                    tls.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    settings = RouterSettings("tiny", 512, allowed_media_domains="127.0.0.1", media_fetch_timeout_s=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(InvalidRequest, match="took longer than 1.0 s"):
+            fetch_media(f"https://127.0.0.1:{listener.getsockname()[1]}/x.png", settings, "image", "image_url")
+        assert time.monotonic() - started < 3
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize("path", ["/trickle.png", "/trickle-headers.png"], ids=["body", "headers"])
 def test_a_host_trickling_its_answer_is_given_up_on_at_the_fetch_timeout(pictures, path):
     """A socket's timeout bounds each read: a host trickling its headers (before the body is read at

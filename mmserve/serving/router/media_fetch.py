@@ -45,12 +45,15 @@ def fetch_media(url: str, settings: RouterSettings, kind: str, param: str) -> by
     watchdog.start()
     try:
         with opener.open(request, timeout=settings.media_fetch_timeout_s) as reply:
-            data = bytearray()
-            while chunk := reply.read1(min(CHUNK_BYTES, limit + 1 - len(data))):  # what has come, not a full chunk
-                data += chunk
-                if len(data) > limit:
-                    raise InvalidRequest(f"the {kind} at {url} is larger than a request body may be ({limit} bytes; "
-                                         "see --max-body-bytes)", param)
+            try:
+                data = bytearray()
+                while chunk := reply.read1(min(CHUNK_BYTES, limit + 1 - len(data))):  # what has come
+                    data += chunk
+                    if len(data) > limit:
+                        raise InvalidRequest(f"the {kind} at {url} is larger than a request body may be ({limit} "
+                                             "bytes; see --max-body-bytes)", param)
+            finally:
+                connections.stop()  # before the sockets close: no shutdown after this
             if connections.expired.is_set():  # shut while the body was read: maybe cut short
                 raise TimeoutError
             return bytes(data)
@@ -63,6 +66,7 @@ def fetch_media(url: str, settings: RouterSettings, kind: str, param: str) -> by
         reason = getattr(error, "reason", error)
         raise InvalidRequest(f"could not fetch the {kind} at {url}: {reason}", param) from None
     finally:
+        connections.stop()
         watchdog.cancel()
 
 
@@ -74,38 +78,65 @@ class _Connections:
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self.expired = threading.Event()
+        self._stopped = False
 
     def http(self, host, **kwargs) -> http.client.HTTPConnection:
         return self._track(http.client.HTTPConnection(host, **kwargs))
 
     def https(self, host, **kwargs) -> http.client.HTTPSConnection:
-        return self._track(http.client.HTTPSConnection(host, **kwargs))
+        return self._track(_HTTPSConnection(host, connections=self, **kwargs))
 
     def _track(self, connection):
-        create = connection._create_connection  # http.client's hook for the TCP connection (before any TLS)
+        create = connection._create_connection  # http.client's hook for the TCP connection
 
         def created(*args, **kwargs):
             sock = create(*args, **kwargs)
-            with self._lock:
-                self._sockets.append(sock)
-                if self.expired.is_set():
-                    _shut(sock)
+            self.record(sock)
             return sock
 
         connection._create_connection = created
         return connection
 
+    def record(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired.is_set() and not self._stopped:
+                _shut(sock)
+
     def shut(self) -> None:
         with self._lock:
+            if self._stopped:
+                return
             self.expired.set()
             for sock in self._sockets:
                 _shut(sock)
 
+    def stop(self) -> None:
+        """The fetch is over: its sockets are about to close (and their descriptors to be reused)."""
+        with self._lock:
+            self._stopped = True
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """Records its TLS socket as well as the TCP one, before the handshake: wrapping detaches the TCP
+    socket object, so shutting it would leave the TLS socket's reads waiting."""
+
+    def __init__(self, host, *, connections: _Connections, **kwargs):
+        super().__init__(host, **kwargs)
+        self._connections = connections
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)  # TCP (and a proxy tunnel's CONNECT)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host,
+                                              do_handshake_on_connect=False)
+        self._connections.record(self.sock)
+        self.sock.do_handshake()
+
 
 def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # closed already
+    try:  # the socket's own shutdown, a TLS socket's too (``SSLSocket.shutdown`` would drop its TLS state)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # closed already, or detached (a TCP socket a TLS one took over)
         pass
 
 
