@@ -96,9 +96,10 @@ class DisaggregatedBackend:
             encode_early = encode is not None and not prefill_choice.matched_pages
             async with contextlib.aclosing(self._run(request, room, encode, prefill, decode, encode_early)) as events:
                 async for event in events:  # closed with this one when the caller stops listening
-                    for w in [w for w in counted if w is not decode]:
-                        w.in_flight -= 1
-                        counted.remove(w)
+                    if len(counted) > 1:  # the first event: encode's and prefill's parts are done
+                        for w in [w for w in counted if w is not decode]:
+                            w.in_flight -= 1
+                            counted.remove(w)
                     yield event
         finally:
             for w in counted:
