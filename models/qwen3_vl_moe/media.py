@@ -101,20 +101,13 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
 
 
 def orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1-8) the file's header gives (1: none, or unreadable), read without
-    decoding the pixels, so the router (which reads headers only) and the worker (which decodes)
-    agree on it: JPEG's and WebP's EXIF, a PNG's eXIf chunk when it comes before the pixels, TIFF's
-    tags."""
+    """The orientation (1-8) the file's header gives (1: none, or unreadable), as transformers'
+    ``load_image`` reads it (``ImageOps.exif_transpose``: the EXIF tag, else XMP's
+    ``tiff:Orientation``), without decoding the pixels, so the router (which reads headers only)
+    and the worker (which decodes) agree on it. ``Image.getexif`` of the base class: a PNG's own
+    decodes the pixels first (to find an eXIf chunk after them, which is then not seen here)."""
     try:
-        if image.format == "TIFF":
-            value = image.getexif().get(_ORIENTATION, 1)
-        else:
-            exif = image.info.get("exif")
-            if not exif:
-                return 1
-            tags = Image.Exif()
-            tags.load(exif)
-            value = tags.get(_ORIENTATION, 1)
+        value = Image.Image.getexif(image).get(_ORIENTATION, 1)
     except Exception:  # a damaged EXIF block: the image as stored
         return 1
     return value if value in _UPRIGHT else 1

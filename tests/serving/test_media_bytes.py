@@ -262,10 +262,12 @@ def test_a_local_path_that_is_not_a_regular_file_is_refused_without_reading_it(t
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_a_photo_stored_sideways_is_turned_upright_as_transformers_loads_it(orientation, tmp_path):
+@pytest.mark.parametrize("tag", ["exif", "xmp"])
+def test_a_photo_stored_sideways_is_turned_upright_as_transformers_loads_it(orientation, tag, tmp_path):
     """A phone stores a portrait photo landscape with EXIF orientation 6; transformers' load_image
-    turns every file upright (``ImageOps.exif_transpose``). The router's grid (from the header) and
-    the decoded patches equal the processor's on transformers' upright image."""
+    turns every file upright (``ImageOps.exif_transpose``: the EXIF tag, else XMP's
+    ``tiff:Orientation``, which was not read). The router's grid (from the header) and the
+    decoded patches equal the processor's on transformers' upright image."""
     from transformers.image_utils import load_image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -276,8 +278,11 @@ def test_a_photo_stored_sideways_is_turned_upright_as_transformers_loads_it(orie
     stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (96, 192, 3), np.uint8))
     exif = Image.Exif()
     exif[0x0112] = orientation
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+           '</rdf:RDF></x:xmpmeta>').encode()
     buffer = io.BytesIO()
-    stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    stored.save(buffer, "JPEG", quality=95, **({"exif": exif.tobytes()} if tag == "exif" else {"xmp": xmp}))
     url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
     processor = Processor.default().with_pixel_limits(min_pixels=32 * 32, max_pixels=128 * 128)
     processor.save(tmp_path)
