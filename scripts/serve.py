@@ -7,7 +7,10 @@ See ``python scripts/serve.py --help`` and docs/serving.md.
 
 import sys
 
-from mmserve.serving.cli import main
+from mmserve.core_dumps import forbid_core_dumps
 
 if __name__ == "__main__":
+    forbid_core_dumps()  # before jax loads (seconds): the environment holds the cluster secret
+    from mmserve.serving.cli import main
+
     sys.exit(main())
