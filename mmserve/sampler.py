@@ -155,10 +155,13 @@ def load_slot(penalties: PenaltyState, slot: jax.Array, prompt_token_ids: jax.Ar
 def apply_penalties(logits: jax.Array, output_counts: jax.Array, prompt_mask: jax.Array,
                     repetition_penalty: jax.Array, presence_penalty: jax.Array,
                     frequency_penalty: jax.Array) -> jax.Array:
-    """vLLM's penalties. Neutral values (1, 0, 0) leave a row's logits bit-identical."""
+    """vLLM's penalties. Neutral values (1, 0, 0) leave a row's logits bit-identical. A large
+    repetition penalty's product is held to float32's finite range: at -inf a penalized token
+    would tie with the tokens a grammar masks (a row of nothing but -inf draws token 0)."""
     in_output = output_counts > 0
     repetition = jnp.where(prompt_mask | in_output, repetition_penalty[:, None], 1.0)
-    logits = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    lowest = jnp.finfo(jnp.float32).min
+    logits = jnp.where(logits > 0, logits / repetition, jnp.maximum(logits * repetition, lowest))
     logits = logits - frequency_penalty[:, None] * output_counts
     return logits - presence_penalty[:, None] * in_output
 

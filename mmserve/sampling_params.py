@@ -17,6 +17,8 @@ from mmserve.structured_output.spec import StructuredOutput
 # Top-k logprobs are computed for a static count on device; a request may ask for at most this many.
 MAX_LOGPROBS = 20
 MIN_REPETITION_PENALTY = 1e-6
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: temperature and repetition_penalty reach the sampler as float32."""
 """Below it a positive logit divided by the penalty can pass float32's range: inf, then NaN."""
 
 # Every new token is checked against each stop string and token id on the engine's thread: a request
@@ -86,8 +88,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
         object.__setattr__(self, "stop", _stop_strings(self.stop))
 
-        if not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if not 0.0 <= self.temperature <= FLOAT32_MAX:  # the sampler divides by it in float32
+            raise ValueError(f"temperature must be >= 0 and finite in float32 (<= {FLOAT32_MAX:.4g}), "
+                             f"got {self.temperature}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -96,9 +99,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
-        if not MIN_REPETITION_PENALTY <= self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} and finite, "
-                             f"got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= FLOAT32_MAX:
+            raise ValueError(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} and finite in float32 "
+                             f"(<= {FLOAT32_MAX:.4g}), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -199,6 +199,27 @@ def test_penalties_match_vllm_formulas(random_logits):
     assert not np.allclose(expected, random_logits)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_huge_repetition_penalty_under_a_grammar_draws_an_allowed_token(temperature):
+    """Every allowed token penalized (in the prompt) with a penalty near float32's largest: their
+    negative logits times it overflowed to -inf, tying with the masked tokens, and a row of nothing
+    but -inf drew token 0, which the grammar forbids."""
+    logits = -np.abs(np.asarray(jax.random.normal(jax.random.PRNGKey(4), (VOCAB,)), np.float32)) - 4  # x 1e38: < -3.4e38
+    allowed = [3, 4, 5]
+    bitmask = np.zeros((1, 1), np.uint32)
+    for token in allowed:
+        bitmask[0, 0] |= np.uint32(1 << token)
+    mask = jnp.asarray(np.broadcast_to(bitmask.view(np.int32), (BATCH, 1)))
+    penalties = init_penalty_state(BATCH, VOCAB)
+    params = [SamplingParams(temperature=temperature, repetition_penalty=1e38, seed=row) for row in range(BATCH)]
+    for row in range(BATCH):
+        penalties = load_slot(penalties, row, padded_token_ids(allowed), padded_token_ids([]))
+    batch = pack_sampling_batch(params, [0] * BATCH, list(range(BATCH)), BATCH)
+    output, _ = sample(jnp.asarray(np.broadcast_to(logits, (BATCH, VOCAB))), batch, penalties,
+                       jax.random.PRNGKey(0), 0, mask)
+    assert set(np.asarray(output.token_ids).tolist()) <= set(allowed)
+
+
 def test_neutral_penalties_leave_logits_bit_identical(random_logits):
     counts = jnp.ones((BATCH, VOCAB), jnp.int32)
     penalized = apply_penalties(jnp.asarray(random_logits), counts, jnp.ones((BATCH, VOCAB), bool),

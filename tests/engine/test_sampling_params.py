@@ -39,6 +39,8 @@ def test_stop_lists_become_tuples_and_a_single_stop_string_is_accepted():
     (dict(seed="1"), "seed"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(repetition_penalty=1e-45), "repetition_penalty"),  # logits / penalty: inf, then NaN, then token 0
+    (dict(temperature=1e39), "temperature"),  # finite in Python, inf in float32: a masked -inf / inf is NaN
+    (dict(repetition_penalty=1e39), "repetition_penalty"),
     (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(max_tokens=0), "max_tokens"),
