@@ -40,7 +40,7 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generates for one prompt or a list; every prompt is validated before any is run."""
         prompts = prompts if isinstance(prompts, list) else [prompts]
-        params = _per_prompt(sampling_params, len(prompts))
+        params = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params())
         prepared = [self.engine.prepare(p) for p in prompts]
         ids = []
         for prompt, p in zip(prepared, params):
@@ -56,6 +56,11 @@ class LLM:
             for request_id in ids:
                 self.engine.abort(request_id)
             raise
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` sample with when given no params: the checkpoint's
+        recommended sampling (``generation_config.json``), as vLLM's ``LLM`` does."""
+        return SamplingParams(**self.model.sampling_defaults)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
@@ -102,9 +107,9 @@ class LLM:
         return [finished[i] for i in request_ids]
 
 
-def _per_prompt(params, count: int) -> list[SamplingParams]:
+def _per_prompt(params, count: int, default: SamplingParams) -> list[SamplingParams]:
     if params is None:
-        return [SamplingParams()] * count
+        return [default] * count
     if isinstance(params, SamplingParams):
         return [params] * count
     params = list(params)

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 
 from models.qwen3_vl_moe import stages
 from models.qwen3_vl_moe.config import ModelConfig
+from models.qwen3_vl_moe.generation_config import sampling_defaults
 from models.qwen3_vl_moe.kv_cache import KVCache
 from models.qwen3_vl_moe.modeling import Qwen3VLMoe
 from models.qwen3_vl_moe.moe_dispatch import choose as choose_moe_dispatch
@@ -47,6 +48,8 @@ class Model:
     dtype: jnp.dtype
     moe_dispatch: str = "ragged_dot"
     """The MoE strategy the programs use (:func:`moe_dispatch.choose` picked it at load time)."""
+    sampling_defaults: Mapping[str, float | int] = dataclasses.field(default_factory=dict)
+    """The checkpoint's recommended sampling (:mod:`generation_config`), for what a request leaves out."""
 
     @functools.cached_property
     def module(self) -> Qwen3VLMoe:
@@ -211,15 +214,16 @@ def _load(path, dtype, shardings, weights) -> Model:
     # minutes of reading weights
     tokenizer, processor = Tokenizer.from_dir(path), Processor.from_dir(path)
     _check_processor(processor, config, path)
+    defaults = sampling_defaults(path)
     if not weights:
-        return Model(config, None, tokenizer, processor, dtype)
+        return Model(config, None, tokenizer, processor, dtype, sampling_defaults=defaults)
     abstract = abstract_params(config, dtype)
     placement = None if shardings is None else shardings(config, abstract)
     if (path / ORBAX_PARAMS).exists():
         params = restore_orbax(path / ORBAX_PARAMS, abstract, placement)
     else:
         params = load_safetensors(path, config, abstract, dtype, placement)
-    return Model(config, params, tokenizer, processor, dtype)
+    return Model(config, params, tokenizer, processor, dtype, sampling_defaults=defaults)
 
 
 def _check_processor(processor: Processor, config: ModelConfig, path: Path) -> None:

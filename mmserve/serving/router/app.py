@@ -40,6 +40,9 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
               on_shutdown: Callable[[], None] | None = None) -> Starlette:
     """``model`` supplies the tokenizer, processor and config that prepare requests; ``on_shutdown``
     runs when the server stops (the colocated backend stops its engine thread there)."""
+    if model.sampling_defaults:
+        log.info("sampling fields a request leaves out take the checkpoint's generation_config.json: %s",
+                 ", ".join(f"{k}={v}" for k, v in model.sampling_defaults.items()))
     metrics = RouterMetrics(backend.metrics)
     admission = Admission(backend.capacity, settings.max_queued_requests, settings.queue_timeout_s,
                           backend.kv_capacity)

@@ -36,7 +36,7 @@ async def chat_completions(request: Request) -> Response:
     router = RouterContext.of(request)
     body = json_object(await json_body(request))
     check_known(body, CHAT_FIELDS)
-    common = common_fields(body, router.settings)
+    common = common_fields(body, router.settings, router.model.sampling_defaults)
     tools = await requested_tools(body, router.backend)
     structured = await structured_output(body, router.backend)
     if tools is not None and tools.grammar is not None:

@@ -31,7 +31,7 @@ async def completions(request: Request) -> Response:
     router = RouterContext.of(request)
     body = json_object(await json_body(request))
     check_known(body, COMPLETION_FIELDS)
-    common = common_fields(body, router.settings)
+    common = common_fields(body, router.settings, router.model.sampling_defaults)
     best_of = requested_best_of(body, common.n, common.stream)
     structured = await structured_output(body, router.backend)
     prompt = await prepare(lambda: _prompt(body.get("prompt")), router.model, router.settings.max_model_len, "prompt")

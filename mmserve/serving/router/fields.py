@@ -49,7 +49,10 @@ def check_known(body: Mapping[str, Any], allowed: set[str]) -> None:
             raise InvalidRequest(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
 
 
-def common_fields(body: Mapping[str, Any], settings: RouterSettings) -> CommonFields:
+def common_fields(body: Mapping[str, Any], settings: RouterSettings,
+                  defaults: Mapping[str, Any] | None = None) -> CommonFields:
+    """``defaults``: the checkpoint's recommended sampling (``Model.sampling_defaults``), for the
+    sampling fields the request leaves out or sends as null, as vLLM's ``--generation-config auto``."""
     model = body.get("model", settings.model_name)
     if model != settings.model_name:
         raise InvalidRequest(f"The model {model!r} does not exist; this server serves {settings.model_name!r}",
@@ -67,8 +70,13 @@ def common_fields(body: Mapping[str, Any], settings: RouterSettings) -> CommonFi
         raise InvalidRequest("stream_options takes only include_usage and continuous_usage_stats", "stream_options")
     include_usage, continuous = _bool(options, "include_usage"), _bool(options, "continuous_usage_stats")
     return CommonFields(stream, include_usage, _bool(body, "return_tokens_as_token_ids"),
-                        {name: body[name] for name in SAMPLING_FIELDS if name in body}, n,
+                        with_defaults({name: body[name] for name in SAMPLING_FIELDS if name in body}, defaults), n,
                         include_usage and continuous)
+
+
+def with_defaults(sampling: Mapping[str, Any], defaults: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A request's sampling fields over the checkpoint's recommended ones (a null is no value)."""
+    return dict(defaults or {}) | {name: value for name, value in sampling.items() if value is not None}
 
 
 def requested_int(body: Mapping[str, Any], name: str) -> int | None:

@@ -18,7 +18,8 @@ from mmserve.sampling_params import SamplingParams
 from mmserve.serving.backend import GenerateRequest
 from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest, backend_error_response
-from mmserve.serving.router.fields import PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params
+from mmserve.serving.router.fields import (PARAMS_FIELDS, check_known, json_object, requested_int, sampling_params,
+                                          with_defaults)
 from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.media import MediaReader
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
@@ -42,7 +43,7 @@ async def generate(request: Request) -> Response:
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
                                        DEFAULT_MAX_TOKENS, router.settings.max_model_len,
                                        "prompt", "sampling_params.max_tokens")
-    params = sampling_params(sampling | {"max_tokens": max_tokens},
+    params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | {"max_tokens": max_tokens},
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
     events = await unless_disconnected(request, lambda: router.relay(generate_request, ENDPOINT, arrival))
