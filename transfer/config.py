@@ -37,7 +37,7 @@ class TransferConfig:
     advertise_host: str = ""
     """The address peers dial to reach this process's listeners (a pod IP, a host name), published
     in the registry; empty: the bind host. Needed when binding 0.0.0.0 across hosts or pods."""
-    secret: str = ""
+    secret: str = dataclasses.field(default="", repr=False)
     """The secret the CurveZMQ keys of every control and registry socket are derived from
     (:mod:`transfer.curve`): a peer without it is refused at the connection's handshake, and the
     control traffic is encrypted. Empty: plain ZMQ (a library user's choice; mmserve's roles always

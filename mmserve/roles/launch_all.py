@@ -55,7 +55,7 @@ def all_commands(args: argparse.Namespace, argv: list[str], sockets: str,
 def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -> int:
     """The router and the workers (``--workers``; one per role by default), as child processes on
     loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
-    stops them all."""
+    stops them all, a second one at once."""
     from mmserve.roles.supervisor import Supervisor
 
     from models.qwen3_vl_moe import load_model
@@ -65,18 +65,18 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
         engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
     sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
-    commands = all_commands(args, argv, sockets, _free_port())
-    env = os.environ | ClusterCredential.generate().environment()
-    env.pop(SECRET_FILE_ENV, None)
-    supervisor = Supervisor(commands, env).start()
-    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
-    started = True
     try:
-        started = supervisor.run()
-    except KeyboardInterrupt:
-        pass
+        commands = all_commands(args, argv, sockets, _free_port())
+        env = os.environ | ClusterCredential.generate().environment()
+        env.pop(SECRET_FILE_ENV, None)
+        supervisor = Supervisor(commands, env, sockets)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second one kills the children at once
+            signal.signal(signum, lambda *_: supervisor.request_stop())
+        try:
+            started = supervisor.start().run()
+        finally:
+            supervisor.stop()
     finally:
-        supervisor.stop()
         shutil.rmtree(sockets, ignore_errors=True)
     if not started:
         print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)

@@ -10,9 +10,10 @@ import sys
 
 from mmserve.config_flags import config_from_args
 from mmserve.engine.config import EngineConfig
-from mmserve.roles.launch import (cluster_credential, configure_logging, model_errors_said, require_free_port,
-                                  transfer_config)
+from mmserve.roles.launch import (STARTUP_FAILURE, cluster_credential, configure_logging, model_errors_said,
+                                  require_free_port, transfer_config)
 from mmserve.roles.routing import RoutingConfig
+from mmserve.roles.supervisor import mark_ready
 
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
@@ -50,10 +51,10 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     backend = DisaggregatedBackend(pool)
     app = build_app(backend, frontend, settings, on_shutdown=feed.close)
 
-    async def main() -> None:
+    async def main() -> bool:
         registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port, args.registry_socket)
         try:
-            await serve_http(app, backend, args.host, args.port, args.log_level)
+            return await serve_http(app, backend, args.host, args.port, args.log_level, on_listening=mark_ready)
         finally:
             await registry.stop(grace=1)
 
@@ -62,10 +63,10 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     # nothing (the trace's last spans were lost).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        run_event_loop(main())
+        started = run_event_loop(main())
     finally:
         bootstrap.close()
-    return 0
+    return 0 if started else STARTUP_FAILURE  # (a port taken, the app's start-up failing: as colocated's)
 
 
 def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:

@@ -29,18 +29,25 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0
-"""A process that ran this long before it died counts as healthy again: its next restart waits
-only FIRST_BACKOFF_S. One that keeps dying sooner waits twice as long each time, up to MAX_BACKOFF_S."""
+"""A process that served this long (from when it said it was ready) before it died counts as
+healthy again: its next restart waits only FIRST_BACKOFF_S. One that keeps dying sooner waits twice
+as long each time, up to MAX_BACKOFF_S."""
 START_FAILURES = 5
-"""A child that died this many times in a row, each within STABLE_S of its start, without ever
-having run STABLE_S since the supervisor started, cannot start (a checkpoint it cannot load, a
-port it cannot bind): everything stops and ``run`` returns False, instead of restarting it for
-good behind a /health that says 503 forever."""
+"""A child that died this many times in a row, each before it had served STABLE_S, without ever
+having served STABLE_S since the supervisor started, cannot start (a checkpoint it cannot load, a
+port it cannot bind, a cache that does not fit): everything stops and ``run`` returns False,
+instead of restarting it for good behind a /health that says 503 forever. Counted from readiness,
+not from the start: a start-up longer than STABLE_S (loading and compiling a large checkpoint)
+that fails every time was counted healthy, and restarted every second for ever."""
 STOP_GRACE_S = 10.0
+"""How long the children have, all together, to end after SIGTERM before they are killed."""
 POLL_S = 0.5
 PARENT_ENV = "MMSERVE_PARENT_PID"
 """The pid of the process a ``serve.py`` must not outlive (set by the supervisor for its children,
 and by the tests for the servers they start); unset: it lives on its own."""
+READY_ENV = "MMSERVE_READY_FILE"
+"""A file a supervised child creates once it serves (:func:`mark_ready`): a worker registered with
+the router, the router's HTTP server listening."""
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -53,12 +60,16 @@ class Child:
     restarts: int = 0
     quick_deaths: int = 0  # deaths in a row, each before STABLE_S
     restart_at: float | None = None
-    ever_stable: bool = False  # it once ran STABLE_S
+    ever_stable: bool = False  # it once served STABLE_S
+    ready_file: str = ""
+    ready_at: float | None = None  # when the supervisor saw this run's ready file
 
 
 class Supervisor:
-    def __init__(self, commands: Mapping[str, list[str]], env: Mapping[str, str]):
-        self.children = {name: Child(name, argv) for name, argv in commands.items()}
+    def __init__(self, commands: Mapping[str, list[str]], env: Mapping[str, str], ready_dir: str):
+        """``ready_dir``: where each child's ready file goes (a directory only this user reads)."""
+        self.children = {name: Child(name, argv, ready_file=os.path.join(ready_dir, f"ready-{i}"))
+                         for i, (name, argv) in enumerate(commands.items())}
         self._env = dict(env)
         self._stopping = False
         self.failed: str | None = None
@@ -72,8 +83,10 @@ class Supervisor:
     def check(self, now: float) -> None:
         """Notices children that exited and starts those whose backoff has passed."""
         for child in self.children.values():
+            if child.ready_at is None and child.process is not None and os.path.exists(child.ready_file):
+                child.ready_at = now
             if child.restart_at is None and child.process is not None and child.process.poll() is not None:
-                quick = now - child.started_at < STABLE_S
+                quick = child.ready_at is None or now - child.ready_at < STABLE_S
                 child.ever_stable = child.ever_stable or not quick
                 backoff = self._back_off(child, now, quick)
                 if not child.ever_stable and child.quick_deaths >= START_FAILURES:
@@ -102,29 +115,61 @@ class Supervisor:
         return backoff
 
     def run(self) -> bool:
-        """Supervises until ``stop`` (from a signal handler): True; or until a child cannot start:
-        False (``failed`` names it)."""
+        """Supervises until ``request_stop`` (a signal handler's): True; or until a child cannot
+        start: False (``failed`` names it). The caller then calls ``stop``."""
         while not self._stopping:
             self.check(time.monotonic())
             time.sleep(POLL_S)
         return self.failed is None
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """For a signal handler: the first signal ends ``run`` (which then stops the children in
+        order); one while they are being stopped kills them at once."""
+        if self._stopping:
+            self._kill()
         self._stopping = True
-        running = [c.process for c in self.children.values() if c.process is not None and c.process.poll() is None]
+
+    def stop(self) -> None:
+        """SIGTERM to every child, then STOP_GRACE_S for all of them together (a child busy in native
+        code, compiling say, runs no handler: each waited its own grace in turn, past what
+        ``docker stop`` and Kubernetes allow), then SIGKILL to what is left."""
+        self._stopping = True
+        running = self._running()
         for process in running:
             process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
         for process in running:
             try:
-                process.wait(timeout=STOP_GRACE_S)
+                process.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
+
+    def _kill(self) -> None:
+        for process in self._running():
+            process.kill()
+
+    def _running(self) -> list[subprocess.Popen]:
+        return [c.process for c in self.children.values() if c.process is not None and c.process.poll() is None]
 
     def _spawn(self, child: Child, now: float) -> None:
+        try:
+            os.unlink(child.ready_file)  # the last run's
+        except FileNotFoundError:
+            pass
         # From this (the main) thread: PR_SET_PDEATHSIG fires when the thread that forked the child ends.
-        child.process = subprocess.Popen(child.argv, env=self._env | {PARENT_ENV: str(os.getpid())})
-        child.started_at, child.restart_at = now, None
+        child.process = subprocess.Popen(child.argv, env=self._env | {PARENT_ENV: str(os.getpid()),
+                                                                      READY_ENV: child.ready_file})
+        child.started_at, child.restart_at, child.ready_at = now, None, None
         log.info("%s started (pid %d)", child.name, child.process.pid)
+
+
+def mark_ready(environ: Mapping[str, str] = os.environ) -> None:
+    """Tells a supervising ``--role all`` this process serves (nothing when none supervises it)."""
+    path = environ.get(READY_ENV)
+    if path:
+        with open(path, "w"):
+            pass
 
 
 def die_with_parent(environ: Mapping[str, str] = os.environ) -> None:

@@ -28,6 +28,7 @@ from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
 from mmserve.roles.role_loop import LoopStopped, RoleLoop
+from mmserve.roles.supervisor import mark_ready
 from mmserve.tracing import extract
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
             max_model_len=role.max_model_len(), model_fingerprint=model_fingerprint, leaving=leaving)
 
     refusal, unreachable_since = "", time.monotonic()  # each problem said once, not every heartbeat
+    registered = False
     with auth.channel(router, token) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
@@ -294,6 +296,9 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
                 if not ack.ok and ack.error != refusal:
                     log.error("router %s refused the registration: %s", router, ack.error)
                 refusal, unreachable_since = ("" if ack.ok else ack.error), None
+                if ack.ok and not registered:  # serving: a supervising --role all counts its run from here
+                    registered = True
+                    mark_ready()
             except grpc.RpcError as error:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     if refusal != "secret":

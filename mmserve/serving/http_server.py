@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvicorn
@@ -63,14 +63,15 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log_level: str) -> bool:
+async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log_level: str,
+                     on_listening: Callable[[], None] | None = None) -> bool:
     """Serves ``app`` until a signal stops it, logging ``ready on http://host:port`` once; False
-    when the server never started (its port taken, say)."""
+    when the server never started (its port taken, say). ``on_listening``: called once it listens."""
     server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
     access = logging.getLogger("uvicorn.access")  # after Config, which configures uvicorn's loggers
     if not any(isinstance(f, HealthPollFilter) for f in access.filters):
         access.addFilter(HealthPollFilter())
-    announcer = asyncio.create_task(_announce_ready(server, backend, f"http://{host}:{port}"))
+    announcer = asyncio.create_task(_announce_ready(server, backend, f"http://{host}:{port}", on_listening))
     try:
         await server.serve()
     finally:
@@ -80,9 +81,12 @@ async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log
     return server.started
 
 
-async def _announce_ready(server: uvicorn.Server, backend: Backend, url: str) -> None:
+async def _announce_ready(server: uvicorn.Server, backend: Backend, url: str,
+                          on_listening: Callable[[], None] | None) -> None:
     while not server.started:
         await asyncio.sleep(READY_POLL_S)
+    if on_listening is not None:
+        on_listening()
     if not await _healthy(backend):
         log.info("listening on %s, not ready: /health answers 503 until every stage is up", url)
         while not await _healthy(backend):

@@ -17,8 +17,9 @@ CHILD = ("from mmserve.roles.supervisor import die_with_parent; die_with_parent(
 SUPERVISOR = f"""
 import json, sys, time
 from mmserve.roles.supervisor import Supervisor
+import tempfile
 supervisor = Supervisor({{"a": [sys.executable, "-c", {CHILD!r}], "b": [sys.executable, "-c", {CHILD!r}]}},
-                        {{"PYTHONPATH": {str(REPO)!r}}}).start()
+                        {{"PYTHONPATH": {str(REPO)!r}}}, tempfile.mkdtemp()).start()
 print(json.dumps([c.process.pid for c in supervisor.children.values()]), flush=True)
 supervisor.run()
 """
@@ -61,7 +62,7 @@ def test_a_child_that_cannot_be_started_again_is_tried_later_and_the_others_serv
     flaky.write_text("#!/bin/sh\nexit 3\n")
     flaky.chmod(0o755)
     supervisor = Supervisor({"steady": [sys.executable, "-c", "import time; time.sleep(60)"],
-                             "flaky": [str(flaky)]}, ENV).start()
+                             "flaky": [str(flaky)]}, ENV, str(tmp_path)).start()
     try:
         steady, first = supervisor.children["steady"].process, supervisor.children["flaky"].process
         first.wait(timeout=10)
@@ -88,7 +89,7 @@ def test_a_child_that_never_starts_stops_everything_after_five_tries(tmp_path):
     from mmserve.roles.supervisor import START_FAILURES, Supervisor
 
     supervisor = Supervisor({"steady": [sys.executable, "-c", "import time; time.sleep(60)"],
-                             "broken": [sys.executable, "-c", "raise SystemExit(1)"]}, ENV).start()
+                             "broken": [sys.executable, "-c", "raise SystemExit(1)"]}, ENV, str(tmp_path)).start()
     try:
         now, checks = time.monotonic(), 0
         while supervisor.failed is None and checks < 4 * START_FAILURES:
@@ -102,3 +103,64 @@ def test_a_child_that_never_starts_stops_everything_after_five_tries(tmp_path):
         assert supervisor.run() is False  # returns at once, saying it gave up
     finally:
         supervisor.stop()
+
+
+def test_a_child_that_fails_after_a_long_start_every_time_is_given_up_on(tmp_path):
+    """A run counts as healthy from when the child says it serves, not from its start: a checkpoint
+    that loads and compiles for longer than STABLE_S and then fails every time was counted healthy,
+    and restarted every second for ever."""
+    import time
+
+    from mmserve.roles.supervisor import STABLE_S, START_FAILURES, Supervisor
+
+    supervisor = Supervisor({"slow": [sys.executable, "-c", "raise SystemExit(1)"]}, ENV, str(tmp_path)).start()
+    try:
+        now = time.monotonic()
+        while supervisor.failed is None and supervisor.children["slow"].restarts < 2 * START_FAILURES:
+            supervisor.children["slow"].process.wait(timeout=30)
+            now += STABLE_S + 1  # each run lasted longer than STABLE_S, never ready
+            supervisor.check(now)
+            now = max(now, supervisor.children["slow"].restart_at or now)
+            supervisor.check(now)
+        assert supervisor.failed == "slow"
+    finally:
+        supervisor.stop()
+
+
+def test_a_child_that_served_long_enough_is_healthy_again(tmp_path):
+    import time
+
+    from mmserve.roles.supervisor import FIRST_BACKOFF_S, STABLE_S, Supervisor
+
+    ready = "from mmserve.roles.supervisor import mark_ready; mark_ready(); import time; time.sleep(0.5)"
+    supervisor = Supervisor({"served": [sys.executable, "-c", ready]}, ENV, str(tmp_path)).start()
+    try:
+        child = supervisor.children["served"]
+        start = time.monotonic()
+        while not (tmp_path / "ready-0").exists():
+            assert time.monotonic() - start < 30
+            time.sleep(0.05)
+        supervisor.check(start)  # sees it ready
+        child.process.wait(timeout=30)
+        supervisor.check(start + STABLE_S + 1)  # it died after serving longer than STABLE_S
+        assert child.ever_stable and child.quick_deaths == 1 and child.restart_at == start + STABLE_S + 1 + FIRST_BACKOFF_S
+    finally:
+        supervisor.stop()
+
+
+def test_stopping_gives_the_children_one_grace_together_then_kills_them(tmp_path, monkeypatch):
+    """Each child waited its own grace in turn: four children deaf to SIGTERM (busy in native code)
+    took four graces, past what docker stop and Kubernetes allow."""
+    import time
+
+    from mmserve.roles import supervisor as module
+
+    monkeypatch.setattr(module, "STOP_GRACE_S", 1.0)
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    supervisor = module.Supervisor({f"c{i}": [sys.executable, "-c", deaf] for i in range(4)}, ENV, str(tmp_path))
+    supervisor.start()
+    time.sleep(1.0)  # each has set SIGTERM aside
+    started = time.monotonic()
+    supervisor.stop()
+    assert time.monotonic() - started < 2.5
+    assert all(c.process.returncode == -9 for c in supervisor.children.values())
