@@ -16,16 +16,24 @@ def random_frames(seed: int, count: int, height: int, width: int) -> np.ndarray:
 
 
 def lossless_video(frames: np.ndarray, fps: int) -> bytes:
+    return encoded_video(frames, fps)
+
+
+def encoded_video(frames: np.ndarray, fps: int, container: str = "matroska", codec: str = "ffv1",
+                  pix_fmt: str = "bgr0", title: str | None = None) -> bytes:
+    """``frames`` ([T, H, W, 3] uint8) in ``container`` and ``codec`` (lossless by default)."""
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="matroska") as container:
-        stream = container.add_stream("ffv1", rate=fps)
+    with av.open(buffer, "w", format=container) as out:
+        if title is not None:
+            out.metadata["title"] = title
+        stream = out.add_stream(codec, rate=fps)
         stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "bgr0"
+        stream.pix_fmt = pix_fmt
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
+                out.mux(packet)
         for packet in stream.encode():
-            container.mux(packet)
+            out.mux(packet)
     return buffer.getvalue()
 
 

@@ -2,9 +2,6 @@
 no frame), decoded with PyAV where they are processed, sampled as Qwen3-VL's processor samples
 them; a served video chat equals the offline ``LLM`` given the same frames."""
 
-import io
-
-import av
 import numpy as np
 import openai
 import pytest
@@ -17,7 +14,7 @@ from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe.media import decode_sampled_frames, read_video_header
 from models.qwen3_vl_moe.tiny import tiny_processor
 from served_model import API_KEY, MODEL_NAME
-from videos import lossless_video, random_frames, video_data_url
+from videos import encoded_video, lossless_video, random_frames, video_data_url
 
 
 def reader(**limits) -> MediaReader:
@@ -114,17 +111,7 @@ def test_bad_videos_are_a_clear_400(url, message):
 
 
 def titled_video(title: str) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="matroska") as container:
-        container.metadata["title"] = title
-        stream = container.add_stream("ffv1", rate=2)
-        stream.height, stream.width, stream.pix_fmt = 32, 32, "bgr0"
-        for frame in random_frames(5, 4, 32, 32):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    return encoded_video(random_frames(5, 4, 32, 32), 2, title=title)
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -186,18 +173,10 @@ def test_a_video_whose_processing_size_has_an_extreme_aspect_is_processed_as_the
 
 @pytest.mark.parametrize("container, codec", [("webm", "libvpx"), ("avi", "mpeg4"), ("mp4", "mpeg4")])
 def test_the_containers_clients_send_are_read(container, codec):
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=2)
-        stream.height, stream.width, stream.pix_fmt = 32, 32, "yuv420p"
-        for frame in random_frames(6, 4, 32, 32):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    header = read_video_header(buffer.getvalue())
+    raw = encoded_video(random_frames(6, 4, 32, 32), 2, container, codec, "yuv420p")
+    header = read_video_header(raw)
     assert (header.frames, header.width, header.height) == (4, 32, 32)
-    assert decode_sampled_frames(buffer.getvalue(), header, tiny_processor()).shape[0] == 4
+    assert decode_sampled_frames(raw, header, tiny_processor()).shape[0] == 4
 
 
 @pytest.mark.slow
