@@ -13,7 +13,7 @@ from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.warmup import default_cache_dir, use_compilation_cache
-from mmserve.sampling_params import SamplingParams
+from mmserve.sampling_params import SamplingParams, checked_defaults
 from models.qwen3_vl_moe import load_model
 
 ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -33,14 +33,16 @@ class LLM:
         if unknown:
             raise ValueError(f"unknown engine argument(s): {sorted(unknown)}")
         use_compilation_cache(default_cache_dir() if compilation_cache is None else compilation_cache)
-        self.model = load_model(model, dtype=dtype, moe_dispatch=moe_dispatch)
+        loaded = load_model(model, dtype=dtype, moe_dispatch=moe_dispatch)
+        self.model = dataclasses.replace(loaded, sampling_defaults=checked_defaults(loaded.sampling_defaults))
         self.engine = LLMEngine(self.model, EngineConfig(**engine_args))
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generates for one prompt or a list; every prompt is validated before any is run."""
         prompts = prompts if isinstance(prompts, list) else [prompts]
-        params = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params())
+        params = _per_prompt(self.get_default_sampling_params() if sampling_params is None else sampling_params,
+                             len(prompts))
         prepared = [self.engine.prepare(p) for p in prompts]
         ids = []
         for prompt, p in zip(prepared, params):
@@ -107,9 +109,7 @@ class LLM:
         return [finished[i] for i in request_ids]
 
 
-def _per_prompt(params, count: int, default: SamplingParams) -> list[SamplingParams]:
-    if params is None:
-        return [default] * count
+def _per_prompt(params, count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * count
     params = list(params)

@@ -241,7 +241,10 @@ def _row_keys(batch: SamplingBatch, rng_key: jax.Array) -> jax.Array:
 
 def _draw(logits: jax.Array, batch: SamplingBatch, greedy: jax.Array, keys: jax.Array) -> jax.Array:
     temperature = jnp.where(greedy, 1.0, batch.temperature)
-    logits = logits / temperature[:, None]
+    # held to float32's range (a penalized logit at its lowest, divided by a temperature below 1,
+    # would be -inf, as a grammar's masked tokens are: a row of them draws token 0); those stay -inf
+    scaled = jnp.maximum(logits / temperature[:, None], jnp.finfo(jnp.float32).min)
+    logits = jnp.where(logits == -jnp.inf, logits, scaled)
     logits = _apply_min_p(logits, batch.min_p)
     truncating = ~greedy & ((batch.top_k > 0) | (batch.top_p < 1.0))
     logits = jax.lax.cond(jnp.any(truncating),

@@ -7,6 +7,7 @@ is Python's own `TypeError`). Input from outside the process (HTTP bodies, CLI f
 """
 
 import dataclasses
+import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -14,12 +15,14 @@ from typing import Any
 
 from mmserve.structured_output.spec import StructuredOutput
 
+log = logging.getLogger(__name__)
+
 # Top-k logprobs are computed for a static count on device; a request may ask for at most this many.
 MAX_LOGPROBS = 20
 MIN_REPETITION_PENALTY = 1e-6
+"""Below it a positive logit divided by the penalty can pass float32's range: inf, then NaN."""
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest finite float32: temperature and repetition_penalty reach the sampler as float32."""
-"""Below it a positive logit divided by the penalty can pass float32's range: inf, then NaN."""
 
 # Every new token is checked against each stop string and token id on the engine's thread: a request
 # naming a million of them slowed every other request 100-fold. (OpenAI's API takes 4 stop strings;
@@ -173,3 +176,18 @@ def _stop_strings(values: Any) -> tuple[str, ...]:
     if any(value == "" for value in values):
         raise ValueError("stop strings must not be empty")
     return tuple(values)
+
+
+def checked_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling values a checkpoint recommends (``Model.sampling_defaults``) that are valid
+    here; each other one is left out with a warning (kept, it would refuse every request leaving
+    that field out, naming a field the client never sent)."""
+    kept = {}
+    for name, value in defaults.items():
+        try:
+            SamplingParams.from_dict({name: value})
+        except ValueError as error:
+            log.warning("generation_config.json's %s=%r is not used: %s", name, value, error)
+            continue
+        kept[name] = value
+    return kept

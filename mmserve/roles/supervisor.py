@@ -33,12 +33,12 @@ STABLE_S = 60.0
 healthy again: its next restart waits only FIRST_BACKOFF_S. One that keeps dying sooner waits twice
 as long each time, up to MAX_BACKOFF_S."""
 START_FAILURES = 5
-"""A child that died this many times in a row, each before it had served STABLE_S, without ever
-having served STABLE_S since the supervisor started, cannot start (a checkpoint it cannot load, a
-port it cannot bind, a cache that does not fit): everything stops and ``run`` returns False,
-instead of restarting it for good behind a /health that says 503 forever. Counted from readiness,
-not from the start: a start-up longer than STABLE_S (loading and compiling a large checkpoint)
-that fails every time was counted healthy, and restarted every second for ever."""
+"""A child that died this many times in a row without ever having said it serves cannot start (a
+checkpoint it cannot load, a port it cannot bind, a cache that does not fit): everything stops and
+``run`` returns False, instead of restarting it for good behind a /health that says 503 forever.
+By readiness, not by time since the start: a start-up longer than STABLE_S (loading and compiling
+a large checkpoint) that failed every time was counted healthy, and restarted every second for
+ever. One that served and dies is restarted, however often."""
 STOP_GRACE_S = 10.0
 """How long the children have, all together, to end after SIGTERM before they are killed."""
 POLL_S = 0.5
@@ -60,7 +60,7 @@ class Child:
     restarts: int = 0
     quick_deaths: int = 0  # deaths in a row, each before STABLE_S
     restart_at: float | None = None
-    ever_stable: bool = False  # it once served STABLE_S
+    ever_ready: bool = False  # some run of it said it serves
     ready_file: str = ""
     ready_at: float | None = None  # when the supervisor saw this run's ready file
 
@@ -84,12 +84,11 @@ class Supervisor:
         """Notices children that exited and starts those whose backoff has passed."""
         for child in self.children.values():
             if child.ready_at is None and child.process is not None and os.path.exists(child.ready_file):
-                child.ready_at = now
+                child.ready_at, child.ever_ready = now, True
             if child.restart_at is None and child.process is not None and child.process.poll() is not None:
                 quick = child.ready_at is None or now - child.ready_at < STABLE_S
-                child.ever_stable = child.ever_stable or not quick
                 backoff = self._back_off(child, now, quick)
-                if not child.ever_stable and child.quick_deaths >= START_FAILURES:
+                if not child.ever_ready and child.quick_deaths >= START_FAILURES:
                     log.error("%s exited with status %s, %d times in a row, each soon after it started: it cannot "
                               "start (its log above says why); stopping", child.name, child.process.returncode,
                               child.quick_deaths)
@@ -143,7 +142,10 @@ class Supervisor:
                 process.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait()
+                try:
+                    process.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:  # stuck in the kernel (a device call): left to init
+                    log.error("process %d did not end after SIGKILL", process.pid)
 
     def _kill(self) -> None:
         for process in self._running():
@@ -168,8 +170,11 @@ def mark_ready(environ: Mapping[str, str] = os.environ) -> None:
     """Tells a supervising ``--role all`` this process serves (nothing when none supervises it)."""
     path = environ.get(READY_ENV)
     if path:
-        with open(path, "w"):
-            pass
+        try:
+            with open(path, "w"):
+                pass
+        except OSError as error:  # the caller serves on: only the supervisor's restart backoff is off
+            log.warning("could not mark this process ready in %s: %s", path, error)
 
 
 def die_with_parent(environ: Mapping[str, str] = os.environ) -> None:

@@ -15,6 +15,7 @@ the size the processor gives the source's frames, and decoding stops after the l
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import av
@@ -31,32 +32,25 @@ MAX_JPEG_SCANS = 64
 """A progressive JPEG's scans, at most (encoders write about 10): each scan is a pass over the whole
 image, so a file of thousands of tiny scans costs minutes of decoding for a picture worth a
 fraction of a second."""
-_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
+_MARKER = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
+"""A marker with a length (or EOI): not a stuffed FF 00, a restart, TEM, nor a fill byte before one."""
 _SOS, _EOI = 0xDA, 0xD9
 
 
 def jpeg_scans(raw: bytes, stop: int) -> int:
     """The scans (SOS markers) of a JPEG's first image, counted up to ``stop``: its marker segments
-    are walked by their lengths (an APP segment or a thumbnail holding FF DA is skipped whole), and
-    what follows its end (EOI: a phone's motion-photo video, a second MPO picture) is not looked at.
-    Pillow parses the segments only up to the first scan."""
+    are walked by their lengths (an APP segment or a thumbnail holding FF DA is skipped whole), the
+    scans' data by a search for the next marker, and what follows its end (EOI: a phone's
+    motion-photo video, a second MPO picture) is not looked at. Pillow parses the segments only
+    up to the first scan."""
     scans, at = 0, 2  # past SOI
-    while at + 1 < len(raw) and scans < stop:
-        if raw[at] != 0xFF:  # entropy-coded data of the last scan: on to its next marker
-            at = raw.find(b"\xff", at)
-            if at < 0:
-                break
-            continue
+    while scans < stop and (found := _MARKER.search(raw, at)) is not None:
+        at = found.start()
         marker = raw[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-        elif marker == 0x00 or marker in _STANDALONE:  # a stuffed FF in the data, or a restart
-            at += 2
-        elif marker == _EOI:
+        if marker == _EOI:
             break
-        else:
-            scans += marker == _SOS
-            at += 2 + int.from_bytes(raw[at + 2:at + 4], "big")  # the segment's header, by its length
+        scans += marker == _SOS
+        at += 2 + max(int.from_bytes(raw[at + 2:at + 4], "big"), 2)  # the segment's header, by its length
     return scans
 VIDEO_CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
 """FFmpeg demuxers a client's video may be read with (its ``format_whitelist``): MP4/QuickTime,

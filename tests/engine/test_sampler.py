@@ -199,7 +199,7 @@ def test_penalties_match_vllm_formulas(random_logits):
     assert not np.allclose(expected, random_logits)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0])
 def test_a_huge_repetition_penalty_under_a_grammar_draws_an_allowed_token(temperature):
     """Every allowed token penalized (in the prompt) with a penalty near float32's largest: their
     negative logits times it overflowed to -inf, tying with the masked tokens, and a row of nothing

@@ -143,7 +143,7 @@ def test_a_child_that_served_long_enough_is_healthy_again(tmp_path):
         supervisor.check(start)  # sees it ready
         child.process.wait(timeout=30)
         supervisor.check(start + STABLE_S + 1)  # it died after serving longer than STABLE_S
-        assert child.ever_stable and child.quick_deaths == 1 and child.restart_at == start + STABLE_S + 1 + FIRST_BACKOFF_S
+        assert child.ever_ready and child.quick_deaths == 1 and child.restart_at == start + STABLE_S + 1 + FIRST_BACKOFF_S
     finally:
         supervisor.stop()
 
@@ -164,3 +164,23 @@ def test_stopping_gives_the_children_one_grace_together_then_kills_them(tmp_path
     supervisor.stop()
     assert time.monotonic() - started < 2.5
     assert all(c.process.returncode == -9 for c in supervisor.children.values())
+
+
+def test_a_child_that_served_and_keeps_dying_soon_is_restarted_not_given_up_on(tmp_path):
+    """Dying soon after it served (a request that crashes it, retried) is no failure to start."""
+    import time
+
+    from mmserve.roles.supervisor import START_FAILURES, Supervisor
+
+    crash = "from mmserve.roles.supervisor import mark_ready; mark_ready(); raise SystemExit(1)"
+    supervisor = Supervisor({"crashy": [sys.executable, "-c", crash]}, ENV, str(tmp_path)).start()
+    try:
+        child, now = supervisor.children["crashy"], time.monotonic()
+        while child.restarts < START_FAILURES + 2:
+            child.process.wait(timeout=30)
+            supervisor.check(now)  # its ready file is there: it served, then died soon
+            now = max(now, child.restart_at or now)
+            supervisor.check(now)
+        assert supervisor.failed is None and child.ever_ready
+    finally:
+        supervisor.stop()

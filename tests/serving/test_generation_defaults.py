@@ -75,3 +75,11 @@ def test_the_offline_llm_samples_with_the_recommendation_when_given_no_params(tm
     default = llm.get_default_sampling_params()
     assert (default.temperature, default.top_k, default.top_p) == (0.7, 20, 1.0)
     shutil.rmtree(checkpoint)
+
+
+def test_a_value_the_server_cannot_take_is_left_out_not_held_against_every_request():
+    """top_p 0 in generation_config.json would have refused every request leaving top_p out."""
+    from mmserve.sampling_params import checked_defaults
+
+    assert checked_defaults({"temperature": 0.7, "top_p": 0, "min_p": 2, "top_k": 20}) == {"temperature": 0.7,
+                                                                                        "top_k": 20}

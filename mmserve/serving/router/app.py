@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import time
@@ -18,6 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mmserve.sampling_params import checked_defaults
 from mmserve.serving.backend import Backend
 from mmserve.serving.router.admission import Admission, Overloaded
 from mmserve.serving.router.auth import ApiKeyGuard
@@ -40,6 +42,7 @@ def build_app(backend: Backend, model: Model, settings: RouterSettings,
               on_shutdown: Callable[[], None] | None = None) -> Starlette:
     """``model`` supplies the tokenizer, processor and config that prepare requests; ``on_shutdown``
     runs when the server stops (the colocated backend stops its engine thread there)."""
+    model = dataclasses.replace(model, sampling_defaults=checked_defaults(model.sampling_defaults))
     if model.sampling_defaults:
         log.info("sampling fields a request leaves out take the checkpoint's generation_config.json: %s",
                  ", ".join(f"{k}={v}" for k, v in model.sampling_defaults.items()))
