@@ -10,10 +10,12 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
 
 from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.launch import STARTUP_FAILURE, configure_logging, model_errors_said, require_free_port
+from mmserve.serving.router.auth import API_KEY_ENV
 
 
 def worker_names(counts: dict[str, int]) -> list[tuple[str, str]]:
@@ -67,9 +69,8 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
     try:
         commands = all_commands(args, argv, sockets, _free_port())
-        env = os.environ | ClusterCredential.generate().environment()
-        env.pop(SECRET_FILE_ENV, None)
-        supervisor = Supervisor(commands, env, sockets)
+        env, own = child_environments(os.environ, ClusterCredential.generate().environment())
+        supervisor = Supervisor(commands, env, sockets, own)
         for signum in (signal.SIGTERM, signal.SIGINT):  # a second one kills the children at once
             signal.signal(signum, lambda *_: supervisor.request_stop())
         try:
@@ -82,6 +83,16 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
         print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)
         return STARTUP_FAILURE
     return 0
+
+
+def child_environments(environ: Mapping[str, str], credential: Mapping[str, str]
+                       ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """The environment every child gets (this run's cluster secret, not a secret file's path), and
+    what the router alone gets besides: the HTTP API key, which no worker uses."""
+    env = dict(environ) | dict(credential)
+    env.pop(SECRET_FILE_ENV, None)
+    key = env.pop(API_KEY_ENV, None)
+    return env, ({"router": {API_KEY_ENV: key}} if key else {})
 
 
 def _free_port() -> int:

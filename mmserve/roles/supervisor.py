@@ -66,11 +66,14 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, commands: Mapping[str, list[str]], env: Mapping[str, str], ready_dir: str):
-        """``ready_dir``: where each child's ready file goes (a directory only this user reads)."""
+    def __init__(self, commands: Mapping[str, list[str]], env: Mapping[str, str], ready_dir: str,
+                 own_env: Mapping[str, Mapping[str, str]] | None = None):
+        """``ready_dir``: where each child's ready file goes (a directory only this user reads);
+        ``own_env``: by child name, what that child's environment has besides ``env``."""
         self.children = {name: Child(name, argv, ready_file=os.path.join(ready_dir, f"ready-{i}"))
                          for i, (name, argv) in enumerate(commands.items())}
         self._env = dict(env)
+        self._own_env = {name: dict(extra) for name, extra in (own_env or {}).items()}
         self._stopping = False
         self.failed: str | None = None
         """The child that could not start (START_FAILURES), once the supervisor gave up on it."""
@@ -160,8 +163,8 @@ class Supervisor:
         except FileNotFoundError:
             pass
         # From this (the main) thread: PR_SET_PDEATHSIG fires when the thread that forked the child ends.
-        child.process = subprocess.Popen(child.argv, env=self._env | {PARENT_ENV: str(os.getpid()),
-                                                                      READY_ENV: child.ready_file})
+        child.process = subprocess.Popen(child.argv, env=self._env | self._own_env.get(child.name, {}) | {
+            PARENT_ENV: str(os.getpid()), READY_ENV: child.ready_file})
         child.started_at, child.restart_at, child.ready_at = now, None, None
         log.info("%s started (pid %d)", child.name, child.process.pid)
 

@@ -28,9 +28,9 @@ from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import (STARTUP_FAILURE, configure_logging, follow_leader, join_role, load_role_model,
                                   require_free_port, transfer_config)
 from mmserve.roles.supervisor import die_with_parent
+from mmserve.serving.router.auth import API_KEY_ENV
 
 ROLES = ("encode", "prefill", "decode", "router", "colocated", "all")
-API_KEY_ENV = "MMSERVE_API_KEY"
 ROUTER_FIXED = ("model_name", "max_model_len", "api_key")
 """RouterSettings fields that are not flags: from --served-model-name, the engine, --api-key-file."""
 

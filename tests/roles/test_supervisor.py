@@ -184,3 +184,26 @@ def test_a_child_that_served_and_keeps_dying_soon_is_restarted_not_given_up_on(t
         assert supervisor.failed is None and child.ever_ready
     finally:
         supervisor.stop()
+
+
+def test_the_api_key_reaches_the_router_alone_and_no_child_gets_the_secret_files_path(tmp_path):
+    """Every child got the HTTP API key, which no worker uses (a secret held where it serves nothing)."""
+    from mmserve.cluster_credential import SECRET_ENV, SECRET_FILE_ENV
+    from mmserve.roles.launch_all import child_environments
+    from mmserve.roles.supervisor import Supervisor
+    from mmserve.serving.router.auth import API_KEY_ENV
+
+    env, own = child_environments({"PATH": os.environ["PATH"], API_KEY_ENV: "the-key", SECRET_FILE_ENV: "/s"},
+                                  {SECRET_ENV: "s" * 32})
+    show = f"import os; print(os.environ.get({API_KEY_ENV!r}), os.environ.get({SECRET_ENV!r}) is not None, " \
+           f"os.environ.get({SECRET_FILE_ENV!r}))"
+    out = {name: tmp_path / f"{name}.out" for name in ("router", "decode")}
+    commands = {name: ["sh", "-c", f'"{sys.executable}" -c "{show}" > {path}'] for name, path in out.items()}
+    supervisor = Supervisor(commands, env | {"PYTHONPATH": str(REPO)}, str(tmp_path), own).start()
+    try:
+        for child in supervisor.children.values():
+            child.process.wait(timeout=30)
+    finally:
+        supervisor.stop()
+    assert out["router"].read_text().split() == ["the-key", "True", "None"]
+    assert out["decode"].read_text().split() == ["None", "True", "None"]

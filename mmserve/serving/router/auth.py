@@ -13,6 +13,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mmserve.serving.router.errors import error_body
 
+API_KEY_ENV = "MMSERVE_API_KEY"
+"""Where a server finds its HTTP API key when ``--api-key-file`` is not given."""
+
 GUARDED_PREFIXES = ("/v1/", "/generate")
 
 
