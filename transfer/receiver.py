@@ -22,7 +22,6 @@ what made rooms wait on one another above) but kept within its own small limits.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Sequence
 
@@ -35,17 +34,12 @@ from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
 from transfer.directory import SenderDirectory
 from transfer.fields import Field
-from transfer.messages import (Abort, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError, Pulled,
+from transfer.messages import (Abort, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
                                Ready, Register, Registered, Resume, ToReceiver, TransferInfo, TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState
+from transfer.posted_pulls import PostedPulls
 from transfer.receiver_room import Landed, Received, ReceiverRoom, Reservation
 from transfer.sender_links import SenderLinks
-
-MAX_POSTED_PULLS = 2
-"""Pulls made before their offer at once. Each waits on one of the data plane's landing watchers
-until the sender offers (a vision tower's run, say), so a few are left for the pulls made on a
-Ready."""
-
 
 class Receiver:
     def __init__(self, config: TransferConfig, fields: Sequence[Field], data_plane: DataPlane | None = None,
@@ -64,13 +58,9 @@ class Receiver:
         self._next_heartbeat = 0.0
         self._next_sweep = 0.0
         self._orphans: list[PendingPull] = []
-        self._posted_rows = 0
-        """Rows of the pulls posted and not yet taken by their room's reservation: at most one
-        default chunk's. Kept apart from the allocator: a reservation made at registration is
-        what once made rooms wait on one another (this module's docstring)."""
-        self.posted_pulls = 0
-        """Pulls made before their offer; ``posted_pulls_taken`` of them brought their room's chunk."""
-        self.posted_pulls_taken = 0
+        """Pulls whose rows nobody will take (their room ended, or its chunk came another way),
+        kept until they land: each holds its destination arrays and a landing watcher."""
+        self.posting = PostedPulls(config, self.layout, self.data_plane)
         self._deferred: dict[int, Ready] = {}
         """Rooms whose first chunk (its Ready) waits until the pool can reserve the whole room, in
         the order they began to wait: they reserve in that order, and a room whose first chunk
@@ -206,7 +196,7 @@ class Receiver:
                 raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"room is {room.state.value}", room.room)
             room.move(PollState.WAITING_FOR_INPUT)
             if room.posting:
-                self._post(room)
+                self.posting.make(room)
         else:
             self._on_ready(room, message)
 
@@ -256,8 +246,8 @@ class Receiver:
 
     def _pull(self, room: ReceiverRoom, ready: Ready) -> None:
         chunk = ready.chunk
-        pending = self._end_posting(room, orphan=False)
-        self.posted_pulls_taken += pending is not None
+        pending = self.posting.end(room)
+        self.posting.taken += pending is not None
         try:
             pending = pending or self.data_plane.pull(room.endpoint.data_address, ready.uuid,
                                                       self.layout.specs(chunk.padded_tokens))
@@ -304,48 +294,16 @@ class Receiver:
             self._directory.forget(room.sender)
             return
         room.endpoint = endpoint
-        room.posted = self._posting(room)
+        room.posted = self.posting.register(room)
         self._links.to(endpoint.control, endpoint.data_address).send(Register(
             room.room, room.mode, self.config.block_size, self.layout.fields,
             self.config.default_tokens, room.incarnation, room.held, room.posted))
 
-    def _posting(self, room: ReceiverRoom) -> PostedPull | None:
-        """The pull a room registers as posted, when the receiver knows the room's length, the rest
-        fits the first chunk and the limits allow (at most ``MAX_POSTED_PULLS`` at once, their rows
-        within one default chunk's bucket). Decided here, so that the sender answers with zeros
-        only pulls the receiver makes."""
-        rest = (room.expected or 0) - room.held
-        if not (self.data_plane.posts_pulls and 1 <= rest <= self.config.default_tokens):
-            return None
-        rows = self.layout.bucket(rest)
-        open_postings = sum(r.posting for r in self._rooms.values())
-        if open_postings >= MAX_POSTED_PULLS or self._posted_rows + rows > self.layout.bucket(self.config.default_tokens):
-            return None
-        room.posting = True
-        self._posted_rows += rows
-        return PostedPull(secrets.randbits(63), rest)
-
-    def _post(self, room: ReceiverRoom) -> None:
-        """Pulls the room's first chunk before it is offered, once the sender has taken the
-        registration (and with it the promise to answer the pull)."""
-        try:
-            room.posted_pull = self.data_plane.pull(room.endpoint.data_address, room.posted.uuid,
-                                                    self.layout.specs(self.layout.bucket(room.posted.num_tokens)))
-        except DataPlaneError:
-            return  # made again on the Ready, under the same uuid (which fails the room if the peer is gone)
-        self.posted_pulls += 1
-
-    def _end_posting(self, room: ReceiverRoom, orphan: bool = True) -> PendingPull | None:
-        """The room's posted pull, no longer counted against the limits; an ``orphan`` (no chunk
-        will be taken from it) is kept until its zero rows land."""
-        if not room.posting:
-            return None
-        room.posting = False
-        self._posted_rows -= self.layout.bucket(room.posted.num_tokens)
-        pending, room.posted_pull = room.posted_pull, None
-        if pending is not None and orphan:
+    def _end_posting(self, room: ReceiverRoom) -> None:
+        """Ends a room's posted pull, from which no chunk will be taken: kept until its zero rows land."""
+        pending = self.posting.end(room)
+        if pending is not None:
             self._orphans.append(pending)
-        return pending
 
     def _land(self, room: ReceiverRoom) -> None:
         """Keeps a completed pull as it is, counts it against the reservation, and acknowledges it."""

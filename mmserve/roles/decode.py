@@ -284,8 +284,8 @@ class DecodeRole:
                                       "kv_tokens_received": self.kv_tokens_received,
                                       "token_events_sent": self.token_events_sent,
                                       "token_messages_sent": self.token_messages_sent,
-                                      "kv_pulls_posted": self.receiver.posted_pulls,
-                                      "kv_posted_pulls_taken": self.receiver.posted_pulls_taken,
+                                      "kv_pulls_posted": self.receiver.posting.made,
+                                      "kv_posted_pulls_taken": self.receiver.posting.taken,
                                       "in_flight": len(self._requests), "requests": self._requests.counts()}
 
     def close(self) -> None:

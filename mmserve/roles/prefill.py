@@ -260,8 +260,8 @@ class PrefillRole(KVShipment):
             "free_kv_blocks": self.sender.allocator.available_blocks(), "kv_rooms_staged": self.sender.staged_rooms,
             "in_flight": len(self._requests), "requests": self._requests.counts(),
             "embedding_resumes": self.embedding_resumes, "early_starts": self.early_starts,
-            "pictures_held": self.pictures_held, "embedding_pulls_posted": self.receiver.posted_pulls,
-            "embedding_posted_pulls_taken": self.receiver.posted_pulls_taken}
+            "pictures_held": self.pictures_held, "embedding_pulls_posted": self.receiver.posting.made,
+            "embedding_posted_pulls_taken": self.receiver.posting.taken}
 
     def close(self) -> None:
         with self.lock:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import QUICK, assert_received, drive
 from transfer import DataPlaneError, PollState, Receiver, Sender, TransferMode
-from transfer.receiver import MAX_POSTED_PULLS
+from transfer.posted_pulls import MAX_POSTED_PULLS
 from transfer_payload import EMBEDDING_FIELDS, KV_FIELDS, payload, send_pooled
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,11 +36,11 @@ def test_a_room_of_known_length_lands_through_the_pull_posted_before_its_offer(p
     sender, receiver = pair
     assert tokens - held <= config.default_tokens
     open_room(sender, receiver, bootstrap, 1, tokens, held)
-    assert (receiver.posted_pulls, receiver.unanswered_pulls()) == (1, 1)  # made, and waiting for the offer
+    assert (receiver.posting.made, receiver.unanswered_pulls()) == (1, 1)  # made, and waiting for the offer
     send_pooled(sender, config, 1, tokens)
     drive([sender, receiver], lambda: receiver.poll(1) is PollState.SUCCESS)
     drive([sender], lambda: sender.poll(1) is PollState.SUCCESS)
-    assert receiver.posted_pulls_taken == 1
+    assert receiver.posting.taken == 1
     received = receiver.take(1)
     assert len(received.chunks) == 1
     assert_received(received, payload(KV_FIELDS, 1, tokens), config.block_size, held)
@@ -64,7 +64,7 @@ def test_a_wrong_length_costs_only_the_posted_pull(pair, config, bootstrap):
     open_room(sender, receiver, bootstrap, 3, 10)  # the room turns out to hold 14 tokens
     send_pooled(sender, config, 3, 14)
     drive([sender, receiver], lambda: receiver.poll(3) is PollState.SUCCESS)
-    assert (receiver.posted_pulls, receiver.posted_pulls_taken) == (1, 0)
+    assert (receiver.posting.made, receiver.posting.taken) == (1, 0)
     assert_received(receiver.take(3), payload(KV_FIELDS, 3, 14), config.block_size)
     drive([sender], lambda: sender.poll(3) is PollState.SUCCESS)
     sender.forget(3)
@@ -76,11 +76,11 @@ def test_rooms_past_one_chunk_or_the_limit_pull_on_their_ready(pair, config, boo
     rooms = [(10, 40)] + [(11 + i, 8) for i in range(MAX_POSTED_PULLS + 1)]  # 40 tokens: three chunks
     for room, tokens in rooms:
         open_room(sender, receiver, bootstrap, room, tokens)
-    assert receiver.posted_pulls == MAX_POSTED_PULLS
+    assert receiver.posting.made == MAX_POSTED_PULLS
     for room, tokens in rooms:
         send_pooled(sender, config, room, tokens)
     drive([sender, receiver], lambda: all(receiver.poll(r) is PollState.SUCCESS for r, _ in rooms))
-    assert receiver.posted_pulls_taken == MAX_POSTED_PULLS
+    assert receiver.posting.taken == MAX_POSTED_PULLS
     for room, tokens in rooms:
         assert_received(receiver.take(room), payload(KV_FIELDS, room, tokens), config.block_size)
         drive([sender], lambda: sender.poll(room) is PollState.SUCCESS)
@@ -95,7 +95,7 @@ def test_a_data_plane_that_cannot_hold_early_pulls_posts_none(bootstrap):
         open_room(sender, receiver, bootstrap, 4, 12)
         send_pooled(sender, config, 4, 12)
         drive([sender, receiver], lambda: receiver.poll(4) is PollState.SUCCESS)
-        assert receiver.posted_pulls == 0
+        assert receiver.posting.made == 0
         assert_received(receiver.take(4), payload(KV_FIELDS, 4, 12), config.block_size)
     finally:
         receiver.close()
@@ -126,12 +126,12 @@ def test_a_refused_registration_makes_no_pull_and_gives_its_limits_back(pair, co
         sender.forget(room)
         receiver.add(room, bootstrap.address, "prefill-0", TransferMode.KV, sender.incarnation, expected_tokens=8)
     drive([sender, receiver], lambda: all(receiver.poll(r) is PollState.FAILED for r in (6, 7)))
-    assert (receiver.posted_pulls, receiver.unanswered_pulls()) == (0, 0)
+    assert (receiver.posting.made, receiver.unanswered_pulls()) == (0, 0)
     open_room(sender, receiver, bootstrap, 8, 8)
-    assert receiver.posted_pulls == 1
+    assert receiver.posting.made == 1
     send_pooled(sender, config, 8, 8)
     drive([sender, receiver], lambda: receiver.poll(8) is PollState.SUCCESS)
-    assert receiver.posted_pulls_taken == 1
+    assert receiver.posting.taken == 1
     assert_received(receiver.take(8), payload(KV_FIELDS, 8, 8), config.block_size)
 
 
@@ -152,7 +152,7 @@ def test_an_offer_refused_under_a_posted_uuid_still_answers_that_pull(pair, conf
     monkeypatch.setattr(sender.data_plane, "offer", refuse_once)
     send_pooled(sender, config, 9, 12)
     drive([sender, receiver], lambda: receiver.poll(9) is PollState.FAILED and sender.poll(9) is PollState.FAILED)
-    assert receiver.posted_pulls_taken == 0
+    assert receiver.posting.taken == 0
     receiver.forget(9)
     sender.forget(9)
     assert_all_free(sender, receiver, config)  # the zero rows landed under the refused uuid
