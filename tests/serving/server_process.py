@@ -129,3 +129,11 @@ def prometheus_value(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+def metric(url: str, sample: str) -> float:
+    """The value of ``sample`` (a name, with its labels if any) on the server's /metrics; 0 when absent."""
+    for line in request("GET", f"{url}/metrics")[1].splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[1])
+    return 0.0

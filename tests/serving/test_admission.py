@@ -4,7 +4,6 @@ both with Retry-After); a request past its deadline, or whose client stopped rea
 is aborted in the backend and gives its slot back. Over a real uvicorn server in this process, in
 front of a scripted backend (the roles' own behaviour is tested end to end elsewhere)."""
 
-import asyncio
 import itertools
 import json
 import socket
@@ -17,32 +16,10 @@ import pytest
 
 from mmserve.serving.backend import TokenEvent, TokenLogprob
 from mmserve.serving.router import RouterSettings, build_app
-from models.qwen3_vl_moe import load_model
 from scripted_backend import HANG, ScriptedBackend, ThreadedServer
-from server_process import request
-
-CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-TOKEN = TokenEvent("", [11], text="ab")
-DONE = TokenEvent("", [12], text="abc", finish_reason="stop")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("tiny", weights=False)
-
-
-@pytest.fixture
-def served(model):
-    """A router over a backend with 2 slots, a queue of 2 that waits at most 1 s, requests that
-    may last 3 s, and streams cut after a client leaves a full buffer unread for 1 s."""
-    backend = ScriptedBackend()
-    backend.slots = 2
-    settings = RouterSettings("tiny", 256, max_queued_requests=2, queue_timeout_s=1.0, request_timeout_s=3.0,
-                              stream_stall_timeout_s=1.0)
-    server = ThreadedServer(build_app(backend, model, settings))
-    yield server, backend
-    server.stop()
-
+from scripted_router import CHAT, DONE, TOKEN, model, served  # noqa: F401 (fixtures)
+from server_process import metric, request
+from waiting import wait_for
 
 def _hold(url: str, body: dict) -> socket.socket:
     """Sends a streaming request and never reads the answer (a small receive buffer, so the
@@ -57,23 +34,8 @@ def _hold(url: str, body: dict) -> socket.socket:
     return sock
 
 
-def _wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def _metric(url: str, sample: str) -> float:
-    """The value of ``sample`` (a name, with its labels if any) on the router's /metrics."""
-    for line in request("GET", f"{url}/metrics")[1].splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
 def _running(url: str) -> float:
-    return _metric(url, "mmserve_requests_in_flight")
+    return metric(url, "mmserve_requests_in_flight")
 
 
 def _queue(url: str, body: dict, queued: int = 1) -> tuple[threading.Thread, list]:
@@ -83,7 +45,7 @@ def _queue(url: str, body: dict, queued: int = 1) -> tuple[threading.Thread, lis
     waiting = threading.Thread(target=lambda: answer.append(request("POST", f"{url}/v1/chat/completions", body,
                                                                       timeout=60)))
     waiting.start()
-    _wait_for(lambda: _metric(url, "mmserve_requests_queued") >= queued)
+    wait_for(lambda: metric(url, "mmserve_requests_queued") >= queued)
     return waiting, answer
 
 
@@ -91,14 +53,14 @@ def test_beyond_capacity_requests_queue_then_get_503_and_beyond_the_queue_429(se
     server, backend = served
     backend.script = [TOKEN, HANG]
     held = [_hold(server.url, CHAT) for _ in range(2)]
-    _wait_for(lambda: len(backend.requests) == 2)
+    wait_for(lambda: len(backend.requests) == 2)
     answers = []
     queued = [threading.Thread(target=lambda: answers.append(request("POST", f"{server.url}/v1/chat/completions",
                                                                        CHAT, timeout=30)))
               for _ in range(2)]
     for thread in queued:
         thread.start()
-    _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 2)
+    wait_for(lambda: metric(server.url, "mmserve_requests_queued") == 2)
     start = time.monotonic()
     status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)
     assert status == 429 and time.monotonic() - start < 1
@@ -110,7 +72,7 @@ def test_beyond_capacity_requests_queue_then_get_503_and_beyond_the_queue_429(se
     assert len(backend.requests) == 2  # the refused never reached the backend
     for sock in held:
         sock.close()
-    _wait_for(lambda: _running(server.url) == 0)
+    wait_for(lambda: _running(server.url) == 0)
     backend.script = [TOKEN, DONE]
     assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
 
@@ -145,14 +107,14 @@ def test_a_queued_request_runs_when_a_slot_frees(served):
     server, backend = served
     backend.script = [TOKEN, HANG]
     held = [_hold(server.url, CHAT) for _ in range(2)]
-    _wait_for(lambda: len(backend.requests) == 2)
+    wait_for(lambda: len(backend.requests) == 2)
     waiting, answer = _queue(server.url, CHAT)
     backend.script = [TOKEN, DONE]
     held[0].close()  # its client leaves: aborted, the slot goes to the queued request
     waiting.join()
     assert answer[0][0] == 200 and answer[0][1]["choices"][0]["message"]["content"] == "abc"
     held[1].close()
-    _wait_for(lambda: _running(server.url) == 0)
+    wait_for(lambda: _running(server.url) == 0)
 
 
 def test_a_request_past_its_deadline_is_aborted_and_frees_its_slot(served):
@@ -162,9 +124,9 @@ def test_a_request_past_its_deadline_is_aborted_and_frees_its_slot(served):
     status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)
     assert status == 500 and "deadline of 3 s" in body["error"]["message"]
     assert 3 <= time.monotonic() - start < 6
-    _wait_for(lambda: backend.aborted == [backend.requests[0].request_id])
+    wait_for(lambda: backend.aborted == [backend.requests[0].request_id])
     assert _running(server.url) == 0
-    assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="timeout"}') == 1
+    assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="timeout"}') == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -180,30 +142,10 @@ def test_a_backend_that_raises_answers_with_an_error_and_frees_its_slot(served, 
         assert "internal error: RuntimeError: a backend bug" in json.loads(events[-2])["error"]["message"]
     else:
         assert status == 500 and "internal error: RuntimeError: a backend bug" in body["error"]["message"]
-    _wait_for(lambda: backend.aborted == [backend.requests[0].request_id])
+    wait_for(lambda: backend.aborted == [backend.requests[0].request_id])
     assert _running(server.url) == 0
     backend.script = [TOKEN, DONE]
     assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_more_choices_than_slots_run_as_the_slots_free(served, stream):
-    """``n`` = 3 on 2 slots, each choice longer than a stream's buffer: the third choice waits for a
-    slot, the first two run to their end meanwhile (nobody reads them yet, and that is the
-    router's doing, not the client's: they were once cut as stalled, a 500), then it runs."""
-    server, backend = served
-    backend.script = [TOKEN] * 100 + [DONE]
-    body = CHAT | {"n": 3, "stream": stream, "max_tokens": 101}
-    status, body = request("POST", f"{server.url}/v1/chat/completions", body, timeout=30)
-    assert status == 200, body
-    if stream:
-        events = [json.loads(line.removeprefix("data: ")) for line in body.splitlines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]
-        finished = sorted(e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"])
-        assert finished == [0, 1, 2]
-    else:
-        assert [c["finish_reason"] for c in body["choices"]] == ["stop"] * 3
-    assert len(backend.requests) == 3 and backend.aborted == [] and _running(server.url) == 0
 
 
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"prompt": "hi"}),
@@ -217,15 +159,15 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back_at_once(model, p
                                                                       queue_timeout_s=30.0)))
     try:
         held = _hold(server.url, CHAT)  # the one slot
-        _wait_for(lambda: len(backend.requests) == 1)
+        wait_for(lambda: len(backend.requests) == 1)
         host, port = server.url.removeprefix("http://").split(":")
         leaving = socket.create_connection((host, int(port)))
         payload = json.dumps(body).encode()
         leaving.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
-        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)
+        wait_for(lambda: metric(server.url, "mmserve_requests_queued") == 1)
         leaving.close()
-        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 0, timeout=5)
+        wait_for(lambda: metric(server.url, "mmserve_requests_queued") == 0, limit_s=5)
         backend.script = [TOKEN, DONE]
         waiting, answer = _queue(server.url, CHAT)  # the place is there to take, not a 429
         held.close()
@@ -240,9 +182,9 @@ def test_a_stream_whose_client_stops_reading_is_cut_and_frees_its_slot(served):
     # a chunk per event, endlessly: more than the server's socket buffers (at most 4 MiB) hold
     backend.script = itertools.repeat(TokenEvent("", [11], [TokenLogprob(11, -0.5, {})], text="ab"))
     stalled = _hold(server.url, CHAT)
-    _wait_for(lambda: backend.aborted and backend.aborted == [r.request_id for r in backend.requests], timeout=15)
+    wait_for(lambda: backend.aborted and backend.aborted == [r.request_id for r in backend.requests], limit_s=15)
     assert _running(server.url) == 0
-    assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="cut"}') == 1
+    assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="cut"}') == 1
     stalled.close()
     backend.script = [TOKEN, DONE]
     assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
@@ -257,7 +199,7 @@ def test_requests_are_admitted_by_the_kv_they_reserve_not_only_by_slots(served):
     backend.script = [TOKEN, HANG]
     long = CHAT | {"max_tokens": 100}
     held = _hold(server.url, long)
-    _wait_for(lambda: len(backend.requests) == 1)
+    wait_for(lambda: len(backend.requests) == 1)
     waiting, answer = _queue(server.url, long)
     assert len(backend.requests) == 1 and _running(server.url) == 1  # a slot is free, the KV is not
     status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT | {"max_tokens": 200}, timeout=30)
@@ -266,7 +208,7 @@ def test_requests_are_admitted_by_the_kv_they_reserve_not_only_by_slots(served):
     held.close()  # its client leaves: aborted, its KV goes to the queued request
     waiting.join()
     assert answer[0][0] == 200
-    _wait_for(lambda: _running(server.url) == 0)
+    wait_for(lambda: _running(server.url) == 0)
     assert request("POST", f"{server.url}/v1/chat/completions", long, timeout=30)[0] == 200  # all KV given back
 
 
@@ -279,7 +221,7 @@ def test_queued_requests_are_refused_once_no_worker_of_a_role_is_left(model):
     try:
         backend.script = [TOKEN, HANG]
         held = _hold(server.url, CHAT)
-        _wait_for(lambda: len(backend.requests) == 1)
+        wait_for(lambda: len(backend.requests) == 1)
         waiting, answer = _queue(server.url, CHAT)
         start = time.monotonic()
         backend.slots = 0
@@ -287,42 +229,6 @@ def test_queued_requests_are_refused_once_no_worker_of_a_role_is_left(model):
         assert answer[0][0] == 503 and "none is up" in answer[0][1]["error"]["message"]
         assert time.monotonic() - start < 5
         held.close()
-    finally:
-        server.stop()
-
-
-def test_choices_started_before_one_refused_at_once_give_their_slots_back(model):
-    """``n`` = 2 with one slot and no queue: the second choice is refused (429) before the first
-    one's relay has run at all. The first gave nothing back (its ticket, the in-flight count) and
-    every later request got 429 for good."""
-    backend = ScriptedBackend()
-    backend.slots, backend.script = 1, [DONE]
-    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256, max_queued_requests=0)))
-    try:
-        assert request("POST", f"{server.url}/v1/chat/completions", CHAT | {"n": 2}, timeout=30)[0] == 429
-        assert _metric(server.url, "mmserve_requests_in_flight") == 0
-        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="aborted"}') == 1
-        for _ in range(2):
-            assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
-    finally:
-        server.stop()
-
-
-def test_a_client_leaving_choices_running_and_queued_counts_each_choice_aborted_once(model):
-    backend = ScriptedBackend()
-    backend.slots, backend.script = 1, [HANG]
-    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256)))
-    try:
-        host, port = server.url.removeprefix("http://").split(":")
-        leaving = socket.create_connection((host, int(port)))
-        payload = json.dumps(CHAT | {"n": 2}).encode()
-        leaving.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        _wait_for(lambda: _metric(server.url, "mmserve_requests_queued") == 1)  # one running, one queued
-        leaving.close()
-        _wait_for(lambda: _metric(server.url, "mmserve_requests_in_flight") == 0)
-        _wait_for(lambda: len(backend.aborted) == 1)
-        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="aborted"}') == 2
     finally:
         server.stop()
 
@@ -341,71 +247,7 @@ def test_a_500_from_a_handler_and_a_401_are_counted(model):
         assert status == 500
         assert body["error"]["message"] == "internal error: RuntimeError: a backend bug: no answer from <internal address>"
         assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 401
-        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="error"}') == 1
-        assert _metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="rejected"}') == 1
-    finally:
-        server.stop()
-
-
-class GrowingText(ScriptedBackend):
-    """Each event carries the whole text so far as a string of its own, as the real backends send it."""
-
-    async def generate(self, request):
-        self.requests.append(request)
-        for i in range(1, TOKENS_HELD_BACK):
-            yield TokenEvent(request.request_id, [11], text="x" * (20 * i))
-        yield TokenEvent(request.request_id, [12], text="x" * (20 * TOKENS_HELD_BACK), finish_reason="stop")
-
-
-TOKENS_HELD_BACK = 2000
-
-
-def test_choices_held_back_for_the_others_keep_memory_linear(model):
-    """``n`` = 3 on 1 slot: the first choices run while the last waits, unread meanwhile. Their
-    events each held the whole text so far (~20 MB a choice for 2,000 tokens of 20 characters,
-    growing with the square of the length); they are merged while nobody reads them."""
-    import tracemalloc
-
-    backend = GrowingText()
-    backend.slots = 1
-    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 4096, queue_timeout_s=30.0)))
-    try:
-        tracemalloc.start()
-        status, body = request("POST", f"{server.url}/v1/chat/completions",
-                               CHAT | {"n": 3, "max_tokens": TOKENS_HELD_BACK}, timeout=60)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert status == 200, body
-        assert [len(c["message"]["content"]) for c in body["choices"]] == [20 * TOKENS_HELD_BACK] * 3
-        assert body["usage"]["completion_tokens"] == 3 * TOKENS_HELD_BACK
-        assert peak < 8 << 20, f"peak {peak >> 20} MiB"
-    finally:
-        server.stop()
-
-
-class FirstChoiceFails(ScriptedBackend):
-    """The first request fails at once; the others would run until cancelled."""
-
-    async def generate(self, request):
-        self.requests.append(request)
-        if len(self.requests) == 1:
-            yield TokenEvent(request.request_id, [], error="decode worker d failed: UNAVAILABLE")
-            return
-        yield TokenEvent(request.request_id, [11], text="ab")
-        await asyncio.Event().wait()
-
-
-def test_a_whole_answer_whose_choice_fails_ends_the_other_choices(model):
-    """``n`` = 2, not streamed: the failure of one choice is the answer, at once, and the other
-    choice is aborted (it used to run to its end, holding its slot, for an answer nobody got)."""
-    backend = FirstChoiceFails()
-    server = ThreadedServer(build_app(backend, model, RouterSettings("tiny", 256, request_timeout_s=60.0)))
-    try:
-        began = time.monotonic()
-        status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT | {"n": 2}, timeout=30)
-        assert status == 500 and "UNAVAILABLE" in str(body), body
-        assert time.monotonic() - began < 10
-        _wait_for(lambda: [r.request_id for r in backend.requests[1:]] == backend.aborted)
-        assert _running(server.url) == 0
+        assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="error"}') == 1
+        assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="rejected"}') == 1
     finally:
         server.stop()
