@@ -14,7 +14,7 @@ from collections.abc import Callable
 import openai
 
 from cluster import get_json
-from test_disaggregated import ask, conversation, expected, image
+from cluster_chats import ask, conversation, expected, image
 
 IN_FLIGHT = 16
 DEADLINE_S = 60.0

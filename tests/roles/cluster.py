@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,6 +129,27 @@ class Cluster:
     def health(self) -> tuple[int, dict]:
         return get_json(f"{self.url}/health")
 
+    def worker_address(self, role: str) -> str:
+        """Where the role's (last started) worker serves gRPC, from its log."""
+        return re.findall(rf"{role} worker \S+ serving on (\S+)", (self.log_dir / f"{role}.log").read_text())[-1]
+
+    def roles(self) -> dict[str, list[dict]]:
+        """Each role's workers' ``/health`` entries, by role (also while the router says it is unhealthy)."""
+        return self.health()[1]["roles"]
+
+    def assert_all_free(self, roles=("encode", "prefill", "decode"), within_s: float = 45) -> None:
+        """Every block and page back in its pool and nothing in flight, in every worker of
+        ``roles``: at once when aborts get through, at the latest when the transfer layer's
+        heartbeat timeout fails what a dead peer left behind."""
+        deadline = time.monotonic() + within_s
+        while True:
+            health = self.roles()
+            busy = {role: w for role in roles for w in health[role] if _busy(w)}
+            if not busy:
+                return
+            assert time.monotonic() < deadline, f"still held: {busy}"
+            time.sleep(0.5)
+
     def wait_healthy(self, timeout: float = 480) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -160,3 +182,11 @@ class Cluster:
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+
+def _busy(worker: dict) -> bool:
+    """A worker holding blocks, pages or requests (the test clusters' pools are 256 blocks)."""
+    full = {"free_blocks": 256, "free_embedding_blocks": 256, "free_kv_blocks": 256}
+    if any(worker.get(k, v) != v for k, v in full.items()):
+        return True
+    return worker.get("free_pages") != worker.get("total_pages") or worker.get("in_flight", 0) > 0

@@ -8,17 +8,16 @@ import concurrent.futures
 import http.client
 import io
 import json
-import re
 import socket
 import time
-import urllib.request
 
 import grpc
-import numpy as np
 import openai
 import pytest
 from PIL import Image
 
+from chaos import router_metric
+from cluster_chats import MAX_TOKENS, ask, conversation, expected, image
 from cluster import TRANSFER_ENV, Cluster, free_port, get_json
 from mmserve import LLM, SamplingParams
 from mmserve.cluster_credential import SECRET_ENV, ClusterCredential
@@ -29,23 +28,6 @@ from transfer import TransferConfig
 from transfer.bootstrap import REFUSED_KEYS, RegistryClient
 
 pytestmark = pytest.mark.slow
-MAX_TOKENS = 6
-
-
-def image(seed: int, size: tuple[int, int]) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
-
-
-def data_url(picture: Image.Image) -> str:
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def conversation(text: str, images: list[Image.Image], as_url: bool) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(im)}} if as_url else {"type": "image", "image": im}
-             for im in images]
-    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
 
 
 KV_EVENTS_PORT = free_port()
@@ -75,26 +57,6 @@ def client(cluster):
 def llm():
     return LLM("tiny", num_pages=256, page_size=8, max_model_len=512, max_prefill_tokens=128,
                precompile=False)  # a reference for a few answers: it compiles what they need, not the grid
-
-
-def expected(llm, text, images) -> str:
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    return llm.chat(conversation(text, images, as_url=False), params)[0].outputs[0].text
-
-
-def ask(client, text, images, stream=False) -> str:
-    reply = client.chat.completions.create(model="tiny", messages=conversation(text, images, as_url=True),
-                                           max_tokens=MAX_TOKENS, temperature=0, stream=stream)
-    if stream:
-        return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
-    return reply.choices[0].message.content
-
-
-CASES = {
-    "text_only": ("Say something.", []),
-    "one_image": ("What is this?", [image(1, (64, 64))]),
-    "two_images": ("Compare them.", [image(2, (64, 96)), image(3, (96, 64))]),
-}
 
 
 def test_prefill_publishes_the_pages_it_cached(cluster, client):
@@ -135,16 +97,16 @@ def test_sixteen_concurrent_requests_then_everything_is_free(cluster, client, ll
     # the same one at once can fail (PydanticUserError, seen in CI): build both kinds here first.
     ask(client, "Warm up.", [], stream=True)
     ask(client, "Warm up.", [], stream=False)
-    before = _roles(cluster)["decode"][0]
+    before = cluster.roles()["decode"][0]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda c: ask(client, *c, stream=bool(len(c[0]) % 2)), cases))
     assert answers == [expected(llm, *c) for c in cases]
     assert _prefill(cluster)["prefix_cache_hits"] > 0  # the chat template's head
     # Decode sent the router each step's tokens of all its requests as one message.
-    after = _roles(cluster)["decode"][0]
+    after = cluster.roles()["decode"][0]
     events, messages = (after[k] - before[k] for k in ("token_events_sent", "token_messages_sent"))
     assert events >= 16 and messages < events
-    _assert_all_free(cluster)
+    cluster.assert_all_free()
 
 
 def test_a_second_turn_moves_only_the_kv_decode_does_not_hold(cluster, client, llm):
@@ -155,11 +117,11 @@ def test_a_second_turn_moves_only_the_kv_decode_does_not_hold(cluster, client, l
     reply = client.chat.completions.create(model="tiny", messages=first, max_tokens=MAX_TOKENS, temperature=0)
     answer = reply.choices[0].message.content
     follow_up = [{"role": "assistant", "content": answer}, {"role": "user", "content": "And its colours?"}]
-    roles = _roles(cluster)
+    roles = cluster.roles()
     before, encoded = roles["decode"][0], roles["encode"][0]["accepted"]
     second = client.chat.completions.create(model="tiny", messages=first + follow_up, max_tokens=MAX_TOKENS,
                                             temperature=0)
-    roles = _roles(cluster)
+    roles = cluster.roles()
     after = roles["decode"][0]
     assert roles["encode"][0]["accepted"] == encoded
     held = after["prefix_cache_hits"] - before["prefix_cache_hits"]
@@ -169,7 +131,7 @@ def test_a_second_turn_moves_only_the_kv_decode_does_not_hold(cluster, client, l
     offline = conversation("Describe the picture in a few words.", [image(50, (64, 64))], as_url=False)
     want = llm.chat(offline + follow_up, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0].text
     assert second.choices[0].message.content == want
-    _assert_all_free(cluster)
+    cluster.assert_all_free()
 
 
 def test_siblings_receive_their_shared_prompt_once(cluster, client, llm):
@@ -178,10 +140,10 @@ def test_siblings_receive_their_shared_prompt_once(cluster, client, llm):
     choice is the offline answer seeded seed + i."""
     messages = conversation("Tell three different short stories about this picture.", [image(51, (64, 64))],
                             as_url=True)
-    before = _roles(cluster)["decode"][0]
+    before = cluster.roles()["decode"][0]
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, n=3, seed=5,
                                            temperature=1.0)
-    after = _roles(cluster)["decode"][0]
+    after = cluster.roles()["decode"][0]
     prompt = reply.usage.prompt_tokens
     held = after["prefix_cache_hits"] - before["prefix_cache_hits"]
     moved = after["kv_tokens_received"] - before["kv_tokens_received"]
@@ -192,7 +154,7 @@ def test_siblings_receive_their_shared_prompt_once(cluster, client, llm):
     want = [llm.chat(offline, SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=5 + i))[0].outputs[0].text
             for i in range(3)]
     assert [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)] == want
-    _assert_all_free(cluster)
+    cluster.assert_all_free()
 
 
 def test_siblings_ended_by_their_first_token_leave_nothing_held(cluster, client):
@@ -203,7 +165,7 @@ def test_siblings_ended_by_their_first_token_leave_nothing_held(cluster, client)
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, n=3, seed=5,
                                            temperature=1.0)
     assert [c.finish_reason for c in reply.choices] == ["length"] * 3
-    _assert_all_free(cluster, within_s=4)  # the bootstrap timeout here is 30 s, the heartbeats' 5 s
+    cluster.assert_all_free(within_s=4)  # the bootstrap timeout here is 30 s, the heartbeats' 5 s
 
 
 def test_stalled_readers_holding_every_slot_do_not_hang_a_normal_request(cluster, client):
@@ -215,7 +177,7 @@ def test_stalled_readers_holding_every_slot_do_not_hang_a_normal_request(cluster
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 40,
                        "logprobs": True, "top_logprobs": 20, "ignore_eos": True, "stream": True}).encode()
     finished = 'mmserve_requests_total{endpoint="chat",outcome="finished"}'
-    before = _metric(cluster, finished)
+    before = router_metric(cluster.url, finished)
     stalled = []
     for _ in range(32):
         sock = socket.socket()
@@ -226,7 +188,7 @@ def test_stalled_readers_holding_every_slot_do_not_hang_a_normal_request(cluster
         stalled.append(sock)
     try:
         deadline = time.monotonic() + 120  # decode compiles its batch sizes' programs as the streams arrive
-        while _metric(cluster, finished) < before + 32:  # decoded to the end, though nobody reads
+        while router_metric(cluster.url, finished) < before + 32:  # decoded to the end, though nobody reads
             assert time.monotonic() < deadline, "the stalled requests did not all finish"
             time.sleep(0.2)
         started = time.monotonic()
@@ -240,12 +202,7 @@ def test_stalled_readers_holding_every_slot_do_not_hang_a_normal_request(cluster
     finally:  # a failure above leaves no stalled stream to the tests after it
         for sock in stalled:
             sock.close()
-    _assert_all_free(cluster)
-
-
-def _metric(cluster, name: str) -> float:
-    text = urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10).read().decode()
-    return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
+    cluster.assert_all_free()
 
 
 def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, client, llm):
@@ -262,9 +219,9 @@ def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, cl
                 future.result(timeout=60)
         assert time.monotonic() - started < 45
         assert text.result(timeout=60) == expected(llm, "Just text.", [])
-    _assert_all_free(cluster, roles=("prefill", "decode"))
+    cluster.assert_all_free(roles=("prefill", "decode"))
     deadline = time.monotonic() + 30  # the router drops encode when a call fails, or when its heartbeats stop
-    while _roles(cluster)["encode"]:
+    while cluster.roles()["encode"]:
         assert time.monotonic() < deadline, "the router still counts the dead encode worker"
         time.sleep(0.5)
     with pytest.raises(openai.APIStatusError) as refused:  # a picture with no encoder: retry later, not a failure
@@ -275,7 +232,7 @@ def test_killed_encode_fails_its_requests_and_a_restarted_one_serves(cluster, cl
 
     cluster.start_worker("encode", name="encode-restarted")
     deadline = time.monotonic() + 180
-    while not any(w["name"] == "encode-restarted" and "error" not in w for w in _roles(cluster)["encode"]):
+    while not any(w["name"] == "encode-restarted" and "error" not in w for w in cluster.roles()["encode"]):
         assert time.monotonic() < deadline, "the restarted encode worker did not register"
         time.sleep(1)
     assert ask(client, "Again.", [image(5, (64, 64))]) == expected(llm, "Again.", [image(5, (64, 64))])
@@ -301,16 +258,11 @@ def truncated(picture: Image.Image, kind: str) -> str:
 def test_malformed_image_gets_400_and_changes_nothing(cluster, client, content, reason):
     with pytest.raises(openai.BadRequestError, match=reason):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2)
-    _assert_all_free(cluster)
-
-
-def _roles(cluster) -> dict:
-    status, body = cluster.health()
-    return body["roles"]
+    cluster.assert_all_free()
 
 
 def _prefill(cluster) -> dict:
-    return _roles(cluster)["prefill"][0]
+    return cluster.roles()["prefill"][0]
 
 
 def test_clients_leaving_early_leave_nothing_held(cluster, client):
@@ -334,37 +286,13 @@ def test_clients_leaving_early_leave_nothing_held(cluster, client):
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(leave_after, range(32)))
-    _assert_all_free(cluster, within_s=8)
-
-
-def _assert_all_free(cluster, roles=("encode", "prefill", "decode"), within_s: float = 45) -> None:
-    """Every block and page back in its pool: at once when aborts get through, at the latest when
-    the transfer layer's heartbeat timeout (5 s here) fails what a dead peer left behind."""
-    deadline = time.monotonic() + within_s
-    while True:
-        health = _roles(cluster)
-        busy = {role: w for role in roles for w in health[role] if _busy(w)}
-        if not busy:
-            return
-        assert time.monotonic() < deadline, f"still held: {busy}"
-        time.sleep(0.5)
-
-
-def _busy(worker: dict) -> bool:
-    full = {"free_blocks": 256, "free_embedding_blocks": 256, "free_kv_blocks": 256}
-    if any(worker.get(k, v) != v for k, v in full.items()):
-        return True
-    return worker.get("free_pages") != worker.get("total_pages") or worker.get("in_flight", 0) > 0
+    cluster.assert_all_free(within_s=8)
 
 
 def test_health_names_every_role(cluster):
     status, body = get_json(f"{cluster.url}/health")
     assert status == 200 and body["healthy"]
     assert all(body["roles"][r] for r in ("encode", "prefill", "decode"))
-
-
-def _worker_address(cluster, role: str) -> str:
-    return re.findall(rf"{role} worker \S+ serving on (\S+)", (cluster.log_dir / f"{role}.log").read_text())[-1]
 
 
 def _refused(call) -> None:
@@ -384,11 +312,11 @@ def test_a_process_without_the_cluster_secret_is_refused_everywhere_and_changes_
         with channel:
             _refused(lambda: pb_grpc.RegistryStub(channel).Register(impostor, timeout=10))
     for role in ("encode", "prefill", "decode"):
-        with grpc.insecure_channel(_worker_address(cluster, role)) as channel:
+        with grpc.insecure_channel(cluster.worker_address(role)) as channel:
             stub = pb_grpc.WorkerStub(channel)
             _refused(lambda: stub.Check(pb.HealthRequest(), timeout=10))
             _refused(lambda: stub.Abort(pb.AbortRequest(request_id="someone-else"), timeout=10))
-    with grpc.insecure_channel(_worker_address(cluster, "decode")) as channel:
+    with grpc.insecure_channel(cluster.worker_address("decode")) as channel:
         _refused(lambda: list(pb_grpc.WorkerStub(channel).Tokens(pb.TokensRequest(stream_id="x"), timeout=10)))
         _refused(lambda: pb_grpc.WorkerStub(channel).Decode(pb.DecodeRequest(request_id="x", room=1), timeout=10))
     for key in ("", other.transfer_key):  # refused at the connection's handshake: nothing is read
@@ -400,5 +328,5 @@ def test_a_process_without_the_cluster_secret_is_refused_everywhere_and_changes_
             time.sleep(0.01)
         assert answers == [] and intruder.error == REFUSED_KEYS
         intruder.close()
-    assert "impostor" not in {w["name"] for workers in _roles(cluster).values() for w in workers}
+    assert "impostor" not in {w["name"] for workers in cluster.roles().values() for w in workers}
     assert ask(client, "Still mine.", []) == expected(llm, "Still mine.", [])

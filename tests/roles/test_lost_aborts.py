@@ -19,7 +19,7 @@ from mmserve.cluster_credential import SECRET_ENV, ClusterCredential
 from mmserve.rpc import auth
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.rpc import worker_pb2_grpc as pb_grpc
-from test_disaggregated import _assert_all_free, _worker_address, ask
+from cluster_chats import ask
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def cluster(tmp_path_factory):
 def worker_health(cluster: Cluster, role: str) -> dict:
     """Asked of the worker itself (the router may be stopped), with the cluster's token."""
     token = ClusterCredential(TRANSFER_ENV[SECRET_ENV].encode()).grpc_token
-    with auth.channel(_worker_address(cluster, role), token) as channel:
+    with auth.channel(cluster.worker_address(role), token) as channel:
         return json.loads(pb_grpc.WorkerStub(channel).Check(pb.HealthRequest(), timeout=10).details_json)
 
 
@@ -64,4 +64,4 @@ def test_every_role_frees_a_request_past_its_deadline_when_no_abort_can_come(clu
         with pytest.raises(openai.APIError, match="deadline"):
             asked.result(timeout=60)
     cluster.wait_healthy(timeout=60)  # the workers registered again with the router
-    _assert_all_free(cluster)
+    cluster.assert_all_free()

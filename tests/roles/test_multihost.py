@@ -14,7 +14,7 @@ import pytest
 from cluster import ONE_AT_A_TIME, Cluster
 from mmserve.serving.http_server import GRACEFUL_SHUTDOWN_S
 from chaos import free_counts
-from test_disaggregated import _assert_all_free, ask, conversation, expected, image
+from cluster_chats import ask, conversation, expected, image
 
 pytestmark = pytest.mark.slow
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -70,7 +70,7 @@ def test_roles_spanning_two_processes_equal_one_device(disaggregated, llm, image
 
 
 def test_roles_spanning_two_processes_free_everything(disaggregated):
-    _assert_all_free(disaggregated)
+    disaggregated.assert_all_free()
 
 
 def test_a_role_spanning_two_processes_given_sigterm_drains_what_it_holds(disaggregated):

@@ -18,7 +18,7 @@ from chaos import (DEADLINE_S, free_counts, kill_with_requests_in_flight, router
 from cluster import Cluster
 from mmserve import LLM
 from mmserve.roles.worker_pool import WORKER_TIMEOUT_S
-from test_disaggregated import conversation
+from cluster_chats import conversation
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import openai
 import pytest
 
 from cluster import ONE_AT_A_TIME, Cluster
-from test_disaggregated import ask, expected, image
+from cluster_chats import ask, expected, image
 
 pytestmark = pytest.mark.slow
 MESHES = {"encode": ("model=2", 2), "prefill": ("model=2,expert=2", 4), "decode": ("model=4,expert=2", 8)}

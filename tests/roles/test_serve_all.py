@@ -21,7 +21,7 @@ from chaos import (DEADLINE_S, free_counts, kill_with_requests_in_flight, router
 from cluster import SERVE, free_port, get_json
 from mmserve.cluster_credential import SECRET_ENV
 from mmserve.roles.supervisor import PARENT_ENV
-from test_disaggregated import CASES, MAX_TOKENS, ask, conversation, expected, image
+from cluster_chats import CASES, MAX_TOKENS, ask, conversation, expected, image
 
 pytestmark = pytest.mark.slow
 
