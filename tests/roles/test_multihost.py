@@ -23,6 +23,9 @@ EIGHT_DEVICE_MESH = ["--mesh", "data=1,model=4,expert=2", *ONE_AT_A_TIME]  # 2 p
 DRAIN_S = 120
 """Decode's --drain-timeout here: far beyond what the drained answers take (a few seconds), so that
 only a drain that does not happen fails the test."""
+TOKENS = 64
+"""Each drained answer's length: both are still decoding when the SIGTERM comes (a step of this
+mesh takes ~80 ms here), and 300 took a minute more of the suite's time."""
 CASES = {"text": [], "image": [image(1, (64, 64))], "image_with_resume": [image(4, (256, 256))]}
 
 
@@ -82,13 +85,13 @@ def test_a_role_spanning_two_processes_given_sigterm_drains_what_it_holds(disagg
 
     def answer(i: int):
         reply = client.chat.completions.create(
-            model="tiny", messages=conversation(f"Tell story {i}.", [], as_url=False), max_tokens=300,
+            model="tiny", messages=conversation(f"Tell story {i}.", [], as_url=False), max_tokens=TOKENS,
             temperature=0, extra_body={"ignore_eos": True})
         return reply.choices[0].finish_reason, reply.usage.completion_tokens
 
     leader, follower = disaggregated.processes["decode"], disaggregated.processes["decode.1"]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        assert list(pool.map(answer, range(2))) == [("length", 300)] * 2  # the programs they need, compiled
+        assert list(pool.map(answer, range(2))) == [("length", TOKENS)] * 2  # the programs they need, compiled
         decode_health = next(w for w in disaggregated.health()[1]["roles"]["decode"])
         assert decode_health["overlapped_decode_steps"] > 0  # decode steps overlap across the two processes
         answers = [pool.submit(answer, i) for i in range(2)]
@@ -98,7 +101,7 @@ def test_a_role_spanning_two_processes_given_sigterm_drains_what_it_holds(disagg
             time.sleep(0.02)
         for process in (leader, follower):
             process.send_signal(signal.SIGTERM)
-        assert [a.result(timeout=DRAIN_S + 30) for a in answers] == [("length", 300)] * 2
+        assert [a.result(timeout=DRAIN_S + 30) for a in answers] == [("length", TOKENS)] * 2
     assert leader.wait(timeout=30) == 0
     assert follower.wait(timeout=30) == 0
 
