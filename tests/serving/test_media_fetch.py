@@ -27,6 +27,7 @@ def _png(seed: int, size=(64, 64)) -> bytes:
 
 
 PICTURE = _png(1)
+REDIRECT_BODY = 256 << 20
 FILES = {"/one.png": PICTURE, "/huge.png": _png(2, (400, 400))}  # ~480 KB, over LIMIT
 
 
@@ -36,6 +37,16 @@ class Pictures(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "http://" + self.path.removeprefix("/redirect-to/"))
             self.end_headers()
+        elif self.path == "/redirect-with-a-body":  # a redirect whose body is far larger than any picture
+            self.send_response(302)
+            self.send_header("Location", "/one.png")
+            self.send_header("Content-Length", str(REDIRECT_BODY))
+            self.end_headers()
+            try:
+                for _ in range(REDIRECT_BODY >> 16):
+                    self.wfile.write(bytes(1 << 16))
+            except OSError:
+                pass  # the client left without reading it
         elif self.path == "/trickle.png":  # a byte every 0.2 s: each read is quick, the whole never ends
             self.send_response(200)
             self.send_header("Content-Length", str(len(PICTURE)))
@@ -168,3 +179,21 @@ def test_a_host_trickling_its_answer_is_given_up_on_at_the_fetch_timeout(picture
         assert backend.requests == []
     finally:
         server.stop()
+
+
+def test_the_body_of_a_redirect_is_not_read(pictures):
+    """urllib reads a redirect's whole body into memory before it follows the redirect: an allowed
+    host answering with gigabytes under a 302 took that much of the router's memory."""
+    import tracemalloc
+
+    from mmserve.serving.router.media_fetch import fetch_media
+
+    settings = RouterSettings("tiny", 512, allowed_media_domains="127.0.0.1", max_body_bytes=LIMIT)
+    tracemalloc.start()
+    try:
+        fetched = fetch_media(f"http://{pictures}/redirect-with-a-body", settings, "image", "image_url")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fetched == PICTURE
+    assert peak < 4 * LIMIT, f"peak {peak >> 20} MiB"

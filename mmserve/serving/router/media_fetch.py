@@ -168,6 +168,9 @@ def _check_host(url: str, hosts: frozenset[str], kind: str, param: str) -> None:
 
 
 class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an allowed host, and never reads its body: urllib reads a
+    redirect's whole body into memory before following it (however large a host makes it)."""
+
     def __init__(self, hosts: frozenset[str], kind: str, param: str):
         self.hosts, self.kind, self.param = hosts, kind, param
 
@@ -175,4 +178,7 @@ class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
         if urlparse(newurl).scheme not in ("http", "https"):
             raise InvalidRequest(f"the {self.kind} URL redirects to an unsupported URL", self.param)
         _check_host(newurl, self.hosts, self.kind, self.param)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            fp.close()  # what urllib reads of it next is then nothing
+        return new
