@@ -38,9 +38,9 @@ class TransferConfig:
     """The address peers dial to reach this process's listeners (a pod IP, a host name), published
     in the registry; empty: the bind host. Needed when binding 0.0.0.0 across hosts or pods."""
     secret: str = dataclasses.field(default="", repr=False)
-    """The secret the CurveZMQ keys of every control and registry socket (and of the zmq data
-    plane's) are derived from (:mod:`transfer.curve`): a peer without it is refused at the
-    connection's handshake, and the traffic is encrypted. Empty: plain ZMQ (a library user's choice; mmserve's roles always
+    """The secret the CurveZMQ keys of every control and registry socket are derived from
+    (:mod:`transfer.curve`): a peer without it is refused at the connection's handshake, and the
+    control traffic is encrypted. Empty: plain ZMQ (a library user's choice; mmserve's roles always
     set it from the cluster credential). Never a flag: argv is readable by every local user."""
     max_message_bytes: int = 1 << 20
     """Largest control message accepted; bigger ones get an OVERSIZED error."""
@@ -89,12 +89,6 @@ class TransferConfig:
     def control_keys(self) -> CurveKeys | None:
         """The control and registry sockets' CurveZMQ keys; None without a secret."""
         return CurveKeys.from_secret(self.secret.encode(), "transfer-control") if self.secret else None
-
-    @property
-    def data_keys(self) -> CurveKeys | None:
-        """The zmq data plane's CurveZMQ keys (a surface of their own); None without a secret. The
-        jax transfer server's plane has no such mechanism (docs/security.md)."""
-        return CurveKeys.from_secret(self.secret.encode(), "transfer-data") if self.secret else None
 
     @property
     def public_host(self) -> str:

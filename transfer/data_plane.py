@@ -82,7 +82,7 @@ def open_data_plane(config: TransferConfig, device: jax.Device | None = None) ->
 
     device = device or jax.local_devices()[0]
     if config.data_plane == "zmq":
-        return ZmqDataPlane(config.bind_host, config.advertise_host, config.data_keys)
+        return ZmqDataPlane(config.bind_host, config.advertise_host)
     try:
         return JaxTransferPlane(config.public_host, device, transfer_size=config.jax_transfer_size,
                                 parallel_copies=config.jax_parallel_copies, raw_buffers=config.jax_raw_buffers)
@@ -91,4 +91,4 @@ def open_data_plane(config: TransferConfig, device: jax.Device | None = None) ->
             raise
         log.warning("jax transfer server unavailable on %s (%s); using the zmq data plane",
                     device.platform, error)
-        return ZmqDataPlane(config.bind_host, config.advertise_host, config.data_keys)
+        return ZmqDataPlane(config.bind_host, config.advertise_host)

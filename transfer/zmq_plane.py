@@ -4,10 +4,6 @@ The sender's arrays go out as raw buffers (``copy=False``: on CPU a view of devi
 on an accelerator one device-to-host copy) behind a small typed header; the receiver checks
 every frame's size against the shapes it declared, views the frames as numpy arrays without
 copying and places them on its device. No pickle and no Python lists touch the bytes.
-
-With keys (``TransferConfig.data_keys``, from the deployment's secret) both sides are CurveZMQ, as
-the control sockets are (transfer/channel.py): a pull from a process without the secret is
-refused at the handshake, and the arrays' bytes are encrypted on the wire.
 """
 
 from __future__ import annotations
@@ -20,8 +16,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from transfer.channel import bind_random_port, listening_socket
-from transfer.curve import CurveKeys, curve_client
+from transfer.channel import bind_random_port
 from transfer.data_plane import DataPlaneError
 from transfer.messages import Id, Text
 
@@ -81,10 +76,11 @@ class ZmqDataPlane:
     kind = "zmq"
     posts_pulls = False  # a pull of an uuid not offered yet is answered "no such offer"
 
-    def __init__(self, host: str, advertise_host: str = "", keys: CurveKeys | None = None) -> None:
-        self._keys = keys
-        self._server = listening_socket(zmq.ROUTER, REQUEST_BYTES, keys)  # a CurveZMQ handshake's
-        # commands exceed REQUEST_BYTES: the socket takes 16 times that (channel.HARD_LIMIT_FACTOR)
+    def __init__(self, host: str, advertise_host: str = "") -> None:
+        context = zmq.Context.instance()
+        self._server = context.socket(zmq.ROUTER)
+        self._server.setsockopt(zmq.LINGER, 0)
+        self._server.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES)
         self.address = bind_random_port(self._server, host, advertise_host)
         self._offers: dict[int, tuple[list[jax.Array], float]] = {}
         self._clients: dict[str, zmq.Socket] = {}
@@ -98,8 +94,6 @@ class ZmqDataPlane:
         if client is None:
             client = self._clients[address] = zmq.Context.instance().socket(zmq.DEALER)
             client.setsockopt(zmq.LINGER, 0)
-            if self._keys is not None:
-                curve_client(client, self._keys)
             client.connect(address)
         pending = self._pulls[(address, uuid)] = ZmqPull(self, specs)
         client.send(_encoder.encode(DataRequest(uuid)))
