@@ -18,6 +18,9 @@ entry runs the jax plane again with the transfer server's knobs set so on both s
 ``jax_raw_buffers``). ``--at-once N`` also times N rooms of the payload handed over together
 (the clock stops when the last has landed; throughput is their bytes together), next to the
 raw pulls of N such arrays at once.
+
+With ``MMSERVE_CLUSTER_SECRET`` set (as mmserve's roles always run) the control sockets and the zmq
+data plane are CurveZMQ, keyed from it; unset, plain ZMQ.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transfer import (BootstrapServer, PollState, Receiver, Sender, TransferConfig,  # noqa: E402
                       TransferInfo, TransferMode, field)
 from transfer.config import ENV  # noqa: E402
+from mmserve.cluster_credential import SECRET_ENV  # noqa: E402
 
 HIDDEN = 4096
 FIELDS = (field("embeddings", (HIDDEN,), "float32"),)
@@ -71,7 +75,8 @@ def config_for(room_blocks: int, rooms: int, plane: str, setting: str = DEFAULT_
     """Pools for ``rooms`` rooms at once of up to ``room_blocks`` blocks, each in one chunk."""
     return TransferConfig.from_env(
         knobs(setting), block_size=BLOCK, default_blocks=room_blocks, buffer_blocks=room_blocks * rooms,
-        data_plane=plane, transfer_timeout_s=300.0, heartbeat_timeout_s=60.0, waiting_timeout_s=300.0)
+        data_plane=plane, transfer_timeout_s=300.0, heartbeat_timeout_s=60.0, waiting_timeout_s=300.0,
+        secret=os.environ.get(SECRET_ENV, ""))
 
 
 def rows(room: int, tokens: int) -> jax.Array:
