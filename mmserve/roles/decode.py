@@ -315,15 +315,16 @@ class DecodeRole:
             self._emit(output)
 
     def _emit(self, output: RequestOutput) -> None:
-        """Streams what is new; the first token's event went to the router from prefill, so here it
-        only advances the stream (its text and stop-string state), and carries nothing but the end
-        when that token ends the request."""
+        """Streams what is new; the first token's event went to the router from prefill, as an
+        unfinished request's (its text held back as far as a stop string could reach), so here it
+        only advances the stream past that, and when the token ends the request (decode's own
+        length cap, which may be below prefill's) carries the end and the text held back."""
         record = self._requests[output.request_id]
-        delta = record.output.delta(output)
         if len(output.outputs[0].token_ids) == 1:
+            record.output.delta(dataclasses.replace(output, finished=False))  # what prefill streamed
             if not output.finished:
                 return
-            delta = dataclasses.replace(delta, token_ids=[], logprobs=None, text_delta="")
+        delta = record.output.delta(output)
         self._put(record, event_to_pb(output.request_id, delta))
         if output.finished:
             self._requests.finish(output.request_id, DecodeState.DONE)
