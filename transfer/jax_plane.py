@@ -74,10 +74,10 @@ class JaxTransferPlane:
             raise DataPlaneError(f"offer {uuid} refused: {error}") from None
 
     def pull(self, address: str, uuid: int, specs: Sequence[jax.ShapeDtypeStruct]) -> JaxPull:
-        connection = self._connections.get(address)
-        if connection is None:
-            connection = self._connections[address] = self._server.connect(address)
         try:
+            connection = self._connections.get(address)
+            if connection is None:
+                connection = self._connections[address] = self._server.connect(address)
             arrays = connection.pull(uuid, list(specs))
         except jax.errors.JaxRuntimeError as error:
             self._connections.pop(address, None)

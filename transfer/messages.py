@@ -22,6 +22,12 @@ MAX_NAME_LENGTH = 128
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 Text = Annotated[str, msgspec.Meta(max_length=512)]
 AuxKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+_HOST_PORT = r"(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}"
+ControlAddress = Annotated[str, msgspec.Meta(max_length=512, pattern=f"^tcp://{_HOST_PORT}$")]
+"""A ZMQ endpoint a peer dials: anything else (a mistyped advertise host) made ``connect`` raise in
+the receiver's loop."""
+DataAddress = Annotated[str, msgspec.Meta(max_length=512, pattern=f"^(tcp://)?{_HOST_PORT}$")]
+"""A data plane's address: the zmq plane's endpoint, or the jax transfer server's host:port."""
 AuxValue = int | float | Text | Annotated[list[int | float], msgspec.Meta(max_length=1024)]
 
 
@@ -66,9 +72,9 @@ class SenderEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     name: Name
-    control: Text
+    control: ControlAddress
     data_plane: Name
-    data_address: Text
+    data_address: DataAddress
     incarnation: Id = 0
 
 

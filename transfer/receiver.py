@@ -293,9 +293,14 @@ class Receiver:
             room.looked_again = True
             self._directory.forget(room.sender)
             return
+        try:
+            channel = self._links.to(endpoint.control, endpoint.data_address)
+        except zmq.ZMQError as error:  # the registry checks the address's form; this is what is left
+            self._fail(room, f"cannot connect to sender {room.sender[1]} at {endpoint.control}: {error}")
+            return
         room.endpoint = endpoint
         room.posted = self.posting.register(room)
-        self._links.to(endpoint.control, endpoint.data_address).send(Register(
+        channel.send(Register(
             room.room, room.mode, self.config.block_size, self.layout.fields,
             self.config.default_tokens, room.incarnation, room.held, room.posted))
 

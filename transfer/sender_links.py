@@ -34,14 +34,18 @@ class SenderLinks:
     def to(self, address: str, data_address: str | None = None) -> Channel[ToReceiver]:
         """The channel to the sender listening at ``address`` (opened now if there is none);
         ``data_address``: its data plane's, dropped with the channel."""
-        if data_address is not None:
-            self._data_addresses[address] = data_address
         channel = self._channels.get(address)
         if channel is None:
             socket = connecting_socket(zmq.DEALER, self._config.max_message_bytes, self._config.control_keys)
-            socket.connect(address)
+            try:
+                socket.connect(address)
+            except zmq.ZMQError:
+                socket.close(linger=0)
+                raise
             channel = self._channels[address] = Channel(socket, Codec(ToReceiver, self._config.max_message_bytes))
             self._poller.register(socket, zmq.POLLIN)
+        if data_address is not None:
+            self._data_addresses[address] = data_address
         return channel
 
     def receive(self, now: float) -> Iterator[tuple[str, Channel[ToReceiver], ToReceiver | ProtocolError]]:

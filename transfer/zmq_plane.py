@@ -92,9 +92,14 @@ class ZmqDataPlane:
     def pull(self, address: str, uuid: int, specs: Sequence[jax.ShapeDtypeStruct]) -> ZmqPull:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = zmq.Context.instance().socket(zmq.DEALER)
+            client = zmq.Context.instance().socket(zmq.DEALER)
             client.setsockopt(zmq.LINGER, 0)
-            client.connect(address)
+            try:
+                client.connect(address)
+            except zmq.ZMQError as error:
+                client.close(linger=0)
+                raise DataPlaneError(f"cannot connect to {address}: {error}") from None
+            self._clients[address] = client
         pending = self._pulls[(address, uuid)] = ZmqPull(self, specs)
         client.send(_encoder.encode(DataRequest(uuid)))
         return pending

@@ -112,3 +112,24 @@ def test_one_refused_lookup_does_not_fail_the_next(server, registry_config):
         assert isinstance(answers[0], NotFound) and client.error is None
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("control, data_address", [
+    ("not-an-endpoint", "127.0.0.1:5001"), ("tcp://http://host:5000", "127.0.0.1:5001"),
+    ("tcp://127.0.0.1:5000", "garbage"),
+], ids=["control_no_scheme", "control_two_schemes", "data_address"])
+def test_an_endpoint_that_is_not_an_address_is_refused_and_never_found(server, registry_config, control,
+                                                                      data_address):
+    """A sender published with an address a receiver cannot dial (a mistyped advertise host) was
+    handed to every receiver looking it up, whose connect then raised out of its loop: at
+    bootstrap, at every heartbeat, in abort and close (leaving the other rooms' blocks held)."""
+    publisher, looker = RegistryClient(server.address, registry_config), RegistryClient(server.address, registry_config)
+    try:
+        publisher.publish(msgspec.structs.replace(ENDPOINT, control=control, data_address=data_address),
+                          time.monotonic())
+        drive([], lambda: publisher.replies() == [] and publisher.error is not None)
+        assert "malformed" in publisher.error and server.endpoints() == {}
+        assert answer(looker, "encode-0") == NotFound("encode-0")
+    finally:
+        publisher.close()
+        looker.close()
