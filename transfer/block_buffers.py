@@ -151,6 +151,7 @@ class BlockBuffers(BlockLayout):
             f.name: jax.device_put(jnp.zeros((rows, *f.shape), f.np_dtype), self.device)
             for f in self.fields
         }
+        self._zeros: dict[int, Arrays] = {}
 
     @property
     def pools(self) -> Mapping[str, jax.Array]:
@@ -212,8 +213,13 @@ class BlockBuffers(BlockLayout):
 
     def zeros(self, num_tokens: int) -> Arrays:
         """``bucket(num_tokens)`` zero rows of every field: the read of that bucket with nothing
-        to read, so no other program and no host copy."""
-        return _gather(self._pools, np.int32(0), np.int32(0), self.bucket(num_tokens))
+        to read, so no other program and no host copy. One set per bucket, made once and offered
+        under every uuid that needs it: a peer registering and aborting rooms with posted pulls
+        made the sender hold a fresh set for each until its offer expired."""
+        bucket = self.bucket(num_tokens)
+        if bucket not in self._zeros:
+            self._zeros[bucket] = _gather(self._pools, np.int32(0), np.int32(0), bucket)
+        return self._zeros[bucket]
 
     def _check_run(self, allocation: Allocation, offset: int, count: int) -> None:
         if allocation.block_size != self.block_size or allocation.start_block + allocation.num_blocks > self.num_blocks:

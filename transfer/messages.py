@@ -138,6 +138,11 @@ class Register(msgspec.Struct, frozen=True, tag="register", forbid_unknown_field
     start_token: Id = 0
     posted: PostedPull | None = None
 
+    def __post_init__(self) -> None:
+        if self.posted is not None and self.posted.num_tokens > self.capacity_tokens:
+            raise ValueError(f"a pull posted for {self.posted.num_tokens} tokens, more than the "
+                             f"{self.capacity_tokens} the first chunk may carry")
+
 
 class Registered(msgspec.Struct, frozen=True, tag="registered", forbid_unknown_fields=True):
     room: Id
