@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import secrets
 import threading
@@ -61,6 +62,8 @@ from transfer.poll import PollState
 from transfer.receiver import Receiver
 
 NO_EMBEDDINGS = np.zeros((3, 0), np.int32)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -354,15 +357,17 @@ class DecodeService(WorkerService):
             yield batch
 
     def _stream_gone(self, stream: TokenStream) -> None:
-        """The router hung up (or left): the stream's requests free whatever they hold."""
+        """The router hung up (or left): the stream's requests free whatever they hold, on the
+        loop, not waited for here (gRPC runs this on its server's polling thread)."""
         with self._streams_lock:
             if self._streams.get(stream.stream_id) is stream:
                 del self._streams[stream.stream_id]
         stream.close()
         try:
-            self.loop.call(self.loop.role.drop_stream, stream)
+            freed = self.loop.submit(self.loop.role.drop_stream, stream)
         except LoopStopped:
-            pass  # the worker is stopping: it frees everything as it closes
+            return  # the worker is stopping: it frees everything as it closes
+        freed.add_done_callback(_log_failure)
 
     def Decode(self, request, context):
         with self._streams_lock:
@@ -374,3 +379,8 @@ class DecodeService(WorkerService):
 
 def decode_service(role: DecodeRole) -> DecodeService:
     return DecodeService(RoleLoop(role).start())
+
+
+def _log_failure(done) -> None:
+    if done.exception() is not None and not isinstance(done.exception(), LoopStopped):
+        log.error("freeing a closed token stream's requests failed", exc_info=done.exception())

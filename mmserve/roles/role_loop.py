@@ -69,13 +69,20 @@ class RoleLoop:
         """Runs ``fn(*args)`` on the loop thread and returns its result (or raises its error);
         ``LoopStopped`` once the loop has stopped (a gRPC thread freeing a request its caller hung
         up on, as the worker shuts down, must not wait for a loop that will never run it)."""
+        return self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Queues ``fn(*args)`` for the loop thread without waiting for it (for a thread that must
+        not block: gRPC runs a call's done-callbacks on its server's one polling thread, and every
+        call of the worker waited while one of them waited for a step to end); ``LoopStopped``
+        once the loop has stopped."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._calls:
             if self._closed:
                 raise LoopStopped(f"the {self.role.role} worker's loop has stopped")
             self._inbox.put((fn, args, future))
             self._wake.wake()
-        return future.result()
+        return future
 
     def stop(self) -> None:
         self._stop.set()

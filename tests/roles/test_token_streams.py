@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def worker():
+def served():
+    """(stub, service): a decode worker's gRPC service on loopback, its loop running."""
     transfer = TransferConfig(data_plane="zmq", bootstrap_timeout_s=30.0)
     bootstrap = BootstrapServer(transfer).start()
     engine = EngineConfig(num_pages=32, page_size=16, max_model_len=256, max_num_seqs=4, precompile=False)
@@ -37,11 +39,17 @@ def worker():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield pb_grpc.WorkerStub(channel), service.loop.role
+    yield pb_grpc.WorkerStub(channel), service
     channel.close()
     server.stop(0)
     service.loop.stop()
     bootstrap.close()
+
+
+@pytest.fixture
+def worker(served):
+    stub, service = served
+    return stub, service.loop.role
 
 
 def decode_request(request_id: str, room: int, stream_id: str) -> pb.DecodeRequest:
@@ -120,3 +128,19 @@ def test_events_put_during_a_step_leave_as_one_message_and_none_after_close():
     assert stream.flush() == 0
     reader.join(timeout=10)
     assert [[e.request_id for e in sent.get_nowait().events]] == [["a", "b", "c"]] and sent.empty()
+
+
+def test_a_router_hanging_up_while_a_step_runs_stalls_no_other_call(served):
+    """gRPC runs a call's done-callbacks on its server's one polling thread: the callback freeing a
+    closed stream's requests waited there for the loop to end its step, and meanwhile the worker
+    took no call at all (here a second router opening its stream: no step needed)."""
+    stub, service = served
+    leaving = opened(stub, "leaving")
+    busy = service.loop.submit(time.sleep, 3.0)  # a step that takes a while (a compile, say)
+    time.sleep(0.2)
+    leaving.cancel()
+    time.sleep(0.2)  # the cancel reaches the server
+    began = time.monotonic()
+    opened(stub, "arriving")
+    assert time.monotonic() - began < 1.5
+    busy.result()
