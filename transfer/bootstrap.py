@@ -27,11 +27,14 @@ log = logging.getLogger(__name__)
 class BootstrapServer:
     """The registry. Drive it with ``progress`` from a loop, or let ``start`` run it on a thread."""
 
-    def __init__(self, config: TransferConfig, port: int = 0) -> None:
+    def __init__(self, config: TransferConfig, port: int = 0, endpoint: str | None = None) -> None:
+        """Listens on ``bind_host``: at ``port``, any free port for 0; or at ``endpoint`` (a ZMQ
+        endpoint such as ``ipc:///run/dir/bootstrap.sock``: a Unix socket, reached only by who
+        may enter its directory)."""
         self.config = config
         socket = listening_socket(zmq.ROUTER, config.max_message_bytes, config.control_keys)
-        if port:
-            socket.bind(f"tcp://{config.bind_host}:{port}")
+        if endpoint or port:
+            socket.bind(endpoint or f"tcp://{config.bind_host}:{port}")
             self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self.address = bind_random_port(socket, config.bind_host)

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "--registry-port) or unix:PATH (its --registry-socket)")
     group.add_argument("--bootstrap", default=None,
                        help="worker (required): the transfer bootstrap registry, tcp://HOST:PORT (the router's "
-                            "--bootstrap-port)")
+                            "--bootstrap-port) or ipc://PATH (its --bootstrap-socket)")
     group.add_argument("--registry-port", type=tcp_port, default=50051,
                        help="router: gRPC port where workers register")
     group.add_argument("--registry-host", default=None,
@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="worker: a Unix socket its gRPC service listens on instead of --host/--port")
     group.add_argument("--bootstrap-port", type=tcp_port, default=5557,
                        help="router: ZMQ port of the transfer bootstrap registry")
+    group.add_argument("--bootstrap-socket", default=None, metavar="PATH",
+                       help="router: a Unix socket the transfer bootstrap registry listens on instead of "
+                            "--bootstrap-port (workers: --bootstrap ipc://PATH); --role all puts its own beside "
+                            "the worker registry's")
     group.add_argument("--workers", type=worker_counts, default="encode=1,prefill=1,decode=1", metavar="ROLE=N,...",
                        help="--role all: how many workers of each role it starts, e.g. prefill=2,decode=2 (a role "
                             "not named gets one); the router routes between them (--routing-policy)")

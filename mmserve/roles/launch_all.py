@@ -7,7 +7,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -24,23 +23,24 @@ def worker_names(counts: dict[str, int]) -> list[tuple[str, str]]:
     return [(role, role if n == 1 else f"{role}-{i}") for role, n in counts.items() for i in range(n)]
 
 
-def all_commands(args: argparse.Namespace, argv: list[str], sockets: str,
-                 bootstrap_port: int) -> dict[str, list[str]]:
+def all_commands(args: argparse.Namespace, argv: list[str], sockets: str) -> dict[str, list[str]]:
     """``--role all``'s child processes, by name: the router and the workers. Only the router's
-    HTTP port listens where ``--host`` says. The worker registry and the workers' gRPC services
-    listen on Unix sockets in the directory ``sockets``, which only this user can enter: a TCP port
-    on loopback is open to every local user, who could take one while it is free (a child
-    restarting) and collect the token the workers send with every call. The transfer's bootstrap
-    registry and KV events stay on loopback TCP (their messages are signed or encrypted). The
-    secret is not among the flags: the children get it in their environment."""
+    HTTP port listens where ``--host`` says. The worker registry, the workers' gRPC services and
+    the transfer's bootstrap registry listen on Unix sockets in the directory ``sockets``, which
+    only this user can enter: a TCP port on loopback is open to every local user, who could take
+    one while it is free (a child restarting) and collect the token the workers send with every
+    call (the bootstrap registry's CurveZMQ keeps others out, but one who took its port first
+    would keep the server from starting). The KV events and the transfer's own sockets stay on
+    loopback TCP, CurveZMQ, on ports chosen as they bind. The secret is not among the flags: the
+    children get it in their environment."""
     base = [sys.executable, os.path.abspath(sys.argv[0]),
             *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
-    registry = os.path.join(sockets, "registry.sock")
+    registry, bootstrap = os.path.join(sockets, "registry.sock"), os.path.join(sockets, "bootstrap.sock")
     # --drain-timeout 0: stopped, the whole server stops at once (its router with the workers), as vLLM's does
-    worker = base + ["--router-url", f"unix:{registry}", "--bootstrap",
-                     f"tcp://127.0.0.1:{bootstrap_port}", "--port", "0", "--host", "127.0.0.1", "--drain-timeout", "0"]
+    worker = base + ["--router-url", f"unix:{registry}", "--bootstrap", f"ipc://{bootstrap}",
+                     "--port", "0", "--host", "127.0.0.1", "--drain-timeout", "0"]
     commands = {"router": base + ["--role", "router", "--registry-socket", registry,
-                                  "--registry-host", "127.0.0.1", "--bootstrap-port", str(bootstrap_port)]}
+                                  "--registry-host", "127.0.0.1", "--bootstrap-socket", bootstrap]}
     workers = worker_names(args.workers)
     commands |= {name: worker + ["--role", role, "--name", name, "--grpc-socket", os.path.join(sockets, f"{name}.sock")]
                  for role, name in workers}
@@ -68,7 +68,7 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
         engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
     sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
     try:
-        commands = all_commands(args, argv, sockets, _free_port())
+        commands = all_commands(args, argv, sockets)
         env, own = child_environments(os.environ, ClusterCredential.generate().environment())
         supervisor = Supervisor(commands, env, sockets, own)
         for signum in (signal.SIGTERM, signal.SIGINT):  # a second one kills the children at once
@@ -93,12 +93,6 @@ def child_environments(environ: Mapping[str, str], credential: Mapping[str, str]
     env.pop(SECRET_FILE_ENV, None)
     key = env.pop(API_KEY_ENV, None)
     return env, ({"router": {API_KEY_ENV: key}} if key else {})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _without(argv: list[str], flag: str) -> list[str]:

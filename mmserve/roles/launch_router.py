@@ -36,11 +36,12 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     require_free_port(args.host, args.port, "--port")
     if not args.registry_socket:
         require_free_port(args.registry_host or args.host, args.registry_port, "--registry-port")
+    where = f"ipc://{args.bootstrap_socket}" if args.bootstrap_socket else None
     try:
-        bootstrap = BootstrapServer(transfer, port=args.bootstrap_port).start()
+        bootstrap = BootstrapServer(transfer, port=args.bootstrap_port, endpoint=where).start()
     except zmq.ZMQError as error:
-        raise SystemExit(f"serve.py: the transfer bootstrap registry cannot listen on --bootstrap-port "
-                         f"{args.bootstrap_port}: {error}") from None
+        flag = f"--bootstrap-socket {args.bootstrap_socket}" if where else f"--bootstrap-port {args.bootstrap_port}"
+        raise SystemExit(f"serve.py: the transfer bootstrap registry cannot listen on {flag}: {error}") from None
     with model_errors_said(args.model):
         frontend = load_model(args.model, dtype=args.dtype, weights=False)
     index = PrefixIndex()

@@ -28,7 +28,7 @@ def test_role_all_puts_only_the_routers_http_port_where_host_says():
     from mmserve.roles.launch_all import all_commands
 
     argv = ["--role", "all", "--host", "0.0.0.0", "--port", "8000", "--workers", "prefill=2"]
-    commands = all_commands(build_parser().parse_args(argv), argv, "/run/sockets", 50002)
+    commands = all_commands(build_parser().parse_args(argv), argv, "/run/sockets")
     parsed = {name: build_parser().parse_args(command[2:]) for name, command in commands.items()}
     assert parsed["router"].role == "router"
     assert (parsed["router"].host, parsed["router"].port) == ("0.0.0.0", 8000)
@@ -39,5 +39,8 @@ def test_role_all_puts_only_the_routers_http_port_where_host_says():
     assert {args.router_url for args in workers.values()} == {"unix:/run/sockets/registry.sock"}
     assert {args.drain_timeout for args in workers.values()} == {0.0}  # stopped, the whole server stops at once
     assert parsed["router"].registry_socket == "/run/sockets/registry.sock"
+    # the bootstrap registry too: on a loopback TCP port another local user could take it first
+    assert parsed["router"].bootstrap_socket == "/run/sockets/bootstrap.sock"
+    assert {args.bootstrap for args in workers.values()} == {"ipc:///run/sockets/bootstrap.sock"}
     assert {name: args.grpc_socket for name, args in workers.items()} == {
         name: f"/run/sockets/{name}.sock" for name in workers}

@@ -133,3 +133,21 @@ def test_an_endpoint_that_is_not_an_address_is_refused_and_never_found(server, r
     finally:
         publisher.close()
         looker.close()
+
+
+def test_a_registry_on_a_unix_socket_serves_who_holds_the_secret(registry_config, tmp_path):
+    """``--role all`` puts its registry on a Unix socket in a directory only its user enters (a
+    loopback TCP port could be taken first by another local user); the secret's keys still apply."""
+    server = BootstrapServer(registry_config, endpoint=f"ipc://{tmp_path}/bootstrap.sock").start()
+    publisher, looker = RegistryClient(server.address, registry_config), RegistryClient(server.address, registry_config)
+    intruder = RegistryClient(server.address, dataclasses.replace(registry_config, secret="another"))
+    try:
+        assert server.address == f"ipc://{tmp_path}/bootstrap.sock"
+        publisher.publish(ENDPOINT, time.monotonic())
+        drive([], lambda: "encode-0" in server.endpoints())
+        assert answer(looker, "encode-0") == Found(ENDPOINT)
+        assert answer(intruder, "encode-0") is None and intruder.error == REFUSED_KEYS
+    finally:
+        for client in (publisher, looker, intruder):
+            client.close()
+        server.close()
