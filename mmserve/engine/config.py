@@ -27,7 +27,9 @@ class EngineConfig:
     """most prompts in one prefill step"""
     embedding_cache_bytes: int = 256 * 2**20
     """memory for encoded images and videos kept, keyed by a hash of the client's file, so a repeated
-    picture skips decoding and the vision tower (least recently used evicted first; 0: none kept)"""
+    picture skips decoding and the vision tower (least recently used evicted first; 0: none kept).
+    A picture keeps its whole vision call's output alive (the pictures encoded with it, the call's
+    padding), and that is what is counted"""
     seed: int = 0
     """the engine's random key for requests that give no seed of their own"""
     precompile: bool = True

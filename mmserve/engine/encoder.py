@@ -47,6 +47,7 @@ class Encoder:
         Patch counts are padded to the buckets of ``config``'s program grid."""
         self.model = model
         self.grid = ProgramGrid.for_model(config, model.config)
+        self._pack_limit = min(PACKED_PATCHES, self.grid.patch_max)
         self.cache = EmbeddingCache(config.embedding_cache_bytes)
         self._decoding: SingleFlight[Visual] = SingleFlight()
         self._counting = threading.Lock()
@@ -86,14 +87,16 @@ class Encoder:
 
     def encode_many(self, visuals: list[Visual]) -> list[VisualRows]:
         """Features of each visual, in order. Those not cached run packed together, up to
-        ``PACKED_PATCHES`` patches a call (each keeps its own attention segments)."""
+        ``PACKED_PATCHES`` patches a call (each keeps its own attention segments), and no more than
+        the largest patch bucket (below that with a short context: a pack of pictures each within
+        it ran past every bucket, failing the whole step)."""
         keys = [v.content_key for v in visuals]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         # A visual passed undecoded because the cache held it may have been evicted since: decoded here.
         missing = {key: self.decoded(visual) for key, visual in zip(keys, visuals) if found[key] is None}
         batch: list[tuple[bytes, Visual]] = []
         for key, visual in missing.items():
-            if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > PACKED_PATCHES:
+            if batch and sum(len(v.pixel_values) for _, v in batch) + len(visual.pixel_values) > self._pack_limit:
                 found.update(self._run(batch))
                 batch = []
             batch.append((key, visual))

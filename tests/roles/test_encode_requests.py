@@ -149,3 +149,18 @@ def test_a_picture_that_fails_to_decode_in_an_unforeseen_way_fails_only_its_requ
     encode(role, "fine", room=32)
     role.step()
     only_sending_then_freed(role, "fine")
+
+
+def test_pictures_of_two_requests_each_within_a_short_context_are_encoded_together():
+    """With a context of 64 tokens the largest patch bucket is 256 patches: two pictures of 200
+    patches (50 tokens each) were packed into one call of 400, past every bucket, and the whole
+    step failed. Each gets its rows as encoded alone."""
+    model = load_model("tiny")
+    encoder = Encoder(model, EngineConfig(precompile=False, max_model_len=64, embedding_cache_bytes=0))
+    rng = np.random.default_rng(5)
+    pictures = [Visual(np.array([[1, 10, 20]]), rng.standard_normal((200, model.config.vision.patch_dim)).astype(
+        np.float32)) for _ in range(2)]
+    together = encoder.encode_many(pictures)
+    for rows, picture in zip(together, pictures, strict=True):
+        for a, b in zip(rows.host(), encoder.encode(picture).host()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
