@@ -307,3 +307,36 @@ def test_pack_pads_rows_as_greedy_uncounted_padding():
     assert batch.seed[0].tolist() == [0xFFFFFFFF, 0xFFFFFFFF]
     with pytest.raises(ValueError, match="do not fit"):
         pack_sampling_batch([SamplingParams()] * 5, [0] * 5, list(range(5)), batch_size=4)
+
+
+def test_a_token_masked_to_minus_infinity_is_never_drawn_where_the_sums_round_up():
+    """The block prefix sums come from a tree of additions, not monotone to the last bit: a block
+    whose tokens are all masked (a grammar's) can end an ulp above the block before it, and a
+    uniform landing in that gap picked it, drawing the next block's first token, masked too (or one
+    past the vocabulary). Rows of Qwen3-VL's vocabulary with a few thousand tokens allowed, at
+    uniforms jax.random.uniform really returns (k * 2**-23) that land in such gaps."""
+    from mmserve.sampler import _inverse_cdf, _prefix_sums
+
+    vocab = 151936
+    block = 1 << max(3, (vocab.bit_length() + 1) // 2)
+    blocks = -(-vocab // block)
+    rng = np.random.default_rng(0)
+    drawn = []
+    for _ in range(40):
+        allowed = np.zeros(vocab, bool)
+        allowed[rng.choice(vocab, size=rng.integers(2, 3000), replace=False)] = True
+        logits = jnp.asarray(np.where(allowed, rng.normal(size=(1, vocab)) * 3, -np.inf).astype(np.float32))
+        weights = jnp.pad(jnp.exp(logits - jnp.max(logits)), ((0, 0), (0, blocks * block - vocab)))
+        sums = np.asarray(weights.reshape(blocks, block).sum(-1))
+        mass = np.asarray(_prefix_sums(jnp.asarray(sums)[None]))[0]
+        gaps = [c for c in range(1, blocks) if sums[c] == 0 and mass[c] > mass[c - 1]]
+        landing = (u for c in gaps for k in [int(np.floor(mass[c - 1] / mass[-1] * 2**23))]
+                   for u in (np.float32(k + d) * np.float32(2**-23) for d in range(-4, 8))
+                   if mass[c - 1] <= min(u * mass[-1], np.nextafter(mass[-1], np.float32(0))) < mass[c])
+        u = next(landing, None)
+        if u is not None:
+            token = int(_inverse_cdf(logits, jnp.asarray([u], jnp.float32))[0])
+            drawn.append(token < vocab and bool(allowed[token]))
+        if len(drawn) >= 3:
+            break
+    assert len(drawn) == 3 and all(drawn)
