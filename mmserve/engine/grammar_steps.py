@@ -53,12 +53,13 @@ class GrammarSteps:
         outputs, failed, cause = [], [], None
         for request in ready:
             del self._awaiting_grammar[request.request_id]
-            if request.request_id not in self._prefilled:
+            if request.grammar.compiled.exception() is None and request.request_id not in self._prefilled:
                 self.scheduler.add(request)
                 continue
-            try:
+            try:  # a grammar that did not compile fails its own request here, not the step it would join
+                request.grammar.compiled.result()
                 outputs.append(self._take_prefilled(request))
-            except Exception as error:  # its grammar did not compile: the matcher cannot take the token
+            except Exception as error:
                 self.abort(request.request_id)
                 failed.append(request.request_id)
                 cause = error

@@ -57,7 +57,9 @@ class Grammars:
         # grammar on its last character instead: as soon as it could end (a number at the root
         # ends after its first digit; objects, arrays and strings end where they close).
         self.terminate_without_stop_token = not stop_token_ids
-        self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2)
+        # xgrammar's own cache of compiled grammars is unbounded by default (every schema ever
+        # seen, ~64 KB each at a tiny vocabulary): the futures below are the cache, bounded
+        self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
         self._futures: dict[StructuredOutput, Future] = {}
         self._lock = threading.Lock()

@@ -129,6 +129,44 @@ def test_abort_frees_a_request_waiting_for_or_following_its_grammar(llm):
     assert engine.kv.num_free_pages == engine.runner.num_pages - 1
 
 
+def test_a_grammar_that_fails_to_compile_fails_its_own_request_only(llm):
+    """A structural tag naming a token past the vocabulary passes ``check`` (it has no tokenizer)
+    and fails to compile: its request was handed to the scheduler anyway, the error came out of
+    the step's mask, and every request of that step failed with it."""
+    from mmserve.engine.step_failed import StepFailed
+
+    engine = llm.engine
+    tag = StructuredOutput(structural_tag=json.dumps({"type": "structural_tag",
+                                                      "format": {"type": "token", "token": 999999}}))
+    bad = engine.add_request(PROMPT, SamplingParams(max_tokens=4, structured_output=tag))
+    assert engine.grammars.submit(tag).exception() is not None  # compiled (failed) before the next step
+    bystander = engine.add_request(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    failed, finished = [], {}
+    while engine.has_unfinished():
+        try:
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+        except StepFailed as failure:
+            failed += failure.request_ids
+    assert failed == [bad] and len(finished[bystander].outputs[0].token_ids) == 4
+    assert engine.kv.num_free_pages == engine.runner.num_pages - 1
+
+
+def test_compiled_grammars_are_held_only_by_the_bounded_cache(llm):
+    """xgrammar's compiler keeps every grammar it compiled unless told not to: the engine's
+    cache of compiled grammars evicts, and nothing else holds them."""
+    from mmserve.structured_output.grammars import Grammars
+
+    model = llm.engine.model
+    grammars = Grammars(model.tokenizer, model.config.text.vocab_size, set(model.config.eos_token_ids))
+    try:
+        for i in range(20):
+            grammars.submit(StructuredOutput.from_schema(
+                {"type": "object", "properties": {f"k{i}_{j}": {"type": "integer"} for j in range(5)}})).result()
+        assert grammars._compiler.get_cache_size_bytes() == 0
+    finally:
+        grammars.close()
+
+
 def test_invalid_schema_is_refused_before_anything_is_queued(llm):
     with pytest.raises(ValueError, match="invalid JSON schema"):
         llm.engine.add_request(PROMPT, constrained({"type": "objectx"}))
