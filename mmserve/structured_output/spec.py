@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # `json_object` is the grammar of this schema: any JSON object.
@@ -30,6 +30,12 @@ MAX_JSON_DEPTH = 64
 # counts of a schema's patterns together are bounded instead (a 400 past it); `*`, `+` and `?` cost
 # nothing of the kind and are not counted.
 MAX_PATTERN_REPEATS = 2000
+
+# xgrammar compiles an object's optional properties at a cost growing with about the cube of their
+# count (the order they may come in): 300 took 1.3 s, 1,000 took 16.5 s at a 151,936-token
+# vocabulary, on the engine's one compile thread, with no way to stop it (2026-12-07, a review's
+# measurement). The optional properties of a request's schemas together are bounded (a 400 past it).
+MAX_OPTIONAL_PROPERTIES = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +82,10 @@ def _check(spec: StructuredOutput) -> None:
         raise ValueError(f"invalid {kind}: nested {depth} levels deep, more than this server accepts "
                          f"({MAX_JSON_DEPTH})")
     try:
-        repeats = sum(pattern_repeats(pattern) for pattern in _patterns(json.loads(text)))
+        document = json.loads(text)
     except json.JSONDecodeError:
-        repeats = 0  # not JSON: xgrammar says so below
-    if repeats > MAX_PATTERN_REPEATS:
-        raise ValueError(f"invalid {kind}: its patterns' counted repetitions ({{n}}, {{n,m}}) add up to {repeats}, "
-                         f"more than this server accepts ({MAX_PATTERN_REPEATS})")
+        document = None  # not JSON: xgrammar says so below
+    check_cost([document], f"invalid {kind}")
     try:
         if spec.json_schema:
             xgrammar.Grammar.from_json_schema(spec.json_schema, **GRAMMAR_OPTIONS)
@@ -89,6 +93,37 @@ def _check(spec: StructuredOutput) -> None:
             xgrammar.Grammar.from_structural_tag(spec.structural_tag)
     except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"invalid {kind}: {first_line(error)}") from None
+
+
+def check_cost(documents: Iterable[Any], what: str) -> None:
+    """Raises ValueError (its message starting with ``what``) when schemas, together, would cost
+    xgrammar more than this server allows: counted repetitions in their patterns past
+    MAX_PATTERN_REPEATS, optional object properties past MAX_OPTIONAL_PROPERTIES. Together: a
+    request's tools are checked one by one, each within the bounds, 128 of them 22 s of CPU."""
+    repeats = optional = 0
+    for document in documents:
+        repeats += sum(pattern_repeats(pattern) for pattern in _patterns(document))
+        optional += _optional_properties(document)
+    if repeats > MAX_PATTERN_REPEATS:
+        raise ValueError(f"{what}: its patterns' counted repetitions ({{n}}, {{n,m}}) add up to {repeats}, "
+                         f"more than this server accepts ({MAX_PATTERN_REPEATS})")
+    if optional > MAX_OPTIONAL_PROPERTIES:
+        raise ValueError(f"{what}: {optional} optional object properties (not in their object's "
+                         f"\"required\"), more than this server accepts ({MAX_OPTIONAL_PROPERTIES})")
+
+
+def _optional_properties(node: Any) -> int:
+    """Properties of every object schema at any depth that their object does not require."""
+    count = 0
+    if isinstance(node, dict):
+        properties, required = node.get("properties"), node.get("required")
+        if isinstance(properties, dict):
+            needed = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
+            count += sum(key not in needed for key in properties)
+        count += sum(_optional_properties(value) for value in node.values())
+    elif isinstance(node, list):
+        count += sum(_optional_properties(item) for item in node)
+    return count
 
 
 _ESCAPE = re.compile(r"\\.")

@@ -68,6 +68,10 @@ def test_response_format_reaches_the_backend(grammar, response_format, want):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,300}"} for i in range(10)}}}},
      "add up to 3000"),
+    # and seconds to minutes compiling an object of 1,000 optional properties (~cube of their count)
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}}}},
+     "300 optional object properties"),
 ])
 def test_bad_response_format_is_a_400_before_anything_is_queued(grammar, response_format, message):
     chat, backend = grammar

@@ -193,6 +193,15 @@ BAD = {
     "invalid_schema_with_auto": ({"tools": bad_tool(parameters={"type": "object", "properties": 3}),
                                   "tool_choice": "auto"}, "invalid JSON schema", "tools[0].function.parameters"),
     "unknown_function_field": ({"tools": bad_tool(returns="int")}, "does not take returns", "tools[0].function"),
+    # each function within the bounds, together past them: checked one by one, 128 such took 22 s of CPU
+    "patterns_of_all_functions_together": ({"tools": [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": {
+            "type": "object", "properties": {"a": {"type": "string", "pattern": "b{1000}"}}}}} for i in range(3)]},
+        "counted repetitions .* add up to 3000", "tools"),
+    "optional_properties_of_all_functions_together": ({"tools": [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": {
+            "type": "object", "properties": {f"p{j}": {"type": "integer"} for j in range(100)}}}} for i in range(3)]},
+        "300 optional object properties", "tools"),
     "empty_tools": ({"tools": []}, "non-empty list", "tools"),
     "named_choice_not_among_tools": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
                                      "'x', which is not among tools", "tool_choice"),

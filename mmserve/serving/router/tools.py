@@ -25,6 +25,7 @@ from typing import Any
 
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.structured_output import AVAILABLE as GRAMMARS_AVAILABLE, StructuredOutput
+from mmserve.structured_output.spec import check_cost
 
 FIELDS = {"tools", "tool_choice"}
 MAX_TOOLS = 128
@@ -114,6 +115,10 @@ def _checked_grammar(functions: list[dict[str, Any]], choice: str, forced: str |
     builds the grammar a required or named choice needs."""
     if not GRAMMARS_AVAILABLE:
         return None
+    try:  # all the functions' schemas together, before xgrammar converts any
+        check_cost([f["parameters"] for f in functions if "parameters" in f], "invalid tools' parameters")
+    except ValueError as error:
+        raise InvalidRequest(str(error), "tools") from None
     for i, function in enumerate(functions):
         if "parameters" in function:
             try:
