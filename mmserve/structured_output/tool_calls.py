@@ -36,7 +36,7 @@ def tool_calls_output(functions: Sequence[Mapping[str, Any]], forced: str | None
     enforce)."""
     import xgrammar
 
-    tools = [{"type": "function", "function": dict(function)} for function in functions]
+    tools = [{"type": "function", "function": _object_arguments(function)} for function in functions]
     choice = "required" if forced is None else {"type": "function", "function": {"name": forced}}
     try:
         tag = xgrammar.get_model_structural_tag(TOOL_CALL_FORMAT, tools=tools, tool_choice=choice,
@@ -46,3 +46,14 @@ def tool_calls_output(functions: Sequence[Mapping[str, Any]], forced: str | None
     spec = StructuredOutput(structural_tag=tag.model_dump_json())
     spec.check()
     return spec
+
+
+def _object_arguments(function: Mapping[str, Any]) -> dict[str, Any]:
+    """The function as xgrammar is to enforce it: its arguments an object (OpenAI's), whatever it
+    says. xgrammar turns missing parameters, and ``"strict": false``, into the schema ``true``: any
+    JSON value (a string, ``true``), which the answer's parser does not take for a call, so a call
+    the grammar forced came back as plain text."""
+    function = {key: value for key, value in function.items() if key != "strict"}
+    if function.get("parameters") is None:
+        function["parameters"] = {"type": "object"}
+    return function

@@ -186,9 +186,13 @@ BAD = {
     "bad_name": ({"tools": bad_tool(name="get weather")}, "function.name must be", "tools[0].function.name"),
     "duplicate_names": ({"tools": TOOLS + [NOW]}, "two tools are named 'now'", "tools[2].function.name"),
     "not_a_function": ({"tools": [{"type": "web_search"}]}, "type must be 'function'", "tools[0]"),
-    "parameters_not_an_object": ({"tools": bad_tool(parameters=[1])}, "parameters must be a JSON schema object",
+    "parameters_not_an_object": ({"tools": bad_tool(parameters=[1])}, "parameters must be a JSON schema of an object",
                                  "tools[0].function.parameters"),
-    "invalid_parameters_schema": ({"tools": bad_tool(parameters={"type": "objectx"})}, "invalid JSON schema",
+    # the arguments of a call are an object: a string schema's forced call came back as plain text
+    "parameters_of_a_string": ({"tools": bad_tool(parameters={"type": "string"})},
+                               "parameters must be a JSON schema of an object", "tools[0].function.parameters"),
+    "invalid_parameters_schema": ({"tools": bad_tool(parameters={"type": "object", "properties": {
+        "a": {"type": "objectx"}}})}, "invalid JSON schema",
                                   "tools[0].function.parameters"),
     "invalid_schema_with_auto": ({"tools": bad_tool(parameters={"type": "object", "properties": 3}),
                                   "tool_choice": "auto"}, "invalid JSON schema", "tools[0].function.parameters"),

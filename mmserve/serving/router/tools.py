@@ -86,9 +86,10 @@ def _definitions(tools: Any) -> tuple[dict[str, Any], ...]:
         seen.add(name)
         if "description" in function and not isinstance(function["description"], str):
             raise InvalidRequest(f"{where}.function.description must be a string", f"{where}.function.description")
-        if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise InvalidRequest(f"{where}.function.parameters must be a JSON schema object",
-                                 f"{where}.function.parameters")
+        if "parameters" in function and not (isinstance(function["parameters"], dict)
+                                             and function["parameters"].get("type", "object") == "object"):
+            raise InvalidRequest(f"{where}.function.parameters must be a JSON schema of an object (the call's "
+                                 "arguments)", f"{where}.function.parameters")
         if "strict" in function and not isinstance(function["strict"], bool):
             raise InvalidRequest(f"{where}.function.strict must be a boolean", f"{where}.function.strict")
     return tuple(tools)
