@@ -41,6 +41,7 @@ from transfer.posted_pulls import PostedPulls
 from transfer.receiver_room import Landed, Received, ReceiverRoom, Reservation
 from transfer.sender_links import SenderLinks
 
+
 class Receiver:
     def __init__(self, config: TransferConfig, fields: Sequence[Field], data_plane: DataPlane | None = None,
                  device: jax.Device | None = None) -> None:
