@@ -315,6 +315,7 @@ class PrefillRole(KVShipment):
         record.first_sent = True
         record.stream.put(event_to_pb(record.request_id, OutputStream(record.params).delta(output)))
 
+
 class PrefillService(WorkerService):
     def Prefill(self, request, context):
         """The Ack, then the first token's event (or the error that ended the request before it).

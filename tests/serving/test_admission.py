@@ -21,6 +21,7 @@ from scripted_router import CHAT, DONE, TOKEN, model, served  # noqa: F401 (fixt
 from server_process import metric, request
 from waiting import wait_for
 
+
 def _hold(url: str, body: dict) -> socket.socket:
     """Sends a streaming request and never reads the answer (a small receive buffer, so the
     server's side fills sooner)."""
