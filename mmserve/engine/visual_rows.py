@@ -36,13 +36,6 @@ class VisualRows:
         if not 0 <= self.start <= self.start + self.count <= self.embeddings.shape[0]:
             raise ValueError(f"rows [{self.start}, {self.start + self.count}) outside {self.embeddings.shape[0]}")
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of this run's rows (not of the arrays it is part of)."""
-        row = (self.embeddings.nbytes // max(self.embeddings.shape[0], 1)
-               + self.deepstack.nbytes // max(self.deepstack.shape[0], 1))
-        return self.count * row
-
     def take(self, offset: int, count: int) -> VisualRows:
         """The sub-run of ``count`` rows from ``offset`` within this one."""
         if not 0 <= offset <= offset + count <= self.count:
