@@ -25,8 +25,8 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
 
 
 def run(model, layout, async_scheduling: bool) -> dict:
-    engine = LLMEngine(model, EngineConfig(num_pages=64, page_size=8, max_model_len=128, max_prefill_tokens=64,
-                                           max_num_seqs=4, max_prefill_seqs=2, async_scheduling=async_scheduling),
+    engine = LLMEngine(model, EngineConfig(num_pages=64, page_size=8, max_model_len=64, max_prefill_tokens=32,
+                                           max_num_seqs=4, max_prefill_seqs=1, async_scheduling=async_scheduling),
                        layout=layout)
     follows, decode = [], engine.runner.decode
 
