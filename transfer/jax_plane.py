@@ -50,13 +50,17 @@ class JaxTransferPlane:
     kind = "jax"
     posts_pulls = True
 
-    def __init__(self, host: str, device: jax.Device, *, transfer_size: int = 256 << 20, parallel_copies: int = 8,
-                 raw_buffers: bool = False) -> None:
-        bind = f"{host}:0"
+    def __init__(self, host: str, device: jax.Device, *, advertise_host: str = "", transfer_size: int = 256 << 20,
+                 parallel_copies: int = 8, raw_buffers: bool = False) -> None:
+        """Listens on ``host``; publishes ``advertise_host`` (else ``host``) with the port it got.
+        The server's own address names the interface it resolved, which for a host name or
+        ``0.0.0.0`` is ``0.0.0.0``: a peer on another host would dial itself."""
+        bind = f"{_bracketed(host)}:0"
         self._server = jax_transfer.start_transfer_server(
             device.client, bind, [bind], max_num_parallel_copies=parallel_copies, transfer_size=transfer_size,
             use_raw_buffers=raw_buffers)
-        self.address = self._server.address()
+        port = self._server.address().rsplit(":", 1)[1]
+        self.address = f"{_bracketed(advertise_host or host)}:{port}"
         self._connections: dict[str, jax_transfer.TransferConnection] = {}
         self._landed = WakePipe()
         """Readable once a pull has landed (or failed) since the last ``collect_pulls``."""
@@ -119,3 +123,8 @@ class JaxTransferPlane:
         for _ in range(LANDING_WATCHERS):
             self._pulls.put(None)
         self._landed.close()
+
+
+def _bracketed(host: str) -> str:
+    """An IPv6 address as a host:port names it."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -128,15 +128,20 @@ def test_a_room_waits_holding_nothing_while_the_receiver_pool_cannot_hold_it_the
 
 
 @pytest.mark.parametrize("plane", ["jax", "zmq"])
-def test_listeners_on_every_interface_publish_the_advertised_host(plane, config, bootstrap, spawn):
-    """Across hosts a sender binds 0.0.0.0 and publishes an address its peers can dial."""
-    config = dataclasses.replace(config, data_plane=plane, bind_host="0.0.0.0", advertise_host="127.0.0.1")
+@pytest.mark.parametrize("bind_host, advertise_host", [("0.0.0.0", "127.0.0.1"), ("localhost", "")])
+def test_listeners_publish_an_address_their_peers_can_dial(plane, bind_host, advertise_host, config, bootstrap, spawn):
+    """Across hosts a sender binds 0.0.0.0 and publishes the advertised host; bound to a host name
+    it publishes that name. (The jax transfer server's own address says 0.0.0.0 for both, which
+    a peer on another host dials as itself.)"""
+    config = dataclasses.replace(config, data_plane=plane, bind_host=bind_host, advertise_host=advertise_host)
     sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
     receiver = Receiver(config, EMBEDDING_FIELDS)
     receiver.add(1, bootstrap.address, "encode-0")
     sender.command(op="send", room=1, tokens=9)
     assert_bit_exact(receive(receiver, sender, 1), EMBEDDING_FIELDS, 1, config.block_size)
     published = bootstrap.endpoints()["encode-0"]
-    assert published.control.startswith("tcp://127.0.0.1:")
-    assert "127.0.0.1:" in published.data_address and "0.0.0.0" not in published.data_address
+    assert "0.0.0.0" not in published.control and "0.0.0.0" not in published.data_address, published
+    if advertise_host:
+        assert published.control.startswith(f"tcp://{advertise_host}:")
+        assert f"{advertise_host}:" in published.data_address
     receiver.close()
