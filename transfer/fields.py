@@ -20,7 +20,7 @@ DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "float1
 MAX_FIELDS = 32
 MAX_RANK = 6
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*\Z")]
 Dim = Annotated[int, msgspec.Meta(ge=1, le=1 << 24)]
 
 

@@ -116,8 +116,8 @@ def test_one_refused_lookup_does_not_fail_the_next(server, registry_config):
 
 @pytest.mark.parametrize("control, data_address", [
     ("not-an-endpoint", "127.0.0.1:5001"), ("tcp://http://host:5000", "127.0.0.1:5001"),
-    ("tcp://127.0.0.1:5000", "garbage"),
-], ids=["control_no_scheme", "control_two_schemes", "data_address"])
+    ("tcp://127.0.0.1:5000", "garbage"), ("tcp://127.0.0.1:5000\n", "127.0.0.1:5001"),
+], ids=["control_no_scheme", "control_two_schemes", "data_address", "trailing_newline"])
 def test_an_endpoint_that_is_not_an_address_is_refused_and_never_found(server, registry_config, control,
                                                                       data_address):
     """A sender published with an address a receiver cannot dial (a mistyped advertise host) was
