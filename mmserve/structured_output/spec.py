@@ -112,18 +112,49 @@ def check_cost(documents: Iterable[Any], what: str) -> None:
                          f"\"required\"), more than this server accepts ({MAX_OPTIONAL_PROPERTIES})")
 
 
-def _optional_properties(node: Any) -> int:
-    """Properties of every object schema at any depth that their object does not require."""
-    count = 0
+_DATA_KEYWORDS = frozenset({"default", "examples", "enum", "const"})
+"""Keywords whose values are JSON data, not schemas: a "properties" or "pattern" in them is a value."""
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+"""Keywords whose values map names to schemas: a property named "properties" is a name."""
+
+
+def _schema_nodes(node: Any):
+    """Every object of a schema (or of a structural tag holding schemas) that is a schema, at any
+    depth (no deeper than MAX_JSON_DEPTH, checked first): not the data in its defaults, examples,
+    enums and constants, nor the name maps of its properties and definitions."""
     if isinstance(node, dict):
+        yield node
+        for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                continue
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                for schema in value.values():
+                    yield from _schema_nodes(schema)
+            else:
+                yield from _schema_nodes(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _schema_nodes(item)
+
+
+def _optional_properties(document: Any) -> int:
+    """Properties of every object schema that their object does not require."""
+    count = 0
+    for node in _schema_nodes(document):
         properties, required = node.get("properties"), node.get("required")
         if isinstance(properties, dict):
             needed = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
             count += sum(key not in needed for key in properties)
-        count += sum(_optional_properties(value) for value in node.values())
-    elif isinstance(node, list):
-        count += sum(_optional_properties(item) for item in node)
     return count
+
+
+def _patterns(document: Any):
+    """Every regular expression of a schema: "pattern" values and "patternProperties" keys."""
+    for node in _schema_nodes(document):
+        if isinstance(node.get("pattern"), str):
+            yield node["pattern"]
+        if isinstance(node.get("patternProperties"), dict):
+            yield from node["patternProperties"]
 
 
 _ESCAPE = re.compile(r"\\.")
@@ -136,21 +167,6 @@ def pattern_repeats(pattern: str) -> int:
     ``{n,}`` n); escaped braces and braces in character classes are not repetitions."""
     text = _CHARACTER_CLASS.sub("c", _ESCAPE.sub("e", pattern))
     return sum(int(high) if high else int(low) for low, high in _REPEAT.findall(text))
-
-
-def _patterns(node: Any):
-    """Every regular expression in a schema (or a structural tag's schemas): "pattern" values and
-    "patternProperties" keys, at any depth (no deeper than MAX_JSON_DEPTH, checked first)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "pattern" and isinstance(value, str):
-                yield value
-            elif key == "patternProperties" and isinstance(value, dict):
-                yield from value
-            yield from _patterns(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _patterns(item)
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

@@ -90,6 +90,20 @@ def test_patterns_within_the_repetition_bound_are_taken(grammar):
     assert [r.params.structured_output for r in backend.requests] == [StructuredOutput.from_schema(schema)]
 
 
+def test_data_and_names_that_look_like_schemas_are_not_counted(grammar):
+    """A default, an example or an enum is data, and a property may be named "properties": none of
+    them is an object schema or a pattern (a schema requiring every property was refused for the
+    300 "optional properties" of its default)."""
+    chat, backend = grammar
+    schema = {"type": "object", "required": ["properties", "settings"], "properties": {
+        "properties": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+        "settings": {"type": "object", "default": {"properties": {f"p{i}": i for i in range(300)}},
+                     "examples": [{"pattern": "b{5000}"}], "enum": [{"pattern": "c{5000}"}]}}}
+    chat.chat.completions.create(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+                                 **CHAT)
+    assert [r.params.structured_output for r in backend.requests] == [StructuredOutput.from_schema(schema)]
+
+
 def test_guided_json_extra_is_a_schema_too(grammar):
     chat, backend = grammar
     chat.chat.completions.create(extra_body={"guided_json": SCHEMA}, **CHAT)
