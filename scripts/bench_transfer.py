@@ -19,8 +19,9 @@ entry runs the jax plane again with the transfer server's knobs set so on both s
 (the clock stops when the last has landed; throughput is their bytes together), next to the
 raw pulls of N such arrays at once.
 
-With ``MMSERVE_CLUSTER_SECRET`` set (as mmserve's roles always run) the control sockets and the zmq
-data plane are CurveZMQ, keyed from it; unset, plain ZMQ.
+With ``MMSERVE_CLUSTER_SECRET`` set (as mmserve's roles always run) the control sockets are
+CurveZMQ, keyed from it; unset, plain ZMQ. The data planes are never encrypted (docs/transfer.md,
+"Security").
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from transfer import unix_socket
 from transfer.channel import Channel, bind_random_port, connecting_socket, listening_socket
 from transfer.config import TransferConfig
 from transfer.messages import (Codec, Found, Lookup, NotFound, ProtocolError, Publish, Published,
@@ -33,6 +34,8 @@ class BootstrapServer:
         may enter its directory)."""
         self.config = config
         socket = listening_socket(zmq.ROUTER, config.max_message_bytes, config.control_keys)
+        if endpoint and endpoint.startswith("ipc://"):
+            unix_socket.claim(endpoint.removeprefix("ipc://"))
         if endpoint or port:
             socket.bind(endpoint or f"tcp://{config.bind_host}:{port}")
             self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -272,6 +272,17 @@ def cluster_credential(args: argparse.Namespace) -> ClusterCredential | None:
         return None
 
 
+def require_free_socket(path: str, flag: str) -> None:
+    """One line and exit when a server already listens on the Unix socket ``path`` (binding it
+    would take the path over from that server, without a word)."""
+    from transfer.unix_socket import SocketInUse, claim
+
+    try:
+        claim(path)
+    except SocketInUse as error:
+        raise SystemExit(f"serve.py: {flag} {path} is not free: {error}") from None
+
+
 def require_free_port(host: str, port: int, flag: str) -> None:
     """One line and exit when ``host:port`` is taken, said before minutes of loading and compiling
     (a listener bound later would only fail then, with a traceback); port 0 is always free."""

@@ -11,7 +11,7 @@ import sys
 from mmserve.config_flags import config_from_args
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.launch import (STARTUP_FAILURE, cluster_credential, configure_logging, model_errors_said,
-                                  require_free_port, transfer_config)
+                                  require_free_port, require_free_socket, transfer_config)
 from mmserve.roles.routing import RoutingConfig
 from mmserve.roles.supervisor import mark_ready
 
@@ -27,6 +27,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     import zmq
 
     from transfer.bootstrap import BootstrapServer
+    from transfer.unix_socket import SocketInUse
 
     configure_logging("router", args.log_level)
     credential = cluster_credential(args)
@@ -36,10 +37,12 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     require_free_port(args.host, args.port, "--port")
     if not args.registry_socket:
         require_free_port(args.registry_host or args.host, args.registry_port, "--registry-port")
+    else:
+        require_free_socket(args.registry_socket, "--registry-socket")
     where = f"ipc://{args.bootstrap_socket}" if args.bootstrap_socket else None
     try:
         bootstrap = BootstrapServer(transfer, port=args.bootstrap_port, endpoint=where).start()
-    except zmq.ZMQError as error:
+    except (zmq.ZMQError, SocketInUse) as error:
         flag = f"--bootstrap-socket {args.bootstrap_socket}" if where else f"--bootstrap-port {args.bootstrap_port}"
         raise SystemExit(f"serve.py: the transfer bootstrap registry cannot listen on {flag}: {error}") from None
     with model_errors_said(args.model):

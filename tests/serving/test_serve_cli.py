@@ -151,8 +151,23 @@ def taken_port():
         yield holder.getsockname()[1]
 
 
+@pytest.fixture
+def taken_socket(tmp_path):
+    """A Unix socket a live server listens on (ZMQ and gRPC bind over its file without a word)."""
+    import socket
+
+    path = str(tmp_path / "taken.sock")
+    with socket.socket(socket.AF_UNIX) as holder:
+        holder.bind(path)
+        holder.listen()
+        yield path
+
+
 @pytest.mark.parametrize("flags, reason", [
     (["--role", "colocated", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
+    (["--role", "router", "--port", "{free}", "--registry-socket", "{socket}"], "--registry-socket {socket} is not free"),
+    (["--role", "router", "--port", "{free}", "--registry-port", "{free}", "--bootstrap-socket", "{socket}"],
+     "cannot listen on --bootstrap-socket {socket}: another server is listening"),
     (["--role", "all", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
     (["--role", "router", "--port", "{free}", "--registry-port", "{taken}"], "--registry-port {taken} on"),
     (["--role", "router", "--port", "{free}", "--registry-port", "{free}", "--bootstrap-port", "{taken}"],
@@ -161,13 +176,14 @@ def taken_port():
      "--port {taken} on 127.0.0.1 is not free"),
     (["--role", "colocated", "--port", "{free}", "--mesh", "model=64"], "--mesh model=64: mesh"),
 ])
-def test_a_port_taken_or_a_mesh_too_large_is_one_line_before_anything_loads(flags, reason, taken_port, monkeypatch):
+def test_a_port_taken_or_a_mesh_too_large_is_one_line_before_anything_loads(flags, reason, taken_port, taken_socket,
+                                                                           monkeypatch):
     """Said before minutes of loading and compiling (an HTTP port was found taken only after the
     engine compiled; `--role all` restarted its router five times on it), and in one line."""
     from mmserve.serving.cli import main
 
     monkeypatch.setenv(SECRET_ENV, "cli-test-secret-0123456789abcdef")
-    values = {"taken": taken_port, "free": free_port()}
+    values = {"taken": taken_port, "free": free_port(), "socket": taken_socket}
     with pytest.raises(SystemExit, match=reason.format(**values)):
         main([*(f.format(**values) for f in flags), "--model", "tiny"])
 

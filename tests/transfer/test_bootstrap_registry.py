@@ -151,3 +151,23 @@ def test_a_registry_on_a_unix_socket_serves_who_holds_the_secret(registry_config
         for client in (publisher, looker, intruder):
             client.close()
         server.close()
+
+
+def test_a_unix_socket_a_live_registry_holds_is_not_taken_over(registry_config, tmp_path):
+    """ZMQ removes the file at a path it binds: a second registry given a live one's path took it
+    over without a word (new peers reached it, the first one's never again). A file left by a
+    registry that died is bound over."""
+    import socket
+
+    from transfer.unix_socket import SocketInUse
+
+    path = tmp_path / "bootstrap.sock"
+    server = BootstrapServer(registry_config, endpoint=f"ipc://{path}").start()
+    try:
+        with pytest.raises(SocketInUse, match="another server is listening"):
+            BootstrapServer(registry_config, endpoint=f"ipc://{path}")
+    finally:
+        server.close()
+    stale = tmp_path / "stale.sock"
+    socket.socket(socket.AF_UNIX).bind(str(stale))  # the file stays; nobody listens on it
+    BootstrapServer(registry_config, endpoint=f"ipc://{stale}").close()
