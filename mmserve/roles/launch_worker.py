@@ -14,7 +14,7 @@ from mmserve.config_flags import config_from_args
 from mmserve.engine.config import EngineConfig
 from mmserve.kv_events import KVEventsConfig
 from mmserve.roles.launch import (cluster_credential, configure_logging, follow_leader, join_role, load_role_model,
-                                  require_free_port, transfer_config, worker_stop_s)
+                                  require_free_port, require_free_socket, transfer_config, worker_stop_s)
 from transfer.config import TransferConfig
 from transfer.messages import MAX_NAME_LENGTH
 
@@ -37,6 +37,8 @@ def serve_worker_role(args: argparse.Namespace, engine: EngineConfig) -> int:
         return 2
     if not args.grpc_socket:
         require_free_port(args.host, args.port, "--port")
+    else:
+        require_free_socket(args.grpc_socket, "--grpc-socket")
     lockstep, layout = join_role(args, credential)
     try:  # whatever ends the leader, its followers are told to stop
         model = load_role_model(args, engine, layout)
