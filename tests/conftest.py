@@ -55,14 +55,30 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_programs():
-    """Frees every compiled program after each test module. XLA:CPU maps each program's code in
-    ~170 memory regions, so the hundreds of programs the engines of a whole run compile in this
-    one process passed the kernel's vm.max_map_count (65530) and it crashed (segfault or abort
-    inside a compile, 45% into the run). Engines kept across modules compile again on use."""
+    """Frees every compiled program after a test module once this process maps many regions.
+    XLA:CPU maps each program's code in ~170 memory regions, so the hundreds of programs the
+    engines of a whole run compile in this one process passed the kernel's vm.max_map_count
+    (65530) and it crashed (segfault or abort inside a compile, 45% into the run). Engines kept
+    across modules then load their programs again on use."""
     yield
-    gc.collect()
-    jax.clear_caches()
-    gc.collect()
+    if _mapped_regions() > MAX_MAPPED_REGIONS:
+        gc.collect()
+        jax.clear_caches()
+        gc.collect()
+
+
+MAX_MAPPED_REGIONS = 24_000
+"""Past this many memory mappings (~140 programs) the compiled programs go after a module; below,
+they stay for the next modules (the engine tests share one engine, whose programs were loaded
+again from the compilation cache in every module when they went after each)."""
+
+
+def _mapped_regions() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no count, so free them each time
+        return MAX_MAPPED_REGIONS + 1
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -23,7 +23,7 @@ EIGHT_DEVICE_MESH = ["--mesh", "data=1,model=4,expert=2", *ONE_AT_A_TIME]  # 2 p
 DRAIN_S = 120
 """Decode's --drain-timeout here: far beyond what the drained answers take (a few seconds), so that
 only a drain that does not happen fails the test."""
-TOKENS = 64
+TOKENS = 32
 """Each drained answer's length: both are still decoding when the SIGTERM comes (a step of this
 mesh takes ~80 ms here), and 300 took a minute more of the suite's time."""
 CASES = {"text": [], "image": [image(1, (64, 64))], "image_with_resume": [image(4, (256, 256))]}
