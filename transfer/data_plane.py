@@ -84,8 +84,7 @@ def open_data_plane(config: TransferConfig, device: jax.Device | None = None) ->
     if config.data_plane == "zmq":
         return ZmqDataPlane(config.bind_host, config.advertise_host)
     try:
-        return JaxTransferPlane(config.bind_host, device, advertise_host=config.advertise_host,
-                                transfer_size=config.jax_transfer_size,
+        return JaxTransferPlane(config.public_host, device, transfer_size=config.jax_transfer_size,
                                 parallel_copies=config.jax_parallel_copies, raw_buffers=config.jax_raw_buffers)
     except Exception as error:
         if config.data_plane == "jax":

@@ -1,7 +1,8 @@
 """Data plane on ``jax.experimental.transfer``: device memory to device memory, pull-based.
 
 One transfer server per process, bound (address and transport) to the host peers dial
-(``TransferConfig.public_host``: the JAX server publishes the address it binds), and
+(``TransferConfig.public_host``, a name looked up first: the JAX server publishes the address it
+binds, and tells peers its bulk transport's), and
 one long-lived connection per peer, since connection setup is where the first pull's time
 goes. A pull returns arrays at once and fills them asynchronously; ``done`` looks at their
 readiness so the role's event loop never blocks on the network.
@@ -18,7 +19,9 @@ waits for the new thread to run). A pull that never ends keeps its thread blocke
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import queue
+import socket
 import threading
 from collections.abc import Sequence
 
@@ -50,17 +53,18 @@ class JaxTransferPlane:
     kind = "jax"
     posts_pulls = True
 
-    def __init__(self, host: str, device: jax.Device, *, advertise_host: str = "", transfer_size: int = 256 << 20,
-                 parallel_copies: int = 8, raw_buffers: bool = False) -> None:
-        """Listens on ``host``; publishes ``advertise_host`` (else ``host``) with the port it got.
-        The server's own address names the interface it resolved, which for a host name or
-        ``0.0.0.0`` is ``0.0.0.0``: a peer on another host would dial itself."""
-        bind = f"{_bracketed(host)}:0"
+    def __init__(self, host: str, device: jax.Device, *, transfer_size: int = 256 << 20, parallel_copies: int = 8,
+                 raw_buffers: bool = False) -> None:
+        """Listens on ``host`` (the address peers dial) and publishes the address it bound. The
+        server tells a peer where its bulk transport listens, and pulls go there: bound to
+        ``0.0.0.0`` (or a host name, which it takes as that) both its address and its transport's
+        say ``0.0.0.0``, which a peer on another host dials as itself. So ``host`` is bound as the
+        address it resolves to."""
+        bind = f"{_ip_literal(host)}:0"
         self._server = jax_transfer.start_transfer_server(
             device.client, bind, [bind], max_num_parallel_copies=parallel_copies, transfer_size=transfer_size,
             use_raw_buffers=raw_buffers)
-        port = self._server.address().rsplit(":", 1)[1]
-        self.address = f"{_bracketed(advertise_host or host)}:{port}"
+        self.address = self._server.address()
         self._connections: dict[str, jax_transfer.TransferConnection] = {}
         self._landed = WakePipe()
         """Readable once a pull has landed (or failed) since the last ``collect_pulls``."""
@@ -125,6 +129,11 @@ class JaxTransferPlane:
         self._landed.close()
 
 
-def _bracketed(host: str) -> str:
-    """An IPv6 address as a host:port names it."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+def _ip_literal(host: str) -> str:
+    """``host`` as an IP address in host:port form (IPv6 in brackets); a name is looked up."""
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        host = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    return f"[{host}]" if ":" in host else host

@@ -130,9 +130,9 @@ def test_a_room_waits_holding_nothing_while_the_receiver_pool_cannot_hold_it_the
 @pytest.mark.parametrize("plane", ["jax", "zmq"])
 @pytest.mark.parametrize("bind_host, advertise_host", [("0.0.0.0", "127.0.0.1"), ("localhost", "")])
 def test_listeners_publish_an_address_their_peers_can_dial(plane, bind_host, advertise_host, config, bootstrap, spawn):
-    """Across hosts a sender binds 0.0.0.0 and publishes the advertised host; bound to a host name
-    it publishes that name. (The jax transfer server's own address says 0.0.0.0 for both, which
-    a peer on another host dials as itself.)"""
+    """Across hosts a sender binds 0.0.0.0 and publishes the advertised host; given a host name it
+    publishes the name's address. (The jax transfer server given a name listens on 0.0.0.0 and
+    says so, for its address and its bulk transport's: a peer on another host dials itself.)"""
     config = dataclasses.replace(config, data_plane=plane, bind_host=bind_host, advertise_host=advertise_host)
     sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
     receiver = Receiver(config, EMBEDDING_FIELDS)
