@@ -99,8 +99,8 @@ def test_data_and_names_that_look_like_schemas_are_not_counted(grammar):
         "properties": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
         "settings": {"type": "object", "default": {"properties": {f"p{i}": i for i in range(300)}},
                      "examples": [{"pattern": "b{5000}"}], "enum": [{"pattern": "c{5000}"}]}}}
-    chat.chat.completions.create(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
-                                 **CHAT)
+    response_format = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    chat.chat.completions.create(response_format=response_format, **CHAT)
     assert [r.params.structured_output for r in backend.requests] == [StructuredOutput.from_schema(schema)]
 
 

@@ -165,7 +165,8 @@ def taken_socket(tmp_path):
 
 @pytest.mark.parametrize("flags, reason", [
     (["--role", "colocated", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
-    (["--role", "router", "--port", "{free}", "--registry-socket", "{socket}"], "--registry-socket {socket} is not free"),
+    (["--role", "router", "--port", "{free}", "--registry-socket", "{socket}"],
+     "--registry-socket {socket} is not free"),
     (["--role", "router", "--port", "{free}", "--registry-port", "{free}", "--bootstrap-socket", "{socket}"],
      "cannot listen on --bootstrap-socket {socket}: another server is listening"),
     (["--role", "all", "--port", "{taken}"], "--port {taken} on 127.0.0.1 is not free"),
@@ -174,8 +175,8 @@ def taken_socket(tmp_path):
      "the transfer bootstrap registry cannot listen on --bootstrap-port {taken}"),
     (["--role", "encode", "--port", "{taken}", "--router-url", "127.0.0.1:9", "--bootstrap", "tcp://127.0.0.1:9"],
      "--port {taken} on 127.0.0.1 is not free"),
-    (["--role", "encode", "--grpc-socket", "{socket}", "--router-url", "127.0.0.1:9", "--bootstrap", "tcp://127.0.0.1:9"],
-     "--grpc-socket {socket} is not free"),
+    (["--role", "encode", "--grpc-socket", "{socket}", "--router-url", "127.0.0.1:9",
+      "--bootstrap", "tcp://127.0.0.1:9"], "--grpc-socket {socket} is not free"),
     (["--role", "colocated", "--port", "{free}", "--mesh", "model=64"], "--mesh model=64: mesh"),
 ])
 def test_a_port_taken_or_a_mesh_too_large_is_one_line_before_anything_loads(flags, reason, taken_port, taken_socket,

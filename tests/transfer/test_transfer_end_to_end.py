@@ -126,7 +126,6 @@ def test_a_room_waits_holding_nothing_while_the_receiver_pool_cannot_hold_it_the
     receiver.close()
 
 
-
 @pytest.mark.parametrize("plane", ["jax", "zmq"])
 @pytest.mark.parametrize("bind_host, advertise_host", [("0.0.0.0", "127.0.0.1"), ("localhost", "")])
 def test_listeners_publish_an_address_their_peers_can_dial(plane, bind_host, advertise_host, config, bootstrap, spawn):
