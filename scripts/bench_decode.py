@@ -2,7 +2,8 @@
 
 A decode step at a small batch is bound by the bytes it reads, not by its FLOPs: every weight it
 uses (attention projections, norms, the router, the experts its rows chose, the lm_head), each
-row's embedding and the KV of the pages in its page table. This script times the engine's decode
+row's embedding and the KV of its context's pages (not the page table's padding, which points at
+one scratch page, read again from cache). This script times the engine's decode
 program (``ModelRunner.run_decode``, the program the engine runs, on fresh random tokens each call
 so that the routing, and so the experts read, changes from step to step) at each batch size and
 divides those bytes by the time: the step's achieved bandwidth. The reference is the same XLA
@@ -54,7 +55,7 @@ def stream_rate(dtype, repeat: int, total_bytes: int = 512 * 2**20, side: int = 
     return sum(w.nbytes for w in weights) / seconds
 
 
-def step_bytes(params, text, rows: int, width: int, page_size: int, itemsize: int) -> dict[str, float]:
+def step_bytes(params, text, rows: int, pages: int, page_size: int, itemsize: int) -> dict[str, float]:
     """Bytes one decode step of ``rows`` rows reads, by kind."""
     expert = other = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params["language_model"])[0] + \
@@ -68,7 +69,7 @@ def step_bytes(params, text, rows: int, width: int, page_size: int, itemsize: in
             other += leaf.nbytes
     e, k = text.num_experts, text.num_experts_per_tok
     chosen = k if rows == 1 else e * (1 - (1 - k / e) ** rows)
-    kv = rows * width * page_size * text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * itemsize
+    kv = rows * pages * page_size * text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * itemsize
     return {"weights": other, "experts": expert * chosen / e, "kv": kv, "embeddings": rows * text.hidden_size * itemsize,
             "experts_chosen": chosen}
 
@@ -117,7 +118,7 @@ def main() -> None:
             jax.block_until_ready(runner.cache)
 
         seconds = fastest(step, args.repeat)
-        read = step_bytes(model.params, text, batch, width, page_size, itemsize)
+        read = step_bytes(model.params, text, batch, pages_per_row, page_size, itemsize)
         total = sum(v for name, v in read.items() if name != "experts_chosen")
         print(f"{batch:>5} {seconds * 1e3:>8.2f} {read['experts_chosen']:>13.1f} {total / 1e6:>8.1f} "
               f"{total / seconds / 1e9:>7.1f} {100 * total / seconds / stream:>10.0f}% {total / stream * 1e3:>8.2f}")

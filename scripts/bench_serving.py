@@ -59,6 +59,9 @@ def one_request(client: StreamClient, picture: str, seed: int, max_tokens: int) 
     return answer.ttft, answer.gaps, answer.completion_tokens
 
 
+TAIL_SAMPLES = 200
+"""Below this many requests the TTFT line gives the maximum, not a p99 (numpy's p99 of 64 samples
+falls below the true p99 in about three runs of four)."""
 WORDS = "the a picture shows of in and with on light dark colour shape near far left right top bottom".split()
 
 
@@ -159,9 +162,11 @@ def main() -> None:
     itl = [g * 1000 for r in results for g in r[1]]
     tokens = sum(r[2] for r in results)
     print(f"url {args.url}  requests {args.requests} x {args.turns} turns  concurrency {args.concurrency}  max_tokens {args.max_tokens}")
-    print(f"TTFT ms   mean {statistics.mean(ttft):8.1f}  p50 {statistics.median(ttft):8.1f}  "
-          f"p90 {np.percentile(ttft, 90):8.1f}  p99 {np.percentile(ttft, 99):8.1f}  "
-          f"p99/p50 {np.percentile(ttft, 99) / statistics.median(ttft):5.2f}")
+    # a p99 of fewer than TAIL_SAMPLES is the maximum or below it by chance: the maximum is said instead
+    tail_name, tail = ("p99", np.percentile(ttft, 99)) if len(ttft) >= TAIL_SAMPLES else ("max", max(ttft))
+    print(f"TTFT ms ({len(ttft)})  mean {statistics.mean(ttft):8.1f}  p50 {statistics.median(ttft):8.1f}  "
+          f"p90 {np.percentile(ttft, 90):8.1f}  {tail_name} {tail:8.1f}  "
+          f"{tail_name}/p50 {tail / statistics.median(ttft):5.2f}")
     if itl:
         print(f"ITL ms    mean {statistics.mean(itl):8.1f}  p50 {statistics.median(itl):8.1f}  "
               f"p90 {np.percentile(itl, 90):8.1f}")
