@@ -316,8 +316,10 @@ class LLMEngine(Handoff, OverlappedDecode, GrammarSteps):
         samplers = [ch.request if ch.completes else None for ch in step.prefill]
         if not any(samplers):
             return []
-        out = self.runner.sample(samplers, self._bitmask(samplers))
-        return [(r, out.row(i)) for i, r in enumerate(samplers) if r is not None]
+        bitmask, dead = self._bitmask(samplers)
+        out = self.runner.sample(samplers, bitmask)
+        self._drop_dead_ends(dead)
+        return [(r, out.row(i)) for i, r in enumerate(samplers) if r is not None and r.request_id not in dead]
 
     def _load_slots(self, requests) -> None:
         """Loads the sampling slot of each request admitted into a slot since its last step."""

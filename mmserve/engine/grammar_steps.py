@@ -20,12 +20,16 @@ from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request
 from mmserve.engine.step_failed import StepFailed
 from mmserve.stop import Finish, FinishReason
-from mmserve.structured_output.matcher import fill_bitmask
+from mmserve.structured_output.matcher import empty_rows, fill_bitmask
 
 log = logging.getLogger(__name__)
 
 GRAMMAR_WAIT_S = 0.05
 """How long a step with nothing to run but requests awaiting their grammar waits for one to compile."""
+
+
+class GrammarDeadEnd(ValueError):
+    """A request's grammar allows no next token."""
 
 
 class GrammarSteps:
@@ -68,11 +72,34 @@ class GrammarSteps:
             self._failure.__cause__ = cause
         return outputs
 
-    def _bitmask(self, samplers: list[Request | None]) -> np.ndarray | None:
-        # Filled while the forward just dispatched runs on device: the mask costs the step only
-        # what the host takes beyond the forward, plus its copy to the device.
-        return fill_bitmask([r.grammar if r is not None else None for r in samplers], len(samplers),
-                            self.model.config.text.vocab_size)
+    def _bitmask(self, samplers: list[Request | None]) -> tuple[np.ndarray | None, list[str]]:
+        """The step's token mask, and the requests whose grammar allows no next token (a pattern
+        no character matches: the output cannot be completed), whose rows allow every token.
+        Filled while the forward just dispatched runs on device: the mask costs the step only what
+        the host takes beyond the forward, plus its copy to the device."""
+        vocab_size = self.model.config.text.vocab_size
+        bitmask = fill_bitmask([r.grammar if r is not None else None for r in samplers], len(samplers), vocab_size)
+        if bitmask is None:
+            return None, []
+        dead = empty_rows(bitmask, [i for i, r in enumerate(samplers) if r is not None and r.grammar is not None],
+                          vocab_size)
+        bitmask[dead] = -1
+        return bitmask, [samplers[row].request_id for row in dead]
+
+    def _drop_dead_ends(self, request_ids: list[str]) -> None:
+        """Lets go of the requests whose grammar allowed no next token, once their sample is
+        dispatched (their rows' samples are dropped with them): they fail at the next step, as a
+        grammar that did not compile does. (They drew a forbidden token and ended with ``stop``,
+        their output cut short of what the client asked.)"""
+        if not request_ids:
+            return
+        for request_id in request_ids:
+            self.abort(request_id)
+        cause = GrammarDeadEnd("the output so far leaves its grammar no next token: the schema, pattern or "
+                               "tool format cannot be completed")
+        earlier = self._failure.request_ids if self._failure is not None else []
+        self._failure = StepFailed(earlier + request_ids, cause)
+        self._failure.__cause__ = cause
 
     def _advance_grammar(self, request: Request, token: int, new_chars: int) -> None:
         """The matcher takes the emitted token; a complete grammar stops the request (even with

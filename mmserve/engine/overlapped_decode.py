@@ -12,8 +12,8 @@ freed, before any later program can reuse them.
 A mixin of :class:`~mmserve.engine.engine.LLMEngine`, kept apart so that the engine's file is its
 step loop: these methods use the engine's scheduler, cache manager (``kv``), runner, request table
 (``_requests``, ``_prefilled``, ``_awaiting_grammar``, ``_failure``), its step in flight
-(``_in_flight``) and its ``_append``, ``_fail``, ``_finished``, ``_load_slots``, ``_bitmask`` and
-``_publish_events``.
+(``_in_flight``) and its ``_append``, ``_fail``, ``_finished``, ``_load_slots``, ``_bitmask``,
+``_drop_dead_ends`` and ``_publish_events``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ class OverlappedDecode:
             request.num_computed += 1
             if not follows_sample:  # else its newest page is keyed once its token is read
                 self.scheduler.cache_computed(request)
-        return InFlight(list(batch), self.runner.dispatch_sample(list(batch), self._bitmask(batch)))
+        bitmask, dead = self._bitmask(batch)
+        in_flight = InFlight(list(batch), self.runner.dispatch_sample(list(batch), bitmask))
+        self._drop_dead_ends(dead)  # their rows are skipped when the step is read
+        return in_flight
 
     def _read_in_flight(self) -> list[RequestOutput]:
         """Reads the decode step in flight, after dispatching the next one on its tokens when it

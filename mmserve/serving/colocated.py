@@ -25,6 +25,7 @@ from mmserve.engine.engine import LLMEngine
 from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.rejected import RequestRejected
+from mmserve.engine.step_failed import StepFailed
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
 from mmserve.serving.picture_decodes import PictureDecodes
 from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
@@ -154,7 +155,11 @@ class ColocatedBackend:
         try:
             while not self._stopping:
                 self._take_commands(block=not self._engine.has_unfinished())
-                outputs = self._engine.step() if self._engine.has_unfinished() else []
+                try:
+                    outputs = self._engine.step() if self._engine.has_unfinished() else []
+                except StepFailed as failure:  # its requests were let go; the engine goes on, as the roles' do
+                    outputs = failure.outputs
+                    self._fail(failure.request_ids, str(failure))
                 # Published before the events, so a client that has its last token sees the pages freed.
                 self._stats = self._engine.stats()
                 self._last_turn = time.monotonic()
@@ -209,6 +214,12 @@ class ColocatedBackend:
                                                          for lp in delta.logprobs]
         return TokenEvent(output.request_id, delta.token_ids, logprobs, delta.finish_reason, delta.stop_reason,
                           delta.text)
+
+    def _fail(self, request_ids: list[str], reason: str) -> None:
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.send(TokenEvent(request_id, [], error=reason))
 
     def _fail_all(self, reason: str) -> None:
         for request_id, stream in self._streams.items():

@@ -56,3 +56,10 @@ def fill_bitmask(grammars: list[GrammarState | None], rows: int, vocab_size: int
         if grammar is not None:
             grammar.matcher.fill_next_token_bitmask(bitmask, row)
     return bitmask
+
+
+def empty_rows(bitmask: np.ndarray, rows: list[int], vocab_size: int) -> list[int]:
+    """Those of ``rows`` whose mask allows no token: a grammar with no way to go on (a pattern no
+    character matches, an output that cannot be completed), where sampling would draw a forbidden one."""
+    return [row for row in rows
+            if not np.unpackbits(bitmask[row].view(np.uint8), bitorder="little")[:vocab_size].any()]

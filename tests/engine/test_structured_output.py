@@ -151,6 +151,28 @@ def test_a_grammar_that_fails_to_compile_fails_its_own_request_only(llm):
     assert engine.kv.num_free_pages == engine.runner.num_pages - 1
 
 
+def test_a_grammar_with_no_way_to_go_on_fails_its_own_request_only(llm):
+    """A pattern no character matches leaves its grammar no token after the opening quote: the
+    request drew a token the mask forbade and ended with "stop", its whole output `"` (not JSON).
+    Now it fails at the next step; a structured request beside it is not disturbed."""
+    from mmserve.engine.grammar_steps import GrammarDeadEnd
+    from mmserve.engine.step_failed import StepFailed
+
+    engine = llm.engine
+    dead = engine.add_request(PROMPT, constrained({"type": "string", "pattern": "[^\\s\\S]"}))
+    bystander = engine.add_request(PROMPT, constrained())
+    failures, finished = [], {}
+    while engine.has_unfinished():
+        try:
+            finished |= {o.request_id: o for o in engine.step() if o.finished}
+        except StepFailed as failure:
+            failures.append(failure)
+    assert [f.request_ids for f in failures] == [[dead]] and isinstance(failures[0].__cause__, GrammarDeadEnd)
+    assert dead not in finished
+    jsonschema.validate(json.loads(finished[bystander].outputs[0].text), SCHEMA)
+    assert engine.kv.num_free_pages == engine.runner.num_pages - 1
+
+
 def test_compiled_grammars_are_held_only_by_the_bounded_cache(llm):
     """xgrammar's compiler keeps every grammar it compiled unless told not to: the engine's
     cache of compiled grammars evicts, and nothing else holds them."""

@@ -57,6 +57,18 @@ def test_json_object_starts_an_object(client):
         assert isinstance(json.loads(choice.message.content), dict)
 
 
+def test_a_schema_with_no_way_to_go_on_is_an_error_and_the_server_goes_on(client):
+    """A pattern no character matches: the answer was `"` with finish_reason "stop" (a token the
+    grammar forbade drawn after it). A request the engine fails on its own no longer stops the
+    colocated engine either (every request failed after it, the server unhealthy for good)."""
+    schema = {"type": "string", "pattern": "[^\\s\\S]"}
+    dead = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(openai.APIError, match="no next token"):
+        chat(client, response_format=dead, temperature=0)
+    answer = chat(client, response_format=JSON_SCHEMA, temperature=0).choices[0]
+    jsonschema.validate(json.loads(answer.message.content), SCHEMA)
+
+
 def test_invalid_schema_is_a_400(client):
     bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objectx"}}}
     with pytest.raises(openai.BadRequestError, match="invalid JSON schema"):

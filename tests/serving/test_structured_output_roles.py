@@ -56,6 +56,17 @@ def test_invalid_schema_is_a_400_at_the_router(roles_client):
         chat(roles_client, response_format=bad)
 
 
+def test_a_schema_with_no_way_to_go_on_is_an_error_through_the_roles(roles_client):
+    """Decode's engine finds the grammar with no next token (prefill sampled the opening quote):
+    the request fails with the reason, and the roles serve the next one."""
+    schema = {"type": "string", "pattern": "[^\\s\\S]"}
+    with pytest.raises(openai.APIError, match="no next token"):
+        chat(roles_client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+             temperature=0)
+    answer = chat(roles_client, response_format=JSON_SCHEMA).choices[0]
+    jsonschema.validate(json.loads(answer.message.content), SCHEMA)
+
+
 def test_a_client_leaving_a_structured_stream_frees_every_role(roles):
     """The stream is cut mid-string (the schema asks for more text than max_tokens can write): the
     router aborts it, and decode gives back its pages and slot with its grammar."""
