@@ -222,9 +222,7 @@ class ColocatedBackend:
                 stream.send(TokenEvent(request_id, [], error=reason))
 
     def _fail_all(self, reason: str) -> None:
-        for request_id, stream in self._streams.items():
-            stream.send(TokenEvent(request_id, [], error=reason))
-        self._streams.clear()
+        self._fail(list(self._streams), reason)
         while True:  # requests that arrived but were never added
             try:
                 command = self._inbox.get_nowait()
