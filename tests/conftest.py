@@ -29,7 +29,8 @@ def pytest_configure(config):
 
     One compilation cache for the whole run, shared by the servers the tests start, so each
     program of a shape is compiled once per run, in a fresh directory (set the variable to keep
-    one across runs).
+    one across runs). Under pytest-xdist (``-n 2``) the controller makes it before it starts its
+    workers, which inherit the variable and share it.
 
     This process uses it too (as ``LLM`` does by default): it frees every compiled program after
     each module (below), so an engine kept across modules, or one of the same shapes built again,
