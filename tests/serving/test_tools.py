@@ -156,6 +156,33 @@ def test_an_answer_s_calls_sent_back_render_as_the_model_wrote_them(grammar, qwe
     assert CALLS + "<|im_end|>\n<|im_start|>user\n<tool_response>\ndone\n</tool_response>\n<tool_response>" in prompt
 
 
+def test_a_message_sent_back_with_null_fields_renders_as_without_them(grammar):
+    """The openai client's ``model_dump()`` of a reply holds nulls (refusal, audio, function_call,
+    annotations): absent fields to OpenAI and vLLM, as the body's own nulls are. So are a tool
+    call's, and an assistant's refusal text is taken and not rendered."""
+    openai_client, backend = grammar
+    backend.script = answer(CALLS)
+    message = chat(openai_client, tools=TOOLS).choices[0].message
+    results = [{"role": "tool", "tool_call_id": call.id, "content": "done"} for call in message.tool_calls]
+    dumped = message.model_dump()
+    assert {"refusal", "audio", "function_call"} <= {key for key, value in dumped.items() if value is None}
+    dumped["tool_calls"][0]["type"] = None
+    dumped["tool_calls"][1]["function"]["extra"] = None
+    backend.script = answer("ok")
+    for sent in (message.model_dump(exclude_none=True), dumped, dumped | {"refusal": "I would rather not."}):
+        chat(openai_client, QUESTION + [sent] + results, tools=TOOLS)
+    first, *others = [r.prompt.token_ids for r in backend.requests[1:]]
+    assert others == [first, first]
+
+
+def test_null_tool_fields_are_absent(grammar):
+    openai_client, backend = grammar
+    chat(openai_client, tools=[WEATHER, {"type": "function", "function": {"name": "now"}}])
+    chat(openai_client, tools=[WEATHER, {"type": "function", "function": {
+        "name": "now", "description": None, "parameters": None, "strict": None}}])
+    assert backend.requests[0].prompt.token_ids == backend.requests[1].prompt.token_ids
+
+
 @pytest.mark.parametrize("text, finish_reason, want", [
     ("No tool needed: 4.", "stop", ("No tool needed: 4.", None, "stop")),
     ('<tool_call>\n{"name": "now", "argu', "length", ('<tool_call>\n{"name": "now", "argu', None, "length")),
@@ -221,6 +248,10 @@ BAD = {
     "tool_call_without_arguments": ({"messages": QUESTION + [{"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "now"}}]}]}, "needs a string name and arguments",
         "messages[1].tool_calls[0].function"),
+    "refusal_on_a_user_message": ({"messages": [QUESTION[0] | {"refusal": "no"}]},
+                                  "only an assistant message has a refusal", "messages[0].refusal"),
+    "audio_on_an_assistant_message": ({"messages": QUESTION + [{"role": "assistant", "audio": {"id": "a"}}]},
+                                      "unsupported message field", "messages[1]"),
 }
 
 

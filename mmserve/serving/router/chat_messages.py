@@ -17,11 +17,13 @@ from typing import Any
 import jinja2
 
 from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.fields import without_nulls
 from mmserve.serving.router.media import MediaReader
 from models.qwen3_vl_moe.tokenizer import Tokenizer
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-MESSAGE_KEYS = {"role", "content", "name", "tool_call_id", "tool_calls"}
+MESSAGE_KEYS = {"role", "content", "name", "tool_call_id", "tool_calls", "refusal"}
+"""``refusal``: an assistant message's refusal text, as OpenAI returns it; taken and not rendered."""
 TOOL_CALL_KEYS = {"id", "type", "function"}
 MEDIA_PARTS = {"image_url": ("image", "from_url"), "video_url": ("video", "video_from_url")}
 """OpenAI part type -> (the offline part type, the MediaReader method that reads its URL)."""
@@ -46,23 +48,26 @@ def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader,
 def _message(message: Any, param: str, media: dict[str, list], reader: MediaReader) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise InvalidRequest("a message must be an object", param)
+    message = without_nulls(message)
     unknown = set(message) - MESSAGE_KEYS
     if unknown:
         raise InvalidRequest(f"unsupported message field(s): {sorted(unknown)}", param)
     role = message.get("role")
     if not isinstance(role, str) or role not in ROLES:
         raise InvalidRequest(f"role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
-    for key in ("name", "tool_call_id"):
-        if message.get(key) is not None and not isinstance(message[key], str):
+    for key in ("name", "tool_call_id", "refusal"):
+        if key in message and not isinstance(message[key], str):
             raise InvalidRequest(f"{key} must be a string, got {message[key]!r}", f"{param}.{key}")
+    if "refusal" in message and role != "assistant":
+        raise InvalidRequest("only an assistant message has a refusal", f"{param}.refusal")
     content = message.get("content")
     if content is None and role != "assistant":
         raise InvalidRequest("content is required", f"{param}.content")
-    if message.get("tool_calls") is not None:
+    out = {key: value for key, value in message.items() if key not in ("content", "refusal")}
+    if "tool_calls" in message:
         if role != "assistant":
             raise InvalidRequest("only an assistant message has tool_calls", f"{param}.tool_calls")
-        _tool_calls(message["tool_calls"], f"{param}.tool_calls")
-    out = {key: value for key, value in message.items() if key != "content"}
+        out["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
     out["role"] = "system" if role == "developer" else role  # OpenAI's newer name for system
     if isinstance(content, list):
         out["content"] = [_part(p, f"{param}.content[{j}]", media, reader) for j, p in enumerate(content)]
@@ -73,21 +78,25 @@ def _message(message: Any, param: str, media: dict[str, list], reader: MediaRead
     return out
 
 
-def _tool_calls(calls: Any, param: str) -> None:
+def _tool_calls(calls: Any, param: str) -> list[dict[str, Any]]:
     """OpenAI's shape: ``[{"id", "type": "function", "function": {"name", "arguments"}}]``, with
-    ``arguments`` as JSON text (or, as templates also take, an object)."""
+    ``arguments`` as JSON text (or, as templates also take, an object); returned without null fields."""
     if not isinstance(calls, list):
         raise InvalidRequest("tool_calls must be a list", param)
+    out = []
     for j, call in enumerate(calls):
         where = f"{param}[{j}]"
+        call = without_nulls(call) if isinstance(call, dict) else call
         if not isinstance(call, dict) or set(call) - TOOL_CALL_KEYS or call.get("type", "function") != "function":
             raise InvalidRequest('a tool call is {"id", "type": "function", "function": {"name", "arguments"}}', where)
-        function = call.get("function")
-        if (not isinstance(function, dict) or set(function) - {"name", "arguments"}
+        function = without_nulls(call["function"]) if isinstance(call.get("function"), dict) else None
+        if (function is None or set(function) - {"name", "arguments"}
                 or not isinstance(function.get("name"), str)
                 or not isinstance(function.get("arguments"), (str, dict))):
             raise InvalidRequest("a tool call's function needs a string name and arguments (JSON text)",
                                  f"{where}.function")
+        out.append({**call, "function": function})
+    return out
 
 
 def _part(part: Any, param: str, media: dict[str, list], reader: MediaReader) -> dict[str, Any]:

@@ -40,7 +40,14 @@ class CommonFields:
 def json_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}")
-    return {key: value for key, value in body.items() if value is not None}
+    return without_nulls(body)
+
+
+def without_nulls(value: Mapping[str, Any]) -> dict[str, Any]:
+    """``value`` without its null fields: a null means absent, in the body and in the objects in it
+    (messages, tool calls, tools), which the ``openai`` client's ``model_dump()`` of a reply fills
+    with nulls (``refusal``, ``audio``, ``function_call``...)."""
+    return {key: item for key, item in value.items() if item is not None}
 
 
 def check_known(body: Mapping[str, Any], allowed: set[str]) -> None:

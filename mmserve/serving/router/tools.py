@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmserve.serving.router.errors import InvalidRequest
+from mmserve.serving.router.fields import without_nulls
 from mmserve.structured_output import AVAILABLE as GRAMMARS_AVAILABLE, StructuredOutput
 from mmserve.structured_output.spec import check_cost
 
@@ -38,8 +39,8 @@ CHOICES = ("none", "auto", "required")
 
 @dataclasses.dataclass(frozen=True)
 class Tools:
-    """definitions: the tools as the client sent them, for the template. grammar: what enforces a
-    required or named choice (None for "auto")."""
+    """definitions: the tools as the client sent them, null fields left out, for the template.
+    grammar: what enforces a required or named choice (None for "auto")."""
 
     definitions: tuple[dict[str, Any], ...]
     grammar: StructuredOutput | None = None
@@ -63,19 +64,25 @@ async def requested_tools(body: Mapping[str, Any], backend) -> Tools | None:
 
 
 def _definitions(tools: Any) -> tuple[dict[str, Any], ...]:
+    """The tools, checked, without their null fields (a null ``description`` or ``parameters`` is
+    absent, as for OpenAI)."""
     if not isinstance(tools, list) or not tools:
         raise InvalidRequest("tools must be a non-empty list of function tools", "tools")
     if len(tools) > MAX_TOOLS:
         raise InvalidRequest(f"tools takes at most {MAX_TOOLS} functions, got {len(tools)}", "tools")
     seen: set[str] = set()
+    out = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
             raise InvalidRequest(f"{where}.type must be 'function'", where)
+        tool = without_nulls(tool)
         _only(tool, TOOL_KEYS, where)
         function = tool.get("function")
         if not isinstance(function, dict):
             raise InvalidRequest(f"{where}.function must be an object", f"{where}.function")
+        function = without_nulls(function)
+        out.append({**tool, "function": function})
         _only(function, FUNCTION_KEYS, f"{where}.function")
         name = function.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -92,7 +99,7 @@ def _definitions(tools: Any) -> tuple[dict[str, Any], ...]:
                                  "arguments)", f"{where}.function.parameters")
         if "strict" in function and not isinstance(function["strict"], bool):
             raise InvalidRequest(f"{where}.function.strict must be a boolean", f"{where}.function.strict")
-    return tuple(tools)
+    return tuple(out)
 
 
 def _choice(value: Any, names: set[str]) -> tuple[str, str | None]:
