@@ -2,9 +2,9 @@
 
 Compiling (xgrammar precomputes which tokens each grammar state may take) costs milliseconds to
 seconds, so it never runs on the engine's step: ``submit`` returns a future, and the engine keeps
-the request out of the scheduler until it is done. Futures are cached by the spec (the schema's or
-the structural tag's text), so the n siblings of a request, or the same schema sent again, compile
-once.
+the request out of the scheduler until it is done. Futures are cached by the spec's digest, so the
+n siblings of a request, or the same schema sent again, compile once; the cache is bounded by count
+and by the compiled grammars' memory.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from mmserve.structured_output.matcher import GrammarState
 from mmserve.structured_output.spec import GRAMMAR_OPTIONS, StructuredOutput
 
 MAX_CACHED_GRAMMARS = 256
+MAX_CACHED_GRAMMAR_BYTES = 256 << 20
+"""Compiled grammars kept for reuse, by their ``memory_size_bytes``: one schema's may be tens of MB
+(its literals, ``spec.MAX_LITERAL_CHARS``), and 256 of those were gigabytes held after their
+requests ended."""
 _BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
 
 
@@ -61,7 +65,10 @@ class Grammars:
         # seen, ~64 KB each at a tiny vocabulary): the futures below are the cache, bounded
         self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
-        self._futures: dict[StructuredOutput, Future] = {}
+        self._futures: dict[bytes, Future] = {}
+        self._sizes: dict[bytes, int] = {}
+        self.cached_bytes = 0
+        """The memory of the compiled grammars in the cache (of those whose compile has ended)."""
         self._lock = threading.Lock()
 
     def state(self, spec: StructuredOutput) -> GrammarState:
@@ -69,14 +76,31 @@ class Grammars:
         return GrammarState(self.submit(spec), self.terminate_without_stop_token)
 
     def submit(self, spec: StructuredOutput) -> Future:
-        """A future of the compiled grammar; the same future for the same spec."""
+        """A future of the compiled grammar; the same future for the same spec while it is cached."""
+        key = spec.key()
         with self._lock:
-            future = self._futures.get(spec)
+            future = self._futures.get(key)
             if future is None:
-                if len(self._futures) >= MAX_CACHED_GRAMMARS:
-                    self._futures.pop(next(iter(self._futures)))
-                future = self._futures[spec] = self._pool.submit(self._compile, spec)
+                future = self._futures[key] = self._pool.submit(self._compile_and_count, key, spec)
+                self._evict()
             return future
+
+    def _compile_and_count(self, key: bytes, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
+        """Compiles, then counts the grammar's memory in the cache's (before its future is done)."""
+        compiled = self._compile(spec)
+        with self._lock:
+            if key in self._futures and key not in self._sizes:
+                self._sizes[key] = compiled.memory_size_bytes
+                self.cached_bytes += self._sizes[key]
+                self._evict()
+        return compiled
+
+    def _evict(self) -> None:
+        """Drops the oldest entries past the bounds (requests holding their futures keep them)."""
+        while len(self._futures) > MAX_CACHED_GRAMMARS or self.cached_bytes > MAX_CACHED_GRAMMAR_BYTES:
+            key = next(iter(self._futures))
+            del self._futures[key]
+            self.cached_bytes -= self._sizes.pop(key, 0)
 
     def _compile(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
         if spec.json_schema:

@@ -1,8 +1,8 @@
 """What a request asks its output to be: any JSON object, JSON valid under a schema, or text in a
 shape an xgrammar structural tag describes (tool calls, ``tool_calls.py``).
 
-``StructuredOutput`` is plain data (no xgrammar object), so it travels in ``SamplingParams`` and,
-being frozen, is itself the key of its compiled grammar in the cache. ``check`` converts it to a
+``StructuredOutput`` is plain data (no xgrammar object), so it travels in ``SamplingParams``; its
+``key()`` (a digest of its text) keys its compiled grammar in the cache. ``check`` converts it to a
 grammar without the tokenizer: cheap, and it refuses what xgrammar cannot enforce, before anything
 is queued.
 """
@@ -10,9 +10,11 @@ is queued.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,6 +38,17 @@ MAX_PATTERN_REPEATS = 2000
 # vocabulary, on the engine's one compile thread, with no way to stop it (2026-12-07, a review's
 # measurement). The optional properties of a request's schemas together are bounded (a 400 past it).
 MAX_OPTIONAL_PROPERTIES = 256
+
+# xgrammar spells out every literal a schema names (a const, each enum value, each property's name)
+# as grammar states and keeps a token mask for each: a 100,000-character const compiled in 0.64 s
+# into 51 MB, a 1,000,000-character one in 19 s into 471 MB (2026-12-07, the tiny vocabulary), on
+# the engine's one compile thread. Their characters together are bounded, as OpenAI bounds them.
+MAX_LITERAL_CHARS = 120_000
+
+MAX_CHECKED = 32
+"""Specs remembered as checked (their digests: a request's schema may be megabytes of text)."""
+_checked: OrderedDict[bytes, None] = OrderedDict()
+_checked_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +78,27 @@ class StructuredOutput:
     def any_object(cls) -> "StructuredOutput":
         return cls(ANY_OBJECT_SCHEMA)
 
+    def key(self) -> bytes:
+        """A digest of the spec, which the caches keep instead of its text."""
+        kind, text = ("json_schema", self.json_schema) if self.json_schema else ("structural_tag", self.structural_tag)
+        return hashlib.sha256(f"{kind}:{text}".encode()).digest()
+
     def check(self) -> None:
         """Raises ValueError when xgrammar cannot turn the schema or tag into a grammar. A spec that
         passed is remembered: the router checks it off its loop, and the engine's own check of the
         same spec (on its thread) is then free."""
+        key = self.key()
+        with _checked_lock:
+            if key in _checked:
+                _checked.move_to_end(key)
+                return
         _check(self)
+        with _checked_lock:
+            _checked[key] = None
+            while len(_checked) > MAX_CHECKED:
+                _checked.popitem(last=False)
 
 
-@functools.lru_cache(maxsize=32)
 def _check(spec: StructuredOutput) -> None:
     import xgrammar
 
@@ -98,18 +124,23 @@ def _check(spec: StructuredOutput) -> None:
 def check_cost(documents: Iterable[Any], what: str) -> None:
     """Raises ValueError (its message starting with ``what``) when schemas, together, would cost
     xgrammar more than this server allows: counted repetitions in their patterns past
-    MAX_PATTERN_REPEATS, optional object properties past MAX_OPTIONAL_PROPERTIES. Together: a
-    request's tools are checked one by one, each within the bounds, 128 of them 22 s of CPU."""
-    repeats = optional = 0
+    MAX_PATTERN_REPEATS, optional object properties past MAX_OPTIONAL_PROPERTIES, literals'
+    characters past MAX_LITERAL_CHARS. Together: a request's tools are checked one by one, each
+    within the bounds, 128 of them 22 s of CPU."""
+    repeats = optional = literals = 0
     for document in documents:
         repeats += sum(pattern_repeats(pattern) for pattern in _patterns(document))
         optional += _optional_properties(document)
+        literals += _literal_chars(document)
     if repeats > MAX_PATTERN_REPEATS:
         raise ValueError(f"{what}: its patterns' counted repetitions ({{n}}, {{n,m}}) add up to {repeats}, "
                          f"more than this server accepts ({MAX_PATTERN_REPEATS})")
     if optional > MAX_OPTIONAL_PROPERTIES:
         raise ValueError(f"{what}: {optional} optional object properties (not in their object's "
                          f"\"required\"), more than this server accepts ({MAX_OPTIONAL_PROPERTIES})")
+    if literals > MAX_LITERAL_CHARS:
+        raise ValueError(f"{what}: its property names, enum values and consts add up to {literals} "
+                         f"characters, more than this server accepts ({MAX_LITERAL_CHARS})")
 
 
 _DATA_KEYWORDS = frozenset({"default", "examples", "enum", "const"})
@@ -145,6 +176,20 @@ def _optional_properties(document: Any) -> int:
         if isinstance(properties, dict):
             needed = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
             count += sum(key not in needed for key in properties)
+    return count
+
+
+def _literal_chars(document: Any) -> int:
+    """Characters of the literals the grammar spells out: consts and enum values (as JSON text),
+    property names."""
+    count = 0
+    for node in _schema_nodes(document):
+        if "const" in node:
+            count += len(json.dumps(node["const"], ensure_ascii=False))
+        if isinstance(node.get("enum"), list):
+            count += sum(len(json.dumps(value, ensure_ascii=False)) for value in node["enum"])
+        if isinstance(node.get("properties"), dict):
+            count += sum(len(name) for name in node["properties"])
     return count
 
 

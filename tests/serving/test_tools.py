@@ -233,6 +233,10 @@ BAD = {
         {"type": "function", "function": {"name": f"f{i}", "parameters": {
             "type": "object", "properties": {f"p{j}": {"type": "integer"} for j in range(100)}}}} for i in range(3)]},
         "300 optional object properties", "tools"),
+    "literals_of_all_functions_together": ({"tools": [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": {
+            "type": "object", "properties": {"a": {"const": "c" * 49_998}}, "required": ["a"]}}} for i in range(3)]},
+        "add up to 150003 characters", "tools"),
     "empty_tools": ({"tools": []}, "non-empty list", "tools"),
     "named_choice_not_among_tools": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
                                      "'x', which is not among tools", "tool_choice"),
