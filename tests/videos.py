@@ -37,6 +37,26 @@ def encoded_video(frames: np.ndarray, fps: int, container: str = "matroska", cod
     return buffer.getvalue()
 
 
+def video_with_hidden_frames(frames: np.ndarray, fps: int, hidden: int) -> bytes:
+    """``frames`` as an H.264 MP4 whose first ``hidden`` frames come before its presentation starts
+    (negative timestamps, an edit list), as a cut without re-encoding (``ffmpeg -ss 2 -c copy``)
+    writes it: decoders decode them for the frames after, and return only those."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"bframes": "0", "keyint": "1000"}
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts = index - hidden
+            for packet in stream.encode(picture):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
 def video_data_url(raw: bytes) -> str:
     return "data:video/x-matroska;base64," + base64.b64encode(raw).decode()
 

@@ -157,7 +157,9 @@ class VideoHeader:
 
 def read_video_header(raw: bytes, max_frames: int | None = None) -> VideoHeader:
     """Counts the video stream's packets (one per frame) and reads its rate and frame size. With
-    ``max_frames`` the count stops past it (a caller refusing such a video need not demux the rest)."""
+    ``max_frames`` the count stops past it (a caller refusing such a video need not demux the rest).
+    Packets marked to be discarded (frames before a cut that kept them only for decoding the next:
+    an edit list) are not counted: decoders decode them and return none of them."""
     try:
         with _open_video(raw) as container:
             stream = _video_stream(container)
@@ -165,7 +167,7 @@ def read_video_header(raw: bytes, max_frames: int | None = None) -> VideoHeader:
             width, height = stream.codec_context.width, stream.codec_context.height
             frames = 0
             for packet in container.demux(stream):
-                frames += 1 if packet.size else 0
+                frames += 1 if packet.size and not packet.is_discard else 0
                 if max_frames is not None and frames > max_frames:
                     break
     except (av.FFmpegError, UnicodeDecodeError) as error:  # PyAV decodes the container's tags as UTF-8

@@ -8,6 +8,7 @@ import base64
 import io
 import time
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,7 +28,7 @@ from mmserve.serving.router.settings import RouterSettings
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.tiny import tiny_processor
 from served_model import MODEL_NAME
-from videos import lossless_video, random_frames, video_data_url
+from videos import lossless_video, random_frames, video_data_url, video_with_hidden_frames
 
 SIZES = [(64, 64), (48, 64), (37, 500), (500, 37), (300, 29), (1024, 1024), (768, 1366)]
 """(height, width): square, landscape, portrait, sizes off the patch grid, sizes the processor
@@ -74,6 +75,20 @@ def test_a_videos_grid_from_its_header_is_the_processors_grid(frames, fps, size)
     visual = reader(processor).video_from_url(video_data_url(raw), "video")
     assert visual.pixel_values is None and visual.source.data == raw and visual.source.kind == "video"
     want = processor(videos=[video[processor.sample_frame_indices(frames, fps)]])
+    assert np.array_equal(visual.grid_thw, want["video_grid_thw"])
+    assert np.array_equal(with_pixels(visual, processor).pixel_values, want["pixel_values_videos"])
+
+
+def test_a_video_cut_without_reencoding_is_read_as_it_plays():
+    """Frames kept before a cut for decoding only are marked to be discarded: counted as frames, the
+    router sampled up to a last frame the decoder never returns, and every such video was a 400."""
+    processor = tiny_processor()
+    raw = video_with_hidden_frames(random_frames(5, 20, 64, 96), fps=10, hidden=6)
+    with av.open(io.BytesIO(raw)) as container:
+        shown = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    assert len(shown) == 14  # what a player shows
+    visual = reader(processor).video_from_url("data:video/mp4;base64," + base64.b64encode(raw).decode(), "video")
+    want = processor(videos=[shown[processor.sample_frame_indices(len(shown), 10)]])
     assert np.array_equal(visual.grid_thw, want["video_grid_thw"])
     assert np.array_equal(with_pixels(visual, processor).pixel_values, want["pixel_values_videos"])
 
@@ -259,6 +274,15 @@ def test_a_local_path_that_is_not_a_regular_file_is_refused_without_reading_it(t
     with pytest.raises(InvalidRequest, match="not a regular file"):
         local.from_url(f"file://{tmp_path / 'pipe.png'}", "messages[0].content[0]")
     assert time.monotonic() - started < 1
+
+
+def test_a_symlink_loop_in_the_allowed_directory_is_a_400(tmp_path):
+    """Resolving it raised RuntimeError before any check: a 500."""
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    local = MediaReader(RouterSettings(MODEL_NAME, 1 << 20, allowed_local_media_path=tmp_path), tiny_processor())
+    with pytest.raises(InvalidRequest, match="cannot read the image file"):
+        local.from_url(f"file://{tmp_path / 'a.png'}", "messages[0].content[0]")
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -114,7 +114,10 @@ class MediaReader:
         if allowed_dir is None:
             raise InvalidRequest(f"local {kind} files are disabled on this server (see --allowed-local-media-path); "
                                  "send a data: URL", param)
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python before 3.13)
+            raise InvalidRequest(f"cannot read the {kind} file: {error}", param) from None
         if not resolved.is_relative_to(allowed_dir.resolve()):
             raise InvalidRequest(f"the {kind} path is outside the allowed directory {str(allowed_dir)!r}", param)
         self._count(kind, param)
