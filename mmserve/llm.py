@@ -39,8 +39,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generates for one prompt or a list; every prompt is validated before any is run."""
-        prompts = prompts if isinstance(prompts, list) else [prompts]
+        """Generates for one prompt or a list (or tuple); every prompt is validated before any is run."""
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         params = _per_prompt(self.get_default_sampling_params() if sampling_params is None else sampling_params,
                              len(prompts))
         prepared = [self.engine.prepare(p) for p in prompts]

@@ -46,7 +46,8 @@ class SamplingParams:
     top_k: keep the k most likely tokens; -1 or 0 turns it off.
     top_p: keep the smallest set of tokens whose probability reaches top_p; 1 turns it off.
     min_p: drop tokens less likely than min_p times the most likely one; 0 turns it off.
-    seed: makes the request's samples reproducible, whatever else is in the batch.
+    seed: makes the request's samples reproducible, whatever else is in the batch; None, or -1
+        as in vLLM, for none.
     repetition_penalty: >1 discourages tokens already in the prompt or the output (vLLM's formula).
     presence_penalty, frequency_penalty: in [-2, 2]; subtracted once per token present in the
         output, and once per occurrence in the output.
@@ -84,6 +85,8 @@ class SamplingParams:
         for name in ("top_k", "max_tokens", "seed", "logprobs"):
             if name in ("top_k", "max_tokens") or getattr(self, name) is not None:
                 object.__setattr__(self, name, _int(name, getattr(self, name)))
+        if self.seed == -1:  # vLLM's "no seed", which clients send: it was a fixed seed here
+            object.__setattr__(self, "seed", None)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):

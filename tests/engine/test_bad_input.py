@@ -92,3 +92,11 @@ def test_an_unsupported_dtype_is_a_value_error_before_anything_loads():
     for dtype in ("int8", "auto", "float64"):
         with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
             LLM("tiny", dtype=dtype)
+
+
+def test_prompts_given_as_a_tuple_are_several_prompts(llm):
+    """As vLLM takes any sequence of prompts; a tuple was refused as one malformed prompt."""
+    params = SamplingParams(temperature=0, max_tokens=3)
+    prompts = (GOOD, {"prompt_token_ids": [21, 22, 23, 24]})
+    assert ([o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            == [o.outputs[0].token_ids for o in llm.generate(list(prompts), params)])

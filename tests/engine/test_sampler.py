@@ -299,12 +299,12 @@ def test_logprobs_are_not_computed_when_no_row_asks(random_logits):
 
 
 def test_pack_pads_rows_as_greedy_uncounted_padding():
-    batch = pack_sampling_batch([SamplingParams(seed=-1, top_k=-1)], [4], [2], batch_size=4)
+    batch = pack_sampling_batch([SamplingParams(seed=-2, top_k=-1)], [4], [2], batch_size=4)
     assert batch.valid.tolist() == [True, False, False, False]
     assert batch.logprobs.tolist() == [False] * 4
     assert batch.temperature.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert batch.top_k.tolist() == [0] * 4
-    assert batch.seed[0].tolist() == [0xFFFFFFFF, 0xFFFFFFFF]
+    assert batch.seed[0].tolist() == [0xFFFFFFFF, 0xFFFFFFFE]
     with pytest.raises(ValueError, match="do not fit"):
         pack_sampling_batch([SamplingParams()] * 5, [0] * 5, list(range(5)), batch_size=4)
 

@@ -12,6 +12,12 @@ def test_defaults_are_vllms():
     assert not params.is_greedy
 
 
+def test_a_seed_of_minus_one_is_no_seed_as_in_vllm():
+    """Clients send -1 for "random"; it was a fixed seed, so every such request drew the same tokens."""
+    assert SamplingParams(seed=-1).seed is None and SamplingParams.from_dict({"seed": -1}).seed is None
+    assert SamplingParams(seed=-2).seed == -2
+
+
 def test_zero_temperature_is_greedy():
     assert SamplingParams(temperature=0).is_greedy
 

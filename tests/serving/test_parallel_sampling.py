@@ -24,6 +24,8 @@ def test_siblings_differ_only_in_id_and_seed():
     assert [s.params.seed for s in unseeded] == [None, None]
     top = sibling_requests(GenerateRequest("c", None, SamplingParams(seed=2**64 - 1)), 2)
     assert len({s.params.seed for s in top}) == 2
+    below_no_seed = sibling_requests(GenerateRequest("c", None, SamplingParams(seed=-3)), 4)
+    assert [s.params.seed for s in below_no_seed] == [-3, -2, -5, 0]  # never -1, which is no seed
 
 
 SEEDED = {"temperature": 1.0, "top_p": 0.95, "seed": 321, "max_tokens": 8}

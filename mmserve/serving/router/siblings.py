@@ -33,8 +33,9 @@ def sibling_requests(request: GenerateRequest, n: int) -> list[GenerateRequest]:
 
 
 def _nth(seed: int, i: int) -> int:
-    """seed + i, or seed - i at the very top of the seed range (still distinct per sibling)."""
-    return seed + i if seed + i < 2**64 else seed - i
+    """seed + i, or seed - i where seed + i is past the top of the seed range or -1 (no seed):
+    still distinct per sibling."""
+    return seed + i if seed + i < 2**64 and seed + i != -1 else seed - i
 
 
 async def merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
