@@ -82,7 +82,6 @@ def _definitions(tools: Any) -> tuple[dict[str, Any], ...]:
         if not isinstance(function, dict):
             raise InvalidRequest(f"{where}.function must be an object", f"{where}.function")
         function = without_nulls(function)
-        out.append({**tool, "function": function})
         _only(function, FUNCTION_KEYS, f"{where}.function")
         name = function.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -99,6 +98,7 @@ def _definitions(tools: Any) -> tuple[dict[str, Any], ...]:
                                  "arguments)", f"{where}.function.parameters")
         if "strict" in function and not isinstance(function["strict"], bool):
             raise InvalidRequest(f"{where}.function.strict must be a boolean", f"{where}.function.strict")
+        out.append({**tool, "function": function})
     return tuple(out)
 
 
