@@ -113,6 +113,9 @@ def test_a_picture_of_an_allowed_host_is_fetched_and_sent_on_as_the_file_it_is(s
     ("http://{host}/missing.png", "HTTP 404"),
     ("http://{host}/huge.png", f"larger than a request body may be ({LIMIT} bytes"),
     ("http://127.0.0.1:1/one.png", "could not fetch the image"),
+    # the allowed-hosts check read b as the host, urllib a (no such URL reached a host not allowed)
+    ("http://localhost:{port}\\@{host}/one.png", "may not carry credentials or a backslash"),
+    ("http://user:secret@{host}/one.png", "may not carry credentials or a backslash"),
 ])
 def test_what_is_not_fetched_is_a_400_naming_the_field(served, pictures, path, reason):
     server, backend = served

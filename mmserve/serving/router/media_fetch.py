@@ -159,10 +159,16 @@ class _HTTPS(urllib.request.HTTPSHandler):
 
 
 def _check_host(url: str, hosts: frozenset[str], kind: str, param: str) -> None:
-    host = (urlparse(url).hostname or "").lower()
+    """The URL's host must be allowed. A URL with userinfo or a backslash before its host is refused
+    outright: ``urlparse`` and urllib read its host differently (``http://a\\@b/``: b to the check,
+    a to the connection), so the host checked need not be the one dialled."""
     if not hosts:
         raise InvalidRequest(f"this server does not fetch {kind}s over the network (see --allowed-media-domains); "
                              "send a data: URL", param)
+    netloc = urlparse(url).netloc
+    if "@" in netloc or "\\" in netloc:
+        raise InvalidRequest(f"a {kind} URL may not carry credentials or a backslash before its path", param)
+    host = (urlparse(url).hostname or "").lower()
     if host not in hosts:
         raise InvalidRequest(f"this server does not fetch {kind}s from {host!r} (see --allowed-media-domains)", param)
 
