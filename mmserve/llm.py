@@ -51,7 +51,9 @@ class LLM:
             features = self.engine.encode_prompts(prepared)
             for prompt, p, f in zip(prepared, params, features):
                 ids.append(self.engine.add_request(prompt, p, features=f))
-            return self._run(ids, use_tqdm)
+            outputs = self._run(ids, use_tqdm)
+            return [dataclasses.replace(output, prompt=_prompt_text(prompt))
+                    for output, prompt in zip(outputs, prompts)]
         except BaseException:
             # a bad prompt, a failed step, Ctrl-C: what this call added leaves the engine, so the
             # next call starts from a clean engine (aborting a finished request does nothing)
@@ -107,6 +109,12 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update()
         return [finished[i] for i in request_ids]
+
+
+def _prompt_text(prompt) -> str | None:
+    """A prompt's text, as given (a string, or a dict's "prompt"); None for token ids."""
+    text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+    return text if isinstance(text, str) else None
 
 
 def _per_prompt(params, count: int) -> list[SamplingParams]:

@@ -23,6 +23,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    prompt: str | None = None
+    """The prompt's text where it was given as text (the offline ``LLM`` fills it in, as vLLM's
+    ``output.prompt``); None for token ids."""
 
     @classmethod
     def of(cls, request: Request) -> RequestOutput:

@@ -100,3 +100,10 @@ def test_prompts_given_as_a_tuple_are_several_prompts(llm):
     prompts = (GOOD, {"prompt_token_ids": [21, 22, 23, 24]})
     assert ([o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             == [o.outputs[0].token_ids for o in llm.generate(list(prompts), params)])
+
+
+def test_each_output_names_its_prompt_text_as_vllm_s_does(llm):
+    """vLLM's offline example prints ``output.prompt``: it raised AttributeError here."""
+    params = SamplingParams(temperature=0, max_tokens=2)
+    outputs = llm.generate(["Hello there", {"prompt": "Good day"}, GOOD], params)
+    assert [o.prompt for o in outputs] == ["Hello there", "Good day", None]
