@@ -165,10 +165,10 @@ def _check_host(url: str, hosts: frozenset[str], kind: str, param: str) -> None:
     if not hosts:
         raise InvalidRequest(f"this server does not fetch {kind}s over the network (see --allowed-media-domains); "
                              "send a data: URL", param)
-    netloc = urlparse(url).netloc
-    if "@" in netloc or "\\" in netloc:
+    parsed = urlparse(url)
+    if "@" in parsed.netloc or "\\" in parsed.netloc:
         raise InvalidRequest(f"a {kind} URL may not carry credentials or a backslash before its path", param)
-    host = (urlparse(url).hostname or "").lower()
+    host = (parsed.hostname or "").lower()
     if host not in hosts:
         raise InvalidRequest(f"this server does not fetch {kind}s from {host!r} (see --allowed-media-domains)", param)
 
