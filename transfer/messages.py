@@ -182,6 +182,17 @@ class Abort(msgspec.Struct, frozen=True, tag="abort", forbid_unknown_fields=True
     reason: Text = ""
 
 
+class Decline(msgspec.Struct, frozen=True, tag="decline", forbid_unknown_fields=True):
+    """The receiver will never take the room: its request ended before it registered (decode
+    dropped a request still waiting for pages). The sender ends the room at once instead of
+    holding its rows until the bootstrap timeout; a room its role has not added yet is
+    remembered as ended, so the role's ``add`` gives it FAILED. Refused for a room another
+    receiver registered for."""
+
+    room: Id
+    reason: Text = ""
+
+
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", forbid_unknown_fields=True):
     seq: Id
 
@@ -198,7 +209,7 @@ class Error(msgspec.Struct, frozen=True, tag="error", forbid_unknown_fields=True
 
 RegistryRequest = Publish | Withdraw | Lookup
 RegistryReply = Published | Found | NotFound | Error
-ToSender = Register | Pulled | Resume | Abort | Heartbeat | Error
+ToSender = Register | Pulled | Resume | Abort | Decline | Heartbeat | Error
 ToReceiver = Registered | Ready | Abort | HeartbeatAck | Error
 
 M = TypeVar("M")

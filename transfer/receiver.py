@@ -34,7 +34,7 @@ from transfer.config import TransferConfig
 from transfer.data_plane import DataPlane, DataPlaneError, PendingPull, open_data_plane
 from transfer.directory import SenderDirectory
 from transfer.fields import Field
-from transfer.messages import (Abort, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
+from transfer.messages import (Abort, Decline, Error, ErrorCode, Heartbeat, HeartbeatAck, ProtocolError, Pulled,
                                Ready, Register, Registered, Resume, ToReceiver, TransferInfo, TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState
 from transfer.posted_pulls import PostedPulls
@@ -89,6 +89,20 @@ class Receiver:
         self._directory.watch(bootstrap_address)
         self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender), mode=mode,
                                          incarnation=incarnation, held=start_token, expected=expected_tokens)
+        self._advance(self._rooms[room], time.monotonic())
+
+    def decline(self, room: int, bootstrap_address: str, sender: str, incarnation: int | None = None,
+                reason: str = "") -> None:
+        """Tells the sender published as ``sender`` that this receiver will never take ``room``,
+        which it never added (decode drops a request still waiting for pages: without a word, the
+        sender would hold the room's rows until its bootstrap timeout). The sender is looked up
+        as for ``add``; the room is dropped once told, or once the sender proves gone or the
+        bootstrap timeout passes: nothing to poll or forget."""
+        if room in self._rooms:
+            raise ValueError(f"room {room} already added")
+        self._directory.watch(bootstrap_address)
+        self._rooms[room] = ReceiverRoom(room, self.config, sender=(bootstrap_address, sender),
+                                         incarnation=incarnation, declined=reason[:500] or "declined")
         self._advance(self._rooms[room], time.monotonic())
 
     def poll(self, room: int) -> PollState:
@@ -300,6 +314,10 @@ class Receiver:
             self._fail(room, f"cannot connect to sender {room.sender[1]} at {endpoint.control}: {error}")
             return
         room.endpoint = endpoint
+        if room.declined is not None:
+            channel.send(Decline(room.room, room.declined))
+            self._fail(room, room.declined, notify=False)
+            return
         room.posted = self.posting.register(room)
         channel.send(Register(
             room.room, room.mode, self.config.block_size, self.layout.fields,
@@ -367,3 +385,5 @@ class Receiver:
         room.reason = reason
         if notify and room.endpoint is not None:
             self._links.to(room.endpoint.control).send(Abort(room.room, reason[:500]))
+        if room.declined is not None:  # nobody polls or forgets it
+            del self._rooms[room.room]

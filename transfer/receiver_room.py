@@ -78,6 +78,8 @@ class ReceiverRoom(Room):
     pull: tuple[PendingPull, Ready] | None = None
     expected: int | None = None
     """The room's length when the receiver knows it ahead (``add(..., expected_tokens=)``)."""
+    declined: str | None = None
+    """Why the receiver will never take the room (``Receiver.decline``): it only tells the sender."""
     posted: PostedPull | None = None
     """The first chunk's uuid and length, sent with Register (a chunk the sender offers under it)."""
     posting: bool = False

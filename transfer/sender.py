@@ -43,7 +43,7 @@ from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
 from transfer.ended_rooms import EndedRooms
 from transfer.fields import Field
 from transfer.liveness import Liveness
-from transfer.messages import (Abort, Codec, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
+from transfer.messages import (Abort, Codec, Decline, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
                                Pulled, Ready, Register, Registered, Resume, SenderEndpoint, ToSender, TransferInfo,
                                TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
@@ -233,6 +233,8 @@ class Sender:
             if not any(r.peer == identity for r in self._rooms.values()):
                 raise ProtocolError(ErrorCode.UNAUTHENTICATED, "heartbeat before any registration")
             return HeartbeatAck(message.seq)
+        if isinstance(message, Decline):
+            return self._on_decline(identity, message)
         room = self._rooms.get(message.room) if message.room is not None else None
         if isinstance(message, Error):
             if room is not None and room.peer == identity:
@@ -281,6 +283,19 @@ class Sender:
             self._start(room)
         else:
             room.move(PollState.WAITING_FOR_INPUT)
+
+    def _on_decline(self, identity: bytes, message: Decline) -> None:
+        """Ends a room no receiver will take; one the role has not added yet is remembered as
+        ended (``_fail``), so its ``add`` gives FAILED. A room that ended already holds nothing."""
+        if self._ended.get(message.room) is not None:
+            return
+        room = self._rooms.get(message.room)
+        if room is not None and room.peer not in (None, identity):
+            raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"room {message.room} is registered by another receiver",
+                                message.room)
+        if room is None:
+            room = self._rooms[message.room] = SenderRoom(message.room, self.config)
+        self._fail(room, f"receiver declined: {message.reason}", notify=False)
 
     def _on_pulled(self, room: SenderRoom, message: Pulled) -> None:
         if room.state is not PollState.TRANSFERRING or room.outstanding is None or room.outstanding[0] != message.uuid:

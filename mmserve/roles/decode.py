@@ -252,13 +252,26 @@ class DecodeRole:
     def _release(self, record: DecodeRecord, was: DecodeState) -> None:
         """Frees what a request held in state ``was``; a failed request's stream gets the reason."""
         with self.lock:
-            if was is DecodeState.RECEIVING_KV:
+            if was is DecodeState.RESERVING:
+                self._decline(record)
+            elif was is DecodeState.RECEIVING_KV:
                 close_room(self.receiver, record.room, record.reason)
                 self.engine.cancel_reservation(record.request_id, record.reservation.slot)
             elif was is DecodeState.DECODING:
                 self.engine.abort(record.request_id)  # frees its reservation; a no-op once it finished there
         if record.state is DecodeState.FAILED:
             self._put(record, pb.TokenEvent(request_id=record.request_id, error=record.reason))
+
+    def _decline(self, record: DecodeRecord) -> None:
+        """Tells prefill that a request it may be holding KV for will never register its room (the
+        router's token stream closed, its deadline passed): without a word, prefill would keep
+        that KV until its room's bootstrap timeout."""
+        try:
+            self.receiver.decline(record.room, self.bootstrap, record.prefill_name, record.prefill_incarnation,
+                                  record.reason)
+        except Exception:  # prefill's room then ends at its bootstrap timeout, as before
+            log.warning("could not tell prefill %s that request %s is gone", record.prefill_name,
+                        record.request_id, exc_info=True)
 
     def in_flight(self) -> int:
         return len(self._requests)

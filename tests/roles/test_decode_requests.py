@@ -2,9 +2,12 @@
 KV room is open, and a KV room that fails, each give back what the request held (pages, slot,
 receiver blocks, the room) and end its stream with one error; a later abort changes nothing.
 A structured request's schema arrives typed and starts compiling at once; one xgrammar cannot
-enforce is refused before anything is held. A real decode role over a real bootstrap registry
-with no prefill behind it, driven by hand."""
+enforce is refused before anything is held. A request dropped while it waits for pages tells
+its prefill, which would otherwise hold its KV until the room's bootstrap timeout. A real decode
+role over a real bootstrap registry (with no prefill behind it, or a real KV sender standing
+for prefill's), driven by hand."""
 
+import dataclasses
 import time
 
 import pytest
@@ -12,13 +15,14 @@ import pytest
 from mmserve import SamplingParams
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.decode import DecodeRole
+from mmserve.roles.fields import kv_fields
 from mmserve.roles.request_state import DecodeState
 from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.wire import sampling_to_pb
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.structured_output import StructuredOutput
 from models.qwen3_vl_moe import load_model
-from transfer import BootstrapServer, TransferConfig
+from transfer import BootstrapServer, PollState, Sender, TransferConfig, TransferInfo, TransferMode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,10 +41,10 @@ def role(request):
 
 
 def decode(role, request_id: str, room: int, params: SamplingParams = SamplingParams(max_tokens=4),
-           prompt: list[int] = list(range(3, 23))) -> TokenStream:
+           prompt: list[int] = list(range(3, 23)), prefill: str = "prefill-absent") -> TokenStream:
     stream = TokenStream("router")
     role.decode(pb.DecodeRequest(request_id=request_id, room=room, token_ids=prompt,
-                                 sampling=sampling_to_pb(params), prefill_name="prefill-absent"),
+                                 sampling=sampling_to_pb(params), prefill_name=prefill),
                 stream)
     return stream
 
@@ -68,6 +72,34 @@ def test_aborts_while_reserving_and_receiving_free_everything_once(role):
     decode(role, "third", room=3)
     role.step()
     assert role.health()["requests"] == {"receiving_kv": 1}  # the slot came back
+
+
+def test_a_request_dropped_while_reserving_tells_prefill_to_free_its_kv(role):
+    """Its router gone, decode drops a request still waiting for pages; prefill, holding its KV
+    for a registration that will never come, is told at once (a declined room), not left to
+    its bootstrap timeout (30 s here)."""
+    config = dataclasses.replace(role.receiver.config, bootstrap_timeout_s=30.0)
+    prefill = Sender(config, kv_fields(role.engine.model.config, role.engine.model.dtype), "prefill-0",
+                     role.bootstrap)
+    try:
+        free = prefill.allocator.available_blocks()
+        prefill.add(2)
+        prefill.send(2, prefill.allocator.alloc(20), TransferInfo(TransferMode.KV, 20, first_token=5))
+        decode(role, "first", room=1)
+        stream = decode(role, "second", room=2, prefill="prefill-0")
+        role.step()
+        assert role.health()["requests"] == {"receiving_kv": 1, "reserving": 1}
+        started = time.monotonic()
+        role.drop_stream(stream)
+        while prefill.poll(2) is not PollState.FAILED:
+            role.pump()
+            prefill.progress(0.005)
+            assert time.monotonic() - started < 10, "prefill was not told"
+        assert prefill.failure(2) == "receiver declined: the router's token stream closed"
+        assert prefill.allocator.available_blocks() == free
+        assert role.health()["requests"] == {"receiving_kv": 1}
+    finally:
+        prefill.close()
 
 
 def test_a_kv_room_that_fails_ends_the_stream_and_returns_the_reservation(role):
