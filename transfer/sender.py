@@ -43,9 +43,9 @@ from transfer.data_plane import DataPlane, DataPlaneError, open_data_plane
 from transfer.ended_rooms import EndedRooms
 from transfer.fields import Field
 from transfer.liveness import Liveness
-from transfer.messages import (Abort, Codec, Decline, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull, ProtocolError,
-                               Pulled, Ready, Register, Registered, Resume, SenderEndpoint, ToSender, TransferInfo,
-                               TransferMode)
+from transfer.messages import (Abort, Codec, Decline, Error, ErrorCode, Heartbeat, HeartbeatAck, PostedPull,
+                               ProtocolError, Pulled, Ready, Register, Registered, Resume, SenderEndpoint, ToSender,
+                               TransferInfo, TransferMode)
 from transfer.poll import SWEEP_INTERVAL_S, PollState, Room
 
 log = logging.getLogger(__name__)
