@@ -42,10 +42,21 @@ STOP_GRACE_S = 1.0
 """How long a stopping worker lets its open calls end by themselves before it cancels them."""
 LEAVE_S = 5.0
 """How long a stopping worker waits for its registration as ``leaving`` to reach the router."""
+LEAVING_INTERVAL_S = 0.1
+"""How often a leaving worker registers (as leaving): each answer says what is still routed to it."""
 DRAIN_POLL_S = 0.05
 DRAIN_SETTLE_S = 0.5
-"""How long a draining worker holding nothing still waits for calls routed to it before the router
-heard it was leaving."""
+"""How long a draining worker holding nothing waits for calls routed to it when its router has not
+answered since it said it was leaving (none given, or unreachable); an answer says how many."""
+
+
+@dataclasses.dataclass
+class RouterWord:
+    """What the router last answered a leaving worker: the requests it has routed to the worker
+    that have not ended (None: no answer since the worker said it was leaving). Written by the
+    registering thread, read by the drain."""
+
+    routed: int | None = None
 
 
 class Role(Protocol):
@@ -198,10 +209,12 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
     server.start()
     log.info("%s worker %s serving on %s", role.role, role.name, address)
     leaving, left, stop = threading.Event(), threading.Event(), threading.Event()
+    word = RouterWord()
     registering = None
     if router:
         registering = threading.Thread(target=_register_forever, daemon=True,
-                                       args=(router, token, role, address, model_fingerprint, leaving, left, stop))
+                                       args=(router, token, role, address, model_fingerprint, leaving, left, stop,
+                                             word))
         registering.start()
     terminated = False
     try:
@@ -221,7 +234,7 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
             cut = threading.Event()
             _on_signals(cut.set)  # a second signal (Ctrl-C, another SIGTERM) ends the drain
             try:
-                _drain(role, drain_timeout_s, cut)
+                _drain(role, drain_timeout_s, cut, word)
             finally:
                 _ignore_signals()
         stop.set()
@@ -232,14 +245,16 @@ def serve_worker(service: WorkerService, host: str, port: int, router: str | Non
         service.loop.stop()
 
 
-def _drain(role: Role, timeout_s: float, cut: threading.Event) -> None:
-    """Waits for the requests the role holds to end, up to ``timeout_s`` or until ``cut``. The
-    router sends no more; calls it sent just before it heard get ``DRAIN_SETTLE_S`` to arrive."""
+def _drain(role: Role, timeout_s: float, cut: threading.Event, word: RouterWord) -> None:
+    """Waits for the requests the role holds to end, and for those its router routed here before
+    it heard the worker was leaving (they may still be on their way: decode is called once prefill
+    has answered), up to ``timeout_s`` or until ``cut``. Without an answer from the router, calls
+    it sent just before it heard get ``DRAIN_SETTLE_S`` to arrive."""
     now = time.monotonic()
     deadline, settled, said = now + timeout_s, now + min(DRAIN_SETTLE_S, timeout_s), False
     while time.monotonic() < deadline and not cut.is_set():
-        held = role.in_flight()
-        if not held and time.monotonic() >= settled:
+        held, routed = role.in_flight(), word.routed
+        if not held and (routed == 0 or (routed is None and time.monotonic() >= settled)):
             return
         if held and not said:
             log.info("%s worker %s stopping: draining %d requests (up to %.0f s; a second signal cuts it short)",
@@ -264,11 +279,13 @@ def _on_signals(handler) -> None:
 
 
 def _register_forever(router: str, token: str, role: Role, address: str, model_fingerprint: str,
-                      leaving: threading.Event, left: threading.Event, stop: threading.Event) -> None:
+                      leaving: threading.Event, left: threading.Event, stop: threading.Event,
+                      word: RouterWord) -> None:
     """Registers every ``REGISTER_INTERVAL_S`` until ``stop``; from ``leaving`` on (at once), as
-    leaving, setting ``left`` once it has tried to say so, and going on saying so while the worker
-    drains: a router that missed it hears it again, and one still hearing the worker keeps it (and
-    the calls it has open there) rather than forgetting a silent worker."""
+    leaving, setting ``left`` once it has tried to say so, and going on saying so every
+    ``LEAVING_INTERVAL_S`` while the worker drains: a router that missed it hears it again, one
+    still hearing the worker keeps it (and the calls it has open there) rather than forgetting a
+    silent worker, and each answer tells the drain what is still routed here (``word``)."""
     cache = role.prefix_cache()
     if cache is not None:  # a worker on a Unix socket is on the router's host
         cache = cache.dialled_at("127.0.0.1" if address.startswith("unix:") else address.rpartition(":")[0])
@@ -296,6 +313,8 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
                 if not ack.ok and ack.error != refusal:
                     log.error("router %s refused the registration: %s", router, ack.error)
                 refusal, unreachable_since = ("" if ack.ok else ack.error), None
+                if now_leaving and ack.ok:
+                    word.routed = ack.routed
                 if ack.ok and not registered:  # serving: a supervising --role all counts its run from here
                     registered = True
                     mark_ready()
@@ -313,6 +332,6 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
                         refusal = "unreachable"
             if now_leaving:
                 left.set()
-                stop.wait(REGISTER_INTERVAL_S)
+                stop.wait(LEAVING_INTERVAL_S)
             else:
                 leaving.wait(REGISTER_INTERVAL_S)

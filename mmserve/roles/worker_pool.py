@@ -155,7 +155,9 @@ class WorkerPool(pb_grpc.RegistryServicer):
         current.max_model_len = request.max_model_len
         if self.feed is not None and request.kv_events_endpoint:
             self.feed.follow(request.name, request.kv_events_endpoint, request.kv_events_replay_endpoint)
-        return pb.Ack(ok=True)
+        # A leaving worker drains until nothing routed here is on its way to it (a request that
+        # picked it before it said so may call it only after a slow prefill has answered).
+        return pb.Ack(ok=True, routed=current.in_flight if current.leaving else 0)
 
     def _forget_silent(self) -> None:
         """Forgets the workers not heard from for ``WORKER_FORGET_S`` (each new registration looks:

@@ -18,7 +18,8 @@ from chaos import (DEADLINE_S, free_counts, kill_with_requests_in_flight, router
 from cluster import Cluster
 from mmserve import LLM
 from mmserve.roles.worker_pool import WORKER_TIMEOUT_S
-from cluster_chats import conversation
+from cluster_chats import conversation, image
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +148,38 @@ def test_a_worker_given_sigterm_is_sent_nothing_new_and_finishes_what_it_holds(c
                                            max_tokens=4)
         assert refused.value.status_code == 503 and "no decode worker" in str(refused.value)
         assert [a.result(timeout=DEADLINE_S) for a in answers] == [("length", DRAINED_TOKENS)] * DRAINED
+    assert decode.wait(timeout=30) == 0
+    cluster.start_worker("decode")
+    wait_until_it_answers(cluster.url, llm, "decode was stopped and started again")
+
+
+def test_a_chat_routed_to_decode_before_it_was_told_to_stop_is_answered(cluster, llm):
+    """SIGTERM reaches decode after the router picked it for a chat but before it called it: with
+    a picture, the router calls decode once prefill has taken the request, and prefill is stopped
+    (SIGSTOP) here for longer than a drain used to wait for such calls. Decode, holding nothing,
+    drains until the router answers its leaving registration with nothing routed to it; the chat
+    is answered in full and decode exits 0 after it. (It waited half a second for such calls,
+    then stopped: the chat got UNAVAILABLE from decode after its first token.)"""
+    wait_until_it_answers(cluster.url, llm, "before")
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=DEADLINE_S, max_retries=0)
+    decode = cluster.processes["decode"]
+    cluster.freeze("prefill")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(client.chat.completions.create, model="tiny", max_tokens=24, temperature=0,
+                                messages=conversation("Late for decode?", [image(424242, (64, 64))], as_url=True),
+                                extra_body={"ignore_eos": True})
+            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_in_flight") == 1, 30,
+                     "the router did not take the chat")
+            decode.send_signal(signal.SIGTERM)
+            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_workers_decode") == 0, WORKER_TIMEOUT_S / 2,
+                     "the router did not hear that decode is stopping")
+            time.sleep(1.5)  # three times the half second decode waited for calls on their way
+            cluster.thaw("prefill")
+            reply = asked.result(timeout=DEADLINE_S)
+    finally:
+        cluster.thaw("prefill")
+    assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("length", 24)
     assert decode.wait(timeout=30) == 0
     cluster.start_worker("decode")
     wait_until_it_answers(cluster.url, llm, "decode was stopped and started again")
