@@ -163,7 +163,8 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
     images = [_image(model, x) for x in _as_list(data.get("image"))]
     videos = [_video(model, x) for x in _videos(data.get("video"))]
     ids = _expand(ids, model.config.image_token_id, images, lambda v: _image_tokens(model, v), "image")
-    ids = _expand(ids, model.config.video_token_id, videos, lambda v: _video_tokens(model, v), "video")
+    ids = _expand(ids, model.config.video_token_id, videos, lambda v: _video_tokens(model, v), "video",
+                  wrapper=(model.config.vision_start_token_id, model.config.vision_end_token_id))
     if not ids:
         raise ValueError("the prompt is empty")
     return PreparedPrompt(ids, images, videos)
@@ -257,8 +258,13 @@ def _video_tokens(model: Model, video: Visual) -> list[int]:
     return out
 
 
-def _expand(ids: list[int], placeholder: int, items: list[Visual], tokens_of, name: str) -> list[int]:
-    """Replaces the i-th single placeholder with the tokens of item i."""
+def _expand(ids: list[int], placeholder: int, items: list[Visual], tokens_of, name: str,
+            wrapper: tuple[int, int] | None = None) -> list[int]:
+    """Replaces the i-th single placeholder with the tokens of item i; with ``wrapper`` (a video's:
+    its tokens wrap every frame in vision start/end already), a placeholder between the wrapper's
+    two tokens (the chat template's ``<|vision_start|><|video_pad|><|vision_end|>``) is replaced
+    with them, as transformers' processor and vLLM do: kept, they put one more pair around all
+    the frames, which the model never saw in training."""
     count = ids.count(placeholder)
     if count != len(items):
         raise ValueError(f"the prompt has {count} {name} placeholder(s) but {len(items)} {name}(s) were given")
@@ -266,8 +272,10 @@ def _expand(ids: list[int], placeholder: int, items: list[Visual], tokens_of, na
     at = 0
     for item in items:  # list.index finds each placeholder in C (a loop over every token: 0.35 ms for 1,200)
         found = ids.index(placeholder, at)
-        out += ids[at:found]
+        wrapped = wrapper is not None and at < found and found + 1 < len(ids) and \
+            (ids[found - 1], ids[found + 1]) == wrapper
+        out += ids[at:found - wrapped]
         out += tokens_of(item)
-        at = found + 1
+        at = found + 1 + wrapped
     out += ids[at:]
     return out

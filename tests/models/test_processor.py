@@ -1,5 +1,6 @@
 """The processor equals transformers bit for bit: `Qwen2VLImageProcessorPil` for images and
-`Qwen3VLVideoProcessor` for videos, each configured from the files our `save` writes.
+`Qwen3VLVideoProcessor` for videos, each configured from the files our `save` writes; and a
+prompt's ids, placeholders expanded, equal `Qwen3VLProcessor`'s.
 
 torchvision is not installed, and transformers' video processor calls three torchvision kernels.
 `hf_video_processor` runs transformers' own video code (frame sampling, smart_resize, the pixel cap,
@@ -17,12 +18,17 @@ import numpy as np
 import pytest
 import torch
 import transformers.image_processing_backends as hf_backends
+import transformers.processing_utils as hf_processing
 import transformers.video_processing_utils as hf_video_utils
 from PIL import Image
+from transformers import PreTrainedTokenizerFast
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+from mmserve.engine.inputs import prepare_prompt
+from models.qwen3_vl_moe import load_model
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.processor_config import ImageConfig, VideoConfig
 from models.qwen3_vl_moe.resize import resize_bicubic_uint8
@@ -263,3 +269,32 @@ def test_bicubic_resize_equals_torch_uint8_antialias(rng):
             align_corners=False, antialias=True,
         ).permute(0, 2, 3, 1).numpy()
         np.testing.assert_array_equal(resize_bicubic_uint8(frames, new_height, new_width), reference)
+
+
+def test_a_prompts_ids_with_images_and_videos_equal_transformers(hf_video_processor, monkeypatch, tmp_path, rng):
+    """The whole prompt, placeholders expanded, equals Qwen3VLProcessor's ids for the same text,
+    tokenizer and pictures: each video frame gets its timestamp and its own vision start/end pair,
+    and the template's pair around a video's placeholder goes (kept, it put one more pair around
+    all the frames, which the model never saw in training; transformers and vLLM drop it). A bare
+    placeholder is replaced alone, as in transformers."""
+    model = load_model("tiny", weights=False)
+    # transformers checks the video processor's class through a mapping that imports torchvision
+    monkeypatch.setattr(hf_processing.ProcessorMixin, "check_argument_for_proper_class", lambda *args: None)
+    reference = Qwen3VLProcessor(
+        image_processor=hf_image_processor(model.processor, tmp_path / "images"),
+        video_processor=hf_video_processor(model.processor),
+        tokenizer=PreTrainedTokenizerFast(tokenizer_object=model.tokenizer.backend, eos_token="<|im_end|>",
+                                          pad_token="<|endoftext|>"))
+    wrapped = "<|vision_start|>{}<|vision_end|>"
+    text = (f"<|im_start|>user\nCompare {wrapped.format('<|image_pad|>')} with {wrapped.format('<|video_pad|>')}"
+            f"and{wrapped.format('<|video_pad|>')}, then <|video_pad|> too.<|im_end|>\n<|im_start|>assistant\n")
+    image = noise_image(rng, 50, 37)
+    videos = [noise_video(rng, 4, 48, 64), noise_video(rng, 6, 40, 60), noise_video(rng, 2, 32, 32)]
+    metadata = [{"fps": 2.0, "frames_indices": [0, 3, 5, 9], "total_num_frames": 10},
+                {"fps": 24.0, "frames_indices": list(range(6)), "total_num_frames": 6},
+                {"fps": 4.0, "frames_indices": [1, 2], "total_num_frames": 3}]
+    ours = prepare_prompt({"prompt": text, "multi_modal_data": {
+        "image": image, "video": [(video, meta) for video, meta in zip(videos, metadata)]}}, model).token_ids
+    theirs = reference(text=[text], images=[image], videos=videos, video_metadata=metadata,
+                       do_sample_frames=False)["input_ids"][0]
+    assert ours == list(theirs)
