@@ -5,7 +5,7 @@ Prompts come in vLLM's forms: a string, ``{"prompt": str, "multi_modal_data": {.
 ``{"prompt_token_ids": [...], "multi_modal_data": {...}}``. As the Hugging Face processor does,
 each single ``<|image_pad|>`` becomes as many image tokens as its image has, and each
 ``<|video_pad|>`` becomes, per temporal patch, ``<t seconds><|vision_start|>`` + tokens +
-``<|vision_end|>``.
+``<|vision_end|>`` (replacing the ``<|vision_start|>``/``<|vision_end|>`` around it, if any).
 """
 
 from __future__ import annotations
