@@ -275,6 +275,9 @@ def _expand(ids: list[int], placeholder: int, items: list[Visual], tokens_of, na
         wrapped = wrapper is not None and at < found and found + 1 < len(ids) and \
             (ids[found - 1], ids[found + 1]) == wrapper
         out += ids[at:found - wrapped]
+        if out and out[-1] == placeholder:  # the model would read the two runs as one picture's
+            raise ValueError(f"two {name}s' placeholders are next to each other in the prompt: each {name} needs "
+                             "other tokens between its placeholder and the one before")
         out += tokens_of(item)
         at = found + 1 + wrapped
     out += ids[at:]

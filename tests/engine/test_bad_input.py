@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from hf_reference import IMAGE_ID, VIDEO_ID, VISION_END, VISION_START
 from mmserve import SamplingParams
@@ -15,6 +16,10 @@ GOOD = {"prompt_token_ids": [11, 12, 13]}
     ({"prompt_token_ids": list(range(600))}, {}, "context"),
     ({"prompt": "word " * 2_000_000}, {}, r"the prompt has at least \d+ tokens; the context holds 512"),
     ({"prompt_token_ids": [1, IMAGE_ID, 2, IMAGE_ID], "multi_modal_data": {"image": []}}, {}, "placeholder"),
+    # two images' runs would be one: the model reads one picture of the wrong size (it raised in the step)
+    ({"prompt_token_ids": [1, VISION_START, IMAGE_ID, IMAGE_ID, VISION_END],
+      "multi_modal_data": {"image": [Image.new("RGB", (32, 32)), Image.new("RGB", (32, 32))]}}, {},
+     "placeholders are next to each other"),
     (GOOD, {"max_tokens": -1}, "max_tokens"),
     (GOOD, {"temprature": 0.5}, "unknown sampling field"),
     ({"prompt_token_ids": [1, 5000]}, {}, "vocabulary"),
@@ -40,8 +45,6 @@ def test_bad_input_raises_and_engine_serves_next(llm, prompt, params, message):
 
 
 def test_a_picture_without_pixels_is_a_value_error(llm):
-    from PIL import Image
-
     free = llm.engine.kv.num_free_pages
     empty = {"prompt_token_ids": [1, VISION_START, IMAGE_ID, VISION_END], "multi_modal_data": {"image": Image.new("RGB", (0, 0))}}
     with pytest.raises(ValueError, match="at least one pixel each way, got 0x0"):

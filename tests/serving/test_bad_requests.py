@@ -64,6 +64,12 @@ BAD = {
                                "placeholder"),
     "generate_bad_image": ("/generate", {"prompt": "<|vision_start|><|image_pad|><|vision_end|>",
                                          "images": ["%%%"]}, "not valid base64"),
+    # two images whose placeholders touch: one run of tokens the model would take for one picture
+    # (a 500 from the engine before; a chat can do it with images in messages the template does not
+    # render and placeholders typed in its text)
+    "generate_adjacent_images": ("/generate", {"prompt": "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>",
+                                               "images": [png_base64(random_image(2)), png_base64(random_image(3))]},
+                                 "placeholders are next to each other"),
     "generate_unknown_sampling_field": ("/generate", {"prompt": "hi", "sampling_params": {"temprature": 0}},
                                         "unknown sampling field"),
 }
