@@ -11,11 +11,17 @@ closes. With one process there is no channel and ``call`` is a plain method call
 copied to the host.
 
 A call that does not reach a follower leaves the processes out of step for good, so it ends the
-role (:mod:`mmserve.distributed.lockstep_channel`): a follower that finds a call missing raises
-``LockstepBroken`` out of ``follow`` (its process exits, and JAX's distributed runtime then stops
-the others); a leader that cannot publish exits at once (``on_broken``), since its device state
-no longer matches its followers' and every later call would fail; a supervisor (``--role all``,
-Kubernetes) starts the role again.
+role (:mod:`mmserve.distributed.lockstep_channel`): a follower whose connection drops, or that
+finds a call missing, raises ``LockstepBroken`` out of ``follow`` (its process exits, and JAX's
+distributed runtime then stops the others); a leader that cannot publish exits at once
+(``on_broken``), since its device state no longer matches its followers' and every later call
+would fail; a supervisor (``--role all``, Kubernetes) starts the role again.
+
+So does a program that raises on a role spanning processes, on whichever process it raises: the
+others may have run it (its collectives then wait for ever for this one's half, or pair with the
+next program's and compute garbage), and nothing tells one process how another's call ended. A
+failure of one process alone is real: the leader holds the transfer buffers, so its devices run
+out of memory first. What a program checks of its inputs the caller checks before the call.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
-from mmserve.distributed.lockstep_channel import FollowerChannel, LeaderChannel, decode_call, encode_call
+from mmserve.distributed.lockstep_channel import (ChannelDropped, FollowerChannel, LeaderChannel, decode_call,
+                                                  encode_call)
 
 log = logging.getLogger(__name__)
 WAIT_TIMEOUT_S = 3600.0
@@ -113,6 +120,12 @@ class Lockstep:
                     reason = f"lockstep call {self._published} ({target}.{method}) could not reach the followers: {error}"
                     self._on_broken(reason)
                     raise LockstepBroken(reason) from None
+                try:
+                    return program(**inputs)
+                except Exception as error:
+                    reason = f"lockstep call {self._published} ({target}.{method}) failed on the leader: {error!r}"
+                    self._on_broken(reason)
+                    raise LockstepBroken(reason) from error
             return program(**inputs)
 
     def call_and_wait(self, program: Callable, timeout_s: float = WAIT_TIMEOUT_S) -> None:
@@ -128,7 +141,7 @@ class Lockstep:
         if self.is_leader:
             raise RuntimeError("the leader does not follow")
         expected = 1
-        while (payload := self._channel.receive()) is not None:
+        while (payload := self._receive()) is not None:
             call = decode_call(payload)
             if call.seq != expected:
                 raise LockstepBroken(f"lockstep call {call.seq} ({call.target}.{call.method}) arrived when call "
@@ -137,12 +150,19 @@ class Lockstep:
             expected += 1
             try:
                 getattr(self._targets[call.target], call.method)(**call.inputs)
-            except Exception:
-                # The leader ran the same program on the same inputs and met the same error; it
-                # decides what happens to the requests, and its next call is what matters here.
-                log.exception("lockstep call %s.%s failed", call.target, call.method)
+            except Exception as error:
+                raise LockstepBroken(f"lockstep call {call.seq} ({call.target}.{call.method}) failed on this process: "
+                                     f"{error!r}; the others may have run it, so this process is out of step "
+                                     "for good") from error
             if call.answer:
                 self._channel.done()
+
+    def _receive(self) -> bytes | None:
+        try:
+            return self._channel.receive()
+        except ChannelDropped:
+            raise LockstepBroken("the connection to the leader dropped: the calls queued on it are lost, so this "
+                                 "process is out of step for good") from None
 
     def readable(self, tree, layout):
         """Outputs the leader will read, from inside a call: replicated over ``layout``'s mesh when

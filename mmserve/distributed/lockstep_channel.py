@@ -10,10 +10,13 @@ ROUTER_MANDATORY makes a vanished follower an error on the leader instead of a s
 A call lost on the way cannot be run again later (the leader has run it; the next collective would
 pair different programs), so a broken channel ends the role instead of serving on out of step:
 ZMQ reconnects a dropped TCP connection by itself, and what the leader had queued on the old one
-is gone without an error on either side. Each call carries its sequence number, and a follower
-that sees a gap stops (``Lockstep.follow``); a publish the leader cannot deliver (a follower
-unreachable) stops the leader; ZMTP heartbeats close a connection that went silent (a half-open
-one after a reset) rather than leaving it to look alive.
+is gone without an error on either side. A follower whose connection drops stops at once (a
+socket monitor sees it): waiting for the gap to show in the next call's number would wait for
+ever when the leader, having run the lost call, sits in its collective for the follower's half.
+Each call carries its sequence number all the same, and a follower that sees a gap stops
+(``Lockstep.follow``); a publish the leader cannot deliver (a follower unreachable) stops the
+leader; ZMTP heartbeats close a connection that went silent (a half-open one after a reset)
+rather than leaving it to look alive.
 
 The calls carry requests' token ids and pictures, so the channel is CurveZMQ, with keys from the
 cluster secret (:mod:`transfer.curve`): only a process holding it can say hello, and nobody else
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import msgspec
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from transfer.curve import CurveKeys, admit_only_the_client, curve_client, curve_server
 
@@ -41,6 +45,16 @@ HELLO_TIMEOUT_S = 120.0
 POLL_MS = 1000
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 10_000
+LAST_MESSAGE_MS = 200
+"""How long a follower whose connection dropped still looks for a message read before the drop
+(the leader's STOP, as it closes)."""
+LEADER_RECEIVES_BYTES = 4096
+"""The most a message to the leader holds: followers send only HELLO and DONE (the CurveZMQ
+handshake's commands, a few hundred bytes, go through the same limit)."""
+
+
+class ChannelDropped(ConnectionError):
+    """The follower's connection to the leader dropped: calls queued on it may be lost."""
 
 
 class WireArray(msgspec.Struct, array_like=True):
@@ -100,6 +114,7 @@ class LeaderChannel:
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._socket.setsockopt(zmq.LINGER, 5000)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, LEADER_RECEIVES_BYTES)
         bind = _bind_host(advertise_host)
         self._socket.setsockopt(zmq.IPV6, int(bind.startswith("[")))  # an IPv6 coordinator address ([::1])
         port = self._socket.bind_to_random_port(f"tcp://{bind}")
@@ -114,7 +129,7 @@ class LeaderChannel:
                 raise TimeoutError(f"{len(self._followers)} of {len(self._expected)} followers said hello "
                                    f"to {self.endpoint} within {timeout_s:.0f} s")
             if self._socket.poll(POLL_MS):
-                identity, message = self._socket.recv_multipart()
+                identity, message = self._receive()
                 if message == HELLO and identity in self._expected and identity not in self._followers:
                     self._followers.append(identity)
 
@@ -130,9 +145,15 @@ class LeaderChannel:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(done)} of {len(self._followers)} followers finished within {timeout_s:.0f} s")
             if self._socket.poll(POLL_MS):
-                identity, message = self._socket.recv_multipart()
+                identity, message = self._receive()
                 if message == DONE and identity in self._followers:
                     done.add(identity)
+
+    def _receive(self) -> tuple[bytes, bytes | None]:
+        """(a follower's routing id, its message); None for a message of another shape, which no
+        follower of this channel sends."""
+        frames = self._socket.recv_multipart()
+        return (frames[0], frames[1]) if len(frames) == 2 else (frames[0], None)
 
     def close(self) -> None:
         if self._socket.closed:
@@ -170,18 +191,30 @@ class FollowerChannel:
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.IPV6, int("[" in endpoint))
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._socket.connect(endpoint)
         self._socket.send(HELLO)
 
     def receive(self) -> bytes | None:
-        """The next call, or None once the leader has stopped."""
-        payload = self._socket.recv()
-        return None if payload == STOP else payload
+        """The next call, or None once the leader has stopped; ``ChannelDropped`` when the
+        connection drops first (ZMQ would connect again, but what was queued on it is lost)."""
+        while True:
+            ready = dict(self._poller.poll())
+            if self._socket in ready or (self._monitor in ready and self._socket.poll(LAST_MESSAGE_MS)):
+                payload = self._socket.recv()
+                return None if payload == STOP else payload
+            if self._monitor in ready and recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                raise ChannelDropped("the connection to the leader dropped")
 
     def done(self) -> None:
         self._socket.send(DONE)
 
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close()
         self._socket.close()
 
 

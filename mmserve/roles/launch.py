@@ -204,9 +204,19 @@ def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, tran
         rows = room_rows(transfer, engine) if transfer is not None else ()
         LLMEngine(model, engine, layout=layout, lockstep=lockstep, programs=programs, arriving_rows=rows,
                   kv_read_rows=rows)
+    from mmserve.distributed.lockstep import BROKEN_EXIT_STATUS, LockstepBroken
+
     if leader_stop_s > 0:
         follow_through_stop(leader_stop_s + FOLLOWER_MARGIN_S)
-    lockstep.follow()
+    try:
+        lockstep.follow()
+    except LockstepBroken as error:
+        # Exiting through the interpreter would wait in jax's shutdown barrier for a leader that
+        # may sit in a collective for this process's half: both would hang. Gone at once, this
+        # process fails that collective, and the leader exits in turn.
+        log.critical("%s; exiting (status %d) so that the role is started again in step", error, BROKEN_EXIT_STATUS)
+        logging.shutdown()
+        os._exit(BROKEN_EXIT_STATUS)
     return 0
 
 

@@ -3,7 +3,10 @@ the old connection are gone without an error. The processes are then out of step
 break must end the role, never let a follower run on past a lost call (as it once did, silently).
 
 The follower's connection goes through a small proxy in the test, which stalls and then resets it
-(what a network blip or a conntrack reset does)."""
+(what a network blip or a conntrack reset does).
+
+The follower stops as its connection drops, not at the next call: the leader, having run the lost
+call, waits in that call's collectives for the follower's half, and publishes nothing more."""
 
 import socket
 import threading
@@ -120,9 +123,54 @@ def test_a_dropped_connection_ends_the_role_and_no_call_runs_out_of_step(stall):
             except LockstepBroken:
                 pass  # not reconnected yet
             thread.join(timeout=0.5)
-        assert raised and "were lost on the way" in str(raised[0])
+        assert raised and ("were lost on the way" in str(raised[0]) or "connection to the leader dropped" in
+                           str(raised[0]))
         assert theirs.ran == list(range(1, len(theirs.ran) + 1)), "the follower ran on past a lost call"
         assert len(theirs.ran) < len(mine.ran)  # calls were lost: what made the break fatal
+    finally:
+        leader.close()
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            follower.close()
+        proxy.close()
+
+
+def test_a_follower_whose_connection_drops_stops_though_no_call_follows():
+    """The leader sends three calls and then nothing (its process sits in the third's collective):
+    the follower, which lost the third with its connection, stops within seconds; it waited in
+    its receive for ever (both processes alive, the channel reconnected, heartbeats passing)."""
+    leader_channel = LeaderChannel("127.0.0.1", 1, KEYS)
+    proxy = Proxy(int(leader_channel.endpoint.rsplit(":", 1)[1]))
+    follower = Lockstep(FollowerChannel(f"tcp://127.0.0.1:{proxy.port}", 1, KEYS))
+    leader_channel.wait_for_followers(timeout_s=10)
+    leader = Lockstep(leader_channel, on_broken=lambda reason: None)
+    mine, theirs = Counter(), Counter()
+    leader.bind("r", mine)
+    follower.bind("r", theirs)
+    raised = []
+
+    def follow():
+        try:
+            follower.follow()
+        except LockstepBroken as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        for n in (1, 2):
+            leader.call(mine.step, n=n)
+        deadline = time.monotonic() + 10
+        while theirs.ran != [1, 2]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proxy.stalled.set()
+        leader.call(mine.step, n=3)
+        time.sleep(0.2)
+        proxy.reset()
+        thread.join(timeout=15)
+        assert raised and "connection to the leader dropped" in str(raised[0])
+        assert theirs.ran == [1, 2]
     finally:
         leader.close()
         thread.join(timeout=5)
