@@ -121,8 +121,9 @@ class ColocatedBackend:
     def kv_demand(self, request: GenerateRequest) -> int:
         return 0
 
-    def unavailable(self, request: GenerateRequest) -> None:
-        return None  # one engine serves every request, or none (capacity 0)
+    def unavailable(self, request: GenerateRequest) -> str | None:
+        """Why no request can be served (the engine failed or is stopping): a 503 at the door."""
+        return None if self._healthy else self._down_reason
 
     async def health(self) -> dict:
         healthy = self._healthy

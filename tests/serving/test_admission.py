@@ -66,10 +66,12 @@ def test_beyond_capacity_requests_queue_then_get_503_and_beyond_the_queue_429(se
     status, body = request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)
     assert status == 429 and time.monotonic() - start < 1
     assert "at capacity" in body["error"]["message"] and body["error"]["code"] == "overloaded"
+    assert body["error"]["type"] == "server_error"  # the server's condition, not the client's mistake
     for thread in queued:
         thread.join()
     assert [a[0] for a in answers] == [503, 503]
     assert all("no capacity freed" in a[1]["error"]["message"] for a in answers)
+    assert all(a[1]["error"]["type"] == "server_error" for a in answers)
     assert len(backend.requests) == 2  # the refused never reached the backend
     for sock in held:
         sock.close()
@@ -116,6 +118,26 @@ def test_a_queued_request_runs_when_a_slot_frees(served):
     assert answer[0][0] == 200 and answer[0][1]["choices"][0]["message"]["content"] == "abc"
     held[1].close()
     wait_for(lambda: _running(server.url) == 0)
+
+
+def test_a_request_whose_stage_lost_its_worker_while_it_queued_gets_503(served):
+    """Admitted once a slot frees, it finds that a role it needs has no worker now (the only encode
+    worker died meanwhile, which takes no capacity away): the door's 503 with Retry-After, before
+    the backend sees it (it was a 500 from the backend's pick)."""
+    server, backend = served
+    backend.script = [TOKEN, HANG]
+    held = [_hold(server.url, CHAT) for _ in range(2)]
+    wait_for(lambda: len(backend.requests) == 2)
+    waiting, answer = _queue(server.url, CHAT)
+    backend.missing = "no encode worker is up"
+    held[0].close()
+    waiting.join()
+    status, body = answer[0]
+    assert status == 503 and "no encode worker is up" in body["error"]["message"]
+    assert len(backend.requests) == 2
+    held[1].close()
+    wait_for(lambda: _running(server.url) == 0)
+    assert metric(server.url, "mmserve_requests_queued") == 0
 
 
 def test_a_request_past_its_deadline_is_aborted_and_frees_its_slot(served):

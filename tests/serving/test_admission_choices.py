@@ -53,6 +53,11 @@ def test_choices_started_before_one_refused_at_once_give_their_slots_back(model)
         assert request("POST", f"{server.url}/v1/chat/completions", CHAT | {"n": 2}, timeout=30)[0] == 429
         assert metric(server.url, "mmserve_requests_in_flight") == 0
         assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="aborted"}') == 1
+        # n = 4: the first started (and aborted), the second refused, the last two never tried;
+        # each choice is counted once, as when the client leaves (the last two were not counted)
+        assert request("POST", f"{server.url}/v1/chat/completions", CHAT | {"n": 4}, timeout=30)[0] == 429
+        assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="aborted"}') == 2
+        assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="overloaded"}') == 1 + 3
         for _ in range(2):
             assert request("POST", f"{server.url}/v1/chat/completions", CHAT, timeout=30)[0] == 200
     finally:

@@ -49,6 +49,8 @@ def test_a_step_that_raises_ends_every_stream_with_an_error(model, monkeypatch):
     late = asyncio.run(asyncio.wait_for(_events(backend, _request(model, "late")), 30))
     assert "device lost" in late[0].error
     assert backend.metrics()["engine_alive"] == 0
+    # the router's door asks this first: a 503 with Retry-After, not an admitted request's 500
+    assert "device lost" in backend.unavailable(_request(model, "next"))
 
 
 def test_a_refused_request_gets_the_reason_and_the_engine_goes_on(model, monkeypatch):
@@ -82,6 +84,7 @@ def test_close_ends_open_streams(model, monkeypatch):
 
     events = asyncio.run(asyncio.wait_for(run(), 30))
     assert events[-1].error == "the server is shutting down"
+    assert backend.unavailable(_request(model, "next")) == "the server is shutting down"
 
 
 def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_refused_as_invalid(model):

@@ -31,7 +31,11 @@ RETRY_AFTER_S = 1
 
 
 class Overloaded(InvalidRequest):
-    """No room now: 429 (the queue is full) or 503 (waited too long, or no worker is up)."""
+    """No room now: 429 (the queue is full) or 503 (waited too long, or no worker is up). Raised
+    before the backend sees the request, like the client's mistakes, but the server's condition:
+    typed ``server_error``, as OpenAI types its overloaded refusals."""
+
+    type_ = "server_error"
 
     def __init__(self, message: str, status: int, retry_after_s: int = RETRY_AFTER_S):
         super().__init__(message, None, "overloaded" if status == 429 else "unavailable", status,

@@ -35,6 +35,9 @@ class RouterContext:
         if (missing := self.backend.unavailable(request)) is not None:
             raise Overloaded(f"{missing}; retry later", 503)
         ticket = await self.admission.admit(self.backend.kv_demand(request))
+        if (missing := self.backend.unavailable(request)) is not None:  # a worker left while it queued
+            ticket.release()
+            raise Overloaded(f"{missing}; retry later", 503)
         limits = RelayLimits(self.settings.request_timeout_s or None, self.settings.stream_stall_timeout_s)
         return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
 

@@ -15,6 +15,9 @@ class InvalidRequest(Exception):
     """The client's mistake: answered 400 with the reason (or another 4xx ``status``, with ``headers``
     such as ``Allow`` or ``Connection: close``)."""
 
+    type_ = "invalid_request_error"
+    """The error body's ``type``."""
+
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
                  headers: Mapping[str, str] | None = None):
         super().__init__(message)
@@ -30,8 +33,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
 
 
 def invalid_request_response(error: InvalidRequest) -> JSONResponse:
-    return JSONResponse(error_body(error.message, "invalid_request_error", error.param, error.code), error.status,
-                        error.headers)
+    return JSONResponse(error_body(error.message, error.type_, error.param, error.code), error.status, error.headers)
 
 
 def server_error_response(message: str, status: int = 500) -> JSONResponse:

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mmserve.serving.backend import GenerateRequest, TokenEvent
 from mmserve.serving.router.best_of import best, scored
 from mmserve.serving.router.context import RouterContext
-from mmserve.serving.router.errors import backend_error_response, error_body
+from mmserve.serving.router.admission import Overloaded
+from mmserve.serving.router.errors import InvalidRequest, backend_error_response, error_body
 from mmserve.serving.router.fields import CommonFields
 from mmserve.serving.router.relay import Answer, collect, sse, unless_disconnected
 from mmserve.serving.router.siblings import merged, sibling_requests
@@ -59,15 +60,20 @@ class OpenAIResponse(abc.ABC):
         return await self.respond(http, streams, kind)
 
     async def start(self, endpoint: str, arrival: float) -> list[AsyncIterator[TokenEvent]]:
-        """Admits and starts every sibling; if one is refused (``Overloaded``), those started stop."""
+        """Admits and starts every sibling; if one is refused (``Overloaded``), those started stop
+        (each counted as aborted), the refused one is counted by the app's handler, and those never
+        tried are counted with it: every choice is counted once, as when the client leaves."""
         started: list[AsyncIterator[TokenEvent]] = []
         try:
             for request in self.requests:
                 started.append(await self.router.relay(request, endpoint, arrival))
                 self.started += 1
-        except BaseException:
+        except BaseException as error:
             for events in started:
                 await events.aclose()
+            if isinstance(error, InvalidRequest) and (untried := self.candidates - self.started - 1):
+                outcome = "overloaded" if isinstance(error, Overloaded) else "rejected"
+                self.router.metrics.requests.labels(endpoint, outcome).inc(untried)
             raise
         return started
 
