@@ -157,9 +157,9 @@ class KVEventPublisher:
         self._replay.bind(replay_endpoint)
         self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         self._buffer: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._held: dict[bytes, msgspec.Raw] = {}
-        """The blocks stored and not removed since the last ``AllBlocksCleared``, each as the
-        ``BlockStored`` of it alone, in the order they were stored."""
+        self._held: dict[bytes, tuple[bytes | None, msgspec.Raw]] = {}
+        """The blocks stored and not removed since the last ``AllBlocksCleared``: each one's parent
+        and the ``BlockStored`` of it alone, in the order they were stored."""
         self._buffer_batches, self._buffer_bytes, self._buffered_bytes = buffer_batches, buffer_bytes, 0
         self._lock = threading.Lock()
         self._seq = -1
@@ -188,10 +188,10 @@ class KVEventPublisher:
             if isinstance(event, BlockStored):
                 hashes, size = event.block_hashes, event.block_size
                 for i, block in enumerate(hashes):
+                    parent = event.parent_block_hash if i == 0 else hashes[i - 1]
                     alone = event if len(hashes) == 1 else BlockStored(
-                        [block], event.parent_block_hash if i == 0 else hashes[i - 1],
-                        event.token_ids[i * size:(i + 1) * size], size, event.lora_id, event.medium)
-                    self._held[block] = msgspec.Raw(_encoder.encode(alone))
+                        [block], parent, event.token_ids[i * size:(i + 1) * size], size, event.lora_id, event.medium)
+                    self._held[block] = (parent, msgspec.Raw(_encoder.encode(alone)))
             elif isinstance(event, BlockRemoved):
                 for block in event.block_hashes:
                     self._held.pop(block, None)
@@ -227,11 +227,11 @@ class KVEventPublisher:
             with self._lock:
                 held = None
                 if first < self._buffer[0][0]:  # gone from the buffer: the cache as it is now instead
-                    held, covered = list(self._held.values()), self._seq
+                    held, covered = dict(self._held), self._seq
                 else:
                     batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
             if held is not None:  # encoded outside the lock, which the engine's publish takes
-                batches = [(covered, _encoder.encode(_SnapshotBatch(time.time(), [_CLEARED, *held])))]
+                batches = [(covered, _encoder.encode(_SnapshotBatch(time.time(), [_CLEARED, *_parents_first(held)])))]
             try:
                 for seq, payload in batches:
                     self._replay.send_multipart([identity, b"", seq.to_bytes(8, "big", signed=True), payload])
@@ -239,6 +239,21 @@ class KVEventPublisher:
             except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN): it asks again
                 continue
         self._replay.close(linger=0)
+
+
+def _parents_first(held: dict[bytes, tuple[bytes | None, msgspec.Raw]]) -> list[msgspec.Raw]:
+    """The held blocks' ``BlockStored``, each after its parent when the parent is held: a parent
+    evicted and stored again comes after its children in storing order, and a subscriber that
+    builds a tree (a radix index) drops a block whose parent it has not seen."""
+    out, placed = [], set()
+    for block in held:
+        chain = []
+        while block is not None and block in held and block not in placed:
+            placed.add(block)
+            chain.append(block)
+            block = held[block][0]
+        out.extend(held[b][1] for b in reversed(chain))
+    return out
 
 
 class EventsLost(Exception):
@@ -339,4 +354,3 @@ class KVEventSubscriber:
 
     def _client_socket(self, kind: int, keys: CurveKeys) -> zmq.Socket:
         return curve_client(self._context.socket(kind), keys)
-

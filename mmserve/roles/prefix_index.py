@@ -111,10 +111,26 @@ class KVEventFeed:
         for worker in self.following():
             self.unfollow(worker)
 
+    def _catch_up(self, worker: str, subscriber: KVEventSubscriber, stop: threading.Event) -> None:
+        """What the worker holds already, from its replay of everything (its buffer from its first
+        batch, or a snapshot of its cache): an idle worker publishes nothing, and its cached
+        pages (a shared system prompt's) stayed unknown until it next cached or evicted one.
+        The subscriber's numbering stays at its start, so its first live batch asks the replay
+        for everything again and the index takes it again in order (a live batch read as older
+        than this answer would look like a publisher that started over)."""
+        try:
+            batches = subscriber.replay(0, subscriber.replay_timeout_s)
+        except TimeoutError:  # its first live batch asks again
+            log.warning("%s did not answer the KV event replay asked as the router began following it", worker)
+            return
+        for _, batch in batches:
+            self.index.apply(worker, batch, stop)
+
     def _receive(self, worker: str, endpoints: tuple[str, str], stop: threading.Event) -> None:
         subscriber, delivered = None, False
         try:
             subscriber = KVEventSubscriber(*endpoints, self._keys, token_ids=False)  # the index reads hashes only
+            self._catch_up(worker, subscriber, stop)
             while not stop.is_set():
                 try:
                     batches = subscriber.receive(RECEIVE_TIMEOUT_S)

@@ -124,6 +124,7 @@ class WorkerPool(pb_grpc.RegistryServicer):
             return pb.Ack(ok=False, error=f"the router serves another model (fingerprint {self.model_fingerprint:.12}"
                                           f", this worker's {request.model_fingerprint or 'none':.12}): start both "
                                           "with the same --model")
+        self._forget_silent()  # on every heartbeat: after a scale-down nobody new may register
         current = self.workers.get(request.name)
         known = self._incarnations.get(request.name)
         if current is None or current.address != request.grpc_address or current.incarnation != request.incarnation:
@@ -135,7 +136,6 @@ class WorkerPool(pb_grpc.RegistryServicer):
             self._incarnations.move_to_end(request.name)
             while len(self._incarnations) > NAMES_REMEMBERED:
                 self._incarnations.popitem(last=False)
-            self._forget_silent()
             channel = auth.async_channel(request.grpc_address, self.token, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -160,8 +160,8 @@ class WorkerPool(pb_grpc.RegistryServicer):
         return pb.Ack(ok=True, routed=current.in_flight if current.leaving else 0)
 
     def _forget_silent(self) -> None:
-        """Forgets the workers not heard from for ``WORKER_FORGET_S`` (each new registration looks:
-        the pool grows only by those)."""
+        """Forgets the workers not heard from for ``WORKER_FORGET_S``, with their feeds and index
+        (each registration looks, a heartbeat too)."""
         now = time.monotonic()
         for worker in [w for w in self.workers.values() if now - w.last_seen > WORKER_FORGET_S]:
             del self.workers[worker.name]

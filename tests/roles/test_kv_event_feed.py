@@ -1,7 +1,8 @@
 """The router's KV event feeds are as reliable as the wire lets them be: a replay arrives whole
 however long, a replay that timed out does not answer the next one, a gap the worker's buffer no
-longer holds is reported (the index starts over), a feed that failed is followed again, and a
-worker silent for long is forgotten with its feed and index."""
+longer holds is reported (the index starts over), a snapshot lists parents before children, a
+feed learns what a worker holds as it begins following it, a feed that failed is followed again,
+and a worker silent for long is forgotten with its feed and index."""
 
 from __future__ import annotations
 
@@ -213,6 +214,46 @@ def test_a_feed_applies_a_cleared_cache_and_is_followed_again_after_it_failed(pu
         feed.close()
 
 
+def test_a_feed_learns_what_an_idle_worker_holds_as_it_begins_following_it(publisher):
+    """A router that starts (or restarts) beside a worker that cached a system prompt and has
+    been idle since: the index learns the worker's pages at once, from the replay, not at the
+    worker's next batch (an idle worker sends none, and requests went elsewhere meanwhile)."""
+    publisher.publish(stored(1) + stored(2))
+    publisher.publish([BlockRemoved([page(2)])] + stored(3))
+    index = PrefixIndex()
+    feed = KVEventFeed(index, KEYS)
+    try:
+        feed.follow("prefill-a", publisher.endpoint, publisher.replay_endpoint)
+        wait_for(lambda: index.size("prefill-a") == 2, 5, "the feed did not learn what the worker holds")
+        assert index.matched_pages("prefill-a", [page(1)]) == 1 and index.matched_pages("prefill-a", [page(3)]) == 1
+        publisher.publish(stored(4))  # the first live batch: asks the replay again, and goes on in step
+        wait_for(lambda: index.size("prefill-a") == 3)
+        publisher.publish([BlockRemoved([page(1)])])
+        wait_for(lambda: index.size("prefill-a") == 2)
+    finally:
+        feed.close()
+
+
+def test_a_snapshot_lists_each_block_after_its_parent():
+    """A parent evicted and cached again comes after its child in the order of storing; a
+    subscriber building a tree drops a block whose parent it has not seen."""
+    small = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", KEYS, buffer_batches=2)
+    try:
+        small.publish([BlockStored([page(1)], None, [1] * 16, 16)])
+        small.publish([BlockStored([page(2), page(3)], page(1), [2] * 32, 16)])
+        small.publish([BlockRemoved([page(1)])])
+        small.publish([BlockStored([page(1)], None, [1] * 16, 16)])
+        small.publish(stored(9))
+        subscriber = KVEventSubscriber(small.endpoint, small.replay_endpoint, KEYS)
+        [(_, snapshot)] = subscriber.replay(0, 5.0)
+        subscriber.close()
+        order = [e.block_hashes[0] for e in snapshot.events if isinstance(e, BlockStored)]
+        assert sorted(order) == sorted([page(1), page(2), page(3), page(9)])
+        assert order.index(page(1)) < order.index(page(2)) < order.index(page(3))
+    finally:
+        small.close()
+
+
 def test_a_worker_silent_for_long_is_forgotten_with_its_feed_and_index(publisher):
     index = PrefixIndex()
     feed = KVEventFeed(index, KEYS)
@@ -223,13 +264,16 @@ def test_a_worker_silent_for_long_is_forgotten_with_its_feed_and_index(publisher
         gone = pb.Registration(role="prefill", name="prefill-host-1", grpc_address="127.0.0.1:9", capacity=1,
                                incarnation=1, page_size=16, kv_events_endpoint=publisher.endpoint,
                                kv_events_replay_endpoint=publisher.replay_endpoint)
-        assert (await pool.Register(gone, None)).ok
+        staying = pb.Registration(role="prefill", name="prefill-host-2", grpc_address="127.0.0.1:10", capacity=1,
+                                  incarnation=2)
+        assert (await pool.Register(gone, None)).ok and (await pool.Register(staying, None)).ok
         await asyncio.sleep(0.3)
         publisher.publish(stored(1))
         await asyncio.to_thread(wait_for, lambda: index.size("prefill-host-1") == 1)
         pool.workers["prefill-host-1"].last_seen -= worker_pool.WORKER_FORGET_S + 1  # a minute of silence
-        assert (await pool.Register(pb.Registration(role="prefill", name="prefill-host-2", grpc_address="127.0.0.1:10",
-                                                    capacity=1, incarnation=2), None)).ok
+        # a heartbeat of a worker known already: after a scale-down nobody new registers (only a
+        # new worker's registration looked, and the dead one's feed ran for good)
+        assert (await pool.Register(staying, None)).ok
         assert list(pool.workers) == ["prefill-host-2"]
         assert feed.following() == [] and index.size("prefill-host-1") == 0
         for task in list(pool._closing):  # noqa: SLF001: the retired channels' close, not waited for by the pool
