@@ -164,9 +164,9 @@ class KVEventPublisher:
         self._lock = threading.Lock()
         self._seq = -1
         self._closed = threading.Event()
+        self.publish([AllBlocksCleared()])  # first: a replay answered before it would find no batch at all
         self._thread = threading.Thread(target=self._serve_replays, name="kv-events replay", daemon=True)
         self._thread.start()
-        self.publish([AllBlocksCleared()])
 
     def publish(self, events: list[Event]) -> None:
         if not events:
