@@ -131,6 +131,8 @@ class PrefillRole(KVShipment):
                                                   span=role_span("prefill", request.request_id, trace_parent)))
         try:
             self.sender.add(request.room)
+            if self.sender.poll(request.room) is PollState.FAILED:  # decode declined it before it came here
+                raise ValueError(self.sender.failure(request.room))
             if state is PrefillState.WAITING_FOR_EMBEDDINGS:
                 self.receiver.add(request.room, self.bootstrap, request.encode_name, TransferMode.EMBEDDING,
                                   request.encode_incarnation or None, expected_tokens=self._visual_rows(prompt))
@@ -153,7 +155,8 @@ class PrefillRole(KVShipment):
                     self._requests.finish(request_id, PrefillState.FAILED, str(failure))
         with self.lock:
             self._send()
-            if self.engine.short_of_pages:
+            # the last schedule's word, stale once nothing runs (the prompt that waited was aborted)
+            if self.engine.short_of_pages and self.engine.has_unfinished():
                 self._read_kept(spill=True)
 
     def pump(self) -> None:
@@ -312,8 +315,8 @@ class PrefillRole(KVShipment):
         if completion.finish_reason == FinishReason.LENGTH and may_generate > 1:
             output = dataclasses.replace(output, finished=False, outputs=[
                 dataclasses.replace(completion, finish_reason=None, stop_reason=None)])
-        record.first_sent = True
         record.stream.put(event_to_pb(record.request_id, OutputStream(record.params).delta(output)))
+        record.first_sent = True  # after the put: an event that failed to build leaves the error to _release
 
 
 class PrefillService(WorkerService):

@@ -2,7 +2,8 @@
 reads only the tokens decode lacks once it registers: the rows go out as read, never through
 the sender's pool (which cost two more copies under concurrent load, where decode holds back a
 registration until a request sharing its first page has landed). The kept pages come back on
-every way out: sent, the room failed, an abort.
+every way out: sent, the room failed, an abort; they are given up for a prompt that needs them,
+and only then. A room decode declined before its prompt came refuses the prompt.
 A real prefill role over a real bootstrap registry, its loop driven by hand; decode's side is a
 real transfer receiver."""
 
@@ -167,3 +168,42 @@ def test_kept_pages_are_given_up_for_a_prompt_that_needs_them():
         receiver.close()
         role.close()
         bootstrap.close()
+
+
+def test_kept_kv_is_not_given_up_once_nothing_waits_for_pages():
+    """The prompt that was short of pages is aborted (its client left) before any step runs it:
+    the engine's word "short of pages" is stale then, and every idle loop step read another kept
+    prompt whole and let its pages go, so a decode registering with a prefix got its rows
+    through the sender's pool after all."""
+    role, receiver, bootstrap = make_role(num_pages=9, bootstrap_timeout_s=60.0)
+    try:
+        cache_first_page(role, receiver, bootstrap, room=10)
+        for request_id, room in (("kept-1", 11), ("kept-2", 12)):
+            prefill(role, request_id, room, prompt=PROMPT[:16] + list(range(room * 60, room * 60 + 40)))
+        run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 2})
+        prefill(role, "third", room=13, prompt=list(range(900, 956)))
+        role.step()  # short of pages: kept-1 given up for it
+        assert role.health()["requests"] == {"sending_kv": 1, "awaiting_decode": 1, "prefilling": 1}
+        role.abort("third")
+        for _ in range(3):
+            role.step()
+        assert role.health()["requests"] == {"sending_kv": 1, "awaiting_decode": 1}  # kept-2 still kept
+    finally:
+        receiver.close()
+        role.close()
+        bootstrap.close()
+
+
+def test_a_room_decode_declined_before_the_prompt_came_is_refused_without_running_it(parts):
+    """Decode dropped the request (its router gone) before prefill had it: the prompt is refused
+    as it comes, with decode's reason, instead of being prefilled for a room already failed."""
+    role, receiver, bootstrap = parts
+    receiver.decline(21, bootstrap.address, role.sender.endpoint.name, role.sender.incarnation, "the router left")
+    deadline = time.monotonic() + 10
+    while "receiver declined" not in str(role.sender._ended.get(21)):  # noqa: SLF001: the decline has landed
+        role.pump()
+        receiver.progress(0.001)
+        assert time.monotonic() < deadline
+    with pytest.raises(ValueError, match="receiver declined: the router left"):
+        prefill(role, "declined", room=21)
+    assert not role.engine.has_unfinished() and role.health()["in_flight"] == 0
