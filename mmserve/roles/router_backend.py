@@ -31,6 +31,8 @@ from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from mmserve.tracing import inject
 
 log = logging.getLogger(__name__)
+HEALTH_CHECK_TIMEOUT_S = 2.0
+"""How long ``/health`` waits for a worker's account (it answers between two of its steps)."""
 LEAST_TIMEOUT_S = 1e-3
 """What a worker is sent for a deadline already past (0 would mean none): it frees the request at once."""
 
@@ -267,18 +269,11 @@ class DisaggregatedBackend:
         return bool(workers)
 
     async def health(self) -> dict:
-        roles = {}
-        for role in ROLES:
-            details = []
-            for worker in self.pool.live(role):
-                try:
-                    reply = await worker.stub.Check(pb.HealthRequest(), timeout=2)
-                    details.append({"name": worker.name, **json.loads(reply.details_json)})
-                except grpc.RpcError as error:
-                    details.append({"name": worker.name, "error": error.code().name})
-                except grpc.aio.UsageError:  # dropped as unreachable while we asked
-                    details.append({"name": worker.name, "error": "UNAVAILABLE"})
-            roles[role] = details
+        """Every live worker's own account, asked of all at once: a worker answers between two of
+        its steps, so asked in turn a busy cluster's answers added up past a probe's timeout."""
+        workers = {role: self.pool.live(role) for role in ROLES}
+        answers = iter(await asyncio.gather(*(_checked(w) for role in ROLES for w in workers[role])))
+        roles = {role: [next(answers) for _ in workers[role]] for role in ROLES}
         healthy = all(any("error" not in d for d in roles[r]) for r in ROLES)
         return {"healthy": healthy, "roles": roles}
 
@@ -288,6 +283,16 @@ class DisaggregatedBackend:
         out["worker_restarts"] = float(self.pool.restarts)
         out["prefix_routed_requests"] = float(self.pool.prefix_routed)
         return out
+
+
+async def _checked(worker: WorkerHandle) -> dict:
+    try:
+        reply = await worker.stub.Check(pb.HealthRequest(), timeout=HEALTH_CHECK_TIMEOUT_S)
+        return {"name": worker.name, **json.loads(reply.details_json)}
+    except grpc.RpcError as error:
+        return {"name": worker.name, "error": error.code().name}
+    except grpc.aio.UsageError:  # dropped as unreachable while we asked
+        return {"name": worker.name, "error": "UNAVAILABLE"}
 
 
 async def _abort_on(worker: WorkerHandle, request_id: str) -> None:

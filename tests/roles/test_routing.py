@@ -341,3 +341,46 @@ def test_the_pool_refuses_a_worker_of_another_model_and_keeps_the_ones_of_its_ow
         await pool.workers["d"].channel.close()
 
     asyncio.run(scenario())
+
+
+def test_health_asks_every_worker_at_once():
+    """Six workers each answering their check 0.4 s late (a worker answers between two of its
+    steps): the router's health takes about one answer's time, not six (2.4 s, past a
+    Kubernetes probe's default 1 s timeout, on a busy but healthy cluster)."""
+    import asyncio
+
+    import grpc
+
+    from mmserve.roles.router_backend import DisaggregatedBackend
+    from mmserve.roles.worker_pool import ROLES, WorkerPool
+    from mmserve.rpc import worker_pb2 as pb
+    from mmserve.rpc import worker_pb2_grpc as pb_grpc
+
+    class BusyWorker(pb_grpc.WorkerServicer):
+        async def Check(self, request, context):
+            await asyncio.sleep(0.4)
+            return pb.Health(healthy=True, details_json='{"free_pages": 1}')
+
+    async def scenario():
+        server = grpc.aio.server()
+        pb_grpc.add_WorkerServicer_to_server(BusyWorker(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()), model_fingerprint="")
+        try:
+            for role in ROLES:
+                for i in range(2):
+                    assert (await pool.Register(pb.Registration(role=role, name=f"{role}-{i}", incarnation=i + 1,
+                                                                grpc_address=f"127.0.0.1:{port}", capacity=1),
+                                                None)).ok
+            started = time.monotonic()
+            health = await DisaggregatedBackend(pool).health()
+            took = time.monotonic() - started
+        finally:
+            for worker in pool.workers.values():
+                await worker.channel.close()
+            await server.stop(None)
+        assert health["healthy"] and [w["name"] for w in health["roles"]["prefill"]] == ["prefill-0", "prefill-1"]
+        assert took < 1.2, f"{took:.2f} s: asked in turn"
+
+    asyncio.run(scenario())
