@@ -274,3 +274,26 @@ def test_a_500_from_a_handler_and_a_401_are_counted(model):
         assert metric(server.url, 'mmserve_requests_total{endpoint="chat",outcome="rejected"}') == 1
     finally:
         server.stop()
+
+
+def test_time_to_first_token_leaves_out_a_slow_upload(served):
+    """The client sends its body 1.5 s after its headers, and the backend answers at once: the
+    server's TTFT is the backend's time, not the upload's (it was timed from the handler's start,
+    so every slow client or remote image counted as server latency)."""
+    server, backend = served
+    backend.script = [TOKEN, DONE]
+    body = json.dumps(CHAT).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:10])
+        time.sleep(1.5)
+        sock.sendall(body[10:])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    finally:
+        sock.close()
+    assert reply.split()[1] == b"200"
+    assert metric(server.url, "mmserve_time_to_first_token_seconds_count") == 1
+    assert metric(server.url, "mmserve_time_to_first_token_seconds_sum") < 0.5

@@ -32,7 +32,6 @@ CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | TOOLS_FIELDS | {"messages
 
 
 async def chat_completions(request: Request) -> Response:
-    arrival = time.monotonic()
     router = RouterContext.of(request)
     body = json_object(await json_body(request))
     check_known(body, CHAT_FIELDS)
@@ -57,6 +56,7 @@ async def chat_completions(request: Request) -> Response:
                                                   "structured_output": structured},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common, tools)
+    arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     return await chat.answer(request, ENDPOINT, arrival, "chat.completion")
 
 

@@ -27,7 +27,6 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
 async def completions(request: Request) -> Response:
-    arrival = time.monotonic()
     router = RouterContext.of(request)
     body = json_object(await json_body(request))
     check_known(body, COMPLETION_FIELDS)
@@ -40,6 +39,7 @@ async def completions(request: Request) -> Response:
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs"),
                                                "structured_output": structured})
     completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common, best_of)
+    arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     return await completion.answer(request, ENDPOINT, arrival, "text_completion")
 
 

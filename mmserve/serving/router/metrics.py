@@ -38,12 +38,14 @@ class RouterMetrics:
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "prompt tokens of requests prefilled (counted "
                                      "with their first token)", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "tokens generated", registry=r)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
+        # Timed from the prepared request (body read, media fetched, prompt built; queueing
+        # included), as vLLM times from its engine's arrival: a slow upload is not server time.
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "prepared request to first token (each "
+                              "choice)", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "time between a request's tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram(f"{PREFIX}_request_latency_seconds", "arrival to last token of finished requests",
-                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_request_latency_seconds", "prepared request to last token of finished "
+                             "requests (each choice)", buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "requests the backend is working on", registry=r)
         r.register(BackendGauges(backend_metrics))
 

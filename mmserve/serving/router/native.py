@@ -31,7 +31,6 @@ DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
 
 async def generate(request: Request) -> Response:
-    arrival = time.monotonic()
     router = RouterContext.of(request)
     body = json_object(await json_body(request))
     check_known(body, NATIVE_FIELDS)
@@ -46,6 +45,7 @@ async def generate(request: Request) -> Response:
     params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | {"max_tokens": max_tokens},
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
+    arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     events = await unless_disconnected(request, lambda: router.relay(generate_request, ENDPOINT, arrival))
     if events is None:  # it left while queued: its place in the queue is free
         router.metrics.requests.labels(ENDPOINT, "aborted").inc()
