@@ -17,13 +17,14 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.token_feed import TokenStreamLost
 from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
+from mmserve.roles.routing import Choice
 from mmserve.roles.worker_pool import ROLES, WorkerHandle, WorkerPool
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
@@ -47,15 +48,34 @@ class DisaggregatedBackend:
         self.pool = pool
         self._active: dict[str, list[WorkerHandle]] = {}
         self._aborting: set[asyncio.Task] = set()
+        self._claims: dict[str, DecodeClaim] = {}
+        """Admitted requests' decode workers and KV, by request id, until they end."""
 
     def capacity(self) -> int:
         """Requests the live prefill and decode workers hold together (encode queues its images)."""
         return min(self.pool.capacity("prefill"), self.pool.capacity("decode"))
 
     def kv_capacity(self) -> int | None:
-        """Tokens of KV the live decode workers reserve requests from, together (None: none says)."""
+        """Tokens of KV the largest live decode worker reserves requests from (None: none says)."""
         decode = [w for w in self.pool.live("decode") if w.kv_pages]
-        return sum(w.kv_pages * w.kv_page_size for w in decode) if decode else None
+        return max(w.kv_pages * w.kv_page_size for w in decode) if decode else None
+
+    def kv_claim(self, request: GenerateRequest) -> DecodeClaim | None:
+        """The decode worker the request will run on, picked now among those with room for its KV
+        by this router's count, and those pages counted there at once (so that the next request
+        admitted sees them); None while no live decode worker has room. A request no worker
+        would take (none is up, none's context holds its prompt) gets a claim of no worker:
+        ``generate`` answers it with the reason."""
+        reserved = _reserved_tokens(request)
+        try:
+            choice = self.pool.pick("decode", request.prompt, kv_tokens=reserved, need_room=True)
+        except (LookupError, RequestRejected):
+            choice = _NOWHERE
+        if choice is None:
+            return None
+        claim = DecodeClaim(choice.worker, reserved, lambda: self._claims.pop(request.request_id, None))
+        self._claims[request.request_id] = claim
+        return claim
 
     def kv_demand(self, request: GenerateRequest) -> int:
         """The tokens of KV decode reserves for the request: prompt + max_tokens, in whole pages."""
@@ -70,8 +90,10 @@ class DisaggregatedBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         visual = bool(request.prompt.images or request.prompt.videos)
         reserved = _reserved_tokens(request)
+        claim = self._claims.get(request.request_id)
         try:
-            decode = self.pool.pick("decode", request.prompt, kv_tokens=reserved).worker
+            decode = claim.worker if claim is not None and claim.worker is not None else \
+                self.pool.pick("decode", request.prompt, kv_tokens=reserved).worker
             prefill_choice = self.pool.pick("prefill", request.prompt)
             prefill = prefill_choice.worker
             encode = self.pool.pick("encode").worker if visual else None
@@ -90,8 +112,8 @@ class DisaggregatedBackend:
         counted = list(workers)
         for w in counted:
             w.in_flight += 1
-        kv_pages = decode.kv_pages_for(reserved)
-        decode.kv_reserved += kv_pages
+        kv_pages = 0 if claim is not None and claim.worker is decode else decode.kv_pages_for(reserved)
+        decode.kv_reserved += kv_pages  # a claim counted its pages at admission (and gives them back)
         try:
             # Encode starts with prefill unless prefill may hold the pictures cached (it holds a
             # leading page of the prompt, a later turn): then its ack says whether encode is needed.
@@ -283,6 +305,29 @@ class DisaggregatedBackend:
         out["worker_restarts"] = float(self.pool.restarts)
         out["prefix_routed_requests"] = float(self.pool.prefix_routed)
         return out
+
+
+class DecodeClaim:
+    """An admitted request's decode worker and the pages it reserves there, counted from its
+    admission to its end (``release``, idempotent)."""
+
+    def __init__(self, worker: WorkerHandle | None, tokens: int, forget: Callable[[], None]):
+        self.worker = worker
+        self._pages = worker.kv_pages_for(tokens) if worker is not None else 0
+        self._forget = forget
+        if worker is not None:
+            worker.kv_reserved += self._pages
+
+    def release(self) -> None:
+        if self._forget is not None:
+            if self.worker is not None:
+                self.worker.kv_reserved -= self._pages
+            self._forget()
+            self._forget = None
+
+
+_NOWHERE = Choice(None, 0)
+"""A claim's pick when no decode worker would take the request (``generate`` says why)."""
 
 
 async def _checked(worker: WorkerHandle) -> dict:

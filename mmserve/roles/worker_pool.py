@@ -181,12 +181,14 @@ class WorkerPool(pb_grpc.RegistryServicer):
         return [w for w in self.workers.values()
                 if w.role == role and not w.leaving and now - w.last_seen < WORKER_TIMEOUT_S]
 
-    def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0) -> Choice:
+    def pick(self, role: str, prompt: PreparedPrompt | None = None, kv_tokens: int = 0,
+             need_room: bool = False) -> Choice | None:
         """The live worker of ``role`` the routing policy chooses for ``prompt``, among those with
-        room for ``kv_tokens`` of KV by this router's count, if any has, with the prompt's leading
-        pages it holds as far as the index knows. Only workers whose context holds the prompt
-        are chosen; RequestRejected when live workers of ``role`` exist and none does (before
-        anything is sent: decode's own refusal would reach the client only after the first token)."""
+        room for ``kv_tokens`` of KV by this router's count, if any has (else among all of them,
+        or None with ``need_room``), with the prompt's leading pages it holds as far as the index
+        knows. Only workers whose context holds the prompt are chosen; RequestRejected when live
+        workers of ``role`` exist and none does (before anything is sent: decode's own refusal
+        would reach the client only after the first token)."""
         live = self.live(role)
         if prompt is not None:
             holding = [w for w in live if not w.max_model_len or len(prompt.token_ids) < w.max_model_len]
@@ -197,6 +199,8 @@ class WorkerPool(pb_grpc.RegistryServicer):
                     f"their transfer buffers count too)")
             live = holding
         roomy = [w for w in live if w.kv_pages - w.kv_reserved >= w.kv_pages_for(kv_tokens)]
+        if need_room and live and not roomy:
+            return None
         choice = self.chooser.choose(role, roomy or live, prompt)
         if choice.matched_pages and role == "prefill":
             self.prefix_routed += 1

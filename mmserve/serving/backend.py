@@ -52,6 +52,22 @@ class TokenEvent:
     hold), the client's fault and a 400, not a failure of the server."""
 
 
+class KVClaim(Protocol):
+    """KV reserved for one request by ``Backend.kv_claim``."""
+
+    def release(self) -> None:
+        """Gives it back; idempotent."""
+
+
+class _NoClaim:
+    def release(self) -> None:
+        pass
+
+
+NO_CLAIM = _NoClaim()
+"""The claim of a backend that reserves no KV up front."""
+
+
 class Backend(Protocol):
     supports_structured_output: bool
     """Whether requests' ``structured_output`` grammars are enforced; the router refuses
@@ -64,11 +80,18 @@ class Backend(Protocol):
         """Requests it can hold at once now; the router admits no more (0: none can be taken)."""
 
     def kv_capacity(self) -> int | None:
-        """Tokens of KV it reserves whole requests from, together (the router admits no more than
-        fit); None where requests do not reserve KV up front (the colocated engine preempts)."""
+        """The most tokens of KV one request may reserve (the largest place it could run: a request
+        needing more is a 400); None where requests do not reserve KV up front (the colocated
+        engine preempts)."""
 
     def kv_demand(self, request: GenerateRequest) -> int:
-        """The tokens of KV ``request`` reserves (counted against ``kv_capacity``)."""
+        """The tokens of KV ``request`` reserves (checked against ``kv_capacity``)."""
+
+    def kv_claim(self, request: GenerateRequest) -> KVClaim | None:
+        """Reserves ``request``'s KV where it will run, now (a decode worker with room, chosen
+        here and kept for its ``generate``), or None while nowhere has room: the router's
+        admission holds the request until a claim succeeds, and releases the claim when the
+        request ends. A backend that reserves nothing claims nothing (``NO_CLAIM``)."""
 
     def unavailable(self, request: GenerateRequest) -> str | None:
         """Why ``request`` cannot be served now though others can (a stage it needs has no live

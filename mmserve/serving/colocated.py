@@ -26,7 +26,7 @@ from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.rejected import RequestRejected
 from mmserve.engine.step_failed import StepFailed
-from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
+from mmserve.serving.backend import NO_CLAIM, GenerateRequest, KVClaim, TokenEvent, TokenLogprob
 from mmserve.serving.picture_decodes import PictureDecodes
 from mmserve.structured_output import AVAILABLE as STRUCTURED_OUTPUT_AVAILABLE
 from models.qwen3_vl_moe import Model
@@ -120,6 +120,9 @@ class ColocatedBackend:
 
     def kv_demand(self, request: GenerateRequest) -> int:
         return 0
+
+    def kv_claim(self, request: GenerateRequest) -> KVClaim:
+        return NO_CLAIM
 
     def unavailable(self, request: GenerateRequest) -> str | None:
         """Why no request can be served (the engine failed or is stopping): a 503 at the door."""

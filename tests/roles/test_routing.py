@@ -269,7 +269,7 @@ def test_decode_workers_report_their_kv_and_each_request_goes_where_its_kv_fits(
         for name, pages in (("small", 10), ("large", 40)):
             assert (await pool.Register(pb.Registration(role="decode", name=name, grpc_address=f"127.0.0.1:{pages}",
                                                         capacity=8, kv_pages=pages, kv_page_size=8), None)).ok
-        assert backend.kv_capacity() == (10 + 40) * 8
+        assert backend.kv_capacity() == 40 * 8  # the largest: what one request may reserve
         request = GenerateRequest("r", PreparedPrompt([1] * 30, [], []), SamplingParams(max_tokens=60))
         assert backend.kv_demand(request) == 96  # 90 tokens in pages of 8
         pool.workers["large"].in_flight = 3  # busier, but the only one with room for 12 pages
@@ -382,5 +382,56 @@ def test_health_asks_every_worker_at_once():
             await server.stop(None)
         assert health["healthy"] and [w["name"] for w in health["roles"]["prefill"]] == ["prefill-0", "prefill-1"]
         assert took < 1.2, f"{took:.2f} s: asked in turn"
+
+    asyncio.run(scenario())
+
+
+def test_admission_claims_each_requests_kv_on_one_decode_worker_with_room():
+    """Two decode workers of 992 tokens: three requests of 600 are not admitted at once (the
+    pages were counted as one pool of 1,984, and the third went to a worker without room and
+    waited inside decode, its KV held in prefill's buffers), and one of 1,200 is a 400 (it was
+    admitted, and decode capped its answer), as with one worker."""
+    import asyncio
+
+    from mmserve.engine.inputs import PreparedPrompt
+    from mmserve.roles.router_backend import DisaggregatedBackend
+    from mmserve.roles.worker_pool import WorkerPool
+    from mmserve.rpc import worker_pb2 as pb
+    from mmserve.sampling_params import SamplingParams
+    from mmserve.serving.backend import GenerateRequest
+    from mmserve.serving.router.admission import Admission
+    from mmserve.serving.router.errors import InvalidRequest
+
+    def request(i: int, max_tokens: int) -> GenerateRequest:
+        return GenerateRequest(f"r{i}", PreparedPrompt([1] * 8, [], []), SamplingParams(max_tokens=max_tokens))
+
+    async def scenario():
+        pool = WorkerPool("token", chooser("least_load", PrefixIndex()), model_fingerprint="")
+        backend = DisaggregatedBackend(pool)
+        for name in ("d0", "d1"):
+            assert (await pool.Register(pb.Registration(role="decode", name=name, grpc_address=f"127.0.0.1:{len(name)}",
+                                                        capacity=8, kv_pages=62, kv_page_size=16), None)).ok
+        admission = Admission(lambda: 8, 8, 0.5, backend.kv_capacity)
+
+        def admit(r: GenerateRequest):
+            return admission.admit(backend.kv_demand(r), lambda: backend.kv_claim(r))
+
+        first, second = await admit(request(0, 592)), await admit(request(1, 592))
+        assert {backend._claims[r].worker.name for r in ("r0", "r1")} == {"d0", "d1"}  # noqa: SLF001
+        freed = backend._claims["r0"].worker  # noqa: SLF001
+        third = asyncio.ensure_future(admit(request(2, 592)))
+        await asyncio.sleep(0.1)
+        assert not third.done() and admission.queued == 1  # waits at the door, holding nothing
+        first.release()
+        await asyncio.wait_for(third, 1)
+        assert backend._claims["r2"].worker is freed  # noqa: SLF001
+        assert sum(w.kv_reserved for w in pool.workers.values()) == 2 * 38
+        with pytest.raises(InvalidRequest, match="more than a decode worker holds"):
+            await admit(request(3, 1192))
+        second.release()
+        third.result().release()
+        assert all(w.kv_reserved == 0 for w in pool.workers.values()) and not backend._claims  # noqa: SLF001
+        for task in list(pool._closing):  # noqa: SLF001
+            task.cancel()
 
     asyncio.run(scenario())

@@ -10,7 +10,7 @@ import time
 
 import uvicorn
 
-from mmserve.serving.backend import GenerateRequest, TokenEvent
+from mmserve.serving.backend import NO_CLAIM, GenerateRequest, TokenEvent
 from mmserve.serving.header_timeout import HEADER_TIMEOUT_S, WRITE_STALL_S
 from mmserve.serving.http_server import uvicorn_config
 from server_process import free_port
@@ -27,6 +27,7 @@ class ScriptedBackend:
         self.slots = 64
         self.kv_tokens: int | None = None
         """KV the backend reserves requests from, like decode (None: not limited by KV)."""
+        self.kv_claimed = 0
         self.missing: str | None = None
         """What the backend says it lacks for every request (``unavailable``), like a stage with no worker."""
 
@@ -48,6 +49,16 @@ class ScriptedBackend:
     def kv_demand(self, request: GenerateRequest) -> int:
         return len(request.prompt.token_ids) + request.params.max_tokens
 
+    def kv_claim(self, request: GenerateRequest):
+        """One pool of ``kv_tokens``, like a single decode worker's."""
+        if self.kv_tokens is None:
+            return NO_CLAIM
+        demand = self.kv_demand(request)
+        if self.kv_claimed + demand > self.kv_tokens:
+            return None
+        self.kv_claimed += demand
+        return _Claim(self, demand)
+
     def unavailable(self, request: GenerateRequest) -> str | None:
         return self.missing
 
@@ -61,6 +72,15 @@ class ScriptedBackend:
 
     def metrics(self) -> dict[str, float]:
         return {"free_pages": 7.0, "waiting": 2.0}
+
+
+class _Claim:
+    def __init__(self, backend: ScriptedBackend, tokens: int):
+        self._backend, self._tokens = backend, tokens
+
+    def release(self) -> None:
+        self._backend.kv_claimed -= self._tokens
+        self._tokens = 0
 
 
 class ThreadedServer:

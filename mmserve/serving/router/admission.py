@@ -6,11 +6,13 @@ waited too long (or finds no worker at all) with 503, both with ``Retry-After``.
 clients that hold their streams open, never strand work inside the roles (a prompt prefilled
 whose decode never finds a slot) and never make a later request hang without an answer.
 
-Requests are counted, and so is the KV they reserve where the backend reserves it up front
-(decode reserves prompt + max_tokens for each request, so pages, not slots, are often what runs
-out first): a request whose KV does not fit waits here rather than inside decode, where its
-prefilled KV would hold prefill's transfer buffers meanwhile. One that could not fit even in an
-idle backend is refused with 400.
+Requests are counted, and their KV is claimed where the backend reserves it up front (decode
+reserves prompt + max_tokens for each request, so pages, not slots, are often what runs out
+first): the backend claims it on one decode worker with room as the request is admitted, so a
+request whose KV fits no worker now waits here rather than inside decode, where its prefilled KV
+would hold prefill's transfer buffers meanwhile. (Counted as one pool summed over the decode
+workers, a request was admitted that no single worker had room for.) One that could not fit
+even in the largest idle worker is refused with 400.
 
 The capacity is asked of the backend each time (workers come and go); a slot and its KV are held
 from admission until the request's stream ends, whatever ends it.
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 
+from mmserve.serving.backend import NO_CLAIM, KVClaim
 from mmserve.serving.router.errors import InvalidRequest
 
 RECHECK_S = 0.25
@@ -43,16 +47,18 @@ class Overloaded(InvalidRequest):
 
 
 class Ticket:
-    """One admitted request's slot and KV; ``release`` is idempotent."""
+    """One admitted request's slot and its KV claim; ``release`` is idempotent."""
 
-    def __init__(self, admission: Admission, kv_tokens: int):
+    def __init__(self, admission: Admission, kv_tokens: int, claim: KVClaim):
         self._admission = admission
         self.kv_tokens = kv_tokens
+        self._claim = claim
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
+            self._claim.release()
             self._admission._release(self.kv_tokens)
 
 
@@ -65,7 +71,7 @@ class Admission:
         self.queue_timeout_s = queue_timeout_s
         self.running = 0
         self.kv_held = 0
-        self._queue: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self._queue: collections.deque[_Waiting] = collections.deque()
 
     def capacity(self) -> int:
         return self._capacity()
@@ -74,53 +80,60 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def admit(self, kv_tokens: int = 0) -> Ticket:
-        """A slot (and ``kv_tokens`` of KV) now, or after waiting in the queue; raises
-        ``Overloaded`` otherwise, ``InvalidRequest`` (400) if the KV could never fit."""
+    async def admit(self, kv_tokens: int = 0, claim: Callable[[], KVClaim | None] = lambda: NO_CLAIM) -> Ticket:
+        """A slot and the KV ``claim()`` reserves (None: no room for it now) now, or after waiting
+        in the queue; raises ``Overloaded`` otherwise, ``InvalidRequest`` (400) if ``kv_tokens``
+        of KV could never fit."""
         capacity, kv_capacity = self._capacity(), self._kv_capacity()
         if capacity <= 0:
             raise Overloaded("no worker can take requests now (none is up)", 503)
         if kv_capacity is not None and kv_tokens > kv_capacity:
-            raise InvalidRequest(f"the prompt and max_tokens need {kv_tokens} tokens of KV cache, more than the "
-                                 f"decode workers hold ({kv_capacity}); lower max_tokens or shorten the prompt",
+            raise InvalidRequest(f"the prompt and max_tokens need {kv_tokens} tokens of KV cache, more than a "
+                                 f"decode worker holds ({kv_capacity}); lower max_tokens or shorten the prompt",
                                  "max_tokens")
-        if not self._queue and self._fits(kv_tokens, capacity, kv_capacity):
-            self._take(kv_tokens)
-            return Ticket(self, kv_tokens)
+        waiting = _Waiting(asyncio.get_running_loop().create_future(), kv_tokens, claim)
+        if not self._queue and self._take(waiting, capacity):
+            return Ticket(self, kv_tokens, waiting.turn.result())
         if len(self._queue) >= self.max_queued:
             raise Overloaded(f"the server is at capacity ({self.running} requests running, {len(self._queue)} "
                              f"queued); retry later", 429)
-        turn = asyncio.get_running_loop().create_future()
-        self._queue.append((turn, kv_tokens))
+        self._queue.append(waiting)
         deadline = time.monotonic() + self.queue_timeout_s
         try:
-            while not turn.done():
+            while not waiting.turn.done():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Overloaded(f"no capacity freed within {self.queue_timeout_s:g} s; retry later", 503)
                 try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
                     # arrives as the turn comes (the client leaving just as it is admitted)
                     async with asyncio.timeout(min(RECHECK_S, left)):
-                        await asyncio.shield(turn)
+                        await asyncio.shield(waiting.turn)
                 except TimeoutError:
                     if self._capacity() <= 0:  # a role's last worker died: as at the door, not a wait
                         raise Overloaded("no worker can take requests now (none is up)", 503) from None
                     self._admit_queued()
         except BaseException:
-            if turn.done() and not turn.cancelled():  # given a slot just as it gave up: hand it on
+            if waiting.turn.done() and not waiting.turn.cancelled():  # admitted just as it gave up: hand it on
+                waiting.turn.result().release()
                 self._release(kv_tokens)
             else:
-                turn.cancel()
-                self._queue.remove((turn, kv_tokens))
+                waiting.turn.cancel()
+                self._queue.remove(waiting)
             raise
-        return Ticket(self, kv_tokens)
+        return Ticket(self, kv_tokens, waiting.turn.result())
 
-    def _fits(self, kv_tokens: int, capacity: int, kv_capacity: int | None) -> bool:
-        return self.running < capacity and (kv_capacity is None or self.kv_held + kv_tokens <= kv_capacity)
-
-    def _take(self, kv_tokens: int) -> None:
+    def _take(self, waiting: _Waiting, capacity: int) -> bool:
+        """Admits ``waiting`` if a slot is free and its KV can be claimed now (its turn then holds
+        the claim)."""
+        if self.running >= capacity:
+            return False
+        claim = waiting.claim()
+        if claim is None:
+            return False
         self.running += 1
-        self.kv_held += kv_tokens
+        self.kv_held += waiting.kv_tokens
+        waiting.turn.set_result(claim)
+        return True
 
     def _release(self, kv_tokens: int) -> None:
         self.running -= 1
@@ -129,8 +142,15 @@ class Admission:
 
     def _admit_queued(self) -> None:
         """First come, first served: the head waits for its KV even where a later one would fit."""
-        capacity, kv_capacity = self._capacity(), self._kv_capacity()
-        while self._queue and self._fits(self._queue[0][1], capacity, kv_capacity):
-            turn, kv_tokens = self._queue.popleft()
-            self._take(kv_tokens)
-            turn.set_result(None)
+        capacity = self._capacity()
+        while self._queue and self._take(self._queue[0], capacity):
+            self._queue.popleft()
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiting:
+    """A request waiting for admission; ``turn`` gets its KV claim when it is admitted."""
+
+    turn: asyncio.Future
+    kv_tokens: int
+    claim: Callable[[], KVClaim | None]

@@ -34,7 +34,7 @@ class RouterContext:
         """Admits the request (or raises ``Overloaded``, a 429/503) and starts it in the backend."""
         if (missing := self.backend.unavailable(request)) is not None:
             raise Overloaded(f"{missing}; retry later", 503)
-        ticket = await self.admission.admit(self.backend.kv_demand(request))
+        ticket = await self.admission.admit(self.backend.kv_demand(request), lambda: self.backend.kv_claim(request))
         if (missing := self.backend.unavailable(request)) is not None:  # a worker left while it queued
             ticket.release()
             raise Overloaded(f"{missing}; retry later", 503)
