@@ -94,7 +94,9 @@ def _heartbeats(socket: zmq.Socket) -> zmq.Socket:
 
 def _to_wire(value):
     if isinstance(value, np.ndarray):
-        value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
+        # C order, keeping 0-d arrays 0-d (unlike ascontiguousarray), in this machine's byte order:
+        # the wire names the dtype, not its byte order
+        value = np.require(value, value.dtype.newbyteorder("="), requirements="C")
         return WireArray(value.dtype.name, value.shape, value.tobytes())
     return value
 

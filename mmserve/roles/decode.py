@@ -136,6 +136,7 @@ class DecodeRole:
             raise RequestRejected(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
         page_keys = self._page_keys(request)
+        self._requests.check_new(request.request_id, request.room)  # before its span opens: refused, none ends it
         if params.structured_output is not None:
             params.structured_output.check()
             self.engine.grammars.submit(params.structured_output)

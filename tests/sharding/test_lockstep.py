@@ -44,13 +44,14 @@ class Recorder:
 def test_calls_round_trip_every_dtype_shape_and_none():
     inputs = {"f": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.array(7, np.int32),
               "b": np.array([True, False]), "u": np.arange(4, dtype=np.uint32).reshape(2, 2)[:, ::-1],
-              "bf16": np.asarray(jnp.linspace(-2, 2, 6, dtype=jnp.bfloat16)).reshape(2, 3), "none": None, "n": 5}
+              "bf16": np.asarray(jnp.linspace(-2, 2, 6, dtype=jnp.bfloat16)).reshape(2, 3), "none": None, "n": 5,
+              "big_endian": np.arange(4, dtype=">i4")}
     call = decode_call(encode_call("runner", "run_x", inputs, seq=3))
     assert (call.target, call.method, call.answer, call.seq) == ("runner", "run_x", False, 3)
     out = call.inputs
     assert out["none"] is None and out["n"] == 5
-    for name in ("f", "i", "b", "u", "bf16"):
-        assert out[name].dtype == inputs[name].dtype and out[name].shape == inputs[name].shape
+    for name in ("f", "i", "b", "u", "bf16", "big_endian"):
+        assert out[name].dtype == inputs[name].dtype.newbyteorder("=") and out[name].shape == inputs[name].shape
         np.testing.assert_array_equal(out[name], inputs[name])
 
 
