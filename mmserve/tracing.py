@@ -7,9 +7,11 @@ exports its spans over OTLP/gRPC (``--otlp-traces-endpoint``, vLLM's flag, or th
 (``--trace-file``, for local use: ``scripts/trace_timeline.py`` draws one request's timeline from
 it).
 
-The router starts each request's trace; its context crosses to the workers in the gRPC metadata
-(W3C ``traceparent``), so each role's spans (encode, prefill, the KV transfer, decode) are children
-of the router's span for that request.
+The router starts each request's trace, or joins the client's when the HTTP request carries a
+W3C ``traceparent`` (then every choice of an ``n > 1`` request is in that one trace; without it,
+each choice starts its own); its context crosses to the workers in the gRPC metadata, so each
+role's spans (encode, prefill, the KV transfer, decode) are children of the router's span for
+that request.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ def link_from(span: trace.Span, carrier: Mapping[str, object]) -> None:
     peer = trace.get_current_span(propagate.extract(headers)).get_span_context()
     if peer.is_valid and span.is_recording():
         span.add_link(peer)
+
+
+def http_parent(headers: Mapping[str, str]) -> context.Context | None:
+    """The trace context a client sent with its HTTP request (W3C ``traceparent``), which the
+    router's span for it joins, as vLLM's does; None when it sent none."""
+    carrier = {key: headers[key] for key in ("traceparent", "tracestate") if key in headers}
+    return propagate.extract(carrier) if "traceparent" in carrier else None
 
 
 def extract(metadata: Iterable[tuple[str, str | bytes]]) -> context.Context:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
+from opentelemetry.context import Context
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest
@@ -30,8 +31,10 @@ class RouterContext:
     def of(request: Request) -> RouterContext:
         return request.app.state.router
 
-    async def relay(self, request: GenerateRequest, endpoint: str, arrival: float) -> Relay:
-        """Admits the request (or raises ``Overloaded``, a 429/503) and starts it in the backend."""
+    async def relay(self, request: GenerateRequest, endpoint: str, arrival: float,
+                    trace_parent: Context | None = None) -> Relay:
+        """Admits the request (or raises ``Overloaded``, a 429/503) and starts it in the backend
+        (its span a child of ``trace_parent``, the client's, when it sent one)."""
         if (missing := self.backend.unavailable(request)) is not None:
             raise Overloaded(f"{missing}; retry later", 503)
         ticket = await self.admission.admit(self.backend.kv_demand(request), lambda: self.backend.kv_claim(request))
@@ -39,7 +42,7 @@ class RouterContext:
             ticket.release()
             raise Overloaded(f"{missing}; retry later", 503)
         limits = RelayLimits(self.settings.request_timeout_s or None, self.settings.stream_stall_timeout_s)
-        return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits)
+        return Relay(self.backend, request, self.metrics, endpoint, arrival, ticket, limits, trace_parent)
 
     def media_reader(self) -> MediaReader:
         """A fresh reader for one request's images and videos, charged against that request's limits."""

@@ -24,6 +24,7 @@ from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.media import MediaReader
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import collect, unless_disconnected
+from mmserve.tracing import http_parent
 
 ENDPOINT = "generate"
 NATIVE_FIELDS = {"prompt", "prompt_token_ids", "images", "videos", "sampling_params"}
@@ -46,7 +47,8 @@ async def generate(request: Request) -> Response:
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
     arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
-    events = await unless_disconnected(request, lambda: router.relay(generate_request, ENDPOINT, arrival))
+    parent = http_parent(request.headers)
+    events = await unless_disconnected(request, lambda: router.relay(generate_request, ENDPOINT, arrival, parent))
     if events is None:  # it left while queued: its place in the queue is free
         router.metrics.requests.labels(ENDPOINT, "aborted").inc()
         return Response(status_code=499)

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing
 
+from opentelemetry.context import Context
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -28,6 +29,7 @@ from mmserve.serving.router.errors import InvalidRequest, backend_error_response
 from mmserve.serving.router.fields import CommonFields
 from mmserve.serving.router.relay import Answer, collect, sse, unless_disconnected
 from mmserve.serving.router.siblings import merged, sibling_requests
+from mmserve.tracing import http_parent
 
 
 class OpenAIResponse(abc.ABC):
@@ -53,20 +55,22 @@ class OpenAIResponse(abc.ABC):
         """Admits and starts the choices, then responds (:meth:`respond`); 499 when the client left
         while they waited in the admission queue, whose place is then free at once (it was held
         until the queue timeout, refusing others with 429 meanwhile)."""
-        streams = await unless_disconnected(http, lambda: self.start(endpoint, arrival))
+        parent = http_parent(http.headers)
+        streams = await unless_disconnected(http, lambda: self.start(endpoint, arrival, parent))
         if streams is None:  # the choices started were counted as they stopped; these never started
             self.router.metrics.requests.labels(endpoint, "aborted").inc(self.candidates - self.started)
             return Response(status_code=499)
         return await self.respond(http, streams, kind)
 
-    async def start(self, endpoint: str, arrival: float) -> list[AsyncIterator[TokenEvent]]:
+    async def start(self, endpoint: str, arrival: float,
+                    trace_parent: Context | None = None) -> list[AsyncIterator[TokenEvent]]:
         """Admits and starts every sibling; if one is refused (``Overloaded``), those started stop
         (each counted as aborted), the refused one is counted by the app's handler, and those never
         tried are counted with it: every choice is counted once, as when the client leaves."""
         started: list[AsyncIterator[TokenEvent]] = []
         try:
             for request in self.requests:
-                started.append(await self.router.relay(request, endpoint, arrival))
+                started.append(await self.router.relay(request, endpoint, arrival, trace_parent))
                 self.started += 1
         except BaseException as error:
             for events in started:

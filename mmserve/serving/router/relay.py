@@ -26,6 +26,7 @@ import anyio
 import msgspec
 import numpy as np
 from opentelemetry import trace
+from opentelemetry.context import Context
 from starlette.requests import Request
 
 from mmserve.serving.backend import Backend, GenerateRequest, TokenEvent, TokenLogprob
@@ -68,7 +69,7 @@ class Relay:
     """An async iterator over one request's events; ``aclose`` (the client left) aborts it."""
 
     def __init__(self, backend: Backend, request: GenerateRequest, metrics: RouterMetrics, endpoint: str,
-                 arrival: float, ticket: Ticket, limits: RelayLimits):
+                 arrival: float, ticket: Ticket, limits: RelayLimits, trace_parent: Context | None = None):
         if limits.deadline_s is not None:
             request = dataclasses.replace(request, deadline=time.monotonic() + limits.deadline_s)
         self._backend, self._request, self._metrics = backend, request, metrics
@@ -84,9 +85,10 @@ class Relay:
         self._held_tokens = 0  # in the buffer
         metrics.in_flight.inc()
         # the request's trace: its context rides on the pump task into the backend's calls
-        self._span = tracer.start_span(f"router {endpoint}", kind=trace.SpanKind.SERVER, attributes={
-            "mmserve.request_id": request.request_id, "mmserve.prompt_tokens": len(request.prompt.token_ids),
-            "mmserve.max_tokens": request.params.max_tokens})
+        self._span = tracer.start_span(f"router {endpoint}", context=trace_parent, kind=trace.SpanKind.SERVER,
+                                       attributes={"mmserve.request_id": request.request_id,
+                                                   "mmserve.prompt_tokens": len(request.prompt.token_ids),
+                                                   "mmserve.max_tokens": request.params.max_tokens})
         self._task = asyncio.get_running_loop().create_task(self._pump(), name=f"relay {request.request_id}")
         _RUNNING.add(self._task)
         self._task.add_done_callback(_RUNNING.discard)
