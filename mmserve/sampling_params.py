@@ -52,7 +52,8 @@ class SamplingParams:
     presence_penalty, frequency_penalty: in [-2, 2]; subtracted once per token present in the
         output, and once per occurrence in the output.
     stop_token_ids, stop: the request finishes on one of these tokens or strings; a stop string
-        is cut from the output text.
+        is cut from the output text, and so is a stop token's (or end-of-sequence token's) text,
+        unless ``include_stop_str_in_output``.
     max_tokens: the most tokens to generate.
     logprobs: None for no logprobs; k returns the chosen token's logprob and the top k.
     ignore_eos: keep generating past the end-of-sequence token.
@@ -73,6 +74,7 @@ class SamplingParams:
     max_tokens: int = 16
     logprobs: int | None = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
 
     def __post_init__(self):
@@ -87,8 +89,9 @@ class SamplingParams:
                 object.__setattr__(self, name, _int(name, getattr(self, name)))
         if self.seed == -1:  # vLLM's "no seed", which clients send: it was a fixed seed here
             object.__setattr__(self, "seed", None)
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r}")
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))

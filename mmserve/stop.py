@@ -30,11 +30,13 @@ def check_stop(params: SamplingParams, eos_token_ids: Collection[int],
     """Returns how the sequence finished with its newest token, or None if it goes on.
 
     output_text is the detokenized output so far, new_char_count the characters the newest token
-    added to it: a stop token's text is dropped, and stop strings are searched only where the new
-    characters could complete one.
+    added to it: a stop token's text is dropped, and the text from a stop string on (with
+    ``include_stop_str_in_output``, vLLM's, both are kept, up to the stop string's end), and stop
+    strings are searched only where the new characters could complete one.
     """
     last_token = output_token_ids[-1]
-    text_before_last = output_text[:len(output_text) - new_char_count]
+    keep = params.include_stop_str_in_output
+    text_before_last = output_text if keep else output_text[:len(output_text) - new_char_count]
     if not params.ignore_eos and last_token in eos_token_ids:
         return Finish(FinishReason.STOP, text_before_last, None)
     if last_token in params.stop_token_ids:
@@ -42,7 +44,7 @@ def check_stop(params: SamplingParams, eos_token_ids: Collection[int],
     matched = _find_stop_string(params.stop, output_text, new_char_count)
     if matched is not None:
         stop_string, index = matched
-        return Finish(FinishReason.STOP, output_text[:index], stop_string)
+        return Finish(FinishReason.STOP, output_text[:index + len(stop_string) if keep else index], stop_string)
     if len(output_token_ids) >= params.max_tokens:
         return Finish(FinishReason.LENGTH, output_text, None)
     return None

@@ -61,6 +61,7 @@ def test_stop_lists_become_tuples_and_a_single_stop_string_is_accepted():
     (dict(stop=[f"<{i}>" for i in range(MAX_STOP_STRINGS + 1)]), "at most 64 strings"),
     (dict(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))), "at most 256 tokens"),
     (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
 ])
 def test_bad_values_raise_value_error_naming_the_field(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -73,3 +73,28 @@ def test_streaming_shows_nothing_while_the_text_is_shorter_than_a_stop_string():
     params = SamplingParams(stop=["\nObservation:"])  # 13 characters: 12 held back
     shown = [streamable_text(params, "The answer is 42."[:n]) for n in range(18)]
     assert shown[:13] == [""] * 13 and shown[13:] == ["T", "Th", "The", "The ", "The a"]
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_the_stop_tokens_text():
+    """vLLM's ``include_stop_str_in_output``: the text ends with the stop string (what followed it
+    in the same token still cut), and a stop token's text stays."""
+    params = SamplingParams(stop=["###"], include_stop_str_in_output=True)
+    finish, used = feed(params, [(1, "The answer"), (1, " is 4"), (1, "2.\n\n#"), (1, "## Next")])
+    assert finish == Finish(FinishReason.STOP, "The answer is 42.\n\n###", "###") and used == 4
+    finish, _ = feed(SamplingParams(stop_token_ids=[9], include_stop_str_in_output=True), [(5, "x"), (9, "<stop>")])
+    assert finish == Finish(FinishReason.STOP, "x<stop>", 9)
+
+
+def test_a_served_stop_string_is_kept_with_include_stop_str_in_output(llm):
+    """On the engine: the greedy answer cut at a stop string taken from its own middle, the stop
+    string kept when asked, and the same tokens either way."""
+    prompt = {"prompt_token_ids": list(range(40, 60))}
+    whole = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    stop = whole.text[len(whole.text) // 2:][:3]
+    assert len(stop) == 3
+    cut = whole.text.index(stop)
+    outs = [llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                                include_stop_str_in_output=keep))[0].outputs[0]
+            for keep in (False, True)]
+    assert [o.text for o in outs] == [whole.text[:cut], whole.text[:cut + len(stop)]]
+    assert outs[0].token_ids == outs[1].token_ids and outs[0].stop_reason == outs[1].stop_reason == stop

@@ -52,6 +52,18 @@ def test_a_requests_own_values_win_and_null_is_no_value(served):
     assert _sent(served, "/v1/chat/completions", CHAT | {"temperature": 0, "top_k": None}) == (0.0, 0.8, 20, 1.05)
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/completions", {"model": "tiny", "max_tokens": 4, "prompt": "Hi"}),
+], ids=["chat", "completions"])
+def test_vllms_include_stop_str_in_output_reaches_the_backend(served, path, body):
+    """A field vLLM's server takes (the ``openai`` client's ``extra_body``); it was a 400."""
+    server, backend = served
+    status, reply = request("POST", f"{server.url}{path}", body | {"stop": ["."], "include_stop_str_in_output": True})
+    assert status == 200, reply
+    assert backend.requests[-1].params.include_stop_str_in_output is True
+
+
 def test_the_recommendation_is_read_from_the_checkpoint(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "eos_token_id": [1, 2],
