@@ -55,6 +55,8 @@ class SamplingParams:
         is cut from the output text, and so is a stop token's (or end-of-sequence token's) text,
         unless ``include_stop_str_in_output``.
     max_tokens: the most tokens to generate.
+    min_tokens: the fewest (vLLM's): until the output has that many tokens, end-of-sequence and
+        the stop token ids cannot be drawn, and stop strings do not end it. At most max_tokens.
     logprobs: None for no logprobs; k returns the chosen token's logprob and the top k.
     ignore_eos: keep generating past the end-of-sequence token.
     structured_output: the output must be JSON valid under this schema (a grammar masks the
@@ -72,6 +74,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     max_tokens: int = 16
+    min_tokens: int = 0
     logprobs: int | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
@@ -84,8 +87,8 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(_as_float(value)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             object.__setattr__(self, name, _as_float(value))
-        for name in ("top_k", "max_tokens", "seed", "logprobs"):
-            if name in ("top_k", "max_tokens") or getattr(self, name) is not None:
+        for name in ("top_k", "max_tokens", "min_tokens", "seed", "logprobs"):
+            if name in ("top_k", "max_tokens", "min_tokens") or getattr(self, name) is not None:
                 object.__setattr__(self, name, _int(name, getattr(self, name)))
         if self.seed == -1:  # vLLM's "no seed", which clients send: it was a fixed seed here
             object.__setattr__(self, "seed", None)
@@ -116,6 +119,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
@@ -133,6 +138,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    def stop_ids_held(self, eos_token_ids) -> list[int]:
+        """The token ids ``min_tokens`` keeps from being drawn: end-of-sequence (unless
+        ``ignore_eos``) and the stop token ids."""
+        return sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids)))
 
     @property
     def has_penalties(self) -> bool:

@@ -1,7 +1,8 @@
 """When a sequence is done, decided on the host after each new token, as vLLM does.
 
 The checks run in vLLM's order: end-of-sequence (unless `ignore_eos`), a stop token id, a stop
-string, then `max_tokens`. A stop string wins over the length limit when both happen on the same
+string, then `max_tokens`; none before the output has `min_tokens` tokens (the sampler keeps the
+stop tokens from being drawn until then). A stop string wins over the length limit when both happen on the same
 token. The context-length limit is the engine's, not the request's, and is not checked here.
 """
 
@@ -34,6 +35,8 @@ def check_stop(params: SamplingParams, eos_token_ids: Collection[int],
     ``include_stop_str_in_output``, vLLM's, both are kept, up to the stop string's end), and stop
     strings are searched only where the new characters could complete one.
     """
+    if len(output_token_ids) < params.min_tokens:  # at most max_tokens: nothing ends it yet
+        return None
     last_token = output_token_ids[-1]
     keep = params.include_stop_str_in_output
     text_before_last = output_text if keep else output_text[:len(output_text) - new_char_count]

@@ -19,6 +19,7 @@ import numpy as np
 from mmserve.engine.outputs import RequestOutput
 from mmserve.engine.request import Request
 from mmserve.engine.step_failed import StepFailed
+from mmserve.sampler import all_allowed_bitmask
 from mmserve.stop import Finish, FinishReason
 from mmserve.structured_output.matcher import empty_rows, fill_bitmask
 
@@ -79,6 +80,14 @@ class GrammarSteps:
         the host takes beyond the forward, plus its copy to the device."""
         vocab_size = self.model.config.text.vocab_size
         bitmask = fill_bitmask([r.grammar if r is not None else None for r in samplers], len(samplers), vocab_size)
+        short = [(i, r) for i, r in enumerate(samplers) if r is not None and len(r.output_ids) < r.params.min_tokens]
+        if short:  # min_tokens: no stop token yet (a row's output counts the token not read yet too)
+            bitmask = all_allowed_bitmask(len(samplers), vocab_size) if bitmask is None else bitmask
+            words = bitmask.view(np.uint32)
+            for row, request in short:
+                for token in request.params.stop_ids_held(self.eos_token_ids):
+                    if token < vocab_size:
+                        words[row, token >> 5] &= ~np.uint32(1 << (token & 31))
         if bitmask is None:
             return None, []
         dead = empty_rows(bitmask, [i for i, r in enumerate(samplers) if r is not None and r.grammar is not None],

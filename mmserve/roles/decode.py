@@ -134,7 +134,8 @@ class DecodeRole:
         max_len = self.engine.max_sequence_tokens  # the context, or the whole cache when that holds less
         if len(request.token_ids) >= max_len:
             raise RequestRejected(f"the prompt has {len(request.token_ids)} tokens; the context holds {max_len}")
-        params = dataclasses.replace(params, max_tokens=min(params.max_tokens, max_len - len(request.token_ids)))
+        cap = min(params.max_tokens, max_len - len(request.token_ids))
+        params = dataclasses.replace(params, max_tokens=cap, min_tokens=min(params.min_tokens, cap))
         page_keys = self._page_keys(request)
         self._requests.check_new(request.request_id, request.room)  # before its span opens: refused, none ends it
         if params.structured_output is not None:

@@ -65,3 +65,24 @@ def test_greedy_generate_equals_transformers(name, llm, reference):
         assert sorted(got.top) == sorted(top5.tolist()), f"step {step}"
         for token, logprob in got.top.items():
             assert abs(logprob - want[token]) < 1e-4, f"step {step} token {token}"
+
+
+def test_min_tokens_equals_transformers_min_new_tokens(llm, reference):
+    """vLLM's ``min_tokens`` against transformers' ``min_new_tokens``: the greedy answer's first
+    token made its stop token, so without the minimum the answer would end at once; with 3 the
+    token cannot be drawn for three steps (nor would a stop string end it), then stops it."""
+    ids = [int(t) for t in np.random.default_rng(7).integers(0, 800, 12)]
+    free = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=STEPS))[0].outputs[0]
+    stop = free.token_ids[0]
+    t_ids = torch.tensor(ids)[None]
+    with torch.no_grad():
+        hf = reference[0].generate(t_ids, mm_token_type_ids=torch.zeros_like(t_ids, dtype=torch.int32),
+                                   max_new_tokens=STEPS, do_sample=False, min_new_tokens=3, eos_token_id=[stop],
+                                   pad_token_id=stop)
+    want = hf[0, len(ids):].tolist()
+    want = want[:want.index(stop, 3) + 1] if stop in want[3:] else want
+    params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=3, stop_token_ids=[stop])
+    out = llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0]
+    assert out.token_ids == want and stop not in out.token_ids[:3]
+    assert llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=STEPS,
+                                                                  stop_token_ids=[stop]))[0].outputs[0].token_ids == [stop]

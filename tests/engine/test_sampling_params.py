@@ -62,6 +62,8 @@ def test_stop_lists_become_tuples_and_a_single_stop_string_is_accepted():
     (dict(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))), "at most 256 tokens"),
     (dict(ignore_eos="yes"), "ignore_eos"),
     (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
+    (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    (dict(min_tokens=-1), "min_tokens"),
 ])
 def test_bad_values_raise_value_error_naming_the_field(fields, message):
     with pytest.raises(ValueError, match=message):

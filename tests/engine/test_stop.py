@@ -98,3 +98,11 @@ def test_a_served_stop_string_is_kept_with_include_stop_str_in_output(llm):
             for keep in (False, True)]
     assert [o.text for o in outs] == [whole.text[:cut], whole.text[:cut + len(stop)]]
     assert outs[0].token_ids == outs[1].token_ids and outs[0].stop_reason == outs[1].stop_reason == stop
+
+
+def test_nothing_ends_the_output_before_min_tokens():
+    """vLLM's ``min_tokens``: a stop string (or a stop token, which the sampler keeps from being
+    drawn until then) ends the output only from its ``min_tokens``-th token on."""
+    params = SamplingParams(stop=["."], stop_token_ids=[9], min_tokens=3)
+    finish, used = feed(params, [(1, "a."), (9, "<s>"), (1, "b."), (1, "c")])
+    assert finish == Finish(FinishReason.STOP, "a.<s>b", ".") and used == 3

@@ -157,6 +157,22 @@ def test_siblings_receive_their_shared_prompt_once(cluster, client, llm):
     cluster.assert_all_free()
 
 
+def test_min_tokens_and_a_kept_stop_string_equal_one_engine(cluster, client, llm):
+    """Prefill samples the first token alone: under ``min_tokens`` it may not be a stop token, nor
+    end the request on a stop string (it would in one engine only from ``min_tokens`` on); decode
+    holds the stop tokens back for the rest. The greedy answer's first token made its stop token
+    and its first text its stop string: served, as offline, the answer goes on past both."""
+    prompt = "Count to five."
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
+    fields = {"min_tokens": 3, "stop_token_ids": [free.token_ids[0]], "include_stop_str_in_output": True}
+    if free.text[:2].strip():
+        fields["stop"] = [free.text[:2]]
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, **fields))[0].outputs[0]
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, extra_body=fields)
+    assert reply.choices[0].text == want.text and reply.usage.completion_tokens == len(want.token_ids) >= 3
+    cluster.assert_all_free()
+
+
 def test_siblings_ended_by_their_first_token_leave_nothing_held(cluster, client):
     """n=3 with max_tokens=1: the first token ends every choice while the later siblings still wait
     on decode for the first one's pages; prefill, which holds each one's KV for a decode that

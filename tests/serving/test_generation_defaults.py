@@ -56,12 +56,16 @@ def test_a_requests_own_values_win_and_null_is_no_value(served):
     ("/v1/chat/completions", CHAT),
     ("/v1/completions", {"model": "tiny", "max_tokens": 4, "prompt": "Hi"}),
 ], ids=["chat", "completions"])
-def test_vllms_include_stop_str_in_output_reaches_the_backend(served, path, body):
-    """A field vLLM's server takes (the ``openai`` client's ``extra_body``); it was a 400."""
+def test_vllms_include_stop_str_in_output_and_min_tokens_reach_the_backend(served, path, body):
+    """Fields vLLM's server takes (the ``openai`` client's ``extra_body``); each was a 400."""
     server, backend = served
-    status, reply = request("POST", f"{server.url}{path}", body | {"stop": ["."], "include_stop_str_in_output": True})
+    status, reply = request("POST", f"{server.url}{path}", body | {"stop": ["."], "include_stop_str_in_output": True,
+                                                                  "min_tokens": 2})
     assert status == 200, reply
-    assert backend.requests[-1].params.include_stop_str_in_output is True
+    params = backend.requests[-1].params
+    assert params.include_stop_str_in_output is True and params.min_tokens == 2
+    status, reply = request("POST", f"{server.url}{path}", body | {"min_tokens": 5})
+    assert status == 400 and "min_tokens" in reply["error"]["message"]
 
 
 def test_the_recommendation_is_read_from_the_checkpoint(tmp_path):

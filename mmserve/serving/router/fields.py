@@ -2,7 +2,7 @@
 
 OpenAI rejects an argument it does not know; so does this router, listing per endpoint what it
 accepts. Besides OpenAI's sampling fields it takes vLLM's extensions (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids, include_stop_str_in_output,
+repetition_penalty, ignore_eos, stop_token_ids, include_stop_str_in_output, min_tokens,
 return_tokens_as_token_ids), which the ``openai``
 client sends through ``extra_body``. A null value means the field is absent, as OpenAI treats it.
 """
@@ -20,7 +20,7 @@ from mmserve.serving.router.siblings import MAX_N
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
-                   "include_stop_str_in_output")
+                   "include_stop_str_in_output", "min_tokens")
 COMMON_FIELDS = {"model", "n", "stream", "stream_options", "user", "return_tokens_as_token_ids", *SAMPLING_FIELDS}
 PARAMS_FIELDS = {field.name for field in dataclasses.fields(SamplingParams)}
 
