@@ -16,6 +16,12 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: int | str | None
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The chosen tokens' logprobs summed (vLLM's field), when logprobs were asked for (0 top
+        ones will do); None otherwise."""
+        return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
+
 
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:

@@ -59,6 +59,7 @@ def test_greedy_generate_equals_transformers(name, llm, reference):
 
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=STEPS, logprobs=5))[0].outputs[0]
     assert out.token_ids == want_tokens
+    assert abs(out.cumulative_logprob - sum(want[t] for want, t in zip(want_logprobs, want_tokens))) < 1e-3
     for step, (got, want) in enumerate(zip(out.logprobs, want_logprobs)):
         assert abs(got.logprob - want[got.token_id]) < 1e-4, f"step {step}"
         top5 = np.argsort(-want)[:5]
