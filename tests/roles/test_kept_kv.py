@@ -143,6 +143,15 @@ def test_kept_pages_come_back_on_an_abort_and_keep_the_prompts_tail(parts):
         role.sender.poll(4)
 
 
+def keep_two(role, receiver, bootstrap) -> None:
+    """Two finished prompts sharing a cached first page keep their KV (rooms 11 and 12) for
+    decodes that have not registered: 7 of 8 pages."""
+    cache_first_page(role, receiver, bootstrap, room=10)
+    for request_id, room in (("kept-1", 11), ("kept-2", 12)):
+        prefill(role, request_id, room, prompt=PROMPT[:16] + list(range(room * 60, room * 60 + 40)))
+    run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 2})
+
+
 def test_kept_pages_are_given_up_for_a_prompt_that_needs_them():
     """8 pages; two finished prompts sharing a cached first page keep 7 for decodes that have not
     registered (decode holds them back until a third request's KV lands); the third prompt needs
@@ -152,10 +161,7 @@ def test_kept_pages_are_given_up_for_a_prompt_that_needs_them():
     pages go: the third runs."""
     role, receiver, bootstrap = make_role(num_pages=9, bootstrap_timeout_s=60.0)
     try:
-        cache_first_page(role, receiver, bootstrap, room=10)
-        for request_id, room in (("kept-1", 11), ("kept-2", 12)):
-            prefill(role, request_id, room, prompt=PROMPT[:16] + list(range(room * 60, room * 60 + 40)))
-        run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 2})
+        keep_two(role, receiver, bootstrap)
         assert role.engine.stats()["free_pages"] == 1
         third = prefill(role, "third", room=13, prompt=list(range(900, 956)))
         run_until(role, receiver, lambda: not third.empty(), timeout_s=60)
@@ -177,10 +183,7 @@ def test_kept_kv_is_not_given_up_once_nothing_waits_for_pages():
     through the sender's pool after all."""
     role, receiver, bootstrap = make_role(num_pages=9, bootstrap_timeout_s=60.0)
     try:
-        cache_first_page(role, receiver, bootstrap, room=10)
-        for request_id, room in (("kept-1", 11), ("kept-2", 12)):
-            prefill(role, request_id, room, prompt=PROMPT[:16] + list(range(room * 60, room * 60 + 40)))
-        run_until(role, receiver, lambda: role.health()["requests"] == {"awaiting_decode": 2})
+        keep_two(role, receiver, bootstrap)
         prefill(role, "third", room=13, prompt=list(range(900, 956)))
         role.step()  # short of pages: kept-1 given up for it
         assert role.health()["requests"] == {"sending_kv": 1, "awaiting_decode": 1, "prefilling": 1}

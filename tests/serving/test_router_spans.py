@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-CODE = r'''
+# Each test's script: the process's spans kept in memory, and the router over a scripted backend.
+PRELUDE = r'''
 import json, sys
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -23,6 +24,9 @@ from mmserve.serving.router import RouterSettings, build_app
 from models.qwen3_vl_moe import load_model
 from scripted_backend import HANG, ScriptedBackend, ThreadedServer
 from server_process import request
+'''
+
+CODE = PRELUDE + r'''
 
 backend = ScriptedBackend()
 server = ThreadedServer(build_app(backend, load_model("tiny", weights=False),
@@ -52,21 +56,7 @@ def test_the_routers_span_carries_the_outcome_and_the_servers_failures_as_errors
                                ["rejected", "UNSET", None], ["finished", "UNSET", None]]
 
 
-CLIENT_TRACE = r"""
-import json
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-exporter = InMemorySpanExporter()
-provider = TracerProvider()
-provider.add_span_processor(SimpleSpanProcessor(exporter))
-trace.set_tracer_provider(provider)
-from mmserve.serving.backend import TokenEvent
-from mmserve.serving.router import RouterSettings, build_app
-from models.qwen3_vl_moe import load_model
-from scripted_backend import ScriptedBackend, ThreadedServer
-from server_process import request
+CLIENT_TRACE = PRELUDE + r"""
 
 backend = ScriptedBackend()
 backend.script = [TokenEvent("", [11], text="ab", finish_reason="stop")]
