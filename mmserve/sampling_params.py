@@ -55,8 +55,10 @@ class SamplingParams:
         is cut from the output text, and so is a stop token's (or end-of-sequence token's) text,
         unless ``include_stop_str_in_output``.
     max_tokens: the most tokens to generate.
-    min_tokens: the fewest (vLLM's): until the output has that many tokens, end-of-sequence and
-        the stop token ids cannot be drawn, and stop strings do not end it. At most max_tokens.
+    min_tokens: the fewest (vLLM's): until the output has that many tokens, end-of-sequence
+        (even with ``ignore_eos``) and the stop token ids cannot be drawn, and a stop string ends
+        it only in a later token's text. At most max_tokens. A grammar that is complete (a
+        structured output) still ends it.
     logprobs: None for no logprobs; k returns the chosen token's logprob and the top k.
     ignore_eos: keep generating past the end-of-sequence token.
     structured_output: the output must be JSON valid under this schema (a grammar masks the
@@ -140,9 +142,9 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     def stop_ids_held(self, eos_token_ids) -> list[int]:
-        """The token ids ``min_tokens`` keeps from being drawn: end-of-sequence (unless
-        ``ignore_eos``) and the stop token ids."""
-        return sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids)))
+        """The token ids ``min_tokens`` keeps from being drawn: end-of-sequence (with
+        ``ignore_eos`` too, as vLLM's and transformers' minimum) and the stop token ids."""
+        return sorted(set(self.stop_token_ids) | set(eos_token_ids))
 
     @property
     def has_penalties(self) -> bool:

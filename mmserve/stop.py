@@ -1,8 +1,8 @@
 """When a sequence is done, decided on the host after each new token, as vLLM does.
 
 The checks run in vLLM's order: end-of-sequence (unless `ignore_eos`), a stop token id, a stop
-string, then `max_tokens`; none before the output has `min_tokens` tokens (the sampler keeps the
-stop tokens from being drawn until then). A stop string wins over the length limit when both happen on the same
+string, then `max_tokens`; no stop token before the output has `min_tokens` tokens (the sampler
+keeps them from being drawn until then), and no stop string in those tokens' text. A stop string wins over the length limit when both happen on the same
 token. The context-length limit is the engine's, not the request's, and is not checked here.
 """
 
@@ -44,7 +44,9 @@ def check_stop(params: SamplingParams, eos_token_ids: Collection[int],
         return Finish(FinishReason.STOP, text_before_last, None)
     if last_token in params.stop_token_ids:
         return Finish(FinishReason.STOP, text_before_last, last_token)
-    matched = _find_stop_string(params.stop, output_text, new_char_count)
+    # vLLM's (v1): stop strings are searched from the token after the min_tokens-th on
+    matched = None if len(output_token_ids) <= params.min_tokens else \
+        _find_stop_string(params.stop, output_text, new_char_count)
     if matched is not None:
         stop_string, index = matched
         return Finish(FinishReason.STOP, output_text[:index + len(stop_string) if keep else index], stop_string)

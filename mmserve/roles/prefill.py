@@ -288,11 +288,11 @@ class PrefillRole(KVShipment):
 
     @staticmethod
     def _first_only(params: SamplingParams) -> SamplingParams:
-        """Prefill samples the first token only. Under ``min_tokens`` > 1 no stop string may end
-        the request at it, as none would in one engine (the first token is kept from being a stop
+        """Prefill samples the first token only. Under ``min_tokens`` no stop string may end the
+        request at it, as none would in one engine (the first token is kept from being a stop
         token either way)."""
         return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1),
-                                   stop=params.stop if params.min_tokens <= 1 else ())
+                                   stop=() if params.min_tokens else params.stop)
 
     @staticmethod
     def _features(info: TransferInfo, chunks: Sequence[Landed]) -> dict[str, list[VisualRows]]:

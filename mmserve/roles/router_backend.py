@@ -91,6 +91,10 @@ class DisaggregatedBackend:
         visual = bool(request.prompt.images or request.prompt.videos)
         reserved = _reserved_tokens(request)
         claim = self._claims.get(request.request_id)
+        if claim is not None and claim.worker is not None and \
+                not any(w is claim.worker for w in self.pool.live("decode")):
+            claim.release()  # its worker is leaving, or was dropped, since admission: picked again
+            claim = None
         try:
             decode = claim.worker if claim is not None and claim.worker is not None else \
                 self.pool.pick("decode", request.prompt, kv_tokens=reserved).worker
@@ -109,21 +113,22 @@ class DisaggregatedBackend:
         # Workers whose in_flight counts the request: encode and prefill only until the first
         # event, when their part is done (the KV prefill still sends is in its own heartbeat's
         # count), so that an answer being decoded does not keep them busy to the routing policy.
-        counted = list(workers)
+        # A claim counts the request on decode itself, pages and in_flight, from admission on.
+        claimed = claim is not None and claim.worker is decode
+        counted = [w for w in workers if not (claimed and w is decode)]
         for w in counted:
             w.in_flight += 1
-        kv_pages = 0 if claim is not None and claim.worker is decode else decode.kv_pages_for(reserved)
-        decode.kv_reserved += kv_pages  # a claim counted its pages at admission (and gives them back)
+        kv_pages = 0 if claimed else decode.kv_pages_for(reserved)
+        decode.kv_reserved += kv_pages
         try:
             # Encode starts with prefill unless prefill may hold the pictures cached (it holds a
             # leading page of the prompt, a later turn): then its ack says whether encode is needed.
             encode_early = encode is not None and not prefill_choice.matched_pages
             async with contextlib.aclosing(self._run(request, room, encode, prefill, decode, encode_early)) as events:
                 async for event in events:  # closed with this one when the caller stops listening
-                    if len(counted) > 1:  # the first event: encode's and prefill's parts are done
-                        for w in [w for w in counted if w is not decode]:
-                            w.in_flight -= 1
-                            counted.remove(w)
+                    for w in [w for w in counted if w is not decode]:  # the first event: their parts are done
+                        w.in_flight -= 1
+                        counted.remove(w)
                     yield event
         finally:
             for w in counted:
@@ -308,8 +313,9 @@ class DisaggregatedBackend:
 
 
 class DecodeClaim:
-    """An admitted request's decode worker and the pages it reserves there, counted from its
-    admission to its end (``release``, idempotent)."""
+    """An admitted request's decode worker, the pages it reserves there and its place in the
+    worker's ``in_flight`` (which a leaving worker's drain waits on), counted from its admission
+    to its end (``release``, idempotent)."""
 
     def __init__(self, worker: WorkerHandle | None, tokens: int, forget: Callable[[], None]):
         self.worker = worker
@@ -317,11 +323,13 @@ class DecodeClaim:
         self._forget = forget
         if worker is not None:
             worker.kv_reserved += self._pages
+            worker.in_flight += 1
 
     def release(self) -> None:
         if self._forget is not None:
             if self.worker is not None:
                 self.worker.kv_reserved -= self._pages
+                self.worker.in_flight -= 1
             self._forget()
             self._forget = None
 

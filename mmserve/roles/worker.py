@@ -53,7 +53,8 @@ answered since it said it was leaving (none given, or unreachable); an answer sa
 @dataclasses.dataclass
 class RouterWord:
     """What the router last answered a leaving worker: the requests it has routed to the worker
-    that have not ended (None: no answer since the worker said it was leaving). Written by the
+    that have not ended (None: no answer since the worker said it was leaving, or its last try
+    failed: a router gone, as when a whole deployment stops, routes nothing more). Written by the
     registering thread, read by the drain."""
 
     routed: int | None = None
@@ -319,6 +320,8 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
                     registered = True
                     mark_ready()
             except grpc.RpcError as error:
+                if now_leaving:  # an old count would hold the drain for its whole timeout
+                    word.routed = None
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED:
                     if refusal != "secret":
                         log.error("router %s refused the registration: not the cluster's secret", router)

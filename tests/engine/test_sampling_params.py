@@ -107,3 +107,9 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
     for bad in ({"top_k": np.bool_(True)}, {"seed": np.float64(1.0)}, {"stop_token_ids": [np.bool_(False)]}):
         with pytest.raises(ValueError, match="must be an int"):
             SamplingParams(**bad)
+
+
+def test_min_tokens_holds_end_of_sequence_back_with_ignore_eos_too():
+    """As vLLM's minimum and transformers' ``min_new_tokens``: ``ignore_eos`` does not make
+    end-of-sequence drawable before ``min_tokens``."""
+    assert SamplingParams(min_tokens=2, ignore_eos=True, stop_token_ids=[9]).stop_ids_held({2}) == [2, 9]

@@ -101,8 +101,11 @@ def test_a_served_stop_string_is_kept_with_include_stop_str_in_output(llm):
 
 
 def test_nothing_ends_the_output_before_min_tokens():
-    """vLLM's ``min_tokens``: a stop string (or a stop token, which the sampler keeps from being
-    drawn until then) ends the output only from its ``min_tokens``-th token on."""
+    """vLLM's ``min_tokens`` (v1): a stop token (which the sampler keeps from being drawn until
+    then) ends the output from its ``min_tokens``-th token on, a stop string only in a later
+    token's text."""
     params = SamplingParams(stop=["."], stop_token_ids=[9], min_tokens=3)
-    finish, used = feed(params, [(1, "a."), (9, "<s>"), (1, "b."), (1, "c")])
-    assert finish == Finish(FinishReason.STOP, "a.<s>b", ".") and used == 3
+    finish, used = feed(params, [(1, "a."), (9, "<s>"), (1, "b."), (1, "c."), (1, "d")])
+    assert finish == Finish(FinishReason.STOP, "a.<s>b.c", ".") and used == 4
+    finish, used = feed(params, [(1, "a"), (1, "b"), (9, "<s>"), (1, "c")])
+    assert finish == Finish(FinishReason.STOP, "ab", 9) and used == 3

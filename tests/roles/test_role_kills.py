@@ -183,3 +183,35 @@ def test_a_chat_routed_to_decode_before_it_was_told_to_stop_is_answered(cluster,
     assert decode.wait(timeout=30) == 0
     cluster.start_worker("decode")
     wait_until_it_answers(cluster.url, llm, "decode was stopped and started again")
+
+
+def test_a_leaving_worker_whose_router_died_stops_without_waiting_out_its_drain(cluster, llm):
+    """Decode, told to stop while a chat is routed to it (prefill stopped, so the chat never
+    comes), hears from the router that one request is on its way, and waits; then the router is
+    killed. A dead router routes nothing more: decode stops within a second or two, not at its
+    drain timeout (5 s here), which the old count held it to (as when a whole deployment stops)."""
+    wait_until_it_answers(cluster.url, llm, "before")
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=DEADLINE_S, max_retries=0)
+    decode = cluster.processes["decode"]
+    cluster.freeze("prefill")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(client.chat.completions.create, model="tiny", max_tokens=4,
+                        messages=conversation("Nobody answers.", [image(434343, (64, 64))], as_url=True))
+            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_in_flight") == 1, 30,
+                     "the router did not take the chat")
+            decode.send_signal(signal.SIGTERM)
+            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_workers_decode") == 0, WORKER_TIMEOUT_S / 2,
+                     "the router did not hear that decode is stopping")
+            time.sleep(0.6)  # past the half second it waits when it hears nothing
+            assert decode.poll() is None, "decode stopped with a request routed to it"
+            cluster.kill("router")
+            killed = time.monotonic()
+            assert decode.wait(timeout=30) == 0
+            took = time.monotonic() - killed
+            assert took < 3, f"decode waited {took:.1f} s for a dead router: its drain's time"
+    finally:
+        cluster.thaw("prefill")
+    cluster.start_router()
+    cluster.start_worker("decode")
+    wait_until_it_answers(cluster.url, llm, "router and decode were started again")

@@ -431,6 +431,18 @@ def test_admission_claims_each_requests_kv_on_one_decode_worker_with_room():
         second.release()
         third.result().release()
         assert all(w.kv_reserved == 0 for w in pool.workers.values()) and not backend._claims  # noqa: SLF001
+        assert all(w.in_flight == 0 for w in pool.workers.values())
+        # A worker told to stop between a request's admission and its start: its drain hears of
+        # the claim (it might stop before the request came), and the request is sent elsewhere.
+        claimed = await admit(request(5, 8))
+        worker = backend._claims["r5"].worker  # noqa: SLF001
+        leaving = pb.Registration(role="decode", name=worker.name, grpc_address=worker.address, capacity=8,
+                                  kv_pages=62, kv_page_size=16, leaving=True)
+        assert (await pool.Register(leaving, None)).routed == 1
+        events = [e async for e in backend.generate(request(5, 8))]
+        assert "no prefill worker" in events[-1].error  # decode was picked again before that
+        assert worker.kv_reserved == worker.in_flight == 0 and "r5" not in backend._claims  # noqa: SLF001
+        claimed.release()
         for task in list(pool._closing):  # noqa: SLF001
             task.cancel()
 
