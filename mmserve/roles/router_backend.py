@@ -17,13 +17,14 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 
 from mmserve.engine.rejected import RequestRejected
 from mmserve.roles.token_feed import TokenStreamLost
 from mmserve.roles.wire import sampling_to_pb, stop_reason_from_pb, visual_to_pb
+from mmserve.roles.decode_claim import DecodeClaim
 from mmserve.roles.routing import Choice
 from mmserve.roles.worker_pool import ROLES, WorkerHandle, WorkerPool
 from mmserve.rpc import worker_pb2 as pb
@@ -310,28 +311,6 @@ class DisaggregatedBackend:
         out["worker_restarts"] = float(self.pool.restarts)
         out["prefix_routed_requests"] = float(self.pool.prefix_routed)
         return out
-
-
-class DecodeClaim:
-    """An admitted request's decode worker, the pages it reserves there and its place in the
-    worker's ``in_flight`` (which a leaving worker's drain waits on), counted from its admission
-    to its end (``release``, idempotent)."""
-
-    def __init__(self, worker: WorkerHandle | None, tokens: int, forget: Callable[[], None]):
-        self.worker = worker
-        self._pages = worker.kv_pages_for(tokens) if worker is not None else 0
-        self._forget = forget
-        if worker is not None:
-            worker.kv_reserved += self._pages
-            worker.in_flight += 1
-
-    def release(self) -> None:
-        if self._forget is not None:
-            if self.worker is not None:
-                self.worker.kv_reserved -= self._pages
-                self.worker.in_flight -= 1
-            self._forget()
-            self._forget = None
 
 
 _NOWHERE = Choice(None, 0)

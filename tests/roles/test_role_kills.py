@@ -153,27 +153,34 @@ def test_a_worker_given_sigterm_is_sent_nothing_new_and_finishes_what_it_holds(c
     wait_until_it_answers(cluster.url, llm, "decode was stopped and started again")
 
 
-def test_a_chat_routed_to_decode_before_it_was_told_to_stop_is_answered(cluster, llm):
-    """SIGTERM reaches decode after the router picked it for a chat but before it called it: with
-    a picture, the router calls decode once prefill has taken the request, and prefill is stopped
-    (SIGSTOP) here for longer than a drain used to wait for such calls. Decode, holding nothing,
-    drains until the router answers its leaving registration with nothing routed to it; the chat
-    is answered in full and decode exits 0 after it. (It waited half a second for such calls,
-    then stopped: the chat got UNAVAILABLE from decode after its first token.)"""
-    wait_until_it_answers(cluster.url, llm, "before")
+def stop_decode_with_a_chat_on_its_way(cluster, pool, text: str, seed: int, max_tokens: int):
+    """Prefill stopped (SIGSTOP, the caller thaws it), an image chat sent from ``pool`` (the router
+    picks decode for it, and calls decode only once prefill has taken it), then decode given
+    SIGTERM, once the router has the chat; returns the chat's future once the router has heard
+    that decode is stopping."""
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=DEADLINE_S, max_retries=0)
-    decode = cluster.processes["decode"]
     cluster.freeze("prefill")
+    asked = pool.submit(client.chat.completions.create, model="tiny", max_tokens=max_tokens, temperature=0,
+                        messages=conversation(text, [image(seed, (64, 64))], as_url=True),
+                        extra_body={"ignore_eos": True})
+    wait_for(lambda: router_metric(cluster.url, "mmserve_backend_in_flight") == 1, 30, "the router did not take the chat")
+    cluster.processes["decode"].send_signal(signal.SIGTERM)
+    wait_for(lambda: router_metric(cluster.url, "mmserve_backend_workers_decode") == 0, WORKER_TIMEOUT_S / 2,
+             "the router did not hear that decode is stopping")
+    return asked
+
+
+def test_a_chat_routed_to_decode_before_it_was_told_to_stop_is_answered(cluster, llm):
+    """SIGTERM reaches decode after the router picked it for a chat but before it called it, and
+    prefill is stopped for longer than a drain used to wait for such calls. Decode, holding
+    nothing, drains until the router answers its leaving registration with nothing routed to it;
+    the chat is answered in full and decode exits 0 after it. (It waited half a second for such
+    calls, then stopped: the chat got UNAVAILABLE from decode after its first token.)"""
+    wait_until_it_answers(cluster.url, llm, "before")
+    decode = cluster.processes["decode"]
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            asked = pool.submit(client.chat.completions.create, model="tiny", max_tokens=24, temperature=0,
-                                messages=conversation("Late for decode?", [image(424242, (64, 64))], as_url=True),
-                                extra_body={"ignore_eos": True})
-            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_in_flight") == 1, 30,
-                     "the router did not take the chat")
-            decode.send_signal(signal.SIGTERM)
-            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_workers_decode") == 0, WORKER_TIMEOUT_S / 2,
-                     "the router did not hear that decode is stopping")
+            asked = stop_decode_with_a_chat_on_its_way(cluster, pool, "Late for decode?", 424242, 24)
             time.sleep(1.5)  # three times the half second decode waited for calls on their way
             cluster.thaw("prefill")
             reply = asked.result(timeout=DEADLINE_S)
@@ -191,18 +198,10 @@ def test_a_leaving_worker_whose_router_died_stops_without_waiting_out_its_drain(
     killed. A dead router routes nothing more: decode stops within a second or two, not at its
     drain timeout (5 s here), which the old count held it to (as when a whole deployment stops)."""
     wait_until_it_answers(cluster.url, llm, "before")
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=DEADLINE_S, max_retries=0)
     decode = cluster.processes["decode"]
-    cluster.freeze("prefill")
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(client.chat.completions.create, model="tiny", max_tokens=4,
-                        messages=conversation("Nobody answers.", [image(434343, (64, 64))], as_url=True))
-            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_in_flight") == 1, 30,
-                     "the router did not take the chat")
-            decode.send_signal(signal.SIGTERM)
-            wait_for(lambda: router_metric(cluster.url, "mmserve_backend_workers_decode") == 0, WORKER_TIMEOUT_S / 2,
-                     "the router did not hear that decode is stopping")
+            stop_decode_with_a_chat_on_its_way(cluster, pool, "Nobody answers.", 434343, 4)
             time.sleep(0.6)  # past the half second it waits when it hears nothing
             assert decode.poll() is None, "decode stopped with a request routed to it"
             cluster.kill("router")
