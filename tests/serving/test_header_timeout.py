@@ -144,23 +144,37 @@ def test_a_client_reading_slowly_is_not_cut_off():
     app = Starlette(routes=[Route("/big", lambda request: Response(body))])
     server = ThreadedServer(app, header_timeout_s=TIMEOUT_S, write_stall_s=1.0)
     try:
-        host, port = server.url.removeprefix("http://").split(":")
-        sock = socket.create_connection((host, int(port)), timeout=10)
-        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        received = 0
-        while received < (16 << 20):  # fast at first: the kernel grows its buffers to megabytes
-            received += len(sock.recv(1 << 20))
-        start = time.monotonic()
-        while time.monotonic() - start < 4:  # then ~500 KB/s, read steadily (the peer's kernel
-            chunk = sock.recv(32 << 10)  # acknowledges in bursts, ~300 KB apart here: ~0.6 s)
-            assert chunk, f"cut after {received} bytes, {time.monotonic() - start:.1f} s into the slow reads"
-            received += len(chunk)
-            time.sleep(0.06)
-        while chunk := sock.recv(1 << 20):  # the rest at once: a cut answer ends early (the kernel
-            received += len(chunk)  # still delivers what it had taken, then the connection's end)
-            if received >= len(body):
+        for attempt in range(2):  # again only where this process itself stalled (a busy host), below
+            received, stalled = _read_slowly_then_all(server.url, len(body))
+            if received >= len(body) or stalled < 0.5:
                 break
-        sock.close()
         assert received >= len(body), f"the answer was cut: {received} of {len(body)} bytes"
     finally:
         server.stop()
+
+
+def _read_slowly_then_all(url: str, size: int) -> tuple[int, float]:
+    """(bytes received, the longest this reader went without reading beyond its own pauses)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = 0
+    while received < (16 << 20):  # fast at first: the kernel grows its buffers to megabytes
+        received += len(sock.recv(1 << 20))
+    start = last = time.monotonic()
+    stalled = 0.0
+    while time.monotonic() - start < 4:  # then ~500 KB/s, read steadily (the peer's kernel
+        chunk = sock.recv(32 << 10)  # acknowledges in bursts, ~300 KB apart here: ~0.6 s)
+        assert chunk, f"cut after {received} bytes, {time.monotonic() - start:.1f} s into the slow reads"
+        received += len(chunk)
+        time.sleep(0.06)
+        now = time.monotonic()
+        stalled, last = max(stalled, now - last - 0.06), now
+    while chunk := sock.recv(1 << 20):  # the rest at once: a cut answer ends early (the kernel
+        received += len(chunk)  # still delivers what it had taken, then the connection's end)
+        now = time.monotonic()
+        stalled, last = max(stalled, now - last), now
+        if received >= size:
+            break
+    sock.close()
+    return received, stalled
