@@ -119,6 +119,7 @@ class DisaggregatedBackend:
         counted = [w for w in workers if not (claimed and w is decode)]
         for w in counted:
             w.in_flight += 1
+        upstream = [w for w in counted if w is not decode]
         kv_pages = 0 if claimed else decode.kv_pages_for(reserved)
         decode.kv_reserved += kv_pages
         try:
@@ -127,9 +128,11 @@ class DisaggregatedBackend:
             encode_early = encode is not None and not prefill_choice.matched_pages
             async with contextlib.aclosing(self._run(request, room, encode, prefill, decode, encode_early)) as events:
                 async for event in events:  # closed with this one when the caller stops listening
-                    for w in [w for w in counted if w is not decode]:  # the first event: their parts are done
-                        w.in_flight -= 1
-                        counted.remove(w)
+                    if upstream:  # the first event: encode's and prefill's parts are done
+                        for w in upstream:
+                            w.in_flight -= 1
+                            counted.remove(w)
+                        upstream = []
                     yield event
         finally:
             for w in counted:
