@@ -61,20 +61,23 @@ def test_a_replay_longer_than_the_sockets_high_water_mark_arrives_whole(publishe
 
 
 def test_a_replay_that_timed_out_does_not_answer_the_next_one(publisher):
-    for i in range(10):
+    """The answer is long (1,000 batches) so that it cannot all be waiting at once when read
+    without waiting: with ten batches, a reader descheduled on a busy machine found the whole
+    answer there and no replay ever timed out."""
+    for i in range(1000):
         publisher.publish(stored(i))
     subscriber = subscribe(publisher)
     try:
-        for _ in range(5):  # an answer within no time at all is not possible; tried a few times to be sure
+        for _ in range(10):
             try:
                 subscriber.replay(0, 0.0)
             except TimeoutError:
                 break
         else:
             pytest.fail("a replay never timed out")
-        time.sleep(0.3)  # the late answer has arrived by now
-        got = subscriber.replay(8, 2.0)
-        assert [seq for seq, _ in got] == [8, 9, 10]
+        time.sleep(0.5)  # the late answer has arrived by now
+        got = subscriber.replay(998, 2.0)
+        assert [seq for seq, _ in got] == [998, 999, 1000]
     finally:
         subscriber.close()
 
