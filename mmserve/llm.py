@@ -39,21 +39,22 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generates for one prompt or a list (or tuple); every prompt is validated before any is run."""
+        """Generates for one prompt or a list (or tuple); every prompt is validated before any is run.
+        One output per prompt, with ``n`` completions where its params ask for n sequences."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         params = _per_prompt(self.get_default_sampling_params() if sampling_params is None else sampling_params,
                              len(prompts))
         prepared = [self.engine.prepare(p) for p in prompts]
-        ids = []
+        ids: list[str] = []
         for prompt, p in zip(prepared, params):
             self.engine.check_fits(len(prompt.token_ids), p)
         try:
             features = self.engine.encode_prompts(prepared)
             for prompt, p, f in zip(prepared, params, features):
-                ids.append(self.engine.add_request(prompt, p, features=f))
-            outputs = self._run(ids, use_tqdm)
-            return [dataclasses.replace(output, prompt=_prompt_text(prompt))
-                    for output, prompt in zip(outputs, prompts)]
+                ids.extend(self.engine.add_request(prompt, p.sibling(i), features=f) for i in range(p.n))
+            outputs = iter(self._run(ids, use_tqdm))
+            return [_one_output([next(outputs) for _ in range(p.n)], _prompt_text(prompt))
+                    for p, prompt in zip(params, prompts)]
         except BaseException:
             # a bad prompt, a failed step, Ctrl-C: what this call added leaves the engine, so the
             # next call starts from a clean engine (aborting a finished request does nothing)
@@ -109,6 +110,12 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update()
         return [finished[i] for i in request_ids]
+
+
+def _one_output(sequences: list[RequestOutput], prompt: str | None) -> RequestOutput:
+    """A prompt's n sequences as one output (vLLM's): the first's id, each completion indexed."""
+    completions = [dataclasses.replace(s.outputs[0], index=i) for i, s in enumerate(sequences)]
+    return dataclasses.replace(sequences[0], outputs=completions, prompt=prompt)
 
 
 def _prompt_text(prompt) -> str | None:

@@ -30,6 +30,9 @@ FLOAT32_MAX = 3.4028234663852886e38
 MAX_STOP_STRINGS = 64
 MAX_STOP_TOKEN_IDS = 256
 
+MAX_N = 16
+"""Most sequences one request may ask for (``n``); each takes a sequence slot of its own."""
+
 # Temperatures below this are treated as greedy, as vLLM does: dividing by them only amplifies noise.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -54,7 +57,8 @@ class SamplingParams:
     stop_token_ids, stop: the request finishes on one of these tokens or strings; a stop string
         is cut from the output text, and so is a stop token's (or end-of-sequence token's) text,
         unless ``include_stop_str_in_output``.
-    max_tokens: the most tokens to generate.
+    max_tokens: the most tokens to generate; None, as in vLLM, for as many as the context leaves
+        (the engine fills it in as the request is added).
     min_tokens: the fewest (vLLM's): until the output has that many tokens, end-of-sequence
         (even with ``ignore_eos``) and the stop token ids cannot be drawn, and a stop string ends
         it only in a later token's text. At most max_tokens. A grammar that is complete (a
@@ -63,6 +67,8 @@ class SamplingParams:
     ignore_eos: keep generating past the end-of-sequence token.
     structured_output: the output must be JSON valid under this schema (a grammar masks the
         tokens that would break it); the request stops when the grammar is complete.
+    n: how many sequences to generate for the prompt (vLLM's): ``LLM.generate`` and the HTTP API
+        run each as a request of its own (:meth:`sibling`); an engine request is one sequence.
     """
 
     temperature: float = 1.0
@@ -75,12 +81,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
+    n: int = 1
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -89,8 +96,8 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(_as_float(value)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             object.__setattr__(self, name, _as_float(value))
-        for name in ("top_k", "max_tokens", "min_tokens", "seed", "logprobs"):
-            if name in ("top_k", "max_tokens", "min_tokens") or getattr(self, name) is not None:
+        for name in ("top_k", "max_tokens", "min_tokens", "seed", "logprobs", "n"):
+            if name in ("top_k", "min_tokens", "n") or getattr(self, name) is not None:
                 object.__setattr__(self, name, _int(name, getattr(self, name)))
         if self.seed == -1:  # vLLM's "no seed", which clients send: it was a fixed seed here
             object.__setattr__(self, "seed", None)
@@ -119,12 +126,14 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (or None: up to the context), got {self.max_tokens}")
+        if self.min_tokens < 0 or self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "SamplingParams":
@@ -145,6 +154,15 @@ class SamplingParams:
         """The token ids ``min_tokens`` keeps from being drawn: end-of-sequence (with
         ``ignore_eos`` too, as vLLM's and transformers' minimum) and the stop token ids."""
         return sorted(set(self.stop_token_ids) | set(eos_token_ids))
+
+    def sibling(self, i: int) -> "SamplingParams":
+        """The params of the i-th of the ``n`` sequences: one sequence, and with a ``seed`` its own
+        (seed + i, as vLLM's; seed - i where seed + i is past the seed range or is -1, "no
+        seed"), so an answer is reproducible sequence by sequence; without one each draws its own."""
+        seed = self.seed
+        if seed is not None:
+            seed = seed + i if seed + i <= _SEED_MAX and seed + i != -1 else seed - i
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def has_penalties(self) -> bool:

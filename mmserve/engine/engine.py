@@ -16,6 +16,7 @@ Decode steps overlap (``EngineConfig.async_scheduling``): :mod:`mmserve.engine.o
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -157,7 +158,7 @@ class LLMEngine(Handoff, OverlappedDecode, GrammarSteps):
         ``rows_arriving``: the features are the first rows of each kind only, and the rest
         follow (:meth:`rows_arrived`); the prompt is prefilled up to its first visual token
         without a row meanwhile."""
-        prepared, request_id = self._check_new(prompt, params, request_id)
+        prepared, params, request_id = self._check_new(prompt, params, request_id)
         if features is None:
             features = self.encode_prompts([prepared])[0]
         visual = self._place(prepared.token_ids, features, partial=rows_arriving)
@@ -177,15 +178,24 @@ class LLMEngine(Handoff, OverlappedDecode, GrammarSteps):
         return PromptVisuals.place(token_ids, c.image_token_id, c.video_token_id, features.get("image", ()),
                                    features.get("video", ()), partial=partial)
 
-    def _check_new(self, prompt, params: SamplingParams, request_id: str | None) -> tuple[PreparedPrompt, str]:
+    def _check_new(self, prompt, params: SamplingParams,
+                   request_id: str | None) -> tuple[PreparedPrompt, SamplingParams, str]:
+        """The prompt prepared, the params with ``max_tokens=None`` made the room the context
+        leaves, and the request's id."""
         prepared = prompt if isinstance(prompt, PreparedPrompt) else self.prepare(prompt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_fits(len(prepared.token_ids), params)
+        if params.n != 1:
+            raise ValueError(f"an engine request is one sequence, got n={params.n}: add each of the n with "
+                             "params.sibling(i), as LLM.generate and the router do")
         if params.structured_output is not None:
             params.structured_output.check()
-        return prepared, request_id
+        if params.max_tokens is None:
+            room = self.max_sequence_tokens - len(prepared.token_ids)
+            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+        return prepared, params, request_id
 
     def _add(self, prepared: PreparedPrompt, params: SamplingParams, request_id: str, visual,
              page_keys: PageKeys | None) -> Request:

@@ -134,7 +134,7 @@ class Handoff:
         the pictures are pinned until the request ends, so that even a preempted request finds
         them again (it goes first among waiting requests: its pins shrink the pool). False,
         and nothing added, when the cache does not cover every picture (or caching is off)."""
-        prepared, request_id = self._check_new(prompt, params, request_id)
+        prepared, params, request_id = self._check_new(prompt, params, request_id)
         if not self.config.enable_prefix_caching:
             return False
         page_keys = prompt_page_keys(prepared, self.model, self.config.page_size)

@@ -72,6 +72,9 @@ BAD = {
                                  "placeholders are next to each other"),
     "generate_unknown_sampling_field": ("/generate", {"prompt": "hi", "sampling_params": {"temprature": 0}},
                                         "unknown sampling field"),
+    # SamplingParams has vLLM's n (offline); the native endpoint answers one sequence (a 500 from
+    # the engine otherwise)
+    "generate_n": ("/generate", {"prompt": "hi", "sampling_params": {"n": 2}}, "ask /v1/completions for n"),
 }
 
 

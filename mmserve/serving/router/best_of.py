@@ -17,11 +17,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmserve.sampling_params import SamplingParams
+from mmserve.sampling_params import MAX_N, SamplingParams
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import requested_int
 from mmserve.serving.router.relay import Answer
-from mmserve.serving.router.siblings import MAX_N
 
 
 def requested_best_of(body: Mapping[str, Any], n: int, stream: bool) -> int:

@@ -13,10 +13,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from mmserve.sampling_params import SamplingParams
+from mmserve.sampling_params import MAX_N, SamplingParams
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.settings import RouterSettings
-from mmserve.serving.router.siblings import MAX_N
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",

@@ -45,6 +45,8 @@ async def generate(request: Request) -> Response:
                                        "prompt", "sampling_params.max_tokens")
     params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | {"max_tokens": max_tokens},
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
+    if params.n != 1:
+        raise InvalidRequest("/generate answers one sequence; ask /v1/completions for n of them", "sampling_params.n")
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
     arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     parent = http_parent(request.headers)

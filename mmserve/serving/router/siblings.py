@@ -16,26 +16,16 @@ from collections.abc import AsyncIterator
 
 from mmserve.serving.backend import GenerateRequest, TokenEvent
 
-MAX_N = 16
-"""Most choices one request may ask for; each takes a sequence slot of its own."""
 _END = object()
 
 
 def sibling_requests(request: GenerateRequest, n: int) -> list[GenerateRequest]:
-    """``request`` itself when n is 1; otherwise n requests ``<id>-<i>``, sibling i seeded seed + i."""
+    """``request`` itself when n is 1; otherwise n requests ``<id>-<i>``, each with its sibling's
+    params (``SamplingParams.sibling``: seeded seed + i)."""
     if n == 1:
         return [request]
-    seed = request.params.seed
-    return [dataclasses.replace(request, request_id=f"{request.request_id}-{i}",
-                                params=request.params if seed is None else dataclasses.replace(request.params,
-                                                                                               seed=_nth(seed, i)))
+    return [dataclasses.replace(request, request_id=f"{request.request_id}-{i}", params=request.params.sibling(i))
             for i in range(n)]
-
-
-def _nth(seed: int, i: int) -> int:
-    """seed + i, or seed - i where seed + i is past the top of the seed range or -1 (no seed):
-    still distinct per sibling."""
-    return seed + i if seed + i < 2**64 and seed + i != -1 else seed - i
 
 
 async def merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
