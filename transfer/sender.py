@@ -151,7 +151,6 @@ class Sender:
             if not 0 <= rows_start < info.total_tokens:
                 raise ValueError(f"rows from token {rows_start} of a room of {info.total_tokens}")
             self.buffers.check_rows(rows, self.buffers.bucket(info.total_tokens - rows_start))
-            rows = {name: jax.device_put(a, self.buffers.sharding) for name, a in rows.items()}
         self.add(room)
         state = self._rooms[room]
         if state.info is not None:
@@ -159,7 +158,13 @@ class Sender:
         if state.state.terminal:
             self.allocator.free(allocation)
             return state.state
-        state.allocation, state.info, state.rows, state.rows_start = allocation, info, rows, rows_start
+        state.allocation, state.info, state.rows_start = allocation, info, rows_start
+        if rows is not None:
+            try:  # a copy onto the buffers' devices, which can run out of memory
+                state.rows = {name: jax.device_put(a, self.buffers.sharding) for name, a in rows.items()}
+            except Exception as error:  # the room fails; the sender and its other rooms go on
+                self._fail(state, f"could not place rows: {error}")
+                return state.state
         if state.peer is not None:
             self._start(state)
         return state.state

@@ -3,8 +3,9 @@ as it is when one chunk carries it, and a room that arrives in one chunk is kept
 rows are copied into neither side's pool, bit-exact all the same. So are rows given from the
 tokens a registered receiver holds on. A room that goes in chunks, or whose receiver holds tokens
 the rows start before, is written into the sender's pool first and arrives bit-exact too; a
-receiver holding fewer tokens than the rows start at fails the room. Every block is freed on
-both sides."""
+receiver holding fewer tokens than the rows start at fails the room, and so do rows that cannot
+be placed on the buffers' devices (out of memory), without raising into the role. Every block is
+freed on both sides."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import transfer.sender
 from conftest import assert_received, drive
 from transfer import PollState, TransferInfo, TransferMode
 from transfer_payload import KV_FIELDS, payload, send_rows
@@ -98,3 +100,22 @@ def test_rows_not_in_the_rooms_bucket_are_refused_and_take_nothing(pair, config)
         sender.send(3, allocation, TransferInfo(TransferMode.KV, 13, first_token=7), rows=rows)
     sender.allocator.free(allocation)  # still the caller's
     assert sender.allocator.available_blocks() == config.buffer_blocks
+
+
+def test_rows_that_cannot_be_placed_fail_their_room_and_free_its_blocks(pair, config, bootstrap, monkeypatch):
+    """The copy onto the buffers' devices raised out of ``send`` after the role had given up its
+    blocks, with an error the role's outbox does not take for a refusal: the blocks leaked and the
+    error reached the role's loop."""
+    sender, receiver = pair
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate")
+    with monkeypatch.context() as patch:
+        patch.setattr(transfer.sender.jax, "device_put", out_of_memory)
+        send_rows(sender, config, 6, 13)
+    assert sender.poll(6) is PollState.FAILED
+    receiver.add(6, bootstrap.address, "prefill-0", TransferMode.KV, sender.incarnation)
+    drive([sender, receiver], lambda: receiver.poll(6) is PollState.FAILED)
+    assert "failed" in receiver.failure(6)
+    receiver.forget(6)
+    assert_all_free(config, sender, receiver)
