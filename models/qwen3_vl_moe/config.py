@@ -15,6 +15,12 @@ from typing import Any
 VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 
 
+def _rope(d: dict[str, Any]) -> dict[str, Any]:
+    """A (sub)config's rotary settings as transformers reads them: ``rope_scaling`` (4.57's name)
+    before ``rope_parameters``; a ``rope_theta`` beside them is the fallback for theirs."""
+    return d.get("rope_scaling") or d.get("rope_parameters") or {}
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     depth: int = 27
@@ -41,6 +47,11 @@ class VisionConfig:
         if any(not 0 <= i < self.depth for i in self.deepstack_visual_indexes):
             raise ValueError(f"deepstack_visual_indexes {self.deepstack_visual_indexes} must be blocks of the "
                              f"vision tower's {self.depth}")
+        if not self.deepstack_visual_indexes or len(set(self.deepstack_visual_indexes)) < len(
+                self.deepstack_visual_indexes):  # transformers runs both, as no Qwen3-VL checkpoint is
+            raise ValueError(f"deepstack_visual_indexes {list(self.deepstack_visual_indexes)} must name at least one "
+                             "vision block, each once (a vision tower without deepstack, or with a block named "
+                             "twice, is not supported)")
 
     @property
     def head_dim(self) -> int:
@@ -56,7 +67,7 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> VisionConfig:
-        rope = d.get("rope_parameters") or {}
+        rope = _rope(d)
         return cls(
             depth=d["depth"],
             hidden_size=d["hidden_size"],
@@ -70,7 +81,7 @@ class VisionConfig:
             num_position_embeddings=d.get("num_position_embeddings", 2304),
             deepstack_visual_indexes=tuple(d.get("deepstack_visual_indexes", (8, 16, 24))),
             hidden_act=d.get("hidden_act", "gelu_pytorch_tanh"),
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -88,6 +99,7 @@ class VisionConfig:
             "num_position_embeddings": self.num_position_embeddings,
             "deepstack_visual_indexes": list(self.deepstack_visual_indexes),
             "hidden_act": self.hidden_act,
+            "rope_theta": self.rope_theta,
         }
 
 
@@ -138,8 +150,8 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> TextConfig:
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta", 5_000_000.0))
+        rope = _rope(d)
+        theta = rope.get("rope_theta", d.get("rope_theta", 500_000.0))  # transformers' default_theta
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
             raise ValueError(f"unsupported rope_type {rope_type!r} (only default MRoPE is implemented)")
@@ -215,7 +227,8 @@ class ModelConfig:
         if "text_config" not in d or "vision_config" not in d:
             raise ValueError("config.json lacks text_config/vision_config: not a Qwen3-VL-MoE checkpoint")
         text_d = d["text_config"]
-        tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", False))
+        tie = d.get("tie_word_embeddings", False)  # transformers reads the top level's only (the text config's
+        # own defaults to true)
         eos = text_d.get("eos_token_id", d.get("eos_token_id", 151645))
         return cls(
             text=TextConfig.from_hf(text_d),

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from models.qwen3_vl_moe.tiny import TINY_SEED, tiny_config, tiny_processor
 from models.qwen3_vl_moe.tokenizer import Tokenizer
 from models.qwen3_vl_moe.tiny_tokenizer import build_tiny_tokenizer
 from models.qwen3_vl_moe.vision_inputs import vision_inputs
-from models.qwen3_vl_moe.weights import load_safetensors, restore_orbax, save_orbax
+from models.qwen3_vl_moe.weights import head_of_its_own, load_safetensors, restore_orbax, save_orbax
 
+log = logging.getLogger(__name__)
 ORBAX_PARAMS = "orbax_params"
 DTYPES = ("float32", "bfloat16")
 """The parameter and compute dtypes the model runs in."""
@@ -210,6 +212,10 @@ def _load(path, dtype, shardings, weights) -> Model:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected 'tiny', a Hugging Face or an orbax directory)")
     config = ModelConfig.from_file(path / "config.json")
+    if config.tie_word_embeddings and not (path / ORBAX_PARAMS).exists() and head_of_its_own(path):
+        log.warning("%s: config.json ties the output layer to the embedding, but the checkpoint holds an lm_head "
+                    "of its own: it is used (as transformers does)", path)
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     # the tokenizer and processor first: one missing or at odds with the config is found before
     # minutes of reading weights
     tokenizer, processor = Tokenizer.from_dir(path), Processor.from_dir(path)

@@ -164,9 +164,12 @@ class Processor:
         return out
 
     def sample_frame_indices(self, total_frames: int, source_fps: float) -> np.ndarray:
-        """Which of `total_frames` frames at `source_fps` transformers keeps to sample at `video.fps`."""
+        """Which of `total_frames` frames at `source_fps` transformers keeps to sample at `video.fps`
+        (all of them where the config says not to sample)."""
         if source_fps <= 0:
             raise ValueError(f"a video's frame rate must be positive, got {source_fps}")
+        if not self.video.do_sample_frames:
+            return np.arange(total_frames, dtype=np.int64)
         count = int(total_frames / source_fps * self.video.fps)
         count = min(max(count, self.video.min_frames), self.video.max_frames, total_frames)
         return np.linspace(0, total_frames - 1, count).round().astype(np.int64)

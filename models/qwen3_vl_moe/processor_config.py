@@ -67,6 +67,8 @@ class VideoConfig(ImageConfig):
     max_frames: int = 768
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 768
+    do_sample_frames: bool = True
+    """False: every frame of a video file is kept (transformers' ``do_sample_frames``)."""
 
     @classmethod
     def from_hf(cls, config: dict) -> "VideoConfig":
@@ -75,6 +77,7 @@ class VideoConfig(ImageConfig):
             if config.get(key) is not None:
                 fields[key] = kind(config[key])
         fields["cap_pixels_per_frame"] = bool(config.get("cap_pixels_per_frame"))
+        fields["do_sample_frames"] = bool(config.get("do_sample_frames", True))
         return cls(**fields)
 
     def to_hf(self) -> dict:
@@ -82,7 +85,7 @@ class VideoConfig(ImageConfig):
             **_hf_pixel_keys(self),
             "video_processor_type": "Qwen3VLVideoProcessor",
             "do_convert_rgb": True,
-            "do_sample_frames": True,
+            "do_sample_frames": self.do_sample_frames,
             "fps": self.fps,
             "min_frames": self.min_frames,
             "max_frames": self.max_frames,

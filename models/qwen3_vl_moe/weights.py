@@ -50,6 +50,21 @@ def safetensors_files(path: Path) -> dict[str, str]:
     return key_file
 
 
+HEAD_KEY, EMBEDDING_KEY = "lm_head.weight", "model.language_model.embed_tokens.weight"
+
+
+def head_of_its_own(path: str | Path) -> bool:
+    """Whether a safetensors checkpoint holds an ``lm_head.weight`` other than its embedding: one
+    marked tied is then read untied, as transformers reads it (with a warning)."""
+    path = Path(path)
+    key_file = safetensors_files(path)
+    if HEAD_KEY not in key_file or EMBEDDING_KEY not in key_file:
+        return False
+    head = SafetensorsFile(path / key_file[HEAD_KEY]).view(HEAD_KEY)
+    embedding = SafetensorsFile(path / key_file[EMBEDDING_KEY]).view(EMBEDDING_KEY)
+    return head.shape != embedding.shape or not np.array_equal(head, embedding)
+
+
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})

@@ -122,6 +122,10 @@ def _with_config(src, dst, change):
     (lambda c: c["text_config"].update(num_hidden_layers=c["text_config"]["num_hidden_layers"] - 1),
      "is one the config does not use"),
     (lambda c: c["vision_config"].update(deepstack_visual_indexes=[0, 99]), "deepstack_visual_indexes"),
+    # transformers runs both; here they failed in the loading, naming neither ("Need at least one
+    # array to stack", KeyError 'deepstack_merger_list_1')
+    (lambda c: c["vision_config"].update(deepstack_visual_indexes=[]), "must name at least one vision block"),
+    (lambda c: c["vision_config"].update(deepstack_visual_indexes=[1, 1]), "each once"),
 ])
 def test_a_config_the_weights_or_this_code_do_not_match_is_refused(base_reference, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

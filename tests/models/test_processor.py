@@ -10,6 +10,7 @@ bicubic, antialias=True, align_corners=False)` (its native uint8 path), `normali
 then `div(std)`, and `grayscale_to_rgb` leaves 3 channels alone.
 """
 
+import dataclasses
 import enum
 import json
 import types
@@ -243,6 +244,20 @@ def test_video_frame_sampling_equals_transformers(hf_video_processor, rng):
     )
     assert_identical(ours, reference)
     assert SMALL_VIDEOS.sample_frame_indices(30, 10.0).tolist() == [0, 6, 12, 17, 23, 29]
+
+
+def test_a_config_that_does_not_sample_frames_keeps_every_frame_as_transformers(hf_video_processor, rng, tmp_path):
+    """``do_sample_frames: false`` in the video config: transformers keeps all 30 frames, where they
+    were sampled down to 6 here (the key was not read)."""
+    dataclasses.replace(SMALL_VIDEOS, video=dataclasses.replace(SMALL_VIDEOS.video, do_sample_frames=False)).save(tmp_path)
+    processor = Processor.from_dir(tmp_path)
+    video = noise_video(rng, 30, 40, 60)
+    ours = processor(videos=[video], video_fps=10.0)
+    reference = hf_video_processor(processor)(
+        videos=[video], video_metadata=[{"total_num_frames": 30, "fps": 10.0}], return_tensors="np"
+    )
+    assert_identical(ours, reference)
+    assert processor.sample_frame_indices(30, 10.0).tolist() == list(range(30))
 
 
 def test_video_pixel_cap_equals_transformers(hf_video_processor, rng):
