@@ -85,9 +85,12 @@ class GrammarSteps:
             bitmask = all_allowed_bitmask(len(samplers), vocab_size) if bitmask is None else bitmask
             words = bitmask.view(np.uint32)
             for row, request in short:
+                grammar_row = words[row].copy() if request.grammar is not None else None
                 for token in request.params.stop_ids_held(self.eos_token_ids):
                     if token < vocab_size:
                         words[row, token >> 5] &= ~np.uint32(1 << (token & 31))
+                if grammar_row is not None and empty_rows(bitmask, [row], vocab_size):
+                    words[row] = grammar_row  # a complete grammar still ends it (SamplingParams.min_tokens)
         if bitmask is None:
             return None, []
         dead = empty_rows(bitmask, [i for i, r in enumerate(samplers) if r is not None and r.grammar is not None],

@@ -72,6 +72,18 @@ def test_const_schema_yields_exactly_the_constant(llm):
     assert output.text == '{"answer":"yes"}' and output.finish_reason == "stop"
 
 
+def test_a_grammar_complete_before_min_tokens_still_ends_its_request():
+    """Its grammar then allows only end-of-sequence, which min_tokens held back: the row allowed
+    nothing, and the request failed as a grammar dead end (a 500 over HTTP). (The built-in tiny
+    model: its tokenizer's end-of-sequence is the token that ends a grammar, where the test
+    checkpoint's grammars end without one.)"""
+    tiny = LLM("tiny", num_pages=64, page_size=8, max_model_len=256, max_prefill_tokens=64, precompile=False)
+    assert not tiny.engine.grammars.terminate_without_stop_token
+    output = tiny.generate(PROMPT, constrained(const_schema("yes"), min_tokens=40))[0].outputs[0]
+    assert output.text == '{"answer":"yes"}' and output.finish_reason == "stop"
+    assert not tiny.engine.has_unfinished()
+
+
 def test_json_object_yields_an_object(llm):
     params = SamplingParams(temperature=1.0, seed=5, max_tokens=200, structured_output=StructuredOutput.any_object())
     output = llm.generate(PROMPT, params)[0].outputs[0]

@@ -69,8 +69,8 @@ def test_every_field_survives_a_round_trip_through_the_written_config():
     """An orbax checkpoint's config is the one written here: its vision rope_theta was not written,
     so the copy reloaded at 10,000."""
     config = ModelConfig(
-        text=TextConfig(vocab_size=500, hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
-                        num_key_value_heads=3, head_dim=24, rms_norm_eps=1e-3, rope_theta=1234.0,
+        text=TextConfig(vocab_size=500, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+                        num_attention_heads=6, num_key_value_heads=3, head_dim=24, rms_norm_eps=1e-3, rope_theta=1234.0,
                         mrope_section=(6, 3, 3), max_position_embeddings=999, attention_bias=True, num_experts=5,
                         num_experts_per_tok=3, moe_intermediate_size=7, decoder_sparse_step=2, mlp_only_layers=(1,)),
         vision=VisionConfig(depth=3, hidden_size=24, intermediate_size=20, num_heads=3, in_channels=1, patch_size=14,
