@@ -58,7 +58,12 @@ class TransferConfig:
     heartbeat_timeout_s: float = 10.0
     """Seconds after which a silent peer is dead: its rooms fail and their blocks are freed."""
     data_plane: str = "auto"
-    """Which data plane moves the arrays: "jax" (transfer server), "zmq" (raw frames) or "auto"."""
+    """Which data plane moves the arrays: "jax" (transfer server), "zmq" (raw frames) or "auto": the
+    zmq plane in ``data_plane_dir`` when one is given, else the transfer server where it starts."""
+    data_plane_dir: str = ""
+    """A directory only this user can enter: the zmq data plane listens on a Unix socket there, not
+    on a TCP port every local user reaches (the transfer server aborts its process on a malformed
+    packet from any of them: docs/security.md). ``--role all`` gives its workers its own."""
     jax_transfer_size: int = 256 << 20
     """Bytes the jax transfer server moves per chunk of a pull (its ``transfer_size``); a pull of
     more is cut in chunks of this size, copied ``jax_parallel_copies`` at a time. Set on both
@@ -130,6 +135,7 @@ ENV = {
     "heartbeat_interval_s": "MMSERVE_HEARTBEAT_INTERVAL",
     "heartbeat_timeout_s": "MMSERVE_HEARTBEAT_TIMEOUT",
     "data_plane": "MMSERVE_DATA_PLANE",
+    "data_plane_dir": "MMSERVE_DATA_PLANE_DIR",
     "jax_transfer_size": "MMSERVE_JAX_TRANSFER_SIZE",
     "jax_parallel_copies": "MMSERVE_JAX_PARALLEL_COPIES",
     "jax_raw_buffers": "MMSERVE_JAX_RAW_BUFFERS",

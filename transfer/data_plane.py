@@ -8,8 +8,10 @@ straight into its own device memory. Two implementations sit behind this interfa
 - ``ZmqDataPlane`` ("zmq"): raw buffer bytes as zero-copy ZMQ frames, for backends whose
   transfer server cannot start.
 
-``open_data_plane`` picks one: "auto" tries the transfer server on the local backend and
-falls back to ZMQ only if it fails to start.
+``open_data_plane`` picks one: "auto" takes the ZMQ plane on a Unix socket when the config names
+a private directory for it (``data_plane_dir``: one host, whose other users must not reach the
+plane), else tries the transfer server on the local backend and falls back to ZMQ only if it
+fails to start.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def open_data_plane(config: TransferConfig, device: jax.Device | None = None) ->
     from transfer.zmq_plane import ZmqDataPlane
 
     device = device or jax.local_devices()[0]
-    if config.data_plane == "zmq":
-        return ZmqDataPlane(config.bind_host, config.advertise_host)
+    if config.data_plane == "zmq" or config.data_plane == "auto" and config.data_plane_dir:
+        return ZmqDataPlane(config.bind_host, config.advertise_host, config.data_plane_dir)
     try:
         return JaxTransferPlane(config.public_host, device, transfer_size=config.jax_transfer_size,
                                 parallel_copies=config.jax_parallel_copies, raw_buffers=config.jax_raw_buffers)

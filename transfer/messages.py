@@ -26,8 +26,9 @@ _HOST_PORT = r"(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}"
 ControlAddress = Annotated[str, msgspec.Meta(max_length=512, pattern=f"^tcp://{_HOST_PORT}\\Z")]
 """A ZMQ endpoint a peer dials: anything else (a mistyped advertise host) made ``connect`` raise in
 the receiver's loop."""
-DataAddress = Annotated[str, msgspec.Meta(max_length=512, pattern=f"^(tcp://)?{_HOST_PORT}\\Z")]
-"""A data plane's address: the zmq plane's endpoint, or the jax transfer server's host:port."""
+DataAddress = Annotated[str, msgspec.Meta(max_length=512, pattern=f"^((tcp://)?{_HOST_PORT}|ipc:///\\S+)\\Z")]
+"""A data plane's address: the zmq plane's endpoint (TCP, or a Unix socket in a private directory),
+or the jax transfer server's host:port."""
 AuxValue = int | float | Text | Annotated[list[int | float], msgspec.Meta(max_length=1024)]
 
 

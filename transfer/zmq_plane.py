@@ -8,6 +8,9 @@ copying and places them on its device. No pickle and no Python lists touch the b
 
 from __future__ import annotations
 
+import os
+import secrets
+import stat
 import time
 from collections.abc import Sequence
 
@@ -76,12 +79,18 @@ class ZmqDataPlane:
     kind = "zmq"
     posts_pulls = False  # a pull of an uuid not offered yet is answered "no such offer"
 
-    def __init__(self, host: str, advertise_host: str = "") -> None:
+    def __init__(self, host: str, advertise_host: str = "", directory: str = "") -> None:
+        """Listens on ``host`` (a free TCP port), or on a Unix socket of its own in ``directory``."""
         context = zmq.Context.instance()
         self._server = context.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
         self._server.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES)
-        self.address = bind_random_port(self._server, host, advertise_host)
+        if directory:
+            _check_private(directory)
+            self.address = f"ipc://{os.path.join(directory, f'data-{os.getpid()}-{secrets.token_hex(4)}.sock')}"
+            self._server.bind(self.address)
+        else:
+            self.address = bind_random_port(self._server, host, advertise_host)
         self._offers: dict[int, tuple[list[jax.Array], float]] = {}
         self._clients: dict[str, zmq.Socket] = {}
         self._pulls: dict[tuple[str, int], ZmqPull] = {}
@@ -170,3 +179,10 @@ class ZmqDataPlane:
             client.close(linger=0)
         self._clients.clear()
         self._server.close(linger=0)
+
+
+def _check_private(directory: str) -> None:
+    """The plane's Unix socket keeps other users out only in a directory they cannot enter."""
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise ValueError(f"{directory}: the data plane's directory must be a directory of this user's, mode 0700")

@@ -30,15 +30,18 @@ def all_commands(args: argparse.Namespace, argv: list[str], sockets: str) -> dic
     only this user can enter: a TCP port on loopback is open to every local user, who could take
     one while it is free (a child restarting) and collect the token the workers send with every
     call (the bootstrap registry's CurveZMQ keeps others out, but one who took its port first
-    would keep the server from starting). The KV events and the transfer's own sockets stay on
-    loopback TCP, CurveZMQ, on ports chosen as they bind. The secret is not among the flags: the
-    children get it in their environment."""
+    would keep the server from starting). So does the data plane that moves embeddings and KV
+    (the zmq plane, unless ``--data-plane jax`` is asked for: the jax transfer server listens on
+    loopback TCP and aborts its process on a malformed packet, which any local user can send).
+    The KV events and the transfer's control sockets stay on loopback TCP, CurveZMQ, on ports
+    chosen as they bind. The secret is not among the flags: the children get it in their
+    environment."""
     base = [sys.executable, os.path.abspath(sys.argv[0]),
             *_without(_without(_without(argv, "--role"), "--cluster-secret-file"), "--workers")]
     registry, bootstrap = os.path.join(sockets, "registry.sock"), os.path.join(sockets, "bootstrap.sock")
     # --drain-timeout 0: stopped, the whole server stops at once (its router with the workers), as vLLM's does
     worker = base + ["--router-url", f"unix:{registry}", "--bootstrap", f"ipc://{bootstrap}",
-                     "--port", "0", "--host", "127.0.0.1", "--drain-timeout", "0"]
+                     "--port", "0", "--host", "127.0.0.1", "--drain-timeout", "0", "--data-plane-dir", sockets]
     commands = {"router": base + ["--role", "router", "--registry-socket", registry,
                                   "--registry-host", "127.0.0.1", "--bootstrap-socket", bootstrap]}
     workers = worker_names(args.workers)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -336,6 +337,47 @@ def test_role_all_keeps_its_grpc_surfaces_on_unix_sockets_only_its_user_can_reac
     for argv in workers:
         assert os.path.dirname(_flag(argv, "--grpc-socket")) == directory
         assert stat.S_ISSOCK(os.stat(_flag(argv, "--grpc-socket")).st_mode)
+
+
+def test_bytes_any_local_process_writes_to_role_all_s_tcp_ports_kill_none_of_its_processes(server, llm):
+    """jax's transfer server aborts its process on a packet it does not expect (jaxlib's LOG(FATAL)),
+    and it listened on loopback TCP, which every local user reaches: 64 zero bytes killed encode,
+    prefill and decode, and again each time they were started again. ``--role all``'s data plane
+    is on a Unix socket in its private directory now; what is left on TCP (the router's HTTP port,
+    the CurveZMQ sockets) refuses such bytes and carries on."""
+    process, port = server
+    if os.geteuid() != 0:
+        pytest.skip("the sockets of a non-dumpable process (mmserve/core_dumps.py) are root's alone to list")
+    children = set(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split())
+    ports = {p for pid in children for p in _tcp_listen_ports(pid)}
+    assert port in ports and len(ports) > 1
+    for target in ports:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", target), timeout=2) as connection:
+            connection.sendall(bytes(64))
+            time.sleep(0.05)
+    time.sleep(2)
+    assert set(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()) \
+        == children, "a process of --role all died (and was started again)"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
+    text, images = CASES["one_image"]
+    assert ask(client, text, images) == expected(llm, text, images)
+
+
+def _tcp_listen_ports(pid: str) -> set[int]:
+    """The TCP ports process ``pid`` listens on (its sockets' inodes in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def test_no_process_of_role_all_writes_a_core_file_holding_its_secret(server):

@@ -8,6 +8,7 @@ are the real ones.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import pytest
 
@@ -28,12 +29,18 @@ def receive(receiver: Receiver, sender, room: int, timeout: float = 30.0):
     return receiver.take(room)
 
 
-@pytest.mark.parametrize("plane", ["jax", "zmq"])
+@pytest.mark.parametrize("plane", ["jax", "zmq", "private"])
 def test_embedding_that_fits_and_one_that_resumes_arrive_bit_exact(plane, config, bootstrap, spawn):
-    config = dataclasses.replace(config, data_plane=plane)
+    """``private``: the zmq plane on Unix sockets in a directory only this user enters (``--role
+    all``'s), which ``auto`` picks when given one."""
+    if plane == "private":
+        config = dataclasses.replace(config, data_plane="auto", data_plane_dir=tempfile.mkdtemp())
+    else:
+        config = dataclasses.replace(config, data_plane=plane)
     sender = spawn("sender", config, name="encode-0", bootstrap=bootstrap.address)
     receiver = Receiver(config, EMBEDDING_FIELDS)
-    assert receiver.data_plane.kind == plane
+    assert receiver.data_plane.kind == ("zmq" if plane == "private" else plane)
+    assert receiver.data_plane.address.startswith(f"ipc://{config.data_plane_dir}/") == (plane == "private")
     fits, resumes = 1, 2
     assert 9 <= config.default_tokens < 50
     for room, tokens in ((fits, 9), (resumes, 50)):
@@ -144,3 +151,11 @@ def test_listeners_publish_an_address_their_peers_can_dial(plane, bind_host, adv
         assert published.control.startswith(f"tcp://{advertise_host}:")
         assert f"{advertise_host}:" in published.data_address
     receiver.close()
+
+
+def test_a_private_data_plane_directory_others_can_enter_is_refused(config, tmp_path):
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o755)
+    with pytest.raises(ValueError, match="must be a directory of this user's, mode 0700"):
+        Receiver(dataclasses.replace(config, data_plane_dir=str(open_to_all)), EMBEDDING_FIELDS)
