@@ -178,8 +178,16 @@ def join_role(args: argparse.Namespace, credential: ClusterCredential | None = N
     # its finally blocks, as Ctrl-C does: a worker ends its calls, fails its transfer rooms with a
     # word to their peers and withdraws from the bootstrap registry (instead of leaving them to
     # time out), a leader tells its followers to stop.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     return lockstep, layout
+
+
+def stop_on_sigterm(*_) -> None:
+    """Ends the process through its finally blocks, once: a second SIGTERM (``--role all`` stopping
+    its children after a Ctrl-C that reached them too) raised again inside the clean-up it began."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not sys.is_finalizing():
+        sys.exit(0)
 
 
 def follow_leader(role: str, model, engine: EngineConfig, layout, lockstep, transfer: TransferConfig | None = None,
@@ -249,7 +257,7 @@ def follow_through_stop(limit_s: float) -> None:
         os._exit(FOLLOWER_GAVE_UP_STATUS)
 
     def terminated(*_):
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
         log.info("stopping: following the leader until it stops (up to %.0f s; a second signal ends it now)",
                  limit_s)
         timer = threading.Timer(limit_s, give_up)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import functools
 import signal
-import sys
 
 from mmserve.config_flags import config_from_args
 from mmserve.engine.config import EngineConfig
 from mmserve.roles.launch import (STARTUP_FAILURE, cluster_credential, configure_logging, model_errors_said,
-                                  require_free_port, require_free_socket, transfer_config)
+                                  require_free_port, require_free_socket, stop_on_sigterm, transfer_config)
 from mmserve.roles.routing import RoutingConfig
 from mmserve.roles.supervisor import mark_ready
 
@@ -65,7 +64,7 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     # SIGTERM ends the router through its finally blocks, as it does a worker (``join_role``): the
     # HTTP server re-raises the signal once it has shut down, and a process killed by it flushes
     # nothing (the trace's last spans were lost).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         started = run_event_loop(main())
     finally:

@@ -7,6 +7,7 @@ roles (encode, prefill, decode, router, all) are launched by ``mmserve.roles.lau
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -104,7 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return LAUNCHERS[args.role](args)
     except KeyboardInterrupt:  # Ctrl-C, even while loading or compiling: no traceback
-        return 130
+        interrupted()
+
+
+def interrupted() -> None:
+    """Ends a process stopped by Ctrl-C before it served, at once (status 130): what the stop
+    unwound is done, and the interpreter's own shutdown, with XLA's compiler threads still at
+    work, crashed the process now and then (SIGSEGV)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
