@@ -20,14 +20,15 @@ ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 class LLM:
-    """model: ``"tiny"``, a Hugging Face checkpoint directory or an orbax directory. moe_dispatch:
+    """model: ``"tiny"``, a Hugging Face checkpoint directory or an orbax directory. dtype:
+    ``float32``, ``bfloat16`` or ``auto`` (the checkpoint's, as vLLM's). moe_dispatch:
     how MoE layers reach their experts (``auto``: the fast strategy for this backend).
     compilation_cache: directory of jax's persistent cache of compiled programs (None: the default,
     ``$MMSERVE_COMPILATION_CACHE`` or ``~/.cache/mmserve/jax``; '': off).
     Engine settings (``page_size``, ``max_model_len``, ``num_pages``, ``precompile``, ...) are keyword
     arguments."""
 
-    def __init__(self, model: str = "tiny", dtype: str = "float32", moe_dispatch: str = "auto",
+    def __init__(self, model: str = "tiny", dtype: str = "auto", moe_dispatch: str = "auto",
                  compilation_cache: str | None = None, **engine_args):
         unknown = set(engine_args) - ENGINE_FIELDS
         if unknown:

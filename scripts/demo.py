@@ -55,11 +55,19 @@ def picture_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def http_port(text: str) -> int:
+    """An argparse type: a port the demo can ask (0, "any free one", is not: it must know which)."""
+    port = int(text) if text.isdigit() else -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {text!r}")
+    return port
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
                    help="'tiny' (random weights) or a Hugging Face / orbax checkpoint directory (default: tiny)")
-    p.add_argument("--port", type=int, default=8000, help="the server's HTTP port (default: 8000)")
+    p.add_argument("--port", type=http_port, default=8000, help="the server's HTTP port, 1 to 65535 (default: 8000)")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds to wait for the server to come up (default: 600)")
     args = p.parse_args()
@@ -99,4 +107,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the server was stopped on the way out
+        sys.exit(130)

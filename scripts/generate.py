@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 from mmserve import LLM, SamplingParams
+from mmserve.roles.launch import model_errors_said
+from models.qwen3_vl_moe.model import AUTO_DTYPE, DTYPES
 
 
 def generated_image(width: int = 320, height: int = 240) -> Image.Image:
@@ -27,7 +29,8 @@ def generated_image(width: int = 320, height: int = 240) -> Image.Image:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny', a Hugging Face checkpoint dir or an orbax dir")
-    p.add_argument("--dtype", default="float32", help="parameter and compute dtype (float32, bfloat16)")
+    p.add_argument("--dtype", default=AUTO_DTYPE, choices=(AUTO_DTYPE, *DTYPES),
+                   help="parameter and compute dtype; auto: the checkpoint's")
     p.add_argument("--prompt", required=True, help="the user's message (chat template applied unless --raw)")
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--generated-image", action="store_true", help="add a generated test picture")
@@ -49,13 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    images = [Image.open(path) for path in args.image] + ([generated_image()] if args.generated_image else [])
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), max_tokens=args.max_tokens,
-        logprobs=args.logprobs)
-    llm = LLM(args.model, dtype=args.dtype)
+    try:  # a bad value is said in one line before the model loads, as serve.py says it
+        params = SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), max_tokens=args.max_tokens,
+            logprobs=args.logprobs)
+        images = [Image.open(path) for path in args.image] + ([generated_image()] if args.generated_image else [])
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"generate.py: {error}") from None
+    with model_errors_said(args.model, "generate.py"):
+        llm = LLM(args.model, dtype=args.dtype)
     if args.raw:
         prompt = {"prompt": args.prompt, "multi_modal_data": {"image": images} if images else {}}
         output = llm.generate(prompt, params)[0]

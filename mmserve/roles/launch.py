@@ -115,7 +115,7 @@ def configure_logging(process: str, level: str) -> None:
 
 
 @contextlib.contextmanager
-def model_errors_said(model: str):
+def model_errors_said(model: str, program: str = "serve.py"):
     """A checkpoint that cannot be loaded (missing, damaged, a config this code cannot serve) ends
     the process with one line naming it and why, not a traceback from deep in the loader."""
     try:
@@ -123,7 +123,7 @@ def model_errors_said(model: str):
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
         log.debug("loading %s failed", model, exc_info=True)
         detail = f"{type(error).__name__}: {error}" if not isinstance(error, (ValueError, OSError)) else str(error)
-        raise SystemExit(f"serve.py: cannot load the model {model!r}: {detail}") from None
+        raise SystemExit(f"{program}: cannot load the model {model!r}: {detail}") from None
 
 
 def load_role_model(args: argparse.Namespace, engine: EngineConfig, layout):

@@ -23,7 +23,7 @@ from mmserve.kv_events import KVEventsConfig
 from mmserve.roles.routing import RoutingConfig
 from mmserve.serving.router.settings import RouterSettings
 from mmserve.tracing import TracingConfig, configure_tracing
-from models.qwen3_vl_moe.model import DTYPES
+from models.qwen3_vl_moe.model import AUTO_DTYPE, DTYPES
 from models.qwen3_vl_moe.moe_dispatch import STRATEGIES as MOE_STRATEGIES
 from mmserve.roles.launch import add_arguments as add_role_arguments
 from mmserve.roles.launch import (STARTUP_FAILURE, configure_logging, follow_leader, join_role, load_role_model,
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default="tiny",
                        help="'tiny' (built-in random weights, offline), a Hugging Face checkpoint directory "
                             "or an orbax directory written by Model.save_orbax")
-    model.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and compute dtype")
+    model.add_argument("--dtype", default=AUTO_DTYPE, choices=(AUTO_DTYPE, *DTYPES),
+                       help="parameter and compute dtype; auto: the checkpoint's (bfloat16 for a bfloat16 or "
+                       "float16 one, else float32; tiny: float32)")
     model.add_argument("--moe-dispatch", default="auto", choices=("auto", *MOE_STRATEGIES),
                        help="how MoE layers send tokens to their experts: auto picks grouped on an unsharded "
                             "CPU model and ragged_dot elsewhere; dense and gathered are for checks (default: auto)")

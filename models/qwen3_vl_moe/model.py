@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 ORBAX_PARAMS = "orbax_params"
 DTYPES = ("float32", "bfloat16")
 """The parameter and compute dtypes the model runs in."""
+AUTO_DTYPE = "auto"
+"""The checkpoint's own dtype (config.json's ``dtype`` or ``torch_dtype``), as vLLM's ``--dtype auto``:
+bfloat16 for a bfloat16 or float16 checkpoint (float16 is not run here), else float32."""
 REFERENCE_PAGE_SIZE = 16
 
 
@@ -108,7 +111,7 @@ class Model:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_orbax(path / ORBAX_PARAMS, self.params)
-        (path / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
+        (path / "config.json").write_text(json.dumps(self.config.to_hf() | {"dtype": self.dtype.name}, indent=2))
         self.tokenizer.save(path)
         self.processor.save(path)
 
@@ -176,17 +179,35 @@ def _into_shards(value, sharding) -> jax.Array:
 
 
 def load_model(
-    path: str | Path = "tiny", dtype: str | jnp.dtype = "float32", shardings: ParamShardings | None = None,
+    path: str | Path = "tiny", dtype: str | jnp.dtype = AUTO_DTYPE, shardings: ParamShardings | None = None,
     weights: bool = True, moe_dispatch: str = "auto",
 ) -> Model:
     """With ``shardings`` a checkpoint's parameters are read straight into their shards. Without
     ``weights`` only config, tokenizer and processor are read (``params`` is None): what a router
     needs to prepare requests. ``moe_dispatch``: a strategy of :mod:`models.qwen3_vl_moe.moe_dispatch`,
     or ``auto`` for the fast one on this backend and placement."""
-    model = _load(path, _dtype(dtype), shardings, weights)
+    model = _load(path, _dtype(_checkpoint_dtype(path) if str(dtype) == AUTO_DTYPE else dtype), shardings, weights)
     split = model.params is not None and any(
         not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(model.params))
     return dataclasses.replace(model, moe_dispatch=choose_moe_dispatch(moe_dispatch, jax.default_backend(), split))
+
+
+def _checkpoint_dtype(path: str | Path) -> str:
+    """What ``auto`` resolves to for the checkpoint at ``path`` (``tiny``: float32)."""
+    config = Path(path) / "config.json"
+    if str(path) == "tiny" or not config.exists():
+        return "float32"  # tiny; a directory without a config is refused by the loading itself
+    try:
+        d = json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return "float32"  # the loading names the file and the error
+    text = d.get("text_config") if isinstance(d.get("text_config"), dict) else {}
+    saved = d.get("dtype") or d.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    if saved in ("bfloat16", "float16"):
+        if saved == "float16":
+            log.warning("%s: a float16 checkpoint runs in bfloat16 (float16 is not one of %s)", path, DTYPES)
+        return "bfloat16"
+    return "float32"
 
 
 def _dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -195,7 +216,7 @@ def _dtype(dtype: str | jnp.dtype) -> jnp.dtype:
     except TypeError:
         resolved = None
     if resolved is None or resolved.name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or {AUTO_DTYPE}, got {dtype!r}")
     return resolved
 
 

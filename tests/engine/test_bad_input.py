@@ -92,8 +92,8 @@ def test_a_malformed_chat_is_a_value_error(llm, conversation, message):
 def test_an_unsupported_dtype_is_a_value_error_before_anything_loads():
     from mmserve import LLM
 
-    for dtype in ("int8", "auto", "float64"):
-        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+    for dtype in ("int8", "float16", "float64"):
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or auto"):
             LLM("tiny", dtype=dtype)
 
 

@@ -59,6 +59,24 @@ def test_bf16_checkpoint_loads_as_float32(base_reference, base_model, tmp_path):
     assert not np.array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_auto_dtype_is_the_checkpoint_s_own(base_reference, base_model, tmp_path):
+    """As vLLM's ``--dtype auto``: a bfloat16 checkpoint (the hub's) ran in float32 by default, twice
+    its memory (115.75 GiB of parameters for Qwen3-VL-30B-A3B); float16 runs in bfloat16, the
+    16-bit type this code has; float32 stays float32, and so does tiny."""
+    src = base_reference[1]
+    for saved, runs in (("bfloat16", "bfloat16"), ("float16", "bfloat16"), ("float32", "float32")):
+        config = json.loads((src / "config.json").read_text())
+        assert config["dtype"] == "float32"
+        (tmp_path / saved).mkdir()
+        _rewrite_dir(src, tmp_path / saved, {})
+        (tmp_path / saved / "config.json").write_text(json.dumps(config | {"dtype": saved}))
+        assert load_model(tmp_path / saved, weights=False).dtype == np.dtype(runs), saved
+    assert load_model("tiny", weights=False).dtype == np.float32
+    bf16 = load_model(src, dtype="bfloat16")
+    bf16.save_orbax(tmp_path / "orbax")  # its config says what it holds
+    assert load_model(tmp_path / "orbax").dtype == np.dtype("bfloat16")
+
+
 def test_orbax_round_trip_gives_identical_params(base_model, tmp_path, rng):
     base_model.save_orbax(tmp_path / "orbax")
     restored = load_model(tmp_path / "orbax", dtype="float32")
