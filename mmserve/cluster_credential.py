@@ -80,9 +80,12 @@ class ClusterCredential:
         env = os.environ if env is None else env
         path = path or env.get(SECRET_FILE_ENV)
         if path:
+            _check_private(Path(path))
             secret = Path(path).read_bytes().strip()
         elif env.get(SECRET_ENV):
-            secret = env[SECRET_ENV].encode()
+            # stripped as a file's is: a Kubernetes Secret made from a file ending in a newline is
+            # the same secret read as a variable in one pod and as a mounted file in another
+            secret = env[SECRET_ENV].encode().strip()
         else:
             raise MissingCredential(
                 f"no cluster secret: give --cluster-secret-file, ${SECRET_FILE_ENV} or ${SECRET_ENV} (the same on "
@@ -92,3 +95,11 @@ class ClusterCredential:
     def environment(self) -> dict[str, str]:
         """What a child process needs in its environment to hold this credential."""
         return {SECRET_ENV: self.secret.decode()}
+
+
+def _check_private(path: Path) -> None:
+    """A secret file others can read is no secret (ssh refuses its keys so, for the same reason)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise PermissionError(f"{path}: the cluster secret file is readable by others (mode {mode & 0o777:o}); "
+                              f"`chmod 600 {path}`")
