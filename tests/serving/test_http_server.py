@@ -6,7 +6,7 @@ import logging
 
 import uvloop
 
-from mmserve.serving.http_server import HealthPollFilter, run_event_loop
+from mmserve.serving.http_server import HealthPollFilter, listening_url, run_event_loop
 
 ACCESS_FORMAT = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access record
 
@@ -37,3 +37,27 @@ def test_the_server_loop_is_uvloop_and_returns_what_its_coroutine_returns():
     loop = run_event_loop(main())
     assert isinstance(loop, uvloop.Loop)
     assert loop.is_closed()
+
+
+def test_the_address_said_is_the_one_listened_on():
+    """``--port 0`` logged ``ready on http://127.0.0.1:0`` while uvicorn listened on a free port."""
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+
+    async def main():
+        server = uvicorn.Server(uvicorn.Config(Starlette(), host="127.0.0.1", port=0, log_level="warning"))
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        url = listening_url(server)
+        server.should_exit = True
+        await serving
+        return url
+
+    url = run_event_loop(main())
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    with socket.socket() as probe:  # the port was this server's: free again once it stopped
+        probe.bind(("127.0.0.1", int(port)))
