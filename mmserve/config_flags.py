@@ -76,11 +76,18 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, *, 
 
 def config_from_args(cls: type, args: argparse.Namespace, *, prefix: str, base: Any = None, **fixed: Any):
     """``cls`` from the flags that were given, over ``base`` (or the defaults), with ``fixed``
-    (values that are not flags) over everything. Raises ValueError as the config's own checks do."""
+    (values that are not flags) over everything. Raises ValueError as the config's own checks do,
+    a message that begins with a field given as a flag beginning with the flag's name instead."""
     given = {field.name: getattr(args, prefix + field.name) for field in dataclasses.fields(cls)
              if getattr(args, prefix + field.name, None) is not None}
     values = given | fixed
-    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ValueError as error:
+        name, _, rest = str(error).partition(" ")
+        if name in given and rest:
+            raise ValueError(f"{flag_name(name)} {rest}") from None
+        raise
 
 
 def _shown(name: str, default: Any) -> str:

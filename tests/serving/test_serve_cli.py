@@ -79,13 +79,13 @@ def test_flags_that_are_not_given_leave_the_configs_defaults():
 def test_bad_engine_setting_is_refused_with_the_reason():
     result = _serve("--role", "colocated", "--page-size", "0")
     assert result.returncode == 2
-    assert "page_size must be >= 1" in result.stderr
+    assert "--page-size must be >= 1" in result.stderr  # the flag, not the config field
 
 
 def test_bad_door_limit_is_refused_with_the_reason():
     result = _serve("--role", "colocated", "--max-body-bytes", "0")
     assert result.returncode == 2
-    assert "max_body_bytes must be >= 1" in result.stderr
+    assert "--max-body-bytes must be >= 1" in result.stderr
 
 
 def test_a_worker_without_the_cluster_secret_refuses_to_start():
@@ -106,7 +106,7 @@ def test_a_worker_without_the_cluster_secret_refuses_to_start():
     (["--mesh", "data=2,model=2"], "the data axis does not split a role's batch yet"),
     (["--num-processes", "2"], "need a coordinator address"),
     (["--heartbeat-interval", "20"], "heartbeat_timeout_s must exceed heartbeat_interval_s"),
-    (["--request-timeout", "nan"], "request_timeout_s >= 0 and finite"),
+    (["--request-timeout", "nan"], "--request-timeout must be >= 0 and finite"),
     (["--api-key-file", "/nonexistent/key"], "No such file or directory"),
     (["--api-key-file", "EMPTY"], "is empty"),  # read as no key, it turned authentication off
 ])

@@ -78,5 +78,7 @@ class RouterSettings:
                      "media_fetch_timeout_s"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
-        if self.max_queued_requests < 0 or not 0 <= self.request_timeout_s < math.inf:  # nan fails too
-            raise ValueError("max_queued_requests must be >= 0, request_timeout_s >= 0 and finite (0: none)")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if not 0 <= self.request_timeout_s < math.inf:  # nan fails too
+            raise ValueError(f"request_timeout_s must be >= 0 and finite (0: none), got {self.request_timeout_s}")
