@@ -109,6 +109,17 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a duration, 0 or more seconds (finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):  # nan fails too
+        raise argparse.ArgumentTypeError(f"seconds are 0 or more and finite, got {text}")
+    return value
+
+
 def tcp_port(text: str) -> int:
     """An argparse type: a TCP port, 0 (any free one) to 65535 (a larger one wrapped around to
     another port, silently)."""

@@ -24,7 +24,7 @@ import threading
 import time
 
 from mmserve.cluster_credential import ClusterCredential, MissingCredential
-from mmserve.config_flags import add_config_flags, config_from_args, tcp_port
+from mmserve.config_flags import add_config_flags, config_from_args, seconds, tcp_port
 from mmserve.distributed.multihost import add_cluster_flags
 from mmserve.engine.config import EngineConfig
 from mmserve.kv_events import KVEventsConfig
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "not named gets one); the router routes between them (--routing-policy)")
     group.add_argument("--name", default=None, help="worker: its unique name (default ROLE-HOSTNAME-PID: in a pod the hostname is the pod's "
                             "name, and PIDs repeat across containers)")
-    group.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
+    group.add_argument("--drain-timeout", type=seconds, default=20.0, metavar="SECONDS",
                        help="worker: given SIGTERM, it tells the router to send it nothing new and lets the "
                             "requests it holds finish for up to this long before it stops (keep it below the "
                             "orchestrator's grace period: Kubernetes' terminationGracePeriodSeconds is 30 s by "

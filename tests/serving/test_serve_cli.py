@@ -109,6 +109,10 @@ def test_a_worker_without_the_cluster_secret_refuses_to_start():
     (["--request-timeout", "nan"], "--request-timeout must be >= 0 and finite"),
     (["--api-key-file", "/nonexistent/key"], "No such file or directory"),
     (["--api-key-file", "EMPTY"], "is empty"),  # read as no key, it turned authentication off
+    # both were taken: a drain that never waited, a media directory every request was refused under
+    (["--drain-timeout", "-1"], "seconds are 0 or more and finite, got -1"),
+    (["--allowed-local-media-path", "/nonexistent/media"], "--allowed-local-media-path /nonexistent/media is not a "
+                                                           "directory"),
 ])
 def test_a_bad_start_up_flag_is_one_line_and_status_2(flags, reason, tmp_path, capsys):
     from mmserve.serving.cli import main
