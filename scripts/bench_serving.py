@@ -192,12 +192,19 @@ def _cpu_seconds() -> float:
 
 
 def server_compiles(url: str) -> float | None:
-    """The server's mmserve_backend_compiles gauge (XLA compilations so far), None if absent."""
+    """XLA compilations so far: colocated's mmserve_backend_compiles gauge, or the sum of every
+    worker's ``compiles`` in /health (the disaggregated roles); None if neither says."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
         for line in reply.read().decode().splitlines():
             if line.startswith("mmserve_backend_compiles "):
                 return float(line.split()[1])
-    return None
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as reply:
+            roles = json.loads(reply.read()).get("roles", {})
+    except OSError:
+        return None
+    counts = [w["compiles"] for workers in roles.values() for w in workers if "compiles" in w]
+    return float(sum(counts)) if counts else None
 
 
 if __name__ == "__main__":
