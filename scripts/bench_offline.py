@@ -20,7 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:  # the test extra's CPU wheel (pyproject.toml pins it)
+    raise SystemExit('bench_offline.py compares mmserve with transformers: pip install -e ".[test]"') from None
 from PIL import Image
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
