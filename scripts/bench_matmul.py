@@ -19,7 +19,7 @@ import numpy as np
 try:
     import torch
 except ImportError:  # the test extra's CPU wheel (pyproject.toml pins it)
-    raise SystemExit('bench_matmul.py times torch's matmuls beside XLA's: pip install -e ".[test]"') from None
+    raise SystemExit('bench_matmul.py times torch\'s matmuls beside XLA\'s: pip install -e ".[test]"') from None
 
 SHAPES = [(32, 256, 256), (512, 256, 256), (512, 512, 1536), (2048, 1024, 1024)]
 
