@@ -71,7 +71,7 @@ async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log
     access = logging.getLogger("uvicorn.access")  # after Config, which configures uvicorn's loggers
     if not any(isinstance(f, HealthPollFilter) for f in access.filters):
         access.addFilter(HealthPollFilter())
-    announcer = asyncio.create_task(_announce_ready(server, backend, on_listening))
+    announcer = asyncio.create_task(_announce_ready(server, backend, f"http://{host}:{port}", on_listening))
     try:
         await server.serve()
     finally:
@@ -81,10 +81,11 @@ async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log
     return server.started
 
 
-async def _announce_ready(server: uvicorn.Server, backend: Backend, on_listening: Callable[[], None] | None) -> None:
+async def _announce_ready(server: uvicorn.Server, backend: Backend, given: str,
+                          on_listening: Callable[[], None] | None) -> None:
     while not server.started:
         await asyncio.sleep(READY_POLL_S)
-    url = listening_url(server)
+    url = listening_url(server) or given  # given: a server already stopping has closed its sockets
     if on_listening is not None:
         on_listening()
     if not await _healthy(backend):
@@ -94,10 +95,13 @@ async def _announce_ready(server: uvicorn.Server, backend: Backend, on_listening
     log.info("ready on %s", url)
 
 
-def listening_url(server: uvicorn.Server) -> str:
+def listening_url(server: uvicorn.Server) -> str | None:
     """The address the server listens on, as a client writes it: the port it was given, not
-    ``--port 0``'s 0, and an IPv6 host in brackets."""
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    ``--port 0``'s 0, and an IPv6 host in brackets; None once its sockets are closed."""
+    sockets = [sock for listener in server.servers for sock in listener.sockets]
+    if not sockets:
+        return None
+    host, port = sockets[0].getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
