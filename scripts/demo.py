@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from generate import generated_image
+from mmserve.config_flags import tcp_port
 
 SERVE = Path(__file__).with_name("serve.py")
 TINY_NOTE = """\
@@ -56,10 +57,10 @@ def picture_url() -> str:
 
 
 def http_port(text: str) -> int:
-    """An argparse type: a port the demo can ask (0, "any free one", is not: it must know which)."""
-    port = int(text) if text.isdigit() else -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {text!r}")
+    """``tcp_port``, less 0 ("any free one"): the demo must know which port to ask."""
+    port = tcp_port(text)
+    if port == 0:
+        raise argparse.ArgumentTypeError("the demo asks the server on a port it names: 1 to 65535, not 0")
     return port
 
 
