@@ -143,7 +143,7 @@ def load_role_model(args: argparse.Namespace, engine: EngineConfig, layout):
     devices = layout.mesh.devices.size if layout else 1
     what = "tiny (random weights: it answers gibberish)" if args.model == "tiny" else args.model
     log.info("weights loaded: %s, %s parameters in %s on %d %s device(s), in %.1f s", what, _amount(parameters),
-             args.dtype, devices, jax.default_backend(), time.monotonic() - start)
+             model.dtype.name, devices, jax.default_backend(), time.monotonic() - start)
     return model
 
 
