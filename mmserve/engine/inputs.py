@@ -5,7 +5,8 @@ Prompts come in vLLM's forms: a string, ``{"prompt": str, "multi_modal_data": {.
 ``{"prompt_token_ids": [...], "multi_modal_data": {...}}``. As the Hugging Face processor does,
 each single ``<|image_pad|>`` becomes as many image tokens as its image has, and each
 ``<|video_pad|>`` becomes, per temporal patch, ``<t seconds><|vision_start|>`` + tokens +
-``<|vision_end|>`` (replacing the ``<|vision_start|>``/``<|vision_end|>`` around it, if any).
+``<|vision_end|>`` (replacing the ``<|vision_start|>``/``<|vision_end|>`` around it, if any). A
+prompt may carry vLLM's ``cache_salt`` (:mod:`mmserve.engine.page_hash`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmserve.engine.page_hash import salted_content_key
 from mmserve.engine.rejected import RequestRejected
 from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.media import (BadMedia, decode_image, decode_sampled_frames, open_image, read_video_header,
@@ -27,7 +29,7 @@ from models.qwen3_vl_moe.media import (BadMedia, decode_image, decode_sampled_fr
 from models.qwen3_vl_moe.processor import Processor
 from models.qwen3_vl_moe.token_count import TooManyTokens
 
-PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data"}
+PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "cache_salt"}
 MODALITIES = {"image", "video"}
 DEFAULT_VIDEO_FPS = 24.0  # what transformers assumes for pre-sampled frames without metadata
 
@@ -126,6 +128,8 @@ class PreparedPrompt:
     token_ids: list[int]
     images: list[Visual]
     videos: list[Visual]
+    cache_salt: str | None = None
+    """Only prompts with the same salt share cached KV pages (:mod:`mmserve.engine.page_hash`)."""
 
 
 def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> PreparedPrompt:
@@ -143,6 +147,9 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
         raise ValueError(f"unknown prompt field(s): {sorted(unknown)}")
     if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
         raise ValueError("a prompt needs exactly one of 'prompt' and 'prompt_token_ids'")
+    salt = prompt.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError("'cache_salt' must be a non-empty string if given")
     if "prompt" in prompt:
         if not isinstance(prompt["prompt"], str):
             raise ValueError("'prompt' must be a string")
@@ -167,7 +174,10 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
                   wrapper=(model.config.vision_start_token_id, model.config.vision_end_token_id))
     if not ids:
         raise ValueError("the prompt is empty")
-    return PreparedPrompt(ids, images, videos)
+    if salt is not None:
+        images, videos = ([dataclasses.replace(v, content_key=salted_content_key(v.content_key, salt)) for v in kind]
+                          for kind in (images, videos))
+    return PreparedPrompt(ids, images, videos, salt)
 
 
 def _token_ids(ids: Any, vocab_size: int) -> list[int]:

@@ -10,6 +10,11 @@ A visual's key is its ``content_key`` (:class:`~mmserve.engine.inputs.Visual`): 
 file the client sent (or of the patches given directly), made where the visual was first read and
 carried with it to every role. The router computes the same keys from the same prompt, which is
 how it knows which prefill worker holds a prompt's pages (:mod:`mmserve.roles.routing`).
+
+A prompt's ``cache_salt`` (vLLM's request field) replaces the first page's parent, and is hashed
+into its pictures' content keys (:func:`salted_content_key`), so that only prompts with the same
+salt share pages or encoded pictures: a tenant whose requests carry a secret salt of its own
+cannot learn, from a faster answer or a hit counter, whether another tenant sent a prefix it guesses.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ if TYPE_CHECKING:
     from models.qwen3_vl_moe import Model
 
 ROOT_KEY = b""
-"""The parent key of a sequence's first page."""
+"""The parent key of a sequence's first page (without a cache salt)."""
+SALT_DOMAIN = b"cache_salt:"
+"""Prefixed to a cache salt before it is hashed into a first page's parent."""
 TAIL_DOMAIN = b"tail:"
 """Prefixed to the parent of a partial page's key, so that no partial page's key can equal a
 full page's."""
@@ -70,7 +77,21 @@ def prompt_page_keys(prompt: PreparedPrompt, model: Model, page_size: int) -> Pa
     config, count = model.config, model.processor.num_image_tokens
     return PageKeys(page_size, visual_spans(prompt.token_ids, [
         (config.image_token_id, [(count(v.grid_thw[0]), v.content_key) for v in prompt.images]),
-        (config.video_token_id, [(count(v.grid_thw[0]), v.content_key) for v in prompt.videos])]))
+        (config.video_token_id, [(count(v.grid_thw[0]), v.content_key) for v in prompt.videos])]),
+        root=root_key(prompt.cache_salt))
+
+
+def salted_content_key(content_key: bytes, cache_salt: str) -> bytes:
+    """A picture's content key within a salted prompt: the embedding cache, which looks pictures up
+    by it, then finds a picture only for prompts of the same salt, as the prefix cache does."""
+    return hashlib.sha256(SALT_DOMAIN + content_key + cache_salt.encode()).digest()
+
+
+def root_key(cache_salt: str | None) -> bytes:
+    """The parent of a sequence's first page: ROOT_KEY, or a digest of the prompt's cache salt."""
+    if cache_salt is None:
+        return ROOT_KEY
+    return hashlib.sha256(SALT_DOMAIN + cache_salt.encode()).digest()
 
 
 def page_key(parent: bytes, token_ids: Sequence[int], visuals: Sequence[tuple[int, bytes]]) -> bytes:
@@ -94,6 +115,8 @@ class PageKeys:
 
     page_size: int
     visuals: list[VisualSpan]
+    root: bytes = ROOT_KEY
+    """The first page's parent (:func:`root_key`)."""
     _keys: list[bytes] = dataclasses.field(default_factory=list)
     _tail: tuple[int, int, list[bytes]] | None = None
     """The last ``tail_keys`` answer: a waiting request asks again at every step, with the same
@@ -107,7 +130,7 @@ class PageKeys:
         if num_pages > done:
             raw = np.asarray(token_ids(done * size, num_pages * size), np.int64).tobytes()
             width = size * TOKEN_BYTES
-            parent = self._keys[-1] if self._keys else ROOT_KEY
+            parent = self._keys[-1] if self._keys else self.root
             for i, start in enumerate(range(done * size, num_pages * size, size)):
                 visuals = [(v.start - start, v.key) for v in self.visuals if v.start < start + size and v.end > start]
                 parent = _key(parent, raw[i * width:(i + 1) * width], visuals)
@@ -126,7 +149,7 @@ class PageKeys:
             raise ValueError(f"{num_tokens} tokens do not end inside page {page} of {size} tokens")
         if self._tail is not None and self._tail[:2] == (page, num_tokens):
             return self._tail[2]
-        parent = TAIL_DOMAIN + (self.first(page, token_ids)[-1] if page else ROOT_KEY)
+        parent = TAIL_DOMAIN + (self.first(page, token_ids)[-1] if page else self.root)
         ids = token_ids(start, num_tokens)
         keys = []
         for j in range(1, len(ids) + 1):

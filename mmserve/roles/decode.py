@@ -37,7 +37,6 @@ from mmserve.distributed.lockstep import Lockstep
 from mmserve.engine.config import EngineConfig
 from mmserve.engine.engine import LLMEngine
 from mmserve.engine.step_failed import StepFailed
-from mmserve.engine.inputs import PreparedPrompt
 from mmserve.engine.kv_rows import KVRows
 from mmserve.engine.output_stream import OutputStream
 from mmserve.engine.outputs import RequestOutput
@@ -48,7 +47,7 @@ from mmserve.engine.scheduler import Reservation
 from mmserve.kv_events import KVEventPublisher
 from mmserve.roles.fields import kv_fields, room_rows
 from mmserve.roles.request_state import DECODE_TRANSITIONS, DecodeState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
+from mmserve.roles.wire import deadline_from_pb, event_to_pb, prompt_from_pb, sampling_from_pb
 from mmserve.roles.role_loop import LoopStopped, RoleLoop
 from mmserve.roles.token_stream import TokenStream
 from mmserve.roles.worker import PrefixCache, WorkerService
@@ -154,8 +153,7 @@ class DecodeRole:
         when its pictures do not fill its placeholders."""
         if not self.engine.config.enable_prefix_caching:
             return None
-        prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v, "image") for v in request.images],
-                                [visual_from_pb(v, "video") for v in request.videos])
+        prompt = prompt_from_pb(request)
         return prompt_page_keys(prompt, self.engine.model, self.engine.config.page_size)
 
     def step(self) -> None:

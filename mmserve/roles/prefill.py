@@ -30,7 +30,7 @@ from mmserve.roles.fields import embedding_fields, kv_fields, room_rows
 from mmserve.roles.kv_shipment import KVShipment
 from mmserve.roles.outbox import Outbox
 from mmserve.roles.request_state import PREFILL_TRANSITIONS, PrefillState, RequestTable, RoleRequest, close_room
-from mmserve.roles.wire import deadline_from_pb, event_to_pb, sampling_from_pb, visual_from_pb
+from mmserve.roles.wire import deadline_from_pb, event_to_pb, prompt_from_pb, sampling_from_pb
 from mmserve.roles.role_loop import RoleLoop
 from mmserve.roles.worker import PrefixCache, WorkerService
 from mmserve.rpc import worker_pb2 as pb
@@ -114,8 +114,7 @@ class PrefillRole(KVShipment):
 
     def _prefill(self, request: pb.PrefillRequest, stream: queue.Queue, trace_parent: Context | None) -> bool:
         params = sampling_from_pb(request.sampling)
-        prompt = PreparedPrompt(list(request.token_ids), [visual_from_pb(v, "image") for v in request.images],
-                                [visual_from_pb(v, "video") for v in request.videos])
+        prompt = prompt_from_pb(request)
         if bool(request.encode_name) != bool(prompt.images or prompt.videos):
             raise ValueError("a prompt with images or videos needs an encode worker, and only such a prompt")
         self.engine.check_fits(len(prompt.token_ids), params)

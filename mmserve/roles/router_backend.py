@@ -183,7 +183,8 @@ class DisaggregatedBackend:
                 prefill_name=prefill.name, prefill_incarnation=prefill.incarnation,
                 images=[visual_to_pb(v, with_source=False) for v in p.images],
                 videos=[visual_to_pb(v, with_source=False) for v in p.videos],
-                timeout_s=_seconds_left(request.deadline), token_stream=subscription.stream_id),
+                timeout_s=_seconds_left(request.deadline), token_stream=subscription.stream_id,
+                cache_salt=p.cache_salt or ""),
                 metadata=trace_context)
 
         early = asyncio.ensure_future(encode_call()) if encode_early else None
@@ -202,7 +203,7 @@ class DisaggregatedBackend:
             images=[visual_to_pb(v, with_source=False) for v in p.images],
             videos=[visual_to_pb(v, with_source=False) for v in p.videos],
             encode_name=encode.name if encode else "", encode_incarnation=encode.incarnation if encode else 0,
-            timeout_s=_seconds_left(request.deadline)),
+            timeout_s=_seconds_left(request.deadline), cache_salt=p.cache_salt or ""),
             metadata=trace_context)
         try:
             ack = await _next(prefilling, "ack")

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from mmserve.engine.inputs import EncodedMedia, Visual
+from mmserve.engine.inputs import EncodedMedia, PreparedPrompt, Visual
 from mmserve.engine.output_stream import OutputDelta
 from mmserve.rpc import worker_pb2 as pb
 from mmserve.sampling_params import SamplingParams
@@ -31,6 +31,13 @@ def visual_from_pb(message: pb.Visual, kind: str) -> Visual:
         raise ValueError(f"a visual needs its 32-byte content key, got {len(message.content_key)} bytes")
     return Visual(grid, source=EncodedMedia(kind, message.encoded) if message.encoded else None,
                   content_key=message.content_key)
+
+
+def prompt_from_pb(request: pb.PrefillRequest | pb.DecodeRequest) -> PreparedPrompt:
+    """The prompt a prefill or decode request carries: token ids, pictures (grids and content keys),
+    cache salt."""
+    return PreparedPrompt(list(request.token_ids), [visual_from_pb(v, "image") for v in request.images],
+                          [visual_from_pb(v, "video") for v in request.videos], request.cache_salt or None)
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mmserve/rpc/worker.proto\x12\x0bmmserve.rpc\"R\n\x06Visual\x12\x10\n\x08grid_thw\x18\x04 \x03(\x03\x12\x0f\n\x07\x65ncoded\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63ontent_key\x18\x06 \x01(\x0cJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"?\n\x10StructuredOutput\x12\x13\n\x0bjson_schema\x18\x01 \x01(\t\x12\x16\n\x0estructural_tag\x18\x02 \x01(\t\"R\n\x08Sampling\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x38\n\x11structured_output\x18\x02 \x01(\x0b\x32\x1d.mmserve.rpc.StructuredOutput\"\x8e\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\x04\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12#\n\x06videos\x18\x04 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"\xfc\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12#\n\x06images\x18\x04 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12#\n\x06videos\x18\x05 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12\'\n\x08sampling\x18\x06 \x01(\x0b\x32\x15.mmserve.rpc.Sampling\x12\x13\n\x0b\x65ncode_name\x18\x07 \x01(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x1a\n\x12\x65ncode_incarnation\x18\t \x01(\x04\"\x93\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.mmserve.rpc.Sampling\x12\x14\n\x0cprefill_name\x18\x05 \x01(\t\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x1b\n\x13prefill_incarnation\x18\x07 \x01(\x04\x12#\n\x06images\x18\x08 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12#\n\x06videos\x18\t \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12\x14\n\x0ctoken_stream\x18\n \x01(\t\"\"\n\rTokensRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"6\n\x0bTokenEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.mmserve.rpc.TokenEvent\"Y\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\x08\x12\x15\n\rpictures_held\x18\x04 \x01(\x08\x12\x0e\n\x06routed\x18\x05 \x01(\r\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xe5\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.mmserve.rpc.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x12\n\ntext_delta\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x42\r\n\x0bstop_reasonJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"a\n\x0cPrefillEvent\x12\x1f\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x10.mmserve.rpc.AckH\x00\x12(\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x17.mmserve.rpc.TokenEventH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"K\n\x06Health\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x04 \x01(\t\"\xb7\x02\n\x0cRegistration\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x1a\n\x12kv_events_endpoint\x18\x06 \x01(\t\x12!\n\x19kv_events_replay_endpoint\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x13\n\x0bincarnation\x18\t \x01(\x04\x12\x10\n\x08kv_pages\x18\n \x01(\x05\x12\x14\n\x0ckv_page_size\x18\x0b \x01(\x05\x12\x15\n\rmax_model_len\x18\x0c \x01(\x05\x12\x19\n\x11model_fingerprint\x18\r \x01(\t\x12\x0f\n\x07leaving\x18\x0e \x01(\x08\x32\xef\x02\n\x06Worker\x12\x36\n\x06\x45ncode\x12\x1a.mmserve.rpc.EncodeRequest\x1a\x10.mmserve.rpc.Ack\x12\x43\n\x07Prefill\x12\x1b.mmserve.rpc.PrefillRequest\x1a\x19.mmserve.rpc.PrefillEvent0\x01\x12\x36\n\x06\x44\x65\x63ode\x12\x1a.mmserve.rpc.DecodeRequest\x1a\x10.mmserve.rpc.Ack\x12@\n\x06Tokens\x12\x1a.mmserve.rpc.TokensRequest\x1a\x18.mmserve.rpc.TokenEvents0\x01\x12\x34\n\x05\x41\x62ort\x12\x19.mmserve.rpc.AbortRequest\x1a\x10.mmserve.rpc.Ack\x12\x38\n\x05\x43heck\x12\x1a.mmserve.rpc.HealthRequest\x1a\x13.mmserve.rpc.Health2C\n\x08Registry\x12\x37\n\x08Register\x12\x19.mmserve.rpc.Registration\x1a\x10.mmserve.rpc.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mmserve/rpc/worker.proto\x12\x0bmmserve.rpc\"R\n\x06Visual\x12\x10\n\x08grid_thw\x18\x04 \x03(\x03\x12\x0f\n\x07\x65ncoded\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63ontent_key\x18\x06 \x01(\x0cJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"?\n\x10StructuredOutput\x12\x13\n\x0bjson_schema\x18\x01 \x01(\t\x12\x16\n\x0estructural_tag\x18\x02 \x01(\t\"R\n\x08Sampling\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x38\n\x11structured_output\x18\x02 \x01(\x0b\x32\x1d.mmserve.rpc.StructuredOutput\"\x8e\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\x04\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12#\n\x06videos\x18\x04 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"\x90\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12#\n\x06images\x18\x04 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12#\n\x06videos\x18\x05 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12\'\n\x08sampling\x18\x06 \x01(\x0b\x32\x15.mmserve.rpc.Sampling\x12\x13\n\x0b\x65ncode_name\x18\x07 \x01(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x1a\n\x12\x65ncode_incarnation\x18\t \x01(\x04\x12\x12\n\ncache_salt\x18\n \x01(\t\"\xa7\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.mmserve.rpc.Sampling\x12\x14\n\x0cprefill_name\x18\x05 \x01(\t\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x1b\n\x13prefill_incarnation\x18\x07 \x01(\x04\x12#\n\x06images\x18\x08 \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12#\n\x06videos\x18\t \x03(\x0b\x32\x13.mmserve.rpc.Visual\x12\x14\n\x0ctoken_stream\x18\n \x01(\t\x12\x12\n\ncache_salt\x18\x0b \x01(\t\"\"\n\rTokensRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"6\n\x0bTokenEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.mmserve.rpc.TokenEvent\"Y\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\x08\x12\x15\n\rpictures_held\x18\x04 \x01(\x08\x12\x0e\n\x06routed\x18\x05 \x01(\r\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xe5\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.mmserve.rpc.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x12\n\ntext_delta\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x42\r\n\x0bstop_reasonJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"a\n\x0cPrefillEvent\x12\x1f\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x10.mmserve.rpc.AckH\x00\x12(\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x17.mmserve.rpc.TokenEventH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"K\n\x06Health\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x04 \x01(\t\"\xb7\x02\n\x0cRegistration\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x1a\n\x12kv_events_endpoint\x18\x06 \x01(\t\x12!\n\x19kv_events_replay_endpoint\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x13\n\x0bincarnation\x18\t \x01(\x04\x12\x10\n\x08kv_pages\x18\n \x01(\x05\x12\x14\n\x0ckv_page_size\x18\x0b \x01(\x05\x12\x15\n\rmax_model_len\x18\x0c \x01(\x05\x12\x19\n\x11model_fingerprint\x18\r \x01(\t\x12\x0f\n\x07leaving\x18\x0e \x01(\x08\x32\xef\x02\n\x06Worker\x12\x36\n\x06\x45ncode\x12\x1a.mmserve.rpc.EncodeRequest\x1a\x10.mmserve.rpc.Ack\x12\x43\n\x07Prefill\x12\x1b.mmserve.rpc.PrefillRequest\x1a\x19.mmserve.rpc.PrefillEvent0\x01\x12\x36\n\x06\x44\x65\x63ode\x12\x1a.mmserve.rpc.DecodeRequest\x1a\x10.mmserve.rpc.Ack\x12@\n\x06Tokens\x12\x1a.mmserve.rpc.TokensRequest\x1a\x18.mmserve.rpc.TokenEvents0\x01\x12\x34\n\x05\x41\x62ort\x12\x19.mmserve.rpc.AbortRequest\x1a\x10.mmserve.rpc.Ack\x12\x38\n\x05\x43heck\x12\x1a.mmserve.rpc.HealthRequest\x1a\x13.mmserve.rpc.Health2C\n\x08Registry\x12\x37\n\x08Register\x12\x19.mmserve.rpc.Registration\x1a\x10.mmserve.rpc.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=275
   _globals['_ENCODEREQUEST']._serialized_end=417
   _globals['_PREFILLREQUEST']._serialized_start=420
-  _globals['_PREFILLREQUEST']._serialized_end=672
-  _globals['_DECODEREQUEST']._serialized_start=675
-  _globals['_DECODEREQUEST']._serialized_end=950
-  _globals['_TOKENSREQUEST']._serialized_start=952
-  _globals['_TOKENSREQUEST']._serialized_end=986
-  _globals['_TOKENEVENTS']._serialized_start=988
-  _globals['_TOKENEVENTS']._serialized_end=1042
-  _globals['_ACK']._serialized_start=1044
-  _globals['_ACK']._serialized_end=1133
-  _globals['_TOKENLOGPROB']._serialized_start=1135
-  _globals['_TOKENLOGPROB']._serialized_end=1223
-  _globals['_TOKENEVENT']._serialized_start=1226
-  _globals['_TOKENEVENT']._serialized_end=1455
-  _globals['_PREFILLEVENT']._serialized_start=1457
-  _globals['_PREFILLEVENT']._serialized_end=1554
-  _globals['_ABORTREQUEST']._serialized_start=1556
-  _globals['_ABORTREQUEST']._serialized_end=1590
-  _globals['_HEALTHREQUEST']._serialized_start=1592
-  _globals['_HEALTHREQUEST']._serialized_end=1607
-  _globals['_HEALTH']._serialized_start=1609
-  _globals['_HEALTH']._serialized_end=1684
-  _globals['_REGISTRATION']._serialized_start=1687
-  _globals['_REGISTRATION']._serialized_end=1998
-  _globals['_WORKER']._serialized_start=2001
-  _globals['_WORKER']._serialized_end=2368
-  _globals['_REGISTRY']._serialized_start=2370
-  _globals['_REGISTRY']._serialized_end=2437
+  _globals['_PREFILLREQUEST']._serialized_end=692
+  _globals['_DECODEREQUEST']._serialized_start=695
+  _globals['_DECODEREQUEST']._serialized_end=990
+  _globals['_TOKENSREQUEST']._serialized_start=992
+  _globals['_TOKENSREQUEST']._serialized_end=1026
+  _globals['_TOKENEVENTS']._serialized_start=1028
+  _globals['_TOKENEVENTS']._serialized_end=1082
+  _globals['_ACK']._serialized_start=1084
+  _globals['_ACK']._serialized_end=1173
+  _globals['_TOKENLOGPROB']._serialized_start=1175
+  _globals['_TOKENLOGPROB']._serialized_end=1263
+  _globals['_TOKENEVENT']._serialized_start=1266
+  _globals['_TOKENEVENT']._serialized_end=1495
+  _globals['_PREFILLEVENT']._serialized_start=1497
+  _globals['_PREFILLEVENT']._serialized_end=1594
+  _globals['_ABORTREQUEST']._serialized_start=1596
+  _globals['_ABORTREQUEST']._serialized_end=1630
+  _globals['_HEALTHREQUEST']._serialized_start=1632
+  _globals['_HEALTHREQUEST']._serialized_end=1647
+  _globals['_HEALTH']._serialized_start=1649
+  _globals['_HEALTH']._serialized_end=1724
+  _globals['_REGISTRATION']._serialized_start=1727
+  _globals['_REGISTRATION']._serialized_end=2038
+  _globals['_WORKER']._serialized_start=2041
+  _globals['_WORKER']._serialized_end=2408
+  _globals['_REGISTRY']._serialized_start=2410
+  _globals['_REGISTRY']._serialized_end=2477
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,7 @@ class PictureDecodes:
         ``with_pixels`` does (``RequestRejected``, a ValueError)."""
         images = await asyncio.gather(*(self._decoded(v) for v in prompt.images))
         videos = await asyncio.gather(*(self._decoded(v) for v in prompt.videos))
-        return PreparedPrompt(prompt.token_ids, list(images), list(videos))
+        return dataclasses.replace(prompt, images=list(images), videos=list(videos))
 
     async def _decoded(self, visual: Visual) -> Visual:
         if visual.pixel_values is not None or self._encoder.holds(visual.content_key):

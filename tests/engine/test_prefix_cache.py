@@ -248,3 +248,39 @@ def test_prompts_sent_together_share_their_common_pages_instead_of_computing_the
     assert on.engine.stats()["prefix_cache_hits"] - before == 2 * PAGE  # the first page, for the other two
     assert got == tokens(off, prompts, params)
     assert_nothing_held(on)
+
+
+def test_a_cache_salt_shares_pages_only_with_the_same_salt(on, off):
+    """vLLM's ``cache_salt``: a prompt finds the pages (full ones and a tail) of an earlier prompt
+    only when both carry the same salt, or both none; the outputs are the uncached ones either way."""
+    ids = text(400, 4 * PAGE + 3)
+    params = dataclasses.replace(PARAMS["greedy"], max_tokens=1)  # leaves the last page as a tail
+    expected = tokens(off, {"prompt_token_ids": ids}, params)[0]
+    asked = [(None, 0), ("tenant a", 0), ("tenant a", len(ids) - 1), ("tenant b", 0), (None, len(ids) - 1),
+             ("tenant b", len(ids) - 1)]
+    for salt, expected_hits in asked:
+        prompt = {"prompt_token_ids": ids} | ({"cache_salt": salt} if salt else {})
+        got, hits = hits_of(on, prompt, params)
+        assert (salt, hits) == (salt, expected_hits)
+        assert got == expected
+    assert_nothing_held(on)
+
+
+@pytest.mark.parametrize("salt", ["", 7, ["a"]])
+def test_a_cache_salt_is_a_non_empty_string(on, salt):
+    with pytest.raises(ValueError, match="cache_salt"):
+        on.generate({"prompt_token_ids": text(401, 5), "cache_salt": salt}, PARAMS["greedy"])
+
+
+def test_a_cache_salt_keeps_encoded_pictures_apart_too(on, off):
+    """The embedding cache finds a picture only for a prompt of the same salt: another tenant's
+    picture is encoded again, not served from the cache, and no page of it is shared."""
+    image = random_image(410, (96, 128))
+    prompt = {"prompt_token_ids": text(411, 9) + IMAGE + text(412, 12), "multi_modal_data": {"image": image}}
+    params = PARAMS["greedy"]
+    expected = tokens(off, prompt, params)[0]
+    for salt, found in (("tenant a", False), ("tenant a", True), ("tenant b", False), (None, False)):
+        before = on.engine.stats()["embedding_cache_hits"]
+        got, hits = hits_of(on, prompt | ({"cache_salt": salt} if salt else {}), params)
+        assert (salt, on.engine.stats()["embedding_cache_hits"] > before, hits > 0) == (salt, found, found)
+        assert got == expected

@@ -134,6 +134,33 @@ def test_a_second_turn_moves_only_the_kv_decode_does_not_hold(cluster, client, l
     cluster.assert_all_free()
 
 
+def test_a_cache_salt_keeps_each_salts_pages_apart_on_prefill_and_decode(cluster, client, llm):
+    """vLLM's ``cache_salt`` reaches both workers: a second turn salted differently from the first
+    finds none of its pages on prefill or decode (all its KV moves), one salted alike finds them
+    on both; every answer is the offline one."""
+    first = conversation("Name the picture's main colour.", [image(52, (64, 64))], as_url=True)
+    salted = {"cache_salt": "tenant a"}
+    reply = client.chat.completions.create(model="tiny", messages=first, max_tokens=MAX_TOKENS, temperature=0,
+                                           extra_body=salted)
+    follow_up = [{"role": "assistant", "content": reply.choices[0].message.content},
+                 {"role": "user", "content": "And the second?"}]
+    offline = conversation("Name the picture's main colour.", [image(52, (64, 64))], as_url=False)
+    want = llm.chat(offline + follow_up, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0].outputs[0].text
+    for salt, found in (("tenant b", False), ("tenant a", True)):
+        roles = cluster.roles()
+        before_decode, before_prefill = roles["decode"][0], roles["prefill"][0]
+        second = client.chat.completions.create(model="tiny", messages=first + follow_up, max_tokens=MAX_TOKENS,
+                                                temperature=0, extra_body={"cache_salt": salt})
+        roles = cluster.roles()
+        held = roles["decode"][0]["prefix_cache_hits"] - before_decode["prefix_cache_hits"]
+        moved = roles["decode"][0]["kv_tokens_received"] - before_decode["kv_tokens_received"]
+        reused = roles["prefill"][0]["prefix_cache_hits"] - before_prefill["prefix_cache_hits"]
+        assert (salt, held > 0, reused > 0) == (salt, found, found)
+        assert held + moved == second.usage.prompt_tokens
+        assert second.choices[0].message.content == want
+    cluster.assert_all_free()
+
+
 def test_siblings_receive_their_shared_prompt_once(cluster, client, llm):
     """n=3: the siblings arrive at decode together; the first receives the prompt's KV, the others
     wait for it to land and share its full pages, receiving only the last page's tokens. Each

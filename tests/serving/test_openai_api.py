@@ -221,3 +221,17 @@ def test_metrics_expose_requests_latencies_and_pages(server, client):
         assert prometheus_value(text, name) > 0, name
     health = request("GET", f"{server.url}/health")[1]
     assert {"prefix_cache_queries", "prefix_cache_hits", "cached_pages"} <= set(health)
+
+
+def test_a_cache_salt_shares_cached_pages_only_with_the_same_salt(server, client, expected):
+    """vLLM's ``cache_salt``: a chat (with its picture) finds the cached pages of an earlier one only
+    when both carry the same salt; every answer is the offline one."""
+    want = expected("one_image").outputs[0].text
+    seen = []
+    for salt in ("tenant a", "tenant a", "tenant b", "tenant b"):
+        before = request("GET", f"{server.url}/health")[1]["prefix_cache_hits"]
+        got = client.chat.completions.create(model=MODEL_NAME, messages=openai_messages(CHATS["one_image"]),
+                                             temperature=0, max_tokens=MAX_TOKENS, extra_body={"cache_salt": salt})
+        seen.append(request("GET", f"{server.url}/health")[1]["prefix_cache_hits"] > before)
+        assert got.choices[0].message.content == want
+    assert seen == [False, True, False, True]

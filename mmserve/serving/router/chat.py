@@ -49,7 +49,7 @@ async def chat_completions(request: Request) -> Response:
     requested = requested_int(body, limit_name)
     prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.media_reader(),
                                                tools.definitions if tools else None),
-                           router.model, router.settings.max_model_len, "messages")
+                           router.model, router.settings.max_model_len, "messages", body)
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,

@@ -33,7 +33,8 @@ async def completions(request: Request) -> Response:
     common = common_fields(body, router.settings, router.model.sampling_defaults)
     best_of = requested_best_of(body, common.n, common.stream)
     structured = await structured_output(body, router.backend)
-    prompt = await prepare(lambda: _prompt(body.get("prompt")), router.model, router.settings.max_model_len, "prompt")
+    prompt = await prepare(lambda: _prompt(body.get("prompt")), router.model, router.settings.max_model_len, "prompt",
+                           body)
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(body, "max_tokens"), DEFAULT_MAX_TOKENS,
                                        router.settings.max_model_len, "prompt", "max_tokens")
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs"),

@@ -20,7 +20,8 @@ from mmserve.serving.router.settings import RouterSettings
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
                    "include_stop_str_in_output", "min_tokens")
-COMMON_FIELDS = {"model", "n", "stream", "stream_options", "user", "return_tokens_as_token_ids", *SAMPLING_FIELDS}
+COMMON_FIELDS = {"model", "n", "stream", "stream_options", "user", "return_tokens_as_token_ids", "cache_salt",
+                 *SAMPLING_FIELDS}
 PARAMS_FIELDS = {field.name for field in dataclasses.fields(SamplingParams)}
 
 

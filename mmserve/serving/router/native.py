@@ -2,8 +2,9 @@
 
 In: ``prompt`` (raw text, image placeholders written by the client) or ``prompt_token_ids``,
 ``images`` (base64 strings or data URLs, one per placeholder, in order), ``videos`` (data URLs, one
-per video placeholder, in order; frames sampled as the chat endpoint samples them) and ``sampling_params``
-(``SamplingParams`` fields). Out: ``token_ids``, ``text``, ``finish_reason`` and ``meta``.
+per video placeholder, in order; frames sampled as the chat endpoint samples them), ``sampling_params``
+(``SamplingParams`` fields) and ``cache_salt`` (as in the OpenAI endpoints). Out: ``token_ids``, ``text``,
+``finish_reason`` and ``meta``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mmserve.serving.router.relay import collect, unless_disconnected
 from mmserve.tracing import http_parent
 
 ENDPOINT = "generate"
-NATIVE_FIELDS = {"prompt", "prompt_token_ids", "images", "videos", "sampling_params"}
+NATIVE_FIELDS = {"prompt", "prompt_token_ids", "images", "videos", "sampling_params", "cache_salt"}
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
 
@@ -39,7 +40,7 @@ async def generate(request: Request) -> Response:
     if not isinstance(sampling, dict):
         raise InvalidRequest("sampling_params must be an object", "sampling_params")
     prompt = await prepare(lambda: _prompt(body, router.media_reader()), router.model,
-                           router.settings.max_model_len, "prompt")
+                           router.settings.max_model_len, "prompt", body)
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
                                        DEFAULT_MAX_TOKENS, router.settings.max_model_len,
                                        "prompt", "sampling_params.max_tokens")

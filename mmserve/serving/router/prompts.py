@@ -6,7 +6,7 @@ event loop keeps serving streams meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio.to_thread
@@ -17,12 +17,20 @@ from models.qwen3_vl_moe import Model
 from models.qwen3_vl_moe.token_count import TooManyTokens
 
 
-async def prepare(build_prompt: Callable[[], Any], model: Model, max_model_len: int, param: str) -> PreparedPrompt:
+async def prepare(build_prompt: Callable[[], dict[str, Any]], model: Model, max_model_len: int, param: str,
+                  body: Mapping[str, Any]) -> PreparedPrompt:
     """Builds the prompt (it may raise InvalidRequest itself) and expands it with the processor; a
-    text longer than the context is refused once counting passes ``max_model_len``."""
+    text longer than the context is refused once counting passes ``max_model_len``. The request
+    ``body``'s ``cache_salt`` (vLLM's field) goes with the prompt."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise InvalidRequest("cache_salt must be a non-empty string", "cache_salt")
+
     def work() -> PreparedPrompt:
         try:
-            return prepare_prompt(build_prompt(), model, max_tokens=max_model_len - 1)
+            prompt = build_prompt()
+            return prepare_prompt(prompt if salt is None else prompt | {"cache_salt": salt}, model,
+                                  max_tokens=max_model_len - 1)
         except TooManyTokens as error:
             raise _too_long(max_model_len, error.how_many, param) from None
         except ValueError as error:
