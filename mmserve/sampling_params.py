@@ -65,8 +65,9 @@ class SamplingParams:
         structured output) still ends it.
     logprobs: None for no logprobs; k returns the chosen token's logprob and the top k.
     ignore_eos: keep generating past the end-of-sequence token.
-    structured_output: the output must be JSON valid under this schema (a grammar masks the
-        tokens that would break it); the request stops when the grammar is complete.
+    structured_output: what the output must follow (a JSON schema, a regular expression, a list of
+        choices, an EBNF grammar: :class:`StructuredOutput`); a grammar masks the tokens that
+        would break it, and the request stops when the grammar is complete.
     n: how many sequences to generate for the prompt (vLLM's): ``LLM.generate`` and the HTTP API
         run each as a request of its own (:meth:`sibling`); an engine request is one sequence.
     """

@@ -47,16 +47,15 @@ def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
               if k != "structured_output"}
     message = pb.Sampling(json=json.dumps(fields))
     if params.structured_output is not None:
-        message.structured_output.json_schema = params.structured_output.json_schema
-        message.structured_output.structural_tag = params.structured_output.structural_tag
+        setattr(message.structured_output, params.structured_output.kind, params.structured_output.text)
     return message
 
 
 def sampling_from_pb(message: pb.Sampling) -> SamplingParams:
     fields = json.loads(message.json)
     if isinstance(fields, dict) and message.HasField("structured_output"):
-        fields["structured_output"] = StructuredOutput(message.structured_output.json_schema,
-                                                       message.structured_output.structural_tag)
+        spec = message.structured_output
+        fields["structured_output"] = StructuredOutput(spec.json_schema, spec.structural_tag, spec.regex, spec.grammar)
     return SamplingParams.from_dict(fields)
 
 

@@ -105,7 +105,11 @@ class Grammars:
     def _compile(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
         if spec.json_schema:
             return self._compiler.compile_json_schema(spec.json_schema, **GRAMMAR_OPTIONS)
-        return self._compiler.compile_structural_tag(spec.structural_tag)
+        if spec.structural_tag:
+            return self._compiler.compile_structural_tag(spec.structural_tag)
+        if spec.regex:
+            return self._compiler.compile_regex(spec.regex)
+        return self._compiler.compile_grammar(spec.grammar)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,5 +1,6 @@
-"""What a request asks its output to be: any JSON object, JSON valid under a schema, or text in a
-shape an xgrammar structural tag describes (tool calls, ``tool_calls.py``).
+"""What a request asks its output to be: any JSON object, JSON valid under a schema, text in a
+shape an xgrammar structural tag describes (tool calls, ``tool_calls.py``), text matching a regular
+expression, one of a list of choices, or text of an EBNF grammar (xgrammar's GBNF dialect).
 
 ``StructuredOutput`` is plain data (no xgrammar object), so it travels in ``SamplingParams``; its
 ``key()`` (a digest of its text) keys its compiled grammar in the cache. ``check`` converts it to a
@@ -45,6 +46,16 @@ MAX_OPTIONAL_PROPERTIES = 256
 # the engine's one compile thread. Their characters together are bounded, as OpenAI bounds them.
 MAX_LITERAL_CHARS = 120_000
 
+# A regular expression or grammar is compiled at a cost growing with its text: 20,000 alternatives
+# of one word (~190,000 characters) took 1.0 s and 41 MB at a 151,936-token vocabulary (2026-12-08,
+# xgrammar 0.2.9; counted repetitions cost little there: `[a-z]{1,300000}` 0.2 s, 31 MB). Their text
+# is bounded as literals are.
+MAX_GRAMMAR_CHARS = MAX_LITERAL_CHARS
+
+KINDS = {"json_schema": "JSON schema", "structural_tag": "structural tag", "regex": "regular expression",
+         "grammar": "grammar"}
+"""The fields of a StructuredOutput, and what its messages call each."""
+
 MAX_CHECKED = 32
 """Specs remembered as checked (their digests: a request's schema may be megabytes of text)."""
 _checked: OrderedDict[bytes, None] = OrderedDict()
@@ -56,17 +67,22 @@ class StructuredOutput:
     """Exactly one of:
     json_schema: the schema as canonical JSON text (sorted keys, no spaces); ANY_OBJECT_SCHEMA for
         OpenAI's ``json_object``.
-    structural_tag: an xgrammar structural tag as JSON text (``StructuralTag.model_dump_json``)."""
+    structural_tag: an xgrammar structural tag as JSON text (``StructuralTag.model_dump_json``).
+    regex: a regular expression the whole output matches.
+    grammar: an EBNF grammar (xgrammar's dialect, GBNF: ``root ::= ...``) the output is a sentence of;
+        ``from_choice`` writes one for a list of choices."""
 
     json_schema: str = ""
     structural_tag: str = ""
+    regex: str = ""
+    grammar: str = ""
 
     def __post_init__(self):
-        for name in ("json_schema", "structural_tag"):
+        for name in KINDS:
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be JSON text, got {type(getattr(self, name)).__name__}")
-        if bool(self.json_schema) == bool(self.structural_tag):
-            raise ValueError("structured output needs exactly one of json_schema and structural_tag")
+                raise ValueError(f"{name} must be text, got {type(getattr(self, name)).__name__}")
+        if sum(bool(getattr(self, name)) for name in KINDS) != 1:
+            raise ValueError(f"structured output needs exactly one of {', '.join(KINDS)}")
 
     @classmethod
     def from_schema(cls, schema: Mapping[str, Any] | bool) -> "StructuredOutput":
@@ -78,13 +94,42 @@ class StructuredOutput:
     def any_object(cls) -> "StructuredOutput":
         return cls(ANY_OBJECT_SCHEMA)
 
+    @classmethod
+    def from_regex(cls, pattern: str) -> "StructuredOutput":
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError("a regular expression must be a non-empty string")
+        return cls(regex=pattern)
+
+    @classmethod
+    def from_grammar(cls, grammar: str) -> "StructuredOutput":
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise ValueError("a grammar must be a non-empty string")
+        return cls(grammar=grammar)
+
+    @classmethod
+    def from_choice(cls, choices: list[str] | tuple[str, ...]) -> "StructuredOutput":
+        """The output is exactly one of ``choices`` (vLLM's ``choice``): a grammar of their literals."""
+        if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError("choices must be a non-empty list of non-empty strings")
+        # JSON's string escapes are the grammar's: quotes, backslashes and control characters
+        # escaped, every other character as it is (a \u escape of an astral character would be a
+        # surrogate pair, which xgrammar reads as two characters)
+        return cls(grammar="root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in dict.fromkeys(choices)))
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in KINDS if getattr(self, name))
+
+    @property
+    def text(self) -> str:
+        return getattr(self, self.kind)
+
     def key(self) -> bytes:
         """A digest of the spec, which the caches keep instead of its text."""
-        kind, text = ("json_schema", self.json_schema) if self.json_schema else ("structural_tag", self.structural_tag)
-        return hashlib.sha256(f"{kind}:{text}".encode()).digest()
+        return hashlib.sha256(f"{self.kind}:{self.text}".encode()).digest()
 
     def check(self) -> None:
-        """Raises ValueError when xgrammar cannot turn the schema or tag into a grammar. A spec that
+        """Raises ValueError when xgrammar cannot turn the spec into a grammar. A spec that
         passed is remembered: the router checks it off its loop, and the engine's own check of the
         same spec (on its thread) is then free."""
         key = self.key()
@@ -102,21 +147,29 @@ class StructuredOutput:
 def _check(spec: StructuredOutput) -> None:
     import xgrammar
 
-    kind = "JSON schema" if spec.json_schema else "structural tag"
-    text = spec.json_schema or spec.structural_tag
-    if (depth := json_depth(text)) > MAX_JSON_DEPTH:
-        raise ValueError(f"invalid {kind}: nested {depth} levels deep, more than this server accepts "
-                         f"({MAX_JSON_DEPTH})")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
-        document = None  # not JSON: xgrammar says so below
-    check_cost([document], f"invalid {kind}")
+    kind, text = KINDS[spec.kind], spec.text
+    if spec.regex or spec.grammar:
+        if len(text) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"invalid {kind}: {len(text)} characters, more than this server accepts "
+                             f"({MAX_GRAMMAR_CHARS})")
+    else:
+        if (depth := json_depth(text)) > MAX_JSON_DEPTH:
+            raise ValueError(f"invalid {kind}: nested {depth} levels deep, more than this server accepts "
+                             f"({MAX_JSON_DEPTH})")
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            document = None  # not JSON: xgrammar says so below
+        check_cost([document], f"invalid {kind}")
     try:
         if spec.json_schema:
             xgrammar.Grammar.from_json_schema(spec.json_schema, **GRAMMAR_OPTIONS)
-        else:
+        elif spec.structural_tag:
             xgrammar.Grammar.from_structural_tag(spec.structural_tag)
+        elif spec.regex:
+            xgrammar.Grammar.from_regex(spec.regex)
+        else:
+            xgrammar.Grammar.from_ebnf(spec.grammar)
     except (RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"invalid {kind}: {first_line(error)}") from None
 

@@ -3,6 +3,7 @@ make its output valid JSON; rows without a grammar sample exactly as they would 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,25 @@ def test_a_grammar_complete_before_min_tokens_still_ends_its_request():
     output = tiny.generate(PROMPT, constrained(const_schema("yes"), min_tokens=40))[0].outputs[0]
     assert output.text == '{"answer":"yes"}' and output.finish_reason == "stop"
     assert not tiny.engine.has_unfinished()
+
+
+REGEX = r"[a-z]{3}-\d{2}"
+CHOICES = ["alpha", 'beta "b"', "γάμμα", "delta\\n"]
+GRAMMAR = 'root ::= "(" [0-9] [0-9]? ("+" [0-9])? ")"'
+
+
+@pytest.mark.parametrize("spec, matches", [
+    (StructuredOutput.from_regex(REGEX), lambda text: re.fullmatch(REGEX, text)),
+    (StructuredOutput.from_choice(CHOICES), lambda text: text in CHOICES),
+    (StructuredOutput.from_grammar(GRAMMAR), lambda text: re.fullmatch(r"\(\d\d?(\+\d)?\)", text)),
+], ids=["regex", "choice", "grammar"])
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 9}], ids=["greedy", "seeded"])
+def test_regex_choice_and_grammar_outputs_match(llm, spec, matches, sampling):
+    seeds = [1, 2, 3] if "seed" in sampling else [None] * 3
+    params = [SamplingParams(structured_output=spec, max_tokens=40, **(sampling | {"seed": seed})) for seed in seeds]
+    for output in llm.generate([PROMPT] * 3, params):
+        assert output.outputs[0].finish_reason == "stop", output.outputs[0].text
+        assert matches(output.outputs[0].text), output.outputs[0].text
 
 
 def test_json_object_yields_an_object(llm):
@@ -224,8 +244,9 @@ def test_sampler_bitmask_allows_only_its_tokens_and_leaves_other_rows_alone():
 
 
 @pytest.mark.parametrize("fields", [{}, {"json_schema": '{"type":"object"}', "structural_tag": '{"type":"x"}'},
-                                    {"json_schema": {"type": "object"}}], ids=["neither", "both", "not_text"])
-def test_a_spec_is_one_schema_or_one_structural_tag_as_text(fields):
+                                    {"regex": "a", "grammar": 'root ::= "a"'},
+                                    {"json_schema": {"type": "object"}}], ids=["none", "two", "two_more", "not_text"])
+def test_a_spec_is_exactly_one_constraint_as_text(fields):
     with pytest.raises(ValueError):
         StructuredOutput(**fields)
 

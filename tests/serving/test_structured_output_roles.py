@@ -4,6 +4,7 @@ under the grammar and decode's matcher continues from it, so the output validate
 colocated server's, token for token; a client leaving a structured stream leaves nothing held."""
 
 import json
+import re
 import time
 
 import jsonschema
@@ -48,6 +49,23 @@ def test_json_schema_through_the_roles_equals_colocated(client, roles_client, sa
     jsonschema.validate(json.loads(got.message.content), SCHEMA)
     chunks = chat(roles_client, response_format=JSON_SCHEMA, stream=True, **sampling)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == got.message.content
+
+
+@pytest.mark.parametrize("constraint, matches", [
+    ({"regex": r"[a-z]{3}-\d{2}"}, lambda text: re.fullmatch(r"[a-z]{3}-\d{2}", text)),
+    ({"choice": ["red", "green", 'a "blue" one']}, lambda text: text in ["red", "green", 'a "blue" one']),
+    ({"grammar": 'root ::= "(" [0-9] [0-9]? ("+" [0-9])? ")"'}, lambda text: re.fullmatch(r"\(\d\d?(\+\d)?\)", text)),
+], ids=["regex", "choice", "grammar"])
+def test_regex_choice_and_grammar_through_the_roles_equal_colocated(client, roles_client, constraint, matches):
+    """vLLM's ``structured_outputs``: each kind of constraint travels to prefill and decode and
+    gives the colocated server's tokens, matching the constraint."""
+    ask = {"temperature": 1.0, "seed": 6, "logprobs": True,
+           "extra_body": TOKEN_IDS | {"structured_outputs": constraint}}
+    want = chat(client, **ask).choices[0]
+    got = chat(roles_client, **ask).choices[0]
+    assert token_ids(got) == token_ids(want)
+    assert (got.message.content, got.finish_reason) == (want.message.content, "stop")
+    assert matches(got.message.content), got.message.content
 
 
 def test_invalid_schema_is_a_400_at_the_router(roles_client):

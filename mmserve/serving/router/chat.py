@@ -41,7 +41,7 @@ async def chat_completions(request: Request) -> Response:
     if tools is not None and tools.grammar is not None:
         if structured is not None:
             raise InvalidRequest("a required or named tool_choice forces a tool call; it cannot be combined with "
-                                 "response_format or guided_json", "tool_choice")
+                                 "response_format, structured_outputs or guided_*", "tool_choice")
         structured = tools.grammar
     logprobs = _logprobs(body)
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"

@@ -1,9 +1,12 @@
-"""OpenAI's ``response_format``: ``text`` (no constraint), ``json_object``, or ``json_schema``;
-and vLLM's ``guided_json`` (a schema, as an object or JSON text, sent through ``extra_body``).
+"""What the output must follow: OpenAI's ``response_format`` (``text``, no constraint; ``json_object``;
+``json_schema``), or vLLM's ``structured_outputs`` object (``json``, ``regex``, ``choice``,
+``grammar`` or ``json_object``: exactly one), or vLLM's older top-level ``guided_json``,
+``guided_regex``, ``guided_choice`` and ``guided_grammar`` (sent through ``extra_body``). A request
+gives at most one of these fields.
 
-The schema is turned into a grammar here, in a worker thread, before anything is queued, so one
-xgrammar cannot enforce is a 400 naming ``response_format``; the engine then compiles it against
-the vocabulary off its step (with disaggregated roles, prefill's and decode's engines each do).
+The spec is turned into a grammar here, in a worker thread, before anything is queued, so one
+xgrammar cannot enforce is a 400 naming the field; the engine then compiles it against the
+vocabulary off its step (with disaggregated roles, prefill's and decode's engines each do).
 A backend that cannot enforce a grammar (the grammar library is not installed) refuses it with a
 400 rather than ignore it.
 """
@@ -19,35 +22,76 @@ from mmserve.serving.router.errors import InvalidRequest
 from mmserve.structured_output import StructuredOutput
 
 FIELD = "response_format"
-GUIDED_JSON = "guided_json"
-FIELDS = {FIELD, GUIDED_JSON}
+STRUCTURED_OUTPUTS = "structured_outputs"
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+"""vLLM's older fields, each the ``structured_outputs`` key it became."""
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+"""The keys of ``structured_outputs``."""
+FIELDS = {FIELD, STRUCTURED_OUTPUTS, *GUIDED}
 
 
 async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutput | None:
-    if FIELD in body and GUIDED_JSON in body:
-        raise InvalidRequest(f"give either {FIELD} or {GUIDED_JSON}, not both", GUIDED_JSON)
-    spec = _guided_json(body[GUIDED_JSON]) if GUIDED_JSON in body else _parse(body.get(FIELD))
+    given = [name for name in (FIELD, STRUCTURED_OUTPUTS, *GUIDED) if body.get(name) is not None]
+    if len(given) > 1:
+        raise InvalidRequest(f"give one of {', '.join(given)}, not several", given[-1])
+    if not given:
+        return None
+    name = given[0]
+    if name == FIELD:
+        spec = _parse(body[name])
+    elif name == STRUCTURED_OUTPUTS:
+        spec = _structured_outputs(body[name])
+    else:
+        spec = _constraint(GUIDED[name], body[name], name)
     if spec is None:
         return None
     if not getattr(backend, "supports_structured_output", False):
-        raise InvalidRequest(f"{FIELD} is not supported by this server: it needs the grammar library "
-                             "(pip install 'mmserve[structured]')", FIELD)
+        raise InvalidRequest(f"{name} is not supported by this server: it needs the grammar library "
+                             "(pip install 'mmserve[structured]')", name)
     try:
         await asyncio.to_thread(spec.check)
     except ValueError as error:
-        raise InvalidRequest(str(error), GUIDED_JSON if GUIDED_JSON in body else FIELD) from None
+        raise InvalidRequest(str(error), name) from None
     return spec
 
 
-def _guided_json(value: Any) -> StructuredOutput:
+def _structured_outputs(value: Any) -> StructuredOutput:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{STRUCTURED_OUTPUTS} must be an object", STRUCTURED_OUTPUTS)
+    _only(value, set(CONSTRAINTS), STRUCTURED_OUTPUTS)
+    if "json_object" in value and not isinstance(value["json_object"], (bool, type(None))):
+        raise InvalidRequest(f"{STRUCTURED_OUTPUTS}.json_object must be a boolean", STRUCTURED_OUTPUTS)
+    given = [key for key in CONSTRAINTS if value.get(key) not in (None, False)]
+    if len(given) != 1:
+        raise InvalidRequest(f"{STRUCTURED_OUTPUTS} takes exactly one of {', '.join(CONSTRAINTS)}",
+                             STRUCTURED_OUTPUTS)
+    return _constraint(given[0], value[given[0]], STRUCTURED_OUTPUTS)
+
+
+def _constraint(kind: str, value: Any, param: str) -> StructuredOutput:
+    """One ``structured_outputs`` constraint (or the older field that asked it) as a spec."""
+    if kind == "json":
+        return _json_schema(value, param)
+    if kind == "json_object":
+        return StructuredOutput.any_object()
+    try:
+        if kind == "regex":
+            return StructuredOutput.from_regex(value)
+        if kind == "choice":
+            return StructuredOutput.from_choice(value)
+        return StructuredOutput.from_grammar(value)
+    except ValueError as error:
+        raise InvalidRequest(f"{param}: {error}", param) from None
+
+
+def _json_schema(value: Any, param: str) -> StructuredOutput:
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except (ValueError, RecursionError):  # nested past the interpreter's limit: not a schema either
-            raise InvalidRequest(f"{GUIDED_JSON} must be a JSON schema (an object or its JSON text)",
-                                 GUIDED_JSON) from None
+            raise InvalidRequest(f"{param} must be a JSON schema (an object or its JSON text)", param) from None
     if not isinstance(value, dict):
-        raise InvalidRequest(f"{GUIDED_JSON} must be a JSON schema object", GUIDED_JSON)
+        raise InvalidRequest(f"{param} must be a JSON schema object", param)
     return StructuredOutput.from_schema(value)
 
 
@@ -83,4 +127,4 @@ def _parse(value: Any) -> StructuredOutput | None:
 def _only(value: Mapping[str, Any], allowed: set[str], where: str = FIELD) -> None:
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise InvalidRequest(f"{where} does not take {', '.join(unknown)}", FIELD)
+        raise InvalidRequest(f"{where} does not take {', '.join(unknown)}", where.split(".")[0])
