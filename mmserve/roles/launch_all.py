@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import sys
@@ -69,7 +70,8 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     require_free_port(args.host, args.port, "--port")  # before any child: the router would fail on it, restarted
     with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
         engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
-    sockets = tempfile.mkdtemp(prefix="mmserve-")  # mode 0700: this user's processes only
+    remove_stale_socket_dirs(tempfile.gettempdir())
+    sockets = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")  # mode 0700: this user's processes only
     try:
         commands = all_commands(args, argv, sockets)
         env, own = child_environments(os.environ, ClusterCredential.generate().environment())
@@ -86,6 +88,33 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
         print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)
         return STARTUP_FAILURE
     return 0
+
+
+SOCKET_DIR_PREFIX = "mmserve-"
+"""A ``--role all`` server's socket directory is SOCKET_DIR_PREFIX + its pid + "-" + random."""
+_SOCKET_DIR = re.compile(re.escape(SOCKET_DIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
+
+
+def remove_stale_socket_dirs(parent: str) -> list[str]:
+    """Removes the socket directories in ``parent`` that this user's ``--role all`` servers left
+    when they were killed (SIGKILL, a power cut: no clean-up ran), those whose server's pid is no
+    longer running; returns their paths. A pid used again since only leaves its directory for a
+    later start to remove."""
+    removed = []
+    for entry in os.scandir(parent):
+        match = _SOCKET_DIR.fullmatch(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # running (or another user's process: not ours to judge)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
 
 
 def child_environments(environ: Mapping[str, str], credential: Mapping[str, str]
