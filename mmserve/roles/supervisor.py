@@ -163,8 +163,11 @@ class Supervisor:
         except FileNotFoundError:
             pass
         # From this (the main) thread: PR_SET_PDEATHSIG fires when the thread that forked the child ends.
+        # A process group of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches
+        # the supervisor alone, which stops the children with SIGTERM; each child also took the
+        # SIGINT, and one still importing died of it with a KeyboardInterrupt traceback.
         child.process = subprocess.Popen(child.argv, env=self._env | self._own_env.get(child.name, {}) | {
-            PARENT_ENV: str(os.getpid()), READY_ENV: child.ready_file})
+            PARENT_ENV: str(os.getpid()), READY_ENV: child.ready_file}, process_group=0)
         child.started_at, child.restart_at, child.ready_at = now, None, None
         log.info("%s started (pid %d)", child.name, child.process.pid)
 

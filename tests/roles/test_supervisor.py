@@ -207,3 +207,40 @@ def test_the_api_key_reaches_the_router_alone_and_no_child_gets_the_secret_files
         supervisor.stop()
     assert out["router"].read_text().split() == ["the-key", "True", "None"]
     assert out["decode"].read_text().split() == ["None", "True", "None"]
+
+
+def test_a_terminals_ctrl_c_reaches_the_supervisor_alone(tmp_path):
+    """Ctrl-C sends SIGINT to the terminal's foreground process group: the children, still importing
+    (seconds, jax), each died of it with a KeyboardInterrupt traceback, besides the supervisor's own
+    stop. In process groups of their own, they are stopped by the supervisor's SIGTERM alone."""
+    import signal
+    import time
+
+    child = "import sys, time; print('ready', flush=True); time.sleep(60)"  # Python's default SIGINT handling
+    script = f"""
+import json, signal, sys
+from mmserve.roles.supervisor import Supervisor
+supervisor = Supervisor({{"a": [sys.executable, "-c", {child!r}], "b": [sys.executable, "-c", {child!r}]}},
+                        {{"PYTHONPATH": {str(REPO)!r}}}, {str(tmp_path)!r})
+signal.signal(signal.SIGINT, lambda *_: supervisor.request_stop())
+supervisor.start()
+print(json.dumps([c.process.pid for c in supervisor.children.values()]), flush=True)
+supervisor.run()
+supervisor.stop()
+print(json.dumps([c.process.returncode for c in supervisor.children.values()]), flush=True)
+"""
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        supervisor = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, stderr=stderr,
+                                      text=True, start_new_session=True)  # a group of its own, as a terminal's job
+    children = []
+    try:
+        children = json.loads(supervisor.stdout.readline())
+        assert [supervisor.stdout.readline() for _ in children] == ["ready\n"] * len(children)
+        time.sleep(0.2)
+        os.killpg(supervisor.pid, signal.SIGINT)  # what Ctrl-C does
+        assert json.loads(supervisor.stdout.readline()) == [-signal.SIGTERM] * len(children)
+        assert supervisor.wait(timeout=30) == 0
+        assert "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        reap(supervisor, children)
