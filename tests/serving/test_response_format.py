@@ -2,6 +2,8 @@
 structured_output, a bad schema or format is a 400 before the backend sees anything, and a
 backend that cannot enforce grammars (no grammar library) refuses it rather than ignore it."""
 
+import json
+
 import openai
 import pytest
 
@@ -9,6 +11,7 @@ from mmserve.serving.backend import TokenEvent
 from mmserve.structured_output import StructuredOutput
 from models.qwen3_vl_moe import load_model
 from scripted_backend import grammar_and_plain_servers, openai_client
+from server_process import request
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
@@ -199,4 +202,37 @@ def test_bad_structured_outputs_are_a_400_before_anything_is_queued(grammar, ext
     with pytest.raises(openai.BadRequestError, match=message) as error:
         chat.chat.completions.create(extra_body=extra, **CHAT)
     assert error.value.body["param"] == param
+    assert backend.requests == []
+
+
+def _generate(server, sampling_params: dict) -> tuple[int, dict]:
+    return request("POST", f"{server.url}/generate", {"prompt": "hi", "sampling_params": sampling_params}, timeout=30)
+
+
+@pytest.mark.parametrize("sampling, want", [
+    ({"regex": r"\d+", "temperature": 0}, StructuredOutput.from_regex(r"\d+")),
+    ({"ebnf": 'root ::= "a" | "b"'}, StructuredOutput.from_grammar('root ::= "a" | "b"')),
+    ({"json_schema": json.dumps(SCHEMA)}, StructuredOutput.from_schema(SCHEMA)),
+    ({"json_schema": SCHEMA}, StructuredOutput.from_schema(SCHEMA)),
+    ({"regex": None}, None),
+], ids=["regex", "ebnf", "json_schema_text", "json_schema_object", "null"])
+def test_native_generate_takes_sglangs_constraints(servers, sampling, want):
+    server, backend = servers[0]
+    backend.script, backend.requests = [DONE], []
+    assert _generate(server, sampling)[0] == 200
+    assert [r.params.structured_output for r in backend.requests] == [want]
+
+
+@pytest.mark.parametrize("sampling, param, message", [
+    ({"regex": "a", "ebnf": 'root ::= "a"'}, "sampling_params.ebnf", "give one of"),
+    ({"regex": "a(?=b)"}, "sampling_params.regex", "invalid regular expression"),
+    ({"json_schema": "{not json"}, "sampling_params.json_schema", "must be a JSON schema"),
+    ({"structured_output": {"regex": "a"}}, "sampling_params.structured_output", "json_schema, regex or ebnf"),
+], ids=["two", "lookahead", "bad_json", "structured_output"])
+def test_native_generate_refuses_bad_constraints(servers, sampling, param, message):
+    server, backend = servers[0]
+    backend.script, backend.requests = [DONE], []
+    status, body = _generate(server, sampling)
+    assert (status, body["error"]["param"]) == (400, param)
+    assert message in body["error"]["message"]
     assert backend.requests == []

@@ -3,8 +3,8 @@
 In: ``prompt`` (raw text, image placeholders written by the client) or ``prompt_token_ids``,
 ``images`` (base64 strings or data URLs, one per placeholder, in order), ``videos`` (data URLs, one
 per video placeholder, in order; frames sampled as the chat endpoint samples them), ``sampling_params``
-(``SamplingParams`` fields) and ``cache_salt`` (as in the OpenAI endpoints). Out: ``token_ids``, ``text``,
-``finish_reason`` and ``meta``.
+(``SamplingParams`` fields, a structured output as SGLang's ``json_schema``, ``regex`` or ``ebnf``) and
+``cache_salt`` (as in the OpenAI endpoints). Out: ``token_ids``, ``text``, ``finish_reason`` and ``meta``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.media import MediaReader
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
 from mmserve.serving.router.relay import collect, unless_disconnected
+from mmserve.serving.router.response_format import native_structured_output
 from mmserve.tracing import http_parent
 
 ENDPOINT = "generate"
@@ -39,12 +40,18 @@ async def generate(request: Request) -> Response:
     sampling = body.get("sampling_params", {})
     if not isinstance(sampling, dict):
         raise InvalidRequest("sampling_params must be an object", "sampling_params")
+    if "structured_output" in sampling:
+        raise InvalidRequest("sampling_params takes a structured output as json_schema, regex or ebnf",
+                             "sampling_params.structured_output")
+    sampling = dict(sampling)
+    structured = await native_structured_output(sampling, router.backend)
     prompt = await prepare(lambda: _prompt(body, router.media_reader()), router.model,
                            router.settings.max_model_len, "prompt", body)
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
                                        DEFAULT_MAX_TOKENS, router.settings.max_model_len,
                                        "prompt", "sampling_params.max_tokens")
-    params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | {"max_tokens": max_tokens},
+    params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | {"max_tokens": max_tokens,
+                                                                                        "structured_output": structured},
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     if params.n != 1:
         raise InvalidRequest("/generate answers one sequence; ask /v1/completions for n of them", "sampling_params.n")

@@ -43,8 +43,30 @@ async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutpu
         spec = _structured_outputs(body[name])
     else:
         spec = _constraint(GUIDED[name], body[name], name)
-    if spec is None:
+    return None if spec is None else await _checked(spec, name, backend)
+
+
+NATIVE = {"json_schema": "json", "regex": "regex", "ebnf": "grammar"}
+"""SGLang's ``sampling_params`` fields of its native ``/generate``, each the ``structured_outputs``
+key it is the same as."""
+
+
+async def native_structured_output(sampling: dict[str, Any], backend) -> StructuredOutput | None:
+    """Takes SGLang's ``json_schema`` (JSON text or an object), ``regex`` or ``ebnf`` out of a
+    native request's ``sampling_params`` (at most one) as the spec they ask."""
+    values = {key: sampling.pop(key, None) for key in NATIVE}
+    given = [key for key, value in values.items() if value is not None]
+    if len(given) > 1:
+        raise InvalidRequest(f"give one of sampling_params.{', sampling_params.'.join(given)}, not several",
+                             f"sampling_params.{given[-1]}")
+    if not given:
         return None
+    name = f"sampling_params.{given[0]}"
+    return await _checked(_constraint(NATIVE[given[0]], values[given[0]], name), name, backend)
+
+
+async def _checked(spec: StructuredOutput, name: str, backend) -> StructuredOutput:
+    """The spec, once the backend can enforce it and xgrammar can parse it (a 400 naming ``name`` else)."""
     if not getattr(backend, "supports_structured_output", False):
         raise InvalidRequest(f"{name} is not supported by this server: it needs the grammar library "
                              "(pip install 'mmserve[structured]')", name)
