@@ -68,15 +68,25 @@ class LLM:
         recommended sampling (``generation_config.json``), as vLLM's ``LLM`` does."""
         return SamplingParams(**self.model.sampling_defaults)
 
-    def chat(self, messages, sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of them. Image and video parts carry the
-        media itself: ``{"type": "image", "image": PIL.Image}``, ``{"type": "video", "video": frames}``."""
+        media itself: ``{"type": "image", "image": PIL.Image}``, ``{"type": "video", "video": frames}``.
+        As vLLM's: ``continue_final_message`` (with ``add_generation_prompt=False``) continues the
+        final message instead of starting a new answer; ``tools`` (OpenAI function tools) and
+        ``chat_template_kwargs`` reach the chat template. The tools' calls are not parsed: the text
+        holds them as the model wrote them."""
+        if clash := sorted(set(chat_template_kwargs or {}) & self.model.tokenizer.reserved_template_names):
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(clash)}")
+        options = (chat_template_kwargs or {}) | {"add_generation_prompt": add_generation_prompt,
+                                                  "continue_final_message": continue_final_message, "tools": tools}
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self._chat_prompt(conversation) for conversation in conversations]
+        prompts = [self._chat_prompt(conversation, options) for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _chat_prompt(self, conversation: list[dict[str, Any]]) -> dict[str, Any]:
+    def _chat_prompt(self, conversation: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
         """The prompt of one conversation; ValueError for a malformed one, as vLLM's chat does."""
         if not isinstance(conversation, list) or not conversation:
             raise ValueError(f"a conversation must be a non-empty list of messages, got {conversation!r:.80}")
@@ -96,7 +106,7 @@ class LLM:
                         raise ValueError(f"a {kind} part must carry the {kind} under the key {kind!r}")
                     media[kind].append(part[kind])
         try:
-            text = self.model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+            text = self.model.tokenizer.apply_chat_template(conversation, **options)
         except jinja2.TemplateError as error:
             raise ValueError(f"the chat template rejected the messages: {error}") from None
         return {"prompt": text, "multi_modal_data": {k: v for k, v in media.items() if v}}

@@ -186,20 +186,34 @@ class Tokenizer:
     def text_stream(self) -> "TextStream":
         return TextStream(self.backend)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, **kwargs) -> str:
+    @property
+    def reserved_template_names(self) -> set[str]:
+        """What ``apply_chat_template`` itself gives the template: no extra argument may set them."""
+        return {"messages", "tools", "add_generation_prompt", "continue_final_message", *self.special_tokens}
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None,
+                            continue_final_message: bool = False, **kwargs) -> str:
         """Renders OpenAI-style messages (content a string or a list of text/image/video parts).
 
         Extra keyword arguments reach the template, as in transformers (e.g. add_vision_id=True).
         Keys whose value is None are dropped first, since templates test for presence.
+        ``continue_final_message``: the text ends with the last message's text, unclosed, so that
+        the model continues it (an answer's start written for it), as transformers cuts it;
+        ValueError when that text cannot be found in the rendering.
         """
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        if reserved := sorted(set(kwargs) & self.reserved_template_names):
+            raise ValueError(f"the chat template's {', '.join(reserved)} cannot be given as extra arguments")
         messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
-        return self._template.render(
+        text = self._template.render(
             messages=_plain(messages),
             tools=_plain(tools),
             add_generation_prompt=add_generation_prompt,
             **self.special_tokens,
             **_plain(kwargs),
         )
+        return _cut_after_final_message(text, messages[-1] if messages else {}) if continue_final_message else text
 
 
 class TextStream:
@@ -214,6 +228,23 @@ class TextStream:
     def step(self, token_id: int) -> str:
         """The text ``token_id`` completes ('' while a character is still incomplete)."""
         return self._stream.step(self._backend, int(token_id)) or ""
+
+
+def _cut_after_final_message(text: str, final: dict) -> str:
+    """``text`` up to the end of the final message's text (its last text part when its content is a
+    list), transformers' rule: found from the end, stripped of surrounding whitespace, its trailing
+    whitespace kept only where the template kept it."""
+    content = final.get("content")
+    if isinstance(content, (list, tuple)):
+        content = next((part["text"] for part in reversed(content) if isinstance(part, dict) and "text" in part), None)
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("continue_final_message needs a final message with text to continue")
+    at = text.rfind(content.strip())
+    if at < 0:
+        raise ValueError("continue_final_message: the final message does not appear in the rendered chat (the "
+                         "template changed its text)")
+    kept = content.lstrip()
+    return text[:at + len(kept)] if text[at:at + len(kept)] == kept else text[:at + len(content.strip())]
 
 
 def _read_json(path: Path) -> dict | None:

@@ -308,3 +308,31 @@ def test_megabytes_of_text_are_refused_after_counting_about_the_limit(tiny, text
         tiny.encode(text, max_tokens=2047)
     assert time.monotonic() - started < 2
     assert not refused.value.exact and refused.value.counted > 2047
+
+
+ANSWER_STARTS = [
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "  Spaced start and end  "}],
+    [SYSTEM, IMAGE_QUESTION, {"role": "assistant", "content": [{"type": "text", "text": "It shows"}]}],
+    [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "yes"}, {"role": "user", "content": "yes"}],
+]
+
+
+@pytest.mark.parametrize("messages", ANSWER_STARTS, ids=["text", "spaces", "parts", "user_last"])
+def test_continue_final_message_cuts_as_transformers_does(tiny, messages):
+    """The rendering ends with the final message's text, unclosed, so the model continues it."""
+    hf = hf_tokenizer(tiny)
+    ours = tiny.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ours == hf.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                          tokenize=False, chat_template=QWEN3_VL_TEMPLATE)
+    assert not ours.endswith("<|im_end|>\n")
+
+
+@pytest.mark.parametrize("messages, kwargs, message", [
+    (ANSWER_STARTS[0], {"add_generation_prompt": True}, "cannot both be true"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], {}, "with text to continue"),
+    ([IMAGE_QUESTION, {"role": "assistant", "content": [{"type": "image"}]}], {}, "with text to continue"),
+], ids=["with_generation_prompt", "blank", "no_text_part"])
+def test_continue_final_message_refuses_what_it_cannot_continue(tiny, messages, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.apply_chat_template(messages, continue_final_message=True, **({"add_generation_prompt": False} | kwargs))

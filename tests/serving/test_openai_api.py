@@ -235,3 +235,21 @@ def test_a_cache_salt_shares_cached_pages_only_with_the_same_salt(server, client
         seen.append(request("GET", f"{server.url}/health")[1]["prefix_cache_hits"] > before)
         assert got.choices[0].message.content == want
     assert seen == [False, True, False, True]
+
+
+def test_continue_final_message_and_template_kwargs_equal_offline(client, offline):
+    """vLLM's chat options: the answer continues the assistant's start written for it, and
+    ``chat_template_kwargs`` reach the template (Qwen3-VL's add_vision_id labels the picture),
+    token for token as the offline ``LLM.chat`` with the same arguments."""
+    start = [{"role": "assistant", "content": "The picture shows"}]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    for options in ({"continue_final_message": True, "add_generation_prompt": False},
+                    {"chat_template_kwargs": {"add_vision_id": True}}):
+        messages = CHATS["one_image"] + (start if "continue_final_message" in options else [])
+        want = offline.chat(messages, params, **options)[0]
+        got = client.chat.completions.create(model=MODEL_NAME, messages=openai_messages(messages), temperature=0,
+                                             max_tokens=MAX_TOKENS, extra_body=options)
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert got.choices[0].message.content == want.outputs[0].text
+    plain = offline.chat(CHATS["one_image"], params)[0]
+    assert len(plain.prompt_token_ids) < len(want.prompt_token_ids)  # "Picture 1: " was rendered

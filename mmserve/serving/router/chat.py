@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from mmserve.sampling_params import MAX_LOGPROBS
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
-from mmserve.serving.router.chat_messages import chat_prompt
+from mmserve.serving.router.chat_messages import TEMPLATE_FIELDS, chat_prompt, template_options
 from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import (COMMON_FIELDS, CommonFields, check_known, common_fields, json_object,
@@ -26,9 +26,8 @@ from mmserve.serving.router.tool_parser import ToolCall, ToolCallParser, parse_t
 from mmserve.serving.router.tools import FIELDS as TOOLS_FIELDS, Tools, requested_tools
 
 ENDPOINT = "chat"
-CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | TOOLS_FIELDS | {"messages", "max_tokens",
-                                                                      "max_completion_tokens", "logprobs",
-                                                                      "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | TOOLS_FIELDS | TEMPLATE_FIELDS | {
+    "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
 
 
 async def chat_completions(request: Request) -> Response:
@@ -47,8 +46,9 @@ async def chat_completions(request: Request) -> Response:
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     requested_int(body, "max_tokens")  # checked when max_completion_tokens, which wins, is sent too
     requested = requested_int(body, limit_name)
+    options = template_options(body, router.model.tokenizer)
     prompt = await prepare(lambda: chat_prompt(body.get("messages"), router.model.tokenizer, router.media_reader(),
-                                               tools.definitions if tools else None),
+                                               tools.definitions if tools else None, options),
                            router.model, router.settings.max_model_len, "messages", body)
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)

@@ -29,19 +29,47 @@ MEDIA_PARTS = {"image_url": ("image", "from_url"), "video_url": ("video", "video
 """OpenAI part type -> (the offline part type, the MediaReader method that reads its URL)."""
 
 
+TEMPLATE_FIELDS = {"add_generation_prompt", "continue_final_message", "chat_template_kwargs"}
+"""vLLM's chat fields that shape the rendering."""
+
+
+def template_options(body: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """vLLM's ``add_generation_prompt`` (true by default), ``continue_final_message`` (false; the
+    answer continues the final message, an assistant's start written for the model) and
+    ``chat_template_kwargs`` (extra arguments for the template, Qwen3-VL's ``add_vision_id`` say),
+    as ``apply_chat_template``'s keyword arguments."""
+    options = {}
+    for name, default in (("add_generation_prompt", True), ("continue_final_message", False)):
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(f"{name} must be a boolean", name)
+        options[name] = default if value is None else value
+    if options["add_generation_prompt"] and options["continue_final_message"]:
+        raise InvalidRequest("continue_final_message needs add_generation_prompt set to false", "continue_final_message")
+    extra = body.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise InvalidRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
+    if reserved := sorted(set(extra) & tokenizer.reserved_template_names):
+        raise InvalidRequest(f"chat_template_kwargs cannot set {', '.join(reserved)}", "chat_template_kwargs")
+    return extra | options
+
+
 def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader,
-                tools: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+                tools: Sequence[dict[str, Any]] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A prompt for ``prepare_prompt``: ``{"prompt": text, "multi_modal_data": {"image": [...]}}``.
-    ``tools``: the function tools to render (checked by ``tools.py``), or None."""
+    ``tools``: the function tools to render (checked by ``tools.py``), or None; ``options``: from
+    :func:`template_options`."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", "messages")
     media: dict[str, list] = {"image": [], "video": []}
     conversation = [_message(m, f"messages[{i}]", media, reader) for i, m in enumerate(messages)]
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                             tools=list(tools) if tools else None)
+        text = tokenizer.apply_chat_template(conversation, tools=list(tools) if tools else None,
+                                             **(options or {"add_generation_prompt": True}))
     except jinja2.TemplateError as error:
         raise InvalidRequest(f"the chat template rejected the messages: {error}", "messages") from None
+    except ValueError as error:  # continue_final_message with no text to continue
+        raise InvalidRequest(str(error), "continue_final_message") from None
     return {"prompt": text, "multi_modal_data": {kind: items for kind, items in media.items() if items}}
 
 
