@@ -76,6 +76,11 @@ def test_flags_that_are_not_given_leave_the_configs_defaults():
     assert settings.model_name == "tiny"
 
 
+def test_the_reasoning_parser_flag_reaches_the_router():
+    args = build_parser().parse_args(["--role", "router", "--reasoning-parser", "qwen3"])
+    assert router_settings(args, 2048).reasoning_parser == "qwen3"
+
+
 def test_bad_engine_setting_is_refused_with_the_reason():
     result = _serve("--role", "colocated", "--page-size", "0")
     assert result.returncode == 2
@@ -113,6 +118,7 @@ def test_a_worker_without_the_cluster_secret_refuses_to_start():
     (["--drain-timeout", "-1"], "seconds are 0 or more and finite, got -1"),
     (["--allowed-local-media-path", "/nonexistent/media"], "--allowed-local-media-path /nonexistent/media is not a "
                                                            "directory"),
+    (["--reasoning-parser", "deepseek"], "--reasoning-parser must be one of qwen3, got 'deepseek'"),
 ])
 def test_a_bad_start_up_flag_is_one_line_and_status_2(flags, reason, tmp_path, capsys):
     from mmserve.serving.cli import main

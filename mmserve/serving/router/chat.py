@@ -20,12 +20,16 @@ from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
+from mmserve.serving.router.reasoning_parser import ReasoningParser, Split, opens_thinking, split_reasoning
 from mmserve.serving.router.relay import Answer
 from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
 from mmserve.serving.router.tool_parser import ToolCall, ToolCallParser, parse_tool_calls
 from mmserve.serving.router.tools import FIELDS as TOOLS_FIELDS, Tools, requested_tools
 
 ENDPOINT = "chat"
+PROMPT_TAIL_TOKENS = 64
+"""How much of a prompt's end is read for a think block it leaves open (the generation prompt's
+``<think>``, after the conversation)."""
 CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | TOOLS_FIELDS | TEMPLATE_FIELDS | {
     "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
 
@@ -55,7 +59,11 @@ async def chat_completions(request: Request) -> Response:
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,
                                                   "structured_output": structured},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"})
-    chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common, tools)
+    thinks = None  # no reasoning parser; else whether the answer starts inside a think block
+    if router.settings.reasoning_parser is not None:
+        thinks = opens_thinking(router.model.tokenizer.decode(prompt.token_ids[-PROMPT_TAIL_TOKENS:],
+                                                              skip_special_tokens=False))
+    chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common, tools, thinks)
     arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     return await chat.answer(request, ENDPOINT, arrival, "chat.completion")
 
@@ -74,14 +82,19 @@ def _logprobs(body: dict) -> int | None:
 
 
 class ChatResponse(OpenAIResponse):
-    """With tools, each choice's text goes through its own ``ToolCallParser``: the message holds the
-    content outside the calls and the calls, and an answer that called and then stopped finishes
-    with "tool_calls" (one cut by max_tokens keeps "length")."""
+    """With a reasoning parser (``--reasoning-parser``), each choice's text is first split into its
+    ``reasoning_content`` and its content (``reasoning_parser.py``). With tools, the content goes
+    through its own ``ToolCallParser``: the message holds the content outside the calls and the
+    calls, and an answer that called and then stopped finishes with "tool_calls" (one cut by
+    max_tokens keeps "length")."""
 
     chunk_kind = "chat.completion.chunk"
 
-    def __init__(self, router: RouterContext, request: GenerateRequest, common: CommonFields, tools: Tools | None):
+    def __init__(self, router: RouterContext, request: GenerateRequest, common: CommonFields, tools: Tools | None,
+                 thinks: bool | None = None):
         super().__init__(router, request, common)
+        self.thinks = thinks
+        self.reasoners = [ReasoningParser(thinks) for _ in self.requests] if thinks is not None else None
         self.parsers = [ToolCallParser() for _ in self.requests] if tools is not None else None
         self.calls_sent = [0] * len(self.requests)  # per streamed choice
 
@@ -89,13 +102,15 @@ class ChatResponse(OpenAIResponse):
         return None if self.request.params.logprobs is None else chat_logprobs(entries, self.token_text)
 
     def whole_choice(self, index: int, answer: Answer) -> dict:
-        message = {"role": "assistant", "content": answer.text}
+        split = Split(content=answer.text) if self.thinks is None else split_reasoning(answer.text, self.thinks)
+        message = {"role": "assistant", "content": split.content if self.thinks is None else split.content or None}
+        if self.thinks is not None:
+            message["reasoning_content"] = split.reasoning or None
         finish_reason = answer.finish_reason
         if self.parsers is not None:
-            parsed = parse_tool_calls(answer.text)
+            parsed = parse_tool_calls(split.content)
             if parsed.calls:
-                message = {"role": "assistant", "content": parsed.content or None,
-                           "tool_calls": [_call(call) for call in parsed.calls]}
+                message |= {"content": parsed.content or None, "tool_calls": [_call(call) for call in parsed.calls]}
                 finish_reason = _finish_reason(finish_reason, called=True)
         return {"index": index, "message": message, "logprobs": self.logprobs(answer.logprobs),
                 "finish_reason": finish_reason, "stop_reason": answer.stop_reason}
@@ -105,14 +120,27 @@ class ChatResponse(OpenAIResponse):
 
     def delta_choice(self, index: int, event: TokenEvent, delta: str, text_offset: int) -> dict | None:
         logprobs = self.logprobs(event.logprobs or [])
-        if self.parsers is None:
+        if self.reasoners is None and self.parsers is None:
             return self._choice(index, {"content": delta} if delta else {}, logprobs, event)
-        parsed = self.parsers[index].feed(delta)
+        split = Split(content=delta)
+        if self.reasoners is not None:
+            split = self.reasoners[index].feed(delta)
+            if event.finish_reason is not None:
+                split = split.add(self.reasoners[index].finish())
+        message = {"reasoning_content": split.reasoning} if split.reasoning else {}
+        if self.parsers is None:
+            if split.content:
+                message["content"] = split.content
+            if not (message or logprobs or event.finish_reason is not None):
+                return None
+            return self._choice(index, message, logprobs, event)
+        parsed = self.parsers[index].feed(split.content)
         if event.finish_reason is not None:
             parsed = parsed.add(self.parsers[index].finish())
-        if not (parsed.content or parsed.calls or logprobs or event.finish_reason is not None):
+        if not (message or parsed.content or parsed.calls or logprobs or event.finish_reason is not None):
             return None
-        message = {"content": parsed.content} if parsed.content else {}
+        if parsed.content:
+            message["content"] = parsed.content
         if parsed.calls:  # a delta numbers its calls within the choice
             first = self.calls_sent[index]
             message["tool_calls"] = [{"index": first + i} | _call(call) for i, call in enumerate(parsed.calls)]

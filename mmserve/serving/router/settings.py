@@ -7,6 +7,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+from mmserve.serving.router.reasoning_parser import PARSERS as REASONING_PARSERS
+
 MIB = 1 << 20
 
 
@@ -15,7 +17,7 @@ class RouterSettings:
     """What the router needs besides its backend. The fields from ``max_body_bytes`` on are
     ``serve.py`` flags (their docstrings are the help, :mod:`mmserve.config_flags`): the door's
     limits, each refused with a 4xx before the router holds more than it allows, and admission
-    (``admission.py``, ``relay.py``)."""
+    (``admission.py``, ``relay.py``); ``reasoning_parser`` shapes chat answers."""
 
     model_name: str
     """the one name ``model`` may take in requests (``/v1/models`` lists it)"""
@@ -33,6 +35,10 @@ class RouterSettings:
     hosts"""
     media_fetch_timeout_s: float = 10.0
     """seconds a fetch of an allowed http(s) image or video may take in all"""
+    reasoning_parser: str | None = None
+    """split a thinking model's chat answers into reasoning_content (what it writes inside <think> ...
+    </think>) and content, as vLLM's and SGLang's flag does: qwen3 (Qwen3-VL's Thinking checkpoints);
+    none: the answer is content as written"""
     max_body_bytes: int = 32 * MIB
     """largest request body; a larger one gets a 413, a chunked one as soon as it passes the limit"""
     request_read_timeout: float = 30.0
@@ -80,6 +86,9 @@ class RouterSettings:
                 raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ValueError(f"allowed_local_media_path {self.allowed_local_media_path} is not a directory")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got "
+                             f"{self.reasoning_parser!r}")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if not 0 <= self.request_timeout_s < math.inf:  # nan fails too

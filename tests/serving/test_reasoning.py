@@ -1,0 +1,88 @@
+"""``--reasoning-parser qwen3`` at the router, over a scripted backend and the openai client: a
+thinking answer's reasoning comes back as ``reasoning_content`` and the rest as content, whole
+and streamed alike, under Qwen3-VL's template made a Thinking one (its generation prompt opens
+<think>) and under the tiny one (the model writes <think> itself); tool calls are read from the
+content only; without the flag an answer is content as written."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from mmserve.serving.router import RouterSettings, build_app
+from models.qwen3_vl_moe import load_model
+from models.qwen3_vl_moe.tokenizer import Tokenizer
+from scripted_backend import GrammarBackend, ThreadedServer, openai_client
+from test_tools import TOOLS, answer
+
+QWEN3_VL_TEMPLATE = (Path(__file__).resolve().parents[1] / "qwen3_vl_chat_template.jinja").read_text()
+THINKING_TEMPLATE = QWEN3_VL_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}",
+                                              "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+QUESTION = [{"role": "user", "content": "How many legs have two cats?"}]
+
+
+@pytest.fixture(scope="module")
+def routers():
+    """(thinking template + parser, tiny template + parser, tiny template without the parser)."""
+    assert THINKING_TEMPLATE != QWEN3_VL_TEMPLATE
+    tiny = load_model("tiny", weights=False)
+    thinking = dataclasses.replace(tiny, tokenizer=Tokenizer(tiny.tokenizer.backend, THINKING_TEMPLATE,
+                                                             tiny.tokenizer.config))
+    up = [(ThreadedServer(build_app(backend, model, RouterSettings("tiny", 4096, reasoning_parser=parser))), backend)
+          for model, parser, backend in ((thinking, "qwen3", GrammarBackend()), (tiny, "qwen3", GrammarBackend()),
+                                         (tiny, None, GrammarBackend()))]
+    try:
+        yield up
+    finally:
+        for server, _ in up:
+            server.stop()
+
+
+def ask(router, text: str, stream: bool, **fields) -> tuple[str | None, str | None, list, str]:
+    """(reasoning_content, content, tool calls, finish_reason) of the answer ``text``."""
+    server, backend = router
+    backend.script, backend.requests = answer(text), []
+    client = openai_client(server)
+    request = {"model": "tiny", "messages": QUESTION, "max_tokens": 64} | fields
+    if not stream:
+        choice = client.chat.completions.create(**request).choices[0]
+        message = choice.message.model_dump()
+        return message.get("reasoning_content"), message["content"], message["tool_calls"] or [], choice.finish_reason
+    chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, **request)]
+    deltas = [c.delta.model_dump() for c in chunks]
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    return (reasoning or None, "".join(d["content"] or "" for d in deltas) or None,
+            [call for d in deltas for call in d["tool_calls"] or []], chunks[-1].finish_reason)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_thinking_template_s_answer_is_reasoning_until_the_block_closes(routers, stream):
+    assert ask(routers[0], "Two cats, four legs each.</think>\n\nEight.", stream)[:2] == (
+        "Two cats, four legs each.", "\n\nEight.")
+    # cut by max_tokens while thinking: all of it is reasoning
+    assert ask(routers[0], "Two cats, four", stream)[:2] == ("Two cats, four", None)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_model_that_writes_its_own_think_tag_is_split_too(routers, stream):
+    assert ask(routers[1], "<think>Count: 2 x 4.</think>Eight.", stream)[:2] == ("Count: 2 x 4.", "Eight.")
+    assert ask(routers[1], "Eight, without thinking.", stream)[:2] == (None, "Eight, without thinking.")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_calls_are_read_from_the_content_only(routers, stream):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    reasoning, content, calls, finish_reason = ask(routers[0], f"I could write {call} here.</think>{call}", stream,
+                                                   tools=TOOLS)
+    assert reasoning == f"I could write {call} here."
+    assert content is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    assert finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_without_the_parser_an_answer_is_content_as_written(routers, stream):
+    text = "<think>Count.</think>Eight."
+    assert ask(routers[2], text, stream)[:2] == (None, text)
