@@ -26,11 +26,13 @@ template's ", " and ": " and a shallow indent, and bounded so that a weak model 
 whole budget on spaces inside a call."""
 
 
-def tool_calls_output(functions: Sequence[Mapping[str, Any]], forced: str | None = None) -> StructuredOutput:
+def tool_calls_output(functions: Sequence[Mapping[str, Any]], forced: str | None = None,
+                      parallel: bool = True) -> StructuredOutput:
     """The answer's grammar when it must call a tool. ``functions``: the request's function
     definitions (name, parameters...). ``forced`` None is OpenAI's ``tool_choice: "required"``: the
     answer starts with a call to one of them (more calls, or text, may follow until the model
-    stops); a name forces exactly one call to that function and nothing else.
+    stops); a name forces exactly one call to that function and nothing else. ``parallel`` False
+    (OpenAI's ``parallel_tool_calls``) allows one call only.
 
     Raises ValueError when xgrammar refuses the functions (their parameters are no schema it can
     enforce)."""
@@ -40,7 +42,8 @@ def tool_calls_output(functions: Sequence[Mapping[str, Any]], forced: str | None
     choice = "required" if forced is None else {"type": "function", "function": {"name": forced}}
     try:
         tag = xgrammar.get_model_structural_tag(TOOL_CALL_FORMAT, tools=tools, tool_choice=choice,
-                                                reasoning="disabled", max_whitespace_cnt=MAX_WHITESPACE)
+                                                reasoning="disabled", max_whitespace_cnt=MAX_WHITESPACE,
+                                                parallel_tool_calls=parallel)
     except ValueError as error:  # pydantic's ValidationError is one
         raise ValueError(f"invalid tools: {first_line(error)}") from None
     spec = StructuredOutput(structural_tag=tag.model_dump_json())

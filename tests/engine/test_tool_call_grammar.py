@@ -46,6 +46,18 @@ def test_required_choice_starts_with_a_valid_call(llm, seed):
     jsonschema.validate(json.loads(first.arguments), function["parameters"])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_required_choice_without_parallel_calls_yields_exactly_one_valid_call(llm, seed):
+    params = SamplingParams(structured_output=tool_calls_output([SET_LIGHT, NOW], parallel=False), temperature=1.0,
+                            seed=seed, max_tokens=200)
+    output = llm.generate(PROMPT, params)[0].outputs[0]
+    parsed = parse_tool_calls(output.text)
+    assert output.finish_reason == "stop" and parsed.content == "", output.text
+    assert len(parsed.calls) == 1
+    function = {"set_light": SET_LIGHT, "now": NOW}[parsed.calls[0].name]
+    jsonschema.validate(json.loads(parsed.calls[0].arguments), function["parameters"])
+
+
 def test_grammar_vocabulary_keeps_the_tool_call_markers_and_blanks_special_tokens():
     vocab = tokenizer_info(build_tiny_tokenizer(), 1011, [TINY_SPECIAL_IDS["<|im_end|>"]]).decoded_vocab
     assert [vocab[i] for i in TINY_TOOL_TOKEN_IDS.values()] == [t.encode() for t in TINY_TOOL_TOKEN_IDS]

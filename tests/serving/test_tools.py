@@ -123,6 +123,31 @@ def test_tool_choice_sends_its_grammar(grammar, tool_choice, want):
     assert backend.requests[0].params.structured_output == want
 
 
+def test_parallel_tool_calls_false_forces_one_call_at_most(grammar):
+    openai_client, backend = grammar
+    chat(openai_client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    one = backend.requests[0].params.structured_output
+    assert one == tool_calls_output(FUNCTIONS, parallel=False) != tool_calls_output(FUNCTIONS)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_parallel_tool_calls_false_keeps_an_answer_s_first_call(grammar, stream):
+    """An answer that calls twice anyway (tool_choice "auto" has no grammar): the first call only,
+    as vLLM answers."""
+    openai_client, backend = grammar
+    backend.script = answer(CALLS)
+    if stream:
+        chunks = [c.choices[0] for c in chat(openai_client, tools=TOOLS, parallel_tool_calls=False, stream=True)]
+        calls = [call for c in chunks for call in c.delta.tool_calls or []]
+        content = "".join(c.delta.content or "" for c in chunks)
+        finish_reason = chunks[-1].finish_reason
+    else:
+        choice = chat(openai_client, tools=TOOLS, parallel_tool_calls=False).choices[0]
+        calls, content, finish_reason = choice.message.tool_calls, choice.message.content, choice.finish_reason
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert (content, finish_reason) == ("Let me check.", "tool_calls")
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_calls_in_the_answer_become_tool_calls(grammar, stream):
     openai_client, backend = grammar
@@ -241,6 +266,10 @@ BAD = {
     "named_choice_not_among_tools": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
                                      "'x', which is not among tools", "tool_choice"),
     "choice_without_tools": ({"tool_choice": "auto"}, "tool_choice needs tools", "tool_choice"),
+    "parallel_without_tools": ({"parallel_tool_calls": False}, "parallel_tool_calls needs tools",
+                               "parallel_tool_calls"),
+    "parallel_not_bool": ({"tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls must be a boolean",
+                          "parallel_tool_calls"),
     "unknown_choice": ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice must be one of", "tool_choice"),
     "malformed_named_choice": ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "now"}},
                                "a named tool_choice is", "tool_choice"),

@@ -96,6 +96,7 @@ class ChatResponse(OpenAIResponse):
         self.thinks = thinks
         self.reasoners = [ReasoningParser(thinks) for _ in self.requests] if thinks is not None else None
         self.parsers = [ToolCallParser() for _ in self.requests] if tools is not None else None
+        self.max_calls = None if tools is None or tools.parallel else 1  # an answer's calls past it are dropped
         self.calls_sent = [0] * len(self.requests)  # per streamed choice
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict | None:
@@ -110,7 +111,8 @@ class ChatResponse(OpenAIResponse):
         if self.parsers is not None:
             parsed = parse_tool_calls(split.content)
             if parsed.calls:
-                message |= {"content": parsed.content or None, "tool_calls": [_call(call) for call in parsed.calls]}
+                calls = parsed.calls[:self.max_calls]
+                message |= {"content": parsed.content or None, "tool_calls": [_call(call) for call in calls]}
                 finish_reason = _finish_reason(finish_reason, called=True)
         return {"index": index, "message": message, "logprobs": self.logprobs(answer.logprobs),
                 "finish_reason": finish_reason, "stop_reason": answer.stop_reason}
@@ -137,6 +139,8 @@ class ChatResponse(OpenAIResponse):
         parsed = self.parsers[index].feed(split.content)
         if event.finish_reason is not None:
             parsed = parsed.add(self.parsers[index].finish())
+        if self.max_calls is not None:
+            parsed.calls = parsed.calls[:max(self.max_calls - self.calls_sent[index], 0)]
         if not (message or parsed.content or parsed.calls or logprobs or event.finish_reason is not None):
             return None
         if parsed.content:

@@ -28,7 +28,7 @@ from mmserve.serving.router.fields import without_nulls
 from mmserve.structured_output import AVAILABLE as GRAMMARS_AVAILABLE, StructuredOutput
 from mmserve.structured_output.spec import check_cost
 
-FIELDS = {"tools", "tool_choice"}
+FIELDS = {"tools", "tool_choice", "parallel_tool_calls"}
 MAX_TOOLS = 128
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """OpenAI's rule for function names; it also keeps a name literal inside the grammar and the prompt."""
@@ -40,17 +40,24 @@ CHOICES = ("none", "auto", "required")
 @dataclasses.dataclass(frozen=True)
 class Tools:
     """definitions: the tools as the client sent them, null fields left out, for the template.
-    grammar: what enforces a required or named choice (None for "auto")."""
+    grammar: what enforces a required or named choice (None for "auto").
+    parallel: OpenAI's ``parallel_tool_calls``; False: an answer makes one call at most (the
+    grammar allows one, and an answer's later calls are dropped, as vLLM drops them)."""
 
     definitions: tuple[dict[str, Any], ...]
     grammar: StructuredOutput | None = None
+    parallel: bool = True
 
 
 async def requested_tools(body: Mapping[str, Any], backend) -> Tools | None:
     """The request's tools; None when it has none or its tool_choice is "none"."""
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequest("parallel_tool_calls must be a boolean", "parallel_tool_calls")
     if "tools" not in body:
-        if "tool_choice" in body:
-            raise InvalidRequest("tool_choice needs tools", "tool_choice")
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if body.get(name) is not None:
+                raise InvalidRequest(f"{name} needs tools", name)
         return None
     definitions = _definitions(body["tools"])
     functions = [tool["function"] for tool in definitions]
@@ -59,8 +66,9 @@ async def requested_tools(body: Mapping[str, Any], backend) -> Tools | None:
                                                    getattr(backend, "supports_structured_output", False)):
         raise InvalidRequest(f"tool_choice {choice!r} is not supported by this server: it needs the grammar "
                              "library (pip install 'mmserve[structured]'); 'auto' works without", "tool_choice")
-    grammar = await asyncio.to_thread(_checked_grammar, functions, choice, forced)
-    return None if choice == "none" else Tools(definitions, grammar)
+    parallel = parallel is not False
+    grammar = await asyncio.to_thread(_checked_grammar, functions, choice, forced, parallel)
+    return None if choice == "none" else Tools(definitions, grammar, parallel)
 
 
 def _definitions(tools: Any) -> tuple[dict[str, Any], ...]:
@@ -118,7 +126,8 @@ def _choice(value: Any, names: set[str]) -> tuple[str, str | None]:
     return "function", function["name"]
 
 
-def _checked_grammar(functions: list[dict[str, Any]], choice: str, forced: str | None) -> StructuredOutput | None:
+def _checked_grammar(functions: list[dict[str, Any]], choice: str, forced: str | None,
+                     parallel: bool = True) -> StructuredOutput | None:
     """Checks every function's parameters (in a worker thread: xgrammar converts each schema), then
     builds the grammar a required or named choice needs."""
     if not GRAMMARS_AVAILABLE:
@@ -139,7 +148,7 @@ def _checked_grammar(functions: list[dict[str, Any]], choice: str, forced: str |
     from mmserve.structured_output.tool_calls import tool_calls_output
 
     try:
-        return tool_calls_output(functions, forced)
+        return tool_calls_output(functions, forced, parallel)
     except ValueError as error:
         raise InvalidRequest(str(error), "tools") from None
 
