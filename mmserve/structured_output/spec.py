@@ -116,6 +116,25 @@ class StructuredOutput:
         # surrogate pair, which xgrammar reads as two characters)
         return cls(grammar="root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in dict.fromkeys(choices)))
 
+    def after_reasoning(self, end: str) -> "StructuredOutput":
+        """This constraint from the point the model closes its reasoning with ``end`` on (what it
+        thinks before is free text), as vLLM applies a request's structured output to a reasoning
+        model's answer only: an xgrammar structural tag, the free text then this constraint. (A JSON
+        schema there may take single whitespace characters between its tokens, where alone its
+        JSON is compact.)"""
+        if self.json_schema:
+            constraint = {"type": "json_schema", "json_schema": json.loads(self.json_schema), "max_whitespace_cnt": 1}
+        elif self.regex:
+            constraint = {"type": "regex", "pattern": self.regex}
+        elif self.grammar:
+            constraint = {"type": "grammar", "grammar": self.grammar}
+        else:
+            constraint = json.loads(self.structural_tag)["format"]
+        thinking = {"type": "tag", "begin": "", "content": {"type": "any_text"}, "end": end}
+        return StructuredOutput(structural_tag=json.dumps(
+            {"type": "structural_tag", "format": {"type": "sequence", "elements": [thinking, constraint]}},
+            separators=(",", ":")))
+
     @property
     def kind(self) -> str:
         return next(name for name in KINDS if getattr(self, name))

@@ -86,3 +86,35 @@ def test_tool_calls_are_read_from_the_content_only(routers, stream):
 def test_without_the_parser_an_answer_is_content_as_written(routers, stream):
     text = "<think>Count.</think>Eight."
     assert ask(routers[2], text, stream)[:2] == (None, text)
+
+
+@pytest.mark.parametrize("extra, matches, refused", [
+    ({"response_format": {"type": "json_object"}}, 'Fine.</think>{"a": 1}', "Fine.</think>not json"),
+    ({"extra_body": {"structured_outputs": {"regex": r"\d+ legs"}}}, "2 x 4</think>8 legs", "</think>eight legs"),
+    ({"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}, "Hmm.</think>yes", "Hmm.</think>maybe"),
+], ids=["json_object", "regex", "choice"])
+def test_a_structured_output_constrains_the_answer_after_the_thinking(routers, extra, matches, refused):
+    """As vLLM applies it with a reasoning parser: the thinking is free text, the constraint
+    applies from </think> on (the model's own tokens, checked with xgrammar's matcher on the tiny
+    vocabulary)."""
+    import xgrammar
+
+    from mmserve.structured_output.grammars import tokenizer_info
+    from models.qwen3_vl_moe.tiny_tokenizer import build_tiny_tokenizer
+
+    server, backend = routers[0]
+    backend.script, backend.requests = answer("8 legs"), []
+    openai_client(server).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=16, **extra)
+    spec = backend.requests[0].params.structured_output
+    assert spec.structural_tag, spec  # the constraint wrapped after free text
+    compiled = xgrammar.GrammarCompiler(tokenizer_info(build_tiny_tokenizer(), 1011, [])).compile_structural_tag(
+        spec.structural_tag)
+    for text, taken in ((matches, True), (refused, False)):
+        matcher = xgrammar.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        accepted = all(matcher.accept_token(t) for t in build_tiny_tokenizer().encode(text))
+        assert (text, accepted) == (text, taken)
+    # without a thinking prompt the constraint is sent as it was asked
+    server, backend = routers[1]
+    backend.script, backend.requests = answer("8 legs"), []
+    openai_client(server).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=16, **extra)
+    assert not backend.requests[0].params.structured_output.structural_tag

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -20,7 +21,8 @@ from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
-from mmserve.serving.router.reasoning_parser import ReasoningParser, Split, opens_thinking, split_reasoning
+from mmserve.serving.router.reasoning_parser import (CLOSE as THINK_END, ReasoningParser, Split, opens_thinking,
+                                                     split_reasoning)
 from mmserve.serving.router.relay import Answer
 from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
 from mmserve.serving.router.tool_parser import ToolCall, ToolCallParser, parse_tool_calls
@@ -56,13 +58,16 @@ async def chat_completions(request: Request) -> Response:
                            router.model, router.settings.max_model_len, "messages", body)
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested, None, router.settings.max_model_len,
                                        "messages", limit_name)
-    params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,
-                                                  "structured_output": structured},
-                             {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     thinks = None  # no reasoning parser; else whether the answer starts inside a think block
     if router.settings.reasoning_parser is not None:
         thinks = opens_thinking(router.model.tokenizer.decode(prompt.token_ids[-PROMPT_TAIL_TOKENS:],
                                                               skip_special_tokens=False))
+        if thinks and structured is not None:  # the answer is constrained, not the thinking before it
+            structured = structured.after_reasoning(THINK_END)
+            await asyncio.to_thread(structured.check)  # the constraint passed; so does it after free text
+    params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,
+                                                  "structured_output": structured},
+                             {"max_tokens": limit_name, "logprobs": "top_logprobs"})
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common, tools, thinks)
     arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     return await chat.answer(request, ENDPOINT, arrival, "chat.completion")
