@@ -10,7 +10,8 @@ Two choices are made here because they follow from the model's own layout:
   column split would cut across the three; its MLP and the mergers split their hidden columns;
 - a flattened ``heads * head_dim`` dimension may only be split at head boundaries, which
   :func:`granules` states (a shard must hold whole heads; the 4 KV heads of the real config are
-  therefore replicated on an 8-way model axis).
+  therefore replicated on an 8-way model axis, and so are its query heads, which split only in the
+  groups that share a KV head).
 """
 
 from __future__ import annotations
@@ -56,8 +57,16 @@ one-dim parameters not listed (norm weights, output biases) are replicated."""
 
 
 def granules(config: ModelConfig) -> dict[str, int]:
-    """Logical axis -> size of its indivisible unit: a shard of the axis holds whole units."""
-    return {"heads": config.text.head_dim, "kv_heads": config.text.head_dim}
+    """Logical axis -> size of its indivisible unit: a shard of the axis holds whole units.
+
+    The query heads split in whole groups (the query heads that share one KV head), so they split
+    exactly when the KV heads do. Split alone, beside a replicated KV cache, they made XLA split
+    the cache by head inside every step and all-gather the whole of it (every layer and page) back
+    to the replicated layout the step returns: two such gathers a step, and ~60% of the cache in
+    scratch per device (``test_sharded_model.py``)."""
+    text = config.text
+    group = text.num_attention_heads // text.num_key_value_heads
+    return {"heads": text.head_dim * group, "kv_heads": text.head_dim}
 
 
 def param_axes(params) -> dict:

@@ -58,6 +58,20 @@ def moe_program(model, layout: MeshLayout) -> dict:
         "largest_all_gather": max(gathered, default=0)}
 
 
+def decode_cache_gathers(model, layout: MeshLayout, cache) -> int:
+    """All-gathers in the compiled decode step that build an array of the whole KV cache's shape
+    (XLA splitting a replicated cache by head inside the step, then gathering it back)."""
+    from mmserve.engine.runner import _decode
+
+    put = lambda x: jax.device_put(x, layout.replicated())  # noqa: E731
+    rows, width = 4, 2
+    hlo = _decode.lower(model.module, model.params, put(np.zeros(rows, np.int32)), put(np.zeros((rows, 3), np.int32)),
+                        cache, put(np.zeros((rows, width), np.int32)), put(np.full(rows, 3, np.int32))
+                        ).compile().as_text()
+    shape = ",".join(str(n) for n in cache.k.shape)
+    return len(re.findall(rf"= \w+\[{shape}\]\S* all-gather(?:-start)?\(", hlo))
+
+
 def main(checkpoint: str, meshes: list[str]) -> dict:
     rng = np.random.default_rng(0)
     grids = np.array([[1, 4, 6]])
@@ -80,6 +94,7 @@ def main(checkpoint: str, meshes: list[str]) -> dict:
             "orbax_params": {name: describe(probe(restored.params, path)) for name, path in PROBES.items()},
             "kv_cache": describe(cache.k),
             "moe_program": moe_program(model, layout),
+            "decode_cache_gathers": decode_cache_gathers(model, layout, cache),
         }
     return report
 

@@ -48,9 +48,15 @@ def test_expert_parallel_moe_is_collectives_not_gathered_weights_or_loops(report
 
 @pytest.mark.slow
 def test_kv_heads_fewer_than_model_axis_are_replicated(report):
+    """With the KV heads replicated, so are the query heads: split alone, XLA split the replicated
+    cache by head inside each step and all-gathered the whole of it (every layer and page) back,
+    k and v, every decode and prefill step (a review, 2026-12-08)."""
     tp8 = report["data=1,model=8,expert=1"]
     assert tp8["params"]["k_proj"]["spec"] == [None, None]
+    assert tp8["params"]["q_proj"]["spec"] == [None, None]
     assert tp8["kv_cache"]["spec"] == [None] * 5
+    assert all(r["decode_cache_gathers"] == 0 for r in report.values()), {m: r["decode_cache_gathers"]
+                                                                           for m, r in report.items()}
     tp4 = report["data=1,model=4,expert=2"]
     assert tp4["params"]["k_proj"]["shards"] == [[HIDDEN, 4 * HEAD_DIM // 4]]
     assert tp4["kv_cache"]["spec"] == [None, None, None, "model", None]
