@@ -41,6 +41,15 @@ class MeshLayout:
             partitioning.param_axes(params),
         )
 
+    def idle_axes(self, shardings) -> list[str]:
+        """The mesh axes of more than one device that split none of ``shardings`` (a tree of
+        NamedShardings, :meth:`params`'): along them every device holds the same whole copy of the
+        model, which is legal (a batch axis, say) but is seldom what a ``--mesh`` meant (an
+        ``expert`` axis that divides no expert count, a ``model`` axis no head count)."""
+        used = {axis for sharding in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+                for entry in sharding.spec for axis in ((entry,) if isinstance(entry, str) else entry or ())}
+        return [axis for axis, size in self.mesh.shape.items() if size > 1 and axis not in used]
+
     def kv_cache(self, cache: KVCache) -> KVCache:
         """A KVCache (real or abstract) -> a KVCache of NamedShardings."""
         return jax.tree.map(lambda a: self.sharding(partitioning.KV_CACHE_AXES, a.shape), cache)

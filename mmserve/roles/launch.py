@@ -144,6 +144,9 @@ def load_role_model(args: argparse.Namespace, engine: EngineConfig, layout):
     what = "tiny (random weights: it answers gibberish)" if args.model == "tiny" else args.model
     log.info("weights loaded: %s, %s parameters in %s on %d %s device(s), in %.1f s", what, _amount(parameters),
              model.dtype.name, devices, jax.default_backend(), time.monotonic() - start)
+    if layout is not None and (idle := layout.idle_axes(jax.tree.map(lambda leaf: leaf.sharding, model.params))):
+        log.warning("the mesh axis %s splits no parameter of this model (its sizes do not divide): each of its "
+                    "devices holds a whole copy, and does the same work (docs/sharding.md)", ", ".join(idle))
     return model
 
 

@@ -134,6 +134,8 @@ class TextConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:  # rotary embedding turns pairs of dimensions (transformers fails on it too)
+            raise ValueError(f"head_dim {self.head_dim} must be even: the rotary embedding rotates pairs of dimensions")
         if self.num_experts and not (1 <= self.num_experts_per_tok <= self.num_experts
                                      and self.moe_intermediate_size >= 1):
             raise ValueError(f"a MoE needs 1 <= num_experts_per_tok <= num_experts ({self.num_experts}) and "

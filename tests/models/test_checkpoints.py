@@ -144,6 +144,8 @@ def _with_config(src, dst, change):
     # array to stack", KeyError 'deepstack_merger_list_1')
     (lambda c: c["vision_config"].update(deepstack_visual_indexes=[]), "must name at least one vision block"),
     (lambda c: c["vision_config"].update(deepstack_visual_indexes=[1, 1]), "each once"),
+    # a broadcasting TypeError deep in the rotary embedding (a review, 2026-12-08)
+    (lambda c: c["text_config"].update(head_dim=15), "head_dim 15 must be even"),
 ])
 def test_a_config_the_weights_or_this_code_do_not_match_is_refused(base_reference, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

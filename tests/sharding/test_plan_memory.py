@@ -50,3 +50,16 @@ def test_script_says_what_is_wrong_in_one_line():
         done = subprocess.run([sys.executable, "scripts/plan_memory.py", *flags], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode != 0 and reason in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_mesh_axis_that_splits_no_parameter_is_named():
+    """Such an axis replicates the whole model on its devices (legal, seldom meant): serve.py warns."""
+    from mmserve.distributed.layout import MeshLayout
+    from mmserve.distributed.memory_plan import _abstract_params
+
+    config = ModelConfig.from_file(REAL_CONFIG)
+    params = _abstract_params(config, "bfloat16")
+    for mesh, idle in ((MeshShape(model=4, expert=2), []), (MeshShape(model=4, expert=3), ["expert"]),
+                       (MeshShape(model=7, expert=2), ["model"])):
+        layout = MeshLayout(mesh.abstract())
+        assert layout.idle_axes(layout.params(config, params)) == idle, mesh
