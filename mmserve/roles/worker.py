@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 REGISTER_INTERVAL_S = 1.0
 MAX_MESSAGE_BYTES = 256 * 2**20
 CONTROL_THREADS = 16
+REGISTRY_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 1000), ("grpc.min_reconnect_backoff_ms", 1000),
+                            ("grpc.max_reconnect_backoff_ms", 1000)]
+"""The worker's channel to its router tries to reconnect every second, as it registers: with gRPC's
+default backoff (doubling to 120 s) a router back after a few minutes' outage was found up to two
+minutes later (a review: 122 s, against 1.0 s with these)."""
 UNREACHABLE_SAID_S = 10.0
 """How long a worker tries to register with a router it cannot reach before it says so (a router
 starting up takes a few seconds; a wrong --router-url never answers)."""
@@ -303,7 +308,7 @@ def _register_forever(router: str, token: str, role: Role, address: str, model_f
 
     refusal, unreachable_since = "", time.monotonic()  # each problem said once, not every heartbeat
     registered = False
-    with auth.channel(router, token) as channel:
+    with auth.channel(router, token, options=REGISTRY_CHANNEL_OPTIONS) as channel:
         registry = pb_grpc.RegistryStub(channel)
         while not stop.is_set():
             now_leaving = leaving.is_set()
