@@ -60,8 +60,8 @@ def all_commands(args: argparse.Namespace, argv: list[str], sockets: str) -> dic
 
 def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -> int:
     """The router and the workers (``--workers``; one per role by default), as child processes on
-    loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM or Ctrl-C
-    stops them all, a second one at once."""
+    loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM, Ctrl-C or
+    SIGHUP stops them all, a second one at once."""
     from mmserve.roles.supervisor import Supervisor
 
     from models.qwen3_vl_moe import load_model
@@ -76,7 +76,10 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
         commands = all_commands(args, argv, sockets)
         env, own = child_environments(os.environ, ClusterCredential.generate().environment())
         supervisor = Supervisor(commands, env, sockets, own)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # a second one kills the children at once
+        # A second one kills the children at once. SIGHUP (the terminal or ssh session closing)
+        # stops them as SIGTERM does: the children, in process groups of their own, do not get it,
+        # and were SIGKILLed undrained when the supervisor died of it.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: supervisor.request_stop())
         try:
             started = supervisor.start().run()

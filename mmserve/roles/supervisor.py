@@ -33,12 +33,14 @@ STABLE_S = 60.0
 healthy again: its next restart waits only FIRST_BACKOFF_S. One that keeps dying sooner waits twice
 as long each time, up to MAX_BACKOFF_S."""
 START_FAILURES = 5
-"""A child that died this many times in a row without ever having said it serves cannot start (a
+"""A child whose last this-many runs in a row each died before saying it serves cannot start (a
 checkpoint it cannot load, a port it cannot bind, a cache that does not fit): everything stops and
 ``run`` returns False, instead of restarting it for good behind a /health that says 503 forever.
 By readiness, not by time since the start: a start-up longer than STABLE_S (loading and compiling
 a large checkpoint) that failed every time was counted healthy, and restarted every second for
-ever. One that served and dies is restarted, however often."""
+ever. Whether an earlier run served does not matter (it did, and a port taken since kept it from
+ever starting again, retried every 30 s for good); a run that served and dies is restarted, however
+often."""
 STOP_GRACE_S = 10.0
 """How long the children have, all together, to end after SIGTERM before they are killed."""
 POLL_S = 0.5
@@ -60,7 +62,7 @@ class Child:
     restarts: int = 0
     quick_deaths: int = 0  # deaths in a row, each before STABLE_S
     restart_at: float | None = None
-    ever_ready: bool = False  # some run of it said it serves
+    failed_starts: int = 0  # runs in a row that died before they said they serve
     ready_file: str = ""
     ready_at: float | None = None  # when the supervisor saw this run's ready file
 
@@ -87,14 +89,15 @@ class Supervisor:
         """Notices children that exited and starts those whose backoff has passed."""
         for child in self.children.values():
             if child.ready_at is None and child.process is not None and os.path.exists(child.ready_file):
-                child.ready_at, child.ever_ready = now, True
+                child.ready_at = now
             if child.restart_at is None and child.process is not None and child.process.poll() is not None:
                 quick = child.ready_at is None or now - child.ready_at < STABLE_S
                 backoff = self._back_off(child, now, quick)
-                if not child.ever_ready and child.quick_deaths >= START_FAILURES:
-                    log.error("%s exited with status %s, %d times in a row, each soon after it started: it cannot "
+                child.failed_starts = child.failed_starts + 1 if child.ready_at is None else 0
+                if child.failed_starts >= START_FAILURES:
+                    log.error("%s exited with status %s, %d times in a row, each before it could serve: it cannot "
                               "start (its log above says why); stopping", child.name, child.process.returncode,
-                              child.quick_deaths)
+                              child.failed_starts)
                     self.failed, self._stopping = child.name, True
                     return
                 log.warning("%s exited with status %s; starting it again in %.0f s", child.name,

@@ -99,7 +99,7 @@ def test_a_child_that_never_starts_stops_everything_after_five_tries(tmp_path):
             now = max(now, supervisor.children["broken"].restart_at or now)
             supervisor.check(now)  # ...which is due now
             checks += 1
-        assert supervisor.failed == "broken" and supervisor.children["broken"].quick_deaths == START_FAILURES
+        assert supervisor.failed == "broken" and supervisor.children["broken"].failed_starts == START_FAILURES
         assert supervisor.run() is False  # returns at once, saying it gave up
     finally:
         supervisor.stop()
@@ -143,7 +143,7 @@ def test_a_child_that_served_long_enough_is_healthy_again(tmp_path):
         supervisor.check(start)  # sees it ready
         child.process.wait(timeout=30)
         supervisor.check(start + STABLE_S + 1)  # it died after serving longer than STABLE_S
-        assert child.ever_ready and child.quick_deaths == 1 and child.restart_at == start + STABLE_S + 1 + FIRST_BACKOFF_S
+        assert child.quick_deaths == 1 and child.restart_at == start + STABLE_S + 1 + FIRST_BACKOFF_S
     finally:
         supervisor.stop()
 
@@ -181,7 +181,30 @@ def test_a_child_that_served_and_keeps_dying_soon_is_restarted_not_given_up_on(t
             supervisor.check(now)  # its ready file is there: it served, then died soon
             now = max(now, child.restart_at or now)
             supervisor.check(now)
-        assert supervisor.failed is None and child.ever_ready
+        assert supervisor.failed is None and child.failed_starts == 0
+    finally:
+        supervisor.stop()
+
+
+def test_a_child_that_served_once_and_can_no_longer_start_is_given_up_on(tmp_path):
+    """Its first run served; every later one dies before it serves (its port taken meanwhile, say):
+    it was restarted every 30 s for good, the parent never exiting (a review, 2026-12-08)."""
+    import time
+
+    from mmserve.roles.supervisor import START_FAILURES, Supervisor
+
+    once = (f"import os, sys; from mmserve.roles.supervisor import mark_ready; flag = {str(tmp_path / 'served')!r}\n"
+            "if os.path.exists(flag): sys.exit(1)\n"
+            "open(flag, 'w').close(); mark_ready()")
+    supervisor = Supervisor({"once": [sys.executable, "-c", once]}, ENV, str(tmp_path)).start()
+    try:
+        child, now = supervisor.children["once"], time.monotonic()
+        while supervisor.failed is None and child.restarts < 3 * START_FAILURES:
+            child.process.wait(timeout=30)
+            supervisor.check(now)
+            now = max(now, child.restart_at or now)
+            supervisor.check(now)
+        assert supervisor.failed == "once" and child.restarts == START_FAILURES
     finally:
         supervisor.stop()
 
