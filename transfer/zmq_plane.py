@@ -8,6 +8,8 @@ copying and places them on its device. No pickle and no Python lists touch the b
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import secrets
 import stat
@@ -75,6 +77,23 @@ class ZmqPull:
         self.arrays = arrays
 
 
+def socket_path(directory: str, pid: int) -> str:
+    """A new Unix socket path for process ``pid``'s plane in ``directory``."""
+    return os.path.join(directory, f"data-{pid}-{secrets.token_hex(4)}.sock")
+
+
+def remove_sockets_of(directory: str, pid: int) -> list[str]:
+    """Unlinks the socket files process ``pid``'s planes left in ``directory`` (a process killed
+    with SIGKILL closes nothing); returns their paths. For the one that started ``pid``, once it
+    has ended."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"data-{pid}-*.sock")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 class ZmqDataPlane:
     kind = "zmq"
     posts_pulls = False  # a pull of an uuid not offered yet is answered "no such offer"
@@ -87,7 +106,7 @@ class ZmqDataPlane:
         self._server.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES)
         if directory:
             _check_private(directory)
-            self.address = f"ipc://{os.path.join(directory, f'data-{os.getpid()}-{secrets.token_hex(4)}.sock')}"
+            self.address = f"ipc://{socket_path(directory, os.getpid())}"
             self._server.bind(self.address)
         else:
             self.address = bind_random_port(self._server, host, advertise_host)

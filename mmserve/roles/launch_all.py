@@ -63,6 +63,7 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     loopback, each started again if it dies (:mod:`mmserve.roles.supervisor`); SIGTERM, Ctrl-C or
     SIGHUP stops them all, a second one at once."""
     from mmserve.roles.supervisor import Supervisor
+    from transfer.zmq_plane import remove_sockets_of
 
     from models.qwen3_vl_moe import load_model
 
@@ -75,7 +76,8 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     try:
         commands = all_commands(args, argv, sockets)
         env, own = child_environments(os.environ, ClusterCredential.generate().environment())
-        supervisor = Supervisor(commands, env, sockets, own)
+        # a worker killed with SIGKILL leaves its data plane's socket file: removed as it is restarted
+        supervisor = Supervisor(commands, env, sockets, own, on_exit=lambda pid: remove_sockets_of(sockets, pid))
         # A second one kills the children at once. SIGHUP (the terminal or ssh session closing)
         # stops them as SIGTERM does: the children, in process groups of their own, do not get it,
         # and were SIGKILLed undrained when the supervisor died of it.

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,16 @@ class Child:
 
 class Supervisor:
     def __init__(self, commands: Mapping[str, list[str]], env: Mapping[str, str], ready_dir: str,
-                 own_env: Mapping[str, Mapping[str, str]] | None = None):
+                 own_env: Mapping[str, Mapping[str, str]] | None = None,
+                 on_exit: Callable[[int], object] | None = None):
         """``ready_dir``: where each child's ready file goes (a directory only this user reads);
-        ``own_env``: by child name, what that child's environment has besides ``env``."""
+        ``own_env``: by child name, what that child's environment has besides ``env``; ``on_exit``
+        is called with a child's pid once it has ended (to remove what it could not)."""
         self.children = {name: Child(name, argv, ready_file=os.path.join(ready_dir, f"ready-{i}"))
                          for i, (name, argv) in enumerate(commands.items())}
         self._env = dict(env)
         self._own_env = {name: dict(extra) for name, extra in (own_env or {}).items()}
+        self._on_exit = on_exit
         self._stopping = False
         self.failed: str | None = None
         """The child that could not start (START_FAILURES), once the supervisor gave up on it."""
@@ -91,6 +94,8 @@ class Supervisor:
             if child.ready_at is None and child.process is not None and os.path.exists(child.ready_file):
                 child.ready_at = now
             if child.restart_at is None and child.process is not None and child.process.poll() is not None:
+                if self._on_exit is not None:
+                    self._on_exit(child.process.pid)
                 quick = child.ready_at is None or now - child.ready_at < STABLE_S
                 backoff = self._back_off(child, now, quick)
                 child.failed_starts = child.failed_starts + 1 if child.ready_at is None else 0
