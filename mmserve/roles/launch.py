@@ -304,6 +304,32 @@ def require_free_socket(path: str, flag: str) -> None:
         raise SystemExit(f"serve.py: {flag} {path} is not free: {error}") from None
 
 
+LISTENER_FD_ENV = "MMSERVE_HTTP_LISTENER_FD"
+"""The file descriptor of an HTTP listening socket a supervising ``--role all`` bound for its router
+(:func:`http_listener`): each router it starts serves on it instead of binding ``--port`` again."""
+
+
+def http_listener(host: str, port: int, flag: str) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one), inheritable by a child; one
+    line and exit when it is taken. ``--role all`` binds its router's port once, for good: a router
+    started again serves on the same socket, so the port never changes (``--port 0`` picked a new
+    one at each restart) and is never free for another local user to take (one did, and read the
+    API key of the next request), and a client's connection made meanwhile waits in its backlog."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        raise SystemExit(f"serve.py: {flag} {port} on {host} is not free: {error.strerror or error}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
+LISTEN_BACKLOG = 2048  # uvicorn's own default
+
+
 def require_free_port(host: str, port: int, flag: str) -> None:
     """One line and exit when ``host:port`` is taken, said before minutes of loading and compiling
     (a listener bound later would only fail then, with a traceback); port 0 is always free."""

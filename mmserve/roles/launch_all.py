@@ -14,7 +14,8 @@ from collections.abc import Mapping
 
 from mmserve.cluster_credential import SECRET_FILE_ENV, ClusterCredential
 from mmserve.engine.config import EngineConfig
-from mmserve.roles.launch import STARTUP_FAILURE, configure_logging, model_errors_said, require_free_port
+from mmserve.roles.launch import (LISTENER_FD_ENV, STARTUP_FAILURE, configure_logging, http_listener,
+                                  model_errors_said)
 from mmserve.serving.router.auth import API_KEY_ENV
 
 
@@ -68,7 +69,7 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     from models.qwen3_vl_moe import load_model
 
     configure_logging("all", args.log_level)
-    require_free_port(args.host, args.port, "--port")  # before any child: the router would fail on it, restarted
+    listener = http_listener(args.host, args.port, "--port")  # before any child; the router's for good
     with model_errors_said(args.model):  # before any child: each would fail on it, and be restarted
         engine.check_model(load_model(args.model, dtype=args.dtype, weights=False).config)
     remove_stale_socket_dirs(tempfile.gettempdir())
@@ -76,8 +77,10 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
     try:
         commands = all_commands(args, argv, sockets)
         env, own = child_environments(os.environ, ClusterCredential.generate().environment())
+        own.setdefault("router", {})[LISTENER_FD_ENV] = str(listener.fileno())
         # a worker killed with SIGKILL leaves its data plane's socket file: removed as it is restarted
-        supervisor = Supervisor(commands, env, sockets, own, on_exit=lambda pid: remove_sockets_of(sockets, pid))
+        supervisor = Supervisor(commands, env, sockets, own, on_exit=lambda pid: remove_sockets_of(sockets, pid),
+                                pass_fds={"router": (listener.fileno(),)})
         # A second one kills the children at once. SIGHUP (the terminal or ssh session closing)
         # stops them as SIGTERM does: the children, in process groups of their own, do not get it,
         # and were SIGKILLed undrained when the supervisor died of it.
@@ -89,6 +92,7 @@ def serve_all(args: argparse.Namespace, argv: list[str], engine: EngineConfig) -
             supervisor.stop()
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
+        listener.close()
     if not started:
         print(f"serve.py: the {supervisor.failed} process could not start; see its log above", file=sys.stderr)
         return STARTUP_FAILURE

@@ -9,8 +9,9 @@ import signal
 
 from mmserve.config_flags import config_from_args
 from mmserve.engine.config import EngineConfig
-from mmserve.roles.launch import (STARTUP_FAILURE, cluster_credential, configure_logging, model_errors_said,
-                                  require_free_port, require_free_socket, stop_on_sigterm, transfer_config)
+from mmserve.roles.launch import (LISTENER_FD_ENV, STARTUP_FAILURE, cluster_credential, configure_logging,
+                                  model_errors_said, require_free_port, require_free_socket, stop_on_sigterm,
+                                  transfer_config)
 from mmserve.roles.routing import RoutingConfig
 from mmserve.roles.supervisor import mark_ready
 
@@ -33,7 +34,9 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     if credential is None:
         return 2
     transfer = transfer_config(args, credential.transfer_key)
-    require_free_port(args.host, args.port, "--port")
+    listener = inherited_listener()
+    if listener is None:
+        require_free_port(args.host, args.port, "--port")
     if not args.registry_socket:
         require_free_port(args.registry_host or args.host, args.registry_port, "--registry-port")
     else:
@@ -57,7 +60,8 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     async def main() -> bool:
         registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port, args.registry_socket)
         try:
-            return await serve_http(app, backend, args.host, args.port, args.log_level, on_listening=mark_ready)
+            return await serve_http(app, backend, args.host, args.port, args.log_level, on_listening=mark_ready,
+                                    listener=listener)
         finally:
             await registry.stop(grace=1)
 
@@ -70,6 +74,15 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     finally:
         bootstrap.close()
     return 0 if started else STARTUP_FAILURE  # (a port taken, the app's start-up failing: as colocated's)
+
+
+def inherited_listener():
+    """The HTTP listening socket a supervising ``--role all`` bound for its routers, if any."""
+    import os
+    import socket
+
+    fd = os.environ.get(LISTENER_FD_ENV)
+    return socket.socket(fileno=int(fd)) if fd else None
 
 
 def _prompt_pages(model, prompt, page_size: int) -> list[bytes]:

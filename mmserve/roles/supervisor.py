@@ -70,15 +70,18 @@ class Child:
 class Supervisor:
     def __init__(self, commands: Mapping[str, list[str]], env: Mapping[str, str], ready_dir: str,
                  own_env: Mapping[str, Mapping[str, str]] | None = None,
-                 on_exit: Callable[[int], object] | None = None):
+                 on_exit: Callable[[int], object] | None = None,
+                 pass_fds: Mapping[str, tuple[int, ...]] | None = None):
         """``ready_dir``: where each child's ready file goes (a directory only this user reads);
         ``own_env``: by child name, what that child's environment has besides ``env``; ``on_exit``
-        is called with a child's pid once it has ended (to remove what it could not)."""
+        is called with a child's pid once it has ended (to remove what it could not);
+        ``pass_fds``: by child name, file descriptors its every run inherits."""
         self.children = {name: Child(name, argv, ready_file=os.path.join(ready_dir, f"ready-{i}"))
                          for i, (name, argv) in enumerate(commands.items())}
         self._env = dict(env)
         self._own_env = {name: dict(extra) for name, extra in (own_env or {}).items()}
         self._on_exit = on_exit
+        self._pass_fds = {name: tuple(fds) for name, fds in (pass_fds or {}).items()}
         self._stopping = False
         self.failed: str | None = None
         """The child that could not start (START_FAILURES), once the supervisor gave up on it."""
@@ -175,7 +178,8 @@ class Supervisor:
         # the supervisor alone, which stops the children with SIGTERM; each child also took the
         # SIGINT, and one still importing died of it with a KeyboardInterrupt traceback.
         child.process = subprocess.Popen(child.argv, env=self._env | self._own_env.get(child.name, {}) | {
-            PARENT_ENV: str(os.getpid()), READY_ENV: child.ready_file}, process_group=0)
+            PARENT_ENV: str(os.getpid()), READY_ENV: child.ready_file}, process_group=0,
+            pass_fds=self._pass_fds.get(child.name, ()))
         child.started_at, child.restart_at, child.ready_at = now, None, None
         log.info("%s started (pid %d)", child.name, child.process.pid)
 

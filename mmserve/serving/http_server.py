@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -64,16 +65,17 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 async def serve_http(app: Starlette, backend: Backend, host: str, port: int, log_level: str,
-                     on_listening: Callable[[], None] | None = None) -> bool:
+                     on_listening: Callable[[], None] | None = None, listener: socket.socket | None = None) -> bool:
     """Serves ``app`` until a signal stops it, logging ``ready on http://host:port`` once; False
-    when the server never started (its port taken, say). ``on_listening``: called once it listens."""
+    when the server never started (its port taken, say). ``on_listening``: called once it listens;
+    ``listener``: a socket listening already, served instead of binding ``host:port``."""
     server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
     access = logging.getLogger("uvicorn.access")  # after Config, which configures uvicorn's loggers
     if not any(isinstance(f, HealthPollFilter) for f in access.filters):
         access.addFilter(HealthPollFilter())
     announcer = asyncio.create_task(_announce_ready(server, backend, f"http://{host}:{port}", on_listening))
     try:
-        await server.serve()
+        await server.serve(sockets=[listener] if listener is not None else None)
     finally:
         announcer.cancel()
         with contextlib.suppress(asyncio.CancelledError):

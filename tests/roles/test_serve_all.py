@@ -3,6 +3,7 @@ as the colocated engine does, streaming or not, survives any of its processes dy
 every process it started."""
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -289,6 +290,35 @@ def test_role_all_heals_after_any_process_is_killed(server, llm, role):
     if role != "router":  # a new router starts its counters from zero
         assert router_metric(url, "mmserve_backend_worker_restarts") > 0
     assert max(took) < DEADLINE_S, f"requests outlived their deadline: {sorted(took)}"
+
+
+def test_a_killed_routers_port_stays_open_and_a_client_meanwhile_is_answered_by_the_next(server):
+    """The supervisor binds the HTTP port once and each router serves on it: killed, the router's
+    port was closed (refused) until the next one bound it, for any local user to take meanwhile
+    (one did, and read the API key of the next request); with --port 0 it came back elsewhere."""
+    process, port = server
+    victim = _children(process)["router"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not _dead(victim):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("GET", "/v1/models")  # no router listens now: it waits in the backlog
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+    assert _children(process)["router"] != victim
+
+
+def _dead(pid: int) -> bool:
+    """Ended: reaped, or a zombie its parent has yet to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def test_role_all_hands_its_secret_down_in_the_environment_not_argv(server):
