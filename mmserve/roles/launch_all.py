@@ -112,7 +112,8 @@ def remove_stale_socket_dirs(parent: str) -> list[str]:
     removed = []
     for entry in os.scandir(parent):
         match = _SOCKET_DIR.fullmatch(entry.name)
-        if not match or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+        if (not match or not entry.is_dir(follow_symlinks=False)
+                or entry.stat(follow_symlinks=False).st_uid != os.getuid()):
             continue
         try:
             os.kill(int(match.group(1)), 0)

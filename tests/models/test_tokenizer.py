@@ -314,7 +314,8 @@ ANSWER_STARTS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}],
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "  Spaced start and end  "}],
     [SYSTEM, IMAGE_QUESTION, {"role": "assistant", "content": [{"type": "text", "text": "It shows"}]}],
-    [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "yes"}, {"role": "user", "content": "yes"}],
+    [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "yes"},
+     {"role": "user", "content": "yes"}],
 ]
 
 

@@ -45,7 +45,8 @@ def template_options(body: dict[str, Any], tokenizer: Tokenizer) -> dict[str, An
             raise InvalidRequest(f"{name} must be a boolean", name)
         options[name] = default if value is None else value
     if options["add_generation_prompt"] and options["continue_final_message"]:
-        raise InvalidRequest("continue_final_message needs add_generation_prompt set to false", "continue_final_message")
+        raise InvalidRequest("continue_final_message needs add_generation_prompt set to false",
+                             "continue_final_message")
     extra = body.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
         raise InvalidRequest("chat_template_kwargs must be an object", "chat_template_kwargs")

@@ -50,8 +50,8 @@ async def generate(request: Request) -> Response:
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(sampling, "max_tokens"),
                                        DEFAULT_MAX_TOKENS, router.settings.max_model_len,
                                        "prompt", "sampling_params.max_tokens")
-    params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | {"max_tokens": max_tokens,
-                                                                                        "structured_output": structured},
+    fields = {"max_tokens": max_tokens, "structured_output": structured}
+    params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | fields,
                              {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
     if params.n != 1:
         raise InvalidRequest("/generate answers one sequence; ask /v1/completions for n of them", "sampling_params.n")
