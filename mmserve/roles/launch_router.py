@@ -4,6 +4,7 @@ worker holds, and the HTTP API over the workers that register."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import signal
 
@@ -13,7 +14,7 @@ from mmserve.roles.launch import (LISTENER_FD_ENV, STARTUP_FAILURE, cluster_cred
                                   model_errors_said, require_free_port, require_free_socket, stop_on_sigterm,
                                   transfer_config)
 from mmserve.roles.routing import RoutingConfig
-from mmserve.roles.supervisor import mark_ready
+from mmserve.roles.supervisor import Liveness, mark_ready
 
 
 def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> int:
@@ -57,12 +58,20 @@ def serve_router(args: argparse.Namespace, engine: EngineConfig, settings) -> in
     backend = DisaggregatedBackend(pool)
     app = build_app(backend, frontend, settings, on_shutdown=feed.close)
 
+    async def keep_alive() -> None:  # a supervising --role all restarts a router whose loop stopped turning
+        liveness = Liveness()
+        while True:
+            liveness.renew()
+            await asyncio.sleep(Liveness.INTERVAL_S)
+
     async def main() -> bool:
         registry = await serve_registry(pool, args.registry_host or args.host, args.registry_port, args.registry_socket)
+        alive = asyncio.create_task(keep_alive())
         try:
             return await serve_http(app, backend, args.host, args.port, args.log_level, on_listening=mark_ready,
                                     listener=listener)
         finally:
+            alive.cancel()
             await registry.stop(grace=1)
 
     # SIGTERM ends the router through its finally blocks, as it does a worker (``join_role``): the

@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from mmserve.roles.supervisor import Liveness
 from transfer.wake_pipe import WakePipe
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class RoleLoop:
         self._awake = threading.Event()
         """Clear while the loop sleeps in its poll: the pump, with nothing to pump, sleeps too."""
         self._awake.set()
+        self._liveness = Liveness()
+        """Renewed as the loop turns: a supervising ``--role all`` restarts a worker whose loop stopped."""
         self._thread = threading.Thread(target=self._run, name=f"{role.role}-loop", daemon=True)
         self._pump = threading.Thread(target=self._pump_forever, name=f"{role.role}-transfer", daemon=True)
 
@@ -100,6 +103,7 @@ class RoleLoop:
         while not self._stop.is_set():
             self._awake.wait()
             if self._stepping:
+                self._liveness.renew()  # a long step (a compile on first use) is no hung loop
                 try:
                     self.role.pump()
                 except Exception:
@@ -110,6 +114,7 @@ class RoleLoop:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            self._liveness.renew()
             while True:
                 try:
                     fn, args, future = self._inbox.get_nowait()

@@ -13,6 +13,7 @@ supervisor dies, even by SIGKILL, which no handler of its own sees.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -41,6 +42,11 @@ a large checkpoint) that failed every time was counted healthy, and restarted ev
 ever. Whether an earlier run served does not matter (it did, and a port taken since kept it from
 ever starting again, retried every 30 s for good); a run that served and dies is restarted, however
 often."""
+LIVENESS_S = 60.0
+"""A child that said it serves and has not renewed its ready file (:class:`Liveness`) for this long
+is hung (stopped, a hung host, a loop that no longer turns): it is killed, and started again as a
+dead one is. It used to be left as it was: the router stopped routing to it and its streams failed
+after ~90 s, but nothing brought it back."""
 STOP_GRACE_S = 10.0
 """How long the children have, all together, to end after SIGTERM before they are killed."""
 POLL_S = 0.5
@@ -96,6 +102,12 @@ class Supervisor:
         for child in self.children.values():
             if child.ready_at is None and child.process is not None and os.path.exists(child.ready_file):
                 child.ready_at = now
+            if (child.ready_at is not None and child.restart_at is None and child.process.poll() is None
+                    and _seconds_since_renewed(child.ready_file) > LIVENESS_S):
+                log.error("%s (pid %d) has not said it is alive for %.0f s: killing it, to start it again",
+                          child.name, child.process.pid, LIVENESS_S)
+                child.process.kill()
+                child.process.wait()
             if child.restart_at is None and child.process is not None and child.process.poll() is not None:
                 if self._on_exit is not None:
                     self._on_exit(child.process.pid)
@@ -193,6 +205,32 @@ def mark_ready(environ: Mapping[str, str] = os.environ) -> None:
                 pass
         except OSError as error:  # the caller serves on: only the supervisor's restart backoff is off
             log.warning("could not mark this process ready in %s: %s", path, error)
+
+
+class Liveness:
+    """Renews a supervised child's ready file (its mtime), at most once a second, from the thread
+    whose turning means the child serves: a worker's role loop, the router's event loop. Nothing
+    when no ``--role all`` supervises this process, or before it said it serves."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, environ: Mapping[str, str] = os.environ):
+        self._path = environ.get(READY_ENV)
+        self._next = 0.0
+
+    def renew(self) -> None:
+        if not self._path or (now := time.monotonic()) < self._next:
+            return
+        self._next = now + self.INTERVAL_S
+        with contextlib.suppress(OSError):  # not ready yet (no file): nothing to renew
+            os.utime(self._path)
+
+
+def _seconds_since_renewed(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:  # gone: its next run's start removed it
+        return 0.0
 
 
 def die_with_parent(environ: Mapping[str, str] = os.environ) -> None:

@@ -267,3 +267,35 @@ print(json.dumps([c.process.returncode for c in supervisor.children.values()]), 
         assert "Traceback" not in log.read_text(), log.read_text()
     finally:
         reap(supervisor, children)
+
+
+def test_a_child_that_served_and_no_longer_says_it_is_alive_is_killed_and_started_again(tmp_path):
+    """A hung child (SIGSTOP, a hung host, a loop that stopped turning) was left as it was: the
+    router stopped routing to it, but nothing brought it back. One that renews its ready file
+    (``Liveness``, from its loop) is left alone."""
+    import time
+
+    from mmserve.roles.supervisor import LIVENESS_S, Supervisor
+
+    renews = ("from mmserve.roles.supervisor import Liveness, mark_ready; import time; mark_ready(); "
+              "alive = Liveness()\nwhile True:\n    alive.renew(); time.sleep(0.1)")
+    hangs = "from mmserve.roles.supervisor import mark_ready; import time; mark_ready(); time.sleep(60)"
+    supervisor = Supervisor({"renews": [sys.executable, "-c", renews], "hangs": [sys.executable, "-c", hangs]}, ENV,
+                            str(tmp_path)).start()
+    try:
+        files = {name: child.ready_file for name, child in supervisor.children.items()}
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(f) for f in files.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        supervisor.check(time.monotonic())  # both said they serve
+        past = time.time() - LIVENESS_S - 5
+        for path in files.values():  # as if neither had said anything for longer than LIVENESS_S
+            os.utime(path, (past, past))
+        time.sleep(1.5)  # the living one renews meanwhile
+        hung = supervisor.children["hangs"].process
+        supervisor.check(time.monotonic())
+        assert hung.returncode == -9 and supervisor.children["hangs"].restart_at is not None
+        assert supervisor.children["renews"].process.poll() is None
+    finally:
+        supervisor.stop()
