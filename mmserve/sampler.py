@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmserve.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
+from mmserve.sampling_params import GREEDY_TEMPERATURE, MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 # A host-side batch holds numpy arrays; inside `sample` they are jax arrays.
 Array = jax.Array | np.ndarray
@@ -59,6 +59,10 @@ class SamplingBatch(NamedTuple):
     slot: Array  # i32; the request's row in PenaltyState
     logprobs: Array  # bool; the row's request asks for logprobs
     valid: Array  # bool; False on padding rows, whose draws are not counted
+    bias_ids: Array | None = None  # i32[B, MAX_LOGIT_BIAS]: the tokens of the row's logit_bias (0 past them)
+    bias_values: Array | None = None  # f32[B, MAX_LOGIT_BIAS]: their biases (0 past them: adds nothing)
+    """None when no row has a logit_bias (pack_sampling_batch): the runner then passes zeros it keeps
+    on device, so a step without one copies none (a [rows, 300] table each way)."""
 
 
 class PenaltyState(NamedTuple):
@@ -96,6 +100,13 @@ def pack_sampling_batch(params: Sequence[SamplingParams], steps: Sequence[int],
 
     seeds = [0 if p.seed is None else p.seed % 2**64 for p in params]
     int32_max = np.iinfo(np.int32).max
+    bias_ids = bias_values = None
+    if any(p.logit_bias for p in params):
+        bias_ids, bias_values = no_logit_bias(batch_size)
+        for row, p in enumerate(params):
+            if p.logit_bias:
+                ids, values = zip(*p.logit_bias)
+                bias_ids[row, :len(ids)], bias_values[row, :len(ids)] = ids, values
     return SamplingBatch(
         temperature=column((0.0 if p.is_greedy else p.temperature for p in params), np.float32, 0.0),
         top_k=column((min(max(p.top_k, 0), int32_max) for p in params), np.int32, 0),
@@ -110,7 +121,14 @@ def pack_sampling_batch(params: Sequence[SamplingParams], steps: Sequence[int],
         slot=column(slots, np.int32, 0),
         logprobs=column((p.logprobs is not None for p in params), np.bool_, False),
         valid=column([True] * count, np.bool_, False),
+        bias_ids=bias_ids,
+        bias_values=bias_values,
     )
+
+
+def no_logit_bias(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bias table of ``rows`` rows that biases nothing."""
+    return np.zeros((rows, MAX_LOGIT_BIAS), np.int32), np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
 
 
 def init_penalty_state(num_slots: int, vocab_size: int) -> PenaltyState:
@@ -195,6 +213,8 @@ def sample(logits: jax.Array, batch: SamplingBatch, penalties: PenaltyState, rng
     penalized = apply_penalties(
         logits, penalties.output_counts[batch.slot], penalties.prompt_mask[batch.slot],
         batch.repetition_penalty, batch.presence_penalty, batch.frequency_penalty)
+    if batch.bias_ids is not None:  # logit_bias, after the penalties (0 adds nothing)
+        penalized = penalized.at[jnp.arange(logits.shape[0])[:, None], batch.bias_ids].add(batch.bias_values)
     if token_bitmask is not None:
         penalized = jnp.where(allowed_tokens(token_bitmask, logits.shape[-1]), penalized, -jnp.inf)
 

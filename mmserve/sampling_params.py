@@ -31,6 +31,10 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_TOKEN_IDS = 256
 
 MAX_N = 16
+MAX_LOGIT_BIAS = 300
+"""Most tokens a request's logit_bias may name (the sampler's per-row bias table has this many)."""
+LOGIT_BIAS_LIMIT = 100.0
+"""OpenAI's range of a logit bias, [-100, 100]; values beyond are clamped to it, as vLLM does."""
 """Most sequences one request may ask for (``n``); each takes a sequence slot of its own."""
 
 # Temperatures below this are treated as greedy, as vLLM does: dividing by them only amplifies noise.
@@ -65,6 +69,9 @@ class SamplingParams:
         structured output) still ends it.
     logprobs: None for no logprobs; k returns the chosen token's logprob and the top k.
     ignore_eos: keep generating past the end-of-sequence token.
+    logit_bias: added to the logits of these token ids before sampling (OpenAI's, clamped to
+        [-100, 100]; -100 bans a token, +100 all but forces it); a mapping of id to bias, or
+        (id, bias) pairs, at most MAX_LOGIT_BIAS; kept as pairs sorted by id. Logprobs stay the model's.
     structured_output: what the output must follow (a JSON schema, a regular expression, a list of
         choices, an EBNF grammar: :class:`StructuredOutput`); a grammar masks the tokens that
         would break it, and the request stops when the grammar is complete.
@@ -89,6 +96,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
     n: int = 1
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -108,6 +116,7 @@ class SamplingParams:
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r}")
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "stop", _stop_strings(self.stop))
 
         if not 0.0 <= self.temperature <= FLOAT32_MAX:  # the sampler divides by it in float32
@@ -184,6 +193,31 @@ def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
     return int(value)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """Pairs of (token id, bias) sorted by id, from a mapping (JSON's keys are strings of digits) or
+    pairs; each bias clamped to [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = list(value)
+    else:
+        raise ValueError(f"logit_bias must map token ids to numbers, got {value!r:.80}")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}")
+    bias: dict[int, float] = {}
+    for token, amount in pairs:
+        if isinstance(token, str) and token.isascii() and token.isdigit():
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r:.40}")
+        if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or math.isnan(_as_float(amount)):
+            raise ValueError(f"logit_bias values must be numbers, got {amount!r:.40}")
+        bias[int(token)] = min(max(_as_float(amount), -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
+    return tuple(sorted(bias.items()))
 
 
 def _token_ids(values: Any) -> tuple[int, ...]:

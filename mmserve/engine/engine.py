@@ -369,6 +369,10 @@ class LLMEngine(Handoff, OverlappedDecode, GrammarSteps):
             raise RequestRejected(f"the prompt needs {pages} KV pages; the cache has {self.runner.num_pages - 1}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.text.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            raise RequestRejected(f"logit_bias names token {params.logit_bias[-1][0]}, outside the model's "
+                                  f"vocabulary (size {vocab})")
 
 
 def _grids(visuals: list[Visual]):

@@ -32,7 +32,7 @@ from mmserve.engine.visual_rows import VisualRows, empty_block, place_rows
 from mmserve.kv_cache_manager import SCRATCH_PAGE, KVCacheManager
 from mmserve.sampling_params import SamplingParams
 from mmserve.sampler import (SamplerOutput, SamplingBatch, all_allowed_bitmask, init_penalty_state, load_slot,
-                             pack_sampling_batch, padded_token_ids, sample)
+                             no_logit_bias, pack_sampling_batch, padded_token_ids, sample)
 from models.qwen3_vl_moe import Model, stages
 from models.qwen3_vl_moe.kv_cache import KVCache
 
@@ -103,6 +103,7 @@ class ModelRunner:
         self._no_visual = jax.device_put((np.zeros((rows, text.hidden_size), model.dtype),
                                           np.zeros((rows, levels * text.hidden_size), model.dtype)), home)
         self._all_allowed: dict[int, jax.Array] = {}  # rows -> resident mask of steps without a grammar
+        self._no_logit_bias: dict[int, tuple[jax.Array, jax.Array]] = {}  # rows -> resident zero bias table
         self._key = jax.random.PRNGKey(config.seed)
         self._steps = 0
         self._logits = None
@@ -255,10 +256,16 @@ class ModelRunner:
     def run_sample(self, token_bitmask, **batch):
         call = np.int32(self._steps)
         self._steps += 1
+        rows = self._logits.shape[0]
         if token_bitmask is None:
-            token_bitmask = self._allowed(self._logits.shape[0])
+            token_bitmask = self._allowed(rows)
         else:  # placed as the resident mask is, so both kinds of step run one program
             token_bitmask = jax.device_put(token_bitmask, self._home)
+        if batch["bias_ids"] is None:
+            batch["bias_ids"], batch["bias_values"] = self._no_bias(rows)
+        else:  # as the resident table is placed (one program)
+            batch["bias_ids"], batch["bias_values"] = jax.device_put((batch["bias_ids"], batch["bias_values"]),
+                                                                     self._home)
         out, self.penalties = sample(self._logits, SamplingBatch(**batch), self.penalties, self._key, call,
                                      token_bitmask)
         self._logits = None
@@ -337,7 +344,8 @@ class ModelRunner:
         """The sampler on the last step's logits, every row padding: nothing counted, and the
         engine's random stream (``_steps``) left where it was."""
         batch = pack_sampling_batch([_PADDING_PARAMS] * rows, [0] * rows, [0] * rows, rows)
-        batch = batch._replace(valid=np.zeros(rows, bool))
+        bias_ids, bias_values = self._no_bias(rows)
+        batch = batch._replace(valid=np.zeros(rows, bool), bias_ids=bias_ids, bias_values=bias_values)
         out, self.penalties = sample(self._logits, batch, self.penalties, self._key, np.int32(0),
                                      self._allowed(rows))
         self._logits = None
@@ -348,6 +356,12 @@ class ModelRunner:
     @property
     def _vocab_size(self) -> int:
         return self.model.config.text.vocab_size
+
+    def _no_bias(self, rows: int) -> tuple[jax.Array, jax.Array]:
+        """The logit-bias table that biases nothing, ``rows`` rows, kept on device as ``_allowed``."""
+        if rows not in self._no_logit_bias:
+            self._no_logit_bias[rows] = jax.device_put(no_logit_bias(rows), self._home)
+        return self._no_logit_bias[rows]
 
     def _allowed(self, rows: int) -> jax.Array:
         """The all-allowed mask of ``rows`` rows, kept on device: a step without a grammar copies none."""

@@ -53,7 +53,8 @@ def workload(rng):
                     "multi_modal_data": {"video": [random_image(20 + i, (32, 48)) for i in range(4)]}})
     params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
               SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=3, max_tokens=6, ignore_eos=True),
-              SamplingParams(temperature=1.0, max_tokens=3, logprobs=3, repetition_penalty=1.2, ignore_eos=True)]
+              SamplingParams(temperature=1.0, max_tokens=3, logprobs=3, repetition_penalty=1.2, ignore_eos=True),
+              SamplingParams(temperature=0.7, max_tokens=3, logit_bias={5: 3.0, 17: -100}, ignore_eos=True)]
     return prompts, params
 
 

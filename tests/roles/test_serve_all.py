@@ -216,13 +216,14 @@ SAMPLING = {
     "logprobs": {"temperature": 0, "logprobs": 3},
     "stop_string": {"temperature": 0, "stop": "STOP"},  # STOP: replaced by a piece of the free output
     "stop_token": {"temperature": 0, "stop_token_ids": "STOP"},
+    "logit_bias": {"temperature": 0.8, "seed": 5, "logit_bias": {"42": 5, "300": -100, "7": 3}},
 }
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("name", sorted(SAMPLING))
 def test_sampling_through_the_roles_equals_colocated(server, llm, name, stream):
-    """Seeds, penalties, logprobs, stop strings and stop tokens give, through encode -> prefill ->
+    """Seeds, penalties, logprobs, stop strings, stop tokens and logit biases give, through encode -> prefill ->
     decode, what the colocated engine gives: text, finish and stop reason (a token's id stays an
     int), logprobs; streamed text (the tiny model's random tokens are often partial UTF-8) is the
     whole text, with no replacement characters the whole text lacks."""

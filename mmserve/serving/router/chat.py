@@ -67,7 +67,8 @@ async def chat_completions(request: Request) -> Response:
             await asyncio.to_thread(structured.check)  # the constraint passed; so does it after free text
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,
                                                   "structured_output": structured},
-                             {"max_tokens": limit_name, "logprobs": "top_logprobs"})
+                             {"max_tokens": limit_name, "logprobs": "top_logprobs"},
+                             router.model.config.text.vocab_size)
     chat = ChatResponse(router, GenerateRequest(new_request_id("chatcmpl"), prompt, params), common, tools, thinks)
     arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     return await chat.answer(request, ENDPOINT, arrival, "chat.completion")

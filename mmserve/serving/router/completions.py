@@ -38,7 +38,8 @@ async def completions(request: Request) -> Response:
     max_tokens = max_tokens_in_context(len(prompt.token_ids), requested_int(body, "max_tokens"), DEFAULT_MAX_TOKENS,
                                        router.settings.max_model_len, "prompt", "max_tokens")
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": requested_int(body, "logprobs"),
-                                               "structured_output": structured})
+                                               "structured_output": structured},
+                             vocab_size=router.model.config.text.vocab_size)
     completion = CompletionResponse(router, GenerateRequest(new_request_id("cmpl"), prompt, params), common, best_of)
     arrival = time.monotonic()  # prepared: from here on the server's time (metrics.py)
     return await completion.answer(request, ENDPOINT, arrival, "text_completion")

@@ -19,7 +19,7 @@ from mmserve.serving.router.settings import RouterSettings
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
-                   "include_stop_str_in_output", "min_tokens")
+                   "include_stop_str_in_output", "min_tokens", "logit_bias")
 COMMON_FIELDS = {"model", "n", "stream", "stream_options", "user", "return_tokens_as_token_ids", "cache_salt",
                  *SAMPLING_FIELDS}
 PARAMS_FIELDS = {field.name for field in dataclasses.fields(SamplingParams)}
@@ -95,15 +95,21 @@ def requested_int(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def sampling_params(fields: Mapping[str, Any], param_names: Mapping[str, str] | None = None) -> SamplingParams:
+def sampling_params(fields: Mapping[str, Any], param_names: Mapping[str, str] | None = None,
+                    vocab_size: int | None = None) -> SamplingParams:
     """``SamplingParams.from_dict`` with its ValueError as a 400; its messages start with the field
-    name, which ``param_names`` maps back to the request's own name when they differ."""
+    name, which ``param_names`` maps back to the request's own name when they differ. A logit_bias
+    naming a token past ``vocab_size`` is a 400 too."""
     try:
-        return SamplingParams.from_dict(fields)
+        params = SamplingParams.from_dict(fields)
     except ValueError as error:
         first = str(error).split(" ", 1)[0]
         param = first if first in PARAMS_FIELDS else None
         raise InvalidRequest(str(error), (param_names or {}).get(param, param)) from None
+    if vocab_size is not None and params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
+        raise InvalidRequest(f"logit_bias names token {params.logit_bias[-1][0]}, outside the model's vocabulary "
+                             f"(size {vocab_size})", (param_names or {}).get("logit_bias", "logit_bias"))
+    return params
 
 
 def _bool(body: Mapping[str, Any], name: str) -> bool:

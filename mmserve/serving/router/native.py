@@ -52,7 +52,8 @@ async def generate(request: Request) -> Response:
                                        "prompt", "sampling_params.max_tokens")
     fields = {"max_tokens": max_tokens, "structured_output": structured}
     params = sampling_params(with_defaults(sampling, router.model.sampling_defaults) | fields,
-                             {name: f"sampling_params.{name}" for name in PARAMS_FIELDS})
+                             {name: f"sampling_params.{name}" for name in PARAMS_FIELDS},
+                             router.model.config.text.vocab_size)
     if params.n != 1:
         raise InvalidRequest("/generate answers one sequence; ask /v1/completions for n of them", "sampling_params.n")
     generate_request = GenerateRequest(new_request_id("gen"), prompt, params)
