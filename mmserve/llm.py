@@ -107,7 +107,7 @@ class LLM:
                     media[kind].append(part[kind])
         try:
             text = self.model.tokenizer.apply_chat_template(conversation, **options)
-        except jinja2.TemplateError as error:
+        except (jinja2.TemplateError, TypeError) as error:
             raise ValueError(f"the chat template rejected the messages: {error}") from None
         return {"prompt": text, "multi_modal_data": {k: v for k, v in media.items() if v}}
 

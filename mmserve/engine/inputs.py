@@ -148,8 +148,8 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
     if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
         raise ValueError("a prompt needs exactly one of 'prompt' and 'prompt_token_ids'")
     salt = prompt.get("cache_salt")
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise ValueError("'cache_salt' must be a non-empty string if given")
+    if salt is not None and (not isinstance(salt, str) or not salt or not _encodable(salt)):
+        raise ValueError("'cache_salt' must be a non-empty string (of valid text) if given")
     if "prompt" in prompt:
         if not isinstance(prompt["prompt"], str):
             raise ValueError("'prompt' must be a string")
@@ -178,6 +178,15 @@ def prepare_prompt(prompt: Any, model: Model, max_tokens: int | None = None) -> 
         images, videos = ([dataclasses.replace(v, content_key=salted_content_key(v.content_key, salt)) for v in kind]
                           for kind in (images, videos))
     return PreparedPrompt(ids, images, videos, salt)
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate, which UTF-8 cannot encode)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _token_ids(ids: Any, vocab_size: int) -> list[int]:

@@ -52,6 +52,16 @@ MAX_LITERAL_CHARS = 120_000
 # is bounded as literals are.
 MAX_GRAMMAR_CHARS = MAX_LITERAL_CHARS
 
+# What xgrammar's compile costs in a regular expression, or in one rule of a grammar, is its
+# quantifiers (?, *, +, {n,m}) and the alternatives inside its groups, growing with about their
+# square: `a?` x 100 took 1.7 s, x 500 58 s and gigabytes, `("a" | "")` x 200 3.8 s (2026-12-08,
+# a review; 151,936 tokens), in the engine's one compile thread, which no one can stop. 32 take
+# ~0.1 s. Alternatives outside any group (a list of choices, a rule's own branches) cost little
+# (20,000: 1 s) and are bounded by the length alone.
+MAX_GRAMMAR_OPERATORS = 32
+MAX_GRAMMAR_OPERATORS_TOTAL = 256
+"""Over all of a grammar's rules: each rule's cost adds up (200 rules of 32: 11.5 s; 20: 1.2 s)."""
+
 KINDS = {"json_schema": "JSON schema", "structural_tag": "structural tag", "regex": "regular expression",
          "grammar": "grammar"}
 """The fields of a StructuredOutput, and what its messages call each."""
@@ -119,7 +129,8 @@ class StructuredOutput:
     def after_reasoning(self, end: str) -> "StructuredOutput":
         """This constraint from the point the model closes its reasoning with ``end`` on (what it
         thinks before is free text), as vLLM applies a request's structured output to a reasoning
-        model's answer only: an xgrammar structural tag, the free text then this constraint. (A JSON
+        model's answer only: an xgrammar structural tag, the free text, up to two whitespace
+        characters (the blank line Qwen writes after ``</think>``), then this constraint. (A JSON
         schema there may take single whitespace characters between its tokens, where alone its
         JSON is compact.)"""
         if self.json_schema:
@@ -131,8 +142,9 @@ class StructuredOutput:
         else:
             constraint = json.loads(self.structural_tag)["format"]
         thinking = {"type": "tag", "begin": "", "content": {"type": "any_text"}, "end": end}
+        spacing = {"type": "regex", "pattern": r"\s{0,2}"}  # Qwen writes "</think>\n\n" before its answer
         return StructuredOutput(structural_tag=json.dumps(
-            {"type": "structural_tag", "format": {"type": "sequence", "elements": [thinking, constraint]}},
+            {"type": "structural_tag", "format": {"type": "sequence", "elements": [thinking, spacing, constraint]}},
             separators=(",", ":")))
 
     @property
@@ -171,6 +183,14 @@ def _check(spec: StructuredOutput) -> None:
         if len(text) > MAX_GRAMMAR_CHARS:
             raise ValueError(f"invalid {kind}: {len(text)} characters, more than this server accepts "
                              f"({MAX_GRAMMAR_CHARS})")
+        counts = branch_operators(text, grammar=bool(spec.grammar))
+        if max(counts) > MAX_GRAMMAR_OPERATORS:
+            raise ValueError(f"invalid {kind}: {max(counts)} quantifiers and alternatives inside groups in one "
+                             f"{'rule' if spec.grammar else 'expression'}, more than this server accepts "
+                             f"({MAX_GRAMMAR_OPERATORS})")
+        if sum(counts) > MAX_GRAMMAR_OPERATORS_TOTAL:
+            raise ValueError(f"invalid {kind}: {sum(counts)} quantifiers and alternatives inside groups in all, "
+                             f"more than this server accepts ({MAX_GRAMMAR_OPERATORS_TOTAL})")
     else:
         if (depth := json_depth(text)) > MAX_JSON_DEPTH:
             raise ValueError(f"invalid {kind}: nested {depth} levels deep, more than this server accepts "
@@ -277,6 +297,32 @@ def _patterns(document: Any):
 _ESCAPE = re.compile(r"\\.")
 _CHARACTER_CLASS = re.compile(r"\[\]?[^\]]*\]")
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+_GRAMMAR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+_RULE_HEAD = re.compile(r"[\w.-]+\s*::=")
+
+
+def branch_operators(text: str, grammar: bool) -> list[int]:
+    """The quantifiers and the alternatives inside groups of a regular expression, or of each rule
+    of a grammar (its string literals not read, a rule running to the next rule's head however
+    many lines it takes); escapes and character classes are not counted."""
+    text = _CHARACTER_CLASS.sub("c", _ESCAPE.sub("e", _GRAMMAR_STRING.sub("s", text) if grammar else text))
+    return [_operators(rule) for rule in (_RULE_HEAD.split(text) if grammar else [text])]
+
+
+def _operators(text: str) -> int:
+    count, depth = 0, 0
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth = max(depth - 1, 0)
+        elif char in "?*+{" or char == "|" and depth:
+            count += 1
+    return count
 
 
 def pattern_repeats(pattern: str) -> int:

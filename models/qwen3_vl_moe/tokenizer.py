@@ -188,8 +188,10 @@ class Tokenizer:
 
     @property
     def reserved_template_names(self) -> set[str]:
-        """What ``apply_chat_template`` itself gives the template: no extra argument may set them."""
-        return {"messages", "tools", "add_generation_prompt", "continue_final_message", *self.special_tokens}
+        """What ``apply_chat_template`` itself gives the template (its own arguments, the special
+        tokens, the environment's globals such as ``namespace``): no extra argument may set them."""
+        return {"self", "messages", "tools", "add_generation_prompt", "continue_final_message", *self.special_tokens,
+                *self._template.environment.globals}
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None,
                             continue_final_message: bool = False, **kwargs) -> str:
@@ -197,15 +199,17 @@ class Tokenizer:
 
         Extra keyword arguments reach the template, as in transformers (e.g. add_vision_id=True).
         Keys whose value is None are dropped first, since templates test for presence.
-        ``continue_final_message``: the text ends with the last message's text, unclosed, so that
-        the model continues it (an answer's start written for it), as transformers cuts it;
-        ValueError when that text cannot be found in the rendering.
+        ``continue_final_message``: the text ends inside the last message, right after its text
+        (its last text part), so that the model continues it (an answer's start written for it),
+        as transformers does: a marker appended to that text is rendered and the text cut there;
+        ValueError when there is no text to continue or the template drops it.
         """
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
         if reserved := sorted(set(kwargs) & self.reserved_template_names):
             raise ValueError(f"the chat template's {', '.join(reserved)} cannot be given as extra arguments")
         messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
+        final = _mark_final_message(messages) if continue_final_message else None
         text = self._template.render(
             messages=_plain(messages),
             tools=_plain(tools),
@@ -213,7 +217,45 @@ class Tokenizer:
             **self.special_tokens,
             **_plain(kwargs),
         )
-        return _cut_after_final_message(text, messages[-1] if messages else {}) if continue_final_message else text
+        return text if final is None else _cut_at_mark(text, final)
+
+
+CONTINUE_MARK = "CONTINUE_FINAL_MESSAGE_TAG "
+"""Appended to the text a ``continue_final_message`` rendering ends after (transformers' marker)."""
+
+
+def _mark_final_message(messages: list[dict]) -> str:
+    """Appends CONTINUE_MARK to the final message's text (its last text part), in place (the
+    messages are this call's copies, their part lists copied here); returns that text."""
+    if not messages or messages[-1].get("content") is None:
+        raise ValueError("continue_final_message needs a final message with content to continue")
+    final = messages[-1]
+    content = final["content"]
+    if isinstance(content, (list, tuple)):
+        parts = [dict(part) if isinstance(part, dict) else part for part in content]
+        for part in reversed(parts):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                text, part["text"] = part["text"], part["text"] + CONTINUE_MARK
+                break
+        else:
+            raise ValueError("continue_final_message: the final message has no text to continue")
+        final["content"] = parts
+        return text
+    if not isinstance(content, str):
+        raise ValueError("continue_final_message: the final message's content is not text")
+    final["content"] = content + CONTINUE_MARK
+    return content
+
+
+def _cut_at_mark(text: str, final: str) -> str:
+    """``text`` up to the marker; trailing whitespace dropped where the template trimmed the
+    marker's own (transformers' rule)."""
+    mark = CONTINUE_MARK.strip()
+    if final.strip() not in text or mark not in text:
+        raise ValueError("continue_final_message: the final message does not appear in the rendered chat (the "
+                         "template changed its text)")
+    at = text.rindex(mark)
+    return text[:at] if text[at:at + len(CONTINUE_MARK)] == CONTINUE_MARK else text[:at].rstrip()
 
 
 class TextStream:
@@ -228,23 +270,6 @@ class TextStream:
     def step(self, token_id: int) -> str:
         """The text ``token_id`` completes ('' while a character is still incomplete)."""
         return self._stream.step(self._backend, int(token_id)) or ""
-
-
-def _cut_after_final_message(text: str, final: dict) -> str:
-    """``text`` up to the end of the final message's text (its last text part when its content is a
-    list), transformers' rule: found from the end, stripped of surrounding whitespace, its trailing
-    whitespace kept only where the template kept it."""
-    content = final.get("content")
-    if isinstance(content, (list, tuple)):
-        content = next((part["text"] for part in reversed(content) if isinstance(part, dict) and "text" in part), None)
-    if not isinstance(content, str) or not content.strip():
-        raise ValueError("continue_final_message needs a final message with text to continue")
-    at = text.rfind(content.strip())
-    if at < 0:
-        raise ValueError("continue_final_message: the final message does not appear in the rendered chat (the "
-                         "template changed its text)")
-    kept = content.lstrip()
-    return text[:at + len(kept)] if text[at:at + len(kept)] == kept else text[:at + len(content.strip())]
 
 
 def _read_json(path: Path) -> dict | None:

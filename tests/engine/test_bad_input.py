@@ -91,13 +91,13 @@ def test_a_malformed_chat_is_a_value_error(llm, conversation, message):
 
 @pytest.mark.parametrize("options, message", [
     ({"continue_final_message": True}, "cannot both be true"),
-    ({"continue_final_message": True, "add_generation_prompt": False}, "text to continue"),
+    ({"continue_final_message": True, "add_generation_prompt": False}, "no text to continue"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs cannot set tools"),
     ({"chat_template_kwargs": {"eos_token": "x"}}, "chat_template_kwargs cannot set eos_token"),
 ], ids=["both", "nothing_to_continue", "tools_twice", "special_token"])
 def test_chat_options_that_cannot_apply_are_a_value_error(llm, options, message):
     with pytest.raises(ValueError, match=message):
-        llm.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], **options)
+        llm.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}], **options)
     assert not llm.engine.has_unfinished()
 
 

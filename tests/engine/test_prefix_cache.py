@@ -266,7 +266,7 @@ def test_a_cache_salt_shares_pages_only_with_the_same_salt(on, off):
     assert_nothing_held(on)
 
 
-@pytest.mark.parametrize("salt", ["", 7, ["a"]])
+@pytest.mark.parametrize("salt", ["", 7, ["a"], "lone \ud800 surrogate"])
 def test_a_cache_salt_is_a_non_empty_string(on, salt):
     with pytest.raises(ValueError, match="cache_salt"):
         on.generate({"prompt_token_ids": text(401, 5), "cache_salt": salt}, PARAMS["greedy"])

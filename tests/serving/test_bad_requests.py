@@ -69,11 +69,15 @@ BAD = {
     "continue_with_generation_prompt": (CHAT, chat(continue_final_message=True),
                                         "continue_final_message needs add_generation_prompt set to false"),
     "continue_nothing": (CHAT, chat(continue_final_message=True, add_generation_prompt=False) | {
-        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, "text to continue"),
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}]}, "no text to continue"),
     "template_kwargs_not_object": (CHAT, chat(chat_template_kwargs=["add_vision_id"]),
                                    "chat_template_kwargs must be an object"),
     "template_kwargs_reserved": (CHAT, chat(chat_template_kwargs={"messages": []}),
                                  "chat_template_kwargs cannot set messages"),
+    # a 500 each: the template's own global, and apply_chat_template's own argument
+    "template_kwargs_global": (CHAT, chat(chat_template_kwargs={"namespace": 1}),
+                               "chat_template_kwargs cannot set namespace"),
+    "template_kwargs_self": (CHAT, chat(chat_template_kwargs={"self": 1}), "chat_template_kwargs cannot set self"),
     "logit_bias_outside_vocab": (CHAT, chat(logit_bias={"99999": 5}), "logit_bias names token 99999, outside"),
     "logit_bias_not_a_number": (CHAT, chat(logit_bias={"5": "high"}), "logit_bias values must be numbers"),
     "logit_bias_not_an_id": (CHAT, chat(logit_bias={"five": 1}), "logit_bias keys must be token ids"),

@@ -91,7 +91,7 @@ def test_without_the_parser_an_answer_is_content_as_written(routers, stream):
 @pytest.mark.parametrize("extra, matches, refused", [
     ({"response_format": {"type": "json_object"}}, 'Fine.</think>{"a": 1}', "Fine.</think>not json"),
     ({"extra_body": {"structured_outputs": {"regex": r"\d+ legs"}}}, "2 x 4</think>8 legs", "</think>eight legs"),
-    ({"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}, "Hmm.</think>yes", "Hmm.</think>maybe"),
+    ({"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}, "Hmm.</think>\n\nyes", "Hmm.</think>maybe"),
 ], ids=["json_object", "regex", "choice"])
 def test_a_structured_output_constrains_the_answer_after_the_thinking(routers, extra, matches, refused):
     """As vLLM applies it with a reasoning parser: the thinking is free text, the constraint
@@ -118,3 +118,43 @@ def test_a_structured_output_constrains_the_answer_after_the_thinking(routers, e
     backend.script, backend.requests = answer("8 legs"), []
     openai_client(server).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=16, **extra)
     assert not backend.requests[0].params.structured_output.structural_tag
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_what_a_user_writes_does_not_open_the_thinking(routers, stream):
+    """A question ending with "<think>" made an Instruct model's whole answer reasoning (the prompt's
+    last 64 tokens were read), and its structured output free text: the template's own generation
+    prompt decides, and a user's text is no part of it (a review, 2026-12-08)."""
+    server, backend = routers[1]
+    question = [{"role": "user", "content": "What does the tag <think>"}]
+    assert ask(routers[1], "It opens a block.", stream, messages=question)[:2] == (None, "It opens a block.")
+    backend.script, backend.requests = answer("{}"), []
+    openai_client(server).chat.completions.create(model="tiny", messages=question, max_tokens=8,
+                                                  response_format={"type": "json_object"})
+    assert not backend.requests[0].params.structured_output.structural_tag
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_continued_answer_inside_its_thinking_is_split_after_however_long_a_start(routers, stream):
+    """continue_final_message on an assistant turn that opened <think> (past the 64 tokens once read):
+    the continuation is reasoning until </think>."""
+    start = "<think>\n" + "Let me count the legs of each cat, one by one, carefully. " * 12
+    messages = QUESTION + [{"role": "assistant", "content": start}]
+    assert ask(routers[1], " So four each.</think>\n\nEight.", stream, messages=messages,
+               extra_body={"continue_final_message": True, "add_generation_prompt": False})[:2] == (
+        " So four each.", "\n\nEight.")
+
+
+def test_a_schema_that_nests_too_deep_once_wrapped_is_a_400(routers):
+    """Wrapped after the thinking, a schema near the depth bound passed alone and failed as a 500."""
+    import openai
+
+    schema = {"type": "integer"}
+    for _ in range(31):  # 63 levels of JSON: within the bound alone, past it wrapped
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    server, backend = routers[0]
+    backend.script, backend.requests = answer("{}"), []
+    with pytest.raises(openai.BadRequestError, match="once wrapped to follow the thinking") as error:
+        openai_client(server).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "deep", "schema": schema}})
+    assert error.value.body["param"] == "response_format" and backend.requests == []

@@ -236,3 +236,29 @@ def test_native_generate_refuses_bad_constraints(servers, sampling, param, messa
     assert (status, body["error"]["param"]) == (400, param)
     assert message in body["error"]["message"]
     assert backend.requests == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    # each was taken, then held the engine's one compile thread: 58 s and gigabytes for `a?` x 500
+    ({"guided_regex": "a?" * 33}, "33 quantifiers and alternatives inside groups in one expression"),
+    ({"guided_regex": "(a|)" * 33}, "33 quantifiers and alternatives"),
+    ({"guided_grammar": 'root ::= x\nx ::= "b"\n  ' + "\n  ".join(['"a"?'] * 40)}, "40 quantifiers"),
+    ({"guided_grammar": "root ::= " + " ".join(f"r{i}" for i in range(20)) + "\n"
+      + "\n".join(f"r{i} ::= " + '"a"? ' * 20 for i in range(20))}, "400 quantifiers and alternatives inside groups "
+                                                                     "in all"),
+], ids=["optional_run", "empty_alternatives", "continued_rule", "many_rules"])
+def test_a_costly_regex_or_grammar_is_a_400(grammar, extra, message):
+    chat, backend = grammar
+    with pytest.raises(openai.BadRequestError, match=message):
+        chat.chat.completions.create(extra_body=extra, **CHAT)
+    assert backend.requests == []
+
+
+def test_regexes_and_grammars_within_the_bounds_are_taken(grammar):
+    """A date, an e-mail address, a choice among thousands (alternatives outside groups are cheap)."""
+    chat, backend = grammar
+    for extra in ({"guided_regex": r"\d{4}-\d{2}-\d{2}"}, {"guided_regex": r"[\w.+-]+@[\w-]+(\.[\w-]+)+"},
+                  {"guided_choice": [f"label {i}" for i in range(5000)]},
+                  {"guided_grammar": 'root ::= item ("," item)*\nitem ::= [a-z]+ | "(" root ")"'}):
+        chat.chat.completions.create(extra_body=extra, **CHAT)
+    assert len(backend.requests) == 4

@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from mmserve.sampling_params import MAX_LOGPROBS
 from mmserve.serving.backend import GenerateRequest, TokenEvent, TokenLogprob
-from mmserve.serving.router.chat_messages import TEMPLATE_FIELDS, chat_prompt, template_options
+from mmserve.serving.router.chat_messages import TEMPLATE_FIELDS, answer_opens_thinking, chat_prompt, template_options
 from mmserve.serving.router.context import RouterContext, new_request_id
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import (COMMON_FIELDS, CommonFields, check_known, common_fields, json_object,
@@ -21,17 +21,13 @@ from mmserve.serving.router.json_body import json_body
 from mmserve.serving.router.logprobs import chat_logprobs
 from mmserve.serving.router.openai_response import OpenAIResponse
 from mmserve.serving.router.prompts import max_tokens_in_context, prepare
-from mmserve.serving.router.reasoning_parser import (CLOSE as THINK_END, ReasoningParser, Split, opens_thinking,
-                                                     split_reasoning)
+from mmserve.serving.router.reasoning_parser import CLOSE as THINK_END, ReasoningParser, Split, split_reasoning
 from mmserve.serving.router.relay import Answer
-from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, structured_output
+from mmserve.serving.router.response_format import FIELDS as RESPONSE_FORMAT_FIELDS, given_field, structured_output
 from mmserve.serving.router.tool_parser import ToolCall, ToolCallParser, parse_tool_calls
 from mmserve.serving.router.tools import FIELDS as TOOLS_FIELDS, Tools, requested_tools
 
 ENDPOINT = "chat"
-PROMPT_TAIL_TOKENS = 64
-"""How much of a prompt's end is read for a think block it leaves open (the generation prompt's
-``<think>``, after the conversation)."""
 CHAT_FIELDS = COMMON_FIELDS | RESPONSE_FORMAT_FIELDS | TOOLS_FIELDS | TEMPLATE_FIELDS | {
     "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
 
@@ -60,11 +56,15 @@ async def chat_completions(request: Request) -> Response:
                                        "messages", limit_name)
     thinks = None  # no reasoning parser; else whether the answer starts inside a think block
     if router.settings.reasoning_parser is not None:
-        thinks = opens_thinking(router.model.tokenizer.decode(prompt.token_ids[-PROMPT_TAIL_TOKENS:],
-                                                              skip_special_tokens=False))
+        thinks = answer_opens_thinking(body, router.model.tokenizer, options)  # the messages passed: a list
         if thinks and structured is not None:  # the answer is constrained, not the thinking before it
             structured = structured.after_reasoning(THINK_END)
-            await asyncio.to_thread(structured.check)  # the constraint passed; so does it after free text
+            try:
+                await asyncio.to_thread(structured.check)
+            except ValueError as error:  # the constraint passed alone (nested near the depth bound, say)
+                raise InvalidRequest(f"{error} (once wrapped to follow the thinking)",
+                                     "tool_choice" if tools is not None and tools.grammar is not None
+                                     else given_field(body)) from None
     params = sampling_params(common.sampling | {"max_tokens": max_tokens, "logprobs": logprobs,
                                                   "structured_output": structured},
                              {"max_tokens": limit_name, "logprobs": "top_logprobs"},

@@ -19,6 +19,7 @@ import jinja2
 from mmserve.serving.router.errors import InvalidRequest
 from mmserve.serving.router.fields import without_nulls
 from mmserve.serving.router.media import MediaReader
+from mmserve.serving.router.reasoning_parser import opens_thinking
 from models.qwen3_vl_moe.tokenizer import Tokenizer
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -55,6 +56,27 @@ def template_options(body: dict[str, Any], tokenizer: Tokenizer) -> dict[str, An
     return extra | options
 
 
+def answer_opens_thinking(body: dict[str, Any], tokenizer: Tokenizer, options: dict[str, Any]) -> bool:
+    """Whether the answer starts inside a think block the prompt opened: the template's own
+    generation prompt opens one (Qwen3-VL Thinking's ends with ``<think>``; rendered for a probe
+    message with the request's template arguments), or the continued final message's text leaves
+    one open. Never from what users wrote elsewhere: a user's "<think>" at the end of a question
+    made an Instruct model's whole answer reasoning (and its structured output free text)."""
+    if options.get("continue_final_message"):
+        final = body["messages"][-1].get("content")
+        if isinstance(final, list):
+            final = "".join(part.get("text", "") for part in final if isinstance(part, dict)
+                            and isinstance(part.get("text"), str))
+        return isinstance(final, str) and opens_thinking(final)
+    if not options.get("add_generation_prompt", True):
+        return False
+    extra = {k: v for k, v in options.items() if k not in ("add_generation_prompt", "continue_final_message")}
+    probe = [{"role": "user", "content": "?"}]
+    bare = tokenizer.apply_chat_template(probe, add_generation_prompt=False, **extra)
+    with_prompt = tokenizer.apply_chat_template(probe, add_generation_prompt=True, **extra)
+    return opens_thinking(with_prompt[len(bare):] if with_prompt.startswith(bare) else with_prompt)
+
+
 def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader,
                 tools: Sequence[dict[str, Any]] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A prompt for ``prepare_prompt``: ``{"prompt": text, "multi_modal_data": {"image": [...]}}``.
@@ -67,7 +89,7 @@ def chat_prompt(messages: Any, tokenizer: Tokenizer, reader: MediaReader,
     try:
         text = tokenizer.apply_chat_template(conversation, tools=list(tools) if tools else None,
                                              **(options or {"add_generation_prompt": True}))
-    except jinja2.TemplateError as error:
+    except (jinja2.TemplateError, TypeError) as error:  # TypeError: the client's data in an operation it cannot take
         raise InvalidRequest(f"the chat template rejected the messages: {error}", "messages") from None
     except ValueError as error:  # continue_final_message with no text to continue
         raise InvalidRequest(str(error), "continue_final_message") from None

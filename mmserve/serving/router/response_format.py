@@ -30,6 +30,11 @@ CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 FIELDS = {FIELD, STRUCTURED_OUTPUTS, *GUIDED}
 
 
+def given_field(body: Mapping[str, Any]) -> str | None:
+    """The field a request asks its structured output with (the first, when it gives several)."""
+    return next((name for name in (FIELD, STRUCTURED_OUTPUTS, *GUIDED) if body.get(name) is not None), None)
+
+
 async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutput | None:
     given = [name for name in (FIELD, STRUCTURED_OUTPUTS, *GUIDED) if body.get(name) is not None]
     if len(given) > 1:
