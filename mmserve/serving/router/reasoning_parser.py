@@ -66,7 +66,7 @@ class ReasoningParser:
                 out.reasoning += self._pending[:end]
                 self._pending, self._state = self._pending[end + len(CLOSE):], "content"
                 continue
-            keep = _partial(self._pending, CLOSE)
+            keep = partial_tag(self._pending, CLOSE)
             out.reasoning += self._pending[:len(self._pending) - keep]
             self._pending = self._pending[len(self._pending) - keep:]
             return out
@@ -83,8 +83,9 @@ def split_reasoning(text: str, in_reasoning: bool) -> Split:
     return parser.feed(text).add(parser.finish())
 
 
-def _partial(text: str, tag: str) -> int:
-    """The length of the longest end of ``text`` that may be the start of ``tag``."""
+def partial_tag(text: str, tag: str) -> int:
+    """The length of the longest end of ``text`` that may be the start of ``tag`` (held back by a
+    streaming parser until the next piece says whether it is one)."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-size:]):
             return size

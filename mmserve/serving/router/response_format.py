@@ -30,13 +30,18 @@ CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 FIELDS = {FIELD, STRUCTURED_OUTPUTS, *GUIDED}
 
 
+def _given(body: Mapping[str, Any]) -> list[str]:
+    """The fields a request asks a structured output with (a null is absent)."""
+    return [name for name in (FIELD, STRUCTURED_OUTPUTS, *GUIDED) if body.get(name) is not None]
+
+
 def given_field(body: Mapping[str, Any]) -> str | None:
     """The field a request asks its structured output with (the first, when it gives several)."""
-    return next((name for name in (FIELD, STRUCTURED_OUTPUTS, *GUIDED) if body.get(name) is not None), None)
+    return next(iter(_given(body)), None)
 
 
 async def structured_output(body: Mapping[str, Any], backend) -> StructuredOutput | None:
-    given = [name for name in (FIELD, STRUCTURED_OUTPUTS, *GUIDED) if body.get(name) is not None]
+    given = _given(body)
     if len(given) > 1:
         raise InvalidRequest(f"give one of {', '.join(given)}, not several", given[-1])
     if not given:

@@ -24,6 +24,8 @@ import dataclasses
 import json
 import math
 
+from mmserve.serving.router.reasoning_parser import partial_tag
+
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 
@@ -90,7 +92,7 @@ class ToolCallParser:
             self._content(self._pending[:start])
             self._pending, self._in_call = self._pending[start + len(OPEN):], True
             return True
-        keep = _partial_open(self._pending)
+        keep = partial_tag(self._pending, OPEN)
         self._content(self._pending[:len(self._pending) - keep])
         self._pending = self._pending[len(self._pending) - keep:]
         return False
@@ -115,14 +117,6 @@ def parse_tool_calls(text: str) -> Parsed:
     """A whole answer's content and calls."""
     parser = ToolCallParser()
     return parser.feed(text).add(parser.finish())
-
-
-def _partial_open(text: str) -> int:
-    """The length of the longest end of ``text`` that may be the start of an OPEN."""
-    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-size:]):
-            return size
-    return 0
 
 
 def _call(block: str) -> ToolCall | None:
